@@ -1,0 +1,272 @@
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"connectrpc.com/connect"
+
+	beaconv1 "beacon.dev/beacon/api/beacon/v1"
+	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
+	"beacon.dev/beacon/internal/wire"
+	"beacon.dev/beacon/registry"
+)
+
+// Errors callers act on. Errors returned by the client wrap one of these
+// (or registry.ErrInvalid for bad input) with the server's message.
+var (
+	// ErrSessionExpired: the session's lease is gone; open a new session.
+	ErrSessionExpired = errors.New("beacon: session expired")
+	// ErrUnavailable: no server could be reached or the registry is down;
+	// retry later.
+	ErrUnavailable = errors.New("beacon: registry unavailable")
+	// ErrClosed: the Session or Watcher was closed.
+	ErrClosed = errors.New("beacon: closed")
+)
+
+// Option configures a Client.
+type Option func(*Client)
+
+// WithNamespace sets the namespace used when a call names none.
+func WithNamespace(ns string) Option { return func(c *Client) { c.namespace = ns } }
+
+// WithLogger sets the logger (default: discard).
+func WithLogger(l *slog.Logger) Option { return func(c *Client) { c.log = l } }
+
+// WithHTTPClient replaces the HTTP client. It must speak HTTP/2 without
+// TLS (h2c) to reach a beacon server.
+func WithHTTPClient(h *http.Client) Option { return func(c *Client) { c.http = h } }
+
+// Client talks to beacon servers.
+type Client struct {
+	namespace string
+	log       *slog.Logger
+	http      *http.Client
+	ownsHTTP  bool
+	servers   []string
+	rpcs      []beaconv1connect.RegistryServiceClient
+	current   atomic.Int64 // index into rpcs of the server in use
+}
+
+// New returns a client for the given server addresses ("host:port" or
+// "http://host:port"). It does no I/O.
+func New(servers []string, opts ...Option) (*Client, error) {
+	c := &Client{namespace: registry.DefaultNamespace}
+	for _, o := range opts {
+		o(c)
+	}
+	if c.log == nil {
+		c.log = slog.New(slog.DiscardHandler)
+	}
+	if err := registry.ValidateNamespace(c.namespace); err != nil {
+		return nil, fmt.Errorf("beacon: %w", err)
+	}
+	if c.http == nil {
+		c.http, c.ownsHTTP = newHTTPClient(), true
+	}
+	for _, s := range servers {
+		for _, part := range strings.Split(s, ",") {
+			if part = strings.TrimSpace(part); part == "" {
+				continue
+			}
+			if !strings.Contains(part, "://") {
+				part = "http://" + part
+			}
+			c.servers = append(c.servers, part)
+			c.rpcs = append(c.rpcs, beaconv1connect.NewRegistryServiceClient(c.http, part, connect.WithGRPC()))
+		}
+	}
+	if len(c.servers) == 0 {
+		return nil, errors.New("beacon: invalid servers: need at least one address")
+	}
+	return c, nil
+}
+
+// newHTTPClient speaks HTTP/2 over cleartext with pings, so a server that
+// vanished without closing the connection is noticed within seconds.
+func newHTTPClient() *http.Client {
+	p := new(http.Protocols)
+	p.SetUnencryptedHTTP2(true)
+	return &http.Client{Transport: &http.Transport{
+		Protocols:   p,
+		DialContext: (&net.Dialer{Timeout: 3 * time.Second, KeepAlive: 15 * time.Second}).DialContext,
+		HTTP2: &http.HTTP2Config{
+			SendPingTimeout: 5 * time.Second,
+			PingTimeout:     5 * time.Second,
+		},
+	}}
+}
+
+// Close releases idle connections. Sessions and watchers have their own
+// Close.
+func (c *Client) Close() error {
+	if c.ownsHTTP {
+		c.http.CloseIdleConnections()
+	}
+	return nil
+}
+
+// Namespace returns the client's default namespace.
+func (c *Client) Namespace() string { return c.namespace }
+
+// call runs f against the current server and, if that server is
+// unreachable, against the others in turn. f must be safe to repeat.
+func call[T any](ctx context.Context, c *Client, f func(beaconv1connect.RegistryServiceClient) (T, error)) (T, error) {
+	var zero T
+	var last error
+	start := c.current.Load()
+	for i := range int64(len(c.rpcs)) {
+		idx := (start + i) % int64(len(c.rpcs))
+		v, err := f(c.rpcs[idx])
+		if err == nil {
+			c.current.Store(idx)
+			return v, nil
+		}
+		last = err
+		if ctx.Err() != nil || connect.CodeOf(err) != connect.CodeUnavailable {
+			break
+		}
+	}
+	return zero, fromConnectError(last)
+}
+
+// fromConnectError maps API errors to the package's sentinels.
+func fromConnectError(err error) error {
+	if err == nil {
+		return nil
+	}
+	var ce *connect.Error
+	if !errors.As(err, &ce) {
+		return err
+	}
+	switch ce.Code() {
+	case connect.CodeInvalidArgument:
+		return fmt.Errorf("beacon: %s: %w", ce.Message(), registry.ErrInvalid)
+	case connect.CodeNotFound:
+		return fmt.Errorf("beacon: %s: %w", ce.Message(), ErrSessionExpired)
+	case connect.CodeUnavailable:
+		return fmt.Errorf("beacon: %s: %w", ce.Message(), ErrUnavailable)
+	case connect.CodeCanceled:
+		return fmt.Errorf("beacon: %w", context.Canceled)
+	case connect.CodeDeadlineExceeded:
+		return fmt.Errorf("beacon: %w", context.DeadlineExceeded)
+	}
+	return fmt.Errorf("beacon: %w", err)
+}
+
+func (c *Client) ns(ns string) string {
+	if ns == "" {
+		return c.namespace
+	}
+	return ns
+}
+
+// prepare fills defaults and validates locally, so bad input fails before
+// any network round trip with the same error the server would give.
+func (c *Client) prepare(in registry.Instance) (registry.Instance, error) {
+	in = in.Clone()
+	in.Namespace = c.ns(in.Namespace)
+	in.Revision = 0
+	in.ApplyDefaults()
+	if err := in.Validate(); err != nil {
+		return in, fmt.Errorf("beacon: %w", err)
+	}
+	return in, nil
+}
+
+// Register registers a persistent instance: it stays until deregistered,
+// whatever happens to this process.
+func (c *Client) Register(ctx context.Context, in registry.Instance) (revision int64, err error) {
+	in.SessionID = 0
+	return c.register(ctx, in)
+}
+
+func (c *Client) register(ctx context.Context, in registry.Instance) (int64, error) {
+	in, err := c.prepare(in)
+	if err != nil {
+		return 0, err
+	}
+	req := &beaconv1.RegisterRequest{Instance: wire.InstanceToProto(&in), SessionId: in.SessionID}
+	return call(ctx, c, func(r beaconv1connect.RegistryServiceClient) (int64, error) {
+		resp, err := r.Register(ctx, connect.NewRequest(req))
+		if err != nil {
+			return 0, err
+		}
+		return resp.Msg.GetRevision(), nil
+	})
+}
+
+// Deregister removes an instance, ephemeral or persistent. found reports
+// whether it existed. An empty namespace means the client's.
+func (c *Client) Deregister(ctx context.Context, namespace, service, id string) (found bool, err error) {
+	req := &beaconv1.DeregisterRequest{Namespace: c.ns(namespace), Service: service, Id: id}
+	return call(ctx, c, func(r beaconv1connect.RegistryServiceClient) (bool, error) {
+		resp, err := r.Deregister(ctx, connect.NewRequest(req))
+		if err != nil {
+			return false, err
+		}
+		return resp.Msg.GetFound(), nil
+	})
+}
+
+// ListOption changes what Instances returns.
+type ListOption func(*beaconv1.ListInstancesRequest)
+
+// All includes instances that are not routable (not UP, or CRITICAL).
+func All() ListOption { return func(r *beaconv1.ListInstancesRequest) { r.All = true } }
+
+// InNamespace lists another namespace than the client's.
+func InNamespace(ns string) ListOption {
+	return func(r *beaconv1.ListInstancesRequest) { r.Namespace = ns }
+}
+
+// Instances returns a service's snapshot: its routable instances, or all of
+// them with All(). The read sees every write acknowledged before it began.
+func (c *Client) Instances(ctx context.Context, service string, opts ...ListOption) (*registry.Snapshot, error) {
+	req := &beaconv1.ListInstancesRequest{Namespace: c.namespace, Service: service}
+	for _, o := range opts {
+		o(req)
+	}
+	return call(ctx, c, func(r beaconv1connect.RegistryServiceClient) (*registry.Snapshot, error) {
+		resp, err := r.ListInstances(ctx, connect.NewRequest(req))
+		if err != nil {
+			return nil, err
+		}
+		return wire.SnapshotFromProto(&beaconv1.ServiceSnapshot{
+			Namespace: req.Namespace, Service: service,
+			Revision: resp.Msg.GetRevision(), Instances: resp.Msg.GetInstances(),
+		}), nil
+	})
+}
+
+// ServiceSummary describes one service.
+type ServiceSummary struct {
+	Name      string
+	Instances int
+	Routable  int
+	Revision  int64
+}
+
+// Services lists the services of a namespace (empty: the client's) that
+// have at least one instance.
+func (c *Client) Services(ctx context.Context, namespace string) ([]ServiceSummary, error) {
+	req := &beaconv1.ListServicesRequest{Namespace: c.ns(namespace)}
+	return call(ctx, c, func(r beaconv1connect.RegistryServiceClient) ([]ServiceSummary, error) {
+		resp, err := r.ListServices(ctx, connect.NewRequest(req))
+		if err != nil {
+			return nil, err
+		}
+		out := make([]ServiceSummary, 0, len(resp.Msg.GetServices()))
+		for _, s := range resp.Msg.GetServices() {
+			out = append(out, ServiceSummary{Name: s.GetName(), Instances: int(s.GetInstances()), Routable: int(s.GetRoutable()), Revision: s.GetRevision()})
+		}
+		return out, nil
+	})
+}

@@ -1,0 +1,225 @@
+package client
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"slices"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+
+	beaconv1 "beacon.dev/beacon/api/beacon/v1"
+	"beacon.dev/beacon/internal/wire"
+	"beacon.dev/beacon/registry"
+)
+
+// Watcher follows services through one stream, reconnecting (to the next
+// server if need be) and resuming from the revisions it holds. It hands out
+// full per-service snapshots; revisions only ever grow per service.
+type Watcher struct {
+	c        *Client
+	ns       string
+	services []string
+	notify   chan struct{} // size 1: pending has something
+	stop     context.CancelFunc
+	done     chan struct{}
+
+	mu         sync.Mutex
+	state      map[string]*registry.Snapshot // guarded by mu; latest per service
+	pending    map[string]*registry.Snapshot // guarded by mu; not yet returned by Next
+	synced     bool                          // guarded by mu; the stream caught up at least once
+	connected  bool                          // guarded by mu
+	lastErr    error                         // guarded by mu
+	reconnects int                           // guarded by mu
+	syncedCh   chan struct{}
+}
+
+// WatchOption configures a watch.
+type WatchOption func(*Watcher)
+
+// WatchNamespace watches another namespace than the client's.
+func WatchNamespace(ns string) WatchOption { return func(w *Watcher) { w.ns = ns } }
+
+// Watch starts following services (all services of the namespace when none
+// is named) until ctx ends or Close is called.
+func (c *Client) Watch(ctx context.Context, services []string, opts ...WatchOption) (*Watcher, error) {
+	w := &Watcher{
+		c: c, ns: c.namespace, services: slices.Clone(services),
+		notify: make(chan struct{}, 1), done: make(chan struct{}), syncedCh: make(chan struct{}),
+		state: make(map[string]*registry.Snapshot), pending: make(map[string]*registry.Snapshot),
+	}
+	for _, o := range opts {
+		o(w)
+	}
+	if err := registry.ValidateNamespace(w.ns); err != nil {
+		return nil, err
+	}
+	for _, s := range w.services {
+		if err := registry.ValidateName("service", s); err != nil {
+			return nil, err
+		}
+	}
+	runCtx, stop := context.WithCancel(ctx)
+	w.stop = stop
+	go w.run(runCtx)
+	return w, nil
+}
+
+// Synced is closed once the watcher has caught up with the registry for
+// the first time.
+func (w *Watcher) Synced() <-chan struct{} { return w.syncedCh }
+
+// Next waits for changes and returns the newest snapshot of each service
+// that changed since the last call, sorted by service.
+func (w *Watcher) Next(ctx context.Context) ([]*registry.Snapshot, error) {
+	for {
+		w.mu.Lock()
+		if len(w.pending) > 0 {
+			out := make([]*registry.Snapshot, 0, len(w.pending))
+			for _, s := range w.pending {
+				out = append(out, s)
+			}
+			clear(w.pending)
+			w.mu.Unlock()
+			slices.SortFunc(out, func(a, b *registry.Snapshot) int { return cmp.Compare(a.Service, b.Service) })
+			return out, nil
+		}
+		w.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-w.done:
+			return nil, ErrClosed
+		case <-w.notify:
+		}
+	}
+}
+
+// Snapshot returns the latest snapshot held for a service.
+func (w *Watcher) Snapshot(service string) (*registry.Snapshot, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	s, ok := w.state[service]
+	return s, ok
+}
+
+// State returns the latest snapshot of every service seen.
+func (w *Watcher) State() map[string]*registry.Snapshot {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	out := make(map[string]*registry.Snapshot, len(w.state))
+	for k, v := range w.state {
+		out[k] = v
+	}
+	return out
+}
+
+// WatchStatus describes the stream.
+type WatchStatus struct {
+	Connected  bool
+	Reconnects int
+	LastErr    error
+}
+
+// Status reports whether the stream is up and how often it reconnected.
+func (w *Watcher) Status() WatchStatus {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return WatchStatus{Connected: w.connected, Reconnects: w.reconnects, LastErr: w.lastErr}
+}
+
+// Close stops the watch and waits for its goroutine.
+func (w *Watcher) Close() {
+	w.stop()
+	<-w.done
+}
+
+func (w *Watcher) run(ctx context.Context) {
+	defer close(w.done)
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		received, err := w.stream(ctx)
+		w.mu.Lock()
+		w.connected = false
+		if ctx.Err() == nil {
+			w.lastErr = err
+			w.reconnects++
+		}
+		w.mu.Unlock()
+		if ctx.Err() != nil {
+			return
+		}
+		if received {
+			backoff = 100 * time.Millisecond
+		}
+		w.c.log.Debug("beacon: watch stream ended, reconnecting", "err", err, "in", backoff)
+		// Move on to the next server; with one server this retries it.
+		w.c.current.Store((w.c.current.Load() + 1) % int64(len(w.c.rpcs)))
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		backoff = min(2*backoff, 3*time.Second)
+	}
+}
+
+// stream runs one watch stream until it fails; received reports whether it
+// delivered anything (to reset the backoff).
+func (w *Watcher) stream(ctx context.Context) (received bool, err error) {
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	req := &beaconv1.WatchRequest{Namespace: w.ns, Services: w.services, KnownRevisions: map[string]int64{}}
+	w.mu.Lock()
+	for name, s := range w.state {
+		req.KnownRevisions[name] = s.Revision
+	}
+	w.mu.Unlock()
+	rpc := w.c.rpcs[w.c.current.Load()]
+	st, err := rpc.Watch(sctx, connect.NewRequest(req))
+	if err != nil {
+		return false, fromConnectError(err)
+	}
+	defer st.Close()
+	for st.Receive() {
+		received = true
+		w.apply(st.Msg())
+	}
+	if err := st.Err(); err != nil {
+		return received, fromConnectError(err)
+	}
+	return received, errors.New("beacon: watch stream ended by the server")
+}
+
+func (w *Watcher) apply(msg *beaconv1.WatchResponse) {
+	changed := false
+	w.mu.Lock()
+	w.connected = true
+	for _, p := range msg.GetSnapshots() {
+		snap := wire.SnapshotFromProto(p)
+		if old, ok := w.state[snap.Service]; ok && snap.Revision <= old.Revision {
+			continue // never step back, whatever a server sends
+		}
+		w.state[snap.Service] = snap
+		w.pending[snap.Service] = snap
+		changed = true
+	}
+	firstSync := msg.GetSynced() && !w.synced
+	if firstSync {
+		w.synced = true
+	}
+	w.mu.Unlock()
+	if firstSync {
+		close(w.syncedCh)
+	}
+	if changed {
+		select {
+		case w.notify <- struct{}{}:
+		default:
+		}
+	}
+}

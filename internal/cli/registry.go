@@ -1,0 +1,360 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/registry"
+)
+
+const callTimeout = 10 * time.Second
+
+func newRegisterCmd(g *globals) *cobra.Command {
+	var (
+		in         registry.Instance
+		meta       []string
+		status     string
+		ttl        time.Duration
+		persistent bool
+	)
+	cmd := &cobra.Command{
+		Use:   "register",
+		Short: "Register an instance (ephemeral: held until interrupted; --persistent: returns at once)",
+		Example: `  beacon register --service orders --id orders-1 --address 127.0.0.1 --port 9001
+  beacon register --service orders --id orders-2 --address 127.0.0.1 --port 9002 --persistent --tag v2 --meta zone=a`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			var err error
+			if in.Metadata, err = parseMeta(meta); err != nil {
+				return err
+			}
+			if status != "" {
+				if in.Status, err = registry.ParseStatus(status); err != nil {
+					return err
+				}
+			}
+			if persistent && cmd.Flags().Changed("ttl") {
+				return errors.New("invalid --ttl: a --persistent instance has no session TTL")
+			}
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			in.Namespace = g.namespace
+			if persistent {
+				cctx, cancel := context.WithTimeout(ctx, callTimeout)
+				defer cancel()
+				rev, err := c.Register(cctx, in)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(g.stdout, "registered %s/%s/%s (persistent) at revision %d\n", g.namespace, in.Service, in.ID, rev)
+				return nil
+			}
+			return holdEphemeral(ctx, g, c, in, ttl)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&in.Service, "service", "", "service name (required)")
+	f.StringVar(&in.ID, "id", "", "instance id (required)")
+	f.StringVar(&in.Address, "address", "", "address callers connect to (required)")
+	f.IntVar(&in.Port, "port", 0, "port callers connect to (required)")
+	f.IntVar(&in.Weight, "weight", registry.DefaultWeight, "load-balancing weight")
+	f.StringVar(&in.Zone, "zone", "", "zone")
+	f.StringVar(&in.Version, "version", "", "version")
+	f.StringSliceVar(&in.Tags, "tag", nil, "tag (repeatable)")
+	f.StringArrayVar(&meta, "meta", nil, "metadata key=value (repeatable)")
+	f.StringVar(&status, "status", "", "declared status: STARTING, UP (default), DRAINING, OUT_OF_SERVICE")
+	f.DurationVar(&ttl, "ttl", registry.DefaultSessionTTL, "session TTL of an ephemeral instance")
+	f.BoolVar(&persistent, "persistent", false, "register a persistent instance and return")
+	for _, name := range []string{"service", "id", "address", "port"} {
+		_ = cmd.MarkFlagRequired(name)
+	}
+	return cmd
+}
+
+// holdEphemeral registers through a session and keeps it until interrupted,
+// printing every session event, then deregisters and ends the session.
+func holdEphemeral(ctx context.Context, g *globals, c *client.Client, in registry.Instance, ttl time.Duration) error {
+	events := func(ev client.SessionEvent) {
+		switch ev.Kind {
+		case client.SessionRecovered:
+			fmt.Fprintf(g.stdout, "session %x expired; re-registered %d instance(s) under new session %x\n", ev.OldSessionID, ev.Reregistered, ev.SessionID)
+		case client.SessionDisconnected:
+			fmt.Fprintf(g.stdout, "session %x: registry unreachable: %v\n", ev.SessionID, ev.Err)
+		default:
+			fmt.Fprintf(g.stdout, "session %x %s\n", ev.SessionID, ev.Kind)
+		}
+	}
+	host, _ := os.Hostname()
+	sctx, cancel := context.WithTimeout(ctx, callTimeout)
+	sess, err := c.NewSession(sctx, client.WithTTL(ttl), client.WithEvents(events),
+		client.WithSessionName(fmt.Sprintf("beacon register %s pid %d", host, os.Getpid())))
+	cancel()
+	if err != nil {
+		return err
+	}
+	rctx, cancel := context.WithTimeout(ctx, callTimeout)
+	rev, err := sess.Register(rctx, in)
+	cancel()
+	if err != nil {
+		_ = sess.Close(context.WithoutCancel(ctx))
+		return err
+	}
+	fmt.Fprintf(g.stdout, "registered %s/%s/%s (session %x, ttl %s) at revision %d; Ctrl-C to deregister\n",
+		g.namespace, in.Service, in.ID, sess.ID(), sess.TTL(), rev)
+	<-ctx.Done()
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), callTimeout)
+	defer cancel()
+	if _, err := sess.Deregister(dctx, in.Service, in.ID); err != nil {
+		fmt.Fprintf(g.stderr, "beacon: deregistering: %v\n", err)
+	}
+	if err := sess.Close(dctx); err != nil {
+		return err
+	}
+	fmt.Fprintf(g.stdout, "deregistered %s/%s/%s\n", g.namespace, in.Service, in.ID)
+	return nil
+}
+
+func newDeregisterCmd(g *globals) *cobra.Command {
+	var service, id string
+	cmd := &cobra.Command{
+		Use:   "deregister",
+		Short: "Remove an instance",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
+			defer cancel()
+			found, err := c.Deregister(ctx, g.namespace, service, id)
+			if err != nil {
+				return err
+			}
+			if !found {
+				return fmt.Errorf("instance %s/%s/%s not found", g.namespace, service, id)
+			}
+			fmt.Fprintf(g.stdout, "deregistered %s/%s/%s\n", g.namespace, service, id)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&service, "service", "", "service name (required)")
+	cmd.Flags().StringVar(&id, "id", "", "instance id (required)")
+	_ = cmd.MarkFlagRequired("service")
+	_ = cmd.MarkFlagRequired("id")
+	return cmd
+}
+
+func newServicesCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "services",
+		Short: "List the services of a namespace",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := g.checkOutput(); err != nil {
+				return err
+			}
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
+			defer cancel()
+			svcs, err := c.Services(ctx, g.namespace)
+			if err != nil {
+				return err
+			}
+			if g.output == "json" {
+				out := make([]jsonService, len(svcs))
+				for i, s := range svcs {
+					out[i] = jsonService{s.Name, s.Instances, s.Routable, s.Revision}
+				}
+				return g.printJSON(out)
+			}
+			tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "SERVICE\tINSTANCES\tROUTABLE\tREVISION")
+			for _, s := range svcs {
+				fmt.Fprintf(tw, "%s\t%d\t%d\t%d\n", s.Name, s.Instances, s.Routable, s.Revision)
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+type jsonService struct {
+	Name      string `json:"name"`
+	Instances int    `json:"instances"`
+	Routable  int    `json:"routable"`
+	Revision  int64  `json:"revision"`
+}
+
+// jsonInstance is the CLI's JSON form of an instance.
+type jsonInstance struct {
+	Namespace string            `json:"namespace"`
+	Service   string            `json:"service"`
+	ID        string            `json:"id"`
+	Address   string            `json:"address"`
+	Port      int               `json:"port"`
+	Weight    int               `json:"weight"`
+	Zone      string            `json:"zone,omitempty"`
+	Version   string            `json:"version,omitempty"`
+	Tags      []string          `json:"tags,omitempty"`
+	Metadata  map[string]string `json:"metadata,omitempty"`
+	Status    string            `json:"status"`
+	Health    string            `json:"health"`
+	Ephemeral bool              `json:"ephemeral"`
+	Session   string            `json:"session,omitempty"`
+	Revision  int64             `json:"revision"`
+}
+
+func toJSONInstance(in *registry.Instance) jsonInstance {
+	j := jsonInstance{
+		Namespace: in.Namespace, Service: in.Service, ID: in.ID, Address: in.Address, Port: in.Port,
+		Weight: in.Weight, Zone: in.Zone, Version: in.Version, Tags: in.Tags, Metadata: in.Metadata,
+		Status: in.Status.String(), Health: in.Health.String(), Ephemeral: in.Ephemeral(), Revision: in.Revision,
+	}
+	if in.SessionID != 0 {
+		j.Session = fmt.Sprintf("%x", in.SessionID)
+	}
+	return j
+}
+
+type jsonSnapshot struct {
+	Namespace string         `json:"namespace"`
+	Service   string         `json:"service"`
+	Revision  int64          `json:"revision"`
+	Instances []jsonInstance `json:"instances"`
+}
+
+func toJSONSnapshot(s *registry.Snapshot) jsonSnapshot {
+	out := jsonSnapshot{Namespace: s.Namespace, Service: s.Service, Revision: s.Revision, Instances: []jsonInstance{}}
+	for _, in := range s.Instances {
+		out.Instances = append(out.Instances, toJSONInstance(in))
+	}
+	return out
+}
+
+func newInstancesCmd(g *globals) *cobra.Command {
+	var all bool
+	cmd := &cobra.Command{
+		Use:   "instances SERVICE",
+		Short: "List a service's instances (routable only, unless --all)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := g.checkOutput(); err != nil {
+				return err
+			}
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
+			defer cancel()
+			var opts []client.ListOption
+			if all {
+				opts = append(opts, client.All())
+			}
+			snap, err := c.Instances(ctx, args[0], opts...)
+			if err != nil {
+				return err
+			}
+			if g.output == "json" {
+				return g.printJSON(toJSONSnapshot(snap))
+			}
+			tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tADDRESS\tWEIGHT\tZONE\tSTATUS\tHEALTH\tKIND\tTAGS\tREVISION")
+			for _, in := range snap.Instances {
+				kind := "persistent"
+				if in.Ephemeral() {
+					kind = "ephemeral"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%d\n", in.ID, in.HostPort(), in.Weight,
+					dash(in.Zone), in.Status, in.Health, kind, dash(strings.Join(in.Tags, ",")), in.Revision)
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().BoolVar(&all, "all", false, "include instances that are not routable")
+	return cmd
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func newWatchCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "watch [SERVICE...]",
+		Short: "Print a line per change of the named services (all services when none is named)",
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := g.checkOutput(); err != nil {
+				return err
+			}
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ctx := cmd.Context()
+			w, err := c.Watch(ctx, args)
+			if err != nil {
+				return err
+			}
+			defer w.Close()
+			for {
+				snaps, err := w.Next(ctx)
+				if err != nil {
+					if interrupted(ctx, err) {
+						return nil
+					}
+					return err
+				}
+				for _, s := range snaps {
+					if g.output == "json" {
+						if err := g.printWatchJSON(s); err != nil {
+							return err
+						}
+						continue
+					}
+					fmt.Fprintf(g.stdout, "rev=%d %s/%s routable=%d total=%d [%s]\n", s.Revision, s.Namespace, s.Service,
+						len(s.Routable()), len(s.Instances), summarize(s))
+				}
+			}
+		},
+	}
+}
+
+func (g *globals) printWatchJSON(s *registry.Snapshot) error {
+	// One compact object per line, so the output can be piped to jq.
+	return jsonLine(g.stdout, toJSONSnapshot(s))
+}
+
+func summarize(s *registry.Snapshot) string {
+	parts := make([]string, 0, len(s.Instances))
+	for _, in := range s.Instances {
+		p := in.ID + "@" + in.HostPort()
+		if !in.Routable() {
+			p += "(" + in.Status.String() + "," + in.Health.String() + ")"
+		}
+		parts = append(parts, p)
+	}
+	return strings.Join(parts, " ")
+}

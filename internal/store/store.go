@@ -1,0 +1,119 @@
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"beacon.dev/beacon/registry"
+)
+
+// ErrSessionNotFound means the session (lease) does not exist: it expired,
+// was closed, or never existed. The owner should open a new session and
+// register again.
+var ErrSessionNotFound = errors.New("session not found or expired")
+
+// Store writes beacon's records to etcd.
+type Store struct {
+	Layout
+	cli *clientv3.Client
+	ka  *keepAliver
+}
+
+// New returns a Store on cli. Close releases its keepalive stream; it does
+// not close cli.
+func New(cli *clientv3.Client, prefix string) *Store {
+	if prefix == "" {
+		prefix = DefaultPrefix
+	}
+	return &Store{Layout: Layout{Prefix: prefix}, cli: cli, ka: newKeepAliver(cli)}
+}
+
+// Close stops the keepalive stream.
+func (s *Store) Close() { s.ka.close() }
+
+// Client returns the etcd client.
+func (s *Store) Client() *clientv3.Client { return s.cli }
+
+// CreateSession grants a lease of ttl and records the session under it.
+func (s *Store) CreateSession(ctx context.Context, ttl time.Duration, name string) (int64, time.Duration, error) {
+	if ttl == 0 {
+		ttl = registry.DefaultSessionTTL
+	}
+	if err := registry.ValidateSessionTTL(ttl); err != nil {
+		return 0, 0, err
+	}
+	if len(name) > registry.MaxSessionNameLen {
+		return 0, 0, &registry.FieldError{Field: "name", Reason: fmt.Sprintf("must be at most %d bytes, has %d", registry.MaxSessionNameLen, len(name))}
+	}
+	lease, err := s.cli.Grant(ctx, int64(ttl/time.Second))
+	if err != nil {
+		return 0, 0, fmt.Errorf("store: granting lease: %w", err)
+	}
+	rec, _ := json.Marshal(sessionRecord{Name: name, TTL: lease.TTL, Created: time.Now().UTC()})
+	if _, err := s.cli.Put(ctx, s.SessionKey(int64(lease.ID)), string(rec), clientv3.WithLease(lease.ID)); err != nil {
+		// The lease expires by itself; revoke to be tidy.
+		_, _ = s.cli.Revoke(context.WithoutCancel(ctx), lease.ID)
+		return 0, 0, fmt.Errorf("store: recording session: %w", err)
+	}
+	return int64(lease.ID), time.Duration(lease.TTL) * time.Second, nil
+}
+
+// KeepAlive renews a session and returns its TTL.
+func (s *Store) KeepAlive(ctx context.Context, id int64) (time.Duration, error) {
+	ttl, err := s.ka.keepAlive(ctx, clientv3.LeaseID(id))
+	if err != nil {
+		return 0, err
+	}
+	return time.Duration(ttl) * time.Second, nil
+}
+
+// CloseSession revokes a session; its ephemeral instances go with it.
+// Closing a session that no longer exists is not an error.
+func (s *Store) CloseSession(ctx context.Context, id int64) error {
+	_, err := s.cli.Revoke(ctx, clientv3.LeaseID(id))
+	if err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		return fmt.Errorf("store: revoking session: %w", err)
+	}
+	return nil
+}
+
+// Register writes an instance. With sessionID != 0 the instance is bound to
+// that session's lease. It returns the revision of the write.
+func (s *Store) Register(ctx context.Context, in *registry.Instance) (int64, error) {
+	var opts []clientv3.OpOption
+	if in.SessionID != 0 {
+		opts = append(opts, clientv3.WithLease(clientv3.LeaseID(in.SessionID)))
+	}
+	resp, err := s.cli.Put(ctx, s.InstanceKey(in.Key()), string(EncodeInstance(in)), opts...)
+	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		return 0, ErrSessionNotFound
+	}
+	if err != nil {
+		return 0, fmt.Errorf("store: writing instance: %w", err)
+	}
+	return resp.Header.Revision, nil
+}
+
+// Deregister deletes an instance; found reports whether it existed.
+func (s *Store) Deregister(ctx context.Context, k registry.InstanceKey) (rev int64, found bool, err error) {
+	resp, err := s.cli.Delete(ctx, s.InstanceKey(k))
+	if err != nil {
+		return 0, false, fmt.Errorf("store: deleting instance: %w", err)
+	}
+	return resp.Header.Revision, resp.Deleted > 0, nil
+}
+
+// CurrentRevision returns etcd's current revision with a linearizable read.
+func (s *Store) CurrentRevision(ctx context.Context) (int64, error) {
+	resp, err := s.cli.Get(ctx, s.Prefix+"\x00revision-probe", clientv3.WithCountOnly())
+	if err != nil {
+		return 0, fmt.Errorf("store: reading revision: %w", err)
+	}
+	return resp.Header.Revision, nil
+}

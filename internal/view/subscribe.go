@@ -1,0 +1,162 @@
+package view
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"slices"
+	"sync"
+	"time"
+
+	"beacon.dev/beacon/registry"
+)
+
+// ErrClosed is returned by Next after Close.
+var ErrClosed = errors.New("view: subscription closed")
+
+// Subscription receives the snapshots of the services it watches.
+type Subscription struct {
+	view     *View
+	ns       string
+	services map[string]bool // nil watches the whole namespace; never written after Subscribe
+	notify   chan struct{}   // size 1: "pending has something"
+
+	mu      sync.Mutex
+	pending map[string]Pending // guarded by mu; the newest unsent snapshot per service
+	last    map[string]int64   // guarded by mu; newest revision queued per service
+	first   bool               // guarded by mu; the next Next is the first
+	closed  bool               // guarded by mu
+}
+
+// Pending is a snapshot waiting to be sent, with the time the view
+// published it (for propagation metrics).
+type Pending struct {
+	Snap     *registry.Snapshot
+	Queued   time.Time
+	Coalesce int // snapshots of this service replaced while it waited
+}
+
+// Subscribe starts a subscription to services of ns (all of them when
+// services is empty). known holds the revisions the subscriber already has
+// by service: only newer snapshots are sent, and a service it knows that no
+// longer has any instance is sent as an empty snapshot.
+func (v *View) Subscribe(ns string, services []string, known map[string]int64) *Subscription {
+	s := &Subscription{
+		view: v, ns: ns,
+		notify:  make(chan struct{}, 1),
+		pending: make(map[string]Pending),
+		last:    make(map[string]int64),
+		first:   true,
+	}
+	if len(services) > 0 {
+		s.services = make(map[string]bool, len(services))
+		for _, name := range services {
+			s.services[name] = true
+		}
+	}
+	now := time.Now()
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for name, rev := range known {
+		s.last[name] = rev
+	}
+	for sk, snap := range v.services {
+		if sk.Namespace == ns && s.wants(sk.Service) && snap.Revision > known[sk.Service] {
+			if _, ok := known[sk.Service]; ok || len(snap.Instances) > 0 {
+				s.pending[sk.Service] = Pending{Snap: snap, Queued: now}
+				s.last[sk.Service] = snap.Revision
+			}
+		}
+	}
+	// A service the subscriber knows but the view never saw (it was emptied
+	// while this server was down) is reported empty at the view's revision.
+	for name, rev := range known {
+		sk := registry.ServiceKey{Namespace: ns, Service: name}
+		if _, ok := v.services[sk]; !ok && s.wants(name) && rev < v.rev {
+			s.pending[name] = Pending{Snap: &registry.Snapshot{Namespace: ns, Service: name, Revision: v.rev}, Queued: now}
+			s.last[name] = v.rev
+		}
+	}
+	v.subs[s] = struct{}{}
+	s.notify <- struct{}{} // the first Next returns at once, even with nothing to send
+	return s
+}
+
+func (s *Subscription) wants(service string) bool {
+	return s.services == nil || s.services[service]
+}
+
+// offer queues snapshots for the subscriber, replacing older pending ones.
+func (s *Subscription) offer(snaps []*registry.Snapshot, now time.Time) {
+	queued := false
+	s.mu.Lock()
+	for _, snap := range snaps {
+		if snap.Namespace != s.ns || !s.wants(snap.Service) || snap.Revision <= s.last[snap.Service] {
+			continue
+		}
+		p := Pending{Snap: snap, Queued: now}
+		if old, ok := s.pending[snap.Service]; ok {
+			p.Queued = old.Queued
+			p.Coalesce = old.Coalesce + 1
+		}
+		s.pending[snap.Service] = p
+		s.last[snap.Service] = snap.Revision
+		queued = true
+	}
+	s.mu.Unlock()
+	if queued {
+		select {
+		case s.notify <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Next waits for snapshots and returns them sorted by service, with first
+// true on the first call (the subscriber is then current).
+func (s *Subscription) Next(ctx context.Context) (snaps []Pending, first bool, err error) {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil, false, ctx.Err()
+		case <-s.notify:
+		}
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			return nil, false, ErrClosed
+		}
+		for _, p := range s.pending {
+			snaps = append(snaps, p)
+		}
+		clear(s.pending)
+		first, s.first = s.first, false
+		s.mu.Unlock()
+		if len(snaps) > 0 || first {
+			slices.SortFunc(snaps, func(a, b Pending) int { return cmp.Compare(a.Snap.Service, b.Snap.Service) })
+			return snaps, first, nil
+		}
+	}
+}
+
+// PendingCount returns how many snapshots wait to be sent.
+func (s *Subscription) PendingCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.pending)
+}
+
+// Close ends the subscription; a blocked Next returns ErrClosed.
+func (s *Subscription) Close() {
+	s.view.mu.Lock()
+	delete(s.view.subs, s)
+	s.view.mu.Unlock()
+	s.mu.Lock()
+	s.closed = true
+	clear(s.pending)
+	s.mu.Unlock()
+	select {
+	case s.notify <- struct{}{}:
+	default:
+	}
+}

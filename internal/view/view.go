@@ -1,0 +1,401 @@
+package view
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"beacon.dev/beacon/internal/store"
+	"beacon.dev/beacon/registry"
+)
+
+// Hooks let the server observe the view without the view knowing about
+// metrics. Every hook may be nil and must not block.
+type Hooks struct {
+	Relisted  func(compacted bool)
+	BadRecord func(key string, err error)
+	Published func(services int)
+}
+
+// View is the in-memory replica. Create it with New and start it with Run.
+type View struct {
+	cli    *clientv3.Client
+	layout store.Layout
+	log    *slog.Logger
+	hooks  Hooks
+
+	mu       sync.RWMutex
+	services map[registry.ServiceKey]*registry.Snapshot // guarded by mu; empty snapshots are kept as tombstones
+	sessions map[string]struct{}                        // guarded by mu; session keys
+	rev      int64                                      // guarded by mu; every change up to rev is applied
+	advanced chan struct{}                              // guarded by mu; closed and replaced when rev grows
+	loaded   bool                                       // guarded by mu
+	subs     map[*Subscription]struct{}                 // guarded by mu
+	ready    chan struct{}
+}
+
+// New returns a View of the keys under layout's prefix.
+func New(cli *clientv3.Client, layout store.Layout, log *slog.Logger, hooks Hooks) *View {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &View{
+		cli: cli, layout: layout, log: log, hooks: hooks,
+		services: make(map[registry.ServiceKey]*registry.Snapshot),
+		sessions: make(map[string]struct{}),
+		advanced: make(chan struct{}),
+		subs:     make(map[*Subscription]struct{}),
+		ready:    make(chan struct{}),
+	}
+}
+
+// Ready is closed once the first listing is applied.
+func (v *View) Ready() <-chan struct{} { return v.ready }
+
+// Run keeps the view current until ctx ends.
+func (v *View) Run(ctx context.Context) {
+	backoff := 100 * time.Millisecond
+	compacted := false
+	for ctx.Err() == nil {
+		rev, err := v.relist(ctx, compacted)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			v.log.Warn("view: listing failed, retrying", "err", err, "in", backoff)
+			if !sleep(ctx, backoff) {
+				return
+			}
+			backoff = min(2*backoff, 5*time.Second)
+			continue
+		}
+		backoff = 100 * time.Millisecond
+		compacted = v.watch(ctx, rev)
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// watch applies changes after rev until the watch ends. It reports whether
+// it ended because etcd compacted the history it needed.
+func (v *View) watch(ctx context.Context, rev int64) (compacted bool) {
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	wch := v.cli.Watch(wctx, v.layout.Prefix, clientv3.WithPrefix(), clientv3.WithRev(rev+1), clientv3.WithProgressNotify())
+	for resp := range wch {
+		if err := resp.Err(); err != nil {
+			if errors.Is(err, rpctypes.ErrCompacted) {
+				v.log.Warn("view: watch compacted, listing again", "compact_revision", resp.CompactRevision)
+				return true
+			}
+			v.log.Warn("view: watch ended, listing again", "err", err)
+			return false
+		}
+		if resp.IsProgressNotify() {
+			v.advance(resp.Header.Revision, nil)
+			continue
+		}
+		v.apply(resp.Events)
+	}
+	return false
+}
+
+// RequestProgress asks etcd to report the watch's current revision so that
+// WaitRevision can finish when nothing under the prefix changes.
+func (v *View) RequestProgress(ctx context.Context) error {
+	return v.cli.RequestProgress(clientv3.WithRequireLeader(ctx))
+}
+
+type change struct {
+	put *registry.Instance // nil for a delete
+	id  string
+	rev int64
+}
+
+// apply folds one watch response into the view and publishes the services
+// it changed, each once.
+func (v *View) apply(events []*clientv3.Event) {
+	byService := make(map[registry.ServiceKey][]change)
+	var order []registry.ServiceKey
+	maxRev := int64(0)
+	v.mu.Lock()
+	for _, ev := range events {
+		key := string(ev.Kv.Key)
+		maxRev = max(maxRev, ev.Kv.ModRevision)
+		if strings.HasPrefix(key, v.layout.SessionsPrefix()) {
+			if ev.Type == mvccpb.PUT {
+				v.sessions[key] = struct{}{}
+			} else {
+				delete(v.sessions, key)
+			}
+			continue
+		}
+		k, err := v.layout.ParseInstanceKey(key)
+		if err != nil {
+			v.badRecord(key, err)
+			continue
+		}
+		c := change{id: k.ID, rev: ev.Kv.ModRevision}
+		if ev.Type == mvccpb.PUT {
+			in, err := v.layout.DecodeInstance(key, ev.Kv.Value, ev.Kv.ModRevision)
+			if err != nil {
+				// A record we cannot read is treated as absent rather than
+				// served half-understood.
+				v.badRecord(key, err)
+			} else {
+				c.put = in
+			}
+		}
+		sk := registry.ServiceKey{Namespace: k.Namespace, Service: k.Service}
+		if _, seen := byService[sk]; !seen {
+			order = append(order, sk)
+		}
+		byService[sk] = append(byService[sk], c)
+	}
+	published := make([]*registry.Snapshot, 0, len(order))
+	for _, sk := range order {
+		snap := v.applyServiceLocked(sk, byService[sk])
+		if snap != nil {
+			published = append(published, snap)
+		}
+	}
+	v.mu.Unlock()
+	v.advance(maxRev, published)
+}
+
+func (v *View) badRecord(key string, err error) {
+	v.log.Warn("view: ignoring unreadable record", "key", key, "err", err)
+	if v.hooks.BadRecord != nil {
+		v.hooks.BadRecord(key, err)
+	}
+}
+
+// applyServiceLocked copies the service's instances once and applies the
+// changes to the copy, returning the new snapshot.
+func (v *View) applyServiceLocked(sk registry.ServiceKey, changes []change) *registry.Snapshot {
+	old := v.services[sk]
+	var insts []*registry.Instance
+	ns, svc := sk.Namespace, sk.Service
+	if old != nil {
+		insts = slices.Clone(old.Instances)
+		ns, svc = old.Namespace, old.Service
+	}
+	rev := int64(0)
+	for _, c := range changes {
+		rev = max(rev, c.rev)
+		i, found := slices.BinarySearchFunc(insts, c.id, func(in *registry.Instance, id string) int { return cmp.Compare(in.ID, id) })
+		switch {
+		case c.put != nil:
+			c.put.Namespace, c.put.Service = ns, svc // share the strings
+			if found {
+				insts[i] = c.put
+			} else {
+				insts = slices.Insert(insts, i, c.put)
+			}
+		case found:
+			insts = slices.Delete(insts, i, i+1)
+		}
+	}
+	if old != nil && rev <= old.Revision {
+		return nil
+	}
+	snap := &registry.Snapshot{Namespace: ns, Service: svc, Revision: rev, Instances: insts}
+	v.services[sk] = snap
+	return snap
+}
+
+// relist loads the whole prefix and publishes every service whose content
+// differs from what the view holds.
+func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
+	resp, err := v.cli.Get(ctx, v.layout.Prefix, clientv3.WithPrefix())
+	if err != nil {
+		return 0, err
+	}
+	rev := resp.Header.Revision
+	fresh := make(map[registry.ServiceKey][]*registry.Instance)
+	sessions := make(map[string]struct{})
+	for _, kv := range resp.Kvs {
+		key := string(kv.Key)
+		if strings.HasPrefix(key, v.layout.SessionsPrefix()) {
+			sessions[key] = struct{}{}
+			continue
+		}
+		in, err := v.layout.DecodeInstance(key, kv.Value, kv.ModRevision)
+		if err != nil {
+			v.badRecord(key, err)
+			continue
+		}
+		sk := registry.ServiceKey{Namespace: in.Namespace, Service: in.Service}
+		fresh[sk] = append(fresh[sk], in)
+	}
+
+	v.mu.Lock()
+	var published []*registry.Snapshot
+	// A service is republished only if its content differs; its revision is
+	// then the listing's, which is at least that of any change it missed.
+	for sk, insts := range fresh {
+		slices.SortFunc(insts, func(a, b *registry.Instance) int { return cmp.Compare(a.ID, b.ID) })
+		if old := v.services[sk]; old != nil && sameInstances(old.Instances, insts) {
+			continue
+		}
+		snap := &registry.Snapshot{Namespace: sk.Namespace, Service: sk.Service, Revision: rev, Instances: insts}
+		for _, in := range insts {
+			in.Namespace, in.Service = snap.Namespace, snap.Service
+		}
+		v.services[sk] = snap
+		published = append(published, snap)
+	}
+	for sk, old := range v.services {
+		if _, ok := fresh[sk]; !ok && len(old.Instances) > 0 {
+			snap := &registry.Snapshot{Namespace: sk.Namespace, Service: sk.Service, Revision: rev}
+			v.services[sk] = snap
+			published = append(published, snap)
+		}
+	}
+	v.sessions = sessions
+	first := !v.loaded
+	v.loaded = true
+	v.mu.Unlock()
+
+	v.advance(rev, published)
+	if first {
+		close(v.ready)
+	}
+	if v.hooks.Relisted != nil {
+		v.hooks.Relisted(compacted)
+	}
+	return rev, nil
+}
+
+func sameInstances(a, b []*registry.Instance) bool {
+	return slices.EqualFunc(a, b, func(x, y *registry.Instance) bool {
+		return x.ID == y.ID && x.Revision == y.Revision
+	})
+}
+
+// advance moves the applied revision forward, wakes revision waiters and
+// hands the published snapshots to subscribers. It never holds v.mu while
+// touching a subscriber.
+func (v *View) advance(rev int64, published []*registry.Snapshot) {
+	v.mu.Lock()
+	if rev > v.rev {
+		v.rev = rev
+		close(v.advanced)
+		v.advanced = make(chan struct{})
+	}
+	var subs []*Subscription
+	if len(published) > 0 {
+		subs = make([]*Subscription, 0, len(v.subs))
+		for s := range v.subs {
+			subs = append(subs, s)
+		}
+	}
+	v.mu.Unlock()
+	if len(published) == 0 {
+		return
+	}
+	now := time.Now()
+	for _, s := range subs {
+		s.offer(published, now)
+	}
+	if v.hooks.Published != nil {
+		v.hooks.Published(len(published))
+	}
+}
+
+// Revision returns the revision up to which the view is current.
+func (v *View) Revision() int64 {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return v.rev
+}
+
+// WaitRevision blocks until the view has applied rev or ctx ends.
+func (v *View) WaitRevision(ctx context.Context, rev int64) error {
+	asked := false
+	for {
+		v.mu.RLock()
+		cur, ch := v.rev, v.advanced
+		v.mu.RUnlock()
+		if cur >= rev {
+			return nil
+		}
+		if !asked {
+			// Nothing under our prefix may change for a while: ask etcd
+			// for a progress report rather than wait for a write.
+			asked = true
+			_ = v.RequestProgress(ctx)
+		}
+		t := time.NewTimer(200 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-ch:
+		case <-t.C:
+			asked = false
+		}
+		t.Stop()
+	}
+}
+
+// Snapshot returns the current snapshot of a service, or an empty one.
+func (v *View) Snapshot(sk registry.ServiceKey) *registry.Snapshot {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if s := v.services[sk]; s != nil {
+		return s
+	}
+	return &registry.Snapshot{Namespace: sk.Namespace, Service: sk.Service}
+}
+
+// Services returns the non-empty services of a namespace, sorted by name.
+func (v *View) Services(ns string) []*registry.Snapshot {
+	v.mu.RLock()
+	var out []*registry.Snapshot
+	for sk, s := range v.services {
+		if sk.Namespace == ns && len(s.Instances) > 0 {
+			out = append(out, s)
+		}
+	}
+	v.mu.RUnlock()
+	slices.SortFunc(out, func(a, b *registry.Snapshot) int { return cmp.Compare(a.Service, b.Service) })
+	return out
+}
+
+// Stats are counts for metrics.
+type Stats struct {
+	Sessions, Services, Instances, Subscribers int
+}
+
+// Stats counts what the view holds.
+func (v *View) Stats() Stats {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	st := Stats{Sessions: len(v.sessions), Subscribers: len(v.subs)}
+	for _, s := range v.services {
+		if len(s.Instances) > 0 {
+			st.Services++
+			st.Instances += len(s.Instances)
+		}
+	}
+	return st
+}

@@ -1,0 +1,284 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	beaconv1 "beacon.dev/beacon/api/beacon/v1"
+	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
+	"beacon.dev/beacon/internal/store"
+	"beacon.dev/beacon/internal/view"
+	"beacon.dev/beacon/internal/wire"
+	"beacon.dev/beacon/registry"
+)
+
+// api implements the registry service on the store (writes) and the view
+// (reads and watches).
+type api struct{ s *Server }
+
+var _ beaconv1connect.RegistryServiceHandler = api{}
+
+// readTimeout bounds how long a read waits for the view to catch up with
+// etcd before it answers from what the view holds.
+const readTimeout = 2 * time.Second
+
+// toConnectError maps internal errors onto the codes clients act on.
+func toConnectError(err error) error {
+	var ce *connect.Error
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &ce):
+		return err
+	case errors.Is(err, registry.ErrInvalid):
+		return connect.NewError(connect.CodeInvalidArgument, err)
+	case errors.Is(err, store.ErrSessionNotFound):
+		return connect.NewError(connect.CodeNotFound, err)
+	case errors.Is(err, context.Canceled):
+		return connect.NewError(connect.CodeCanceled, err)
+	case errors.Is(err, context.DeadlineExceeded):
+		return connect.NewError(connect.CodeDeadlineExceeded, err)
+	default:
+		// etcd errors: no leader, lost quorum, timeouts. Clients retry or
+		// move to another server.
+		return connect.NewError(connect.CodeUnavailable, err)
+	}
+}
+
+func (a api) ready() error {
+	select {
+	case <-a.s.ready:
+		return nil
+	default:
+		return connect.NewError(connect.CodeUnavailable, errors.New("server: not ready yet"))
+	}
+}
+
+func namespaceOf(ns string) (string, error) {
+	if ns == "" {
+		return registry.DefaultNamespace, nil
+	}
+	return ns, registry.ValidateNamespace(ns)
+}
+
+func (a api) CreateSession(ctx context.Context, req *connect.Request[beaconv1.CreateSessionRequest]) (*connect.Response[beaconv1.CreateSessionResponse], error) {
+	if err := a.ready(); err != nil {
+		return nil, err
+	}
+	ttl := time.Duration(0)
+	if d := req.Msg.GetTtl(); d != nil {
+		if err := d.CheckValid(); err != nil {
+			return nil, toConnectError(&registry.FieldError{Field: "ttl", Reason: err.Error()})
+		}
+		ttl = d.AsDuration()
+	}
+	id, granted, err := a.s.store.CreateSession(ctx, ttl, req.Msg.GetName())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&beaconv1.CreateSessionResponse{SessionId: id, Ttl: durationpb.New(granted)}), nil
+}
+
+func (a api) KeepAlive(ctx context.Context, req *connect.Request[beaconv1.KeepAliveRequest]) (*connect.Response[beaconv1.KeepAliveResponse], error) {
+	if req.Msg.GetSessionId() == 0 {
+		return nil, toConnectError(&registry.FieldError{Field: "session_id", Reason: "must be set"})
+	}
+	ttl, err := a.s.store.KeepAlive(ctx, req.Msg.GetSessionId())
+	switch {
+	case err == nil:
+		a.s.metrics.keepalives.WithLabelValues("ok").Inc()
+	case errors.Is(err, store.ErrSessionNotFound):
+		a.s.metrics.keepalives.WithLabelValues("expired").Inc()
+	default:
+		a.s.metrics.keepalives.WithLabelValues("error").Inc()
+	}
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&beaconv1.KeepAliveResponse{Ttl: durationpb.New(ttl)}), nil
+}
+
+func (a api) CloseSession(ctx context.Context, req *connect.Request[beaconv1.CloseSessionRequest]) (*connect.Response[beaconv1.CloseSessionResponse], error) {
+	if req.Msg.GetSessionId() == 0 {
+		return nil, toConnectError(&registry.FieldError{Field: "session_id", Reason: "must be set"})
+	}
+	if err := a.s.store.CloseSession(ctx, req.Msg.GetSessionId()); err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&beaconv1.CloseSessionResponse{}), nil
+}
+
+// InstanceForRegister turns a register request into a validated instance.
+// It is exported to the package's fuzz test through the same path the
+// handler uses.
+func instanceForRegister(msg *beaconv1.RegisterRequest) (*registry.Instance, error) {
+	if msg.GetInstance() == nil {
+		return nil, &registry.FieldError{Field: "instance", Reason: "must be set"}
+	}
+	in := wire.InstanceFromProto(msg.GetInstance())
+	in.Revision = 0
+	switch sid := msg.GetSessionId(); {
+	case sid != 0 && in.SessionID != 0 && sid != in.SessionID:
+		return nil, &registry.FieldError{Field: "instance.session_id", Reason: fmt.Sprintf("must be 0 or equal to session_id %d", sid)}
+	case sid != 0:
+		in.SessionID = sid
+	}
+	in.ApplyDefaults()
+	if err := in.Validate(); err != nil {
+		return nil, err
+	}
+	return &in, nil
+}
+
+func (a api) Register(ctx context.Context, req *connect.Request[beaconv1.RegisterRequest]) (*connect.Response[beaconv1.RegisterResponse], error) {
+	in, err := instanceForRegister(req.Msg)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	rev, err := a.s.store.Register(ctx, in)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&beaconv1.RegisterResponse{Revision: rev}), nil
+}
+
+func (a api) Deregister(ctx context.Context, req *connect.Request[beaconv1.DeregisterRequest]) (*connect.Response[beaconv1.DeregisterResponse], error) {
+	ns, err := namespaceOf(req.Msg.GetNamespace())
+	if err == nil {
+		err = registry.ValidateName("service", req.Msg.GetService())
+	}
+	if err == nil {
+		err = registry.ValidateID("id", req.Msg.GetId())
+	}
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	rev, found, err := a.s.store.Deregister(ctx, registry.InstanceKey{Namespace: ns, Service: req.Msg.GetService(), ID: req.Msg.GetId()})
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&beaconv1.DeregisterResponse{Revision: rev, Found: found}), nil
+}
+
+// catchUp makes reads linearizable: it waits until the view holds every
+// write etcd acknowledged before the read began. If etcd cannot be reached
+// the read is served from the view as it is.
+func (a api) catchUp(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, readTimeout)
+	defer cancel()
+	rev, err := a.s.store.CurrentRevision(ctx)
+	if err != nil {
+		return
+	}
+	_ = a.s.view.WaitRevision(ctx, rev)
+}
+
+func (a api) ListInstances(ctx context.Context, req *connect.Request[beaconv1.ListInstancesRequest]) (*connect.Response[beaconv1.ListInstancesResponse], error) {
+	if err := a.ready(); err != nil {
+		return nil, err
+	}
+	ns, err := namespaceOf(req.Msg.GetNamespace())
+	if err == nil {
+		err = registry.ValidateName("service", req.Msg.GetService())
+	}
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	a.catchUp(ctx)
+	snap := a.s.view.Snapshot(registry.ServiceKey{Namespace: ns, Service: req.Msg.GetService()})
+	resp := &beaconv1.ListInstancesResponse{Revision: snap.Revision}
+	for _, in := range snap.Instances {
+		if req.Msg.GetAll() || in.Routable() {
+			resp.Instances = append(resp.Instances, wire.InstanceToProto(in))
+		}
+	}
+	return connect.NewResponse(resp), nil
+}
+
+func (a api) ListServices(ctx context.Context, req *connect.Request[beaconv1.ListServicesRequest]) (*connect.Response[beaconv1.ListServicesResponse], error) {
+	if err := a.ready(); err != nil {
+		return nil, err
+	}
+	ns, err := namespaceOf(req.Msg.GetNamespace())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	a.catchUp(ctx)
+	resp := &beaconv1.ListServicesResponse{Revision: a.s.view.Revision()}
+	for _, snap := range a.s.view.Services(ns) {
+		resp.Services = append(resp.Services, &beaconv1.ServiceSummary{
+			Name: snap.Service, Instances: int32(len(snap.Instances)),
+			Routable: int32(len(snap.Routable())), Revision: snap.Revision,
+		})
+	}
+	return connect.NewResponse(resp), nil
+}
+
+// subscribe validates a watch request and subscribes to the view once the
+// view is at least as new as anything the client already holds.
+func (a api) subscribe(ctx context.Context, msg *beaconv1.WatchRequest) (*view.Subscription, error) {
+	if err := a.ready(); err != nil {
+		return nil, err
+	}
+	ns, err := namespaceOf(msg.GetNamespace())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	for i, svc := range msg.GetServices() {
+		if err := registry.ValidateName(fmt.Sprintf("services[%d]", i), svc); err != nil {
+			return nil, toConnectError(err)
+		}
+	}
+	newest := int64(0)
+	for svc, rev := range msg.GetKnownRevisions() {
+		if err := registry.ValidateName("known_revisions key", svc); err != nil {
+			return nil, toConnectError(err)
+		}
+		newest = max(newest, rev)
+	}
+	if newest > a.s.view.Revision() {
+		wctx, cancel := context.WithTimeout(ctx, readTimeout)
+		err := a.s.view.WaitRevision(wctx, newest)
+		cancel()
+		if err != nil && ctx.Err() != nil {
+			return nil, toConnectError(ctx.Err())
+		}
+	}
+	return a.s.view.Subscribe(ns, msg.GetServices(), msg.GetKnownRevisions()), nil
+}
+
+func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchRequest], stream *connect.ServerStream[beaconv1.WatchResponse]) error {
+	sub, err := a.subscribe(ctx, req.Msg)
+	if err != nil {
+		return err
+	}
+	defer sub.Close()
+	for {
+		pending, first, err := sub.Next(ctx)
+		if err != nil {
+			return nil // the client went away or the server is stopping
+		}
+		resp := &beaconv1.WatchResponse{Synced: first, Snapshots: make([]*beaconv1.ServiceSnapshot, len(pending))}
+		for i, p := range pending {
+			resp.Snapshots[i] = wire.SnapshotToProto(p.Snap)
+		}
+		if err := stream.Send(resp); err != nil {
+			return nil
+		}
+		a.s.metrics.observeSent(pending)
+	}
+}
+
+func (m *metrics) observeSent(pending []view.Pending) {
+	now := time.Now()
+	for _, p := range pending {
+		m.sent.Inc()
+		m.coalesced.Add(float64(p.Coalesce))
+		m.fanout.Observe(now.Sub(p.Queued).Seconds())
+	}
+}

@@ -1,0 +1,35 @@
+package server
+
+import (
+	"fmt"
+
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+)
+
+// strictJSON is the JSON codec for the Connect protocol. Unlike connect's
+// default it rejects unknown fields: a misspelt "wieght" in a hand-written
+// request must fail loudly rather than register weight 100.
+type strictJSON struct{ name string }
+
+func (c strictJSON) Name() string { return c.name }
+
+func (strictJSON) Marshal(m any) ([]byte, error) {
+	msg, ok := m.(proto.Message)
+	if !ok {
+		return nil, fmt.Errorf("json: %T is not a proto.Message", m)
+	}
+	return protojson.MarshalOptions{}.Marshal(msg)
+}
+
+func (strictJSON) Unmarshal(b []byte, m any) error {
+	msg, ok := m.(proto.Message)
+	if !ok {
+		return fmt.Errorf("json: %T is not a proto.Message", m)
+	}
+	if len(b) == 0 {
+		// An empty body is the empty message, as in connect's own codec.
+		return nil
+	}
+	return protojson.UnmarshalOptions{}.Unmarshal(b, msg)
+}

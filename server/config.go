@@ -1,0 +1,102 @@
+package server
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"beacon.dev/beacon/internal/store"
+)
+
+// Defaults for a single machine.
+const (
+	DefaultAddr           = "127.0.0.1:8970"
+	DefaultDataDir        = "beacon.data"
+	DefaultEtcdClientAddr = "127.0.0.1:2379"
+	DefaultEtcdPeerAddr   = "127.0.0.1:2380"
+)
+
+// Config configures a Server. Get one from NewConfig.
+type Config struct {
+	// Addr is where the API, health endpoints and metrics listen.
+	Addr string
+	// DataDir holds the embedded etcd's data.
+	DataDir string
+	// Name names this server (and its etcd member).
+	Name string
+	// EtcdEndpoints, when set, uses that etcd cluster and embeds none.
+	EtcdEndpoints []string
+	// EtcdClientAddr and EtcdPeerAddr are the embedded etcd's listeners;
+	// the client one also serves etcdctl.
+	EtcdClientAddr, EtcdPeerAddr string
+	// EtcdPrefix is where beacon keeps its keys.
+	EtcdPrefix string
+	// EtcdUnsafeNoFsync skips fsync in the embedded etcd. Only for tests
+	// and benchmarks that do not care about surviving a power cut.
+	EtcdUnsafeNoFsync bool
+	// ShutdownTimeout bounds how long Close waits for in-flight calls.
+	ShutdownTimeout time.Duration
+	// Logger receives the server's logs; nil discards them.
+	Logger *slog.Logger
+}
+
+// NewConfig returns the defaults: embedded etcd, data in ./beacon.data,
+// API on 127.0.0.1:8970.
+func NewConfig() *Config {
+	return &Config{
+		Addr:            DefaultAddr,
+		DataDir:         DefaultDataDir,
+		Name:            "beacon",
+		EtcdClientAddr:  DefaultEtcdClientAddr,
+		EtcdPeerAddr:    DefaultEtcdPeerAddr,
+		EtcdPrefix:      store.DefaultPrefix,
+		ShutdownTimeout: 5 * time.Second,
+	}
+}
+
+// Embedded reports whether the server runs its own etcd.
+func (c *Config) Embedded() bool { return len(c.EtcdEndpoints) == 0 }
+
+// Validate checks the configuration and names the first bad field.
+func (c *Config) Validate() error {
+	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
+		return fmt.Errorf("server: invalid --addr %q: %w", c.Addr, err)
+	}
+	if c.Name == "" {
+		return errors.New("server: invalid --name: must not be empty")
+	}
+	if c.EtcdPrefix == "" || c.EtcdPrefix[len(c.EtcdPrefix)-1] != '/' {
+		return fmt.Errorf("server: invalid --etcd-prefix %q: must end with '/'", c.EtcdPrefix)
+	}
+	if c.ShutdownTimeout <= 0 {
+		return fmt.Errorf("server: invalid --shutdown-timeout %s: must be positive", c.ShutdownTimeout)
+	}
+	if c.Embedded() {
+		if c.DataDir == "" {
+			return errors.New("server: invalid --data-dir: must not be empty with embedded etcd")
+		}
+		for flag, a := range map[string]string{"--etcd-client-addr": c.EtcdClientAddr, "--etcd-peer-addr": c.EtcdPeerAddr} {
+			if _, _, err := net.SplitHostPort(a); err != nil {
+				return fmt.Errorf("server: invalid %s %q: %w", flag, a, err)
+			}
+		}
+	}
+	return nil
+}
+
+// BindFlags binds the configuration to command-line flags.
+func (c *Config) BindFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&c.Addr, "addr", c.Addr, "address for the API (gRPC and HTTP/JSON), health endpoints and metrics")
+	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory of the embedded etcd's data")
+	fs.StringVar(&c.Name, "name", c.Name, "name of this server and its etcd member")
+	fs.StringSliceVar(&c.EtcdEndpoints, "etcd-endpoints", c.EtcdEndpoints, "use this etcd cluster (comma-separated URLs) instead of an embedded etcd")
+	fs.StringVar(&c.EtcdClientAddr, "etcd-client-addr", c.EtcdClientAddr, "embedded etcd: client listener (etcdctl can use it)")
+	fs.StringVar(&c.EtcdPeerAddr, "etcd-peer-addr", c.EtcdPeerAddr, "embedded etcd: peer listener")
+	fs.StringVar(&c.EtcdPrefix, "etcd-prefix", c.EtcdPrefix, "key prefix of beacon's records in etcd")
+	fs.BoolVar(&c.EtcdUnsafeNoFsync, "etcd-unsafe-no-fsync", c.EtcdUnsafeNoFsync, "embedded etcd: skip fsync (tests and benchmarks only: loses data on power loss)")
+	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long shutdown waits for in-flight calls")
+}

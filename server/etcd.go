@@ -1,0 +1,62 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"net/url"
+	"path/filepath"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
+)
+
+// startEmbeddedEtcd starts a single-node etcd and waits until it serves.
+func startEmbeddedEtcd(ctx context.Context, c *Config) (*embed.Etcd, error) {
+	ec := embed.NewConfig()
+	ec.Name = c.Name
+	ec.Dir = filepath.Join(c.DataDir, "etcd")
+	cu := url.URL{Scheme: "http", Host: c.EtcdClientAddr}
+	pu := url.URL{Scheme: "http", Host: c.EtcdPeerAddr}
+	ec.ListenClientUrls, ec.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
+	ec.ListenPeerUrls, ec.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
+	ec.InitialCluster = ec.InitialClusterFromName(ec.Name)
+	ec.LogLevel = "error"
+	// Keep an hour of history so reconnecting watchers can resume, and no
+	// more, so the database does not grow without bound.
+	ec.AutoCompactionMode = "periodic"
+	ec.AutoCompactionRetention = "1h"
+	ec.UnsafeNoFsync = c.EtcdUnsafeNoFsync
+	e, err := embed.StartEtcd(ec)
+	if err != nil {
+		return nil, fmt.Errorf("server: starting embedded etcd in %s: %w", ec.Dir, err)
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+		return e, nil
+	case err := <-e.Err():
+		e.Close()
+		return nil, fmt.Errorf("server: embedded etcd failed: %w", err)
+	case <-ctx.Done():
+		e.Close()
+		return nil, ctx.Err()
+	case <-time.After(60 * time.Second):
+		e.Close()
+		return nil, fmt.Errorf("server: embedded etcd in %s not ready after 60s", ec.Dir)
+	}
+}
+
+func newEtcdClient(endpoints []string) (*clientv3.Client, error) {
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:            endpoints,
+		DialTimeout:          5 * time.Second,
+		DialKeepAliveTime:    5 * time.Second,
+		DialKeepAliveTimeout: 5 * time.Second,
+		Logger:               zap.NewNop(),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("server: connecting to etcd %v: %w", endpoints, err)
+	}
+	return cli, nil
+}

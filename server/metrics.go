@@ -1,0 +1,146 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"beacon.dev/beacon/internal/view"
+)
+
+// metrics are the server's Prometheus metrics. Names are stable; labels
+// carry only bounded values (procedure names, codes, results).
+type metrics struct {
+	reg          *prometheus.Registry
+	requests     *prometheus.CounterVec
+	duration     *prometheus.HistogramVec
+	keepalives   *prometheus.CounterVec
+	sent         prometheus.Counter
+	coalesced    prometheus.Counter
+	fanout       prometheus.Histogram
+	relists      *prometheus.CounterVec
+	badRecords   prometheus.Counter
+	watchStreams prometheus.Gauge
+}
+
+func newMetrics(s *Server) *metrics {
+	m := &metrics{reg: prometheus.NewRegistry()}
+	m.requests = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "beacon_requests_total", Help: "API calls by procedure and result code.",
+	}, []string{"procedure", "code"})
+	m.duration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "beacon_request_duration_seconds", Help: "Unary API call latency by procedure.",
+		Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+	}, []string{"procedure"})
+	m.keepalives = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "beacon_session_keepalives_total", Help: "Session keepalives by result (ok, expired, error).",
+	}, []string{"result"})
+	m.sent = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "beacon_watch_snapshots_sent_total", Help: "Service snapshots sent to watchers.",
+	})
+	m.coalesced = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "beacon_watch_snapshots_coalesced_total", Help: "Snapshots replaced by a newer one before a slow watcher read them.",
+	})
+	m.fanout = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "beacon_watch_propagation_seconds", Help: "Time from a change reaching the server's view to its snapshot being written to a watcher.",
+		Buckets: prometheus.ExponentialBuckets(0.00005, 2, 18),
+	})
+	m.relists = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "beacon_view_relists_total", Help: "Full listings of the registry by reason (start, compacted, watch_ended).",
+	}, []string{"reason"})
+	m.badRecords = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "beacon_view_bad_records_total", Help: "Records in etcd that could not be decoded and were ignored.",
+	})
+	m.watchStreams = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "beacon_watchers", Help: "Open watch streams.",
+	})
+	stat := func(f func(view.Stats) int) func() float64 {
+		return func() float64 {
+			if s.view == nil {
+				return 0
+			}
+			return float64(f(s.view.Stats()))
+		}
+	}
+	m.reg.MustRegister(m.requests, m.duration, m.keepalives, m.sent, m.coalesced, m.fanout,
+		m.relists, m.badRecords, m.watchStreams,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_sessions", Help: "Live sessions."},
+			stat(func(st view.Stats) int { return st.Sessions })),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_instances", Help: "Registered instances."},
+			stat(func(st view.Stats) int { return st.Instances })),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_services", Help: "Services with at least one instance."},
+			stat(func(st view.Stats) int { return st.Services })),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_view_revision", Help: "etcd revision the server's view has applied."},
+			func() float64 {
+				if s.view == nil {
+					return 0
+				}
+				return float64(s.view.Revision())
+			}),
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	return m
+}
+
+func (m *metrics) viewHooks() view.Hooks {
+	started := false
+	return view.Hooks{
+		Relisted: func(compacted bool) {
+			reason := "watch_ended"
+			switch {
+			case !started:
+				reason, started = "start", true
+			case compacted:
+				reason = "compacted"
+			}
+			m.relists.WithLabelValues(reason).Inc()
+		},
+		BadRecord: func(string, error) { m.badRecords.Inc() },
+	}
+}
+
+// interceptor counts every call and times unary ones.
+func (m *metrics) interceptor() connect.Interceptor { return metricsInterceptor{m} }
+
+type metricsInterceptor struct{ m *metrics }
+
+func (i metricsInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		start := time.Now()
+		resp, err := next(ctx, req)
+		proc := req.Spec().Procedure
+		i.m.duration.WithLabelValues(proc).Observe(time.Since(start).Seconds())
+		i.m.requests.WithLabelValues(proc, codeOf(err)).Inc()
+		return resp, err
+	}
+}
+
+func (i metricsInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return next
+}
+
+func (i metricsInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
+		i.m.watchStreams.Inc()
+		defer i.m.watchStreams.Dec()
+		err := next(ctx, conn)
+		i.m.requests.WithLabelValues(conn.Spec().Procedure, codeOf(err)).Inc()
+		return err
+	}
+}
+
+func codeOf(err error) string {
+	if err == nil {
+		return "ok"
+	}
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		return ce.Code().String()
+	}
+	return connect.CodeUnknown.String()
+}

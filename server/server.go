@@ -1,0 +1,176 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
+
+	"beacon.dev/beacon/internal/store"
+	"beacon.dev/beacon/internal/view"
+)
+
+// Server is a running beacon server.
+type Server struct {
+	cfg     Config
+	log     *slog.Logger
+	ln      net.Listener
+	httpSrv *http.Server
+	metrics *metrics
+
+	etcd  *embed.Etcd // nil with external etcd
+	cli   *clientv3.Client
+	store *store.Store
+	view  *view.View
+
+	ready     chan struct{}
+	errc      chan error
+	runCtx    context.Context // ends when Close starts; watch streams and the view follow it
+	runCancel context.CancelFunc
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Start starts a server: it binds the API address, starts (or connects to)
+// etcd and returns. Ready closes once the server has loaded the registry
+// and answers calls; until then /readyz answers 503.
+func Start(ctx context.Context, cfg *Config) (*Server, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	s := &Server{cfg: *cfg, log: cfg.Logger, ready: make(chan struct{}), errc: make(chan error, 1)}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	s.runCtx, s.runCancel = context.WithCancel(context.Background())
+	s.metrics = newMetrics(s)
+
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("server: listening on --addr %s: %w", cfg.Addr, err)
+	}
+	s.ln = ln
+
+	endpoints := cfg.EtcdEndpoints
+	if cfg.Embedded() {
+		e, err := startEmbeddedEtcd(ctx, cfg)
+		if err != nil {
+			ln.Close()
+			return nil, err
+		}
+		s.etcd = e
+		endpoints = []string{"http://" + cfg.EtcdClientAddr}
+	}
+	cli, err := newEtcdClient(endpoints)
+	if err != nil {
+		s.stopEtcd()
+		ln.Close()
+		return nil, err
+	}
+	s.cli = cli
+	s.store = store.New(cli, cfg.EtcdPrefix)
+	s.view = view.New(cli, s.store.Layout, s.log, s.metrics.viewHooks())
+
+	s.httpSrv = &http.Server{
+		Handler:           s.routes(),
+		ReadHeaderTimeout: 10 * time.Second,
+		BaseContext:       func(net.Listener) context.Context { return s.runCtx },
+		Protocols:         new(http.Protocols),
+		HTTP2: &http.HTTP2Config{
+			// Find clients that vanished without closing their connection.
+			SendPingTimeout: 15 * time.Second,
+			PingTimeout:     10 * time.Second,
+		},
+	}
+	s.httpSrv.Protocols.SetHTTP1(true)
+	s.httpSrv.Protocols.SetUnencryptedHTTP2(true)
+
+	s.wg.Add(3)
+	go func() {
+		defer s.wg.Done()
+		s.view.Run(s.runCtx)
+	}()
+	go func() {
+		defer s.wg.Done()
+		if err := s.httpSrv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.fail(fmt.Errorf("server: serving %s: %w", cfg.Addr, err))
+		}
+	}()
+	go func() {
+		defer s.wg.Done()
+		s.watchReadiness()
+	}()
+	return s, nil
+}
+
+func (s *Server) watchReadiness() {
+	var etcdErr <-chan error
+	if s.etcd != nil {
+		etcdErr = s.etcd.Err()
+	}
+	select {
+	case <-s.view.Ready():
+		close(s.ready)
+		s.log.Info("beacon server ready", "addr", s.Addr(), "embedded_etcd", s.etcd != nil)
+	case <-s.runCtx.Done():
+		return
+	}
+	select {
+	case err := <-etcdErr:
+		s.fail(fmt.Errorf("server: embedded etcd failed: %w", err))
+	case <-s.runCtx.Done():
+	}
+}
+
+func (s *Server) fail(err error) {
+	s.log.Error("beacon server failed", "err", err)
+	select {
+	case s.errc <- err:
+	default:
+	}
+}
+
+// Ready is closed once the server serves calls.
+func (s *Server) Ready() <-chan struct{} { return s.ready }
+
+// Err reports a fatal error; it never blocks the server.
+func (s *Server) Err() <-chan error { return s.errc }
+
+// Addr returns the address the API listens on.
+func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// EtcdClient returns the server's etcd client (for tests and tools).
+func (s *Server) EtcdClient() *clientv3.Client { return s.cli }
+
+// Close ends watch streams, waits up to ShutdownTimeout for in-flight
+// calls, then stops the view and etcd. Sessions are not revoked: clients
+// resume them on another server or after a restart.
+func (s *Server) Close() error {
+	s.closeOnce.Do(func() {
+		s.runCancel()
+		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownTimeout)
+		defer cancel()
+		if err := s.httpSrv.Shutdown(ctx); err != nil {
+			s.httpSrv.Close()
+		}
+		s.wg.Wait()
+		s.store.Close()
+		s.cli.Close()
+		s.stopEtcd()
+	})
+	return s.closeErr
+}
+
+func (s *Server) stopEtcd() {
+	if s.etcd != nil {
+		s.etcd.Close()
+	}
+}
