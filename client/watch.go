@@ -33,6 +33,7 @@ type Watcher struct {
 	connected  bool                          // guarded by mu
 	lastErr    error                         // guarded by mu
 	reconnects int                           // guarded by mu
+	stale      int                           // guarded by mu
 	syncedCh   chan struct{}
 }
 
@@ -120,14 +121,17 @@ func (w *Watcher) State() map[string]*registry.Snapshot {
 type WatchStatus struct {
 	Connected  bool
 	Reconnects int
-	LastErr    error
+	// Stale counts snapshots the server sent that were not newer than what
+	// the watcher held; they are dropped. A correct server sends none.
+	Stale   int
+	LastErr error
 }
 
 // Status reports whether the stream is up and how often it reconnected.
 func (w *Watcher) Status() WatchStatus {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return WatchStatus{Connected: w.connected, Reconnects: w.reconnects, LastErr: w.lastErr}
+	return WatchStatus{Connected: w.connected, Reconnects: w.reconnects, Stale: w.stale, LastErr: w.lastErr}
 }
 
 // Close stops the watch and waits for its goroutine.
@@ -202,6 +206,7 @@ func (w *Watcher) apply(msg *beaconv1.WatchResponse) {
 	for _, p := range msg.GetSnapshots() {
 		snap := wire.SnapshotFromProto(p)
 		if old, ok := w.state[snap.Service]; ok && snap.Revision <= old.Revision {
+			w.stale++
 			continue // never step back, whatever a server sends
 		}
 		w.state[snap.Service] = snap

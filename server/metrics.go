@@ -74,6 +74,8 @@ func newMetrics(s *Server) *metrics {
 			stat(func(st view.Stats) int { return st.Instances })),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_services", Help: "Services with at least one instance."},
 			stat(func(st view.Stats) int { return st.Services })),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_watch_pending_snapshots", Help: "Snapshots queued for watchers and not yet sent (at most one per watcher and service)."},
+			stat(func(st view.Stats) int { return st.Pending })),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_view_revision", Help: "etcd revision the server's view has applied."},
 			func() float64 {
 				if s.view == nil {

@@ -384,18 +384,27 @@ func (v *View) Services(ns string) []*registry.Snapshot {
 // Stats are counts for metrics.
 type Stats struct {
 	Sessions, Services, Instances, Subscribers int
+	// Pending counts snapshots queued for subscribers and not yet sent.
+	Pending int
 }
 
 // Stats counts what the view holds.
 func (v *View) Stats() Stats {
 	v.mu.RLock()
-	defer v.mu.RUnlock()
 	st := Stats{Sessions: len(v.sessions), Subscribers: len(v.subs)}
 	for _, s := range v.services {
 		if len(s.Instances) > 0 {
 			st.Services++
 			st.Instances += len(s.Instances)
 		}
+	}
+	subs := make([]*Subscription, 0, len(v.subs))
+	for s := range v.subs {
+		subs = append(subs, s)
+	}
+	v.mu.RUnlock()
+	for _, s := range subs {
+		st.Pending += s.PendingCount()
 	}
 	return st
 }

@@ -1,0 +1,209 @@
+package client_test
+
+import (
+	"context"
+	"errors"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/registry"
+)
+
+func newClient(t *testing.T, addrs ...string) *client.Client {
+	t.Helper()
+	c, err := client.New(addrs)
+	if err != nil {
+		t.Fatalf("client.New: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func ids(s *registry.Snapshot) []string {
+	var out []string
+	for _, in := range s.Instances {
+		out = append(out, in.ID)
+	}
+	return out
+}
+
+func TestRegisterListDeregister(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	c := newClient(t, srv.Addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	sess, err := c.NewSession(ctx)
+	if err != nil {
+		t.Fatalf("NewSession: %v", err)
+	}
+	defer sess.Close(ctx)
+	if _, err := sess.Register(ctx, registry.Instance{Service: "orders", ID: "o-1", Address: "127.0.0.1", Port: 9001, Tags: []string{"v1"}}); err != nil {
+		t.Fatalf("Session.Register: %v", err)
+	}
+	if _, err := c.Register(ctx, registry.Instance{Service: "orders", ID: "o-2", Address: "127.0.0.1", Port: 9002, Status: registry.StatusStarting}); err != nil {
+		t.Fatalf("Register: %v", err)
+	}
+	snap, err := c.Instances(ctx, "orders")
+	if err != nil {
+		t.Fatalf("Instances: %v", err)
+	}
+	if got, want := ids(snap), []string{"o-1"}; !cmp.Equal(got, want) {
+		t.Errorf("Instances(orders) = %v, want %v (STARTING is not routable)", got, want)
+	}
+	in := snap.Instances[0]
+	if in.SessionID != sess.ID() || in.Weight != registry.DefaultWeight || in.Health != registry.HealthPassing || in.Revision == 0 {
+		t.Errorf("Instances(orders)[0] = %+v, want session %d, default weight and health, a revision", in, sess.ID())
+	}
+	all, err := c.Instances(ctx, "orders", client.All())
+	if err != nil {
+		t.Fatalf("Instances(All): %v", err)
+	}
+	if got, want := ids(all), []string{"o-1", "o-2"}; !cmp.Equal(got, want) {
+		t.Errorf("Instances(orders, All) = %v, want %v", got, want)
+	}
+	svcs, err := c.Services(ctx, "")
+	if err != nil {
+		t.Fatalf("Services: %v", err)
+	}
+	if len(svcs) != 1 || svcs[0].Name != "orders" || svcs[0].Instances != 2 || svcs[0].Routable != 1 {
+		t.Errorf("Services() = %+v, want orders with 2 instances, 1 routable", svcs)
+	}
+	found, err := c.Deregister(ctx, "", "orders", "o-2")
+	if err != nil || !found {
+		t.Fatalf("Deregister(o-2) = %v, %v; want true, nil", found, err)
+	}
+	found, err = c.Deregister(ctx, "", "orders", "o-2")
+	if err != nil || found {
+		t.Fatalf("second Deregister(o-2) = %v, %v; want false, nil", found, err)
+	}
+}
+
+func TestNamespacesIsolate(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	prod, err := client.New([]string{srv.Addr()}, client.WithNamespace("prod"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer prod.Close()
+	dev := newClient(t, srv.Addr())
+	if _, err := prod.Register(ctx, registry.Instance{Service: "orders", ID: "p", Address: "10.0.0.1", Port: 1}); err != nil {
+		t.Fatalf("Register(prod): %v", err)
+	}
+	snap, err := dev.Instances(ctx, "orders")
+	if err != nil || len(snap.Instances) != 0 {
+		t.Errorf("default namespace sees %v, %v; want nothing", snap, err)
+	}
+	snap, err = dev.Instances(ctx, "orders", client.InNamespace("prod"))
+	if err != nil || len(snap.Instances) != 1 {
+		t.Errorf("Instances(InNamespace(prod)) = %v, %v; want 1 instance", snap, err)
+	}
+}
+
+func TestCloseSessionRemovesInstancesAtOnce(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	c := newClient(t, srv.Addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	w, err := c.Watch(ctx, []string{"orders"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	sess, err := c.NewSession(ctx, client.WithTTL(30*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"a", "b"} {
+		if _, err := sess.Register(ctx, registry.Instance{Service: "orders", ID: id, Address: "127.0.0.1", Port: 1000}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(ctx, t, w, "orders", 2)
+	start := time.Now()
+	if err := sess.Close(ctx); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	waitFor(ctx, t, w, "orders", 0)
+	// With a 30 s TTL, anything but an explicit revoke would take 30 s.
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("instances left %s after Close, want at once", d)
+	}
+	if _, err := sess.Register(ctx, registry.Instance{Service: "orders", ID: "c", Address: "127.0.0.1", Port: 1}); !errors.Is(err, client.ErrClosed) {
+		t.Errorf("Register after Close = %v, want ErrClosed", err)
+	}
+}
+
+// waitFor waits until the watcher holds n instances of service.
+func waitFor(ctx context.Context, t *testing.T, w *client.Watcher, service string, n int) *registry.Snapshot {
+	t.Helper()
+	for {
+		if s, ok := w.Snapshot(service); ok && len(s.Instances) == n {
+			return s
+		}
+		if _, err := w.Next(ctx); err != nil {
+			t.Fatalf("waiting for %d instances of %s: %v", n, service, err)
+		}
+	}
+}
+
+func TestBadInputIsRejectedLocallyAndByServer(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	c := newClient(t, srv.Addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err := c.Register(ctx, registry.Instance{Service: "Orders", ID: "x", Address: "127.0.0.1", Port: 1})
+	var fe *registry.FieldError
+	if !errors.As(err, &fe) || fe.Field != "service" {
+		t.Errorf("Register(service=Orders) = %v, want a FieldError on service", err)
+	}
+	if _, err := c.Deregister(ctx, "", "orders", "bad id!"); !errors.Is(err, registry.ErrInvalid) {
+		t.Errorf("Deregister(bad id) = %v, want ErrInvalid from the server", err)
+	}
+	if _, err := c.NewSession(ctx, client.WithTTL(time.Second)); !errors.Is(err, registry.ErrInvalid) {
+		t.Errorf("NewSession(ttl=1s) = %v, want ErrInvalid", err)
+	}
+}
+
+func TestFailoverToNextServer(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	dead := testutil.FreeAddr(t)
+	c := newClient(t, dead, srv.Addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := c.Services(ctx, ""); err != nil {
+		t.Fatalf("Services with the first server down = %v, want success from the second", err)
+	}
+}
+
+func TestUnavailableWhenNoServer(t *testing.T) {
+	c := newClient(t, testutil.FreeAddr(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := c.Services(ctx, ""); !errors.Is(err, client.ErrUnavailable) {
+		t.Errorf("Services() = %v, want ErrUnavailable", err)
+	}
+}
+
+// The SDK must not drag in the server: a service that only discovers others
+// should not link an etcd server.
+func TestSDKDoesNotImportServer(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", "beacon.dev/beacon/client", "beacon.dev/beacon/registry").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go list: %v\n%s", err, out)
+	}
+	for _, dep := range strings.Fields(string(out)) {
+		if strings.HasPrefix(dep, "go.etcd.io/etcd/server/") || dep == "beacon.dev/beacon/server" ||
+			strings.HasPrefix(dep, "go.etcd.io/etcd/client/v3") {
+			t.Errorf("the SDK depends on %s", dep)
+		}
+	}
+}
