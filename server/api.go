@@ -4,9 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
@@ -258,20 +261,43 @@ func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchReque
 		return err
 	}
 	defer sub.Close()
+	binary := !strings.Contains(req.Header().Get("Content-Type"), "json")
 	for {
 		pending, first, err := sub.Next(ctx)
 		if err != nil {
 			return nil // the client went away or the server is stopping
 		}
-		resp := &beaconv1.WatchResponse{Synced: first, Snapshots: make([]*beaconv1.ServiceSnapshot, len(pending))}
-		for i, p := range pending {
-			resp.Snapshots[i] = wire.SnapshotToProto(p.Snap)
+		resp := &beaconv1.WatchResponse{Synced: first}
+		if binary {
+			// Each snapshot is encoded once and its bytes shared by every
+			// watcher; they travel as the message's repeated field 1.
+			var raw []byte
+			for _, p := range pending {
+				raw = protowire.AppendTag(raw, snapshotsField, protowire.BytesType)
+				raw = protowire.AppendBytes(raw, p.Enc.Get(p.Snap, encodeSnapshot))
+			}
+			resp.ProtoReflect().SetUnknown(raw)
+		} else {
+			for _, p := range pending {
+				resp.Snapshots = append(resp.Snapshots, wire.SnapshotToProto(p.Snap))
+			}
 		}
 		if err := stream.Send(resp); err != nil {
 			return nil
 		}
 		a.s.metrics.observeSent(pending)
 	}
+}
+
+// snapshotsField is WatchResponse.snapshots' field number.
+var snapshotsField = protowire.Number((&beaconv1.WatchResponse{}).ProtoReflect().Descriptor().Fields().ByName("snapshots").Number())
+
+func encodeSnapshot(s *registry.Snapshot) []byte {
+	b, err := proto.Marshal(wire.SnapshotToProto(s))
+	if err != nil {
+		panic("server: marshalling a snapshot cannot fail: " + err.Error())
+	}
+	return b
 }
 
 func (m *metrics) observeSent(pending []view.Pending) {

@@ -31,7 +31,7 @@ type Subscription struct {
 // Pending is a snapshot waiting to be sent, with the time the view
 // published it (for propagation metrics).
 type Pending struct {
-	Snap     *registry.Snapshot
+	Published
 	Queued   time.Time
 	Coalesce int // snapshots of this service replaced while it waited
 }
@@ -63,7 +63,7 @@ func (v *View) Subscribe(ns string, services []string, known map[string]int64) *
 	for sk, snap := range v.services {
 		if sk.Namespace == ns && s.wants(sk.Service) && snap.Revision > known[sk.Service] {
 			if _, ok := known[sk.Service]; ok || len(snap.Instances) > 0 {
-				s.pending[sk.Service] = Pending{Snap: snap, Queued: now}
+				s.pending[sk.Service] = Pending{Published: Published{snap, v.encoded[sk]}, Queued: now}
 				s.last[sk.Service] = snap.Revision
 			}
 		}
@@ -73,7 +73,8 @@ func (v *View) Subscribe(ns string, services []string, known map[string]int64) *
 	for name, rev := range known {
 		sk := registry.ServiceKey{Namespace: ns, Service: name}
 		if _, ok := v.services[sk]; !ok && s.wants(name) && rev < v.rev {
-			s.pending[name] = Pending{Snap: &registry.Snapshot{Namespace: ns, Service: name, Revision: v.rev}, Queued: now}
+			empty := &registry.Snapshot{Namespace: ns, Service: name, Revision: v.rev}
+			s.pending[name] = Pending{Published: Published{empty, new(Encoded)}, Queued: now}
 			s.last[name] = v.rev
 		}
 	}
@@ -87,14 +88,15 @@ func (s *Subscription) wants(service string) bool {
 }
 
 // offer queues snapshots for the subscriber, replacing older pending ones.
-func (s *Subscription) offer(snaps []*registry.Snapshot, now time.Time) {
+func (s *Subscription) offer(pubs []Published, now time.Time) {
 	queued := false
 	s.mu.Lock()
-	for _, snap := range snaps {
+	for _, pub := range pubs {
+		snap := pub.Snap
 		if snap.Namespace != s.ns || !s.wants(snap.Service) || snap.Revision <= s.last[snap.Service] {
 			continue
 		}
-		p := Pending{Snap: snap, Queued: now}
+		p := Pending{Published: pub, Queued: now}
 		if old, ok := s.pending[snap.Service]; ok {
 			p.Queued = old.Queued
 			p.Coalesce = old.Coalesce + 1

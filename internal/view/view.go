@@ -35,6 +35,7 @@ type View struct {
 
 	mu       sync.RWMutex
 	services map[registry.ServiceKey]*registry.Snapshot // guarded by mu; empty snapshots are kept as tombstones
+	encoded  map[registry.ServiceKey]*Encoded           // guarded by mu; the wire form of services[k], shared by subscribers
 	sessions map[string]struct{}                        // guarded by mu; session keys
 	rev      int64                                      // guarded by mu; every change up to rev is applied
 	advanced chan struct{}                              // guarded by mu; closed and replaced when rev grows
@@ -51,6 +52,7 @@ func New(cli *clientv3.Client, layout store.Layout, log *slog.Logger, hooks Hook
 	return &View{
 		cli: cli, layout: layout, log: log, hooks: hooks,
 		services: make(map[registry.ServiceKey]*registry.Snapshot),
+		encoded:  make(map[registry.ServiceKey]*Encoded),
 		sessions: make(map[string]struct{}),
 		advanced: make(chan struct{}),
 		subs:     make(map[*Subscription]struct{}),
@@ -170,11 +172,10 @@ func (v *View) apply(events []*clientv3.Event) {
 		}
 		byService[sk] = append(byService[sk], c)
 	}
-	published := make([]*registry.Snapshot, 0, len(order))
+	published := make([]Published, 0, len(order))
 	for _, sk := range order {
-		snap := v.applyServiceLocked(sk, byService[sk])
-		if snap != nil {
-			published = append(published, snap)
+		if p, ok := v.applyServiceLocked(sk, byService[sk]); ok {
+			published = append(published, p)
 		}
 	}
 	v.mu.Unlock()
@@ -190,7 +191,7 @@ func (v *View) badRecord(key string, err error) {
 
 // applyServiceLocked copies the service's instances once and applies the
 // changes to the copy, returning the new snapshot.
-func (v *View) applyServiceLocked(sk registry.ServiceKey, changes []change) *registry.Snapshot {
+func (v *View) applyServiceLocked(sk registry.ServiceKey, changes []change) (Published, bool) {
 	old := v.services[sk]
 	var insts []*registry.Instance
 	ns, svc := sk.Namespace, sk.Service
@@ -215,11 +216,37 @@ func (v *View) applyServiceLocked(sk registry.ServiceKey, changes []change) *reg
 		}
 	}
 	if old != nil && rev <= old.Revision {
-		return nil
+		return Published{}, false
 	}
 	snap := &registry.Snapshot{Namespace: ns, Service: svc, Revision: rev, Instances: insts}
+	return v.setLocked(sk, snap), true
+}
+
+// setLocked replaces a service's snapshot and returns what to publish.
+func (v *View) setLocked(sk registry.ServiceKey, snap *registry.Snapshot) Published {
+	enc := new(Encoded)
 	v.services[sk] = snap
-	return snap
+	v.encoded[sk] = enc
+	return Published{Snap: snap, Enc: enc}
+}
+
+// Published is a snapshot with its wire form, encoded at most once however
+// many subscribers send it.
+type Published struct {
+	Snap *registry.Snapshot
+	Enc  *Encoded
+}
+
+// Encoded memoises the encoding of one snapshot.
+type Encoded struct {
+	once sync.Once
+	b    []byte
+}
+
+// Get returns the encoding, computing it with f on first use.
+func (e *Encoded) Get(snap *registry.Snapshot, f func(*registry.Snapshot) []byte) []byte {
+	e.once.Do(func() { e.b = f(snap) })
+	return e.b
 }
 
 // relist loads the whole prefix and publishes every service whose content
@@ -248,7 +275,7 @@ func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
 	}
 
 	v.mu.Lock()
-	var published []*registry.Snapshot
+	var published []Published
 	// A service is republished only if its content differs; its revision is
 	// then the listing's, which is at least that of any change it missed.
 	for sk, insts := range fresh {
@@ -260,14 +287,12 @@ func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
 		for _, in := range insts {
 			in.Namespace, in.Service = snap.Namespace, snap.Service
 		}
-		v.services[sk] = snap
-		published = append(published, snap)
+		published = append(published, v.setLocked(sk, snap))
 	}
 	for sk, old := range v.services {
 		if _, ok := fresh[sk]; !ok && len(old.Instances) > 0 {
 			snap := &registry.Snapshot{Namespace: sk.Namespace, Service: sk.Service, Revision: rev}
-			v.services[sk] = snap
-			published = append(published, snap)
+			published = append(published, v.setLocked(sk, snap))
 		}
 	}
 	v.sessions = sessions
@@ -294,7 +319,7 @@ func sameInstances(a, b []*registry.Instance) bool {
 // advance moves the applied revision forward, wakes revision waiters and
 // hands the published snapshots to subscribers. It never holds v.mu while
 // touching a subscriber.
-func (v *View) advance(rev int64, published []*registry.Snapshot) {
+func (v *View) advance(rev int64, published []Published) {
 	v.mu.Lock()
 	if rev > v.rev {
 		v.rev = rev
