@@ -1,12 +1,12 @@
 package e2e
 
 import (
-	"os"
-	"runtime/pprof"
 	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"runtime/pprof"
 	"slices"
 	"sync"
 	"testing"

@@ -13,7 +13,7 @@ import (
 )
 
 // startEmbeddedEtcd starts a single-node etcd and waits until it serves.
-func startEmbeddedEtcd(ctx context.Context, c *Config) (*embed.Etcd, error) {
+func startEmbeddedEtcd(ctx context.Context, c *Config, lg *zap.Logger) (*embed.Etcd, error) {
 	ec := embed.NewConfig()
 	ec.Name = c.Name
 	ec.Dir = filepath.Join(c.DataDir, "etcd")
@@ -22,7 +22,7 @@ func startEmbeddedEtcd(ctx context.Context, c *Config) (*embed.Etcd, error) {
 	ec.ListenClientUrls, ec.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
 	ec.ListenPeerUrls, ec.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
 	ec.InitialCluster = ec.InitialClusterFromName(ec.Name)
-	ec.LogLevel = "error"
+	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(lg)
 	// Keep an hour of history so reconnecting watchers can resume, and no
 	// more, so the database does not grow without bound.
 	ec.AutoCompactionMode = "periodic"

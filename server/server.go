@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -35,6 +36,7 @@ type Server struct {
 	runCtx    context.Context // ends when Close starts; watch streams and the view follow it
 	runCancel context.CancelFunc
 	wg        sync.WaitGroup
+	closing   atomic.Bool // set when Close starts; silences etcd's shutdown noise
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -61,7 +63,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 
 	endpoints := cfg.EtcdEndpoints
 	if cfg.Embedded() {
-		e, err := startEmbeddedEtcd(ctx, cfg)
+		e, err := startEmbeddedEtcd(ctx, cfg, newEtcdLogger(s.log, &s.closing))
 		if err != nil {
 			ln.Close()
 			return nil, err
@@ -155,6 +157,7 @@ func (s *Server) EtcdClient() *clientv3.Client { return s.cli }
 // resume them on another server or after a restart.
 func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
+		s.closing.Store(true)
 		s.runCancel()
 		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownTimeout)
 		defer cancel()

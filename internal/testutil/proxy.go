@@ -1,7 +1,6 @@
 package testutil
 
 import (
-	"io"
 	"net"
 	"sync"
 	"testing"
@@ -16,7 +15,11 @@ type Proxy struct {
 	mu    sync.Mutex
 	conns map[net.Conn]struct{} // guarded by mu
 	down  bool                  // guarded by mu
-	wg    sync.WaitGroup
+	// frozen stops forwarding from the target to clients, as a client
+	// process that stopped reading would; guarded by mu.
+	frozen bool
+	thaw   *sync.Cond
+	wg     sync.WaitGroup
 }
 
 // NewProxy listens on a loopback port and forwards to target. It is closed
@@ -28,6 +31,7 @@ func NewProxy(t testing.TB, target string) *Proxy {
 		t.Fatalf("NewProxy: %v", err)
 	}
 	p := &Proxy{target: target, ln: ln, conns: make(map[net.Conn]struct{})}
+	p.thaw = sync.NewCond(&p.mu)
 	p.wg.Add(1)
 	go p.accept()
 	t.Cleanup(p.Close)
@@ -56,18 +60,39 @@ func (p *Proxy) accept() {
 			c.Close()
 			continue
 		}
+		// A small fixed receive buffer (no autotuning) makes a frozen
+		// proxy push back on the target within a few hundred KiB.
+		_ = up.(*net.TCPConn).SetReadBuffer(64 << 10)
 		p.mu.Lock()
 		p.conns[c], p.conns[up] = struct{}{}, struct{}{}
 		p.mu.Unlock()
 		p.wg.Add(2)
-		go p.pipe(c, up)
-		go p.pipe(up, c)
+		go p.pipe(c, up, true)
+		go p.pipe(up, c, false)
 	}
 }
 
-func (p *Proxy) pipe(dst, src net.Conn) {
+func (p *Proxy) pipe(dst, src net.Conn, toClient bool) {
 	defer p.wg.Done()
-	_, _ = io.Copy(dst, src)
+	buf := make([]byte, 32<<10)
+	for {
+		if toClient {
+			p.mu.Lock()
+			for p.frozen {
+				p.thaw.Wait()
+			}
+			p.mu.Unlock()
+		}
+		n, err := src.Read(buf)
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				break
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
 	dst.Close()
 	src.Close()
 	p.mu.Lock()
@@ -96,8 +121,18 @@ func (p *Proxy) SetDown(down bool) {
 	}
 }
 
+// Freeze stops passing data from the target to clients (TCP back-pressure
+// then stalls the target's writes), until Freeze(false).
+func (p *Proxy) Freeze(frozen bool) {
+	p.mu.Lock()
+	p.frozen = frozen
+	p.mu.Unlock()
+	p.thaw.Broadcast()
+}
+
 // Close stops accepting, cuts everything and waits for the copiers.
 func (p *Proxy) Close() {
+	p.Freeze(false)
 	p.ln.Close()
 	p.Cut()
 	p.wg.Wait()

@@ -1,0 +1,202 @@
+package server_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	beaconv1 "beacon.dev/beacon/api/beacon/v1"
+	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
+	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/server"
+)
+
+func startServer(t *testing.T) *server.Server {
+	return testutil.StartServer(t, testutil.ServerConfig(t, ""))
+}
+
+// post sends a Connect-protocol JSON call, as curl would.
+func post(t *testing.T, srv *server.Server, method, body string) (int, string) {
+	t.Helper()
+	resp, err := http.Post("http://"+srv.Addr()+"/beacon.v1.RegistryService/"+method, "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func TestReadyzAndHealth(t *testing.T) {
+	srv := startServer(t)
+	for _, path := range []string{"/livez", "/readyz", "/healthz"} {
+		resp, err := http.Get("http://" + srv.Addr() + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Errorf("GET %s = %d, want 200", path, resp.StatusCode)
+		}
+	}
+}
+
+// Behaviour 7: bad input gets 400 / InvalidArgument naming the field and
+// the limit, and nothing stored changes.
+func TestBadInputIsRejectedAndNothingChanges(t *testing.T) {
+	srv := startServer(t)
+	good := `{"instance":{"service":"orders","id":"o-1","address":"127.0.0.1","port":9001,"tags":["v1"],"metadata":{"k":"v"}}}`
+	if code, body := post(t, srv, "Register", good); code != 200 {
+		t.Fatalf("Register(good) = %d %s", code, body)
+	}
+	_, before := post(t, srv, "ListInstances", `{"service":"orders","all":true}`)
+
+	withInst := func(fields string) string {
+		return `{"instance":{"service":"orders","id":"o-1","address":"127.0.0.1","port":9001,` + fields + `}}`
+	}
+	many := func(n int, f func(i int) string) string {
+		parts := make([]string, n)
+		for i := range parts {
+			parts[i] = f(i)
+		}
+		return strings.Join(parts, ",")
+	}
+	for _, tc := range []struct {
+		name, method, body string
+		want               []string // substrings of the error message
+	}{
+		{"empty service", "Register", `{"instance":{"service":"","id":"o-1","address":"127.0.0.1","port":1}}`, []string{"service", "must not be empty"}},
+		{"overlong service", "Register", `{"instance":{"service":"` + strings.Repeat("a", 64) + `","id":"o-1","address":"127.0.0.1","port":1}}`, []string{"service", "at most 63"}},
+		{"ill-formed service", "Register", `{"instance":{"service":"Orders_1","id":"o-1","address":"127.0.0.1","port":1}}`, []string{"service", "lowercase"}},
+		{"ill-formed namespace", "Register", withInst(`"namespace":"-prod"`), []string{"namespace"}},
+		{"ill-formed id", "Register", `{"instance":{"service":"orders","id":"o 1","address":"127.0.0.1","port":1}}`, []string{"id"}},
+		{"overlong id", "Register", `{"instance":{"service":"orders","id":"` + strings.Repeat("x", 129) + `","address":"127.0.0.1","port":1}}`, []string{"id", "at most 128"}},
+		{"bad address", "Register", `{"instance":{"service":"orders","id":"o-1","address":"no spaces here","port":1}}`, []string{"address"}},
+		{"port zero", "Register", `{"instance":{"service":"orders","id":"o-1","address":"127.0.0.1","port":0}}`, []string{"port", "between 1 and 65535"}},
+		{"port too big", "Register", `{"instance":{"service":"orders","id":"o-1","address":"127.0.0.1","port":70000}}`, []string{"port", "between 1 and 65535"}},
+		{"negative port", "Register", `{"instance":{"service":"orders","id":"o-1","address":"127.0.0.1","port":-1}}`, []string{"port", "between 1 and 65535"}},
+		{"negative weight", "Register", withInst(`"weight":-5`), []string{"weight", "between 1 and 10000"}},
+		{"weight too big", "Register", withInst(`"weight":20000`), []string{"weight", "between 1 and 10000"}},
+		{"too many tags", "Register", withInst(`"tags":[` + many(33, func(i int) string { return fmt.Sprintf(`"t%d"`, i) }) + `]`), []string{"tags", "at most 32"}},
+		{"overlong tag", "Register", withInst(`"tags":["` + strings.Repeat("t", 129) + `"]`), []string{"tags[0]", "at most 128"}},
+		{"too many metadata entries", "Register", withInst(`"metadata":{` + many(65, func(i int) string { return fmt.Sprintf(`"k%d":"v"`, i) }) + `}`), []string{"metadata", "at most 64"}},
+		{"overlong metadata value", "Register", withInst(`"metadata":{"k":"` + strings.Repeat("v", 513) + `"}`), []string{`metadata["k"]`, "at most 512"}},
+		{"oversized metadata", "Register", withInst(`"metadata":{` + many(10, func(i int) string { return fmt.Sprintf(`"k%d":"%s"`, i, strings.Repeat("v", 500)) }) + `}`), []string{"metadata", "at most 4096"}},
+		{"control character in version", "Register", withInst(`"version":"1\u0000"`), []string{"version", "control"}},
+		{"unknown status", "Register", withInst(`"status":"BOGUS"`), []string{"status"}},
+		{"missing instance", "Register", `{}`, []string{"instance", "must be set"}},
+		{"malformed JSON", "Register", `{"instance":`, []string{"unmarshal"}},
+		{"unknown field", "Register", withInst(`"wieght":3`), []string{"wieght"}},
+		{"wrong type", "Register", `{"instance":{"service":"orders","id":"o-1","address":"127.0.0.1","port":"abc"}}`, []string{"port"}},
+		{"ttl too short", "CreateSession", `{"ttl":"1s"}`, []string{"ttl", "between 2s and 1h0m0s"}},
+		{"ttl not whole seconds", "CreateSession", `{"ttl":"2.5s"}`, []string{"ttl", "whole number"}},
+		{"ttl malformed", "CreateSession", `{"ttl":"soon"}`, []string{"Duration", "soon"}},
+		{"bad deregister id", "Deregister", `{"service":"orders","id":"a/b"}`, []string{"id"}},
+		{"bad list service", "ListInstances", `{"service":"ORDERS"}`, []string{"service"}},
+		{"missing session id", "KeepAlive", `{}`, []string{"session_id", "must be set"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, body := post(t, srv, tc.method, tc.body)
+			if code != http.StatusBadRequest {
+				t.Errorf("%s(%s) = %d %s, want 400", tc.method, tc.name, code, body)
+			}
+			var e struct{ Code, Message string }
+			_ = json.Unmarshal([]byte(body), &e)
+			if e.Code != "invalid_argument" {
+				t.Errorf("code = %q, want invalid_argument", e.Code)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(e.Message, w) {
+					t.Errorf("message %q does not mention %q", e.Message, w)
+				}
+			}
+		})
+	}
+	if _, after := post(t, srv, "ListInstances", `{"service":"orders","all":true}`); after != before {
+		t.Errorf("bad input changed the stored state:\nbefore %s\nafter  %s", before, after)
+	}
+}
+
+// The same validation reaches gRPC clients as InvalidArgument.
+func TestBadInputOverGRPC(t *testing.T) {
+	srv := startServer(t)
+	c := beaconv1connect.NewRegistryServiceClient(h2cClient(), "http://"+srv.Addr(), connect.WithGRPC())
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	_, err := c.Register(ctx, connect.NewRequest(&beaconv1.RegisterRequest{Instance: &beaconv1.Instance{Service: "orders", Id: "x", Address: "127.0.0.1", Port: 99999}}))
+	if connect.CodeOf(err) != connect.CodeInvalidArgument || !strings.Contains(err.Error(), "port") {
+		t.Errorf("Register(port 99999) over gRPC = %v, want InvalidArgument naming port", err)
+	}
+	st, err := c.Watch(ctx, connect.NewRequest(&beaconv1.WatchRequest{Services: []string{"Bad Name"}}))
+	if err == nil {
+		for st.Receive() {
+		}
+		err = st.Err()
+		st.Close()
+	}
+	if connect.CodeOf(err) != connect.CodeInvalidArgument || !strings.Contains(err.Error(), "services[0]") {
+		t.Errorf("Watch(bad service) = %v, want InvalidArgument naming services[0]", err)
+	}
+}
+
+func h2cClient() *http.Client {
+	p := new(http.Protocols)
+	p.SetUnencryptedHTTP2(true)
+	return &http.Client{Transport: &http.Transport{Protocols: p}}
+}
+
+func TestNDJSONWatch(t *testing.T) {
+	srv := startServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+srv.Addr()+"/v1/watch?service=orders", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	lines := bufio.NewScanner(resp.Body)
+	if !lines.Scan() || !strings.Contains(lines.Text(), `"synced":true`) {
+		t.Fatalf("first line = %q, want the synced marker", lines.Text())
+	}
+	if code, body := post(t, srv, "Register", `{"instance":{"service":"orders","id":"o-1","address":"127.0.0.1","port":9001}}`); code != 200 {
+		t.Fatalf("Register = %d %s", code, body)
+	}
+	if !lines.Scan() || !strings.Contains(lines.Text(), `"id":"o-1"`) {
+		t.Fatalf("second line = %q, want a snapshot with o-1", lines.Text())
+	}
+	resp2, _ := http.Get("http://" + srv.Addr() + "/v1/watch?service=NO")
+	if resp2.StatusCode != 400 {
+		t.Errorf("GET /v1/watch?service=NO = %d, want 400", resp2.StatusCode)
+	}
+	resp2.Body.Close()
+}
+
+func TestMetricsExposeStableNames(t *testing.T) {
+	srv := startServer(t)
+	post(t, srv, "Register", `{"instance":{"service":"orders","id":"o-1","address":"127.0.0.1","port":9001}}`)
+	resp, err := http.Get("http://" + srv.Addr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, name := range []string{
+		"beacon_sessions ", "beacon_instances 1", "beacon_services 1", "beacon_watchers ",
+		`beacon_requests_total{code="ok",procedure="/beacon.v1.RegistryService/Register"} 1`,
+		"beacon_request_duration_seconds_bucket", "beacon_watch_propagation_seconds_bucket",
+		"beacon_watch_pending_snapshots ", `beacon_view_relists_total{reason="start"} 1`, "beacon_view_revision ",
+	} {
+		if !strings.Contains(string(b), name) {
+			t.Errorf("/metrics lacks %q", name)
+		}
+	}
+}

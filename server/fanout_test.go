@@ -1,0 +1,162 @@
+package server_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"regexp"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server"
+)
+
+func metric(t *testing.T, srv *server.Server, name string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + srv.Addr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindSubmatch(b)
+	if m == nil {
+		t.Fatalf("metric %s not found", name)
+	}
+	v, _ := strconv.ParseFloat(string(m[1]), 64)
+	return v
+}
+
+func heapMB() uint64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapAlloc >> 20
+}
+
+// Behaviour 6: one watcher that never reads does not delay 50 live ones,
+// and what the server holds for it stays bounded (one pending snapshot).
+func TestStuckWatcherDoesNotDelayOthers(t *testing.T) {
+	const (
+		live      = 50
+		instances = 100
+		changes   = 300
+	)
+	srv := startServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+
+	// The stuck watcher: its connection goes through a proxy that stops
+	// reading from the server, as a frozen client process would, so TCP
+	// back-pressure stalls the server's writes to it.
+	proxy := testutil.NewProxy(t, srv.Addr())
+	p := new(http.Protocols)
+	p.SetUnencryptedHTTP2(true)
+	small := &http.Client{Transport: &http.Transport{Protocols: p, HTTP2: &http.HTTP2Config{MaxReceiveBufferPerStream: 64 << 10}}}
+	defer small.CloseIdleConnections()
+	stuckClient, _ := client.New([]string{proxy.Addr()}, client.WithHTTPClient(small))
+	defer stuckClient.Close()
+	stuck, err := stuckClient.Watch(ctx, []string{"orders"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stuck.Close()
+	<-stuck.Synced()
+	proxy.Freeze(true)
+
+	writer, _ := client.New([]string{srv.Addr()})
+	defer writer.Close()
+	meta := map[string]string{}
+	for i := range 8 {
+		meta[fmt.Sprintf("key-%d", i)] = strings.Repeat("v", 40)
+	}
+	var last int64
+	for i := range instances {
+		last, err = writer.Register(ctx, registry.Instance{Service: "orders", ID: fmt.Sprintf("o-%03d", i), Address: "127.0.0.1", Port: 1000 + i, Metadata: meta})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	var watchers []*client.Watcher
+	for range live {
+		c, _ := client.New([]string{srv.Addr()})
+		defer c.Close()
+		w, err := c.Watch(ctx, []string{"orders"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer w.Close()
+		watchers = append(watchers, w)
+	}
+	waitAll := func(rev int64) {
+		var wg sync.WaitGroup
+		for _, w := range watchers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					if s, ok := w.Snapshot("orders"); ok && s.Revision >= rev {
+						return
+					}
+					if _, err := w.Next(ctx); err != nil {
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		if ctx.Err() != nil {
+			t.Fatalf("live watchers did not reach revision %d", rev)
+		}
+	}
+	waitAll(last)
+
+	lat := make([]time.Duration, 0, changes)
+	var heapBefore uint64
+	for i := range changes {
+		start := time.Now()
+		rev, err := writer.Register(ctx, registry.Instance{Service: "orders", ID: fmt.Sprintf("o-%03d", i%instances), Address: "127.0.0.1", Port: 2000 + i, Metadata: meta})
+		if err != nil {
+			t.Fatal(err)
+		}
+		waitAll(rev)
+		lat = append(lat, time.Since(start))
+		if i == 0 {
+			heapBefore = heapMB()
+		}
+	}
+	slices.Sort(lat)
+	t.Logf("register → applied by all %d live watchers: p50 %s, p99 %s, max %s", live, lat[len(lat)/2], lat[len(lat)*99/100], lat[len(lat)-1])
+
+	if p99 := lat[len(lat)*99/100]; p99 > time.Second {
+		t.Errorf("p99 propagation to live watchers = %s with one frozen watcher, want < 1s", p99)
+	}
+	if ss, _ := stuck.Snapshot("orders"); len(ss.Instances) > 1 {
+		t.Fatalf("the frozen watcher received %d instances: it was not frozen", len(ss.Instances))
+	}
+	// The frozen watcher was owed 300 snapshots of ~45 KB; the server holds
+	// at most one for it (coalescing, see package view's tests) and the
+	// kernel's socket buffers hold the rest, so the heap stays flat.
+	if after := heapMB(); after > heapBefore+32 {
+		t.Errorf("server heap grew from %d MB to %d MB while a watcher was frozen", heapBefore, after)
+	}
+	if got := metric(t, srv, "beacon_watch_pending_snapshots"); got > 1 {
+		t.Errorf("pending snapshots = %v, want at most 1 (the stuck watcher's one service)", got)
+	}
+	// The live watchers were never held back: each got the final state.
+	for _, w := range watchers {
+		if s, _ := w.Snapshot("orders"); s.Revision < last {
+			t.Fatalf("a live watcher is at revision %d", s.Revision)
+		}
+	}
+}

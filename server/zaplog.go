@@ -1,0 +1,56 @@
+package server
+
+import (
+	"context"
+	"log/slog"
+	"sync/atomic"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+)
+
+// slogCore sends etcd's zap logs (warnings and errors only) to the server's
+// slog logger, and drops them once the server is closing: etcd reports its
+// own listeners closing as errors, which is only noise then.
+type slogCore struct {
+	log     *slog.Logger
+	closing *atomic.Bool
+	fields  []zapcore.Field
+}
+
+func newEtcdLogger(log *slog.Logger, closing *atomic.Bool) *zap.Logger {
+	return zap.New(slogCore{log: log.With("component", "etcd"), closing: closing})
+}
+
+func (c slogCore) Enabled(l zapcore.Level) bool { return l >= zapcore.WarnLevel }
+
+func (c slogCore) With(fields []zapcore.Field) zapcore.Core {
+	c.fields = append(append([]zapcore.Field(nil), c.fields...), fields...)
+	return c
+}
+
+func (c slogCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
+	if c.Enabled(e.Level) && !c.closing.Load() {
+		return ce.AddCore(e, c)
+	}
+	return ce
+}
+
+func (c slogCore) Write(e zapcore.Entry, fields []zapcore.Field) error {
+	enc := zapcore.NewMapObjectEncoder()
+	for _, f := range append(c.fields, fields...) {
+		f.AddTo(enc)
+	}
+	attrs := make([]slog.Attr, 0, len(enc.Fields))
+	for k, v := range enc.Fields {
+		attrs = append(attrs, slog.Any(k, v))
+	}
+	level := slog.LevelWarn
+	if e.Level >= zapcore.ErrorLevel {
+		level = slog.LevelError
+	}
+	c.log.LogAttrs(context.Background(), level, e.Message, attrs...)
+	return nil
+}
+
+func (c slogCore) Sync() error { return nil }
