@@ -29,8 +29,15 @@ func (c slogCore) With(fields []zapcore.Field) zapcore.Core {
 	return c
 }
 
+// benignEtcdWarnings are warnings etcd prints at every start of an embedded
+// single-node member configured as beacon configures it.
+var benignEtcdWarnings = map[string]bool{
+	"Running http and grpc server on single port. This is not recommended for production.": true,
+	"simple token is not cryptographically signed": true,
+}
+
 func (c slogCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
-	if c.Enabled(e.Level) && !c.closing.Load() {
+	if c.Enabled(e.Level) && !c.closing.Load() && !benignEtcdWarnings[e.Message] {
 		return ce.AddCore(e, c)
 	}
 	return ce
