@@ -1,0 +1,290 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server"
+)
+
+// benchServer starts an in-process server on an embedded etcd with fsync,
+// as a user would run it.
+func benchServer(b *testing.B) (*server.Server, string) {
+	b.Helper()
+	cfg := testutil.ServerConfig(b, "")
+	cfg.EtcdUnsafeNoFsync = os.Getenv("BEACON_BENCH_NO_FSYNC") == "1"
+	return testutil.StartServer(b, cfg), cfg.EtcdClientAddr
+}
+
+func etcdClient(b *testing.B, addr string) *clientv3.Client {
+	b.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{addr}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { cli.Close() })
+	return cli
+}
+
+// latencies summarises one side of a propagation run.
+type latencies struct {
+	all         []time.Duration // every watcher, every change, from the write returning
+	lastOf      []time.Duration // per change: the slowest watcher, from the write returning
+	lastOfStart []time.Duration // per change: the slowest watcher, from the write starting
+}
+
+func (l *latencies) quantile(which []time.Duration, q float64) time.Duration {
+	s := slices.Clone(which)
+	slices.Sort(s)
+	if len(s) == 0 {
+		return 0
+	}
+	return s[min(len(s)-1, int(q*float64(len(s))))]
+}
+
+func ms(d time.Duration) float64 { return float64(d) / 1e6 }
+
+// BenchmarkPropagation measures the time from a registration returning to
+// the change being applied by N watching clients, each on its own
+// connection, for beacon's SDK and for raw clientv3 watches on the same
+// embedded etcd, in the same run. Run with -benchtime=Nx changes.
+func BenchmarkPropagation(b *testing.B) {
+	for _, n := range []int{1, 100, 1000} {
+		b.Run(fmt.Sprintf("N=%d", n), func(b *testing.B) {
+			srv, etcdAddr := benchServer(b)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+			defer cancel()
+			beacon := propagationBeacon(ctx, b, srv.Addr(), n, b.N)
+			raw := propagationEtcd(ctx, b, etcdAddr, n, b.N)
+			report := func(name string, l *latencies) {
+				b.ReportMetric(ms(l.quantile(l.all, 0.5)), name+"-p50-ms")
+				b.ReportMetric(ms(l.quantile(l.all, 0.99)), name+"-p99-ms")
+				b.ReportMetric(ms(l.quantile(l.lastOf, 0.99)), name+"-last-of-N-p99-ms")
+				b.ReportMetric(ms(l.quantile(l.lastOfStart, 0.99)), name+"-from-start-last-of-N-p99-ms")
+			}
+			report("beacon", beacon)
+			report("etcd", raw)
+			b.ReportMetric(float64(l99(beacon))/float64(max(l99(raw), time.Microsecond)), "last-of-N-p99-ratio")
+			b.ReportMetric(float64(beacon.quantile(beacon.lastOfStart, 0.99))/float64(raw.quantile(raw.lastOfStart, 0.99)), "from-start-last-of-N-p99-ratio")
+			b.ReportMetric(0, "ns/op")
+		})
+	}
+}
+
+func l99(l *latencies) time.Duration { return l.quantile(l.lastOf, 0.99) }
+
+// propagationBeacon runs `changes` registrations watched by n SDK clients.
+func propagationBeacon(ctx context.Context, b *testing.B, addr string, n, changes int) *latencies {
+	var watchers []*client.Watcher
+	for range n {
+		c, err := client.New([]string{addr})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		w, err := c.Watch(ctx, []string{"bench"})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer w.Close()
+		<-w.Synced()
+		watchers = append(watchers, w)
+	}
+	writer, _ := client.New([]string{addr})
+	defer writer.Close()
+	seen := make([]chan applied, n) // per watcher: every revision it applied, and when
+	var wg sync.WaitGroup
+	wctx, wcancel := context.WithCancel(ctx)
+	for i, w := range watchers {
+		seen[i] = make(chan applied, changes+16)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				snaps, err := w.Next(wctx)
+				if err != nil {
+					return
+				}
+				now := time.Now()
+				for _, s := range snaps {
+					seen[i] <- applied{s.Revision, now}
+				}
+			}
+		}()
+	}
+	defer func() { wcancel(); wg.Wait() }()
+	l := &latencies{}
+	b.ResetTimer()
+	for i := range changes {
+		start := time.Now()
+		rev, err := writer.Register(ctx, registry.Instance{Service: "bench", ID: fmt.Sprintf("i-%d", i%50), Address: "127.0.0.1", Port: 1 + i%60000})
+		if err != nil {
+			b.Fatal(err)
+		}
+		collect(ctx, b, seen, rev, start, time.Now(), l)
+	}
+	return l
+}
+
+type applied struct {
+	rev int64
+	at  time.Time
+}
+
+// collect waits until every watcher has applied rev and records how long
+// after t0 (the write returning) each did, and the slowest from t0 and from
+// start (the write starting). A watcher that applied the change before the
+// write call returned counts 0 from t0.
+func collect(ctx context.Context, b *testing.B, seen []chan applied, rev int64, start, t0 time.Time, l *latencies) {
+	var worst, worstStart time.Duration
+	for _, ch := range seen {
+		for {
+			select {
+			case a := <-ch:
+				if a.rev < rev {
+					continue
+				}
+				d := max(a.at.Sub(t0), 0)
+				l.all = append(l.all, d)
+				worst = max(worst, d)
+				worstStart = max(worstStart, a.at.Sub(start))
+			case <-ctx.Done():
+				b.Fatal("a watcher never applied the change")
+			}
+			break
+		}
+	}
+	l.lastOf = append(l.lastOf, worst)
+	l.lastOfStart = append(l.lastOfStart, worstStart)
+}
+
+// propagationEtcd is the anchor: n clientv3 clients, each on its own
+// connection with its own watch, and a Put per change.
+func propagationEtcd(ctx context.Context, b *testing.B, addr string, n, changes int) *latencies {
+	seen := make([]chan applied, n)
+	var wg sync.WaitGroup
+	wctx, wcancel := context.WithCancel(ctx)
+	defer func() { wcancel(); wg.Wait() }()
+	for i := range n {
+		cli := etcdClient(b, addr)
+		seen[i] = make(chan applied, changes+16)
+		wch := cli.Watch(wctx, "/bench/raw/", clientv3.WithPrefix(), clientv3.WithCreatedNotify())
+		<-wch // created
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for resp := range wch {
+				now := time.Now()
+				for _, ev := range resp.Events {
+					seen[i] <- applied{ev.Kv.ModRevision, now}
+				}
+			}
+		}()
+	}
+	writer := etcdClient(b, addr)
+	l := &latencies{}
+	for i := range changes {
+		start := time.Now()
+		resp, err := writer.Put(ctx, fmt.Sprintf("/bench/raw/i-%d", i%50), fmt.Sprintf(`{"address":"127.0.0.1","port":%d}`, 1+i%60000))
+		if err != nil {
+			b.Fatal(err)
+		}
+		collect(ctx, b, seen, resp.Header.Revision, start, time.Now(), l)
+	}
+	return l
+}
+
+// BenchmarkRegisterThroughput: 16 concurrent clients registering ephemeral
+// instances through beacon, beside 16 clientv3 clients doing Put with a
+// lease on the same etcd, in the same run.
+func BenchmarkRegisterThroughput(b *testing.B) {
+	const workers = 16
+	srv, etcdAddr := benchServer(b)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+
+	sessions := make([]*client.Session, workers)
+	for i := range sessions {
+		c, _ := client.New([]string{srv.Addr()})
+		defer c.Close()
+		s, err := c.NewSession(ctx)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer s.Close(context.Background())
+		sessions[i] = s
+	}
+	leases := make([]clientv3.LeaseID, workers)
+	clis := make([]*clientv3.Client, workers)
+	for i := range clis {
+		clis[i] = etcdClient(b, etcdAddr)
+		l, err := clis[i].Grant(ctx, 10)
+		if err != nil {
+			b.Fatal(err)
+		}
+		ka, err := clis[i].KeepAlive(ctx, l.ID)
+		if err != nil {
+			b.Fatal(err)
+		}
+		go func() {
+			for range ka {
+			}
+		}()
+		leases[i] = l.ID
+	}
+	run := func(op func(worker, i int) error) float64 {
+		var next atomic.Int64
+		var wg sync.WaitGroup
+		start := time.Now()
+		for w := range workers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					i := int(next.Add(1))
+					if i > b.N {
+						return
+					}
+					if err := op(w, i); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		return float64(b.N) / time.Since(start).Seconds()
+	}
+	b.ResetTimer()
+	beacon := run(func(w, i int) error {
+		_, err := sessions[w].Register(ctx, registry.Instance{Service: fmt.Sprintf("svc-%d", i%20), ID: fmt.Sprintf("i-%d", i%2000), Address: "127.0.0.1", Port: 1 + i%60000})
+		return err
+	})
+	raw := run(func(w, i int) error {
+		in := registry.Instance{Service: fmt.Sprintf("svc-%d", i%20), ID: fmt.Sprintf("i-%d", i%2000), Address: "127.0.0.1", Port: 1 + i%60000}
+		in.ApplyDefaults()
+		_, err := clis[w].Put(ctx, fmt.Sprintf("/bench/raw/ns/default/svc/%s/inst/%s", in.Service, in.ID), rawRecord(&in), clientv3.WithLease(leases[w]))
+		return err
+	})
+	b.StopTimer()
+	b.ReportMetric(beacon, "beacon-registrations/s")
+	b.ReportMetric(raw, "etcd-puts/s")
+	b.ReportMetric(beacon/raw, "ratio")
+	b.ReportMetric(0, "ns/op")
+}
+
+func rawRecord(in *registry.Instance) string {
+	return fmt.Sprintf(`{"address":%q,"port":%d,"weight":%d,"status":"UP","health":"PASSING"}`, in.Address, in.Port, in.Weight)
+}
