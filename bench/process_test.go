@@ -202,9 +202,12 @@ func BenchmarkSessions(b *testing.B) {
 }
 
 // BenchmarkMemoryPerInstance: server memory per registered instance at 10k
-// and 100k instances (persistent, 100 services).
+// and 100k instances (persistent, 100 services), beside the anchor: the
+// same records written straight to the embedded etcd of a second server
+// process, under a prefix its view does not hold — what etcd alone costs.
 func BenchmarkMemoryPerInstance(b *testing.B) {
 	for range b.N {
+		rawRSS, rawHeap := rawEtcdMemory(b, 100000)
 		p := startServerProcess(b)
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 		defer cancel()
@@ -252,6 +255,47 @@ func BenchmarkMemoryPerInstance(b *testing.B) {
 		b.ReportMetric((rss100k-rss0)/100000, "rss-B/instance@100k")
 		b.ReportMetric((heap100k-heap0)/100000, "heap-B/instance@100k")
 		b.ReportMetric(rss100k/(1<<20), "rss-MiB@100k")
+		b.ReportMetric(rawRSS, "etcd-only-rss-B/key@100k")
+		b.ReportMetric(rawHeap, "etcd-only-heap-B/key@100k")
+		b.ReportMetric((heap100k-heap0)/100000-rawHeap, "beacon-own-heap-B/instance@100k")
 		b.ReportMetric(0, "ns/op")
 	}
+}
+
+// rawEtcdMemory writes n instance records directly to a server's embedded
+// etcd outside beacon's prefix and returns the RSS and heap growth per key.
+func rawEtcdMemory(b *testing.B, n int) (rssPerKey, heapPerKey float64) {
+	p := startServerProcess(b)
+	defer func() { p.cmd.Process.Signal(syscall.SIGKILL); p.cmd.Wait() }()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	cli := etcdClient(b, p.etcdAddr)
+	time.Sleep(3 * time.Second)
+	time.Sleep(5 * time.Second)
+	rss0, heap0 := p.rssBytes(b), p.metric(b, "go_memstats_heap_inuse_bytes")
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= n {
+					return
+				}
+				in := registry.Instance{Service: fmt.Sprintf("svc-%d", i%100), ID: fmt.Sprintf("instance-%06d", i),
+					Address: "10.1.2.3", Port: 8000 + i%1000, Zone: "zone-a", Tags: []string{"v1"}}
+				in.ApplyDefaults()
+				key := fmt.Sprintf("/raw/v1/ns/default/svc/%s/inst/%s", in.Service, in.ID)
+				if _, err := cli.Put(ctx, key, rawRecord(&in)); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	time.Sleep(5 * time.Second)
+	return (p.rssBytes(b) - rss0) / float64(n), (p.metric(b, "go_memstats_heap_inuse_bytes") - heap0) / float64(n)
 }

@@ -53,6 +53,7 @@ type Client struct {
 	servers   []string
 	rpcs      []beaconv1connect.RegistryServiceClient
 	current   atomic.Int64 // index into rpcs of the server in use
+	ka        *keepAliveStream
 }
 
 // New returns a client for the given server addresses ("host:port" or
@@ -89,6 +90,7 @@ func New(servers []string, opts ...Option) (*Client, error) {
 	if len(c.servers) == 0 {
 		return nil, errors.New("beacon: invalid servers: need at least one address")
 	}
+	c.ka = newKeepAliveStream(c)
 	return c, nil
 }
 
@@ -107,9 +109,10 @@ func newHTTPClient() *http.Client {
 	}}
 }
 
-// Close releases idle connections. Sessions and watchers have their own
-// Close.
+// Close ends the shared keepalive stream and releases idle connections.
+// Close sessions and watchers first: their keepalives stop with it.
 func (c *Client) Close() error {
+	c.ka.close()
 	if c.ownsHTTP {
 		c.http.CloseIdleConnections()
 	}

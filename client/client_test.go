@@ -3,6 +3,10 @@ package client_test
 import (
 	"context"
 	"errors"
+	"io"
+	"net/http"
+	"regexp"
+	"strconv"
 	"os/exec"
 	"strings"
 	"testing"
@@ -205,5 +209,47 @@ func TestSDKDoesNotImportServer(t *testing.T) {
 			strings.HasPrefix(dep, "go.etcd.io/etcd/client/v3") {
 			t.Errorf("the SDK depends on %s", dep)
 		}
+	}
+}
+
+// Heartbeats travel on the shared stream, not as one request each.
+func TestKeepAlivesUseTheStream(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	c := newClient(t, srv.Addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var sessions []*client.Session
+	for range 3 {
+		s, err := c.NewSession(ctx, client.WithTTL(3*time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close(ctx)
+		sessions = append(sessions, s)
+	}
+	metrics := func() string {
+		resp, err := http.Get("http://" + srv.Addr() + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return string(b)
+	}
+	ok := regexp.MustCompile(`beacon_session_keepalives_total\{result="ok"\} (\d+)`)
+	testutil.Eventually(t, 20*time.Second, "6 keepalives", func() bool {
+		m := ok.FindStringSubmatch(metrics())
+		if m == nil {
+			return false
+		}
+		n, _ := strconv.Atoi(m[1])
+		return n >= 6
+	})
+	m := metrics()
+	if strings.Contains(m, `procedure="/beacon.v1.RegistryService/KeepAlive"`) {
+		t.Errorf("heartbeats went as unary KeepAlive calls, want them on KeepAliveStream")
+	}
+	if strings.Contains(m, `beacon_watchers 1`) {
+		t.Errorf("the keepalive stream is counted as a watcher")
 	}
 }

@@ -271,8 +271,20 @@ func (s *Session) run(ctx context.Context) {
 }
 
 func (s *Session) keepAlive(ctx context.Context) error {
-	req := &beaconv1.KeepAliveRequest{SessionId: s.ID()}
-	_, err := call(ctx, s.c, func(r beaconv1connect.RegistryServiceClient) (struct{}, error) {
+	id := s.ID()
+	resp, err := s.c.ka.keepAlive(ctx, id)
+	switch {
+	case err == nil && resp.GetExpired():
+		return fmt.Errorf("beacon: session %x: %w", id, ErrSessionExpired)
+	case err == nil && resp.GetTtl() != nil:
+		return nil
+	case err != nil && ctx.Err() != nil:
+		return err
+	}
+	// The stream is broken or etcd did not answer: the unary call reports
+	// why, and moves to another server if this one is unreachable.
+	req := &beaconv1.KeepAliveRequest{SessionId: id}
+	_, err = call(ctx, s.c, func(r beaconv1connect.RegistryServiceClient) (struct{}, error) {
 		_, err := r.KeepAlive(ctx, connect.NewRequest(req))
 		return struct{}{}, err
 	})

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -91,7 +92,15 @@ func (a api) KeepAlive(ctx context.Context, req *connect.Request[beaconv1.KeepAl
 	if req.Msg.GetSessionId() == 0 {
 		return nil, toConnectError(&registry.FieldError{Field: "session_id", Reason: "must be set"})
 	}
-	ttl, err := a.s.store.KeepAlive(ctx, req.Msg.GetSessionId())
+	ttl, err := a.keepAlive(ctx, req.Msg.GetSessionId())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&beaconv1.KeepAliveResponse{Ttl: durationpb.New(ttl), SessionId: req.Msg.GetSessionId()}), nil
+}
+
+func (a api) keepAlive(ctx context.Context, id int64) (time.Duration, error) {
+	ttl, err := a.s.store.KeepAlive(ctx, id)
 	switch {
 	case err == nil:
 		a.s.metrics.keepalives.WithLabelValues("ok").Inc()
@@ -100,10 +109,54 @@ func (a api) KeepAlive(ctx context.Context, req *connect.Request[beaconv1.KeepAl
 	default:
 		a.s.metrics.keepalives.WithLabelValues("error").Inc()
 	}
-	if err != nil {
-		return nil, toConnectError(err)
+	return ttl, err
+}
+
+// keepAliveStreamConcurrency bounds the heartbeats of one stream being
+// forwarded to etcd at once.
+const keepAliveStreamConcurrency = 64
+
+// KeepAliveStream answers each heartbeat on the stream as soon as etcd
+// does, so one slow renewal does not hold up the others.
+func (a api) KeepAliveStream(ctx context.Context, stream *connect.BidiStream[beaconv1.KeepAliveRequest, beaconv1.KeepAliveResponse]) error {
+	var (
+		sendMu sync.Mutex
+		wg     sync.WaitGroup
+		sem    = make(chan struct{}, keepAliveStreamConcurrency)
+	)
+	defer wg.Wait()
+	for {
+		req, err := stream.Receive()
+		if err != nil {
+			return nil // the client closed the stream or went away
+		}
+		id := req.GetSessionId()
+		if id == 0 {
+			return toConnectError(&registry.FieldError{Field: "session_id", Reason: "must be set"})
+		}
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			return nil
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			resp := &beaconv1.KeepAliveResponse{SessionId: id}
+			ttl, err := a.keepAlive(ctx, id)
+			switch {
+			case err == nil:
+				resp.Ttl = durationpb.New(ttl)
+			case errors.Is(err, store.ErrSessionNotFound):
+				resp.Expired = true
+			}
+			// Neither set: etcd could not be reached; the client retries.
+			sendMu.Lock()
+			_ = stream.Send(resp)
+			sendMu.Unlock()
+		}()
 	}
-	return connect.NewResponse(&beaconv1.KeepAliveResponse{Ttl: durationpb.New(ttl)}), nil
 }
 
 func (a api) CloseSession(ctx context.Context, req *connect.Request[beaconv1.CloseSessionRequest]) (*connect.Response[beaconv1.CloseSessionResponse], error) {

@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
 	"beacon.dev/beacon/internal/view"
 )
 
@@ -128,8 +129,10 @@ func (i metricsInterceptor) WrapStreamingClient(next connect.StreamingClientFunc
 
 func (i metricsInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
 	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
-		i.m.watchStreams.Inc()
-		defer i.m.watchStreams.Dec()
+		if conn.Spec().Procedure == beaconv1connect.RegistryServiceWatchProcedure {
+			i.m.watchStreams.Inc()
+			defer i.m.watchStreams.Dec()
+		}
 		err := next(ctx, conn)
 		i.m.requests.WithLabelValues(conn.Spec().Procedure, codeOf(err)).Inc()
 		return err

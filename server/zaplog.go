@@ -33,7 +33,7 @@ func (c slogCore) With(fields []zapcore.Field) zapcore.Core {
 // single-node member configured as beacon configures it.
 var benignEtcdWarnings = map[string]bool{
 	"Running http and grpc server on single port. This is not recommended for production.": true,
-	"simple token is not cryptographically signed": true,
+	"simple token is not cryptographically signed":                                         true,
 }
 
 func (c slogCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {

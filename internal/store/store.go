@@ -21,8 +21,9 @@ var ErrSessionNotFound = errors.New("session not found or expired")
 // Store writes beacon's records to etcd.
 type Store struct {
 	Layout
-	cli *clientv3.Client
-	ka  *keepAliver
+	cli   *clientv3.Client
+	ka    *keepAliver
+	batch *batcher
 }
 
 // New returns a Store on cli. Close releases its keepalive stream; it does
@@ -31,11 +32,14 @@ func New(cli *clientv3.Client, prefix string) *Store {
 	if prefix == "" {
 		prefix = DefaultPrefix
 	}
-	return &Store{Layout: Layout{Prefix: prefix}, cli: cli, ka: newKeepAliver(cli)}
+	return &Store{Layout: Layout{Prefix: prefix}, cli: cli, ka: newKeepAliver(cli), batch: newBatcher(cli)}
 }
 
-// Close stops the keepalive stream.
-func (s *Store) Close() { s.ka.close() }
+// Close stops the keepalive stream and the write batcher.
+func (s *Store) Close() {
+	s.ka.close()
+	s.batch.close()
+}
 
 // Client returns the etcd client.
 func (s *Store) Client() *clientv3.Client { return s.cli }
@@ -83,21 +87,11 @@ func (s *Store) CloseSession(ctx context.Context, id int64) error {
 	return nil
 }
 
-// Register writes an instance. With sessionID != 0 the instance is bound to
-// that session's lease. It returns the revision of the write.
+// Register writes an instance. With SessionID != 0 the instance is bound to
+// that session's lease. It returns the revision of the write. Concurrent
+// registrations are group-committed (see batch.go).
 func (s *Store) Register(ctx context.Context, in *registry.Instance) (int64, error) {
-	var opts []clientv3.OpOption
-	if in.SessionID != 0 {
-		opts = append(opts, clientv3.WithLease(clientv3.LeaseID(in.SessionID)))
-	}
-	resp, err := s.cli.Put(ctx, s.InstanceKey(in.Key()), string(EncodeInstance(in)), opts...)
-	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
-		return 0, ErrSessionNotFound
-	}
-	if err != nil {
-		return 0, fmt.Errorf("store: writing instance: %w", err)
-	}
-	return resp.Header.Revision, nil
+	return s.batch.put(ctx, s.InstanceKey(in.Key()), string(EncodeInstance(in)), clientv3.LeaseID(in.SessionID))
 }
 
 // Deregister deletes an instance; found reports whether it existed.

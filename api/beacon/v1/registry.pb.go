@@ -433,8 +433,12 @@ func (x *KeepAliveRequest) GetSessionId() int64 {
 }
 
 type KeepAliveResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ttl           *durationpb.Duration   `protobuf:"bytes,1,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Ttl   *durationpb.Duration   `protobuf:"bytes,1,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// Set on KeepAliveStream responses: the session renewed (or not).
+	SessionId int64 `protobuf:"varint,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	// Set on KeepAliveStream responses when the session no longer exists.
+	Expired       bool `protobuf:"varint,3,opt,name=expired,proto3" json:"expired,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -474,6 +478,20 @@ func (x *KeepAliveResponse) GetTtl() *durationpb.Duration {
 		return x.Ttl
 	}
 	return nil
+}
+
+func (x *KeepAliveResponse) GetSessionId() int64 {
+	if x != nil {
+		return x.SessionId
+	}
+	return 0
+}
+
+func (x *KeepAliveResponse) GetExpired() bool {
+	if x != nil {
+		return x.Expired
+	}
+	return false
 }
 
 type CloseSessionRequest struct {
@@ -1263,9 +1281,12 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"1\n" +
 	"\x10KeepAliveRequest\x12\x1d\n" +
 	"\n" +
-	"session_id\x18\x01 \x01(\x03R\tsessionId\"@\n" +
+	"session_id\x18\x01 \x01(\x03R\tsessionId\"y\n" +
 	"\x11KeepAliveResponse\x12+\n" +
-	"\x03ttl\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"4\n" +
+	"\x03ttl\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x02 \x01(\x03R\tsessionId\x12\x18\n" +
+	"\aexpired\x18\x03 \x01(\bR\aexpired\"4\n" +
 	"\x13CloseSessionRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\x03R\tsessionId\"\x16\n" +
@@ -1325,10 +1346,11 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x12HEALTH_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eHEALTH_PASSING\x10\x01\x12\x12\n" +
 	"\x0eHEALTH_WARNING\x10\x02\x12\x13\n" +
-	"\x0fHEALTH_CRITICAL\x10\x032\xfb\x04\n" +
+	"\x0fHEALTH_CRITICAL\x10\x032\xcd\x05\n" +
 	"\x0fRegistryService\x12R\n" +
 	"\rCreateSession\x12\x1f.beacon.v1.CreateSessionRequest\x1a .beacon.v1.CreateSessionResponse\x12F\n" +
-	"\tKeepAlive\x12\x1b.beacon.v1.KeepAliveRequest\x1a\x1c.beacon.v1.KeepAliveResponse\x12O\n" +
+	"\tKeepAlive\x12\x1b.beacon.v1.KeepAliveRequest\x1a\x1c.beacon.v1.KeepAliveResponse\x12P\n" +
+	"\x0fKeepAliveStream\x12\x1b.beacon.v1.KeepAliveRequest\x1a\x1c.beacon.v1.KeepAliveResponse(\x010\x01\x12O\n" +
 	"\fCloseSession\x12\x1e.beacon.v1.CloseSessionRequest\x1a\x1f.beacon.v1.CloseSessionResponse\x12C\n" +
 	"\bRegister\x12\x1a.beacon.v1.RegisterRequest\x1a\x1b.beacon.v1.RegisterResponse\x12I\n" +
 	"\n" +
@@ -1392,22 +1414,24 @@ var file_beacon_v1_registry_proto_depIdxs = []int32{
 	19, // 11: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
 	3,  // 12: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
 	5,  // 13: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
-	7,  // 14: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
-	9,  // 15: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
-	11, // 16: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
-	13, // 17: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
-	15, // 18: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
-	18, // 19: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
-	4,  // 20: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
-	6,  // 21: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
-	8,  // 22: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
-	10, // 23: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
-	12, // 24: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
-	14, // 25: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
-	17, // 26: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
-	20, // 27: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
-	20, // [20:28] is the sub-list for method output_type
-	12, // [12:20] is the sub-list for method input_type
+	5,  // 14: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveRequest
+	7,  // 15: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
+	9,  // 16: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
+	11, // 17: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
+	13, // 18: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
+	15, // 19: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
+	18, // 20: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
+	4,  // 21: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
+	6,  // 22: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
+	6,  // 23: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveResponse
+	8,  // 24: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
+	10, // 25: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
+	12, // 26: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
+	14, // 27: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
+	17, // 28: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
+	20, // 29: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
+	21, // [21:30] is the sub-list for method output_type
+	12, // [12:21] is the sub-list for method input_type
 	12, // [12:12] is the sub-list for extension type_name
 	12, // [12:12] is the sub-list for extension extendee
 	0,  // [0:12] is the sub-list for field type_name

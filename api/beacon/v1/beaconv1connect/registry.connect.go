@@ -42,6 +42,9 @@ const (
 	// RegistryServiceKeepAliveProcedure is the fully-qualified name of the RegistryService's KeepAlive
 	// RPC.
 	RegistryServiceKeepAliveProcedure = "/beacon.v1.RegistryService/KeepAlive"
+	// RegistryServiceKeepAliveStreamProcedure is the fully-qualified name of the RegistryService's
+	// KeepAliveStream RPC.
+	RegistryServiceKeepAliveStreamProcedure = "/beacon.v1.RegistryService/KeepAliveStream"
 	// RegistryServiceCloseSessionProcedure is the fully-qualified name of the RegistryService's
 	// CloseSession RPC.
 	RegistryServiceCloseSessionProcedure = "/beacon.v1.RegistryService/CloseSession"
@@ -65,6 +68,10 @@ const (
 type RegistryServiceClient interface {
 	CreateSession(context.Context, *connect.Request[v1.CreateSessionRequest]) (*connect.Response[v1.CreateSessionResponse], error)
 	KeepAlive(context.Context, *connect.Request[v1.KeepAliveRequest]) (*connect.Response[v1.KeepAliveResponse], error)
+	// KeepAliveStream renews sessions over one long-lived stream: one small
+	// message per heartbeat instead of one HTTP/2 request. Each request gets
+	// a response with its session_id, and expired set if the session is gone.
+	KeepAliveStream(context.Context) *connect.BidiStreamForClient[v1.KeepAliveRequest, v1.KeepAliveResponse]
 	CloseSession(context.Context, *connect.Request[v1.CloseSessionRequest]) (*connect.Response[v1.CloseSessionResponse], error)
 	Register(context.Context, *connect.Request[v1.RegisterRequest]) (*connect.Response[v1.RegisterResponse], error)
 	Deregister(context.Context, *connect.Request[v1.DeregisterRequest]) (*connect.Response[v1.DeregisterResponse], error)
@@ -94,6 +101,12 @@ func NewRegistryServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 			httpClient,
 			baseURL+RegistryServiceKeepAliveProcedure,
 			connect.WithSchema(registryServiceMethods.ByName("KeepAlive")),
+			connect.WithClientOptions(opts...),
+		),
+		keepAliveStream: connect.NewClient[v1.KeepAliveRequest, v1.KeepAliveResponse](
+			httpClient,
+			baseURL+RegistryServiceKeepAliveStreamProcedure,
+			connect.WithSchema(registryServiceMethods.ByName("KeepAliveStream")),
 			connect.WithClientOptions(opts...),
 		),
 		closeSession: connect.NewClient[v1.CloseSessionRequest, v1.CloseSessionResponse](
@@ -139,14 +152,15 @@ func NewRegistryServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 
 // registryServiceClient implements RegistryServiceClient.
 type registryServiceClient struct {
-	createSession *connect.Client[v1.CreateSessionRequest, v1.CreateSessionResponse]
-	keepAlive     *connect.Client[v1.KeepAliveRequest, v1.KeepAliveResponse]
-	closeSession  *connect.Client[v1.CloseSessionRequest, v1.CloseSessionResponse]
-	register      *connect.Client[v1.RegisterRequest, v1.RegisterResponse]
-	deregister    *connect.Client[v1.DeregisterRequest, v1.DeregisterResponse]
-	listInstances *connect.Client[v1.ListInstancesRequest, v1.ListInstancesResponse]
-	listServices  *connect.Client[v1.ListServicesRequest, v1.ListServicesResponse]
-	watch         *connect.Client[v1.WatchRequest, v1.WatchResponse]
+	createSession   *connect.Client[v1.CreateSessionRequest, v1.CreateSessionResponse]
+	keepAlive       *connect.Client[v1.KeepAliveRequest, v1.KeepAliveResponse]
+	keepAliveStream *connect.Client[v1.KeepAliveRequest, v1.KeepAliveResponse]
+	closeSession    *connect.Client[v1.CloseSessionRequest, v1.CloseSessionResponse]
+	register        *connect.Client[v1.RegisterRequest, v1.RegisterResponse]
+	deregister      *connect.Client[v1.DeregisterRequest, v1.DeregisterResponse]
+	listInstances   *connect.Client[v1.ListInstancesRequest, v1.ListInstancesResponse]
+	listServices    *connect.Client[v1.ListServicesRequest, v1.ListServicesResponse]
+	watch           *connect.Client[v1.WatchRequest, v1.WatchResponse]
 }
 
 // CreateSession calls beacon.v1.RegistryService.CreateSession.
@@ -157,6 +171,11 @@ func (c *registryServiceClient) CreateSession(ctx context.Context, req *connect.
 // KeepAlive calls beacon.v1.RegistryService.KeepAlive.
 func (c *registryServiceClient) KeepAlive(ctx context.Context, req *connect.Request[v1.KeepAliveRequest]) (*connect.Response[v1.KeepAliveResponse], error) {
 	return c.keepAlive.CallUnary(ctx, req)
+}
+
+// KeepAliveStream calls beacon.v1.RegistryService.KeepAliveStream.
+func (c *registryServiceClient) KeepAliveStream(ctx context.Context) *connect.BidiStreamForClient[v1.KeepAliveRequest, v1.KeepAliveResponse] {
+	return c.keepAliveStream.CallBidiStream(ctx)
 }
 
 // CloseSession calls beacon.v1.RegistryService.CloseSession.
@@ -193,6 +212,10 @@ func (c *registryServiceClient) Watch(ctx context.Context, req *connect.Request[
 type RegistryServiceHandler interface {
 	CreateSession(context.Context, *connect.Request[v1.CreateSessionRequest]) (*connect.Response[v1.CreateSessionResponse], error)
 	KeepAlive(context.Context, *connect.Request[v1.KeepAliveRequest]) (*connect.Response[v1.KeepAliveResponse], error)
+	// KeepAliveStream renews sessions over one long-lived stream: one small
+	// message per heartbeat instead of one HTTP/2 request. Each request gets
+	// a response with its session_id, and expired set if the session is gone.
+	KeepAliveStream(context.Context, *connect.BidiStream[v1.KeepAliveRequest, v1.KeepAliveResponse]) error
 	CloseSession(context.Context, *connect.Request[v1.CloseSessionRequest]) (*connect.Response[v1.CloseSessionResponse], error)
 	Register(context.Context, *connect.Request[v1.RegisterRequest]) (*connect.Response[v1.RegisterResponse], error)
 	Deregister(context.Context, *connect.Request[v1.DeregisterRequest]) (*connect.Response[v1.DeregisterResponse], error)
@@ -218,6 +241,12 @@ func NewRegistryServiceHandler(svc RegistryServiceHandler, opts ...connect.Handl
 		RegistryServiceKeepAliveProcedure,
 		svc.KeepAlive,
 		connect.WithSchema(registryServiceMethods.ByName("KeepAlive")),
+		connect.WithHandlerOptions(opts...),
+	)
+	registryServiceKeepAliveStreamHandler := connect.NewBidiStreamHandler(
+		RegistryServiceKeepAliveStreamProcedure,
+		svc.KeepAliveStream,
+		connect.WithSchema(registryServiceMethods.ByName("KeepAliveStream")),
 		connect.WithHandlerOptions(opts...),
 	)
 	registryServiceCloseSessionHandler := connect.NewUnaryHandler(
@@ -264,6 +293,8 @@ func NewRegistryServiceHandler(svc RegistryServiceHandler, opts ...connect.Handl
 			registryServiceCreateSessionHandler.ServeHTTP(w, r)
 		case RegistryServiceKeepAliveProcedure:
 			registryServiceKeepAliveHandler.ServeHTTP(w, r)
+		case RegistryServiceKeepAliveStreamProcedure:
+			registryServiceKeepAliveStreamHandler.ServeHTTP(w, r)
 		case RegistryServiceCloseSessionProcedure:
 			registryServiceCloseSessionHandler.ServeHTTP(w, r)
 		case RegistryServiceRegisterProcedure:
@@ -291,6 +322,10 @@ func (UnimplementedRegistryServiceHandler) CreateSession(context.Context, *conne
 
 func (UnimplementedRegistryServiceHandler) KeepAlive(context.Context, *connect.Request[v1.KeepAliveRequest]) (*connect.Response[v1.KeepAliveResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.KeepAlive is not implemented"))
+}
+
+func (UnimplementedRegistryServiceHandler) KeepAliveStream(context.Context, *connect.BidiStream[v1.KeepAliveRequest, v1.KeepAliveResponse]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.KeepAliveStream is not implemented"))
 }
 
 func (UnimplementedRegistryServiceHandler) CloseSession(context.Context, *connect.Request[v1.CloseSessionRequest]) (*connect.Response[v1.CloseSessionResponse], error) {

@@ -1,0 +1,73 @@
+package store_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"beacon.dev/beacon/internal/store"
+	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/registry"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m, testutil.LeakOptions()...) }
+
+// Group commit must keep every caller's outcome its own: in a burst where
+// one session is gone, only its registrations fail, with
+// ErrSessionNotFound, and the others are stored.
+func TestConcurrentRegistrationsKeepTheirOwnOutcome(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	st := store.New(srv.EtcdClient(), "/batch-test/")
+	defer st.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	live, _, err := st.CreateSession(ctx, 10*time.Second, "live")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead, _, err := st.CreateSession(ctx, 10*time.Second, "dead")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.CloseSession(ctx, dead); err != nil {
+		t.Fatal(err)
+	}
+	const n = 200
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			in := registry.Instance{Service: "orders", ID: fmt.Sprintf("i-%d", i%50), Address: "127.0.0.1", Port: 1 + i}
+			in.ApplyDefaults()
+			switch i % 3 {
+			case 0:
+				in.SessionID = live
+			case 1:
+				in.SessionID = dead
+			}
+			_, errs[i] = st.Register(ctx, &in)
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		switch {
+		case i%3 == 1 && !errors.Is(err, store.ErrSessionNotFound):
+			t.Errorf("registration %d under a closed session = %v, want ErrSessionNotFound", i, err)
+		case i%3 != 1 && err != nil:
+			t.Errorf("registration %d = %v, want success", i, err)
+		}
+	}
+	if _, err := st.KeepAlive(ctx, dead); !errors.Is(err, store.ErrSessionNotFound) {
+		t.Errorf("KeepAlive(closed session) = %v, want ErrSessionNotFound", err)
+	}
+	if ttl, err := st.KeepAlive(ctx, live); err != nil || ttl != 10*time.Second {
+		t.Errorf("KeepAlive(live) = %v, %v; want 10s", ttl, err)
+	}
+}
