@@ -215,28 +215,10 @@ func BenchmarkMemoryPerInstance(b *testing.B) {
 		c, _ := client.New([]string{p.addr})
 		defer c.Close()
 		register := func(from, to int) {
-			var next atomic.Int64
-			next.Store(int64(from))
-			var wg sync.WaitGroup
-			for range 64 {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					for {
-						i := int(next.Add(1)) - 1
-						if i >= to {
-							return
-						}
-						in := registry.Instance{Service: fmt.Sprintf("svc-%d", i%100), ID: fmt.Sprintf("instance-%06d", i),
-							Address: "10.1.2.3", Port: 8000 + i%1000, Zone: "zone-a", Tags: []string{"v1"}}
-						if _, err := c.Register(ctx, in); err != nil {
-							b.Error(err)
-							return
-						}
-					}
-				}()
-			}
-			wg.Wait()
+			parallel(b, from, to, func(i int) error {
+				_, err := c.Register(ctx, memoryInstance(i))
+				return err
+			})
 		}
 		settle := func() (rss, heap float64) {
 			time.Sleep(5 * time.Second)
@@ -273,7 +255,25 @@ func rawEtcdMemory(b *testing.B, n int) (rssPerKey, heapPerKey float64) {
 	time.Sleep(3 * time.Second)
 	time.Sleep(5 * time.Second)
 	rss0, heap0 := p.rssBytes(b), p.metric(b, "go_memstats_heap_inuse_bytes")
+	parallel(b, 0, n, func(i int) error {
+		in := memoryInstance(i)
+		in.ApplyDefaults()
+		_, err := cli.Put(ctx, fmt.Sprintf("/raw/v1/ns/default/svc/%s/inst/%s", in.Service, in.ID), rawRecord(&in))
+		return err
+	})
+	time.Sleep(5 * time.Second)
+	return (p.rssBytes(b) - rss0) / float64(n), (p.metric(b, "go_memstats_heap_inuse_bytes") - heap0) / float64(n)
+}
+
+func memoryInstance(i int) registry.Instance {
+	return registry.Instance{Service: fmt.Sprintf("svc-%d", i%100), ID: fmt.Sprintf("instance-%06d", i),
+		Address: "10.1.2.3", Port: 8000 + i%1000, Zone: "zone-a", Tags: []string{"v1"}}
+}
+
+// parallel runs op for every i in [from, to) on 64 goroutines.
+func parallel(b *testing.B, from, to int, op func(i int) error) {
 	var next atomic.Int64
+	next.Store(int64(from))
 	var wg sync.WaitGroup
 	for range 64 {
 		wg.Add(1)
@@ -281,14 +281,10 @@ func rawEtcdMemory(b *testing.B, n int) (rssPerKey, heapPerKey float64) {
 			defer wg.Done()
 			for {
 				i := int(next.Add(1)) - 1
-				if i >= n {
+				if i >= to {
 					return
 				}
-				in := registry.Instance{Service: fmt.Sprintf("svc-%d", i%100), ID: fmt.Sprintf("instance-%06d", i),
-					Address: "10.1.2.3", Port: 8000 + i%1000, Zone: "zone-a", Tags: []string{"v1"}}
-				in.ApplyDefaults()
-				key := fmt.Sprintf("/raw/v1/ns/default/svc/%s/inst/%s", in.Service, in.ID)
-				if _, err := cli.Put(ctx, key, rawRecord(&in)); err != nil {
+				if err := op(i); err != nil {
 					b.Error(err)
 					return
 				}
@@ -296,6 +292,4 @@ func rawEtcdMemory(b *testing.B, n int) (rssPerKey, heapPerKey float64) {
 		}()
 	}
 	wg.Wait()
-	time.Sleep(5 * time.Second)
-	return (p.rssBytes(b) - rss0) / float64(n), (p.metric(b, "go_memstats_heap_inuse_bytes") - heap0) / float64(n)
 }

@@ -8,6 +8,7 @@ import (
 	"connectrpc.com/connect"
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
+	"beacon.dev/beacon/internal/waitq"
 )
 
 // keepAliveStream carries the heartbeats of every session of a Client over
@@ -20,7 +21,7 @@ type keepAliveStream struct {
 	mu      sync.Mutex
 	stream  *connect.BidiStreamForClient[beaconv1.KeepAliveRequest, beaconv1.KeepAliveResponse] // guarded by mu; nil when not open
 	cancel  context.CancelFunc                                                                  // guarded by mu
-	waiters map[int64][]chan *beaconv1.KeepAliveResponse                                        // guarded by mu
+	waiters *waitq.Queue[int64, *beaconv1.KeepAliveResponse]                                    // guarded by mu
 	closed  bool                                                                                // guarded by mu
 	wg      sync.WaitGroup
 }
@@ -28,12 +29,11 @@ type keepAliveStream struct {
 var errStreamBroken = errors.New("beacon: keepalive stream broken")
 
 func newKeepAliveStream(c *Client) *keepAliveStream {
-	return &keepAliveStream{c: c, waiters: make(map[int64][]chan *beaconv1.KeepAliveResponse)}
+	return &keepAliveStream{c: c, waiters: waitq.New[int64, *beaconv1.KeepAliveResponse]()}
 }
 
 // keepAlive sends one heartbeat and waits for its answer.
 func (k *keepAliveStream) keepAlive(ctx context.Context, id int64) (*beaconv1.KeepAliveResponse, error) {
-	ch := make(chan *beaconv1.KeepAliveResponse, 1)
 	k.mu.Lock()
 	if k.closed {
 		k.mu.Unlock()
@@ -46,7 +46,7 @@ func (k *keepAliveStream) keepAlive(ctx context.Context, id int64) (*beaconv1.Ke
 		k.wg.Add(1)
 		go k.receive(k.stream)
 	}
-	k.waiters[id] = append(k.waiters[id], ch)
+	ch := k.waiters.Add(id)
 	err := k.stream.Send(&beaconv1.KeepAliveRequest{SessionId: id}) // one sender at a time
 	if err != nil {
 		k.resetLocked()
@@ -62,7 +62,7 @@ func (k *keepAliveStream) keepAlive(ctx context.Context, id int64) (*beaconv1.Ke
 		return resp, nil
 	case <-ctx.Done():
 		k.mu.Lock()
-		k.dropLocked(id, ch)
+		k.waiters.Drop(id, ch)
 		k.mu.Unlock()
 		return nil, ctx.Err()
 	}
@@ -81,10 +81,7 @@ func (k *keepAliveStream) receive(stream *connect.BidiStreamForClient[beaconv1.K
 			_ = stream.CloseResponse()
 			return
 		}
-		if ws := k.waiters[resp.GetSessionId()]; len(ws) > 0 {
-			ws[0] <- resp
-			k.dropLocked(resp.GetSessionId(), ws[0])
-		}
+		k.waiters.Deliver(resp.GetSessionId(), resp)
 		k.mu.Unlock()
 	}
 }
@@ -97,27 +94,7 @@ func (k *keepAliveStream) resetLocked() {
 		k.cancel()
 	}
 	k.stream, k.cancel = nil, nil
-	for id, ws := range k.waiters {
-		for _, w := range ws {
-			w <- nil
-		}
-		delete(k.waiters, id)
-	}
-}
-
-func (k *keepAliveStream) dropLocked(id int64, ch chan *beaconv1.KeepAliveResponse) {
-	ws := k.waiters[id]
-	for i, w := range ws {
-		if w == ch {
-			ws = append(ws[:i], ws[i+1:]...)
-			break
-		}
-	}
-	if len(ws) == 0 {
-		delete(k.waiters, id)
-	} else {
-		k.waiters[id] = ws
-	}
+	k.waiters.FailAll(nil)
 }
 
 func (k *keepAliveStream) close() {

@@ -8,6 +8,8 @@ import (
 
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"beacon.dev/beacon/internal/waitq"
 )
 
 // keepAliver forwards one keepalive per client heartbeat to etcd over a
@@ -19,10 +21,10 @@ type keepAliver struct {
 	cli *clientv3.Client
 
 	mu      sync.Mutex
-	stream  pb.Lease_LeaseKeepAliveClient        // guarded by mu; nil when not open
-	cancel  context.CancelFunc                   // guarded by mu; ends stream
-	waiters map[clientv3.LeaseID][]chan kaResult // guarded by mu
-	closed  bool                                 // guarded by mu
+	stream  pb.Lease_LeaseKeepAliveClient            // guarded by mu; nil when not open
+	cancel  context.CancelFunc                       // guarded by mu; ends stream
+	waiters *waitq.Queue[clientv3.LeaseID, kaResult] // guarded by mu
+	closed  bool                                     // guarded by mu
 	wg      sync.WaitGroup
 }
 
@@ -32,12 +34,11 @@ type kaResult struct {
 }
 
 func newKeepAliver(cli *clientv3.Client) *keepAliver {
-	return &keepAliver{cli: cli, waiters: make(map[clientv3.LeaseID][]chan kaResult)}
+	return &keepAliver{cli: cli, waiters: waitq.New[clientv3.LeaseID, kaResult]()}
 }
 
 // keepAlive renews lease id once and returns the TTL etcd granted.
 func (k *keepAliver) keepAlive(ctx context.Context, id clientv3.LeaseID) (int64, error) {
-	ch := make(chan kaResult, 1)
 	k.mu.Lock()
 	if k.closed {
 		k.mu.Unlock()
@@ -48,11 +49,11 @@ func (k *keepAliver) keepAlive(ctx context.Context, id clientv3.LeaseID) (int64,
 		k.mu.Unlock()
 		return 0, err
 	}
-	k.waiters[id] = append(k.waiters[id], ch)
+	ch := k.waiters.Add(id)
 	// Send under mu: a gRPC stream allows one sender at a time.
 	err = stream.Send(&pb.LeaseKeepAliveRequest{ID: int64(id)})
 	if err != nil {
-		k.dropWaiterLocked(id, ch)
+		k.waiters.Drop(id, ch)
 		k.resetLocked()
 		k.mu.Unlock()
 		return 0, fmt.Errorf("store: keepalive: %w", err)
@@ -70,7 +71,7 @@ func (k *keepAliver) keepAlive(ctx context.Context, id clientv3.LeaseID) (int64,
 		return r.ttl, nil
 	case <-ctx.Done():
 		k.mu.Lock()
-		k.dropWaiterLocked(id, ch)
+		k.waiters.Drop(id, ch)
 		k.mu.Unlock()
 		return 0, ctx.Err()
 	}
@@ -105,11 +106,7 @@ func (k *keepAliver) recvLoop(stream pb.Lease_LeaseKeepAliveClient) {
 			k.mu.Unlock()
 			return
 		}
-		id := clientv3.LeaseID(resp.ID)
-		if ws := k.waiters[id]; len(ws) > 0 {
-			ws[0] <- kaResult{ttl: resp.TTL}
-			k.dropWaiterLocked(id, ws[0])
-		}
+		k.waiters.Deliver(clientv3.LeaseID(resp.ID), kaResult{ttl: resp.TTL})
 		k.mu.Unlock()
 	}
 }
@@ -121,27 +118,7 @@ func (k *keepAliver) resetLocked() {
 		k.cancel()
 	}
 	k.stream, k.cancel = nil, nil
-	for id, ws := range k.waiters {
-		for _, w := range ws {
-			w <- kaResult{err: errors.New("store: keepalive stream broken")}
-		}
-		delete(k.waiters, id)
-	}
-}
-
-func (k *keepAliver) dropWaiterLocked(id clientv3.LeaseID, ch chan kaResult) {
-	ws := k.waiters[id]
-	for i, w := range ws {
-		if w == ch {
-			ws = append(ws[:i], ws[i+1:]...)
-			break
-		}
-	}
-	if len(ws) == 0 {
-		delete(k.waiters, id)
-	} else {
-		k.waiters[id] = ws
-	}
+	k.waiters.FailAll(kaResult{err: errors.New("store: keepalive stream broken")})
 }
 
 func (k *keepAliver) close() {

@@ -24,7 +24,9 @@ func etcdFor(t *testing.T) (etcdAddr string, st *store.Store) {
 	t.Helper()
 	cfg := testutil.ServerConfig(t, "")
 	srv := testutil.StartServer(t, cfg)
-	return cfg.EtcdClientAddr, store.New(srv.EtcdClient(), store.DefaultPrefix)
+	st = store.New(srv.EtcdClient(), store.DefaultPrefix)
+	t.Cleanup(st.Close)
+	return cfg.EtcdClientAddr, st
 }
 
 func etcdClient(t *testing.T, addr string) *clientv3.Client {

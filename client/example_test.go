@@ -1,0 +1,62 @@
+package client_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"time"
+
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server"
+)
+
+func freeAddr() string {
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// Register an instance through a session, read it back, watch the service
+// and see the instance leave when the session closes.
+func Example() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	// A throwaway server; in real life: `beacon server`.
+	dir, _ := os.MkdirTemp("", "beacon-example-")
+	defer os.RemoveAll(dir)
+	cfg := server.NewConfig()
+	cfg.DataDir, cfg.Addr, cfg.EtcdClientAddr, cfg.EtcdPeerAddr = dir, freeAddr(), freeAddr(), freeAddr()
+	srv, err := server.Start(ctx, cfg)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer srv.Close()
+	<-srv.Ready()
+
+	c, _ := client.New([]string{srv.Addr()})
+	defer c.Close()
+	w, _ := c.Watch(ctx, []string{"orders"})
+	defer w.Close()
+
+	sess, _ := c.NewSession(ctx, client.WithTTL(10*time.Second))
+	sess.Register(ctx, registry.Instance{Service: "orders", ID: "orders-1", Address: "127.0.0.1", Port: 9001})
+
+	snap, _ := c.Instances(ctx, "orders")
+	fmt.Println("routable:", snap.Instances[0].ID, snap.Instances[0].HostPort())
+
+	sess.Close(ctx) // ends the lease: the instance leaves at once
+	for {
+		snaps, _ := w.Next(ctx)
+		if len(snaps) > 0 && len(snaps[0].Instances) == 0 {
+			fmt.Println("watch: orders has no instances left")
+			return
+		}
+	}
+	// Output:
+	// routable: orders-1 127.0.0.1:9001
+	// watch: orders has no instances left
+}
