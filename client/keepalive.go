@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -11,55 +12,56 @@ import (
 	"beacon.dev/beacon/internal/waitq"
 )
 
+// keepAliveLinger is how long a heartbeat waits for others of the same
+// Client to share its message. Heartbeats go every TTL/3 (≥ 666 ms), so
+// this costs nothing in safety and saves the server a message and a write
+// per session.
+const keepAliveLinger = 100 * time.Millisecond
+
+type kaStream = connect.BidiStreamForClient[beaconv1.KeepAliveBatch, beaconv1.KeepAliveBatchResult]
+
 // keepAliveStream carries the heartbeats of every session of a Client over
-// one long-lived stream: a message per heartbeat costs the server a small
-// fraction of a request. If the stream cannot be used, sessions fall back
-// to the unary KeepAlive call (which also moves to another server).
+// one long-lived stream, several per message, as clientv3 does for leases.
+// If the stream cannot be used, sessions fall back to the unary KeepAlive
+// call (which also moves to another server).
 type keepAliveStream struct {
 	c *Client
 
 	mu      sync.Mutex
-	stream  *connect.BidiStreamForClient[beaconv1.KeepAliveRequest, beaconv1.KeepAliveResponse] // guarded by mu; nil when not open
-	cancel  context.CancelFunc                                                                  // guarded by mu
-	waiters *waitq.Queue[int64, *beaconv1.KeepAliveResponse]                                    // guarded by mu
-	closed  bool                                                                                // guarded by mu
+	stream  *kaStream                                      // guarded by mu; nil when not open
+	cancel  context.CancelFunc                             // guarded by mu
+	waiters *waitq.Queue[int64, *beaconv1.KeepAliveResult] // guarded by mu
+	pending []int64                                        // guarded by mu; heartbeats waiting for the next message
+	flush   *time.Timer                                    // guarded by mu; non-nil while pending is scheduled
+	closed  bool                                           // guarded by mu
 	wg      sync.WaitGroup
 }
 
 var errStreamBroken = errors.New("beacon: keepalive stream broken")
 
 func newKeepAliveStream(c *Client) *keepAliveStream {
-	return &keepAliveStream{c: c, waiters: waitq.New[int64, *beaconv1.KeepAliveResponse]()}
+	return &keepAliveStream{c: c, waiters: waitq.New[int64, *beaconv1.KeepAliveResult]()}
 }
 
-// keepAlive sends one heartbeat and waits for its answer.
-func (k *keepAliveStream) keepAlive(ctx context.Context, id int64) (*beaconv1.KeepAliveResponse, error) {
+// keepAlive queues one heartbeat and waits for its result.
+func (k *keepAliveStream) keepAlive(ctx context.Context, id int64) (*beaconv1.KeepAliveResult, error) {
 	k.mu.Lock()
 	if k.closed {
 		k.mu.Unlock()
 		return nil, ErrClosed
 	}
-	if k.stream == nil {
-		sctx, cancel := context.WithCancel(context.Background())
-		k.stream = k.c.rpcs[k.c.current.Load()].KeepAliveStream(sctx)
-		k.cancel = cancel
-		k.wg.Add(1)
-		go k.receive(k.stream)
-	}
 	ch := k.waiters.Add(id)
-	err := k.stream.Send(&beaconv1.KeepAliveRequest{SessionId: id}) // one sender at a time
-	if err != nil {
-		k.resetLocked()
-		k.mu.Unlock()
-		return nil, errStreamBroken
+	k.pending = append(k.pending, id)
+	if k.flush == nil {
+		k.flush = time.AfterFunc(keepAliveLinger, k.send)
 	}
 	k.mu.Unlock()
 	select {
-	case resp := <-ch:
-		if resp == nil {
+	case res := <-ch:
+		if res == nil {
 			return nil, errStreamBroken
 		}
-		return resp, nil
+		return res, nil
 	case <-ctx.Done():
 		k.mu.Lock()
 		k.waiters.Drop(id, ch)
@@ -68,7 +70,29 @@ func (k *keepAliveStream) keepAlive(ctx context.Context, id int64) (*beaconv1.Ke
 	}
 }
 
-func (k *keepAliveStream) receive(stream *connect.BidiStreamForClient[beaconv1.KeepAliveRequest, beaconv1.KeepAliveResponse]) {
+// send writes the pending heartbeats as one message, opening the stream if
+// needed.
+func (k *keepAliveStream) send() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	ids := k.pending
+	k.pending, k.flush = nil, nil
+	if k.closed || len(ids) == 0 {
+		return
+	}
+	if k.stream == nil {
+		sctx, cancel := context.WithCancel(context.Background())
+		k.stream = k.c.rpcs[k.c.current.Load()].KeepAliveStream(sctx)
+		k.cancel = cancel
+		k.wg.Add(1)
+		go k.receive(k.stream)
+	}
+	if err := k.stream.Send(&beaconv1.KeepAliveBatch{SessionIds: ids}); err != nil {
+		k.resetLocked()
+	}
+}
+
+func (k *keepAliveStream) receive(stream *kaStream) {
 	defer k.wg.Done()
 	for {
 		resp, err := stream.Receive()
@@ -81,7 +105,9 @@ func (k *keepAliveStream) receive(stream *connect.BidiStreamForClient[beaconv1.K
 			_ = stream.CloseResponse()
 			return
 		}
-		k.waiters.Deliver(resp.GetSessionId(), resp)
+		for _, r := range resp.GetResults() {
+			k.waiters.Deliver(r.GetSessionId(), r)
+		}
 		k.mu.Unlock()
 	}
 }
@@ -100,6 +126,11 @@ func (k *keepAliveStream) resetLocked() {
 func (k *keepAliveStream) close() {
 	k.mu.Lock()
 	k.closed = true
+	if k.flush != nil {
+		k.flush.Stop()
+		k.flush = nil
+	}
+	k.pending = nil
 	k.resetLocked()
 	k.mu.Unlock()
 	k.wg.Wait()

@@ -96,33 +96,24 @@ func (a api) KeepAlive(ctx context.Context, req *connect.Request[beaconv1.KeepAl
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	return connect.NewResponse(&beaconv1.KeepAliveResponse{Ttl: durationpb.New(ttl), SessionId: req.Msg.GetSessionId()}), nil
+	return connect.NewResponse(&beaconv1.KeepAliveResponse{Ttl: durationpb.New(ttl)}), nil
 }
 
 func (a api) keepAlive(ctx context.Context, id int64) (time.Duration, error) {
-	ttl, err := a.s.store.KeepAlive(ctx, id)
-	switch {
-	case err == nil:
-		a.s.metrics.keepalives.WithLabelValues("ok").Inc()
-	case errors.Is(err, store.ErrSessionNotFound):
-		a.s.metrics.keepalives.WithLabelValues("expired").Inc()
-	default:
-		a.s.metrics.keepalives.WithLabelValues("error").Inc()
-	}
-	return ttl, err
+	r := a.s.store.KeepAliveMany(ctx, []int64{id})[0]
+	a.s.metrics.countKeepAlive(r.Err)
+	return r.TTL, r.Err
 }
 
-// keepAliveStreamConcurrency bounds the heartbeats of one stream being
-// forwarded to etcd at once.
-const keepAliveStreamConcurrency = 64
+// maxKeepAliveBatch bounds the sessions one KeepAliveStream message renews.
+const maxKeepAliveBatch = 10000
 
-// KeepAliveStream answers each heartbeat on the stream as soon as etcd
-// does, so one slow renewal does not hold up the others.
-func (a api) KeepAliveStream(ctx context.Context, stream *connect.BidiStream[beaconv1.KeepAliveRequest, beaconv1.KeepAliveResponse]) error {
+// KeepAliveStream renews each message's sessions together and answers with
+// one message; a batch still in etcd does not hold up the next one.
+func (a api) KeepAliveStream(ctx context.Context, stream *connect.BidiStream[beaconv1.KeepAliveBatch, beaconv1.KeepAliveBatchResult]) error {
 	var (
 		sendMu sync.Mutex
 		wg     sync.WaitGroup
-		sem    = make(chan struct{}, keepAliveStreamConcurrency)
 	)
 	defer wg.Wait()
 	for {
@@ -130,28 +121,30 @@ func (a api) KeepAliveStream(ctx context.Context, stream *connect.BidiStream[bea
 		if err != nil {
 			return nil // the client closed the stream or went away
 		}
-		id := req.GetSessionId()
-		if id == 0 {
-			return toConnectError(&registry.FieldError{Field: "session_id", Reason: "must be set"})
+		ids := req.GetSessionIds()
+		if len(ids) > maxKeepAliveBatch {
+			return toConnectError(&registry.FieldError{Field: "session_ids", Reason: fmt.Sprintf("must hold at most %d sessions, has %d", maxKeepAliveBatch, len(ids))})
 		}
-		select {
-		case sem <- struct{}{}:
-		case <-ctx.Done():
-			return nil
+		for i, id := range ids {
+			if id == 0 {
+				return toConnectError(&registry.FieldError{Field: fmt.Sprintf("session_ids[%d]", i), Reason: "must be set"})
+			}
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer func() { <-sem }()
-			resp := &beaconv1.KeepAliveResponse{SessionId: id}
-			ttl, err := a.keepAlive(ctx, id)
-			switch {
-			case err == nil:
-				resp.Ttl = durationpb.New(ttl)
-			case errors.Is(err, store.ErrSessionNotFound):
-				resp.Expired = true
+			resp := &beaconv1.KeepAliveBatchResult{Results: make([]*beaconv1.KeepAliveResult, len(ids))}
+			for i, r := range a.s.store.KeepAliveMany(ctx, ids) {
+				a.s.metrics.countKeepAlive(r.Err)
+				res := &beaconv1.KeepAliveResult{SessionId: ids[i]}
+				switch {
+				case r.Err == nil:
+					res.Ttl = durationpb.New(r.TTL)
+				case errors.Is(r.Err, store.ErrSessionNotFound):
+					res.Expired = true
+				}
+				resp.Results[i] = res
 			}
-			// Neither set: etcd could not be reached; the client retries.
 			sendMu.Lock()
 			_ = stream.Send(resp)
 			sendMu.Unlock()

@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
+	"beacon.dev/beacon/internal/store"
 	"beacon.dev/beacon/internal/view"
 )
 
@@ -104,6 +105,17 @@ func (m *metrics) viewHooks() view.Hooks {
 			m.relists.WithLabelValues(reason).Inc()
 		},
 		BadRecord: func(string, error) { m.badRecords.Inc() },
+	}
+}
+
+func (m *metrics) countKeepAlive(err error) {
+	switch {
+	case err == nil:
+		m.keepalives.WithLabelValues("ok").Inc()
+	case errors.Is(err, store.ErrSessionNotFound):
+		m.keepalives.WithLabelValues("expired").Inc()
+	default:
+		m.keepalives.WithLabelValues("error").Inc()
 	}
 }
 

@@ -39,42 +39,57 @@ func newKeepAliver(cli *clientv3.Client) *keepAliver {
 
 // keepAlive renews lease id once and returns the TTL etcd granted.
 func (k *keepAliver) keepAlive(ctx context.Context, id clientv3.LeaseID) (int64, error) {
+	r := k.keepAliveMany(ctx, []clientv3.LeaseID{id})[0]
+	return r.ttl, r.err
+}
+
+// keepAliveMany renews several leases: every request goes out before any
+// answer is awaited, so the gRPC transport can coalesce the writes.
+func (k *keepAliver) keepAliveMany(ctx context.Context, ids []clientv3.LeaseID) []kaResult {
+	out := make([]kaResult, len(ids))
+	chans := make([]chan kaResult, len(ids))
 	k.mu.Lock()
 	if k.closed {
 		k.mu.Unlock()
-		return 0, errors.New("store: closed")
+		for i := range out {
+			out[i].err = errors.New("store: closed")
+		}
+		return out
 	}
 	stream, err := k.streamLocked()
-	if err != nil {
-		k.mu.Unlock()
-		return 0, err
-	}
-	ch := k.waiters.Add(id)
-	// Send under mu: a gRPC stream allows one sender at a time.
-	err = stream.Send(&pb.LeaseKeepAliveRequest{ID: int64(id)})
-	if err != nil {
-		k.waiters.Drop(id, ch)
-		k.resetLocked()
-		k.mu.Unlock()
-		return 0, fmt.Errorf("store: keepalive: %w", err)
+	for i, id := range ids {
+		if err == nil {
+			chans[i] = k.waiters.Add(id)
+			// Send under mu: a gRPC stream allows one sender at a time.
+			if err = stream.Send(&pb.LeaseKeepAliveRequest{ID: int64(id)}); err != nil {
+				k.resetLocked() // fails the waiters added so far
+				err = fmt.Errorf("store: keepalive: %w", err)
+			}
+		}
+		if chans[i] == nil {
+			out[i].err = err
+		}
 	}
 	k.mu.Unlock()
 
-	select {
-	case r := <-ch:
-		if r.err != nil {
-			return 0, r.err
+	for i, ch := range chans {
+		if ch == nil {
+			continue
 		}
-		if r.ttl <= 0 {
-			return 0, ErrSessionNotFound
+		select {
+		case r := <-ch:
+			if r.err == nil && r.ttl <= 0 {
+				r.err = ErrSessionNotFound
+			}
+			out[i] = r
+		case <-ctx.Done():
+			k.mu.Lock()
+			k.waiters.Drop(ids[i], ch)
+			k.mu.Unlock()
+			out[i].err = ctx.Err()
 		}
-		return r.ttl, nil
-	case <-ctx.Done():
-		k.mu.Lock()
-		k.waiters.Drop(id, ch)
-		k.mu.Unlock()
-		return 0, ctx.Err()
 	}
+	return out
 }
 
 func (k *keepAliver) streamLocked() (pb.Lease_LeaseKeepAliveClient, error) {

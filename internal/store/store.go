@@ -77,6 +77,26 @@ func (s *Store) KeepAlive(ctx context.Context, id int64) (time.Duration, error) 
 	return time.Duration(ttl) * time.Second, nil
 }
 
+// KeepAliveResult is the outcome of renewing one session.
+type KeepAliveResult struct {
+	TTL time.Duration
+	Err error // ErrSessionNotFound if the session is gone
+}
+
+// KeepAliveMany renews several sessions at once.
+func (s *Store) KeepAliveMany(ctx context.Context, ids []int64) []KeepAliveResult {
+	leases := make([]clientv3.LeaseID, len(ids))
+	for i, id := range ids {
+		leases[i] = clientv3.LeaseID(id)
+	}
+	res := s.ka.keepAliveMany(ctx, leases)
+	out := make([]KeepAliveResult, len(res))
+	for i, r := range res {
+		out[i] = KeepAliveResult{TTL: time.Duration(r.ttl) * time.Second, Err: r.err}
+	}
+	return out
+}
+
 // CloseSession revokes a session; its ephemeral instances go with it.
 // Closing a session that no longer exists is not an error.
 func (s *Store) CloseSession(ctx context.Context, id int64) error {

@@ -433,12 +433,8 @@ func (x *KeepAliveRequest) GetSessionId() int64 {
 }
 
 type KeepAliveResponse struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	Ttl   *durationpb.Duration   `protobuf:"bytes,1,opt,name=ttl,proto3" json:"ttl,omitempty"`
-	// Set on KeepAliveStream responses: the session renewed (or not).
-	SessionId int64 `protobuf:"varint,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
-	// Set on KeepAliveStream responses when the session no longer exists.
-	Expired       bool `protobuf:"varint,3,opt,name=expired,proto3" json:"expired,omitempty"`
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ttl           *durationpb.Duration   `protobuf:"bytes,1,opt,name=ttl,proto3" json:"ttl,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -480,18 +476,153 @@ func (x *KeepAliveResponse) GetTtl() *durationpb.Duration {
 	return nil
 }
 
-func (x *KeepAliveResponse) GetSessionId() int64 {
+// KeepAliveBatch renews several sessions in one stream message.
+type KeepAliveBatch struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SessionIds    []int64                `protobuf:"varint,1,rep,packed,name=session_ids,json=sessionIds,proto3" json:"session_ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeepAliveBatch) Reset() {
+	*x = KeepAliveBatch{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeepAliveBatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeepAliveBatch) ProtoMessage() {}
+
+func (x *KeepAliveBatch) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeepAliveBatch.ProtoReflect.Descriptor instead.
+func (*KeepAliveBatch) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *KeepAliveBatch) GetSessionIds() []int64 {
+	if x != nil {
+		return x.SessionIds
+	}
+	return nil
+}
+
+type KeepAliveResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SessionId     int64                  `protobuf:"varint,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	Ttl           *durationpb.Duration   `protobuf:"bytes,2,opt,name=ttl,proto3" json:"ttl,omitempty"`          // set when renewed
+	Expired       bool                   `protobuf:"varint,3,opt,name=expired,proto3" json:"expired,omitempty"` // set when the session no longer exists
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeepAliveResult) Reset() {
+	*x = KeepAliveResult{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeepAliveResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeepAliveResult) ProtoMessage() {}
+
+func (x *KeepAliveResult) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeepAliveResult.ProtoReflect.Descriptor instead.
+func (*KeepAliveResult) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *KeepAliveResult) GetSessionId() int64 {
 	if x != nil {
 		return x.SessionId
 	}
 	return 0
 }
 
-func (x *KeepAliveResponse) GetExpired() bool {
+func (x *KeepAliveResult) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+func (x *KeepAliveResult) GetExpired() bool {
 	if x != nil {
 		return x.Expired
 	}
 	return false
+}
+
+type KeepAliveBatchResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Results       []*KeepAliveResult     `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeepAliveBatchResult) Reset() {
+	*x = KeepAliveBatchResult{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeepAliveBatchResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeepAliveBatchResult) ProtoMessage() {}
+
+func (x *KeepAliveBatchResult) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeepAliveBatchResult.ProtoReflect.Descriptor instead.
+func (*KeepAliveBatchResult) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *KeepAliveBatchResult) GetResults() []*KeepAliveResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
 }
 
 type CloseSessionRequest struct {
@@ -503,7 +634,7 @@ type CloseSessionRequest struct {
 
 func (x *CloseSessionRequest) Reset() {
 	*x = CloseSessionRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[5]
+	mi := &file_beacon_v1_registry_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -515,7 +646,7 @@ func (x *CloseSessionRequest) String() string {
 func (*CloseSessionRequest) ProtoMessage() {}
 
 func (x *CloseSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[5]
+	mi := &file_beacon_v1_registry_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -528,7 +659,7 @@ func (x *CloseSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseSessionRequest.ProtoReflect.Descriptor instead.
 func (*CloseSessionRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{5}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CloseSessionRequest) GetSessionId() int64 {
@@ -546,7 +677,7 @@ type CloseSessionResponse struct {
 
 func (x *CloseSessionResponse) Reset() {
 	*x = CloseSessionResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[6]
+	mi := &file_beacon_v1_registry_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -558,7 +689,7 @@ func (x *CloseSessionResponse) String() string {
 func (*CloseSessionResponse) ProtoMessage() {}
 
 func (x *CloseSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[6]
+	mi := &file_beacon_v1_registry_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -571,7 +702,7 @@ func (x *CloseSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseSessionResponse.ProtoReflect.Descriptor instead.
 func (*CloseSessionResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{6}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{9}
 }
 
 type RegisterRequest struct {
@@ -586,7 +717,7 @@ type RegisterRequest struct {
 
 func (x *RegisterRequest) Reset() {
 	*x = RegisterRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[7]
+	mi := &file_beacon_v1_registry_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -598,7 +729,7 @@ func (x *RegisterRequest) String() string {
 func (*RegisterRequest) ProtoMessage() {}
 
 func (x *RegisterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[7]
+	mi := &file_beacon_v1_registry_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -611,7 +742,7 @@ func (x *RegisterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterRequest.ProtoReflect.Descriptor instead.
 func (*RegisterRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{7}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RegisterRequest) GetInstance() *Instance {
@@ -637,7 +768,7 @@ type RegisterResponse struct {
 
 func (x *RegisterResponse) Reset() {
 	*x = RegisterResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[8]
+	mi := &file_beacon_v1_registry_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -649,7 +780,7 @@ func (x *RegisterResponse) String() string {
 func (*RegisterResponse) ProtoMessage() {}
 
 func (x *RegisterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[8]
+	mi := &file_beacon_v1_registry_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -662,7 +793,7 @@ func (x *RegisterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterResponse.ProtoReflect.Descriptor instead.
 func (*RegisterResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{8}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RegisterResponse) GetRevision() int64 {
@@ -683,7 +814,7 @@ type DeregisterRequest struct {
 
 func (x *DeregisterRequest) Reset() {
 	*x = DeregisterRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[9]
+	mi := &file_beacon_v1_registry_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -695,7 +826,7 @@ func (x *DeregisterRequest) String() string {
 func (*DeregisterRequest) ProtoMessage() {}
 
 func (x *DeregisterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[9]
+	mi := &file_beacon_v1_registry_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -708,7 +839,7 @@ func (x *DeregisterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeregisterRequest.ProtoReflect.Descriptor instead.
 func (*DeregisterRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{9}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DeregisterRequest) GetNamespace() string {
@@ -742,7 +873,7 @@ type DeregisterResponse struct {
 
 func (x *DeregisterResponse) Reset() {
 	*x = DeregisterResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[10]
+	mi := &file_beacon_v1_registry_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -754,7 +885,7 @@ func (x *DeregisterResponse) String() string {
 func (*DeregisterResponse) ProtoMessage() {}
 
 func (x *DeregisterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[10]
+	mi := &file_beacon_v1_registry_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -767,7 +898,7 @@ func (x *DeregisterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeregisterResponse.ProtoReflect.Descriptor instead.
 func (*DeregisterResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{10}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DeregisterResponse) GetRevision() int64 {
@@ -796,7 +927,7 @@ type ListInstancesRequest struct {
 
 func (x *ListInstancesRequest) Reset() {
 	*x = ListInstancesRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[11]
+	mi := &file_beacon_v1_registry_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -808,7 +939,7 @@ func (x *ListInstancesRequest) String() string {
 func (*ListInstancesRequest) ProtoMessage() {}
 
 func (x *ListInstancesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[11]
+	mi := &file_beacon_v1_registry_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -821,7 +952,7 @@ func (x *ListInstancesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInstancesRequest.ProtoReflect.Descriptor instead.
 func (*ListInstancesRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{11}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListInstancesRequest) GetNamespace() string {
@@ -855,7 +986,7 @@ type ListInstancesResponse struct {
 
 func (x *ListInstancesResponse) Reset() {
 	*x = ListInstancesResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[12]
+	mi := &file_beacon_v1_registry_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -867,7 +998,7 @@ func (x *ListInstancesResponse) String() string {
 func (*ListInstancesResponse) ProtoMessage() {}
 
 func (x *ListInstancesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[12]
+	mi := &file_beacon_v1_registry_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -880,7 +1011,7 @@ func (x *ListInstancesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInstancesResponse.ProtoReflect.Descriptor instead.
 func (*ListInstancesResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{12}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListInstancesResponse) GetInstances() []*Instance {
@@ -906,7 +1037,7 @@ type ListServicesRequest struct {
 
 func (x *ListServicesRequest) Reset() {
 	*x = ListServicesRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[13]
+	mi := &file_beacon_v1_registry_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -918,7 +1049,7 @@ func (x *ListServicesRequest) String() string {
 func (*ListServicesRequest) ProtoMessage() {}
 
 func (x *ListServicesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[13]
+	mi := &file_beacon_v1_registry_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -931,7 +1062,7 @@ func (x *ListServicesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListServicesRequest.ProtoReflect.Descriptor instead.
 func (*ListServicesRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{13}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListServicesRequest) GetNamespace() string {
@@ -953,7 +1084,7 @@ type ServiceSummary struct {
 
 func (x *ServiceSummary) Reset() {
 	*x = ServiceSummary{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[14]
+	mi := &file_beacon_v1_registry_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -965,7 +1096,7 @@ func (x *ServiceSummary) String() string {
 func (*ServiceSummary) ProtoMessage() {}
 
 func (x *ServiceSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[14]
+	mi := &file_beacon_v1_registry_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -978,7 +1109,7 @@ func (x *ServiceSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServiceSummary.ProtoReflect.Descriptor instead.
 func (*ServiceSummary) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{14}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ServiceSummary) GetName() string {
@@ -1019,7 +1150,7 @@ type ListServicesResponse struct {
 
 func (x *ListServicesResponse) Reset() {
 	*x = ListServicesResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[15]
+	mi := &file_beacon_v1_registry_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1031,7 +1162,7 @@ func (x *ListServicesResponse) String() string {
 func (*ListServicesResponse) ProtoMessage() {}
 
 func (x *ListServicesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[15]
+	mi := &file_beacon_v1_registry_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1044,7 +1175,7 @@ func (x *ListServicesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListServicesResponse.ProtoReflect.Descriptor instead.
 func (*ListServicesResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{15}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ListServicesResponse) GetServices() []*ServiceSummary {
@@ -1075,7 +1206,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[16]
+	mi := &file_beacon_v1_registry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1087,7 +1218,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[16]
+	mi := &file_beacon_v1_registry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1100,7 +1231,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{16}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *WatchRequest) GetNamespace() string {
@@ -1137,7 +1268,7 @@ type ServiceSnapshot struct {
 
 func (x *ServiceSnapshot) Reset() {
 	*x = ServiceSnapshot{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[17]
+	mi := &file_beacon_v1_registry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1149,7 +1280,7 @@ func (x *ServiceSnapshot) String() string {
 func (*ServiceSnapshot) ProtoMessage() {}
 
 func (x *ServiceSnapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[17]
+	mi := &file_beacon_v1_registry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1162,7 +1293,7 @@ func (x *ServiceSnapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServiceSnapshot.ProtoReflect.Descriptor instead.
 func (*ServiceSnapshot) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{17}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ServiceSnapshot) GetNamespace() string {
@@ -1205,7 +1336,7 @@ type WatchResponse struct {
 
 func (x *WatchResponse) Reset() {
 	*x = WatchResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[18]
+	mi := &file_beacon_v1_registry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1217,7 +1348,7 @@ func (x *WatchResponse) String() string {
 func (*WatchResponse) ProtoMessage() {}
 
 func (x *WatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[18]
+	mi := &file_beacon_v1_registry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1230,7 +1361,7 @@ func (x *WatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
 func (*WatchResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{18}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *WatchResponse) GetSnapshots() []*ServiceSnapshot {
@@ -1281,12 +1412,19 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"1\n" +
 	"\x10KeepAliveRequest\x12\x1d\n" +
 	"\n" +
-	"session_id\x18\x01 \x01(\x03R\tsessionId\"y\n" +
+	"session_id\x18\x01 \x01(\x03R\tsessionId\"@\n" +
 	"\x11KeepAliveResponse\x12+\n" +
-	"\x03ttl\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x1d\n" +
+	"\x03ttl\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"1\n" +
+	"\x0eKeepAliveBatch\x12\x1f\n" +
+	"\vsession_ids\x18\x01 \x03(\x03R\n" +
+	"sessionIds\"w\n" +
+	"\x0fKeepAliveResult\x12\x1d\n" +
 	"\n" +
-	"session_id\x18\x02 \x01(\x03R\tsessionId\x12\x18\n" +
-	"\aexpired\x18\x03 \x01(\bR\aexpired\"4\n" +
+	"session_id\x18\x01 \x01(\x03R\tsessionId\x12+\n" +
+	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x18\n" +
+	"\aexpired\x18\x03 \x01(\bR\aexpired\"L\n" +
+	"\x14KeepAliveBatchResult\x124\n" +
+	"\aresults\x18\x01 \x03(\v2\x1a.beacon.v1.KeepAliveResultR\aresults\"4\n" +
 	"\x13CloseSessionRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\x03R\tsessionId\"\x16\n" +
@@ -1346,11 +1484,11 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x12HEALTH_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eHEALTH_PASSING\x10\x01\x12\x12\n" +
 	"\x0eHEALTH_WARNING\x10\x02\x12\x13\n" +
-	"\x0fHEALTH_CRITICAL\x10\x032\xcd\x05\n" +
+	"\x0fHEALTH_CRITICAL\x10\x032\xce\x05\n" +
 	"\x0fRegistryService\x12R\n" +
 	"\rCreateSession\x12\x1f.beacon.v1.CreateSessionRequest\x1a .beacon.v1.CreateSessionResponse\x12F\n" +
-	"\tKeepAlive\x12\x1b.beacon.v1.KeepAliveRequest\x1a\x1c.beacon.v1.KeepAliveResponse\x12P\n" +
-	"\x0fKeepAliveStream\x12\x1b.beacon.v1.KeepAliveRequest\x1a\x1c.beacon.v1.KeepAliveResponse(\x010\x01\x12O\n" +
+	"\tKeepAlive\x12\x1b.beacon.v1.KeepAliveRequest\x1a\x1c.beacon.v1.KeepAliveResponse\x12Q\n" +
+	"\x0fKeepAliveStream\x12\x19.beacon.v1.KeepAliveBatch\x1a\x1f.beacon.v1.KeepAliveBatchResult(\x010\x01\x12O\n" +
 	"\fCloseSession\x12\x1e.beacon.v1.CloseSessionRequest\x1a\x1f.beacon.v1.CloseSessionResponse\x12C\n" +
 	"\bRegister\x12\x1a.beacon.v1.RegisterRequest\x1a\x1b.beacon.v1.RegisterResponse\x12I\n" +
 	"\n" +
@@ -1372,7 +1510,7 @@ func file_beacon_v1_registry_proto_rawDescGZIP() []byte {
 }
 
 var file_beacon_v1_registry_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_beacon_v1_registry_proto_goTypes = []any{
 	(Status)(0),                   // 0: beacon.v1.Status
 	(Health)(0),                   // 1: beacon.v1.Health
@@ -1381,60 +1519,65 @@ var file_beacon_v1_registry_proto_goTypes = []any{
 	(*CreateSessionResponse)(nil), // 4: beacon.v1.CreateSessionResponse
 	(*KeepAliveRequest)(nil),      // 5: beacon.v1.KeepAliveRequest
 	(*KeepAliveResponse)(nil),     // 6: beacon.v1.KeepAliveResponse
-	(*CloseSessionRequest)(nil),   // 7: beacon.v1.CloseSessionRequest
-	(*CloseSessionResponse)(nil),  // 8: beacon.v1.CloseSessionResponse
-	(*RegisterRequest)(nil),       // 9: beacon.v1.RegisterRequest
-	(*RegisterResponse)(nil),      // 10: beacon.v1.RegisterResponse
-	(*DeregisterRequest)(nil),     // 11: beacon.v1.DeregisterRequest
-	(*DeregisterResponse)(nil),    // 12: beacon.v1.DeregisterResponse
-	(*ListInstancesRequest)(nil),  // 13: beacon.v1.ListInstancesRequest
-	(*ListInstancesResponse)(nil), // 14: beacon.v1.ListInstancesResponse
-	(*ListServicesRequest)(nil),   // 15: beacon.v1.ListServicesRequest
-	(*ServiceSummary)(nil),        // 16: beacon.v1.ServiceSummary
-	(*ListServicesResponse)(nil),  // 17: beacon.v1.ListServicesResponse
-	(*WatchRequest)(nil),          // 18: beacon.v1.WatchRequest
-	(*ServiceSnapshot)(nil),       // 19: beacon.v1.ServiceSnapshot
-	(*WatchResponse)(nil),         // 20: beacon.v1.WatchResponse
-	nil,                           // 21: beacon.v1.Instance.MetadataEntry
-	nil,                           // 22: beacon.v1.WatchRequest.KnownRevisionsEntry
-	(*durationpb.Duration)(nil),   // 23: google.protobuf.Duration
+	(*KeepAliveBatch)(nil),        // 7: beacon.v1.KeepAliveBatch
+	(*KeepAliveResult)(nil),       // 8: beacon.v1.KeepAliveResult
+	(*KeepAliveBatchResult)(nil),  // 9: beacon.v1.KeepAliveBatchResult
+	(*CloseSessionRequest)(nil),   // 10: beacon.v1.CloseSessionRequest
+	(*CloseSessionResponse)(nil),  // 11: beacon.v1.CloseSessionResponse
+	(*RegisterRequest)(nil),       // 12: beacon.v1.RegisterRequest
+	(*RegisterResponse)(nil),      // 13: beacon.v1.RegisterResponse
+	(*DeregisterRequest)(nil),     // 14: beacon.v1.DeregisterRequest
+	(*DeregisterResponse)(nil),    // 15: beacon.v1.DeregisterResponse
+	(*ListInstancesRequest)(nil),  // 16: beacon.v1.ListInstancesRequest
+	(*ListInstancesResponse)(nil), // 17: beacon.v1.ListInstancesResponse
+	(*ListServicesRequest)(nil),   // 18: beacon.v1.ListServicesRequest
+	(*ServiceSummary)(nil),        // 19: beacon.v1.ServiceSummary
+	(*ListServicesResponse)(nil),  // 20: beacon.v1.ListServicesResponse
+	(*WatchRequest)(nil),          // 21: beacon.v1.WatchRequest
+	(*ServiceSnapshot)(nil),       // 22: beacon.v1.ServiceSnapshot
+	(*WatchResponse)(nil),         // 23: beacon.v1.WatchResponse
+	nil,                           // 24: beacon.v1.Instance.MetadataEntry
+	nil,                           // 25: beacon.v1.WatchRequest.KnownRevisionsEntry
+	(*durationpb.Duration)(nil),   // 26: google.protobuf.Duration
 }
 var file_beacon_v1_registry_proto_depIdxs = []int32{
-	21, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
+	24, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
 	0,  // 1: beacon.v1.Instance.status:type_name -> beacon.v1.Status
 	1,  // 2: beacon.v1.Instance.health:type_name -> beacon.v1.Health
-	23, // 3: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
-	23, // 4: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
-	23, // 5: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
-	2,  // 6: beacon.v1.RegisterRequest.instance:type_name -> beacon.v1.Instance
-	2,  // 7: beacon.v1.ListInstancesResponse.instances:type_name -> beacon.v1.Instance
-	16, // 8: beacon.v1.ListServicesResponse.services:type_name -> beacon.v1.ServiceSummary
-	22, // 9: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
-	2,  // 10: beacon.v1.ServiceSnapshot.instances:type_name -> beacon.v1.Instance
-	19, // 11: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
-	3,  // 12: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
-	5,  // 13: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
-	5,  // 14: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveRequest
-	7,  // 15: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
-	9,  // 16: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
-	11, // 17: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
-	13, // 18: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
-	15, // 19: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
-	18, // 20: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
-	4,  // 21: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
-	6,  // 22: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
-	6,  // 23: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveResponse
-	8,  // 24: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
-	10, // 25: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
-	12, // 26: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
-	14, // 27: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
-	17, // 28: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
-	20, // 29: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
-	21, // [21:30] is the sub-list for method output_type
-	12, // [12:21] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	26, // 3: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
+	26, // 4: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
+	26, // 5: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
+	26, // 6: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
+	8,  // 7: beacon.v1.KeepAliveBatchResult.results:type_name -> beacon.v1.KeepAliveResult
+	2,  // 8: beacon.v1.RegisterRequest.instance:type_name -> beacon.v1.Instance
+	2,  // 9: beacon.v1.ListInstancesResponse.instances:type_name -> beacon.v1.Instance
+	19, // 10: beacon.v1.ListServicesResponse.services:type_name -> beacon.v1.ServiceSummary
+	25, // 11: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
+	2,  // 12: beacon.v1.ServiceSnapshot.instances:type_name -> beacon.v1.Instance
+	22, // 13: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
+	3,  // 14: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
+	5,  // 15: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
+	7,  // 16: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
+	10, // 17: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
+	12, // 18: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
+	14, // 19: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
+	16, // 20: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
+	18, // 21: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
+	21, // 22: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
+	4,  // 23: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
+	6,  // 24: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
+	9,  // 25: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
+	11, // 26: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
+	13, // 27: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
+	15, // 28: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
+	17, // 29: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
+	20, // 30: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
+	23, // 31: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
+	23, // [23:32] is the sub-list for method output_type
+	14, // [14:23] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_beacon_v1_registry_proto_init() }
@@ -1448,7 +1591,7 @@ func file_beacon_v1_registry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_beacon_v1_registry_proto_rawDesc), len(file_beacon_v1_registry_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   21,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

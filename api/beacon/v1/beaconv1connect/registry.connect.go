@@ -68,10 +68,10 @@ const (
 type RegistryServiceClient interface {
 	CreateSession(context.Context, *connect.Request[v1.CreateSessionRequest]) (*connect.Response[v1.CreateSessionResponse], error)
 	KeepAlive(context.Context, *connect.Request[v1.KeepAliveRequest]) (*connect.Response[v1.KeepAliveResponse], error)
-	// KeepAliveStream renews sessions over one long-lived stream: one small
-	// message per heartbeat instead of one HTTP/2 request. Each request gets
-	// a response with its session_id, and expired set if the session is gone.
-	KeepAliveStream(context.Context) *connect.BidiStreamForClient[v1.KeepAliveRequest, v1.KeepAliveResponse]
+	// KeepAliveStream renews sessions over one long-lived stream: a message
+	// carries the heartbeats of several sessions, and is answered by one
+	// message with a result per session, in any order relative to others.
+	KeepAliveStream(context.Context) *connect.BidiStreamForClient[v1.KeepAliveBatch, v1.KeepAliveBatchResult]
 	CloseSession(context.Context, *connect.Request[v1.CloseSessionRequest]) (*connect.Response[v1.CloseSessionResponse], error)
 	Register(context.Context, *connect.Request[v1.RegisterRequest]) (*connect.Response[v1.RegisterResponse], error)
 	Deregister(context.Context, *connect.Request[v1.DeregisterRequest]) (*connect.Response[v1.DeregisterResponse], error)
@@ -103,7 +103,7 @@ func NewRegistryServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 			connect.WithSchema(registryServiceMethods.ByName("KeepAlive")),
 			connect.WithClientOptions(opts...),
 		),
-		keepAliveStream: connect.NewClient[v1.KeepAliveRequest, v1.KeepAliveResponse](
+		keepAliveStream: connect.NewClient[v1.KeepAliveBatch, v1.KeepAliveBatchResult](
 			httpClient,
 			baseURL+RegistryServiceKeepAliveStreamProcedure,
 			connect.WithSchema(registryServiceMethods.ByName("KeepAliveStream")),
@@ -154,7 +154,7 @@ func NewRegistryServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 type registryServiceClient struct {
 	createSession   *connect.Client[v1.CreateSessionRequest, v1.CreateSessionResponse]
 	keepAlive       *connect.Client[v1.KeepAliveRequest, v1.KeepAliveResponse]
-	keepAliveStream *connect.Client[v1.KeepAliveRequest, v1.KeepAliveResponse]
+	keepAliveStream *connect.Client[v1.KeepAliveBatch, v1.KeepAliveBatchResult]
 	closeSession    *connect.Client[v1.CloseSessionRequest, v1.CloseSessionResponse]
 	register        *connect.Client[v1.RegisterRequest, v1.RegisterResponse]
 	deregister      *connect.Client[v1.DeregisterRequest, v1.DeregisterResponse]
@@ -174,7 +174,7 @@ func (c *registryServiceClient) KeepAlive(ctx context.Context, req *connect.Requ
 }
 
 // KeepAliveStream calls beacon.v1.RegistryService.KeepAliveStream.
-func (c *registryServiceClient) KeepAliveStream(ctx context.Context) *connect.BidiStreamForClient[v1.KeepAliveRequest, v1.KeepAliveResponse] {
+func (c *registryServiceClient) KeepAliveStream(ctx context.Context) *connect.BidiStreamForClient[v1.KeepAliveBatch, v1.KeepAliveBatchResult] {
 	return c.keepAliveStream.CallBidiStream(ctx)
 }
 
@@ -212,10 +212,10 @@ func (c *registryServiceClient) Watch(ctx context.Context, req *connect.Request[
 type RegistryServiceHandler interface {
 	CreateSession(context.Context, *connect.Request[v1.CreateSessionRequest]) (*connect.Response[v1.CreateSessionResponse], error)
 	KeepAlive(context.Context, *connect.Request[v1.KeepAliveRequest]) (*connect.Response[v1.KeepAliveResponse], error)
-	// KeepAliveStream renews sessions over one long-lived stream: one small
-	// message per heartbeat instead of one HTTP/2 request. Each request gets
-	// a response with its session_id, and expired set if the session is gone.
-	KeepAliveStream(context.Context, *connect.BidiStream[v1.KeepAliveRequest, v1.KeepAliveResponse]) error
+	// KeepAliveStream renews sessions over one long-lived stream: a message
+	// carries the heartbeats of several sessions, and is answered by one
+	// message with a result per session, in any order relative to others.
+	KeepAliveStream(context.Context, *connect.BidiStream[v1.KeepAliveBatch, v1.KeepAliveBatchResult]) error
 	CloseSession(context.Context, *connect.Request[v1.CloseSessionRequest]) (*connect.Response[v1.CloseSessionResponse], error)
 	Register(context.Context, *connect.Request[v1.RegisterRequest]) (*connect.Response[v1.RegisterResponse], error)
 	Deregister(context.Context, *connect.Request[v1.DeregisterRequest]) (*connect.Response[v1.DeregisterResponse], error)
@@ -324,7 +324,7 @@ func (UnimplementedRegistryServiceHandler) KeepAlive(context.Context, *connect.R
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.KeepAlive is not implemented"))
 }
 
-func (UnimplementedRegistryServiceHandler) KeepAliveStream(context.Context, *connect.BidiStream[v1.KeepAliveRequest, v1.KeepAliveResponse]) error {
+func (UnimplementedRegistryServiceHandler) KeepAliveStream(context.Context, *connect.BidiStream[v1.KeepAliveBatch, v1.KeepAliveBatchResult]) error {
 	return connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.KeepAliveStream is not implemented"))
 }
 
