@@ -116,10 +116,32 @@ func (a api) KeepAliveStream(ctx context.Context, stream *connect.BidiStream[bea
 		wg     sync.WaitGroup
 	)
 	defer wg.Wait()
+	// Receive blocks on the request body, which a cancelled context does
+	// not interrupt: read in a goroutine so that server shutdown ends this
+	// handler at once. Returning closes the body, which ends the reader.
+	reqs, recvDone := make(chan *beaconv1.KeepAliveBatch), make(chan struct{})
+	go func() {
+		defer close(recvDone)
+		for {
+			req, err := stream.Receive()
+			if err != nil {
+				return // the client closed the stream or went away
+			}
+			select {
+			case reqs <- req:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
 	for {
-		req, err := stream.Receive()
-		if err != nil {
-			return nil // the client closed the stream or went away
+		var req *beaconv1.KeepAliveBatch
+		select {
+		case req = <-reqs:
+		case <-recvDone:
+			return nil
+		case <-ctx.Done():
+			return nil
 		}
 		ids := req.GetSessionIds()
 		if len(ids) > maxKeepAliveBatch {

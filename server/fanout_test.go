@@ -22,6 +22,17 @@ import (
 
 func metric(t *testing.T, srv *server.Server, name string) float64 {
 	t.Helper()
+	v, ok := metricValue(t, srv, name)
+	if !ok {
+		t.Fatalf("metric %s not found", name)
+	}
+	return v
+}
+
+// metricValue reads one sample from /metrics; ok is false when it has not
+// been recorded yet.
+func metricValue(t *testing.T, srv *server.Server, name string) (v float64, ok bool) {
+	t.Helper()
 	resp, err := http.Get("http://" + srv.Addr() + "/metrics")
 	if err != nil {
 		t.Fatal(err)
@@ -30,10 +41,10 @@ func metric(t *testing.T, srv *server.Server, name string) float64 {
 	b, _ := io.ReadAll(resp.Body)
 	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindSubmatch(b)
 	if m == nil {
-		t.Fatalf("metric %s not found", name)
+		return 0, false
 	}
-	v, _ := strconv.ParseFloat(string(m[1]), 64)
-	return v
+	v, _ = strconv.ParseFloat(string(m[1]), 64)
+	return v, true
 }
 
 func heapMB() uint64 {
