@@ -37,22 +37,17 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "building beacon:", err)
 		os.Exit(1)
 	}
-	code := 0
-	func() {
-		defer os.RemoveAll(dir)
-		goleak.VerifyTestMain(exitRecorder{m, &code}, testutil.LeakOptions()...)
-	}()
+	code := m.Run()
+	if code == 0 {
+		// goleak.VerifyTestMain would exit before the binary is removed.
+		if err := goleak.Find(testutil.LeakOptions()...); err != nil {
+			fmt.Fprintln(os.Stderr, "goleak:", err)
+			code = 1
+		}
+	}
+	os.RemoveAll(dir)
 	os.Exit(code)
 }
-
-// exitRecorder lets TestMain clean up after goleak's VerifyTestMain, which
-// would otherwise exit first.
-type exitRecorder struct {
-	m    *testing.M
-	code *int
-}
-
-func (e exitRecorder) Run() int { *e.code = e.m.Run(); return *e.code }
 
 // proc is a child process whose output is collected line by line.
 type proc struct {

@@ -191,3 +191,22 @@ func TestStuckSubscriberIsCoalesced(t *testing.T) {
 		}
 	}
 }
+
+// Writes outside beacon's prefix advance etcd's revision without any event
+// for the view; WaitRevision must still finish (through a progress
+// report), or every linearizable read would wait for its timeout.
+func TestWaitRevisionWithUnrelatedWrites(t *testing.T) {
+	addr, st := etcdFor(t)
+	v := startView(t, etcdClient(t, addr), view.Hooks{})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	resp, err := st.Client().Put(ctx, "/somebody-else/key", "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer wcancel()
+	if err := v.WaitRevision(wctx, resp.Header.Revision); err != nil {
+		t.Fatalf("WaitRevision(%d) after an unrelated write = %v; the view is at %d", resp.Header.Revision, err, v.Revision())
+	}
+}
