@@ -183,6 +183,9 @@ func TestNDJSONWatch(t *testing.T) {
 func TestMetricsExposeStableNames(t *testing.T) {
 	srv := startServer(t)
 	post(t, srv, "Register", `{"instance":{"service":"orders","id":"o-1","address":"127.0.0.1","port":9001}}`)
+	// Gauges come from the view; a (linearizable) read makes sure it has
+	// applied the registration.
+	post(t, srv, "ListServices", `{}`)
 	resp, err := http.Get("http://" + srv.Addr() + "/metrics")
 	if err != nil {
 		t.Fatal(err)
