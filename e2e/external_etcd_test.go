@@ -58,12 +58,7 @@ func TestExternalEtcd34(t *testing.T) {
 	}
 	p := registerProc(t, addr, "ephemeral")
 	waitInstances(ctx, t, w, "orders", "ephemeral", "persistent")
-	t0 := time.Now()
-	p.signal(syscall.SIGKILL)
-	gone, _ := waitInstances(ctx, t, w, "orders", "persistent")
-	if d := gone.Sub(t0); d > ttl+time.Second {
-		t.Errorf("SIGKILLed client's instance left after %s, want within %s", d, ttl+time.Second)
-	}
+	killAndExpectExpiry(ctx, t, p, w, "persistent")
 	// Restart the server: everything lives in etcd.
 	srv.stop(syscall.SIGTERM)
 	srv.start()

@@ -33,23 +33,31 @@ func TestKilledClientExpiresWithinTTL(t *testing.T) {
 	stopped := registerProc(t, srv.addr, "stopped")
 	waitInstances(ctx, t, w, "orders", "killed", "stopped")
 
-	t0 := time.Now()
-	killed.signal(syscall.SIGKILL)
-	gone, _ := waitInstances(ctx, t, w, "orders", "stopped")
-	if d := gone.Sub(t0); d > ttl+time.Second {
-		t.Errorf("SIGKILLed client's instance left after %s, want within TTL+1s = %s", d, ttl+time.Second)
-	} else {
-		t.Logf("SIGKILLed client's instance left after %s (TTL %s)", d.Round(time.Millisecond), ttl)
-	}
+	killAndExpectExpiry(ctx, t, killed, w, "stopped")
 
-	t0 = time.Now()
+	t0 := time.Now()
 	stopped.signal(syscall.SIGTERM)
-	gone, _ = waitInstances(ctx, t, w, "orders")
+	gone, _ := waitInstances(ctx, t, w, "orders")
 	if code := stopped.wait(10 * time.Second); code != 0 {
 		t.Errorf("beacon register exit code after SIGTERM = %d, want 0", code)
 	}
 	if d := gone.Sub(t0); d > time.Second {
 		t.Errorf("closed session's instance left after %s, want at once (< 1s)", d)
+	}
+}
+
+// killAndExpectExpiry SIGKILLs a `beacon register` process and checks
+// that its instance leaves the watcher's view within TTL + 1 s, leaving
+// the instances named in remaining.
+func killAndExpectExpiry(ctx context.Context, t *testing.T, p *proc, w *client.Watcher, remaining ...string) {
+	t.Helper()
+	t0 := time.Now()
+	p.signal(syscall.SIGKILL)
+	gone, _ := waitInstances(ctx, t, w, "orders", remaining...)
+	if d := gone.Sub(t0); d > ttl+time.Second {
+		t.Errorf("SIGKILLed client's instance left after %s, want within TTL+1s = %s", d, ttl+time.Second)
+	} else {
+		t.Logf("SIGKILLed client's instance left after %s (TTL %s)", d.Round(time.Millisecond), ttl)
 	}
 }
 
