@@ -105,15 +105,20 @@ func (a api) keepAlive(ctx context.Context, id int64) (time.Duration, error) {
 	return r.TTL, r.Err
 }
 
-// maxKeepAliveBatch bounds the sessions one KeepAliveStream message renews.
-const maxKeepAliveBatch = 10000
+// maxKeepAliveBatch bounds the sessions one KeepAliveStream message renews,
+// and maxKeepAliveBatchesInFlight the messages of one stream being renewed.
+const (
+	maxKeepAliveBatch           = 10000
+	maxKeepAliveBatchesInFlight = 16
+)
 
 // KeepAliveStream renews each message's sessions together and answers with
 // one message; a batch still in etcd does not hold up the next one.
 func (a api) KeepAliveStream(ctx context.Context, stream *connect.BidiStream[beaconv1.KeepAliveBatch, beaconv1.KeepAliveBatchResult]) error {
 	var (
-		sendMu sync.Mutex
-		wg     sync.WaitGroup
+		sendMu   sync.Mutex
+		wg       sync.WaitGroup
+		inFlight = make(chan struct{}, maxKeepAliveBatchesInFlight)
 	)
 	defer wg.Wait()
 	// Receive blocks on the request body, which a cancelled context does
@@ -152,9 +157,15 @@ func (a api) KeepAliveStream(ctx context.Context, stream *connect.BidiStream[bea
 				return toConnectError(&registry.FieldError{Field: fmt.Sprintf("session_ids[%d]", i), Reason: "must be set"})
 			}
 		}
+		select { // a client that floods the stream waits, it does not pile up goroutines
+		case inFlight <- struct{}{}:
+		case <-ctx.Done():
+			return nil
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			defer func() { <-inFlight }()
 			resp := &beaconv1.KeepAliveBatchResult{Results: make([]*beaconv1.KeepAliveResult, len(ids))}
 			for i, r := range a.s.store.KeepAliveMany(ctx, ids) {
 				a.s.metrics.countKeepAlive(r.Err)
