@@ -68,4 +68,3 @@ func TestExternalEtcd34(t *testing.T) {
 		t.Fatalf("Instances after restart = %v, %v", snap, err)
 	}
 }
-
