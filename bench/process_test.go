@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -83,17 +82,10 @@ func (p *serverProcess) rssBytes(b *testing.B) float64 {
 }
 
 func (p *serverProcess) metric(b *testing.B, name string) float64 {
-	resp, err := http.Get("http://" + p.addr + "/metrics")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindSubmatch(body)
-	if m == nil {
+	v, ok := testutil.Metric(b, p.addr, name)
+	if !ok {
 		b.Fatalf("no metric %s", name)
 	}
-	v, _ := strconv.ParseFloat(string(m[1]), 64)
 	return v
 }
 

@@ -195,9 +195,8 @@ func (a api) CloseSession(ctx context.Context, req *connect.Request[beaconv1.Clo
 	return connect.NewResponse(&beaconv1.CloseSessionResponse{}), nil
 }
 
-// InstanceForRegister turns a register request into a validated instance.
-// It is exported to the package's fuzz test through the same path the
-// handler uses.
+// instanceForRegister turns a register request into a validated instance;
+// the handler and FuzzRegisterJSON share it.
 func instanceForRegister(msg *beaconv1.RegisterRequest) (*registry.Instance, error) {
 	if msg.GetInstance() == nil {
 		return nil, &registry.FieldError{Field: "instance", Reason: "must be set"}

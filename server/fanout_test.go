@@ -3,12 +3,9 @@ package server_test
 import (
 	"context"
 	"fmt"
-	"io"
 	"net/http"
-	"regexp"
 	"runtime"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -29,22 +26,10 @@ func metric(t *testing.T, srv *server.Server, name string) float64 {
 	return v
 }
 
-// metricValue reads one sample from /metrics; ok is false when it has not
-// been recorded yet.
-func metricValue(t *testing.T, srv *server.Server, name string) (v float64, ok bool) {
+// metricValue reads one sample; ok is false when it has not been recorded.
+func metricValue(t *testing.T, srv *server.Server, name string) (float64, bool) {
 	t.Helper()
-	resp, err := http.Get("http://" + srv.Addr() + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindSubmatch(b)
-	if m == nil {
-		return 0, false
-	}
-	v, _ = strconv.ParseFloat(string(m[1]), 64)
-	return v, true
+	return testutil.Metric(t, srv.Addr(), name)
 }
 
 func heapMB() uint64 {

@@ -38,7 +38,6 @@ type Server struct {
 	wg        sync.WaitGroup
 	closing   atomic.Bool // set when Close starts; silences etcd's shutdown noise
 	closeOnce sync.Once
-	closeErr  error
 }
 
 // Start starts a server: it binds the API address, starts (or connects to)
@@ -169,7 +168,7 @@ func (s *Server) Close() error {
 		s.cli.Close()
 		s.stopEtcd()
 	})
-	return s.closeErr
+	return nil
 }
 
 func (s *Server) stopEtcd() {

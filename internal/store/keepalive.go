@@ -37,12 +37,6 @@ func newKeepAliver(cli *clientv3.Client) *keepAliver {
 	return &keepAliver{cli: cli, waiters: waitq.New[clientv3.LeaseID, kaResult]()}
 }
 
-// keepAlive renews lease id once and returns the TTL etcd granted.
-func (k *keepAliver) keepAlive(ctx context.Context, id clientv3.LeaseID) (int64, error) {
-	r := k.keepAliveMany(ctx, []clientv3.LeaseID{id})[0]
-	return r.ttl, r.err
-}
-
 // keepAliveMany renews several leases: every request goes out before any
 // answer is awaited, so the gRPC transport can coalesce the writes.
 func (k *keepAliver) keepAliveMany(ctx context.Context, ids []clientv3.LeaseID) []kaResult {

@@ -68,15 +68,6 @@ func (s *Store) CreateSession(ctx context.Context, ttl time.Duration, name strin
 	return int64(lease.ID), time.Duration(lease.TTL) * time.Second, nil
 }
 
-// KeepAlive renews a session and returns its TTL.
-func (s *Store) KeepAlive(ctx context.Context, id int64) (time.Duration, error) {
-	ttl, err := s.ka.keepAlive(ctx, clientv3.LeaseID(id))
-	if err != nil {
-		return 0, err
-	}
-	return time.Duration(ttl) * time.Second, nil
-}
-
 // KeepAliveResult is the outcome of renewing one session.
 type KeepAliveResult struct {
 	TTL time.Duration

@@ -64,10 +64,11 @@ func TestConcurrentRegistrationsKeepTheirOwnOutcome(t *testing.T) {
 			t.Errorf("registration %d = %v, want success", i, err)
 		}
 	}
-	if _, err := st.KeepAlive(ctx, dead); !errors.Is(err, store.ErrSessionNotFound) {
-		t.Errorf("KeepAlive(closed session) = %v, want ErrSessionNotFound", err)
+	res := st.KeepAliveMany(ctx, []int64{dead, live})
+	if !errors.Is(res[0].Err, store.ErrSessionNotFound) {
+		t.Errorf("KeepAliveMany(closed session) = %v, want ErrSessionNotFound", res[0].Err)
 	}
-	if ttl, err := st.KeepAlive(ctx, live); err != nil || ttl != 10*time.Second {
-		t.Errorf("KeepAlive(live) = %v, %v; want 10s", ttl, err)
+	if res[1].Err != nil || res[1].TTL != 10*time.Second {
+		t.Errorf("KeepAliveMany(live) = %v, %v; want 10s", res[1].TTL, res[1].Err)
 	}
 }

@@ -23,7 +23,6 @@ import (
 type Hooks struct {
 	Relisted  func(compacted bool)
 	BadRecord func(key string, err error)
-	Published func(services int)
 }
 
 // View is the in-memory replica. Create it with New and start it with Run.
@@ -340,9 +339,6 @@ func (v *View) advance(rev int64, published []Published) {
 	now := time.Now()
 	for _, s := range subs {
 		s.offer(published, now)
-	}
-	if v.hooks.Published != nil {
-		v.hooks.Published(len(published))
 	}
 }
 
