@@ -1,0 +1,257 @@
+package balancer
+
+import (
+	"context"
+	"math"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jonboulle/clockwork"
+
+	"beacon.dev/beacon/endpoint"
+	"beacon.dev/beacon/outlier"
+)
+
+// Balancer turns a service's endpoint sets into pickers. Updates (new sets,
+// ejections, slow-start steps) are serialised and each publishes a new
+// immutable route; Pick reads the current one without locking. A Balancer is
+// safe for concurrent use.
+type Balancer struct {
+	builder  Builder
+	cfg      Config
+	clock    clockwork.Clock
+	rand     func() uint64
+	detector *outlier.Detector
+	group    endpoint.Group
+	route    atomic.Pointer[route]
+
+	outlierCfg  *outlier.Config
+	outlierOpts []outlier.Option
+
+	mu        sync.Mutex
+	set       endpoint.Set
+	updated   bool                       // guarded by mu; an update arrived
+	stats     map[string]*endpoint.Stats // guarded by mu; by ID, kept across updates
+	firstSeen map[string]time.Time       // guarded by mu; zero: present from the start
+	ramp      clockwork.Timer            // guarded by mu; next slow-start step
+	closed    bool                       // guarded by mu
+}
+
+// Option configures a Balancer.
+type Option func(*Balancer)
+
+// WithClock replaces the wall clock (tests).
+func WithClock(c clockwork.Clock) Option { return func(b *Balancer) { b.clock = c } }
+
+// WithRand replaces the random source (tests). f need not be safe for
+// concurrent use only if Pick is called from one goroutine.
+func WithRand(f func() uint64) Option { return func(b *Balancer) { b.rand = f } }
+
+// WithOutlierDetection ejects failing endpoints, fed by Done. The
+// detector's clock is the balancer's.
+func WithOutlierDetection(cfg outlier.Config, opts ...outlier.Option) Option {
+	return func(b *Balancer) { b.outlierCfg, b.outlierOpts = &cfg, opts }
+}
+
+// New returns a balancer with no endpoints; Pick fails with ErrNoEndpoint
+// until the first Update.
+func New(builder Builder, cfg Config, opts ...Option) (*Balancer, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	b := &Balancer{
+		builder: builder, cfg: cfg, clock: clockwork.NewRealClock(),
+		stats: make(map[string]*endpoint.Stats), firstSeen: make(map[string]time.Time),
+	}
+	for _, o := range opts {
+		o(b)
+	}
+	if b.rand == nil {
+		b.rand = BuildOptions{}.RandFunc()
+	}
+	if b.outlierCfg != nil {
+		dopts := append([]outlier.Option{outlier.WithClock(b.clock), outlier.WithOnChange(b.rebuild)}, b.outlierOpts...)
+		if b.detector, err = outlier.New(*b.outlierCfg, dopts...); err != nil {
+			return nil, err
+		}
+	}
+	b.route.Store(&route{})
+	return b, nil
+}
+
+// Name returns the algorithm's name.
+func (b *Balancer) Name() string { return b.builder.Name() }
+
+// Outlier returns the outlier detector, nil without WithOutlierDetection.
+func (b *Balancer) Outlier() *outlier.Detector { return b.detector }
+
+// Close stops the timers of slow start and outlier detection.
+func (b *Balancer) Close() {
+	b.mu.Lock()
+	b.closed = true
+	if b.ramp != nil {
+		b.ramp.Stop()
+	}
+	b.mu.Unlock()
+	if b.detector != nil {
+		b.detector.Close()
+	}
+}
+
+// Pick chooses an endpoint and counts the call as in flight on it. Every
+// successful Pick must be followed by exactly one Done.
+func (b *Balancer) Pick(info PickInfo) (*endpoint.Endpoint, error) {
+	ep, err := b.route.Load().pick(info)
+	if err != nil {
+		return nil, err
+	}
+	ep.Stats.Begin()
+	return ep, nil
+}
+
+// Done records the outcome of a call to an endpoint returned by Pick:
+// latency for least-request balancing, success or failure for outlier
+// detection.
+func (b *Balancer) Done(ep *endpoint.Endpoint, rtt time.Duration, failed bool) {
+	streak := ep.Stats.End(b.clock.Now().UnixNano(), rtt, failed)
+	if failed && b.detector != nil {
+		b.detector.Observe(ep, streak)
+	}
+}
+
+// Update replaces the endpoints. Endpoints keep their counters across
+// updates by ID. Updates older than the current revision are ignored.
+func (b *Balancer) Update(set endpoint.Set) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed || (b.updated && set.Revision < b.set.Revision) {
+		return
+	}
+	now := b.clock.Now()
+	seen := make(map[string]bool, len(set.Endpoints))
+	for _, e := range set.Endpoints {
+		seen[e.ID] = true
+		if _, ok := b.stats[e.ID]; !ok {
+			st := new(endpoint.Stats)
+			st.Join(&b.group)
+			b.stats[e.ID] = st
+			if b.updated {
+				b.firstSeen[e.ID] = now
+			} else {
+				b.firstSeen[e.ID] = time.Time{}
+			}
+		}
+	}
+	for id := range b.stats {
+		if !seen[id] {
+			delete(b.stats, id)
+			delete(b.firstSeen, id)
+		}
+	}
+	b.set, b.updated = set, true
+	b.rebuildLocked()
+}
+
+// Source is what Run follows: a notification channel that receives after
+// every change, and the latest set.
+type Source interface {
+	Changed() <-chan struct{}
+	Endpoints() endpoint.Set
+}
+
+// Run applies every set the source publishes until ctx ends.
+func (b *Balancer) Run(ctx context.Context, src Source) error {
+	for {
+		b.Update(src.Endpoints())
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-src.Changed():
+		}
+	}
+}
+
+func (b *Balancer) rebuild() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.closed {
+		b.rebuildLocked()
+	}
+}
+
+// rebuildLocked publishes a new route from the current set, ejections and
+// slow-start weights.
+func (b *Balancer) rebuildLocked() {
+	now := b.clock.Now()
+	eps := make([]*endpoint.Endpoint, len(b.set.Endpoints))
+	copies := make([]endpoint.Endpoint, len(b.set.Endpoints))
+	ramping := 0
+	for i, e := range b.set.Endpoints {
+		copies[i] = *e
+		c := &copies[i]
+		c.Stats = b.stats[e.ID]
+		if f, ok := b.rampFactor(now, b.firstSeen[e.ID]); ok {
+			c.Weight = max(1, int(math.Round(float64(c.Weight)*f)))
+			ramping++
+		}
+		eps[i] = c
+	}
+	var ejected map[string]bool
+	if b.detector != nil {
+		b.detector.SetEndpoints(eps)
+		ejected = b.detector.EjectedSet()
+	}
+	r := buildRoute(b.cfg, b.builder, eps, ejected, BuildOptions{Rand: b.rand, Group: &b.group})
+	r.state.Revision, r.state.Ramping = b.set.Revision, ramping
+	b.route.Store(r)
+	if b.ramp != nil {
+		b.ramp.Stop()
+		b.ramp = nil
+	}
+	if ramping > 0 {
+		b.ramp = b.clock.AfterFunc(max(b.cfg.SlowStart/20, 10*time.Millisecond), b.rebuild)
+	}
+}
+
+// rampFactor returns the slow-start weight factor for an endpoint first
+// seen at since, and whether it is still ramping.
+func (b *Balancer) rampFactor(now, since time.Time) (float64, bool) {
+	if b.cfg.SlowStart <= 0 || since.IsZero() {
+		return 1, false
+	}
+	age := now.Sub(since)
+	if age >= b.cfg.SlowStart {
+		return 1, false
+	}
+	f := math.Pow(max(age.Seconds(), 0)/b.cfg.SlowStart.Seconds(), 1/b.cfg.SlowStartAggression)
+	return max(f, float64(b.cfg.SlowStartMinPercent)/100), true
+}
+
+// State describes how the balancer routes right now.
+type State struct {
+	Revision  int64
+	Endpoints int
+	Ejected   int
+	Ramping   int // endpoints in slow start
+	Subsets   []SubsetState
+}
+
+// SubsetState describes one subset's route.
+type SubsetState struct {
+	Name      string
+	Endpoints int  // matching the subset
+	Tier      int  // tier in use; -1 in panic
+	Panic     bool // too few healthy: balancing over all endpoints
+	Local     bool // routing within the caller's zone
+	Picking   int  // endpoints the algorithm chooses among
+}
+
+// State returns how the current route was built.
+func (b *Balancer) State() State {
+	s := b.route.Load().state
+	s.Subsets = slices.Clone(s.Subsets)
+	return s
+}

@@ -1,0 +1,326 @@
+package balancer_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/jonboulle/clockwork"
+
+	"beacon.dev/beacon/balancer"
+	"beacon.dev/beacon/balancer/random"
+	"beacon.dev/beacon/balancer/roundrobin"
+	"beacon.dev/beacon/balancer/wrr"
+	"beacon.dev/beacon/endpoint"
+	"beacon.dev/beacon/internal/chisq"
+	"beacon.dev/beacon/outlier"
+)
+
+type spec struct {
+	id, zone, version string
+	weight, tier      int
+}
+
+func set(rev int64, specs ...spec) endpoint.Set {
+	s := endpoint.Set{Service: "svc", Revision: rev}
+	for i, sp := range specs {
+		w := sp.weight
+		if w == 0 {
+			w = 100
+		}
+		s.Endpoints = append(s.Endpoints, &endpoint.Endpoint{
+			ID: sp.id, Addr: fmt.Sprintf("127.0.0.1:%d", 20000+i), Weight: w, Zone: sp.zone, Version: sp.version, Tier: sp.tier,
+		})
+	}
+	return s
+}
+
+func newBalancer(t *testing.T, b balancer.Builder, cfg balancer.Config, opts ...balancer.Option) *balancer.Balancer {
+	t.Helper()
+	opts = append([]balancer.Option{balancer.WithRand(seeded(11))}, opts...)
+	bal, err := balancer.New(b, cfg, opts...)
+	if err != nil {
+		t.Fatalf("balancer.New() error = %v", err)
+	}
+	t.Cleanup(bal.Close)
+	return bal
+}
+
+// share picks n times (finishing every call) and counts by ID.
+func share(t *testing.T, bal *balancer.Balancer, n int) map[string]int {
+	t.Helper()
+	got := map[string]int{}
+	for range n {
+		e, err := bal.Pick(balancer.PickInfo{})
+		if err != nil {
+			t.Fatalf("Pick() error = %v", err)
+		}
+		got[e.ID]++
+		bal.Done(e, time.Millisecond, false)
+	}
+	return got
+}
+
+func fit(t *testing.T, got map[string]int, want map[string]float64) {
+	t.Helper()
+	var obs []int
+	var probs []float64
+	for id, p := range want {
+		obs = append(obs, got[id])
+		probs = append(probs, p)
+	}
+	for id := range got {
+		if _, ok := want[id]; !ok {
+			t.Errorf("%s picked %d times, want never", id, got[id])
+		}
+	}
+	if err := chisq.Fit(obs, probs); err != nil {
+		t.Errorf("shares %v: %v", got, err)
+	}
+}
+
+func TestNoEndpointsUntilUpdate(t *testing.T) {
+	bal := newBalancer(t, roundrobin.Builder{}, balancer.Config{})
+	if _, err := bal.Pick(balancer.PickInfo{}); !errors.Is(err, balancer.ErrNoEndpoint) {
+		t.Fatalf("Pick() before Update = %v, want ErrNoEndpoint", err)
+	}
+	bal.Update(set(5, spec{id: "a"}))
+	bal.Update(set(4, spec{id: "b"})) // older: ignored
+	if got := share(t, bal, 3); got["a"] != 3 {
+		t.Errorf("after an older update, picks = %v, want all on a", got)
+	}
+	bal.Update(set(6))
+	if _, err := bal.Pick(balancer.PickInfo{}); !errors.Is(err, balancer.ErrNoEndpoint) {
+		t.Errorf("Pick() after scale to zero = %v, want ErrNoEndpoint", err)
+	}
+}
+
+func TestCanarySplit(t *testing.T) {
+	bal := newBalancer(t, roundrobin.Builder{}, balancer.Config{Subsets: []balancer.Subset{
+		{Name: "stable", Weight: 90, Match: balancer.Selector{Version: "v1"}},
+		{Name: "canary", Weight: 10, Match: balancer.Selector{Version: "v2"}},
+	}})
+	bal.Update(set(1, spec{id: "s1", version: "v1"}, spec{id: "s2", version: "v1"}, spec{id: "c1", version: "v2"}))
+	fit(t, share(t, bal, 20000), map[string]float64{"s1": 45, "s2": 45, "c1": 10})
+
+	// A key always lands in the same subset.
+	info := balancer.PickInfo{Key: balancer.HashKey("user-7"), HasKey: true}
+	first, _ := bal.Pick(info)
+	bal.Done(first, 0, false)
+	for range 50 {
+		e, _ := bal.Pick(info)
+		bal.Done(e, 0, false)
+		if (e.Version == "v2") != (first.Version == "v2") {
+			t.Fatalf("key moved between subsets: %s then %s", first.ID, e.ID)
+		}
+	}
+
+	// Without canary endpoints, stable takes everything.
+	bal.Update(set(2, spec{id: "s1", version: "v1"}, spec{id: "s2", version: "v1"}))
+	fit(t, share(t, bal, 1000), map[string]float64{"s1": 1, "s2": 1})
+	st := bal.State()
+	if len(st.Subsets) != 2 || st.Subsets[1].Endpoints != 0 {
+		t.Errorf("State().Subsets = %+v, want canary with 0 endpoints", st.Subsets)
+	}
+}
+
+// ejectAll fails calls to the given endpoints until the detector ejects them.
+func ejectAll(t *testing.T, bal *balancer.Balancer, ids ...string) {
+	t.Helper()
+	want := map[string]bool{}
+	for _, id := range ids {
+		want[id] = true
+	}
+	for i := 0; len(want) > 0 && i < 10000; i++ {
+		e, err := bal.Pick(balancer.PickInfo{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		bal.Done(e, time.Millisecond, want[e.ID])
+		if want[e.ID] && bal.Outlier().Ejected(e.ID) {
+			delete(want, e.ID)
+		}
+	}
+	if len(want) > 0 {
+		t.Fatalf("not ejected: %v", want)
+	}
+}
+
+var testOutlier = outlier.Config{Interval: time.Hour, ConsecutiveFailures: 2, BaseEjection: time.Minute, MaxEjectedPercent: 100}
+
+func TestBackupTierAndPanic(t *testing.T) {
+	clock := clockwork.NewFakeClock()
+	bal := newBalancer(t, roundrobin.Builder{}, balancer.Config{PanicThreshold: 50},
+		balancer.WithClock(clock), balancer.WithOutlierDetection(testOutlier))
+	bal.Update(set(1, spec{id: "p1"}, spec{id: "p2"}, spec{id: "p3"}, spec{id: "b1", tier: 1}, spec{id: "b2", tier: 1}))
+
+	// Primaries healthy: backups idle.
+	fit(t, share(t, bal, 3000), map[string]float64{"p1": 1, "p2": 1, "p3": 1})
+
+	// One of three primaries out: still above the threshold.
+	ejectAll(t, bal, "p1")
+	fit(t, share(t, bal, 3000), map[string]float64{"p2": 1, "p3": 1})
+
+	// Two of three out (33% < 50%): the backup tier takes over.
+	ejectAll(t, bal, "p2")
+	fit(t, share(t, bal, 3000), map[string]float64{"b1": 1, "b2": 1})
+	if st := bal.State().Subsets[0]; st.Tier != 1 || st.Panic {
+		t.Errorf("State() = %+v, want tier 1 without panic", st)
+	}
+
+	// A backup fails too (50% left is still enough) and then the other:
+	// no tier is trusted, so panic spreads over everything.
+	ejectAll(t, bal, "b1", "b2")
+	fit(t, share(t, bal, 5000), map[string]float64{"p1": 1, "p2": 1, "p3": 1, "b1": 1, "b2": 1})
+	if st := bal.State().Subsets[0]; !st.Panic {
+		t.Errorf("State() = %+v, want panic", st)
+	}
+
+	// Ejections end: back to the primaries.
+	clock.Advance(time.Minute)
+	bal.Outlier().Sweep()
+	fit(t, share(t, bal, 3000), map[string]float64{"p1": 1, "p2": 1, "p3": 1})
+}
+
+func TestZoneAware(t *testing.T) {
+	clock := clockwork.NewFakeClock()
+	bal := newBalancer(t, roundrobin.Builder{}, balancer.Config{Zone: "a", ZoneMinHealthy: 60},
+		balancer.WithClock(clock), balancer.WithOutlierDetection(testOutlier))
+	bal.Update(set(1, spec{id: "a1", zone: "a"}, spec{id: "a2", zone: "a"}, spec{id: "a3", zone: "a"},
+		spec{id: "b1", zone: "b"}, spec{id: "b2", zone: "b"}))
+	fit(t, share(t, bal, 3000), map[string]float64{"a1": 1, "a2": 1, "a3": 1})
+
+	ejectAll(t, bal, "a1") // 2 of 3 local healthy ≥ 60%
+	fit(t, share(t, bal, 3000), map[string]float64{"a2": 1, "a3": 1})
+
+	ejectAll(t, bal, "a2") // 1 of 3 < 60%: every zone
+	fit(t, share(t, bal, 3000), map[string]float64{"a3": 1, "b1": 1, "b2": 1})
+	if st := bal.State().Subsets[0]; st.Local {
+		t.Errorf("State() = %+v, want zone fallback", st)
+	}
+}
+
+func TestZoneSpill(t *testing.T) {
+	bal := newBalancer(t, roundrobin.Builder{}, balancer.Config{Zone: "a", ZoneSpill: 2})
+	bal.Update(set(1, spec{id: "a1", zone: "a"}, spec{id: "b1", zone: "b"}))
+	// Calls pile up in flight: a1 takes each one while it holds at most
+	// 2 × (b1's + 1), and the next spills to b1.
+	got := map[string]int{}
+	for range 30 {
+		e, err := bal.Pick(balancer.PickInfo{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got[e.ID]++
+	}
+	if got["a1"] != 21 || got["b1"] != 9 {
+		t.Errorf("30 pending calls went %v, want a1:21 b1:9", got)
+	}
+}
+
+func TestSlowStart(t *testing.T) {
+	clock := clockwork.NewFakeClock()
+	bal := newBalancer(t, random.Builder{}, balancer.Config{SlowStart: 100 * time.Second, SlowStartMinPercent: 10},
+		balancer.WithClock(clock))
+	bal.Update(set(1, spec{id: "old"}))
+	bal.Update(set(2, spec{id: "old"}, spec{id: "new"}))
+	// At once the newcomer has the minimum weight: 10 against 100.
+	fit(t, share(t, bal, 20000), map[string]float64{"old": 100, "new": 10})
+	if got := bal.State().Ramping; got != 1 {
+		t.Errorf("State().Ramping = %d, want 1", got)
+	}
+	// Halfway through, linear ramp: 50 against 100.
+	clock.Advance(50 * time.Second)
+	bal.Update(set(2, spec{id: "old"}, spec{id: "new"}))
+	fit(t, share(t, bal, 20000), map[string]float64{"old": 100, "new": 50})
+	// Done ramping.
+	clock.Advance(50 * time.Second)
+	bal.Update(set(2, spec{id: "old"}, spec{id: "new"}))
+	fit(t, share(t, bal, 20000), map[string]float64{"old": 1, "new": 1})
+	if got := bal.State().Ramping; got != 0 {
+		t.Errorf("State().Ramping = %d, want 0", got)
+	}
+}
+
+func TestStatsSurviveUpdates(t *testing.T) {
+	bal := newBalancer(t, wrr.Builder{}, balancer.Config{})
+	bal.Update(set(1, spec{id: "a"}))
+	e, _ := bal.Pick(balancer.PickInfo{})
+	bal.Update(set(2, spec{id: "a"}, spec{id: "b"}))
+	e2, _ := bal.Pick(balancer.PickInfo{Key: 0})
+	for e2.ID != "a" {
+		bal.Done(e2, 0, false)
+		e2, _ = bal.Pick(balancer.PickInfo{})
+	}
+	if e.Stats != e2.Stats || e.Stats.Inflight() != 2 {
+		t.Errorf("a's stats after an update: same=%v inflight=%d, want same, 2", e.Stats == e2.Stats, e2.Stats.Inflight())
+	}
+	bal.Done(e, 0, false)
+	bal.Done(e2, 0, false)
+}
+
+type chanSource struct {
+	ch  chan struct{}
+	set endpoint.Set
+}
+
+func (s *chanSource) Changed() <-chan struct{} { return s.ch }
+func (s *chanSource) Endpoints() endpoint.Set  { return s.set }
+
+func TestRunStopsWithContext(t *testing.T) {
+	bal := newBalancer(t, roundrobin.Builder{}, balancer.Config{})
+	src := &chanSource{ch: make(chan struct{}), set: set(1, spec{id: "a"})}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- bal.Run(ctx, src) }()
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Errorf("Run() = %v, want context.Canceled", err)
+	}
+	if _, err := bal.Pick(balancer.PickInfo{}); err != nil {
+		t.Errorf("Pick() after Run applied a set = %v", err)
+	}
+}
+
+func TestConfigErrors(t *testing.T) {
+	for _, tc := range []struct {
+		cfg  balancer.Config
+		want string
+	}{
+		{balancer.Config{PanicThreshold: 101}, "panic threshold 101"},
+		{balancer.Config{ZoneMinHealthy: -1}, "zone min healthy -1"},
+		{balancer.Config{ZoneSpill: -1}, "zone spill -1"},
+		{balancer.Config{SlowStart: -time.Second}, "slow start -1s"},
+		{balancer.Config{SlowStartMinPercent: 200}, "slow start min percent 200"},
+		{balancer.Config{Subsets: []balancer.Subset{{Name: "x", Weight: 0}}}, `subsets[0] ("x") weight 0`},
+		{balancer.Config{Subsets: []balancer.Subset{{Name: "x", Weight: 1}, {Name: "x", Weight: 1}}}, `subsets[1] name "x"`},
+	} {
+		_, err := balancer.New(roundrobin.Builder{}, tc.cfg)
+		if !errors.Is(err, balancer.ErrInvalidConfig) || !contains(err.Error(), tc.want) {
+			t.Errorf("New(%+v) = %v, want ErrInvalidConfig naming %q", tc.cfg, err, tc.want)
+		}
+	}
+}
+
+func TestSelector(t *testing.T) {
+	e := &endpoint.Endpoint{Version: "v2", Tags: []string{"gpu", "eu"}, Metadata: map[string]string{"track": "beta"}}
+	for _, tc := range []struct {
+		sel  balancer.Selector
+		want bool
+	}{
+		{balancer.Selector{}, true},
+		{balancer.Selector{Version: "v2"}, true},
+		{balancer.Selector{Version: "v1"}, false},
+		{balancer.Selector{Tags: []string{"gpu"}}, true},
+		{balancer.Selector{Tags: []string{"gpu", "us"}}, false},
+		{balancer.Selector{Metadata: map[string]string{"track": "beta"}}, true},
+		{balancer.Selector{Metadata: map[string]string{"track": ""}}, false},
+		{balancer.Selector{Version: "v2", Tags: []string{"eu"}, Metadata: map[string]string{"track": "beta"}}, true},
+	} {
+		if got := tc.sel.Matches(e); got != tc.want {
+			t.Errorf("%+v.Matches() = %v, want %v", tc.sel, got, tc.want)
+		}
+	}
+}

@@ -1,0 +1,58 @@
+// Package p2c implements power-of-two-choices least-request balancing: pick
+// two endpoints at random and send the call to the cheaper one, where cost
+// is peak-EWMA latency times requests in flight, divided by weight
+// (Finagle's and linkerd's "P2C + peak EWMA").
+package p2c
+
+import (
+	"beacon.dev/beacon/balancer"
+	"beacon.dev/beacon/endpoint"
+)
+
+// Builder builds P2C pickers.
+type Builder struct{}
+
+var _ balancer.Builder = Builder{}
+
+func (Builder) Name() string { return "p2c_ewma" }
+
+func (Builder) Build(eps []*endpoint.Endpoint, opts balancer.BuildOptions) balancer.Picker {
+	p := &picker{eps: eps, rand: opts.RandFunc(), invWeight: make([]float64, len(eps))}
+	for i, e := range eps {
+		p.invWeight[i] = 1 / float64(e.Weight)
+	}
+	return p
+}
+
+type picker struct {
+	eps       []*endpoint.Endpoint
+	invWeight []float64
+	rand      func() uint64
+}
+
+func (p *picker) Pick(balancer.PickInfo) (*endpoint.Endpoint, error) {
+	n := len(p.eps)
+	switch n {
+	case 0:
+		return nil, balancer.ErrNoEndpoint
+	case 1:
+		return p.eps[0], nil
+	}
+	r := p.rand()
+	a := balancer.Bound(r, n)
+	b := balancer.Bound(r<<32|r>>32, n-1) // a second draw from the same value
+	if b >= a {
+		b++
+	}
+	if cost(p.eps[b], p.invWeight[b]) < cost(p.eps[a], p.invWeight[a]) {
+		return p.eps[b], nil
+	}
+	return p.eps[a], nil
+}
+
+func cost(e *endpoint.Endpoint, invWeight float64) float64 {
+	if e.Stats == nil {
+		return 0
+	}
+	return e.Stats.Cost() * invWeight
+}

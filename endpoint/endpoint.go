@@ -1,0 +1,77 @@
+package endpoint
+
+import (
+	"slices"
+
+	"beacon.dev/beacon/registry"
+)
+
+// MetaTier is the metadata key that places an endpoint in a priority tier:
+// "0" (the default) for primaries, "1" and up for backups that take traffic
+// only when the tiers before them cannot (nginx's "backup").
+const MetaTier = "tier"
+
+// Endpoint is one routable address of a service. Do not modify an Endpoint
+// after handing it to a balancer; build a new one instead.
+type Endpoint struct {
+	ID       string
+	Addr     string // "host:port"
+	Weight   int    // ≥ 1
+	Zone     string
+	Tier     int // 0 primary; higher tiers are backups
+	Version  string
+	Tags     []string
+	Metadata map[string]string
+	// Suspect marks an endpoint the registry no longer lists but the
+	// discovery cache keeps for a grace period, because it vanished in an
+	// unexplained mass loss (see package discovery).
+	Suspect bool
+	// Stats is shared by every generation of this endpoint; nil until a
+	// balancer adopts the endpoint.
+	Stats *Stats
+}
+
+// FromInstance converts a registry instance. A malformed tier is treated
+// as 0.
+func FromInstance(in *registry.Instance) *Endpoint {
+	ep := &Endpoint{
+		ID: in.ID, Addr: in.HostPort(), Weight: in.Weight, Zone: in.Zone,
+		Version: in.Version, Tags: in.Tags, Metadata: in.Metadata,
+	}
+	if ep.Weight < 1 {
+		ep.Weight = registry.DefaultWeight
+	}
+	if t, ok := in.Metadata[MetaTier]; ok {
+		ep.Tier = parseTier(t)
+	}
+	return ep
+}
+
+// parseTier reads a small non-negative integer; anything else is tier 0.
+func parseTier(s string) int {
+	if s == "" || len(s) > 3 {
+		return 0
+	}
+	n := 0
+	for _, c := range []byte(s) {
+		if c < '0' || c > '9' {
+			return 0
+		}
+		n = n*10 + int(c-'0')
+	}
+	return n
+}
+
+// HasTag reports whether the endpoint carries tag.
+func (e *Endpoint) HasTag(tag string) bool { return slices.Contains(e.Tags, tag) }
+
+// Set is the state of one service as the discovery cache sees it: a full
+// list, never a delta, stamped with the registry revision it reflects.
+type Set struct {
+	Service   string
+	Revision  int64
+	Endpoints []*Endpoint // sorted by ID
+	// FromDisk marks a set restored from the on-disk snapshot during a cold
+	// start with the registry unreachable.
+	FromDisk bool
+}

@@ -1,0 +1,116 @@
+package endpoint
+
+import (
+	"math"
+	"sync/atomic"
+	"time"
+)
+
+// DefaultDecay is the time constant of the latency average: a sample's
+// influence falls to 1/e after this long (Finagle's peak EWMA uses 10 s).
+const DefaultDecay = 10 * time.Second
+
+// unmeasuredCost is the cost of an endpoint with requests in flight but no
+// latency sample yet: high enough that a new endpoint gets one request at a
+// time until it has answered.
+const unmeasuredCost = 1e12
+
+// Stats counts what happens on one endpoint. All methods are safe for
+// concurrent use and do not allocate.
+type Stats struct {
+	inflight atomic.Int64
+	ewma     atomic.Uint64 // float64 bits: peak-EWMA latency in ns
+	stamp    atomic.Int64  // unix ns of the last latency sample
+	streak   atomic.Int32  // consecutive failures
+	ok       atomic.Int64  // successes since the last TakeWindow
+	failed   atomic.Int64  // failures since the last TakeWindow
+	group    *Group        // set once by Join before sharing; may be nil
+}
+
+// Begin records a request sent to the endpoint.
+func (s *Stats) Begin() {
+	s.inflight.Add(1)
+	if s.group != nil {
+		s.group.inflight.Add(1)
+	}
+}
+
+// End records the outcome of a request started with Begin and returns the
+// number of consecutive failures including this one (0 on success).
+// now is in unix nanoseconds.
+func (s *Stats) End(now int64, rtt time.Duration, failed bool) (streak int32) {
+	s.inflight.Add(-1)
+	if s.group != nil {
+		s.group.inflight.Add(-1)
+	}
+	s.observe(now, float64(rtt))
+	if failed {
+		s.failed.Add(1)
+		return s.streak.Add(1)
+	}
+	s.ok.Add(1)
+	if s.streak.Load() != 0 { // avoid dirtying the cache line on the common path
+		s.streak.Store(0)
+	}
+	return 0
+}
+
+// observe folds a latency sample into the peak EWMA: a slower sample is
+// taken at once, a faster one decays in with the time since the last one.
+// Concurrent updates may lose a sample; the average stays valid.
+func (s *Stats) observe(now int64, rtt float64) {
+	prev := math.Float64frombits(s.ewma.Load())
+	last := s.stamp.Swap(now)
+	next := rtt
+	if rtt < prev {
+		elapsed := float64(now - last)
+		if elapsed < 0 {
+			elapsed = 0
+		}
+		w := math.Exp(-elapsed / float64(DefaultDecay))
+		next = prev*w + rtt*(1-w)
+	}
+	s.ewma.Store(math.Float64bits(next))
+}
+
+// Inflight returns the requests sent and not yet ended.
+func (s *Stats) Inflight() int64 { return s.inflight.Load() }
+
+// Latency returns the peak-EWMA latency, 0 before the first sample.
+func (s *Stats) Latency() time.Duration {
+	return time.Duration(math.Float64frombits(s.ewma.Load()))
+}
+
+// Cost is the P2C least-request score: latency times outstanding work
+// (Finagle's peak EWMA). An endpoint never measured costs nothing while
+// idle and a lot while busy, so it is probed one request at a time.
+func (s *Stats) Cost() float64 {
+	n := float64(s.inflight.Load() + 1)
+	lat := math.Float64frombits(s.ewma.Load())
+	if lat == 0 {
+		if n > 1 {
+			return unmeasuredCost * n
+		}
+		return 0
+	}
+	return lat * n
+}
+
+// Streak returns the current run of consecutive failures.
+func (s *Stats) Streak() int32 { return s.streak.Load() }
+
+// TakeWindow returns the successes and failures since the previous call
+// and starts a new window.
+func (s *Stats) TakeWindow() (ok, failed int64) {
+	return s.ok.Swap(0), s.failed.Swap(0)
+}
+
+// Group counts the requests in flight across a set of endpoints, so that
+// bounded-load hashing can compare one endpoint with the average in O(1).
+type Group struct{ inflight atomic.Int64 }
+
+// Inflight returns the requests in flight across the group.
+func (g *Group) Inflight() int64 { return g.inflight.Load() }
+
+// Join makes s count towards g. Call it before s is shared.
+func (s *Stats) Join(g *Group) { s.group = g }
