@@ -11,6 +11,7 @@ import (
 	"github.com/jonboulle/clockwork"
 
 	"beacon.dev/beacon/endpoint"
+	"beacon.dev/beacon/internal/mono"
 	"beacon.dev/beacon/outlier"
 )
 
@@ -25,6 +26,11 @@ type Balancer struct {
 	rand     func() uint64
 	detector *outlier.Detector
 	group    endpoint.Group
+	// boundedLoad: the builder compares endpoints with the group's
+	// average, so Stats must count towards the group (a shared counter the
+	// other algorithms need not pay for).
+	boundedLoad bool
+	latency     bool // the builder uses latency: Done reads the clock
 	route    atomic.Pointer[route]
 
 	outlierCfg  *outlier.Config
@@ -69,6 +75,12 @@ func New(builder Builder, cfg Config, opts ...Option) (*Balancer, error) {
 	for _, o := range opts {
 		o(b)
 	}
+	if l, ok := builder.(interface{ UsesLatency() bool }); ok {
+		b.latency = l.UsesLatency()
+	}
+	if lb, ok := builder.(interface{ BoundedLoad() bool }); ok {
+		b.boundedLoad = lb.BoundedLoad()
+	}
 	if b.rand == nil {
 		b.rand = BuildOptions{}.RandFunc()
 	}
@@ -112,11 +124,26 @@ func (b *Balancer) Pick(info PickInfo) (*endpoint.Endpoint, error) {
 	return ep, nil
 }
 
+// Now returns the clock Done measures latency with: cheap monotonic
+// nanoseconds. Read it just before sending a call whose outcome goes to
+// Done, when NeedsLatency says so.
+func Now() int64 { return mono.Now() }
+
+// NeedsLatency reports whether the algorithm uses call latency (P2C); if
+// not, callers may skip reading the clock and pass start 0 to Done.
+func (b *Balancer) NeedsLatency() bool { return b.latency }
+
 // Done records the outcome of a call to an endpoint returned by Pick:
-// latency for least-request balancing, success or failure for outlier
-// detection.
-func (b *Balancer) Done(ep *endpoint.Endpoint, rtt time.Duration, failed bool) {
-	streak := ep.Stats.End(b.clock.Now().UnixNano(), rtt, failed)
+// latency (from start, a reading of Now) for least-request balancing, and
+// success or failure for outlier detection.
+func (b *Balancer) Done(ep *endpoint.Endpoint, start int64, failed bool) {
+	var streak int32
+	if b.latency {
+		now := mono.Now()
+		streak = ep.Stats.End(now, time.Duration(now-start), failed)
+	} else {
+		streak = ep.Stats.Finish(failed)
+	}
 	if failed && b.detector != nil {
 		b.detector.Observe(ep, streak)
 	}
@@ -136,7 +163,9 @@ func (b *Balancer) Update(set endpoint.Set) {
 		seen[e.ID] = true
 		if _, ok := b.stats[e.ID]; !ok {
 			st := new(endpoint.Stats)
-			st.Join(&b.group)
+			if b.boundedLoad {
+				st.Join(&b.group)
+			}
 			b.stats[e.ID] = st
 			if b.updated {
 				b.firstSeen[e.ID] = now

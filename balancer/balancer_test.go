@@ -58,7 +58,7 @@ func share(t *testing.T, bal *balancer.Balancer, n int) map[string]int {
 			t.Fatalf("Pick() error = %v", err)
 		}
 		got[e.ID]++
-		bal.Done(e, time.Millisecond, false)
+		bal.Done(e, 0, false)
 	}
 	return got
 }
@@ -138,7 +138,7 @@ func ejectAll(t *testing.T, bal *balancer.Balancer, ids ...string) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		bal.Done(e, time.Millisecond, want[e.ID])
+		bal.Done(e, 0, want[e.ID])
 		if want[e.ID] && bal.Outlier().Ejected(e.ID) {
 			delete(want, e.ID)
 		}

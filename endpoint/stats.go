@@ -20,7 +20,7 @@ const unmeasuredCost = 1e12
 type Stats struct {
 	inflight atomic.Int64
 	ewma     atomic.Uint64 // float64 bits: peak-EWMA latency in ns
-	stamp    atomic.Int64  // unix ns of the last latency sample
+	stamp    atomic.Int64  // mono.Now() of the last latency sample
 	streak   atomic.Int32  // consecutive failures
 	ok       atomic.Int64  // successes since the last TakeWindow
 	failed   atomic.Int64  // failures since the last TakeWindow
@@ -37,13 +37,20 @@ func (s *Stats) Begin() {
 
 // End records the outcome of a request started with Begin and returns the
 // number of consecutive failures including this one (0 on success).
-// now is in unix nanoseconds.
+// now comes from the same clock on every call (the balancer uses
+// internal/mono).
 func (s *Stats) End(now int64, rtt time.Duration, failed bool) (streak int32) {
+	s.observe(now, float64(rtt))
+	return s.Finish(failed)
+}
+
+// Finish is End without a latency sample, for balancers that do not use
+// latency.
+func (s *Stats) Finish(failed bool) (streak int32) {
 	s.inflight.Add(-1)
 	if s.group != nil {
 		s.group.inflight.Add(-1)
 	}
-	s.observe(now, float64(rtt))
 	if failed {
 		s.failed.Add(1)
 		return s.streak.Add(1)
@@ -67,10 +74,17 @@ func (s *Stats) observe(now int64, rtt float64) {
 		if elapsed < 0 {
 			elapsed = 0
 		}
-		w := math.Exp(-elapsed / float64(DefaultDecay))
+		w := decay(elapsed / float64(DefaultDecay))
 		next = prev*w + rtt*(1-w)
 	}
 	s.ewma.Store(math.Float64bits(next))
+}
+
+// decay approximates exp(-x) for x ≥ 0 within 2% where it matters (x < 1)
+// and stays positive and decreasing beyond; math.Exp costs several times
+// more on the call path.
+func decay(x float64) float64 {
+	return 1 / (1 + x*(1+x*(0.5+x*(1.0/6))))
 }
 
 // Inflight returns the requests sent and not yet ended.

@@ -29,6 +29,9 @@ var _ balancer.Builder = Builder{}
 
 func (Builder) Name() string { return "maglev" }
 
+// BoundedLoad tells the balancer to count in-flight requests per service.
+func (b Builder) BoundedLoad() bool { return b.LoadFactor > 1 }
+
 func (b Builder) Build(eps []*endpoint.Endpoint, opts balancer.BuildOptions) balancer.Picker {
 	p := &picker{eps: eps, rand: opts.RandFunc(), loadFactor: b.LoadFactor, group: opts.Group}
 	if len(eps) == 0 {

@@ -16,6 +16,9 @@ var _ balancer.Builder = Builder{}
 
 func (Builder) Name() string { return "p2c_ewma" }
 
+// UsesLatency tells the balancer to measure every call.
+func (Builder) UsesLatency() bool { return true }
+
 func (Builder) Build(eps []*endpoint.Endpoint, opts balancer.BuildOptions) balancer.Picker {
 	p := &picker{eps: eps, rand: opts.RandFunc(), invWeight: make([]float64, len(eps))}
 	for i, e := range eps {

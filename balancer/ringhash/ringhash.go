@@ -39,6 +39,9 @@ var _ balancer.Builder = Builder{}
 
 func (Builder) Name() string { return "ring_hash" }
 
+// BoundedLoad tells the balancer to count in-flight requests per service.
+func (b Builder) BoundedLoad() bool { return b.LoadFactor > 1 }
+
 type point struct {
 	hash uint64
 	ep   int32

@@ -1,0 +1,314 @@
+package policy
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"github.com/jonboulle/clockwork"
+	"golang.org/x/sync/semaphore"
+	"golang.org/x/time/rate"
+
+	"beacon.dev/beacon/internal/mono"
+)
+
+// Idempotency says whether a call may safely run more than once.
+type Idempotency uint8
+
+const (
+	// NotIdempotent calls are retried only when the error proves the
+	// request was never sent (IsUnsent).
+	NotIdempotent Idempotency = iota
+	// Idempotent calls (reads, PUTs, calls with idempotency keys) are
+	// retried on any retryable error.
+	Idempotent
+)
+
+// RetryConfig tunes retries. Zero fields take DefaultRetry's values.
+type RetryConfig struct {
+	MaxAttempts int // including the first (default 3)
+	// Backoff before attempt n+1 is min(MaxBackoff, BaseBackoff × 2^(n-1)),
+	// randomised by ±Jitter (a fraction, default 0.2).
+	BaseBackoff time.Duration
+	MaxBackoff  time.Duration
+	Jitter      float64
+	// RetryOn classifies errors (default IsRetryable).
+	RetryOn func(error) bool
+	// Budget caps retries across calls; nil means no cap.
+	Budget *Budget
+}
+
+// DefaultRetry holds the defaults (Envoy's backoff: 25 ms base, 250 ms cap).
+var DefaultRetry = RetryConfig{MaxAttempts: 3, BaseBackoff: 25 * time.Millisecond, MaxBackoff: 250 * time.Millisecond, Jitter: 0.2}
+
+// Option configures an Executor.
+type Option func(*Executor) error
+
+// WithTimeout bounds the whole call, retries included.
+func WithTimeout(d time.Duration) Option {
+	return func(e *Executor) error {
+		if d <= 0 {
+			return fmt.Errorf("policy: timeout %v must be positive", d)
+		}
+		e.timeout = d
+		return nil
+	}
+}
+
+// WithPerTryTimeout bounds each attempt; an attempt that runs out is
+// retryable.
+func WithPerTryTimeout(d time.Duration) Option {
+	return func(e *Executor) error {
+		if d <= 0 {
+			return fmt.Errorf("policy: per-try timeout %v must be positive", d)
+		}
+		e.perTry = d
+		return nil
+	}
+}
+
+// WithRetry retries failed attempts.
+func WithRetry(cfg RetryConfig) Option {
+	return func(e *Executor) error {
+		d := DefaultRetry
+		if cfg.MaxAttempts == 0 {
+			cfg.MaxAttempts = d.MaxAttempts
+		}
+		if cfg.BaseBackoff == 0 {
+			cfg.BaseBackoff = d.BaseBackoff
+		}
+		if cfg.MaxBackoff == 0 {
+			cfg.MaxBackoff = max(d.MaxBackoff, cfg.BaseBackoff)
+		}
+		if cfg.Jitter == 0 {
+			cfg.Jitter = d.Jitter
+		}
+		if cfg.RetryOn == nil {
+			cfg.RetryOn = IsRetryable
+		}
+		switch {
+		case cfg.MaxAttempts < 1 || cfg.MaxAttempts > 100:
+			return fmt.Errorf("policy: retry max attempts %d must be in [1, 100]", cfg.MaxAttempts)
+		case cfg.BaseBackoff < 0 || cfg.MaxBackoff < cfg.BaseBackoff:
+			return fmt.Errorf("policy: retry backoff %v..%v must be positive and ordered", cfg.BaseBackoff, cfg.MaxBackoff)
+		case cfg.Jitter < 0 || cfg.Jitter > 1:
+			return fmt.Errorf("policy: retry jitter %v must be in [0, 1]", cfg.Jitter)
+		}
+		e.retry = &cfg
+		return nil
+	}
+}
+
+// WithBreaker guards attempts with a circuit breaker (share it per service).
+func WithBreaker(b *Breaker) Option {
+	return func(e *Executor) error { e.breaker = b; return nil }
+}
+
+// WithBulkhead limits attempts in flight to max; an attempt waits up to
+// maxWait for room (0: fails at once with ErrBulkheadFull).
+func WithBulkhead(max int, maxWait time.Duration) Option {
+	return func(e *Executor) error {
+		if max < 1 {
+			return fmt.Errorf("policy: bulkhead max %d must be at least 1", max)
+		}
+		if maxWait < 0 {
+			return fmt.Errorf("policy: bulkhead max wait %v must not be negative", maxWait)
+		}
+		e.bulkhead, e.bulkheadWait = semaphore.NewWeighted(int64(max)), maxWait
+		return nil
+	}
+}
+
+// WithRateLimit admits attempts through a token bucket; wait makes an
+// attempt wait for a token (within its deadline) instead of failing with
+// ErrRateLimited.
+func WithRateLimit(l *rate.Limiter, wait bool) Option {
+	return func(e *Executor) error { e.limiter, e.limiterWait = l, wait; return nil }
+}
+
+// WithFallback answers calls that failed after every other policy: f gets
+// the final error and returns the call's result.
+func WithFallback(f func(ctx context.Context, err error) error) Option {
+	return func(e *Executor) error { e.fallback = f; return nil }
+}
+
+// WithClock replaces the clock (tests). Without it, backoff timers use the
+// wall clock and budgets the process's monotonic clock.
+func WithClock(c clockwork.Clock) Option {
+	return func(e *Executor) error { e.clock = c; e.now = unixNanos(c); return nil }
+}
+
+func unixNanos(c clockwork.Clock) func() int64 { return func() int64 { return c.Now().UnixNano() } }
+
+// Executor runs calls through the configured policies.
+type Executor struct {
+	timeout, perTry time.Duration
+	retry           *RetryConfig
+	breaker         *Breaker
+	bulkhead        *semaphore.Weighted
+	bulkheadWait    time.Duration
+	limiter         *rate.Limiter
+	limiterWait     bool
+	fallback        func(context.Context, error) error
+	clock           clockwork.Clock
+	now             func() int64 // budget time; cheap on the call path
+}
+
+// New returns an Executor; with no options it just calls.
+func New(opts ...Option) (*Executor, error) {
+	e := &Executor{clock: clockwork.NewRealClock(), now: mono.Now}
+	for _, o := range opts {
+		if err := o(e); err != nil {
+			return nil, err
+		}
+	}
+	return e, nil
+}
+
+// Do runs fn under the policies. fn must honour ctx.
+func (e *Executor) Do(ctx context.Context, kind Idempotency, fn func(ctx context.Context) error) error {
+	err := e.run(ctx, kind, fn)
+	if err != nil && e.fallback != nil {
+		return e.fallback(ctx, err)
+	}
+	return err
+}
+
+func (e *Executor) run(ctx context.Context, kind Idempotency, fn func(ctx context.Context) error) error {
+	if e.timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, e.timeout)
+		defer cancel()
+	}
+	if e.retry == nil {
+		return e.attempt(ctx, fn)
+	}
+	var budget *Budget = e.retry.Budget
+	if budget != nil {
+		budget.Request(e.now())
+	}
+	for n := 1; ; n++ {
+		err := e.attempt(ctx, fn)
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil { // the caller's deadline or cancellation: stop
+			return err
+		}
+		if !e.retry.RetryOn(err) || (kind == NotIdempotent && !IsUnsent(err)) {
+			if n == 1 {
+				return err
+			}
+			return &RetryError{Attempts: n, Reason: "not retryable", Last: err}
+		}
+		if n >= e.retry.MaxAttempts {
+			return &RetryError{Attempts: n, Reason: "max attempts", Last: err}
+		}
+		wait := e.backoff(n)
+		if dl, ok := ctx.Deadline(); ok && !e.clock.Now().Add(wait).Before(dl) {
+			return &RetryError{Attempts: n, Reason: "deadline", Last: err}
+		}
+		if budget != nil && !budget.TryRetry(e.now()) {
+			return &RetryError{Attempts: n, Reason: "retry budget", Last: err}
+		}
+		if serr := e.sleep(ctx, wait); serr != nil {
+			return err
+		}
+	}
+}
+
+// backoff returns the wait before attempt n+1.
+func (e *Executor) backoff(n int) time.Duration {
+	d := e.retry.BaseBackoff << min(n-1, 30)
+	if d <= 0 || d > e.retry.MaxBackoff {
+		d = e.retry.MaxBackoff
+	}
+	j := 1 + e.retry.Jitter*(2*rand.Float64()-1)
+	return time.Duration(float64(d) * j)
+}
+
+func (e *Executor) sleep(ctx context.Context, d time.Duration) error {
+	t := e.clock.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.Chan():
+		return nil
+	}
+}
+
+// attempt runs one try: breaker → bulkhead → rate limit → per-try timeout.
+func (e *Executor) attempt(ctx context.Context, fn func(ctx context.Context) error) error {
+	var permit Permit
+	if e.breaker != nil {
+		var err error
+		if permit, err = e.breaker.Allow(); err != nil {
+			return err
+		}
+	}
+	if err := e.admit(ctx); err != nil {
+		if e.breaker != nil {
+			e.breaker.Abandon(permit)
+		}
+		return err
+	}
+	var err error
+	if e.perTry > 0 {
+		err = e.callWithTimeout(ctx, fn)
+	} else {
+		err = fn(ctx)
+	}
+	if e.bulkhead != nil {
+		e.bulkhead.Release(1)
+	}
+	if e.breaker != nil {
+		e.breaker.Done(permit, err)
+	}
+	return err
+}
+
+func (e *Executor) callWithTimeout(ctx context.Context, fn func(ctx context.Context) error) error {
+	tctx, cancel := context.WithTimeout(ctx, e.perTry)
+	defer cancel()
+	err := fn(tctx)
+	if err != nil && ctx.Err() == nil && tctx.Err() != nil {
+		return Retryable(err) // this try ran out of time, the call has not
+	}
+	return err
+}
+
+// admit takes a bulkhead slot and a rate token, or says why not.
+func (e *Executor) admit(ctx context.Context) error {
+	if e.bulkhead != nil {
+		if !e.bulkhead.TryAcquire(1) {
+			if e.bulkheadWait == 0 {
+				return ErrBulkheadFull
+			}
+			wctx, cancel := context.WithTimeout(ctx, e.bulkheadWait)
+			err := e.bulkhead.Acquire(wctx, 1)
+			cancel()
+			if err != nil {
+				return ErrBulkheadFull
+			}
+		}
+	}
+	if e.limiter != nil {
+		var err error
+		if e.limiterWait {
+			if werr := e.limiter.Wait(ctx); werr != nil {
+				err = fmt.Errorf("%w: %v", ErrRateLimited, werr)
+			}
+		} else if !e.limiter.Allow() {
+			err = ErrRateLimited
+		}
+		if err != nil {
+			if e.bulkhead != nil {
+				e.bulkhead.Release(1)
+			}
+			return err
+		}
+	}
+	return nil
+}
