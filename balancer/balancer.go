@@ -31,7 +31,7 @@ type Balancer struct {
 	// other algorithms need not pay for).
 	boundedLoad bool
 	latency     bool // the builder uses latency: Done reads the clock
-	route    atomic.Pointer[route]
+	route       atomic.Pointer[route]
 
 	outlierCfg  *outlier.Config
 	outlierOpts []outlier.Option
