@@ -150,11 +150,14 @@ func (b *Balancer) Done(ep *endpoint.Endpoint, start int64, failed bool) {
 }
 
 // Update replaces the endpoints. Endpoints keep their counters across
-// updates by ID. Updates older than the current revision are ignored.
+// updates by ID. Updates older than the current revision are ignored,
+// unless the current set came from disk.
 func (b *Balancer) Update(set endpoint.Set) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.closed || (b.updated && set.Revision < b.set.Revision) {
+	// A set restored from disk may carry revisions of an etcd that was
+	// since replaced; the registry's answer always wins over it.
+	if b.closed || (b.updated && !b.set.FromDisk && set.Revision < b.set.Revision) {
 		return
 	}
 	now := b.clock.Now()

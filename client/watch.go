@@ -31,6 +31,7 @@ type Watcher struct {
 	pending    map[string]*registry.Snapshot // guarded by mu; not yet returned by Next
 	synced     bool                          // guarded by mu; the stream caught up at least once
 	connected  bool                          // guarded by mu
+	since      time.Time                     // guarded by mu; when connected last changed
 	lastErr    error                         // guarded by mu
 	reconnects int                           // guarded by mu
 	stale      int                           // guarded by mu
@@ -50,6 +51,7 @@ func (c *Client) Watch(ctx context.Context, services []string, opts ...WatchOpti
 		c: c, ns: c.namespace, services: slices.Clone(services),
 		notify: make(chan struct{}, 1), done: make(chan struct{}), syncedCh: make(chan struct{}),
 		state: make(map[string]*registry.Snapshot), pending: make(map[string]*registry.Snapshot),
+		since: time.Now(),
 	}
 	for _, o := range opts {
 		o(w)
@@ -119,7 +121,9 @@ func (w *Watcher) State() map[string]*registry.Snapshot {
 
 // WatchStatus describes the stream.
 type WatchStatus struct {
-	Connected  bool
+	Connected bool
+	// Since is when Connected last changed (or the watch started).
+	Since      time.Time
 	Reconnects int
 	// Stale counts snapshots the server sent that were not newer than what
 	// the watcher held; they are dropped. A correct server sends none.
@@ -131,7 +135,7 @@ type WatchStatus struct {
 func (w *Watcher) Status() WatchStatus {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return WatchStatus{Connected: w.connected, Reconnects: w.reconnects, Stale: w.stale, LastErr: w.lastErr}
+	return WatchStatus{Connected: w.connected, Since: w.since, Reconnects: w.reconnects, Stale: w.stale, LastErr: w.lastErr}
 }
 
 // Close stops the watch and waits for its goroutine.
@@ -146,7 +150,9 @@ func (w *Watcher) run(ctx context.Context) {
 	for ctx.Err() == nil {
 		received, err := w.stream(ctx)
 		w.mu.Lock()
-		w.connected = false
+		if w.connected {
+			w.connected, w.since = false, time.Now()
+		}
 		if ctx.Err() == nil {
 			w.lastErr = err
 			w.reconnects++
@@ -202,7 +208,9 @@ func (w *Watcher) stream(ctx context.Context) (received bool, err error) {
 func (w *Watcher) apply(msg *beaconv1.WatchResponse) {
 	changed := false
 	w.mu.Lock()
-	w.connected = true
+	if !w.connected {
+		w.connected, w.since = true, time.Now()
+	}
 	for _, p := range msg.GetSnapshots() {
 		snap := wire.SnapshotFromProto(p)
 		if old, ok := w.state[snap.Service]; ok && snap.Revision <= old.Revision {

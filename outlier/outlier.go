@@ -151,6 +151,7 @@ type Detector struct {
 	clock    clockwork.Clock
 	onEvent  func(Event)
 	onChange func()
+	name     string // metrics label
 
 	mu         sync.Mutex
 	eps        map[string]*state // guarded by mu

@@ -1,0 +1,175 @@
+package discovery
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"beacon.dev/beacon/registry"
+)
+
+// The snapshot file: a versioned envelope whose checksum covers the
+// payload bytes exactly as stored.
+const (
+	snapshotFormat  = "beacon-discovery-snapshot"
+	snapshotVersion = 1
+	// MaxSnapshotBytes bounds the file read at a cold start.
+	MaxSnapshotBytes = 64 << 20
+)
+
+type envelope struct {
+	Format    string          `json:"format"`
+	Version   int             `json:"version"`
+	WrittenAt time.Time       `json:"written_at"`
+	Namespace string          `json:"namespace"`
+	SHA256    string          `json:"sha256"`
+	Payload   json.RawMessage `json:"payload"`
+}
+
+type diskPayload struct {
+	Services map[string]diskService `json:"services"`
+}
+
+type diskService struct {
+	Revision  int64          `json:"revision"`
+	Instances []diskInstance `json:"instances"`
+}
+
+type diskInstance struct {
+	ID        string            `json:"id"`
+	Address   string            `json:"address"`
+	Port      int               `json:"port"`
+	Weight    int               `json:"weight"`
+	Zone      string            `json:"zone,omitempty"`
+	Version   string            `json:"version,omitempty"`
+	Tags      []string          `json:"tags,omitempty"`
+	Metadata  map[string]string `json:"metadata,omitempty"`
+	SessionID int64             `json:"session_id,omitempty"`
+}
+
+func snapshotPath(dir, namespace string) string {
+	return filepath.Join(dir, "beacon-discovery-"+namespace+".json")
+}
+
+// writeSnapshot stores the routable instances of every service atomically
+// (temporary file, fsync, rename).
+func writeSnapshot(dir, namespace string, snaps map[string]*registry.Snapshot, now time.Time) error {
+	p := diskPayload{Services: make(map[string]diskService, len(snaps))}
+	for name, s := range snaps {
+		ds := diskService{Revision: s.Revision}
+		for _, in := range s.Routable() {
+			ds.Instances = append(ds.Instances, diskInstance{
+				ID: in.ID, Address: in.Address, Port: in.Port, Weight: in.Weight, Zone: in.Zone,
+				Version: in.Version, Tags: in.Tags, Metadata: in.Metadata, SessionID: in.SessionID,
+			})
+		}
+		p.Services[name] = ds
+	}
+	payload, err := json.Marshal(p)
+	if err != nil {
+		return err
+	}
+	sum := sha256.Sum256(payload)
+	data, err := json.Marshal(envelope{
+		Format: snapshotFormat, Version: snapshotVersion, WrittenAt: now.UTC(), Namespace: namespace,
+		SHA256: hex.EncodeToString(sum[:]), Payload: payload,
+	})
+	if err != nil {
+		return err
+	}
+	f, err := os.CreateTemp(dir, ".beacon-discovery-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name()) // after a successful rename this fails harmlessly
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), snapshotPath(dir, namespace))
+}
+
+// ErrBadSnapshot wraps every reason a snapshot file is not used.
+var ErrBadSnapshot = errors.New("discovery: snapshot not usable")
+
+// readSnapshot loads and checks a snapshot file written at most maxAge ago.
+func readSnapshot(dir, namespace string, maxAge time.Duration, now time.Time) (map[string]*registry.Snapshot, time.Time, error) {
+	path := snapshotPath(dir, namespace)
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, time.Time{}, fmt.Errorf("%w: %v", ErrBadSnapshot, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, time.Time{}, fmt.Errorf("%w: %v", ErrBadSnapshot, err)
+	}
+	if st.Size() > MaxSnapshotBytes {
+		return nil, time.Time{}, fmt.Errorf("%w: %s is %d bytes, limit %d", ErrBadSnapshot, path, st.Size(), MaxSnapshotBytes)
+	}
+	data := make([]byte, st.Size())
+	if _, err := io.ReadFull(f, data); err != nil {
+		return nil, time.Time{}, fmt.Errorf("%w: %v", ErrBadSnapshot, err)
+	}
+	return decodeSnapshot(data, namespace, maxAge, now)
+}
+
+// decodeSnapshot checks the envelope, checksum, age and contents.
+func decodeSnapshot(data []byte, namespace string, maxAge time.Duration, now time.Time) (map[string]*registry.Snapshot, time.Time, error) {
+	var env envelope
+	if err := json.Unmarshal(data, &env); err != nil {
+		return nil, time.Time{}, fmt.Errorf("%w: envelope: %v", ErrBadSnapshot, err)
+	}
+	switch {
+	case env.Format != snapshotFormat:
+		return nil, time.Time{}, fmt.Errorf("%w: format %q, want %q", ErrBadSnapshot, env.Format, snapshotFormat)
+	case env.Version != snapshotVersion:
+		return nil, time.Time{}, fmt.Errorf("%w: version %d, this build reads %d", ErrBadSnapshot, env.Version, snapshotVersion)
+	case env.Namespace != namespace:
+		return nil, time.Time{}, fmt.Errorf("%w: namespace %q, want %q", ErrBadSnapshot, env.Namespace, namespace)
+	}
+	sum := sha256.Sum256(env.Payload)
+	if hex.EncodeToString(sum[:]) != env.SHA256 {
+		return nil, time.Time{}, fmt.Errorf("%w: checksum mismatch", ErrBadSnapshot)
+	}
+	if age := now.Sub(env.WrittenAt); age > maxAge || age < -time.Minute {
+		return nil, time.Time{}, fmt.Errorf("%w: written %v ago, max age %v", ErrBadSnapshot, age.Round(time.Second), maxAge)
+	}
+	var p diskPayload
+	if err := json.Unmarshal(env.Payload, &p); err != nil {
+		return nil, time.Time{}, fmt.Errorf("%w: payload: %v", ErrBadSnapshot, err)
+	}
+	out := make(map[string]*registry.Snapshot, len(p.Services))
+	for name, ds := range p.Services {
+		if err := registry.ValidateName("service", name); err != nil {
+			return nil, time.Time{}, fmt.Errorf("%w: %v", ErrBadSnapshot, err)
+		}
+		s := &registry.Snapshot{Namespace: namespace, Service: name, Revision: ds.Revision}
+		for _, di := range ds.Instances {
+			in := &registry.Instance{
+				Namespace: namespace, Service: name, ID: di.ID, Address: di.Address, Port: di.Port,
+				Weight: di.Weight, Zone: di.Zone, Version: di.Version, Tags: di.Tags, Metadata: di.Metadata,
+				SessionID: di.SessionID, Status: registry.StatusUp, Health: registry.HealthPassing,
+			}
+			if err := in.Validate(); err != nil {
+				return nil, time.Time{}, fmt.Errorf("%w: service %s: %v", ErrBadSnapshot, name, err)
+			}
+			s.Instances = append(s.Instances, in)
+		}
+		out[name] = s
+	}
+	return out, env.WrittenAt, nil
+}

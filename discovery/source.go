@@ -1,0 +1,45 @@
+package discovery
+
+import (
+	"context"
+
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/registry"
+)
+
+// Source is a registry the cache can follow.
+type Source interface {
+	// Namespace names the namespace followed (it also names the disk
+	// snapshot file).
+	Namespace() string
+	// Watch follows the services until ctx ends or the stream is closed.
+	Watch(ctx context.Context, services []string) (Stream, error)
+}
+
+// Stream delivers full snapshots of the services that changed.
+type Stream interface {
+	Next(ctx context.Context) ([]*registry.Snapshot, error)
+	// Synced is closed once the stream has caught up with the registry.
+	Synced() <-chan struct{}
+	Status() client.WatchStatus
+	Close()
+}
+
+// FromClient follows a namespace through beacon servers.
+func FromClient(c *client.Client, namespace string) Source {
+	if namespace == "" {
+		namespace = c.Namespace()
+	}
+	return clientSource{c: c, ns: namespace}
+}
+
+type clientSource struct {
+	c  *client.Client
+	ns string
+}
+
+func (s clientSource) Namespace() string { return s.ns }
+
+func (s clientSource) Watch(ctx context.Context, services []string) (Stream, error) {
+	return s.c.Watch(ctx, services, client.WatchNamespace(s.ns))
+}
