@@ -45,10 +45,7 @@ func BenchmarkPick(b *testing.B) {
 					info := balancer.PickInfo{HasKey: true}
 					for pb.Next() {
 						info.Key++
-						var start int64
-						if bal.NeedsLatency() {
-							start = balancer.Now()
-						}
+						start := bal.Start()
 						e, err := bal.Pick(info)
 						if err != nil {
 							b.Error(err)

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"sync/atomic"
 	"time"
 )
@@ -16,8 +17,9 @@ const budgetBuckets = 10
 // MinPerSecond × Window plus Ratio × requests.
 type Budget struct {
 	ratio     float64
-	reserve   int64 // MinPerSecond × Window
-	bucketDur int64 // ns
+	reserve   int64        // MinPerSecond × Window
+	bucketDur int64        // ns
+	seen      atomic.Int64 // bucket number last read from the clock
 	buckets   [budgetBuckets]budgetBucket
 }
 
@@ -67,6 +69,11 @@ func NewBudget(cfg BudgetConfig) (*Budget, error) {
 // approximately right, which is all it promises.
 func (b *Budget) bucket(now int64) *budgetBucket {
 	epoch := now / b.bucketDur
+	b.seen.Store(epoch)
+	return b.bucketAt(epoch)
+}
+
+func (b *Budget) bucketAt(epoch int64) *budgetBucket {
 	bk := &b.buckets[epoch%budgetBuckets]
 	if old := bk.epoch.Load(); old != epoch && bk.epoch.CompareAndSwap(old, epoch) {
 		bk.requests.Store(0)
@@ -77,6 +84,18 @@ func (b *Budget) bucket(now int64) *budgetBucket {
 
 // Request records a first attempt (now in unix ns).
 func (b *Budget) Request(now int64) { b.bucket(now).requests.Add(1) }
+
+// record is Request for the call path: it reads the clock for one call in
+// 16 and otherwise counts into the bucket last seen, saving a clock read
+// (~50 ns on VMs) at the price of a few calls counted a bucket late.
+func (b *Budget) record(now func() int64) {
+	epoch := b.seen.Load()
+	if epoch == 0 || rand.Uint32()&15 == 0 {
+		epoch = now() / b.bucketDur
+		b.seen.Store(epoch)
+	}
+	b.bucketAt(epoch).requests.Add(1)
+}
 
 // TryRetry takes one retry from the budget, reporting whether it may go.
 func (b *Budget) TryRetry(now int64) bool {

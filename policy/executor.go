@@ -186,7 +186,7 @@ func (e *Executor) run(ctx context.Context, kind Idempotency, fn func(ctx contex
 	}
 	var budget *Budget = e.retry.Budget
 	if budget != nil {
-		budget.Request(e.now())
+		budget.record(e.now)
 	}
 	for n := 1; ; n++ {
 		err := e.attempt(ctx, fn)
