@@ -16,6 +16,7 @@ bench:
 fuzz:
 	go test -run '^$$' -fuzz FuzzRegisterJSON -fuzztime 30s ./server
 	go test -run '^$$' -fuzz FuzzDecodeInstance -fuzztime 30s ./internal/store
+	go test -run '^$$' -fuzz FuzzDecodeSnapshot -fuzztime 30s ./discovery
 
 generate:
 	./api/generate.sh

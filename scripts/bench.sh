@@ -11,5 +11,10 @@ out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 	go test -run '^$' -bench 'Propagation' -benchtime "${PROPAGATION_CHANGES:-100}x" -timeout 30m ./bench
 	go test -run '^$' -bench 'RegisterThroughput' -benchtime 8000x -count "${COUNT:-5}" -timeout 30m ./bench
 	go test -run '^$' -bench 'Sessions|MemoryPerInstance' -benchtime 1x -timeout 30m ./bench
+	# Client data plane: picks, rebuilds, and the call chain beside
+	# gobreaker v2 and failsafe-go (a module of its own, so beacon does not
+	# depend on them).
+	go test -run '^$' -bench 'Pick|Rebuild' -benchmem -count "${COUNT:-5}" ./balancer
+	(cd bench/anchors && go test -run '^$' -bench 'Chain' -benchmem -cpu 1,2 -count "${COUNT:-5}" .)
 } 2>&1 | tee "$out"
 echo "results: $out"

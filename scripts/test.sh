@@ -21,3 +21,7 @@ fi
 go mod download
 go vet ./...
 go test -race -count=1 -timeout 25m ./...
+
+# The anchor benchmarks live in a module of their own: vet them and run each
+# once so they cannot rot.
+(cd bench/anchors && go vet . && go test -count=1 -run '^$' -bench Chain -benchtime 1x . >/dev/null)

@@ -2,6 +2,7 @@
 package roundrobin
 
 import (
+	"math/bits"
 	"sync/atomic"
 
 	"beacon.dev/beacon/balancer"
@@ -25,26 +26,41 @@ const shards = 8
 // Build starts each shard at a random position so that clients built at
 // the same moment do not all hit the first endpoint together.
 func (Builder) Build(eps []*endpoint.Endpoint, opts balancer.BuildOptions) balancer.Picker {
-	p := &picker{eps: eps, rand: opts.RandFunc()}
+	n := max(len(eps), 1)
+	p := &picker{eps: eps, rand: opts.RandFunc(), next: new([shards]counter), n: uint32(n), m: ^uint64(0)/uint64(n) + 1}
 	for i := range p.next {
-		p.next[i].n.Store(uint64(balancer.Bound(p.rand(), max(len(eps), 1))))
+		p.next[i].n.Store(uint32(balancer.Bound(p.rand(), n)))
 	}
 	return p
+}
+
+// counter fills a cache line; the array is its own allocation, which the Go
+// allocator aligns to its 512-byte size class, so no two shards share a line.
+type counter struct {
+	n atomic.Uint32
+	_ [60]byte
 }
 
 type picker struct {
 	eps  []*endpoint.Endpoint
 	rand func() uint64
-	next [shards]struct {
-		n atomic.Uint64
-		_ [56]byte // one cache line each
-	}
+	next *[shards]counter
+	n    uint32 // len(eps), at least 1
+	m    uint64 // Lemire's fastmod constant for n: a division costs more than the rest of a pick
 }
 
 func (p *picker) Pick(balancer.PickInfo) (*endpoint.Endpoint, error) {
 	if len(p.eps) == 0 {
 		return nil, balancer.ErrNoEndpoint
 	}
-	i := p.next[p.rand()%shards].n.Add(1) - 1
-	return p.eps[i%uint64(len(p.eps))], nil
+	i := p.next[p.rand()&(shards-1)].n.Add(1) - 1
+	return p.eps[fastmod(i, p.m, p.n)], nil
+}
+
+// fastmod returns a % d given m = ^uint64(0)/d + 1 (Lemire, Kaser, Kurz:
+// "Faster Remainder by Direct Computation", 2019).
+func fastmod(a uint32, m uint64, d uint32) uint32 {
+	lowbits := m * uint64(a)
+	hi, _ := bits.Mul64(lowbits, uint64(d))
+	return uint32(hi)
 }
