@@ -254,8 +254,16 @@ func (c *Cache) run(ctx context.Context) {
 	defer flush.Stop()
 	everSynced := false
 	for ctx.Err() == nil {
+		names := c.serviceNames()
+		if len(names) == 0 { // an empty list would watch every service
+			select {
+			case <-c.restart:
+			case <-ctx.Done():
+			}
+			continue
+		}
 		sctx, cancel := context.WithCancel(ctx)
-		stream, err := c.src.Watch(sctx, c.serviceNames())
+		stream, err := c.src.Watch(sctx, names)
 		if err != nil { // only for invalid requests: nothing to retry
 			c.cfg.Logger.Error("discovery: watch refused", "err", err)
 			cancel()
@@ -279,6 +287,7 @@ func (c *Cache) run(ctx context.Context) {
 				}
 			}
 		}()
+		synced := stream.Synced() // nil once seen: a closed channel is always ready
 		restarted := false
 		for !restarted && ctx.Err() == nil {
 			select {
@@ -286,8 +295,8 @@ func (c *Cache) run(ctx context.Context) {
 				if ok {
 					c.apply(snaps, false)
 				}
-			case <-stream.Synced():
-				everSynced = true
+			case <-synced:
+				everSynced, synced = true, nil
 			case <-coldStart.Chan():
 				if !everSynced {
 					c.loadDisk()
