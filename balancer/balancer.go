@@ -181,6 +181,9 @@ func (b *Balancer) Update(set endpoint.Set) {
 		return
 	}
 	now := b.clock.Now()
+	// Slow start ramps newcomers relative to endpoints already serving; the
+	// first endpoints of an empty service start at full weight.
+	ramp := len(b.set.Endpoints) > 0
 	seen := make(map[string]bool, len(set.Endpoints))
 	for _, e := range set.Endpoints {
 		seen[e.ID] = true
@@ -190,7 +193,7 @@ func (b *Balancer) Update(set endpoint.Set) {
 				st.Join(&b.group)
 			}
 			b.stats[e.ID] = st
-			if b.updated {
+			if ramp {
 				b.firstSeen[e.ID] = now
 			} else {
 				b.firstSeen[e.ID] = time.Time{}

@@ -224,7 +224,11 @@ func TestSlowStart(t *testing.T) {
 	clock := clockwork.NewFakeClock()
 	bal := newBalancer(t, random.Builder{}, balancer.Config{SlowStart: 100 * time.Second, SlowStartMinPercent: 10},
 		balancer.WithClock(clock))
+	bal.Update(set(0)) // an empty first set (a cache not yet synced)
 	bal.Update(set(1, spec{id: "old"}))
+	if got := bal.State().Ramping; got != 0 {
+		t.Errorf("State().Ramping = %d after the first endpoints, want 0", got)
+	}
 	bal.Update(set(2, spec{id: "old"}, spec{id: "new"}))
 	// At once the newcomer has the minimum weight: 10 against 100.
 	fit(t, share(t, bal, 20000), map[string]float64{"old": 100, "new": 10})

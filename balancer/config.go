@@ -41,8 +41,8 @@ type Config struct {
 
 	// SlowStart ramps a new endpoint's weight from SlowStartMinPercent
 	// (default 10) to full over this window, along (age/window)^(1/
-	// SlowStartAggression) (default aggression 1: linear). Endpoints present
-	// in the first update start at full weight. 0 disables.
+	// SlowStartAggression) (default aggression 1: linear). Endpoints that
+	// join an empty service start at full weight. 0 disables.
 	SlowStart           time.Duration
 	SlowStartMinPercent int
 	SlowStartAggression float64
