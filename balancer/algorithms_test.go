@@ -108,10 +108,10 @@ func TestRoundRobinIsExact(t *testing.T) {
 	p := roundrobin.Builder{}.Build(eps, balancer.BuildOptions{Rand: seeded(3)})
 	got := counts(t, p, eps, 5*1000, nil)
 	for i, c := range got {
-		// Each of the 8 counter shards cycles exactly; together they may
+		// Each of the 64 counter shards cycles exactly; together they may
 		// differ by one pick per shard.
-		if c < 1000-8 || c > 1000+8 {
-			t.Errorf("endpoint %d picked %d times in 5000, want 1000 ± 8", i, c)
+		if c < 1000-64 || c > 1000+64 {
+			t.Errorf("endpoint %d picked %d times in 5000, want 1000 ± 64", i, c)
 		}
 	}
 }
