@@ -118,9 +118,16 @@ func (b *Balancer) Close() {
 // Pick chooses an endpoint and counts the call as in flight on it. Every
 // successful Pick must be followed by exactly one Done.
 func (b *Balancer) Pick(info PickInfo) (*endpoint.Endpoint, error) {
-	ep, err := b.route.Load().pick(info)
+	r := b.route.Load()
+	ep, err := r.pick(info)
 	if err != nil {
 		return nil, err
+	}
+	for i := 0; i < 3 && info.Avoid != "" && ep.ID == info.Avoid; i++ {
+		info.HasKey = false // a keyed pick would land on the same endpoint
+		if ep, err = r.pick(info); err != nil {
+			return nil, err
+		}
 	}
 	ep.Stats.Begin()
 	return ep, nil

@@ -248,6 +248,28 @@ func TestSlowStart(t *testing.T) {
 	}
 }
 
+func TestAvoidThePreviousEndpoint(t *testing.T) {
+	bal := newBalancer(t, random.Builder{}, balancer.Config{})
+	bal.Update(set(1, spec{id: "a"}, spec{id: "b"}))
+	avoided := 0
+	for range 1000 {
+		e, err := bal.Pick(balancer.PickInfo{Avoid: "a"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e.ID == "b" {
+			avoided++
+		}
+		bal.Done(e, 0, false)
+	}
+	// Four draws at 1/2 each: a is picked only when all four land on it.
+	fit(t, map[string]int{"a": 1000 - avoided, "b": avoided}, map[string]float64{"a": 1.0 / 16, "b": 15.0 / 16})
+	bal.Update(set(2, spec{id: "a"}))
+	if e, err := bal.Pick(balancer.PickInfo{Avoid: "a"}); err != nil || e.ID != "a" {
+		t.Errorf("Pick(avoid the only endpoint) = %v, %v; want it anyway", e, err)
+	}
+}
+
 func TestStatsSurviveUpdates(t *testing.T) {
 	bal := newBalancer(t, wrr.Builder{}, balancer.Config{})
 	bal.Update(set(1, spec{id: "a"}))

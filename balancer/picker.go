@@ -22,6 +22,10 @@ type PickInfo struct {
 	// ignore it.
 	Key    uint64
 	HasKey bool
+	// Avoid names an endpoint a retry should not go back to (the one that
+	// just failed); the balancer picks again, a few times at most, when the
+	// picker returns it (Envoy's previous_hosts predicate).
+	Avoid string
 }
 
 // Picker chooses an endpoint for one call. Pickers are immutable: Pick never

@@ -1,0 +1,328 @@
+package beaconhttp
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"syscall"
+
+	"beacon.dev/beacon/balancer"
+	"beacon.dev/beacon/balancer/p2c"
+	"beacon.dev/beacon/discovery"
+	"beacon.dev/beacon/outlier"
+	"beacon.dev/beacon/policy"
+	"beacon.dev/beacon/registry"
+)
+
+// DefaultMaxReplay bounds the request body kept to replay on a retry.
+const DefaultMaxReplay = 1 << 20
+
+// Option configures a Transport.
+type Option func(*Transport)
+
+// WithBase sets the transport that carries the requests to the chosen
+// instance (default: a clone of http.DefaultTransport).
+func WithBase(rt http.RoundTripper) Option { return func(t *Transport) { t.base = rt } }
+
+// WithBalancer chooses the algorithm and routing (default P2C, no routing
+// options).
+func WithBalancer(b balancer.Builder, cfg balancer.Config) Option {
+	return func(t *Transport) { t.builder, t.balCfg = b, cfg }
+}
+
+// WithOutlierDetection tunes ejection (default outlier.DefaultConfig).
+func WithOutlierDetection(cfg outlier.Config) Option {
+	return func(t *Transport) { t.outlierCfg = cfg }
+}
+
+// WithRetry tunes retries (default policy.DefaultRetry with a
+// policy.DefaultBudget per service).
+func WithRetry(cfg policy.RetryConfig) Option { return func(t *Transport) { t.retry = cfg } }
+
+// WithBreaker gives every service a circuit breaker with this config.
+func WithBreaker(cfg policy.BreakerConfig) Option {
+	return func(t *Transport) { t.breakerCfg = &cfg }
+}
+
+// WithPolicies adds executor options (timeouts, bulkhead, rate limit,
+// fallback) for every service.
+func WithPolicies(opts ...policy.Option) Option {
+	return func(t *Transport) { t.extra = append(t.extra, opts...) }
+}
+
+// WithMaxReplay bounds the request body buffered for retries (default
+// 1 MiB). A larger body is streamed once and never retried.
+func WithMaxReplay(n int64) Option { return func(t *Transport) { t.maxReplay = n } }
+
+// Transport is an http.RoundTripper for service names. A request whose
+// host is a service name — lowercase letters, digits and '-', no port, not
+// "localhost" — goes to an instance of that service; any other request
+// goes to the base transport unchanged. Safe for concurrent use.
+type Transport struct {
+	cache      *discovery.Cache
+	base       http.RoundTripper
+	builder    balancer.Builder
+	balCfg     balancer.Config
+	outlierCfg outlier.Config
+	retry      policy.RetryConfig
+	breakerCfg *policy.BreakerConfig
+	extra      []policy.Option
+	maxReplay  int64
+	ctx        context.Context
+	stop       context.CancelFunc
+	wg         sync.WaitGroup
+
+	mu       sync.Mutex
+	services map[string]*service // guarded by mu
+	closed   bool                // guarded by mu
+}
+
+type service struct {
+	bal  *balancer.Balancer
+	exec *policy.Executor
+	sub  *discovery.Subscription
+}
+
+// NewTransport returns a transport resolving names through cache. Close
+// it to stop following services.
+func NewTransport(cache *discovery.Cache, opts ...Option) (*Transport, error) {
+	t := &Transport{cache: cache, builder: p2c.Builder{}, maxReplay: DefaultMaxReplay, services: make(map[string]*service)}
+	for _, o := range opts {
+		o(t)
+	}
+	if t.base == nil {
+		t.base = http.DefaultTransport.(*http.Transport).Clone()
+	}
+	if t.maxReplay < 0 {
+		return nil, fmt.Errorf("beaconhttp: max replay %d must not be negative", t.maxReplay)
+	}
+	// Validate the per-service configuration once, up front.
+	if _, err := t.newService(""); err != nil {
+		return nil, err
+	}
+	t.ctx, t.stop = context.WithCancel(context.Background())
+	return t, nil
+}
+
+// Close stops following services. Requests in flight finish.
+func (t *Transport) Close() {
+	t.mu.Lock()
+	t.closed = true
+	services := t.services
+	t.services = map[string]*service{}
+	t.mu.Unlock()
+	t.stop()
+	t.wg.Wait()
+	for _, s := range services {
+		s.sub.Close()
+		s.bal.Close()
+	}
+}
+
+// newService builds a balancer and an executor; with an empty name it only
+// validates the options.
+func (t *Transport) newService(name string) (*service, error) {
+	bal, err := balancer.New(t.builder, t.balCfg, balancer.WithOutlierDetection(t.outlierCfg, outlier.WithName(name)))
+	if err != nil {
+		return nil, err
+	}
+	retry := t.retry
+	if retry.Budget == nil {
+		retry.Budget, _ = policy.NewBudget(policy.DefaultBudget)
+	}
+	opts := []policy.Option{policy.WithRetry(retry)}
+	if t.breakerCfg != nil {
+		br, err := policy.NewBreaker(*t.breakerCfg)
+		if err != nil {
+			bal.Close()
+			return nil, err
+		}
+		opts = append(opts, policy.WithBreaker(br))
+	}
+	exec, err := policy.New(append(opts, t.extra...)...)
+	if err != nil {
+		bal.Close()
+		return nil, err
+	}
+	if name == "" {
+		bal.Close()
+		return nil, nil
+	}
+	return &service{bal: bal, exec: exec}, nil
+}
+
+// service returns the state for a service name, following it on first use.
+func (t *Transport) service(name string) (*service, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return nil, errors.New("beaconhttp: transport closed")
+	}
+	if s, ok := t.services[name]; ok {
+		return s, nil
+	}
+	s, err := t.newService(name)
+	if err != nil {
+		return nil, err
+	}
+	if s.sub, err = t.cache.Subscribe(name); err != nil {
+		s.bal.Close()
+		return nil, err
+	}
+	s.bal.Update(s.sub.Endpoints())
+	t.wg.Add(1)
+	go func() { // owned by the transport: ends with Close
+		defer t.wg.Done()
+		_ = s.bal.Run(t.ctx, s.sub)
+	}()
+	t.services[name] = s
+	return s, nil
+}
+
+// IsServiceHost reports whether a URL host names a beacon service.
+func IsServiceHost(host string) bool {
+	return host != "localhost" && registry.ValidateName("service", host) == nil
+}
+
+// errStatus carries a retryable HTTP status through the retry loop.
+type errStatus struct{ code int }
+
+func (e *errStatus) Error() string { return "beaconhttp: status " + strconv.Itoa(e.code) }
+
+// RoundTrip implements http.RoundTripper.
+func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.URL == nil || req.URL.Port() != "" || !IsServiceHost(req.URL.Hostname()) {
+		return t.base.RoundTrip(req)
+	}
+	name := req.URL.Hostname()
+	svc, err := t.service(name)
+	if err != nil {
+		return nil, err
+	}
+	replay, err := t.replayable(req)
+	if err != nil {
+		return nil, err
+	}
+	kind := policy.NotIdempotent
+	if replay && idempotent(req) {
+		kind = policy.Idempotent
+	}
+	var last *http.Response
+	var tried string // the previous attempt's endpoint: retries go elsewhere
+	err = svc.exec.Do(req.Context(), kind, func(ctx context.Context) error {
+		if last != nil { // a retried 5xx: its body is not returned
+			drain(last)
+			last = nil
+		}
+		start := svc.bal.Start()
+		ep, err := svc.bal.Pick(balancer.PickInfo{Avoid: tried})
+		if err != nil {
+			return policy.Unsent(err)
+		}
+		tried = ep.ID
+		out := req.Clone(ctx)
+		out.URL.Host = ep.Addr
+		out.Host = req.Host
+		if out.Host == "" {
+			out.Host = name
+		}
+		if replay && req.GetBody != nil {
+			if out.Body, err = req.GetBody(); err != nil {
+				svc.bal.Done(ep, start, false)
+				return policy.Permanent(err)
+			}
+		}
+		resp, err := t.base.RoundTrip(out)
+		if err != nil {
+			svc.bal.Done(ep, start, true)
+			if !replay && !errors.Is(err, syscall.ECONNREFUSED) {
+				return policy.Permanent(err) // the body is spent
+			}
+			return classify(err)
+		}
+		failed := resp.StatusCode >= 500
+		svc.bal.Done(ep, start, failed)
+		last = resp
+		if retryableStatus(resp.StatusCode) {
+			return policy.Retryable(&errStatus{resp.StatusCode})
+		}
+		return nil
+	})
+	var es *errStatus
+	if err != nil && errors.As(err, &es) && last != nil {
+		return last, nil // retries exhausted on a 5xx: hand back the response
+	}
+	if err != nil {
+		if last != nil {
+			drain(last)
+		}
+		return nil, fmt.Errorf("beaconhttp: %s %s: %w", req.Method, req.URL, err)
+	}
+	return last, nil
+}
+
+// replayable makes the body replayable within the bound. It reports false
+// when the body is too large to keep: the request then goes once.
+func (t *Transport) replayable(req *http.Request) (bool, error) {
+	if req.Body == nil || req.Body == http.NoBody || req.GetBody != nil {
+		return true, nil
+	}
+	buf, err := io.ReadAll(io.LimitReader(req.Body, t.maxReplay+1))
+	if err != nil {
+		return false, fmt.Errorf("beaconhttp: reading request body: %w", err)
+	}
+	if int64(len(buf)) > t.maxReplay {
+		// Too large: send what was read followed by the rest, once.
+		rest := req.Body
+		req.Body = struct {
+			io.Reader
+			io.Closer
+		}{io.MultiReader(bytes.NewReader(buf), rest), rest}
+		return false, nil
+	}
+	req.Body.Close()
+	req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(buf)), nil }
+	req.Body, _ = req.GetBody()
+	return true, nil
+}
+
+// idempotent follows RFC 9110 §9.2.2, plus requests that carry an
+// Idempotency-Key header (the IETF httpapi draft): the caller vouches for
+// them.
+func idempotent(req *http.Request) bool {
+	switch req.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace, http.MethodPut, http.MethodDelete:
+		return true
+	}
+	return req.Header.Get("Idempotency-Key") != ""
+}
+
+func retryableStatus(code int) bool {
+	return code == http.StatusBadGateway || code == http.StatusServiceUnavailable || code == http.StatusGatewayTimeout
+}
+
+// classify marks transport errors for the retry policy: a refused
+// connection never reached the server.
+func classify(err error) error {
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		return policy.Unsent(err)
+	}
+	var ne net.Error
+	if errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || (errors.As(err, &ne) && ne.Timeout()) {
+		return policy.Retryable(err)
+	}
+	return err
+}
+
+// drain reads a little of a discarded response so its connection can be
+// reused, then closes it.
+func drain(resp *http.Response) {
+	_, _ = io.CopyN(io.Discard, resp.Body, 64<<10)
+	resp.Body.Close()
+}
