@@ -297,6 +297,7 @@ func (c *Cache) run(ctx context.Context) {
 				}
 			case <-synced:
 				everSynced, synced = true, nil
+				c.applySynced(stream, names)
 			case <-coldStart.Chan():
 				if !everSynced {
 					c.loadDisk()
@@ -316,6 +317,29 @@ func (c *Cache) run(ctx context.Context) {
 		c.stream = nil
 		c.mu.Unlock()
 	}
+}
+
+// applySynced settles every followed service once the stream has caught
+// up: a service the registry sent nothing for has no instances, which is
+// an answer too (callers fail fast instead of waiting).
+func (c *Cache) applySynced(stream Stream, names []string) {
+	var snaps []*registry.Snapshot
+	for _, name := range names {
+		if s, ok := stream.Snapshot(name); ok {
+			snaps = append(snaps, s)
+		} else {
+			snaps = append(snaps, &registry.Snapshot{Namespace: c.src.Namespace(), Service: name})
+		}
+	}
+	c.mu.Lock()
+	var missing []*registry.Snapshot
+	for _, s := range snaps {
+		if e, ok := c.services[s.Service]; ok && (e.snap == nil || e.fromDisk) {
+			missing = append(missing, s)
+		}
+	}
+	c.mu.Unlock()
+	c.apply(missing, false)
 }
 
 // loadDisk serves the disk snapshot for services the registry has not

@@ -19,8 +19,11 @@ type Source interface {
 // Stream delivers full snapshots of the services that changed.
 type Stream interface {
 	Next(ctx context.Context) ([]*registry.Snapshot, error)
-	// Synced is closed once the stream has caught up with the registry.
+	// Synced is closed once the stream has caught up with the registry;
+	// from then on, Snapshot reports every followed service that has
+	// instances, so one it does not report has none.
 	Synced() <-chan struct{}
+	Snapshot(service string) (*registry.Snapshot, bool)
 	Status() client.WatchStatus
 	Close()
 }

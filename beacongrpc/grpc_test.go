@@ -1,0 +1,256 @@
+package beacongrpc_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"beacon.dev/beacon/beacongrpc"
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/discovery"
+	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/policy"
+	"beacon.dev/beacon/registry"
+)
+
+// backend is a real gRPC server on 127.0.0.1 serving grpc.health.v1,
+// which stands for the application's service here.
+type backend struct {
+	srv    *grpc.Server
+	health *beacongrpc.Health
+	addr   string
+	port   int
+}
+
+func startBackend(t *testing.T) *backend {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &backend{srv: grpc.NewServer(), addr: ln.Addr().String(), port: ln.Addr().(*net.TCPAddr).Port}
+	b.health = beacongrpc.RegisterHealth(b.srv)
+	b.health.SetServing(true)
+	go b.srv.Serve(ln)
+	t.Cleanup(b.srv.Stop)
+	return b
+}
+
+type env struct {
+	ctx   context.Context
+	c     *client.Client
+	cache *discovery.Cache
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	t.Cleanup(cancel)
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	c, err := client.New([]string{srv.Addr()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	cache, err := discovery.New(discovery.FromClient(c, ""), discovery.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cache.Close)
+	return &env{ctx: ctx, c: c, cache: cache}
+}
+
+func (e *env) register(t *testing.T, service string, bs ...*backend) {
+	t.Helper()
+	for i, b := range bs {
+		if _, err := e.c.Register(e.ctx, registry.Instance{Service: service, ID: fmt.Sprintf("%s-%d", service, i), Address: "127.0.0.1", Port: b.port}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func (e *env) dial(t *testing.T, target string, opts ...grpc.DialOption) *grpc.ClientConn {
+	t.Helper()
+	opts = append([]grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithResolvers(beacongrpc.NewResolverBuilder(e.cache, "default")),
+		grpc.WithDefaultServiceConfig(`{"loadBalancingConfig": [{"round_robin":{}}]}`),
+	}, opts...)
+	cc, err := grpc.NewClient(target, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return cc
+}
+
+func TestResolverSpreadsCallsOverInstances(t *testing.T) {
+	e := newEnv(t)
+	bs := []*backend{startBackend(t), startBackend(t), startBackend(t)}
+	e.register(t, "hello", bs...)
+	cc := e.dial(t, "beacon:///hello")
+	hc := healthpb.NewHealthClient(cc)
+	seen := map[string]int{}
+	testutil.Eventually(t, 20*time.Second, "calls reach all 3 instances", func() bool {
+		var p peer.Peer
+		ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
+		defer cancel()
+		if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.Peer(&p), grpc.WaitForReady(true)); err != nil {
+			t.Fatalf("Check: %v", err)
+		}
+		seen[p.Addr.String()]++
+		return len(seen) == 3
+	})
+}
+
+func TestResolverReportsAnEmptyService(t *testing.T) {
+	e := newEnv(t)
+	b := startBackend(t)
+	e.register(t, "lonely", b)
+	if _, err := e.c.Deregister(e.ctx, "", "lonely", "lonely-0"); err != nil {
+		t.Fatal(err)
+	}
+	cc := e.dial(t, "beacon:///lonely")
+	hc := healthpb.NewHealthClient(cc)
+	testutil.Eventually(t, 20*time.Second, "RPCs fail with the resolver's reason", func() bool {
+		ctx, cancel := context.WithTimeout(e.ctx, 2*time.Second)
+		defer cancel()
+		_, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
+		return status.Code(err) == codes.Unavailable && strings.Contains(err.Error(), "no routable instances")
+	})
+}
+
+func TestTargetInAnotherNamespaceIsRefused(t *testing.T) {
+	e := newEnv(t)
+	cc, err := grpc.NewClient("beacon://other/hello", grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithResolvers(beacongrpc.NewResolverBuilder(e.cache, "default")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	ctx, cancel := context.WithTimeout(e.ctx, 2*time.Second)
+	defer cancel()
+	_, err = healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err == nil || !strings.Contains(err.Error(), `namespace "other"`) {
+		t.Errorf("Check via beacon://other/ = %v, want the namespace mismatch", err)
+	}
+}
+
+func TestKilledInstanceUnderRetriesFailsNoCall(t *testing.T) {
+	e := newEnv(t)
+	bs := []*backend{startBackend(t), startBackend(t), startBackend(t)}
+	e.register(t, "hello", bs...)
+	exec, err := policy.New(policy.WithRetry(policy.RetryConfig{MaxAttempts: 3, BaseBackoff: time.Millisecond, RetryOn: beacongrpc.RetryableCode}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc := e.dial(t, "beacon:///hello", grpc.WithUnaryInterceptor(beacongrpc.UnaryClientInterceptor(exec, func(string) bool { return true })))
+	hc := healthpb.NewHealthClient(cc)
+	call := func() error {
+		ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
+		defer cancel()
+		_, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
+		return err
+	}
+	for range 30 {
+		if err := call(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bs[0].srv.Stop() // dies; still registered
+	for i := range 300 {
+		if err := call(); err != nil {
+			t.Fatalf("call %d after the kill: %v", i, err)
+		}
+	}
+}
+
+func TestHealthAndBoundedGracefulStop(t *testing.T) {
+	e := newEnv(t)
+	b := startBackend(t)
+	cc, err := grpc.NewClient(b.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	hc := healthpb.NewHealthClient(cc)
+	check := func() healthpb.HealthCheckResponse_ServingStatus {
+		resp, err := hc.Check(e.ctx, &healthpb.HealthCheckRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.Status
+	}
+	if got := check(); got != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("Check = %v, want SERVING", got)
+	}
+	b.health.SetServing(false)
+	if got := check(); got != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Fatalf("Check = %v, want NOT_SERVING", got)
+	}
+	// An open Watch stream would hold a plain GracefulStop forever.
+	wctx, wcancel := context.WithCancel(e.ctx)
+	defer wcancel()
+	w, err := hc.Watch(wctx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	finished := beacongrpc.GracefulStop(b.srv, b.health, 500*time.Millisecond)
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("GracefulStop took %v with a Watch open, want it bounded", took)
+	}
+	if finished {
+		t.Error("GracefulStop reported a clean finish with a Watch stream still open")
+	}
+}
+
+func TestClassification(t *testing.T) {
+	for _, tc := range []struct {
+		err              error
+		retry, isFailure bool
+	}{
+		{status.Error(codes.Unavailable, "x"), true, true},
+		{status.Error(codes.DeadlineExceeded, "x"), false, true},
+		{status.Error(codes.InvalidArgument, "x"), false, false},
+		{status.Error(codes.NotFound, "x"), false, false},
+		{status.Error(codes.Internal, "x"), false, true},
+		{context.Canceled, false, false},
+		{policy.ErrOpen, false, false},
+	} {
+		if got := beacongrpc.RetryableCode(tc.err); got != tc.retry {
+			t.Errorf("RetryableCode(%v) = %v, want %v", tc.err, got, tc.retry)
+		}
+		if got := beacongrpc.IsFailure(tc.err); got != tc.isFailure {
+			t.Errorf("IsFailure(%v) = %v, want %v", tc.err, got, tc.isFailure)
+		}
+	}
+	for _, tc := range []struct {
+		err  error
+		want codes.Code
+	}{
+		{policy.ErrOpen, codes.Unavailable},
+		{policy.ErrBulkheadFull, codes.Unavailable},
+		{policy.ErrRateLimited, codes.ResourceExhausted},
+		{&policy.RetryError{Attempts: 3, Reason: "max attempts", Last: status.Error(codes.Unavailable, "down")}, codes.Unavailable},
+		{errors.New("plain"), codes.Unknown},
+	} {
+		if got := beacongrpc.StatusOf(tc.err).Code(); got != tc.want {
+			t.Errorf("StatusOf(%v) = %v, want %v", tc.err, got, tc.want)
+		}
+	}
+}
