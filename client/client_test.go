@@ -200,7 +200,12 @@ func TestUnavailableWhenNoServer(t *testing.T) {
 // The SDK must not drag in the server: a service that only discovers others
 // should not link an etcd server.
 func TestSDKDoesNotImportServer(t *testing.T) {
-	out, err := exec.Command("go", "list", "-deps", "beacon.dev/beacon/client", "beacon.dev/beacon/registry").CombinedOutput()
+	sdk := []string{"client", "registry", "endpoint", "discovery", "balancer/...", "outlier", "policy", "beaconhttp", "beacongrpc"}
+	args := []string{"list", "-deps"}
+	for _, p := range sdk {
+		args = append(args, "beacon.dev/beacon/"+p)
+	}
+	out, err := exec.Command("go", args...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("go list: %v\n%s", err, out)
 	}
