@@ -270,6 +270,21 @@ func TestAvoidThePreviousEndpoint(t *testing.T) {
 	}
 }
 
+func TestRoundRobinNeverReturnsTheAvoidedEndpoint(t *testing.T) {
+	bal := newBalancer(t, roundrobin.Builder{}, balancer.Config{})
+	bal.Update(set(1, spec{id: "a"}, spec{id: "b"}, spec{id: "c"}))
+	for range 1000 {
+		e, err := bal.Pick(balancer.PickInfo{Avoid: "a"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e.ID == "a" {
+			t.Fatal("Pick(avoid a) = a")
+		}
+		bal.Done(e, 0, false)
+	}
+}
+
 func TestStatsSurviveUpdates(t *testing.T) {
 	bal := newBalancer(t, wrr.Builder{}, balancer.Config{})
 	bal.Update(set(1, spec{id: "a"}))

@@ -23,8 +23,9 @@ type PickInfo struct {
 	Key    uint64
 	HasKey bool
 	// Avoid names an endpoint a retry should not go back to (the one that
-	// just failed); the balancer picks again, a few times at most, when the
-	// picker returns it (Envoy's previous_hosts predicate).
+	// just failed). Round robin moves to the next endpoint; for the others
+	// the balancer picks again, three times at most, so avoidance is likely
+	// rather than certain (as with Envoy's previous_hosts predicate).
 	Avoid string
 }
 

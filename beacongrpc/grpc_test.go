@@ -151,7 +151,9 @@ func TestKilledInstanceUnderRetriesFailsNoCall(t *testing.T) {
 	e := newEnv(t)
 	bs := []*backend{startBackend(t), startBackend(t), startBackend(t)}
 	e.register(t, "hello", bs...)
-	exec, err := policy.New(policy.WithRetry(policy.RetryConfig{MaxAttempts: 3, BaseBackoff: time.Millisecond, RetryOn: beacongrpc.RetryableCode}))
+	// gRPC notices a dead connection asynchronously: leave room for a few
+	// attempts while its picker catches up.
+	exec, err := policy.New(policy.WithRetry(policy.RetryConfig{MaxAttempts: 5, BaseBackoff: 5 * time.Millisecond, RetryOn: beacongrpc.RetryableCode}))
 	if err != nil {
 		t.Fatal(err)
 	}

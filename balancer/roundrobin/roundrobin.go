@@ -52,12 +52,16 @@ type picker struct {
 	m    uint64 // Lemire's fastmod constant for n: a division costs more than the rest of a pick
 }
 
-func (p *picker) Pick(balancer.PickInfo) (*endpoint.Endpoint, error) {
+func (p *picker) Pick(info balancer.PickInfo) (*endpoint.Endpoint, error) {
 	if len(p.eps) == 0 {
 		return nil, balancer.ErrNoEndpoint
 	}
 	i := p.next[p.rand()&(shards-1)].n.Add(1) - 1
-	return p.eps[fastmod(i, p.m, p.n)], nil
+	ep := p.eps[fastmod(i, p.m, p.n)]
+	if info.Avoid != "" && ep.ID == info.Avoid && len(p.eps) > 1 {
+		ep = p.eps[fastmod(i+1, p.m, p.n)] // the next one in turn, never the same
+	}
+	return ep, nil
 }
 
 // fastmod returns a % d given m = ^uint64(0)/d + 1 (Lemire, Kaser, Kurz:
