@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"testing"
+	"time"
 
 	"beacon.dev/beacon/balancer"
 	"beacon.dev/beacon/balancer/maglev"
@@ -146,8 +147,8 @@ func TestP2CAvoidsLoadAndLatency(t *testing.T) {
 	// ep-000 answers in 50 ms, the others in 1 ms.
 	for i, e := range eps {
 		e.Stats.Begin()
-		rtt := []int64{50e6, 1e6, 1e6}[i]
-		e.Stats.End(now, time_(rtt), false)
+		rtt := []time.Duration{50 * time.Millisecond, time.Millisecond, time.Millisecond}[i]
+		e.Stats.End(now, rtt, false)
 	}
 	got := counts(t, p, eps, 3000, nil)
 	// The slow endpoint can only win a draw against itself, which P2C never

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -339,7 +340,7 @@ func TestConfigErrors(t *testing.T) {
 		{balancer.Config{Subsets: []balancer.Subset{{Name: "x", Weight: 1}, {Name: "x", Weight: 1}}}, `subsets[1] name "x"`},
 	} {
 		_, err := balancer.New(roundrobin.Builder{}, tc.cfg)
-		if !errors.Is(err, balancer.ErrInvalidConfig) || !contains(err.Error(), tc.want) {
+		if !errors.Is(err, balancer.ErrInvalidConfig) || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("New(%+v) = %v, want ErrInvalidConfig naming %q", tc.cfg, err, tc.want)
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -268,7 +269,7 @@ func TestBadSnapshotsAreRefused(t *testing.T) {
 			}
 			cache := newCache(t, c, discovery.Config{SnapshotDir: dir, ColdStartWait: 50 * time.Millisecond}, "cart")
 			testutil.Eventually(t, 10*time.Second, "disk error reported", func() bool { return cache.Status().DiskErr != nil })
-			if err := cache.Status().DiskErr; !contains(err.Error(), tc.want) {
+			if err := cache.Status().DiskErr; !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("DiskErr = %v, want it to name %q", err, tc.want)
 			}
 			if _, ok := cache.Endpoints("cart"); ok {
