@@ -99,10 +99,14 @@ func TestResolverSpreadsCallsOverInstances(t *testing.T) {
 	e := newEnv(t)
 	bs := []*backend{startBackend(t), startBackend(t), startBackend(t)}
 	e.register(t, "hello", bs...)
-	cc := e.dial(t, "beacon:///hello")
-	hc := healthpb.NewHealthClient(cc)
+	e.reachesAll(t, healthpb.NewHealthClient(e.dial(t, "beacon:///hello")), 3)
+}
+
+// reachesAll calls until n distinct instances have answered.
+func (e *env) reachesAll(t *testing.T, hc healthpb.HealthClient, n int) {
+	t.Helper()
 	seen := map[string]int{}
-	testutil.Eventually(t, 20*time.Second, "calls reach all 3 instances", func() bool {
+	testutil.Eventually(t, 20*time.Second, fmt.Sprintf("calls reach all %d instances", n), func() bool {
 		var p peer.Peer
 		ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
 		defer cancel()
@@ -110,7 +114,7 @@ func TestResolverSpreadsCallsOverInstances(t *testing.T) {
 			t.Fatalf("Check: %v", err)
 		}
 		seen[p.Addr.String()]++
-		return len(seen) == 3
+		return len(seen) == n
 	})
 }
 

@@ -10,7 +10,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
 	"beacon.dev/beacon/beacongrpc"
@@ -57,18 +56,7 @@ func TestBeaconPoliciesSpreadCalls(t *testing.T) {
 			e := newEnv(t)
 			bs := []*backend{startBackend(t), startBackend(t), startBackend(t)}
 			e.register(t, "hello", bs...)
-			hc := healthpb.NewHealthClient(e.dial(t, "beacon:///hello", policyConfig(name)))
-			seen := map[string]int{}
-			testutil.Eventually(t, 20*time.Second, "calls reach all 3 instances", func() bool {
-				var p peer.Peer
-				ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
-				defer cancel()
-				if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.Peer(&p), grpc.WaitForReady(true)); err != nil {
-					t.Fatalf("Check: %v", err)
-				}
-				seen[p.Addr.String()]++
-				return len(seen) == 3
-			})
+			e.reachesAll(t, healthpb.NewHealthClient(e.dial(t, "beacon:///hello", policyConfig(name))), 3)
 		})
 	}
 }

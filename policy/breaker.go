@@ -7,8 +7,6 @@ import (
 	"time"
 
 	"github.com/jonboulle/clockwork"
-
-	"beacon.dev/beacon/internal/mono"
 )
 
 // State is a circuit breaker's state.
@@ -97,12 +95,8 @@ func NewBreaker(cfg BreakerConfig) (*Breaker, error) {
 	if cfg.IsFailure == nil {
 		cfg.IsFailure = defaultIsFailure
 	}
-	now := mono.Now
-	if cfg.Clock == nil {
-		cfg.Clock = clockwork.NewRealClock()
-	} else {
-		now = unixNanos(cfg.Clock)
-	}
+	var now func() int64
+	cfg.Clock, now = clocks(cfg.Clock)
 	switch {
 	case cfg.WindowSize < 1 || cfg.WindowSize > 1<<20:
 		return nil, fmt.Errorf("policy: breaker window size %d must be in [1, %d]", cfg.WindowSize, 1<<20)

@@ -136,10 +136,19 @@ func WithFallback(f func(ctx context.Context, err error) error) Option {
 // WithClock replaces the clock (tests). Without it, backoff timers use the
 // wall clock and budgets the process's monotonic clock.
 func WithClock(c clockwork.Clock) Option {
-	return func(e *Executor) error { e.clock = c; e.now = unixNanos(c); return nil }
+	return func(e *Executor) error { e.clock, e.now = clocks(c); return nil }
 }
 
 func unixNanos(c clockwork.Clock) func() int64 { return func() int64 { return c.Now().UnixNano() } }
+
+// clocks returns the clock for timers and the one for counting windows:
+// the real clock and the cheap monotonic one, or c for both in tests.
+func clocks(c clockwork.Clock) (clockwork.Clock, func() int64) {
+	if c == nil {
+		return clockwork.NewRealClock(), mono.Now
+	}
+	return c, unixNanos(c)
+}
 
 // Executor runs calls through the configured policies.
 type Executor struct {
@@ -157,7 +166,8 @@ type Executor struct {
 
 // New returns an Executor; with no options it just calls.
 func New(opts ...Option) (*Executor, error) {
-	e := &Executor{clock: clockwork.NewRealClock(), now: mono.Now}
+	e := &Executor{}
+	e.clock, e.now = clocks(nil)
 	for _, o := range opts {
 		if err := o(e); err != nil {
 			return nil, err

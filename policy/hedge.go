@@ -6,8 +6,6 @@ import (
 	"time"
 
 	"github.com/jonboulle/clockwork"
-
-	"beacon.dev/beacon/internal/mono"
 )
 
 // HedgeConfig tunes hedging.
@@ -41,12 +39,8 @@ func NewHedger(cfg HedgeConfig) (*Hedger, error) {
 	if cfg.RetryOn == nil {
 		cfg.RetryOn = IsRetryable
 	}
-	now := mono.Now
-	if cfg.Clock == nil {
-		cfg.Clock = clockwork.NewRealClock()
-	} else {
-		now = unixNanos(cfg.Clock)
-	}
+	var now func() int64
+	cfg.Clock, now = clocks(cfg.Clock)
 	switch {
 	case cfg.Delay <= 0:
 		return nil, fmt.Errorf("policy: hedge delay %v must be positive", cfg.Delay)
