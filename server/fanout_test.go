@@ -137,7 +137,7 @@ func TestStuckWatcherDoesNotDelayOthers(t *testing.T) {
 	if p99 := lat[len(lat)*99/100]; p99 > time.Second {
 		t.Errorf("p99 propagation to live watchers = %s with one frozen watcher, want < 1s", p99)
 	}
-	if ss, _ := stuck.Snapshot("orders"); len(ss.Instances) > 1 {
+	if ss, ok := stuck.Snapshot("orders"); ok && len(ss.Instances) > 1 { // none at all is frozen too
 		t.Fatalf("the frozen watcher received %d instances: it was not frozen", len(ss.Instances))
 	}
 	// The frozen watcher was owed 300 snapshots of ~45 KB; the server holds

@@ -76,14 +76,16 @@ func (p *Proxy) pipe(dst, src net.Conn, toClient bool) {
 	defer p.wg.Done()
 	buf := make([]byte, 32<<10)
 	for {
+		n, err := src.Read(buf)
 		if toClient {
+			// Checked after the read, which may have been waiting when
+			// Freeze was called: nothing reaches the client once frozen.
 			p.mu.Lock()
 			for p.frozen {
 				p.thaw.Wait()
 			}
 			p.mu.Unlock()
 		}
-		n, err := src.Read(buf)
 		if n > 0 {
 			if _, werr := dst.Write(buf[:n]); werr != nil {
 				break
