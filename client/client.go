@@ -8,10 +8,12 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
@@ -275,4 +277,66 @@ func (c *Client) Services(ctx context.Context, namespace string) ([]ServiceSumma
 		}
 		return out, nil
 	})
+}
+
+// WatchersResult is what AwaitWatchers saw across the servers.
+type WatchersResult struct {
+	// Watchers counts the acknowledging watch streams of the service when
+	// the wait began; Acknowledged of those applied the revision; Gone
+	// disconnected first.
+	Watchers, Acknowledged, Gone int
+	// Unreachable counts servers that could not be asked: watchers on them
+	// are not counted.
+	Unreachable int
+	Elapsed     time.Duration
+}
+
+// Complete reports whether every watcher that could be asked and is still
+// connected applied the revision.
+func (r WatchersResult) Complete() bool {
+	return r.Unreachable == 0 && r.Acknowledged+r.Gone == r.Watchers
+}
+
+// AwaitWatchers waits, at most timeout, until the SDK watchers of
+// namespace/service (on every server this client knows, since each
+// watcher streams from one of them) have applied revision — typically the
+// one Register returned when an instance was marked DRAINING.
+func (c *Client) AwaitWatchers(ctx context.Context, namespace, service string, revision int64, timeout time.Duration) (WatchersResult, error) {
+	start := time.Now()
+	req := &beaconv1.AwaitWatchersRequest{Namespace: c.ns(namespace), Service: service, Revision: revision, Timeout: durationpb.New(timeout)}
+	var (
+		mu     sync.Mutex
+		res    WatchersResult
+		badReq error
+		wg     sync.WaitGroup
+	)
+	for _, rpc := range c.rpcs {
+		wg.Go(func() {
+			// The server bounds the wait; this bounds a server that hangs.
+			cctx, cancel := context.WithTimeout(ctx, timeout+2*time.Second)
+			defer cancel()
+			resp, err := rpc.AwaitWatchers(cctx, connect.NewRequest(req))
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				if connect.CodeOf(err) == connect.CodeInvalidArgument {
+					badReq = fromConnectError(err)
+				}
+				res.Unreachable++
+				return
+			}
+			res.Watchers += int(resp.Msg.GetWatchers())
+			res.Acknowledged += int(resp.Msg.GetAcknowledged())
+			res.Gone += int(resp.Msg.GetGone())
+		})
+	}
+	wg.Wait()
+	res.Elapsed = time.Since(start)
+	if badReq != nil {
+		return res, badReq
+	}
+	if ctx.Err() != nil {
+		return res, ctx.Err()
+	}
+	return res, nil
 }

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"maps"
 	"slices"
 	"sync"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"connectrpc.com/connect"
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
+	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
 	"beacon.dev/beacon/internal/wire"
 	"beacon.dev/beacon/registry"
 )
@@ -36,6 +38,13 @@ type Watcher struct {
 	reconnects int                           // guarded by mu
 	stale      int                           // guarded by mu
 	syncedCh   chan struct{}
+
+	// Acknowledgements: a batch returned by Next counts as applied when
+	// the consumer comes back for the next one.
+	handedOut map[string]int64 // guarded by mu; returned by the last Next
+	applied   map[string]int64 // guarded by mu; everything applied so far
+	unacked   map[string]int64 // guarded by mu; applied, not yet sent to the server
+	ackNotify chan struct{}    // size 1: unacked has something
 }
 
 // WatchOption configures a watch.
@@ -51,7 +60,9 @@ func (c *Client) Watch(ctx context.Context, services []string, opts ...WatchOpti
 		c: c, ns: c.namespace, services: slices.Clone(services),
 		notify: make(chan struct{}, 1), done: make(chan struct{}), syncedCh: make(chan struct{}),
 		state: make(map[string]*registry.Snapshot), pending: make(map[string]*registry.Snapshot),
-		since: time.Now(),
+		since:     time.Now(),
+		handedOut: make(map[string]int64), applied: make(map[string]int64), unacked: make(map[string]int64),
+		ackNotify: make(chan struct{}, 1),
 	}
 	for _, o := range opts {
 		o(w)
@@ -76,13 +87,20 @@ func (w *Watcher) Synced() <-chan struct{} { return w.syncedCh }
 
 // Next waits for changes and returns the newest snapshot of each service
 // that changed since the last call, sorted by service.
+//
+// Calling Next again tells the server that the previous batch has been
+// applied: a draining instance waits (bounded) for that acknowledgement
+// before it stops accepting. So consume snapshots in a loop and call Next
+// once they are in effect.
 func (w *Watcher) Next(ctx context.Context) ([]*registry.Snapshot, error) {
+	w.markApplied()
 	for {
 		w.mu.Lock()
 		if len(w.pending) > 0 {
 			out := make([]*registry.Snapshot, 0, len(w.pending))
 			for _, s := range w.pending {
 				out = append(out, s)
+				w.handedOut[s.Service] = s.Revision
 			}
 			clear(w.pending)
 			w.mu.Unlock()
@@ -97,6 +115,75 @@ func (w *Watcher) Next(ctx context.Context) ([]*registry.Snapshot, error) {
 			return nil, ErrClosed
 		case <-w.notify:
 		}
+	}
+}
+
+// markApplied moves what the last Next returned to the acknowledgements
+// waiting to be sent.
+func (w *Watcher) markApplied() {
+	w.mu.Lock()
+	n := len(w.handedOut)
+	for svc, rev := range w.handedOut {
+		w.applied[svc] = max(w.applied[svc], rev)
+		w.unacked[svc] = max(w.unacked[svc], rev)
+	}
+	clear(w.handedOut)
+	w.mu.Unlock()
+	if n > 0 {
+		signal(w.ackNotify)
+	}
+}
+
+func signal(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// acknowledge sends what the consumer applied to the server of stream id
+// until ctx ends. A new stream starts with everything applied so far, as
+// the server knows nothing of the watcher's past streams.
+func (w *Watcher) acknowledge(ctx context.Context, rpc beaconv1connect.RegistryServiceClient, id uint64) {
+	w.mu.Lock()
+	clear(w.unacked)
+	maps.Copy(w.unacked, w.applied)
+	w.mu.Unlock()
+	signal(w.ackNotify)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-w.ackNotify:
+		}
+		w.mu.Lock()
+		revs := maps.Clone(w.unacked)
+		clear(w.unacked)
+		w.mu.Unlock()
+		if len(revs) == 0 {
+			continue
+		}
+		_, err := rpc.AckWatch(ctx, connect.NewRequest(&beaconv1.AckWatchRequest{WatchId: id, Revisions: revs}))
+		if err == nil {
+			continue
+		}
+		if ctx.Err() != nil || connect.CodeOf(err) == connect.CodeNotFound {
+			return // the stream is over; the next one acknowledges everything again
+		}
+		w.c.log.Debug("beacon: acknowledging watch revisions", "err", err)
+		w.mu.Lock()
+		for svc, rev := range revs {
+			w.unacked[svc] = max(w.unacked[svc], rev)
+		}
+		w.mu.Unlock()
+		t := time.NewTimer(100 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		signal(w.ackNotify)
 	}
 }
 
@@ -183,7 +270,7 @@ func (w *Watcher) run(ctx context.Context) {
 func (w *Watcher) stream(ctx context.Context) (received bool, err error) {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	req := &beaconv1.WatchRequest{Namespace: w.ns, Services: w.services, KnownRevisions: map[string]int64{}}
+	req := &beaconv1.WatchRequest{Namespace: w.ns, Services: w.services, KnownRevisions: map[string]int64{}, Acknowledge: true}
 	w.mu.Lock()
 	for name, s := range w.state {
 		req.KnownRevisions[name] = s.Revision
@@ -195,7 +282,14 @@ func (w *Watcher) stream(ctx context.Context) (received bool, err error) {
 		return false, fromConnectError(err)
 	}
 	defer st.Close()
+	var acking sync.WaitGroup
+	defer acking.Wait() // after cancel, which the acknowledger follows
+	defer cancel()
 	for st.Receive() {
+		if !received && st.Msg().GetWatchId() != 0 {
+			id := st.Msg().GetWatchId()
+			acking.Go(func() { w.acknowledge(sctx, rpc, id) })
+		}
 		received = true
 		w.apply(st.Msg())
 	}
@@ -230,9 +324,6 @@ func (w *Watcher) apply(msg *beaconv1.WatchResponse) {
 		close(w.syncedCh)
 	}
 	if changed {
-		select {
-		case w.notify <- struct{}{}:
-		default:
-		}
+		signal(w.notify)
 	}
 }

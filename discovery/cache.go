@@ -273,15 +273,23 @@ func (c *Cache) run(ctx context.Context) {
 		c.stream = stream
 		c.mu.Unlock()
 		batches := make(chan []*registry.Snapshot)
+		applied := make(chan struct{})
 		go func() { // owned: ends with sctx
 			defer close(batches)
 			for {
+				// Calling Next tells the registry the last batch is in
+				// effect, so it is called only once apply has returned.
 				snaps, err := stream.Next(sctx)
 				if err != nil {
 					return
 				}
 				select {
 				case batches <- snaps:
+				case <-sctx.Done():
+					return
+				}
+				select {
+				case <-applied:
 				case <-sctx.Done():
 					return
 				}
@@ -294,6 +302,10 @@ func (c *Cache) run(ctx context.Context) {
 			case snaps, ok := <-batches:
 				if ok {
 					c.apply(snaps, false)
+					select {
+					case applied <- struct{}{}:
+					case <-ctx.Done():
+					}
 				}
 			case <-synced:
 				everSynced, synced = true, nil

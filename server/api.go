@@ -339,13 +339,19 @@ func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchReque
 		return err
 	}
 	defer sub.Close()
+	var watchID uint64
+	if req.Msg.GetAcknowledge() {
+		ns, _ := namespaceOf(req.Msg.GetNamespace()) // validated by subscribe
+		watchID = a.s.acks.join(ns, req.Msg.GetServices())
+		defer a.s.acks.leave(watchID)
+	}
 	binary := !strings.Contains(req.Header().Get("Content-Type"), "json")
 	for {
 		pending, first, err := sub.Next(ctx)
 		if err != nil {
 			return nil // the client went away or the server is stopping
 		}
-		resp := &beaconv1.WatchResponse{Synced: first}
+		resp := &beaconv1.WatchResponse{Synced: first, WatchId: watchID}
 		if binary {
 			// Each snapshot is encoded once and its bytes shared by every
 			// watcher; they travel as the message's repeated field 1.
@@ -365,6 +371,70 @@ func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchReque
 		}
 		a.s.metrics.observeSent(pending)
 	}
+}
+
+// MaxAckServices bounds the services one AckWatch call may carry.
+const MaxAckServices = 10000
+
+func (a api) AckWatch(ctx context.Context, req *connect.Request[beaconv1.AckWatchRequest]) (*connect.Response[beaconv1.AckWatchResponse], error) {
+	if err := a.ready(); err != nil {
+		return nil, err
+	}
+	revs := req.Msg.GetRevisions()
+	if n := len(revs); n > MaxAckServices {
+		return nil, toConnectError(&registry.FieldError{Field: "revisions", Reason: fmt.Sprintf("%d services, at most %d", n, MaxAckServices)})
+	}
+	for svc, rev := range revs {
+		if err := registry.ValidateName("revisions key", svc); err != nil {
+			return nil, toConnectError(err)
+		}
+		if rev < 0 {
+			return nil, toConnectError(&registry.FieldError{Field: "revisions[" + svc + "]", Reason: "must not be negative"})
+		}
+	}
+	if !a.s.acks.ack(req.Msg.GetWatchId(), revs) {
+		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("watch_id %d: no such acknowledging watch stream on this server", req.Msg.GetWatchId()))
+	}
+	return connect.NewResponse(&beaconv1.AckWatchResponse{}), nil
+}
+
+// Bounds of AwaitWatchers' wait.
+const (
+	DefaultAwaitTimeout = 5 * time.Second
+	MaxAwaitTimeout     = 5 * time.Minute
+)
+
+func (a api) AwaitWatchers(ctx context.Context, req *connect.Request[beaconv1.AwaitWatchersRequest]) (*connect.Response[beaconv1.AwaitWatchersResponse], error) {
+	if err := a.ready(); err != nil {
+		return nil, err
+	}
+	msg := req.Msg
+	ns, err := namespaceOf(msg.GetNamespace())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if err := registry.ValidateName("service", msg.GetService()); err != nil {
+		return nil, toConnectError(err)
+	}
+	if msg.GetRevision() <= 0 {
+		return nil, toConnectError(&registry.FieldError{Field: "revision", Reason: "must be positive"})
+	}
+	timeout := DefaultAwaitTimeout
+	if d := msg.GetTimeout(); d != nil {
+		if err := d.CheckValid(); err != nil {
+			return nil, toConnectError(&registry.FieldError{Field: "timeout", Reason: err.Error()})
+		}
+		timeout = d.AsDuration()
+		if timeout <= 0 || timeout > MaxAwaitTimeout {
+			return nil, toConnectError(&registry.FieldError{Field: "timeout", Reason: fmt.Sprintf("%v, must be in (0, %v]", timeout, MaxAwaitTimeout)})
+		}
+	}
+	wctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	r := a.s.acks.await(wctx, ns, msg.GetService(), msg.GetRevision())
+	return connect.NewResponse(&beaconv1.AwaitWatchersResponse{
+		Watchers: int32(r.Watchers), Acknowledged: int32(r.Acknowledged), Gone: int32(r.Gone), Complete: r.Complete(),
+	}), nil
 }
 
 // snapshotsField is WatchResponse.snapshots' field number.

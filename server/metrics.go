@@ -85,6 +85,8 @@ func newMetrics(s *Server) *metrics {
 				}
 				return float64(s.view.Revision())
 			}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_acknowledging_watchers", Help: "Open watch streams whose clients acknowledge applied revisions."},
+			func() float64 { return float64(s.acks.count()) }),
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)

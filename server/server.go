@@ -30,6 +30,7 @@ type Server struct {
 	cli   *clientv3.Client
 	store *store.Store
 	view  *view.View
+	acks  *acks
 
 	ready     chan struct{}
 	errc      chan error
@@ -52,6 +53,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		s.log = slog.New(slog.DiscardHandler)
 	}
 	s.runCtx, s.runCancel = context.WithCancel(context.Background())
+	s.acks = newAcks()
 	s.metrics = newMetrics(s)
 
 	ln, err := net.Listen("tcp", cfg.Addr)

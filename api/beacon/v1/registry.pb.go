@@ -1200,8 +1200,12 @@ type WatchRequest struct {
 	// Revisions the client already holds, by service: only services that
 	// changed since are sent on (re)connect.
 	KnownRevisions map[string]int64 `protobuf:"bytes,3,rep,name=known_revisions,json=knownRevisions,proto3" json:"known_revisions,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The client will report, with AckWatch, the revision of each service it
+	// has applied. Only such watchers are counted by AwaitWatchers, so a
+	// watcher that never acknowledges (curl) cannot hold up a drain.
+	Acknowledge   bool `protobuf:"varint,4,opt,name=acknowledge,proto3" json:"acknowledge,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *WatchRequest) Reset() {
@@ -1253,6 +1257,13 @@ func (x *WatchRequest) GetKnownRevisions() map[string]int64 {
 		return x.KnownRevisions
 	}
 	return nil
+}
+
+func (x *WatchRequest) GetAcknowledge() bool {
+	if x != nil {
+		return x.Acknowledge
+	}
+	return false
 }
 
 // ServiceSnapshot is the full state of one service at a revision.
@@ -1329,7 +1340,10 @@ type WatchResponse struct {
 	Snapshots []*ServiceSnapshot     `protobuf:"bytes,1,rep,name=snapshots,proto3" json:"snapshots,omitempty"`
 	// Set on the first message after (re)connect once every snapshot the
 	// client lacked has been sent: the client's view is current.
-	Synced        bool `protobuf:"varint,2,opt,name=synced,proto3" json:"synced,omitempty"`
+	Synced bool `protobuf:"varint,2,opt,name=synced,proto3" json:"synced,omitempty"`
+	// Identifies this stream to AckWatch; set on every message of a stream
+	// opened with acknowledge, new on every reconnect.
+	WatchId       uint64 `protobuf:"varint,3,opt,name=watch_id,json=watchId,proto3" json:"watch_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1374,6 +1388,245 @@ func (x *WatchResponse) GetSnapshots() []*ServiceSnapshot {
 func (x *WatchResponse) GetSynced() bool {
 	if x != nil {
 		return x.Synced
+	}
+	return false
+}
+
+func (x *WatchResponse) GetWatchId() uint64 {
+	if x != nil {
+		return x.WatchId
+	}
+	return 0
+}
+
+type AckWatchRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	WatchId uint64                 `protobuf:"varint,1,opt,name=watch_id,json=watchId,proto3" json:"watch_id,omitempty"`
+	// Service -> the revision of its snapshot the client has applied.
+	Revisions     map[string]int64 `protobuf:"bytes,2,rep,name=revisions,proto3" json:"revisions,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AckWatchRequest) Reset() {
+	*x = AckWatchRequest{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AckWatchRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AckWatchRequest) ProtoMessage() {}
+
+func (x *AckWatchRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AckWatchRequest.ProtoReflect.Descriptor instead.
+func (*AckWatchRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *AckWatchRequest) GetWatchId() uint64 {
+	if x != nil {
+		return x.WatchId
+	}
+	return 0
+}
+
+func (x *AckWatchRequest) GetRevisions() map[string]int64 {
+	if x != nil {
+		return x.Revisions
+	}
+	return nil
+}
+
+type AckWatchResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AckWatchResponse) Reset() {
+	*x = AckWatchResponse{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AckWatchResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AckWatchResponse) ProtoMessage() {}
+
+func (x *AckWatchResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AckWatchResponse.ProtoReflect.Descriptor instead.
+func (*AckWatchResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{23}
+}
+
+type AwaitWatchersRequest struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Service   string                 `protobuf:"bytes,2,opt,name=service,proto3" json:"service,omitempty"`
+	// Wait until the watchers have applied this revision of the service
+	// (typically the revision a Register call returned).
+	Revision int64 `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
+	// How long to wait at most (default 5s, at most 5m).
+	Timeout       *durationpb.Duration `protobuf:"bytes,4,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AwaitWatchersRequest) Reset() {
+	*x = AwaitWatchersRequest{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AwaitWatchersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AwaitWatchersRequest) ProtoMessage() {}
+
+func (x *AwaitWatchersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AwaitWatchersRequest.ProtoReflect.Descriptor instead.
+func (*AwaitWatchersRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *AwaitWatchersRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *AwaitWatchersRequest) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *AwaitWatchersRequest) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *AwaitWatchersRequest) GetTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.Timeout
+	}
+	return nil
+}
+
+type AwaitWatchersResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Acknowledging watchers of the service when the wait began.
+	Watchers int32 `protobuf:"varint,1,opt,name=watchers,proto3" json:"watchers,omitempty"`
+	// Of those, how many applied the revision.
+	Acknowledged int32 `protobuf:"varint,2,opt,name=acknowledged,proto3" json:"acknowledged,omitempty"`
+	// Of those, how many disconnected before acknowledging.
+	Gone int32 `protobuf:"varint,3,opt,name=gone,proto3" json:"gone,omitempty"`
+	// True when every watcher still connected acknowledged in time.
+	Complete      bool `protobuf:"varint,4,opt,name=complete,proto3" json:"complete,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AwaitWatchersResponse) Reset() {
+	*x = AwaitWatchersResponse{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AwaitWatchersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AwaitWatchersResponse) ProtoMessage() {}
+
+func (x *AwaitWatchersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AwaitWatchersResponse.ProtoReflect.Descriptor instead.
+func (*AwaitWatchersResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *AwaitWatchersResponse) GetWatchers() int32 {
+	if x != nil {
+		return x.Watchers
+	}
+	return 0
+}
+
+func (x *AwaitWatchersResponse) GetAcknowledged() int32 {
+	if x != nil {
+		return x.Acknowledged
+	}
+	return 0
+}
+
+func (x *AwaitWatchersResponse) GetGone() int32 {
+	if x != nil {
+		return x.Gone
+	}
+	return 0
+}
+
+func (x *AwaitWatchersResponse) GetComplete() bool {
+	if x != nil {
+		return x.Complete
 	}
 	return false
 }
@@ -1458,11 +1711,12 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\brevision\x18\x04 \x01(\x03R\brevision\"i\n" +
 	"\x14ListServicesResponse\x125\n" +
 	"\bservices\x18\x01 \x03(\v2\x19.beacon.v1.ServiceSummaryR\bservices\x12\x1a\n" +
-	"\brevision\x18\x02 \x01(\x03R\brevision\"\xe1\x01\n" +
+	"\brevision\x18\x02 \x01(\x03R\brevision\"\x83\x02\n" +
 	"\fWatchRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x1a\n" +
 	"\bservices\x18\x02 \x03(\tR\bservices\x12T\n" +
-	"\x0fknown_revisions\x18\x03 \x03(\v2+.beacon.v1.WatchRequest.KnownRevisionsEntryR\x0eknownRevisions\x1aA\n" +
+	"\x0fknown_revisions\x18\x03 \x03(\v2+.beacon.v1.WatchRequest.KnownRevisionsEntryR\x0eknownRevisions\x12 \n" +
+	"\vacknowledge\x18\x04 \x01(\bR\vacknowledge\x1aA\n" +
 	"\x13KnownRevisionsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x98\x01\n" +
@@ -1470,10 +1724,28 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
 	"\aservice\x18\x02 \x01(\tR\aservice\x12\x1a\n" +
 	"\brevision\x18\x03 \x01(\x03R\brevision\x121\n" +
-	"\tinstances\x18\x04 \x03(\v2\x13.beacon.v1.InstanceR\tinstances\"a\n" +
+	"\tinstances\x18\x04 \x03(\v2\x13.beacon.v1.InstanceR\tinstances\"|\n" +
 	"\rWatchResponse\x128\n" +
 	"\tsnapshots\x18\x01 \x03(\v2\x1a.beacon.v1.ServiceSnapshotR\tsnapshots\x12\x16\n" +
-	"\x06synced\x18\x02 \x01(\bR\x06synced*t\n" +
+	"\x06synced\x18\x02 \x01(\bR\x06synced\x12\x19\n" +
+	"\bwatch_id\x18\x03 \x01(\x04R\awatchId\"\xb3\x01\n" +
+	"\x0fAckWatchRequest\x12\x19\n" +
+	"\bwatch_id\x18\x01 \x01(\x04R\awatchId\x12G\n" +
+	"\trevisions\x18\x02 \x03(\v2).beacon.v1.AckWatchRequest.RevisionsEntryR\trevisions\x1a<\n" +
+	"\x0eRevisionsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x12\n" +
+	"\x10AckWatchResponse\"\x9f\x01\n" +
+	"\x14AwaitWatchersRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
+	"\aservice\x18\x02 \x01(\tR\aservice\x12\x1a\n" +
+	"\brevision\x18\x03 \x01(\x03R\brevision\x123\n" +
+	"\atimeout\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\atimeout\"\x87\x01\n" +
+	"\x15AwaitWatchersResponse\x12\x1a\n" +
+	"\bwatchers\x18\x01 \x01(\x05R\bwatchers\x12\"\n" +
+	"\facknowledged\x18\x02 \x01(\x05R\facknowledged\x12\x12\n" +
+	"\x04gone\x18\x03 \x01(\x05R\x04gone\x12\x1a\n" +
+	"\bcomplete\x18\x04 \x01(\bR\bcomplete*t\n" +
 	"\x06Status\x12\x16\n" +
 	"\x12STATUS_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fSTATUS_STARTING\x10\x01\x12\r\n" +
@@ -1484,7 +1756,7 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x12HEALTH_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eHEALTH_PASSING\x10\x01\x12\x12\n" +
 	"\x0eHEALTH_WARNING\x10\x02\x12\x13\n" +
-	"\x0fHEALTH_CRITICAL\x10\x032\xce\x05\n" +
+	"\x0fHEALTH_CRITICAL\x10\x032\xec\x06\n" +
 	"\x0fRegistryService\x12R\n" +
 	"\rCreateSession\x12\x1f.beacon.v1.CreateSessionRequest\x1a .beacon.v1.CreateSessionResponse\x12F\n" +
 	"\tKeepAlive\x12\x1b.beacon.v1.KeepAliveRequest\x1a\x1c.beacon.v1.KeepAliveResponse\x12Q\n" +
@@ -1495,7 +1767,9 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"Deregister\x12\x1c.beacon.v1.DeregisterRequest\x1a\x1d.beacon.v1.DeregisterResponse\x12W\n" +
 	"\rListInstances\x12\x1f.beacon.v1.ListInstancesRequest\x1a .beacon.v1.ListInstancesResponse\"\x03\x90\x02\x01\x12T\n" +
 	"\fListServices\x12\x1e.beacon.v1.ListServicesRequest\x1a\x1f.beacon.v1.ListServicesResponse\"\x03\x90\x02\x01\x12<\n" +
-	"\x05Watch\x12\x17.beacon.v1.WatchRequest\x1a\x18.beacon.v1.WatchResponse0\x01B*Z(beacon.dev/beacon/api/beacon/v1;beaconv1b\x06proto3"
+	"\x05Watch\x12\x17.beacon.v1.WatchRequest\x1a\x18.beacon.v1.WatchResponse0\x01\x12C\n" +
+	"\bAckWatch\x12\x1a.beacon.v1.AckWatchRequest\x1a\x1b.beacon.v1.AckWatchResponse\x12W\n" +
+	"\rAwaitWatchers\x12\x1f.beacon.v1.AwaitWatchersRequest\x1a .beacon.v1.AwaitWatchersResponse\"\x03\x90\x02\x01B*Z(beacon.dev/beacon/api/beacon/v1;beaconv1b\x06proto3"
 
 var (
 	file_beacon_v1_registry_proto_rawDescOnce sync.Once
@@ -1510,7 +1784,7 @@ func file_beacon_v1_registry_proto_rawDescGZIP() []byte {
 }
 
 var file_beacon_v1_registry_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_beacon_v1_registry_proto_goTypes = []any{
 	(Status)(0),                   // 0: beacon.v1.Status
 	(Health)(0),                   // 1: beacon.v1.Health
@@ -1536,48 +1810,59 @@ var file_beacon_v1_registry_proto_goTypes = []any{
 	(*WatchRequest)(nil),          // 21: beacon.v1.WatchRequest
 	(*ServiceSnapshot)(nil),       // 22: beacon.v1.ServiceSnapshot
 	(*WatchResponse)(nil),         // 23: beacon.v1.WatchResponse
-	nil,                           // 24: beacon.v1.Instance.MetadataEntry
-	nil,                           // 25: beacon.v1.WatchRequest.KnownRevisionsEntry
-	(*durationpb.Duration)(nil),   // 26: google.protobuf.Duration
+	(*AckWatchRequest)(nil),       // 24: beacon.v1.AckWatchRequest
+	(*AckWatchResponse)(nil),      // 25: beacon.v1.AckWatchResponse
+	(*AwaitWatchersRequest)(nil),  // 26: beacon.v1.AwaitWatchersRequest
+	(*AwaitWatchersResponse)(nil), // 27: beacon.v1.AwaitWatchersResponse
+	nil,                           // 28: beacon.v1.Instance.MetadataEntry
+	nil,                           // 29: beacon.v1.WatchRequest.KnownRevisionsEntry
+	nil,                           // 30: beacon.v1.AckWatchRequest.RevisionsEntry
+	(*durationpb.Duration)(nil),   // 31: google.protobuf.Duration
 }
 var file_beacon_v1_registry_proto_depIdxs = []int32{
-	24, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
+	28, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
 	0,  // 1: beacon.v1.Instance.status:type_name -> beacon.v1.Status
 	1,  // 2: beacon.v1.Instance.health:type_name -> beacon.v1.Health
-	26, // 3: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
-	26, // 4: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
-	26, // 5: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
-	26, // 6: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
+	31, // 3: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
+	31, // 4: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
+	31, // 5: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
+	31, // 6: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
 	8,  // 7: beacon.v1.KeepAliveBatchResult.results:type_name -> beacon.v1.KeepAliveResult
 	2,  // 8: beacon.v1.RegisterRequest.instance:type_name -> beacon.v1.Instance
 	2,  // 9: beacon.v1.ListInstancesResponse.instances:type_name -> beacon.v1.Instance
 	19, // 10: beacon.v1.ListServicesResponse.services:type_name -> beacon.v1.ServiceSummary
-	25, // 11: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
+	29, // 11: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
 	2,  // 12: beacon.v1.ServiceSnapshot.instances:type_name -> beacon.v1.Instance
 	22, // 13: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
-	3,  // 14: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
-	5,  // 15: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
-	7,  // 16: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
-	10, // 17: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
-	12, // 18: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
-	14, // 19: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
-	16, // 20: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
-	18, // 21: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
-	21, // 22: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
-	4,  // 23: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
-	6,  // 24: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
-	9,  // 25: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
-	11, // 26: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
-	13, // 27: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
-	15, // 28: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
-	17, // 29: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
-	20, // 30: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
-	23, // 31: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
-	23, // [23:32] is the sub-list for method output_type
-	14, // [14:23] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	30, // 14: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
+	31, // 15: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
+	3,  // 16: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
+	5,  // 17: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
+	7,  // 18: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
+	10, // 19: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
+	12, // 20: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
+	14, // 21: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
+	16, // 22: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
+	18, // 23: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
+	21, // 24: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
+	24, // 25: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
+	26, // 26: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
+	4,  // 27: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
+	6,  // 28: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
+	9,  // 29: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
+	11, // 30: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
+	13, // 31: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
+	15, // 32: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
+	17, // 33: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
+	20, // 34: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
+	23, // 35: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
+	25, // 36: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
+	27, // 37: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
+	27, // [27:38] is the sub-list for method output_type
+	16, // [16:27] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_beacon_v1_registry_proto_init() }
@@ -1591,7 +1876,7 @@ func file_beacon_v1_registry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_beacon_v1_registry_proto_rawDesc), len(file_beacon_v1_registry_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   24,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

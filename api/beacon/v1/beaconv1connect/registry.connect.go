@@ -62,6 +62,12 @@ const (
 	RegistryServiceListServicesProcedure = "/beacon.v1.RegistryService/ListServices"
 	// RegistryServiceWatchProcedure is the fully-qualified name of the RegistryService's Watch RPC.
 	RegistryServiceWatchProcedure = "/beacon.v1.RegistryService/Watch"
+	// RegistryServiceAckWatchProcedure is the fully-qualified name of the RegistryService's AckWatch
+	// RPC.
+	RegistryServiceAckWatchProcedure = "/beacon.v1.RegistryService/AckWatch"
+	// RegistryServiceAwaitWatchersProcedure is the fully-qualified name of the RegistryService's
+	// AwaitWatchers RPC.
+	RegistryServiceAwaitWatchersProcedure = "/beacon.v1.RegistryService/AwaitWatchers"
 )
 
 // RegistryServiceClient is a client for the beacon.v1.RegistryService service.
@@ -78,6 +84,13 @@ type RegistryServiceClient interface {
 	ListInstances(context.Context, *connect.Request[v1.ListInstancesRequest]) (*connect.Response[v1.ListInstancesResponse], error)
 	ListServices(context.Context, *connect.Request[v1.ListServicesRequest]) (*connect.Response[v1.ListServicesResponse], error)
 	Watch(context.Context, *connect.Request[v1.WatchRequest]) (*connect.ServerStreamForClient[v1.WatchResponse], error)
+	// AckWatch records what a watch stream's client has applied.
+	AckWatch(context.Context, *connect.Request[v1.AckWatchRequest]) (*connect.Response[v1.AckWatchResponse], error)
+	// AwaitWatchers waits until the acknowledging watchers of a service on
+	// this server have applied a revision, or the timeout passes. A draining
+	// instance calls it before it stops accepting, so that no client still
+	// routes to it.
+	AwaitWatchers(context.Context, *connect.Request[v1.AwaitWatchersRequest]) (*connect.Response[v1.AwaitWatchersResponse], error)
 }
 
 // NewRegistryServiceClient constructs a client for the beacon.v1.RegistryService service. By
@@ -147,6 +160,19 @@ func NewRegistryServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 			connect.WithSchema(registryServiceMethods.ByName("Watch")),
 			connect.WithClientOptions(opts...),
 		),
+		ackWatch: connect.NewClient[v1.AckWatchRequest, v1.AckWatchResponse](
+			httpClient,
+			baseURL+RegistryServiceAckWatchProcedure,
+			connect.WithSchema(registryServiceMethods.ByName("AckWatch")),
+			connect.WithClientOptions(opts...),
+		),
+		awaitWatchers: connect.NewClient[v1.AwaitWatchersRequest, v1.AwaitWatchersResponse](
+			httpClient,
+			baseURL+RegistryServiceAwaitWatchersProcedure,
+			connect.WithSchema(registryServiceMethods.ByName("AwaitWatchers")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -161,6 +187,8 @@ type registryServiceClient struct {
 	listInstances   *connect.Client[v1.ListInstancesRequest, v1.ListInstancesResponse]
 	listServices    *connect.Client[v1.ListServicesRequest, v1.ListServicesResponse]
 	watch           *connect.Client[v1.WatchRequest, v1.WatchResponse]
+	ackWatch        *connect.Client[v1.AckWatchRequest, v1.AckWatchResponse]
+	awaitWatchers   *connect.Client[v1.AwaitWatchersRequest, v1.AwaitWatchersResponse]
 }
 
 // CreateSession calls beacon.v1.RegistryService.CreateSession.
@@ -208,6 +236,16 @@ func (c *registryServiceClient) Watch(ctx context.Context, req *connect.Request[
 	return c.watch.CallServerStream(ctx, req)
 }
 
+// AckWatch calls beacon.v1.RegistryService.AckWatch.
+func (c *registryServiceClient) AckWatch(ctx context.Context, req *connect.Request[v1.AckWatchRequest]) (*connect.Response[v1.AckWatchResponse], error) {
+	return c.ackWatch.CallUnary(ctx, req)
+}
+
+// AwaitWatchers calls beacon.v1.RegistryService.AwaitWatchers.
+func (c *registryServiceClient) AwaitWatchers(ctx context.Context, req *connect.Request[v1.AwaitWatchersRequest]) (*connect.Response[v1.AwaitWatchersResponse], error) {
+	return c.awaitWatchers.CallUnary(ctx, req)
+}
+
 // RegistryServiceHandler is an implementation of the beacon.v1.RegistryService service.
 type RegistryServiceHandler interface {
 	CreateSession(context.Context, *connect.Request[v1.CreateSessionRequest]) (*connect.Response[v1.CreateSessionResponse], error)
@@ -222,6 +260,13 @@ type RegistryServiceHandler interface {
 	ListInstances(context.Context, *connect.Request[v1.ListInstancesRequest]) (*connect.Response[v1.ListInstancesResponse], error)
 	ListServices(context.Context, *connect.Request[v1.ListServicesRequest]) (*connect.Response[v1.ListServicesResponse], error)
 	Watch(context.Context, *connect.Request[v1.WatchRequest], *connect.ServerStream[v1.WatchResponse]) error
+	// AckWatch records what a watch stream's client has applied.
+	AckWatch(context.Context, *connect.Request[v1.AckWatchRequest]) (*connect.Response[v1.AckWatchResponse], error)
+	// AwaitWatchers waits until the acknowledging watchers of a service on
+	// this server have applied a revision, or the timeout passes. A draining
+	// instance calls it before it stops accepting, so that no client still
+	// routes to it.
+	AwaitWatchers(context.Context, *connect.Request[v1.AwaitWatchersRequest]) (*connect.Response[v1.AwaitWatchersResponse], error)
 }
 
 // NewRegistryServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -287,6 +332,19 @@ func NewRegistryServiceHandler(svc RegistryServiceHandler, opts ...connect.Handl
 		connect.WithSchema(registryServiceMethods.ByName("Watch")),
 		connect.WithHandlerOptions(opts...),
 	)
+	registryServiceAckWatchHandler := connect.NewUnaryHandler(
+		RegistryServiceAckWatchProcedure,
+		svc.AckWatch,
+		connect.WithSchema(registryServiceMethods.ByName("AckWatch")),
+		connect.WithHandlerOptions(opts...),
+	)
+	registryServiceAwaitWatchersHandler := connect.NewUnaryHandler(
+		RegistryServiceAwaitWatchersProcedure,
+		svc.AwaitWatchers,
+		connect.WithSchema(registryServiceMethods.ByName("AwaitWatchers")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/beacon.v1.RegistryService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case RegistryServiceCreateSessionProcedure:
@@ -307,6 +365,10 @@ func NewRegistryServiceHandler(svc RegistryServiceHandler, opts ...connect.Handl
 			registryServiceListServicesHandler.ServeHTTP(w, r)
 		case RegistryServiceWatchProcedure:
 			registryServiceWatchHandler.ServeHTTP(w, r)
+		case RegistryServiceAckWatchProcedure:
+			registryServiceAckWatchHandler.ServeHTTP(w, r)
+		case RegistryServiceAwaitWatchersProcedure:
+			registryServiceAwaitWatchersHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -350,4 +412,12 @@ func (UnimplementedRegistryServiceHandler) ListServices(context.Context, *connec
 
 func (UnimplementedRegistryServiceHandler) Watch(context.Context, *connect.Request[v1.WatchRequest], *connect.ServerStream[v1.WatchResponse]) error {
 	return connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.Watch is not implemented"))
+}
+
+func (UnimplementedRegistryServiceHandler) AckWatch(context.Context, *connect.Request[v1.AckWatchRequest]) (*connect.Response[v1.AckWatchResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.AckWatch is not implemented"))
+}
+
+func (UnimplementedRegistryServiceHandler) AwaitWatchers(context.Context, *connect.Request[v1.AwaitWatchersRequest]) (*connect.Response[v1.AwaitWatchersResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.AwaitWatchers is not implemented"))
 }

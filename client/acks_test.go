@@ -1,0 +1,169 @@
+package client_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/registry"
+)
+
+// consume calls Next in a loop, as the discovery cache does, until ctx ends.
+func consume(ctx context.Context, w *client.Watcher) {
+	for {
+		if _, err := w.Next(ctx); err != nil {
+			return
+		}
+	}
+}
+
+func TestAwaitWatchersCountsAcknowledgements(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	c := newClient(t, srv.Addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	in := registry.Instance{Service: "orders", ID: "o-1", Address: "127.0.0.1", Port: 9001}
+	if _, err := c.Register(ctx, in); err != nil {
+		t.Fatal(err)
+	}
+	// Two consuming watchers (one of the service, one of the namespace),
+	// one that receives but never comes back to Next (a stuck consumer),
+	// and one of another service, which is not waited for.
+	var watchers []*client.Watcher
+	watch := func(services ...string) *client.Watcher {
+		w, err := c.Watch(ctx, services)
+		if err != nil {
+			t.Fatal(err)
+		}
+		watchers = append(watchers, w)
+		return w
+	}
+	consumeCtx, stopConsuming := context.WithCancel(ctx)
+	done := make(chan struct{}, 2)
+	for _, w := range []*client.Watcher{watch("orders"), watch()} {
+		go func() { consume(consumeCtx, w); done <- struct{}{} }()
+	}
+	stuck := watch("orders")
+	watch("payments")
+	defer func() {
+		stopConsuming()
+		<-done
+		<-done
+		for _, w := range watchers {
+			w.Close()
+		}
+	}()
+	for _, w := range watchers {
+		<-w.Synced()
+	}
+	if _, err := stuck.Next(ctx); err != nil { // takes the first batch, never returns for more
+		t.Fatal(err)
+	}
+
+	in.Status = registry.StatusDraining
+	rev, err := c.Register(ctx, in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := c.AwaitWatchers(ctx, "", "orders", rev, 700*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Watchers != 3 || res.Acknowledged != 2 || res.Gone != 0 || res.Complete() {
+		t.Fatalf("AwaitWatchers = %+v, want 3 watchers, 2 acknowledged, incomplete", res)
+	}
+	if res.Elapsed < 600*time.Millisecond {
+		t.Fatalf("an incomplete wait returned after %v, before its timeout", res.Elapsed)
+	}
+
+	// The stuck consumer comes back: the wait completes as soon as it does.
+	go func() {
+		time.Sleep(100 * time.Millisecond)
+		stuck.Next(ctx) // acknowledges the first batch, takes the DRAINING one
+		stuck.Next(ctx) // acknowledges it, then blocks until the Close below
+	}()
+	res, err = c.AwaitWatchers(ctx, "", "orders", rev, 10*time.Second)
+	if err != nil || !res.Complete() || res.Acknowledged != 3 {
+		t.Fatalf("AwaitWatchers = %+v, %v; want all 3 acknowledged", res, err)
+	}
+	if res.Elapsed > 5*time.Second {
+		t.Fatalf("complete wait took %v", res.Elapsed)
+	}
+
+	// A watcher that goes away while waited for counts as gone.
+	in.Status = registry.StatusUp
+	rev, err = c.Register(ctx, in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { time.Sleep(100 * time.Millisecond); stuck.Close() }()
+	res, err = c.AwaitWatchers(ctx, "", "orders", rev, 10*time.Second)
+	if err != nil || !res.Complete() || res.Gone != 1 {
+		t.Fatalf("AwaitWatchers = %+v, %v; want the closed watcher gone and the wait complete", res, err)
+	}
+}
+
+func TestAcknowledgementsSurviveReconnect(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	proxy := testutil.NewProxy(t, srv.Addr())
+	c := newClient(t, srv.Addr())
+	viaProxy := newClient(t, proxy.Addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	in := registry.Instance{Service: "orders", ID: "o-1", Address: "127.0.0.1", Port: 9001, Status: registry.StatusDraining}
+	rev, err := c.Register(ctx, in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := viaProxy.Watch(ctx, []string{"orders"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	consumeCtx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { consume(consumeCtx, w); close(done) }()
+	defer func() { stop(); <-done; w.Close() }()
+	<-w.Synced()
+	if res, err := c.AwaitWatchers(ctx, "", "orders", rev, 5*time.Second); err != nil || !res.Complete() || res.Acknowledged != 1 {
+		t.Fatalf("before the cut: %+v, %v", res, err)
+	}
+	// After a reconnect the server sends nothing new (the watcher is
+	// current), so the watcher must acknowledge what it already applied.
+	reconnects := w.Status().Reconnects
+	proxy.Cut()
+	testutil.Eventually(t, 10*time.Second, "watch reconnected", func() bool {
+		st := w.Status()
+		return st.Reconnects > reconnects && st.Connected
+	})
+	if res, err := c.AwaitWatchers(ctx, "", "orders", rev, 5*time.Second); err != nil || !res.Complete() || res.Acknowledged != 1 {
+		t.Fatalf("after the reconnect: %+v, %v", res, err)
+	}
+}
+
+func TestAwaitWatchersBadInput(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	c := newClient(t, srv.Addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, tc := range []struct {
+		service string
+		rev     int64
+		timeout time.Duration
+		field   string
+	}{
+		{"Orders!", 1, time.Second, "service"},
+		{"orders", 0, time.Second, "revision"},
+		{"orders", 1, 6 * time.Minute, "timeout"},
+	} {
+		_, err := c.AwaitWatchers(ctx, "", tc.service, tc.rev, tc.timeout)
+		if !errors.Is(err, registry.ErrInvalid) || !strings.Contains(err.Error(), tc.field) {
+			t.Errorf("AwaitWatchers(%q, %d, %v) = %v, want invalid %s", tc.service, tc.rev, tc.timeout, err, tc.field)
+		}
+	}
+}

@@ -1,0 +1,129 @@
+package server
+
+import (
+	"context"
+	"sync"
+)
+
+// acks tracks, for the watch streams whose clients acknowledge, which
+// revision of each service they have applied, so that a draining instance
+// can wait until nobody routes to it any more. It lives in memory: a
+// watcher is known to the server its stream is on.
+type acks struct {
+	mu       sync.Mutex
+	next     uint64
+	watchers map[uint64]*ackingWatcher // guarded by mu
+	changed  chan struct{}             // guarded by mu; closed and replaced on every ack or leave
+}
+
+type ackingWatcher struct {
+	ns       string
+	services map[string]bool // nil: every service of ns
+	applied  map[string]int64
+}
+
+func newAcks() *acks {
+	return &acks{watchers: make(map[uint64]*ackingWatcher), changed: make(chan struct{})}
+}
+
+// join records a new acknowledging stream and returns its id.
+func (a *acks) join(ns string, services []string) uint64 {
+	w := &ackingWatcher{ns: ns, applied: make(map[string]int64)}
+	if len(services) > 0 {
+		w.services = make(map[string]bool, len(services))
+		for _, s := range services {
+			w.services[s] = true
+		}
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.next++
+	a.watchers[a.next] = w
+	return a.next
+}
+
+// leave forgets a stream; waits counting it see it gone.
+func (a *acks) leave(id uint64) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	delete(a.watchers, id)
+	a.broadcastLocked()
+}
+
+// ack records revisions a stream's client applied. It reports false for a
+// stream this server does not know (ended, or on another server).
+func (a *acks) ack(id uint64, revisions map[string]int64) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	w, ok := a.watchers[id]
+	if !ok {
+		return false
+	}
+	for svc, rev := range revisions {
+		if w.services != nil && !w.services[svc] {
+			continue // not watched on this stream: nothing to remember
+		}
+		if rev > w.applied[svc] {
+			w.applied[svc] = rev
+		}
+	}
+	a.broadcastLocked()
+	return true
+}
+
+func (a *acks) broadcastLocked() {
+	close(a.changed)
+	a.changed = make(chan struct{})
+}
+
+// awaitResult is what a wait observed.
+type awaitResult struct {
+	Watchers, Acknowledged, Gone int
+}
+
+// Complete reports whether every watcher still connected acknowledged.
+func (r awaitResult) Complete() bool { return r.Acknowledged+r.Gone == r.Watchers }
+
+// await waits until every acknowledging stream watching ns/service when
+// the wait began has applied rev or gone, or ctx ends; it then reports
+// what it saw.
+func (a *acks) await(ctx context.Context, ns, service string, rev int64) awaitResult {
+	a.mu.Lock()
+	var ids []uint64
+	for id, w := range a.watchers {
+		if w.ns == ns && (w.services == nil || w.services[service]) {
+			ids = append(ids, id)
+		}
+	}
+	a.mu.Unlock()
+	for {
+		a.mu.Lock()
+		r := awaitResult{Watchers: len(ids)}
+		for _, id := range ids {
+			w, ok := a.watchers[id]
+			switch {
+			case !ok:
+				r.Gone++
+			case w.applied[service] >= rev:
+				r.Acknowledged++
+			}
+		}
+		changed := a.changed
+		a.mu.Unlock()
+		if r.Complete() {
+			return r
+		}
+		select {
+		case <-ctx.Done():
+			return r
+		case <-changed:
+		}
+	}
+}
+
+// count returns the acknowledging streams (for the metric).
+func (a *acks) count() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.watchers)
+}
