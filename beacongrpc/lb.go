@@ -3,11 +3,13 @@ package beacongrpc
 import (
 	"errors"
 	"fmt"
+	"reflect"
 	"sync"
 
 	grpcbalancer "google.golang.org/grpc/balancer"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/serviceconfig"
 
 	"beacon.dev/beacon/balancer"
 	"beacon.dev/beacon/balancer/p2c"
@@ -45,14 +47,8 @@ type lbBuilder struct {
 
 func (b lbBuilder) Name() string { return b.name }
 
-func (b lbBuilder) Build(cc grpcbalancer.ClientConn, _ grpcbalancer.BuildOptions) grpcbalancer.Balancer {
-	l := &lb{cc: cc, subConns: make(map[string]*subConn)}
-	bal, err := balancer.New(b.builder, b.cfg, balancer.WithOutlierDetection(b.outlier))
-	if err != nil { // the registered configuration is fixed: a programming error
-		l.buildErr = fmt.Errorf("beacongrpc: policy %s: %w", b.name, err)
-	}
-	l.bal = bal
-	return l
+func (b lbBuilder) Build(cc grpcbalancer.ClientConn, opts grpcbalancer.BuildOptions) grpcbalancer.Balancer {
+	return &lb{builder: b, target: opts.Target.Endpoint(), cc: cc, subConns: make(map[string]*subConn)}
 }
 
 type subConn struct {
@@ -65,23 +61,49 @@ type subConn struct {
 // balancer picks among the READY ones. gRPC serialises calls into a
 // balancer except the pickers' Pick and Done.
 type lb struct {
-	cc       grpcbalancer.ClientConn
-	bal      *balancer.Balancer
-	buildErr error
+	builder lbBuilder
+	target  string // the service, for metrics
+	cc      grpcbalancer.ClientConn
 
 	mu       sync.Mutex
+	bal      *balancer.Balancer  // guarded by mu; built with the first config
+	cfg      *lbConfig           // guarded by mu; nil: the registered one
 	subConns map[string]*subConn // guarded by mu; by address
 	revision int64               // guarded by mu; stamps ready-sets for the balancer
 	lastErr  error               // guarded by mu
 	closed   bool                // guarded by mu
 }
 
-func (l *lb) UpdateClientConnState(s grpcbalancer.ClientConnState) error {
-	if l.buildErr != nil {
-		return l.buildErr
+// configureLocked (re)builds the balancer when the service config gives
+// the policy new parameters.
+func (l *lb) configureLocked(sc serviceconfig.LoadBalancingConfig) error {
+	cfg, _ := sc.(*lbConfig)
+	if l.bal != nil && (cfg == nil && l.cfg == nil || cfg != nil && l.cfg != nil && reflect.DeepEqual(*cfg, *l.cfg)) {
+		return nil
 	}
+	bcfg, ocfg := l.builder.cfg, l.builder.outlier
+	if cfg != nil {
+		bcfg, ocfg = cfg.balancer, cfg.outlier
+	}
+	bal, err := balancer.New(l.builder.builder, bcfg, balancer.WithOutlierDetection(ocfg))
+	if err != nil {
+		return fmt.Errorf("beacongrpc: policy %s: %w", l.builder.name, err)
+	}
+	if l.bal != nil {
+		untrack(l.bal)
+		l.bal.Close()
+	}
+	l.bal, l.cfg = bal, cfg
+	track(l.target, bal)
+	return nil
+}
+
+func (l *lb) UpdateClientConnState(s grpcbalancer.ClientConnState) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if err := l.configureLocked(s.BalancerConfig); err != nil {
+		return err
+	}
 	seen := make(map[string]bool)
 	for _, addr := range addressesOf(s.ResolverState) {
 		seen[addr.Addr] = true
@@ -181,6 +203,11 @@ func (l *lb) ResolverError(err error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.lastErr = err
+	if l.bal == nil {
+		if cerr := l.configureLocked(nil); cerr != nil {
+			return
+		}
+	}
 	ready := false
 	for _, sc := range l.subConns {
 		ready = ready || sc.state == connectivity.Ready
@@ -211,6 +238,7 @@ func (l *lb) Close() {
 		sc.sc.Shutdown()
 	}
 	if l.bal != nil {
+		untrack(l.bal)
 		l.bal.Close()
 	}
 }

@@ -3,12 +3,14 @@ package beacongrpc_test
 import (
 	"context"
 	"net"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
@@ -86,5 +88,45 @@ func TestBeaconPolicyEjectsAFailingInstance(t *testing.T) {
 	}
 	if got := bad.hits.Load() - before; got != 0 {
 		t.Errorf("the ejected instance got %d of 100 calls, want 0", got)
+	}
+}
+
+func TestPolicyConfigFromServiceConfig(t *testing.T) {
+	e := newEnv(t)
+	bad, good := startFailingBackend(t), startFailingBackend(t)
+	bad.fail.Store(true)
+	e.register(t, "hello", bad.backend, good.backend)
+	// Two failures in a row eject (the default is 5), for 1 minute.
+	cfg := `{"loadBalancingConfig": [{"beacon_round_robin": {"outlier": {"consecutiveFailures": 2, "baseEjection": "1m"}}}]}`
+	hc := healthpb.NewHealthClient(e.dial(t, "beacon:///hello", grpc.WithDefaultServiceConfig(cfg)))
+	failures := 0
+	for range 40 {
+		ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
+		if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true)); err != nil {
+			failures++
+		}
+		cancel()
+	}
+	if failures != 2 || bad.hits.Load() != 2 {
+		t.Errorf("with consecutiveFailures 2: %d failed calls, %d reached the bad instance; want 2 and 2", failures, bad.hits.Load())
+	}
+	st := beacongrpc.Outliers()["hello"]
+	if st.Ejected != 1 || st.Ejections != 1 {
+		t.Errorf("Outliers()[hello] = %+v, want 1 ejected", st)
+	}
+}
+
+func TestPolicyConfigRejectsBadFields(t *testing.T) {
+	for cfg, field := range map[string]string{
+		`{"outlier": {"baseEjection": "soon"}}`: "outlier.baseEjection",
+		`{"outlier": {"failureRate": 3}}`:       "rate",
+		`{"slowStart": "-1s"}`:                  "slowStart",
+		`{"zone": 7}`:                           "zone",
+	} {
+		sc := `{"loadBalancingConfig": [{"beacon_p2c": ` + cfg + `}]}`
+		_, err := grpc.NewClient("passthrough:///x", grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithDefaultServiceConfig(sc))
+		if err == nil || !strings.Contains(err.Error(), field) {
+			t.Errorf("config %s: err = %v, want one naming %s", cfg, err, field)
+		}
 	}
 }

@@ -1,0 +1,441 @@
+// Package lifecycle runs a gRPC server, an HTTP server or both the way a
+// service behind beacon should run: it listens first, registers only once
+// the readiness checks pass, and on SIGTERM, SIGINT or cancellation it
+// drains — marks the instance DRAINING, waits (bounded) until the clients
+// watching it have applied that, lets in-flight requests finish (bounded),
+// deregisters and ends its session — so that no caller sees an error.
+package lifecycle
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+
+	"beacon.dev/beacon/beacongrpc"
+	"beacon.dev/beacon/beaconhttp"
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/registry"
+)
+
+// Defaults of Config's bounds.
+const (
+	DefaultAckTimeout   = 5 * time.Second
+	DefaultStopTimeout  = 10 * time.Second
+	DefaultReadyTimeout = time.Minute
+)
+
+// Config describes the service to run. Client, Instance.Service and at
+// least one server with its listener are required.
+type Config struct {
+	Client *client.Client
+	// Instance is registered with the status UP once ready. Address
+	// defaults to the listener's host and Port to its port; an ID is
+	// derived from them when empty.
+	Instance registry.Instance
+	// HTTPService names the instance registered for the HTTP listener when
+	// a process runs both servers (default Instance.Service + "-http").
+	HTTPService string
+
+	GRPC         *grpc.Server
+	GRPCListener net.Listener
+	// GRPCHealth is the server's grpc.health.v1 service; when nil and GRPC
+	// is set, Run registers one before serving.
+	GRPCHealth *beacongrpc.Health
+
+	HTTP         *http.Server
+	HTTPListener net.Listener
+	// HTTPHealth follows the lifecycle; wire its Handler and Middleware
+	// into HTTP's handler to serve /livez, /readyz and /healthz.
+	HTTPHealth *beaconhttp.Health
+
+	// Ready is polled every ReadyInterval (default 100ms), for at most
+	// ReadyTimeout, until it returns nil; nil means ready at once.
+	Ready         func(context.Context) error
+	ReadyInterval time.Duration
+	ReadyTimeout  time.Duration
+
+	SessionTTL time.Duration // default: the client's default
+	// AckTimeout bounds the wait for watchers to apply DRAINING.
+	AckTimeout time.Duration
+	// DrainDelay is an extra pause after the acknowledgements, for callers
+	// that do not watch beacon (load balancers polling /readyz).
+	DrainDelay time.Duration
+	// StopTimeout bounds how long in-flight requests may take to finish.
+	StopTimeout time.Duration
+	// Signals start the drain (default SIGTERM and SIGINT).
+	Signals []os.Signal
+
+	Logger *slog.Logger
+	// OnState, when set, is called on every state change.
+	OnState func(beaconhttp.State)
+}
+
+// Report says how a run went.
+type Report struct {
+	// Registered lists the instances as registered.
+	Registered []registry.Instance
+	// Acks is what the drain saw of the watchers of the instances.
+	Acks client.WatchersResult
+	// AckWait is how long the drain waited for acknowledgements.
+	AckWait time.Duration
+	// DrainErr is why the drain could not be announced (registry down):
+	// callers then learn of the stop from refused connections, which the
+	// SDK retries.
+	DrainErr error
+	// StopClean reports whether in-flight requests finished in time.
+	StopClean bool
+	// Stopping is the time from the stop signal to the end of Run.
+	Stopping time.Duration
+}
+
+func (c *Config) setDefaults() error {
+	if c.Client == nil {
+		return errors.New("lifecycle: invalid Client: required")
+	}
+	if c.GRPC == nil && c.HTTP == nil {
+		return errors.New("lifecycle: invalid GRPC/HTTP: at least one server is required")
+	}
+	if (c.GRPC != nil) != (c.GRPCListener != nil) || (c.HTTP != nil) != (c.HTTPListener != nil) {
+		return errors.New("lifecycle: invalid listeners: each server needs its listener")
+	}
+	if err := registry.ValidateName("Instance.Service", c.Instance.Service); err != nil {
+		return fmt.Errorf("lifecycle: %w", err)
+	}
+	if c.HTTPService == "" {
+		c.HTTPService = c.Instance.Service + "-http"
+	}
+	if c.HTTPHealth == nil {
+		c.HTTPHealth = new(beaconhttp.Health)
+	}
+	if c.ReadyInterval <= 0 {
+		c.ReadyInterval = 100 * time.Millisecond
+	}
+	if c.ReadyTimeout <= 0 {
+		c.ReadyTimeout = DefaultReadyTimeout
+	}
+	if c.AckTimeout <= 0 {
+		c.AckTimeout = DefaultAckTimeout
+	}
+	if c.StopTimeout <= 0 {
+		c.StopTimeout = DefaultStopTimeout
+	}
+	if len(c.Signals) == 0 {
+		c.Signals = []os.Signal{syscall.SIGTERM, os.Interrupt}
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return nil
+}
+
+// instances returns what to register: one instance per listener.
+func (c *Config) instances() ([]registry.Instance, error) {
+	var out []registry.Instance
+	add := func(service string, ln net.Listener) error {
+		in := c.Instance
+		in.Service = service
+		host, portStr, err := net.SplitHostPort(ln.Addr().String())
+		if err != nil {
+			return err
+		}
+		port, err := strconv.Atoi(portStr)
+		if err != nil {
+			return err
+		}
+		if in.Address == "" {
+			if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+				return fmt.Errorf("invalid Instance.Address: required when listening on %s", ln.Addr())
+			}
+			in.Address = host
+		}
+		if in.Port == 0 || len(out) > 0 { // the second listener has its own port
+			in.Port = port
+		}
+		if in.ID == "" { // both instances share it: they are in different services
+			in.ID = fmt.Sprintf("%s-%d", in.Address, in.Port)
+			c.Instance.ID = in.ID
+		}
+		in.Status = registry.StatusUp
+		out = append(out, in)
+		return nil
+	}
+	if c.GRPC != nil {
+		if err := add(c.Instance.Service, c.GRPCListener); err != nil {
+			return nil, err
+		}
+	}
+	if c.HTTP != nil {
+		name := c.HTTPService
+		if c.GRPC == nil {
+			name = c.Instance.Service
+		}
+		if err := add(name, c.HTTPListener); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+type runner struct {
+	cfg Config
+	log *slog.Logger
+}
+
+func (r *runner) setState(s beaconhttp.State) {
+	r.cfg.HTTPHealth.Set(s)
+	if r.cfg.GRPCHealth != nil && s <= beaconhttp.Draining {
+		r.cfg.GRPCHealth.SetServing(s == beaconhttp.Serving)
+	}
+	r.log.Info("lifecycle: state", "state", s.String())
+	if r.cfg.OnState != nil {
+		r.cfg.OnState(s)
+	}
+}
+
+// Run serves until a stop signal or ctx ends, then drains and stops. It
+// returns nil after a clean stop (exit 0); an error when the service could
+// not start or a server failed.
+func Run(ctx context.Context, cfg Config) (Report, error) {
+	var rep Report
+	if err := cfg.setDefaults(); err != nil {
+		return rep, err
+	}
+	instances, err := cfg.instances()
+	if err != nil {
+		return rep, fmt.Errorf("lifecycle: %w", err)
+	}
+	r := &runner{cfg: cfg, log: cfg.Logger}
+	if cfg.GRPC != nil && cfg.GRPCHealth == nil {
+		r.cfg.GRPCHealth = beacongrpc.RegisterHealth(cfg.GRPC)
+	}
+	r.setState(beaconhttp.Starting)
+
+	stopCtx, stopSignals := signal.NotifyContext(ctx, cfg.Signals...)
+	defer stopSignals()
+
+	// Listen and serve at once; nothing is registered yet, so only probes
+	// (and callers that were told the address by other means) arrive.
+	serveErr := make(chan error, 2)
+	var serving sync.WaitGroup
+	if cfg.GRPC != nil {
+		serving.Go(func() {
+			if err := cfg.GRPC.Serve(cfg.GRPCListener); err != nil {
+				serveErr <- fmt.Errorf("lifecycle: gRPC server: %w", err)
+			}
+		})
+	}
+	if cfg.HTTP != nil {
+		serving.Go(func() {
+			if err := cfg.HTTP.Serve(cfg.HTTPListener); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				serveErr <- fmt.Errorf("lifecycle: HTTP server: %w", err)
+			}
+		})
+	}
+
+	var sess *client.Session
+	runErr := r.start(stopCtx, serveErr, instances, &sess, &rep)
+	if runErr == nil {
+		select {
+		case <-stopCtx.Done():
+		case runErr = <-serveErr:
+		}
+	}
+	stopping := time.Now()
+	r.log.Info("lifecycle: stopping", "err", runErr)
+	r.setState(beaconhttp.Draining)
+	// The drain must run to its bounds even though stopCtx has ended.
+	drainCtx := context.WithoutCancel(ctx)
+	if sess != nil {
+		r.drain(drainCtx, sess, rep.Registered, &rep)
+	}
+	rep.StopClean = r.stopServers(drainCtx)
+	serving.Wait()
+	r.setState(beaconhttp.Stopped)
+	if sess != nil {
+		cctx, cancel := context.WithTimeout(drainCtx, 5*time.Second)
+		for _, in := range rep.Registered {
+			if _, err := sess.DeregisterKey(cctx, in.Key()); err != nil {
+				r.log.Warn("lifecycle: deregistering (the session's end removes it)", "instance", in.ID, "err", err)
+			}
+		}
+		if err := sess.Close(cctx); err != nil {
+			r.log.Warn("lifecycle: closing the session (it expires after its TTL)", "err", err)
+		}
+		cancel()
+	}
+	rep.Stopping = time.Since(stopping)
+	r.log.Info("lifecycle: stopped", "in", rep.Stopping, "watchers", rep.Acks.Watchers, "acknowledged", rep.Acks.Acknowledged, "ack_wait", rep.AckWait, "clean", rep.StopClean)
+	return rep, runErr
+}
+
+// start waits for readiness, then opens a session and registers UP,
+// retrying while the registry is unreachable. It returns early (nil) when
+// stopCtx ends, and an error when readiness never came or a server failed.
+func (r *runner) start(stopCtx context.Context, serveErr <-chan error, instances []registry.Instance, sess **client.Session, rep *Report) error {
+	if err := r.awaitReady(stopCtx, serveErr); err != nil {
+		return err
+	}
+	if stopCtx.Err() != nil {
+		return nil
+	}
+	r.setState(beaconhttp.Serving)
+	backoff := 100 * time.Millisecond
+	for {
+		err := r.register(stopCtx, instances, sess, rep)
+		if err == nil || stopCtx.Err() != nil {
+			return nil
+		}
+		if errors.Is(err, registry.ErrInvalid) {
+			return fmt.Errorf("lifecycle: registering: %w", err)
+		}
+		r.log.Warn("lifecycle: registry unreachable, serving unregistered and retrying", "err", err, "in", backoff)
+		t := time.NewTimer(backoff)
+		select {
+		case <-stopCtx.Done():
+			t.Stop()
+			return nil
+		case err := <-serveErr:
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+func (r *runner) awaitReady(stopCtx context.Context, serveErr <-chan error) error {
+	if r.cfg.Ready == nil {
+		return nil
+	}
+	deadline := time.Now().Add(r.cfg.ReadyTimeout)
+	for {
+		err := r.cfg.Ready(stopCtx)
+		if err == nil || stopCtx.Err() != nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("lifecycle: not ready after %v: %w", r.cfg.ReadyTimeout, err)
+		}
+		t := time.NewTimer(r.cfg.ReadyInterval)
+		select {
+		case <-stopCtx.Done():
+			t.Stop()
+			return nil
+		case err := <-serveErr:
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+	}
+}
+
+func (r *runner) register(ctx context.Context, instances []registry.Instance, sess **client.Session, rep *Report) error {
+	if *sess == nil {
+		var opts []client.SessionOption
+		if r.cfg.SessionTTL > 0 {
+			opts = append(opts, client.WithTTL(r.cfg.SessionTTL))
+		}
+		s, err := r.cfg.Client.NewSession(ctx, opts...)
+		if err != nil {
+			return err
+		}
+		*sess = s
+	}
+	for _, in := range instances[len(rep.Registered):] {
+		if _, err := (*sess).Register(ctx, in); err != nil {
+			return err
+		}
+		rep.Registered = append(rep.Registered, in)
+		r.log.Info("lifecycle: registered", "service", in.Service, "id", in.ID, "addr", net.JoinHostPort(in.Address, strconv.Itoa(in.Port)))
+	}
+	return nil
+}
+
+// drain marks every registered instance DRAINING and waits until the
+// watchers have applied it.
+func (r *runner) drain(ctx context.Context, sess *client.Session, registered []registry.Instance, rep *Report) {
+	start := time.Now()
+	defer func() { rep.AckWait = time.Since(start) }()
+	type mark struct {
+		in  registry.Instance
+		rev int64
+	}
+	var marks []mark
+	for _, in := range registered {
+		in.Status = registry.StatusDraining
+		cctx, cancel := context.WithTimeout(ctx, r.cfg.AckTimeout)
+		rev, err := sess.Register(cctx, in)
+		cancel()
+		if err != nil {
+			rep.DrainErr = err
+			r.log.Warn("lifecycle: could not announce the drain", "instance", in.ID, "err", err)
+			continue
+		}
+		marks = append(marks, mark{in, rev})
+	}
+	for _, m := range marks {
+		remaining := r.cfg.AckTimeout - time.Since(start)
+		if remaining <= 0 {
+			break
+		}
+		res, err := r.cfg.Client.AwaitWatchers(ctx, m.in.Namespace, m.in.Service, m.rev, remaining)
+		if err != nil {
+			rep.DrainErr = err
+		}
+		rep.Acks.Watchers += res.Watchers
+		rep.Acks.Acknowledged += res.Acknowledged
+		rep.Acks.Gone += res.Gone
+		rep.Acks.Unreachable += res.Unreachable
+	}
+	rep.Acks.Elapsed = time.Since(start)
+	if r.cfg.DrainDelay > 0 {
+		t := time.NewTimer(r.cfg.DrainDelay)
+		select {
+		case <-ctx.Done():
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
+// stopServers stops accepting and lets in-flight requests finish within
+// StopTimeout; it reports whether they did.
+func (r *runner) stopServers(ctx context.Context) bool {
+	clean := true
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	if r.cfg.GRPC != nil {
+		wg.Go(func() {
+			ok := beacongrpc.GracefulStop(r.cfg.GRPC, r.cfg.GRPCHealth, r.cfg.StopTimeout)
+			mu.Lock()
+			clean = clean && ok
+			mu.Unlock()
+		})
+	}
+	if r.cfg.HTTP != nil {
+		wg.Go(func() {
+			sctx, cancel := context.WithTimeout(ctx, r.cfg.StopTimeout)
+			defer cancel()
+			err := r.cfg.HTTP.Shutdown(sctx)
+			if err != nil {
+				r.cfg.HTTP.Close()
+			}
+			mu.Lock()
+			clean = clean && err == nil
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	return clean
+}
