@@ -260,3 +260,43 @@ func TestClassification(t *testing.T) {
 		}
 	}
 }
+
+func TestHedgingCutsTheSlowInstancesTail(t *testing.T) {
+	e := newEnv(t)
+	slow, fast1, fast2 := startFailingBackend(t), startFailingBackend(t), startFailingBackend(t)
+	slow.delay.Store(int64(2 * time.Second))
+	e.register(t, "hello", slow.backend, fast1.backend, fast2.backend)
+	exec, err := policy.New(policy.WithRetry(policy.RetryConfig{MaxAttempts: 2, BaseBackoff: 5 * time.Millisecond, RetryOn: beacongrpc.RetryableCode}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hedger, err := policy.NewHedger(policy.HedgeConfig{Delay: 50 * time.Millisecond, RetryOn: beacongrpc.RetryableCode})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Round robin: the slow instance gets every third first attempt, so
+	// only hedging keeps those calls fast.
+	cc := e.dial(t, "beacon:///hello",
+		grpc.WithUnaryInterceptor(beacongrpc.UnaryClientInterceptor(exec, func(string) bool { return true }, beacongrpc.WithHedging(hedger))),
+		policyConfig(beacongrpc.PolicyRoundRobin))
+	hc := healthpb.NewHealthClient(cc)
+	e.reachesAll(t, hc, 2) // connected (the slow one answers in 2 s)
+	before := slow.hits.Load()
+	var worst time.Duration
+	for i := range 30 {
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
+		resp, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
+		cancel()
+		if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+			t.Fatalf("call %d: %v, %v", i, resp, err)
+		}
+		worst = max(worst, time.Since(start))
+	}
+	if slow.hits.Load() == before {
+		t.Fatal("no call reached the slow instance: the test proves nothing")
+	}
+	if worst > time.Second {
+		t.Errorf("slowest hedged call took %v; the slow instance answers in 2 s, the hedge fires after 50 ms", worst)
+	}
+}

@@ -3,10 +3,15 @@ package beacongrpc
 import (
 	"context"
 	"errors"
+	"sync"
+	"sync/atomic"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"beacon.dev/beacon/policy"
 )
@@ -36,21 +41,135 @@ func IsFailure(err error) bool {
 	return false
 }
 
+// InterceptorOption configures UnaryClientInterceptor.
+type InterceptorOption func(*interceptor)
+
+type interceptor struct {
+	exec       *policy.Executor
+	idempotent func(string) bool
+	hedger     *policy.Hedger
+}
+
+// WithHedging hedges idempotent calls with h: while no attempt has
+// answered, another starts after h's delay (the LB policy sends it to
+// another instance, which has fewer calls in flight), the first answer
+// wins and the others are cancelled. Each attempt runs through the
+// executor; give the hedger and the executor's retry the same Budget.
+func WithHedging(h *policy.Hedger) InterceptorOption {
+	return func(i *interceptor) { i.hedger = h }
+}
+
 // UnaryClientInterceptor runs every unary call through exec. Calls to
 // methods for which idempotent returns true (full names such as
-// "/pkg.Svc/Get") may be retried on any retryable error; others only when
-// gRPC reports the request was never sent — which it does not, so they are
-// not retried. Give exec's retry RetryOn: RetryableCode.
-func UnaryClientInterceptor(exec *policy.Executor, idempotent func(method string) bool) grpc.UnaryClientInterceptor {
-	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-		kind := policy.NotIdempotent
-		if idempotent != nil && idempotent(method) {
-			kind = policy.Idempotent
-		}
-		return exec.Do(ctx, kind, func(ctx context.Context) error {
+// "/pkg.Svc/Get") may be retried, and hedged, on any retryable error;
+// others only when gRPC reports the request was never sent — which it
+// does not, so they are not retried. Give exec's retry RetryOn:
+// RetryableCode.
+func UnaryClientInterceptor(exec *policy.Executor, idempotent func(method string) bool, opts ...InterceptorOption) grpc.UnaryClientInterceptor {
+	ic := &interceptor{exec: exec, idempotent: idempotent}
+	for _, o := range opts {
+		o(ic)
+	}
+	return ic.intercept
+}
+
+func (ic *interceptor) intercept(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	kind := policy.NotIdempotent
+	if ic.idempotent != nil && ic.idempotent(method) {
+		kind = policy.Idempotent
+	}
+	// Retries and hedges tell the picker which endpoint to avoid.
+	ctx = context.WithValue(ctx, attemptsKey{}, new(attempts))
+	msg, isProto := reply.(proto.Message)
+	if ic.hedger == nil || kind != policy.Idempotent || !isProto {
+		return ic.exec.Do(ctx, kind, func(ctx context.Context) error {
 			return invoker(ctx, method, req, reply, cc, opts...)
 		})
 	}
+	// Every attempt decodes into its own message; the first to succeed
+	// copies it into reply, and any later success waits for that copy so
+	// that reply is complete when the hedger returns.
+	var (
+		won    atomic.Bool
+		copied = make(chan struct{})
+	)
+	return ic.hedger.Do(ctx, func(ctx context.Context, _ int) error {
+		own := msg.ProtoReflect().New().Interface()
+		ownOpts, publish := attemptOptions(opts)
+		err := ic.exec.Do(ctx, kind, func(ctx context.Context) error {
+			return invoker(ctx, method, req, own, cc, ownOpts...)
+		})
+		if err != nil {
+			return err
+		}
+		if won.CompareAndSwap(false, true) {
+			proto.Reset(msg)
+			proto.Merge(msg, own)
+			publish()
+			close(copied)
+		} else {
+			<-copied
+		}
+		return nil
+	})
+}
+
+// attemptOptions gives a hedged attempt its own copies of the call
+// options gRPC writes results into (peer, header, trailer), and returns
+// them with a function that publishes the winner's into the caller's.
+func attemptOptions(opts []grpc.CallOption) ([]grpc.CallOption, func()) {
+	out := make([]grpc.CallOption, len(opts))
+	var publish []func()
+	for i, o := range opts {
+		switch o := o.(type) {
+		case grpc.PeerCallOption:
+			own := new(peer.Peer)
+			out[i] = grpc.Peer(own)
+			publish = append(publish, func() { *o.PeerAddr = *own })
+		case grpc.HeaderCallOption:
+			own := new(metadata.MD)
+			out[i] = grpc.Header(own)
+			publish = append(publish, func() { *o.HeaderAddr = *own })
+		case grpc.TrailerCallOption:
+			own := new(metadata.MD)
+			out[i] = grpc.Trailer(own)
+			publish = append(publish, func() { *o.TrailerAddr = *own })
+		default:
+			out[i] = o
+		}
+	}
+	return out, func() {
+		for _, f := range publish {
+			f()
+		}
+	}
+}
+
+// attempts records the endpoints a call's attempts were sent to, so that
+// a retry or a hedge avoids the last one (PickInfo.Avoid).
+type attempts struct {
+	mu   sync.Mutex
+	last string // guarded by mu
+}
+
+type attemptsKey struct{}
+
+// attemptsOf returns the call's record, nil outside the interceptor.
+func attemptsOf(ctx context.Context) *attempts {
+	a, _ := ctx.Value(attemptsKey{}).(*attempts)
+	return a
+}
+
+func (a *attempts) avoid() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.last
+}
+
+func (a *attempts) picked(id string) {
+	a.mu.Lock()
+	a.last = id
+	a.mu.Unlock()
 }
 
 // StatusOf returns the gRPC status of an error that went through the

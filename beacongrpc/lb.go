@@ -248,9 +248,14 @@ type picker struct {
 	subConns map[string]grpcbalancer.SubConn // by endpoint ID; immutable
 }
 
-func (p *picker) Pick(grpcbalancer.PickInfo) (grpcbalancer.PickResult, error) {
+func (p *picker) Pick(info grpcbalancer.PickInfo) (grpcbalancer.PickResult, error) {
 	start := p.bal.Start()
-	ep, err := p.bal.Pick(balancer.PickInfo{})
+	var pi balancer.PickInfo
+	tried := attemptsOf(info.Ctx)
+	if tried != nil {
+		pi.Avoid = tried.avoid()
+	}
+	ep, err := p.bal.Pick(pi)
 	if err != nil {
 		return grpcbalancer.PickResult{}, grpcbalancer.ErrNoSubConnAvailable
 	}
@@ -258,6 +263,9 @@ func (p *picker) Pick(grpcbalancer.PickInfo) (grpcbalancer.PickResult, error) {
 	if !ok { // the balancer moved on since this picker was built
 		p.bal.Done(ep, 0, false)
 		return grpcbalancer.PickResult{}, grpcbalancer.ErrNoSubConnAvailable
+	}
+	if tried != nil {
+		tried.picked(ep.ID)
 	}
 	return grpcbalancer.PickResult{SubConn: sc, Done: func(di grpcbalancer.DoneInfo) {
 		p.bal.Done(ep, start, IsFailure(di.Err))

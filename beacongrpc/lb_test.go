@@ -22,8 +22,9 @@ import (
 // calls and fails them with INTERNAL while fail is set.
 type failingBackend struct {
 	*backend
-	hits atomic.Int64
-	fail atomic.Bool
+	hits  atomic.Int64
+	fail  atomic.Bool
+	delay atomic.Int64 // per call, in ns
 }
 
 func startFailingBackend(t *testing.T) *failingBackend {
@@ -35,6 +36,13 @@ func startFailingBackend(t *testing.T) *failingBackend {
 	fb := &failingBackend{}
 	srv := grpc.NewServer(grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 		fb.hits.Add(1)
+		if d := time.Duration(fb.delay.Load()); d > 0 {
+			select {
+			case <-time.After(d):
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}
 		if fb.fail.Load() {
 			return nil, status.Error(codes.Internal, "broken")
 		}
