@@ -27,6 +27,7 @@ type Balancer struct {
 	rand     func() uint64
 	detector *outlier.Detector
 	group    endpoint.Group
+	coarse   endpoint.Clock // advanced by latency samples; ages P2C costs
 	// boundedLoad: the builder compares endpoints with the group's
 	// average, so Stats must count towards the group (a shared counter the
 	// other algorithms need not pay for).
@@ -167,6 +168,7 @@ func (b *Balancer) Done(ep *endpoint.Endpoint, start int64, failed bool) {
 	var streak int32
 	if start != 0 {
 		now := mono.Now()
+		b.coarse.Observe(now)
 		streak = ep.Stats.End(now, time.Duration(now-start), failed)
 	} else {
 		streak = ep.Stats.Finish(failed)
@@ -266,7 +268,7 @@ func (b *Balancer) rebuildLocked() {
 		b.detector.SetEndpoints(eps)
 		ejected = b.detector.EjectedSet()
 	}
-	r := buildRoute(b.cfg, b.builder, eps, ejected, BuildOptions{Rand: b.rand, Group: &b.group})
+	r := buildRoute(b.cfg, b.builder, eps, ejected, BuildOptions{Rand: b.rand, Group: &b.group, Clock: &b.coarse})
 	r.state.Revision, r.state.Ramping = b.set.Revision, ramping
 	b.route.Store(r)
 	if b.ramp != nil {

@@ -50,6 +50,10 @@ type BuildOptions struct {
 	// Group counts requests in flight across the service, for bounded load.
 	// Nil disables load bounds.
 	Group *endpoint.Group
+	// Clock, a coarse clock the balancer advances with its latency
+	// samples, lets latency-aware pickers age costs (Stats.CostAt). Nil
+	// means no aging.
+	Clock *endpoint.Clock
 }
 
 // RandFunc returns o.Rand or the shared concurrent-safe source.

@@ -1,6 +1,7 @@
 package beacongrpc
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"reflect"
@@ -16,6 +17,7 @@ import (
 	"beacon.dev/beacon/balancer/roundrobin"
 	"beacon.dev/beacon/endpoint"
 	"beacon.dev/beacon/outlier"
+	"beacon.dev/beacon/policy"
 )
 
 // LB policy names registered by this package, for service configs such
@@ -268,8 +270,15 @@ func (p *picker) Pick(info grpcbalancer.PickInfo) (grpcbalancer.PickResult, erro
 		tried.picked(ep.ID)
 	}
 	return grpcbalancer.PickResult{SubConn: sc, Done: func(di grpcbalancer.DoneInfo) {
-		p.bal.Done(ep, start, IsFailure(di.Err))
+		p.bal.Done(ep, start, IsFailure(di.Err) || lostHedge(info.Ctx, di.Err))
 	}}, nil
+}
+
+// lostHedge reports an attempt cancelled because a hedge answered first:
+// for outlier detection that counts against the endpoint, or a hung
+// instance that only ever loses to hedges would never be ejected.
+func lostHedge(ctx context.Context, err error) bool {
+	return err != nil && ctx != nil && errors.Is(context.Cause(ctx), policy.ErrHedgeLost)
 }
 
 type errPicker struct{ err error }

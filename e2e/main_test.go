@@ -21,8 +21,9 @@ import (
 	"beacon.dev/beacon/registry"
 )
 
-// beaconBin is the beacon binary built for this test run.
-var beaconBin string
+// Binaries built for this test run: beacon, the echo service and the
+// pinned grpc-health-probe.
+var beaconBin, echoBin, probeBin string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "beacon-e2e-")
@@ -31,11 +32,21 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	beaconBin = filepath.Join(dir, "beacon")
-	build := exec.Command("go", "build", "-o", beaconBin, "beacon.dev/beacon/cmd/beacon")
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "building beacon:", err)
-		os.Exit(1)
+	echoBin = filepath.Join(dir, "echo")
+	probeBin = filepath.Join(dir, "grpc-health-probe")
+	for _, b := range []struct{ dir, out, pkg string }{
+		{"", beaconBin, "beacon.dev/beacon/cmd/beacon"},
+		{"", echoBin, "beacon.dev/beacon/internal/cmd/echo"},
+		// Its own module (tools/healthprobe) pins the version.
+		{"../tools/healthprobe", probeBin, "github.com/grpc-ecosystem/grpc-health-probe"},
+	} {
+		build := exec.Command("go", "build", "-o", b.out, b.pkg)
+		build.Dir = b.dir
+		build.Stdout, build.Stderr = os.Stderr, os.Stderr
+		if err := build.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "building", b.pkg+":", err)
+			os.Exit(1)
+		}
 	}
 	code := m.Run()
 	if code == 0 {
@@ -61,11 +72,17 @@ type proc struct {
 
 func start(t *testing.T, args ...string) *proc {
 	t.Helper()
-	p := &proc{t: t, cmd: exec.Command(beaconBin, args...), line: make(chan struct{}, 1), done: make(chan struct{})}
+	return startBin(t, beaconBin, args...)
+}
+
+// startBin starts a built binary; it is killed when the test ends.
+func startBin(t *testing.T, bin string, args ...string) *proc {
+	t.Helper()
+	p := &proc{t: t, cmd: exec.Command(bin, args...), line: make(chan struct{}, 1), done: make(chan struct{})}
 	pr, pw := io.Pipe()
 	p.cmd.Stdout, p.cmd.Stderr = pw, pw
 	if err := p.cmd.Start(); err != nil {
-		t.Fatalf("starting beacon %v: %v", args, err)
+		t.Fatalf("starting %s %v: %v", bin, args, err)
 	}
 	go func() {
 		sc := bufio.NewScanner(pr)
@@ -89,7 +106,7 @@ func start(t *testing.T, args ...string) *proc {
 		p.signal(syscall.SIGKILL)
 		<-p.done
 		if t.Failed() {
-			t.Logf("output of beacon %v:\n%s", args, p.output())
+			t.Logf("output of %s %v:\n%s", filepath.Base(bin), args, p.output())
 		}
 	})
 	return p

@@ -7,8 +7,10 @@ import (
 )
 
 // DefaultDecay is the time constant of the latency average: a sample's
-// influence falls to 1/e after this long (Finagle's peak EWMA uses 10 s).
-const DefaultDecay = 10 * time.Second
+// influence falls to 1/e after this long. Finagle uses 10 s; 5 s lets an
+// instance that was slow (or hung) win calls back within ~15 s once its
+// peers are measured again, instead of ~35 s.
+const DefaultDecay = 5 * time.Second
 
 // unmeasuredCost is the cost of an endpoint with requests in flight but no
 // latency sample yet: high enough that a new endpoint gets one request at a
@@ -98,7 +100,13 @@ func (s *Stats) Latency() time.Duration {
 // Cost is the P2C least-request score: latency times outstanding work
 // (Finagle's peak EWMA). An endpoint never measured costs nothing while
 // idle and a lot while busy, so it is probed one request at a time.
-func (s *Stats) Cost() float64 {
+func (s *Stats) Cost() float64 { return s.CostAt(0) }
+
+// CostAt is Cost with the latency decayed to now (a Clock reading; 0: no
+// decay), as Finagle does when it reads the cost: an endpoint that was
+// slow and then got no calls — because it was slow — would otherwise keep
+// its peak for ever and never be tried again.
+func (s *Stats) CostAt(now int64) float64 {
 	n := float64(s.inflight.Load() + 1)
 	lat := math.Float64frombits(s.ewma.Load())
 	if lat == 0 {
@@ -107,7 +115,34 @@ func (s *Stats) Cost() float64 {
 		}
 		return 0
 	}
+	if now != 0 {
+		if idle := now - s.stamp.Load(); idle > int64(DefaultDecay)/16 {
+			lat *= decay(float64(idle) / float64(DefaultDecay))
+		}
+	}
 	return lat * n
+}
+
+// Clock is a coarse clock fed by the latency samples' clock readings, so
+// that pickers can age costs without reading the clock on every pick
+// (tens of nanoseconds on virtual machines). It lags by the gap between
+// samples: microseconds under load.
+type Clock struct{ now atomic.Int64 }
+
+// Observe advances the clock to now, writing at most once a millisecond
+// so that the value stays in every core's cache.
+func (c *Clock) Observe(now int64) {
+	if now-c.now.Load() > int64(time.Millisecond) {
+		c.now.Store(now)
+	}
+}
+
+// Now returns the latest reading, 0 before the first (or on a nil Clock).
+func (c *Clock) Now() int64 {
+	if c == nil {
+		return 0
+	}
+	return c.now.Load()
 }
 
 // Streak returns the current run of consecutive failures.

@@ -79,3 +79,51 @@ func TestFromInstanceTier(t *testing.T) {
 		}
 	}
 }
+
+func TestCostAgesWhileAnEndpointGetsNoCalls(t *testing.T) {
+	var s Stats
+	s.Begin()
+	const start = int64(time.Second)
+	s.End(start, 50*time.Millisecond, false)
+	if got := s.CostAt(start); got != float64(50*time.Millisecond) {
+		t.Fatalf("CostAt(sample time) = %v, want the sample", got)
+	}
+	if got, want := s.CostAt(0), float64(50*time.Millisecond); got != want {
+		t.Fatalf("CostAt(0) = %v, want no aging", got)
+	}
+	prev := s.CostAt(start)
+	for _, after := range []time.Duration{time.Second, 5 * time.Second, 15 * time.Second, time.Minute} {
+		got := s.CostAt(start + int64(after))
+		if got >= prev {
+			t.Errorf("cost %v after %v idle is not below %v", got, after, prev)
+		}
+		prev = got
+	}
+	// After three time constants a 50 ms peak costs less than a peer
+	// measured just now at 2 ms with one call in flight: the endpoint is
+	// tried again.
+	now := start + int64(3*DefaultDecay)
+	var peer Stats
+	peer.Begin()
+	peer.End(now, 2*time.Millisecond, false)
+	peer.Begin()
+	if a, b := s.CostAt(now), peer.CostAt(now); a >= b {
+		t.Errorf("after %v idle the slow endpoint costs %v, its busy peer %v", 3*DefaultDecay, a, b)
+	}
+}
+
+func TestClockAdvancesCoarsely(t *testing.T) {
+	var c Clock
+	if c.Now() != 0 || (*Clock)(nil).Now() != 0 {
+		t.Fatal("a new clock reads 0")
+	}
+	c.Observe(int64(10 * time.Millisecond))
+	c.Observe(int64(10*time.Millisecond + 500*time.Microsecond)) // under 1 ms later: not written
+	if got := c.Now(); got != int64(10*time.Millisecond) {
+		t.Fatalf("Now = %v", time.Duration(got))
+	}
+	c.Observe(int64(12 * time.Millisecond))
+	if got := c.Now(); got != int64(12*time.Millisecond) {
+		t.Fatalf("Now = %v", time.Duration(got))
+	}
+}

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -50,6 +51,12 @@ func NewHedger(cfg HedgeConfig) (*Hedger, error) {
 	return &Hedger{cfg: cfg, now: now}, nil
 }
 
+// ErrHedgeLost is the cause (context.Cause) of the cancellation of the
+// attempts still running when a hedged call returns. Load balancers can
+// count it against the endpoint: an attempt that lost to a hedge started
+// later was slow there.
+var ErrHedgeLost = errors.New("policy: another hedged attempt answered first")
+
 type hedgeResult struct {
 	attempt int
 	err     error
@@ -61,8 +68,8 @@ type hedgeResult struct {
 // the remaining attempts' contexts are cancelled; fn must honour its context
 // so they end promptly.
 func (h *Hedger) Do(ctx context.Context, fn func(ctx context.Context, attempt int) error) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(ErrHedgeLost)
 	results := make(chan hedgeResult, 1+h.cfg.MaxExtra) // never blocks a loser
 	launch := func(n int) {
 		go func() { results <- hedgeResult{n, fn(ctx, n)} }()

@@ -20,7 +20,7 @@ func (Builder) Name() string { return "p2c_ewma" }
 func (Builder) UsesLatency() bool { return true }
 
 func (Builder) Build(eps []*endpoint.Endpoint, opts balancer.BuildOptions) balancer.Picker {
-	p := &picker{eps: eps, rand: opts.RandFunc(), invWeight: make([]float64, len(eps))}
+	p := &picker{eps: eps, rand: opts.RandFunc(), invWeight: make([]float64, len(eps)), clock: opts.Clock}
 	for i, e := range eps {
 		p.invWeight[i] = 1 / float64(e.Weight)
 	}
@@ -31,6 +31,7 @@ type picker struct {
 	eps       []*endpoint.Endpoint
 	invWeight []float64
 	rand      func() uint64
+	clock     *endpoint.Clock
 }
 
 func (p *picker) Pick(balancer.PickInfo) (*endpoint.Endpoint, error) {
@@ -47,15 +48,16 @@ func (p *picker) Pick(balancer.PickInfo) (*endpoint.Endpoint, error) {
 	if b >= a {
 		b++
 	}
-	if cost(p.eps[b], p.invWeight[b]) < cost(p.eps[a], p.invWeight[a]) {
+	now := p.clock.Now()
+	if cost(p.eps[b], p.invWeight[b], now) < cost(p.eps[a], p.invWeight[a], now) {
 		return p.eps[b], nil
 	}
 	return p.eps[a], nil
 }
 
-func cost(e *endpoint.Endpoint, invWeight float64) float64 {
+func cost(e *endpoint.Endpoint, invWeight float64, now int64) float64 {
 	if e.Stats == nil {
 		return 0
 	}
-	return e.Stats.Cost() * invWeight
+	return e.Stats.CostAt(now) * invWeight
 }

@@ -133,17 +133,18 @@ func run(log *slog.Logger, registryAddr, service, id, grpcAddr, httpAddr string,
 		cfg.HTTP, cfg.HTTPListener = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln
 	}
 	cfg.Instance.ID = id
+	addrs := map[string]string{}
+	if cfg.GRPCListener != nil {
+		addrs["grpc"] = cfg.GRPCListener.Addr().String()
+	}
+	if cfg.HTTPListener != nil {
+		addrs["http"] = cfg.HTTPListener.Addr().String()
+	}
+	listening, _ := json.Marshal(addrs)
+	fmt.Printf("echo: listening %s\n", listening)
 	cfg.OnState = func(s beaconhttp.State) {
 		if s == beaconhttp.Serving {
-			addrs := map[string]string{}
-			if cfg.GRPCListener != nil {
-				addrs["grpc"] = cfg.GRPCListener.Addr().String()
-			}
-			if cfg.HTTPListener != nil {
-				addrs["http"] = cfg.HTTPListener.Addr().String()
-			}
-			b, _ := json.Marshal(addrs)
-			fmt.Printf("echo: serving %s\n", b)
+			fmt.Printf("echo: serving %s\n", listening)
 		}
 	}
 	rep, err := lifecycle.Run(context.Background(), cfg)

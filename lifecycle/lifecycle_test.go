@@ -1,0 +1,192 @@
+package lifecycle_test
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+
+	"beacon.dev/beacon/beaconhttp"
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/lifecycle"
+	"beacon.dev/beacon/registry"
+)
+
+func listen(t *testing.T) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ln
+}
+
+func newClient(t *testing.T, addr string) *client.Client {
+	t.Helper()
+	c, err := client.New([]string{addr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func TestConfigErrorsNameTheField(t *testing.T) {
+	c := newClient(t, "127.0.0.1:1")
+	ln := listen(t)
+	defer ln.Close()
+	for _, tc := range []struct {
+		cfg   lifecycle.Config
+		field string
+	}{
+		{lifecycle.Config{Instance: registry.Instance{Service: "a"}, GRPC: grpc.NewServer(), GRPCListener: ln}, "Client"},
+		{lifecycle.Config{Client: c, Instance: registry.Instance{Service: "a"}}, "GRPC/HTTP"},
+		{lifecycle.Config{Client: c, Instance: registry.Instance{Service: "a"}, GRPC: grpc.NewServer()}, "listeners"},
+		{lifecycle.Config{Client: c, Instance: registry.Instance{Service: "A!"}, GRPC: grpc.NewServer(), GRPCListener: ln}, "Instance.Service"},
+	} {
+		_, err := lifecycle.Run(context.Background(), tc.cfg)
+		if err == nil || !strings.Contains(err.Error(), tc.field) {
+			t.Errorf("Run(%+v) = %v, want an error naming %s", tc.cfg, err, tc.field)
+		}
+	}
+}
+
+// A process with both servers registers one instance per protocol only
+// once ready, drains on cancellation and leaves nothing behind.
+func TestRunBothServers(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	c := newClient(t, srv.Addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	health := new(beaconhttp.Health)
+	mux := http.NewServeMux()
+	mux.Handle("/", health.Handler())
+	grpcLn, httpLn := listen(t), listen(t)
+	ready := make(chan struct{})
+	runCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	type result struct {
+		rep lifecycle.Report
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		rep, err := lifecycle.Run(runCtx, lifecycle.Config{
+			Client: c, Instance: registry.Instance{Service: "orders", Zone: "z1"},
+			GRPC: grpc.NewServer(), GRPCListener: grpcLn,
+			HTTP: &http.Server{Handler: mux}, HTTPListener: httpLn, HTTPHealth: health,
+			Ready: func(context.Context) error {
+				select {
+				case <-ready:
+					return nil
+				default:
+					return errors.New("not yet")
+				}
+			},
+			ReadyInterval: 20 * time.Millisecond, SessionTTL: 3 * time.Second, AckTimeout: 2 * time.Second,
+		})
+		done <- result{rep, err}
+	}()
+
+	readyz := func() int {
+		resp, err := http.Get("http://" + httpLn.Addr().String() + "/readyz")
+		if err != nil {
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	testutil.Eventually(t, 10*time.Second, "the HTTP server answers", func() bool { return readyz() != 0 })
+	if code := readyz(); code != http.StatusServiceUnavailable {
+		t.Fatalf("/readyz before ready = %d, want 503", code)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if snap, err := c.Instances(ctx, "orders", client.All()); err != nil || len(snap.Instances) != 0 {
+		t.Fatalf("registered before ready: %+v, %v", snap, err)
+	}
+	close(ready)
+	testutil.Eventually(t, 10*time.Second, "both instances registered", func() bool {
+		a, err1 := c.Instances(ctx, "orders")
+		b, err2 := c.Instances(ctx, "orders-http")
+		return err1 == nil && err2 == nil && len(a.Instances) == 1 && len(b.Instances) == 1
+	})
+	a, _ := c.Instances(ctx, "orders")
+	b, _ := c.Instances(ctx, "orders-http")
+	if got := a.Instances[0]; got.Zone != "z1" || got.Port != grpcLn.Addr().(*net.TCPAddr).Port {
+		t.Errorf("gRPC instance %+v", got)
+	}
+	if got := b.Instances[0]; got.ID != a.Instances[0].ID || got.Port != httpLn.Addr().(*net.TCPAddr).Port {
+		t.Errorf("HTTP instance %+v, want the gRPC one's ID and the HTTP port", got)
+	}
+	if code := readyz(); code != http.StatusOK {
+		t.Fatalf("/readyz when serving = %d", code)
+	}
+
+	stop()
+	var res result
+	select {
+	case res = <-done:
+	case <-ctx.Done():
+		t.Fatal("Run did not return after cancellation")
+	}
+	if res.err != nil || !res.rep.StopClean || len(res.rep.Registered) != 2 || res.rep.DrainErr != nil {
+		t.Fatalf("Run = %+v, %v", res.rep, res.err)
+	}
+	for _, svc := range []string{"orders", "orders-http"} {
+		if snap, err := c.Instances(ctx, svc, client.All()); err != nil || len(snap.Instances) != 0 {
+			t.Errorf("%s after stop: %+v, %v", svc, snap, err)
+		}
+	}
+	if health.State() != beaconhttp.Stopped {
+		t.Errorf("health state %v after Run", health.State())
+	}
+}
+
+// With the registry unreachable at start, the service serves unregistered
+// and registers as soon as the registry is back.
+func TestRegistersOnceTheRegistryIsBack(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	proxy := testutil.NewProxy(t, srv.Addr())
+	proxy.SetDown(true)
+	c := newClient(t, proxy.Addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	var states []beaconhttp.State
+	go func() {
+		_, err := lifecycle.Run(runCtx, lifecycle.Config{
+			Client: c, Instance: registry.Instance{Service: "orders"},
+			GRPC: grpc.NewServer(), GRPCListener: listen(t), SessionTTL: 3 * time.Second,
+			OnState: func(s beaconhttp.State) { states = append(states, s) },
+		})
+		done <- err
+	}()
+	time.Sleep(500 * time.Millisecond)
+	proxy.SetDown(false)
+	direct := newClient(t, srv.Addr())
+	testutil.Eventually(t, 15*time.Second, "registered once the registry is back", func() bool {
+		snap, err := direct.Instances(ctx, "orders")
+		return err == nil && len(snap.Instances) == 1
+	})
+	stop()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	want := []beaconhttp.State{beaconhttp.Starting, beaconhttp.Serving, beaconhttp.Draining, beaconhttp.Stopped}
+	if len(states) != len(want) {
+		t.Fatalf("states %v, want %v", states, want)
+	}
+	for i := range want {
+		if states[i] != want[i] {
+			t.Fatalf("states %v, want %v", states, want)
+		}
+	}
+}
