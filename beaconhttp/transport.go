@@ -81,6 +81,7 @@ type Transport struct {
 	mu       sync.Mutex
 	services map[string]*service // guarded by mu
 	closed   bool                // guarded by mu
+	followed sync.Map            // name -> *service: services' lock-free read path
 }
 
 type service struct {
@@ -97,7 +98,7 @@ func NewTransport(cache *discovery.Cache, opts ...Option) (*Transport, error) {
 		o(t)
 	}
 	if t.base == nil {
-		t.base = http.DefaultTransport.(*http.Transport).Clone()
+		t.base = DefaultBase()
 	}
 	if t.maxReplay < 0 {
 		return nil, fmt.Errorf("beaconhttp: max replay %d must not be negative", t.maxReplay)
@@ -110,12 +111,24 @@ func NewTransport(cache *discovery.Cache, opts ...Option) (*Transport, error) {
 	return t, nil
 }
 
+// DefaultBase returns the transport used when WithBase is not given:
+// http.DefaultTransport's settings, but keeping up to 100 idle
+// connections per instance (Go's default keeps 2, so that 16 concurrent
+// callers open and close a connection on most calls to a service).
+func DefaultBase() *http.Transport {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.MaxIdleConns = 1000
+	t.MaxIdleConnsPerHost = 100
+	return t
+}
+
 // Close stops following services. Requests in flight finish.
 func (t *Transport) Close() {
 	t.mu.Lock()
 	t.closed = true
 	services := t.services
 	t.services = map[string]*service{}
+	t.followed.Clear()
 	t.mu.Unlock()
 	t.stop()
 	t.wg.Wait()
@@ -159,6 +172,9 @@ func (t *Transport) newService(name string) (*service, error) {
 
 // service returns the state for a service name, following it on first use.
 func (t *Transport) service(name string) (*service, error) {
+	if s, ok := t.followed.Load(name); ok { // every call but the first
+		return s.(*service), nil
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.closed {
@@ -182,6 +198,7 @@ func (t *Transport) service(name string) (*service, error) {
 		_ = s.bal.Run(t.ctx, s.sub)
 	}()
 	t.services[name] = s
+	t.followed.Store(name, s)
 	return s, nil
 }
 
@@ -226,8 +243,12 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			return policy.Unsent(err)
 		}
 		tried = ep.ID
-		out := req.Clone(ctx)
-		out.URL.Host = ep.Addr
+		// A shallow copy with its own URL: the base transport reads the
+		// headers and does not change them, so they need no deep copy.
+		out := req.WithContext(ctx)
+		u := *req.URL
+		u.Host = ep.Addr
+		out.URL = &u
 		out.Host = req.Host
 		if out.Host == "" {
 			out.Host = name

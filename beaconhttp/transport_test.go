@@ -70,7 +70,7 @@ type env struct {
 	proxy *testutil.Proxy
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	t.Cleanup(cancel)
@@ -89,7 +89,7 @@ func newEnv(t *testing.T) *env {
 	return &env{ctx: ctx, c: c, cache: cache, proxy: proxy}
 }
 
-func (e *env) register(t *testing.T, service string, backends ...*backend) {
+func (e *env) register(t testing.TB, service string, backends ...*backend) {
 	t.Helper()
 	sub, err := e.cache.Subscribe(service) // follow it, as the transport will
 	if err != nil {

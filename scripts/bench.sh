@@ -15,6 +15,11 @@ out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 	# gobreaker v2 and failsafe-go (a module of its own, so beacon does not
 	# depend on them).
 	go test -run '^$' -bench 'Pick|Rebuild' -benchmem -count "${COUNT:-5}" ./balancer
+	# Calls through the integrations beside grpc-go round_robin and a plain
+	# http.Transport, and the drain of a real process on SIGTERM.
+	go test -run '^$' -bench 'GRPCUnary|HTTPCalls' -benchtime 40000x -count "${COUNT:-5}" -timeout 30m ./bench
+	go test -run '^$' -bench 'RoundTripOverhead' -benchmem -count "${COUNT:-5}" ./beaconhttp
+	go test -run '^$' -bench 'DrainOnSIGTERM' -benchtime 20x -timeout 30m ./bench
 	(cd bench/anchors && go test -run '^$' -bench 'Chain' -benchmem -cpu 1,2 -count "${COUNT:-5}" .)
 } 2>&1 | tee "$out"
 echo "results: $out"
