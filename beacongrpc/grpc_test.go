@@ -300,3 +300,49 @@ func TestHedgingCutsTheSlowInstancesTail(t *testing.T) {
 		t.Errorf("slowest hedged call took %v; the slow instance answers in 2 s, the hedge fires after 50 ms", worst)
 	}
 }
+
+func TestStreamInterceptorOpensThroughThePolicies(t *testing.T) {
+	e := newEnv(t)
+	bs := []*backend{startBackend(t), startBackend(t)}
+	e.register(t, "hello", bs...)
+	breaker, err := policy.NewBreaker(policy.BreakerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	exec, err := policy.New(policy.WithTimeout(100*time.Millisecond), policy.WithBreaker(breaker),
+		policy.WithRetry(policy.RetryConfig{MaxAttempts: 3, BaseBackoff: time.Millisecond, RetryOn: beacongrpc.RetryableCode}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc := e.dial(t, "beacon:///hello", grpc.WithStreamInterceptor(beacongrpc.StreamClientInterceptor(exec)))
+	hc := healthpb.NewHealthClient(cc)
+	ctx, cancel := context.WithCancel(e.ctx)
+	defer cancel()
+	w, err := hc.Watch(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := w.Recv(); err != nil || m.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("first Watch message: %v, %v", m, err)
+	}
+	// The executor's 100 ms timeout does not cut an open stream.
+	time.Sleep(200 * time.Millisecond)
+	bs[0].health.SetServing(false)
+	bs[1].health.SetServing(false)
+	if m, err := w.Recv(); err != nil || m.Status != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Fatalf("Watch after 200 ms: %v, %v; want the stream alive", m, err)
+	}
+	cancel()
+
+	// An open breaker refuses to open streams.
+	for range 200 {
+		p, err := breaker.Allow()
+		if err != nil {
+			break
+		}
+		breaker.Done(p, errors.New("failure"))
+	}
+	if _, err := hc.Watch(e.ctx, &healthpb.HealthCheckRequest{}); !errors.Is(err, policy.ErrOpen) {
+		t.Fatalf("Watch with the breaker open: %v, want ErrOpen", err)
+	}
+}

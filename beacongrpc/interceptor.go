@@ -114,6 +114,28 @@ func (ic *interceptor) intercept(ctx context.Context, method string, req, reply 
 	})
 }
 
+// StreamClientInterceptor opens every stream through exec.Open: opening
+// is retried on retryable errors (nothing has reached the application
+// yet, so any method may be), passes the breaker, bulkhead and rate limit,
+// and a retry avoids the endpoint that just failed. Once open, a stream is
+// the caller's: messages are not replayed and exec's timeouts do not apply
+// (bound the stream with its context).
+func StreamClientInterceptor(exec *policy.Executor) grpc.StreamClientInterceptor {
+	return func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+		ctx = context.WithValue(ctx, attemptsKey{}, new(attempts))
+		var cs grpc.ClientStream
+		err := exec.Open(ctx, func(ctx context.Context) error {
+			s, err := streamer(ctx, desc, cc, method, opts...)
+			cs = s
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
+		return cs, nil
+	}
+}
+
 // attemptOptions gives a hedged attempt its own copies of the call
 // options gRPC writes results into (peer, header, trailer), and returns
 // them with a function that publishes the winner's into the caller's.

@@ -185,6 +185,18 @@ func (e *Executor) Do(ctx context.Context, kind Idempotency, fn func(ctx context
 	return err
 }
 
+// Open runs fn, which opens something that outlives it — a stream —
+// through retry, breaker, bulkhead and rate limit, but without the
+// timeouts (they would cancel what fn opened; bound the stream with its
+// own context) and without the fallback. A failed open has sent nothing
+// the server acted on, so fn is retried as idempotent. The breaker sees
+// whether the open succeeded; the bulkhead bounds concurrent opens.
+func (e *Executor) Open(ctx context.Context, fn func(ctx context.Context) error) error {
+	c := *e
+	c.timeout, c.perTry = 0, 0
+	return c.run(ctx, Idempotent, fn)
+}
+
 func (e *Executor) run(ctx context.Context, kind Idempotency, fn func(ctx context.Context) error) error {
 	if e.timeout > 0 {
 		var cancel context.CancelFunc

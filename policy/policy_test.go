@@ -422,3 +422,36 @@ func TestOptionErrors(t *testing.T) {
 		t.Errorf("NewBudget(ratio 3) = %v", err)
 	}
 }
+
+func TestOpenRetriesWithoutTimeouts(t *testing.T) {
+	e, err := policy.New(policy.WithTimeout(50*time.Millisecond), policy.WithPerTryTimeout(10*time.Millisecond),
+		policy.WithRetry(policy.RetryConfig{MaxAttempts: 3, BaseBackoff: time.Millisecond}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	calls := 0
+	var opened context.Context
+	err = e.Open(context.Background(), func(ctx context.Context) error {
+		calls++
+		if calls < 3 {
+			return policy.Retryable(errors.New("connection refused"))
+		}
+		opened = ctx
+		return nil
+	})
+	if err != nil || calls != 3 {
+		t.Fatalf("Open = %v after %d calls, want success on the 3rd", err, calls)
+	}
+	time.Sleep(80 * time.Millisecond) // past both timeouts
+	if opened.Err() != nil {
+		t.Fatalf("what Open opened was cancelled: %v", opened.Err())
+	}
+	// The executor's own calls keep their timeouts.
+	err = e.Do(context.Background(), policy.Idempotent, func(ctx context.Context) error {
+		<-ctx.Done()
+		return ctx.Err()
+	})
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Do after Open = %v, want the timeouts still in force", err)
+	}
+}
