@@ -36,7 +36,7 @@ func serveWith(t *testing.T, s *beacongrpc.Shedder, hs healthpb.HealthServer) he
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := grpc.NewServer(grpc.UnaryInterceptor(s.UnaryServerInterceptor()))
+	srv := grpc.NewServer(grpc.UnaryInterceptor(s.UnaryServerInterceptor()), grpc.StreamInterceptor(s.StreamServerInterceptor()))
 	healthpb.RegisterHealthServer(srv, hs)
 	go srv.Serve(ln)
 	t.Cleanup(srv.Stop)
@@ -87,4 +87,31 @@ func TestShedderRateLimits(t *testing.T) {
 	if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}); status.Code(err) != codes.ResourceExhausted {
 		t.Errorf("fourth call = %v, want RESOURCE_EXHAUSTED", err)
 	}
+}
+
+func TestShedderHoldsASlotPerStream(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s := &beacongrpc.Shedder{MaxInflight: 1}
+	hc := serveWith(t, s, health.NewServer())
+	wctx, stopWatch := context.WithCancel(ctx)
+	w, err := hc.Watch(wctx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Recv(); err != nil { // the stream is open and holds the slot
+		t.Fatal(err)
+	}
+	if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}); status.Code(err) != codes.Unavailable {
+		t.Errorf("call while a stream holds the only slot = %v, want UNAVAILABLE", err)
+	}
+	stopWatch()
+	var lastErr error
+	for range 100 { // the slot comes back once the server sees the stream end
+		if _, lastErr = hc.Check(ctx, &healthpb.HealthCheckRequest{}); lastErr == nil {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("the slot never came back: %v", lastErr)
 }

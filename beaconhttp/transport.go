@@ -3,6 +3,7 @@ package beaconhttp
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -88,6 +89,44 @@ type service struct {
 	bal  *balancer.Balancer
 	exec *policy.Executor
 	sub  *discovery.Subscription
+
+	tlsMu sync.Mutex
+	tls   *http.Transport // guarded by tlsMu; for https://SERVICE, verifies the service name
+}
+
+// tlsTransport returns the transport for https requests to the service:
+// a clone of base whose TLS ServerName is the service name (unless base
+// sets one), since the URL now carries the instance's address and a
+// certificate names the service, not each instance's IP.
+func (s *service) tlsTransport(base http.RoundTripper, name string) (*http.Transport, error) {
+	s.tlsMu.Lock()
+	defer s.tlsMu.Unlock()
+	if s.tls != nil {
+		return s.tls, nil
+	}
+	bt, ok := base.(*http.Transport)
+	if !ok {
+		return nil, fmt.Errorf("beaconhttp: https://%s needs an *http.Transport as base (WithBase) to set the TLS server name; have %T", name, base)
+	}
+	t := bt.Clone()
+	if t.TLSClientConfig == nil {
+		t.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	if t.TLSClientConfig.ServerName == "" {
+		t.TLSClientConfig.ServerName = name
+	}
+	s.tls = t
+	return t, nil
+}
+
+func (s *service) close() {
+	s.sub.Close()
+	s.bal.Close()
+	s.tlsMu.Lock()
+	defer s.tlsMu.Unlock()
+	if s.tls != nil {
+		s.tls.CloseIdleConnections()
+	}
 }
 
 // NewTransport returns a transport resolving names through cache. Close
@@ -133,8 +172,7 @@ func (t *Transport) Close() {
 	t.stop()
 	t.wg.Wait()
 	for _, s := range services {
-		s.sub.Close()
-		s.bal.Close()
+		s.close()
 	}
 }
 
@@ -222,6 +260,12 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if err != nil {
 		return nil, err
 	}
+	rt := t.base
+	if req.URL.Scheme == "https" {
+		if rt, err = svc.tlsTransport(t.base, name); err != nil {
+			return nil, err
+		}
+	}
 	replay, err := t.replayable(req)
 	if err != nil {
 		return nil, err
@@ -259,7 +303,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 				return policy.Permanent(err)
 			}
 		}
-		resp, err := t.base.RoundTrip(out)
+		resp, err := rt.RoundTrip(out)
 		if err != nil {
 			svc.bal.Done(ep, start, true)
 			if !replay && !errors.Is(err, syscall.ECONNREFUSED) {
