@@ -346,3 +346,29 @@ func TestStreamInterceptorOpensThroughThePolicies(t *testing.T) {
 		t.Fatalf("Watch with the breaker open: %v, want ErrOpen", err)
 	}
 }
+
+func TestNewClientWiresResolverPolicyAndInterceptors(t *testing.T) {
+	e := newEnv(t)
+	bs := []*backend{startBackend(t), startBackend(t), startBackend(t)}
+	e.register(t, "hello", bs...)
+	exec, err := policy.New(policy.WithRetry(policy.RetryConfig{MaxAttempts: 5, BaseBackoff: 5 * time.Millisecond, RetryOn: beacongrpc.RetryableCode}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc, err := beacongrpc.NewClient(e.cache, "hello", exec, func(string) bool { return true })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	hc := healthpb.NewHealthClient(cc)
+	e.reachesAll(t, hc, 3)
+	bs[0].srv.Stop() // retried by the interceptor: no call fails
+	for i := range 100 {
+		ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
+		_, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
+		cancel()
+		if err != nil {
+			t.Fatalf("call %d after a backend stopped: %v", i, err)
+		}
+	}
+}

@@ -5,11 +5,14 @@ import (
 	"fmt"
 	"sync"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/attributes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/resolver"
 
 	"beacon.dev/beacon/discovery"
 	"beacon.dev/beacon/endpoint"
+	"beacon.dev/beacon/policy"
 )
 
 // Scheme is the target scheme: "beacon:///orders", or
@@ -114,4 +117,23 @@ func (r *beaconResolver) Close() {
 		<-r.done
 		r.sub.Close()
 	})
+}
+
+// NewClient is grpc.NewClient for "beacon:///service" through cache, with
+// the beacon_p2c policy and, when exec is not nil, the unary and stream
+// interceptors (idempotent as for UnaryClientInterceptor). opts come last
+// and may override any of it; without transport credentials it dials in
+// plaintext.
+func NewClient(cache *discovery.Cache, service string, exec *policy.Executor, idempotent func(method string) bool, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+	base := []grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithResolvers(NewResolverBuilder(cache, "")),
+		grpc.WithDefaultServiceConfig(`{"loadBalancingConfig": [{"` + PolicyP2C + `": {}}]}`),
+	}
+	if exec != nil {
+		base = append(base,
+			grpc.WithChainUnaryInterceptor(UnaryClientInterceptor(exec, idempotent)),
+			grpc.WithChainStreamInterceptor(StreamClientInterceptor(exec)))
+	}
+	return grpc.NewClient(Scheme+":///"+service, append(base, opts...)...)
 }

@@ -195,11 +195,7 @@ func BenchmarkGRPCUnary(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	bcc, err := grpc.NewClient("beacon:///echo",
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithResolvers(beacongrpc.NewResolverBuilder(cache, "default")),
-		grpc.WithDefaultServiceConfig(`{"loadBalancingConfig": [{"beacon_p2c": {}}]}`),
-		grpc.WithUnaryInterceptor(beacongrpc.UnaryClientInterceptor(exec, func(string) bool { return true })))
+	bcc, err := beacongrpc.NewClient(cache, "echo", exec, func(string) bool { return true })
 	if err != nil {
 		b.Fatal(err)
 	}

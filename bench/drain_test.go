@@ -14,8 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	testpb "google.golang.org/grpc/interop/grpc_testing"
 
 	"beacon.dev/beacon/beacongrpc"
@@ -109,11 +107,7 @@ func BenchmarkDrainOnSIGTERM(b *testing.B) {
 	defer cache.Close()
 	budget, _ := policy.NewBudget(policy.BudgetConfig{})
 	exec, _ := policy.New(policy.WithRetry(policy.RetryConfig{MaxAttempts: 3, BaseBackoff: 5 * time.Millisecond, MaxBackoff: 50 * time.Millisecond, RetryOn: beacongrpc.RetryableCode, Budget: budget}))
-	cc, err := grpc.NewClient("beacon:///echo",
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithResolvers(beacongrpc.NewResolverBuilder(cache, "default")),
-		grpc.WithDefaultServiceConfig(`{"loadBalancingConfig": [{"beacon_p2c": {}}]}`),
-		grpc.WithUnaryInterceptor(beacongrpc.UnaryClientInterceptor(exec, func(string) bool { return true })))
+	cc, err := beacongrpc.NewClient(cache, "echo", exec, func(string) bool { return true })
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	testpb "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/peer"
 
@@ -147,9 +146,7 @@ func newCaller(ctx context.Context, t *testing.T, registryAddr, service string, 
 		cl.mu.Unlock()
 		return err
 	}
-	cc, err := grpc.NewClient("beacon:///"+service,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithResolvers(beacongrpc.NewResolverBuilder(cache, "default")),
+	cc, err := beacongrpc.NewClient(cache, service, nil, nil,
 		grpc.WithDefaultServiceConfig(`{"loadBalancingConfig": [{"`+cfg.lb+`": {"outlier": `+outlierJSON+`}}]}`),
 		grpc.WithChainUnaryInterceptor(
 			beacongrpc.UnaryClientInterceptor(exec, func(string) bool { return true }, icOpts...),

@@ -300,15 +300,8 @@ func (r *runner) start(stopCtx context.Context, serveErr <-chan error, instances
 			return fmt.Errorf("lifecycle: registering: %w", err)
 		}
 		r.log.Warn("lifecycle: registry unreachable, serving unregistered and retrying", "err", err, "in", backoff)
-		t := time.NewTimer(backoff)
-		select {
-		case <-stopCtx.Done():
-			t.Stop()
-			return nil
-		case err := <-serveErr:
-			t.Stop()
+		if over, err := pause(stopCtx, serveErr, backoff); over {
 			return err
-		case <-t.C:
 		}
 		backoff = min(2*backoff, 5*time.Second)
 	}
@@ -327,16 +320,24 @@ func (r *runner) awaitReady(stopCtx context.Context, serveErr <-chan error) erro
 		if time.Now().After(deadline) {
 			return fmt.Errorf("lifecycle: not ready after %v: %w", r.cfg.ReadyTimeout, err)
 		}
-		t := time.NewTimer(r.cfg.ReadyInterval)
-		select {
-		case <-stopCtx.Done():
-			t.Stop()
-			return nil
-		case err := <-serveErr:
-			t.Stop()
+		if over, err := pause(stopCtx, serveErr, r.cfg.ReadyInterval); over {
 			return err
-		case <-t.C:
 		}
+	}
+}
+
+// pause waits d; it reports over when the run must end instead — stopCtx
+// ended (err nil: a normal stop) or a server failed (err).
+func pause(stopCtx context.Context, serveErr <-chan error, d time.Duration) (over bool, err error) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-stopCtx.Done():
+		return true, nil
+	case err := <-serveErr:
+		return true, err
+	case <-t.C:
+		return false, nil
 	}
 }
 
