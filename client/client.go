@@ -31,6 +31,8 @@ var (
 	ErrUnavailable = errors.New("beacon: registry unavailable")
 	// ErrClosed: the Session or Watcher was closed.
 	ErrClosed = errors.New("beacon: closed")
+	// ErrNotFound: the instance does not exist.
+	ErrNotFound = errors.New("not found")
 )
 
 // Option configures a Client.
@@ -339,4 +341,22 @@ func (c *Client) AwaitWatchers(ctx context.Context, namespace, service string, r
 		return res, ctx.Err()
 	}
 	return res, nil
+}
+
+// SetStatus changes an instance's declared status in place, keeping its
+// session and checks — the operator's maintenance switch: OUT_OF_SERVICE
+// stays when the instance registers again, until SetStatus puts it back.
+func (c *Client) SetStatus(ctx context.Context, namespace, service, id string, status registry.Status) (*registry.Instance, error) {
+	req := &beaconv1.SetStatusRequest{Namespace: c.ns(namespace), Service: service, Id: id, Status: beaconv1.Status(status)}
+	return call(ctx, c, func(r beaconv1connect.RegistryServiceClient) (*registry.Instance, error) {
+		resp, err := r.SetStatus(ctx, connect.NewRequest(req))
+		if connect.CodeOf(err) == connect.CodeNotFound {
+			return nil, fmt.Errorf("beacon: instance %s/%s/%s: %w", req.Namespace, service, id, ErrNotFound)
+		}
+		if err != nil {
+			return nil, err
+		}
+		in := wire.InstanceFromProto(resp.Msg.GetInstance())
+		return &in, nil
+	})
 }

@@ -84,7 +84,11 @@ type Instance struct {
 	Tags      []string
 	Metadata  map[string]string
 	Status    Status
-	Health    Health
+	// Health is the worst status of Checks, or declared by the instance
+	// when it has none.
+	Health Health
+	// Checks the registry runs against the instance (see Check).
+	Checks []Check
 	// SessionID owns an ephemeral instance; 0 marks a persistent one.
 	SessionID int64
 	// Revision is the etcd revision of the instance's last change.
@@ -94,8 +98,11 @@ type Instance struct {
 // Ephemeral reports whether the instance lives only as long as its session.
 func (i *Instance) Ephemeral() bool { return i.SessionID != 0 }
 
-// Routable reports whether callers should send traffic to the instance:
-// declared UP and not observed CRITICAL.
+// Routable reports whether callers should send traffic to the instance —
+// the one routability rule (docs/health.md): declared UP (not STARTING,
+// DRAINING or OUT_OF_SERVICE) and not CRITICAL by its checks (or by its
+// own word when it has none). Session liveness needs no test here: an
+// instance whose session ended is gone from the registry.
 func (i *Instance) Routable() bool {
 	return i.Status == StatusUp && i.Health != HealthCritical
 }
@@ -127,12 +134,17 @@ func (i *Instance) ApplyDefaults() {
 	if i.Health == HealthUnspecified {
 		i.Health = HealthPassing
 	}
+	for n := range i.Checks {
+		i.Checks[n].ApplyDefaults()
+	}
+	i.Health = i.CheckedHealth()
 }
 
 // Clone returns a deep copy.
 func (i *Instance) Clone() Instance {
 	c := *i
 	c.Tags = slices.Clone(i.Tags)
+	c.Checks = CloneChecks(i.Checks)
 	if i.Metadata != nil {
 		c.Metadata = make(map[string]string, len(i.Metadata))
 		for k, v := range i.Metadata {

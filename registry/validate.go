@@ -214,6 +214,9 @@ func (i *Instance) Validate() error {
 	if i.Health < HealthPassing || i.Health > HealthCritical {
 		return fieldErr("health", i.Health.String(), "must be one of PASSING, WARNING, CRITICAL")
 	}
+	if err := i.validateChecks(); err != nil {
+		return err
+	}
 	return nil
 }
 

@@ -221,11 +221,68 @@ func (a api) Register(ctx context.Context, req *connect.Request[beaconv1.Registe
 	if err != nil {
 		return nil, toConnectError(err)
 	}
+	a.keepObservations(in)
 	rev, err := a.s.store.Register(ctx, in)
 	if err != nil {
 		return nil, toConnectError(err)
 	}
 	return connect.NewResponse(&beaconv1.RegisterResponse{Revision: rev}), nil
+}
+
+// keepObservations carries over what the registry, not the instance,
+// decides when an instance is registered again: the state of checks whose
+// spec did not change, and an operator's OUT_OF_SERVICE.
+func (a api) keepObservations(in *registry.Instance) {
+	cur := a.s.view.Instance(in.Key())
+	if cur == nil {
+		return
+	}
+	if cur.Status == registry.StatusOutOfService && in.Status != registry.StatusOutOfService {
+		in.Status = registry.StatusOutOfService
+	}
+	for n := range in.Checks {
+		for _, old := range cur.Checks {
+			if old.SameSpec(&in.Checks[n]) {
+				in.Checks[n].Status, in.Checks[n].Output, in.Checks[n].Since = old.Status, old.Output, old.Since
+			}
+		}
+	}
+	in.Health = in.CheckedHealth()
+}
+
+func (a api) SetStatus(ctx context.Context, req *connect.Request[beaconv1.SetStatusRequest]) (*connect.Response[beaconv1.SetStatusResponse], error) {
+	if err := a.ready(); err != nil {
+		return nil, err
+	}
+	ns, err := namespaceOf(req.Msg.GetNamespace())
+	if err == nil {
+		err = registry.ValidateName("service", req.Msg.GetService())
+	}
+	if err == nil {
+		err = registry.ValidateID("id", req.Msg.GetId())
+	}
+	status := registry.Status(req.Msg.GetStatus())
+	if err == nil && (status <= registry.StatusUnspecified || status > registry.StatusOutOfService) {
+		err = &registry.FieldError{Field: "status", Reason: "must be one of STARTING, UP, DRAINING, OUT_OF_SERVICE"}
+	}
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	k := registry.InstanceKey{Namespace: ns, Service: req.Msg.GetService(), ID: req.Msg.GetId()}
+	var after registry.Instance
+	rev, err := a.s.store.Update(ctx, k, func(in *registry.Instance) bool {
+		in.Status = status
+		after = in.Clone()
+		return true
+	})
+	if errors.Is(err, store.ErrInstanceNotFound) {
+		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("instance %s/%s/%s: not found", k.Namespace, k.Service, k.ID))
+	}
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	after.Revision = rev
+	return connect.NewResponse(&beaconv1.SetStatusResponse{Revision: rev, Instance: wire.InstanceToProto(&after)}), nil
 }
 
 func (a api) Deregister(ctx context.Context, req *connect.Request[beaconv1.DeregisterRequest]) (*connect.Response[beaconv1.DeregisterResponse], error) {

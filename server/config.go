@@ -38,6 +38,11 @@ type Config struct {
 	// EtcdUnsafeNoFsync skips fsync in the embedded etcd. Only for tests
 	// and benchmarks that do not care about surviving a power cut.
 	EtcdUnsafeNoFsync bool
+	// MemberTTL is how long a dead server keeps its share of the health
+	// checks before the others take it over (default 3s).
+	MemberTTL time.Duration
+	// CheckConcurrency bounds the health probes in flight (default 256).
+	CheckConcurrency int
 	// ShutdownTimeout bounds how long Close waits for in-flight calls.
 	ShutdownTimeout time.Duration
 	// Logger receives the server's logs; nil discards them.
@@ -75,6 +80,12 @@ func (c *Config) Validate() error {
 	if c.ShutdownTimeout <= 0 {
 		return fmt.Errorf("server: invalid --shutdown-timeout %s: must be positive", c.ShutdownTimeout)
 	}
+	if c.MemberTTL < 0 || c.MemberTTL > 0 && (c.MemberTTL < time.Second || c.MemberTTL > time.Minute) {
+		return fmt.Errorf("server: invalid --member-ttl %s: must be between 1s and 1m (0: the default, 3s)", c.MemberTTL)
+	}
+	if c.CheckConcurrency < 0 || c.CheckConcurrency > 100000 {
+		return fmt.Errorf("server: invalid --check-concurrency %d: must be between 1 and 100000 (0: the default, 256)", c.CheckConcurrency)
+	}
 	if c.Embedded() {
 		if c.DataDir == "" {
 			return errors.New("server: invalid --data-dir: must not be empty with embedded etcd")
@@ -99,4 +110,6 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.EtcdPrefix, "etcd-prefix", c.EtcdPrefix, "key prefix of beacon's records in etcd")
 	fs.BoolVar(&c.EtcdUnsafeNoFsync, "etcd-unsafe-no-fsync", c.EtcdUnsafeNoFsync, "embedded etcd: skip fsync (tests and benchmarks only: loses data on power loss)")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long shutdown waits for in-flight calls")
+	fs.DurationVar(&c.MemberTTL, "member-ttl", c.MemberTTL, "how long a dead server's health checks wait before the other servers take them over (default 3s)")
+	fs.IntVar(&c.CheckConcurrency, "check-concurrency", c.CheckConcurrency, "health probes in flight at most (default 256)")
 }

@@ -14,8 +14,11 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 
+	"beacon.dev/beacon/internal/health"
+	"beacon.dev/beacon/internal/members"
 	"beacon.dev/beacon/internal/store"
 	"beacon.dev/beacon/internal/view"
+	"beacon.dev/beacon/registry"
 )
 
 // Server is a running beacon server.
@@ -31,6 +34,9 @@ type Server struct {
 	store *store.Store
 	view  *view.View
 	acks  *acks
+
+	members *members.Members
+	checker *health.Checker
 
 	ready     chan struct{}
 	errc      chan error
@@ -80,7 +86,16 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	}
 	s.cli = cli
 	s.store = store.New(cli, cfg.EtcdPrefix)
-	s.view = view.New(cli, s.store.Layout, s.log, s.metrics.viewHooks())
+	// Servers sharing the etcd split the health checks among themselves.
+	s.members = members.Join(cli, s.store.ServersPrefix(), cfg.Name+"@"+ln.Addr().String(), cfg.MemberTTL, s.log)
+	hooks := s.metrics.viewHooks()
+	s.checker = health.New(health.Config{
+		Store: s.store, Members: s.members, MaxConcurrent: cfg.CheckConcurrency, Log: s.log,
+		Instance: func(k registry.InstanceKey) *registry.Instance { return s.view.Instance(k) },
+	})
+	hooks.Published = s.checker.Offer
+	s.view = view.New(cli, s.store.Layout, s.log, hooks)
+	s.metrics.reg.MustRegister(s.checker.Collector())
 
 	s.httpSrv = &http.Server{
 		Handler:           s.routes(),
@@ -96,10 +111,18 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	s.httpSrv.Protocols.SetHTTP1(true)
 	s.httpSrv.Protocols.SetUnencryptedHTTP2(true)
 
-	s.wg.Add(3)
+	s.wg.Add(4)
 	go func() {
 		defer s.wg.Done()
 		s.view.Run(s.runCtx)
+	}()
+	go func() {
+		defer s.wg.Done()
+		select {
+		case <-s.view.Ready():
+			s.checker.Run(s.runCtx, s.view.All())
+		case <-s.runCtx.Done():
+		}
 	}()
 	go func() {
 		defer s.wg.Done()
@@ -166,6 +189,7 @@ func (s *Server) Close() error {
 			s.httpSrv.Close()
 		}
 		s.wg.Wait()
+		s.members.Close() // the others take over our checks at once
 		s.store.Close()
 		s.cli.Close()
 		s.stopEtcd()

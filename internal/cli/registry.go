@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/registry"
@@ -24,12 +25,14 @@ func newRegisterCmd(g *globals) *cobra.Command {
 		status     string
 		ttl        time.Duration
 		persistent bool
+		chk        checkFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "register",
 		Short: "Register an instance (ephemeral: held until interrupted; --persistent: returns at once)",
 		Example: `  beacon register --service orders --id orders-1 --address 127.0.0.1 --port 9001
-  beacon register --service orders --id orders-2 --address 127.0.0.1 --port 9002 --persistent --tag v2 --meta zone=a`,
+  beacon register --service orders --id orders-2 --address 127.0.0.1 --port 9002 --persistent --tag v2 --meta zone=a
+  beacon register --service web --id web-1 --address 127.0.0.1 --port 8080 --persistent --check-http http://127.0.0.1:8080/readyz --check-interval 2s`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
@@ -44,6 +47,9 @@ func newRegisterCmd(g *globals) *cobra.Command {
 			}
 			if persistent && cmd.Flags().Changed("ttl") {
 				return errors.New("invalid --ttl: a --persistent instance has no session TTL")
+			}
+			if in.Checks, err = chk.checks(); err != nil {
+				return err
 			}
 			c, err := g.client()
 			if err != nil {
@@ -77,10 +83,65 @@ func newRegisterCmd(g *globals) *cobra.Command {
 	f.StringVar(&status, "status", "", "declared status: STARTING, UP (default), DRAINING, OUT_OF_SERVICE")
 	f.DurationVar(&ttl, "ttl", registry.DefaultSessionTTL, "session TTL of an ephemeral instance")
 	f.BoolVar(&persistent, "persistent", false, "register a persistent instance and return")
+	chk.bind(f)
 	for _, name := range []string{"service", "id", "address", "port"} {
 		_ = cmd.MarkFlagRequired(name)
 	}
 	return cmd
+}
+
+// checkFlags are register's health-check flags: one check per kind given.
+type checkFlags struct {
+	http, grpcService       string
+	tcp, grpc               bool
+	interval, timeout       time.Duration
+	failures, successes     int
+	deregisterAfter         time.Duration
+	expectStatus, bodyMatch string
+}
+
+func (c *checkFlags) bind(f *pflag.FlagSet) {
+	f.StringVar(&c.http, "check-http", "", "HTTP check: the URL to GET (\"default\": http://ADDRESS:PORT/healthz)")
+	f.BoolVar(&c.tcp, "check-tcp", false, "TCP check: connect to ADDRESS:PORT")
+	f.BoolVar(&c.grpc, "check-grpc", false, "gRPC check: grpc.health.v1 on ADDRESS:PORT")
+	f.StringVar(&c.grpcService, "check-grpc-service", "", "gRPC check: the service name to ask about")
+	f.DurationVar(&c.interval, "check-interval", 0, "time between probes (default 10s)")
+	f.DurationVar(&c.timeout, "check-timeout", 0, "probe timeout (default min(2s, interval))")
+	f.IntVar(&c.failures, "check-failures", 0, "failures in a row before CRITICAL (default 3)")
+	f.IntVar(&c.successes, "check-successes", 0, "successes in a row before PASSING again (default 2)")
+	f.DurationVar(&c.deregisterAfter, "check-deregister-after", 0, "remove the instance once critical this long (default never)")
+	f.StringVar(&c.expectStatus, "check-expect-status", "", "HTTP check: status class or code that passes (default 2xx)")
+	f.StringVar(&c.bodyMatch, "check-body-contains", "", "HTTP check: text the response body must contain")
+}
+
+func (c *checkFlags) checks() ([]registry.Check, error) {
+	base := registry.Check{
+		Interval: c.interval, Timeout: c.timeout, FailuresBeforeCritical: c.failures,
+		SuccessesBeforePassing: c.successes, DeregisterCriticalAfter: c.deregisterAfter,
+	}
+	var out []registry.Check
+	if c.http != "" {
+		h := base
+		h.Kind, h.ExpectStatus, h.BodyContains = registry.CheckHTTP, c.expectStatus, c.bodyMatch
+		if c.http != "default" {
+			h.Target = c.http
+		}
+		out = append(out, h)
+	}
+	if c.tcp {
+		t := base
+		t.Kind = registry.CheckTCP
+		out = append(out, t)
+	}
+	if c.grpc || c.grpcService != "" {
+		g := base
+		g.Kind, g.GRPCService = registry.CheckGRPC, c.grpcService
+		out = append(out, g)
+	}
+	if len(out) == 0 && (c.interval != 0 || c.timeout != 0 || c.failures != 0 || c.successes != 0) {
+		return nil, errors.New("invalid --check-*: give --check-http, --check-tcp or --check-grpc")
+	}
+	return out, nil
 }
 
 // holdEphemeral registers through a session and keeps it until interrupted,
@@ -219,6 +280,17 @@ type jsonInstance struct {
 	Ephemeral bool              `json:"ephemeral"`
 	Session   string            `json:"session,omitempty"`
 	Revision  int64             `json:"revision"`
+	Checks    []jsonCheck       `json:"checks,omitempty"`
+}
+
+type jsonCheck struct {
+	Name     string    `json:"name"`
+	Kind     string    `json:"kind"`
+	Target   string    `json:"target"`
+	Interval string    `json:"interval"`
+	Status   string    `json:"status"`
+	Output   string    `json:"output,omitempty"`
+	Since    time.Time `json:"since,omitzero"`
 }
 
 func toJSONInstance(in *registry.Instance) jsonInstance {
@@ -229,6 +301,10 @@ func toJSONInstance(in *registry.Instance) jsonInstance {
 	}
 	if in.SessionID != 0 {
 		j.Session = fmt.Sprintf("%x", in.SessionID)
+	}
+	for _, c := range in.Checks {
+		j.Checks = append(j.Checks, jsonCheck{Name: c.Name, Kind: c.Kind.String(), Target: c.ProbeTarget(in),
+			Interval: c.Interval.String(), Status: c.Status.String(), Output: c.Output, Since: c.Since})
 	}
 	return j
 }
@@ -286,10 +362,64 @@ func newInstancesCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%d\n", in.ID, in.HostPort(), in.Weight,
 					dash(in.Zone), in.Status, in.Health, kind, dash(strings.Join(in.Tags, ",")), in.Revision)
 			}
-			return tw.Flush()
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			printChecks(g, snap)
+			return nil
 		},
 	}
 	cmd.Flags().BoolVar(&all, "all", false, "include instances that are not routable")
+	return cmd
+}
+
+// printChecks lists the checks of the instances that have any.
+func printChecks(g *globals, snap *registry.Snapshot) {
+	tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+	header := false
+	for _, in := range snap.Instances {
+		for _, c := range in.Checks {
+			if !header {
+				fmt.Fprintln(tw, "\nINSTANCE\tCHECK\tKIND\tTARGET\tSTATUS\tSINCE\tOUTPUT")
+				header = true
+			}
+			since := "-"
+			if !c.Since.IsZero() {
+				since = c.Since.UTC().Format(time.RFC3339)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", in.ID, c.Name, c.Kind, c.ProbeTarget(in), c.Status, since, dash(c.Output))
+		}
+	}
+	tw.Flush()
+}
+
+func newStatusCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "status SERVICE ID STATUS",
+		Short: "Set an instance's status: OUT_OF_SERVICE for maintenance (kept when it re-registers), UP to put it back",
+		Example: `  beacon status orders orders-1 OUT_OF_SERVICE
+  beacon status orders orders-1 UP`,
+		Args: cobra.ExactArgs(3),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			st, err := registry.ParseStatus(args[2])
+			if err != nil {
+				return err
+			}
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
+			defer cancel()
+			in, err := c.SetStatus(ctx, g.namespace, args[0], args[1], st)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(g.stdout, "%s/%s/%s is %s (health %s) at revision %d\n", in.Namespace, in.Service, in.ID, in.Status, in.Health, in.Revision)
+			return nil
+		},
+	}
 	return cmd
 }
 

@@ -61,6 +61,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 		newServerCmd(g),
 		newRegisterCmd(g),
 		newDeregisterCmd(g),
+		newStatusCmd(g),
 		newServicesCmd(g),
 		newInstancesCmd(g),
 		newWatchCmd(g),

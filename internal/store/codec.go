@@ -33,6 +33,10 @@ func (l Layout) NamespacesPrefix() string { return l.Prefix + "ns/" }
 // SessionsPrefix is the prefix of every session key.
 func (l Layout) SessionsPrefix() string { return l.Prefix + "sessions/" }
 
+// ServersPrefix is where live beacon servers announce themselves (keys
+// bound to each server's lease), for sharing the health checks.
+func (l Layout) ServersPrefix() string { return l.Prefix + "servers/" }
+
 // FormatSessionID renders a session (lease) id as etcdctl does: 16 hex digits.
 func FormatSessionID(id int64) string { return fmt.Sprintf("%016x", uint64(id)) }
 
@@ -75,6 +79,75 @@ type instanceRecord struct {
 	Status   string            `json:"status"`
 	Health   string            `json:"health"`
 	Session  string            `json:"session,omitempty"`
+	Checks   []checkRecord     `json:"checks,omitempty"`
+}
+
+// checkRecord is a stored check: its spec and the last observation.
+type checkRecord struct {
+	Name         string            `json:"name"`
+	Kind         string            `json:"kind"`
+	Target       string            `json:"target,omitempty"`
+	Headers      map[string]string `json:"headers,omitempty"`
+	ExpectStatus string            `json:"expect_status,omitempty"`
+	BodyContains string            `json:"body_contains,omitempty"`
+	GRPCService  string            `json:"grpc_service,omitempty"`
+	IntervalNS   int64             `json:"interval_ns"`
+	TimeoutNS    int64             `json:"timeout_ns"`
+	Jitter       float64           `json:"jitter"`
+	Failures     int               `json:"failures_before_critical"`
+	Successes    int               `json:"successes_before_passing"`
+	DeregisterNS int64             `json:"deregister_critical_after_ns,omitempty"`
+	Status       string            `json:"status"`
+	Output       string            `json:"output,omitempty"`
+	SinceUnixNS  int64             `json:"since_unix_ns,omitempty"`
+}
+
+func encodeChecks(cs []registry.Check) []checkRecord {
+	if len(cs) == 0 {
+		return nil
+	}
+	out := make([]checkRecord, len(cs))
+	for i, c := range cs {
+		out[i] = checkRecord{
+			Name: c.Name, Kind: c.Kind.String(), Target: c.Target, Headers: c.Headers,
+			ExpectStatus: c.ExpectStatus, BodyContains: c.BodyContains, GRPCService: c.GRPCService,
+			IntervalNS: int64(c.Interval), TimeoutNS: int64(c.Timeout), Jitter: c.Jitter,
+			Failures: c.FailuresBeforeCritical, Successes: c.SuccessesBeforePassing,
+			DeregisterNS: int64(c.DeregisterCriticalAfter), Status: c.Status.String(), Output: c.Output,
+		}
+		if !c.Since.IsZero() {
+			out[i].SinceUnixNS = c.Since.UnixNano()
+		}
+	}
+	return out
+}
+
+func decodeChecks(rs []checkRecord) ([]registry.Check, error) {
+	if len(rs) == 0 {
+		return nil, nil
+	}
+	out := make([]registry.Check, len(rs))
+	for i, r := range rs {
+		kind, err := registry.ParseCheckKind(r.Kind)
+		if err != nil {
+			return nil, err
+		}
+		status, err := registry.ParseHealth(r.Status)
+		if err != nil {
+			return nil, err
+		}
+		out[i] = registry.Check{
+			Name: r.Name, Kind: kind, Target: r.Target, Headers: r.Headers, ExpectStatus: r.ExpectStatus,
+			BodyContains: r.BodyContains, GRPCService: r.GRPCService, Interval: time.Duration(r.IntervalNS),
+			Timeout: time.Duration(r.TimeoutNS), Jitter: r.Jitter, FailuresBeforeCritical: r.Failures,
+			SuccessesBeforePassing: r.Successes, DeregisterCriticalAfter: time.Duration(r.DeregisterNS),
+			Status: status, Output: r.Output,
+		}
+		if r.SinceUnixNS != 0 {
+			out[i].Since = time.Unix(0, r.SinceUnixNS)
+		}
+	}
+	return out, nil
 }
 
 // EncodeInstance returns the stored form of a validated instance.
@@ -83,6 +156,7 @@ func EncodeInstance(in *registry.Instance) []byte {
 		Address: in.Address, Port: in.Port, Weight: in.Weight, Zone: in.Zone,
 		Version: in.Version, Tags: in.Tags, Metadata: in.Metadata,
 		Status: in.Status.String(), Health: in.Health.String(),
+		Checks: encodeChecks(in.Checks),
 	}
 	if in.SessionID != 0 {
 		rec.Session = FormatSessionID(in.SessionID)
@@ -116,6 +190,9 @@ func (l Layout) DecodeInstance(key string, value []byte, modRevision int64) (*re
 		return nil, fmt.Errorf("store: decoding %q: %w", key, err)
 	}
 	if in.Health, err = registry.ParseHealth(rec.Health); err != nil {
+		return nil, fmt.Errorf("store: decoding %q: %w", key, err)
+	}
+	if in.Checks, err = decodeChecks(rec.Checks); err != nil {
 		return nil, fmt.Errorf("store: decoding %q: %w", key, err)
 	}
 	if rec.Session != "" {

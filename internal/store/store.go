@@ -122,3 +122,58 @@ func (s *Store) CurrentRevision(ctx context.Context) (int64, error) {
 	}
 	return resp.Header.Revision, nil
 }
+
+// ErrConflict: the instance changed between read and write too often.
+var ErrConflict = errors.New("store: instance changed concurrently")
+
+// ErrInstanceNotFound: no such instance.
+var ErrInstanceNotFound = errors.New("instance not found")
+
+// Update reads an instance, applies change and writes the result only if
+// the instance did not change in between (compare-and-swap on its
+// ModRevision), keeping its session's lease. change returns false to
+// write nothing. It returns the write's revision (0 when nothing was
+// written).
+func (s *Store) Update(ctx context.Context, k registry.InstanceKey, change func(in *registry.Instance) bool) (int64, error) {
+	key := s.InstanceKey(k)
+	for range 5 {
+		resp, err := s.cli.Get(ctx, key)
+		if err != nil {
+			return 0, fmt.Errorf("store: reading instance: %w", err)
+		}
+		if len(resp.Kvs) == 0 {
+			return 0, ErrInstanceNotFound
+		}
+		kv := resp.Kvs[0]
+		in, err := s.DecodeInstance(key, kv.Value, kv.ModRevision)
+		if err != nil {
+			return 0, err
+		}
+		if !change(in) {
+			return 0, nil
+		}
+		in.Health = in.CheckedHealth()
+		if err := in.Validate(); err != nil {
+			return 0, err
+		}
+		put := clientv3.OpPut(key, string(EncodeInstance(in)), clientv3.WithLease(clientv3.LeaseID(in.SessionID)))
+		txn, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)).Then(put).Commit()
+		if err != nil {
+			return 0, fmt.Errorf("store: updating instance: %w", err)
+		}
+		if txn.Succeeded {
+			return txn.Header.Revision, nil
+		}
+	}
+	return 0, ErrConflict
+}
+
+// DeleteIfUnchanged deletes an instance only if it is still at revision.
+func (s *Store) DeleteIfUnchanged(ctx context.Context, k registry.InstanceKey, revision int64) (bool, error) {
+	key := s.InstanceKey(k)
+	txn, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", revision)).Then(clientv3.OpDelete(key)).Commit()
+	if err != nil {
+		return false, fmt.Errorf("store: deleting instance: %w", err)
+	}
+	return txn.Succeeded, nil
+}

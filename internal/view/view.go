@@ -23,6 +23,9 @@ import (
 type Hooks struct {
 	Relisted  func(compacted bool)
 	BadRecord func(key string, err error)
+	// Published receives every batch of new snapshots, in order, after
+	// the view applied them (the server's health checker follows it).
+	Published func(snaps []*registry.Snapshot)
 }
 
 // View is the in-memory replica. Create it with New and start it with Run.
@@ -141,6 +144,9 @@ func (v *View) apply(events []*clientv3.Event) {
 	for _, ev := range events {
 		key := string(ev.Kv.Key)
 		maxRev = max(maxRev, ev.Kv.ModRevision)
+		if strings.HasPrefix(key, v.layout.ServersPrefix()) {
+			continue // server membership: not the view's business
+		}
 		if strings.HasPrefix(key, v.layout.SessionsPrefix()) {
 			if ev.Type == mvccpb.PUT {
 				v.sessions[key] = struct{}{}
@@ -260,6 +266,9 @@ func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
 	sessions := make(map[string]struct{})
 	for _, kv := range resp.Kvs {
 		key := string(kv.Key)
+		if strings.HasPrefix(key, v.layout.ServersPrefix()) {
+			continue
+		}
 		if strings.HasPrefix(key, v.layout.SessionsPrefix()) {
 			sessions[key] = struct{}{}
 			continue
@@ -336,6 +345,13 @@ func (v *View) advance(rev int64, published []Published) {
 	if len(published) == 0 {
 		return
 	}
+	if v.hooks.Published != nil {
+		snaps := make([]*registry.Snapshot, len(published))
+		for i, p := range published {
+			snaps[i] = p.Snap
+		}
+		v.hooks.Published(snaps)
+	}
 	now := time.Now()
 	for _, s := range subs {
 		s.offer(published, now)
@@ -386,6 +402,28 @@ func (v *View) Snapshot(sk registry.ServiceKey) *registry.Snapshot {
 		return s
 	}
 	return &registry.Snapshot{Namespace: sk.Namespace, Service: sk.Service}
+}
+
+// Instance returns the current state of an instance, nil if absent. The
+// instance is shared: do not modify it.
+func (v *View) Instance(k registry.InstanceKey) *registry.Instance {
+	snap := v.Snapshot(registry.ServiceKey{Namespace: k.Namespace, Service: k.Service})
+	i, ok := slices.BinarySearchFunc(snap.Instances, k.ID, func(in *registry.Instance, id string) int { return strings.Compare(in.ID, id) })
+	if !ok {
+		return nil
+	}
+	return snap.Instances[i]
+}
+
+// All returns every service's current snapshot, in every namespace.
+func (v *View) All() []*registry.Snapshot {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	out := make([]*registry.Snapshot, 0, len(v.services))
+	for _, s := range v.services {
+		out = append(out, s)
+	}
+	return out
 }
 
 // Services returns the non-empty services of a namespace, sorted by name.

@@ -3,6 +3,9 @@
 package wire
 
 import (
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"beacon.dev/beacon/registry"
 )
@@ -18,7 +21,52 @@ func InstanceFromProto(p *beaconv1.Instance) registry.Instance {
 		Zone: p.GetZone(), Version: p.GetVersion(), Tags: p.GetTags(), Metadata: p.GetMetadata(),
 		Status: registry.Status(p.GetStatus()), Health: registry.Health(p.GetHealth()),
 		SessionID: p.GetSessionId(), Revision: p.GetRevision(),
+		Checks: checksFromProto(p.GetChecks()),
 	}
+}
+
+func checksFromProto(ps []*beaconv1.Check) []registry.Check {
+	if len(ps) == 0 {
+		return nil
+	}
+	out := make([]registry.Check, len(ps))
+	for i, p := range ps {
+		out[i] = registry.Check{
+			Name: p.GetName(), Kind: registry.CheckKind(p.GetKind()), Target: p.GetTarget(),
+			Headers: p.GetHeaders(), ExpectStatus: p.GetExpectStatus(), BodyContains: p.GetBodyContains(),
+			GRPCService: p.GetGrpcService(), Interval: p.GetInterval().AsDuration(), Timeout: p.GetTimeout().AsDuration(),
+			Jitter: p.GetJitter(), FailuresBeforeCritical: int(p.GetFailuresBeforeCritical()),
+			SuccessesBeforePassing: int(p.GetSuccessesBeforePassing()), DeregisterCriticalAfter: p.GetDeregisterCriticalAfter().AsDuration(),
+			Status: registry.Health(p.GetStatus()), Output: p.GetOutput(),
+		}
+		if p.GetSince() != nil {
+			out[i].Since = p.GetSince().AsTime()
+		}
+	}
+	return out
+}
+
+func checksToProto(cs []registry.Check) []*beaconv1.Check {
+	if len(cs) == 0 {
+		return nil
+	}
+	out := make([]*beaconv1.Check, len(cs))
+	for i, c := range cs {
+		out[i] = &beaconv1.Check{
+			Name: c.Name, Kind: beaconv1.CheckKind(c.Kind), Target: c.Target, Headers: c.Headers,
+			ExpectStatus: c.ExpectStatus, BodyContains: c.BodyContains, GrpcService: c.GRPCService,
+			Interval: durationpb.New(c.Interval), Timeout: durationpb.New(c.Timeout), Jitter: c.Jitter,
+			FailuresBeforeCritical: int32(c.FailuresBeforeCritical), SuccessesBeforePassing: int32(c.SuccessesBeforePassing),
+			Status: beaconv1.Health(c.Status), Output: c.Output,
+		}
+		if c.DeregisterCriticalAfter > 0 {
+			out[i].DeregisterCriticalAfter = durationpb.New(c.DeregisterCriticalAfter)
+		}
+		if !c.Since.IsZero() {
+			out[i].Since = timestamppb.New(c.Since)
+		}
+	}
+	return out
 }
 
 // InstanceToProto converts an instance for the wire.
@@ -29,6 +77,7 @@ func InstanceToProto(in *registry.Instance) *beaconv1.Instance {
 		Zone: in.Zone, Version: in.Version, Tags: in.Tags, Metadata: in.Metadata,
 		Status: beaconv1.Status(in.Status), Health: beaconv1.Health(in.Health),
 		SessionId: in.SessionID, Revision: in.Revision,
+		Checks: checksToProto(in.Checks),
 	}
 }
 

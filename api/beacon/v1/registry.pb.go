@@ -13,6 +13,7 @@ import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -134,6 +135,58 @@ func (Health) EnumDescriptor() ([]byte, []int) {
 	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{1}
 }
 
+type CheckKind int32
+
+const (
+	CheckKind_CHECK_KIND_UNSPECIFIED CheckKind = 0
+	CheckKind_CHECK_KIND_HTTP        CheckKind = 1
+	CheckKind_CHECK_KIND_TCP         CheckKind = 2
+	CheckKind_CHECK_KIND_GRPC        CheckKind = 3
+)
+
+// Enum value maps for CheckKind.
+var (
+	CheckKind_name = map[int32]string{
+		0: "CHECK_KIND_UNSPECIFIED",
+		1: "CHECK_KIND_HTTP",
+		2: "CHECK_KIND_TCP",
+		3: "CHECK_KIND_GRPC",
+	}
+	CheckKind_value = map[string]int32{
+		"CHECK_KIND_UNSPECIFIED": 0,
+		"CHECK_KIND_HTTP":        1,
+		"CHECK_KIND_TCP":         2,
+		"CHECK_KIND_GRPC":        3,
+	}
+)
+
+func (x CheckKind) Enum() *CheckKind {
+	p := new(CheckKind)
+	*p = x
+	return p
+}
+
+func (x CheckKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (CheckKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_beacon_v1_registry_proto_enumTypes[2].Descriptor()
+}
+
+func (CheckKind) Type() protoreflect.EnumType {
+	return &file_beacon_v1_registry_proto_enumTypes[2]
+}
+
+func (x CheckKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use CheckKind.Descriptor instead.
+func (CheckKind) EnumDescriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{2}
+}
+
 type Instance struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"` // default "default"
@@ -151,7 +204,10 @@ type Instance struct {
 	// The owning session for an ephemeral instance; 0 for a persistent one.
 	SessionId int64 `protobuf:"varint,13,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	// etcd revision of the last change to this instance (output only).
-	Revision      int64 `protobuf:"varint,14,opt,name=revision,proto3" json:"revision,omitempty"`
+	Revision int64 `protobuf:"varint,14,opt,name=revision,proto3" json:"revision,omitempty"`
+	// Checks beacon runs against the instance; health is then the worst of
+	// their statuses.
+	Checks        []*Check `protobuf:"bytes,15,rep,name=checks,proto3" json:"checks,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -284,6 +340,182 @@ func (x *Instance) GetRevision() int64 {
 	return 0
 }
 
+func (x *Instance) GetChecks() []*Check {
+	if x != nil {
+		return x.Checks
+	}
+	return nil
+}
+
+// Check is a probe run by the beacon server. Unset fields take defaults:
+// interval 10s, timeout min(2s, interval), jitter 0.1, 3 failures before
+// CRITICAL, 2 successes before PASSING, HTTP target
+// http://ADDRESS:PORT/healthz expecting 2xx, TCP/gRPC target ADDRESS:PORT.
+type Check struct {
+	state                   protoimpl.MessageState `protogen:"open.v1"`
+	Name                    string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"` // unique within the instance; default the kind
+	Kind                    CheckKind              `protobuf:"varint,2,opt,name=kind,proto3,enum=beacon.v1.CheckKind" json:"kind,omitempty"`
+	Target                  string                 `protobuf:"bytes,3,opt,name=target,proto3" json:"target,omitempty"`
+	Headers                 map[string]string      `protobuf:"bytes,4,rep,name=headers,proto3" json:"headers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"` // HTTP
+	ExpectStatus            string                 `protobuf:"bytes,5,opt,name=expect_status,json=expectStatus,proto3" json:"expect_status,omitempty"`                                             // HTTP: "2xx", "3xx", or a code
+	BodyContains            string                 `protobuf:"bytes,6,opt,name=body_contains,json=bodyContains,proto3" json:"body_contains,omitempty"`                                             // HTTP
+	GrpcService             string                 `protobuf:"bytes,7,opt,name=grpc_service,json=grpcService,proto3" json:"grpc_service,omitempty"`                                                // gRPC health service name
+	Interval                *durationpb.Duration   `protobuf:"bytes,8,opt,name=interval,proto3" json:"interval,omitempty"`
+	Timeout                 *durationpb.Duration   `protobuf:"bytes,9,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	Jitter                  float64                `protobuf:"fixed64,10,opt,name=jitter,proto3" json:"jitter,omitempty"`
+	FailuresBeforeCritical  int32                  `protobuf:"varint,11,opt,name=failures_before_critical,json=failuresBeforeCritical,proto3" json:"failures_before_critical,omitempty"`
+	SuccessesBeforePassing  int32                  `protobuf:"varint,12,opt,name=successes_before_passing,json=successesBeforePassing,proto3" json:"successes_before_passing,omitempty"`
+	DeregisterCriticalAfter *durationpb.Duration   `protobuf:"bytes,13,opt,name=deregister_critical_after,json=deregisterCriticalAfter,proto3" json:"deregister_critical_after,omitempty"`
+	// Output only: the registry's observation, written on transitions.
+	Status        Health                 `protobuf:"varint,14,opt,name=status,proto3,enum=beacon.v1.Health" json:"status,omitempty"`
+	Output        string                 `protobuf:"bytes,15,opt,name=output,proto3" json:"output,omitempty"`
+	Since         *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=since,proto3" json:"since,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Check) Reset() {
+	*x = Check{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Check) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Check) ProtoMessage() {}
+
+func (x *Check) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Check.ProtoReflect.Descriptor instead.
+func (*Check) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Check) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Check) GetKind() CheckKind {
+	if x != nil {
+		return x.Kind
+	}
+	return CheckKind_CHECK_KIND_UNSPECIFIED
+}
+
+func (x *Check) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *Check) GetHeaders() map[string]string {
+	if x != nil {
+		return x.Headers
+	}
+	return nil
+}
+
+func (x *Check) GetExpectStatus() string {
+	if x != nil {
+		return x.ExpectStatus
+	}
+	return ""
+}
+
+func (x *Check) GetBodyContains() string {
+	if x != nil {
+		return x.BodyContains
+	}
+	return ""
+}
+
+func (x *Check) GetGrpcService() string {
+	if x != nil {
+		return x.GrpcService
+	}
+	return ""
+}
+
+func (x *Check) GetInterval() *durationpb.Duration {
+	if x != nil {
+		return x.Interval
+	}
+	return nil
+}
+
+func (x *Check) GetTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.Timeout
+	}
+	return nil
+}
+
+func (x *Check) GetJitter() float64 {
+	if x != nil {
+		return x.Jitter
+	}
+	return 0
+}
+
+func (x *Check) GetFailuresBeforeCritical() int32 {
+	if x != nil {
+		return x.FailuresBeforeCritical
+	}
+	return 0
+}
+
+func (x *Check) GetSuccessesBeforePassing() int32 {
+	if x != nil {
+		return x.SuccessesBeforePassing
+	}
+	return 0
+}
+
+func (x *Check) GetDeregisterCriticalAfter() *durationpb.Duration {
+	if x != nil {
+		return x.DeregisterCriticalAfter
+	}
+	return nil
+}
+
+func (x *Check) GetStatus() Health {
+	if x != nil {
+		return x.Status
+	}
+	return Health_HEALTH_UNSPECIFIED
+}
+
+func (x *Check) GetOutput() string {
+	if x != nil {
+		return x.Output
+	}
+	return ""
+}
+
+func (x *Check) GetSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Since
+	}
+	return nil
+}
+
 type CreateSessionRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Ttl           *durationpb.Duration   `protobuf:"bytes,1,opt,name=ttl,proto3" json:"ttl,omitempty"`   // default 10s
@@ -294,7 +526,7 @@ type CreateSessionRequest struct {
 
 func (x *CreateSessionRequest) Reset() {
 	*x = CreateSessionRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[1]
+	mi := &file_beacon_v1_registry_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -306,7 +538,7 @@ func (x *CreateSessionRequest) String() string {
 func (*CreateSessionRequest) ProtoMessage() {}
 
 func (x *CreateSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[1]
+	mi := &file_beacon_v1_registry_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -319,7 +551,7 @@ func (x *CreateSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSessionRequest.ProtoReflect.Descriptor instead.
 func (*CreateSessionRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{1}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *CreateSessionRequest) GetTtl() *durationpb.Duration {
@@ -346,7 +578,7 @@ type CreateSessionResponse struct {
 
 func (x *CreateSessionResponse) Reset() {
 	*x = CreateSessionResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[2]
+	mi := &file_beacon_v1_registry_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -358,7 +590,7 @@ func (x *CreateSessionResponse) String() string {
 func (*CreateSessionResponse) ProtoMessage() {}
 
 func (x *CreateSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[2]
+	mi := &file_beacon_v1_registry_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -371,7 +603,7 @@ func (x *CreateSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSessionResponse.ProtoReflect.Descriptor instead.
 func (*CreateSessionResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{2}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *CreateSessionResponse) GetSessionId() int64 {
@@ -397,7 +629,7 @@ type KeepAliveRequest struct {
 
 func (x *KeepAliveRequest) Reset() {
 	*x = KeepAliveRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[3]
+	mi := &file_beacon_v1_registry_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -409,7 +641,7 @@ func (x *KeepAliveRequest) String() string {
 func (*KeepAliveRequest) ProtoMessage() {}
 
 func (x *KeepAliveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[3]
+	mi := &file_beacon_v1_registry_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -422,7 +654,7 @@ func (x *KeepAliveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepAliveRequest.ProtoReflect.Descriptor instead.
 func (*KeepAliveRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{3}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *KeepAliveRequest) GetSessionId() int64 {
@@ -441,7 +673,7 @@ type KeepAliveResponse struct {
 
 func (x *KeepAliveResponse) Reset() {
 	*x = KeepAliveResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[4]
+	mi := &file_beacon_v1_registry_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -453,7 +685,7 @@ func (x *KeepAliveResponse) String() string {
 func (*KeepAliveResponse) ProtoMessage() {}
 
 func (x *KeepAliveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[4]
+	mi := &file_beacon_v1_registry_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -466,7 +698,7 @@ func (x *KeepAliveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepAliveResponse.ProtoReflect.Descriptor instead.
 func (*KeepAliveResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{4}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *KeepAliveResponse) GetTtl() *durationpb.Duration {
@@ -486,7 +718,7 @@ type KeepAliveBatch struct {
 
 func (x *KeepAliveBatch) Reset() {
 	*x = KeepAliveBatch{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[5]
+	mi := &file_beacon_v1_registry_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -498,7 +730,7 @@ func (x *KeepAliveBatch) String() string {
 func (*KeepAliveBatch) ProtoMessage() {}
 
 func (x *KeepAliveBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[5]
+	mi := &file_beacon_v1_registry_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -511,7 +743,7 @@ func (x *KeepAliveBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepAliveBatch.ProtoReflect.Descriptor instead.
 func (*KeepAliveBatch) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{5}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *KeepAliveBatch) GetSessionIds() []int64 {
@@ -532,7 +764,7 @@ type KeepAliveResult struct {
 
 func (x *KeepAliveResult) Reset() {
 	*x = KeepAliveResult{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[6]
+	mi := &file_beacon_v1_registry_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -544,7 +776,7 @@ func (x *KeepAliveResult) String() string {
 func (*KeepAliveResult) ProtoMessage() {}
 
 func (x *KeepAliveResult) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[6]
+	mi := &file_beacon_v1_registry_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -557,7 +789,7 @@ func (x *KeepAliveResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepAliveResult.ProtoReflect.Descriptor instead.
 func (*KeepAliveResult) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{6}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *KeepAliveResult) GetSessionId() int64 {
@@ -590,7 +822,7 @@ type KeepAliveBatchResult struct {
 
 func (x *KeepAliveBatchResult) Reset() {
 	*x = KeepAliveBatchResult{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[7]
+	mi := &file_beacon_v1_registry_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -602,7 +834,7 @@ func (x *KeepAliveBatchResult) String() string {
 func (*KeepAliveBatchResult) ProtoMessage() {}
 
 func (x *KeepAliveBatchResult) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[7]
+	mi := &file_beacon_v1_registry_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -615,7 +847,7 @@ func (x *KeepAliveBatchResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepAliveBatchResult.ProtoReflect.Descriptor instead.
 func (*KeepAliveBatchResult) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{7}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *KeepAliveBatchResult) GetResults() []*KeepAliveResult {
@@ -634,7 +866,7 @@ type CloseSessionRequest struct {
 
 func (x *CloseSessionRequest) Reset() {
 	*x = CloseSessionRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[8]
+	mi := &file_beacon_v1_registry_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -646,7 +878,7 @@ func (x *CloseSessionRequest) String() string {
 func (*CloseSessionRequest) ProtoMessage() {}
 
 func (x *CloseSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[8]
+	mi := &file_beacon_v1_registry_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -659,7 +891,7 @@ func (x *CloseSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseSessionRequest.ProtoReflect.Descriptor instead.
 func (*CloseSessionRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{8}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CloseSessionRequest) GetSessionId() int64 {
@@ -677,7 +909,7 @@ type CloseSessionResponse struct {
 
 func (x *CloseSessionResponse) Reset() {
 	*x = CloseSessionResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[9]
+	mi := &file_beacon_v1_registry_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -689,7 +921,7 @@ func (x *CloseSessionResponse) String() string {
 func (*CloseSessionResponse) ProtoMessage() {}
 
 func (x *CloseSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[9]
+	mi := &file_beacon_v1_registry_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -702,7 +934,7 @@ func (x *CloseSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseSessionResponse.ProtoReflect.Descriptor instead.
 func (*CloseSessionResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{9}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{10}
 }
 
 type RegisterRequest struct {
@@ -717,7 +949,7 @@ type RegisterRequest struct {
 
 func (x *RegisterRequest) Reset() {
 	*x = RegisterRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[10]
+	mi := &file_beacon_v1_registry_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -729,7 +961,7 @@ func (x *RegisterRequest) String() string {
 func (*RegisterRequest) ProtoMessage() {}
 
 func (x *RegisterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[10]
+	mi := &file_beacon_v1_registry_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -742,7 +974,7 @@ func (x *RegisterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterRequest.ProtoReflect.Descriptor instead.
 func (*RegisterRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{10}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RegisterRequest) GetInstance() *Instance {
@@ -768,7 +1000,7 @@ type RegisterResponse struct {
 
 func (x *RegisterResponse) Reset() {
 	*x = RegisterResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[11]
+	mi := &file_beacon_v1_registry_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -780,7 +1012,7 @@ func (x *RegisterResponse) String() string {
 func (*RegisterResponse) ProtoMessage() {}
 
 func (x *RegisterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[11]
+	mi := &file_beacon_v1_registry_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -793,7 +1025,7 @@ func (x *RegisterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterResponse.ProtoReflect.Descriptor instead.
 func (*RegisterResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{11}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RegisterResponse) GetRevision() int64 {
@@ -814,7 +1046,7 @@ type DeregisterRequest struct {
 
 func (x *DeregisterRequest) Reset() {
 	*x = DeregisterRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[12]
+	mi := &file_beacon_v1_registry_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -826,7 +1058,7 @@ func (x *DeregisterRequest) String() string {
 func (*DeregisterRequest) ProtoMessage() {}
 
 func (x *DeregisterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[12]
+	mi := &file_beacon_v1_registry_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -839,7 +1071,7 @@ func (x *DeregisterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeregisterRequest.ProtoReflect.Descriptor instead.
 func (*DeregisterRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{12}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DeregisterRequest) GetNamespace() string {
@@ -873,7 +1105,7 @@ type DeregisterResponse struct {
 
 func (x *DeregisterResponse) Reset() {
 	*x = DeregisterResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[13]
+	mi := &file_beacon_v1_registry_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -885,7 +1117,7 @@ func (x *DeregisterResponse) String() string {
 func (*DeregisterResponse) ProtoMessage() {}
 
 func (x *DeregisterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[13]
+	mi := &file_beacon_v1_registry_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -898,7 +1130,7 @@ func (x *DeregisterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeregisterResponse.ProtoReflect.Descriptor instead.
 func (*DeregisterResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{13}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *DeregisterResponse) GetRevision() int64 {
@@ -915,6 +1147,129 @@ func (x *DeregisterResponse) GetFound() bool {
 	return false
 }
 
+type SetStatusRequest struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Service   string                 `protobuf:"bytes,2,opt,name=service,proto3" json:"service,omitempty"`
+	Id        string                 `protobuf:"bytes,3,opt,name=id,proto3" json:"id,omitempty"`
+	// OUT_OF_SERVICE takes the instance out of rotation for maintenance and
+	// stays when its owner registers it again; UP (or another status) puts
+	// it back.
+	Status        Status `protobuf:"varint,4,opt,name=status,proto3,enum=beacon.v1.Status" json:"status,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetStatusRequest) Reset() {
+	*x = SetStatusRequest{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetStatusRequest) ProtoMessage() {}
+
+func (x *SetStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetStatusRequest.ProtoReflect.Descriptor instead.
+func (*SetStatusRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *SetStatusRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *SetStatusRequest) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *SetStatusRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *SetStatusRequest) GetStatus() Status {
+	if x != nil {
+		return x.Status
+	}
+	return Status_STATUS_UNSPECIFIED
+}
+
+type SetStatusResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Revision      int64                  `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	Instance      *Instance              `protobuf:"bytes,2,opt,name=instance,proto3" json:"instance,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetStatusResponse) Reset() {
+	*x = SetStatusResponse{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetStatusResponse) ProtoMessage() {}
+
+func (x *SetStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetStatusResponse.ProtoReflect.Descriptor instead.
+func (*SetStatusResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *SetStatusResponse) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *SetStatusResponse) GetInstance() *Instance {
+	if x != nil {
+		return x.Instance
+	}
+	return nil
+}
+
 type ListInstancesRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
@@ -927,7 +1282,7 @@ type ListInstancesRequest struct {
 
 func (x *ListInstancesRequest) Reset() {
 	*x = ListInstancesRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[14]
+	mi := &file_beacon_v1_registry_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -939,7 +1294,7 @@ func (x *ListInstancesRequest) String() string {
 func (*ListInstancesRequest) ProtoMessage() {}
 
 func (x *ListInstancesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[14]
+	mi := &file_beacon_v1_registry_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -952,7 +1307,7 @@ func (x *ListInstancesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInstancesRequest.ProtoReflect.Descriptor instead.
 func (*ListInstancesRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{14}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ListInstancesRequest) GetNamespace() string {
@@ -986,7 +1341,7 @@ type ListInstancesResponse struct {
 
 func (x *ListInstancesResponse) Reset() {
 	*x = ListInstancesResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[15]
+	mi := &file_beacon_v1_registry_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -998,7 +1353,7 @@ func (x *ListInstancesResponse) String() string {
 func (*ListInstancesResponse) ProtoMessage() {}
 
 func (x *ListInstancesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[15]
+	mi := &file_beacon_v1_registry_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1011,7 +1366,7 @@ func (x *ListInstancesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInstancesResponse.ProtoReflect.Descriptor instead.
 func (*ListInstancesResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{15}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ListInstancesResponse) GetInstances() []*Instance {
@@ -1037,7 +1392,7 @@ type ListServicesRequest struct {
 
 func (x *ListServicesRequest) Reset() {
 	*x = ListServicesRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[16]
+	mi := &file_beacon_v1_registry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1049,7 +1404,7 @@ func (x *ListServicesRequest) String() string {
 func (*ListServicesRequest) ProtoMessage() {}
 
 func (x *ListServicesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[16]
+	mi := &file_beacon_v1_registry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1062,7 +1417,7 @@ func (x *ListServicesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListServicesRequest.ProtoReflect.Descriptor instead.
 func (*ListServicesRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{16}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ListServicesRequest) GetNamespace() string {
@@ -1084,7 +1439,7 @@ type ServiceSummary struct {
 
 func (x *ServiceSummary) Reset() {
 	*x = ServiceSummary{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[17]
+	mi := &file_beacon_v1_registry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1096,7 +1451,7 @@ func (x *ServiceSummary) String() string {
 func (*ServiceSummary) ProtoMessage() {}
 
 func (x *ServiceSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[17]
+	mi := &file_beacon_v1_registry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1109,7 +1464,7 @@ func (x *ServiceSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServiceSummary.ProtoReflect.Descriptor instead.
 func (*ServiceSummary) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{17}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ServiceSummary) GetName() string {
@@ -1150,7 +1505,7 @@ type ListServicesResponse struct {
 
 func (x *ListServicesResponse) Reset() {
 	*x = ListServicesResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[18]
+	mi := &file_beacon_v1_registry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1162,7 +1517,7 @@ func (x *ListServicesResponse) String() string {
 func (*ListServicesResponse) ProtoMessage() {}
 
 func (x *ListServicesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[18]
+	mi := &file_beacon_v1_registry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1175,7 +1530,7 @@ func (x *ListServicesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListServicesResponse.ProtoReflect.Descriptor instead.
 func (*ListServicesResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{18}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListServicesResponse) GetServices() []*ServiceSummary {
@@ -1210,7 +1565,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[19]
+	mi := &file_beacon_v1_registry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1222,7 +1577,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[19]
+	mi := &file_beacon_v1_registry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1235,7 +1590,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{19}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *WatchRequest) GetNamespace() string {
@@ -1279,7 +1634,7 @@ type ServiceSnapshot struct {
 
 func (x *ServiceSnapshot) Reset() {
 	*x = ServiceSnapshot{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[20]
+	mi := &file_beacon_v1_registry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1291,7 +1646,7 @@ func (x *ServiceSnapshot) String() string {
 func (*ServiceSnapshot) ProtoMessage() {}
 
 func (x *ServiceSnapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[20]
+	mi := &file_beacon_v1_registry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1304,7 +1659,7 @@ func (x *ServiceSnapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServiceSnapshot.ProtoReflect.Descriptor instead.
 func (*ServiceSnapshot) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{20}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ServiceSnapshot) GetNamespace() string {
@@ -1350,7 +1705,7 @@ type WatchResponse struct {
 
 func (x *WatchResponse) Reset() {
 	*x = WatchResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[21]
+	mi := &file_beacon_v1_registry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1362,7 +1717,7 @@ func (x *WatchResponse) String() string {
 func (*WatchResponse) ProtoMessage() {}
 
 func (x *WatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[21]
+	mi := &file_beacon_v1_registry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1375,7 +1730,7 @@ func (x *WatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
 func (*WatchResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{21}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *WatchResponse) GetSnapshots() []*ServiceSnapshot {
@@ -1410,7 +1765,7 @@ type AckWatchRequest struct {
 
 func (x *AckWatchRequest) Reset() {
 	*x = AckWatchRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[22]
+	mi := &file_beacon_v1_registry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1422,7 +1777,7 @@ func (x *AckWatchRequest) String() string {
 func (*AckWatchRequest) ProtoMessage() {}
 
 func (x *AckWatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[22]
+	mi := &file_beacon_v1_registry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1435,7 +1790,7 @@ func (x *AckWatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AckWatchRequest.ProtoReflect.Descriptor instead.
 func (*AckWatchRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{22}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *AckWatchRequest) GetWatchId() uint64 {
@@ -1460,7 +1815,7 @@ type AckWatchResponse struct {
 
 func (x *AckWatchResponse) Reset() {
 	*x = AckWatchResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[23]
+	mi := &file_beacon_v1_registry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1472,7 +1827,7 @@ func (x *AckWatchResponse) String() string {
 func (*AckWatchResponse) ProtoMessage() {}
 
 func (x *AckWatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[23]
+	mi := &file_beacon_v1_registry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1485,7 +1840,7 @@ func (x *AckWatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AckWatchResponse.ProtoReflect.Descriptor instead.
 func (*AckWatchResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{23}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{26}
 }
 
 type AwaitWatchersRequest struct {
@@ -1503,7 +1858,7 @@ type AwaitWatchersRequest struct {
 
 func (x *AwaitWatchersRequest) Reset() {
 	*x = AwaitWatchersRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[24]
+	mi := &file_beacon_v1_registry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1515,7 +1870,7 @@ func (x *AwaitWatchersRequest) String() string {
 func (*AwaitWatchersRequest) ProtoMessage() {}
 
 func (x *AwaitWatchersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[24]
+	mi := &file_beacon_v1_registry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1528,7 +1883,7 @@ func (x *AwaitWatchersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AwaitWatchersRequest.ProtoReflect.Descriptor instead.
 func (*AwaitWatchersRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{24}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *AwaitWatchersRequest) GetNamespace() string {
@@ -1575,7 +1930,7 @@ type AwaitWatchersResponse struct {
 
 func (x *AwaitWatchersResponse) Reset() {
 	*x = AwaitWatchersResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[25]
+	mi := &file_beacon_v1_registry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1587,7 +1942,7 @@ func (x *AwaitWatchersResponse) String() string {
 func (*AwaitWatchersResponse) ProtoMessage() {}
 
 func (x *AwaitWatchersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[25]
+	mi := &file_beacon_v1_registry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1600,7 +1955,7 @@ func (x *AwaitWatchersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AwaitWatchersResponse.ProtoReflect.Descriptor instead.
 func (*AwaitWatchersResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{25}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *AwaitWatchersResponse) GetWatchers() int32 {
@@ -1635,7 +1990,7 @@ var File_beacon_v1_registry_proto protoreflect.FileDescriptor
 
 const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\n" +
-	"\x18beacon/v1/registry.proto\x12\tbeacon.v1\x1a\x1egoogle/protobuf/duration.proto\"\xe7\x03\n" +
+	"\x18beacon/v1/registry.proto\x12\tbeacon.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x91\x04\n" +
 	"\bInstance\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
 	"\aservice\x18\x02 \x01(\tR\aservice\x12\x0e\n" +
@@ -1652,8 +2007,30 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x06health\x18\f \x01(\x0e2\x11.beacon.v1.HealthR\x06health\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\r \x01(\x03R\tsessionId\x12\x1a\n" +
-	"\brevision\x18\x0e \x01(\x03R\brevision\x1a;\n" +
+	"\brevision\x18\x0e \x01(\x03R\brevision\x12(\n" +
+	"\x06checks\x18\x0f \x03(\v2\x10.beacon.v1.CheckR\x06checks\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x83\x06\n" +
+	"\x05Check\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12(\n" +
+	"\x04kind\x18\x02 \x01(\x0e2\x14.beacon.v1.CheckKindR\x04kind\x12\x16\n" +
+	"\x06target\x18\x03 \x01(\tR\x06target\x127\n" +
+	"\aheaders\x18\x04 \x03(\v2\x1d.beacon.v1.Check.HeadersEntryR\aheaders\x12#\n" +
+	"\rexpect_status\x18\x05 \x01(\tR\fexpectStatus\x12#\n" +
+	"\rbody_contains\x18\x06 \x01(\tR\fbodyContains\x12!\n" +
+	"\fgrpc_service\x18\a \x01(\tR\vgrpcService\x125\n" +
+	"\binterval\x18\b \x01(\v2\x19.google.protobuf.DurationR\binterval\x123\n" +
+	"\atimeout\x18\t \x01(\v2\x19.google.protobuf.DurationR\atimeout\x12\x16\n" +
+	"\x06jitter\x18\n" +
+	" \x01(\x01R\x06jitter\x128\n" +
+	"\x18failures_before_critical\x18\v \x01(\x05R\x16failuresBeforeCritical\x128\n" +
+	"\x18successes_before_passing\x18\f \x01(\x05R\x16successesBeforePassing\x12U\n" +
+	"\x19deregister_critical_after\x18\r \x01(\v2\x19.google.protobuf.DurationR\x17deregisterCriticalAfter\x12)\n" +
+	"\x06status\x18\x0e \x01(\x0e2\x11.beacon.v1.HealthR\x06status\x12\x16\n" +
+	"\x06output\x18\x0f \x01(\tR\x06output\x120\n" +
+	"\x05since\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\x1a:\n" +
+	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"W\n" +
 	"\x14CreateSessionRequest\x12+\n" +
@@ -1694,7 +2071,15 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x02id\x18\x03 \x01(\tR\x02id\"F\n" +
 	"\x12DeregisterResponse\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x03R\brevision\x12\x14\n" +
-	"\x05found\x18\x02 \x01(\bR\x05found\"`\n" +
+	"\x05found\x18\x02 \x01(\bR\x05found\"\x85\x01\n" +
+	"\x10SetStatusRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
+	"\aservice\x18\x02 \x01(\tR\aservice\x12\x0e\n" +
+	"\x02id\x18\x03 \x01(\tR\x02id\x12)\n" +
+	"\x06status\x18\x04 \x01(\x0e2\x11.beacon.v1.StatusR\x06status\"`\n" +
+	"\x11SetStatusResponse\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\x12/\n" +
+	"\binstance\x18\x02 \x01(\v2\x13.beacon.v1.InstanceR\binstance\"`\n" +
 	"\x14ListInstancesRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
 	"\aservice\x18\x02 \x01(\tR\aservice\x12\x10\n" +
@@ -1756,7 +2141,12 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x12HEALTH_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eHEALTH_PASSING\x10\x01\x12\x12\n" +
 	"\x0eHEALTH_WARNING\x10\x02\x12\x13\n" +
-	"\x0fHEALTH_CRITICAL\x10\x032\xec\x06\n" +
+	"\x0fHEALTH_CRITICAL\x10\x03*e\n" +
+	"\tCheckKind\x12\x1a\n" +
+	"\x16CHECK_KIND_UNSPECIFIED\x10\x00\x12\x13\n" +
+	"\x0fCHECK_KIND_HTTP\x10\x01\x12\x12\n" +
+	"\x0eCHECK_KIND_TCP\x10\x02\x12\x13\n" +
+	"\x0fCHECK_KIND_GRPC\x10\x032\xb4\a\n" +
 	"\x0fRegistryService\x12R\n" +
 	"\rCreateSession\x12\x1f.beacon.v1.CreateSessionRequest\x1a .beacon.v1.CreateSessionResponse\x12F\n" +
 	"\tKeepAlive\x12\x1b.beacon.v1.KeepAliveRequest\x1a\x1c.beacon.v1.KeepAliveResponse\x12Q\n" +
@@ -1764,7 +2154,8 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\fCloseSession\x12\x1e.beacon.v1.CloseSessionRequest\x1a\x1f.beacon.v1.CloseSessionResponse\x12C\n" +
 	"\bRegister\x12\x1a.beacon.v1.RegisterRequest\x1a\x1b.beacon.v1.RegisterResponse\x12I\n" +
 	"\n" +
-	"Deregister\x12\x1c.beacon.v1.DeregisterRequest\x1a\x1d.beacon.v1.DeregisterResponse\x12W\n" +
+	"Deregister\x12\x1c.beacon.v1.DeregisterRequest\x1a\x1d.beacon.v1.DeregisterResponse\x12F\n" +
+	"\tSetStatus\x12\x1b.beacon.v1.SetStatusRequest\x1a\x1c.beacon.v1.SetStatusResponse\x12W\n" +
 	"\rListInstances\x12\x1f.beacon.v1.ListInstancesRequest\x1a .beacon.v1.ListInstancesResponse\"\x03\x90\x02\x01\x12T\n" +
 	"\fListServices\x12\x1e.beacon.v1.ListServicesRequest\x1a\x1f.beacon.v1.ListServicesResponse\"\x03\x90\x02\x01\x12<\n" +
 	"\x05Watch\x12\x17.beacon.v1.WatchRequest\x1a\x18.beacon.v1.WatchResponse0\x01\x12C\n" +
@@ -1783,86 +2174,104 @@ func file_beacon_v1_registry_proto_rawDescGZIP() []byte {
 	return file_beacon_v1_registry_proto_rawDescData
 }
 
-var file_beacon_v1_registry_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_beacon_v1_registry_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_beacon_v1_registry_proto_goTypes = []any{
 	(Status)(0),                   // 0: beacon.v1.Status
 	(Health)(0),                   // 1: beacon.v1.Health
-	(*Instance)(nil),              // 2: beacon.v1.Instance
-	(*CreateSessionRequest)(nil),  // 3: beacon.v1.CreateSessionRequest
-	(*CreateSessionResponse)(nil), // 4: beacon.v1.CreateSessionResponse
-	(*KeepAliveRequest)(nil),      // 5: beacon.v1.KeepAliveRequest
-	(*KeepAliveResponse)(nil),     // 6: beacon.v1.KeepAliveResponse
-	(*KeepAliveBatch)(nil),        // 7: beacon.v1.KeepAliveBatch
-	(*KeepAliveResult)(nil),       // 8: beacon.v1.KeepAliveResult
-	(*KeepAliveBatchResult)(nil),  // 9: beacon.v1.KeepAliveBatchResult
-	(*CloseSessionRequest)(nil),   // 10: beacon.v1.CloseSessionRequest
-	(*CloseSessionResponse)(nil),  // 11: beacon.v1.CloseSessionResponse
-	(*RegisterRequest)(nil),       // 12: beacon.v1.RegisterRequest
-	(*RegisterResponse)(nil),      // 13: beacon.v1.RegisterResponse
-	(*DeregisterRequest)(nil),     // 14: beacon.v1.DeregisterRequest
-	(*DeregisterResponse)(nil),    // 15: beacon.v1.DeregisterResponse
-	(*ListInstancesRequest)(nil),  // 16: beacon.v1.ListInstancesRequest
-	(*ListInstancesResponse)(nil), // 17: beacon.v1.ListInstancesResponse
-	(*ListServicesRequest)(nil),   // 18: beacon.v1.ListServicesRequest
-	(*ServiceSummary)(nil),        // 19: beacon.v1.ServiceSummary
-	(*ListServicesResponse)(nil),  // 20: beacon.v1.ListServicesResponse
-	(*WatchRequest)(nil),          // 21: beacon.v1.WatchRequest
-	(*ServiceSnapshot)(nil),       // 22: beacon.v1.ServiceSnapshot
-	(*WatchResponse)(nil),         // 23: beacon.v1.WatchResponse
-	(*AckWatchRequest)(nil),       // 24: beacon.v1.AckWatchRequest
-	(*AckWatchResponse)(nil),      // 25: beacon.v1.AckWatchResponse
-	(*AwaitWatchersRequest)(nil),  // 26: beacon.v1.AwaitWatchersRequest
-	(*AwaitWatchersResponse)(nil), // 27: beacon.v1.AwaitWatchersResponse
-	nil,                           // 28: beacon.v1.Instance.MetadataEntry
-	nil,                           // 29: beacon.v1.WatchRequest.KnownRevisionsEntry
-	nil,                           // 30: beacon.v1.AckWatchRequest.RevisionsEntry
-	(*durationpb.Duration)(nil),   // 31: google.protobuf.Duration
+	(CheckKind)(0),                // 2: beacon.v1.CheckKind
+	(*Instance)(nil),              // 3: beacon.v1.Instance
+	(*Check)(nil),                 // 4: beacon.v1.Check
+	(*CreateSessionRequest)(nil),  // 5: beacon.v1.CreateSessionRequest
+	(*CreateSessionResponse)(nil), // 6: beacon.v1.CreateSessionResponse
+	(*KeepAliveRequest)(nil),      // 7: beacon.v1.KeepAliveRequest
+	(*KeepAliveResponse)(nil),     // 8: beacon.v1.KeepAliveResponse
+	(*KeepAliveBatch)(nil),        // 9: beacon.v1.KeepAliveBatch
+	(*KeepAliveResult)(nil),       // 10: beacon.v1.KeepAliveResult
+	(*KeepAliveBatchResult)(nil),  // 11: beacon.v1.KeepAliveBatchResult
+	(*CloseSessionRequest)(nil),   // 12: beacon.v1.CloseSessionRequest
+	(*CloseSessionResponse)(nil),  // 13: beacon.v1.CloseSessionResponse
+	(*RegisterRequest)(nil),       // 14: beacon.v1.RegisterRequest
+	(*RegisterResponse)(nil),      // 15: beacon.v1.RegisterResponse
+	(*DeregisterRequest)(nil),     // 16: beacon.v1.DeregisterRequest
+	(*DeregisterResponse)(nil),    // 17: beacon.v1.DeregisterResponse
+	(*SetStatusRequest)(nil),      // 18: beacon.v1.SetStatusRequest
+	(*SetStatusResponse)(nil),     // 19: beacon.v1.SetStatusResponse
+	(*ListInstancesRequest)(nil),  // 20: beacon.v1.ListInstancesRequest
+	(*ListInstancesResponse)(nil), // 21: beacon.v1.ListInstancesResponse
+	(*ListServicesRequest)(nil),   // 22: beacon.v1.ListServicesRequest
+	(*ServiceSummary)(nil),        // 23: beacon.v1.ServiceSummary
+	(*ListServicesResponse)(nil),  // 24: beacon.v1.ListServicesResponse
+	(*WatchRequest)(nil),          // 25: beacon.v1.WatchRequest
+	(*ServiceSnapshot)(nil),       // 26: beacon.v1.ServiceSnapshot
+	(*WatchResponse)(nil),         // 27: beacon.v1.WatchResponse
+	(*AckWatchRequest)(nil),       // 28: beacon.v1.AckWatchRequest
+	(*AckWatchResponse)(nil),      // 29: beacon.v1.AckWatchResponse
+	(*AwaitWatchersRequest)(nil),  // 30: beacon.v1.AwaitWatchersRequest
+	(*AwaitWatchersResponse)(nil), // 31: beacon.v1.AwaitWatchersResponse
+	nil,                           // 32: beacon.v1.Instance.MetadataEntry
+	nil,                           // 33: beacon.v1.Check.HeadersEntry
+	nil,                           // 34: beacon.v1.WatchRequest.KnownRevisionsEntry
+	nil,                           // 35: beacon.v1.AckWatchRequest.RevisionsEntry
+	(*durationpb.Duration)(nil),   // 36: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 37: google.protobuf.Timestamp
 }
 var file_beacon_v1_registry_proto_depIdxs = []int32{
-	28, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
+	32, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
 	0,  // 1: beacon.v1.Instance.status:type_name -> beacon.v1.Status
 	1,  // 2: beacon.v1.Instance.health:type_name -> beacon.v1.Health
-	31, // 3: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
-	31, // 4: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
-	31, // 5: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
-	31, // 6: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
-	8,  // 7: beacon.v1.KeepAliveBatchResult.results:type_name -> beacon.v1.KeepAliveResult
-	2,  // 8: beacon.v1.RegisterRequest.instance:type_name -> beacon.v1.Instance
-	2,  // 9: beacon.v1.ListInstancesResponse.instances:type_name -> beacon.v1.Instance
-	19, // 10: beacon.v1.ListServicesResponse.services:type_name -> beacon.v1.ServiceSummary
-	29, // 11: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
-	2,  // 12: beacon.v1.ServiceSnapshot.instances:type_name -> beacon.v1.Instance
-	22, // 13: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
-	30, // 14: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
-	31, // 15: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
-	3,  // 16: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
-	5,  // 17: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
-	7,  // 18: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
-	10, // 19: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
-	12, // 20: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
-	14, // 21: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
-	16, // 22: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
-	18, // 23: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
-	21, // 24: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
-	24, // 25: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
-	26, // 26: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
-	4,  // 27: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
-	6,  // 28: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
-	9,  // 29: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
-	11, // 30: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
-	13, // 31: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
-	15, // 32: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
-	17, // 33: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
-	20, // 34: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
-	23, // 35: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
-	25, // 36: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
-	27, // 37: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
-	27, // [27:38] is the sub-list for method output_type
-	16, // [16:27] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	4,  // 3: beacon.v1.Instance.checks:type_name -> beacon.v1.Check
+	2,  // 4: beacon.v1.Check.kind:type_name -> beacon.v1.CheckKind
+	33, // 5: beacon.v1.Check.headers:type_name -> beacon.v1.Check.HeadersEntry
+	36, // 6: beacon.v1.Check.interval:type_name -> google.protobuf.Duration
+	36, // 7: beacon.v1.Check.timeout:type_name -> google.protobuf.Duration
+	36, // 8: beacon.v1.Check.deregister_critical_after:type_name -> google.protobuf.Duration
+	1,  // 9: beacon.v1.Check.status:type_name -> beacon.v1.Health
+	37, // 10: beacon.v1.Check.since:type_name -> google.protobuf.Timestamp
+	36, // 11: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
+	36, // 12: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
+	36, // 13: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
+	36, // 14: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
+	10, // 15: beacon.v1.KeepAliveBatchResult.results:type_name -> beacon.v1.KeepAliveResult
+	3,  // 16: beacon.v1.RegisterRequest.instance:type_name -> beacon.v1.Instance
+	0,  // 17: beacon.v1.SetStatusRequest.status:type_name -> beacon.v1.Status
+	3,  // 18: beacon.v1.SetStatusResponse.instance:type_name -> beacon.v1.Instance
+	3,  // 19: beacon.v1.ListInstancesResponse.instances:type_name -> beacon.v1.Instance
+	23, // 20: beacon.v1.ListServicesResponse.services:type_name -> beacon.v1.ServiceSummary
+	34, // 21: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
+	3,  // 22: beacon.v1.ServiceSnapshot.instances:type_name -> beacon.v1.Instance
+	26, // 23: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
+	35, // 24: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
+	36, // 25: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
+	5,  // 26: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
+	7,  // 27: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
+	9,  // 28: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
+	12, // 29: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
+	14, // 30: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
+	16, // 31: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
+	18, // 32: beacon.v1.RegistryService.SetStatus:input_type -> beacon.v1.SetStatusRequest
+	20, // 33: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
+	22, // 34: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
+	25, // 35: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
+	28, // 36: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
+	30, // 37: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
+	6,  // 38: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
+	8,  // 39: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
+	11, // 40: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
+	13, // 41: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
+	15, // 42: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
+	17, // 43: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
+	19, // 44: beacon.v1.RegistryService.SetStatus:output_type -> beacon.v1.SetStatusResponse
+	21, // 45: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
+	24, // 46: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
+	27, // 47: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
+	29, // 48: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
+	31, // 49: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
+	38, // [38:50] is the sub-list for method output_type
+	26, // [26:38] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_beacon_v1_registry_proto_init() }
@@ -1875,8 +2284,8 @@ func file_beacon_v1_registry_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_beacon_v1_registry_proto_rawDesc), len(file_beacon_v1_registry_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   29,
+			NumEnums:      3,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -54,6 +54,9 @@ const (
 	// RegistryServiceDeregisterProcedure is the fully-qualified name of the RegistryService's
 	// Deregister RPC.
 	RegistryServiceDeregisterProcedure = "/beacon.v1.RegistryService/Deregister"
+	// RegistryServiceSetStatusProcedure is the fully-qualified name of the RegistryService's SetStatus
+	// RPC.
+	RegistryServiceSetStatusProcedure = "/beacon.v1.RegistryService/SetStatus"
 	// RegistryServiceListInstancesProcedure is the fully-qualified name of the RegistryService's
 	// ListInstances RPC.
 	RegistryServiceListInstancesProcedure = "/beacon.v1.RegistryService/ListInstances"
@@ -81,6 +84,9 @@ type RegistryServiceClient interface {
 	CloseSession(context.Context, *connect.Request[v1.CloseSessionRequest]) (*connect.Response[v1.CloseSessionResponse], error)
 	Register(context.Context, *connect.Request[v1.RegisterRequest]) (*connect.Response[v1.RegisterResponse], error)
 	Deregister(context.Context, *connect.Request[v1.DeregisterRequest]) (*connect.Response[v1.DeregisterResponse], error)
+	// SetStatus changes an instance's declared status in place (operators'
+	// maintenance switch), keeping its session and checks.
+	SetStatus(context.Context, *connect.Request[v1.SetStatusRequest]) (*connect.Response[v1.SetStatusResponse], error)
 	ListInstances(context.Context, *connect.Request[v1.ListInstancesRequest]) (*connect.Response[v1.ListInstancesResponse], error)
 	ListServices(context.Context, *connect.Request[v1.ListServicesRequest]) (*connect.Response[v1.ListServicesResponse], error)
 	Watch(context.Context, *connect.Request[v1.WatchRequest]) (*connect.ServerStreamForClient[v1.WatchResponse], error)
@@ -140,6 +146,12 @@ func NewRegistryServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 			connect.WithSchema(registryServiceMethods.ByName("Deregister")),
 			connect.WithClientOptions(opts...),
 		),
+		setStatus: connect.NewClient[v1.SetStatusRequest, v1.SetStatusResponse](
+			httpClient,
+			baseURL+RegistryServiceSetStatusProcedure,
+			connect.WithSchema(registryServiceMethods.ByName("SetStatus")),
+			connect.WithClientOptions(opts...),
+		),
 		listInstances: connect.NewClient[v1.ListInstancesRequest, v1.ListInstancesResponse](
 			httpClient,
 			baseURL+RegistryServiceListInstancesProcedure,
@@ -184,6 +196,7 @@ type registryServiceClient struct {
 	closeSession    *connect.Client[v1.CloseSessionRequest, v1.CloseSessionResponse]
 	register        *connect.Client[v1.RegisterRequest, v1.RegisterResponse]
 	deregister      *connect.Client[v1.DeregisterRequest, v1.DeregisterResponse]
+	setStatus       *connect.Client[v1.SetStatusRequest, v1.SetStatusResponse]
 	listInstances   *connect.Client[v1.ListInstancesRequest, v1.ListInstancesResponse]
 	listServices    *connect.Client[v1.ListServicesRequest, v1.ListServicesResponse]
 	watch           *connect.Client[v1.WatchRequest, v1.WatchResponse]
@@ -219,6 +232,11 @@ func (c *registryServiceClient) Register(ctx context.Context, req *connect.Reque
 // Deregister calls beacon.v1.RegistryService.Deregister.
 func (c *registryServiceClient) Deregister(ctx context.Context, req *connect.Request[v1.DeregisterRequest]) (*connect.Response[v1.DeregisterResponse], error) {
 	return c.deregister.CallUnary(ctx, req)
+}
+
+// SetStatus calls beacon.v1.RegistryService.SetStatus.
+func (c *registryServiceClient) SetStatus(ctx context.Context, req *connect.Request[v1.SetStatusRequest]) (*connect.Response[v1.SetStatusResponse], error) {
+	return c.setStatus.CallUnary(ctx, req)
 }
 
 // ListInstances calls beacon.v1.RegistryService.ListInstances.
@@ -257,6 +275,9 @@ type RegistryServiceHandler interface {
 	CloseSession(context.Context, *connect.Request[v1.CloseSessionRequest]) (*connect.Response[v1.CloseSessionResponse], error)
 	Register(context.Context, *connect.Request[v1.RegisterRequest]) (*connect.Response[v1.RegisterResponse], error)
 	Deregister(context.Context, *connect.Request[v1.DeregisterRequest]) (*connect.Response[v1.DeregisterResponse], error)
+	// SetStatus changes an instance's declared status in place (operators'
+	// maintenance switch), keeping its session and checks.
+	SetStatus(context.Context, *connect.Request[v1.SetStatusRequest]) (*connect.Response[v1.SetStatusResponse], error)
 	ListInstances(context.Context, *connect.Request[v1.ListInstancesRequest]) (*connect.Response[v1.ListInstancesResponse], error)
 	ListServices(context.Context, *connect.Request[v1.ListServicesRequest]) (*connect.Response[v1.ListServicesResponse], error)
 	Watch(context.Context, *connect.Request[v1.WatchRequest], *connect.ServerStream[v1.WatchResponse]) error
@@ -312,6 +333,12 @@ func NewRegistryServiceHandler(svc RegistryServiceHandler, opts ...connect.Handl
 		connect.WithSchema(registryServiceMethods.ByName("Deregister")),
 		connect.WithHandlerOptions(opts...),
 	)
+	registryServiceSetStatusHandler := connect.NewUnaryHandler(
+		RegistryServiceSetStatusProcedure,
+		svc.SetStatus,
+		connect.WithSchema(registryServiceMethods.ByName("SetStatus")),
+		connect.WithHandlerOptions(opts...),
+	)
 	registryServiceListInstancesHandler := connect.NewUnaryHandler(
 		RegistryServiceListInstancesProcedure,
 		svc.ListInstances,
@@ -359,6 +386,8 @@ func NewRegistryServiceHandler(svc RegistryServiceHandler, opts ...connect.Handl
 			registryServiceRegisterHandler.ServeHTTP(w, r)
 		case RegistryServiceDeregisterProcedure:
 			registryServiceDeregisterHandler.ServeHTTP(w, r)
+		case RegistryServiceSetStatusProcedure:
+			registryServiceSetStatusHandler.ServeHTTP(w, r)
 		case RegistryServiceListInstancesProcedure:
 			registryServiceListInstancesHandler.ServeHTTP(w, r)
 		case RegistryServiceListServicesProcedure:
@@ -400,6 +429,10 @@ func (UnimplementedRegistryServiceHandler) Register(context.Context, *connect.Re
 
 func (UnimplementedRegistryServiceHandler) Deregister(context.Context, *connect.Request[v1.DeregisterRequest]) (*connect.Response[v1.DeregisterResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.Deregister is not implemented"))
+}
+
+func (UnimplementedRegistryServiceHandler) SetStatus(context.Context, *connect.Request[v1.SetStatusRequest]) (*connect.Response[v1.SetStatusResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.SetStatus is not implemented"))
 }
 
 func (UnimplementedRegistryServiceHandler) ListInstances(context.Context, *connect.Request[v1.ListInstancesRequest]) (*connect.Response[v1.ListInstancesResponse], error) {

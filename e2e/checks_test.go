@@ -1,0 +1,280 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/registry"
+)
+
+// healthLog records every health an instance is seen with by a watcher,
+// to tell a clean transition from flapping.
+type healthLog struct {
+	mu   sync.Mutex
+	seen []registry.Health // guarded by mu; consecutive duplicates folded
+	at   []time.Time       // guarded by mu
+}
+
+func followHealth(ctx context.Context, t *testing.T, c *client.Client, service, id string) *healthLog {
+	t.Helper()
+	w, err := c.Watch(ctx, []string{service})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &healthLog{}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			snaps, err := w.Next(ctx)
+			if err != nil {
+				return
+			}
+			for _, s := range snaps {
+				for _, in := range s.Instances {
+					if in.ID != id {
+						continue
+					}
+					h.mu.Lock()
+					if n := len(h.seen); n == 0 || h.seen[n-1] != in.Health {
+						h.seen = append(h.seen, in.Health)
+						h.at = append(h.at, time.Now())
+					}
+					h.mu.Unlock()
+				}
+			}
+		}
+	}()
+	t.Cleanup(func() { w.Close(); <-done })
+	return h
+}
+
+// waitHealth waits until the last health seen is want and returns when.
+func (h *healthLog) waitHealth(t *testing.T, want registry.Health, timeout time.Duration) time.Time {
+	t.Helper()
+	var at time.Time
+	testutil.Eventually(t, timeout, "health "+want.String(), func() bool {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if n := len(h.seen); n > 0 && h.seen[n-1] == want {
+			at = h.at[n-1]
+			return true
+		}
+		return false
+	})
+	return at
+}
+
+func (h *healthLog) history() []registry.Health {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]registry.Health(nil), h.seen...)
+}
+
+func routable(ctx context.Context, t *testing.T, c *client.Client, service, id string) bool {
+	t.Helper()
+	snap, err := c.Instances(ctx, service)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, in := range snap.Instances {
+		if in.ID == id {
+			return true
+		}
+	}
+	return false
+}
+
+// Behaviours 1 and 2: a checked persistent instance whose process hangs
+// goes CRITICAL after the configured failures and leaves discovery; when
+// it resumes it comes back after the configured successes; a watcher sees
+// exactly PASSING → CRITICAL → PASSING. HTTP and gRPC checks see a hang
+// (SIGSTOP); a TCP connect does not — the kernel still accepts on a
+// stopped process's socket — so the TCP check is exercised with SIGKILL
+// and a restart on the same port.
+func TestChecksFollowAHungOrKilledProcess(t *testing.T) {
+	for _, kind := range []string{"http", "grpc", "tcp"} {
+		t.Run(kind, func(t *testing.T) { testCheck(t, kind) })
+	}
+}
+
+func testCheck(t *testing.T, kind string) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	grpcAddr := testutil.FreeAddr(t)
+	args := []string{"--service", "echo", "--grpc", grpcAddr, "--http", "127.0.0.1:0"}
+	e := startEcho(t, srv.Addr(), args...)
+	c := newClient(t, srv.Addr())
+
+	const interval, failures, successes = 200 * time.Millisecond, 3, 2
+	check := registry.Check{Interval: interval, FailuresBeforeCritical: failures, SuccessesBeforePassing: successes}
+	host, portStr, _ := net.SplitHostPort(grpcAddr)
+	port, _ := strconv.Atoi(portStr)
+	switch kind {
+	case "http":
+		check.Kind, check.Target = registry.CheckHTTP, "http://"+e.httpAddr+"/readyz"
+	case "grpc":
+		check.Kind = registry.CheckGRPC
+	case "tcp":
+		check.Kind = registry.CheckTCP
+	}
+	in := registry.Instance{Service: "web", ID: "web-1", Address: host, Port: port, Checks: []registry.Check{check}}
+	if _, err := c.Register(ctx, in); err != nil {
+		t.Fatal(err)
+	}
+	h := followHealth(ctx, t, c, "web", "web-1")
+	h.waitHealth(t, registry.HealthPassing, 10*time.Second)
+	time.Sleep(5 * interval) // passing probes write nothing
+
+	var failedAt time.Time
+	if kind == "tcp" {
+		failedAt = time.Now()
+		e.signal(syscall.SIGKILL)
+		e.wait(10 * time.Second)
+	} else {
+		e.signal(syscall.SIGSTOP)
+		failedAt = time.Now()
+	}
+	criticalAt := h.waitHealth(t, registry.HealthCritical, 10*time.Second)
+	detect := criticalAt.Sub(failedAt)
+	if routable(ctx, t, c, "web", "web-1") {
+		t.Error("a CRITICAL instance is still in discovery")
+	}
+	time.Sleep(5 * interval) // failing probes write nothing more
+
+	resumedAt := time.Now()
+	if kind == "tcp" {
+		startEcho(t, srv.Addr(), args...) // the same port again
+	} else {
+		e.signal(syscall.SIGCONT)
+	}
+	passingAt := h.waitHealth(t, registry.HealthPassing, 20*time.Second)
+	recover := passingAt.Sub(resumedAt)
+	if !routable(ctx, t, c, "web", "web-1") {
+		t.Error("a PASSING instance is not in discovery")
+	}
+	time.Sleep(5 * interval)
+	t.Logf("%s check every %v, %d failures / %d successes: CRITICAL %v after the fault, PASSING %v after the recovery; history %v",
+		kind, interval, failures, successes, detect.Round(time.Millisecond), recover.Round(time.Millisecond), h.history())
+	if got := h.history(); len(got) != 3 || got[0] != registry.HealthPassing || got[1] != registry.HealthCritical || got[2] != registry.HealthPassing {
+		t.Errorf("health history %v, want exactly PASSING, CRITICAL, PASSING (no flapping)", got)
+	}
+	// Hysteresis: no earlier than the thresholds allow. (The upper bound
+	// is the test's timeout: probes run on time.)
+	if detect < time.Duration(failures-1)*interval*8/10 {
+		t.Errorf("CRITICAL after %v: faster than %d failures at %v", detect, failures, interval)
+	}
+	// Only the two transitions were written: the record's revision moved
+	// twice since registration (a probe per interval wrote nothing).
+	snap, err := c.Instances(ctx, "web", client.All())
+	if err != nil || len(snap.Instances) != 1 {
+		t.Fatal(snap, err)
+	}
+	got := snap.Instances[0]
+	if got.Checks[0].Status != registry.HealthPassing || got.Checks[0].Output == "" || got.Checks[0].Since.IsZero() {
+		t.Errorf("stored check %+v: want PASSING with output and time of change", got.Checks[0])
+	}
+	resp, err := srv.EtcdClient().Get(ctx, "/beacon/v1/ns/default/svc/web/inst/web-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := resp.Kvs[0].Version; v != 3 {
+		t.Errorf("the instance's key was written %d times, want 3 (registration + 2 transitions)", v)
+	}
+}
+
+// Behaviour 4: with two servers on one etcd each check runs on exactly one
+// of them; when one is killed its checks move to the other within the
+// membership TTL.
+func TestChecksAreSharedAndTakenOver(t *testing.T) {
+	cfgA := testutil.ServerConfig(t, "")
+	a := testutil.StartServer(t, cfgA)
+	bAddr := testutil.FreeAddr(t)
+	b := start(t, "server", "--addr", bAddr, "--name", "b", "--etcd-endpoints", "http://"+cfgA.EtcdClientAddr,
+		"--member-ttl", "2s", "--log-level", "warn")
+	b.waitLine(60*time.Second, "beacon server ready")
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+
+	// One HTTP target; each instance's check has its own path, so hits
+	// per path count how often its check runs.
+	var hits sync.Map // path -> *atomic.Int64
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		v, _ := hits.LoadOrStore(r.URL.Path, new(atomic.Int64))
+		v.(*atomic.Int64).Add(1)
+	})}
+	go hs.Serve(ln)
+	defer hs.Close()
+	port := ln.Addr().(*net.TCPAddr).Port
+
+	const n, interval = 40, 200 * time.Millisecond
+	c := newClient(t, a.Addr())
+	for i := range n {
+		in := registry.Instance{Service: "shared", ID: fmt.Sprint("i-", i), Address: "127.0.0.1", Port: port,
+			Checks: []registry.Check{{Kind: registry.CheckHTTP, Target: fmt.Sprintf("http://127.0.0.1:%d/i-%d", port, i), Interval: interval}}}
+		if _, err := c.Register(ctx, in); err != nil {
+			t.Fatal(err)
+		}
+	}
+	owned := func(addr string) int {
+		v, _ := testutil.Metric(t, addr, "beacon_checks_owned")
+		return int(v)
+	}
+	testutil.Eventually(t, 20*time.Second, "both servers share the checks", func() bool {
+		oa, ob := owned(a.Addr()), owned(bAddr)
+		return oa+ob == n && oa > 0 && ob > 0
+	})
+	t.Logf("shared: server a runs %d checks, server b %d", owned(a.Addr()), owned(bAddr))
+
+	// Steady state: over 3 s every check ran about 3 s / 200 ms = 15 times,
+	// not twice that.
+	count := func() map[string]int64 {
+		out := map[string]int64{}
+		hits.Range(func(k, v any) bool { out[k.(string)] = v.(*atomic.Int64).Load(); return true })
+		return out
+	}
+	before := count()
+	time.Sleep(3 * time.Second)
+	after := count()
+	for i := range n {
+		p := fmt.Sprintf("/i-%d", i)
+		if d := after[p] - before[p]; d < 10 || d > 20 {
+			t.Errorf("check %s ran %d times in 3 s at a %v interval, want about 15 (once per interval, on one server)", p, d, interval)
+		}
+	}
+
+	killed := time.Now()
+	b.signal(syscall.SIGKILL)
+	b.wait(10 * time.Second)
+	testutil.Eventually(t, 15*time.Second, "server a runs every check", func() bool { return owned(a.Addr()) == n })
+	takeover := time.Since(killed)
+	// And every check runs again.
+	mid := count()
+	time.Sleep(4 * interval)
+	final := count()
+	for i := range n {
+		p := fmt.Sprintf("/i-%d", i)
+		if final[p] == mid[p] {
+			t.Errorf("check %s does not run after the takeover", p)
+		}
+	}
+	t.Logf("server b killed: server a owned all %d checks %v later (member TTL 2 s)", n, takeover.Round(time.Millisecond))
+	if takeover > 5*time.Second {
+		t.Errorf("takeover took %v, want within the 2 s member TTL plus a little", takeover)
+	}
+}
