@@ -128,4 +128,3 @@ func short(err error) string {
 	}
 	return s
 }
-
