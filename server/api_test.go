@@ -102,6 +102,16 @@ func TestBadInputIsRejectedAndNothingChanges(t *testing.T) {
 		{"bad deregister id", "Deregister", `{"service":"orders","id":"a/b"}`, []string{"id"}},
 		{"bad list service", "ListInstances", `{"service":"ORDERS"}`, []string{"service"}},
 		{"missing session id", "KeepAlive", `{}`, []string{"session_id", "must be set"}},
+		{"check without kind", "Register", withInst(`"checks":[{"interval":"1s"}]`), []string{"checks[0].kind"}},
+		{"check interval too short", "Register", withInst(`"checks":[{"kind":"CHECK_KIND_TCP","interval":"0.01s"}]`), []string{"checks[0].interval", "between 100ms and 1h0m0s"}},
+		{"check timeout above interval", "Register", withInst(`"checks":[{"kind":"CHECK_KIND_TCP","interval":"1s","timeout":"2s"}]`), []string{"checks[0].timeout", "at most the interval"}},
+		{"check bad URL", "Register", withInst(`"checks":[{"kind":"CHECK_KIND_HTTP","target":"ftp://x/"}]`), []string{"checks[0].target", "http://"}},
+		{"check bad expect", "Register", withInst(`"checks":[{"kind":"CHECK_KIND_HTTP","expect_status":"7xx"}]`), []string{"checks[0].expect_status"}},
+		{"check threshold too big", "Register", withInst(`"checks":[{"kind":"CHECK_KIND_TCP","failures_before_critical":1000}]`), []string{"checks[0].failures_before_critical", "between 1 and 100"}},
+		{"check names collide", "Register", withInst(`"checks":[{"kind":"CHECK_KIND_TCP"},{"kind":"CHECK_KIND_TCP"}]`), []string{"checks[1].name", "unique"}},
+		{"too many checks", "Register", withInst(`"checks":[`+many(9, func(i int) string { return fmt.Sprintf(`{"kind":"CHECK_KIND_TCP","name":"c%d"}`, i) })+`]`), []string{"checks", "at most 8"}},
+		{"check header with newline", "Register", withInst(`"checks":[{"kind":"CHECK_KIND_HTTP","headers":{"X":"a\nb"}}]`), []string{"checks[0].headers", "line breaks"}},
+		{"bad status to set", "SetStatus", `{"service":"orders","id":"o-1"}`, []string{"status"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, body := post(t, srv, tc.method, tc.body)

@@ -3,6 +3,7 @@ package store
 import (
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 
@@ -14,7 +15,16 @@ func TestInstanceRoundTrip(t *testing.T) {
 	in := registry.Instance{
 		Namespace: "prod", Service: "orders", ID: "orders-1", Address: "10.0.0.1", Port: 9001,
 		Weight: 50, Zone: "a", Version: "1.2.3", Tags: []string{"canary"}, Metadata: map[string]string{"k": "v"},
-		Status: registry.StatusDraining, Health: registry.HealthWarning, SessionID: -42,
+		Status: registry.StatusDraining, Health: registry.HealthCritical, SessionID: -42,
+		Checks: []registry.Check{{
+			Name: "ready", Kind: registry.CheckHTTP, Target: "https://10.0.0.1:9001/readyz", Headers: map[string]string{"Host": "orders"},
+			ExpectStatus: "204", BodyContains: "ok", Interval: time.Second, Timeout: 500 * time.Millisecond, Jitter: 0.2,
+			FailuresBeforeCritical: 2, SuccessesBeforePassing: 3, DeregisterCriticalAfter: time.Minute,
+			Status: registry.HealthCritical, Output: "HTTP GET: 503", Since: time.Unix(1700000000, 123),
+		}, {
+			Name: "grpc", Kind: registry.CheckGRPC, GRPCService: "orders.v1.Orders", Interval: 5 * time.Second, Timeout: time.Second,
+			Jitter: 0.1, FailuresBeforeCritical: 3, SuccessesBeforePassing: 2, Status: registry.HealthPassing,
+		}},
 	}
 	key := l.InstanceKey(in.Key())
 	if want := "/beacon/v1/ns/prod/svc/orders/inst/orders-1"; key != want {
@@ -55,6 +65,7 @@ func FuzzDecodeInstance(f *testing.F) {
 	f.Add("/beacon/v1/ns/default/svc/orders/inst/o-1", `{"address":"127.0.0.1","port":9001,"weight":100,"status":"UP","health":"PASSING"}`)
 	f.Add("/beacon/v1/ns/default/svc/orders/inst/o-1", `{"address":"::1","port":1,"weight":1,"tags":["a"],"metadata":{"k":"v"},"status":"DRAINING","health":"CRITICAL","session":"00000000000000ff"}`)
 	f.Add("/beacon/v1/sessions/1", `{}`)
+	f.Add("/beacon/v1/ns/default/svc/web/inst/w-1", `{"address":"127.0.0.1","port":80,"weight":100,"status":"UP","health":"CRITICAL","checks":[{"name":"http","kind":"HTTP","target":"http://127.0.0.1/healthz","expect_status":"2xx","interval_ns":1000000000,"timeout_ns":500000000,"jitter":0.1,"failures_before_critical":3,"successes_before_passing":2,"status":"CRITICAL","output":"refused","since_unix_ns":1700000000000000000}]}`)
 	l := Layout{Prefix: DefaultPrefix}
 	f.Fuzz(func(t *testing.T, key, value string) {
 		in, err := l.DecodeInstance(key, []byte(value), 1)
