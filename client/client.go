@@ -249,9 +249,12 @@ func (c *Client) Instances(ctx context.Context, service string, opts ...ListOpti
 		if err != nil {
 			return nil, err
 		}
+		// Without All, the instances are Available: the routable ones, or
+		// under the protection threshold every UP one (Health tells).
 		return wire.SnapshotFromProto(&beaconv1.ServiceSnapshot{
 			Namespace: req.Namespace, Service: service,
 			Revision: resp.Msg.GetRevision(), Instances: resp.Msg.GetInstances(),
+			ProtectionThreshold: resp.Msg.GetProtectionThreshold(),
 		}), nil
 	})
 }
@@ -358,5 +361,23 @@ func (c *Client) SetStatus(ctx context.Context, namespace, service, id string, s
 		}
 		in := wire.InstanceFromProto(resp.Msg.GetInstance())
 		return &in, nil
+	})
+}
+
+// SetProtectionThreshold sets a service's protection threshold in [0, 1]
+// (0: off): below that share of routable instances among those declared
+// UP, discovery hands out the unhealthy ones too. useDefault forgets the
+// service's own setting, so that the server's default applies.
+func (c *Client) SetProtectionThreshold(ctx context.Context, namespace, service string, threshold float64, useDefault bool) (revision int64, err error) {
+	if err := registry.ValidateProtectionThreshold(threshold); err != nil {
+		return 0, err
+	}
+	req := &beaconv1.SetServiceConfigRequest{Namespace: c.ns(namespace), Service: service, ProtectionThreshold: threshold, UseDefault: useDefault}
+	return call(ctx, c, func(r beaconv1connect.RegistryServiceClient) (int64, error) {
+		resp, err := r.SetServiceConfig(ctx, connect.NewRequest(req))
+		if err != nil {
+			return 0, err
+		}
+		return resp.Msg.GetRevision(), nil
 	})
 }

@@ -481,10 +481,13 @@ func (c *Cache) reconcileLocked(service string, e *entry, s *registry.Snapshot, 
 
 func buildSet(service string, s *registry.Snapshot, suspects map[string]held, fromDisk bool) endpoint.Set {
 	set := endpoint.Set{Service: service, Revision: s.Revision, FromDisk: fromDisk}
-	for _, in := range s.Instances {
-		if in.Routable() {
-			set.Endpoints = append(set.Endpoints, endpoint.FromInstance(in))
-		}
+	// Under the service's protection threshold, unhealthy instances are
+	// used too, flagged Suspect (the registry's panic mode).
+	available, protected := s.Available()
+	for _, in := range available {
+		ep := endpoint.FromInstance(in)
+		ep.Suspect = protected && !in.Routable()
+		set.Endpoints = append(set.Endpoints, ep)
 	}
 	for _, h := range suspects {
 		ep := endpoint.FromInstance(h.in)

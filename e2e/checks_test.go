@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -276,5 +277,99 @@ func TestChecksAreSharedAndTakenOver(t *testing.T) {
 	t.Logf("server b killed: server a owned all %d checks %v later (member TTL 2 s)", n, takeover.Round(time.Millisecond))
 	if takeover > 5*time.Second {
 		t.Errorf("takeover took %v, want within the 2 s member TTL plus a little", takeover)
+	}
+}
+
+// Protection threshold: when most of a service's instances go CRITICAL,
+// discovery (the server's list and the SDK's cache) returns them too,
+// flagged, instead of piling the load on the one survivor.
+func TestProtectionThresholdKeepsUnhealthyInstancesInUse(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	c := newClient(t, srv.Addr())
+	var lns []net.Listener
+	for i := range 4 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() { // accept and close: the TCP check passes
+			for {
+				conn, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				conn.Close()
+			}
+		}()
+		lns = append(lns, ln)
+		in := registry.Instance{Service: "pool", ID: fmt.Sprint("p-", i), Address: "127.0.0.1", Port: ln.Addr().(*net.TCPAddr).Port,
+			Checks: []registry.Check{{Kind: registry.CheckTCP, Interval: 100 * time.Millisecond, FailuresBeforeCritical: 2, SuccessesBeforePassing: 1}}}
+		if _, err := c.Register(ctx, in); err != nil {
+			t.Fatal(err)
+		}
+	}
+	defer func() {
+		for _, ln := range lns {
+			ln.Close()
+		}
+	}()
+	if _, err := c.SetProtectionThreshold(ctx, "", "pool", 0.5, false); err != nil {
+		t.Fatal(err)
+	}
+	w, err := c.Watch(ctx, []string{"pool"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	for _, ln := range lns[1:] { // three of four refuse connections from now on
+		ln.Close()
+	}
+	critical := func() int {
+		snap, err := c.Instances(ctx, "pool", client.All())
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for _, in := range snap.Instances {
+			if in.Health == registry.HealthCritical {
+				n++
+			}
+		}
+		return n
+	}
+	testutil.Eventually(t, 10*time.Second, "three instances CRITICAL", func() bool { return critical() == 3 })
+
+	list := func() int {
+		snap, err := c.Instances(ctx, "pool")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(snap.Instances)
+	}
+	if n := list(); n != 4 {
+		t.Errorf("with 1 of 4 routable and threshold 0.5, discovery lists %d instances, want all 4", n)
+	}
+	testutil.Eventually(t, 10*time.Second, "the watcher's snapshot carries the threshold", func() bool {
+		s, ok := w.Snapshot("pool")
+		if !ok {
+			w.Next(ctx)
+			return false
+		}
+		avail, protected := s.Available()
+		return protected && len(avail) == 4 && s.ProtectionThreshold == 0.5
+	})
+	// Protection off for the service: only the survivor.
+	if _, err := c.SetProtectionThreshold(ctx, "", "pool", 0, false); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 10*time.Second, "only the routable instance once protection is off", func() bool { return list() == 1 })
+	// Back to the server's default (0 here).
+	if _, err := c.SetProtectionThreshold(ctx, "", "pool", 0, true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.SetProtectionThreshold(ctx, "", "pool", 1.5, false); err == nil || !strings.Contains(err.Error(), "protection_threshold") {
+		t.Errorf("threshold 1.5: %v, want an error naming protection_threshold", err)
 	}
 }

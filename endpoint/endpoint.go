@@ -22,9 +22,10 @@ type Endpoint struct {
 	Version  string
 	Tags     []string
 	Metadata map[string]string
-	// Suspect marks an endpoint the registry no longer lists but the
-	// discovery cache keeps for a grace period, because it vanished in an
-	// unexplained mass loss (see package discovery).
+	// Suspect marks an endpoint used although the registry does not vouch
+	// for it: it vanished in an unexplained mass loss and is kept for a
+	// grace period, or it is unhealthy and used because its service fell
+	// under its protection threshold (see package discovery).
 	Suspect bool
 	// Stats is shared by every generation of this endpoint; nil until a
 	// balancer adopts the endpoint.

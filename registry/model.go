@@ -167,6 +167,32 @@ type Snapshot struct {
 	Service   string
 	Revision  int64
 	Instances []*Instance
+	// ProtectionThreshold, in [0, 1], is the service's protection
+	// threshold (its own or the server's default; 0: off). See Available.
+	ProtectionThreshold float64
+}
+
+// Available returns the instances callers should use. Normally that is
+// Routable. When the routable share of the instances declared UP falls
+// below ProtectionThreshold, it returns every instance declared UP,
+// unhealthy ones included (their Health says which), and protected is
+// true: a registry-side mishap or a probe gone wrong must not leave the
+// survivors with all the load, or the callers with nothing.
+func (s *Snapshot) Available() (instances []*Instance, protected bool) {
+	routable := s.Routable()
+	if s.ProtectionThreshold <= 0 {
+		return routable, false
+	}
+	var up []*Instance
+	for _, in := range s.Instances {
+		if in.Status == StatusUp {
+			up = append(up, in)
+		}
+	}
+	if len(up) == 0 || float64(len(routable)) >= s.ProtectionThreshold*float64(len(up)) {
+		return routable, false
+	}
+	return up, true
 }
 
 // Routable returns the instances that should receive traffic.

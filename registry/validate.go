@@ -233,3 +233,11 @@ func ValidateSessionTTL(ttl time.Duration) error {
 	}
 	return nil
 }
+
+// ValidateProtectionThreshold checks a protection threshold: a share in [0, 1].
+func ValidateProtectionThreshold(f float64) error {
+	if !(f >= 0 && f <= 1) { // also refuses NaN
+		return fieldErr("protection_threshold", fmt.Sprint(f), "must be between 0 (off) and 1")
+	}
+	return nil
+}

@@ -285,6 +285,33 @@ func (a api) SetStatus(ctx context.Context, req *connect.Request[beaconv1.SetSta
 	return connect.NewResponse(&beaconv1.SetStatusResponse{Revision: rev, Instance: wire.InstanceToProto(&after)}), nil
 }
 
+func (a api) SetServiceConfig(ctx context.Context, req *connect.Request[beaconv1.SetServiceConfigRequest]) (*connect.Response[beaconv1.SetServiceConfigResponse], error) {
+	if err := a.ready(); err != nil {
+		return nil, err
+	}
+	ns, err := namespaceOf(req.Msg.GetNamespace())
+	if err == nil {
+		err = registry.ValidateName("service", req.Msg.GetService())
+	}
+	if err == nil {
+		err = registry.ValidateProtectionThreshold(req.Msg.GetProtectionThreshold())
+	}
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	sk := registry.ServiceKey{Namespace: ns, Service: req.Msg.GetService()}
+	var rev int64
+	if req.Msg.GetUseDefault() {
+		rev, err = a.s.store.DeleteServiceConfig(ctx, sk)
+	} else {
+		rev, err = a.s.store.PutServiceConfig(ctx, sk, req.Msg.GetProtectionThreshold())
+	}
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&beaconv1.SetServiceConfigResponse{Revision: rev}), nil
+}
+
 func (a api) Deregister(ctx context.Context, req *connect.Request[beaconv1.DeregisterRequest]) (*connect.Response[beaconv1.DeregisterResponse], error) {
 	ns, err := namespaceOf(req.Msg.GetNamespace())
 	if err == nil {
@@ -329,11 +356,13 @@ func (a api) ListInstances(ctx context.Context, req *connect.Request[beaconv1.Li
 	}
 	a.catchUp(ctx)
 	snap := a.s.view.Snapshot(registry.ServiceKey{Namespace: ns, Service: req.Msg.GetService()})
-	resp := &beaconv1.ListInstancesResponse{Revision: snap.Revision}
-	for _, in := range snap.Instances {
-		if req.Msg.GetAll() || in.Routable() {
-			resp.Instances = append(resp.Instances, wire.InstanceToProto(in))
-		}
+	resp := &beaconv1.ListInstancesResponse{Revision: snap.Revision, ProtectionThreshold: snap.ProtectionThreshold}
+	list := snap.Instances
+	if !req.Msg.GetAll() {
+		list, resp.Protected = snap.Available()
+	}
+	for _, in := range list {
+		resp.Instances = append(resp.Instances, wire.InstanceToProto(in))
 	}
 	return connect.NewResponse(resp), nil
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"beacon.dev/beacon/internal/store"
+	"beacon.dev/beacon/registry"
 )
 
 // Defaults for a single machine.
@@ -43,6 +44,9 @@ type Config struct {
 	MemberTTL time.Duration
 	// CheckConcurrency bounds the health probes in flight (default 256).
 	CheckConcurrency int
+	// ProtectionThreshold is the default protection threshold of services
+	// that set none (0: off); see registry.Snapshot.Available.
+	ProtectionThreshold float64
 	// ShutdownTimeout bounds how long Close waits for in-flight calls.
 	ShutdownTimeout time.Duration
 	// Logger receives the server's logs; nil discards them.
@@ -83,6 +87,9 @@ func (c *Config) Validate() error {
 	if c.MemberTTL < 0 || c.MemberTTL > 0 && (c.MemberTTL < time.Second || c.MemberTTL > time.Minute) {
 		return fmt.Errorf("server: invalid --member-ttl %s: must be between 1s and 1m (0: the default, 3s)", c.MemberTTL)
 	}
+	if err := registry.ValidateProtectionThreshold(c.ProtectionThreshold); err != nil {
+		return fmt.Errorf("server: invalid --protection-threshold %v: must be between 0 (off) and 1", c.ProtectionThreshold)
+	}
 	if c.CheckConcurrency < 0 || c.CheckConcurrency > 100000 {
 		return fmt.Errorf("server: invalid --check-concurrency %d: must be between 1 and 100000 (0: the default, 256)", c.CheckConcurrency)
 	}
@@ -112,4 +119,5 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long shutdown waits for in-flight calls")
 	fs.DurationVar(&c.MemberTTL, "member-ttl", c.MemberTTL, "how long a dead server's health checks wait before the other servers take them over (default 3s)")
 	fs.IntVar(&c.CheckConcurrency, "check-concurrency", c.CheckConcurrency, "health probes in flight at most (default 256)")
+	fs.Float64Var(&c.ProtectionThreshold, "protection-threshold", c.ProtectionThreshold, "default protection threshold in [0, 1]: below this share of routable instances, discovery returns unhealthy ones too (0: off)")
 }

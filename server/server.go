@@ -95,6 +95,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	})
 	hooks.Published = s.checker.Offer
 	s.view = view.New(cli, s.store.Layout, s.log, hooks)
+	s.view.SetDefaultProtection(cfg.ProtectionThreshold)
 	s.metrics.reg.MustRegister(s.checker.Collector())
 
 	s.httpSrv = &http.Server{

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -365,6 +366,14 @@ func newInstancesCmd(g *globals) *cobra.Command {
 			if err := tw.Flush(); err != nil {
 				return err
 			}
+			if !all {
+				for _, in := range snap.Instances {
+					if !in.Routable() {
+						fmt.Fprintf(g.stdout, "protection engaged (threshold %g): unhealthy instances are listed too\n", snap.ProtectionThreshold)
+						break
+					}
+				}
+			}
 			printChecks(g, snap)
 			return nil
 		},
@@ -391,6 +400,50 @@ func printChecks(g *globals, snap *registry.Snapshot) {
 		}
 	}
 	tw.Flush()
+}
+
+func newProtectCmd(g *globals) *cobra.Command {
+	var useDefault bool
+	cmd := &cobra.Command{
+		Use:   "protect SERVICE [THRESHOLD]",
+		Short: "Set a service's protection threshold in [0, 1]: below that share of routable instances, discovery returns the unhealthy ones too (0: off)",
+		Example: `  beacon protect orders 0.5
+  beacon protect orders --default`,
+		Args: cobra.RangeArgs(1, 2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			threshold := 0.0
+			switch {
+			case useDefault && len(args) == 2:
+				return errors.New("invalid THRESHOLD: give a threshold or --default, not both")
+			case !useDefault && len(args) == 1:
+				return errors.New("invalid THRESHOLD: missing (or give --default)")
+			case len(args) == 2:
+				var err error
+				if threshold, err = strconv.ParseFloat(args[1], 64); err != nil {
+					return fmt.Errorf("invalid THRESHOLD %q: must be a number between 0 and 1", args[1])
+				}
+			}
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
+			defer cancel()
+			rev, err := c.SetProtectionThreshold(ctx, g.namespace, args[0], threshold, useDefault)
+			if err != nil {
+				return err
+			}
+			if useDefault {
+				fmt.Fprintf(g.stdout, "%s/%s uses the server's default protection threshold (revision %d)\n", g.namespace, args[0], rev)
+			} else {
+				fmt.Fprintf(g.stdout, "%s/%s protection threshold %g (revision %d)\n", g.namespace, args[0], threshold, rev)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&useDefault, "default", false, "forget the service's threshold: the server's default applies")
+	return cmd
 }
 
 func newStatusCmd(g *globals) *cobra.Command {

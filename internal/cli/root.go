@@ -62,6 +62,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 		newRegisterCmd(g),
 		newDeregisterCmd(g),
 		newStatusCmd(g),
+		newProtectCmd(g),
 		newServicesCmd(g),
 		newInstancesCmd(g),
 		newWatchCmd(g),

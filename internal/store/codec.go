@@ -37,6 +37,39 @@ func (l Layout) SessionsPrefix() string { return l.Prefix + "sessions/" }
 // bound to each server's lease), for sharing the health checks.
 func (l Layout) ServersPrefix() string { return l.Prefix + "servers/" }
 
+// ServiceConfigPrefix is where per-service settings live.
+func (l Layout) ServiceConfigPrefix() string { return l.Prefix + "svcconf/" }
+
+// ServiceConfigKey is a service's settings record.
+func (l Layout) ServiceConfigKey(sk registry.ServiceKey) string {
+	return l.ServiceConfigPrefix() + sk.Namespace + "/" + sk.Service
+}
+
+// ServiceConfig is a service's stored settings.
+type ServiceConfig struct {
+	ProtectionThreshold float64 `json:"protection_threshold"`
+}
+
+// DecodeServiceConfig parses a settings record and its key.
+func (l Layout) DecodeServiceConfig(key string, value []byte) (registry.ServiceKey, ServiceConfig, error) {
+	var sk registry.ServiceKey
+	var cfg ServiceConfig
+	rest := strings.TrimPrefix(key, l.ServiceConfigPrefix())
+	ns, svc, ok := strings.Cut(rest, "/")
+	if !ok || registry.ValidateNamespace(ns) != nil || registry.ValidateName("service", svc) != nil {
+		return sk, cfg, fmt.Errorf("store: key %q is not a service settings key", key)
+	}
+	dec := json.NewDecoder(bytes.NewReader(value))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&cfg); err != nil {
+		return sk, cfg, fmt.Errorf("store: decoding %q: %w", key, err)
+	}
+	if err := registry.ValidateProtectionThreshold(cfg.ProtectionThreshold); err != nil {
+		return sk, cfg, fmt.Errorf("store: decoding %q: %w", key, err)
+	}
+	return registry.ServiceKey{Namespace: ns, Service: svc}, cfg, nil
+}
+
 // FormatSessionID renders a session (lease) id as etcdctl does: 16 hex digits.
 func FormatSessionID(id int64) string { return fmt.Sprintf("%016x", uint64(id)) }
 

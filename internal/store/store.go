@@ -177,3 +177,22 @@ func (s *Store) DeleteIfUnchanged(ctx context.Context, k registry.InstanceKey, r
 	}
 	return txn.Succeeded, nil
 }
+
+// PutServiceConfig stores a service's protection threshold.
+func (s *Store) PutServiceConfig(ctx context.Context, sk registry.ServiceKey, threshold float64) (int64, error) {
+	b, _ := json.Marshal(ServiceConfig{ProtectionThreshold: threshold})
+	resp, err := s.cli.Put(ctx, s.ServiceConfigKey(sk), string(b))
+	if err != nil {
+		return 0, fmt.Errorf("store: writing service settings: %w", err)
+	}
+	return resp.Header.Revision, nil
+}
+
+// DeleteServiceConfig forgets a service's settings.
+func (s *Store) DeleteServiceConfig(ctx context.Context, sk registry.ServiceKey) (int64, error) {
+	resp, err := s.cli.Delete(ctx, s.ServiceConfigKey(sk))
+	if err != nil {
+		return 0, fmt.Errorf("store: deleting service settings: %w", err)
+	}
+	return resp.Header.Revision, nil
+}

@@ -44,6 +44,20 @@ type View struct {
 	loaded   bool                                       // guarded by mu
 	subs     map[*Subscription]struct{}                 // guarded by mu
 	ready    chan struct{}
+
+	protection        map[registry.ServiceKey]float64 // guarded by mu; services' own thresholds
+	defaultProtection float64                         // set before Run
+}
+
+// SetDefaultProtection sets the protection threshold of services without
+// their own. Call it before Run.
+func (v *View) SetDefaultProtection(f float64) { v.defaultProtection = f }
+
+func (v *View) protectionLocked(sk registry.ServiceKey) float64 {
+	if f, ok := v.protection[sk]; ok {
+		return f
+	}
+	return v.defaultProtection
 }
 
 // New returns a View of the keys under layout's prefix.
@@ -59,6 +73,8 @@ func New(cli *clientv3.Client, layout store.Layout, log *slog.Logger, hooks Hook
 		advanced: make(chan struct{}),
 		subs:     make(map[*Subscription]struct{}),
 		ready:    make(chan struct{}),
+
+		protection: make(map[registry.ServiceKey]float64),
 	}
 }
 
@@ -147,6 +163,27 @@ func (v *View) apply(events []*clientv3.Event) {
 		if strings.HasPrefix(key, v.layout.ServersPrefix()) {
 			continue // server membership: not the view's business
 		}
+		if strings.HasPrefix(key, v.layout.ServiceConfigPrefix()) {
+			sk, cfg, err := v.layout.DecodeServiceConfig(key, ev.Kv.Value)
+			if ev.Type == mvccpb.DELETE {
+				sk, _, err = v.layout.DecodeServiceConfig(key, []byte(`{}`))
+			}
+			if err != nil {
+				v.badRecord(key, err)
+				continue
+			}
+			if ev.Type == mvccpb.DELETE {
+				delete(v.protection, sk)
+			} else {
+				v.protection[sk] = cfg.ProtectionThreshold
+			}
+			// Republish the service at this revision (an empty change).
+			if _, seen := byService[sk]; !seen {
+				order = append(order, sk)
+			}
+			byService[sk] = append(byService[sk], change{rev: ev.Kv.ModRevision})
+			continue
+		}
 		if strings.HasPrefix(key, v.layout.SessionsPrefix()) {
 			if ev.Type == mvccpb.PUT {
 				v.sessions[key] = struct{}{}
@@ -209,6 +246,7 @@ func (v *View) applyServiceLocked(sk registry.ServiceKey, changes []change) (Pub
 		rev = max(rev, c.rev)
 		i, found := slices.BinarySearchFunc(insts, c.id, func(in *registry.Instance, id string) int { return cmp.Compare(in.ID, id) })
 		switch {
+		case c.id == "": // a settings change: nothing to do to the instances
 		case c.put != nil:
 			c.put.Namespace, c.put.Service = ns, svc // share the strings
 			if found {
@@ -229,6 +267,7 @@ func (v *View) applyServiceLocked(sk registry.ServiceKey, changes []change) (Pub
 
 // setLocked replaces a service's snapshot and returns what to publish.
 func (v *View) setLocked(sk registry.ServiceKey, snap *registry.Snapshot) Published {
+	snap.ProtectionThreshold = v.protectionLocked(sk)
 	enc := new(Encoded)
 	v.services[sk] = snap
 	v.encoded[sk] = enc
@@ -264,9 +303,19 @@ func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
 	rev := resp.Header.Revision
 	fresh := make(map[registry.ServiceKey][]*registry.Instance)
 	sessions := make(map[string]struct{})
+	protection := make(map[registry.ServiceKey]float64)
 	for _, kv := range resp.Kvs {
 		key := string(kv.Key)
 		if strings.HasPrefix(key, v.layout.ServersPrefix()) {
+			continue
+		}
+		if strings.HasPrefix(key, v.layout.ServiceConfigPrefix()) {
+			sk, cfg, err := v.layout.DecodeServiceConfig(key, kv.Value)
+			if err != nil {
+				v.badRecord(key, err)
+				continue
+			}
+			protection[sk] = cfg.ProtectionThreshold
 			continue
 		}
 		if strings.HasPrefix(key, v.layout.SessionsPrefix()) {
@@ -283,12 +332,14 @@ func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
 	}
 
 	v.mu.Lock()
+	v.protection = protection
 	var published []Published
-	// A service is republished only if its content differs; its revision is
-	// then the listing's, which is at least that of any change it missed.
+	// A service is republished only if its content (or its threshold)
+	// differs; its revision is then the listing's, which is at least that
+	// of any change it missed.
 	for sk, insts := range fresh {
 		slices.SortFunc(insts, func(a, b *registry.Instance) int { return cmp.Compare(a.ID, b.ID) })
-		if old := v.services[sk]; old != nil && sameInstances(old.Instances, insts) {
+		if old := v.services[sk]; old != nil && sameInstances(old.Instances, insts) && old.ProtectionThreshold == v.protectionLocked(sk) {
 			continue
 		}
 		snap := &registry.Snapshot{Namespace: sk.Namespace, Service: sk.Service, Revision: rev, Instances: insts}

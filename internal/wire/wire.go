@@ -85,7 +85,8 @@ func InstanceToProto(in *registry.Instance) *beaconv1.Instance {
 func SnapshotToProto(s *registry.Snapshot) *beaconv1.ServiceSnapshot {
 	out := &beaconv1.ServiceSnapshot{
 		Namespace: s.Namespace, Service: s.Service, Revision: s.Revision,
-		Instances: make([]*beaconv1.Instance, len(s.Instances)),
+		Instances:           make([]*beaconv1.Instance, len(s.Instances)),
+		ProtectionThreshold: s.ProtectionThreshold,
 	}
 	for i, in := range s.Instances {
 		out.Instances[i] = InstanceToProto(in)
@@ -97,7 +98,8 @@ func SnapshotToProto(s *registry.Snapshot) *beaconv1.ServiceSnapshot {
 func SnapshotFromProto(p *beaconv1.ServiceSnapshot) *registry.Snapshot {
 	s := &registry.Snapshot{
 		Namespace: p.GetNamespace(), Service: p.GetService(), Revision: p.GetRevision(),
-		Instances: make([]*registry.Instance, len(p.GetInstances())),
+		Instances:           make([]*registry.Instance, len(p.GetInstances())),
+		ProtectionThreshold: p.GetProtectionThreshold(),
 	}
 	for i, pi := range p.GetInstances() {
 		in := InstanceFromProto(pi)

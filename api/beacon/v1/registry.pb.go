@@ -1332,11 +1332,15 @@ func (x *ListInstancesRequest) GetAll() bool {
 }
 
 type ListInstancesResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Instances     []*Instance            `protobuf:"bytes,1,rep,name=instances,proto3" json:"instances,omitempty"`
-	Revision      int64                  `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"` // the service's revision
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Instances []*Instance            `protobuf:"bytes,1,rep,name=instances,proto3" json:"instances,omitempty"`
+	Revision  int64                  `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"` // the service's revision
+	// Protection engaged: too few instances are routable, so the unhealthy
+	// ones declared UP are listed too (their health says which).
+	Protected           bool    `protobuf:"varint,3,opt,name=protected,proto3" json:"protected,omitempty"`
+	ProtectionThreshold float64 `protobuf:"fixed64,4,opt,name=protection_threshold,json=protectionThreshold,proto3" json:"protection_threshold,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *ListInstancesResponse) Reset() {
@@ -1379,6 +1383,20 @@ func (x *ListInstancesResponse) GetInstances() []*Instance {
 func (x *ListInstancesResponse) GetRevision() int64 {
 	if x != nil {
 		return x.Revision
+	}
+	return 0
+}
+
+func (x *ListInstancesResponse) GetProtected() bool {
+	if x != nil {
+		return x.Protected
+	}
+	return false
+}
+
+func (x *ListInstancesResponse) GetProtectionThreshold() float64 {
+	if x != nil {
+		return x.ProtectionThreshold
 	}
 	return 0
 }
@@ -1623,13 +1641,17 @@ func (x *WatchRequest) GetAcknowledge() bool {
 
 // ServiceSnapshot is the full state of one service at a revision.
 type ServiceSnapshot struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
-	Service       string                 `protobuf:"bytes,2,opt,name=service,proto3" json:"service,omitempty"`
-	Revision      int64                  `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
-	Instances     []*Instance            `protobuf:"bytes,4,rep,name=instances,proto3" json:"instances,omitempty"` // all instances, routable or not
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Service   string                 `protobuf:"bytes,2,opt,name=service,proto3" json:"service,omitempty"`
+	Revision  int64                  `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
+	Instances []*Instance            `protobuf:"bytes,4,rep,name=instances,proto3" json:"instances,omitempty"` // all instances, routable or not
+	// The service's protection threshold in [0, 1] (0: off): below this
+	// share of routable instances among those declared UP, callers use
+	// every UP instance, unhealthy ones included.
+	ProtectionThreshold float64 `protobuf:"fixed64,5,opt,name=protection_threshold,json=protectionThreshold,proto3" json:"protection_threshold,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *ServiceSnapshot) Reset() {
@@ -1690,6 +1712,127 @@ func (x *ServiceSnapshot) GetInstances() []*Instance {
 	return nil
 }
 
+func (x *ServiceSnapshot) GetProtectionThreshold() float64 {
+	if x != nil {
+		return x.ProtectionThreshold
+	}
+	return 0
+}
+
+type SetServiceConfigRequest struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Service   string                 `protobuf:"bytes,2,opt,name=service,proto3" json:"service,omitempty"`
+	// In [0, 1]; 0 turns protection off for the service.
+	ProtectionThreshold float64 `protobuf:"fixed64,3,opt,name=protection_threshold,json=protectionThreshold,proto3" json:"protection_threshold,omitempty"`
+	// Forget the service's own setting: the server's default applies.
+	UseDefault    bool `protobuf:"varint,4,opt,name=use_default,json=useDefault,proto3" json:"use_default,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetServiceConfigRequest) Reset() {
+	*x = SetServiceConfigRequest{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetServiceConfigRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetServiceConfigRequest) ProtoMessage() {}
+
+func (x *SetServiceConfigRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetServiceConfigRequest.ProtoReflect.Descriptor instead.
+func (*SetServiceConfigRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *SetServiceConfigRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *SetServiceConfigRequest) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *SetServiceConfigRequest) GetProtectionThreshold() float64 {
+	if x != nil {
+		return x.ProtectionThreshold
+	}
+	return 0
+}
+
+func (x *SetServiceConfigRequest) GetUseDefault() bool {
+	if x != nil {
+		return x.UseDefault
+	}
+	return false
+}
+
+type SetServiceConfigResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Revision      int64                  `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetServiceConfigResponse) Reset() {
+	*x = SetServiceConfigResponse{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetServiceConfigResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetServiceConfigResponse) ProtoMessage() {}
+
+func (x *SetServiceConfigResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetServiceConfigResponse.ProtoReflect.Descriptor instead.
+func (*SetServiceConfigResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *SetServiceConfigResponse) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
 type WatchResponse struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Snapshots []*ServiceSnapshot     `protobuf:"bytes,1,rep,name=snapshots,proto3" json:"snapshots,omitempty"`
@@ -1705,7 +1848,7 @@ type WatchResponse struct {
 
 func (x *WatchResponse) Reset() {
 	*x = WatchResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[24]
+	mi := &file_beacon_v1_registry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1717,7 +1860,7 @@ func (x *WatchResponse) String() string {
 func (*WatchResponse) ProtoMessage() {}
 
 func (x *WatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[24]
+	mi := &file_beacon_v1_registry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1730,7 +1873,7 @@ func (x *WatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
 func (*WatchResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{24}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *WatchResponse) GetSnapshots() []*ServiceSnapshot {
@@ -1765,7 +1908,7 @@ type AckWatchRequest struct {
 
 func (x *AckWatchRequest) Reset() {
 	*x = AckWatchRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[25]
+	mi := &file_beacon_v1_registry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1777,7 +1920,7 @@ func (x *AckWatchRequest) String() string {
 func (*AckWatchRequest) ProtoMessage() {}
 
 func (x *AckWatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[25]
+	mi := &file_beacon_v1_registry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1790,7 +1933,7 @@ func (x *AckWatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AckWatchRequest.ProtoReflect.Descriptor instead.
 func (*AckWatchRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{25}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *AckWatchRequest) GetWatchId() uint64 {
@@ -1815,7 +1958,7 @@ type AckWatchResponse struct {
 
 func (x *AckWatchResponse) Reset() {
 	*x = AckWatchResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[26]
+	mi := &file_beacon_v1_registry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1827,7 +1970,7 @@ func (x *AckWatchResponse) String() string {
 func (*AckWatchResponse) ProtoMessage() {}
 
 func (x *AckWatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[26]
+	mi := &file_beacon_v1_registry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1840,7 +1983,7 @@ func (x *AckWatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AckWatchResponse.ProtoReflect.Descriptor instead.
 func (*AckWatchResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{26}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{28}
 }
 
 type AwaitWatchersRequest struct {
@@ -1858,7 +2001,7 @@ type AwaitWatchersRequest struct {
 
 func (x *AwaitWatchersRequest) Reset() {
 	*x = AwaitWatchersRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[27]
+	mi := &file_beacon_v1_registry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1870,7 +2013,7 @@ func (x *AwaitWatchersRequest) String() string {
 func (*AwaitWatchersRequest) ProtoMessage() {}
 
 func (x *AwaitWatchersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[27]
+	mi := &file_beacon_v1_registry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1883,7 +2026,7 @@ func (x *AwaitWatchersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AwaitWatchersRequest.ProtoReflect.Descriptor instead.
 func (*AwaitWatchersRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{27}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *AwaitWatchersRequest) GetNamespace() string {
@@ -1930,7 +2073,7 @@ type AwaitWatchersResponse struct {
 
 func (x *AwaitWatchersResponse) Reset() {
 	*x = AwaitWatchersResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[28]
+	mi := &file_beacon_v1_registry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1942,7 +2085,7 @@ func (x *AwaitWatchersResponse) String() string {
 func (*AwaitWatchersResponse) ProtoMessage() {}
 
 func (x *AwaitWatchersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[28]
+	mi := &file_beacon_v1_registry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1955,7 +2098,7 @@ func (x *AwaitWatchersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AwaitWatchersResponse.ProtoReflect.Descriptor instead.
 func (*AwaitWatchersResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{28}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *AwaitWatchersResponse) GetWatchers() int32 {
@@ -2083,10 +2226,12 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x14ListInstancesRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
 	"\aservice\x18\x02 \x01(\tR\aservice\x12\x10\n" +
-	"\x03all\x18\x03 \x01(\bR\x03all\"f\n" +
+	"\x03all\x18\x03 \x01(\bR\x03all\"\xb7\x01\n" +
 	"\x15ListInstancesResponse\x121\n" +
 	"\tinstances\x18\x01 \x03(\v2\x13.beacon.v1.InstanceR\tinstances\x12\x1a\n" +
-	"\brevision\x18\x02 \x01(\x03R\brevision\"3\n" +
+	"\brevision\x18\x02 \x01(\x03R\brevision\x12\x1c\n" +
+	"\tprotected\x18\x03 \x01(\bR\tprotected\x121\n" +
+	"\x14protection_threshold\x18\x04 \x01(\x01R\x13protectionThreshold\"3\n" +
 	"\x13ListServicesRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\"z\n" +
 	"\x0eServiceSummary\x12\x12\n" +
@@ -2104,12 +2249,21 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\vacknowledge\x18\x04 \x01(\bR\vacknowledge\x1aA\n" +
 	"\x13KnownRevisionsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x98\x01\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\xcb\x01\n" +
 	"\x0fServiceSnapshot\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
 	"\aservice\x18\x02 \x01(\tR\aservice\x12\x1a\n" +
 	"\brevision\x18\x03 \x01(\x03R\brevision\x121\n" +
-	"\tinstances\x18\x04 \x03(\v2\x13.beacon.v1.InstanceR\tinstances\"|\n" +
+	"\tinstances\x18\x04 \x03(\v2\x13.beacon.v1.InstanceR\tinstances\x121\n" +
+	"\x14protection_threshold\x18\x05 \x01(\x01R\x13protectionThreshold\"\xa5\x01\n" +
+	"\x17SetServiceConfigRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
+	"\aservice\x18\x02 \x01(\tR\aservice\x121\n" +
+	"\x14protection_threshold\x18\x03 \x01(\x01R\x13protectionThreshold\x12\x1f\n" +
+	"\vuse_default\x18\x04 \x01(\bR\n" +
+	"useDefault\"6\n" +
+	"\x18SetServiceConfigResponse\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\"|\n" +
 	"\rWatchResponse\x128\n" +
 	"\tsnapshots\x18\x01 \x03(\v2\x1a.beacon.v1.ServiceSnapshotR\tsnapshots\x12\x16\n" +
 	"\x06synced\x18\x02 \x01(\bR\x06synced\x12\x19\n" +
@@ -2146,7 +2300,7 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x16CHECK_KIND_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fCHECK_KIND_HTTP\x10\x01\x12\x12\n" +
 	"\x0eCHECK_KIND_TCP\x10\x02\x12\x13\n" +
-	"\x0fCHECK_KIND_GRPC\x10\x032\xb4\a\n" +
+	"\x0fCHECK_KIND_GRPC\x10\x032\x91\b\n" +
 	"\x0fRegistryService\x12R\n" +
 	"\rCreateSession\x12\x1f.beacon.v1.CreateSessionRequest\x1a .beacon.v1.CreateSessionResponse\x12F\n" +
 	"\tKeepAlive\x12\x1b.beacon.v1.KeepAliveRequest\x1a\x1c.beacon.v1.KeepAliveResponse\x12Q\n" +
@@ -2155,7 +2309,8 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\bRegister\x12\x1a.beacon.v1.RegisterRequest\x1a\x1b.beacon.v1.RegisterResponse\x12I\n" +
 	"\n" +
 	"Deregister\x12\x1c.beacon.v1.DeregisterRequest\x1a\x1d.beacon.v1.DeregisterResponse\x12F\n" +
-	"\tSetStatus\x12\x1b.beacon.v1.SetStatusRequest\x1a\x1c.beacon.v1.SetStatusResponse\x12W\n" +
+	"\tSetStatus\x12\x1b.beacon.v1.SetStatusRequest\x1a\x1c.beacon.v1.SetStatusResponse\x12[\n" +
+	"\x10SetServiceConfig\x12\".beacon.v1.SetServiceConfigRequest\x1a#.beacon.v1.SetServiceConfigResponse\x12W\n" +
 	"\rListInstances\x12\x1f.beacon.v1.ListInstancesRequest\x1a .beacon.v1.ListInstancesResponse\"\x03\x90\x02\x01\x12T\n" +
 	"\fListServices\x12\x1e.beacon.v1.ListServicesRequest\x1a\x1f.beacon.v1.ListServicesResponse\"\x03\x90\x02\x01\x12<\n" +
 	"\x05Watch\x12\x17.beacon.v1.WatchRequest\x1a\x18.beacon.v1.WatchResponse0\x01\x12C\n" +
@@ -2175,74 +2330,76 @@ func file_beacon_v1_registry_proto_rawDescGZIP() []byte {
 }
 
 var file_beacon_v1_registry_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_beacon_v1_registry_proto_goTypes = []any{
-	(Status)(0),                   // 0: beacon.v1.Status
-	(Health)(0),                   // 1: beacon.v1.Health
-	(CheckKind)(0),                // 2: beacon.v1.CheckKind
-	(*Instance)(nil),              // 3: beacon.v1.Instance
-	(*Check)(nil),                 // 4: beacon.v1.Check
-	(*CreateSessionRequest)(nil),  // 5: beacon.v1.CreateSessionRequest
-	(*CreateSessionResponse)(nil), // 6: beacon.v1.CreateSessionResponse
-	(*KeepAliveRequest)(nil),      // 7: beacon.v1.KeepAliveRequest
-	(*KeepAliveResponse)(nil),     // 8: beacon.v1.KeepAliveResponse
-	(*KeepAliveBatch)(nil),        // 9: beacon.v1.KeepAliveBatch
-	(*KeepAliveResult)(nil),       // 10: beacon.v1.KeepAliveResult
-	(*KeepAliveBatchResult)(nil),  // 11: beacon.v1.KeepAliveBatchResult
-	(*CloseSessionRequest)(nil),   // 12: beacon.v1.CloseSessionRequest
-	(*CloseSessionResponse)(nil),  // 13: beacon.v1.CloseSessionResponse
-	(*RegisterRequest)(nil),       // 14: beacon.v1.RegisterRequest
-	(*RegisterResponse)(nil),      // 15: beacon.v1.RegisterResponse
-	(*DeregisterRequest)(nil),     // 16: beacon.v1.DeregisterRequest
-	(*DeregisterResponse)(nil),    // 17: beacon.v1.DeregisterResponse
-	(*SetStatusRequest)(nil),      // 18: beacon.v1.SetStatusRequest
-	(*SetStatusResponse)(nil),     // 19: beacon.v1.SetStatusResponse
-	(*ListInstancesRequest)(nil),  // 20: beacon.v1.ListInstancesRequest
-	(*ListInstancesResponse)(nil), // 21: beacon.v1.ListInstancesResponse
-	(*ListServicesRequest)(nil),   // 22: beacon.v1.ListServicesRequest
-	(*ServiceSummary)(nil),        // 23: beacon.v1.ServiceSummary
-	(*ListServicesResponse)(nil),  // 24: beacon.v1.ListServicesResponse
-	(*WatchRequest)(nil),          // 25: beacon.v1.WatchRequest
-	(*ServiceSnapshot)(nil),       // 26: beacon.v1.ServiceSnapshot
-	(*WatchResponse)(nil),         // 27: beacon.v1.WatchResponse
-	(*AckWatchRequest)(nil),       // 28: beacon.v1.AckWatchRequest
-	(*AckWatchResponse)(nil),      // 29: beacon.v1.AckWatchResponse
-	(*AwaitWatchersRequest)(nil),  // 30: beacon.v1.AwaitWatchersRequest
-	(*AwaitWatchersResponse)(nil), // 31: beacon.v1.AwaitWatchersResponse
-	nil,                           // 32: beacon.v1.Instance.MetadataEntry
-	nil,                           // 33: beacon.v1.Check.HeadersEntry
-	nil,                           // 34: beacon.v1.WatchRequest.KnownRevisionsEntry
-	nil,                           // 35: beacon.v1.AckWatchRequest.RevisionsEntry
-	(*durationpb.Duration)(nil),   // 36: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 37: google.protobuf.Timestamp
+	(Status)(0),                      // 0: beacon.v1.Status
+	(Health)(0),                      // 1: beacon.v1.Health
+	(CheckKind)(0),                   // 2: beacon.v1.CheckKind
+	(*Instance)(nil),                 // 3: beacon.v1.Instance
+	(*Check)(nil),                    // 4: beacon.v1.Check
+	(*CreateSessionRequest)(nil),     // 5: beacon.v1.CreateSessionRequest
+	(*CreateSessionResponse)(nil),    // 6: beacon.v1.CreateSessionResponse
+	(*KeepAliveRequest)(nil),         // 7: beacon.v1.KeepAliveRequest
+	(*KeepAliveResponse)(nil),        // 8: beacon.v1.KeepAliveResponse
+	(*KeepAliveBatch)(nil),           // 9: beacon.v1.KeepAliveBatch
+	(*KeepAliveResult)(nil),          // 10: beacon.v1.KeepAliveResult
+	(*KeepAliveBatchResult)(nil),     // 11: beacon.v1.KeepAliveBatchResult
+	(*CloseSessionRequest)(nil),      // 12: beacon.v1.CloseSessionRequest
+	(*CloseSessionResponse)(nil),     // 13: beacon.v1.CloseSessionResponse
+	(*RegisterRequest)(nil),          // 14: beacon.v1.RegisterRequest
+	(*RegisterResponse)(nil),         // 15: beacon.v1.RegisterResponse
+	(*DeregisterRequest)(nil),        // 16: beacon.v1.DeregisterRequest
+	(*DeregisterResponse)(nil),       // 17: beacon.v1.DeregisterResponse
+	(*SetStatusRequest)(nil),         // 18: beacon.v1.SetStatusRequest
+	(*SetStatusResponse)(nil),        // 19: beacon.v1.SetStatusResponse
+	(*ListInstancesRequest)(nil),     // 20: beacon.v1.ListInstancesRequest
+	(*ListInstancesResponse)(nil),    // 21: beacon.v1.ListInstancesResponse
+	(*ListServicesRequest)(nil),      // 22: beacon.v1.ListServicesRequest
+	(*ServiceSummary)(nil),           // 23: beacon.v1.ServiceSummary
+	(*ListServicesResponse)(nil),     // 24: beacon.v1.ListServicesResponse
+	(*WatchRequest)(nil),             // 25: beacon.v1.WatchRequest
+	(*ServiceSnapshot)(nil),          // 26: beacon.v1.ServiceSnapshot
+	(*SetServiceConfigRequest)(nil),  // 27: beacon.v1.SetServiceConfigRequest
+	(*SetServiceConfigResponse)(nil), // 28: beacon.v1.SetServiceConfigResponse
+	(*WatchResponse)(nil),            // 29: beacon.v1.WatchResponse
+	(*AckWatchRequest)(nil),          // 30: beacon.v1.AckWatchRequest
+	(*AckWatchResponse)(nil),         // 31: beacon.v1.AckWatchResponse
+	(*AwaitWatchersRequest)(nil),     // 32: beacon.v1.AwaitWatchersRequest
+	(*AwaitWatchersResponse)(nil),    // 33: beacon.v1.AwaitWatchersResponse
+	nil,                              // 34: beacon.v1.Instance.MetadataEntry
+	nil,                              // 35: beacon.v1.Check.HeadersEntry
+	nil,                              // 36: beacon.v1.WatchRequest.KnownRevisionsEntry
+	nil,                              // 37: beacon.v1.AckWatchRequest.RevisionsEntry
+	(*durationpb.Duration)(nil),      // 38: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),    // 39: google.protobuf.Timestamp
 }
 var file_beacon_v1_registry_proto_depIdxs = []int32{
-	32, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
+	34, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
 	0,  // 1: beacon.v1.Instance.status:type_name -> beacon.v1.Status
 	1,  // 2: beacon.v1.Instance.health:type_name -> beacon.v1.Health
 	4,  // 3: beacon.v1.Instance.checks:type_name -> beacon.v1.Check
 	2,  // 4: beacon.v1.Check.kind:type_name -> beacon.v1.CheckKind
-	33, // 5: beacon.v1.Check.headers:type_name -> beacon.v1.Check.HeadersEntry
-	36, // 6: beacon.v1.Check.interval:type_name -> google.protobuf.Duration
-	36, // 7: beacon.v1.Check.timeout:type_name -> google.protobuf.Duration
-	36, // 8: beacon.v1.Check.deregister_critical_after:type_name -> google.protobuf.Duration
+	35, // 5: beacon.v1.Check.headers:type_name -> beacon.v1.Check.HeadersEntry
+	38, // 6: beacon.v1.Check.interval:type_name -> google.protobuf.Duration
+	38, // 7: beacon.v1.Check.timeout:type_name -> google.protobuf.Duration
+	38, // 8: beacon.v1.Check.deregister_critical_after:type_name -> google.protobuf.Duration
 	1,  // 9: beacon.v1.Check.status:type_name -> beacon.v1.Health
-	37, // 10: beacon.v1.Check.since:type_name -> google.protobuf.Timestamp
-	36, // 11: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
-	36, // 12: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
-	36, // 13: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
-	36, // 14: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
+	39, // 10: beacon.v1.Check.since:type_name -> google.protobuf.Timestamp
+	38, // 11: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
+	38, // 12: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
+	38, // 13: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
+	38, // 14: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
 	10, // 15: beacon.v1.KeepAliveBatchResult.results:type_name -> beacon.v1.KeepAliveResult
 	3,  // 16: beacon.v1.RegisterRequest.instance:type_name -> beacon.v1.Instance
 	0,  // 17: beacon.v1.SetStatusRequest.status:type_name -> beacon.v1.Status
 	3,  // 18: beacon.v1.SetStatusResponse.instance:type_name -> beacon.v1.Instance
 	3,  // 19: beacon.v1.ListInstancesResponse.instances:type_name -> beacon.v1.Instance
 	23, // 20: beacon.v1.ListServicesResponse.services:type_name -> beacon.v1.ServiceSummary
-	34, // 21: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
+	36, // 21: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
 	3,  // 22: beacon.v1.ServiceSnapshot.instances:type_name -> beacon.v1.Instance
 	26, // 23: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
-	35, // 24: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
-	36, // 25: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
+	37, // 24: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
+	38, // 25: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
 	5,  // 26: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
 	7,  // 27: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
 	9,  // 28: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
@@ -2250,25 +2407,27 @@ var file_beacon_v1_registry_proto_depIdxs = []int32{
 	14, // 30: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
 	16, // 31: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
 	18, // 32: beacon.v1.RegistryService.SetStatus:input_type -> beacon.v1.SetStatusRequest
-	20, // 33: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
-	22, // 34: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
-	25, // 35: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
-	28, // 36: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
-	30, // 37: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
-	6,  // 38: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
-	8,  // 39: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
-	11, // 40: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
-	13, // 41: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
-	15, // 42: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
-	17, // 43: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
-	19, // 44: beacon.v1.RegistryService.SetStatus:output_type -> beacon.v1.SetStatusResponse
-	21, // 45: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
-	24, // 46: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
-	27, // 47: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
-	29, // 48: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
-	31, // 49: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
-	38, // [38:50] is the sub-list for method output_type
-	26, // [26:38] is the sub-list for method input_type
+	27, // 33: beacon.v1.RegistryService.SetServiceConfig:input_type -> beacon.v1.SetServiceConfigRequest
+	20, // 34: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
+	22, // 35: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
+	25, // 36: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
+	30, // 37: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
+	32, // 38: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
+	6,  // 39: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
+	8,  // 40: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
+	11, // 41: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
+	13, // 42: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
+	15, // 43: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
+	17, // 44: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
+	19, // 45: beacon.v1.RegistryService.SetStatus:output_type -> beacon.v1.SetStatusResponse
+	28, // 46: beacon.v1.RegistryService.SetServiceConfig:output_type -> beacon.v1.SetServiceConfigResponse
+	21, // 47: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
+	24, // 48: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
+	29, // 49: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
+	31, // 50: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
+	33, // 51: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
+	39, // [39:52] is the sub-list for method output_type
+	26, // [26:39] is the sub-list for method input_type
 	26, // [26:26] is the sub-list for extension type_name
 	26, // [26:26] is the sub-list for extension extendee
 	0,  // [0:26] is the sub-list for field type_name
@@ -2285,7 +2444,7 @@ func file_beacon_v1_registry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_beacon_v1_registry_proto_rawDesc), len(file_beacon_v1_registry_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   33,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

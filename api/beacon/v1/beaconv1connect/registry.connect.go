@@ -57,6 +57,9 @@ const (
 	// RegistryServiceSetStatusProcedure is the fully-qualified name of the RegistryService's SetStatus
 	// RPC.
 	RegistryServiceSetStatusProcedure = "/beacon.v1.RegistryService/SetStatus"
+	// RegistryServiceSetServiceConfigProcedure is the fully-qualified name of the RegistryService's
+	// SetServiceConfig RPC.
+	RegistryServiceSetServiceConfigProcedure = "/beacon.v1.RegistryService/SetServiceConfig"
 	// RegistryServiceListInstancesProcedure is the fully-qualified name of the RegistryService's
 	// ListInstances RPC.
 	RegistryServiceListInstancesProcedure = "/beacon.v1.RegistryService/ListInstances"
@@ -87,6 +90,8 @@ type RegistryServiceClient interface {
 	// SetStatus changes an instance's declared status in place (operators'
 	// maintenance switch), keeping its session and checks.
 	SetStatus(context.Context, *connect.Request[v1.SetStatusRequest]) (*connect.Response[v1.SetStatusResponse], error)
+	// SetServiceConfig sets a service's protection threshold.
+	SetServiceConfig(context.Context, *connect.Request[v1.SetServiceConfigRequest]) (*connect.Response[v1.SetServiceConfigResponse], error)
 	ListInstances(context.Context, *connect.Request[v1.ListInstancesRequest]) (*connect.Response[v1.ListInstancesResponse], error)
 	ListServices(context.Context, *connect.Request[v1.ListServicesRequest]) (*connect.Response[v1.ListServicesResponse], error)
 	Watch(context.Context, *connect.Request[v1.WatchRequest]) (*connect.ServerStreamForClient[v1.WatchResponse], error)
@@ -152,6 +157,12 @@ func NewRegistryServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 			connect.WithSchema(registryServiceMethods.ByName("SetStatus")),
 			connect.WithClientOptions(opts...),
 		),
+		setServiceConfig: connect.NewClient[v1.SetServiceConfigRequest, v1.SetServiceConfigResponse](
+			httpClient,
+			baseURL+RegistryServiceSetServiceConfigProcedure,
+			connect.WithSchema(registryServiceMethods.ByName("SetServiceConfig")),
+			connect.WithClientOptions(opts...),
+		),
 		listInstances: connect.NewClient[v1.ListInstancesRequest, v1.ListInstancesResponse](
 			httpClient,
 			baseURL+RegistryServiceListInstancesProcedure,
@@ -190,18 +201,19 @@ func NewRegistryServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 
 // registryServiceClient implements RegistryServiceClient.
 type registryServiceClient struct {
-	createSession   *connect.Client[v1.CreateSessionRequest, v1.CreateSessionResponse]
-	keepAlive       *connect.Client[v1.KeepAliveRequest, v1.KeepAliveResponse]
-	keepAliveStream *connect.Client[v1.KeepAliveBatch, v1.KeepAliveBatchResult]
-	closeSession    *connect.Client[v1.CloseSessionRequest, v1.CloseSessionResponse]
-	register        *connect.Client[v1.RegisterRequest, v1.RegisterResponse]
-	deregister      *connect.Client[v1.DeregisterRequest, v1.DeregisterResponse]
-	setStatus       *connect.Client[v1.SetStatusRequest, v1.SetStatusResponse]
-	listInstances   *connect.Client[v1.ListInstancesRequest, v1.ListInstancesResponse]
-	listServices    *connect.Client[v1.ListServicesRequest, v1.ListServicesResponse]
-	watch           *connect.Client[v1.WatchRequest, v1.WatchResponse]
-	ackWatch        *connect.Client[v1.AckWatchRequest, v1.AckWatchResponse]
-	awaitWatchers   *connect.Client[v1.AwaitWatchersRequest, v1.AwaitWatchersResponse]
+	createSession    *connect.Client[v1.CreateSessionRequest, v1.CreateSessionResponse]
+	keepAlive        *connect.Client[v1.KeepAliveRequest, v1.KeepAliveResponse]
+	keepAliveStream  *connect.Client[v1.KeepAliveBatch, v1.KeepAliveBatchResult]
+	closeSession     *connect.Client[v1.CloseSessionRequest, v1.CloseSessionResponse]
+	register         *connect.Client[v1.RegisterRequest, v1.RegisterResponse]
+	deregister       *connect.Client[v1.DeregisterRequest, v1.DeregisterResponse]
+	setStatus        *connect.Client[v1.SetStatusRequest, v1.SetStatusResponse]
+	setServiceConfig *connect.Client[v1.SetServiceConfigRequest, v1.SetServiceConfigResponse]
+	listInstances    *connect.Client[v1.ListInstancesRequest, v1.ListInstancesResponse]
+	listServices     *connect.Client[v1.ListServicesRequest, v1.ListServicesResponse]
+	watch            *connect.Client[v1.WatchRequest, v1.WatchResponse]
+	ackWatch         *connect.Client[v1.AckWatchRequest, v1.AckWatchResponse]
+	awaitWatchers    *connect.Client[v1.AwaitWatchersRequest, v1.AwaitWatchersResponse]
 }
 
 // CreateSession calls beacon.v1.RegistryService.CreateSession.
@@ -237,6 +249,11 @@ func (c *registryServiceClient) Deregister(ctx context.Context, req *connect.Req
 // SetStatus calls beacon.v1.RegistryService.SetStatus.
 func (c *registryServiceClient) SetStatus(ctx context.Context, req *connect.Request[v1.SetStatusRequest]) (*connect.Response[v1.SetStatusResponse], error) {
 	return c.setStatus.CallUnary(ctx, req)
+}
+
+// SetServiceConfig calls beacon.v1.RegistryService.SetServiceConfig.
+func (c *registryServiceClient) SetServiceConfig(ctx context.Context, req *connect.Request[v1.SetServiceConfigRequest]) (*connect.Response[v1.SetServiceConfigResponse], error) {
+	return c.setServiceConfig.CallUnary(ctx, req)
 }
 
 // ListInstances calls beacon.v1.RegistryService.ListInstances.
@@ -278,6 +295,8 @@ type RegistryServiceHandler interface {
 	// SetStatus changes an instance's declared status in place (operators'
 	// maintenance switch), keeping its session and checks.
 	SetStatus(context.Context, *connect.Request[v1.SetStatusRequest]) (*connect.Response[v1.SetStatusResponse], error)
+	// SetServiceConfig sets a service's protection threshold.
+	SetServiceConfig(context.Context, *connect.Request[v1.SetServiceConfigRequest]) (*connect.Response[v1.SetServiceConfigResponse], error)
 	ListInstances(context.Context, *connect.Request[v1.ListInstancesRequest]) (*connect.Response[v1.ListInstancesResponse], error)
 	ListServices(context.Context, *connect.Request[v1.ListServicesRequest]) (*connect.Response[v1.ListServicesResponse], error)
 	Watch(context.Context, *connect.Request[v1.WatchRequest], *connect.ServerStream[v1.WatchResponse]) error
@@ -339,6 +358,12 @@ func NewRegistryServiceHandler(svc RegistryServiceHandler, opts ...connect.Handl
 		connect.WithSchema(registryServiceMethods.ByName("SetStatus")),
 		connect.WithHandlerOptions(opts...),
 	)
+	registryServiceSetServiceConfigHandler := connect.NewUnaryHandler(
+		RegistryServiceSetServiceConfigProcedure,
+		svc.SetServiceConfig,
+		connect.WithSchema(registryServiceMethods.ByName("SetServiceConfig")),
+		connect.WithHandlerOptions(opts...),
+	)
 	registryServiceListInstancesHandler := connect.NewUnaryHandler(
 		RegistryServiceListInstancesProcedure,
 		svc.ListInstances,
@@ -388,6 +413,8 @@ func NewRegistryServiceHandler(svc RegistryServiceHandler, opts ...connect.Handl
 			registryServiceDeregisterHandler.ServeHTTP(w, r)
 		case RegistryServiceSetStatusProcedure:
 			registryServiceSetStatusHandler.ServeHTTP(w, r)
+		case RegistryServiceSetServiceConfigProcedure:
+			registryServiceSetServiceConfigHandler.ServeHTTP(w, r)
 		case RegistryServiceListInstancesProcedure:
 			registryServiceListInstancesHandler.ServeHTTP(w, r)
 		case RegistryServiceListServicesProcedure:
@@ -433,6 +460,10 @@ func (UnimplementedRegistryServiceHandler) Deregister(context.Context, *connect.
 
 func (UnimplementedRegistryServiceHandler) SetStatus(context.Context, *connect.Request[v1.SetStatusRequest]) (*connect.Response[v1.SetStatusResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.SetStatus is not implemented"))
+}
+
+func (UnimplementedRegistryServiceHandler) SetServiceConfig(context.Context, *connect.Request[v1.SetServiceConfigRequest]) (*connect.Response[v1.SetServiceConfigResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.SetServiceConfig is not implemented"))
 }
 
 func (UnimplementedRegistryServiceHandler) ListInstances(context.Context, *connect.Request[v1.ListInstancesRequest]) (*connect.Response[v1.ListInstancesResponse], error) {
