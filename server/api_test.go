@@ -109,7 +109,7 @@ func TestBadInputIsRejectedAndNothingChanges(t *testing.T) {
 		{"check bad expect", "Register", withInst(`"checks":[{"kind":"CHECK_KIND_HTTP","expect_status":"7xx"}]`), []string{"checks[0].expect_status"}},
 		{"check threshold too big", "Register", withInst(`"checks":[{"kind":"CHECK_KIND_TCP","failures_before_critical":1000}]`), []string{"checks[0].failures_before_critical", "between 1 and 100"}},
 		{"check names collide", "Register", withInst(`"checks":[{"kind":"CHECK_KIND_TCP"},{"kind":"CHECK_KIND_TCP"}]`), []string{"checks[1].name", "unique"}},
-		{"too many checks", "Register", withInst(`"checks":[`+many(9, func(i int) string { return fmt.Sprintf(`{"kind":"CHECK_KIND_TCP","name":"c%d"}`, i) })+`]`), []string{"checks", "at most 8"}},
+		{"too many checks", "Register", withInst(`"checks":[` + many(9, func(i int) string { return fmt.Sprintf(`{"kind":"CHECK_KIND_TCP","name":"c%d"}`, i) }) + `]`), []string{"checks", "at most 8"}},
 		{"check header with newline", "Register", withInst(`"checks":[{"kind":"CHECK_KIND_HTTP","headers":{"X":"a\nb"}}]`), []string{"checks[0].headers", "line breaks"}},
 		{"bad status to set", "SetStatus", `{"service":"orders","id":"o-1"}`, []string{"status"}},
 	} {
