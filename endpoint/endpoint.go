@@ -37,7 +37,7 @@ type Endpoint struct {
 func FromInstance(in *registry.Instance) *Endpoint {
 	ep := &Endpoint{
 		ID: in.ID, Addr: in.HostPort(), Weight: in.Weight, Zone: in.Zone,
-		Version: in.Version, Tags: in.Tags, Metadata: in.Metadata,
+		Version: in.Version, Tags: in.Tags, Metadata: in.Metadata, Suspect: in.Suspect,
 	}
 	if ep.Weight < 1 {
 		ep.Weight = registry.DefaultWeight

@@ -93,6 +93,11 @@ type Instance struct {
 	SessionID int64
 	// Revision is the etcd revision of the instance's last change.
 	Revision int64
+	// Suspect (output only, never stored): the instance's session expired
+	// with many others at once, which looks like the registry's own
+	// trouble, so the server keeps serving it for a grace period (see
+	// docs/health.md, "mass-expiry guard").
+	Suspect bool
 }
 
 // Ephemeral reports whether the instance lives only as long as its session.

@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"beacon.dev/beacon/internal/store"
+	"beacon.dev/beacon/internal/view"
 	"beacon.dev/beacon/registry"
 )
 
@@ -44,6 +45,9 @@ type Config struct {
 	MemberTTL time.Duration
 	// CheckConcurrency bounds the health probes in flight (default 256).
 	CheckConcurrency int
+	// Guard is the mass-expiry guard (see view.GuardConfig); zero fields
+	// take the defaults, a negative Share turns it off.
+	Guard view.GuardConfig
 	// ProtectionThreshold is the default protection threshold of services
 	// that set none (0: off); see registry.Snapshot.Available.
 	ProtectionThreshold float64
@@ -90,6 +94,9 @@ func (c *Config) Validate() error {
 	if err := registry.ValidateProtectionThreshold(c.ProtectionThreshold); err != nil {
 		return fmt.Errorf("server: invalid --protection-threshold %v: must be between 0 (off) and 1", c.ProtectionThreshold)
 	}
+	if c.Guard.Share > 1 || c.Guard.MinSessions < 0 || c.Guard.Window < 0 || c.Guard.Grace < 0 || c.Guard.Grace > time.Hour {
+		return fmt.Errorf("server: invalid --guard-*: share at most 1, sessions, window and grace not negative, grace at most 1h (got %+v)", c.Guard)
+	}
 	if c.CheckConcurrency < 0 || c.CheckConcurrency > 100000 {
 		return fmt.Errorf("server: invalid --check-concurrency %d: must be between 1 and 100000 (0: the default, 256)", c.CheckConcurrency)
 	}
@@ -119,5 +126,9 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long shutdown waits for in-flight calls")
 	fs.DurationVar(&c.MemberTTL, "member-ttl", c.MemberTTL, "how long a dead server's health checks wait before the other servers take them over (default 3s)")
 	fs.IntVar(&c.CheckConcurrency, "check-concurrency", c.CheckConcurrency, "health probes in flight at most (default 256)")
+	fs.Float64Var(&c.Guard.Share, "guard-share", c.Guard.Share, "mass-expiry guard: share of a namespace's instances whose sessions expire within --guard-window that makes the server hold them as suspects (default 0.3; negative: off)")
+	fs.IntVar(&c.Guard.MinSessions, "guard-min-sessions", c.Guard.MinSessions, "mass-expiry guard: sessions that must expire together (default 3)")
+	fs.DurationVar(&c.Guard.Window, "guard-window", c.Guard.Window, "mass-expiry guard: how close together the expiries are (default 10s)")
+	fs.DurationVar(&c.Guard.Grace, "guard-grace", c.Guard.Grace, "mass-expiry guard: how long held instances stay (default 1m)")
 	fs.Float64Var(&c.ProtectionThreshold, "protection-threshold", c.ProtectionThreshold, "default protection threshold in [0, 1]: below this share of routable instances, discovery returns unhealthy ones too (0: off)")
 }

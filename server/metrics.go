@@ -27,6 +27,8 @@ type metrics struct {
 	relists      *prometheus.CounterVec
 	badRecords   prometheus.Counter
 	watchStreams prometheus.Gauge
+
+	guardTriggered prometheus.Counter
 }
 
 func newMetrics(s *Server) *metrics {
@@ -68,7 +70,10 @@ func newMetrics(s *Server) *metrics {
 			return float64(f(s.view.Stats()))
 		}
 	}
-	m.reg.MustRegister(m.requests, m.duration, m.keepalives, m.sent, m.coalesced, m.fanout,
+	m.guardTriggered = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "beacon_guard_triggered_total", Help: "Times the mass-expiry guard held back the instances of expired sessions.",
+	})
+	m.reg.MustRegister(m.guardTriggered, m.requests, m.duration, m.keepalives, m.sent, m.coalesced, m.fanout,
 		m.relists, m.badRecords, m.watchStreams,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_sessions", Help: "Live sessions."},
 			stat(func(st view.Stats) int { return st.Sessions })),
@@ -84,6 +89,13 @@ func newMetrics(s *Server) *metrics {
 					return 0
 				}
 				return float64(s.view.Revision())
+			}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_guard_held_instances", Help: "Instances of expired sessions the mass-expiry guard keeps as suspects."},
+			func() float64 {
+				if s.view == nil {
+					return 0
+				}
+				return float64(s.view.HeldCount())
 			}),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_acknowledging_watchers", Help: "Open watch streams whose clients acknowledge applied revisions."},
 			func() float64 { return float64(s.acks.count()) }),

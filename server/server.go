@@ -96,6 +96,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	hooks.Published = s.checker.Offer
 	s.view = view.New(cli, s.store.Layout, s.log, hooks)
 	s.view.SetDefaultProtection(cfg.ProtectionThreshold)
+	s.view.SetGuard(cfg.Guard, func(string, int, int) { s.metrics.guardTriggered.Inc() })
 	s.metrics.reg.MustRegister(s.checker.Collector())
 
 	s.httpSrv = &http.Server{

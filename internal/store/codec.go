@@ -37,6 +37,13 @@ func (l Layout) SessionsPrefix() string { return l.Prefix + "sessions/" }
 // bound to each server's lease), for sharing the health checks.
 func (l Layout) ServersPrefix() string { return l.Prefix + "servers/" }
 
+// GuardPrefix holds the mass-expiry guard's release marker.
+func (l Layout) GuardPrefix() string { return l.Prefix + "guard/" }
+
+// GuardMarkerKey is written to end the guard's expired holds at a new
+// revision.
+func (l Layout) GuardMarkerKey() string { return l.GuardPrefix() + "release" }
+
 // ServiceConfigPrefix is where per-service settings live.
 func (l Layout) ServiceConfigPrefix() string { return l.Prefix + "svcconf/" }
 

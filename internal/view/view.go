@@ -47,6 +47,7 @@ type View struct {
 
 	protection        map[registry.ServiceKey]float64 // guarded by mu; services' own thresholds
 	defaultProtection float64                         // set before Run
+	guard             *guard                          // set before Run; its maps guarded by mu
 }
 
 // SetDefaultProtection sets the protection threshold of services without
@@ -83,6 +84,14 @@ func (v *View) Ready() <-chan struct{} { return v.ready }
 
 // Run keeps the view current until ctx ends.
 func (v *View) Run(ctx context.Context) {
+	if v.guard != nil {
+		done := make(chan struct{})
+		go func() { // owned by Run: ends with ctx
+			defer close(done)
+			v.releaseLoop(ctx)
+		}()
+		defer func() { <-done }()
+	}
 	backoff := 100 * time.Millisecond
 	compacted := false
 	for ctx.Err() == nil {
@@ -145,9 +154,11 @@ func (v *View) RequestProgress(ctx context.Context) error {
 }
 
 type change struct {
-	put *registry.Instance // nil for a delete
-	id  string
-	rev int64
+	put     *registry.Instance // nil for a delete
+	id      string
+	rev     int64
+	release bool // the guard's hold ended: drop the suspect copy
+	restore bool // the guard brings back an instance lost earlier (put)
 }
 
 // apply folds one watch response into the view and publishes the services
@@ -155,13 +166,26 @@ type change struct {
 func (v *View) apply(events []*clientv3.Event) {
 	byService := make(map[registry.ServiceKey][]change)
 	var order []registry.ServiceKey
+	addChange := func(sk registry.ServiceKey, c change) {
+		if _, seen := byService[sk]; !seen {
+			order = append(order, sk)
+		}
+		byService[sk] = append(byService[sk], c)
+	}
 	maxRev := int64(0)
+	var dels []deleted
+	sessionGone := map[int64]int64{} // session id -> revision of its key's deletion
+	releaseRev := int64(0)
 	v.mu.Lock()
 	for _, ev := range events {
 		key := string(ev.Kv.Key)
 		maxRev = max(maxRev, ev.Kv.ModRevision)
 		if strings.HasPrefix(key, v.layout.ServersPrefix()) {
 			continue // server membership: not the view's business
+		}
+		if strings.HasPrefix(key, v.layout.GuardPrefix()) {
+			releaseRev = ev.Kv.ModRevision
+			continue
 		}
 		if strings.HasPrefix(key, v.layout.ServiceConfigPrefix()) {
 			sk, cfg, err := v.layout.DecodeServiceConfig(key, ev.Kv.Value)
@@ -178,10 +202,7 @@ func (v *View) apply(events []*clientv3.Event) {
 				v.protection[sk] = cfg.ProtectionThreshold
 			}
 			// Republish the service at this revision (an empty change).
-			if _, seen := byService[sk]; !seen {
-				order = append(order, sk)
-			}
-			byService[sk] = append(byService[sk], change{rev: ev.Kv.ModRevision})
+			addChange(sk, change{rev: ev.Kv.ModRevision})
 			continue
 		}
 		if strings.HasPrefix(key, v.layout.SessionsPrefix()) {
@@ -189,6 +210,9 @@ func (v *View) apply(events []*clientv3.Event) {
 				v.sessions[key] = struct{}{}
 			} else {
 				delete(v.sessions, key)
+				if id, err := store.ParseSessionID(strings.TrimPrefix(key, v.layout.SessionsPrefix())); err == nil {
+					sessionGone[id] = ev.Kv.ModRevision
+				}
 			}
 			continue
 		}
@@ -208,15 +232,24 @@ func (v *View) apply(events []*clientv3.Event) {
 				c.put = in
 			}
 		}
-		sk := registry.ServiceKey{Namespace: k.Namespace, Service: k.Service}
-		if _, seen := byService[sk]; !seen {
-			order = append(order, sk)
+		if ev.Type == mvccpb.DELETE {
+			dels = append(dels, deleted{key: k, rev: ev.Kv.ModRevision})
 		}
-		byService[sk] = append(byService[sk], c)
+		addChange(registry.ServiceKey{Namespace: k.Namespace, Service: k.Service}, c)
+	}
+	now := time.Now()
+	hold, restore := v.holdLocked(now, dels, sessionGone)
+	for _, in := range restore {
+		addChange(registry.ServiceKey{Namespace: in.Namespace, Service: in.Service}, change{put: in, id: in.ID, rev: maxRev, restore: true})
+	}
+	if releaseRev > 0 {
+		for _, k := range v.expiredHoldsLocked(now) {
+			addChange(registry.ServiceKey{Namespace: k.Namespace, Service: k.Service}, change{id: k.ID, rev: releaseRev, release: true})
+		}
 	}
 	published := make([]Published, 0, len(order))
 	for _, sk := range order {
-		if p, ok := v.applyServiceLocked(sk, byService[sk]); ok {
+		if p, ok := v.applyServiceLocked(sk, byService[sk], hold); ok {
 			published = append(published, p)
 		}
 	}
@@ -233,7 +266,7 @@ func (v *View) badRecord(key string, err error) {
 
 // applyServiceLocked copies the service's instances once and applies the
 // changes to the copy, returning the new snapshot.
-func (v *View) applyServiceLocked(sk registry.ServiceKey, changes []change) (Published, bool) {
+func (v *View) applyServiceLocked(sk registry.ServiceKey, changes []change, hold map[registry.InstanceKey]bool) (Published, bool) {
 	old := v.services[sk]
 	var insts []*registry.Instance
 	ns, svc := sk.Namespace, sk.Service
@@ -245,8 +278,13 @@ func (v *View) applyServiceLocked(sk registry.ServiceKey, changes []change) (Pub
 	for _, c := range changes {
 		rev = max(rev, c.rev)
 		i, found := slices.BinarySearchFunc(insts, c.id, func(in *registry.Instance, id string) int { return cmp.Compare(in.ID, id) })
+		key := registry.InstanceKey{Namespace: ns, Service: svc, ID: c.id}
 		switch {
 		case c.id == "": // a settings change: nothing to do to the instances
+		case c.release:
+			if found && insts[i].Suspect {
+				insts = slices.Delete(insts, i, i+1)
+			}
 		case c.put != nil:
 			c.put.Namespace, c.put.Service = ns, svc // share the strings
 			if found {
@@ -254,6 +292,13 @@ func (v *View) applyServiceLocked(sk registry.ServiceKey, changes []change) (Pub
 			} else {
 				insts = slices.Insert(insts, i, c.put)
 			}
+			if v.guard != nil && !c.restore {
+				delete(v.guard.held, key) // registered again: no longer suspect
+			}
+		case found && hold[key]:
+			kept := insts[i].Clone()
+			kept.Suspect = true
+			insts[i] = &kept
 		case found:
 			insts = slices.Delete(insts, i, i+1)
 		}
@@ -306,7 +351,7 @@ func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
 	protection := make(map[registry.ServiceKey]float64)
 	for _, kv := range resp.Kvs {
 		key := string(kv.Key)
-		if strings.HasPrefix(key, v.layout.ServersPrefix()) {
+		if strings.HasPrefix(key, v.layout.ServersPrefix()) || strings.HasPrefix(key, v.layout.GuardPrefix()) {
 			continue
 		}
 		if strings.HasPrefix(key, v.layout.ServiceConfigPrefix()) {
@@ -333,6 +378,20 @@ func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
 
 	v.mu.Lock()
 	v.protection = protection
+	// Instances the guard holds are not in etcd any more: keep them.
+	if v.guard != nil {
+		for k := range v.guard.held {
+			sk := registry.ServiceKey{Namespace: k.Namespace, Service: k.Service}
+			if slices.ContainsFunc(fresh[sk], func(in *registry.Instance) bool { return in.ID == k.ID }) {
+				delete(v.guard.held, k)
+				continue
+			}
+			if old := v.instanceLocked(k); old != nil && old.Suspect {
+				kept := old.Clone() // published instances are never written
+				fresh[sk] = append(fresh[sk], &kept)
+			}
+		}
+	}
 	var published []Published
 	// A service is republished only if its content (or its threshold)
 	// differs; its revision is then the listing's, which is at least that

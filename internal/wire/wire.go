@@ -21,7 +21,7 @@ func InstanceFromProto(p *beaconv1.Instance) registry.Instance {
 		Zone: p.GetZone(), Version: p.GetVersion(), Tags: p.GetTags(), Metadata: p.GetMetadata(),
 		Status: registry.Status(p.GetStatus()), Health: registry.Health(p.GetHealth()),
 		SessionID: p.GetSessionId(), Revision: p.GetRevision(),
-		Checks: checksFromProto(p.GetChecks()),
+		Checks: checksFromProto(p.GetChecks()), Suspect: p.GetSuspect(),
 	}
 }
 
@@ -77,7 +77,7 @@ func InstanceToProto(in *registry.Instance) *beaconv1.Instance {
 		Zone: in.Zone, Version: in.Version, Tags: in.Tags, Metadata: in.Metadata,
 		Status: beaconv1.Status(in.Status), Health: beaconv1.Health(in.Health),
 		SessionId: in.SessionID, Revision: in.Revision,
-		Checks: checksToProto(in.Checks),
+		Checks: checksToProto(in.Checks), Suspect: in.Suspect,
 	}
 }
 

@@ -207,7 +207,10 @@ type Instance struct {
 	Revision int64 `protobuf:"varint,14,opt,name=revision,proto3" json:"revision,omitempty"`
 	// Checks beacon runs against the instance; health is then the worst of
 	// their statuses.
-	Checks        []*Check `protobuf:"bytes,15,rep,name=checks,proto3" json:"checks,omitempty"`
+	Checks []*Check `protobuf:"bytes,15,rep,name=checks,proto3" json:"checks,omitempty"`
+	// Output only: the instance's session expired together with many others
+	// (the mass-expiry guard); it is kept, still routable, for a grace period.
+	Suspect       bool `protobuf:"varint,16,opt,name=suspect,proto3" json:"suspect,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -345,6 +348,13 @@ func (x *Instance) GetChecks() []*Check {
 		return x.Checks
 	}
 	return nil
+}
+
+func (x *Instance) GetSuspect() bool {
+	if x != nil {
+		return x.Suspect
+	}
+	return false
 }
 
 // Check is a probe run by the beacon server. Unset fields take defaults:
@@ -2133,7 +2143,7 @@ var File_beacon_v1_registry_proto protoreflect.FileDescriptor
 
 const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\n" +
-	"\x18beacon/v1/registry.proto\x12\tbeacon.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x91\x04\n" +
+	"\x18beacon/v1/registry.proto\x12\tbeacon.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xab\x04\n" +
 	"\bInstance\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
 	"\aservice\x18\x02 \x01(\tR\aservice\x12\x0e\n" +
@@ -2151,7 +2161,8 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\n" +
 	"session_id\x18\r \x01(\x03R\tsessionId\x12\x1a\n" +
 	"\brevision\x18\x0e \x01(\x03R\brevision\x12(\n" +
-	"\x06checks\x18\x0f \x03(\v2\x10.beacon.v1.CheckR\x06checks\x1a;\n" +
+	"\x06checks\x18\x0f \x03(\v2\x10.beacon.v1.CheckR\x06checks\x12\x18\n" +
+	"\asuspect\x18\x10 \x01(\bR\asuspect\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x83\x06\n" +
