@@ -1,0 +1,75 @@
+package members_test
+
+import (
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"beacon.dev/beacon/internal/members"
+	"beacon.dev/beacon/internal/testutil"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m, testutil.LeakOptions()...) }
+
+func waitLive(t *testing.T, m *members.Members, want ...string) {
+	t.Helper()
+	testutil.Eventually(t, 10*time.Second, fmt.Sprintf("%s sees %v", m.Self(), want), func() bool {
+		return slices.Equal(m.Live(), want)
+	})
+}
+
+// Three members share keys by rendezvous hashing; every key has exactly one
+// owner, the shares are even, and when one leaves only its keys move.
+func TestOwnershipIsSharedAndMovesOnlyTheLeaversShare(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	cli := srv.EtcdClient()
+	a := members.Join(cli, "/test/members/", "a", 2*time.Second, nil)
+	b := members.Join(cli, "/test/members/", "b", 2*time.Second, nil)
+	c := members.Join(cli, "/test/members/", "c", 2*time.Second, nil)
+	defer a.Close()
+	defer b.Close()
+	for _, m := range []*members.Members{a, b, c} {
+		waitLive(t, m, "a", "b", "c")
+	}
+	const n = 3000
+	before := map[string]string{}
+	shares := map[string]int{}
+	for i := range n {
+		k := fmt.Sprint("key-", i)
+		owners := 0
+		for _, m := range []*members.Members{a, b, c} {
+			if m.Owns(k) {
+				owners++
+				before[k] = m.Self()
+			}
+		}
+		if owners != 1 {
+			t.Fatalf("%s has %d owners", k, owners)
+		}
+		shares[before[k]]++
+	}
+	for id, s := range shares {
+		if s < n/3*8/10 || s > n/3*12/10 {
+			t.Errorf("%s owns %d of %d keys, want about a third", id, s, n)
+		}
+	}
+	c.Close() // revokes: the others see it at once
+	waitLive(t, a, "a", "b")
+	waitLive(t, b, "a", "b")
+	moved := 0
+	for k, was := range before {
+		now := a.Owner(k)
+		if was != "c" && now != was {
+			moved++
+		}
+		if now == "c" || now == "" {
+			t.Fatalf("%s is owned by %q after c left", k, now)
+		}
+	}
+	if moved != 0 {
+		t.Errorf("%d keys not owned by c changed owner", moved)
+	}
+}
