@@ -381,3 +381,22 @@ func (c *Client) SetProtectionThreshold(ctx context.Context, namespace, service 
 		return resp.Msg.GetRevision(), nil
 	})
 }
+
+// UpdateCheck pushes the status of an instance's TTL check (named "ttl"
+// unless check says otherwise) and renews its TTL: call it more often
+// than the check's interval, or the registry marks the check CRITICAL.
+// revision is that of the transition written, 0 when the status did not
+// change.
+func (c *Client) UpdateCheck(ctx context.Context, namespace, service, id, check string, status registry.Health, output string) (revision int64, err error) {
+	req := &beaconv1.UpdateCheckRequest{Namespace: c.ns(namespace), Service: service, Id: id, Check: check, Status: beaconv1.Health(status), Output: output}
+	return call(ctx, c, func(r beaconv1connect.RegistryServiceClient) (int64, error) {
+		resp, err := r.UpdateCheck(ctx, connect.NewRequest(req))
+		if connect.CodeOf(err) == connect.CodeNotFound {
+			return 0, fmt.Errorf("beacon: instance %s/%s/%s: %w", req.Namespace, service, id, ErrNotFound)
+		}
+		if err != nil {
+			return 0, err
+		}
+		return resp.Msg.GetRevision(), nil
+	})
+}

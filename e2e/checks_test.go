@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -371,5 +372,62 @@ func TestProtectionThresholdKeepsUnhealthyInstancesInUse(t *testing.T) {
 	}
 	if _, err := c.SetProtectionThreshold(ctx, "", "pool", 1.5, false); err == nil || !strings.Contains(err.Error(), "protection_threshold") {
 		t.Errorf("threshold 1.5: %v, want an error naming protection_threshold", err)
+	}
+}
+
+// Behaviour 2, TTL: the instance pushes its status; silence longer than
+// the TTL makes the check CRITICAL, the next push brings it back; a pushed
+// WARNING stays routable.
+func TestTTLCheckExpiresAndRecovers(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	c := newClient(t, srv.Addr())
+	const ttl = 2 * time.Second
+	in := registry.Instance{Service: "batch", ID: "b-1", Address: "127.0.0.1", Port: 9000,
+		Checks: []registry.Check{{Kind: registry.CheckTTL, Interval: ttl}}}
+	if _, err := c.Register(ctx, in); err != nil {
+		t.Fatal(err)
+	}
+	h := followHealth(ctx, t, c, "batch", "b-1")
+	h.waitHealth(t, registry.HealthCritical, 10*time.Second) // no update yet
+	if routable(ctx, t, c, "batch", "b-1") {
+		t.Error("a TTL-checked instance is routable before its first update")
+	}
+	// The CLI reports, then a loop keeps reporting.
+	out, err := run(t, nil, "--server", srv.Addr(), "check-update", "batch", "b-1", "PASSING", "--output", "all good")
+	if err != nil || !strings.Contains(out, "now PASSING") {
+		t.Fatalf("beacon check-update: %v\n%s", err, out)
+	}
+	h.waitHealth(t, registry.HealthPassing, 5*time.Second)
+	push := func(st registry.Health, d time.Duration) {
+		end := time.Now().Add(d)
+		for time.Now().Before(end) {
+			if _, err := c.UpdateCheck(ctx, "", "batch", "b-1", "", st, ""); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+	}
+	push(registry.HealthPassing, 3*time.Second) // longer than the TTL: renewals keep it PASSING
+	if got := h.history(); got[len(got)-1] != registry.HealthPassing {
+		t.Fatalf("renewed check: history %v", got)
+	}
+	silent := time.Now() // the instance stops reporting (hung)
+	h.waitHealth(t, registry.HealthCritical, 3*ttl+2*time.Second)
+	t.Logf("TTL %v: CRITICAL %v after the last update", ttl, time.Since(silent).Round(100*time.Millisecond))
+	if d := time.Since(silent); d < ttl-200*time.Millisecond {
+		t.Errorf("CRITICAL %v after the last update, before the TTL", d)
+	}
+	push(registry.HealthWarning, time.Second)
+	h.waitHealth(t, registry.HealthWarning, 5*time.Second)
+	if !routable(ctx, t, c, "batch", "b-1") {
+		t.Error("a WARNING instance left discovery")
+	}
+	if got, want := h.history(), []registry.Health{registry.HealthCritical, registry.HealthPassing, registry.HealthCritical, registry.HealthWarning}; !slices.Equal(got, want) {
+		t.Errorf("history %v, want %v", got, want)
+	}
+	if _, err := c.UpdateCheck(ctx, "", "batch", "b-1", "nope", registry.HealthPassing, ""); err == nil || !strings.Contains(err.Error(), "check") {
+		t.Errorf("update of a missing check: %v, want an error naming the check", err)
 	}
 }

@@ -17,9 +17,10 @@ const (
 	CheckHTTP                  // GET a URL; a status in the expected class passes
 	CheckTCP                   // connect
 	CheckGRPC                  // grpc.health.v1 Check
+	CheckTTL                   // pushed: PASSING/WARNING/CRITICAL, CRITICAL when no push comes within Interval
 )
 
-var checkKindNames = [...]string{"UNSPECIFIED", "HTTP", "TCP", "GRPC"}
+var checkKindNames = [...]string{"UNSPECIFIED", "HTTP", "TCP", "GRPC", "TTL"}
 
 func (k CheckKind) String() string {
 	if k >= 0 && int(k) < len(checkKindNames) {
@@ -35,7 +36,7 @@ func ParseCheckKind(s string) (CheckKind, error) {
 			return CheckKind(i), nil
 		}
 	}
-	return 0, &FieldError{Field: "kind", Reason: "must be one of HTTP, TCP, GRPC", Value: s}
+	return 0, &FieldError{Field: "kind", Reason: "must be one of HTTP, TCP, GRPC, TTL", Value: s}
 }
 
 // Limits and defaults of checks.
@@ -105,6 +106,9 @@ func (c *Check) ApplyDefaults() {
 	}
 	if c.FailuresBeforeCritical == 0 {
 		c.FailuresBeforeCritical = DefaultFailures
+		if c.Kind == CheckTTL {
+			c.FailuresBeforeCritical = 1 // the TTL itself is the grace
+		}
 	}
 	if c.SuccessesBeforePassing == 0 {
 		c.SuccessesBeforePassing = DefaultSuccesses
@@ -114,6 +118,9 @@ func (c *Check) ApplyDefaults() {
 	}
 	if c.Status == HealthUnspecified {
 		c.Status = HealthPassing
+		if c.Kind == CheckTTL { // not routable before its first update, as in Consul
+			c.Status, c.Output = HealthCritical, "no update yet"
+		}
 	}
 }
 
@@ -198,8 +205,12 @@ func (c *Check) validate(field string, in *Instance) error {
 				return err
 			}
 		}
+	case CheckTTL:
+		if c.Target != "" {
+			return fieldErr(f("target"), c.Target, "must be empty for a TTL check (the instance pushes its status)")
+		}
 	default:
-		return fieldErr(f("kind"), c.Kind.String(), "must be one of HTTP, TCP, GRPC")
+		return fieldErr(f("kind"), c.Kind.String(), "must be one of HTTP, TCP, GRPC, TTL")
 	}
 	if c.Interval < MinCheckInterval || c.Interval > MaxCheckInterval {
 		return fieldErr(f("interval"), c.Interval.String(), "must be between %v and %v", MinCheckInterval, MaxCheckInterval)

@@ -312,6 +312,74 @@ func (a api) SetServiceConfig(ctx context.Context, req *connect.Request[beaconv1
 	return connect.NewResponse(&beaconv1.SetServiceConfigResponse{Revision: rev}), nil
 }
 
+func (a api) UpdateCheck(ctx context.Context, req *connect.Request[beaconv1.UpdateCheckRequest]) (*connect.Response[beaconv1.UpdateCheckResponse], error) {
+	if err := a.ready(); err != nil {
+		return nil, err
+	}
+	msg := req.Msg
+	ns, err := namespaceOf(msg.GetNamespace())
+	if err == nil {
+		err = registry.ValidateName("service", msg.GetService())
+	}
+	if err == nil {
+		err = registry.ValidateID("id", msg.GetId())
+	}
+	name := msg.GetCheck()
+	if name == "" {
+		name = "ttl"
+	}
+	if err == nil {
+		err = registry.ValidateName("check", name)
+	}
+	status := registry.Health(msg.GetStatus())
+	if err == nil && (status < registry.HealthPassing || status > registry.HealthCritical) {
+		err = &registry.FieldError{Field: "status", Reason: "must be one of PASSING, WARNING, CRITICAL"}
+	}
+	if err == nil && len(msg.GetOutput()) > registry.MaxCheckOutputLen {
+		err = &registry.FieldError{Field: "output", Reason: fmt.Sprintf("must be at most %d bytes, has %d", registry.MaxCheckOutputLen, len(msg.GetOutput()))}
+	}
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	k := registry.InstanceKey{Namespace: ns, Service: msg.GetService(), ID: msg.GetId()}
+	a.catchUp(ctx) // a check registered a moment ago must be found
+	in := a.s.view.Instance(k)
+	if in == nil {
+		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("instance %s/%s/%s: not found", k.Namespace, k.Service, k.ID))
+	}
+	var spec *registry.Check
+	for n := range in.Checks {
+		if in.Checks[n].Name == name {
+			spec = &in.Checks[n]
+		}
+	}
+	if spec == nil || spec.Kind != registry.CheckTTL {
+		return nil, toConnectError(&registry.FieldError{Field: "check", Reason: "the instance has no TTL check of that name", Value: name})
+	}
+	if err := a.s.store.RenewTTL(ctx, k, name, spec.Interval); err != nil {
+		return nil, toConnectError(err)
+	}
+	if spec.Status == status {
+		return connect.NewResponse(&beaconv1.UpdateCheckResponse{}), nil // only transitions are written
+	}
+	rev, err := a.s.store.Update(ctx, k, func(in *registry.Instance) bool {
+		for n := range in.Checks {
+			if c := &in.Checks[n]; c.Name == name && c.Kind == registry.CheckTTL && c.Status != status {
+				c.Status, c.Output, c.Since = status, msg.GetOutput(), time.Now()
+				return true
+			}
+		}
+		return false
+	})
+	if errors.Is(err, store.ErrInstanceNotFound) {
+		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("instance %s/%s/%s: not found", k.Namespace, k.Service, k.ID))
+	}
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&beaconv1.UpdateCheckResponse{Revision: rev}), nil
+}
+
 func (a api) Deregister(ctx context.Context, req *connect.Request[beaconv1.DeregisterRequest]) (*connect.Response[beaconv1.DeregisterResponse], error) {
 	ns, err := namespaceOf(req.Msg.GetNamespace())
 	if err == nil {

@@ -95,6 +95,7 @@ func newRegisterCmd(g *globals) *cobra.Command {
 type checkFlags struct {
 	http, grpcService       string
 	tcp, grpc               bool
+	ttl                     time.Duration
 	interval, timeout       time.Duration
 	failures, successes     int
 	deregisterAfter         time.Duration
@@ -104,6 +105,7 @@ type checkFlags struct {
 func (c *checkFlags) bind(f *pflag.FlagSet) {
 	f.StringVar(&c.http, "check-http", "", "HTTP check: the URL to GET (\"default\": http://ADDRESS:PORT/healthz)")
 	f.BoolVar(&c.tcp, "check-tcp", false, "TCP check: connect to ADDRESS:PORT")
+	f.DurationVar(&c.ttl, "check-ttl", 0, "TTL check: CRITICAL unless 'beacon check-update' (or the API's UpdateCheck) reports within this long")
 	f.BoolVar(&c.grpc, "check-grpc", false, "gRPC check: grpc.health.v1 on ADDRESS:PORT")
 	f.StringVar(&c.grpcService, "check-grpc-service", "", "gRPC check: the service name to ask about")
 	f.DurationVar(&c.interval, "check-interval", 0, "time between probes (default 10s)")
@@ -134,13 +136,18 @@ func (c *checkFlags) checks() ([]registry.Check, error) {
 		t.Kind = registry.CheckTCP
 		out = append(out, t)
 	}
+	if c.ttl > 0 {
+		t := base
+		t.Kind, t.Interval = registry.CheckTTL, c.ttl
+		out = append(out, t)
+	}
 	if c.grpc || c.grpcService != "" {
 		g := base
 		g.Kind, g.GRPCService = registry.CheckGRPC, c.grpcService
 		out = append(out, g)
 	}
 	if len(out) == 0 && (c.interval != 0 || c.timeout != 0 || c.failures != 0 || c.successes != 0) {
-		return nil, errors.New("invalid --check-*: give --check-http, --check-tcp or --check-grpc")
+		return nil, errors.New("invalid --check-*: give --check-http, --check-tcp, --check-grpc or --check-ttl")
 	}
 	return out, nil
 }
@@ -400,6 +407,42 @@ func printChecks(g *globals, snap *registry.Snapshot) {
 		}
 	}
 	tw.Flush()
+}
+
+func newCheckUpdateCmd(g *globals) *cobra.Command {
+	var check, output string
+	cmd := &cobra.Command{
+		Use:     "check-update SERVICE ID STATUS",
+		Short:   "Report the status (PASSING, WARNING, CRITICAL) of an instance's TTL check and renew its TTL",
+		Example: `  beacon check-update batch batch-1 PASSING --output "queue depth 3"`,
+		Args:    cobra.ExactArgs(3),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			st, err := registry.ParseHealth(args[2])
+			if err != nil {
+				return err
+			}
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
+			defer cancel()
+			rev, err := c.UpdateCheck(ctx, g.namespace, args[0], args[1], check, st, output)
+			if err != nil {
+				return err
+			}
+			if rev == 0 {
+				fmt.Fprintf(g.stdout, "%s/%s/%s check %s: still %s, TTL renewed\n", g.namespace, args[0], args[1], dash(check), st)
+			} else {
+				fmt.Fprintf(g.stdout, "%s/%s/%s check %s: now %s (revision %d)\n", g.namespace, args[0], args[1], dash(check), st, rev)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&check, "check", "", "the TTL check's name (default ttl)")
+	cmd.Flags().StringVar(&output, "output", "", "text shown with the status (at most 256 bytes)")
+	return cmd
 }
 
 func newProtectCmd(g *globals) *cobra.Command {

@@ -63,6 +63,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 		newDeregisterCmd(g),
 		newStatusCmd(g),
 		newProtectCmd(g),
+		newCheckUpdateCmd(g),
 		newServicesCmd(g),
 		newInstancesCmd(g),
 		newWatchCmd(g),

@@ -194,6 +194,10 @@ func (c *Checker) reassign() {
 			want[ck] = true
 			st, ok := c.states[ck]
 			if ok && st.spec.SameSpec(&spec) && st.target == spec.ProbeTarget(in) {
+				if spec.Kind == registry.CheckTTL {
+					st.status = spec.Status // pushes set it; the owner only expires it
+					continue
+				}
 				if !st.writing && spec.Status != st.status {
 					c.metrics.reconciled.Inc()
 					c.write(st, st.status, fmt.Sprintf("restored %s (the record said %s)", st.status, spec.Status))
@@ -223,7 +227,9 @@ func (c *Checker) adopt(ck checkKey, in *registry.Instance, spec registry.Check)
 	if st.status == registry.HealthUnspecified {
 		st.status = registry.HealthPassing
 	}
-	st.prober = newProber(spec, st.target)
+	st.prober = newProber(spec, st.target, func(ctx context.Context) (bool, error) {
+		return c.cfg.Store.TTLAlive(ctx, ck.inst, ck.name)
+	})
 	st.next = time.Now().Add(time.Duration(rand.Int64N(int64(spec.Interval))))
 	c.states[ck] = st
 	heap.Push(&c.queue, st)
@@ -303,6 +309,15 @@ func (c *Checker) handle(ctx context.Context, r result) {
 		return
 	}
 	c.metrics.observeProbe(st.spec.Kind, r.ok, r.lateness)
+	if st.spec.Kind == registry.CheckTTL {
+		// Pushes decide the status; the owner only marks a silent check.
+		if r.ok {
+			st.failures = 0
+		} else if st.failures++; st.status != registry.HealthCritical && st.failures >= st.spec.FailuresBeforeCritical && !st.writing {
+			c.write(st, registry.HealthCritical, r.output)
+		}
+		return
+	}
 	if r.ok {
 		st.successes++
 		st.failures = 0

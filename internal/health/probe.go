@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -22,8 +23,10 @@ type prober interface {
 	close()
 }
 
-func newProber(spec registry.Check, target string) prober {
+func newProber(spec registry.Check, target string, ttl func(ctx context.Context) (bool, error)) prober {
 	switch spec.Kind {
+	case registry.CheckTTL:
+		return ttlProber{alive: ttl, ttl: spec.Interval}
 	case registry.CheckHTTP:
 		return &httpProber{spec: spec, url: target, client: &http.Client{
 			Transport: &http.Transport{
@@ -77,6 +80,26 @@ func (p *httpProber) probe(ctx context.Context) (bool, string) {
 }
 
 func (p *httpProber) close() { p.client.CloseIdleConnections() }
+
+// ttlProber looks for the check's heartbeat key, which its lease removes
+// when no update came within the TTL.
+type ttlProber struct {
+	alive func(ctx context.Context) (bool, error)
+	ttl   time.Duration
+}
+
+func (p ttlProber) probe(ctx context.Context) (bool, string) {
+	ok, err := p.alive(ctx)
+	if err != nil {
+		return true, "" // etcd unreachable: no verdict, and no false alarm
+	}
+	if !ok {
+		return false, fmt.Sprintf("TTL %v passed without an update", p.ttl)
+	}
+	return true, ""
+}
+
+func (ttlProber) close() {}
 
 type tcpProber struct{ target string }
 

@@ -37,6 +37,15 @@ func (l Layout) SessionsPrefix() string { return l.Prefix + "sessions/" }
 // bound to each server's lease), for sharing the health checks.
 func (l Layout) ServersPrefix() string { return l.Prefix + "servers/" }
 
+// TTLPrefix holds the heartbeat keys of TTL checks, each bound to a lease
+// of the check's TTL.
+func (l Layout) TTLPrefix() string { return l.Prefix + "ttl/" }
+
+// TTLKey is the heartbeat key of one TTL check.
+func (l Layout) TTLKey(k registry.InstanceKey, check string) string {
+	return l.TTLPrefix() + k.Namespace + "/" + k.Service + "/" + k.ID + "/" + check
+}
+
 // GuardPrefix holds the mass-expiry guard's release marker.
 func (l Layout) GuardPrefix() string { return l.Prefix + "guard/" }
 

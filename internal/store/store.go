@@ -196,3 +196,38 @@ func (s *Store) DeleteServiceConfig(ctx context.Context, sk registry.ServiceKey)
 	}
 	return resp.Header.Revision, nil
 }
+
+// RenewTTL renews a TTL check's heartbeat: its lease is kept alive, or,
+// when it has expired (or never existed), a new one of ttl is granted.
+func (s *Store) RenewTTL(ctx context.Context, k registry.InstanceKey, check string, ttl time.Duration) error {
+	key := s.TTLKey(k, check)
+	resp, err := s.cli.Get(ctx, key)
+	if err != nil {
+		return fmt.Errorf("store: reading a TTL heartbeat: %w", err)
+	}
+	if len(resp.Kvs) > 0 && resp.Kvs[0].Lease != 0 {
+		if _, err := s.cli.KeepAliveOnce(ctx, clientv3.LeaseID(resp.Kvs[0].Lease)); err == nil {
+			return nil
+		} else if !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			return fmt.Errorf("store: renewing a TTL heartbeat: %w", err)
+		}
+	}
+	secs := max(2, int64((ttl+time.Second-1)/time.Second))
+	lease, err := s.cli.Grant(ctx, secs)
+	if err != nil {
+		return fmt.Errorf("store: granting a TTL heartbeat: %w", err)
+	}
+	if _, err := s.cli.Put(ctx, key, "", clientv3.WithLease(lease.ID)); err != nil {
+		return fmt.Errorf("store: writing a TTL heartbeat: %w", err)
+	}
+	return nil
+}
+
+// TTLAlive reports whether a TTL check's heartbeat is still there.
+func (s *Store) TTLAlive(ctx context.Context, k registry.InstanceKey, check string) (bool, error) {
+	resp, err := s.cli.Get(ctx, s.TTLKey(k, check), clientv3.WithCountOnly(), clientv3.WithSerializable())
+	if err != nil {
+		return false, err
+	}
+	return resp.Count > 0, nil
+}

@@ -180,8 +180,8 @@ func (v *View) apply(events []*clientv3.Event) {
 	for _, ev := range events {
 		key := string(ev.Kv.Key)
 		maxRev = max(maxRev, ev.Kv.ModRevision)
-		if strings.HasPrefix(key, v.layout.ServersPrefix()) {
-			continue // server membership: not the view's business
+		if strings.HasPrefix(key, v.layout.ServersPrefix()) || strings.HasPrefix(key, v.layout.TTLPrefix()) {
+			continue // server membership, TTL heartbeats: not the view's business
 		}
 		if strings.HasPrefix(key, v.layout.GuardPrefix()) {
 			releaseRev = ev.Kv.ModRevision
@@ -351,7 +351,7 @@ func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
 	protection := make(map[registry.ServiceKey]float64)
 	for _, kv := range resp.Kvs {
 		key := string(kv.Key)
-		if strings.HasPrefix(key, v.layout.ServersPrefix()) || strings.HasPrefix(key, v.layout.GuardPrefix()) {
+		if strings.HasPrefix(key, v.layout.ServersPrefix()) || strings.HasPrefix(key, v.layout.GuardPrefix()) || strings.HasPrefix(key, v.layout.TTLPrefix()) {
 			continue
 		}
 		if strings.HasPrefix(key, v.layout.ServiceConfigPrefix()) {

@@ -142,6 +142,10 @@ const (
 	CheckKind_CHECK_KIND_HTTP        CheckKind = 1
 	CheckKind_CHECK_KIND_TCP         CheckKind = 2
 	CheckKind_CHECK_KIND_GRPC        CheckKind = 3
+	// Pushed by the instance (or a script) with UpdateCheck; CRITICAL when no
+	// update comes within the interval (rounded up to whole seconds, at
+	// least 2s: it is an etcd lease).
+	CheckKind_CHECK_KIND_TTL CheckKind = 4
 )
 
 // Enum value maps for CheckKind.
@@ -151,12 +155,14 @@ var (
 		1: "CHECK_KIND_HTTP",
 		2: "CHECK_KIND_TCP",
 		3: "CHECK_KIND_GRPC",
+		4: "CHECK_KIND_TTL",
 	}
 	CheckKind_value = map[string]int32{
 		"CHECK_KIND_UNSPECIFIED": 0,
 		"CHECK_KIND_HTTP":        1,
 		"CHECK_KIND_TCP":         2,
 		"CHECK_KIND_GRPC":        3,
+		"CHECK_KIND_TTL":         4,
 	}
 )
 
@@ -357,6 +363,136 @@ func (x *Instance) GetSuspect() bool {
 	return false
 }
 
+type UpdateCheckRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Service       string                 `protobuf:"bytes,2,opt,name=service,proto3" json:"service,omitempty"`
+	Id            string                 `protobuf:"bytes,3,opt,name=id,proto3" json:"id,omitempty"`
+	Check         string                 `protobuf:"bytes,4,opt,name=check,proto3" json:"check,omitempty"`                          // the TTL check's name (default "ttl")
+	Status        Health                 `protobuf:"varint,5,opt,name=status,proto3,enum=beacon.v1.Health" json:"status,omitempty"` // PASSING, WARNING or CRITICAL
+	Output        string                 `protobuf:"bytes,6,opt,name=output,proto3" json:"output,omitempty"`                        // at most 256 bytes
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateCheckRequest) Reset() {
+	*x = UpdateCheckRequest{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateCheckRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateCheckRequest) ProtoMessage() {}
+
+func (x *UpdateCheckRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateCheckRequest.ProtoReflect.Descriptor instead.
+func (*UpdateCheckRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *UpdateCheckRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *UpdateCheckRequest) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *UpdateCheckRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *UpdateCheckRequest) GetCheck() string {
+	if x != nil {
+		return x.Check
+	}
+	return ""
+}
+
+func (x *UpdateCheckRequest) GetStatus() Health {
+	if x != nil {
+		return x.Status
+	}
+	return Health_HEALTH_UNSPECIFIED
+}
+
+func (x *UpdateCheckRequest) GetOutput() string {
+	if x != nil {
+		return x.Output
+	}
+	return ""
+}
+
+type UpdateCheckResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The revision of the transition written, 0 when the status did not
+	// change (the update only renewed the check's TTL).
+	Revision      int64 `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateCheckResponse) Reset() {
+	*x = UpdateCheckResponse{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateCheckResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateCheckResponse) ProtoMessage() {}
+
+func (x *UpdateCheckResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateCheckResponse.ProtoReflect.Descriptor instead.
+func (*UpdateCheckResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *UpdateCheckResponse) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
 // Check is a probe run by the beacon server. Unset fields take defaults:
 // interval 10s, timeout min(2s, interval), jitter 0.1, 3 failures before
 // CRITICAL, 2 successes before PASSING, HTTP target
@@ -386,7 +522,7 @@ type Check struct {
 
 func (x *Check) Reset() {
 	*x = Check{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[1]
+	mi := &file_beacon_v1_registry_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -398,7 +534,7 @@ func (x *Check) String() string {
 func (*Check) ProtoMessage() {}
 
 func (x *Check) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[1]
+	mi := &file_beacon_v1_registry_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -411,7 +547,7 @@ func (x *Check) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Check.ProtoReflect.Descriptor instead.
 func (*Check) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{1}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Check) GetName() string {
@@ -536,7 +672,7 @@ type CreateSessionRequest struct {
 
 func (x *CreateSessionRequest) Reset() {
 	*x = CreateSessionRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[2]
+	mi := &file_beacon_v1_registry_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -548,7 +684,7 @@ func (x *CreateSessionRequest) String() string {
 func (*CreateSessionRequest) ProtoMessage() {}
 
 func (x *CreateSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[2]
+	mi := &file_beacon_v1_registry_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -561,7 +697,7 @@ func (x *CreateSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSessionRequest.ProtoReflect.Descriptor instead.
 func (*CreateSessionRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{2}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *CreateSessionRequest) GetTtl() *durationpb.Duration {
@@ -588,7 +724,7 @@ type CreateSessionResponse struct {
 
 func (x *CreateSessionResponse) Reset() {
 	*x = CreateSessionResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[3]
+	mi := &file_beacon_v1_registry_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -600,7 +736,7 @@ func (x *CreateSessionResponse) String() string {
 func (*CreateSessionResponse) ProtoMessage() {}
 
 func (x *CreateSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[3]
+	mi := &file_beacon_v1_registry_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -613,7 +749,7 @@ func (x *CreateSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSessionResponse.ProtoReflect.Descriptor instead.
 func (*CreateSessionResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{3}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *CreateSessionResponse) GetSessionId() int64 {
@@ -639,7 +775,7 @@ type KeepAliveRequest struct {
 
 func (x *KeepAliveRequest) Reset() {
 	*x = KeepAliveRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[4]
+	mi := &file_beacon_v1_registry_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -651,7 +787,7 @@ func (x *KeepAliveRequest) String() string {
 func (*KeepAliveRequest) ProtoMessage() {}
 
 func (x *KeepAliveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[4]
+	mi := &file_beacon_v1_registry_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -664,7 +800,7 @@ func (x *KeepAliveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepAliveRequest.ProtoReflect.Descriptor instead.
 func (*KeepAliveRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{4}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *KeepAliveRequest) GetSessionId() int64 {
@@ -683,7 +819,7 @@ type KeepAliveResponse struct {
 
 func (x *KeepAliveResponse) Reset() {
 	*x = KeepAliveResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[5]
+	mi := &file_beacon_v1_registry_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -695,7 +831,7 @@ func (x *KeepAliveResponse) String() string {
 func (*KeepAliveResponse) ProtoMessage() {}
 
 func (x *KeepAliveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[5]
+	mi := &file_beacon_v1_registry_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -708,7 +844,7 @@ func (x *KeepAliveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepAliveResponse.ProtoReflect.Descriptor instead.
 func (*KeepAliveResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{5}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *KeepAliveResponse) GetTtl() *durationpb.Duration {
@@ -728,7 +864,7 @@ type KeepAliveBatch struct {
 
 func (x *KeepAliveBatch) Reset() {
 	*x = KeepAliveBatch{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[6]
+	mi := &file_beacon_v1_registry_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -740,7 +876,7 @@ func (x *KeepAliveBatch) String() string {
 func (*KeepAliveBatch) ProtoMessage() {}
 
 func (x *KeepAliveBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[6]
+	mi := &file_beacon_v1_registry_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -753,7 +889,7 @@ func (x *KeepAliveBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepAliveBatch.ProtoReflect.Descriptor instead.
 func (*KeepAliveBatch) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{6}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *KeepAliveBatch) GetSessionIds() []int64 {
@@ -774,7 +910,7 @@ type KeepAliveResult struct {
 
 func (x *KeepAliveResult) Reset() {
 	*x = KeepAliveResult{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[7]
+	mi := &file_beacon_v1_registry_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -786,7 +922,7 @@ func (x *KeepAliveResult) String() string {
 func (*KeepAliveResult) ProtoMessage() {}
 
 func (x *KeepAliveResult) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[7]
+	mi := &file_beacon_v1_registry_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -799,7 +935,7 @@ func (x *KeepAliveResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepAliveResult.ProtoReflect.Descriptor instead.
 func (*KeepAliveResult) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{7}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *KeepAliveResult) GetSessionId() int64 {
@@ -832,7 +968,7 @@ type KeepAliveBatchResult struct {
 
 func (x *KeepAliveBatchResult) Reset() {
 	*x = KeepAliveBatchResult{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[8]
+	mi := &file_beacon_v1_registry_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -844,7 +980,7 @@ func (x *KeepAliveBatchResult) String() string {
 func (*KeepAliveBatchResult) ProtoMessage() {}
 
 func (x *KeepAliveBatchResult) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[8]
+	mi := &file_beacon_v1_registry_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -857,7 +993,7 @@ func (x *KeepAliveBatchResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepAliveBatchResult.ProtoReflect.Descriptor instead.
 func (*KeepAliveBatchResult) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{8}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *KeepAliveBatchResult) GetResults() []*KeepAliveResult {
@@ -876,7 +1012,7 @@ type CloseSessionRequest struct {
 
 func (x *CloseSessionRequest) Reset() {
 	*x = CloseSessionRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[9]
+	mi := &file_beacon_v1_registry_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -888,7 +1024,7 @@ func (x *CloseSessionRequest) String() string {
 func (*CloseSessionRequest) ProtoMessage() {}
 
 func (x *CloseSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[9]
+	mi := &file_beacon_v1_registry_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -901,7 +1037,7 @@ func (x *CloseSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseSessionRequest.ProtoReflect.Descriptor instead.
 func (*CloseSessionRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{9}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CloseSessionRequest) GetSessionId() int64 {
@@ -919,7 +1055,7 @@ type CloseSessionResponse struct {
 
 func (x *CloseSessionResponse) Reset() {
 	*x = CloseSessionResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[10]
+	mi := &file_beacon_v1_registry_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -931,7 +1067,7 @@ func (x *CloseSessionResponse) String() string {
 func (*CloseSessionResponse) ProtoMessage() {}
 
 func (x *CloseSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[10]
+	mi := &file_beacon_v1_registry_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -944,7 +1080,7 @@ func (x *CloseSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseSessionResponse.ProtoReflect.Descriptor instead.
 func (*CloseSessionResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{10}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{12}
 }
 
 type RegisterRequest struct {
@@ -959,7 +1095,7 @@ type RegisterRequest struct {
 
 func (x *RegisterRequest) Reset() {
 	*x = RegisterRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[11]
+	mi := &file_beacon_v1_registry_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -971,7 +1107,7 @@ func (x *RegisterRequest) String() string {
 func (*RegisterRequest) ProtoMessage() {}
 
 func (x *RegisterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[11]
+	mi := &file_beacon_v1_registry_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -984,7 +1120,7 @@ func (x *RegisterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterRequest.ProtoReflect.Descriptor instead.
 func (*RegisterRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{11}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RegisterRequest) GetInstance() *Instance {
@@ -1010,7 +1146,7 @@ type RegisterResponse struct {
 
 func (x *RegisterResponse) Reset() {
 	*x = RegisterResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[12]
+	mi := &file_beacon_v1_registry_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1022,7 +1158,7 @@ func (x *RegisterResponse) String() string {
 func (*RegisterResponse) ProtoMessage() {}
 
 func (x *RegisterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[12]
+	mi := &file_beacon_v1_registry_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1035,7 +1171,7 @@ func (x *RegisterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterResponse.ProtoReflect.Descriptor instead.
 func (*RegisterResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{12}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *RegisterResponse) GetRevision() int64 {
@@ -1056,7 +1192,7 @@ type DeregisterRequest struct {
 
 func (x *DeregisterRequest) Reset() {
 	*x = DeregisterRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[13]
+	mi := &file_beacon_v1_registry_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1068,7 +1204,7 @@ func (x *DeregisterRequest) String() string {
 func (*DeregisterRequest) ProtoMessage() {}
 
 func (x *DeregisterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[13]
+	mi := &file_beacon_v1_registry_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1081,7 +1217,7 @@ func (x *DeregisterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeregisterRequest.ProtoReflect.Descriptor instead.
 func (*DeregisterRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{13}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *DeregisterRequest) GetNamespace() string {
@@ -1115,7 +1251,7 @@ type DeregisterResponse struct {
 
 func (x *DeregisterResponse) Reset() {
 	*x = DeregisterResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[14]
+	mi := &file_beacon_v1_registry_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1127,7 +1263,7 @@ func (x *DeregisterResponse) String() string {
 func (*DeregisterResponse) ProtoMessage() {}
 
 func (x *DeregisterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[14]
+	mi := &file_beacon_v1_registry_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1140,7 +1276,7 @@ func (x *DeregisterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeregisterResponse.ProtoReflect.Descriptor instead.
 func (*DeregisterResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{14}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *DeregisterResponse) GetRevision() int64 {
@@ -1172,7 +1308,7 @@ type SetStatusRequest struct {
 
 func (x *SetStatusRequest) Reset() {
 	*x = SetStatusRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[15]
+	mi := &file_beacon_v1_registry_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1184,7 +1320,7 @@ func (x *SetStatusRequest) String() string {
 func (*SetStatusRequest) ProtoMessage() {}
 
 func (x *SetStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[15]
+	mi := &file_beacon_v1_registry_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1197,7 +1333,7 @@ func (x *SetStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetStatusRequest.ProtoReflect.Descriptor instead.
 func (*SetStatusRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{15}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SetStatusRequest) GetNamespace() string {
@@ -1238,7 +1374,7 @@ type SetStatusResponse struct {
 
 func (x *SetStatusResponse) Reset() {
 	*x = SetStatusResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[16]
+	mi := &file_beacon_v1_registry_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1250,7 +1386,7 @@ func (x *SetStatusResponse) String() string {
 func (*SetStatusResponse) ProtoMessage() {}
 
 func (x *SetStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[16]
+	mi := &file_beacon_v1_registry_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1263,7 +1399,7 @@ func (x *SetStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetStatusResponse.ProtoReflect.Descriptor instead.
 func (*SetStatusResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{16}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SetStatusResponse) GetRevision() int64 {
@@ -1292,7 +1428,7 @@ type ListInstancesRequest struct {
 
 func (x *ListInstancesRequest) Reset() {
 	*x = ListInstancesRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[17]
+	mi := &file_beacon_v1_registry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1304,7 +1440,7 @@ func (x *ListInstancesRequest) String() string {
 func (*ListInstancesRequest) ProtoMessage() {}
 
 func (x *ListInstancesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[17]
+	mi := &file_beacon_v1_registry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1317,7 +1453,7 @@ func (x *ListInstancesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInstancesRequest.ProtoReflect.Descriptor instead.
 func (*ListInstancesRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{17}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ListInstancesRequest) GetNamespace() string {
@@ -1355,7 +1491,7 @@ type ListInstancesResponse struct {
 
 func (x *ListInstancesResponse) Reset() {
 	*x = ListInstancesResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[18]
+	mi := &file_beacon_v1_registry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1367,7 +1503,7 @@ func (x *ListInstancesResponse) String() string {
 func (*ListInstancesResponse) ProtoMessage() {}
 
 func (x *ListInstancesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[18]
+	mi := &file_beacon_v1_registry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1380,7 +1516,7 @@ func (x *ListInstancesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInstancesResponse.ProtoReflect.Descriptor instead.
 func (*ListInstancesResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{18}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListInstancesResponse) GetInstances() []*Instance {
@@ -1420,7 +1556,7 @@ type ListServicesRequest struct {
 
 func (x *ListServicesRequest) Reset() {
 	*x = ListServicesRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[19]
+	mi := &file_beacon_v1_registry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1432,7 +1568,7 @@ func (x *ListServicesRequest) String() string {
 func (*ListServicesRequest) ProtoMessage() {}
 
 func (x *ListServicesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[19]
+	mi := &file_beacon_v1_registry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1445,7 +1581,7 @@ func (x *ListServicesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListServicesRequest.ProtoReflect.Descriptor instead.
 func (*ListServicesRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{19}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListServicesRequest) GetNamespace() string {
@@ -1467,7 +1603,7 @@ type ServiceSummary struct {
 
 func (x *ServiceSummary) Reset() {
 	*x = ServiceSummary{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[20]
+	mi := &file_beacon_v1_registry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1479,7 +1615,7 @@ func (x *ServiceSummary) String() string {
 func (*ServiceSummary) ProtoMessage() {}
 
 func (x *ServiceSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[20]
+	mi := &file_beacon_v1_registry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1492,7 +1628,7 @@ func (x *ServiceSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServiceSummary.ProtoReflect.Descriptor instead.
 func (*ServiceSummary) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{20}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ServiceSummary) GetName() string {
@@ -1533,7 +1669,7 @@ type ListServicesResponse struct {
 
 func (x *ListServicesResponse) Reset() {
 	*x = ListServicesResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[21]
+	mi := &file_beacon_v1_registry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1545,7 +1681,7 @@ func (x *ListServicesResponse) String() string {
 func (*ListServicesResponse) ProtoMessage() {}
 
 func (x *ListServicesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[21]
+	mi := &file_beacon_v1_registry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1558,7 +1694,7 @@ func (x *ListServicesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListServicesResponse.ProtoReflect.Descriptor instead.
 func (*ListServicesResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{21}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListServicesResponse) GetServices() []*ServiceSummary {
@@ -1593,7 +1729,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[22]
+	mi := &file_beacon_v1_registry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1605,7 +1741,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[22]
+	mi := &file_beacon_v1_registry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1618,7 +1754,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{22}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *WatchRequest) GetNamespace() string {
@@ -1666,7 +1802,7 @@ type ServiceSnapshot struct {
 
 func (x *ServiceSnapshot) Reset() {
 	*x = ServiceSnapshot{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[23]
+	mi := &file_beacon_v1_registry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1678,7 +1814,7 @@ func (x *ServiceSnapshot) String() string {
 func (*ServiceSnapshot) ProtoMessage() {}
 
 func (x *ServiceSnapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[23]
+	mi := &file_beacon_v1_registry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1691,7 +1827,7 @@ func (x *ServiceSnapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServiceSnapshot.ProtoReflect.Descriptor instead.
 func (*ServiceSnapshot) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{23}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ServiceSnapshot) GetNamespace() string {
@@ -1743,7 +1879,7 @@ type SetServiceConfigRequest struct {
 
 func (x *SetServiceConfigRequest) Reset() {
 	*x = SetServiceConfigRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[24]
+	mi := &file_beacon_v1_registry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1755,7 +1891,7 @@ func (x *SetServiceConfigRequest) String() string {
 func (*SetServiceConfigRequest) ProtoMessage() {}
 
 func (x *SetServiceConfigRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[24]
+	mi := &file_beacon_v1_registry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1768,7 +1904,7 @@ func (x *SetServiceConfigRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetServiceConfigRequest.ProtoReflect.Descriptor instead.
 func (*SetServiceConfigRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{24}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *SetServiceConfigRequest) GetNamespace() string {
@@ -1808,7 +1944,7 @@ type SetServiceConfigResponse struct {
 
 func (x *SetServiceConfigResponse) Reset() {
 	*x = SetServiceConfigResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[25]
+	mi := &file_beacon_v1_registry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1820,7 +1956,7 @@ func (x *SetServiceConfigResponse) String() string {
 func (*SetServiceConfigResponse) ProtoMessage() {}
 
 func (x *SetServiceConfigResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[25]
+	mi := &file_beacon_v1_registry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1833,7 +1969,7 @@ func (x *SetServiceConfigResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetServiceConfigResponse.ProtoReflect.Descriptor instead.
 func (*SetServiceConfigResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{25}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *SetServiceConfigResponse) GetRevision() int64 {
@@ -1858,7 +1994,7 @@ type WatchResponse struct {
 
 func (x *WatchResponse) Reset() {
 	*x = WatchResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[26]
+	mi := &file_beacon_v1_registry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1870,7 +2006,7 @@ func (x *WatchResponse) String() string {
 func (*WatchResponse) ProtoMessage() {}
 
 func (x *WatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[26]
+	mi := &file_beacon_v1_registry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1883,7 +2019,7 @@ func (x *WatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
 func (*WatchResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{26}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *WatchResponse) GetSnapshots() []*ServiceSnapshot {
@@ -1918,7 +2054,7 @@ type AckWatchRequest struct {
 
 func (x *AckWatchRequest) Reset() {
 	*x = AckWatchRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[27]
+	mi := &file_beacon_v1_registry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1930,7 +2066,7 @@ func (x *AckWatchRequest) String() string {
 func (*AckWatchRequest) ProtoMessage() {}
 
 func (x *AckWatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[27]
+	mi := &file_beacon_v1_registry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1943,7 +2079,7 @@ func (x *AckWatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AckWatchRequest.ProtoReflect.Descriptor instead.
 func (*AckWatchRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{27}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *AckWatchRequest) GetWatchId() uint64 {
@@ -1968,7 +2104,7 @@ type AckWatchResponse struct {
 
 func (x *AckWatchResponse) Reset() {
 	*x = AckWatchResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[28]
+	mi := &file_beacon_v1_registry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1980,7 +2116,7 @@ func (x *AckWatchResponse) String() string {
 func (*AckWatchResponse) ProtoMessage() {}
 
 func (x *AckWatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[28]
+	mi := &file_beacon_v1_registry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1993,7 +2129,7 @@ func (x *AckWatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AckWatchResponse.ProtoReflect.Descriptor instead.
 func (*AckWatchResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{28}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{30}
 }
 
 type AwaitWatchersRequest struct {
@@ -2011,7 +2147,7 @@ type AwaitWatchersRequest struct {
 
 func (x *AwaitWatchersRequest) Reset() {
 	*x = AwaitWatchersRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[29]
+	mi := &file_beacon_v1_registry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2023,7 +2159,7 @@ func (x *AwaitWatchersRequest) String() string {
 func (*AwaitWatchersRequest) ProtoMessage() {}
 
 func (x *AwaitWatchersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[29]
+	mi := &file_beacon_v1_registry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2036,7 +2172,7 @@ func (x *AwaitWatchersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AwaitWatchersRequest.ProtoReflect.Descriptor instead.
 func (*AwaitWatchersRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{29}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *AwaitWatchersRequest) GetNamespace() string {
@@ -2083,7 +2219,7 @@ type AwaitWatchersResponse struct {
 
 func (x *AwaitWatchersResponse) Reset() {
 	*x = AwaitWatchersResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[30]
+	mi := &file_beacon_v1_registry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2095,7 +2231,7 @@ func (x *AwaitWatchersResponse) String() string {
 func (*AwaitWatchersResponse) ProtoMessage() {}
 
 func (x *AwaitWatchersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[30]
+	mi := &file_beacon_v1_registry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2108,7 +2244,7 @@ func (x *AwaitWatchersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AwaitWatchersResponse.ProtoReflect.Descriptor instead.
 func (*AwaitWatchersResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{30}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *AwaitWatchersResponse) GetWatchers() int32 {
@@ -2165,7 +2301,16 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\asuspect\x18\x10 \x01(\bR\asuspect\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x83\x06\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb5\x01\n" +
+	"\x12UpdateCheckRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
+	"\aservice\x18\x02 \x01(\tR\aservice\x12\x0e\n" +
+	"\x02id\x18\x03 \x01(\tR\x02id\x12\x14\n" +
+	"\x05check\x18\x04 \x01(\tR\x05check\x12)\n" +
+	"\x06status\x18\x05 \x01(\x0e2\x11.beacon.v1.HealthR\x06status\x12\x16\n" +
+	"\x06output\x18\x06 \x01(\tR\x06output\"1\n" +
+	"\x13UpdateCheckResponse\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\"\x83\x06\n" +
 	"\x05Check\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12(\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x14.beacon.v1.CheckKindR\x04kind\x12\x16\n" +
@@ -2306,12 +2451,13 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x12HEALTH_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eHEALTH_PASSING\x10\x01\x12\x12\n" +
 	"\x0eHEALTH_WARNING\x10\x02\x12\x13\n" +
-	"\x0fHEALTH_CRITICAL\x10\x03*e\n" +
+	"\x0fHEALTH_CRITICAL\x10\x03*y\n" +
 	"\tCheckKind\x12\x1a\n" +
 	"\x16CHECK_KIND_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fCHECK_KIND_HTTP\x10\x01\x12\x12\n" +
 	"\x0eCHECK_KIND_TCP\x10\x02\x12\x13\n" +
-	"\x0fCHECK_KIND_GRPC\x10\x032\x91\b\n" +
+	"\x0fCHECK_KIND_GRPC\x10\x03\x12\x12\n" +
+	"\x0eCHECK_KIND_TTL\x10\x042\xdf\b\n" +
 	"\x0fRegistryService\x12R\n" +
 	"\rCreateSession\x12\x1f.beacon.v1.CreateSessionRequest\x1a .beacon.v1.CreateSessionResponse\x12F\n" +
 	"\tKeepAlive\x12\x1b.beacon.v1.KeepAliveRequest\x1a\x1c.beacon.v1.KeepAliveResponse\x12Q\n" +
@@ -2321,7 +2467,8 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\n" +
 	"Deregister\x12\x1c.beacon.v1.DeregisterRequest\x1a\x1d.beacon.v1.DeregisterResponse\x12F\n" +
 	"\tSetStatus\x12\x1b.beacon.v1.SetStatusRequest\x1a\x1c.beacon.v1.SetStatusResponse\x12[\n" +
-	"\x10SetServiceConfig\x12\".beacon.v1.SetServiceConfigRequest\x1a#.beacon.v1.SetServiceConfigResponse\x12W\n" +
+	"\x10SetServiceConfig\x12\".beacon.v1.SetServiceConfigRequest\x1a#.beacon.v1.SetServiceConfigResponse\x12L\n" +
+	"\vUpdateCheck\x12\x1d.beacon.v1.UpdateCheckRequest\x1a\x1e.beacon.v1.UpdateCheckResponse\x12W\n" +
 	"\rListInstances\x12\x1f.beacon.v1.ListInstancesRequest\x1a .beacon.v1.ListInstancesResponse\"\x03\x90\x02\x01\x12T\n" +
 	"\fListServices\x12\x1e.beacon.v1.ListServicesRequest\x1a\x1f.beacon.v1.ListServicesResponse\"\x03\x90\x02\x01\x12<\n" +
 	"\x05Watch\x12\x17.beacon.v1.WatchRequest\x1a\x18.beacon.v1.WatchResponse0\x01\x12C\n" +
@@ -2341,107 +2488,112 @@ func file_beacon_v1_registry_proto_rawDescGZIP() []byte {
 }
 
 var file_beacon_v1_registry_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_beacon_v1_registry_proto_goTypes = []any{
 	(Status)(0),                      // 0: beacon.v1.Status
 	(Health)(0),                      // 1: beacon.v1.Health
 	(CheckKind)(0),                   // 2: beacon.v1.CheckKind
 	(*Instance)(nil),                 // 3: beacon.v1.Instance
-	(*Check)(nil),                    // 4: beacon.v1.Check
-	(*CreateSessionRequest)(nil),     // 5: beacon.v1.CreateSessionRequest
-	(*CreateSessionResponse)(nil),    // 6: beacon.v1.CreateSessionResponse
-	(*KeepAliveRequest)(nil),         // 7: beacon.v1.KeepAliveRequest
-	(*KeepAliveResponse)(nil),        // 8: beacon.v1.KeepAliveResponse
-	(*KeepAliveBatch)(nil),           // 9: beacon.v1.KeepAliveBatch
-	(*KeepAliveResult)(nil),          // 10: beacon.v1.KeepAliveResult
-	(*KeepAliveBatchResult)(nil),     // 11: beacon.v1.KeepAliveBatchResult
-	(*CloseSessionRequest)(nil),      // 12: beacon.v1.CloseSessionRequest
-	(*CloseSessionResponse)(nil),     // 13: beacon.v1.CloseSessionResponse
-	(*RegisterRequest)(nil),          // 14: beacon.v1.RegisterRequest
-	(*RegisterResponse)(nil),         // 15: beacon.v1.RegisterResponse
-	(*DeregisterRequest)(nil),        // 16: beacon.v1.DeregisterRequest
-	(*DeregisterResponse)(nil),       // 17: beacon.v1.DeregisterResponse
-	(*SetStatusRequest)(nil),         // 18: beacon.v1.SetStatusRequest
-	(*SetStatusResponse)(nil),        // 19: beacon.v1.SetStatusResponse
-	(*ListInstancesRequest)(nil),     // 20: beacon.v1.ListInstancesRequest
-	(*ListInstancesResponse)(nil),    // 21: beacon.v1.ListInstancesResponse
-	(*ListServicesRequest)(nil),      // 22: beacon.v1.ListServicesRequest
-	(*ServiceSummary)(nil),           // 23: beacon.v1.ServiceSummary
-	(*ListServicesResponse)(nil),     // 24: beacon.v1.ListServicesResponse
-	(*WatchRequest)(nil),             // 25: beacon.v1.WatchRequest
-	(*ServiceSnapshot)(nil),          // 26: beacon.v1.ServiceSnapshot
-	(*SetServiceConfigRequest)(nil),  // 27: beacon.v1.SetServiceConfigRequest
-	(*SetServiceConfigResponse)(nil), // 28: beacon.v1.SetServiceConfigResponse
-	(*WatchResponse)(nil),            // 29: beacon.v1.WatchResponse
-	(*AckWatchRequest)(nil),          // 30: beacon.v1.AckWatchRequest
-	(*AckWatchResponse)(nil),         // 31: beacon.v1.AckWatchResponse
-	(*AwaitWatchersRequest)(nil),     // 32: beacon.v1.AwaitWatchersRequest
-	(*AwaitWatchersResponse)(nil),    // 33: beacon.v1.AwaitWatchersResponse
-	nil,                              // 34: beacon.v1.Instance.MetadataEntry
-	nil,                              // 35: beacon.v1.Check.HeadersEntry
-	nil,                              // 36: beacon.v1.WatchRequest.KnownRevisionsEntry
-	nil,                              // 37: beacon.v1.AckWatchRequest.RevisionsEntry
-	(*durationpb.Duration)(nil),      // 38: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),    // 39: google.protobuf.Timestamp
+	(*UpdateCheckRequest)(nil),       // 4: beacon.v1.UpdateCheckRequest
+	(*UpdateCheckResponse)(nil),      // 5: beacon.v1.UpdateCheckResponse
+	(*Check)(nil),                    // 6: beacon.v1.Check
+	(*CreateSessionRequest)(nil),     // 7: beacon.v1.CreateSessionRequest
+	(*CreateSessionResponse)(nil),    // 8: beacon.v1.CreateSessionResponse
+	(*KeepAliveRequest)(nil),         // 9: beacon.v1.KeepAliveRequest
+	(*KeepAliveResponse)(nil),        // 10: beacon.v1.KeepAliveResponse
+	(*KeepAliveBatch)(nil),           // 11: beacon.v1.KeepAliveBatch
+	(*KeepAliveResult)(nil),          // 12: beacon.v1.KeepAliveResult
+	(*KeepAliveBatchResult)(nil),     // 13: beacon.v1.KeepAliveBatchResult
+	(*CloseSessionRequest)(nil),      // 14: beacon.v1.CloseSessionRequest
+	(*CloseSessionResponse)(nil),     // 15: beacon.v1.CloseSessionResponse
+	(*RegisterRequest)(nil),          // 16: beacon.v1.RegisterRequest
+	(*RegisterResponse)(nil),         // 17: beacon.v1.RegisterResponse
+	(*DeregisterRequest)(nil),        // 18: beacon.v1.DeregisterRequest
+	(*DeregisterResponse)(nil),       // 19: beacon.v1.DeregisterResponse
+	(*SetStatusRequest)(nil),         // 20: beacon.v1.SetStatusRequest
+	(*SetStatusResponse)(nil),        // 21: beacon.v1.SetStatusResponse
+	(*ListInstancesRequest)(nil),     // 22: beacon.v1.ListInstancesRequest
+	(*ListInstancesResponse)(nil),    // 23: beacon.v1.ListInstancesResponse
+	(*ListServicesRequest)(nil),      // 24: beacon.v1.ListServicesRequest
+	(*ServiceSummary)(nil),           // 25: beacon.v1.ServiceSummary
+	(*ListServicesResponse)(nil),     // 26: beacon.v1.ListServicesResponse
+	(*WatchRequest)(nil),             // 27: beacon.v1.WatchRequest
+	(*ServiceSnapshot)(nil),          // 28: beacon.v1.ServiceSnapshot
+	(*SetServiceConfigRequest)(nil),  // 29: beacon.v1.SetServiceConfigRequest
+	(*SetServiceConfigResponse)(nil), // 30: beacon.v1.SetServiceConfigResponse
+	(*WatchResponse)(nil),            // 31: beacon.v1.WatchResponse
+	(*AckWatchRequest)(nil),          // 32: beacon.v1.AckWatchRequest
+	(*AckWatchResponse)(nil),         // 33: beacon.v1.AckWatchResponse
+	(*AwaitWatchersRequest)(nil),     // 34: beacon.v1.AwaitWatchersRequest
+	(*AwaitWatchersResponse)(nil),    // 35: beacon.v1.AwaitWatchersResponse
+	nil,                              // 36: beacon.v1.Instance.MetadataEntry
+	nil,                              // 37: beacon.v1.Check.HeadersEntry
+	nil,                              // 38: beacon.v1.WatchRequest.KnownRevisionsEntry
+	nil,                              // 39: beacon.v1.AckWatchRequest.RevisionsEntry
+	(*durationpb.Duration)(nil),      // 40: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),    // 41: google.protobuf.Timestamp
 }
 var file_beacon_v1_registry_proto_depIdxs = []int32{
-	34, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
+	36, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
 	0,  // 1: beacon.v1.Instance.status:type_name -> beacon.v1.Status
 	1,  // 2: beacon.v1.Instance.health:type_name -> beacon.v1.Health
-	4,  // 3: beacon.v1.Instance.checks:type_name -> beacon.v1.Check
-	2,  // 4: beacon.v1.Check.kind:type_name -> beacon.v1.CheckKind
-	35, // 5: beacon.v1.Check.headers:type_name -> beacon.v1.Check.HeadersEntry
-	38, // 6: beacon.v1.Check.interval:type_name -> google.protobuf.Duration
-	38, // 7: beacon.v1.Check.timeout:type_name -> google.protobuf.Duration
-	38, // 8: beacon.v1.Check.deregister_critical_after:type_name -> google.protobuf.Duration
-	1,  // 9: beacon.v1.Check.status:type_name -> beacon.v1.Health
-	39, // 10: beacon.v1.Check.since:type_name -> google.protobuf.Timestamp
-	38, // 11: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
-	38, // 12: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
-	38, // 13: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
-	38, // 14: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
-	10, // 15: beacon.v1.KeepAliveBatchResult.results:type_name -> beacon.v1.KeepAliveResult
-	3,  // 16: beacon.v1.RegisterRequest.instance:type_name -> beacon.v1.Instance
-	0,  // 17: beacon.v1.SetStatusRequest.status:type_name -> beacon.v1.Status
-	3,  // 18: beacon.v1.SetStatusResponse.instance:type_name -> beacon.v1.Instance
-	3,  // 19: beacon.v1.ListInstancesResponse.instances:type_name -> beacon.v1.Instance
-	23, // 20: beacon.v1.ListServicesResponse.services:type_name -> beacon.v1.ServiceSummary
-	36, // 21: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
-	3,  // 22: beacon.v1.ServiceSnapshot.instances:type_name -> beacon.v1.Instance
-	26, // 23: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
-	37, // 24: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
-	38, // 25: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
-	5,  // 26: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
-	7,  // 27: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
-	9,  // 28: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
-	12, // 29: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
-	14, // 30: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
-	16, // 31: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
-	18, // 32: beacon.v1.RegistryService.SetStatus:input_type -> beacon.v1.SetStatusRequest
-	27, // 33: beacon.v1.RegistryService.SetServiceConfig:input_type -> beacon.v1.SetServiceConfigRequest
-	20, // 34: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
-	22, // 35: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
-	25, // 36: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
-	30, // 37: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
-	32, // 38: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
-	6,  // 39: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
-	8,  // 40: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
-	11, // 41: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
-	13, // 42: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
-	15, // 43: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
-	17, // 44: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
-	19, // 45: beacon.v1.RegistryService.SetStatus:output_type -> beacon.v1.SetStatusResponse
-	28, // 46: beacon.v1.RegistryService.SetServiceConfig:output_type -> beacon.v1.SetServiceConfigResponse
-	21, // 47: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
-	24, // 48: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
-	29, // 49: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
-	31, // 50: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
-	33, // 51: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
-	39, // [39:52] is the sub-list for method output_type
-	26, // [26:39] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	6,  // 3: beacon.v1.Instance.checks:type_name -> beacon.v1.Check
+	1,  // 4: beacon.v1.UpdateCheckRequest.status:type_name -> beacon.v1.Health
+	2,  // 5: beacon.v1.Check.kind:type_name -> beacon.v1.CheckKind
+	37, // 6: beacon.v1.Check.headers:type_name -> beacon.v1.Check.HeadersEntry
+	40, // 7: beacon.v1.Check.interval:type_name -> google.protobuf.Duration
+	40, // 8: beacon.v1.Check.timeout:type_name -> google.protobuf.Duration
+	40, // 9: beacon.v1.Check.deregister_critical_after:type_name -> google.protobuf.Duration
+	1,  // 10: beacon.v1.Check.status:type_name -> beacon.v1.Health
+	41, // 11: beacon.v1.Check.since:type_name -> google.protobuf.Timestamp
+	40, // 12: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
+	40, // 13: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
+	40, // 14: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
+	40, // 15: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
+	12, // 16: beacon.v1.KeepAliveBatchResult.results:type_name -> beacon.v1.KeepAliveResult
+	3,  // 17: beacon.v1.RegisterRequest.instance:type_name -> beacon.v1.Instance
+	0,  // 18: beacon.v1.SetStatusRequest.status:type_name -> beacon.v1.Status
+	3,  // 19: beacon.v1.SetStatusResponse.instance:type_name -> beacon.v1.Instance
+	3,  // 20: beacon.v1.ListInstancesResponse.instances:type_name -> beacon.v1.Instance
+	25, // 21: beacon.v1.ListServicesResponse.services:type_name -> beacon.v1.ServiceSummary
+	38, // 22: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
+	3,  // 23: beacon.v1.ServiceSnapshot.instances:type_name -> beacon.v1.Instance
+	28, // 24: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
+	39, // 25: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
+	40, // 26: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
+	7,  // 27: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
+	9,  // 28: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
+	11, // 29: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
+	14, // 30: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
+	16, // 31: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
+	18, // 32: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
+	20, // 33: beacon.v1.RegistryService.SetStatus:input_type -> beacon.v1.SetStatusRequest
+	29, // 34: beacon.v1.RegistryService.SetServiceConfig:input_type -> beacon.v1.SetServiceConfigRequest
+	4,  // 35: beacon.v1.RegistryService.UpdateCheck:input_type -> beacon.v1.UpdateCheckRequest
+	22, // 36: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
+	24, // 37: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
+	27, // 38: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
+	32, // 39: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
+	34, // 40: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
+	8,  // 41: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
+	10, // 42: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
+	13, // 43: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
+	15, // 44: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
+	17, // 45: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
+	19, // 46: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
+	21, // 47: beacon.v1.RegistryService.SetStatus:output_type -> beacon.v1.SetStatusResponse
+	30, // 48: beacon.v1.RegistryService.SetServiceConfig:output_type -> beacon.v1.SetServiceConfigResponse
+	5,  // 49: beacon.v1.RegistryService.UpdateCheck:output_type -> beacon.v1.UpdateCheckResponse
+	23, // 50: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
+	26, // 51: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
+	31, // 52: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
+	33, // 53: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
+	35, // 54: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
+	41, // [41:55] is the sub-list for method output_type
+	27, // [27:41] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_beacon_v1_registry_proto_init() }
@@ -2455,7 +2607,7 @@ func file_beacon_v1_registry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_beacon_v1_registry_proto_rawDesc), len(file_beacon_v1_registry_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   35,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

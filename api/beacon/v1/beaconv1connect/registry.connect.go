@@ -60,6 +60,9 @@ const (
 	// RegistryServiceSetServiceConfigProcedure is the fully-qualified name of the RegistryService's
 	// SetServiceConfig RPC.
 	RegistryServiceSetServiceConfigProcedure = "/beacon.v1.RegistryService/SetServiceConfig"
+	// RegistryServiceUpdateCheckProcedure is the fully-qualified name of the RegistryService's
+	// UpdateCheck RPC.
+	RegistryServiceUpdateCheckProcedure = "/beacon.v1.RegistryService/UpdateCheck"
 	// RegistryServiceListInstancesProcedure is the fully-qualified name of the RegistryService's
 	// ListInstances RPC.
 	RegistryServiceListInstancesProcedure = "/beacon.v1.RegistryService/ListInstances"
@@ -92,6 +95,8 @@ type RegistryServiceClient interface {
 	SetStatus(context.Context, *connect.Request[v1.SetStatusRequest]) (*connect.Response[v1.SetStatusResponse], error)
 	// SetServiceConfig sets a service's protection threshold.
 	SetServiceConfig(context.Context, *connect.Request[v1.SetServiceConfigRequest]) (*connect.Response[v1.SetServiceConfigResponse], error)
+	// UpdateCheck pushes the status of a TTL check and renews its TTL.
+	UpdateCheck(context.Context, *connect.Request[v1.UpdateCheckRequest]) (*connect.Response[v1.UpdateCheckResponse], error)
 	ListInstances(context.Context, *connect.Request[v1.ListInstancesRequest]) (*connect.Response[v1.ListInstancesResponse], error)
 	ListServices(context.Context, *connect.Request[v1.ListServicesRequest]) (*connect.Response[v1.ListServicesResponse], error)
 	Watch(context.Context, *connect.Request[v1.WatchRequest]) (*connect.ServerStreamForClient[v1.WatchResponse], error)
@@ -163,6 +168,12 @@ func NewRegistryServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 			connect.WithSchema(registryServiceMethods.ByName("SetServiceConfig")),
 			connect.WithClientOptions(opts...),
 		),
+		updateCheck: connect.NewClient[v1.UpdateCheckRequest, v1.UpdateCheckResponse](
+			httpClient,
+			baseURL+RegistryServiceUpdateCheckProcedure,
+			connect.WithSchema(registryServiceMethods.ByName("UpdateCheck")),
+			connect.WithClientOptions(opts...),
+		),
 		listInstances: connect.NewClient[v1.ListInstancesRequest, v1.ListInstancesResponse](
 			httpClient,
 			baseURL+RegistryServiceListInstancesProcedure,
@@ -209,6 +220,7 @@ type registryServiceClient struct {
 	deregister       *connect.Client[v1.DeregisterRequest, v1.DeregisterResponse]
 	setStatus        *connect.Client[v1.SetStatusRequest, v1.SetStatusResponse]
 	setServiceConfig *connect.Client[v1.SetServiceConfigRequest, v1.SetServiceConfigResponse]
+	updateCheck      *connect.Client[v1.UpdateCheckRequest, v1.UpdateCheckResponse]
 	listInstances    *connect.Client[v1.ListInstancesRequest, v1.ListInstancesResponse]
 	listServices     *connect.Client[v1.ListServicesRequest, v1.ListServicesResponse]
 	watch            *connect.Client[v1.WatchRequest, v1.WatchResponse]
@@ -256,6 +268,11 @@ func (c *registryServiceClient) SetServiceConfig(ctx context.Context, req *conne
 	return c.setServiceConfig.CallUnary(ctx, req)
 }
 
+// UpdateCheck calls beacon.v1.RegistryService.UpdateCheck.
+func (c *registryServiceClient) UpdateCheck(ctx context.Context, req *connect.Request[v1.UpdateCheckRequest]) (*connect.Response[v1.UpdateCheckResponse], error) {
+	return c.updateCheck.CallUnary(ctx, req)
+}
+
 // ListInstances calls beacon.v1.RegistryService.ListInstances.
 func (c *registryServiceClient) ListInstances(ctx context.Context, req *connect.Request[v1.ListInstancesRequest]) (*connect.Response[v1.ListInstancesResponse], error) {
 	return c.listInstances.CallUnary(ctx, req)
@@ -297,6 +314,8 @@ type RegistryServiceHandler interface {
 	SetStatus(context.Context, *connect.Request[v1.SetStatusRequest]) (*connect.Response[v1.SetStatusResponse], error)
 	// SetServiceConfig sets a service's protection threshold.
 	SetServiceConfig(context.Context, *connect.Request[v1.SetServiceConfigRequest]) (*connect.Response[v1.SetServiceConfigResponse], error)
+	// UpdateCheck pushes the status of a TTL check and renews its TTL.
+	UpdateCheck(context.Context, *connect.Request[v1.UpdateCheckRequest]) (*connect.Response[v1.UpdateCheckResponse], error)
 	ListInstances(context.Context, *connect.Request[v1.ListInstancesRequest]) (*connect.Response[v1.ListInstancesResponse], error)
 	ListServices(context.Context, *connect.Request[v1.ListServicesRequest]) (*connect.Response[v1.ListServicesResponse], error)
 	Watch(context.Context, *connect.Request[v1.WatchRequest], *connect.ServerStream[v1.WatchResponse]) error
@@ -364,6 +383,12 @@ func NewRegistryServiceHandler(svc RegistryServiceHandler, opts ...connect.Handl
 		connect.WithSchema(registryServiceMethods.ByName("SetServiceConfig")),
 		connect.WithHandlerOptions(opts...),
 	)
+	registryServiceUpdateCheckHandler := connect.NewUnaryHandler(
+		RegistryServiceUpdateCheckProcedure,
+		svc.UpdateCheck,
+		connect.WithSchema(registryServiceMethods.ByName("UpdateCheck")),
+		connect.WithHandlerOptions(opts...),
+	)
 	registryServiceListInstancesHandler := connect.NewUnaryHandler(
 		RegistryServiceListInstancesProcedure,
 		svc.ListInstances,
@@ -415,6 +440,8 @@ func NewRegistryServiceHandler(svc RegistryServiceHandler, opts ...connect.Handl
 			registryServiceSetStatusHandler.ServeHTTP(w, r)
 		case RegistryServiceSetServiceConfigProcedure:
 			registryServiceSetServiceConfigHandler.ServeHTTP(w, r)
+		case RegistryServiceUpdateCheckProcedure:
+			registryServiceUpdateCheckHandler.ServeHTTP(w, r)
 		case RegistryServiceListInstancesProcedure:
 			registryServiceListInstancesHandler.ServeHTTP(w, r)
 		case RegistryServiceListServicesProcedure:
@@ -464,6 +491,10 @@ func (UnimplementedRegistryServiceHandler) SetStatus(context.Context, *connect.R
 
 func (UnimplementedRegistryServiceHandler) SetServiceConfig(context.Context, *connect.Request[v1.SetServiceConfigRequest]) (*connect.Response[v1.SetServiceConfigResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.SetServiceConfig is not implemented"))
+}
+
+func (UnimplementedRegistryServiceHandler) UpdateCheck(context.Context, *connect.Request[v1.UpdateCheckRequest]) (*connect.Response[v1.UpdateCheckResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.UpdateCheck is not implemented"))
 }
 
 func (UnimplementedRegistryServiceHandler) ListInstances(context.Context, *connect.Request[v1.ListInstancesRequest]) (*connect.Response[v1.ListInstancesResponse], error) {
