@@ -4,9 +4,12 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -15,7 +18,9 @@ import (
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
+	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/registry"
 	"beacon.dev/beacon/server"
 )
 
@@ -212,4 +217,57 @@ func TestMetricsExposeStableNames(t *testing.T) {
 			t.Errorf("/metrics lacks %q", name)
 		}
 	}
+}
+
+// An operator's OUT_OF_SERVICE and the checks' observations survive the
+// owner registering the instance again; SetStatus puts it back.
+func TestMaintenanceAndCheckStateSurviveReregistration(t *testing.T) {
+	srv := startServer(t)
+	c, err := client.New([]string{srv.Addr()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// A TCP check on a port nothing listens on: it goes CRITICAL.
+	in := registry.Instance{Service: "orders", ID: "o-1", Address: "127.0.0.1", Port: freePort(t),
+		Checks: []registry.Check{{Kind: registry.CheckTCP, Interval: 100 * time.Millisecond, FailuresBeforeCritical: 1}}}
+	if _, err := c.Register(ctx, in); err != nil {
+		t.Fatal(err)
+	}
+	get := func() *registry.Instance {
+		snap, err := c.Instances(ctx, "orders", client.All())
+		if err != nil || len(snap.Instances) != 1 {
+			t.Fatalf("Instances: %v, %v", snap, err)
+		}
+		return snap.Instances[0]
+	}
+	testutil.Eventually(t, 10*time.Second, "the check is CRITICAL", func() bool { return get().Health == registry.HealthCritical })
+	if _, err := c.SetStatus(ctx, "", "orders", "o-1", registry.StatusOutOfService); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Register(ctx, in); err != nil { // the owner again, UP, checks unchanged
+		t.Fatal(err)
+	}
+	got := get()
+	if got.Status != registry.StatusOutOfService || got.Health != registry.HealthCritical || got.Checks[0].Status != registry.HealthCritical {
+		t.Fatalf("after re-registration: status %v health %v check %v; want OUT_OF_SERVICE, CRITICAL kept", got.Status, got.Health, got.Checks[0].Status)
+	}
+	if _, err := c.SetStatus(ctx, "", "orders", "o-1", registry.StatusUp); err != nil {
+		t.Fatal(err)
+	}
+	if got := get(); got.Status != registry.StatusUp {
+		t.Fatalf("after SetStatus UP: %v", got.Status)
+	}
+	if _, err := c.SetStatus(ctx, "", "orders", "nope", registry.StatusUp); !errors.Is(err, client.ErrNotFound) {
+		t.Fatalf("SetStatus of a missing instance: %v, want ErrNotFound", err)
+	}
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	_, p, _ := net.SplitHostPort(testutil.FreeAddr(t))
+	n, _ := strconv.Atoi(p)
+	return n
 }
