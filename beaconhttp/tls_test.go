@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"beacon.dev/beacon/beaconhttp"
+	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
 )
 
@@ -73,6 +74,10 @@ func TestHTTPSVerifiesTheServiceName(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	testutil.Eventually(t, 20*time.Second, "the cache sees both instances", func() bool {
+		set, _ := e.cache.Endpoints("secure")
+		return len(set.Endpoints) == 2
+	})
 	base := beaconhttp.DefaultBase()
 	base.TLSClientConfig = &tls.Config{RootCAs: pool}
 	hc := newTransport(t, e, beaconhttp.WithBase(base))
