@@ -431,3 +431,42 @@ func TestTTLCheckExpiresAndRecovers(t *testing.T) {
 		t.Errorf("update of a missing check: %v, want an error naming the check", err)
 	}
 }
+
+// The operator's commands: a checked registration, maintenance on and off,
+// a protection threshold, and the checks table.
+func TestCLIHealthCommands(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	s := []string{"--server", srv.Addr()}
+	steps := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"register", "--service", "web", "--id", "w-1", "--address", "127.0.0.1", "--port", "9", "--persistent",
+			"--check-tcp", "--check-interval", "200ms", "--check-failures", "1"}, "registered default/web/w-1"},
+		{[]string{"status", "web", "w-1", "OUT_OF_SERVICE"}, "is OUT_OF_SERVICE"},
+		{[]string{"instances", "web", "--all"}, "OUT_OF_SERVICE"},
+		{[]string{"status", "web", "w-1", "UP"}, "is UP"},
+		{[]string{"protect", "web", "0.5"}, "protection threshold 0.5"},
+		{[]string{"protect", "web", "--default"}, "default protection threshold"},
+	}
+	for _, st := range steps {
+		out, err := run(t, nil, append(s, st.args...)...)
+		if err != nil || !strings.Contains(out, st.want) {
+			t.Fatalf("beacon %v: %v\n%s\nwant %q", st.args, err, out, st.want)
+		}
+	}
+	// Nothing listens on port 9: the TCP check goes CRITICAL, shown with its output.
+	testutil.Eventually(t, 10*time.Second, "the checks table shows CRITICAL", func() bool {
+		out, _ := run(t, nil, append(s, "instances", "web", "--all")...)
+		return strings.Contains(out, "CHECK") && strings.Contains(out, "CRITICAL") && strings.Contains(out, "refused")
+	})
+	for _, bad := range [][]string{
+		{"status", "web", "w-1", "SLEEPING"},
+		{"protect", "web", "2"},
+		{"register", "--service", "web", "--id", "w-2", "--address", "127.0.0.1", "--port", "9", "--persistent", "--check-tcp", "--check-interval", "1ms"},
+	} {
+		if out, err := run(t, nil, append(s, bad...)...); err == nil {
+			t.Errorf("beacon %v succeeded:\n%s", bad, out)
+		}
+	}
+}

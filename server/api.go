@@ -63,6 +63,22 @@ func (a api) ready() error {
 	}
 }
 
+// instanceKeyOf validates the namespace, service and id a request names.
+func instanceKeyOf(namespace, service, id string) (registry.InstanceKey, error) {
+	ns, err := namespaceOf(namespace)
+	if err == nil {
+		err = registry.ValidateName("service", service)
+	}
+	if err == nil {
+		err = registry.ValidateID("id", id)
+	}
+	return registry.InstanceKey{Namespace: ns, Service: service, ID: id}, err
+}
+
+func instanceNotFound(k registry.InstanceKey) error {
+	return connect.NewError(connect.CodeNotFound, fmt.Errorf("instance %s/%s/%s: not found", k.Namespace, k.Service, k.ID))
+}
+
 func namespaceOf(ns string) (string, error) {
 	if ns == "" {
 		return registry.DefaultNamespace, nil
@@ -254,13 +270,7 @@ func (a api) SetStatus(ctx context.Context, req *connect.Request[beaconv1.SetSta
 	if err := a.ready(); err != nil {
 		return nil, err
 	}
-	ns, err := namespaceOf(req.Msg.GetNamespace())
-	if err == nil {
-		err = registry.ValidateName("service", req.Msg.GetService())
-	}
-	if err == nil {
-		err = registry.ValidateID("id", req.Msg.GetId())
-	}
+	k, err := instanceKeyOf(req.Msg.GetNamespace(), req.Msg.GetService(), req.Msg.GetId())
 	status := registry.Status(req.Msg.GetStatus())
 	if err == nil && (status <= registry.StatusUnspecified || status > registry.StatusOutOfService) {
 		err = &registry.FieldError{Field: "status", Reason: "must be one of STARTING, UP, DRAINING, OUT_OF_SERVICE"}
@@ -268,7 +278,6 @@ func (a api) SetStatus(ctx context.Context, req *connect.Request[beaconv1.SetSta
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	k := registry.InstanceKey{Namespace: ns, Service: req.Msg.GetService(), ID: req.Msg.GetId()}
 	var after registry.Instance
 	rev, err := a.s.store.Update(ctx, k, func(in *registry.Instance) bool {
 		in.Status = status
@@ -276,7 +285,7 @@ func (a api) SetStatus(ctx context.Context, req *connect.Request[beaconv1.SetSta
 		return true
 	})
 	if errors.Is(err, store.ErrInstanceNotFound) {
-		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("instance %s/%s/%s: not found", k.Namespace, k.Service, k.ID))
+		return nil, instanceNotFound(k)
 	}
 	if err != nil {
 		return nil, toConnectError(err)
@@ -317,13 +326,7 @@ func (a api) UpdateCheck(ctx context.Context, req *connect.Request[beaconv1.Upda
 		return nil, err
 	}
 	msg := req.Msg
-	ns, err := namespaceOf(msg.GetNamespace())
-	if err == nil {
-		err = registry.ValidateName("service", msg.GetService())
-	}
-	if err == nil {
-		err = registry.ValidateID("id", msg.GetId())
-	}
+	k, err := instanceKeyOf(msg.GetNamespace(), msg.GetService(), msg.GetId())
 	name := msg.GetCheck()
 	if name == "" {
 		name = "ttl"
@@ -341,11 +344,10 @@ func (a api) UpdateCheck(ctx context.Context, req *connect.Request[beaconv1.Upda
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	k := registry.InstanceKey{Namespace: ns, Service: msg.GetService(), ID: msg.GetId()}
 	a.catchUp(ctx) // a check registered a moment ago must be found
 	in := a.s.view.Instance(k)
 	if in == nil {
-		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("instance %s/%s/%s: not found", k.Namespace, k.Service, k.ID))
+		return nil, instanceNotFound(k)
 	}
 	var spec *registry.Check
 	for n := range in.Checks {
@@ -372,7 +374,7 @@ func (a api) UpdateCheck(ctx context.Context, req *connect.Request[beaconv1.Upda
 		return false
 	})
 	if errors.Is(err, store.ErrInstanceNotFound) {
-		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("instance %s/%s/%s: not found", k.Namespace, k.Service, k.ID))
+		return nil, instanceNotFound(k)
 	}
 	if err != nil {
 		return nil, toConnectError(err)
@@ -381,17 +383,11 @@ func (a api) UpdateCheck(ctx context.Context, req *connect.Request[beaconv1.Upda
 }
 
 func (a api) Deregister(ctx context.Context, req *connect.Request[beaconv1.DeregisterRequest]) (*connect.Response[beaconv1.DeregisterResponse], error) {
-	ns, err := namespaceOf(req.Msg.GetNamespace())
-	if err == nil {
-		err = registry.ValidateName("service", req.Msg.GetService())
-	}
-	if err == nil {
-		err = registry.ValidateID("id", req.Msg.GetId())
-	}
+	k, err := instanceKeyOf(req.Msg.GetNamespace(), req.Msg.GetService(), req.Msg.GetId())
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	rev, found, err := a.s.store.Deregister(ctx, registry.InstanceKey{Namespace: ns, Service: req.Msg.GetService(), ID: req.Msg.GetId()})
+	rev, found, err := a.s.store.Deregister(ctx, k)
 	if err != nil {
 		return nil, toConnectError(err)
 	}

@@ -421,23 +421,18 @@ func newCheckUpdateCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			c, err := g.client()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
-			defer cancel()
-			rev, err := c.UpdateCheck(ctx, g.namespace, args[0], args[1], check, st, output)
-			if err != nil {
-				return err
-			}
-			if rev == 0 {
-				fmt.Fprintf(g.stdout, "%s/%s/%s check %s: still %s, TTL renewed\n", g.namespace, args[0], args[1], dash(check), st)
-			} else {
-				fmt.Fprintf(g.stdout, "%s/%s/%s check %s: now %s (revision %d)\n", g.namespace, args[0], args[1], dash(check), st, rev)
-			}
-			return nil
+			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
+				rev, err := c.UpdateCheck(ctx, g.namespace, args[0], args[1], check, st, output)
+				if err != nil {
+					return err
+				}
+				if rev == 0 {
+					fmt.Fprintf(g.stdout, "%s/%s/%s check %s: still %s, TTL renewed\n", g.namespace, args[0], args[1], dash(check), st)
+				} else {
+					fmt.Fprintf(g.stdout, "%s/%s/%s check %s: now %s (revision %d)\n", g.namespace, args[0], args[1], dash(check), st, rev)
+				}
+				return nil
+			})
 		},
 	}
 	cmd.Flags().StringVar(&check, "check", "", "the TTL check's name (default ttl)")
@@ -466,23 +461,18 @@ func newProtectCmd(g *globals) *cobra.Command {
 					return fmt.Errorf("invalid THRESHOLD %q: must be a number between 0 and 1", args[1])
 				}
 			}
-			c, err := g.client()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
-			defer cancel()
-			rev, err := c.SetProtectionThreshold(ctx, g.namespace, args[0], threshold, useDefault)
-			if err != nil {
-				return err
-			}
-			if useDefault {
-				fmt.Fprintf(g.stdout, "%s/%s uses the server's default protection threshold (revision %d)\n", g.namespace, args[0], rev)
-			} else {
-				fmt.Fprintf(g.stdout, "%s/%s protection threshold %g (revision %d)\n", g.namespace, args[0], threshold, rev)
-			}
-			return nil
+			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
+				rev, err := c.SetProtectionThreshold(ctx, g.namespace, args[0], threshold, useDefault)
+				if err != nil {
+					return err
+				}
+				if useDefault {
+					fmt.Fprintf(g.stdout, "%s/%s uses the server's default protection threshold (revision %d)\n", g.namespace, args[0], rev)
+				} else {
+					fmt.Fprintf(g.stdout, "%s/%s protection threshold %g (revision %d)\n", g.namespace, args[0], threshold, rev)
+				}
+				return nil
+			})
 		},
 	}
 	cmd.Flags().BoolVar(&useDefault, "default", false, "forget the service's threshold: the server's default applies")
@@ -501,19 +491,14 @@ func newStatusCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			c, err := g.client()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
-			defer cancel()
-			in, err := c.SetStatus(ctx, g.namespace, args[0], args[1], st)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(g.stdout, "%s/%s/%s is %s (health %s) at revision %d\n", in.Namespace, in.Service, in.ID, in.Status, in.Health, in.Revision)
-			return nil
+			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
+				in, err := c.SetStatus(ctx, g.namespace, args[0], args[1], st)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(g.stdout, "%s/%s/%s is %s (health %s) at revision %d\n", in.Namespace, in.Service, in.ID, in.Status, in.Health, in.Revision)
+				return nil
+			})
 		},
 	}
 	return cmd

@@ -75,6 +75,18 @@ func (g *globals) client() (*client.Client, error) {
 	return client.New(g.servers, client.WithNamespace(g.namespace))
 }
 
+// call runs f with a client and a context bounded by callTimeout.
+func (g *globals) call(cmd *cobra.Command, f func(ctx context.Context, c *client.Client) error) error {
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
+	defer cancel()
+	return f(ctx, c)
+}
+
 func (g *globals) checkOutput() error {
 	if g.output != "table" && g.output != "json" {
 		return fmt.Errorf("invalid --output %q: must be table or json", g.output)
