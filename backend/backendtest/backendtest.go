@@ -1,0 +1,292 @@
+// Package backendtest is the conformance suite every backend passes: the
+// same registrations, expiries, watches and bad input give the same
+// results on a beacon server, in memory, on etcd and on Consul.
+package backendtest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"beacon.dev/beacon/backend"
+	"beacon.dev/beacon/registry"
+)
+
+// Harness builds fresh backends for the suite.
+type Harness struct {
+	// New returns an empty backend; the suite closes it.
+	New func(t *testing.T) backend.Backend
+	// TTL is the session TTL the suite uses (the backend's minimum is fine).
+	TTL time.Duration
+}
+
+// Run runs the suite.
+func Run(t *testing.T, h Harness) {
+	if h.TTL == 0 {
+		h.TTL = 2 * time.Second
+	}
+	for _, tc := range []struct {
+		name string
+		f    func(*testing.T, backend.Backend, Harness)
+	}{
+		{"RegisterListDeregister", registerListDeregister},
+		{"SessionCloseRemovesAtOnce", sessionCloseRemovesAtOnce},
+		{"SessionExpiresWhenItsOwnerIsGone", sessionExpires},
+		{"WatchConverges", watchConverges},
+		{"BadInputIsRefusedAndChangesNothing", badInput},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := h.New(t)
+			defer b.Close()
+			tc.f(t, b, h)
+		})
+	}
+}
+
+func ctxFor(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func ids(s *registry.Snapshot) []string {
+	var out []string
+	for _, in := range s.Instances {
+		out = append(out, in.ID)
+	}
+	return out
+}
+
+func list(ctx context.Context, t *testing.T, b backend.Backend, service string) []string {
+	t.Helper()
+	s, err := b.Instances(ctx, service)
+	if err != nil {
+		t.Fatalf("Instances(%s): %v", service, err)
+	}
+	return ids(s)
+}
+
+func registerListDeregister(t *testing.T, b backend.Backend, _ Harness) {
+	ctx := ctxFor(t, 30*time.Second)
+	in := registry.Instance{Service: "orders", ID: "o-1", Address: "127.0.0.1", Port: 9001, Weight: 7,
+		Zone: "a", Version: "1.2", Tags: []string{"canary"}, Metadata: map[string]string{"team": "core"}}
+	if _, err := b.Register(ctx, in); err != nil {
+		t.Fatal(err)
+	}
+	s, err := b.Instances(ctx, "orders")
+	if err != nil || len(s.Instances) != 1 {
+		t.Fatalf("Instances = %v, %v", s, err)
+	}
+	got := s.Instances[0]
+	if got.Address != in.Address || got.Port != in.Port || got.Weight != 7 || got.Zone != "a" || got.Version != "1.2" ||
+		!slices.Equal(got.Tags, in.Tags) || got.Metadata["team"] != "core" || !got.Routable() || got.Ephemeral() {
+		t.Errorf("stored %+v, registered %+v", got, in)
+	}
+	if s.Revision <= 0 {
+		t.Errorf("snapshot revision %d", s.Revision)
+	}
+	found, err := b.Deregister(ctx, "orders", "o-1")
+	if err != nil || !found {
+		t.Fatalf("Deregister = %v, %v", found, err)
+	}
+	if found, err := b.Deregister(ctx, "orders", "o-1"); err != nil || found {
+		t.Errorf("second Deregister = %v, %v; want not found", found, err)
+	}
+	if got := list(ctx, t, b, "orders"); len(got) != 0 {
+		t.Errorf("after Deregister: %v", got)
+	}
+}
+
+func sessionCloseRemovesAtOnce(t *testing.T, b backend.Backend, h Harness) {
+	ctx := ctxFor(t, 30*time.Second)
+	s, err := b.NewSession(ctx, h.TTL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		if _, err := s.Register(ctx, registry.Instance{Service: "orders", ID: fmt.Sprint("e-", i), Address: "127.0.0.1", Port: 9000 + i}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := list(ctx, t, b, "orders"); len(got) != 2 {
+		t.Fatalf("registered %v", got)
+	}
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-s.Done():
+	default:
+		t.Error("Done is not closed after Close")
+	}
+	eventually(t, h.TTL/2, "a closed session's instances are gone (well before the TTL)", func() bool {
+		return len(list(ctx, t, b, "orders")) == 0
+	})
+}
+
+func sessionExpires(t *testing.T, b backend.Backend, h Harness) {
+	ctx := ctxFor(t, 60*time.Second)
+	dying, err := b.NewSession(ctx, h.TTL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	living, err := b.NewSession(ctx, h.TTL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer living.Close(ctx)
+	if _, err := dying.Register(ctx, registry.Instance{Service: "orders", ID: "dying", Address: "127.0.0.1", Port: 9001}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := living.Register(ctx, registry.Instance{Service: "orders", ID: "living", Address: "127.0.0.1", Port: 9002}); err != nil {
+		t.Fatal(err)
+	}
+	// The owner goes without telling the registry, as a crashed process does.
+	gone, cancel := context.WithCancel(ctx)
+	cancel()
+	_ = dying.Close(gone)
+	start := time.Now()
+	eventually(t, 2*h.TTL+3*time.Second, "the dead owner's instance expires", func() bool {
+		return slices.Equal(list(ctx, t, b, "orders"), []string{"living"})
+	})
+	if d := time.Since(start); d < h.TTL/2 {
+		t.Errorf("expired after %v, well before the TTL %v", d, h.TTL)
+	}
+	// The living session outlives several TTLs.
+	time.Sleep(h.TTL + h.TTL/2)
+	if got := list(ctx, t, b, "orders"); !slices.Equal(got, []string{"living"}) {
+		t.Errorf("a live session's instance: %v", got)
+	}
+}
+
+func watchConverges(t *testing.T, b backend.Backend, h Harness) {
+	ctx := ctxFor(t, 60*time.Second)
+	services := []string{"alpha", "beta"}
+	st, err := b.Watch(ctx, services)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	select {
+	case <-st.Synced():
+	case <-ctx.Done():
+		t.Fatal("the watch never synced")
+	}
+	// Follow it as the discovery cache does, checking revisions only grow.
+	revs := map[string]int64{}
+	stopped := make(chan struct{})
+	var bad error
+	go func() {
+		defer close(stopped)
+		for {
+			snaps, err := st.Next(ctx)
+			if err != nil {
+				return
+			}
+			for _, s := range snaps {
+				if s.Revision < revs[s.Service] && bad == nil {
+					bad = fmt.Errorf("%s went back from revision %d to %d", s.Service, revs[s.Service], s.Revision)
+				}
+				revs[s.Service] = s.Revision
+			}
+		}
+	}()
+	sess, err := b.NewSession(ctx, h.TTL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Close(ctx)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := range 120 {
+		svc := services[rng.IntN(2)]
+		id := fmt.Sprint("i-", rng.IntN(12))
+		in := registry.Instance{Service: svc, ID: id, Address: "127.0.0.1", Port: 1000 + i}
+		switch rng.IntN(3) {
+		case 0:
+			_, err = b.Register(ctx, in)
+		case 1:
+			_, err = sess.Register(ctx, in)
+		default:
+			_, err = b.Deregister(ctx, svc, id)
+		}
+		if err != nil {
+			t.Fatalf("op %d: %v", i, err)
+		}
+	}
+	for _, svc := range services {
+		want := list(ctx, t, b, svc)
+		eventually(t, 10*time.Second, "the watch converges on "+svc, func() bool {
+			s, ok := st.Snapshot(svc)
+			if !ok {
+				return len(want) == 0
+			}
+			return slices.Equal(ids(s), want)
+		})
+	}
+	st.Close()
+	<-stopped
+	if bad != nil {
+		t.Error(bad)
+	}
+}
+
+func badInput(t *testing.T, b backend.Backend, h Harness) {
+	ctx := ctxFor(t, 30*time.Second)
+	good := registry.Instance{Service: "orders", ID: "o-1", Address: "127.0.0.1", Port: 9001}
+	if _, err := b.Register(ctx, good); err != nil {
+		t.Fatal(err)
+	}
+	before, err := b.Instances(ctx, "orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess, err := b.NewSession(ctx, h.TTL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Close(ctx)
+	for _, tc := range []struct {
+		field string
+		in    registry.Instance
+	}{
+		{"port", registry.Instance{Service: "orders", ID: "o-1", Address: "127.0.0.1", Port: 0}},
+		{"service", registry.Instance{Service: "Orders!", ID: "o-1", Address: "127.0.0.1", Port: 1}},
+		{"id", registry.Instance{Service: "orders", ID: "o 1", Address: "127.0.0.1", Port: 1}},
+		{"address", registry.Instance{Service: "orders", ID: "o-1", Address: "not an address", Port: 1}},
+		{"weight", registry.Instance{Service: "orders", ID: "o-1", Address: "127.0.0.1", Port: 1, Weight: 1 << 20}},
+		{"tags", registry.Instance{Service: "orders", ID: "o-1", Address: "127.0.0.1", Port: 1, Tags: make([]string, registry.MaxTags+1)}},
+	} {
+		for name, reg := range map[string]func(context.Context, registry.Instance) (int64, error){"Register": b.Register, "Session.Register": sess.Register} {
+			_, err := reg(ctx, tc.in)
+			if !errors.Is(err, registry.ErrInvalid) || !strings.Contains(err.Error(), tc.field) {
+				t.Errorf("%s with a bad %s: %v, want an invalid-argument error naming it", name, tc.field, err)
+			}
+		}
+	}
+	if _, err := b.NewSession(ctx, time.Millisecond); !errors.Is(err, registry.ErrInvalid) {
+		t.Errorf("NewSession(1ms): %v, want invalid", err)
+	}
+	after, err := b.Instances(ctx, "orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(after.Instances) != 1 || after.Revision != before.Revision || after.Instances[0].Port != 9001 {
+		t.Errorf("bad input changed the registry: before %+v, after %+v", before.Instances[0], after.Instances)
+	}
+}
