@@ -11,8 +11,8 @@ import (
 	"beacon.dev/beacon/backend/backendtest"
 	"beacon.dev/beacon/backend/memory"
 	"beacon.dev/beacon/discovery"
-	"beacon.dev/beacon/registry"
 	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/registry"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m, testutil.LeakOptions()...) }
