@@ -200,7 +200,7 @@ func TestUnavailableWhenNoServer(t *testing.T) {
 // The SDK must not drag in the server: a service that only discovers others
 // should not link an etcd server.
 func TestSDKDoesNotImportServer(t *testing.T) {
-	sdk := []string{"client", "registry", "endpoint", "discovery", "balancer/...", "outlier", "policy", "beaconhttp", "beacongrpc"}
+	sdk := []string{"client", "registry", "endpoint", "discovery", "balancer/...", "outlier", "policy", "beaconhttp", "beacongrpc", "lifecycle", "backend", "backend/beacon", "backend/memory"}
 	args := []string{"list", "-deps"}
 	for _, p := range sdk {
 		args = append(args, "beacon.dev/beacon/"+p)

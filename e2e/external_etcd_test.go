@@ -2,8 +2,6 @@ package e2e
 
 import (
 	"context"
-	"os"
-	"os/exec"
 	"strings"
 	"syscall"
 	"testing"
@@ -13,35 +11,10 @@ import (
 	"beacon.dev/beacon/registry"
 )
 
-// startDebianEtcd runs the etcd binary from PATH (Debian's etcd-server,
-// 3.4) on free loopback ports. The test command installs it; elsewhere the
-// test is skipped unless BEACON_REQUIRE_ETCD=1 makes its absence a failure.
-func startDebianEtcd(t *testing.T) string {
-	t.Helper()
-	bin, err := exec.LookPath("etcd")
-	if err != nil {
-		if os.Getenv("BEACON_REQUIRE_ETCD") == "1" {
-			t.Fatalf("etcd not on PATH and BEACON_REQUIRE_ETCD=1: %v", err)
-		}
-		t.Skip("etcd not on PATH (install Debian's etcd-server)")
-	}
-	client, peer := "http://"+testutil.FreeAddr(t), "http://"+testutil.FreeAddr(t)
-	cmd := exec.Command(bin, "--name", "t", "--data-dir", t.TempDir(),
-		"--listen-client-urls", client, "--advertise-client-urls", client,
-		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-		"--initial-cluster", "t="+peer, "--log-level", "error", "--logger", "zap")
-	cmd.Env = append(os.Environ(), "ETCD_UNSUPPORTED_ARCH="+os.Getenv("GOARCH"))
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Signal(syscall.SIGKILL); cmd.Wait() })
-	return client
-}
-
 // `beacon server --etcd-endpoints` against Debian's etcd 3.4: no embedded
 // etcd, and the registry behaves the same.
 func TestExternalEtcd34(t *testing.T) {
-	endpoint := startDebianEtcd(t)
+	endpoint := testutil.StartDebianEtcd(t)
 	addr := testutil.FreeAddr(t)
 	args := []string{"server", "--addr", addr, "--etcd-endpoints", endpoint, "--log-level", "warn"}
 	srv := &serverProc{t: t, addr: addr, args: args}

@@ -253,8 +253,8 @@ func badInput(t *testing.T, b backend.Backend, h Harness) {
 		t.Fatal(err)
 	}
 	before, err := b.Instances(ctx, "orders")
-	if err != nil {
-		t.Fatal(err)
+	if err != nil || len(before.Instances) != 1 {
+		t.Fatalf("Instances after Register: %v, %v", before, err)
 	}
 	sess, err := b.NewSession(ctx, h.TTL)
 	if err != nil {

@@ -1,0 +1,338 @@
+// Package etcd runs the backend interface directly on an etcd cluster, no
+// beacon server in between. It uses beacon's own key layout, so a beacon
+// server on the same etcd and prefix sees the same registry:
+//
+//	PREFIX/ns/NAMESPACE/svc/SERVICE/inst/ID  → the instance (JSON), bound to
+//	                                          its session's lease if ephemeral
+//	PREFIX/sessions/LEASE_ID_HEX            → the session (JSON), on its lease
+//
+// (PREFIX is /beacon/v1/ unless configured; `etcdctl get --prefix
+// /beacon/v1/ns/` lists every instance.) Sessions are leases kept alive by
+// clientv3; a session whose lease is lost is replaced and its instances
+// registered again. Watches are Get-then-Watch from the next revision,
+// listing again after a compaction (internal/view).
+package etcd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"beacon.dev/beacon/backend"
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/discovery"
+	"beacon.dev/beacon/internal/store"
+	"beacon.dev/beacon/internal/view"
+	"beacon.dev/beacon/registry"
+)
+
+// Backend is a registry namespace on an etcd cluster.
+type Backend struct {
+	ns    string
+	cli   *clientv3.Client
+	store *store.Store
+	view  *view.View
+	stop  context.CancelFunc
+	done  chan struct{}
+}
+
+var _ backend.Backend = (*Backend)(nil)
+
+// New follows namespace ("" = default) under prefix ("" = /beacon/v1/) on
+// cli. Close stops it; it does not close cli.
+func New(cli *clientv3.Client, namespace, prefix string, log *slog.Logger) (*Backend, error) {
+	if namespace == "" {
+		namespace = registry.DefaultNamespace
+	}
+	if err := registry.ValidateNamespace(namespace); err != nil {
+		return nil, err
+	}
+	st := store.New(cli, prefix)
+	b := &Backend{ns: namespace, cli: cli, store: st, view: view.New(cli, st.Layout, log, view.Hooks{}), done: make(chan struct{})}
+	ctx, stop := context.WithCancel(context.Background())
+	b.stop = stop
+	go func() { // owned: ends with Close
+		defer close(b.done)
+		b.view.Run(ctx)
+	}()
+	return b, nil
+}
+
+// Namespace implements discovery.Source.
+func (b *Backend) Namespace() string { return b.ns }
+
+// Close stops following etcd.
+func (b *Backend) Close() error {
+	b.stop()
+	<-b.done
+	b.store.Close()
+	return nil
+}
+
+func (b *Backend) prepare(in registry.Instance, session int64) (*registry.Instance, error) {
+	if in.Namespace == "" {
+		in.Namespace = b.ns
+	}
+	in = in.Clone()
+	in.SessionID, in.Revision, in.Suspect = session, 0, false
+	in.ApplyDefaults()
+	if err := in.Validate(); err != nil {
+		return nil, fmt.Errorf("beacon/etcd: %w", err)
+	}
+	return &in, nil
+}
+
+// Register implements backend.Backend.
+func (b *Backend) Register(ctx context.Context, in registry.Instance) (int64, error) {
+	p, err := b.prepare(in, 0)
+	if err != nil {
+		return 0, err
+	}
+	return b.store.Register(ctx, p)
+}
+
+// Deregister implements backend.Backend.
+func (b *Backend) Deregister(ctx context.Context, service, id string) (bool, error) {
+	if err := registry.ValidateName("service", service); err != nil {
+		return false, err
+	}
+	_, found, err := b.store.Deregister(ctx, registry.InstanceKey{Namespace: b.ns, Service: service, ID: id})
+	return found, err
+}
+
+// Instances implements backend.Backend with a linearizable read straight
+// from etcd. (Waiting for the view with a requested progress notification
+// is not safe before etcd 3.4.25/3.5.8, whose notification can run ahead of
+// the events — etcd issue 15220; Debian ships 3.4.23.) The snapshot's
+// revision is its newest instance's.
+func (b *Backend) Instances(ctx context.Context, service string) (*registry.Snapshot, error) {
+	if err := registry.ValidateName("service", service); err != nil {
+		return nil, err
+	}
+	prefix := b.store.NamespacesPrefix() + b.ns + "/svc/" + service + "/inst/"
+	resp, err := b.cli.Get(ctx, prefix, clientv3.WithPrefix())
+	if err != nil {
+		return nil, fmt.Errorf("beacon/etcd: listing %s: %w", service, err)
+	}
+	snap := &registry.Snapshot{Namespace: b.ns, Service: service}
+	for _, kv := range resp.Kvs {
+		in, err := b.store.DecodeInstance(string(kv.Key), kv.Value, kv.ModRevision)
+		if err != nil {
+			continue // unreadable records are ignored, as the view does
+		}
+		snap.Instances = append(snap.Instances, in)
+		snap.Revision = max(snap.Revision, kv.ModRevision)
+	}
+	return snap, nil // etcd returns keys sorted: instances sorted by ID
+}
+
+// Watch implements discovery.Source.
+func (b *Backend) Watch(ctx context.Context, services []string) (discovery.Stream, error) {
+	for i, s := range services {
+		if err := registry.ValidateName(fmt.Sprintf("services[%d]", i), s); err != nil {
+			return nil, err
+		}
+	}
+	select { // the view's first listing
+	case <-b.view.Ready():
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	ws := &stream{sub: b.view.Subscribe(b.ns, services, nil), synced: make(chan struct{}), state: map[string]*registry.Snapshot{}}
+	// The view is loaded: what it holds now is the caught-up state (the
+	// subscription also delivers it through Next).
+	if len(services) == 0 {
+		for _, snap := range b.view.Services(b.ns) {
+			ws.state[snap.Service] = snap
+		}
+	} else {
+		for _, svc := range services {
+			if snap := b.view.Snapshot(registry.ServiceKey{Namespace: b.ns, Service: svc}); len(snap.Instances) > 0 {
+				ws.state[svc] = snap
+			}
+		}
+	}
+	close(ws.synced)
+	wctx, cancel := context.WithCancel(ctx)
+	ws.cancel = cancel
+	ws.ctx = wctx
+	return ws, nil
+}
+
+// stream adapts a view subscription to discovery.Stream.
+type stream struct {
+	sub    *view.Subscription
+	ctx    context.Context
+	cancel context.CancelFunc
+	synced chan struct{}
+
+	mu    sync.Mutex
+	state map[string]*registry.Snapshot // guarded by mu
+}
+
+func (s *stream) Next(ctx context.Context) ([]*registry.Snapshot, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(s.ctx, cancel)
+	defer stop()
+	pending, _, err := s.sub.Next(ctx)
+	if err != nil {
+		if s.ctx.Err() != nil {
+			return nil, client.ErrClosed
+		}
+		return nil, err
+	}
+	out := make([]*registry.Snapshot, len(pending))
+	s.mu.Lock()
+	for i, p := range pending {
+		out[i] = p.Snap
+		if old, ok := s.state[p.Snap.Service]; !ok || p.Snap.Revision >= old.Revision {
+			s.state[p.Snap.Service] = p.Snap
+		}
+	}
+	s.mu.Unlock()
+	return out, nil
+}
+
+func (s *stream) Synced() <-chan struct{} { return s.synced }
+
+func (s *stream) Snapshot(service string) (*registry.Snapshot, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	snap, ok := s.state[service]
+	return snap, ok
+}
+
+func (s *stream) Status() client.WatchStatus { return client.WatchStatus{Connected: true} }
+
+func (s *stream) Close() {
+	s.cancel()
+	s.sub.Close()
+}
+
+// session is a lease kept alive by clientv3; lost, it is replaced and its
+// instances registered again.
+type session struct {
+	b    *Backend
+	ttl  time.Duration
+	stop context.CancelFunc
+	done chan struct{}
+	once sync.Once
+
+	mu        sync.Mutex
+	id        int64                                      // guarded by mu
+	instances map[registry.InstanceKey]registry.Instance // guarded by mu
+}
+
+// NewSession implements backend.Backend.
+func (b *Backend) NewSession(ctx context.Context, ttl time.Duration) (backend.Session, error) {
+	if ttl == 0 {
+		ttl = registry.DefaultSessionTTL
+	}
+	id, _, err := b.store.CreateSession(ctx, ttl, "beacon/etcd")
+	if err != nil {
+		return nil, err
+	}
+	runCtx, stop := context.WithCancel(context.Background())
+	s := &session{b: b, ttl: ttl, stop: stop, done: make(chan struct{}), id: id, instances: map[registry.InstanceKey]registry.Instance{}}
+	go s.run(runCtx)
+	return s, nil
+}
+
+func (s *session) Register(ctx context.Context, in registry.Instance) (int64, error) {
+	s.mu.Lock()
+	id := s.id
+	s.mu.Unlock()
+	p, err := s.b.prepare(in, id)
+	if err != nil {
+		return 0, err
+	}
+	s.mu.Lock()
+	s.instances[p.Key()] = *p
+	s.mu.Unlock()
+	return s.b.store.Register(ctx, p)
+}
+
+func (s *session) Deregister(ctx context.Context, service, id string) (bool, error) {
+	s.mu.Lock()
+	delete(s.instances, registry.InstanceKey{Namespace: s.b.ns, Service: service, ID: id})
+	s.mu.Unlock()
+	return s.b.Deregister(ctx, service, id)
+}
+
+// Close stops the keepalives and revokes the lease; if ctx is done or
+// etcd unreachable, the lease expires by itself after the TTL.
+func (s *session) Close(ctx context.Context) error {
+	var err error
+	s.once.Do(func() {
+		s.stop()
+		<-s.done
+		s.mu.Lock()
+		id := s.id
+		s.mu.Unlock()
+		err = s.b.store.CloseSession(ctx, id)
+	})
+	return err
+}
+
+func (s *session) Done() <-chan struct{} { return s.done }
+
+// run keeps the lease alive and replaces it when it is lost.
+func (s *session) run(ctx context.Context) {
+	defer close(s.done)
+	for ctx.Err() == nil {
+		s.mu.Lock()
+		id := s.id
+		s.mu.Unlock()
+		ka, err := s.b.cli.KeepAlive(ctx, clientv3.LeaseID(id))
+		if err == nil {
+			for range ka { // drained until the lease is lost or ctx ends
+			}
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		// The lease is gone (expired while etcd was unreachable): a new
+		// session, and every instance registered again.
+		for ctx.Err() == nil {
+			if err := s.recover(ctx); err == nil {
+				break
+			} else if !errors.Is(err, context.Canceled) {
+				t := time.NewTimer(s.ttl / 3)
+				select {
+				case <-ctx.Done():
+					t.Stop()
+					return
+				case <-t.C:
+				}
+			}
+		}
+	}
+}
+
+func (s *session) recover(ctx context.Context) error {
+	id, _, err := s.b.store.CreateSession(ctx, s.ttl, "beacon/etcd")
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.id = id
+	var again []registry.Instance
+	for k, in := range s.instances {
+		in.SessionID = id
+		s.instances[k] = in
+		again = append(again, in)
+	}
+	s.mu.Unlock()
+	for _, in := range again {
+		if _, err := s.b.store.Register(ctx, &in); err != nil {
+			return err
+		}
+	}
+	return nil
+}
