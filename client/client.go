@@ -131,6 +131,7 @@ func (c *Client) Namespace() string { return c.namespace }
 func call[T any](ctx context.Context, c *Client, f func(beaconv1connect.RegistryServiceClient) (T, error)) (T, error) {
 	var zero T
 	var last error
+	var unavailable []string // why each server could not be used
 	start := c.current.Load()
 	for i := range int64(len(c.rpcs)) {
 		idx := (start + i) % int64(len(c.rpcs))
@@ -143,6 +144,16 @@ func call[T any](ctx context.Context, c *Client, f func(beaconv1connect.Registry
 		if ctx.Err() != nil || connect.CodeOf(err) != connect.CodeUnavailable {
 			break
 		}
+		var ce *connect.Error
+		msg := err.Error()
+		if errors.As(err, &ce) {
+			msg = ce.Message()
+		}
+		unavailable = append(unavailable, c.servers[idx]+": "+msg)
+	}
+	if len(unavailable) > 1 && connect.CodeOf(last) == connect.CodeUnavailable {
+		// Say what every server answered, not only the last one.
+		return zero, fmt.Errorf("beacon: no server could serve the call (%s): %w", strings.Join(unavailable, "; "), ErrUnavailable)
 	}
 	return zero, fromConnectError(last)
 }

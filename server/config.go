@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/url"
+	"strings"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -35,6 +37,12 @@ type Config struct {
 	// EtcdClientAddr and EtcdPeerAddr are the embedded etcd's listeners;
 	// the client one also serves etcdctl.
 	EtcdClientAddr, EtcdPeerAddr string
+	// EtcdInitialCluster, for a cluster of beacon servers each embedding an
+	// etcd member: "name=http://peer-host:port,…" over every member (this
+	// one included, under Name and EtcdPeerAddr). Empty: a single node.
+	EtcdInitialCluster string
+	// EtcdClusterToken tells clusters apart (default "beacon").
+	EtcdClusterToken string
 	// EtcdPrefix is where beacon keeps its keys.
 	EtcdPrefix string
 	// EtcdUnsafeNoFsync skips fsync in the embedded etcd. Only for tests
@@ -100,6 +108,23 @@ func (c *Config) Validate() error {
 	if c.CheckConcurrency < 0 || c.CheckConcurrency > 100000 {
 		return fmt.Errorf("server: invalid --check-concurrency %d: must be between 1 and 100000 (0: the default, 256)", c.CheckConcurrency)
 	}
+	if c.EtcdInitialCluster != "" {
+		if !c.Embedded() {
+			return errors.New("server: invalid --etcd-initial-cluster: not with --etcd-endpoints (that cluster is someone else's)")
+		}
+		found := false
+		for _, m := range strings.Split(c.EtcdInitialCluster, ",") {
+			name, peer, ok := strings.Cut(strings.TrimSpace(m), "=")
+			u, err := url.Parse(peer)
+			if !ok || name == "" || err != nil || u.Host == "" {
+				return fmt.Errorf("server: invalid --etcd-initial-cluster %q: each member must be name=http://host:port", c.EtcdInitialCluster)
+			}
+			found = found || name == c.Name && u.Host == c.EtcdPeerAddr
+		}
+		if !found {
+			return fmt.Errorf("server: invalid --etcd-initial-cluster: must list this server as %s=http://%s", c.Name, c.EtcdPeerAddr)
+		}
+	}
 	if c.Embedded() {
 		if c.DataDir == "" {
 			return errors.New("server: invalid --data-dir: must not be empty with embedded etcd")
@@ -121,6 +146,8 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.StringSliceVar(&c.EtcdEndpoints, "etcd-endpoints", c.EtcdEndpoints, "use this etcd cluster (comma-separated URLs) instead of an embedded etcd")
 	fs.StringVar(&c.EtcdClientAddr, "etcd-client-addr", c.EtcdClientAddr, "embedded etcd: client listener (etcdctl can use it)")
 	fs.StringVar(&c.EtcdPeerAddr, "etcd-peer-addr", c.EtcdPeerAddr, "embedded etcd: peer listener")
+	fs.StringVar(&c.EtcdInitialCluster, "etcd-initial-cluster", c.EtcdInitialCluster, "embedded etcd cluster: name=http://peer-addr,... over every member, this one included (empty: single node)")
+	fs.StringVar(&c.EtcdClusterToken, "etcd-cluster-token", c.EtcdClusterToken, "embedded etcd cluster: token telling clusters apart (default beacon)")
 	fs.StringVar(&c.EtcdPrefix, "etcd-prefix", c.EtcdPrefix, "key prefix of beacon's records in etcd")
 	fs.BoolVar(&c.EtcdUnsafeNoFsync, "etcd-unsafe-no-fsync", c.EtcdUnsafeNoFsync, "embedded etcd: skip fsync (tests and benchmarks only: loses data on power loss)")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long shutdown waits for in-flight calls")

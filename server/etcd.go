@@ -22,6 +22,15 @@ func startEmbeddedEtcd(ctx context.Context, c *Config, lg *zap.Logger) (*embed.E
 	ec.ListenClientUrls, ec.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
 	ec.ListenPeerUrls, ec.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
 	ec.InitialCluster = ec.InitialClusterFromName(ec.Name)
+	if c.EtcdInitialCluster != "" {
+		// A member of a cluster of beacon servers. On a restart the data
+		// directory already knows the cluster and etcd rejoins by itself.
+		ec.InitialCluster = c.EtcdInitialCluster
+		ec.InitialClusterToken = c.EtcdClusterToken
+		if ec.InitialClusterToken == "" {
+			ec.InitialClusterToken = "beacon"
+		}
+	}
 	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(lg)
 	// Keep an hour of history so reconnecting watchers can resume, and no
 	// more, so the database does not grow without bound.

@@ -1,0 +1,292 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/registry"
+)
+
+// member is one beacon server of a cluster, embedding an etcd member.
+type member struct {
+	name, api, etcdClient string
+	args                  []string
+	p                     *proc
+}
+
+func startCluster(t *testing.T, n int) []*member {
+	t.Helper()
+	var ms []*member
+	var initial []string
+	for i := range n {
+		m := &member{name: fmt.Sprint("n", i), api: testutil.FreeAddr(t), etcdClient: testutil.FreeAddr(t)}
+		peer := testutil.FreeAddr(t)
+		initial = append(initial, m.name+"=http://"+peer)
+		m.args = []string{"server", "--name", m.name, "--addr", m.api, "--data-dir", t.TempDir(),
+			"--etcd-client-addr", m.etcdClient, "--etcd-peer-addr", peer, "--log-level", "warn", "--member-ttl", "2s"}
+		ms = append(ms, m)
+	}
+	for _, m := range ms {
+		m.args = append(m.args, "--etcd-initial-cluster", strings.Join(initial, ","))
+		m.p = start(t, m.args...) // all at once: each waits for a quorum
+	}
+	for _, m := range ms {
+		m.p.waitLine(90*time.Second, "beacon server ready")
+	}
+	return ms
+}
+
+func (m *member) restart(t *testing.T) {
+	t.Helper()
+	m.p = start(t, m.args...)
+	m.p.waitLine(90*time.Second, "beacon server ready")
+}
+
+// leader returns the member whose etcd is the Raft leader.
+func leader(ctx context.Context, t *testing.T, ms []*member) *member {
+	t.Helper()
+	for _, m := range ms {
+		cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + m.etcdClient}, DialTimeout: 3 * time.Second, Logger: zap.NewNop()})
+		if err != nil {
+			continue
+		}
+		st, err := cli.Status(ctx, "http://"+m.etcdClient)
+		cli.Close()
+		if err == nil && st.Leader == st.Header.MemberId {
+			return m
+		}
+	}
+	t.Fatal("no leader found")
+	return nil
+}
+
+func apis(ms []*member, rotate int) []string {
+	var out []string
+	for i := range ms {
+		out = append(out, ms[(i+rotate)%len(ms)].api)
+	}
+	return out
+}
+
+// HA behaviour 1: a 3-node cluster under continuous registrations and
+// watches loses the node hosting the etcd leader to SIGKILL: no
+// acknowledged registration is lost, every watcher converges, a session
+// survives without its instance ever vanishing, writes are back within
+// seconds; restarted, the node rejoins with the same state.
+func TestClusterSurvivesTheLeadersDeath(t *testing.T) {
+	ms := startCluster(t, 3)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+
+	// A session holding one instance that must never vanish.
+	owner := newClient(t, apis(ms, 0)...)
+	var expired atomic.Bool
+	sess, err := owner.NewSession(ctx, client.WithTTL(5*time.Second), client.WithEvents(func(ev client.SessionEvent) {
+		if ev.Kind == client.SessionExpired || ev.Kind == client.SessionRecovered {
+			expired.Store(true)
+		}
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Close(context.Background())
+	if _, err := sess.Register(ctx, registry.Instance{Service: "keep", ID: "keeper", Address: "127.0.0.1", Port: 9000}); err != nil {
+		t.Fatal(err)
+	}
+
+	// Three watchers, each starting on another server.
+	type watcher struct {
+		w          *client.Watcher
+		keeperGone atomic.Bool
+	}
+	var ws []*watcher
+	var wg sync.WaitGroup
+	for i := range 3 {
+		c := newClient(t, apis(ms, i)...)
+		w, err := c.Watch(ctx, []string{"reg", "keep"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer w.Close()
+		wt := &watcher{w: w}
+		ws = append(ws, wt)
+		wg.Go(func() {
+			seen := false
+			for {
+				snaps, err := w.Next(ctx)
+				if err != nil {
+					return
+				}
+				for _, s := range snaps {
+					if s.Service != "keep" {
+						continue
+					}
+					has := slices.ContainsFunc(s.Instances, func(in *registry.Instance) bool { return in.ID == "keeper" })
+					if seen && !has {
+						wt.keeperGone.Store(true)
+					}
+					seen = seen || has
+				}
+			}
+		})
+	}
+	defer func() {
+		for _, wt := range ws {
+			wt.w.Close()
+		}
+		wg.Wait()
+	}()
+
+	// A writer registering persistent instances as fast as it can.
+	writer := newClient(t, apis(ms, 1)...)
+	var mu sync.Mutex
+	var acked []string
+	var lastFail, firstOKAfterKill time.Time
+	var killed atomic.Int64 // unix nanos of the kill
+	wctx, stopWriting := context.WithCancel(ctx)
+	writing := make(chan struct{})
+	go func() {
+		defer close(writing)
+		for i := 0; wctx.Err() == nil; i++ {
+			id := fmt.Sprint("w-", i)
+			cctx, cancel := context.WithTimeout(wctx, 2*time.Second)
+			_, err := writer.Register(cctx, registry.Instance{Service: "reg", ID: id, Address: "127.0.0.1", Port: 1 + i%60000})
+			cancel()
+			mu.Lock()
+			if err == nil {
+				acked = append(acked, id)
+				if k := killed.Load(); k != 0 && firstOKAfterKill.IsZero() && time.Now().UnixNano() > k {
+					firstOKAfterKill = time.Now()
+				}
+			} else if wctx.Err() == nil {
+				lastFail = time.Now()
+			}
+			mu.Unlock()
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	time.Sleep(2 * time.Second)
+
+	victim := leader(ctx, t, ms)
+	killAt := time.Now()
+	killed.Store(killAt.UnixNano())
+	victim.p.signal(syscall.SIGKILL)
+	victim.p.wait(10 * time.Second)
+	testutil.Eventually(t, 30*time.Second, "writes succeed again", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return !firstOKAfterKill.IsZero()
+	})
+	time.Sleep(2 * time.Second)
+	stopWriting()
+	<-writing
+	mu.Lock()
+	back := firstOKAfterKill.Sub(killAt)
+	n := len(acked)
+	mu.Unlock()
+	t.Logf("leader %s killed: writes back after %v (last failure %v after the kill); %d registrations acknowledged",
+		victim.name, back.Round(time.Millisecond), lastFail.Sub(killAt).Round(time.Millisecond), n)
+
+	// No acknowledged registration is lost.
+	reader := newClient(t, apis(ms, 2)...)
+	snap, err := reader.Instances(ctx, "reg", client.All())
+	if err != nil {
+		t.Fatal(err)
+	}
+	have := map[string]bool{}
+	for _, in := range snap.Instances {
+		have[in.ID] = true
+	}
+	for _, id := range acked {
+		if !have[id] {
+			t.Errorf("acknowledged registration %s is lost", id)
+		}
+	}
+	want := ids(snap)
+	// Every watcher converges on it, and the session's instance never left.
+	for i, wt := range ws {
+		testutil.Eventually(t, 20*time.Second, fmt.Sprintf("watcher %d converges", i), func() bool {
+			s, ok := wt.w.Snapshot("reg")
+			return ok && slices.Equal(ids(s), want)
+		})
+		if wt.keeperGone.Load() {
+			t.Errorf("watcher %d saw the session's instance vanish", i)
+		}
+	}
+	if expired.Load() {
+		t.Error("the session expired (or had to be replaced) during the failover")
+	}
+
+	// The node comes back and serves the same registry.
+	victim.restart(t)
+	only := newClient(t, victim.api)
+	testutil.Eventually(t, 30*time.Second, "the restarted node serves the same state", func() bool {
+		s, err := only.Instances(ctx, "reg", client.All())
+		return err == nil && slices.Equal(ids(s), want)
+	})
+}
+
+func ids(s *registry.Snapshot) []string {
+	var out []string
+	for _, in := range s.Instances {
+		out = append(out, in.ID)
+	}
+	return out
+}
+
+// HA behaviour 2: with two of three nodes dead there is no quorum: writes
+// are refused with an error saying so, watchers keep what they hold;
+// bringing one node back restores service.
+func TestClusterWithoutQuorumRefusesWritesAndRecovers(t *testing.T) {
+	ms := startCluster(t, 3)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	c := newClient(t, apis(ms, 0)...)
+	for i := range 5 {
+		if _, err := c.Register(ctx, registry.Instance{Service: "reg", ID: fmt.Sprint("r-", i), Address: "127.0.0.1", Port: 9000 + i}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w := watch(ctx, t, c, "reg")
+	waitInstances(ctx, t, w, "reg", "r-0", "r-1", "r-2", "r-3", "r-4")
+
+	for _, m := range ms[1:] {
+		m.p.signal(syscall.SIGKILL)
+		m.p.wait(10 * time.Second)
+	}
+	wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
+	start := time.Now()
+	_, err := c.Register(wctx, registry.Instance{Service: "reg", ID: "r-5", Address: "127.0.0.1", Port: 9005})
+	wcancel()
+	t.Logf("write without quorum: %v after %v", err, time.Since(start).Round(time.Millisecond))
+	if err == nil {
+		t.Fatal("a write succeeded without a quorum")
+	}
+	if !strings.Contains(err.Error(), "unavailable") && !strings.Contains(err.Error(), "quorum") && !strings.Contains(err.Error(), "leader") {
+		t.Errorf("the error does not say the registry is unavailable: %v", err)
+	}
+	if s, ok := w.Snapshot("reg"); !ok || len(s.Instances) != 5 {
+		t.Errorf("the watcher lost what it held: %v", s)
+	}
+
+	ms[1].restart(t)
+	testutil.Eventually(t, 60*time.Second, "writes succeed with a quorum again", func() bool {
+		cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		defer cancel()
+		_, err := c.Register(cctx, registry.Instance{Service: "reg", ID: "r-5", Address: "127.0.0.1", Port: 9005})
+		return err == nil
+	})
+	waitInstances(ctx, t, w, "reg", "r-0", "r-1", "r-2", "r-3", "r-4", "r-5")
+}
