@@ -22,6 +22,9 @@ out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 	go test -run '^$' -bench 'DrainOnSIGTERM' -benchtime 20x -timeout 30m ./bench
 	# Server-side health checks: 1,000 checks at 1 s, detection time.
 	go test -run '^$' -bench 'Checks1000|CheckDetection' -benchtime 1x -timeout 30m ./bench
+	# Cluster mode: failover (20 kills of the leader's node) and the
+	# 3-node cluster beside a single node.
+	go test -run '^$' -bench 'ClusterFailover|ClusterVsSingle' -benchtime 1x -timeout 30m ./bench
 	(cd bench/anchors && go test -run '^$' -bench 'Chain' -benchmem -cpu 1,2 -count "${COUNT:-5}" .)
 } 2>&1 | tee "$out"
 echo "results: $out"

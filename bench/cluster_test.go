@@ -1,0 +1,296 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/registry"
+)
+
+// node is a `beacon server` process, alone or one of a cluster.
+type node struct {
+	bin, name, api, etcd string
+	args                 []string
+	cmd                  *exec.Cmd
+	exited               chan struct{}
+}
+
+func buildBeacon(b *testing.B) string {
+	b.Helper()
+	bin := filepath.Join(b.TempDir(), "beacon")
+	if out, err := exec.Command("go", "build", "-o", bin, "beacon.dev/beacon/cmd/beacon").CombinedOutput(); err != nil {
+		b.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+func newNodes(b *testing.B, bin string, n int) []*node {
+	var ns []*node
+	var initial []string
+	for i := range n {
+		nd := &node{bin: bin, name: fmt.Sprint("n", i), api: testutil.FreeAddr(b), etcd: testutil.FreeAddr(b)}
+		peer := testutil.FreeAddr(b)
+		initial = append(initial, nd.name+"=http://"+peer)
+		nd.args = []string{"server", "--name", nd.name, "--addr", nd.api, "--data-dir", b.TempDir(),
+			"--etcd-client-addr", nd.etcd, "--etcd-peer-addr", peer, "--log-level", "error"}
+		ns = append(ns, nd)
+	}
+	if n > 1 {
+		for _, nd := range ns {
+			nd.args = append(nd.args, "--etcd-initial-cluster", strings.Join(initial, ","))
+		}
+	}
+	return ns
+}
+
+// start runs the node; ready is closed when it serves.
+func (nd *node) start(b *testing.B) (ready chan struct{}) {
+	nd.cmd = exec.Command(nd.bin, nd.args...)
+	out, _ := nd.cmd.StdoutPipe()
+	nd.cmd.Stderr = nd.cmd.Stdout
+	if err := nd.cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	nd.exited = make(chan struct{})
+	ready = make(chan struct{})
+	cmd, exited := nd.cmd, nd.exited
+	go func() { // ends with the process's output
+		sc := bufio.NewScanner(out)
+		once := sync.Once{}
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), "beacon server ready") {
+				once.Do(func() { close(ready) })
+			}
+		}
+		cmd.Wait()
+		close(exited)
+	}()
+	b.Cleanup(func() { cmd.Process.Signal(syscall.SIGKILL); <-exited })
+	return ready
+}
+
+func startNodes(b *testing.B, ns []*node) {
+	var readies []chan struct{}
+	for _, nd := range ns {
+		readies = append(readies, nd.start(b))
+	}
+	for i, r := range readies {
+		select {
+		case <-r:
+		case <-time.After(90 * time.Second):
+			b.Fatalf("node %s not ready", ns[i].name)
+		}
+	}
+}
+
+func leaderOf(ctx context.Context, b *testing.B, ns []*node) *node {
+	for _, nd := range ns {
+		cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + nd.etcd}, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
+		if err != nil {
+			continue
+		}
+		st, err := cli.Status(ctx, "http://"+nd.etcd)
+		cli.Close()
+		if err == nil && st.Leader == st.Header.MemberId {
+			return nd
+		}
+	}
+	b.Fatal("no leader")
+	return nil
+}
+
+func addrs(ns []*node, rotate int) []string {
+	var out []string
+	for i := range ns {
+		out = append(out, ns[(i+rotate)%len(ns)].api)
+	}
+	return out
+}
+
+func quant(d []time.Duration, q float64) float64 {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return float64(s[min(len(s)-1, int(q*float64(len(s))))]) / 1e6
+}
+
+// BenchmarkClusterFailover: a 3-node cluster (beacon servers embedding etcd
+// members) under continuous registrations and 3 watchers; 20 times the node
+// hosting the etcd leader is SIGKILLed, then restarted. Measured from the
+// kill: until a registration succeeds again, and until every watcher has
+// seen one made after the kill.
+func BenchmarkClusterFailover(b *testing.B) {
+	const trials = 20
+	bin := buildBeacon(b)
+	ns := newNodes(b, bin, 3)
+	startNodes(b, ns)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	var watchers []*client.Watcher
+	for i := range 3 {
+		c, _ := client.New(addrs(ns, i))
+		defer c.Close()
+		w, err := c.Watch(ctx, []string{"reg"})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer w.Close()
+		go func() { // drained as a cache would; ends when w is closed
+			for {
+				if _, err := w.Next(ctx); err != nil {
+					return
+				}
+			}
+		}()
+		watchers = append(watchers, w)
+	}
+	writer, _ := client.New(addrs(ns, 1))
+	defer writer.Close()
+	var seq atomic.Int64
+	register := func() (string, error) {
+		id := fmt.Sprint("w-", seq.Add(1))
+		cctx, cancel := context.WithTimeout(ctx, time.Second)
+		defer cancel()
+		_, err := writer.Register(cctx, registry.Instance{Service: "reg", ID: id, Address: "127.0.0.1", Port: 1000})
+		return id, err
+	}
+	var writeBack, watchBack []time.Duration
+	b.ResetTimer()
+	for range b.N {
+		for range trials {
+			victim := leaderOf(ctx, b, ns)
+			killed := time.Now()
+			victim.cmd.Process.Signal(syscall.SIGKILL)
+			<-victim.exited
+			var marker string
+			for {
+				id, err := register()
+				if err == nil {
+					marker = id
+					break
+				}
+			}
+			writeBack = append(writeBack, time.Since(killed))
+			for {
+				all := true
+				for _, w := range watchers {
+					s, ok := w.Snapshot("reg")
+					all = all && ok && slices.ContainsFunc(s.Instances, func(in *registry.Instance) bool { return in.ID == marker })
+				}
+				if all {
+					break
+				}
+				time.Sleep(2 * time.Millisecond)
+			}
+			watchBack = append(watchBack, time.Since(killed))
+			b.StopTimer()
+			select { // back to three nodes before the next kill
+			case <-victim.start(b):
+			case <-time.After(90 * time.Second):
+				b.Fatal("the killed node did not come back")
+			}
+			time.Sleep(time.Second)
+			b.StartTimer()
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(quant(writeBack, 0.5), "writes-back-p50-ms")
+	b.ReportMetric(quant(writeBack, 0.99), "writes-back-p99-ms")
+	b.ReportMetric(quant(watchBack, 0.5), "watchers-back-p50-ms")
+	b.ReportMetric(quant(watchBack, 0.99), "watchers-back-p99-ms")
+	b.ReportMetric(0, "ns/op")
+}
+
+// BenchmarkClusterVsSingle: registration throughput (16 clients) and
+// propagation to a watcher, on a 3-node cluster and on a single node, same
+// run, both as processes with fsync.
+func BenchmarkClusterVsSingle(b *testing.B) {
+	const workers, perSide, probes = 16, 4000, 200
+	bin := buildBeacon(b)
+	single := newNodes(b, bin, 1)
+	cluster := newNodes(b, bin, 3)
+	startNodes(b, single)
+	startNodes(b, cluster)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	measure := func(ns []*node) (perSec float64, prop []time.Duration) {
+		var clients []*client.Client
+		for i := range workers {
+			c, _ := client.New(addrs(ns, i))
+			defer c.Close()
+			clients = append(clients, c)
+		}
+		var next atomic.Int64
+		var wg sync.WaitGroup
+		start := time.Now()
+		for w := range workers {
+			wg.Go(func() {
+				for {
+					i := next.Add(1)
+					if i > perSide {
+						return
+					}
+					if _, err := clients[w].Register(ctx, registry.Instance{Service: fmt.Sprintf("svc-%d", i%20), ID: fmt.Sprint("i-", i), Address: "127.0.0.1", Port: 1 + int(i)}); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+		}
+		wg.Wait()
+		perSec = perSide / time.Since(start).Seconds()
+		// Propagation: the watcher on another server than the writer.
+		wc, _ := client.New(addrs(ns, 1))
+		defer wc.Close()
+		w, err := wc.Watch(ctx, []string{"prop"})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer w.Close()
+		<-w.Synced()
+		for i := range probes {
+			id := fmt.Sprint("p-", i)
+			if _, err := clients[0].Register(ctx, registry.Instance{Service: "prop", ID: id, Address: "127.0.0.1", Port: 1}); err != nil {
+				b.Fatal(err)
+			}
+			t0 := time.Now()
+			for {
+				s, ok := w.Snapshot("prop")
+				if ok && slices.ContainsFunc(s.Instances, func(in *registry.Instance) bool { return in.ID == id }) {
+					break
+				}
+				if _, err := w.Next(ctx); err != nil {
+					b.Fatal(err)
+				}
+			}
+			prop = append(prop, time.Since(t0))
+		}
+		return perSec, prop
+	}
+	b.ResetTimer()
+	for range b.N {
+		sRate, sProp := measure(single)
+		cRate, cProp := measure(cluster)
+		b.ReportMetric(sRate, "single-registrations/s")
+		b.ReportMetric(cRate, "cluster-registrations/s")
+		b.ReportMetric(cRate/sRate, "throughput-ratio")
+		b.ReportMetric(quant(sProp, 0.99), "single-propagation-p99-ms")
+		b.ReportMetric(quant(cProp, 0.99), "cluster-propagation-p99-ms")
+		b.ReportMetric(quant(cProp, 0.99)/quant(sProp, 0.99), "propagation-p99-ratio")
+	}
+	b.ReportMetric(0, "ns/op")
+}
