@@ -14,9 +14,6 @@ import (
 	"testing"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
-
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
@@ -99,19 +96,15 @@ func startNodes(b *testing.B, ns []*node) {
 }
 
 func leaderOf(ctx context.Context, b *testing.B, ns []*node) *node {
+	var eps []string
 	for _, nd := range ns {
-		cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + nd.etcd}, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
-		if err != nil {
-			continue
-		}
-		st, err := cli.Status(ctx, "http://"+nd.etcd)
-		cli.Close()
-		if err == nil && st.Leader == st.Header.MemberId {
-			return nd
-		}
+		eps = append(eps, nd.etcd)
 	}
-	b.Fatal("no leader")
-	return nil
+	i, err := testutil.EtcdLeader(ctx, eps)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return ns[i]
 }
 
 func addrs(ns []*node, rotate int) []string {

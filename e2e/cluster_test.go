@@ -11,9 +11,6 @@ import (
 	"testing"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
-
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
@@ -57,19 +54,15 @@ func (m *member) restart(t *testing.T) {
 // leader returns the member whose etcd is the Raft leader.
 func leader(ctx context.Context, t *testing.T, ms []*member) *member {
 	t.Helper()
+	var eps []string
 	for _, m := range ms {
-		cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + m.etcdClient}, DialTimeout: 3 * time.Second, Logger: zap.NewNop()})
-		if err != nil {
-			continue
-		}
-		st, err := cli.Status(ctx, "http://"+m.etcdClient)
-		cli.Close()
-		if err == nil && st.Leader == st.Header.MemberId {
-			return m
-		}
+		eps = append(eps, m.etcdClient)
 	}
-	t.Fatal("no leader found")
-	return nil
+	i, err := testutil.EtcdLeader(ctx, eps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ms[i]
 }
 
 func apis(ms []*member, rotate int) []string {

@@ -2,6 +2,7 @@ package registry
 
 import (
 	"fmt"
+	"maps"
 	"net/url"
 	"slices"
 	"strconv"
@@ -133,19 +134,7 @@ func (c *Check) SameSpec(o *Check) bool {
 		a.BodyContains == b.BodyContains && a.GRPCService == b.GRPCService && a.Interval == b.Interval &&
 		a.Timeout == b.Timeout && a.Jitter == b.Jitter && a.FailuresBeforeCritical == b.FailuresBeforeCritical &&
 		a.SuccessesBeforePassing == b.SuccessesBeforePassing && a.DeregisterCriticalAfter == b.DeregisterCriticalAfter &&
-		mapsEqual(a.Headers, b.Headers)
-}
-
-func mapsEqual(a, b map[string]string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || w != v {
-			return false
-		}
-	}
-	return true
+		maps.Equal(a.Headers, b.Headers)
 }
 
 // StatusMatches reports whether an HTTP status passes ExpectStatus.

@@ -202,22 +202,17 @@ func newDeregisterCmd(g *globals) *cobra.Command {
 		Short: "Remove an instance",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := g.client()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
-			defer cancel()
-			found, err := c.Deregister(ctx, g.namespace, service, id)
-			if err != nil {
-				return err
-			}
-			if !found {
-				return fmt.Errorf("instance %s/%s/%s not found", g.namespace, service, id)
-			}
-			fmt.Fprintf(g.stdout, "deregistered %s/%s/%s\n", g.namespace, service, id)
-			return nil
+			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
+				found, err := c.Deregister(ctx, g.namespace, service, id)
+				if err != nil {
+					return err
+				}
+				if !found {
+					return fmt.Errorf("instance %s/%s/%s not found", g.namespace, service, id)
+				}
+				fmt.Fprintf(g.stdout, "deregistered %s/%s/%s\n", g.namespace, service, id)
+				return nil
+			})
 		},
 	}
 	cmd.Flags().StringVar(&service, "service", "", "service name (required)")
@@ -236,30 +231,25 @@ func newServicesCmd(g *globals) *cobra.Command {
 			if err := g.checkOutput(); err != nil {
 				return err
 			}
-			c, err := g.client()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
-			defer cancel()
-			svcs, err := c.Services(ctx, g.namespace)
-			if err != nil {
-				return err
-			}
-			if g.output == "json" {
-				out := make([]jsonService, len(svcs))
-				for i, s := range svcs {
-					out[i] = jsonService{s.Name, s.Instances, s.Routable, s.Revision}
+			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
+				svcs, err := c.Services(ctx, g.namespace)
+				if err != nil {
+					return err
 				}
-				return g.printJSON(out)
-			}
-			tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "SERVICE\tINSTANCES\tROUTABLE\tREVISION")
-			for _, s := range svcs {
-				fmt.Fprintf(tw, "%s\t%d\t%d\t%d\n", s.Name, s.Instances, s.Routable, s.Revision)
-			}
-			return tw.Flush()
+				if g.output == "json" {
+					out := make([]jsonService, len(svcs))
+					for i, s := range svcs {
+						out[i] = jsonService{s.Name, s.Instances, s.Routable, s.Revision}
+					}
+					return g.printJSON(out)
+				}
+				tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "SERVICE\tINSTANCES\tROUTABLE\tREVISION")
+				for _, s := range svcs {
+					fmt.Fprintf(tw, "%s\t%d\t%d\t%d\n", s.Name, s.Instances, s.Routable, s.Revision)
+				}
+				return tw.Flush()
+			})
 		},
 	}
 }
@@ -342,47 +332,42 @@ func newInstancesCmd(g *globals) *cobra.Command {
 			if err := g.checkOutput(); err != nil {
 				return err
 			}
-			c, err := g.client()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := context.WithTimeout(cmd.Context(), callTimeout)
-			defer cancel()
-			var opts []client.ListOption
-			if all {
-				opts = append(opts, client.All())
-			}
-			snap, err := c.Instances(ctx, args[0], opts...)
-			if err != nil {
-				return err
-			}
-			if g.output == "json" {
-				return g.printJSON(toJSONSnapshot(snap))
-			}
-			tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tADDRESS\tWEIGHT\tZONE\tSTATUS\tHEALTH\tKIND\tTAGS\tREVISION")
-			for _, in := range snap.Instances {
-				kind := "persistent"
-				if in.Ephemeral() {
-					kind = "ephemeral"
+			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
+				var opts []client.ListOption
+				if all {
+					opts = append(opts, client.All())
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%d\n", in.ID, in.HostPort(), in.Weight,
-					dash(in.Zone), in.Status, in.Health, kind, dash(strings.Join(in.Tags, ",")), in.Revision)
-			}
-			if err := tw.Flush(); err != nil {
-				return err
-			}
-			if !all {
+				snap, err := c.Instances(ctx, args[0], opts...)
+				if err != nil {
+					return err
+				}
+				if g.output == "json" {
+					return g.printJSON(toJSONSnapshot(snap))
+				}
+				tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "ID\tADDRESS\tWEIGHT\tZONE\tSTATUS\tHEALTH\tKIND\tTAGS\tREVISION")
 				for _, in := range snap.Instances {
-					if !in.Routable() {
-						fmt.Fprintf(g.stdout, "protection engaged (threshold %g): unhealthy instances are listed too\n", snap.ProtectionThreshold)
-						break
+					kind := "persistent"
+					if in.Ephemeral() {
+						kind = "ephemeral"
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%d\n", in.ID, in.HostPort(), in.Weight,
+						dash(in.Zone), in.Status, in.Health, kind, dash(strings.Join(in.Tags, ",")), in.Revision)
+				}
+				if err := tw.Flush(); err != nil {
+					return err
+				}
+				if !all {
+					for _, in := range snap.Instances {
+						if !in.Routable() {
+							fmt.Fprintf(g.stdout, "protection engaged (threshold %g): unhealthy instances are listed too\n", snap.ProtectionThreshold)
+							break
+						}
 					}
 				}
-			}
-			printChecks(g, snap)
-			return nil
+				printChecks(g, snap)
+				return nil
+			})
 		},
 	}
 	cmd.Flags().BoolVar(&all, "all", false, "include instances that are not routable")
