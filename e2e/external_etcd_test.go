@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"syscall"
 	"testing"
@@ -39,5 +40,31 @@ func TestExternalEtcd34(t *testing.T) {
 	snap, err := c.Instances(ctx, "orders")
 	if err != nil || len(snap.Instances) != 1 {
 		t.Fatalf("Instances after restart = %v, %v", snap, err)
+	}
+}
+
+// Reads after writes on etcd 3.4.23, whose requested progress
+// notifications can run ahead of its events (etcd #15220): every
+// registration is in the very next list.
+func TestReadYourWritesOnEtcd34(t *testing.T) {
+	endpoint := testutil.StartDebianEtcd(t)
+	cfg := testutil.ServerConfig(t, "")
+	cfg.EtcdEndpoints = []string{endpoint}
+	srv := testutil.StartServer(t, cfg)
+	c := newClient(t, srv.Addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for i := range 100 {
+		id := fmt.Sprint("r-", i)
+		if _, err := c.Register(ctx, registry.Instance{Service: "ryw", ID: id, Address: "127.0.0.1", Port: 1000 + i}); err != nil {
+			t.Fatal(err)
+		}
+		snap, err := c.Instances(ctx, "ryw")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(snap.Instances) != i+1 {
+			t.Fatalf("after registering %s the list has %d instances, want %d", id, len(snap.Instances), i+1)
+		}
 	}
 }

@@ -69,3 +69,37 @@ func newEtcdClient(endpoints []string) (*clientv3.Client, error) {
 	}
 	return cli, nil
 }
+
+// progressNotifyOrdered reports whether etcd's requested progress
+// notifications are ordered with the events (etcd #15220: fixed in 3.4.25
+// and 3.5.8; 3.6 and later have it).
+func progressNotifyOrdered(version string) bool {
+	var major, minor, patch int
+	if _, err := fmt.Sscanf(version, "%d.%d.%d", &major, &minor, &patch); err != nil {
+		return false
+	}
+	switch {
+	case major != 3:
+		return major > 3
+	case minor >= 6:
+		return true
+	case minor == 5:
+		return patch >= 8
+	case minor == 4:
+		return patch >= 25
+	}
+	return false
+}
+
+// etcdVersion asks the first endpoint that answers for its version.
+func etcdVersion(ctx context.Context, cli *clientv3.Client) (string, error) {
+	var last error
+	for _, ep := range cli.Endpoints() {
+		st, err := cli.Status(ctx, ep)
+		if err == nil {
+			return st.Version, nil
+		}
+		last = err
+	}
+	return "", last
+}

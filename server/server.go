@@ -96,6 +96,12 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	hooks.Published = s.checker.Offer
 	s.view = view.New(cli, s.store.Layout, s.log, hooks)
 	s.view.SetDefaultProtection(cfg.ProtectionThreshold)
+	vctx, vcancel := context.WithTimeout(ctx, 10*time.Second)
+	if v, err := etcdVersion(vctx, cli); err == nil && !progressNotifyOrdered(v) {
+		s.log.Warn("etcd's requested progress notifications may run ahead of its events (etcd #15220): linearizable reads will write a probe key", "etcd_version", v)
+		s.view.UseProbeWrites()
+	}
+	vcancel()
 	s.view.SetGuard(cfg.Guard, func(string, int, int) { s.metrics.guardTriggered.Inc() })
 	s.metrics.reg.MustRegister(s.checker.Collector())
 

@@ -46,6 +46,10 @@ func (l Layout) TTLKey(k registry.InstanceKey, check string) string {
 	return l.TTLPrefix() + k.Namespace + "/" + k.Service + "/" + k.ID + "/" + check
 }
 
+// ProbeKey is written to push a revision through the watch, on etcd
+// versions whose requested progress notifications cannot be trusted.
+func (l Layout) ProbeKey() string { return l.Prefix + "progress-probe" }
+
 // GuardPrefix holds the mass-expiry guard's release marker.
 func (l Layout) GuardPrefix() string { return l.Prefix + "guard/" }
 

@@ -48,6 +48,7 @@ type View struct {
 	protection        map[registry.ServiceKey]float64 // guarded by mu; services' own thresholds
 	defaultProtection float64                         // set before Run
 	guard             *guard                          // set before Run; its maps guarded by mu
+	probeWrites       bool                            // set before Run
 }
 
 // SetDefaultProtection sets the protection threshold of services without
@@ -150,8 +151,20 @@ func (v *View) watch(ctx context.Context, rev int64) (compacted bool) {
 // RequestProgress asks etcd to report the watch's current revision so that
 // WaitRevision can finish when nothing under the prefix changes.
 func (v *View) RequestProgress(ctx context.Context) error {
+	if v.probeWrites {
+		// This etcd's requested progress notifications can run ahead of
+		// the events (etcd #15220, fixed in 3.4.25 and 3.5.8): push a
+		// write through the watch instead, which arrives in order.
+		_, err := v.cli.Put(ctx, v.layout.ProbeKey(), "")
+		return err
+	}
 	return v.cli.RequestProgress(clientv3.WithRequireLeader(ctx))
 }
+
+// UseProbeWrites makes the view advance by writing a probe key instead of
+// asking for progress notifications, for etcd versions whose requested
+// notifications are not ordered with the events. Call it before Run.
+func (v *View) UseProbeWrites() { v.probeWrites = true }
 
 type change struct {
 	put     *registry.Instance // nil for a delete
@@ -180,8 +193,8 @@ func (v *View) apply(events []*clientv3.Event) {
 	for _, ev := range events {
 		key := string(ev.Kv.Key)
 		maxRev = max(maxRev, ev.Kv.ModRevision)
-		if strings.HasPrefix(key, v.layout.ServersPrefix()) || strings.HasPrefix(key, v.layout.TTLPrefix()) {
-			continue // server membership, TTL heartbeats: not the view's business
+		if strings.HasPrefix(key, v.layout.ServersPrefix()) || strings.HasPrefix(key, v.layout.TTLPrefix()) || key == v.layout.ProbeKey() {
+			continue // server membership, TTL heartbeats, progress probes: not the view's business
 		}
 		if strings.HasPrefix(key, v.layout.GuardPrefix()) {
 			releaseRev = ev.Kv.ModRevision
@@ -351,7 +364,7 @@ func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
 	protection := make(map[registry.ServiceKey]float64)
 	for _, kv := range resp.Kvs {
 		key := string(kv.Key)
-		if strings.HasPrefix(key, v.layout.ServersPrefix()) || strings.HasPrefix(key, v.layout.GuardPrefix()) || strings.HasPrefix(key, v.layout.TTLPrefix()) {
+		if strings.HasPrefix(key, v.layout.ServersPrefix()) || strings.HasPrefix(key, v.layout.GuardPrefix()) || strings.HasPrefix(key, v.layout.TTLPrefix()) || key == v.layout.ProbeKey() {
 			continue
 		}
 		if strings.HasPrefix(key, v.layout.ServiceConfigPrefix()) {
