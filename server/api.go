@@ -344,10 +344,12 @@ func (a api) UpdateCheck(ctx context.Context, req *connect.Request[beaconv1.Upda
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	a.catchUp(ctx) // a check registered a moment ago must be found
 	in := a.s.view.Instance(k)
-	if in == nil {
-		return nil, instanceNotFound(k)
+	if in == nil { // registered a moment ago? (catching up costs a probe write on old etcd: only when needed)
+		a.catchUp(ctx)
+		if in = a.s.view.Instance(k); in == nil {
+			return nil, instanceNotFound(k)
+		}
 	}
 	var spec *registry.Check
 	for n := range in.Checks {
