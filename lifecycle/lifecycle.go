@@ -252,6 +252,9 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 		}
 	}
 	stopping := time.Now()
+	// A second SIGTERM or Ctrl-C during the drain kills the process, as
+	// the default handling does.
+	stopSignals()
 	r.log.Info("lifecycle: stopping", "err", runErr)
 	r.setState(beaconhttp.Draining)
 	// The drain must run to its bounds even though stopCtx has ended.
