@@ -291,6 +291,11 @@ func (a api) SetStatus(ctx context.Context, req *connect.Request[beaconv1.SetSta
 		return nil, toConnectError(err)
 	}
 	after.Revision = rev
+	// Return once this server's view holds the change, so that a
+	// registration that follows keeps the operator's status.
+	wctx, cancel := context.WithTimeout(ctx, readTimeout)
+	_ = a.s.view.WaitRevision(wctx, rev)
+	cancel()
 	return connect.NewResponse(&beaconv1.SetStatusResponse{Revision: rev, Instance: wire.InstanceToProto(&after)}), nil
 }
 
