@@ -22,6 +22,8 @@ import (
 
 	"google.golang.org/grpc"
 
+	"beacon.dev/beacon/backend"
+	beaconbackend "beacon.dev/beacon/backend/beacon"
 	"beacon.dev/beacon/beacongrpc"
 	"beacon.dev/beacon/beaconhttp"
 	"beacon.dev/beacon/client"
@@ -35,10 +37,16 @@ const (
 	DefaultReadyTimeout = time.Minute
 )
 
-// Config describes the service to run. Client, Instance.Service and at
-// least one server with its listener are required.
+// Config describes the service to run. Client (or Backend), Instance.Service
+// and at least one server with its listener are required.
 type Config struct {
+	// Client registers with beacon servers; the drain then waits for the
+	// watchers' acknowledgements.
 	Client *client.Client
+	// Backend, instead of Client, registers with any registry (etcd
+	// directly, memory, …). Without acknowledgements the drain waits
+	// DrainDelay only; a *beacon backend still gets them.
+	Backend backend.Backend
 	// Instance is registered with the status UP once ready. Address
 	// defaults to the listener's host and Port to its port; an ID is
 	// derived from them when empty.
@@ -100,8 +108,11 @@ type Report struct {
 }
 
 func (c *Config) setDefaults() error {
-	if c.Client == nil {
-		return errors.New("lifecycle: invalid Client: required")
+	if (c.Client == nil) == (c.Backend == nil) {
+		return errors.New("lifecycle: invalid Client/Backend: exactly one is required")
+	}
+	if b, ok := c.Backend.(*beaconbackend.Backend); ok {
+		c.Client = b.Client() // acknowledged drains
 	}
 	if c.GRPC == nil && c.HTTP == nil {
 		return errors.New("lifecycle: invalid GRPC/HTTP: at least one server is required")
@@ -243,7 +254,7 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 		})
 	}
 
-	var sess *client.Session
+	var sess backend.Session
 	runErr := r.start(stopCtx, serveErr, instances, &sess, &rep)
 	if runErr == nil {
 		select {
@@ -268,7 +279,7 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	if sess != nil {
 		cctx, cancel := context.WithTimeout(drainCtx, 5*time.Second)
 		for _, in := range rep.Registered {
-			if _, err := sess.DeregisterKey(cctx, in.Key()); err != nil {
+			if _, err := sess.Deregister(cctx, in.Service, in.ID); err != nil {
 				r.log.Warn("lifecycle: deregistering (the session's end removes it)", "instance", in.ID, "err", err)
 			}
 		}
@@ -285,7 +296,7 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 // start waits for readiness, then opens a session and registers UP,
 // retrying while the registry is unreachable. It returns early (nil) when
 // stopCtx ends, and an error when readiness never came or a server failed.
-func (r *runner) start(stopCtx context.Context, serveErr <-chan error, instances []registry.Instance, sess **client.Session, rep *Report) error {
+func (r *runner) start(stopCtx context.Context, serveErr <-chan error, instances []registry.Instance, sess *backend.Session, rep *Report) error {
 	if err := r.awaitReady(stopCtx, serveErr); err != nil {
 		return err
 	}
@@ -344,13 +355,19 @@ func pause(stopCtx context.Context, serveErr <-chan error, d time.Duration) (ove
 	}
 }
 
-func (r *runner) register(ctx context.Context, instances []registry.Instance, sess **client.Session, rep *Report) error {
+func (r *runner) register(ctx context.Context, instances []registry.Instance, sess *backend.Session, rep *Report) error {
 	if *sess == nil {
 		var opts []client.SessionOption
 		if r.cfg.SessionTTL > 0 {
 			opts = append(opts, client.WithTTL(r.cfg.SessionTTL))
 		}
-		s, err := r.cfg.Client.NewSession(ctx, opts...)
+		var s backend.Session
+		var err error
+		if r.cfg.Backend != nil {
+			s, err = r.cfg.Backend.NewSession(ctx, r.cfg.SessionTTL)
+		} else {
+			s, err = r.cfg.Client.NewSession(ctx, opts...)
+		}
 		if err != nil {
 			return err
 		}
@@ -368,7 +385,7 @@ func (r *runner) register(ctx context.Context, instances []registry.Instance, se
 
 // drain marks every registered instance DRAINING and waits until the
 // watchers have applied it.
-func (r *runner) drain(ctx context.Context, sess *client.Session, registered []registry.Instance, rep *Report) {
+func (r *runner) drain(ctx context.Context, sess backend.Session, registered []registry.Instance, rep *Report) {
 	start := time.Now()
 	defer func() { rep.AckWait = time.Since(start) }()
 	type mark struct {
@@ -389,6 +406,9 @@ func (r *runner) drain(ctx context.Context, sess *client.Session, registered []r
 		marks = append(marks, mark{in, rev})
 	}
 	for _, m := range marks {
+		if r.cfg.Client == nil {
+			break // this registry cannot tell who applied the change: DrainDelay only
+		}
 		remaining := r.cfg.AckTimeout - time.Since(start)
 		if remaining <= 0 {
 			break

@@ -11,6 +11,7 @@ import (
 
 	"google.golang.org/grpc"
 
+	"beacon.dev/beacon/backend/memory"
 	"beacon.dev/beacon/beaconhttp"
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
@@ -45,7 +46,7 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		cfg   lifecycle.Config
 		field string
 	}{
-		{lifecycle.Config{Instance: registry.Instance{Service: "a"}, GRPC: grpc.NewServer(), GRPCListener: ln}, "Client"},
+		{lifecycle.Config{Instance: registry.Instance{Service: "a"}, GRPC: grpc.NewServer(), GRPCListener: ln}, "Client/Backend"},
 		{lifecycle.Config{Client: c, Instance: registry.Instance{Service: "a"}}, "GRPC/HTTP"},
 		{lifecycle.Config{Client: c, Instance: registry.Instance{Service: "a"}, GRPC: grpc.NewServer()}, "listeners"},
 		{lifecycle.Config{Client: c, Instance: registry.Instance{Service: "A!"}, GRPC: grpc.NewServer(), GRPCListener: ln}, "Instance.Service"},
@@ -188,5 +189,45 @@ func TestRegistersOnceTheRegistryIsBack(t *testing.T) {
 		if states[i] != want[i] {
 			t.Fatalf("states %v, want %v", states, want)
 		}
+	}
+}
+
+// Any backend: here the in-memory registry (no acknowledgements: the drain
+// waits DrainDelay only).
+func TestRunOnAnotherBackend(t *testing.T) {
+	reg := memory.New("")
+	defer reg.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	var rep lifecycle.Report
+	go func() {
+		var err error
+		rep, err = lifecycle.Run(runCtx, lifecycle.Config{
+			Backend: reg, Instance: registry.Instance{Service: "orders"},
+			GRPC: grpc.NewServer(), GRPCListener: listen(t), SessionTTL: 2 * time.Second,
+			DrainDelay: 100 * time.Millisecond,
+		})
+		done <- err
+	}()
+	testutil.Eventually(t, 10*time.Second, "registered in memory", func() bool {
+		snap, err := reg.Instances(ctx, "orders")
+		return err == nil && len(snap.Instances) == 1 && snap.Instances[0].Status == registry.StatusUp
+	})
+	stop()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if snap, _ := reg.Instances(ctx, "orders"); len(snap.Instances) != 0 {
+		t.Errorf("still registered after the stop: %v", snap.Instances)
+	}
+	if rep.AckWait < 100*time.Millisecond || rep.Acks.Watchers != 0 {
+		t.Errorf("report %+v: want the drain delay and no acknowledgements", rep)
+	}
+	_, err := lifecycle.Run(ctx, lifecycle.Config{Backend: reg, Client: newClient(t, "127.0.0.1:1"), Instance: registry.Instance{Service: "orders"},
+		GRPC: grpc.NewServer(), GRPCListener: listen(t)})
+	if err == nil || !strings.Contains(err.Error(), "Client/Backend") {
+		t.Errorf("both Client and Backend: %v", err)
 	}
 }
