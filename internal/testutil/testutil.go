@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -19,15 +20,37 @@ import (
 // needs ignoring today.
 func LeakOptions() []goleak.Option { return nil }
 
-// FreeAddr returns a loopback address with a port nobody listens on now.
+// handedOut remembers the ports FreeAddr gave this process: the kernel
+// may offer a port again as soon as its probe listener closes, and two
+// servers of one test must not be given the same one.
+var handedOut struct {
+	sync.Mutex
+	ports map[string]bool
+}
+
+// FreeAddr returns a loopback address with a port nobody listens on now,
+// never the same twice in one test process.
 func FreeAddr(t testing.TB) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("FreeAddr: %v", err)
+	handedOut.Lock()
+	defer handedOut.Unlock()
+	if handedOut.ports == nil {
+		handedOut.ports = map[string]bool{}
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	for range 100 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatalf("FreeAddr: %v", err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		if !handedOut.ports[addr] {
+			handedOut.ports[addr] = true
+			return addr
+		}
+	}
+	t.Fatal("FreeAddr: no fresh port in 100 tries")
+	return ""
 }
 
 // ServerConfig returns a config for a test server: embedded etcd in dir (a
