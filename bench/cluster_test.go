@@ -1,16 +1,13 @@
 package bench
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -19,14 +16,6 @@ import (
 	"beacon.dev/beacon/registry"
 )
 
-// node is a `beacon server` process, alone or one of a cluster.
-type node struct {
-	bin, name, api, etcd string
-	args                 []string
-	cmd                  *exec.Cmd
-	exited               chan struct{}
-}
-
 func buildBeacon(b *testing.B) string {
 	b.Helper()
 	bin := filepath.Join(b.TempDir(), "beacon")
@@ -34,85 +23,6 @@ func buildBeacon(b *testing.B) string {
 		b.Fatalf("go build: %v\n%s", err, out)
 	}
 	return bin
-}
-
-func newNodes(b *testing.B, bin string, n int) []*node {
-	var ns []*node
-	var initial []string
-	for i := range n {
-		nd := &node{bin: bin, name: fmt.Sprint("n", i), api: testutil.FreeAddr(b), etcd: testutil.FreeAddr(b)}
-		peer := testutil.FreeAddr(b)
-		initial = append(initial, nd.name+"=http://"+peer)
-		nd.args = []string{"server", "--name", nd.name, "--addr", nd.api, "--data-dir", b.TempDir(),
-			"--etcd-client-addr", nd.etcd, "--etcd-peer-addr", peer, "--log-level", "error"}
-		ns = append(ns, nd)
-	}
-	if n > 1 {
-		for _, nd := range ns {
-			nd.args = append(nd.args, "--etcd-initial-cluster", strings.Join(initial, ","))
-		}
-	}
-	return ns
-}
-
-// start runs the node; ready is closed when it serves.
-func (nd *node) start(b *testing.B) (ready chan struct{}) {
-	nd.cmd = exec.Command(nd.bin, nd.args...)
-	out, _ := nd.cmd.StdoutPipe()
-	nd.cmd.Stderr = nd.cmd.Stdout
-	if err := nd.cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	nd.exited = make(chan struct{})
-	ready = make(chan struct{})
-	cmd, exited := nd.cmd, nd.exited
-	go func() { // ends with the process's output
-		sc := bufio.NewScanner(out)
-		once := sync.Once{}
-		for sc.Scan() {
-			if strings.Contains(sc.Text(), "beacon server ready") {
-				once.Do(func() { close(ready) })
-			}
-		}
-		cmd.Wait()
-		close(exited)
-	}()
-	b.Cleanup(func() { cmd.Process.Signal(syscall.SIGKILL); <-exited })
-	return ready
-}
-
-func startNodes(b *testing.B, ns []*node) {
-	var readies []chan struct{}
-	for _, nd := range ns {
-		readies = append(readies, nd.start(b))
-	}
-	for i, r := range readies {
-		select {
-		case <-r:
-		case <-time.After(90 * time.Second):
-			b.Fatalf("node %s not ready", ns[i].name)
-		}
-	}
-}
-
-func leaderOf(ctx context.Context, b *testing.B, ns []*node) *node {
-	var eps []string
-	for _, nd := range ns {
-		eps = append(eps, nd.etcd)
-	}
-	i, err := testutil.EtcdLeader(ctx, eps)
-	if err != nil {
-		b.Fatal(err)
-	}
-	return ns[i]
-}
-
-func addrs(ns []*node, rotate int) []string {
-	var out []string
-	for i := range ns {
-		out = append(out, ns[(i+rotate)%len(ns)].api)
-	}
-	return out
 }
 
 func quant(d []time.Duration, q float64) float64 {
@@ -129,13 +39,13 @@ func quant(d []time.Duration, q float64) float64 {
 func BenchmarkClusterFailover(b *testing.B) {
 	const trials = 20
 	bin := buildBeacon(b)
-	ns := newNodes(b, bin, 3)
-	startNodes(b, ns)
+	ns := testutil.NewCluster(b, bin, 3, "--log-level", "error")
+	testutil.StartAll(b, ns)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	var watchers []*client.Watcher
 	for i := range 3 {
-		c, _ := client.New(addrs(ns, i))
+		c, _ := client.New(testutil.APIs(ns, i))
 		defer c.Close()
 		w, err := c.Watch(ctx, []string{"reg"})
 		if err != nil {
@@ -151,7 +61,7 @@ func BenchmarkClusterFailover(b *testing.B) {
 		}()
 		watchers = append(watchers, w)
 	}
-	writer, _ := client.New(addrs(ns, 1))
+	writer, _ := client.New(testutil.APIs(ns, 1))
 	defer writer.Close()
 	var seq atomic.Int64
 	register := func() (string, error) {
@@ -165,10 +75,9 @@ func BenchmarkClusterFailover(b *testing.B) {
 	b.ResetTimer()
 	for range b.N {
 		for range trials {
-			victim := leaderOf(ctx, b, ns)
+			victim := testutil.Leader(ctx, b, ns)
 			killed := time.Now()
-			victim.cmd.Process.Signal(syscall.SIGKILL)
-			<-victim.exited
+			victim.Kill()
 			var marker string
 			for {
 				id, err := register()
@@ -192,7 +101,7 @@ func BenchmarkClusterFailover(b *testing.B) {
 			watchBack = append(watchBack, time.Since(killed))
 			b.StopTimer()
 			select { // back to three nodes before the next kill
-			case <-victim.start(b):
+			case <-victim.Start(b):
 			case <-time.After(90 * time.Second):
 				b.Fatal("the killed node did not come back")
 			}
@@ -214,16 +123,16 @@ func BenchmarkClusterFailover(b *testing.B) {
 func BenchmarkClusterVsSingle(b *testing.B) {
 	const workers, perSide, probes = 16, 4000, 200
 	bin := buildBeacon(b)
-	single := newNodes(b, bin, 1)
-	cluster := newNodes(b, bin, 3)
-	startNodes(b, single)
-	startNodes(b, cluster)
+	single := testutil.NewCluster(b, bin, 1, "--log-level", "error")
+	cluster := testutil.NewCluster(b, bin, 3, "--log-level", "error")
+	testutil.StartAll(b, single)
+	testutil.StartAll(b, cluster)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
-	measure := func(ns []*node) (perSec float64, prop []time.Duration) {
+	measure := func(ns []*testutil.Node) (perSec float64, prop []time.Duration) {
 		var clients []*client.Client
 		for i := range workers {
-			c, _ := client.New(addrs(ns, i))
+			c, _ := client.New(testutil.APIs(ns, i))
 			defer c.Close()
 			clients = append(clients, c)
 		}
@@ -247,7 +156,7 @@ func BenchmarkClusterVsSingle(b *testing.B) {
 		wg.Wait()
 		perSec = perSide / time.Since(start).Seconds()
 		// Propagation: the watcher on another server than the writer.
-		wc, _ := client.New(addrs(ns, 1))
+		wc, _ := client.New(testutil.APIs(ns, 1))
 		defer wc.Close()
 		w, err := wc.Watch(ctx, []string{"prop"})
 		if err != nil {

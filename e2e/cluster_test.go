@@ -7,7 +7,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -16,61 +15,20 @@ import (
 	"beacon.dev/beacon/registry"
 )
 
-// member is one beacon server of a cluster, embedding an etcd member.
-type member struct {
-	name, api, etcdClient string
-	args                  []string
-	p                     *proc
-}
-
-func startCluster(t *testing.T, n int) []*member {
+func startCluster(t *testing.T, n int) []*testutil.Node {
 	t.Helper()
-	var ms []*member
-	var initial []string
-	for i := range n {
-		m := &member{name: fmt.Sprint("n", i), api: testutil.FreeAddr(t), etcdClient: testutil.FreeAddr(t)}
-		peer := testutil.FreeAddr(t)
-		initial = append(initial, m.name+"=http://"+peer)
-		m.args = []string{"server", "--name", m.name, "--addr", m.api, "--data-dir", t.TempDir(),
-			"--etcd-client-addr", m.etcdClient, "--etcd-peer-addr", peer, "--log-level", "warn", "--member-ttl", "2s"}
-		ms = append(ms, m)
-	}
-	for _, m := range ms {
-		m.args = append(m.args, "--etcd-initial-cluster", strings.Join(initial, ","))
-		m.p = start(t, m.args...) // all at once: each waits for a quorum
-	}
-	for _, m := range ms {
-		m.p.waitLine(90*time.Second, "beacon server ready")
-	}
-	return ms
+	ns := testutil.NewCluster(t, beaconBin, n, "--log-level", "warn", "--member-ttl", "2s")
+	testutil.StartAll(t, ns)
+	return ns
 }
 
-func (m *member) restart(t *testing.T) {
+func restart(t *testing.T, nd *testutil.Node) {
 	t.Helper()
-	m.p = start(t, m.args...)
-	m.p.waitLine(90*time.Second, "beacon server ready")
-}
-
-// leader returns the member whose etcd is the Raft leader.
-func leader(ctx context.Context, t *testing.T, ms []*member) *member {
-	t.Helper()
-	var eps []string
-	for _, m := range ms {
-		eps = append(eps, m.etcdClient)
+	select {
+	case <-nd.Start(t):
+	case <-time.After(90 * time.Second):
+		t.Fatalf("%s did not come back; output:\n%s", nd.Name, nd.Output())
 	}
-	i, err := testutil.EtcdLeader(ctx, eps)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return ms[i]
-}
-
-func apis(ms []*member, rotate int) []string {
-	var out []string
-	for i := range ms {
-		out = append(out, ms[(i+rotate)%len(ms)].api)
-	}
-	return out
 }
 
 // HA behaviour 1: a 3-node cluster under continuous registrations and
@@ -84,7 +42,7 @@ func TestClusterSurvivesTheLeadersDeath(t *testing.T) {
 	defer cancel()
 
 	// A session holding one instance that must never vanish.
-	owner := newClient(t, apis(ms, 0)...)
+	owner := newClient(t, testutil.APIs(ms, 0)...)
 	var expired atomic.Bool
 	sess, err := owner.NewSession(ctx, client.WithTTL(5*time.Second), client.WithEvents(func(ev client.SessionEvent) {
 		if ev.Kind == client.SessionExpired || ev.Kind == client.SessionRecovered {
@@ -107,7 +65,7 @@ func TestClusterSurvivesTheLeadersDeath(t *testing.T) {
 	var ws []*watcher
 	var wg sync.WaitGroup
 	for i := range 3 {
-		c := newClient(t, apis(ms, i)...)
+		c := newClient(t, testutil.APIs(ms, i)...)
 		w, err := c.Watch(ctx, []string{"reg", "keep"})
 		if err != nil {
 			t.Fatal(err)
@@ -143,7 +101,7 @@ func TestClusterSurvivesTheLeadersDeath(t *testing.T) {
 	}()
 
 	// A writer registering persistent instances as fast as it can.
-	writer := newClient(t, apis(ms, 1)...)
+	writer := newClient(t, testutil.APIs(ms, 1)...)
 	var mu sync.Mutex
 	var acked []string
 	var lastFail, firstOKAfterKill time.Time
@@ -154,13 +112,14 @@ func TestClusterSurvivesTheLeadersDeath(t *testing.T) {
 		defer close(writing)
 		for i := 0; wctx.Err() == nil; i++ {
 			id := fmt.Sprint("w-", i)
+			began := time.Now()
 			cctx, cancel := context.WithTimeout(wctx, 2*time.Second)
 			_, err := writer.Register(cctx, registry.Instance{Service: "reg", ID: id, Address: "127.0.0.1", Port: 1 + i%60000})
 			cancel()
 			mu.Lock()
 			if err == nil {
 				acked = append(acked, id)
-				if k := killed.Load(); k != 0 && firstOKAfterKill.IsZero() && time.Now().UnixNano() > k {
+				if k := killed.Load(); k != 0 && firstOKAfterKill.IsZero() && began.UnixNano() > k { // started after the kill
 					firstOKAfterKill = time.Now()
 				}
 			} else if wctx.Err() == nil {
@@ -172,11 +131,10 @@ func TestClusterSurvivesTheLeadersDeath(t *testing.T) {
 	}()
 	time.Sleep(2 * time.Second)
 
-	victim := leader(ctx, t, ms)
+	victim := testutil.Leader(ctx, t, ms)
 	killAt := time.Now()
 	killed.Store(killAt.UnixNano())
-	victim.p.signal(syscall.SIGKILL)
-	victim.p.wait(10 * time.Second)
+	victim.Kill()
 	testutil.Eventually(t, 30*time.Second, "writes succeed again", func() bool {
 		mu.Lock()
 		defer mu.Unlock()
@@ -190,10 +148,10 @@ func TestClusterSurvivesTheLeadersDeath(t *testing.T) {
 	n := len(acked)
 	mu.Unlock()
 	t.Logf("leader %s killed: writes back after %v (last failure %v after the kill); %d registrations acknowledged",
-		victim.name, back.Round(time.Millisecond), lastFail.Sub(killAt).Round(time.Millisecond), n)
+		victim.Name, back.Round(time.Millisecond), lastFail.Sub(killAt).Round(time.Millisecond), n)
 
 	// No acknowledged registration is lost.
-	reader := newClient(t, apis(ms, 2)...)
+	reader := newClient(t, testutil.APIs(ms, 2)...)
 	snap, err := reader.Instances(ctx, "reg", client.All())
 	if err != nil {
 		t.Fatal(err)
@@ -223,8 +181,8 @@ func TestClusterSurvivesTheLeadersDeath(t *testing.T) {
 	}
 
 	// The node comes back and serves the same registry.
-	victim.restart(t)
-	only := newClient(t, victim.api)
+	restart(t, victim)
+	only := newClient(t, victim.API)
 	testutil.Eventually(t, 30*time.Second, "the restarted node serves the same state", func() bool {
 		s, err := only.Instances(ctx, "reg", client.All())
 		return err == nil && slices.Equal(ids(s), want)
@@ -246,7 +204,7 @@ func TestClusterWithoutQuorumRefusesWritesAndRecovers(t *testing.T) {
 	ms := startCluster(t, 3)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	c := newClient(t, apis(ms, 0)...)
+	c := newClient(t, testutil.APIs(ms, 0)...)
 	for i := range 5 {
 		if _, err := c.Register(ctx, registry.Instance{Service: "reg", ID: fmt.Sprint("r-", i), Address: "127.0.0.1", Port: 9000 + i}); err != nil {
 			t.Fatal(err)
@@ -256,8 +214,7 @@ func TestClusterWithoutQuorumRefusesWritesAndRecovers(t *testing.T) {
 	waitInstances(ctx, t, w, "reg", "r-0", "r-1", "r-2", "r-3", "r-4")
 
 	for _, m := range ms[1:] {
-		m.p.signal(syscall.SIGKILL)
-		m.p.wait(10 * time.Second)
+		m.Kill()
 	}
 	wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
 	start := time.Now()
@@ -274,7 +231,7 @@ func TestClusterWithoutQuorumRefusesWritesAndRecovers(t *testing.T) {
 		t.Errorf("the watcher lost what it held: %v", s)
 	}
 
-	ms[1].restart(t)
+	restart(t, ms[1])
 	testutil.Eventually(t, 60*time.Second, "writes succeed with a quorum again", func() bool {
 		cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 		defer cancel()
