@@ -163,21 +163,20 @@ func TestKilledInstanceUnderRetriesFailsNoCall(t *testing.T) {
 	}
 	cc := e.dial(t, "beacon:///hello", grpc.WithUnaryInterceptor(beacongrpc.UnaryClientInterceptor(exec, func(string) bool { return true })))
 	hc := healthpb.NewHealthClient(cc)
-	call := func() error {
-		ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
-		defer cancel()
-		_, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
-		return err
-	}
-	for range 30 {
-		if err := call(); err != nil {
-			t.Fatal(err)
-		}
-	}
+	e.callsSucceed(t, hc, 30, "before the kill")
 	bs[0].srv.Stop() // dies; still registered
-	for i := range 300 {
-		if err := call(); err != nil {
-			t.Fatalf("call %d after the kill: %v", i, err)
+	e.callsSucceed(t, hc, 300, "after the kill")
+}
+
+// callsSucceed makes n calls, each of which must succeed.
+func (e *env) callsSucceed(t *testing.T, hc healthpb.HealthClient, n int, when string) {
+	t.Helper()
+	for i := range n {
+		ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
+		_, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
+		cancel()
+		if err != nil {
+			t.Fatalf("call %d %s: %v", i, when, err)
 		}
 	}
 }
@@ -363,12 +362,5 @@ func TestNewClientWiresResolverPolicyAndInterceptors(t *testing.T) {
 	hc := healthpb.NewHealthClient(cc)
 	e.reachesAll(t, hc, 3)
 	bs[0].srv.Stop() // retried by the interceptor: no call fails
-	for i := range 100 {
-		ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
-		_, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
-		cancel()
-		if err != nil {
-			t.Fatalf("call %d after a backend stopped: %v", i, err)
-		}
-	}
+	e.callsSucceed(t, hc, 100, "after a backend stopped")
 }
