@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"beacon.dev/beacon/backend"
+	"beacon.dev/beacon/backend/internal/snapqueue"
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/discovery"
 	"beacon.dev/beacon/registry"
@@ -246,16 +247,10 @@ func (r *Registry) sweep(ctx context.Context) {
 // stream is a watch: the newest snapshot per changed service, handed out
 // by Next.
 type stream struct {
+	*snapqueue.Queue
 	r        *Registry
 	services map[string]bool // nil: all
-	notify   chan struct{}
 	synced   chan struct{}
-	done     chan struct{}
-	once     sync.Once
-
-	mu      sync.Mutex
-	pending map[string]*registry.Snapshot // guarded by mu
-	state   map[string]*registry.Snapshot // guarded by mu
 }
 
 // Watch implements discovery.Source.
@@ -265,8 +260,7 @@ func (r *Registry) Watch(ctx context.Context, services []string) (discovery.Stre
 			return nil, err
 		}
 	}
-	st := &stream{r: r, notify: make(chan struct{}, 1), synced: make(chan struct{}), done: make(chan struct{}),
-		pending: map[string]*registry.Snapshot{}, state: map[string]*registry.Snapshot{}}
+	st := &stream{Queue: snapqueue.New(), r: r, synced: make(chan struct{})}
 	if len(services) > 0 {
 		st.services = map[string]bool{}
 		for _, s := range services {
@@ -288,7 +282,7 @@ func (r *Registry) Watch(ctx context.Context, services []string) (discovery.Stre
 		select {
 		case <-ctx.Done():
 			st.Close()
-		case <-st.done:
+		case <-st.Done():
 		}
 	}()
 	return st, nil
@@ -298,58 +292,18 @@ func (s *stream) offer(snap *registry.Snapshot) {
 	if s.services != nil && !s.services[snap.Service] {
 		return
 	}
-	s.mu.Lock()
-	s.pending[snap.Service] = snap
-	s.state[snap.Service] = snap
-	s.mu.Unlock()
-	select {
-	case s.notify <- struct{}{}:
-	default:
-	}
-}
-
-func (s *stream) Next(ctx context.Context) ([]*registry.Snapshot, error) {
-	for {
-		s.mu.Lock()
-		if len(s.pending) > 0 {
-			out := make([]*registry.Snapshot, 0, len(s.pending))
-			for _, p := range s.pending {
-				out = append(out, p)
-			}
-			clear(s.pending)
-			s.mu.Unlock()
-			slices.SortFunc(out, func(a, b *registry.Snapshot) int { return cmp.Compare(a.Service, b.Service) })
-			return out, nil
-		}
-		s.mu.Unlock()
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-s.done:
-			return nil, client.ErrClosed
-		case <-s.notify:
-		}
-	}
+	s.Offer(snap)
 }
 
 func (s *stream) Synced() <-chan struct{} { return s.synced }
-
-func (s *stream) Snapshot(service string) (*registry.Snapshot, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	snap, ok := s.state[service]
-	return snap, ok && len(snap.Instances) > 0
-}
 
 func (s *stream) Status() client.WatchStatus {
 	return client.WatchStatus{Connected: true}
 }
 
 func (s *stream) Close() {
-	s.once.Do(func() {
-		close(s.done)
-		s.r.mu.Lock()
-		delete(s.r.watches, s)
-		s.r.mu.Unlock()
-	})
+	s.Queue.Close()
+	s.r.mu.Lock()
+	delete(s.r.watches, s)
+	s.r.mu.Unlock()
 }
