@@ -198,7 +198,8 @@ func TestUnavailableWhenNoServer(t *testing.T) {
 }
 
 // The SDK must not drag in the server: a service that only discovers others
-// should not link an etcd server.
+// should not link an etcd server — nor an etcd or Consul client unless it
+// picks that backend (backend/etcd, backend/consul).
 func TestSDKDoesNotImportServer(t *testing.T) {
 	sdk := []string{"client", "registry", "endpoint", "discovery", "balancer/...", "outlier", "policy", "beaconhttp", "beacongrpc", "lifecycle", "backend", "backend/beacon", "backend/memory"}
 	args := []string{"list", "-deps"}
@@ -211,7 +212,7 @@ func TestSDKDoesNotImportServer(t *testing.T) {
 	}
 	for _, dep := range strings.Fields(string(out)) {
 		if strings.HasPrefix(dep, "go.etcd.io/etcd/server/") || dep == "beacon.dev/beacon/server" ||
-			strings.HasPrefix(dep, "go.etcd.io/etcd/client/v3") {
+			strings.HasPrefix(dep, "go.etcd.io/etcd/client/v3") || strings.HasPrefix(dep, "github.com/hashicorp/") {
 			t.Errorf("the SDK depends on %s", dep)
 		}
 	}

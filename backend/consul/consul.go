@@ -2,7 +2,8 @@
 // agent's HTTP API (github.com/hashicorp/consul/api), so services already
 // on Consul can use the beacon SDK unchanged.
 //
-// How beacon's model maps onto Consul's (docs/backends.md has the table):
+// How beacon's model maps onto Consul's (docs/sdk.md, "On Consul", has
+// the table):
 //   - An instance is an agent service registration: ID
 //     NAMESPACE.SERVICE.INSTANCE_ID, name SERVICE, weight in
 //     Weights.Passing, tags as tags, metadata as Meta (keys Consul would
