@@ -66,7 +66,7 @@ func BenchmarkPropagation(b *testing.B) {
 			srv, etcdAddr := benchServer(b)
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 			defer cancel()
-			beacon := propagationBeacon(ctx, b, srv.Addr(), n, b.N)
+			beacon := propagationBeacon(ctx, b, func(int) []string { return []string{srv.Addr()} }, n, b.N)
 			raw := propagationEtcd(ctx, b, etcdAddr, n, b.N)
 			report := func(name string, l *latencies) {
 				b.ReportMetric(ms(l.quantile(l.all, 0.5)), name+"-p50-ms")
@@ -85,11 +85,12 @@ func BenchmarkPropagation(b *testing.B) {
 
 func l99(l *latencies) time.Duration { return l.quantile(l.lastOf, 0.99) }
 
-// propagationBeacon runs `changes` registrations watched by n SDK clients.
-func propagationBeacon(ctx context.Context, b *testing.B, addr string, n, changes int) *latencies {
+// propagationBeacon runs `changes` registrations watched by n SDK clients;
+// watcher i dials addrs(i), the writer addrs(0).
+func propagationBeacon(ctx context.Context, b *testing.B, addrs func(i int) []string, n, changes int) *latencies {
 	var watchers []*client.Watcher
-	for range n {
-		c, err := client.New([]string{addr})
+	for i := range n {
+		c, err := client.New(addrs(i))
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -102,7 +103,7 @@ func propagationBeacon(ctx context.Context, b *testing.B, addr string, n, change
 		<-w.Synced()
 		watchers = append(watchers, w)
 	}
-	writer, _ := client.New([]string{addr})
+	writer, _ := client.New(addrs(0))
 	defer writer.Close()
 	seen := make([]chan applied, n) // per watcher: every revision it applied, and when
 	var wg sync.WaitGroup
