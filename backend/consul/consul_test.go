@@ -315,17 +315,14 @@ func TestAgentChecksDriveHealthAndThePassingFilter(t *testing.T) {
 		{http.StatusOK, registry.HealthPassing, []string{"o-1", "o-2"}},
 	} {
 		code.Store(int32(step.code))
-		testutil.Eventually(t, 5*time.Second, fmt.Sprintf("HTTP %d makes o-1 %v", step.code, step.health), func() bool {
-			return health() == step.health && slices.Equal(fPassing.ids("orders"), step.passing)
-		})
-		s, _ := fAll.st.Snapshot("orders")
 		want := 2 // WARNING stays routable without the passing filter
 		if step.health == registry.HealthCritical {
 			want = 1
 		}
-		if got := len(s.Routable()); got != want {
-			t.Errorf("at %v: %d routable instances, want %d", step.health, got, want)
-		}
+		testutil.Eventually(t, 5*time.Second, fmt.Sprintf("HTTP %d makes o-1 %v, %d routable", step.code, step.health, want), func() bool {
+			s, ok := fAll.st.Snapshot("orders")
+			return ok && health() == step.health && len(s.Routable()) == want && slices.Equal(fPassing.ids("orders"), step.passing)
+		})
 	}
 }
 
