@@ -1,0 +1,139 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net/url"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
+)
+
+// runDB runs the shop's database: a single-node etcd of its own, apart
+// from the registry's.
+func runDB(args []string) error {
+	fs := flag.NewFlagSet("db", flag.ExitOnError)
+	dir := fs.String("dir", "shop.db", "data directory")
+	clientAddr := fs.String("client-addr", "127.0.0.1:7379", "client address")
+	peerAddr := fs.String("peer-addr", "127.0.0.1:7380", "peer address")
+	_ = fs.Parse(args)
+	cfg := embed.NewConfig()
+	cfg.Dir, cfg.Name = *dir, "shop"
+	cu, pu := url.URL{Scheme: "http", Host: *clientAddr}, url.URL{Scheme: "http", Host: *peerAddr}
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
+	cfg.InitialCluster = "shop=" + pu.String()
+	cfg.LogLevel = "error"
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	e, err := embed.StartEtcd(cfg)
+	if err != nil {
+		return err
+	}
+	defer e.Close()
+	select {
+	case <-e.Server.ReadyNotify():
+	case <-time.After(time.Minute):
+		return errors.New("etcd not ready after 1m")
+	}
+	fmt.Printf("shop: serving {\"service\":\"db\",\"addr\":%q,\"pid\":\"%d\"}\n", *clientAddr, os.Getpid())
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	select {
+	case <-sig:
+	case err := <-e.Err():
+		return err
+	}
+	fmt.Println("shop: stopped db")
+	return nil
+}
+
+// db is the shop's data, with the two writes that must be safe under
+// concurrency and retries: taking stock and charging, each once per order.
+type db struct{ cli *clientv3.Client }
+
+func openDB(addr string) (*db, error) {
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{addr}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		return nil, err
+	}
+	return &db{cli: cli}, nil
+}
+
+func (d *db) Close() error { return d.cli.Close() }
+
+// ErrOutOfStock: the item has fewer than asked.
+var ErrOutOfStock = errors.New("out of stock")
+
+// seedStock sets an item's stock unless it is set already.
+func (d *db) seedStock(ctx context.Context, item string, n int64) error {
+	k := "/shop/stock/" + item
+	_, err := d.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).Then(clientv3.OpPut(k, strconv.FormatInt(n, 10))).Commit()
+	return err
+}
+
+// reserve takes quantity of item for an order, once: an optimistic
+// version check on the stock (the write applies only if nobody changed
+// it since it was read; else read again), and the reservation recorded in
+// the same transaction, so a retried or hedged request answers what the
+// first one did.
+func (d *db) reserve(ctx context.Context, order, item string, quantity int64) (remaining int64, err error) {
+	stockKey, resKey := "/shop/stock/"+item, "/shop/reservations/"+order
+	for {
+		resp, err := d.cli.Txn(ctx).Then(clientv3.OpGet(stockKey), clientv3.OpGet(resKey)).Commit()
+		if err != nil {
+			return 0, err
+		}
+		if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) == 1 {
+			return strconv.ParseInt(string(kvs[0].Value), 10, 64) // reserved already
+		}
+		kvs := resp.Responses[0].GetResponseRange().Kvs
+		if len(kvs) == 0 {
+			return 0, fmt.Errorf("no such item %q", item)
+		}
+		stock, err := strconv.ParseInt(string(kvs[0].Value), 10, 64)
+		if err != nil {
+			return 0, err
+		}
+		if stock < quantity {
+			return stock, ErrOutOfStock
+		}
+		left := strconv.FormatInt(stock-quantity, 10)
+		put, err := d.cli.Txn(ctx).If(
+			clientv3.Compare(clientv3.ModRevision(stockKey), "=", kvs[0].ModRevision),
+			clientv3.Compare(clientv3.CreateRevision(resKey), "=", 0),
+		).Then(clientv3.OpPut(stockKey, left), clientv3.OpPut(resKey, left)).Commit()
+		if err != nil {
+			return 0, err
+		}
+		if put.Succeeded {
+			return stock - quantity, nil
+		}
+		// Someone else took stock (or this order) in between: read again.
+	}
+}
+
+// charge records a charge for an order once and returns its ID.
+func (d *db) charge(ctx context.Context, order string, cents int64) (string, error) {
+	k := "/shop/charges/" + order
+	id := "ch-" + order
+	resp, err := d.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
+		Then(clientv3.OpPut(k, strconv.FormatInt(cents, 10))).Else(clientv3.OpGet(k)).Commit()
+	if err != nil {
+		return "", err
+	}
+	if !resp.Succeeded {
+		kv := resp.Responses[0].GetResponseRange().Kvs[0]
+		if string(kv.Value) != strconv.FormatInt(cents, 10) {
+			return "", fmt.Errorf("order %s was charged %s cents, not %d", order, kv.Value, cents)
+		}
+	}
+	return id, nil
+}

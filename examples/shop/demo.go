@@ -1,0 +1,299 @@
+package main
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/examples/shop/shopkit"
+	"beacon.dev/beacon/examples/shop/shoppb"
+)
+
+// runDemo starts a beacon server, the shop's database and every service
+// as processes, puts a steady load on the gateway and shows what happens,
+// refreshed each second, until interrupted (or --duration); then it stops
+// everything cleanly.
+func runDemo(args []string) error {
+	fs := flag.NewFlagSet("demo", flag.ExitOnError)
+	rate := fs.Int("rate", 50, "orders per second sent to the gateway")
+	httpAddr := fs.String("http", "127.0.0.1:8080", "the gateway's address")
+	duration := fs.Duration("duration", 0, "stop after this long (0: at Ctrl-C)")
+	dir := fs.String("dir", "", "working directory (default: a new temporary one, removed at the end)")
+	plain := fs.Bool("plain", false, "print the view as plain text, without clearing the screen")
+	_ = fs.Parse(args)
+	if *rate < 1 || *rate > 5000 {
+		return fmt.Errorf("--rate must be between 1 and 5000, is %d", *rate)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if *duration > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, *duration)
+		defer cancel()
+	}
+	if *dir == "" {
+		d, err := os.MkdirTemp("", "beacon-demo-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(d)
+		*dir = d
+	}
+	fmt.Println("demo: building the shop and beacon …")
+	mod, err := moduleDir()
+	if err != nil {
+		return err
+	}
+	shopBin, beaconBin, err := shopkit.Build(ctx, mod, *dir)
+	if err != nil {
+		return err
+	}
+	cl, err := shopkit.NewCluster(shopBin, beaconBin, *dir)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		fmt.Println("demo: stopping every process (SIGTERM, graceful) …")
+		cl.Close()
+		fmt.Println("demo: stopped")
+	}()
+	startCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	if err := startShop(startCtx, cl, *httpAddr); err != nil {
+		return err
+	}
+	c, err := client.New([]string{cl.Registry})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ld := newLoad("http://" + *httpAddr + "/orders")
+	var wg sync.WaitGroup
+	loadCtx, stopLoad := context.WithCancel(ctx)
+	wg.Go(func() { ld.run(loadCtx, *rate) })
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for done := false; !done; {
+		select {
+		case <-ctx.Done():
+			done = true
+		case <-tick.C:
+			view(ctx, os.Stdout, c, ld, *plain)
+		}
+	}
+	stopLoad()
+	wg.Wait()
+	total, failed := ld.totals()
+	fmt.Printf("demo: %d orders placed, %d failed\n", total-failed, failed)
+	return nil
+}
+
+func moduleDir() (string, error) {
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil || strings.TrimSpace(string(out)) == "" || strings.TrimSpace(string(out)) == os.DevNull {
+		return "", errors.New("run the demo from within the beacon module (make demo)")
+	}
+	return filepath.Dir(strings.TrimSpace(string(out))), nil
+}
+
+// startShop starts the registry, the database and the services.
+func startShop(ctx context.Context, cl *shopkit.Cluster, gatewayAddr string) error {
+	if err := cl.StartRegistry(ctx); err != nil {
+		return err
+	}
+	if err := cl.StartDB(ctx); err != nil {
+		return err
+	}
+	for _, s := range []struct {
+		service string
+		n       int
+	}{{"inventory", 2}, {"payments", 2}, {"orders", 3}} {
+		for range s.n {
+			if _, err := cl.Start(ctx, s.service); err != nil {
+				return err
+			}
+		}
+	}
+	_, err := cl.Start(ctx, "gateway", "--listen", gatewayAddr)
+	return err
+}
+
+// load sends orders at a fixed rate and keeps per-second figures.
+type load struct {
+	url  string
+	http *http.Client
+
+	mu      sync.Mutex
+	seconds map[int64]*second // guarded by mu; by Unix second
+	total   int               // guarded by mu
+	failed  int               // guarded by mu
+	lastErr string            // guarded by mu
+}
+
+type second struct {
+	ok, failed int
+	latencies  []time.Duration
+	servedBy   map[string]int
+}
+
+func newLoad(url string) *load {
+	return &load{url: url, http: &http.Client{Timeout: 5 * time.Second}, seconds: map[int64]*second{}}
+}
+
+func (l *load) run(ctx context.Context, rate int) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	t := time.NewTicker(time.Second / time.Duration(rate))
+	defer t.Stop()
+	inflight := make(chan struct{}, 256)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		select {
+		case inflight <- struct{}{}:
+		default:
+			l.record(time.Now(), 0, "", errors.New("more than 256 orders in flight"))
+			continue
+		}
+		wg.Go(func() {
+			defer func() { <-inflight }()
+			start := time.Now()
+			served, err := l.order(ctx)
+			if ctx.Err() != nil {
+				return // stopping: not the shop's failure
+			}
+			l.record(start, time.Since(start), served, err)
+		})
+	}
+}
+
+func (l *load) order(ctx context.Context) (string, error) {
+	body, _ := json.Marshal(orderRequest{Item: items[time.Now().Nanosecond()%len(items)], Quantity: 1})
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, l.url, bytes.NewReader(body))
+	if err != nil {
+		return "", err
+	}
+	resp, err := l.http.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("%s: %s", resp.Status, bytes.TrimSpace(b))
+	}
+	var out shoppb.PlaceOrderResponse
+	if err := json.Unmarshal(b, &out); err != nil {
+		return "", err
+	}
+	return out.ServedBy, nil
+}
+
+func (l *load) record(at time.Time, d time.Duration, servedBy string, err error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	s := l.seconds[at.Unix()]
+	if s == nil {
+		s = &second{servedBy: map[string]int{}}
+		l.seconds[at.Unix()] = s
+		delete(l.seconds, at.Unix()-60)
+	}
+	l.total++
+	if err != nil {
+		s.failed++
+		l.failed++
+		l.lastErr = err.Error()
+		return
+	}
+	s.ok++
+	s.latencies = append(s.latencies, d)
+	s.servedBy[servedBy]++
+}
+
+func (l *load) totals() (total, failed int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.total, l.failed
+}
+
+// window sums the last n complete seconds.
+func (l *load) window(n int) (ok, failed int, p50, p99 time.Duration, servedBy map[string]int, lastErr string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	servedBy = map[string]int{}
+	var lat []time.Duration
+	now := time.Now().Unix()
+	for sec := now - int64(n); sec < now; sec++ {
+		if s := l.seconds[sec]; s != nil {
+			ok, failed = ok+s.ok, failed+s.failed
+			lat = append(lat, s.latencies...)
+			for k, v := range s.servedBy {
+				servedBy[k] += v
+			}
+		}
+	}
+	slices.Sort(lat)
+	q := func(f float64) time.Duration {
+		if len(lat) == 0 {
+			return 0
+		}
+		return lat[min(len(lat)-1, int(f*float64(len(lat))))]
+	}
+	return ok, failed, q(0.5), q(0.99), servedBy, l.lastErr
+}
+
+// view prints the registry's instances and the load's last five seconds.
+func view(ctx context.Context, w io.Writer, c *client.Client, l *load, plain bool) {
+	var b strings.Builder
+	if !plain {
+		b.WriteString("\033[H\033[2J")
+	}
+	fmt.Fprintf(&b, "beacon demo — %s — Ctrl-C stops everything gracefully\n\n", time.Now().Format(time.TimeOnly))
+	qctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer cancel()
+	for _, svc := range []string{"gateway", "orders", "inventory", "payments"} {
+		snap, err := c.Instances(qctx, svc, client.All())
+		if err != nil {
+			fmt.Fprintf(&b, "%-10s registry unreachable: %v\n", svc, err)
+			continue
+		}
+		fmt.Fprintf(&b, "%-10s %d instance(s)\n", svc, len(snap.Instances))
+		for _, in := range snap.Instances {
+			fmt.Fprintf(&b, "    %-36s %-21s %-8s %s\n", in.ID, in.HostPort(), in.Status, in.Health)
+		}
+	}
+	ok, failed, p50, p99, servedBy, lastErr := l.window(5)
+	fmt.Fprintf(&b, "\nload, last 5 s: %.1f orders/s, %d failed, p50 %v, p99 %v\n", float64(ok+failed)/5, failed,
+		p50.Round(100*time.Microsecond), p99.Round(100*time.Microsecond))
+	ids := make([]string, 0, len(servedBy))
+	for id := range servedBy {
+		ids = append(ids, id)
+	}
+	slices.SortFunc(ids, func(a, b string) int { return cmp.Compare(a, b) })
+	for _, id := range ids {
+		fmt.Fprintf(&b, "    placed by %-36s %5.1f %%\n", id, 100*float64(servedBy[id])/float64(max(ok, 1)))
+	}
+	if total, allFailed := l.totals(); allFailed > 0 {
+		fmt.Fprintf(&b, "\nsince start: %d orders, %d failed; last error: %s\n", total, allFailed, lastErr)
+	}
+	fmt.Fprint(w, b.String())
+}
