@@ -366,3 +366,27 @@ func TestSelector(t *testing.T) {
 		}
 	}
 }
+
+// An update that removes an ejected endpoint must not deadlock: the
+// detector's change callback takes the balancer's lock, which Update holds
+// (the chaos scorecard's hang scenario found this: a hung instance,
+// ejected, then dropped by the registry).
+func TestUpdateRemovingAnEjectedEndpoint(t *testing.T) {
+	bal := newBalancer(t, roundrobin.Builder{}, balancer.Config{}, balancer.WithOutlierDetection(testOutlier))
+	bal.Update(set(1, spec{id: "a"}, spec{id: "b"}, spec{id: "c"}))
+	ejectAll(t, bal, "a")
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		bal.Update(set(2, spec{id: "b"}, spec{id: "c"}))
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Update removing an ejected endpoint did not return in 10 s (deadlock)")
+	}
+	fit(t, share(t, bal, 2000), map[string]float64{"b": 1, "c": 1})
+	if st := bal.State(); st.Endpoints != 2 {
+		t.Errorf("State().Endpoints = %d, want 2", st.Endpoints)
+	}
+}

@@ -134,8 +134,10 @@ func WithClock(c clockwork.Clock) Option { return func(d *Detector) { d.clock = 
 // is in effect, from the goroutine that caused it; f must not block.
 func WithEvents(f func(Event)) Option { return func(d *Detector) { d.onEvent = f } }
 
-// WithOnChange calls f whenever the set of ejected endpoints changes
-// (balancers rebuild their picker), like WithEvents.
+// WithOnChange calls f whenever the detector changes the set of ejected
+// endpoints on its own (an ejection or a re-admission; balancers rebuild
+// their picker), like WithEvents. SetEndpoints does not call it: its
+// caller holds the new set already, and may hold the lock f takes.
 func WithOnChange(f func()) Option { return func(d *Detector) { d.onChange = f } }
 
 type state struct {
@@ -188,8 +190,9 @@ func (d *Detector) Close() {
 }
 
 // SetEndpoints replaces the tracked endpoints. Known IDs keep their state;
-// removed IDs are forgotten.
-func (d *Detector) SetEndpoints(eps []*endpoint.Endpoint) {
+// removed IDs are forgotten. It reports whether that changed the ejected
+// set (an ejected endpoint was removed).
+func (d *Detector) SetEndpoints(eps []*endpoint.Endpoint) (ejectedChanged bool) {
 	d.mu.Lock()
 	changed := false
 	seen := make(map[string]bool, len(eps))
@@ -211,9 +214,7 @@ func (d *Detector) SetEndpoints(eps []*endpoint.Endpoint) {
 		d.rebuildOrderLocked()
 	}
 	d.mu.Unlock()
-	if changed && d.onChange != nil {
-		d.onChange()
-	}
+	return changed
 }
 
 // Observe feeds one call's failure streak (from endpoint.Stats.End). It is
