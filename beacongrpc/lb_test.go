@@ -106,7 +106,14 @@ func TestPolicyConfigFromServiceConfig(t *testing.T) {
 	e.register(t, "hello", bad.backend, good.backend)
 	// Two failures in a row eject (the default is 5), for 1 minute.
 	cfg := `{"loadBalancingConfig": [{"beacon_round_robin": {"outlier": {"consecutiveFailures": 2, "baseEjection": "1m"}}}]}`
-	hc := healthpb.NewHealthClient(e.dial(t, "beacon:///hello", grpc.WithDefaultServiceConfig(cfg)))
+	cc := e.dial(t, "beacon:///hello", grpc.WithDefaultServiceConfig(cfg))
+	hc := healthpb.NewHealthClient(cc)
+	// Until the good instance is READY the bad one is all there is, and a
+	// balancer with every endpoint ejected routes to them all anyway.
+	cc.Connect()
+	testutil.Eventually(t, 20*time.Second, "both instances are READY", func() bool {
+		return beacongrpc.Outliers()["hello"].Ready == 2
+	})
 	failures := 0
 	for range 40 {
 		ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)

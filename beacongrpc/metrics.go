@@ -52,6 +52,7 @@ func (collector) Describe(ch chan<- *prometheus.Desc) {
 // OutlierStats sums outlier detection over the live connections to a
 // target service.
 type OutlierStats struct {
+	Ready                 int // endpoints the connections route to
 	Ejected               int
 	Ejections, Readmitted int64
 }
@@ -68,6 +69,7 @@ func Outliers() map[string]OutlierStats {
 		}
 		st := d.Stats()
 		sum := out[target]
+		sum.Ready += st.Endpoints
 		sum.Ejected += len(st.Ejected)
 		sum.Ejections += st.Ejections
 		sum.Readmitted += st.Readmitted
