@@ -25,24 +25,11 @@ func runDB(args []string) error {
 	clientAddr := fs.String("client-addr", "127.0.0.1:7379", "client address")
 	peerAddr := fs.String("peer-addr", "127.0.0.1:7380", "peer address")
 	_ = fs.Parse(args)
-	cfg := embed.NewConfig()
-	cfg.Dir, cfg.Name = *dir, "shop"
-	cu, pu := url.URL{Scheme: "http", Host: *clientAddr}, url.URL{Scheme: "http", Host: *peerAddr}
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
-	cfg.InitialCluster = "shop=" + pu.String()
-	cfg.LogLevel = "error"
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-	e, err := embed.StartEtcd(cfg)
+	e, err := startEtcd(*dir, *clientAddr, *peerAddr)
 	if err != nil {
 		return err
 	}
 	defer e.Close()
-	select {
-	case <-e.Server.ReadyNotify():
-	case <-time.After(time.Minute):
-		return errors.New("etcd not ready after 1m")
-	}
 	fmt.Printf("shop: serving {\"service\":\"db\",\"addr\":%q,\"pid\":\"%d\"}\n", *clientAddr, os.Getpid())
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
@@ -53,6 +40,29 @@ func runDB(args []string) error {
 	}
 	fmt.Println("shop: stopped db")
 	return nil
+}
+
+// startEtcd starts a single-node etcd and waits until it serves.
+func startEtcd(dir, clientAddr, peerAddr string) (*embed.Etcd, error) {
+	cfg := embed.NewConfig()
+	cfg.Dir, cfg.Name = dir, "shop"
+	cu, pu := url.URL{Scheme: "http", Host: clientAddr}, url.URL{Scheme: "http", Host: peerAddr}
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
+	cfg.InitialCluster = "shop=" + pu.String()
+	cfg.LogLevel = "error"
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	e, err := embed.StartEtcd(cfg)
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+		return e, nil
+	case <-time.After(time.Minute):
+		e.Close()
+		return nil, errors.New("etcd not ready after 1m")
+	}
 }
 
 // db is the shop's data, with the two writes that must be safe under
