@@ -21,13 +21,17 @@ import (
 type Config struct {
 	// SnapshotDir, if set, holds an on-disk snapshot of the services,
 	// rewritten at most every SnapshotEvery (default 1 s) after changes and
-	// read only for a cold start while the registry is unreachable.
+	// read only for a cold start while the registry is unreachable. It is
+	// made (0700) if missing.
 	SnapshotDir   string
 	SnapshotEvery time.Duration
 	// SnapshotMaxAge: older snapshots are not used (default 24 h).
 	SnapshotMaxAge time.Duration
-	// ColdStartWait is how long a new cache waits for the registry before
-	// serving the disk snapshot (default 2 s).
+	// ColdStartWait is how long a new cache waits for a registry that does
+	// not answer before serving the disk snapshot (default 2 s). A
+	// registry that refuses (the first watch attempt fails) does not make
+	// it wait: the snapshot is served at once, and the registry's answer
+	// replaces it whenever it comes.
 	ColdStartWait time.Duration
 	// MassLoss: when one update removes at least this share of a service's
 	// endpoints by session loss (they vanished while UP, without
@@ -246,13 +250,30 @@ func (c *Cache) serviceNames() []string {
 	return slices.Sorted(maps.Keys(c.services))
 }
 
+// coldStartProbe is how often a cold start checks whether the registry
+// has refused the watch.
+const coldStartProbe = 25 * time.Millisecond
+
 func (c *Cache) run(ctx context.Context) {
 	defer close(c.done)
 	coldStart := c.cfg.Clock.NewTimer(c.cfg.ColdStartWait)
 	defer coldStart.Stop()
 	flush := c.cfg.Clock.NewTicker(c.cfg.SnapshotEvery)
 	defer flush.Stop()
-	everSynced := false
+	everSynced, diskTried := false, false
+	// Until the first sync, the stream is probed for a failed attempt (a
+	// refused connection): a cold start need not wait out ColdStartWait
+	// for a registry that is known to be down.
+	probe := c.cfg.Clock.NewTicker(coldStartProbe)
+	defer probe.Stop()
+	probeChan := probe.Chan()
+	tryDisk := func() {
+		if !everSynced && !diskTried {
+			diskTried = true
+			c.loadDisk()
+		}
+		probeChan = nil
+	}
 	for ctx.Err() == nil {
 		names := c.serviceNames()
 		if len(names) == 0 { // an empty list would watch every service
@@ -311,8 +332,12 @@ func (c *Cache) run(ctx context.Context) {
 				everSynced, synced = true, nil
 				c.applySynced(stream, names)
 			case <-coldStart.Chan():
-				if !everSynced {
-					c.loadDisk()
+				tryDisk()
+			case <-probeChan:
+				if everSynced {
+					probeChan = nil
+				} else if stream.Status().Reconnects > 0 {
+					tryDisk()
 				}
 			case <-flush.Chan():
 				c.flush(false)
@@ -399,11 +424,15 @@ func (c *Cache) flush(final bool) {
 	c.mu.Unlock()
 	err := writeSnapshot(c.cfg.SnapshotDir, c.src.Namespace(), snaps, c.cfg.Clock.Now())
 	c.mu.Lock()
+	prev := c.writeErr
 	c.writeErr = err
 	if err != nil && !final {
 		c.dirty = true
 	}
 	c.mu.Unlock()
+	if err != nil && (prev == nil || prev.Error() != err.Error()) { // once per new error, not every flush
+		c.cfg.Logger.Warn("discovery: writing the disk snapshot failed", "dir", c.cfg.SnapshotDir, "err", err)
+	}
 }
 
 // apply takes in full snapshots and notifies subscribers of changed sets.

@@ -203,7 +203,7 @@ func TestRegistryOutageKeepsLastKnownGood(t *testing.T) {
 
 func TestDiskSnapshotServesAColdStartDuringAnOutage(t *testing.T) {
 	ctx := testCtx(t)
-	dir := t.TempDir()
+	dir := filepath.Join(t.TempDir(), "not", "made", "yet") // the cache makes it
 	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
 	proxy := testutil.NewProxy(t, srv.Addr())
 	c := newClient(t, proxy.Addr())
@@ -212,7 +212,8 @@ func TestDiskSnapshotServesAColdStartDuringAnOutage(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	cfg := discovery.Config{SnapshotDir: dir, SnapshotEvery: 50 * time.Millisecond, ColdStartWait: 300 * time.Millisecond}
+	// A refused registry does not make the cold start wait ColdStartWait.
+	cfg := discovery.Config{SnapshotDir: dir, SnapshotEvery: 50 * time.Millisecond, ColdStartWait: time.Hour}
 	warm, err := discovery.New(discovery.FromClient(c, ""), cfg, "cart")
 	if err != nil {
 		t.Fatal(err)
@@ -242,6 +243,34 @@ func TestDiskSnapshotServesAColdStartDuringAnOutage(t *testing.T) {
 		set, _ := cold.Endpoints("cart")
 		return !set.FromDisk && len(set.Endpoints) == 3
 	})
+}
+
+// A registry that hangs (accepts, never answers) is waited for
+// ColdStartWait, then the snapshot is served.
+func TestDiskSnapshotServesAColdStartWhileTheRegistryHangs(t *testing.T) {
+	ctx := testCtx(t)
+	dir := t.TempDir()
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	proxy := testutil.NewProxy(t, srv.Addr())
+	c := newClient(t, proxy.Addr())
+	if _, err := c.Register(ctx, inst("cart", "c-0", 9500)); err != nil {
+		t.Fatal(err)
+	}
+	cfg := discovery.Config{SnapshotDir: dir, SnapshotEvery: 50 * time.Millisecond, ColdStartWait: 300 * time.Millisecond}
+	warm, err := discovery.New(discovery.FromClient(c, ""), cfg, "cart")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitSet(t, warm, "cart", "c-0")
+	warm.Close()
+
+	proxy.Freeze(true)
+	proxy.Cut()
+	cold := newCache(t, c, cfg, "cart")
+	if set := waitSet(t, cold, "cart", "c-0"); !set.FromDisk {
+		t.Errorf("cold-start set FromDisk = %v, want true", set.FromDisk)
+	}
+	proxy.Freeze(false)
 }
 
 func srvClient(t *testing.T, srv interface{ Addr() string }) *client.Client {

@@ -83,6 +83,9 @@ func writeSnapshot(dir, namespace string, snaps map[string]*registry.Snapshot, n
 	if err != nil {
 		return err
 	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
 	f, err := os.CreateTemp(dir, ".beacon-discovery-*")
 	if err != nil {
 		return err
