@@ -13,25 +13,32 @@ import (
 	"beacon.dev/beacon/internal/testutil"
 )
 
-func startTestDB(t *testing.T) *db {
+// startTestDB starts a shop database and opens it n times, as n
+// inventory instances would.
+func startTestDB(t *testing.T, n int) []*db {
 	t.Helper()
 	e, err := startEtcd(t.TempDir(), testutil.FreeAddr(t), testutil.FreeAddr(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(e.Close)
-	d, err := openDB(e.Config().ListenClientUrls[0].Host)
-	if err != nil {
-		t.Fatal(err)
+	var out []*db
+	for range n {
+		d, err := openDB(e.Config().ListenClientUrls[0].Host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { d.Close() })
+		out = append(out, d)
 	}
-	t.Cleanup(func() { d.Close() })
-	return d
+	return out
 }
 
 // Many orders racing for the same stock: exactly as many succeed as the
 // stock allows, none twice, and a retried order takes nothing more.
 func TestReserveIsSafeUnderConcurrency(t *testing.T) {
-	d := startTestDB(t)
+	dbs := startTestDB(t, 3) // three instances: the version check decides
+	d := dbs[0]
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if err := d.seedStock(ctx, "widget", 100); err != nil {
@@ -46,9 +53,9 @@ func TestReserveIsSafeUnderConcurrency(t *testing.T) {
 			order := fmt.Sprintf("o-%d", i)
 			// Every order is sent twice at once, as a hedge would.
 			var inner sync.WaitGroup
-			for range 2 {
+			for copy := range 2 {
 				inner.Go(func() {
-					_, err := d.reserve(ctx, order, "widget", each)
+					_, err := dbs[(i+copy)%len(dbs)].reserve(ctx, order, "widget", each)
 					mu.Lock()
 					defer mu.Unlock()
 					switch {
@@ -95,7 +102,7 @@ func TestReserveIsSafeUnderConcurrency(t *testing.T) {
 }
 
 func TestChargeOncePerOrder(t *testing.T) {
-	d := startTestDB(t)
+	d := startTestDB(t, 1)[0]
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	id1, err := d.charge(ctx, "o-1", 250)
