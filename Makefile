@@ -1,4 +1,4 @@
-.PHONY: test run bench fuzz generate
+.PHONY: test run demo chaos bench fuzz generate
 
 # The whole test suite (installs Debian packages it needs when run as root).
 test:
@@ -7,6 +7,16 @@ test:
 # A beacon server on an embedded etcd, data in ./beacon.data.
 run:
 	go run ./cmd/beacon server
+
+# The demo shop: a beacon server, the shop's services and a steady load,
+# shown live until Ctrl-C.
+demo:
+	go run ./examples/shop demo
+
+# The chaos scorecard, full length (about 15 minutes): scorecard.md and a
+# chart per scenario in docs/chaos.
+chaos:
+	go run ./bench/chaos -out docs/chaos
 
 # Benchmarks with their anchors measured in the same run.
 bench:
@@ -17,6 +27,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzRegisterJSON -fuzztime 30s ./server
 	go test -run '^$$' -fuzz FuzzDecodeInstance -fuzztime 30s ./internal/store
 	go test -run '^$$' -fuzz FuzzDecodeSnapshot -fuzztime 30s ./discovery
+	go test -run '^$$' -fuzz FuzzMetaKeyRoundTrip -fuzztime 30s ./backend/consul
 
 generate:
 	./api/generate.sh
