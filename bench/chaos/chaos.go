@@ -157,26 +157,19 @@ func runScenario(ctx context.Context, cfg Config, scenario, clientKind string) (
 		if err := restartVictim(); err != nil {
 			return nil, err
 		}
-	case "hang":
-		if err := victim.Signal(syscall.SIGSTOP); err != nil {
+	case "hang", "slow": // a signal starts the fault, another ends it
+		on, off := syscall.SIGSTOP, syscall.SIGCONT
+		if scenario == "slow" {
+			on, off = syscall.SIGUSR1, syscall.SIGUSR2
+		}
+		if err := victim.Signal(on); err != nil {
 			return nil, err
 		}
 		if err := sleep(cfg.Fault); err != nil {
 			return nil, err
 		}
 		r.FaultEnd = time.Since(g.begin)
-		if err := victim.Signal(syscall.SIGCONT); err != nil {
-			return nil, err
-		}
-	case "slow":
-		if err := victim.Signal(syscall.SIGUSR1); err != nil {
-			return nil, err
-		}
-		if err := sleep(cfg.Fault); err != nil {
-			return nil, err
-		}
-		r.FaultEnd = time.Since(g.begin)
-		if err := victim.Signal(syscall.SIGUSR2); err != nil {
+		if err := victim.Signal(off); err != nil {
 			return nil, err
 		}
 	case "rolling-restart":
