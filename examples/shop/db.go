@@ -5,11 +5,11 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"hash/fnv"
 	"net/url"
 	"os"
 	"os/signal"
 	"strconv"
-	"sync"
 	"syscall"
 	"time"
 
@@ -70,9 +70,9 @@ func startEtcd(dir, clientAddr, peerAddr string) (*embed.Etcd, error) {
 // concurrency and retries: taking stock and charging, each once per order.
 type db struct {
 	cli *clientv3.Client
-
-	mu    sync.Mutex
-	items map[string]chan struct{} // guarded by mu; one writer per item here
+	// turns: one reservation at a time per item in this process, striped
+	// so that item names from requests cannot grow a map.
+	turns [64]chan struct{}
 }
 
 func openDB(addr string) (*db, error) {
@@ -80,7 +80,11 @@ func openDB(addr string) (*db, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &db{cli: cli, items: map[string]chan struct{}{}}, nil
+	d := &db{cli: cli}
+	for i := range d.turns {
+		d.turns[i] = make(chan struct{}, 1)
+	}
+	return d, nil
 }
 
 func (d *db) Close() error { return d.cli.Close() }
@@ -147,13 +151,9 @@ func (d *db) reserve(ctx context.Context, order, item string, quantity int64) (r
 
 // lockItem waits for this process's turn on an item, or for ctx.
 func (d *db) lockItem(ctx context.Context, item string) (release func(), err error) {
-	d.mu.Lock()
-	turn, ok := d.items[item]
-	if !ok {
-		turn = make(chan struct{}, 1)
-		d.items[item] = turn
-	}
-	d.mu.Unlock()
+	h := fnv.New32a()
+	_, _ = h.Write([]byte(item))
+	turn := d.turns[h.Sum32()%uint32(len(d.turns))]
 	select {
 	case turn <- struct{}{}:
 		return func() { <-turn }, nil
