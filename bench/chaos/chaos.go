@@ -46,6 +46,7 @@ var allScenarios = []string{"kill", "hang", "slow", "rolling-restart", "registry
 type run struct {
 	Scenario, Client     string
 	FaultStart, FaultEnd time.Duration
+	ClientRestart        time.Duration // registry-down: when the new client took over (0: none)
 	Total                time.Duration
 	Calls                []call
 	Attempts             []call
@@ -196,6 +197,7 @@ func runScenario(ctx context.Context, cfg Config, scenario, clientKind string) (
 			return nil, fmt.Errorf("restarting the client with the registry down: %w", err)
 		}
 		drained := g.setClient(c2)
+		r.ClientRestart = time.Since(g.begin)
 		old := closeClient
 		closeClient = close2
 		if err := sleep(cfg.RegistryDown / 2); err != nil {

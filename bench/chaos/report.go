@@ -249,6 +249,12 @@ func chart(w io.Writer, title string, runs []*run) {
 	for _, r := range runs[:1] {
 		fmt.Fprintf(w, `<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="#f4d7d7"/>`+"\n", x(r.FaultStart), top, max(x(r.FaultEnd)-x(r.FaultStart), 2), 2*panelH+gap)
 	}
+	for i, r := range runs {
+		if r.ClientRestart > 0 {
+			fmt.Fprintf(w, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" stroke-dasharray="4 3"/><text x="%.1f" y="%d" fill="%s">%s client restarted</text>`+"\n",
+				x(r.ClientRestart), top, x(r.ClientRestart), top+2*panelH+gap, colors[i%len(colors)], x(r.ClientRestart)+4, top+panelH+15+15*i, colors[i%len(colors)], r.Client)
+		}
+	}
 	panels := []struct {
 		name string
 		y0   int
