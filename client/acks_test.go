@@ -167,3 +167,33 @@ func TestAwaitWatchersBadInput(t *testing.T) {
 		}
 	}
 }
+
+// A server that stops answering without closing its connections (a hung
+// process, a silent network) is noticed by the HTTP/2 pings: the watch
+// reports itself disconnected within the ping budget (5 s idle + 5 s),
+// and comes back once the server answers again.
+func TestHungServerIsNoticedByPings(t *testing.T) {
+	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	proxy := testutil.NewProxy(t, srv.Addr())
+	viaProxy := newClient(t, proxy.Addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	w, err := viaProxy.Watch(ctx, []string{"orders"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	consumeCtx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { consume(consumeCtx, w); close(done) }()
+	defer func() { stop(); <-done; w.Close() }()
+	<-w.Synced()
+	testutil.Eventually(t, 10*time.Second, "connected", func() bool { return w.Status().Connected })
+
+	proxy.Freeze(true)
+	frozen := time.Now()
+	testutil.Eventually(t, 20*time.Second, "the watch notices the hung server", func() bool { return !w.Status().Connected })
+	t.Logf("noticed after %v", time.Since(frozen).Round(100*time.Millisecond))
+	proxy.Freeze(false)
+	proxy.Cut() // connections opened while frozen may have given up already
+	testutil.Eventually(t, 20*time.Second, "the watch is back", func() bool { return w.Status().Connected })
+}

@@ -2,6 +2,7 @@ package client
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"golang.org/x/net/http2"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
@@ -100,16 +102,22 @@ func New(servers []string, opts ...Option) (*Client, error) {
 
 // newHTTPClient speaks HTTP/2 over cleartext with pings, so a server that
 // vanished without closing the connection is noticed within seconds.
+//
+// It is x/net's HTTP/2 transport, not net/http's Transport with
+// Protocols: when a connection dies under a request, net/http (Go 1.26)
+// decides whether to retry by reading a flag its HTTP/2 writer may still
+// be setting, a data race the race detector reports (seen when tests cut
+// connections). x/net's transport retries only requests whose body was
+// never touched, and has no such flag.
 func newHTTPClient() *http.Client {
-	p := new(http.Protocols)
-	p.SetUnencryptedHTTP2(true)
-	return &http.Client{Transport: &http.Transport{
-		Protocols:   p,
-		DialContext: (&net.Dialer{Timeout: 3 * time.Second, KeepAlive: 15 * time.Second}).DialContext,
-		HTTP2: &http.HTTP2Config{
-			SendPingTimeout: 5 * time.Second,
-			PingTimeout:     5 * time.Second,
+	dialer := &net.Dialer{Timeout: 3 * time.Second, KeepAlive: 15 * time.Second}
+	return &http.Client{Transport: &http2.Transport{
+		AllowHTTP: true,
+		DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
+			return dialer.DialContext(ctx, network, addr) // h2c: no TLS
 		},
+		ReadIdleTimeout: 5 * time.Second,
+		PingTimeout:     5 * time.Second,
 	}}
 }
 
