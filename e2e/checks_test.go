@@ -400,20 +400,24 @@ func TestTTLCheckExpiresAndRecovers(t *testing.T) {
 		t.Fatalf("beacon check-update: %v\n%s", err, out)
 	}
 	h.waitHealth(t, registry.HealthPassing, 5*time.Second)
-	push := func(st registry.Health, d time.Duration) {
+	// push reports st for d and returns when its last report was sent.
+	push := func(st registry.Health, d time.Duration) (last time.Time) {
 		end := time.Now().Add(d)
 		for time.Now().Before(end) {
+			last = time.Now()
 			if _, err := c.UpdateCheck(ctx, "", "batch", "b-1", "", st, ""); err != nil {
 				t.Fatal(err)
 			}
 			time.Sleep(500 * time.Millisecond)
 		}
+		return last
 	}
-	push(registry.HealthPassing, 3*time.Second) // longer than the TTL: renewals keep it PASSING
+	// Longer than the TTL: renewals keep it PASSING. Then the instance
+	// stops reporting (hung); the TTL runs from its last report.
+	silent := push(registry.HealthPassing, 3*time.Second)
 	if got := h.history(); got[len(got)-1] != registry.HealthPassing {
 		t.Fatalf("renewed check: history %v", got)
 	}
-	silent := time.Now() // the instance stops reporting (hung)
 	h.waitHealth(t, registry.HealthCritical, 3*ttl+2*time.Second)
 	t.Logf("TTL %v: CRITICAL %v after the last update", ttl, time.Since(silent).Round(100*time.Millisecond))
 	if d := time.Since(silent); d < ttl-200*time.Millisecond {
