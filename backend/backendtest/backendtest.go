@@ -231,13 +231,24 @@ func watchConverges(t *testing.T, b backend.Backend, h Harness) {
 	}
 	for _, svc := range services {
 		want := list(ctx, t, b, svc)
-		eventually(t, 10*time.Second, "the watch converges on "+svc, func() bool {
+		var got []string
+		var rev int64
+		converged := func() bool {
 			s, ok := st.Snapshot(svc)
 			if !ok {
+				got, rev = nil, 0
 				return len(want) == 0
 			}
-			return slices.Equal(ids(s), want)
-		})
+			got, rev = ids(s), s.Revision
+			return slices.Equal(got, want)
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for !converged() {
+			if time.Now().After(deadline) {
+				t.Fatalf("after 10 s the watch holds %s = %v (revision %d), the registry lists %v", svc, got, rev, want)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
 	}
 	st.Close()
 	<-stopped

@@ -83,6 +83,7 @@ type Backend struct {
 	mu          sync.Mutex
 	restarted   context.Context    // guarded by mu; cancelled when the agent is seen to have lost its state
 	markRestart context.CancelFunc // guarded by mu
+	sessions    map[*session]bool  // guarded by mu; open sessions, which own instances
 }
 
 var _ backend.Backend = (*Backend)(nil)
@@ -115,7 +116,8 @@ func New(cfg Config) (*Backend, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	b := &Backend{cfg: cfg, agent: cfg.Client.Agent(), health: cfg.Client.Health(), cat: cfg.Client.Catalog(), log: log}
+	b := &Backend{cfg: cfg, agent: cfg.Client.Agent(), health: cfg.Client.Health(), cat: cfg.Client.Catalog(), log: log,
+		sessions: map[*session]bool{}}
 	b.restarted, b.markRestart = context.WithCancel(context.Background())
 	return b, nil
 }
@@ -167,13 +169,32 @@ func (b *Backend) prepare(in registry.Instance, session int64, ttl time.Duration
 	return &in, reg, nil
 }
 
-// Register implements backend.Backend.
+// Register implements backend.Backend. A persistent registration takes
+// the instance from any session of this backend that held it.
 func (b *Backend) Register(ctx context.Context, in registry.Instance) (int64, error) {
-	_, reg, err := b.prepare(in, 0, 0)
+	p, reg, err := b.prepare(in, 0, 0)
 	if err != nil {
 		return 0, err
 	}
+	b.disown(p.Key(), nil)
 	return b.register(ctx, reg)
+}
+
+// disown makes every open session but keep forget an instance: it was
+// registered again or deregistered on purpose, and a session that still
+// held it would take its vanished check for an agent that lost its state,
+// and register the old instance again.
+func (b *Backend) disown(key registry.InstanceKey, keep *session) {
+	b.mu.Lock()
+	sessions := slices.Collect(maps.Keys(b.sessions))
+	b.mu.Unlock()
+	for _, s := range sessions {
+		if s != keep {
+			s.mu.Lock()
+			delete(s.instances, key)
+			s.mu.Unlock()
+		}
+	}
 }
 
 // register hands a registration to the agent and waits for the catalog to
@@ -259,7 +280,9 @@ func (b *Backend) Deregister(ctx context.Context, service, id string) (bool, err
 	if err := registry.ValidateID("id", id); err != nil {
 		return false, err
 	}
-	sid := serviceID(registry.InstanceKey{Namespace: b.cfg.Namespace, Service: service, ID: id})
+	key := registry.InstanceKey{Namespace: b.cfg.Namespace, Service: service, ID: id}
+	b.disown(key, nil)
+	sid := serviceID(key)
 	if err := retryOnce(ctx, func() error { return b.agent.ServiceDeregisterOpts(sid, (&api.QueryOptions{}).WithContext(ctx)) }); err != nil {
 		if notFound(err) {
 			return false, nil
@@ -320,6 +343,9 @@ func (b *Backend) NewSession(ctx context.Context, ttl time.Duration) (backend.Se
 	runCtx, stop := context.WithCancel(context.Background())
 	s := &session{b: b, id: rand.Int64N(1<<62) + 1, ttl: ttl, stop: stop, done: make(chan struct{}),
 		instances: map[registry.InstanceKey]*api.AgentServiceRegistration{}}
+	b.mu.Lock()
+	b.sessions[s] = true
+	b.mu.Unlock()
 	go s.keepAlive(runCtx) // owned: ends with Close
 	return s, nil
 }
@@ -329,6 +355,7 @@ func (s *session) Register(ctx context.Context, in registry.Instance) (int64, er
 	if err != nil {
 		return 0, err
 	}
+	s.b.disown(p.Key(), s)
 	s.mu.Lock()
 	s.instances[p.Key()] = reg
 	s.mu.Unlock()
@@ -336,10 +363,7 @@ func (s *session) Register(ctx context.Context, in registry.Instance) (int64, er
 }
 
 func (s *session) Deregister(ctx context.Context, service, id string) (bool, error) {
-	s.mu.Lock()
-	delete(s.instances, registry.InstanceKey{Namespace: s.b.cfg.Namespace, Service: service, ID: id})
-	s.mu.Unlock()
-	return s.b.Deregister(ctx, service, id)
+	return s.b.Deregister(ctx, service, id) // every session forgets it
 }
 
 // Close stops the keepalives and deregisters the session's instances; with
@@ -350,6 +374,9 @@ func (s *session) Close(ctx context.Context) error {
 	s.once.Do(func() {
 		s.stop()
 		<-s.done
+		s.b.mu.Lock()
+		delete(s.b.sessions, s)
+		s.b.mu.Unlock()
 		if err = ctx.Err(); err != nil {
 			return
 		}
@@ -408,6 +435,20 @@ func (s *session) renew(ctx context.Context, reg *api.AgentServiceRegistration) 
 	s.mu.Unlock()
 	if !still {
 		return
+	}
+	// The check is gone. If the instance is still there, someone (another
+	// process) registered it again without it: it is not ours any more.
+	// If it is gone too, the agent lost its state — or another process
+	// deregistered it, which Consul cannot tell apart — and it is
+	// registered again.
+	if _, _, err := s.b.agent.Service(reg.ID, (&api.QueryOptions{}).WithContext(ctx)); err == nil {
+		s.b.log.Info("beacon/consul: a session instance was registered again by someone else; the session lets it go", "instance", reg.ID)
+		s.mu.Lock()
+		delete(s.instances, keyOf(reg))
+		s.mu.Unlock()
+		return
+	} else if !notFound(err) {
+		return // try again at the next renewal
 	}
 	s.b.log.Info("beacon/consul: the agent lost a session instance; registering it again", "instance", reg.ID)
 	s.b.agentRestarted()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"os/exec"
@@ -219,6 +220,60 @@ func TestAgentRestartSessionsRegisterAgainAndWatchesReadAfresh(t *testing.T) {
 	snap, err := b.Instances(ctx, "orders")
 	if err != nil || !slices.Equal(ids(snap), []string{"ephemeral"}) {
 		t.Errorf("Instances after the restart: %v, %v", snap, err)
+	}
+}
+
+// A session lets an instance go when it is registered again without the
+// session or deregistered on purpose — in this process or another — and
+// does not take the vanished session check for a lost agent (it used to
+// register the old instance again; the conformance suite's watch test
+// caught it).
+func TestSessionLetsGoOfInstancesTakenOrRemoved(t *testing.T) {
+	srv := testServer(t, consultest.Options{})
+	b := newBackend(t, srv.Addr(), consul.Config{WaitTime: 2 * time.Second})
+	other := newBackend(t, srv.Addr(), consul.Config{WaitTime: 2 * time.Second}) // another process
+	ctx := ctxFor(t, 60*time.Second)
+	const ttl = 2 * time.Second // the shortest; renewals every 667 ms
+	sess, err := b.NewSession(ctx, ttl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Close(ctx)
+	for _, id := range []string{"retaken", "retaken-elsewhere", "removed"} {
+		if _, err := sess.Register(ctx, registry.Instance{Service: "orders", ID: id, Address: "127.0.0.1", Port: 9001}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := b.Register(ctx, registry.Instance{Service: "orders", ID: "retaken", Address: "127.0.0.1", Port: 9101}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.Register(ctx, registry.Instance{Service: "orders", ID: "retaken-elsewhere", Address: "127.0.0.1", Port: 9102}); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := b.Deregister(ctx, "orders", "removed"); !ok || err != nil {
+		t.Fatalf("Deregister = %v, %v", ok, err)
+	}
+	time.Sleep(2 * ttl) // several renewals
+	snap, err := b.Instances(ctx, "orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ports := map[string]int{}
+	for _, in := range snap.Instances {
+		ports[in.ID] = in.Port
+		if in.Ephemeral() {
+			t.Errorf("%s is the session's again: it registered it back", in.ID)
+		}
+	}
+	if want := map[string]int{"retaken": 9101, "retaken-elsewhere": 9102}; !maps.Equal(ports, want) {
+		t.Errorf("after the renewals: %v, want %v (nothing brought back by the session)", ports, want)
+	}
+	// Closing the session deregisters nothing it let go of.
+	if err := sess.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if snap, err := b.Instances(ctx, "orders"); err != nil || len(snap.Instances) != 2 {
+		t.Errorf("after the session closed: %v, %v; want both registrations kept", snap, err)
 	}
 }
 

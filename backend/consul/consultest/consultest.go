@@ -8,7 +8,9 @@
 //   - PUT /v1/agent/service/register (Check or Checks; check IDs default to
 //     "service:ID" or "service:ID:N"; checks start critical unless Status
 //     says otherwise; a re-registration replaces the checks),
-//     PUT /v1/agent/service/deregister/:id (404 "Unknown service ID").
+//     PUT /v1/agent/service/deregister/:id (404 "Unknown service ID"),
+//     GET /v1/agent/service/:id (404 "unknown service ID"; not blocking —
+//     Consul's hash-based blocking is not used by the backend).
 //   - PUT /v1/agent/check/update/:id and the older pass/warn/fail forms;
 //     an unknown or non-TTL check answers 500 "CheckID … does not have
 //     associated TTL", as Consul does. A TTL check not updated within its
@@ -138,6 +140,7 @@ func (s *Server) serve(ln net.Listener) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("PUT /v1/agent/service/register", s.register)
 	mux.HandleFunc("PUT /v1/agent/service/deregister/{id}", s.deregister)
+	mux.HandleFunc("GET /v1/agent/service/{id}", s.agentService)
 	mux.HandleFunc("PUT /v1/agent/check/update/{id}", s.updateCheck)
 	for _, verb := range []string{"pass", "warn", "fail"} {
 		mux.HandleFunc("PUT /v1/agent/check/"+verb+"/{id}", s.updateCheck)
@@ -434,6 +437,24 @@ func (s *Server) deregister(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.deregisterLocked(id)
+}
+
+func (s *Server) agentService(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	s.mu.Lock()
+	svc, ok := s.services[id]
+	var reg api.AgentService
+	if ok {
+		reg = svc.reg
+		reg.Tags, reg.Meta = slices.Clone(reg.Tags), cloneMap(reg.Meta)
+	}
+	s.mu.Unlock()
+	if !ok {
+		httpError(w, http.StatusNotFound, "unknown service ID: %s", id)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(&reg)
 }
 
 func (s *Server) updateCheck(w http.ResponseWriter, r *http.Request) {
