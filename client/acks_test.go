@@ -21,6 +21,26 @@ func consume(ctx context.Context, w *client.Watcher) {
 	}
 }
 
+// watchAndConsume watches services through c, consuming every batch (so
+// each is acknowledged) until the test ends, and returns once synced.
+func watchAndConsume(ctx context.Context, t *testing.T, c *client.Client, services ...string) *client.Watcher {
+	t.Helper()
+	w, err := c.Watch(ctx, services)
+	if err != nil {
+		t.Fatal(err)
+	}
+	consumeCtx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { consume(consumeCtx, w); close(done) }() // owned: stopped at cleanup
+	t.Cleanup(func() { stop(); <-done; w.Close() })
+	select {
+	case <-w.Synced():
+	case <-ctx.Done():
+		t.Fatalf("the watch of %v never synced", services)
+	}
+	return w
+}
+
 func TestAwaitWatchersCountsAcknowledgements(t *testing.T) {
 	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
 	c := newClient(t, srv.Addr())
@@ -121,15 +141,7 @@ func TestAcknowledgementsSurviveReconnect(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w, err := viaProxy.Watch(ctx, []string{"orders"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	consumeCtx, stop := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() { consume(consumeCtx, w); close(done) }()
-	defer func() { stop(); <-done; w.Close() }()
-	<-w.Synced()
+	w := watchAndConsume(ctx, t, viaProxy, "orders")
 	if res, err := c.AwaitWatchers(ctx, "", "orders", rev, 5*time.Second); err != nil || !res.Complete() || res.Acknowledged != 1 {
 		t.Fatalf("before the cut: %+v, %v", res, err)
 	}
@@ -178,15 +190,7 @@ func TestHungServerIsNoticedByPings(t *testing.T) {
 	viaProxy := newClient(t, proxy.Addr())
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	w, err := viaProxy.Watch(ctx, []string{"orders"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	consumeCtx, stop := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() { consume(consumeCtx, w); close(done) }()
-	defer func() { stop(); <-done; w.Close() }()
-	<-w.Synced()
+	w := watchAndConsume(ctx, t, viaProxy, "orders")
 	testutil.Eventually(t, 10*time.Second, "connected", func() bool { return w.Status().Connected })
 
 	proxy.Freeze(true)
