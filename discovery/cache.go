@@ -267,12 +267,13 @@ func (c *Cache) run(ctx context.Context) {
 	probe := c.cfg.Clock.NewTicker(coldStartProbe)
 	defer probe.Stop()
 	probeChan := probe.Chan()
+	stopProbe := func() { probe.Stop(); probeChan = nil } // its work ends at the first sync
 	tryDisk := func() {
 		if !everSynced && !diskTried {
 			diskTried = true
 			c.loadDisk()
 		}
-		probeChan = nil
+		stopProbe()
 	}
 	for ctx.Err() == nil {
 		names := c.serviceNames()
@@ -330,13 +331,12 @@ func (c *Cache) run(ctx context.Context) {
 				}
 			case <-synced:
 				everSynced, synced = true, nil
+				stopProbe()
 				c.applySynced(stream, names)
 			case <-coldStart.Chan():
 				tryDisk()
 			case <-probeChan:
-				if everSynced {
-					probeChan = nil
-				} else if stream.Status().Reconnects > 0 {
+				if stream.Status().Reconnects > 0 {
 					tryDisk()
 				}
 			case <-flush.Chan():

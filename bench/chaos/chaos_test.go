@@ -3,9 +3,7 @@ package main
 import (
 	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -23,12 +21,12 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m, testutil.LeakOptions()...
 func TestScorecardShort(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
-	mod, err := exec.Command("go", "env", "GOMOD").Output()
+	mod, err := shopkit.ModuleDir()
 	if err != nil {
 		t.Fatal(err)
 	}
 	work := t.TempDir()
-	shopBin, beaconBin, err := shopkit.Build(ctx, filepath.Dir(strings.TrimSpace(string(mod))), work)
+	shopBin, beaconBin, err := shopkit.Build(ctx, mod, work)
 	if err != nil {
 		t.Fatal(err)
 	}

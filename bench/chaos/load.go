@@ -35,7 +35,7 @@ type generator struct {
 	inflight *sync.WaitGroup     // guarded by mu; the current client's calls
 	calls    []call              // guarded by mu
 	attempts []call              // guarded by mu; every attempt, below retries and hedges
-	seq      int
+	seq      int                 // guarded by mu
 }
 
 // recordAttempts is a client interceptor placed below the client's own

@@ -15,7 +15,6 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strings"
@@ -50,11 +49,11 @@ func mainErr(ctx context.Context, out string, short, raw bool, rate int, scenari
 		return err
 	}
 	defer os.RemoveAll(work)
-	mod, err := exec.Command("go", "env", "GOMOD").Output()
+	mod, err := shopkit.ModuleDir()
 	if err != nil {
 		return err
 	}
-	shopBin, beaconBin, err := shopkit.Build(ctx, filepath.Dir(strings.TrimSpace(string(mod))), work)
+	shopBin, beaconBin, err := shopkit.Build(ctx, mod, work)
 	if err != nil {
 		return err
 	}

@@ -11,9 +11,7 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"os/signal"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -56,7 +54,7 @@ func runDemo(args []string) error {
 		*dir = d
 	}
 	fmt.Println("demo: building the shop and beacon …")
-	mod, err := moduleDir()
+	mod, err := shopkit.ModuleDir()
 	if err != nil {
 		return err
 	}
@@ -102,14 +100,6 @@ func runDemo(args []string) error {
 	total, failed := ld.totals()
 	fmt.Printf("demo: %d orders placed, %d failed\n", total-failed, failed)
 	return nil
-}
-
-func moduleDir() (string, error) {
-	out, err := exec.Command("go", "env", "GOMOD").Output()
-	if err != nil || strings.TrimSpace(string(out)) == "" || strings.TrimSpace(string(out)) == os.DevNull {
-		return "", errors.New("run the demo from within the beacon module (make demo)")
-	}
-	return filepath.Dir(strings.TrimSpace(string(out))), nil
 }
 
 // startShop starts the registry, the database and the services.

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -16,6 +17,17 @@ import (
 	"syscall"
 	"time"
 )
+
+// ModuleDir returns the beacon module's directory (Build's moduleDir):
+// the shop is built from source, so it runs from within the module.
+func ModuleDir() (string, error) {
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	mod := strings.TrimSpace(string(out))
+	if err != nil || mod == "" || mod == os.DevNull {
+		return "", errors.New("run from within the beacon module (go env GOMOD names no go.mod)")
+	}
+	return filepath.Dir(mod), nil
+}
 
 // Build compiles the shop and the beacon server into dir.
 func Build(ctx context.Context, moduleDir, dir string) (shopBin, beaconBin string, err error) {
