@@ -35,7 +35,11 @@ type Config struct {
 	// view), nil when it is gone.
 	Instance      func(registry.InstanceKey) *registry.Instance
 	MaxConcurrent int
-	Log           *slog.Logger
+	// MaxConns caps the probe connections, open or being dialed, of all
+	// the checks (default DefaultMaxConns): each holds a file descriptor.
+	// A probe that finds them at the limit gets no verdict.
+	MaxConns int
+	Log      *slog.Logger
 }
 
 // checkKey names one check of one instance.
@@ -66,6 +70,7 @@ type state struct {
 type Checker struct {
 	cfg     Config
 	sem     *semaphore.Weighted
+	conns   *connLimiter
 	metrics *Metrics
 
 	mu      sync.Mutex
@@ -79,11 +84,13 @@ type Checker struct {
 	queue     stateHeap
 	wg        sync.WaitGroup // probes and writes in flight
 	runCtx    context.Context
+	refusedAt time.Time // last warning about the connection cap
 }
 
 type result struct {
 	st       *state
 	ok       bool
+	refused  bool // no verdict: the probe connections were at the limit
 	output   string
 	lateness time.Duration
 	wrote    bool // a write finished (ok: it succeeded)
@@ -94,11 +101,15 @@ func New(cfg Config) *Checker {
 	if cfg.MaxConcurrent <= 0 {
 		cfg.MaxConcurrent = DefaultMaxConcurrent
 	}
+	if cfg.MaxConns <= 0 {
+		cfg.MaxConns = DefaultMaxConns
+	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
+	conns := newConnLimiter(cfg.MaxConns)
 	return &Checker{
-		cfg: cfg, sem: semaphore.NewWeighted(int64(cfg.MaxConcurrent)), metrics: newMetrics(),
+		cfg: cfg, sem: semaphore.NewWeighted(int64(cfg.MaxConcurrent)), conns: conns, metrics: newMetrics(conns),
 		dirty: make(map[registry.ServiceKey]*registry.Snapshot), wake: make(chan struct{}, 1),
 		results:   make(chan result, 64),
 		instances: make(map[registry.InstanceKey]*registry.Instance),
@@ -126,11 +137,11 @@ func (c *Checker) Offer(snaps []*registry.Snapshot) {
 }
 
 // Run schedules checks until ctx ends, then waits for probes and writes
-// in flight. all seeds it with the view's current state.
+// in flight and closes every prober. all seeds it with the view's current
+// state.
 func (c *Checker) Run(ctx context.Context, all []*registry.Snapshot) {
 	c.runCtx = ctx
-	defer c.wg.Wait()
-	defer c.closeProbers()
+	defer c.shutdown()
 	c.Offer(all)
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
@@ -229,7 +240,7 @@ func (c *Checker) adopt(ck checkKey, in *registry.Instance, spec registry.Check)
 	}
 	st.prober = newProber(spec, st.target, func(ctx context.Context) (bool, error) {
 		return c.cfg.Store.TTLAlive(ctx, ck.inst, ck.name)
-	})
+	}, c.conns)
 	st.next = time.Now().Add(time.Duration(rand.Int64N(int64(spec.Interval))))
 	c.states[ck] = st
 	heap.Push(&c.queue, st)
@@ -246,7 +257,24 @@ func (c *Checker) drop(st *state) {
 	}
 }
 
-func (c *Checker) closeProbers() {
+// shutdown waits for the probes and writes in flight and closes the
+// probers. A probe whose result could not be delivered closed its own;
+// one delivered but not handled is drained here.
+func (c *Checker) shutdown() {
+	c.wg.Wait()
+	for drained := false; !drained; {
+		select {
+		case r := <-c.results:
+			if !r.wrote {
+				r.st.running = false
+				if r.st.removed {
+					r.st.prober.close()
+				}
+			}
+		default:
+			drained = true
+		}
+	}
 	for _, st := range c.states {
 		if !st.running {
 			st.prober.close()
@@ -275,9 +303,11 @@ func (c *Checker) runDue(ctx context.Context, now time.Time) {
 		c.wg.Go(func() {
 			defer c.sem.Release(1)
 			pctx, cancel := context.WithTimeout(ctx, st.spec.Timeout)
-			ok, output := st.prober.probe(pctx)
+			v, output := st.prober.probe(pctx)
 			cancel()
-			c.report(result{st: st, ok: ok, output: output, lateness: lateness})
+			if !c.report(result{st: st, ok: v == pass, refused: v == noVerdict, output: output, lateness: lateness}) {
+				st.prober.close() // the scheduler has stopped: nobody else will
+			}
 		})
 	}
 }
@@ -306,6 +336,16 @@ func (c *Checker) handle(ctx context.Context, r result) {
 	st.running = false
 	if st.removed {
 		st.prober.close()
+		return
+	}
+	if r.refused {
+		// The server's limit, not the target's fault: the check's
+		// counters stay where they are.
+		c.metrics.observeRefused(r.lateness)
+		if now := time.Now(); now.Sub(c.refusedAt) >= time.Minute {
+			c.refusedAt = now
+			c.cfg.Log.Warn("health: probes get no verdict: "+r.output, "open", c.conns.inUse())
+		}
 		return
 	}
 	c.metrics.observeProbe(st.spec.Kind, r.ok, r.lateness)
@@ -399,11 +439,14 @@ func (c *Checker) deregister(ctx context.Context, st *state) {
 	})
 }
 
-// report hands a result to the scheduler unless it has stopped.
-func (c *Checker) report(r result) {
+// report hands a result to the scheduler unless it has stopped, and
+// reports whether it did.
+func (c *Checker) report(r result) bool {
 	select {
 	case c.results <- r:
+		return true
 	case <-c.runCtx.Done():
+		return false
 	}
 }
 

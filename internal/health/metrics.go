@@ -18,10 +18,12 @@ type Metrics struct {
 	writeErrors  prometheus.Counter
 	reconciled   prometheus.Counter
 	deregistered prometheus.Counter
+	conns        prometheus.GaugeFunc
+	refused      prometheus.Counter
 	all          []prometheus.Collector
 }
 
-func newMetrics() *Metrics {
+func newMetrics(conns *connLimiter) *Metrics {
 	m := &Metrics{
 		probes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "beacon_check_probes_total", Help: "Probes run by this server, by kind and result (pass, fail).",
@@ -48,8 +50,14 @@ func newMetrics() *Metrics {
 		deregistered: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "beacon_check_deregistered_total", Help: "Instances removed after being critical longer than their check allows.",
 		}),
+		conns: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "beacon_check_conns", Help: "Probe connections open or being dialed (at most --check-max-conns).",
+		}, func() float64 { return float64(conns.inUse()) }),
+		refused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "beacon_check_probes_refused_total", Help: "Probes given no verdict because the probe connections were at the limit (--check-max-conns).",
+		}),
 	}
-	m.all = []prometheus.Collector{m.probes, m.lateness, m.transitions, m.skipped, m.owned, m.writeErrors, m.reconciled, m.deregistered}
+	m.all = []prometheus.Collector{m.probes, m.lateness, m.transitions, m.skipped, m.owned, m.writeErrors, m.reconciled, m.deregistered, m.conns, m.refused}
 	return m
 }
 
@@ -59,6 +67,11 @@ func (m *Metrics) observeProbe(kind registry.CheckKind, ok bool, lateness time.D
 		res = "pass"
 	}
 	m.probes.WithLabelValues(kind.String(), res).Inc()
+	m.lateness.Observe(lateness.Seconds())
+}
+
+func (m *Metrics) observeRefused(lateness time.Duration) {
+	m.refused.Inc()
 	m.lateness.Observe(lateness.Seconds())
 }
 
