@@ -235,7 +235,13 @@ func (c *Client) register(ctx context.Context, in registry.Instance) (int64, err
 // Deregister removes an instance, ephemeral or persistent. found reports
 // whether it existed. An empty namespace means the client's.
 func (c *Client) Deregister(ctx context.Context, namespace, service, id string) (found bool, err error) {
-	req := &beaconv1.DeregisterRequest{Namespace: c.ns(namespace), Service: service, Id: id}
+	return c.deregister(ctx, namespace, service, id, 0)
+}
+
+// deregister with session != 0 removes the instance only if it is still
+// bound to that session.
+func (c *Client) deregister(ctx context.Context, namespace, service, id string, session int64) (bool, error) {
+	req := &beaconv1.DeregisterRequest{Namespace: c.ns(namespace), Service: service, Id: id, SessionId: session}
 	return call(ctx, c, func(r beaconv1connect.RegistryServiceClient) (bool, error) {
 		resp, err := r.Deregister(ctx, connect.NewRequest(req))
 		if err != nil {

@@ -18,6 +18,9 @@ import (
 // per session.
 const keepAliveLinger = 100 * time.Millisecond
 
+// keepAliveSendTimeout bounds one write to the stream.
+const keepAliveSendTimeout = 5 * time.Second
+
 type kaStream = connect.BidiStreamForClient[beaconv1.KeepAliveBatch, beaconv1.KeepAliveBatchResult]
 
 // keepAliveStream carries the heartbeats of every session of a Client over
@@ -34,6 +37,7 @@ type keepAliveStream struct {
 	pending []int64                                        // guarded by mu; heartbeats waiting for the next message
 	flush   *time.Timer                                    // guarded by mu; non-nil while pending is scheduled
 	closed  bool                                           // guarded by mu
+	sendMu  sync.Mutex                                     // held by the one send in progress
 	wg      sync.WaitGroup
 }
 
@@ -71,13 +75,19 @@ func (k *keepAliveStream) keepAlive(ctx context.Context, id int64) (*beaconv1.Ke
 }
 
 // send writes the pending heartbeats as one message, opening the stream if
-// needed.
+// needed. The message is written without mu held: a server that stops
+// reading blocks the write (HTTP/2 flow control), and heartbeats, results
+// and close must go on meanwhile. A write that takes longer than
+// keepAliveSendTimeout resets the stream; its waiters fall back to the
+// unary call.
 func (k *keepAliveStream) send() {
+	k.sendMu.Lock() // one message at a time, in order
+	defer k.sendMu.Unlock()
 	k.mu.Lock()
-	defer k.mu.Unlock()
 	ids := k.pending
 	k.pending, k.flush = nil, nil
 	if k.closed || len(ids) == 0 {
+		k.mu.Unlock()
 		return
 	}
 	if k.stream == nil {
@@ -87,8 +97,20 @@ func (k *keepAliveStream) send() {
 		k.wg.Add(1)
 		go k.receive(k.stream)
 	}
-	if err := k.stream.Send(&beaconv1.KeepAliveBatch{SessionIds: ids}); err != nil {
-		k.resetLocked()
+	stream := k.stream
+	k.mu.Unlock()
+	reset := func() {
+		k.mu.Lock()
+		if k.stream == stream {
+			k.resetLocked()
+		}
+		k.mu.Unlock()
+	}
+	stuck := time.AfterFunc(keepAliveSendTimeout, reset)
+	err := stream.Send(&beaconv1.KeepAliveBatch{SessionIds: ids})
+	stuck.Stop()
+	if err != nil {
+		reset()
 	}
 }
 
@@ -116,8 +138,20 @@ func (k *keepAliveStream) receive(stream *kaStream) {
 // opens a new stream.
 func (k *keepAliveStream) resetLocked() {
 	if k.stream != nil {
-		_ = k.stream.CloseRequest()
+		// Cancelling aborts a send blocked on flow control; closing the
+		// request side is what ends the stream's read (the HTTP/2
+		// transport does not watch the context once the response has
+		// begun). CloseRequest may not run beside a Send, so it waits for
+		// the send in progress, off the lock.
+		stream := k.stream
 		k.cancel()
+		k.wg.Add(1)
+		go func() {
+			defer k.wg.Done()
+			k.sendMu.Lock()
+			defer k.sendMu.Unlock()
+			_ = stream.CloseRequest()
+		}()
 	}
 	k.stream, k.cancel = nil, nil
 	k.waiters.FailAll(nil)

@@ -178,22 +178,28 @@ func (s *Session) forget(k registry.InstanceKey) {
 	s.mu.Unlock()
 }
 
-// Deregister removes an instance registered through the session.
+// Deregister removes an instance registered through the session, if it is
+// still the session's: an instance registered again since by someone else
+// (persistently, or on another session) is left alone and found is false.
+// Client.Deregister removes an instance whoever owns it.
 func (s *Session) Deregister(ctx context.Context, service, id string) (found bool, err error) {
-	k := registry.InstanceKey{Namespace: s.c.namespace, Service: service, ID: id}
-	s.forget(k)
-	return s.c.Deregister(ctx, k.Namespace, service, id)
+	return s.DeregisterKey(ctx, registry.InstanceKey{Service: service, ID: id})
 }
 
 // DeregisterKey is Deregister for an instance in another namespace.
 func (s *Session) DeregisterKey(ctx context.Context, k registry.InstanceKey) (found bool, err error) {
 	k.Namespace = s.c.ns(k.Namespace)
-	s.forget(k)
-	return s.c.Deregister(ctx, k.Namespace, k.Service, k.ID)
+	s.mu.Lock()
+	id := s.id
+	delete(s.instances, k)
+	s.mu.Unlock()
+	return s.c.deregister(ctx, k.Namespace, k.Service, k.ID, id)
 }
 
 // Close stops the keepalives and ends the session: its instances disappear
-// at once. If the registry is unreachable they expire after the TTL.
+// at once. It revokes the session's lease, which removes only the keys
+// still bound to it, so an instance someone else registered again since is
+// left alone. If the registry is unreachable they expire after the TTL.
 func (s *Session) Close(ctx context.Context) error {
 	var err error
 	s.closed.Do(func() {

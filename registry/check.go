@@ -207,8 +207,8 @@ func (c *Check) validate(field string, in *Instance) error {
 	if c.Timeout <= 0 || c.Timeout > c.Interval {
 		return fieldErr(f("timeout"), c.Timeout.String(), "must be positive and at most the interval (%v)", c.Interval)
 	}
-	if c.Jitter < 0 || c.Jitter > MaxCheckJitter {
-		return fieldErr(f("jitter"), fmt.Sprint(c.Jitter), "must be between 0 and %v", MaxCheckJitter)
+	if err := ValidateFloat(f("jitter"), c.Jitter, 0, MaxCheckJitter); err != nil { // NaN passed "< 0 || > max"
+		return err
 	}
 	if c.FailuresBeforeCritical < 1 || c.FailuresBeforeCritical > MaxCheckThreshold {
 		return fieldErr(f("failures_before_critical"), fmt.Sprint(c.FailuresBeforeCritical), "must be between 1 and %d", MaxCheckThreshold)
@@ -221,6 +221,13 @@ func (c *Check) validate(field string, in *Instance) error {
 	}
 	if len(c.Output) > MaxCheckOutputLen {
 		return fieldErr(f("output"), c.Output, "must be at most %d characters", MaxCheckOutputLen)
+	}
+	// The store keeps Since in Unix nanoseconds, 0 for unset: a time that
+	// does not fit (before 1970 or after 2262) would read back as another.
+	if !c.Since.IsZero() {
+		if ns := c.Since.UnixNano(); ns <= 0 || !time.Unix(0, ns).Equal(c.Since) {
+			return fieldErr(f("since"), c.Since.UTC().Format(time.RFC3339Nano), "must be unset or after 1970-01-01 and before 2262-04-11")
+		}
 	}
 	return nil
 }

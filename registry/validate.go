@@ -3,9 +3,11 @@ package registry
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"strings"
 	"time"
+	"unicode"
 	"unicode/utf8"
 )
 
@@ -97,6 +99,10 @@ func ValidateID(field, s string) error {
 		}
 		return fieldErr(field, s, "must be letters, digits and '.', '_', '-', ':'")
 	}
+	if s == "." || s == ".." {
+		// The id is a path segment of etcd keys, HTTP paths and file names.
+		return fieldErr(field, s, "must not be \".\" or \"..\"")
+	}
 	return nil
 }
 
@@ -108,29 +114,69 @@ func ValidateNamespace(ns string) error {
 	return ValidateName("namespace", ns)
 }
 
+// validateAddress accepts an IP address or a host name. IPv4 must be a
+// strict dotted quad and IPv6 must carry no zone (a zone names an interface
+// of one host; the registry is read by many). A host name has RFC 1123
+// labels: 1 to 63 letters, digits, '-' (not first or last) and, as Go's
+// resolver allows, '_'; at most 253 characters without the optional final
+// dot. Its last label must not look like a number (all digits, or 0x and
+// hex digits): "999.1.1.1", "1.2.3" or "10.0.0.0x1" are broken IPv4
+// addresses, not names, and resolvers disagree on what they mean (WHATWG
+// URL's "ends in a number" rule).
 func validateAddress(s string) error {
 	if s == "" {
 		return fieldErr("address", s, "must not be empty")
 	}
-	if len(s) > MaxAddressLen {
+	if len(s) > MaxAddressLen+1 { // +1: the final dot of a fully qualified name
 		return fieldErr("address", s, "must be at most %d characters, has %d", MaxAddressLen, len(s))
 	}
-	if _, err := netip.ParseAddr(s); err == nil {
+	if a, err := netip.ParseAddr(s); err == nil {
+		if a.Zone() != "" {
+			return fieldErr("address", s, "must be an IP address without a zone")
+		}
 		return nil
 	}
-	for _, label := range strings.Split(strings.TrimSuffix(s, "."), ".") {
+	name := strings.TrimSuffix(s, ".")
+	if len(name) > MaxAddressLen {
+		return fieldErr("address", s, "must be at most %d characters, has %d", MaxAddressLen, len(name))
+	}
+	labels := strings.Split(name, ".")
+	for _, label := range labels {
 		if label == "" || len(label) > 63 {
 			return fieldErr("address", s, "must be an IP address or a DNS name with labels of 1 to 63 characters")
 		}
 		for i := 0; i < len(label); i++ {
 			c := label[i]
-			if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' {
+			if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' ||
+				c == '-' && i > 0 && i < len(label)-1 {
 				continue
 			}
-			return fieldErr("address", s, "must be an IP address or a DNS name")
+			return fieldErr("address", s, "must be an IP address or a DNS name (labels of letters, digits, '_' and '-', not starting or ending with '-')")
 		}
 	}
+	if numeric(labels[len(labels)-1]) {
+		return fieldErr("address", s, "must be an IP address (IPv4 as four decimal numbers 0 to 255) or a DNS name whose last label is not a number")
+	}
 	return nil
+}
+
+// numeric reports whether a label reads as a number: all decimal digits,
+// or 0x followed by hex digits.
+func numeric(label string) bool {
+	if len(label) >= 2 && label[0] == '0' && (label[1] == 'x' || label[1] == 'X') {
+		for i := 2; i < len(label); i++ {
+			if c := label[i]; !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F') {
+				return false
+			}
+		}
+		return true
+	}
+	for i := 0; i < len(label); i++ {
+		if label[i] < '0' || label[i] > '9' {
+			return false
+		}
+	}
+	return true
 }
 
 func validatePrintable(field, s string, max int) error {
@@ -234,10 +280,44 @@ func ValidateSessionTTL(ttl time.Duration) error {
 	return nil
 }
 
+// ValidateSessionName checks a session's name, free text shown to
+// operators: at most MaxSessionNameLen bytes of printable UTF-8 (letters,
+// marks, numbers, punctuation, symbols and the ASCII space). Control and
+// format characters (NUL, line breaks, bidirectional overrides, zero-width
+// spaces) are refused: they would garble or disguise what an operator reads.
+// Empty is allowed.
+func ValidateSessionName(name string) error {
+	if len(name) > MaxSessionNameLen {
+		return fieldErr("name", name, "must be at most %d bytes, has %d", MaxSessionNameLen, len(name))
+	}
+	if !utf8.ValidString(name) {
+		return fieldErr("name", name, "must be valid UTF-8")
+	}
+	for _, r := range name {
+		if !unicode.IsPrint(r) {
+			return fieldErr("name", name, "must be printable: no control or format characters (found %U)", r)
+		}
+	}
+	return nil
+}
+
 // ValidateProtectionThreshold checks a protection threshold: a share in [0, 1].
 func ValidateProtectionThreshold(f float64) error {
 	if !(f >= 0 && f <= 1) { // also refuses NaN
 		return fieldErr("protection_threshold", fmt.Sprint(f), "must be between 0 (off) and 1")
+	}
+	return nil
+}
+
+// ValidateFloat checks that f is a finite number between lo and hi
+// (inclusive). NaN and ±Inf are refused: they pass careless range checks
+// (every comparison with NaN is false) and cannot be stored as JSON.
+func ValidateFloat(field string, f, lo, hi float64) error {
+	if math.IsNaN(f) || math.IsInf(f, 0) {
+		return fieldErr(field, fmt.Sprint(f), "must be a finite number between %v and %v", lo, hi)
+	}
+	if f < lo || f > hi {
+		return fieldErr(field, fmt.Sprint(f), "must be between %v and %v", lo, hi)
 	}
 	return nil
 }

@@ -3,6 +3,7 @@ package registry_test
 import (
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"testing"
 	"time"
@@ -49,6 +50,37 @@ func TestValidate(t *testing.T) {
 		{"big metadata value", func(i *registry.Instance) { i.Metadata = map[string]string{"k": strings.Repeat("v", 513)} }, `metadata["k"]`},
 		{"unknown status", func(i *registry.Instance) { i.Status = 9 }, "status"},
 		{"unknown health", func(i *registry.Instance) { i.Health = -1 }, "health"},
+		{"id .", func(i *registry.Instance) { i.ID = "." }, "id"},
+		{"id ..", func(i *registry.Instance) { i.ID = ".." }, "id"},
+		{"id ...", func(i *registry.Instance) { i.ID = "..." }, ""},
+		{"id .hidden", func(i *registry.Instance) { i.ID = ".hidden" }, ""},
+		{"jitter NaN", func(i *registry.Instance) { i.Checks = []registry.Check{tcpCheck(math.NaN())} }, "checks[0].jitter"},
+		{"jitter +Inf", func(i *registry.Instance) { i.Checks = []registry.Check{tcpCheck(math.Inf(1))} }, "checks[0].jitter"},
+		{"jitter -Inf", func(i *registry.Instance) { i.Checks = []registry.Check{tcpCheck(math.Inf(-1))} }, "checks[0].jitter"},
+		{"jitter negative", func(i *registry.Instance) { i.Checks = []registry.Check{tcpCheck(-0.1)} }, "checks[0].jitter"},
+		{"jitter 0.6", func(i *registry.Instance) { i.Checks = []registry.Check{tcpCheck(0.6)} }, "checks[0].jitter"},
+		{"jitter 0.5", func(i *registry.Instance) { i.Checks = []registry.Check{tcpCheck(0.5)} }, ""},
+		{"check since 1970-01-01", func(i *registry.Instance) {
+			i.Checks = []registry.Check{tcpCheck(0.1)}
+			i.Checks[0].Since = time.Unix(0, 0)
+		}, "checks[0].since"},
+		{"check since year 1", func(i *registry.Instance) {
+			i.Checks = []registry.Check{tcpCheck(0.1)}
+			i.Checks[0].Since = time.Date(1, 1, 1, 0, 0, 1, 0, time.UTC)
+		}, "checks[0].since"},
+		{"check since year 3000", func(i *registry.Instance) {
+			i.Checks = []registry.Check{tcpCheck(0.1)}
+			i.Checks[0].Since = time.Date(3000, 1, 1, 0, 0, 0, 0, time.UTC)
+		}, "checks[0].since"},
+		{"check since now", func(i *registry.Instance) {
+			i.Checks = []registry.Check{tcpCheck(0.1)}
+			i.Checks[0].Since = time.Date(2026, 12, 5, 15, 0, 0, 1, time.UTC)
+		}, ""},
+		{"second check's jitter NaN", func(i *registry.Instance) {
+			c := tcpCheck(math.NaN())
+			c.Name = "b"
+			i.Checks = []registry.Check{tcpCheck(0.1), c}
+		}, "checks[1].jitter"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			in := valid()
@@ -68,6 +100,178 @@ func TestValidate(t *testing.T) {
 				t.Errorf("errors.Is(%v, ErrInvalid) = false", err)
 			}
 		})
+	}
+}
+
+// tcpCheck is a valid TCP check with the given jitter.
+func tcpCheck(jitter float64) registry.Check {
+	c := registry.Check{Kind: registry.CheckTCP, Jitter: jitter}
+	c.ApplyDefaults()
+	return c
+}
+
+func TestValidateAddress(t *testing.T) {
+	for _, tc := range []struct {
+		addr string
+		ok   bool
+	}{
+		{"127.0.0.1", true},
+		{"0.0.0.0", true},
+		{"255.255.255.255", true},
+		{"::1", true},
+		{"2001:db8::1", true},
+		{"::ffff:10.0.0.1", true},
+		{"localhost", true},
+		{"orders", true},
+		{"orders.svc.cluster.local", true},
+		{"orders.svc.cluster.local.", true}, // fully qualified
+		{"ORDERS.Example.COM", true},
+		{"a-b.c-d", true},
+		{"my_service_1", true}, // Docker Compose names; Go's resolver takes '_'
+		{"1a.example", true},
+		{"123.example", true},     // numeric labels are fine but for the last
+		{"10.0.0.1.nip.io", true}, // ditto
+		{"x.0xg", true},           // not hex
+		{"ip-10-0-0-1.internal", true},
+		{strings.Repeat("a", 63) + ".b", true},
+		{strings.Repeat("a.", 126) + "a", true},  // 253 characters
+		{strings.Repeat("a.", 126) + "a.", true}, // and the final dot
+		{"", false},
+		{"999.1.1.1", false},
+		{"256.0.0.1", false},
+		{"1.2.3", false},
+		{"1.2.3.4.5", false},
+		{"01.2.3.4", false},
+		{"1", false},
+		{"1.", false},
+		{"10.0.0.0x1", false},
+		{"0x7f000001", false},
+		{"example.0X1F", false},
+		{"-a-.b", false},
+		{"-a.b", false},
+		{"a-.b", false},
+		{"a.-b", false},
+		{"-", false},
+		{"a..b", false},
+		{".a", false},
+		{".", false},
+		{"a b", false},
+		{"a/b", false},
+		{"a\x00b", false},
+		{"[::1]", false},
+		{"fe80::1%eth0", false}, // a zone means something on one host only
+		{"1.2.3.4:80", false},
+		{"ü.example", false},
+		{strings.Repeat("a", 64) + ".b", false},
+		{strings.Repeat("a.", 126) + "ab", false}, // 254 characters
+		{strings.Repeat("a.", 127) + ".", false},
+	} {
+		in := valid()
+		in.Address = tc.addr
+		err := in.Validate()
+		if tc.ok {
+			if err != nil {
+				t.Errorf("Validate(address %q) = %v, want nil", tc.addr, err)
+			}
+			continue
+		}
+		var fe *registry.FieldError
+		if !errors.As(err, &fe) || fe.Field != "address" {
+			t.Errorf("Validate(address %q) = %v, want a FieldError on address", tc.addr, err)
+		}
+	}
+}
+
+func TestValidateID(t *testing.T) {
+	for _, tc := range []struct {
+		id string
+		ok bool
+	}{
+		{"orders-1", true},
+		{"host-1.example:9001", true},
+		{"A_b.C-d:1", true},
+		{"...", true},
+		{".a", true},
+		{"a.", true},
+		{strings.Repeat("x", 128), true},
+		{"", false},
+		{".", false},
+		{"..", false},
+		{"a/b", false},
+		{"../x", false},
+		{"a b", false},
+		{"a\x00", false},
+		{"ü", false},
+		{strings.Repeat("x", 129), false},
+	} {
+		err := registry.ValidateID("id", tc.id)
+		if tc.ok {
+			if err != nil {
+				t.Errorf("ValidateID(%q) = %v, want nil", tc.id, err)
+			}
+			continue
+		}
+		var fe *registry.FieldError
+		if !errors.As(err, &fe) || fe.Field != "id" || !errors.Is(err, registry.ErrInvalid) {
+			t.Errorf("ValidateID(%q) = %v, want a FieldError on id", tc.id, err)
+		}
+	}
+}
+
+func TestValidateSessionName(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		ok   bool
+	}{
+		{"", true},
+		{"host-1 pid 4242", true},
+		{"beacon/etcd", true},
+		{"café ☕ 東京", true},
+		{strings.Repeat("n", registry.MaxSessionNameLen), true},
+		{strings.Repeat("n", registry.MaxSessionNameLen+1), false},
+		{"a\x00b", false},
+		{"line\nbreak", false},
+		{"tab\there", false},
+		{"del\x7f", false},
+		{"c1\u0085", false},       // NEL, a C1 control
+		{"bidi\u202eevil", false}, // RIGHT-TO-LEFT OVERRIDE
+		{"zero\u200bwidth", false},
+		{"\xff", false},
+		{"half\xe2\x82", false},
+	} {
+		err := registry.ValidateSessionName(tc.name)
+		if tc.ok {
+			if err != nil {
+				t.Errorf("ValidateSessionName(%q) = %v, want nil", tc.name, err)
+			}
+			continue
+		}
+		var fe *registry.FieldError
+		if !errors.As(err, &fe) || fe.Field != "name" || !errors.Is(err, registry.ErrInvalid) {
+			t.Errorf("ValidateSessionName(%q) = %v, want a FieldError on name", tc.name, err)
+		}
+	}
+}
+
+func TestValidateFloats(t *testing.T) {
+	nan, inf := math.NaN(), math.Inf(1)
+	for _, tc := range []struct {
+		f  float64
+		ok bool
+	}{{0, true}, {0.5, true}, {1, true}, {-0.0, true}, {nan, false}, {inf, false}, {-inf, false}, {-0.01, false}, {1.01, false}} {
+		if err := registry.ValidateProtectionThreshold(tc.f); (err == nil) != tc.ok {
+			t.Errorf("ValidateProtectionThreshold(%v) = %v, want ok=%v", tc.f, err, tc.ok)
+		} else if err != nil && !strings.Contains(err.Error(), "protection_threshold") {
+			t.Errorf("ValidateProtectionThreshold(%v) = %v, want it to name protection_threshold", tc.f, err)
+		}
+		err := registry.ValidateFloat("share", tc.f, 0, 1)
+		if (err == nil) != tc.ok {
+			t.Errorf("ValidateFloat(%v) = %v, want ok=%v", tc.f, err, tc.ok)
+		}
+		var fe *registry.FieldError
+		if err != nil && (!errors.As(err, &fe) || fe.Field != "share" || !strings.Contains(fe.Reason, "between 0 and 1")) {
+			t.Errorf("ValidateFloat(%v) = %v, want a FieldError on share naming the limits", tc.f, err)
+		}
 	}
 }
 

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	"golang.org/x/sync/semaphore"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -43,6 +45,13 @@ func toConnectError(err error) error {
 		return connect.NewError(connect.CodeInvalidArgument, err)
 	case errors.Is(err, store.ErrSessionNotFound):
 		return connect.NewError(connect.CodeNotFound, err)
+	case errors.Is(err, store.ErrConflict):
+		// The record kept changing under the write; the caller may retry.
+		return connect.NewError(connect.CodeAborted, err)
+	case errors.Is(err, rpctypes.ErrNoSpace), errors.Is(err, rpctypes.ErrGRPCNoSpace):
+		// etcd's NOSPACE alarm: no server can write until space is freed
+		// (docs/operations.md), so trying another one does not help.
+		return connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("etcd is out of space (NOSPACE alarm; see --etcd-quota-backend-bytes): %w", err))
 	case errors.Is(err, context.Canceled):
 		return connect.NewError(connect.CodeCanceled, err)
 	case errors.Is(err, context.DeadlineExceeded):
@@ -97,6 +106,9 @@ func (a api) CreateSession(ctx context.Context, req *connect.Request[beaconv1.Cr
 		}
 		ttl = d.AsDuration()
 	}
+	if n, max := a.s.view.SessionCount(), a.s.cfg.Limits.MaxSessions; n >= max {
+		return nil, a.s.limitError("max-sessions", "%d live sessions, at most %d", n, max)
+	}
 	id, granted, err := a.s.store.CreateSession(ctx, ttl, req.Msg.GetName())
 	if err != nil {
 		return nil, toConnectError(err)
@@ -108,6 +120,8 @@ func (a api) KeepAlive(ctx context.Context, req *connect.Request[beaconv1.KeepAl
 	if req.Msg.GetSessionId() == 0 {
 		return nil, toConnectError(&registry.FieldError{Field: "session_id", Reason: "must be set"})
 	}
+	ctx, cancel := context.WithTimeout(ctx, keepAliveTimeout)
+	defer cancel()
 	ttl, err := a.keepAlive(ctx, req.Msg.GetSessionId())
 	if err != nil {
 		return nil, toConnectError(err)
@@ -117,26 +131,79 @@ func (a api) KeepAlive(ctx context.Context, req *connect.Request[beaconv1.KeepAl
 
 func (a api) keepAlive(ctx context.Context, id int64) (time.Duration, error) {
 	r := a.s.store.KeepAliveMany(ctx, []int64{id})[0]
-	a.s.metrics.countKeepAlive(r.Err)
+	a.countKeepAlive(1, r.Err)
 	return r.TTL, r.Err
 }
 
-// maxKeepAliveBatch bounds the sessions one KeepAliveStream message renews,
-// and maxKeepAliveBatchesInFlight the messages of one stream being renewed.
+// countKeepAlive counts n keepalives that ended with err; one that could
+// not be forwarded to etcd in time is also counted as a refusal under a
+// limit and logged (at most once a minute).
+func (a api) countKeepAlive(n int, err error) {
+	for range n {
+		a.s.metrics.countKeepAlive(err)
+	}
+	if errors.Is(err, store.ErrOverloaded) {
+		a.s.metrics.limitHits.WithLabelValues("keepalive-queue").Add(float64(n))
+		if keepAliveOverloadLog.allow() {
+			a.s.log.Warn("keepalives not forwarded to etcd in time: answered with an error, clients retry (counted in beacon_limit_refusals_total{limit=\"keepalive-queue\"})", "sessions", n)
+		}
+	}
+}
+
+var keepAliveOverloadLog = &logLimiter{every: time.Minute}
+
+// maxKeepAliveBatch bounds the sessions one KeepAliveStream message renews;
+// maxKeepAliveIDsInFlight the sessions of one stream being renewed, and
+// maxKeepAliveBatchesInFlight its messages: a stream that pipelines huge
+// batches (and reads no answer) waits for its own, and the server's queue
+// to etcd (store.ErrOverloaded) holds at most two of them per stream.
+// keepAliveTimeout bounds a renewal: past it the client gets an error
+// result (neither ttl nor expired) and retries, the SDK with a unary call.
 const (
 	maxKeepAliveBatch           = 10000
+	maxKeepAliveIDsInFlight     = 2 * maxKeepAliveBatch
 	maxKeepAliveBatchesInFlight = 16
+	keepAliveTimeout            = 5 * time.Second
 )
 
 // KeepAliveStream renews each message's sessions together and answers with
 // one message; a batch still in etcd does not hold up the next one.
+//
+// One goroutine writes the answers, so nothing waits on the client's
+// reading but that writer and the batches queued for it; the handler
+// returns when ctx ends, or when the client half-closes and the batches in
+// flight are answered. A write the client does not read is cut after
+// --write-timeout (guardAPI).
 func (a api) KeepAliveStream(ctx context.Context, stream *connect.BidiStream[beaconv1.KeepAliveBatch, beaconv1.KeepAliveBatchResult]) error {
-	var (
-		sendMu   sync.Mutex
-		wg       sync.WaitGroup
-		inFlight = make(chan struct{}, maxKeepAliveBatchesInFlight)
-	)
-	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	// A batch weighs its ids, at least a 16th of the stream's share.
+	inFlight := semaphore.NewWeighted(maxKeepAliveIDsInFlight)
+	weight := func(n int) int64 { return int64(max(n, maxKeepAliveIDsInFlight/maxKeepAliveBatchesInFlight)) }
+	var batches sync.WaitGroup
+	results := make(chan *beaconv1.KeepAliveBatchResult, 1)
+	writerDone := make(chan struct{})
+	go func() { // the stream's only writer; owned by this handler
+		defer close(writerDone)
+		for resp := range results {
+			if ctx.Err() != nil {
+				continue // drain: the batches exit by ctx
+			}
+			if err := stream.Send(resp); err != nil {
+				cancel() // gone, or cut for not reading
+			}
+		}
+	}()
+	halfClosed := false
+	defer func() {
+		if !halfClosed {
+			cancel() // the batches and the writer stop at once
+		}
+		// After a half-close the batches in flight are answered first.
+		batches.Wait()
+		close(results)
+		<-writerDone
+	}()
 	// Receive blocks on the request body, which a cancelled context does
 	// not interrupt: read in a goroutine so that server shutdown ends this
 	// handler at once. Returning closes the body, which ends the reader.
@@ -160,6 +227,7 @@ func (a api) KeepAliveStream(ctx context.Context, stream *connect.BidiStream[bea
 		select {
 		case req = <-reqs:
 		case <-recvDone:
+			halfClosed = true
 			return nil
 		case <-ctx.Done():
 			return nil
@@ -173,30 +241,42 @@ func (a api) KeepAliveStream(ctx context.Context, stream *connect.BidiStream[bea
 				return toConnectError(&registry.FieldError{Field: fmt.Sprintf("session_ids[%d]", i), Reason: "must be set"})
 			}
 		}
-		select { // a client that floods the stream waits, it does not pile up goroutines
-		case inFlight <- struct{}{}:
-		case <-ctx.Done():
+		// A client that floods the stream waits here for its own batches;
+		// it piles up neither goroutines nor renewals in the server.
+		if err := inFlight.Acquire(ctx, weight(len(ids))); err != nil {
 			return nil
 		}
-		wg.Add(1)
+		batches.Add(1)
 		go func() {
-			defer wg.Done()
-			defer func() { <-inFlight }()
+			defer batches.Done()
+			defer inFlight.Release(weight(len(ids)))
+			bctx, bcancel := context.WithTimeout(ctx, keepAliveTimeout)
+			rs := a.s.store.KeepAliveMany(bctx, ids)
+			bcancel()
 			resp := &beaconv1.KeepAliveBatchResult{Results: make([]*beaconv1.KeepAliveResult, len(ids))}
-			for i, r := range a.s.store.KeepAliveMany(ctx, ids) {
-				a.s.metrics.countKeepAlive(r.Err)
+			overloaded := 0
+			for i, r := range rs {
 				res := &beaconv1.KeepAliveResult{SessionId: ids[i]}
 				switch {
 				case r.Err == nil:
 					res.Ttl = durationpb.New(r.TTL)
 				case errors.Is(r.Err, store.ErrSessionNotFound):
 					res.Expired = true
+				case errors.Is(r.Err, store.ErrOverloaded):
+					overloaded++
+					resp.Results[i] = res
+					continue // counted below, once for the batch
 				}
+				a.s.metrics.countKeepAlive(r.Err)
 				resp.Results[i] = res
 			}
-			sendMu.Lock()
-			_ = stream.Send(resp)
-			sendMu.Unlock()
+			if overloaded > 0 {
+				a.countKeepAlive(overloaded, store.ErrOverloaded)
+			}
+			select { // neither ttl nor expired: an error result, the client retries
+			case results <- resp:
+			case <-ctx.Done():
+			}
 		}()
 	}
 }
@@ -233,38 +313,54 @@ func instanceForRegister(msg *beaconv1.RegisterRequest) (*registry.Instance, err
 }
 
 func (a api) Register(ctx context.Context, req *connect.Request[beaconv1.RegisterRequest]) (*connect.Response[beaconv1.RegisterResponse], error) {
+	if err := a.ready(); err != nil {
+		return nil, err
+	}
 	in, err := instanceForRegister(req.Msg)
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	a.keepObservations(in)
-	rev, err := a.s.store.Register(ctx, in)
+	if err := a.admit(in); err != nil {
+		return nil, err
+	}
+	rev, err := a.s.store.RegisterMerge(ctx, in, keepObservations)
 	if err != nil {
 		return nil, toConnectError(err)
 	}
 	return connect.NewResponse(&beaconv1.RegisterResponse{Revision: rev}), nil
 }
 
-// keepObservations carries over what the registry, not the instance,
-// decides when an instance is registered again: the state of checks whose
-// spec did not change, and an operator's OUT_OF_SERVICE.
-func (a api) keepObservations(in *registry.Instance) {
-	cur := a.s.view.Instance(in.Key())
-	if cur == nil {
-		return
-	}
-	if cur.Status == registry.StatusOutOfService && in.Status != registry.StatusOutOfService {
-		in.Status = registry.StatusOutOfService
-	}
-	for n := range in.Checks {
-		for _, old := range cur.Checks {
-			if old.SameSpec(&in.Checks[n]) {
-				in.Checks[n].Status, in.Checks[n].Output, in.Checks[n].Since = old.Status, old.Output, old.Since
-			}
+// admit refuses a new instance past --max-instances-per-service, or the
+// first instance of a new service past --max-services. Registering an
+// instance again is always admitted. The counts come from the view, so
+// concurrent registrations can overshoot by a few: the limits protect the
+// server from a runaway client, not an exact budget.
+func (a api) admit(in *registry.Instance) error {
+	lim := a.s.cfg.Limits
+	snap := a.s.view.Snapshot(registry.ServiceKey{Namespace: in.Namespace, Service: in.Service})
+	for _, have := range snap.Instances {
+		if have.ID == in.ID {
+			return nil
 		}
 	}
-	in.Health = in.CheckedHealth()
+	if n := len(snap.Instances); n >= lim.MaxInstancesPerService {
+		return a.s.limitError("max-instances-per-service", "service %q has %d instances, at most %d", in.Service, n, lim.MaxInstancesPerService)
+	}
+	if len(snap.Instances) == 0 {
+		if n := a.s.view.ServiceCount(in.Namespace); n >= lim.MaxServices {
+			return a.s.limitError("max-services", "namespace %q has %d services, at most %d", in.Namespace, n, lim.MaxServices)
+		}
+	}
+	return nil
 }
+
+// keepObservations carries over what the registry, not the instance,
+// decides when an instance is registered again: the state of checks whose
+// spec did not change, and an operator's OUT_OF_SERVICE. cur is the record
+// etcd holds, read by the store inside the write's group commit, which
+// writes only if cur is still current — never this server's view, which
+// may lag (just after a restart) or race a SetStatus or a check's write.
+func keepObservations(cur, in *registry.Instance) { store.KeepObservations(cur, in) }
 
 func (a api) SetStatus(ctx context.Context, req *connect.Request[beaconv1.SetStatusRequest]) (*connect.Response[beaconv1.SetStatusResponse], error) {
 	if err := a.ready(); err != nil {
@@ -394,7 +490,9 @@ func (a api) Deregister(ctx context.Context, req *connect.Request[beaconv1.Dereg
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	rev, found, err := a.s.store.Deregister(ctx, k)
+	// A session deletes only instances still bound to it; 0 (operators)
+	// deletes whatever is there.
+	rev, found, err := a.s.store.DeregisterSession(ctx, k, req.Msg.GetSessionId())
 	if err != nil {
 		return nil, toConnectError(err)
 	}
@@ -457,45 +555,83 @@ func (a api) ListServices(ctx context.Context, req *connect.Request[beaconv1.Lis
 	return connect.NewResponse(resp), nil
 }
 
-// subscribe validates a watch request and subscribes to the view once the
-// view is at least as new as anything the client already holds.
-func (a api) subscribe(ctx context.Context, msg *beaconv1.WatchRequest) (*view.Subscription, error) {
+// subscribe validates a watch request, takes a place under the watcher
+// limits and subscribes to the view once the view is at least as new as
+// anything the client already holds. release ends the subscription and
+// gives the places back.
+func (a api) subscribe(ctx context.Context, msg *beaconv1.WatchRequest) (sub *view.Subscription, release func(), err error) {
 	if err := a.ready(); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	ns, err := namespaceOf(msg.GetNamespace())
 	if err != nil {
-		return nil, toConnectError(err)
+		return nil, nil, toConnectError(err)
+	}
+	lim := a.s.cfg.Limits
+	if n := len(msg.GetServices()); n > lim.MaxWatchServices {
+		return nil, nil, toConnectError(&registry.FieldError{Field: "services", Reason: fmt.Sprintf("names %d services, at most %d (--max-watch-services)", n, lim.MaxWatchServices)})
+	}
+	if n := len(msg.GetKnownRevisions()); n > lim.MaxWatchServices {
+		return nil, nil, toConnectError(&registry.FieldError{Field: "known_revisions", Reason: fmt.Sprintf("has %d services, at most %d (--max-watch-services)", n, lim.MaxWatchServices)})
 	}
 	for i, svc := range msg.GetServices() {
 		if err := registry.ValidateName(fmt.Sprintf("services[%d]", i), svc); err != nil {
-			return nil, toConnectError(err)
+			return nil, nil, toConnectError(err)
 		}
 	}
 	newest := int64(0)
 	for svc, rev := range msg.GetKnownRevisions() {
 		if err := registry.ValidateName("known_revisions key", svc); err != nil {
-			return nil, toConnectError(err)
+			return nil, nil, toConnectError(err)
 		}
 		newest = max(newest, rev)
+	}
+	cc := connOf(ctx)
+	if !take(&a.s.watchers, lim.MaxWatchers) {
+		return nil, nil, a.s.limitError("max-watchers", "%d watch streams open on this server", lim.MaxWatchers)
+	}
+	if !take(&cc.watchers, lim.MaxWatchersPerConn) {
+		a.s.watchers.Add(-1)
+		return nil, nil, a.s.limitError("max-watchers-per-conn", "%d watch streams open on this connection", lim.MaxWatchersPerConn)
+	}
+	giveBack := func() {
+		cc.watchers.Add(-1)
+		a.s.watchers.Add(-1)
 	}
 	if newest > a.s.view.Revision() {
 		wctx, cancel := context.WithTimeout(ctx, readTimeout)
 		err := a.s.view.WaitRevision(wctx, newest)
 		cancel()
 		if err != nil && ctx.Err() != nil {
-			return nil, toConnectError(ctx.Err())
+			giveBack()
+			return nil, nil, toConnectError(ctx.Err())
 		}
 	}
-	return a.s.view.Subscribe(ns, msg.GetServices(), msg.GetKnownRevisions()), nil
+	sub = a.s.view.Subscribe(ns, msg.GetServices(), msg.GetKnownRevisions())
+	return sub, func() { sub.Close(); giveBack() }, nil
+}
+
+// maxWatchMessageBytes bounds one watch message (but for a single larger
+// snapshot, which goes alone): a watcher that stops reading holds at most
+// one message in the server's memory, and the rest waits as references to
+// the view's shared snapshots, coalesced.
+const maxWatchMessageBytes = 256 << 10
+
+// nextMessage takes the snapshots of a watcher's next message.
+func nextMessage(ctx context.Context, sub *view.Subscription) ([]view.Pending, bool, error) {
+	size := 0
+	return sub.NextBatch(ctx, func(p view.Pending) bool {
+		size += len(p.Enc.Get(p.Snap, encodeSnapshot))
+		return size <= maxWatchMessageBytes
+	})
 }
 
 func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchRequest], stream *connect.ServerStream[beaconv1.WatchResponse]) error {
-	sub, err := a.subscribe(ctx, req.Msg)
+	sub, release, err := a.subscribe(ctx, req.Msg)
 	if err != nil {
 		return err
 	}
-	defer sub.Close()
+	defer release()
 	var watchID uint64
 	if req.Msg.GetAcknowledge() {
 		ns, _ := namespaceOf(req.Msg.GetNamespace()) // validated by subscribe
@@ -504,11 +640,11 @@ func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchReque
 	}
 	binary := !strings.Contains(req.Header().Get("Content-Type"), "json")
 	for {
-		pending, first, err := sub.Next(ctx)
+		pending, synced, err := nextMessage(ctx, sub)
 		if err != nil {
 			return nil // the client went away or the server is stopping
 		}
-		resp := &beaconv1.WatchResponse{Synced: first, WatchId: watchID}
+		resp := &beaconv1.WatchResponse{Synced: synced, WatchId: watchID}
 		if binary {
 			// Each snapshot is encoded once and its bytes shared by every
 			// watcher; they travel as the message's repeated field 1.
@@ -524,7 +660,7 @@ func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchReque
 			}
 		}
 		if err := stream.Send(resp); err != nil {
-			return nil
+			return nil // gone, or cut after --write-timeout without reading
 		}
 		a.s.metrics.observeSent(pending)
 	}
@@ -586,6 +722,15 @@ func (a api) AwaitWatchers(ctx context.Context, req *connect.Request[beaconv1.Aw
 			return nil, toConnectError(&registry.FieldError{Field: "timeout", Reason: fmt.Sprintf("%v, must be in (0, %v]", timeout, MaxAwaitTimeout)})
 		}
 	}
+	lim, cc := a.s.cfg.Limits, connOf(ctx)
+	if !take(&a.s.awaits, lim.MaxAwaits) {
+		return nil, a.s.limitError("max-awaits", "%d AwaitWatchers calls waiting on this server", lim.MaxAwaits)
+	}
+	defer a.s.awaits.Add(-1)
+	if !take(&cc.awaits, lim.MaxAwaitsPerConn) {
+		return nil, a.s.limitError("max-awaits-per-conn", "%d AwaitWatchers calls waiting on this connection", lim.MaxAwaitsPerConn)
+	}
+	defer cc.awaits.Add(-1)
 	wctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	r := a.s.acks.await(wctx, ns, msg.GetService(), msg.GetRevision())

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/url"
 	"strings"
@@ -48,11 +49,33 @@ type Config struct {
 	// EtcdUnsafeNoFsync skips fsync in the embedded etcd. Only for tests
 	// and benchmarks that do not care about surviving a power cut.
 	EtcdUnsafeNoFsync bool
+	// EtcdQuotaBackendBytes is the embedded etcd's backend quota, at which
+	// it raises the NOSPACE alarm and refuses writes (default 2 GiB). With
+	// --etcd-endpoints it stands in for the quota of an etcd older than
+	// 3.6, which does not report it.
+	EtcdQuotaBackendBytes int64
+	// EtcdCompactionRetention is how many revisions of history the server
+	// keeps by compacting etcd (default 10000; 0: never compact, only with
+	// --etcd-endpoints). See server/space.go.
+	EtcdCompactionRetention int64
+	// EtcdSpaceCheckInterval is how often the server reads etcd's sizes
+	// and alarms and compacts (default 5s).
+	EtcdSpaceCheckInterval time.Duration
+	// EtcdAutoRecover lets the server recover from the NOSPACE alarm by
+	// itself once the data fits: compact, defragment, disarm.
+	EtcdAutoRecover bool
+	// EtcdDefragInterval is the least time between two automatic
+	// defragmentations (default 5m).
+	EtcdDefragInterval time.Duration
 	// MemberTTL is how long a dead server keeps its share of the health
 	// checks before the others take it over (default 3s).
 	MemberTTL time.Duration
 	// CheckConcurrency bounds the health probes in flight (default 256).
 	CheckConcurrency int
+	// CheckMaxConns caps the health probes' connections, open or being
+	// dialed, so that probes cannot exhaust the file descriptors (default
+	// 1024). A probe that finds them at the limit gets no verdict.
+	CheckMaxConns int
 	// Guard is the mass-expiry guard (see view.GuardConfig); zero fields
 	// take the defaults, a negative Share turns it off.
 	Guard view.GuardConfig
@@ -61,6 +84,8 @@ type Config struct {
 	ProtectionThreshold float64
 	// ShutdownTimeout bounds how long Close waits for in-flight calls.
 	ShutdownTimeout time.Duration
+	// Limits bound what clients can make the server hold or do.
+	Limits Limits
 	// Logger receives the server's logs; nil discards them.
 	Logger *slog.Logger
 }
@@ -76,6 +101,13 @@ func NewConfig() *Config {
 		EtcdPeerAddr:    DefaultEtcdPeerAddr,
 		EtcdPrefix:      store.DefaultPrefix,
 		ShutdownTimeout: 5 * time.Second,
+		Limits:          DefaultLimits,
+
+		EtcdQuotaBackendBytes:   DefaultEtcdQuotaBackendBytes,
+		EtcdCompactionRetention: DefaultEtcdCompactionRetention,
+		EtcdSpaceCheckInterval:  DefaultEtcdSpaceCheckInterval,
+		EtcdAutoRecover:         true,
+		EtcdDefragInterval:      DefaultEtcdDefragInterval,
 	}
 }
 
@@ -102,11 +134,20 @@ func (c *Config) Validate() error {
 	if err := registry.ValidateProtectionThreshold(c.ProtectionThreshold); err != nil {
 		return fmt.Errorf("server: invalid --protection-threshold %v: must be between 0 (off) and 1", c.ProtectionThreshold)
 	}
-	if c.Guard.Share > 1 || c.Guard.MinSessions < 0 || c.Guard.Window < 0 || c.Guard.Grace < 0 || c.Guard.Grace > time.Hour {
-		return fmt.Errorf("server: invalid --guard-*: share at most 1, sessions, window and grace not negative, grace at most 1h (got %+v)", c.Guard)
+	if math.IsNaN(c.Guard.Share) || c.Guard.Share > 1 || c.Guard.MinSessions < 0 || c.Guard.Window < 0 || c.Guard.Grace < 0 || c.Guard.Grace > time.Hour {
+		return fmt.Errorf("server: invalid --guard-*: share a number at most 1, sessions, window and grace not negative, grace at most 1h (got %+v)", c.Guard)
 	}
 	if c.CheckConcurrency < 0 || c.CheckConcurrency > 100000 {
 		return fmt.Errorf("server: invalid --check-concurrency %d: must be between 1 and 100000 (0: the default, 256)", c.CheckConcurrency)
+	}
+	if c.CheckMaxConns < 0 || c.CheckMaxConns > 1000000 {
+		return fmt.Errorf("server: invalid --check-max-conns %d: must be between 1 and 1000000 (0: the default, 1024)", c.CheckMaxConns)
+	}
+	if err := c.Limits.validate(); err != nil {
+		return err
+	}
+	if err := c.validateSpace(); err != nil {
+		return err
 	}
 	if c.EtcdInitialCluster != "" {
 		if !c.Embedded() {
@@ -149,13 +190,16 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.EtcdInitialCluster, "etcd-initial-cluster", c.EtcdInitialCluster, "embedded etcd cluster: name=http://peer-addr,... over every member, this one included (empty: single node)")
 	fs.StringVar(&c.EtcdClusterToken, "etcd-cluster-token", c.EtcdClusterToken, "embedded etcd cluster: token telling clusters apart (default beacon)")
 	fs.StringVar(&c.EtcdPrefix, "etcd-prefix", c.EtcdPrefix, "key prefix of beacon's records in etcd")
+	c.bindSpaceFlags(fs)
 	fs.BoolVar(&c.EtcdUnsafeNoFsync, "etcd-unsafe-no-fsync", c.EtcdUnsafeNoFsync, "embedded etcd: skip fsync (tests and benchmarks only: loses data on power loss)")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long shutdown waits for in-flight calls")
 	fs.DurationVar(&c.MemberTTL, "member-ttl", c.MemberTTL, "how long a dead server's health checks wait before the other servers take them over (default 3s)")
 	fs.IntVar(&c.CheckConcurrency, "check-concurrency", c.CheckConcurrency, "health probes in flight at most (default 256)")
+	fs.IntVar(&c.CheckMaxConns, "check-max-conns", c.CheckMaxConns, "health probe connections, open or being dialed, at most (default 1024)")
 	fs.Float64Var(&c.Guard.Share, "guard-share", c.Guard.Share, "mass-expiry guard: share of a namespace's instances whose sessions expire within --guard-window that makes the server hold them as suspects (default 0.3; negative: off)")
 	fs.IntVar(&c.Guard.MinSessions, "guard-min-sessions", c.Guard.MinSessions, "mass-expiry guard: sessions that must expire together (default 3)")
 	fs.DurationVar(&c.Guard.Window, "guard-window", c.Guard.Window, "mass-expiry guard: how close together the expiries are (default 10s)")
 	fs.DurationVar(&c.Guard.Grace, "guard-grace", c.Guard.Grace, "mass-expiry guard: how long held instances stay (default 1m)")
+	c.Limits.bindFlags(fs)
 	fs.Float64Var(&c.ProtectionThreshold, "protection-threshold", c.ProtectionThreshold, "default protection threshold in [0, 1]: below this share of routable instances, discovery returns unhealthy ones too (0: off)")
 }

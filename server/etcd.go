@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/url"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -32,10 +33,16 @@ func startEmbeddedEtcd(ctx context.Context, c *Config, lg *zap.Logger) (*embed.E
 		}
 	}
 	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(lg)
-	// Keep an hour of history so reconnecting watchers can resume, and no
-	// more, so the database does not grow without bound.
-	ec.AutoCompactionMode = "periodic"
-	ec.AutoCompactionRetention = "1h"
+	// Bounded history: the server compacts to the last
+	// EtcdCompactionRetention revisions every EtcdSpaceCheckInterval
+	// (space.go). etcd's own revision compactor, with the same retention,
+	// is the backstop; alone it would be too slow, as it runs every five
+	// minutes, in which a client overwriting records can write gigabytes.
+	// (It used to be an hour of history, which a fast writer turns into
+	// gigabytes too.)
+	ec.AutoCompactionMode = embed.CompactorModeRevision
+	ec.AutoCompactionRetention = strconv.FormatInt(c.EtcdCompactionRetention, 10)
+	ec.QuotaBackendBytes = c.EtcdQuotaBackendBytes
 	ec.UnsafeNoFsync = c.EtcdUnsafeNoFsync
 	e, err := embed.StartEtcd(ec)
 	if err != nil {
@@ -45,15 +52,24 @@ func startEmbeddedEtcd(ctx context.Context, c *Config, lg *zap.Logger) (*embed.E
 	case <-e.Server.ReadyNotify():
 		return e, nil
 	case err := <-e.Err():
-		e.Close()
+		closeUnreadyEtcd(e)
 		return nil, fmt.Errorf("server: embedded etcd failed: %w", err)
 	case <-ctx.Done():
-		e.Close()
+		closeUnreadyEtcd(e)
 		return nil, ctx.Err()
 	case <-time.After(60 * time.Second):
-		e.Close()
+		closeUnreadyEtcd(e)
 		return nil, fmt.Errorf("server: embedded etcd in %s not ready after 60s", ec.Dir)
 	}
+}
+
+// closeUnreadyEtcd stops an embedded etcd that never became ready (a
+// member waiting for a quorum, say). embed.Etcd.Close alone waits for its
+// client servers, which are only made once etcd is ready or stopping, so it
+// would wait for ever; stopping the raft server first lets them give up.
+func closeUnreadyEtcd(e *embed.Etcd) {
+	e.Server.HardStop()
+	e.Close()
 }
 
 func newEtcdClient(endpoints []string) (*clientv3.Client, error) {

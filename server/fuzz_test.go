@@ -4,8 +4,12 @@ import (
 	"errors"
 	"testing"
 
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
+
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"beacon.dev/beacon/internal/store"
+	"beacon.dev/beacon/internal/wire"
 	"beacon.dev/beacon/registry"
 )
 
@@ -19,6 +23,44 @@ func FuzzRegisterJSON(f *testing.F) {
 	f.Add(`{"instance":{"service":"orders","id":"o-1","address":"127.0.0.1","port":70000}}`)
 	f.Add(`{"instance":`)
 	f.Add(`{"wieght":1}`)
+	// Checks of every kind, with every field set: without them the fuzzer
+	// never reached the checks' validation (a NaN jitter passed it and
+	// panicked the encoder).
+	inst := func(fields string) string {
+		return `{"instance":{"service":"orders","id":"o-1","address":"127.0.0.1","port":9001` + fields + `}}`
+	}
+	for _, c := range []string{
+		`{"kind":"CHECK_KIND_HTTP"}`,
+		`{"name":"ready","kind":"CHECK_KIND_HTTP","target":"https://10.0.0.1:8443/readyz","headers":{"Host":"orders","X-Token":"t"},"expectStatus":"204","bodyContains":"ok","interval":"1s","timeout":"0.5s","jitter":0.25,"failuresBeforeCritical":2,"successesBeforePassing":3,"deregisterCriticalAfter":"60s"}`,
+		`{"kind":"CHECK_KIND_HTTP","expect_status":"3xx","body_contains":"","headers":{}}`,
+		`{"kind":"CHECK_KIND_TCP","target":"[::1]:9001","interval":"0.1s","timeout":"0.1s","jitter":0.5}`,
+		`{"kind":"CHECK_KIND_GRPC","grpcService":"orders.v1.Orders","target":"orders.internal:9001","jitter":0}`,
+		`{"kind":"CHECK_KIND_TTL","interval":"2s","status":"HEALTH_WARNING","output":"started","since":"2026-01-01T00:00:00Z"}`,
+		`{"kind":"CHECK_KIND_TCP","jitter":"NaN"}`,
+		`{"kind":"CHECK_KIND_TCP","jitter":"Infinity"}`,
+		`{"kind":"CHECK_KIND_TCP","jitter":"-Infinity"}`,
+		`{"kind":"CHECK_KIND_TCP","jitter":-0}`,
+		`{"kind":"CHECK_KIND_TCP","jitter":1e-320}`,
+		`{"kind":"CHECK_KIND_TCP","jitter":"0.5"}`,
+		`{"kind":"CHECK_KIND_TCP","interval":"3600s","timeout":"3600s","deregisterCriticalAfter":"3600s"}`,
+		`{"kind":"CHECK_KIND_TCP","failuresBeforeCritical":-1}`,
+		`{"kind":"CHECK_KIND_UNSPECIFIED"}`,
+		`{"kind":7}`,
+	} {
+		f.Add(inst(`,"checks":[` + c + `]`))
+	}
+	f.Add(inst(`,"checks":[{"kind":"CHECK_KIND_TCP"},{"kind":"CHECK_KIND_HTTP"},{"kind":"CHECK_KIND_GRPC"},{"kind":"CHECK_KIND_TTL"}]`))
+	f.Add(inst(`,"checks":[]`))
+	f.Add(inst(`,"tags":[],"metadata":{}`))
+	f.Add(inst(`,"weight":10000,"zone":"eu-1","version":"v1.2.3 (build 7)","tags":["ü","a b"],"metadata":{"k":"","app.kubernetes.io/name":"x"}`))
+	f.Add(`{"instance":{"service":"orders","id":"..","address":"999.1.1.1","port":1}}`)
+	f.Add(`{"instance":{"service":"orders","id":".","address":"1.2.3","port":1}}`)
+	f.Add(`{"instance":{"service":"orders","id":"o","address":"-a-.b","port":1}}`)
+	f.Add(`{"instance":{"service":"orders","id":"o","address":"fe80::1%eth0","port":1}}`)
+	f.Add(`{"instance":{"service":"orders","id":"o","address":"orders.internal.","port":1,"sessionId":"7"},"sessionId":"7"}`)
+	f.Add(`{"instance":{"service":"orders","id":"o","address":"h","port":1,"status":"STATUS_OUT_OF_SERVICE","health":"HEALTH_CRITICAL"}}`)
+	f.Add(`{"instance":{"SERVICE":"orders","id":"o","address":"h","port":1}}`)
+	f.Add(`{"instance":{"service":"orders","service":"other","id":"o","address":"h","port":1}}`)
 	codec := strictJSON{"json"}
 	layout := store.Layout{Prefix: store.DefaultPrefix}
 	f.Fuzz(func(t *testing.T, body string) {
@@ -31,14 +73,24 @@ func FuzzRegisterJSON(f *testing.F) {
 			if !errors.Is(err, registry.ErrInvalid) {
 				t.Fatalf("rejection %v is not ErrInvalid", err)
 			}
+			var fe *registry.FieldError
+			if !errors.As(err, &fe) || fe.Field == "" {
+				t.Fatalf("rejection %v names no field", err)
+			}
 			return
 		}
-		back, err := layout.DecodeInstance(layout.InstanceKey(in.Key()), store.EncodeInstance(in), 0)
+		// What the handler stores loads back the same (the revision is
+		// etcd's; empty and nil lists are one thing on the wire).
+		back, err := layout.DecodeInstance(layout.InstanceKey(in.Key()), store.EncodeInstance(in), in.Revision)
 		if err != nil {
 			t.Fatalf("an accepted instance does not load back: %v", err)
 		}
-		if back.Port != in.Port || back.Address != in.Address || back.SessionID != in.SessionID || len(back.Metadata) != len(in.Metadata) {
-			t.Fatalf("stored %+v, loaded %+v", in, back)
+		if diff := cmp.Diff(in, back, cmpopts.EquateEmpty()); diff != "" {
+			t.Fatalf("stored and loaded back differ (-stored +loaded):\n%s", diff)
+		}
+		// And the API can send it back to clients.
+		if _, err := codec.Marshal(wire.InstanceToProto(back)); err != nil {
+			t.Fatalf("an accepted instance does not encode for clients: %v", err)
 		}
 	})
 }

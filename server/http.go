@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"time"
 
@@ -14,41 +15,51 @@ import (
 	"beacon.dev/beacon/internal/wire"
 )
 
-// maxRequestBytes bounds one API request; an instance record is far smaller.
-const maxRequestBytes = 1 << 20
-
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
 	path, h := beaconv1connect.NewRegistryServiceHandler(api{s},
 		connect.WithCodec(strictJSON{"json"}),
 		connect.WithCodec(strictJSON{"json; charset=utf-8"}),
-		connect.WithReadMaxBytes(maxRequestBytes),
-		connect.WithInterceptors(s.metrics.interceptor()),
+		connect.WithReadMaxBytes(s.cfg.Limits.MaxRequestBytes),
+		gzipOption(s.cfg.Limits.MaxRequestBytes),
+		connect.WithInterceptors(s.metrics.interceptor(), limitsInterceptor{s}),
 	)
-	mux.Handle(path, h)
+	mux.Handle(path, s.guardAPI(h))
 	mux.HandleFunc("GET /livez", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	mux.HandleFunc("GET /readyz", s.handleReady)
 	mux.HandleFunc("GET /healthz", s.handleHealth)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("GET /v1/watch", s.handleWatchNDJSON)
+	mux.Handle("GET /v1/watch", s.guardAPI(http.HandlerFunc(s.handleWatchNDJSON)))
 	return mux
 }
 
+// handleReady is 503 until the view has loaded, and while etcd has an
+// alarm raised (NOSPACE: every write is refused), with the reason.
 func (s *Server) handleReady(w http.ResponseWriter, _ *http.Request) {
 	select {
 	case <-s.ready:
-		w.Write([]byte("ready\n"))
 	default:
 		http.Error(w, "not ready", http.StatusServiceUnavailable)
+		return
 	}
+	if reason := s.space.alarmReason(); reason != "" {
+		http.Error(w, "not ready: "+reason, http.StatusServiceUnavailable)
+		return
+	}
+	w.Write([]byte("ready\n"))
 }
 
-// handleHealth is readiness plus a live round trip to etcd.
+// handleHealth is readiness (etcd alarms included) plus a live round trip
+// to etcd.
 func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	select {
 	case <-s.ready:
 	default:
 		http.Error(w, "not ready", http.StatusServiceUnavailable)
+		return
+	}
+	if reason := s.space.alarmReason(); reason != "" {
+		http.Error(w, "unhealthy: "+reason, http.StatusServiceUnavailable)
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
@@ -66,28 +77,35 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 func (s *Server) handleWatchNDJSON(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	msg := &beaconv1.WatchRequest{Namespace: q.Get("namespace"), Services: q["service"]}
-	sub, err := api{s}.subscribe(r.Context(), msg)
+	sub, release, err := api{s}.subscribe(r.Context(), msg)
 	if err != nil {
 		writeConnectErrorAsHTTP(w, err)
 		return
 	}
-	defer sub.Close()
+	defer release()
 	s.metrics.watchStreams.Inc()
 	defer s.metrics.watchStreams.Dec()
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
+	var buf []byte
 	for {
-		pending, first, err := sub.Next(r.Context())
+		pending, synced, err := nextMessage(r.Context(), sub)
 		if err != nil {
 			return
 		}
-		resp := &beaconv1.WatchResponse{Synced: first}
+		resp := &beaconv1.WatchResponse{Synced: synced}
 		for _, p := range pending {
 			resp.Snapshots = append(resp.Snapshots, wire.SnapshotToProto(p.Snap))
 		}
-		line, _ := protojson.MarshalOptions{Multiline: false}.Marshal(resp)
-		if _, err := w.Write(append(line, '\n')); err != nil {
+		line, _ := protojson.MarshalOptions{Multiline: false}.MarshalAppend(buf[:0], resp)
+		line = append(line, '\n')
+		// Keep the buffer for the next message unless one large snapshot
+		// grew it: a stalled watcher holds at most one message.
+		if cap(line) <= 2*maxWatchMessageBytes {
+			buf = line
+		}
+		if _, err := w.Write(line); err != nil {
 			return
 		}
 		if err := rc.Flush(); err != nil {
@@ -107,6 +125,14 @@ func writeConnectErrorAsHTTP(w http.ResponseWriter, err error) {
 		status = http.StatusServiceUnavailable
 	case connect.CodeNotFound:
 		status = http.StatusNotFound
+	case connect.CodeResourceExhausted:
+		status = http.StatusTooManyRequests
+	}
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		for k, v := range ce.Meta() {
+			w.Header()[k] = v
+		}
 	}
 	http.Error(w, err.Error(), status)
 }

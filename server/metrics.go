@@ -29,6 +29,9 @@ type metrics struct {
 	watchStreams prometheus.Gauge
 
 	guardTriggered prometheus.Counter
+
+	limitHits     *prometheus.CounterVec
+	writeTimeouts func()
 }
 
 func newMetrics(s *Server) *metrics {
@@ -62,9 +65,21 @@ func newMetrics(s *Server) *metrics {
 	m.watchStreams = prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "beacon_watchers", Help: "Open watch streams.",
 	})
+	m.limitHits = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "beacon_limit_refusals_total", Help: "Requests and connections refused because they reached a limit, by the limit's flag.",
+	}, []string{"limit"})
+	timeouts := prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "beacon_write_timeouts_total", Help: "Calls and watch streams cut because their client did not read a response for --write-timeout.",
+	})
+	m.writeTimeouts = timeouts.Inc
+	m.reg.MustRegister(m.limitHits, timeouts,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_client_connections", Help: "Open client connections (at most --max-conns)."},
+			func() float64 { return float64(s.conns.Open()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_awaits_in_flight", Help: "AwaitWatchers calls waiting (at most --max-awaits)."},
+			func() float64 { return float64(s.awaits.Load()) }))
 	stat := func(f func(view.Stats) int) func() float64 {
 		return func() float64 {
-			if s.view == nil {
+			if !s.isReady() {
 				return 0
 			}
 			return float64(f(s.view.Stats()))
@@ -85,14 +100,14 @@ func newMetrics(s *Server) *metrics {
 			stat(func(st view.Stats) int { return st.Pending })),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_view_revision", Help: "etcd revision the server's view has applied."},
 			func() float64 {
-				if s.view == nil {
+				if !s.isReady() {
 					return 0
 				}
 				return float64(s.view.Revision())
 			}),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_guard_held_instances", Help: "Instances of expired sessions the mass-expiry guard keeps as suspects."},
 			func() float64 {
-				if s.view == nil {
+				if !s.isReady() {
 					return 0
 				}
 				return float64(s.view.HeldCount())
@@ -102,6 +117,7 @@ func newMetrics(s *Server) *metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
+	m.reg.MustRegister(&s.space) // beacon_etcd_*: space.go
 	return m
 }
 

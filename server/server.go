@@ -26,17 +26,23 @@ type Server struct {
 	cfg     Config
 	log     *slog.Logger
 	ln      net.Listener
+	conns   *connLimiter
 	httpSrv *http.Server
 	metrics *metrics
 
-	etcd  *embed.Etcd // nil with external etcd
-	cli   *clientv3.Client
-	store *store.Store
-	view  *view.View
-	acks  *acks
+	etcd          *embed.Etcd // nil with external etcd
+	unlockDataDir func()      // releases the data directory's lock
+	cli           *clientv3.Client
+	store         *store.Store
+	view          *view.View
+	acks          *acks
+
+	watchers atomic.Int32 // open watch streams (at most Limits.MaxWatchers)
+	awaits   atomic.Int32 // AwaitWatchers calls waiting (at most Limits.MaxAwaits)
 
 	members *members.Members
 	checker *health.Checker
+	space   spaceMonitor // etcd quota, compaction, alarms (space.go)
 
 	ready     chan struct{}
 	errc      chan error
@@ -66,22 +72,52 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("server: listening on --addr %s: %w", cfg.Addr, err)
 	}
-	s.ln = ln
+	refusedLog := &logLimiter{every: time.Minute}
+	s.conns = newConnLimiter(ln, cfg.Limits.effectiveMaxConns(), cfg.Limits.MaxConnsPerIP, func(limit string) {
+		s.metrics.limitHits.WithLabelValues(limit).Inc()
+		if refusedLog.allow() {
+			s.log.Warn("refusing client connections at a limit (counted in beacon_limit_refusals_total)", "limit", "--"+limit)
+		}
+	})
+	s.ln = s.conns
+	// Serve from the first moment, before etcd is up: /readyz says 503
+	// and API calls get unavailable instead of hanging on an open port.
+	s.httpSrv = s.newHTTPServer()
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if err := s.httpSrv.Serve(s.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.fail(fmt.Errorf("server: serving %s: %w", cfg.Addr, err))
+		}
+	}()
+	started := false
+	defer func() {
+		if !started { // Start failed: stop serving before returning the error
+			s.runCancel()
+			s.httpSrv.Close()
+			s.wg.Wait()
+		}
+	}()
 
 	endpoints := cfg.EtcdEndpoints
 	if cfg.Embedded() {
-		e, err := startEmbeddedEtcd(ctx, cfg, newEtcdLogger(s.log, &s.closing))
+		// etcd's own lock on its database waits for ever, deaf to
+		// signals, when another process holds it: take ours first.
+		unlock, err := lockDataDir(cfg.DataDir)
 		if err != nil {
-			ln.Close()
 			return nil, err
 		}
-		s.etcd = e
+		e, err := startEmbeddedEtcd(ctx, cfg, newEtcdLogger(s.log, &s.closing))
+		if err != nil {
+			unlock()
+			return nil, err
+		}
+		s.etcd, s.unlockDataDir = e, unlock
 		endpoints = []string{"http://" + cfg.EtcdClientAddr}
 	}
 	cli, err := newEtcdClient(endpoints)
 	if err != nil {
 		s.stopEtcd()
-		ln.Close()
 		return nil, err
 	}
 	s.cli = cli
@@ -90,7 +126,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	s.members = members.Join(cli, s.store.ServersPrefix(), cfg.Name+"@"+ln.Addr().String(), cfg.MemberTTL, s.log)
 	hooks := s.metrics.viewHooks()
 	s.checker = health.New(health.Config{
-		Store: s.store, Members: s.members, MaxConcurrent: cfg.CheckConcurrency, Log: s.log,
+		Store: s.store, Members: s.members, MaxConcurrent: cfg.CheckConcurrency, MaxConns: cfg.CheckMaxConns, Log: s.log,
 		Instance: func(k registry.InstanceKey) *registry.Instance { return s.view.Instance(k) },
 	})
 	hooks.Published = s.checker.Offer
@@ -105,21 +141,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	s.view.SetGuard(cfg.Guard, func(string, int, int) { s.metrics.guardTriggered.Inc() })
 	s.metrics.reg.MustRegister(s.checker.Collector())
 
-	s.httpSrv = &http.Server{
-		Handler:           s.routes(),
-		ReadHeaderTimeout: 10 * time.Second,
-		BaseContext:       func(net.Listener) context.Context { return s.runCtx },
-		Protocols:         new(http.Protocols),
-		HTTP2: &http.HTTP2Config{
-			// Find clients that vanished without closing their connection.
-			SendPingTimeout: 15 * time.Second,
-			PingTimeout:     10 * time.Second,
-		},
-	}
-	s.httpSrv.Protocols.SetHTTP1(true)
-	s.httpSrv.Protocols.SetUnencryptedHTTP2(true)
-
-	s.wg.Add(4)
+	s.wg.Add(3)
 	go func() {
 		defer s.wg.Done()
 		s.view.Run(s.runCtx)
@@ -134,15 +156,46 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	}()
 	go func() {
 		defer s.wg.Done()
-		if err := s.httpSrv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			s.fail(fmt.Errorf("server: serving %s: %w", cfg.Addr, err))
-		}
-	}()
-	go func() {
-		defer s.wg.Done()
 		s.watchReadiness()
 	}()
+	s.wg.Add(1)
+	go s.watchSpace(s.runCtx) // etcd quota, compaction, alarms (space.go)
+	started = true
 	return s, nil
+}
+
+func (s *Server) newHTTPServer() *http.Server {
+	lim := s.cfg.Limits
+	srv := &http.Server{
+		Handler:           s.routes(),
+		ReadHeaderTimeout: lim.ReadHeaderTimeout,
+		IdleTimeout:       lim.IdleTimeout,
+		MaxHeaderBytes:    64 << 10,
+		BaseContext:       func(net.Listener) context.Context { return s.runCtx },
+		ConnContext:       s.connContext,
+		Protocols:         new(http.Protocols),
+		HTTP2: &http.HTTP2Config{
+			MaxConcurrentStreams: lim.MaxStreamsPerConn,
+			// Find clients that vanished without closing their connection.
+			SendPingTimeout: 15 * time.Second,
+			PingTimeout:     10 * time.Second,
+		},
+		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
+	srv.Protocols.SetHTTP1(true)
+	srv.Protocols.SetUnencryptedHTTP2(true)
+	return srv
+}
+
+// isReady reports whether Ready is closed; the fields Start fills after
+// etcd is up may be read once it is.
+func (s *Server) isReady() bool {
+	select {
+	case <-s.ready:
+		return true
+	default:
+		return false
+	}
 }
 
 func (s *Server) watchReadiness() {
@@ -208,5 +261,6 @@ func (s *Server) Close() error {
 func (s *Server) stopEtcd() {
 	if s.etcd != nil {
 		s.etcd.Close()
+		s.unlockDataDir()
 	}
 }

@@ -87,7 +87,10 @@ func (b *Backend) prepare(in registry.Instance, session int64) (*registry.Instan
 	return &in, nil
 }
 
-// Register implements backend.Backend.
+// Register implements backend.Backend. Like a beacon server it keeps what
+// the registry observed of the record it replaces (an operator's
+// OUT_OF_SERVICE, check states), read from etcd and written with a compare
+// on its revision (store.Register).
 func (b *Backend) Register(ctx context.Context, in registry.Instance) (int64, error) {
 	p, err := b.prepare(in, 0)
 	if err != nil {
@@ -258,15 +261,24 @@ func (s *session) Register(ctx context.Context, in registry.Instance) (int64, er
 	return s.b.store.Register(ctx, p)
 }
 
+// Deregister removes the instance only if it is still bound to the
+// session's lease: one registered again since by someone else is theirs.
 func (s *session) Deregister(ctx context.Context, service, id string) (bool, error) {
+	if err := registry.ValidateName("service", service); err != nil {
+		return false, err
+	}
+	k := registry.InstanceKey{Namespace: s.b.ns, Service: service, ID: id}
 	s.mu.Lock()
-	delete(s.instances, registry.InstanceKey{Namespace: s.b.ns, Service: service, ID: id})
+	delete(s.instances, k)
+	lease := s.id
 	s.mu.Unlock()
-	return s.b.Deregister(ctx, service, id)
+	_, found, err := s.b.store.DeregisterSession(ctx, k, lease)
+	return found, err
 }
 
-// Close stops the keepalives and revokes the lease; if ctx is done or
-// etcd unreachable, the lease expires by itself after the TTL.
+// Close stops the keepalives and revokes the lease, which removes only the
+// keys still bound to it; if ctx is done or etcd unreachable, the lease
+// expires by itself after the TTL.
 func (s *session) Close(ctx context.Context) error {
 	var err error
 	s.once.Do(func() {

@@ -67,6 +67,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 		newServicesCmd(g),
 		newInstancesCmd(g),
 		newWatchCmd(g),
+		newOperatorCmd(g),
 	)
 	return root
 }

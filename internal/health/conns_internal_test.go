@@ -4,10 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
-	"os"
-	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -15,6 +12,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"beacon.dev/beacon/internal/testutil/blackhole"
 	"beacon.dev/beacon/registry"
 )
 
@@ -29,54 +27,6 @@ func eventually(t *testing.T, timeout time.Duration, what string, cond func() bo
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-// DroppingListener returns the address of a listener on 127.0.0.1 that
-// never accepts and whose accept queue is full, so that the kernel drops
-// the SYNs of new connections: a dial hangs until its own timeout (the
-// kernel's SYN retries last about two minutes). It skips the test where
-// the kernel does not behave so.
-func DroppingListener(t testing.TB) string {
-	t.Helper()
-	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { syscall.Close(fd) })
-	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Listen(fd, 0); err != nil {
-		t.Fatal(err)
-	}
-	sa, err := syscall.Getsockname(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(sa.(*syscall.SockaddrInet4).Port))
-	for range 16 { // fill the accept queue
-		conn, err := net.DialTimeout("tcp", addr, 300*time.Millisecond)
-		var ne net.Error
-		if errors.As(err, &ne) && ne.Timeout() {
-			return addr // a SYN was dropped
-		}
-		if err != nil {
-			t.Fatalf("filling the accept queue of %s: %v", addr, err)
-		}
-		t.Cleanup(func() { conn.Close() })
-	}
-	t.Skipf("dials to %s with a full accept queue still connect: SYNs are not dropped here", addr)
-	return ""
-}
-
-// OpenFDs counts the process's open file descriptors.
-func OpenFDs(t testing.TB) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Skipf("counting file descriptors: %v", err)
-	}
-	return len(ents)
 }
 
 // An accepting listener whose connections stay open until the test ends.
@@ -200,7 +150,7 @@ func TestProbeAtTheLimitGivesNoVerdict(t *testing.T) {
 // once it has returned, no dial of it lingers (net/http dials on after the
 // request is cancelled; gRPC's connect deadline is 20 s or more).
 func TestProbeLeavesNoDialBehind(t *testing.T) {
-	addr := DroppingListener(t)
+	addr := blackhole.Listener(t)
 	for _, kind := range []registry.CheckKind{registry.CheckHTTP, registry.CheckTCP, registry.CheckGRPC} {
 		t.Run(kind.String(), func(t *testing.T) {
 			l := newConnLimiter(DefaultMaxConns)

@@ -8,8 +8,8 @@ import (
 	"time"
 
 	"beacon.dev/beacon/client"
-	"beacon.dev/beacon/internal/health"
 	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/internal/testutil/blackhole"
 	"beacon.dev/beacon/registry"
 )
 
@@ -24,7 +24,7 @@ const fdSlack = 32
 // function that removes the instances.
 func dropTest(t *testing.T, ctx context.Context, instances, maxConns int) (srv interface{ Addr() string }, base, peak int, remove func()) {
 	t.Helper()
-	addr := health.DroppingListener(t)
+	addr := blackhole.Listener(t)
 	host, portStr, _ := net.SplitHostPort(addr)
 	port, _ := net.LookupPort("tcp", portStr)
 	cfg := testutil.ServerConfig(t, "")
@@ -36,7 +36,7 @@ func dropTest(t *testing.T, ctx context.Context, instances, maxConns int) (srv i
 	}
 	t.Cleanup(func() { c.Close() })
 	testutil.Metric(t, s.Addr(), "beacon_checks_owned") // the scrape's connection counts in the baseline
-	base = health.OpenFDs(t)
+	base = blackhole.OpenFDs(t)
 
 	var checks []registry.Check
 	for i := range 6 {
@@ -56,7 +56,7 @@ func dropTest(t *testing.T, ctx context.Context, instances, maxConns int) (srv i
 	want := float64(instances * 6 * 10)
 	peak = base
 	testutil.Eventually(t, 60*time.Second, fmt.Sprintf("%v failed HTTP probes", want), func() bool {
-		peak = max(peak, health.OpenFDs(t))
+		peak = max(peak, blackhole.OpenFDs(t))
 		v, _ := testutil.Metric(t, s.Addr(), `beacon_check_probes_total{kind="HTTP",result="fail"}`)
 		return v >= want
 	})
@@ -96,7 +96,7 @@ func TestProbeConnsCappedAgainstDroppingHost(t *testing.T) {
 		return ok && v == 0
 	})
 	testutil.Eventually(t, 20*time.Second, "descriptors back near the baseline", func() bool {
-		return health.OpenFDs(t) <= base+fdSlack/4
+		return blackhole.OpenFDs(t) <= base+fdSlack/4
 	})
 }
 
@@ -122,6 +122,6 @@ func TestProbeDialBoundedByTimeout(t *testing.T) {
 		return ok && v == 0
 	})
 	testutil.Eventually(t, 20*time.Second, "descriptors back near the baseline", func() bool {
-		return health.OpenFDs(t) <= base+fdSlack/4
+		return blackhole.OpenFDs(t) <= base+fdSlack/4
 	})
 }

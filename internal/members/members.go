@@ -9,6 +9,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"slices"
 	"strings"
 	"sync"
@@ -134,10 +135,13 @@ func (m *Members) run(ctx context.Context) {
 		}
 		m.log.Warn("members: membership lost, rejoining", "err", err)
 		m.set(nil) // own nothing while not known to be live
+		// Jittered, so that servers cut off together do not rejoin in step.
+		t := time.NewTimer(m.ttl/6 + rand.N(m.ttl/6+1))
 		select {
 		case <-ctx.Done():
+			t.Stop()
 			return
-		case <-time.After(m.ttl / 3):
+		case <-t.C:
 		}
 	}
 }
@@ -145,21 +149,34 @@ func (m *Members) run(ctx context.Context) {
 func (m *Members) session(ctx context.Context) error {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	grant, err := m.cli.Grant(sctx, int64(max(1, m.ttl/time.Second)))
+	// Each call is bounded by the TTL: a lease that takes longer to set up
+	// is of no use, and a silent etcd must not hold the loop (and the last
+	// published set) for ever.
+	call := func() (context.Context, context.CancelFunc) {
+		return context.WithTimeout(sctx, max(time.Second, m.ttl))
+	}
+	cctx, ccancel := call()
+	grant, err := m.cli.Grant(cctx, int64(max(1, m.ttl/time.Second)))
+	ccancel()
 	if err != nil {
 		return fmt.Errorf("granting the lease: %w", err)
 	}
 	m.mu.Lock()
 	m.lease = grant.ID
 	m.mu.Unlock()
-	if _, err := m.cli.Put(sctx, m.prefix+m.self, m.self, clientv3.WithLease(grant.ID)); err != nil {
+	cctx, ccancel = call()
+	_, err = m.cli.Put(cctx, m.prefix+m.self, m.self, clientv3.WithLease(grant.ID))
+	ccancel()
+	if err != nil {
 		return fmt.Errorf("announcing: %w", err)
 	}
 	ka, err := m.cli.KeepAlive(sctx, grant.ID)
 	if err != nil {
 		return fmt.Errorf("keeping the lease alive: %w", err)
 	}
-	resp, err := m.cli.Get(sctx, m.prefix, clientv3.WithPrefix())
+	cctx, ccancel = call()
+	resp, err := m.cli.Get(cctx, m.prefix, clientv3.WithPrefix())
+	ccancel()
 	if err != nil {
 		return fmt.Errorf("listing servers: %w", err)
 	}

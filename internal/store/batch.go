@@ -6,26 +6,60 @@ import (
 	"fmt"
 	"sync"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"beacon.dev/beacon/registry"
 )
 
 // Registrations are group-committed: writes that arrive while others are
-// in flight are sent to etcd together as one transaction, so a burst of
-// registrations costs one Raft proposal and one fsync per batch rather
-// than per instance. A batch never holds the same key twice (etcd refuses
-// that), and if a batch fails because one session is gone, its writes are
-// retried one by one so only the right caller gets the error.
+// in flight are sent to etcd together, so a burst of registrations costs
+// one Raft proposal and one fsync per batch rather than per instance.
+//
+// A registration that merges (Merge) is never a blind write: the batch
+// reads the current records of its keys from etcd (one read-only Txn of
+// Gets), merges each into its caller's instance, and commits one Txn whose
+// If compares every such key's ModRevision (CreateRevision == 0 for an
+// absent key), with Gets of the same keys in its Else. If any key changed
+// in between, the Else answers carry the new records: the keys that
+// changed are merged again and the batch is committed again, each caller
+// failing with ErrConflict after maxConflicts changes under it.
+//
+// A batch never holds the same key twice (etcd refuses that), and if it
+// fails because one session is gone, its writes are retried one by one so
+// only the right caller gets ErrSessionNotFound.
 const (
-	maxBatch      = 64 // well under etcd's default --max-txn-ops (128)
-	batchWorkers  = 4  // batches in flight at once
+	// maxBatch bounds a batch: its Txn holds maxBatch compares, maxBatch
+	// puts and maxBatch Gets in its Else, within etcd's default
+	// --max-txn-ops (128, checked per list) even if counted together for
+	// compares and puts.
+	maxBatch      = 64
+	batchWorkers  = 4 // batches in flight at once
 	batchQueueLen = 1024
+	// maxConflicts is how often one registration's key may change between
+	// its read and its write before it fails with ErrConflict.
+	maxConflicts = 5
 )
 
+// Merge carries over into in, the record about to be written, what the
+// registry (not the instance's owner) decides, from cur, the record etcd
+// holds now. It is called only when a valid record exists, perhaps more
+// than once (after a conflict), each time on a fresh copy of the caller's
+// instance, and must not keep either pointer.
+type Merge func(cur, in *registry.Instance)
+
 type putReq struct {
-	key, value string
-	lease      clientv3.LeaseID
-	done       chan putResult // size 1
+	key   string
+	in    *registry.Instance // as the caller gave it; never modified
+	merge Merge              // nil: last write wins, nothing read
+	lease clientv3.LeaseID
+	done  chan putResult // size 1, answered once
+
+	// Owned by the worker committing the request.
+	value     string // the record to write (merged)
+	modRev    int64  // ModRevision the write compares against; 0: absent
+	conflicts int
 }
 
 type putResult struct {
@@ -33,15 +67,25 @@ type putResult struct {
 	err error
 }
 
+func (r *putReq) answer(rev int64, err error) { r.done <- putResult{rev: rev, err: err} }
+
+var errClosed = errors.New("store: closed")
+
 type batcher struct {
-	cli  *clientv3.Client
-	reqs chan *putReq
-	stop chan struct{}
-	wg   sync.WaitGroup
+	cli    *clientv3.Client
+	layout Layout
+	reqs   chan *putReq
+	// ctx owns every etcd call of the batcher: close cancels it, which
+	// also tells the workers to stop.
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	stopped chan struct{} // closed once every worker has returned
 }
 
-func newBatcher(cli *clientv3.Client) *batcher {
-	b := &batcher{cli: cli, reqs: make(chan *putReq, batchQueueLen), stop: make(chan struct{})}
+func newBatcher(cli *clientv3.Client, layout Layout) *batcher {
+	ctx, cancel := context.WithCancel(context.Background())
+	b := &batcher{cli: cli, layout: layout, reqs: make(chan *putReq, batchQueueLen), ctx: ctx, cancel: cancel, stopped: make(chan struct{})}
 	for range batchWorkers {
 		b.wg.Add(1)
 		go b.work()
@@ -49,21 +93,33 @@ func newBatcher(cli *clientv3.Client) *batcher {
 	return b
 }
 
-// put queues one write and waits for its batch to commit.
-func (b *batcher) put(ctx context.Context, key, value string, lease clientv3.LeaseID) (int64, error) {
-	r := &putReq{key: key, value: value, lease: lease, done: make(chan putResult, 1)}
+// put queues one write and waits for its batch to commit. With merge nil
+// the write replaces whatever is there without reading it.
+func (b *batcher) put(ctx context.Context, key string, in *registry.Instance, merge Merge) (int64, error) {
+	r := &putReq{key: key, in: in, merge: merge, lease: clientv3.LeaseID(in.SessionID), done: make(chan putResult, 1)}
+	if merge == nil {
+		r.value = string(EncodeInstance(in)) // here, not on a worker
+	}
 	select {
 	case b.reqs <- r:
 	case <-ctx.Done():
 		return 0, ctx.Err()
-	case <-b.stop:
-		return 0, errors.New("store: closed")
+	case <-b.ctx.Done():
+		return 0, errClosed
 	}
 	select {
 	case res := <-r.done:
 		return res.rev, res.err
 	case <-ctx.Done():
 		return 0, ctx.Err()
+	case <-b.stopped:
+		// Every worker has returned: r was answered, or never taken.
+		select {
+		case res := <-r.done:
+			return res.rev, res.err
+		default:
+			return 0, errClosed
+		}
 	}
 }
 
@@ -76,7 +132,7 @@ func (b *batcher) work() {
 		if first == nil {
 			select {
 			case first = <-b.reqs:
-			case <-b.stop:
+			case <-b.ctx.Done():
 				return
 			}
 		}
@@ -100,44 +156,142 @@ func (b *batcher) work() {
 	}
 }
 
+// commit writes a batch and answers every request in it. The callers'
+// contexts do not cancel a batch others wait on: each etcd call is bounded
+// by requestTimeout and by the batcher's own context, which close cancels.
 func (b *batcher) commit(batch []*putReq) {
-	// The callers' contexts do not cancel a batch others wait on; etcd's
-	// own request timeout bounds it.
-	ctx := context.Background()
-	if len(batch) == 1 {
-		b.commitOne(ctx, batch[0])
-		return
-	}
-	ops := make([]clientv3.Op, len(batch))
-	for i, r := range batch {
-		ops[i] = putOp(r)
-	}
-	resp, err := b.cli.Txn(ctx).Then(ops...).Commit()
-	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
-		for _, r := range batch {
-			b.commitOne(ctx, r)
+	rest, err := b.write(batch)
+	if errors.Is(err, rpctypes.ErrLeaseNotFound) && len(rest) > 1 {
+		for _, r := range rest {
+			if _, err := b.write([]*putReq{r}); err != nil {
+				r.answer(0, writeError(err))
+			}
 		}
 		return
 	}
+	for _, r := range rest {
+		r.answer(0, writeError(err))
+	}
+}
+
+func writeError(err error) error {
+	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		return ErrSessionNotFound
+	}
+	return fmt.Errorf("store: writing instance: %w", err)
+}
+
+// write commits batch, merging where asked, and answers the requests it
+// settles. On an etcd error it returns the requests still unanswered.
+func (b *batcher) write(batch []*putReq) ([]*putReq, error) {
+	var reads []clientv3.Op
 	for _, r := range batch {
+		if r.merge != nil {
+			reads = append(reads, clientv3.OpGet(r.key))
+		}
+	}
+	if len(reads) > 0 {
+		resp, err := b.txn(nil, reads, nil)
 		if err != nil {
-			r.done <- putResult{err: fmt.Errorf("store: writing instance: %w", err)}
-		} else {
-			r.done <- putResult{rev: resp.Header.Revision}
+			return batch, err
+		}
+		i := 0
+		for _, r := range batch {
+			if r.merge != nil {
+				b.prepare(r, resp.Responses[i].GetResponseRange().GetKvs())
+				i++
+			}
+		}
+	}
+	pending := batch
+	for {
+		cmps := make([]clientv3.Cmp, 0, len(reads))
+		puts := make([]clientv3.Op, 0, len(pending))
+		gets := make([]clientv3.Op, 0, len(reads))
+		for _, r := range pending {
+			puts = append(puts, putOp(r))
+			if r.merge != nil {
+				if r.modRev == 0 {
+					cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(r.key), "=", 0))
+				} else {
+					cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(r.key), "=", r.modRev))
+				}
+				gets = append(gets, clientv3.OpGet(r.key))
+			}
+		}
+		resp, err := b.txn(cmps, puts, gets)
+		if err != nil {
+			return pending, err
+		}
+		if resp.Succeeded {
+			for _, r := range pending {
+				r.answer(resp.Header.Revision, nil)
+			}
+			return nil, nil
+		}
+		// Some key changed since it was read: the Else holds every merging
+		// key's record as of this Txn. Merge again where it changed.
+		changed, i := 0, 0
+		for _, r := range pending {
+			if r.merge == nil {
+				continue
+			}
+			kvs := resp.Responses[i].GetResponseRange().GetKvs()
+			i++
+			if rev := modRevision(kvs); rev != r.modRev {
+				changed++
+				if r.conflicts++; r.conflicts <= maxConflicts {
+					b.prepare(r, kvs)
+				}
+			}
+		}
+		if changed == 0 { // cannot happen; never spin on it
+			for _, r := range pending {
+				r.conflicts = maxConflicts + 1
+			}
+		}
+		kept := pending[:0:0]
+		for _, r := range pending {
+			if r.conflicts > maxConflicts {
+				r.answer(0, fmt.Errorf("store: registering %s: %w", r.key, ErrConflict))
+			} else {
+				kept = append(kept, r)
+			}
+		}
+		if pending = kept; len(pending) == 0 {
+			return nil, nil
 		}
 	}
 }
 
-func (b *batcher) commitOne(ctx context.Context, r *putReq) {
-	resp, err := b.cli.Do(ctx, putOp(r))
-	switch {
-	case errors.Is(err, rpctypes.ErrLeaseNotFound):
-		r.done <- putResult{err: ErrSessionNotFound}
-	case err != nil:
-		r.done <- putResult{err: fmt.Errorf("store: writing instance: %w", err)}
-	default:
-		r.done <- putResult{rev: resp.Put().Header.Revision}
+// prepare merges r's instance with the record etcd holds (kvs, empty if
+// none) and notes the revision its write must compare against.
+func (b *batcher) prepare(r *putReq, kvs []*mvccpb.KeyValue) {
+	r.modRev = modRevision(kvs)
+	in := r.in
+	if len(kvs) > 0 {
+		// A record that does not decode is replaced, as the view ignores it.
+		if cur, err := b.layout.DecodeInstance(r.key, kvs[0].Value, kvs[0].ModRevision); err == nil {
+			merged := r.in.Clone()
+			r.merge(cur, &merged)
+			in = &merged
+		}
 	}
+	r.value = string(EncodeInstance(in))
+}
+
+func modRevision(kvs []*mvccpb.KeyValue) int64 {
+	if len(kvs) == 0 {
+		return 0
+	}
+	return kvs[0].ModRevision
+}
+
+// txn commits one Txn, bounded by requestTimeout and by close.
+func (b *batcher) txn(cmps []clientv3.Cmp, then, els []clientv3.Op) (*clientv3.TxnResponse, error) {
+	ctx, cancel := context.WithTimeout(b.ctx, requestTimeout)
+	defer cancel()
+	return b.cli.Txn(ctx).If(cmps...).Then(then...).Else(els...).Commit()
 }
 
 func putOp(r *putReq) clientv3.Op {
@@ -147,7 +301,10 @@ func putOp(r *putReq) clientv3.Op {
 	return clientv3.OpPut(r.key, r.value)
 }
 
+// close stops the workers, cancelling the commits in flight, and answers
+// every caller still waiting. It does not wait for etcd.
 func (b *batcher) close() {
-	close(b.stop)
+	b.cancel()
 	b.wg.Wait()
+	close(b.stopped)
 }

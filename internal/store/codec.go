@@ -3,7 +3,9 @@ package store
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"reflect"
 	"strconv"
 	"strings"
 	"time"
@@ -79,9 +81,13 @@ func (l Layout) DecodeServiceConfig(key string, value []byte) (registry.ServiceK
 	if !ok || registry.ValidateNamespace(ns) != nil || registry.ValidateName("service", svc) != nil {
 		return sk, cfg, fmt.Errorf("store: key %q is not a service settings key", key)
 	}
-	dec := json.NewDecoder(bytes.NewReader(value))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&cfg); err != nil {
+	err := decodeStrict(value, &cfg, func(depth int) []string {
+		if depth == 1 {
+			return serviceConfigKeys
+		}
+		return nil
+	})
+	if err != nil {
 		return sk, cfg, fmt.Errorf("store: decoding %q: %w", key, err)
 	}
 	if err := registry.ValidateProtectionThreshold(cfg.ProtectionThreshold); err != nil {
@@ -153,6 +159,130 @@ type checkRecord struct {
 	Status       string            `json:"status"`
 	Output       string            `json:"output,omitempty"`
 	SinceUnixNS  int64             `json:"since_unix_ns,omitempty"`
+}
+
+// normalize gives "none" one representation in the model: nil. The encoder
+// omits empty lists and maps (omitempty), so an empty one read from etcd
+// ("tags":[], a hand-written record) would come back as nil after a
+// write; decoding makes it nil at once.
+func (r *instanceRecord) normalize() {
+	if len(r.Tags) == 0 {
+		r.Tags = nil
+	}
+	if len(r.Metadata) == 0 {
+		r.Metadata = nil
+	}
+	if len(r.Checks) == 0 {
+		r.Checks = nil
+	}
+	for i := range r.Checks {
+		if len(r.Checks[i].Headers) == 0 {
+			r.Checks[i].Headers = nil
+		}
+	}
+}
+
+// Keys of the stored forms, from their struct tags.
+var (
+	recordKeys        = jsonNames(instanceRecord{})
+	checkKeys         = jsonNames(checkRecord{})
+	serviceConfigKeys = jsonNames(ServiceConfig{})
+)
+
+func jsonNames(v any) []string {
+	t := reflect.TypeOf(v)
+	names := make([]string, t.NumField())
+	for i := range names {
+		names[i], _, _ = strings.Cut(t.Field(i).Tag.Get("json"), ",")
+	}
+	return names
+}
+
+// decodeStrict decodes data, one JSON object and nothing after it, into v
+// and then makes sure its keys are spelled exactly as beacon writes them,
+// once each. keysAt(depth) lists the keys allowed in the objects at that
+// depth of nesting (1: the top object; objects inside arrays count the
+// array too), or nil where keys are data (metadata, headers).
+//
+// encoding/json alone is not strict enough: it matches keys to struct
+// fields without regard to case, Unicode folding included ("tAgs", or
+// "ſtatus" with a long s, set Status), and lets the last of duplicate keys
+// win. A record has one spelling; anything else was not written by beacon
+// and is refused rather than half understood. The check is cheap: the
+// typed decode proved data is well-formed JSON of the record's shape, so
+// one pass over the bytes that tracks depth and string bounds finds every
+// key, without allocating (a pre-pass into map[string]json.RawMessage
+// took three times as long; walking the object with Decoder.Token and a
+// Decode per value twice as long, with five times the allocations). A key
+// written with escapes ("t\u0061gs") is refused too: beacon never writes
+// one.
+func decodeStrict(data []byte, v any, keysAt func(depth int) []string) error {
+	if err := json.Unmarshal(data, v); err != nil { // also refuses data after the object
+		return err
+	}
+	if t := bytes.TrimLeft(data, " \t\r\n"); len(t) == 0 || t[0] != '{' { // null decodes into a struct too
+		return errors.New("want a JSON object")
+	}
+	var seen [8]uint32 // by depth: which of keysAt(depth) the current object has had
+	depth := 0
+	for i := 0; i < len(data); i++ {
+		switch data[i] {
+		case '{':
+			depth++
+			if depth < len(seen) {
+				seen[depth] = 0
+			}
+		case '[':
+			depth++
+		case '}', ']':
+			depth--
+		case '"':
+			j := i + 1
+			for data[j] != '"' { // well-formed: the string ends
+				if data[j] == '\\' {
+					j++
+				}
+				j++
+			}
+			raw := data[i+1 : j]
+			i = j
+			k := j + 1
+			for k < len(data) && (data[k] == ' ' || data[k] == '\t' || data[k] == '\r' || data[k] == '\n') {
+				k++
+			}
+			if k == len(data) || data[k] != ':' {
+				continue // a value, not a key
+			}
+			names := keysAt(depth)
+			if names == nil {
+				continue
+			}
+			n := 0
+			for n < len(names) && names[n] != string(raw) {
+				n++
+			}
+			if n == len(names) {
+				return fmt.Errorf("unknown field %q", raw)
+			}
+			if depth >= len(seen) || seen[depth]&(1<<n) != 0 {
+				return fmt.Errorf("duplicate field %q", raw)
+			}
+			seen[depth] |= 1 << n
+		}
+	}
+	return nil
+}
+
+// instanceKeysAt: the record at depth 1, its checks at depth 3 (object,
+// "checks" array, check object); metadata (2) and headers (4) hold data.
+func instanceKeysAt(depth int) []string {
+	switch depth {
+	case 1:
+		return recordKeys
+	case 3:
+		return checkKeys
+	}
+	return nil
 }
 
 func encodeChecks(cs []registry.Check) []checkRecord {
@@ -229,11 +359,10 @@ func (l Layout) DecodeInstance(key string, value []byte, modRevision int64) (*re
 		return nil, err
 	}
 	var rec instanceRecord
-	dec := json.NewDecoder(bytes.NewReader(value))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&rec); err != nil {
+	if err := decodeStrict(value, &rec, instanceKeysAt); err != nil {
 		return nil, fmt.Errorf("store: decoding %q: %w", key, err)
 	}
+	rec.normalize()
 	in := &registry.Instance{
 		Namespace: k.Namespace, Service: k.Service, ID: k.ID,
 		Address: rec.Address, Port: rec.Port, Weight: rec.Weight, Zone: rec.Zone,

@@ -18,6 +18,11 @@ import (
 // register again.
 var ErrSessionNotFound = errors.New("session not found or expired")
 
+// requestTimeout bounds every etcd call the store makes. clientv3 waits
+// for a connection when etcd is unreachable; without a deadline a call
+// (and whoever waits on it, Close included) would wait for ever.
+const requestTimeout = 10 * time.Second
+
 // Store writes beacon's records to etcd.
 type Store struct {
 	Layout
@@ -32,10 +37,12 @@ func New(cli *clientv3.Client, prefix string) *Store {
 	if prefix == "" {
 		prefix = DefaultPrefix
 	}
-	return &Store{Layout: Layout{Prefix: prefix}, cli: cli, ka: newKeepAliver(cli), batch: newBatcher(cli)}
+	l := Layout{Prefix: prefix}
+	return &Store{Layout: l, cli: cli, ka: newKeepAliver(cli), batch: newBatcher(cli, l)}
 }
 
-// Close stops the keepalive stream and the write batcher.
+// Close stops the keepalive stream and the write batcher: registrations
+// in flight fail at once rather than wait for etcd.
 func (s *Store) Close() {
 	s.ka.close()
 	s.batch.close()
@@ -52,9 +59,11 @@ func (s *Store) CreateSession(ctx context.Context, ttl time.Duration, name strin
 	if err := registry.ValidateSessionTTL(ttl); err != nil {
 		return 0, 0, err
 	}
-	if len(name) > registry.MaxSessionNameLen {
-		return 0, 0, &registry.FieldError{Field: "name", Reason: fmt.Sprintf("must be at most %d bytes, has %d", registry.MaxSessionNameLen, len(name))}
+	if err := registry.ValidateSessionName(name); err != nil {
+		return 0, 0, err
 	}
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
 	lease, err := s.cli.Grant(ctx, int64(ttl/time.Second))
 	if err != nil {
 		return 0, 0, fmt.Errorf("store: granting lease: %w", err)
@@ -62,7 +71,9 @@ func (s *Store) CreateSession(ctx context.Context, ttl time.Duration, name strin
 	rec, _ := json.Marshal(sessionRecord{Name: name, TTL: lease.TTL, Created: time.Now().UTC()})
 	if _, err := s.cli.Put(ctx, s.SessionKey(int64(lease.ID)), string(rec), clientv3.WithLease(lease.ID)); err != nil {
 		// The lease expires by itself; revoke to be tidy.
-		_, _ = s.cli.Revoke(context.WithoutCancel(ctx), lease.ID)
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), requestTimeout)
+		_, _ = s.cli.Revoke(rctx, lease.ID)
+		cancel()
 		return 0, 0, fmt.Errorf("store: recording session: %w", err)
 	}
 	return int64(lease.ID), time.Duration(lease.TTL) * time.Second, nil
@@ -91,6 +102,8 @@ func (s *Store) KeepAliveMany(ctx context.Context, ids []int64) []KeepAliveResul
 // CloseSession revokes a session; its ephemeral instances go with it.
 // Closing a session that no longer exists is not an error.
 func (s *Store) CloseSession(ctx context.Context, id int64) error {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
 	_, err := s.cli.Revoke(ctx, clientv3.LeaseID(id))
 	if err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
 		return fmt.Errorf("store: revoking session: %w", err)
@@ -98,24 +111,74 @@ func (s *Store) CloseSession(ctx context.Context, id int64) error {
 	return nil
 }
 
-// Register writes an instance. With SessionID != 0 the instance is bound to
-// that session's lease. It returns the revision of the write. Concurrent
-// registrations are group-committed (see batch.go).
+// Register writes a validated instance, keeping what the registry observed
+// of the record it replaces (KeepObservations). With SessionID != 0 the
+// instance is bound to that session's lease (ErrSessionNotFound if it is
+// gone). It returns the revision of the write.
 func (s *Store) Register(ctx context.Context, in *registry.Instance) (int64, error) {
-	return s.batch.put(ctx, s.InstanceKey(in.Key()), string(EncodeInstance(in)), clientv3.LeaseID(in.SessionID))
+	return s.RegisterMerge(ctx, in, KeepObservations)
 }
 
-// Deregister deletes an instance; found reports whether it existed.
+// RegisterMerge is Register with another merge: the record etcd holds is
+// read, merged into a copy of in by merge, and written only if it did not
+// change in between (compare on its revision; after repeated changes
+// ErrConflict). With merge nil nothing is read and the last write wins.
+// Concurrent registrations are group-committed (see batch.go).
+func (s *Store) RegisterMerge(ctx context.Context, in *registry.Instance, merge Merge) (int64, error) {
+	return s.batch.put(ctx, s.InstanceKey(in.Key()), in, merge)
+}
+
+// KeepObservations is the registry's rule for an instance registered
+// again: the state of checks whose spec did not change, and an operator's
+// OUT_OF_SERVICE, carry over from cur; health follows from the checks.
+func KeepObservations(cur, in *registry.Instance) {
+	if cur.Status == registry.StatusOutOfService && in.Status != registry.StatusOutOfService {
+		in.Status = registry.StatusOutOfService
+	}
+	for n := range in.Checks {
+		for _, old := range cur.Checks {
+			if old.SameSpec(&in.Checks[n]) {
+				in.Checks[n].Status, in.Checks[n].Output, in.Checks[n].Since = old.Status, old.Output, old.Since
+			}
+		}
+	}
+	in.Health = in.CheckedHealth()
+}
+
+// Deregister deletes an instance, whoever owns it; found reports whether
+// it existed.
 func (s *Store) Deregister(ctx context.Context, k registry.InstanceKey) (rev int64, found bool, err error) {
-	resp, err := s.cli.Delete(ctx, s.InstanceKey(k))
+	return s.DeregisterSession(ctx, k, 0)
+}
+
+// DeregisterSession deletes an instance only if it is still bound to
+// session (its key on that lease): an instance registered again since by
+// someone else, persistently or on another session, is not theirs to
+// delete, and found is false. Session 0 deletes unconditionally.
+func (s *Store) DeregisterSession(ctx context.Context, k registry.InstanceKey, session int64) (rev int64, found bool, err error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	key := s.InstanceKey(k)
+	if session == 0 {
+		resp, err := s.cli.Delete(ctx, key)
+		if err != nil {
+			return 0, false, fmt.Errorf("store: deleting instance: %w", err)
+		}
+		return resp.Header.Revision, resp.Deleted > 0, nil
+	}
+	// An absent key compares as lease 0, which no session has.
+	txn, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.LeaseValue(key), "=", clientv3.LeaseID(session))).
+		Then(clientv3.OpDelete(key)).Commit()
 	if err != nil {
 		return 0, false, fmt.Errorf("store: deleting instance: %w", err)
 	}
-	return resp.Header.Revision, resp.Deleted > 0, nil
+	return txn.Header.Revision, txn.Succeeded && txn.Responses[0].GetResponseDeleteRange().GetDeleted() > 0, nil
 }
 
 // CurrentRevision returns etcd's current revision with a linearizable read.
 func (s *Store) CurrentRevision(ctx context.Context) (int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
 	resp, err := s.cli.Get(ctx, s.Prefix+"\x00revision-probe", clientv3.WithCountOnly())
 	if err != nil {
 		return 0, fmt.Errorf("store: reading revision: %w", err)
@@ -135,8 +198,10 @@ var ErrInstanceNotFound = errors.New("instance not found")
 // write nothing. It returns the write's revision (0 when nothing was
 // written).
 func (s *Store) Update(ctx context.Context, k registry.InstanceKey, change func(in *registry.Instance) bool) (int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
 	key := s.InstanceKey(k)
-	for range 5 {
+	for range maxConflicts {
 		resp, err := s.cli.Get(ctx, key)
 		if err != nil {
 			return 0, fmt.Errorf("store: reading instance: %w", err)
@@ -170,6 +235,8 @@ func (s *Store) Update(ctx context.Context, k registry.InstanceKey, change func(
 
 // DeleteIfUnchanged deletes an instance only if it is still at revision.
 func (s *Store) DeleteIfUnchanged(ctx context.Context, k registry.InstanceKey, revision int64) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
 	key := s.InstanceKey(k)
 	txn, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", revision)).Then(clientv3.OpDelete(key)).Commit()
 	if err != nil {
@@ -181,6 +248,8 @@ func (s *Store) DeleteIfUnchanged(ctx context.Context, k registry.InstanceKey, r
 // PutServiceConfig stores a service's protection threshold.
 func (s *Store) PutServiceConfig(ctx context.Context, sk registry.ServiceKey, threshold float64) (int64, error) {
 	b, _ := json.Marshal(ServiceConfig{ProtectionThreshold: threshold})
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
 	resp, err := s.cli.Put(ctx, s.ServiceConfigKey(sk), string(b))
 	if err != nil {
 		return 0, fmt.Errorf("store: writing service settings: %w", err)
@@ -190,6 +259,8 @@ func (s *Store) PutServiceConfig(ctx context.Context, sk registry.ServiceKey, th
 
 // DeleteServiceConfig forgets a service's settings.
 func (s *Store) DeleteServiceConfig(ctx context.Context, sk registry.ServiceKey) (int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
 	resp, err := s.cli.Delete(ctx, s.ServiceConfigKey(sk))
 	if err != nil {
 		return 0, fmt.Errorf("store: deleting service settings: %w", err)
@@ -200,6 +271,8 @@ func (s *Store) DeleteServiceConfig(ctx context.Context, sk registry.ServiceKey)
 // RenewTTL renews a TTL check's heartbeat: its lease is kept alive, or,
 // when it has expired (or never existed), a new one of ttl is granted.
 func (s *Store) RenewTTL(ctx context.Context, k registry.InstanceKey, check string, ttl time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
 	key := s.TTLKey(k, check)
 	resp, err := s.cli.Get(ctx, key)
 	if err != nil {
@@ -225,6 +298,8 @@ func (s *Store) RenewTTL(ctx context.Context, k registry.InstanceKey, check stri
 
 // TTLAlive reports whether a TTL check's heartbeat is still there.
 func (s *Store) TTLAlive(ctx context.Context, k registry.InstanceKey, check string) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
 	resp, err := s.cli.Get(ctx, s.TTLKey(k, check), clientv3.WithCountOnly(), clientv3.WithSerializable())
 	if err != nil {
 		return false, err

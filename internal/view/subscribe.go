@@ -24,7 +24,8 @@ type Subscription struct {
 	mu      sync.Mutex
 	pending map[string]Pending // guarded by mu; the newest unsent snapshot per service
 	last    map[string]int64   // guarded by mu; newest revision queued per service
-	first   bool               // guarded by mu; the next Next is the first
+	initial map[string]bool    // guarded by mu; services of the initial sync not yet taken
+	first   bool               // guarded by mu; the initial sync is not complete yet
 	closed  bool               // guarded by mu
 }
 
@@ -78,6 +79,10 @@ func (v *View) Subscribe(ns string, services []string, known map[string]int64) *
 			s.last[name] = v.rev
 		}
 	}
+	s.initial = make(map[string]bool, len(s.pending))
+	for name := range s.pending {
+		s.initial[name] = true
+	}
 	v.subs[s] = struct{}{}
 	s.notify <- struct{}{} // the first Next returns at once, even with nothing to send
 	return s
@@ -114,9 +119,22 @@ func (s *Subscription) offer(pubs []Published, now time.Time) {
 	}
 }
 
-// Next waits for snapshots and returns them sorted by service, with first
-// true on the first call (the subscriber is then current).
-func (s *Subscription) Next(ctx context.Context) (snaps []Pending, first bool, err error) {
+// Next waits for snapshots and returns all of them sorted by service, with
+// synced true once the initial sync is complete (the subscriber is then
+// current).
+func (s *Subscription) Next(ctx context.Context) (snaps []Pending, synced bool, err error) {
+	return s.NextBatch(ctx, nil)
+}
+
+// NextBatch is Next for a bounded message: take is asked about each
+// pending snapshot in turn and says whether it still fits (the first one
+// always does); what does not fit stays pending, to be coalesced with
+// newer ones and returned by the next call. A subscriber that stops
+// reading therefore holds one message at most, plus references to the
+// view's shared snapshots. synced is true on the call that returns the
+// last snapshot of the initial sync (or on the first call if there was
+// nothing to sync).
+func (s *Subscription) NextBatch(ctx context.Context, take func(Pending) bool) (snaps []Pending, synced bool, err error) {
 	for {
 		select {
 		case <-ctx.Done():
@@ -128,15 +146,31 @@ func (s *Subscription) Next(ctx context.Context) (snaps []Pending, first bool, e
 			s.mu.Unlock()
 			return nil, false, ErrClosed
 		}
-		for _, p := range s.pending {
+		for name, p := range s.pending {
+			if take != nil && len(snaps) > 0 && !take(p) {
+				break
+			}
+			if take != nil && len(snaps) == 0 {
+				take(p) // the first always fits; let take count it
+			}
 			snaps = append(snaps, p)
+			delete(s.pending, name)
+			delete(s.initial, name)
 		}
-		clear(s.pending)
-		first, s.first = s.first, false
+		synced = s.first && len(s.initial) == 0
+		if synced {
+			s.first, s.initial = false, nil
+		}
+		if len(s.pending) > 0 {
+			select { // more to send: the next call must not wait
+			case s.notify <- struct{}{}:
+			default:
+			}
+		}
 		s.mu.Unlock()
-		if len(snaps) > 0 || first {
+		if len(snaps) > 0 || synced {
 			slices.SortFunc(snaps, func(a, b Pending) int { return cmp.Compare(a.Snap.Service, b.Snap.Service) })
-			return snaps, first, nil
+			return snaps, synced, nil
 		}
 	}
 }

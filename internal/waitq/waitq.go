@@ -1,6 +1,8 @@
 // Package waitq matches answers to callers waiting on a multiplexed stream:
-// per key, callers are answered in the order they asked. Both keepalive
-// streams (SDK → server, server → etcd) use it.
+// per key, callers are answered in the order they asked. The SDK's
+// keepalive stream uses it. (The server's stream to etcd keeps its own
+// slots: a caller that gives up there must leave its place in line, since
+// etcd still answers the request it sent.)
 //
 // A Queue is not safe for concurrent use: its owner guards it with the
 // same mutex that serialises sends on the stream.
@@ -31,7 +33,13 @@ func (q *Queue[K, V]) Deliver(k K, v V) bool {
 		return false
 	}
 	ws[0] <- v
-	q.Drop(k, ws[0])
+	// Pop the head in O(1): a key with many waiters (a client repeating
+	// one id) must not cost a copy of its whole line per answer.
+	if len(ws) == 1 {
+		delete(q.waiters, k)
+	} else {
+		q.waiters[k] = ws[1:]
+	}
 	return true
 }
 

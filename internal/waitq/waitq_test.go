@@ -24,3 +24,26 @@ func TestQueueAnswersInOrderPerKey(t *testing.T) {
 		t.Error("a waiter survived FailAll")
 	}
 }
+
+// A key with a long line of waiters is answered oldest first, each once.
+func TestQueueLongLineOfOneKey(t *testing.T) {
+	q := waitq.New[int, int]()
+	const n = 100000 // Deliver used to copy the rest of the line per answer
+	chans := make([]chan int, n)
+	for i := range chans {
+		chans[i] = q.Add(7)
+	}
+	for i := range n {
+		if !q.Deliver(7, i) {
+			t.Fatalf("Deliver #%d found no waiter", i)
+		}
+	}
+	for i, ch := range chans {
+		if got := <-ch; got != i {
+			t.Fatalf("waiter %d got %d, want %d", i, got, i)
+		}
+	}
+	if q.Deliver(7, -1) {
+		t.Error("Deliver answered a waiter after every one was answered")
+	}
+}

@@ -1182,10 +1182,15 @@ func (x *RegisterResponse) GetRevision() int64 {
 }
 
 type DeregisterRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
-	Service       string                 `protobuf:"bytes,2,opt,name=service,proto3" json:"service,omitempty"`
-	Id            string                 `protobuf:"bytes,3,opt,name=id,proto3" json:"id,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Service   string                 `protobuf:"bytes,2,opt,name=service,proto3" json:"service,omitempty"`
+	Id        string                 `protobuf:"bytes,3,opt,name=id,proto3" json:"id,omitempty"`
+	// With a session, the instance is deleted only if it is still bound to
+	// that session: one registered again since (persistently or on another
+	// session) is left alone and found is false. 0 deletes it whoever owns
+	// it (operators).
+	SessionId     int64 `protobuf:"varint,4,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1239,6 +1244,13 @@ func (x *DeregisterRequest) GetId() string {
 		return x.Id
 	}
 	return ""
+}
+
+func (x *DeregisterRequest) GetSessionId() int64 {
+	if x != nil {
+		return x.SessionId
+	}
+	return 0
 }
 
 type DeregisterResponse struct {
@@ -2363,11 +2375,13 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\n" +
 	"session_id\x18\x02 \x01(\x03R\tsessionId\".\n" +
 	"\x10RegisterResponse\x12\x1a\n" +
-	"\brevision\x18\x01 \x01(\x03R\brevision\"[\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\"z\n" +
 	"\x11DeregisterRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
 	"\aservice\x18\x02 \x01(\tR\aservice\x12\x0e\n" +
-	"\x02id\x18\x03 \x01(\tR\x02id\"F\n" +
+	"\x02id\x18\x03 \x01(\tR\x02id\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x04 \x01(\x03R\tsessionId\"F\n" +
 	"\x12DeregisterResponse\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x03R\brevision\x12\x14\n" +
 	"\x05found\x18\x02 \x01(\bR\x05found\"\x85\x01\n" +

@@ -1,0 +1,273 @@
+package server
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
+)
+
+// This file guards the HTTP side of the API against careless and hostile
+// clients: nothing is served before the server is ready (the port is
+// open from the first moment so that /readyz can say so), a request body
+// is refused as soon as it passes --max-request-bytes (compressed or
+// not), and every write to a client has a deadline, so a client that
+// stops reading loses its call instead of holding the server's memory.
+
+// errNotReady is what every API call gets while etcd starts.
+var errNotReady = errors.New("server: not ready yet (etcd is starting or the view is loading); see /readyz")
+
+// guardAPI wraps the API's handlers (connect and /v1/watch).
+func (s *Server) guardAPI(next http.Handler) http.Handler {
+	errw := connect.NewErrorWriter()
+	max := s.cfg.Limits.MaxRequestBytes
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-s.ready:
+		default:
+			if errw.IsSupported(r) {
+				_ = errw.Write(w, r, connect.NewError(connect.CodeUnavailable, errNotReady))
+			} else {
+				http.Error(w, errNotReady.Error(), http.StatusServiceUnavailable)
+			}
+			return
+		}
+		w = &deadlineWriter{ResponseWriter: w, rc: http.NewResponseController(w), timeout: s.cfg.Limits.WriteTimeout, timedOut: s.metrics.writeTimeouts}
+		ct := r.Header.Get("Content-Type")
+		switch {
+		case r.Method != http.MethodPost:
+		case strings.HasPrefix(ct, "application/grpc") || strings.HasPrefix(ct, "application/connect+"):
+			// Enveloped messages (gRPC, Connect streaming): refuse an
+			// envelope that announces more than the limit before reading
+			// it; connect itself would read (and discard) it to the end.
+			r.Body = &envelopeLimiter{r: r.Body, max: max}
+		default:
+			// Connect unary: read the body here, stop at the limit, and
+			// answer 413 at once; decompress it here too, under the limit.
+			if !s.readUnaryBody(w, r, max) {
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// readUnaryBody replaces r.Body with its bytes, decompressed, or answers
+// 413 and returns false when it is larger than max.
+func (s *Server) readUnaryBody(w http.ResponseWriter, r *http.Request, max int) bool {
+	tooLarge := func(what string) bool {
+		s.metrics.limitHits.WithLabelValues("max-request-bytes").Inc()
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Connection", "close") // the rest of the body is never read
+		w.WriteHeader(http.StatusRequestEntityTooLarge)
+		fmt.Fprintf(w, `{"code":"resource_exhausted","message":"server: request %s larger than --max-request-bytes %d"}`+"\n", what, max)
+		return false
+	}
+	if r.ContentLength > int64(max) {
+		return tooLarge("body")
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body, int64(max)+1))
+	if err != nil {
+		http.Error(w, "server: reading the request body: "+err.Error(), http.StatusBadRequest)
+		return false
+	}
+	if len(body) > max {
+		return tooLarge("body")
+	}
+	if enc := r.Header.Get("Content-Encoding"); enc != "" && enc != "identity" {
+		if enc != "gzip" {
+			w.Header().Set("Accept-Encoding", "gzip")
+			http.Error(w, fmt.Sprintf("server: Content-Encoding %q not supported (gzip is)", enc), http.StatusUnsupportedMediaType)
+			return false
+		}
+		zr, err := gzip.NewReader(bytes.NewReader(body))
+		if err == nil {
+			body, err = io.ReadAll(io.LimitReader(zr, int64(max)+1))
+		}
+		if err != nil {
+			http.Error(w, "server: decompressing the request body: "+err.Error(), http.StatusBadRequest)
+			return false
+		}
+		if len(body) > max {
+			return tooLarge("body, decompressed,")
+		}
+		r.Header.Del("Content-Encoding")
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	r.ContentLength = int64(len(body))
+	return true
+}
+
+// errEnvelopeTooLarge ends a stream whose next message is over the limit.
+type errEnvelopeTooLarge struct{ size, max int }
+
+func (e errEnvelopeTooLarge) Error() string {
+	return fmt.Sprintf("server: request message of %d bytes larger than --max-request-bytes %d", e.size, e.max)
+}
+
+// envelopeLimiter reads a stream of enveloped messages (1 flag byte, a
+// 4-byte big-endian length, the message) and fails as soon as a prefix
+// announces a message larger than max.
+type envelopeLimiter struct {
+	r      io.ReadCloser
+	max    int
+	prefix [5]byte
+	have   int // prefix bytes seen of the current envelope
+	left   int // message bytes of the current envelope still to pass
+	err    error
+}
+
+func (l *envelopeLimiter) Read(p []byte) (int, error) {
+	if l.err != nil {
+		return 0, l.err
+	}
+	n, err := l.r.Read(p)
+	for i := 0; i < n; {
+		if l.left > 0 {
+			step := min(l.left, n-i)
+			l.left -= step
+			i += step
+			continue
+		}
+		l.prefix[l.have] = p[i]
+		l.have++
+		i++
+		if l.have == len(l.prefix) {
+			l.have = 0
+			size := int(binary.BigEndian.Uint32(l.prefix[1:]))
+			if size > l.max+64 { // a little room for compression's overhead
+				l.err = errEnvelopeTooLarge{size, l.max}
+				return i, l.err
+			}
+			l.left = size
+		}
+	}
+	return n, err
+}
+
+func (l *envelopeLimiter) Close() error { return l.r.Close() }
+
+// boundedGzip is connect's gzip decompressor with a bound: past max+1
+// bytes it fails instead of letting connect inflate the rest (a 500 KB
+// body can inflate to 500 MB) only to count it.
+type boundedGzip struct {
+	gzip.Reader
+	max, read int
+}
+
+func (g *boundedGzip) Read(p []byte) (int, error) {
+	if g.read > g.max {
+		return 0, fmt.Errorf("server: decompressed request message larger than --max-request-bytes %d", g.max)
+	}
+	n, err := g.Reader.Read(p)
+	g.read += n
+	return n, err
+}
+
+func (g *boundedGzip) Reset(r io.Reader) error {
+	g.read = 0
+	return g.Reader.Reset(r)
+}
+
+func gzipOption(max int) connect.HandlerOption {
+	return connect.WithCompression("gzip",
+		func() connect.Decompressor { return &boundedGzip{max: max} },
+		func() connect.Compressor { return gzip.NewWriter(io.Discard) },
+	)
+}
+
+// deadlineWriter puts a deadline on every write to the client (and every
+// flush, which for HTTP/2 waits for flow control): a client that does not
+// read for WriteTimeout loses the call. Between writes there is no
+// deadline, so a watch may stay quiet for hours.
+type deadlineWriter struct {
+	http.ResponseWriter
+	rc       *http.ResponseController
+	timeout  time.Duration
+	timedOut func()
+}
+
+func (d *deadlineWriter) Write(p []byte) (int, error) {
+	_ = d.rc.SetWriteDeadline(time.Now().Add(d.timeout))
+	n, err := d.ResponseWriter.Write(p)
+	d.done(err)
+	return n, err
+}
+
+func (d *deadlineWriter) Flush() {
+	_ = d.rc.SetWriteDeadline(time.Now().Add(d.timeout))
+	err := d.rc.Flush()
+	d.done(err)
+}
+
+func (d *deadlineWriter) done(err error) {
+	if err != nil && isTimeout(err) {
+		d.timedOut()
+	}
+	_ = d.rc.SetWriteDeadline(time.Time{})
+}
+
+func (d *deadlineWriter) Unwrap() http.ResponseWriter { return d.ResponseWriter }
+
+func isTimeout(err error) bool {
+	var t interface{ Timeout() bool }
+	return errors.As(err, &t) && t.Timeout()
+}
+
+// retryAfter is the Retry-After a refused client is told, in seconds.
+const retryAfter = 1
+
+// limitError is the error a client gets when it reaches a limit: gRPC
+// resource_exhausted (HTTP 429 for Connect's unary calls) naming the
+// flag, with Retry-After.
+func (s *Server) limitError(flag string, format string, args ...any) error {
+	s.metrics.limitHits.WithLabelValues(flag).Inc()
+	err := connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("server: "+format+" (limit --%s)", append(args, flag)...))
+	err.Meta().Set("Retry-After", strconv.Itoa(retryAfter))
+	return err
+}
+
+// writeProcedures are the calls that write to etcd; each takes a token of
+// the connection's write budget.
+var writeProcedures = map[string]bool{
+	beaconv1connect.RegistryServiceCreateSessionProcedure:    true,
+	beaconv1connect.RegistryServiceCloseSessionProcedure:     true,
+	beaconv1connect.RegistryServiceRegisterProcedure:         true,
+	beaconv1connect.RegistryServiceDeregisterProcedure:       true,
+	beaconv1connect.RegistryServiceSetStatusProcedure:        true,
+	beaconv1connect.RegistryServiceSetServiceConfigProcedure: true,
+	beaconv1connect.RegistryServiceUpdateCheckProcedure:      true,
+}
+
+// limitsInterceptor spends a write token of the caller's connection on
+// every write call.
+type limitsInterceptor struct{ s *Server }
+
+func (i limitsInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		if writeProcedures[req.Spec().Procedure] && !connOf(ctx).writes.Allow() {
+			l := i.s.cfg.Limits
+			return nil, i.s.limitError("write-rate", "this connection writes faster than %v per second (burst %d)", l.WriteRate, l.WriteBurst)
+		}
+		return next(ctx, req)
+	}
+}
+
+func (limitsInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return next
+}
+
+func (limitsInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return next
+}

@@ -1,0 +1,156 @@
+package server
+
+import (
+	"fmt"
+	"math"
+	"syscall"
+	"time"
+
+	"github.com/spf13/pflag"
+)
+
+// Limits bound what clients can make a server hold or do: connections,
+// request sizes, watch streams, waits, sessions, services and the rate of
+// writes. Every limit has a default (DefaultLimits) and a flag; a client
+// that reaches one gets an error naming the flag (gRPC resource_exhausted,
+// HTTP 429 with Retry-After, or 413 for a body), and nobody else notices.
+// docs/operations.md lists them with what the server does at each.
+type Limits struct {
+	// MaxConns bounds the open client connections (0: half of the
+	// process's file descriptor limit, at most 16384), so that clients can
+	// never take the descriptors etcd and the health checks need.
+	MaxConns int
+	// MaxConnsPerIP bounds the open connections from one client address.
+	MaxConnsPerIP int
+	// MaxStreamsPerConn bounds the concurrent HTTP/2 streams (calls) of
+	// one connection.
+	MaxStreamsPerConn int
+	// ReadHeaderTimeout bounds how long a client may take to send a
+	// request's headers; IdleTimeout closes a connection with no call in
+	// flight; WriteTimeout bounds every single write of a response or a
+	// watch message: a client that does not read for that long loses the
+	// call (a watcher reconnects and resumes).
+	ReadHeaderTimeout, IdleTimeout, WriteTimeout time.Duration
+	// MaxRequestBytes bounds one request message, compressed or not.
+	MaxRequestBytes int
+	// MaxWatchers bounds the open watch streams of the server, and
+	// MaxWatchersPerConn those of one connection.
+	MaxWatchers, MaxWatchersPerConn int
+	// MaxWatchServices bounds the services one watch names (and the
+	// revisions it says it knows).
+	MaxWatchServices int
+	// MaxAwaits bounds the AwaitWatchers calls waiting at once on the
+	// server, and MaxAwaitsPerConn those of one connection.
+	MaxAwaits, MaxAwaitsPerConn int
+	// MaxSessions bounds the live sessions (counted from the server's view).
+	MaxSessions int
+	// MaxServices bounds the services of one namespace, and
+	// MaxInstancesPerService the instances of one service; both are
+	// counted from the server's view, so a burst may pass them by the
+	// writes in flight.
+	MaxServices, MaxInstancesPerService int
+	// WriteRate and WriteBurst bound the writes (registrations, sessions,
+	// status, checks, deregistrations) of one connection: a token bucket
+	// of WriteBurst tokens refilled at WriteRate per second.
+	WriteRate  float64
+	WriteBurst int
+}
+
+// DefaultLimits are generous for one team's fleet and tight enough that
+// one client cannot exhaust the server.
+var DefaultLimits = Limits{
+	MaxConnsPerIP:          4096,
+	MaxStreamsPerConn:      250,
+	ReadHeaderTimeout:      10 * time.Second,
+	IdleTimeout:            2 * time.Minute,
+	WriteTimeout:           30 * time.Second,
+	MaxRequestBytes:        1 << 20,
+	MaxWatchers:            10000,
+	MaxWatchersPerConn:     256,
+	MaxWatchServices:       10000,
+	MaxAwaits:              1024,
+	MaxAwaitsPerConn:       64,
+	MaxSessions:            100000,
+	MaxServices:            10000,
+	MaxInstancesPerService: 10000,
+	WriteRate:              1000,
+	WriteBurst:             2000,
+}
+
+// maxConnsCap bounds the automatic connection limit.
+const maxConnsCap = 16384
+
+// effectiveMaxConns resolves MaxConns = 0 from the descriptor limit.
+func (l *Limits) effectiveMaxConns() int {
+	if l.MaxConns > 0 {
+		return l.MaxConns
+	}
+	var rl syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil || rl.Cur == math.MaxUint64 {
+		return maxConnsCap
+	}
+	return int(min(max(rl.Cur/2, 16), maxConnsCap))
+}
+
+func (l *Limits) validate() error {
+	ints := []struct {
+		flag     string
+		v, lo, h int
+	}{
+		{"--max-conns", l.MaxConns, 0, 1 << 20},
+		{"--max-conns-per-ip", l.MaxConnsPerIP, 1, 1 << 20},
+		{"--max-streams-per-conn", l.MaxStreamsPerConn, 1, 1 << 16},
+		{"--max-request-bytes", l.MaxRequestBytes, 4 << 10, 64 << 20},
+		{"--max-watchers", l.MaxWatchers, 1, 1 << 20},
+		{"--max-watchers-per-conn", l.MaxWatchersPerConn, 1, 1 << 20},
+		{"--max-watch-services", l.MaxWatchServices, 1, 1 << 20},
+		{"--max-awaits", l.MaxAwaits, 1, 1 << 20},
+		{"--max-awaits-per-conn", l.MaxAwaitsPerConn, 1, 1 << 20},
+		{"--max-sessions", l.MaxSessions, 1, 1 << 24},
+		{"--max-services", l.MaxServices, 1, 1 << 24},
+		{"--max-instances-per-service", l.MaxInstancesPerService, 1, 1 << 24},
+		{"--write-burst", l.WriteBurst, 1, 1 << 24},
+	}
+	for _, c := range ints {
+		if c.v < c.lo || c.v > c.h {
+			return fmt.Errorf("server: invalid %s %d: must be between %d and %d", c.flag, c.v, c.lo, c.h)
+		}
+	}
+	durs := []struct {
+		flag string
+		v    time.Duration
+	}{
+		{"--read-header-timeout", l.ReadHeaderTimeout},
+		{"--idle-timeout", l.IdleTimeout},
+		{"--write-timeout", l.WriteTimeout},
+	}
+	for _, c := range durs {
+		if c.v < 100*time.Millisecond || c.v > time.Hour {
+			return fmt.Errorf("server: invalid %s %s: must be between 100ms and 1h", c.flag, c.v)
+		}
+	}
+	if math.IsNaN(l.WriteRate) || l.WriteRate < 1 || l.WriteRate > 1e7 {
+		return fmt.Errorf("server: invalid --write-rate %v: must be between 1 and 10000000 per second", l.WriteRate)
+	}
+	return nil
+}
+
+func (l *Limits) bindFlags(fs *pflag.FlagSet) {
+	fs.IntVar(&l.MaxConns, "max-conns", l.MaxConns, "open client connections at most (0: half the file descriptor limit, at most 16384)")
+	fs.IntVar(&l.MaxConnsPerIP, "max-conns-per-ip", l.MaxConnsPerIP, "open connections from one client address at most")
+	fs.IntVar(&l.MaxStreamsPerConn, "max-streams-per-conn", l.MaxStreamsPerConn, "concurrent HTTP/2 streams (calls) of one connection at most")
+	fs.DurationVar(&l.ReadHeaderTimeout, "read-header-timeout", l.ReadHeaderTimeout, "how long a client may take to send a request's headers")
+	fs.DurationVar(&l.IdleTimeout, "idle-timeout", l.IdleTimeout, "close a client connection with no call in flight after this long")
+	fs.DurationVar(&l.WriteTimeout, "write-timeout", l.WriteTimeout, "cut a call (or a watch) whose client does not read one response or watch message for this long")
+	fs.IntVar(&l.MaxRequestBytes, "max-request-bytes", l.MaxRequestBytes, "one request message at most, in bytes (after decompression)")
+	fs.IntVar(&l.MaxWatchers, "max-watchers", l.MaxWatchers, "open watch streams of the server at most")
+	fs.IntVar(&l.MaxWatchersPerConn, "max-watchers-per-conn", l.MaxWatchersPerConn, "open watch streams of one connection at most")
+	fs.IntVar(&l.MaxWatchServices, "max-watch-services", l.MaxWatchServices, "services one watch may name at most")
+	fs.IntVar(&l.MaxAwaits, "max-awaits", l.MaxAwaits, "AwaitWatchers calls waiting at once on the server at most")
+	fs.IntVar(&l.MaxAwaitsPerConn, "max-awaits-per-conn", l.MaxAwaitsPerConn, "AwaitWatchers calls waiting at once per connection at most")
+	fs.IntVar(&l.MaxSessions, "max-sessions", l.MaxSessions, "live sessions at most")
+	fs.IntVar(&l.MaxServices, "max-services", l.MaxServices, "services of one namespace at most")
+	fs.IntVar(&l.MaxInstancesPerService, "max-instances-per-service", l.MaxInstancesPerService, "instances of one service at most")
+	fs.Float64Var(&l.WriteRate, "write-rate", l.WriteRate, "writes per second of one connection (registrations, sessions, status, checks)")
+	fs.IntVar(&l.WriteBurst, "write-burst", l.WriteBurst, "writes one connection may make at once above --write-rate")
+}
