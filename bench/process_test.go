@@ -31,7 +31,7 @@ type serverProcess struct {
 	addr, etcdAddr string
 }
 
-func startServerProcess(b *testing.B) *serverProcess {
+func startServerProcess(b testing.TB, extraArgs ...string) *serverProcess {
 	b.Helper()
 	bin := filepath.Join(b.TempDir(), "beacon")
 	if out, err := exec.Command("go", "build", "-o", bin, "beacon.dev/beacon/cmd/beacon").CombinedOutput(); err != nil {
@@ -39,8 +39,12 @@ func startServerProcess(b *testing.B) *serverProcess {
 	}
 	cfg := testutil.ServerConfig(b, "")
 	p := &serverProcess{addr: cfg.Addr, etcdAddr: cfg.EtcdClientAddr}
-	p.cmd = exec.Command(bin, "server", "--addr", cfg.Addr, "--data-dir", cfg.DataDir,
-		"--etcd-client-addr", cfg.EtcdClientAddr, "--etcd-peer-addr", cfg.EtcdPeerAddr, "--log-level", "error")
+	args := []string{"server", "--addr", cfg.Addr, "--data-dir", cfg.DataDir,
+		"--etcd-client-addr", cfg.EtcdClientAddr, "--etcd-peer-addr", cfg.EtcdPeerAddr, "--log-level", "error"}
+	p.cmd = exec.Command(bin, append(args, extraArgs...)...)
+	// Dies with the benchmark, even one killed by its -timeout (whose
+	// cleanups do not run): it holds go test's output pipe.
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, _ := p.cmd.StdoutPipe()
 	p.cmd.Stderr = os.Stderr
 	if err := p.cmd.Start(); err != nil {
@@ -59,7 +63,7 @@ func startServerProcess(b *testing.B) *serverProcess {
 }
 
 // cpuSeconds is the process's user+system CPU time so far.
-func (p *serverProcess) cpuSeconds(b *testing.B) float64 {
+func (p *serverProcess) cpuSeconds(b testing.TB) float64 {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
 	if err != nil {
 		b.Fatal(err)
@@ -71,7 +75,7 @@ func (p *serverProcess) cpuSeconds(b *testing.B) float64 {
 }
 
 // rssBytes is the process's resident set size.
-func (p *serverProcess) rssBytes(b *testing.B) float64 {
+func (p *serverProcess) rssBytes(b testing.TB) float64 {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
 	if err != nil {
 		b.Fatal(err)
@@ -81,7 +85,7 @@ func (p *serverProcess) rssBytes(b *testing.B) float64 {
 	return kb * 1024
 }
 
-func (p *serverProcess) metric(b *testing.B, name string) float64 {
+func (p *serverProcess) metric(b testing.TB, name string) float64 {
 	v, ok := testutil.Metric(b, p.addr, name)
 	if !ok {
 		b.Fatalf("no metric %s", name)
