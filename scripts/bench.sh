@@ -25,6 +25,9 @@ out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 	# Cluster mode: failover (20 kills of the leader's node) and the
 	# 3-node cluster beside a single node.
 	go test -run '^$' -bench 'ClusterFailover|ClusterVsSingle' -benchtime 1x -timeout 30m ./bench
+	# The soak: a normal client beside every hostile client at once, each
+	# phase (idle, hostile) -soak.duration long (SOAK, default 10m).
+	go test -run '^$' -bench 'Soak' -benchtime 1x -soak.duration "${SOAK:-10m}" -timeout 60m ./bench
 	(cd bench/anchors && go test -run '^$' -bench 'Chain' -benchmem -cpu 1,2 -count "${COUNT:-5}" .)
 } 2>&1 | tee "$out"
 echo "results: $out"
