@@ -27,7 +27,7 @@ out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 	go test -run '^$' -bench 'ClusterFailover|ClusterVsSingle' -benchtime 1x -timeout 30m ./bench
 	# The soak: a normal client beside every hostile client at once, each
 	# phase (idle, hostile) -soak.duration long (SOAK, default 10m).
-	go test -run '^$' -bench 'Soak' -benchtime 1x -soak.duration "${SOAK:-10m}" -timeout 60m ./bench
+	go test -run '^$' -bench 'Soak' -benchtime 1x -timeout 60m ./bench -soak.duration "${SOAK:-10m}"
 	(cd bench/anchors && go test -run '^$' -bench 'Chain' -benchmem -cpu 1,2 -count "${COUNT:-5}" .)
 } 2>&1 | tee "$out"
 echo "results: $out"
