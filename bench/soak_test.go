@@ -50,7 +50,7 @@ var (
 // so that one hostile connection can pass it without taking the machine's
 // two cores (at the default 1000/s, writing at the limit is a load test of
 // its own).
-var soakServerArgs = []string{"--write-timeout", "5s", "--read-header-timeout", "5s", "--write-rate", "100", "--write-burst", "100"}
+var soakServerArgs = []string{"--write-timeout", "5s", "--read-header-timeout", "5s", "--write-rate", "50", "--write-burst", "50"}
 
 const (
 	soakBigServices     = 300 // the namespace the stalled watchers ask for (~1.2 MB)
@@ -58,7 +58,7 @@ const (
 	soakIdleConns       = 200
 	soakDropInstances   = 40 // each with 6 HTTP, 1 TCP and 1 gRPC check at 200 ms
 	soakFloodIDs        = 10000
-	soakWriteRate       = 150 // per second, over the soak server's --write-rate 100
+	soakWriteRate       = 150 // per second, three times the soak server's --write-rate 50
 )
 
 // soakPhase is what one phase measured.
@@ -168,7 +168,11 @@ func (s *soak) settle(ctx context.Context, base soakSample, margin int) soakSamp
 		if ctx.Err() != nil {
 			s.tb.Fatalf("the server did not come back to its baseline (%d goroutines, %d fds; last %d, %d)", base.routines, base.fds, last.routines, last.fds)
 		}
-		time.Sleep(time.Second) // sampling period
+		select { // the sampling period
+		case <-ctx.Done():
+			continue
+		case <-time.After(time.Second):
+		}
 		cur, err := s.sample()
 		if err != nil {
 			s.tb.Fatal(err)
@@ -185,29 +189,44 @@ func (s *soak) settle(ctx context.Context, base soakSample, margin int) soakSamp
 
 func abs(x int) int { return max(x, -x) }
 
-// seedBigNamespace registers the services the stalled watchers ask for.
+// seedBigNamespace registers the services the stalled watchers ask for,
+// from several connections (each under the soak server's --write-rate).
 func (s *soak) seedBigNamespace(ctx context.Context) {
-	c, err := client.New([]string{s.srv.addr}, client.WithNamespace("soak-big"))
-	if err != nil {
-		s.tb.Fatal(err)
-	}
-	defer c.Close()
 	meta := map[string]string{}
 	for i := range 8 {
 		meta[fmt.Sprint("key-", i)] = strings.Repeat("v", 480)
 	}
-	for i := range soakBigServices {
-		in := registry.Instance{Service: fmt.Sprintf("svc-%03d", i), ID: "i-1", Address: "127.0.0.1", Port: 1000 + i, Metadata: meta}
-		for {
-			_, err := c.Register(ctx, in)
-			if err == nil {
-				break
+	const seeders = 6
+	errs := make(chan error, seeders)
+	for w := range seeders {
+		go func() {
+			c, err := client.New([]string{s.srv.addr}, client.WithNamespace("soak-big"))
+			if err != nil {
+				errs <- err
+				return
 			}
-			// Over the soak server's --write-rate: wait as a good client.
-			if !strings.Contains(err.Error(), "resource_exhausted") || ctx.Err() != nil {
-				s.tb.Fatalf("seeding: %v", err)
+			defer c.Close()
+			for i := w; i < soakBigServices; i += seeders {
+				in := registry.Instance{Service: fmt.Sprintf("svc-%03d", i), ID: "i-1", Address: "127.0.0.1", Port: 1000 + i, Metadata: meta}
+				for {
+					_, err := c.Register(ctx, in)
+					if err == nil {
+						break
+					}
+					// Over --write-rate: wait as a good client does.
+					if !strings.Contains(err.Error(), "resource_exhausted") || ctx.Err() != nil {
+						errs <- err
+						return
+					}
+					time.Sleep(100 * time.Millisecond)
+				}
 			}
-			time.Sleep(100 * time.Millisecond)
+			errs <- nil
+		}()
+	}
+	for range seeders {
+		if err := <-errs; err != nil {
+			s.tb.Fatalf("seeding: %v", err)
 		}
 	}
 }
@@ -262,10 +281,10 @@ func (s *soak) phase(ctx context.Context, name string, d time.Duration, c *soakC
 	return res
 }
 
-// normalClient is a well-behaved service: a session with a 3 s TTL (so a
-// stalled renewal shows up as an expiry within the phase), an instance it
-// updates every 50 ms, and a watch on its service; one operation is an
-// update until its watch has seen it.
+// normalClient is a well-behaved service: a session with the default TTL
+// (10 s), an instance it updates every 50 ms, and a watch on its service;
+// one operation is an update until its watch has seen it. A session that
+// expires (renewals starved for 10 s) is a failure.
 func (s *soak) normalClient(ctx context.Context, phase string) (lat []time.Duration, failures []string) {
 	fail := func(format string, args ...any) {
 		failures = append(failures, fmt.Sprintf(phase+": "+format, args...))
@@ -280,7 +299,7 @@ func (s *soak) normalClient(ctx context.Context, phase string) (lat []time.Durat
 	life, end := context.WithCancel(context.WithoutCancel(ctx))
 	defer end()
 	var expired atomic.Int64
-	sess, err := c.NewSession(life, client.WithTTL(3*time.Second), client.WithEvents(func(ev client.SessionEvent) {
+	sess, err := c.NewSession(life, client.WithEvents(func(ev client.SessionEvent) {
 		if ev.Kind == client.SessionExpired {
 			expired.Add(1)
 		}
@@ -307,8 +326,8 @@ func (s *soak) normalClient(ctx context.Context, phase string) (lat []time.Durat
 			return lat, failures
 		case <-tick.C:
 		}
-		// Each operation has 10 s; the phase's end is no failure.
-		octx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		// Each operation has 30 s; the phase's end is no failure.
+		octx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		t0 := time.Now()
 		rev, err := sess.Register(octx, registry.Instance{Service: "normal", ID: "n-1", Address: "127.0.0.1", Port: 9000, Metadata: map[string]string{"seq": strconv.Itoa(seq)}})
 		if err == nil {

@@ -17,15 +17,24 @@ import (
 type connLimiter struct {
 	net.Listener
 	max, perIP int
-	refused    func(reason string) // counts and logs; never blocks
+	newWrites  func() *rate.Limiter // an address's write budget
+	refused    func(reason string)  // counts and logs; never blocks
 
 	mu   sync.Mutex
-	open int            // guarded by mu
-	byIP map[string]int // guarded by mu
+	open int                 // guarded by mu
+	byIP map[string]*ipState // guarded by mu
 }
 
-func newConnLimiter(ln net.Listener, max, perIP int, refused func(reason string)) *connLimiter {
-	return &connLimiter{Listener: ln, max: max, perIP: perIP, refused: refused, byIP: make(map[string]int)}
+// ipState is what one client address holds: its connections and, shared
+// by them, its budget of writes (so that opening more connections does
+// not buy more writes).
+type ipState struct {
+	conns  int // guarded by connLimiter.mu
+	writes *rate.Limiter
+}
+
+func newConnLimiter(ln net.Listener, max, perIP int, newWrites func() *rate.Limiter, refused func(reason string)) *connLimiter {
+	return &connLimiter{Listener: ln, max: max, perIP: perIP, newWrites: newWrites, refused: refused, byIP: make(map[string]*ipState)}
 }
 
 func (l *connLimiter) Accept() (net.Conn, error) {
@@ -40,14 +49,19 @@ func (l *connLimiter) Accept() (net.Conn, error) {
 		}
 		l.mu.Lock()
 		reason := ""
+		st := l.byIP[ip]
 		switch {
 		case l.open >= l.max:
 			reason = "max-conns"
-		case l.byIP[ip] >= l.perIP:
+		case st != nil && st.conns >= l.perIP:
 			reason = "max-conns-per-ip"
 		default:
+			if st == nil {
+				st = &ipState{writes: l.newWrites()}
+				l.byIP[ip] = st
+			}
 			l.open++
-			l.byIP[ip]++
+			st.conns++
 		}
 		l.mu.Unlock()
 		if reason != "" {
@@ -55,7 +69,7 @@ func (l *connLimiter) Accept() (net.Conn, error) {
 			l.refused(reason)
 			continue
 		}
-		return &limitedConn{Conn: c, l: l, ip: ip}, nil
+		return &limitedConn{Conn: c, l: l, ip: ip, writes: st.writes}, nil
 	}
 }
 
@@ -69,8 +83,10 @@ func (l *connLimiter) Open() int {
 func (l *connLimiter) release(ip string) {
 	l.mu.Lock()
 	l.open--
-	if l.byIP[ip]--; l.byIP[ip] <= 0 {
-		delete(l.byIP, ip)
+	if st := l.byIP[ip]; st != nil {
+		if st.conns--; st.conns <= 0 {
+			delete(l.byIP, ip)
+		}
 	}
 	l.mu.Unlock()
 }
@@ -79,6 +95,7 @@ type limitedConn struct {
 	net.Conn
 	l      *connLimiter
 	ip     string
+	writes *rate.Limiter // its address's
 	closed atomic.Bool
 }
 
@@ -90,12 +107,13 @@ func (c *limitedConn) Close() error {
 }
 
 // clientConn is what the server tracks per client connection: the watch
-// streams and waits it holds and its budget of writes.
+// streams and waits it holds, its budget of writes and its address's.
 type clientConn struct {
 	addr     string
 	watchers atomic.Int32
 	awaits   atomic.Int32
 	writes   *rate.Limiter
+	ipWrites *rate.Limiter
 }
 
 type clientConnKey struct{}
@@ -103,10 +121,15 @@ type clientConnKey struct{}
 // connContext attaches a clientConn to every request of a connection.
 func (s *Server) connContext(ctx context.Context, c net.Conn) context.Context {
 	lim := s.cfg.Limits
-	return context.WithValue(ctx, clientConnKey{}, &clientConn{
-		addr:   c.RemoteAddr().String(),
-		writes: rate.NewLimiter(rate.Limit(lim.WriteRate), lim.WriteBurst),
-	})
+	cc := &clientConn{
+		addr:     c.RemoteAddr().String(),
+		writes:   rate.NewLimiter(rate.Limit(lim.WriteRate), lim.WriteBurst),
+		ipWrites: rate.NewLimiter(rate.Inf, 0),
+	}
+	if lc, ok := c.(*limitedConn); ok {
+		cc.ipWrites = lc.writes
+	}
+	return context.WithValue(ctx, clientConnKey{}, cc)
 }
 
 // connOf returns the request's connection state; calls made without the
@@ -115,7 +138,7 @@ func connOf(ctx context.Context) *clientConn {
 	if cc, ok := ctx.Value(clientConnKey{}).(*clientConn); ok {
 		return cc
 	}
-	return &clientConn{writes: rate.NewLimiter(rate.Inf, 0)}
+	return &clientConn{writes: rate.NewLimiter(rate.Inf, 0), ipWrites: rate.NewLimiter(rate.Inf, 0)}
 }
 
 // slot is a counted place under a limit: take reports whether it got one;

@@ -14,7 +14,8 @@ import (
 )
 
 // startEmbeddedEtcd starts a single-node etcd and waits until it serves.
-func startEmbeddedEtcd(ctx context.Context, c *Config, lg *zap.Logger) (*embed.Etcd, error) {
+// lastWarning returns etcd's last warning, to say why it is not ready.
+func startEmbeddedEtcd(ctx context.Context, c *Config, lg *zap.Logger, lastWarning func() string) (*embed.Etcd, error) {
 	ec := embed.NewConfig()
 	ec.Name = c.Name
 	ec.Dir = filepath.Join(c.DataDir, "etcd")
@@ -44,6 +45,10 @@ func startEmbeddedEtcd(ctx context.Context, c *Config, lg *zap.Logger) (*embed.E
 	ec.AutoCompactionRetention = strconv.FormatInt(c.EtcdCompactionRetention, 10)
 	ec.QuotaBackendBytes = c.EtcdQuotaBackendBytes
 	ec.UnsafeNoFsync = c.EtcdUnsafeNoFsync
+	walProblem := checkEtcdLog(ec.Dir)
+	if walProblem != nil {
+		lg.Error("embedded etcd's data is damaged", zap.Error(walProblem))
+	}
 	e, err := embed.StartEtcd(ec)
 	if err != nil {
 		return nil, fmt.Errorf("server: starting embedded etcd in %s: %w", ec.Dir, err)
@@ -58,8 +63,15 @@ func startEmbeddedEtcd(ctx context.Context, c *Config, lg *zap.Logger) (*embed.E
 		closeUnreadyEtcd(e)
 		return nil, ctx.Err()
 	case <-time.After(60 * time.Second):
+		why := "its last warning: " + lastWarning() // before closing adds its own
+		switch {
+		case walProblem != nil:
+			why = walProblem.Error()
+		case why == "its last warning: ":
+			why = "it logged no warning"
+		}
 		closeUnreadyEtcd(e)
-		return nil, fmt.Errorf("server: embedded etcd in %s not ready after 60s", ec.Dir)
+		return nil, fmt.Errorf("server: embedded etcd in %s not ready after 60s; %s", ec.Dir, why)
 	}
 }
 

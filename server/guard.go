@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -44,7 +45,7 @@ func (s *Server) guardAPI(next http.Handler) http.Handler {
 			return
 		}
 		w = &deadlineWriter{ResponseWriter: w, rc: http.NewResponseController(w), timeout: s.cfg.Limits.WriteTimeout, timedOut: s.metrics.writeTimeouts}
-		ct := r.Header.Get("Content-Type")
+		ct := strings.ToLower(r.Header.Get("Content-Type")) // as connect compares it
 		switch {
 		case r.Method != http.MethodPost:
 		case strings.HasPrefix(ct, "application/grpc") || strings.HasPrefix(ct, "application/connect+"):
@@ -77,8 +78,19 @@ func (s *Server) readUnaryBody(w http.ResponseWriter, r *http.Request, max int) 
 	if r.ContentLength > int64(max) {
 		return tooLarge("body")
 	}
+	// A deadline for the body, so that bodies trickled on many streams
+	// cannot hold the server's memory; cleared for the handler.
+	rc := http.NewResponseController(w)
+	_ = rc.SetReadDeadline(time.Now().Add(s.cfg.Limits.ReadBodyTimeout))
 	body, err := io.ReadAll(io.LimitReader(r.Body, int64(max)+1))
+	_ = rc.SetReadDeadline(time.Time{})
 	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			s.metrics.limitHits.WithLabelValues("read-body-timeout").Inc()
+			w.Header().Set("Connection", "close")
+			http.Error(w, fmt.Sprintf("server: request body not received within --read-body-timeout %s", s.cfg.Limits.ReadBodyTimeout), http.StatusRequestTimeout)
+			return false
+		}
 		http.Error(w, "server: reading the request body: "+err.Error(), http.StatusBadRequest)
 		return false
 	}
@@ -250,15 +262,20 @@ var writeProcedures = map[string]bool{
 	beaconv1connect.RegistryServiceUpdateCheckProcedure:      true,
 }
 
-// limitsInterceptor spends a write token of the caller's connection on
-// every write call.
+// limitsInterceptor spends a write token of the caller's connection, and
+// one of its address, on every write call.
 type limitsInterceptor struct{ s *Server }
 
 func (i limitsInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
-		if writeProcedures[req.Spec().Procedure] && !connOf(ctx).writes.Allow() {
-			l := i.s.cfg.Limits
-			return nil, i.s.limitError("write-rate", "this connection writes faster than %v per second (burst %d)", l.WriteRate, l.WriteBurst)
+		if writeProcedures[req.Spec().Procedure] {
+			cc, l := connOf(ctx), i.s.cfg.Limits
+			if !cc.writes.Allow() {
+				return nil, i.s.limitError("write-rate", "this connection writes faster than %v per second (burst %d)", l.WriteRate, l.WriteBurst)
+			}
+			if !cc.ipWrites.Allow() {
+				return nil, i.s.limitError("write-rate-per-ip", "this client address writes faster than %v per second (burst %d)", l.WriteRatePerIP, l.WriteBurstPerIP)
+			}
 		}
 		return next(ctx, req)
 	}

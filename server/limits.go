@@ -54,6 +54,14 @@ type Limits struct {
 	// of WriteBurst tokens refilled at WriteRate per second.
 	WriteRate  float64
 	WriteBurst int
+	// WriteRatePerIP and WriteBurstPerIP bound the writes of all the
+	// connections of one client address together, so that more
+	// connections do not buy more writes.
+	WriteRatePerIP  float64
+	WriteBurstPerIP int
+	// ReadBodyTimeout bounds reading a unary request's body, so that a
+	// client trickling bodies cannot hold the server's memory.
+	ReadBodyTimeout time.Duration
 }
 
 // DefaultLimits are generous for one team's fleet and tight enough that
@@ -66,7 +74,7 @@ var DefaultLimits = Limits{
 	WriteTimeout:           30 * time.Second,
 	MaxRequestBytes:        1 << 20,
 	MaxWatchers:            10000,
-	MaxWatchersPerConn:     256,
+	MaxWatchersPerConn:     128, // under MaxStreamsPerConn, so that it can be reached
 	MaxWatchServices:       10000,
 	MaxAwaits:              1024,
 	MaxAwaitsPerConn:       64,
@@ -75,6 +83,9 @@ var DefaultLimits = Limits{
 	MaxInstancesPerService: 10000,
 	WriteRate:              1000,
 	WriteBurst:             2000,
+	WriteRatePerIP:         5000,
+	WriteBurstPerIP:        10000,
+	ReadBodyTimeout:        30 * time.Second,
 }
 
 // maxConnsCap bounds the automatic connection limit.
@@ -110,6 +121,7 @@ func (l *Limits) validate() error {
 		{"--max-services", l.MaxServices, 1, 1 << 24},
 		{"--max-instances-per-service", l.MaxInstancesPerService, 1, 1 << 24},
 		{"--write-burst", l.WriteBurst, 1, 1 << 24},
+		{"--write-burst-per-ip", l.WriteBurstPerIP, 1, 1 << 24},
 	}
 	for _, c := range ints {
 		if c.v < c.lo || c.v > c.h {
@@ -123,14 +135,20 @@ func (l *Limits) validate() error {
 		{"--read-header-timeout", l.ReadHeaderTimeout},
 		{"--idle-timeout", l.IdleTimeout},
 		{"--write-timeout", l.WriteTimeout},
+		{"--read-body-timeout", l.ReadBodyTimeout},
 	}
 	for _, c := range durs {
 		if c.v < 100*time.Millisecond || c.v > time.Hour {
 			return fmt.Errorf("server: invalid %s %s: must be between 100ms and 1h", c.flag, c.v)
 		}
 	}
-	if math.IsNaN(l.WriteRate) || l.WriteRate < 1 || l.WriteRate > 1e7 {
-		return fmt.Errorf("server: invalid --write-rate %v: must be between 1 and 10000000 per second", l.WriteRate)
+	for _, r := range []struct {
+		flag string
+		v    float64
+	}{{"--write-rate", l.WriteRate}, {"--write-rate-per-ip", l.WriteRatePerIP}} {
+		if math.IsNaN(r.v) || r.v < 1 || r.v > 1e7 {
+			return fmt.Errorf("server: invalid %s %v: must be between 1 and 10000000 per second", r.flag, r.v)
+		}
 	}
 	return nil
 }
@@ -153,4 +171,7 @@ func (l *Limits) bindFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&l.MaxInstancesPerService, "max-instances-per-service", l.MaxInstancesPerService, "instances of one service at most")
 	fs.Float64Var(&l.WriteRate, "write-rate", l.WriteRate, "writes per second of one connection (registrations, sessions, status, checks)")
 	fs.IntVar(&l.WriteBurst, "write-burst", l.WriteBurst, "writes one connection may make at once above --write-rate")
+	fs.Float64Var(&l.WriteRatePerIP, "write-rate-per-ip", l.WriteRatePerIP, "writes per second of all the connections of one client address")
+	fs.IntVar(&l.WriteBurstPerIP, "write-burst-per-ip", l.WriteBurstPerIP, "writes one client address may make at once above --write-rate-per-ip")
+	fs.DurationVar(&l.ReadBodyTimeout, "read-body-timeout", l.ReadBodyTimeout, "how long a client may take to send a unary request's body")
 }

@@ -295,8 +295,8 @@ func TestOversizedBodiesAre413AtOnce(t *testing.T) {
 		big := &beaconv1.RegisterRequest{Instance: &beaconv1.Instance{Service: "orders", Id: "o-1", Address: "127.0.0.1", Port: 9001,
 			Metadata: map[string]string{"k": strings.Repeat("x", 2*max)}}}
 		_, err := cl.Register(context.Background(), connect.NewRequest(big))
-		if connect.CodeOf(err) != connect.CodeResourceExhausted {
-			t.Errorf("gRPC Register of %d bytes: %v, want resource_exhausted", 2*max, err)
+		if connect.CodeOf(err) != connect.CodeResourceExhausted || !strings.Contains(err.Error(), "--max-request-bytes") {
+			t.Errorf("gRPC Register of %d bytes: %v, want resource_exhausted naming --max-request-bytes", 2*max, err)
 		}
 		// The server is still fine.
 		if code, body := post(t, srv, "ListServices", `{}`); code != 200 {
@@ -419,4 +419,56 @@ func metricOr0(t *testing.T, srv *server.Server, name string) float64 {
 	t.Helper()
 	v, _ := metricValue(t, srv, name)
 	return v
+}
+
+// More connections do not buy more writes (--write-rate-per-ip), and a
+// body trickled slower than --read-body-timeout is cut with 408.
+func TestAddressWriteRateAndBodyTimeout(t *testing.T) {
+	cfg := testutil.ServerConfig(t, "")
+	cfg.Limits.WriteRatePerIP, cfg.Limits.WriteBurstPerIP = 1, 3
+	cfg.Limits.ReadBodyTimeout = 500 * time.Millisecond
+	srv := testutil.StartServer(t, cfg)
+
+	t.Run("write rate per address", func(t *testing.T) {
+		hc := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}} // a new connection per call
+		var code int
+		var body []byte
+		for i := range 4 {
+			resp, err := hc.Post("http://"+srv.Addr()+"/beacon.v1.RegistryService/Register", "application/json",
+				strings.NewReader(fmt.Sprintf(`{"instance":{"service":"ip","id":"i-%d","address":"127.0.0.1","port":9001}}`, i)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ = io.ReadAll(resp.Body)
+			resp.Body.Close()
+			code = resp.StatusCode
+			if i < 3 && code != 200 {
+				t.Fatalf("Register %d within the address's burst = %d %s", i, code, body)
+			}
+		}
+		if code != http.StatusTooManyRequests || !strings.Contains(string(body), "--write-rate-per-ip") {
+			t.Errorf("the 4th write of the address on its own connection = %d %s, want 429 naming --write-rate-per-ip", code, body)
+		}
+	})
+	t.Run("trickled body", func(t *testing.T) {
+		c, err := net.Dial("tcp", srv.Addr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		io.WriteString(c, "POST /beacon.v1.RegistryService/ListServices HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+		c.SetReadDeadline(time.Now().Add(30 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("no answer to a trickled body: %v", err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusRequestTimeout || !strings.Contains(string(body), "--read-body-timeout") {
+			t.Errorf("trickled body = %d %s, want 408 naming --read-body-timeout", resp.StatusCode, body)
+		}
+		if got := metricOr0(t, srv, `beacon_limit_refusals_total{limit="read-body-timeout"}`); got < 1 {
+			t.Errorf(`beacon_limit_refusals_total{limit="read-body-timeout"} = %v, want ≥ 1`, got)
+		}
+	})
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"golang.org/x/time/rate"
 	"log/slog"
 	"net"
 	"net/http"
@@ -73,7 +74,10 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		return nil, fmt.Errorf("server: listening on --addr %s: %w", cfg.Addr, err)
 	}
 	refusedLog := &logLimiter{every: time.Minute}
-	s.conns = newConnLimiter(ln, cfg.Limits.effectiveMaxConns(), cfg.Limits.MaxConnsPerIP, func(limit string) {
+	ipWrites := func() *rate.Limiter {
+		return rate.NewLimiter(rate.Limit(cfg.Limits.WriteRatePerIP), cfg.Limits.WriteBurstPerIP)
+	}
+	s.conns = newConnLimiter(ln, cfg.Limits.effectiveMaxConns(), cfg.Limits.MaxConnsPerIP, ipWrites, func(limit string) {
 		s.metrics.limitHits.WithLabelValues(limit).Inc()
 		if refusedLog.allow() {
 			s.log.Warn("refusing client connections at a limit (counted in beacon_limit_refusals_total)", "limit", "--"+limit)
@@ -107,7 +111,8 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		if err != nil {
 			return nil, err
 		}
-		e, err := startEmbeddedEtcd(ctx, cfg, newEtcdLogger(s.log, &s.closing))
+		lg, lastWarning := newEtcdLogger(s.log, &s.closing)
+		e, err := startEmbeddedEtcd(ctx, cfg, lg, lastWarning)
 		if err != nil {
 			unlock()
 			return nil, err

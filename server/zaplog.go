@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"sync/atomic"
 
@@ -15,11 +16,19 @@ import (
 type slogCore struct {
 	log     *slog.Logger
 	closing *atomic.Bool
+	last    *atomic.Pointer[string] // the last warning or error, for start-up errors
 	fields  []zapcore.Field
 }
 
-func newEtcdLogger(log *slog.Logger, closing *atomic.Bool) *zap.Logger {
-	return zap.New(slogCore{log: log.With("component", "etcd"), closing: closing})
+func newEtcdLogger(log *slog.Logger, closing *atomic.Bool) (lg *zap.Logger, lastWarning func() string) {
+	last := new(atomic.Pointer[string])
+	lg = zap.New(slogCore{log: log.With("component", "etcd"), closing: closing, last: last})
+	return lg, func() string {
+		if p := last.Load(); p != nil {
+			return *p
+		}
+		return ""
+	}
 }
 
 func (c slogCore) Enabled(l zapcore.Level) bool { return l >= zapcore.WarnLevel }
@@ -52,6 +61,11 @@ func (c slogCore) Write(e zapcore.Entry, fields []zapcore.Field) error {
 	for k, v := range enc.Fields {
 		attrs = append(attrs, slog.Any(k, v))
 	}
+	msg := e.Message
+	if err, ok := enc.Fields["error"]; ok {
+		msg = fmt.Sprintf("%s: %v", msg, err)
+	}
+	c.last.Store(&msg)
 	level := slog.LevelWarn
 	if e.Level >= zapcore.ErrorLevel {
 		level = slog.LevelError

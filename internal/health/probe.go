@@ -98,14 +98,15 @@ func (p *httpProber) probe(ctx context.Context) (verdict, string) {
 		req.Header.Set(k, v)
 	}
 	p.conns.markBusy(p)
-	defer p.conns.markIdle(p) // its connection may stay in the pool
 	resp, err := p.client.Do(req)
 	if err != nil {
+		// No connection is left to pool: not idle, nothing to evict.
 		if out, ok := refused(err); ok {
 			return noVerdict, out
 		}
 		return fail, short(err)
 	}
+	defer p.conns.markIdle(p) // after the body is closed: its connection may stay in the pool
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 	out := fmt.Sprintf("HTTP GET %s: %s", p.url, resp.Status)

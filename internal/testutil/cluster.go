@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
 	"os/exec"
 	"strings"
 	"sync"
@@ -108,6 +109,16 @@ func (nd *Node) Kill() {
 	nd.mu.Unlock()
 	cmd.Process.Signal(syscall.SIGKILL)
 	<-exited
+}
+
+// Signal sends sig to the node's process and returns a channel that
+// closes when the process has exited.
+func (nd *Node) Signal(sig os.Signal) <-chan struct{} {
+	nd.mu.Lock()
+	cmd, exited := nd.cmd, nd.exited
+	nd.mu.Unlock()
+	cmd.Process.Signal(sig)
+	return exited
 }
 
 // Output returns what the node printed.

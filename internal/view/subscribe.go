@@ -141,21 +141,48 @@ func (s *Subscription) NextBatch(ctx context.Context, take func(Pending) bool) (
 			return nil, false, ctx.Err()
 		case <-s.notify:
 		}
+		// Everything pending is moved out under the lock and measured
+		// without it: take may encode a large snapshot, and the view's
+		// publisher must never wait for that (offer takes this lock).
 		s.mu.Lock()
 		if s.closed {
 			s.mu.Unlock()
 			return nil, false, ErrClosed
 		}
-		for name, p := range s.pending {
-			if take != nil && len(snaps) > 0 && !take(p) {
-				break
+		all := make([]Pending, 0, len(s.pending))
+		for _, p := range s.pending {
+			all = append(all, p)
+		}
+		clear(s.pending)
+		s.mu.Unlock()
+
+		n := len(all)
+		if take != nil {
+			for i, p := range all {
+				if !take(p) && i > 0 { // the first always fits
+					n = i
+					break
+				}
 			}
-			if take != nil && len(snaps) == 0 {
-				take(p) // the first always fits; let take count it
+		}
+		snaps = all[:n:n]
+
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			return nil, false, ErrClosed
+		}
+		for _, p := range all[n:] { // back, unless a newer one came meanwhile
+			if newer, ok := s.pending[p.Snap.Service]; ok {
+				newer.Queued = p.Queued
+				newer.Coalesce += p.Coalesce + 1
+				s.pending[p.Snap.Service] = newer
+				continue
 			}
-			snaps = append(snaps, p)
-			delete(s.pending, name)
-			delete(s.initial, name)
+			s.pending[p.Snap.Service] = p
+		}
+		for _, p := range snaps {
+			delete(s.initial, p.Snap.Service)
 		}
 		synced = s.first && len(s.initial) == 0
 		if synced {
