@@ -20,21 +20,26 @@ type connLimiter struct {
 	newWrites  func() *rate.Limiter // an address's write budget
 	refused    func(reason string)  // counts and logs; never blocks
 
-	mu   sync.Mutex
-	open int                 // guarded by mu
-	byIP map[string]*ipState // guarded by mu
+	mu      sync.Mutex
+	open    int                 // guarded by mu
+	byIP    map[string]*ipState // guarded by mu
+	idle    int                 // addresses with no connection left, kept until their budget refills; guarded by mu
+	swept   time.Time           // guarded by mu
+	sweepAt int                 // idle entries that trigger a sweep; guarded by mu
 }
 
 // ipState is what one client address holds: its connections and, shared
 // by them, its budget of writes (so that opening more connections does
-// not buy more writes).
+// not buy more writes). It outlives the address's last connection until
+// its budget has refilled: otherwise a client that opens a connection per
+// write would get a fresh burst every time.
 type ipState struct {
 	conns  int // guarded by connLimiter.mu
 	writes *rate.Limiter
 }
 
 func newConnLimiter(ln net.Listener, max, perIP int, newWrites func() *rate.Limiter, refused func(reason string)) *connLimiter {
-	return &connLimiter{Listener: ln, max: max, perIP: perIP, newWrites: newWrites, refused: refused, byIP: make(map[string]*ipState)}
+	return &connLimiter{Listener: ln, max: max, perIP: perIP, newWrites: newWrites, refused: refused, byIP: make(map[string]*ipState), sweepAt: 1024}
 }
 
 func (l *connLimiter) Accept() (net.Conn, error) {
@@ -48,6 +53,7 @@ func (l *connLimiter) Accept() (net.Conn, error) {
 			ip = h
 		}
 		l.mu.Lock()
+		l.sweepLocked()
 		reason := ""
 		st := l.byIP[ip]
 		switch {
@@ -59,6 +65,8 @@ func (l *connLimiter) Accept() (net.Conn, error) {
 			if st == nil {
 				st = &ipState{writes: l.newWrites()}
 				l.byIP[ip] = st
+			} else if st.conns == 0 {
+				l.idle--
 			}
 			l.open++
 			st.conns++
@@ -85,10 +93,43 @@ func (l *connLimiter) release(ip string) {
 	l.open--
 	if st := l.byIP[ip]; st != nil {
 		if st.conns--; st.conns <= 0 {
-			delete(l.byIP, ip)
+			if refilled(st.writes) {
+				delete(l.byIP, ip)
+			} else {
+				l.idle++
+			}
 		}
 	}
 	l.mu.Unlock()
+}
+
+// sweepLocked forgets the addresses with no connection whose budget has
+// refilled: at most once a second, or when their number doubles, so that
+// the map stays bounded by the addresses seen within one refill time.
+func (l *connLimiter) sweepLocked() {
+	now := time.Now()
+	if l.idle == 0 || (l.idle < l.sweepAt && now.Sub(l.swept) < time.Second) {
+		return
+	}
+	l.swept = now
+	for ip, st := range l.byIP {
+		if st.conns == 0 && refilled(st.writes) {
+			delete(l.byIP, ip)
+			l.idle--
+		}
+	}
+	l.sweepAt = max(1024, 2*l.idle)
+}
+
+// Addresses returns the client addresses the limiter holds state for.
+func (l *connLimiter) Addresses() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.byIP)
+}
+
+func refilled(lim *rate.Limiter) bool {
+	return lim.Tokens() >= float64(lim.Burst())
 }
 
 type limitedConn struct {
