@@ -50,24 +50,55 @@ func WithLogger(l *slog.Logger) Option { return func(c *Client) { c.log = l } }
 // TLS (h2c) to reach a beacon server.
 func WithHTTPClient(h *http.Client) Option { return func(c *Client) { c.http = h } }
 
+// DefaultAttemptTimeout is how long one server may take to answer a call
+// before the call moves on to the next server (WithAttemptTimeout).
+const DefaultAttemptTimeout = time.Second
+
+// DefaultWatchHeartbeat is how often a quiet watch stream hears from its
+// server (WithWatchHeartbeat).
+const DefaultWatchHeartbeat = time.Second
+
+// WithAttemptTimeout sets how long one server may take to answer before a
+// call, or a session's heartbeat, moves on to the next server (default
+// 1s): a server that accepts connections but does not answer — frozen,
+// swapping, its disk stalled — is treated like a dead one. The last
+// server tried gets what remains of the caller's deadline, so with a
+// single server nothing is cut short. Calls may therefore reach two
+// servers; every call the client makes is safe to repeat.
+func WithAttemptTimeout(d time.Duration) Option { return func(c *Client) { c.attemptTimeout = d } }
+
+// WithWatchHeartbeat sets how often a watch stream's server sends a
+// message when it has nothing else to send (default 1s, between 100ms and
+// 1m). A stream that hears nothing for three heartbeats moves to the next
+// server.
+func WithWatchHeartbeat(d time.Duration) Option { return func(c *Client) { c.watchHeartbeat = d } }
+
 // Client talks to beacon servers.
 type Client struct {
-	namespace string
-	log       *slog.Logger
-	http      *http.Client
-	ownsHTTP  bool
-	servers   []string
-	rpcs      []beaconv1connect.RegistryServiceClient
-	current   atomic.Int64 // index into rpcs of the server in use
-	ka        *keepAliveStream
+	attemptTimeout time.Duration
+	watchHeartbeat time.Duration
+	namespace      string
+	log            *slog.Logger
+	http           *http.Client
+	ownsHTTP       bool
+	servers        []string
+	rpcs           []beaconv1connect.RegistryServiceClient
+	current        atomic.Int64 // index into rpcs of the server in use
+	ka             *keepAliveStream
 }
 
 // New returns a client for the given server addresses ("host:port" or
 // "http://host:port"). It does no I/O.
 func New(servers []string, opts ...Option) (*Client, error) {
-	c := &Client{namespace: registry.DefaultNamespace}
+	c := &Client{namespace: registry.DefaultNamespace, attemptTimeout: DefaultAttemptTimeout, watchHeartbeat: DefaultWatchHeartbeat}
 	for _, o := range opts {
 		o(c)
+	}
+	if c.attemptTimeout <= 0 {
+		return nil, fmt.Errorf("beacon: invalid attempt timeout %v: must be positive", c.attemptTimeout)
+	}
+	if c.watchHeartbeat < 100*time.Millisecond || c.watchHeartbeat > time.Minute {
+		return nil, fmt.Errorf("beacon: invalid watch heartbeat %v: must be between 100ms and 1m", c.watchHeartbeat)
 	}
 	if c.log == nil {
 		c.log = slog.New(slog.DiscardHandler)
@@ -135,35 +166,54 @@ func (c *Client) Close() error {
 func (c *Client) Namespace() string { return c.namespace }
 
 // call runs f against the current server and, if that server is
-// unreachable, against the others in turn. f must be safe to repeat.
-func call[T any](ctx context.Context, c *Client, f func(beaconv1connect.RegistryServiceClient) (T, error)) (T, error) {
+// unreachable or gives no answer within the attempt timeout, against the
+// others in turn; the last one tried has the rest of ctx. f must be safe
+// to repeat.
+func call[T any](ctx context.Context, c *Client, f func(context.Context, beaconv1connect.RegistryServiceClient) (T, error)) (T, error) {
 	var zero T
 	var last error
 	var unavailable []string // why each server could not be used
+	n := int64(len(c.rpcs))
 	start := c.current.Load()
-	for i := range int64(len(c.rpcs)) {
-		idx := (start + i) % int64(len(c.rpcs))
-		v, err := f(c.rpcs[idx])
+	for i := range n {
+		idx := (start + i) % n
+		actx, cancel := ctx, context.CancelFunc(func() {})
+		if i < n-1 {
+			actx, cancel = context.WithTimeout(ctx, c.attemptTimeout)
+		}
+		v, err := f(actx, c.rpcs[idx])
+		timedOut := actx.Err() != nil && ctx.Err() == nil
+		cancel()
 		if err == nil {
 			c.current.Store(idx)
 			return v, nil
 		}
 		last = err
-		if ctx.Err() != nil || connect.CodeOf(err) != connect.CodeUnavailable {
+		if ctx.Err() != nil || (!timedOut && connect.CodeOf(err) != connect.CodeUnavailable) {
 			break
 		}
-		var ce *connect.Error
 		msg := err.Error()
-		if errors.As(err, &ce) {
+		var ce *connect.Error
+		if timedOut {
+			msg = fmt.Sprintf("no answer within the attempt timeout (%v)", c.attemptTimeout)
+			last = connect.NewError(connect.CodeUnavailable, errors.New(msg))
+		} else if errors.As(err, &ce) {
 			msg = ce.Message()
 		}
 		unavailable = append(unavailable, c.servers[idx]+": "+msg)
+		c.suspect(idx)
 	}
 	if len(unavailable) > 1 && connect.CodeOf(last) == connect.CodeUnavailable {
 		// Say what every server answered, not only the last one.
 		return zero, fmt.Errorf("beacon: no server could serve the call (%s): %w", strings.Join(unavailable, "; "), ErrUnavailable)
 	}
 	return zero, fromConnectError(last)
+}
+
+// suspect moves the client's calls off server idx, if they still go there,
+// so that the next call does not wait on it first.
+func (c *Client) suspect(idx int64) {
+	c.current.CompareAndSwap(idx, (idx+1)%int64(len(c.rpcs)))
 }
 
 // fromConnectError maps API errors to the package's sentinels.
@@ -223,7 +273,7 @@ func (c *Client) register(ctx context.Context, in registry.Instance) (int64, err
 		return 0, err
 	}
 	req := &beaconv1.RegisterRequest{Instance: wire.InstanceToProto(&in), SessionId: in.SessionID}
-	return call(ctx, c, func(r beaconv1connect.RegistryServiceClient) (int64, error) {
+	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (int64, error) {
 		resp, err := r.Register(ctx, connect.NewRequest(req))
 		if err != nil {
 			return 0, err
@@ -242,7 +292,7 @@ func (c *Client) Deregister(ctx context.Context, namespace, service, id string) 
 // bound to that session.
 func (c *Client) deregister(ctx context.Context, namespace, service, id string, session int64) (bool, error) {
 	req := &beaconv1.DeregisterRequest{Namespace: c.ns(namespace), Service: service, Id: id, SessionId: session}
-	return call(ctx, c, func(r beaconv1connect.RegistryServiceClient) (bool, error) {
+	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (bool, error) {
 		resp, err := r.Deregister(ctx, connect.NewRequest(req))
 		if err != nil {
 			return false, err
@@ -269,7 +319,7 @@ func (c *Client) Instances(ctx context.Context, service string, opts ...ListOpti
 	for _, o := range opts {
 		o(req)
 	}
-	return call(ctx, c, func(r beaconv1connect.RegistryServiceClient) (*registry.Snapshot, error) {
+	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (*registry.Snapshot, error) {
 		resp, err := r.ListInstances(ctx, connect.NewRequest(req))
 		if err != nil {
 			return nil, err
@@ -296,7 +346,7 @@ type ServiceSummary struct {
 // have at least one instance.
 func (c *Client) Services(ctx context.Context, namespace string) ([]ServiceSummary, error) {
 	req := &beaconv1.ListServicesRequest{Namespace: c.ns(namespace)}
-	return call(ctx, c, func(r beaconv1connect.RegistryServiceClient) ([]ServiceSummary, error) {
+	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) ([]ServiceSummary, error) {
 		resp, err := r.ListServices(ctx, connect.NewRequest(req))
 		if err != nil {
 			return nil, err
@@ -333,7 +383,11 @@ func (r WatchersResult) Complete() bool {
 // one Register returned when an instance was marked DRAINING.
 func (c *Client) AwaitWatchers(ctx context.Context, namespace, service string, revision int64, timeout time.Duration) (WatchersResult, error) {
 	start := time.Now()
-	req := &beaconv1.AwaitWatchersRequest{Namespace: c.ns(namespace), Service: service, Revision: revision, Timeout: durationpb.New(timeout)}
+	// Each server is asked to answer a little before timeout, and one that
+	// has not answered by timeout (frozen, cut off) is counted unreachable:
+	// the wait never outlasts timeout.
+	grace := min(timeout/10, 250*time.Millisecond)
+	req := &beaconv1.AwaitWatchersRequest{Namespace: c.ns(namespace), Service: service, Revision: revision, Timeout: durationpb.New(timeout - grace)}
 	var (
 		mu     sync.Mutex
 		res    WatchersResult
@@ -342,8 +396,7 @@ func (c *Client) AwaitWatchers(ctx context.Context, namespace, service string, r
 	)
 	for _, rpc := range c.rpcs {
 		wg.Go(func() {
-			// The server bounds the wait; this bounds a server that hangs.
-			cctx, cancel := context.WithTimeout(ctx, timeout+2*time.Second)
+			cctx, cancel := context.WithTimeout(ctx, timeout)
 			defer cancel()
 			resp, err := rpc.AwaitWatchers(cctx, connect.NewRequest(req))
 			mu.Lock()
@@ -376,7 +429,7 @@ func (c *Client) AwaitWatchers(ctx context.Context, namespace, service string, r
 // stays when the instance registers again, until SetStatus puts it back.
 func (c *Client) SetStatus(ctx context.Context, namespace, service, id string, status registry.Status) (*registry.Instance, error) {
 	req := &beaconv1.SetStatusRequest{Namespace: c.ns(namespace), Service: service, Id: id, Status: beaconv1.Status(status)}
-	return call(ctx, c, func(r beaconv1connect.RegistryServiceClient) (*registry.Instance, error) {
+	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (*registry.Instance, error) {
 		resp, err := r.SetStatus(ctx, connect.NewRequest(req))
 		if connect.CodeOf(err) == connect.CodeNotFound {
 			return nil, fmt.Errorf("beacon: instance %s/%s/%s: %w", req.Namespace, service, id, ErrNotFound)
@@ -398,7 +451,7 @@ func (c *Client) SetProtectionThreshold(ctx context.Context, namespace, service 
 		return 0, err
 	}
 	req := &beaconv1.SetServiceConfigRequest{Namespace: c.ns(namespace), Service: service, ProtectionThreshold: threshold, UseDefault: useDefault}
-	return call(ctx, c, func(r beaconv1connect.RegistryServiceClient) (int64, error) {
+	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (int64, error) {
 		resp, err := r.SetServiceConfig(ctx, connect.NewRequest(req))
 		if err != nil {
 			return 0, err
@@ -414,7 +467,7 @@ func (c *Client) SetProtectionThreshold(ctx context.Context, namespace, service 
 // change.
 func (c *Client) UpdateCheck(ctx context.Context, namespace, service, id, check string, status registry.Health, output string) (revision int64, err error) {
 	req := &beaconv1.UpdateCheckRequest{Namespace: c.ns(namespace), Service: service, Id: id, Check: check, Status: beaconv1.Health(status), Output: output}
-	return call(ctx, c, func(r beaconv1connect.RegistryServiceClient) (int64, error) {
+	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (int64, error) {
 		resp, err := r.UpdateCheck(ctx, connect.NewRequest(req))
 		if connect.CodeOf(err) == connect.CodeNotFound {
 			return 0, fmt.Errorf("beacon: instance %s/%s/%s: %w", req.Namespace, service, id, ErrNotFound)

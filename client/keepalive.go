@@ -32,6 +32,7 @@ type keepAliveStream struct {
 
 	mu      sync.Mutex
 	stream  *kaStream                                      // guarded by mu; nil when not open
+	server  int64                                          // guarded by mu; the stream's server (index into Client.rpcs)
 	cancel  context.CancelFunc                             // guarded by mu
 	waiters *waitq.Queue[int64, *beaconv1.KeepAliveResult] // guarded by mu
 	pending []int64                                        // guarded by mu; heartbeats waiting for the next message
@@ -92,7 +93,8 @@ func (k *keepAliveStream) send() {
 	}
 	if k.stream == nil {
 		sctx, cancel := context.WithCancel(context.Background())
-		k.stream = k.c.rpcs[k.c.current.Load()].KeepAliveStream(sctx)
+		k.server = k.c.current.Load()
+		k.stream = k.c.rpcs[k.server].KeepAliveStream(sctx)
 		k.cancel = cancel
 		k.wg.Add(1)
 		go k.receive(k.stream)
@@ -155,6 +157,21 @@ func (k *keepAliveStream) resetLocked() {
 	}
 	k.stream, k.cancel = nil, nil
 	k.waiters.FailAll(nil)
+}
+
+// abandon ends the stream, if one is open, because its server did not
+// answer in time: its waiters fall back to the unary call, and the client's
+// calls move off that server, so the next stream opens on another.
+func (k *keepAliveStream) abandon() {
+	k.mu.Lock()
+	open, server := k.stream != nil, k.server
+	if open {
+		k.resetLocked()
+	}
+	k.mu.Unlock()
+	if open {
+		k.c.suspect(server)
+	}
 }
 
 func (k *keepAliveStream) close() {

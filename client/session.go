@@ -115,7 +115,7 @@ func (s *Session) grant(ctx context.Context) (int64, time.Duration, error) {
 		id  int64
 		ttl time.Duration
 	}
-	g, err := call(ctx, s.c, func(r beaconv1connect.RegistryServiceClient) (granted, error) {
+	g, err := call(ctx, s.c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (granted, error) {
 		resp, err := r.CreateSession(ctx, connect.NewRequest(req))
 		if err != nil {
 			return granted{}, err
@@ -210,7 +210,7 @@ func (s *Session) Close(ctx context.Context) error {
 		s.instances = nil
 		s.mu.Unlock()
 		req := &beaconv1.CloseSessionRequest{SessionId: id}
-		_, err = call(ctx, s.c, func(r beaconv1connect.RegistryServiceClient) (struct{}, error) {
+		_, err = call(ctx, s.c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (struct{}, error) {
 			_, err := r.CloseSession(ctx, connect.NewRequest(req))
 			return struct{}{}, err
 		})
@@ -276,21 +276,36 @@ func (s *Session) run(ctx context.Context) {
 	}
 }
 
+// keepAlive renews the lease once within ctx: over the shared stream if
+// its server answers within half of ctx's time (at most the attempt
+// timeout), else by the unary call, which moves to another server.
 func (s *Session) keepAlive(ctx context.Context) error {
 	id := s.ID()
-	resp, err := s.c.ka.keepAlive(ctx, id)
+	budget := s.c.attemptTimeout
+	if dl, ok := ctx.Deadline(); ok {
+		budget = min(budget, time.Until(dl)/2)
+	}
+	sctx, cancel := context.WithTimeout(ctx, budget)
+	resp, err := s.c.ka.keepAlive(sctx, id)
+	stalled := sctx.Err() != nil && ctx.Err() == nil
+	cancel()
 	switch {
 	case err == nil && resp.GetExpired():
 		return fmt.Errorf("beacon: session %x: %w", id, ErrSessionExpired)
 	case err == nil && resp.GetTtl() != nil:
 		return nil
-	case err != nil && ctx.Err() != nil:
+	case ctx.Err() != nil:
 		return err
+	case stalled:
+		// The stream's server accepted the heartbeat but did not answer:
+		// treat it as dead rather than wait for the connection's pings.
+		s.c.ka.abandon()
 	}
-	// The stream is broken or etcd did not answer: the unary call reports
-	// why, and moves to another server if this one is unreachable.
+	// The stream is broken, stalled or etcd did not answer: the unary call
+	// reports why, and moves to another server if this one is unreachable
+	// or does not answer in time.
 	req := &beaconv1.KeepAliveRequest{SessionId: id}
-	_, err = call(ctx, s.c, func(r beaconv1connect.RegistryServiceClient) (struct{}, error) {
+	_, err = call(ctx, s.c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (struct{}, error) {
 		_, err := r.KeepAlive(ctx, connect.NewRequest(req))
 		return struct{}{}, err
 	})

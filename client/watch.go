@@ -4,12 +4,15 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
@@ -25,6 +28,7 @@ type Watcher struct {
 	ns       string
 	services []string
 	notify   chan struct{} // size 1: pending has something
+	server   int64         // index into c.rpcs of the stream's server; owned by run
 	stop     context.CancelFunc
 	done     chan struct{}
 
@@ -63,6 +67,7 @@ func (c *Client) Watch(ctx context.Context, services []string, opts ...WatchOpti
 		since:     time.Now(),
 		handedOut: make(map[string]int64), applied: make(map[string]int64), unacked: make(map[string]int64),
 		ackNotify: make(chan struct{}, 1),
+		server:    c.current.Load(),
 	}
 	for _, o := range opts {
 		o(w)
@@ -253,7 +258,9 @@ func (w *Watcher) run(ctx context.Context) {
 		}
 		w.c.log.Debug("beacon: watch stream ended, reconnecting", "err", err, "in", backoff)
 		// Move on to the next server; with one server this retries it.
-		w.c.current.Store((w.c.current.Load() + 1) % int64(len(w.c.rpcs)))
+		// Only this watcher moves: the client's calls and other watchers
+		// find out for themselves.
+		w.server = (w.server + 1) % int64(len(w.c.rpcs))
 		t := time.NewTimer(backoff)
 		select {
 		case <-ctx.Done():
@@ -270,22 +277,29 @@ func (w *Watcher) run(ctx context.Context) {
 func (w *Watcher) stream(ctx context.Context) (received bool, err error) {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	req := &beaconv1.WatchRequest{Namespace: w.ns, Services: w.services, KnownRevisions: map[string]int64{}, Acknowledge: true}
+	hb := w.c.watchHeartbeat
+	req := &beaconv1.WatchRequest{Namespace: w.ns, Services: w.services, KnownRevisions: map[string]int64{}, Acknowledge: true, Heartbeat: durationpb.New(hb)}
 	w.mu.Lock()
 	for name, s := range w.state {
 		req.KnownRevisions[name] = s.Revision
 	}
 	w.mu.Unlock()
-	rpc := w.c.rpcs[w.c.current.Load()]
+	// A server that sends nothing for three heartbeats is frozen or cut
+	// off even if its connection looks open: the stream is given up.
+	var silent atomic.Bool
+	watchdog := time.AfterFunc(3*hb, func() { silent.Store(true); cancel() })
+	defer watchdog.Stop()
+	rpc := w.c.rpcs[w.server]
 	st, err := rpc.Watch(sctx, connect.NewRequest(req))
 	if err != nil {
-		return false, fromConnectError(err)
+		return false, w.streamErr(err, silent.Load())
 	}
 	defer st.Close()
 	var acking sync.WaitGroup
 	defer acking.Wait() // after cancel, which the acknowledger follows
 	defer cancel()
 	for st.Receive() {
+		watchdog.Reset(3 * hb)
 		if !received && st.Msg().GetWatchId() != 0 {
 			id := st.Msg().GetWatchId()
 			acking.Go(func() { w.acknowledge(sctx, rpc, id) })
@@ -294,9 +308,16 @@ func (w *Watcher) stream(ctx context.Context) (received bool, err error) {
 		w.apply(st.Msg())
 	}
 	if err := st.Err(); err != nil {
-		return received, fromConnectError(err)
+		return received, w.streamErr(err, silent.Load())
 	}
 	return received, errors.New("beacon: watch stream ended by the server")
+}
+
+func (w *Watcher) streamErr(err error, silent bool) error {
+	if silent {
+		return fmt.Errorf("beacon: watch stream: %s sent nothing for 3 heartbeats of %v: %w", w.c.servers[w.server], w.c.watchHeartbeat, ErrUnavailable)
+	}
+	return fromConnectError(err)
 }
 
 func (w *Watcher) apply(msg *beaconv1.WatchResponse) {

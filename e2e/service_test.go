@@ -51,6 +51,7 @@ type stopReport struct {
 	AckWaitMS    float64 `json:"ack_wait_ms"`
 	Watchers     int     `json:"watchers"`
 	Acknowledged int     `json:"acknowledged"`
+	Unreachable  int     `json:"unreachable"`
 	Clean        bool    `json:"clean"`
 	DrainErr     string  `json:"drain_err"`
 }
@@ -62,6 +63,12 @@ func (e *echoProc) terminate(t *testing.T) stopReport {
 	if code := e.wait(30 * time.Second); code != 0 {
 		t.Fatalf("echo exited with %d after SIGTERM; output:\n%s", code, e.output())
 	}
+	return e.stopReport(t)
+}
+
+// stopReport reads the report the echo service printed when it stopped.
+func (e *echoProc) stopReport(t *testing.T) stopReport {
+	t.Helper()
 	line := e.waitLine(time.Second, "echo: stopped ")
 	var r stopReport
 	if err := json.Unmarshal([]byte(line[strings.Index(line, "{"):]), &r); err != nil {

@@ -617,8 +617,14 @@ func (a api) subscribe(ctx context.Context, msg *beaconv1.WatchRequest) (sub *vi
 // the view's shared snapshots, coalesced.
 const maxWatchMessageBytes = 256 << 10
 
-// nextMessage takes the snapshots of a watcher's next message.
-func nextMessage(ctx context.Context, sub *view.Subscription) ([]view.Pending, bool, error) {
+// nextMessage takes the snapshots of a watcher's next message; with a
+// heartbeat, it gives up after that long with context.DeadlineExceeded.
+func nextMessage(ctx context.Context, sub *view.Subscription, heartbeat time.Duration) ([]view.Pending, bool, error) {
+	if heartbeat > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, heartbeat)
+		defer cancel()
+	}
 	size := 0
 	return sub.NextBatch(ctx, func(p view.Pending) bool {
 		size += len(p.Enc.Get(p.Snap, encodeSnapshot))
@@ -626,7 +632,23 @@ func nextMessage(ctx context.Context, sub *view.Subscription) ([]view.Pending, b
 	})
 }
 
+// Bounds of a watch stream's heartbeat interval.
+const (
+	MinWatchHeartbeat = 100 * time.Millisecond
+	MaxWatchHeartbeat = time.Minute
+)
+
 func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchRequest], stream *connect.ServerStream[beaconv1.WatchResponse]) error {
+	var heartbeat time.Duration
+	if d := req.Msg.GetHeartbeat(); d != nil {
+		if err := d.CheckValid(); err != nil {
+			return toConnectError(&registry.FieldError{Field: "heartbeat", Reason: err.Error()})
+		}
+		heartbeat = d.AsDuration()
+		if heartbeat < MinWatchHeartbeat || heartbeat > MaxWatchHeartbeat {
+			return toConnectError(&registry.FieldError{Field: "heartbeat", Reason: fmt.Sprintf("%v, must be in [%v, %v]", heartbeat, MinWatchHeartbeat, MaxWatchHeartbeat)})
+		}
+	}
 	sub, release, err := a.subscribe(ctx, req.Msg)
 	if err != nil {
 		return err
@@ -640,7 +662,15 @@ func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchReque
 	}
 	binary := !strings.Contains(req.Header().Get("Content-Type"), "json")
 	for {
-		pending, synced, err := nextMessage(ctx, sub)
+		pending, synced, err := nextMessage(ctx, sub, heartbeat)
+		if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+			// Quiet for a heartbeat: say so, so that the client knows
+			// this server is alive.
+			if err := stream.Send(&beaconv1.WatchResponse{WatchId: watchID}); err != nil {
+				return nil
+			}
+			continue
+		}
 		if err != nil {
 			return nil // the client went away or the server is stopping
 		}

@@ -90,7 +90,7 @@ func (s *Server) handleWatchNDJSON(w http.ResponseWriter, r *http.Request) {
 	rc := http.NewResponseController(w)
 	var buf []byte
 	for {
-		pending, synced, err := nextMessage(r.Context(), sub)
+		pending, synced, err := nextMessage(r.Context(), sub, 0)
 		if err != nil {
 			return
 		}

@@ -1734,7 +1734,12 @@ type WatchRequest struct {
 	// The client will report, with AckWatch, the revision of each service it
 	// has applied. Only such watchers are counted by AwaitWatchers, so a
 	// watcher that never acknowledges (curl) cannot hold up a drain.
-	Acknowledge   bool `protobuf:"varint,4,opt,name=acknowledge,proto3" json:"acknowledge,omitempty"`
+	Acknowledge bool `protobuf:"varint,4,opt,name=acknowledge,proto3" json:"acknowledge,omitempty"`
+	// When set, the server sends a message without snapshots whenever it
+	// has sent nothing for this long, so that the client can tell a frozen
+	// server from a quiet registry and move to another one. Between 100ms
+	// and 1m; unset: no heartbeats.
+	Heartbeat     *durationpb.Duration `protobuf:"bytes,5,opt,name=heartbeat,proto3" json:"heartbeat,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1795,6 +1800,13 @@ func (x *WatchRequest) GetAcknowledge() bool {
 		return x.Acknowledge
 	}
 	return false
+}
+
+func (x *WatchRequest) GetHeartbeat() *durationpb.Duration {
+	if x != nil {
+		return x.Heartbeat
+	}
+	return nil
 }
 
 // ServiceSnapshot is the full state of one service at a revision.
@@ -2411,12 +2423,13 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\brevision\x18\x04 \x01(\x03R\brevision\"i\n" +
 	"\x14ListServicesResponse\x125\n" +
 	"\bservices\x18\x01 \x03(\v2\x19.beacon.v1.ServiceSummaryR\bservices\x12\x1a\n" +
-	"\brevision\x18\x02 \x01(\x03R\brevision\"\x83\x02\n" +
+	"\brevision\x18\x02 \x01(\x03R\brevision\"\xbc\x02\n" +
 	"\fWatchRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x1a\n" +
 	"\bservices\x18\x02 \x03(\tR\bservices\x12T\n" +
 	"\x0fknown_revisions\x18\x03 \x03(\v2+.beacon.v1.WatchRequest.KnownRevisionsEntryR\x0eknownRevisions\x12 \n" +
-	"\vacknowledge\x18\x04 \x01(\bR\vacknowledge\x1aA\n" +
+	"\vacknowledge\x18\x04 \x01(\bR\vacknowledge\x127\n" +
+	"\theartbeat\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\theartbeat\x1aA\n" +
 	"\x13KnownRevisionsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\xcb\x01\n" +
@@ -2571,43 +2584,44 @@ var file_beacon_v1_registry_proto_depIdxs = []int32{
 	3,  // 20: beacon.v1.ListInstancesResponse.instances:type_name -> beacon.v1.Instance
 	25, // 21: beacon.v1.ListServicesResponse.services:type_name -> beacon.v1.ServiceSummary
 	38, // 22: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
-	3,  // 23: beacon.v1.ServiceSnapshot.instances:type_name -> beacon.v1.Instance
-	28, // 24: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
-	39, // 25: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
-	40, // 26: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
-	7,  // 27: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
-	9,  // 28: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
-	11, // 29: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
-	14, // 30: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
-	16, // 31: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
-	18, // 32: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
-	20, // 33: beacon.v1.RegistryService.SetStatus:input_type -> beacon.v1.SetStatusRequest
-	29, // 34: beacon.v1.RegistryService.SetServiceConfig:input_type -> beacon.v1.SetServiceConfigRequest
-	4,  // 35: beacon.v1.RegistryService.UpdateCheck:input_type -> beacon.v1.UpdateCheckRequest
-	22, // 36: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
-	24, // 37: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
-	27, // 38: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
-	32, // 39: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
-	34, // 40: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
-	8,  // 41: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
-	10, // 42: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
-	13, // 43: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
-	15, // 44: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
-	17, // 45: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
-	19, // 46: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
-	21, // 47: beacon.v1.RegistryService.SetStatus:output_type -> beacon.v1.SetStatusResponse
-	30, // 48: beacon.v1.RegistryService.SetServiceConfig:output_type -> beacon.v1.SetServiceConfigResponse
-	5,  // 49: beacon.v1.RegistryService.UpdateCheck:output_type -> beacon.v1.UpdateCheckResponse
-	23, // 50: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
-	26, // 51: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
-	31, // 52: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
-	33, // 53: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
-	35, // 54: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
-	41, // [41:55] is the sub-list for method output_type
-	27, // [27:41] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	40, // 23: beacon.v1.WatchRequest.heartbeat:type_name -> google.protobuf.Duration
+	3,  // 24: beacon.v1.ServiceSnapshot.instances:type_name -> beacon.v1.Instance
+	28, // 25: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
+	39, // 26: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
+	40, // 27: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
+	7,  // 28: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
+	9,  // 29: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
+	11, // 30: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
+	14, // 31: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
+	16, // 32: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
+	18, // 33: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
+	20, // 34: beacon.v1.RegistryService.SetStatus:input_type -> beacon.v1.SetStatusRequest
+	29, // 35: beacon.v1.RegistryService.SetServiceConfig:input_type -> beacon.v1.SetServiceConfigRequest
+	4,  // 36: beacon.v1.RegistryService.UpdateCheck:input_type -> beacon.v1.UpdateCheckRequest
+	22, // 37: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
+	24, // 38: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
+	27, // 39: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
+	32, // 40: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
+	34, // 41: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
+	8,  // 42: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
+	10, // 43: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
+	13, // 44: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
+	15, // 45: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
+	17, // 46: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
+	19, // 47: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
+	21, // 48: beacon.v1.RegistryService.SetStatus:output_type -> beacon.v1.SetStatusResponse
+	30, // 49: beacon.v1.RegistryService.SetServiceConfig:output_type -> beacon.v1.SetServiceConfigResponse
+	5,  // 50: beacon.v1.RegistryService.UpdateCheck:output_type -> beacon.v1.UpdateCheckResponse
+	23, // 51: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
+	26, // 52: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
+	31, // 53: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
+	33, // 54: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
+	35, // 55: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
+	42, // [42:56] is the sub-list for method output_type
+	28, // [28:42] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_beacon_v1_registry_proto_init() }

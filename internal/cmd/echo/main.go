@@ -150,7 +150,7 @@ func run(log *slog.Logger, registryAddr, service, id, grpcAddr, httpAddr string,
 	rep, err := lifecycle.Run(context.Background(), cfg)
 	b, _ := json.Marshal(map[string]any{
 		"stopping_ms": float64(rep.Stopping.Microseconds()) / 1000, "ack_wait_ms": float64(rep.AckWait.Microseconds()) / 1000,
-		"watchers": rep.Acks.Watchers, "acknowledged": rep.Acks.Acknowledged, "gone": rep.Acks.Gone,
+		"watchers": rep.Acks.Watchers, "acknowledged": rep.Acks.Acknowledged, "gone": rep.Acks.Gone, "unreachable": rep.Acks.Unreachable,
 		"clean": rep.StopClean, "drain_err": fmt.Sprint(rep.DrainErr),
 	})
 	fmt.Printf("echo: stopped %s\n", b)
