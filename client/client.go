@@ -21,18 +21,20 @@ import (
 	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
 	"beacon.dev/beacon/internal/wire"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/session"
 )
 
 // Errors callers act on. Errors returned by the client wrap one of these
 // (or registry.ErrInvalid for bad input) with the server's message.
 var (
-	// ErrSessionExpired: the session's lease is gone; open a new session.
-	ErrSessionExpired = errors.New("beacon: session expired")
+	// ErrSessionExpired: the session's lease is gone (session.ErrLost).
+	ErrSessionExpired = session.ErrLost
 	// ErrUnavailable: no server could be reached or the registry is down;
 	// retry later.
 	ErrUnavailable = errors.New("beacon: registry unavailable")
-	// ErrClosed: the Session or Watcher was closed.
-	ErrClosed = errors.New("beacon: closed")
+	// ErrClosed: the Client, Session or Watcher was closed
+	// (session.ErrClosed).
+	ErrClosed = session.ErrClosed
 	// ErrNotFound: the instance does not exist.
 	ErrNotFound = errors.New("not found")
 )
@@ -85,12 +87,18 @@ type Client struct {
 	rpcs           []beaconv1connect.RegistryServiceClient
 	current        atomic.Int64 // index into rpcs of the server in use
 	ka             *keepAliveStream
+
+	mu       sync.Mutex
+	closed   bool                          // guarded by mu
+	sessions map[*session.Session]struct{} // guarded by mu; open ones, closed by Close
+	watchers map[*Watcher]struct{}         // guarded by mu; running ones, closed by Close
 }
 
 // New returns a client for the given server addresses ("host:port" or
 // "http://host:port"). It does no I/O.
 func New(servers []string, opts ...Option) (*Client, error) {
-	c := &Client{namespace: registry.DefaultNamespace, attemptTimeout: DefaultAttemptTimeout, watchHeartbeat: DefaultWatchHeartbeat}
+	c := &Client{namespace: registry.DefaultNamespace, attemptTimeout: DefaultAttemptTimeout, watchHeartbeat: DefaultWatchHeartbeat,
+		sessions: map[*session.Session]struct{}{}, watchers: map[*Watcher]struct{}{}}
 	for _, o := range opts {
 		o(c)
 	}
@@ -152,14 +160,66 @@ func newHTTPClient() *http.Client {
 	}}
 }
 
-// Close ends the shared keepalive stream and releases idle connections.
-// Close sessions and watchers first: their keepalives stop with it.
+// Close closes every session (revoking its lease, within the attempt
+// timeout per server) and watcher made from the client, ends the shared
+// keepalive stream and releases idle connections. Later calls that start
+// a session or a watch return ErrClosed.
 func (c *Client) Close() error {
+	c.mu.Lock()
+	c.closed = true
+	sessions, watchers := c.sessions, c.watchers
+	c.sessions, c.watchers = nil, nil
+	c.mu.Unlock()
+	for w := range watchers {
+		w.Close()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), c.attemptTimeout*time.Duration(len(c.rpcs)))
+	for s := range sessions {
+		s.Close(ctx)
+	}
+	cancel()
 	c.ka.close()
 	if c.ownsHTTP {
 		c.http.CloseIdleConnections()
 	}
 	return nil
+}
+
+// own records a session for Close, and forgets those that have ended;
+// false if the client is closed.
+func (c *Client) own(s *session.Session) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return false
+	}
+	for o := range c.sessions {
+		select {
+		case <-o.Done():
+			delete(c.sessions, o)
+		default:
+		}
+	}
+	c.sessions[s] = struct{}{}
+	return true
+}
+
+// ownWatcher is own for a watcher.
+func (c *Client) ownWatcher(w *Watcher) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return false
+	}
+	for o := range c.watchers {
+		select {
+		case <-o.done:
+			delete(c.watchers, o)
+		default:
+		}
+	}
+	c.watchers[w] = struct{}{}
+	return true
 }
 
 // Namespace returns the client's default namespace.

@@ -82,6 +82,10 @@ func (c *Client) Watch(ctx context.Context, services []string, opts ...WatchOpti
 	}
 	runCtx, stop := context.WithCancel(ctx)
 	w.stop = stop
+	if !c.ownWatcher(w) {
+		stop()
+		return nil, ErrClosed
+	}
 	go w.run(runCtx)
 	return w, nil
 }

@@ -254,7 +254,7 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 		})
 	}
 
-	var sess backend.Session
+	var sess *backend.Session
 	runErr := r.start(stopCtx, serveErr, instances, &sess, &rep)
 	if runErr == nil {
 		select {
@@ -296,7 +296,7 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 // start waits for readiness, then opens a session and registers UP,
 // retrying while the registry is unreachable. It returns early (nil) when
 // stopCtx ends, and an error when readiness never came or a server failed.
-func (r *runner) start(stopCtx context.Context, serveErr <-chan error, instances []registry.Instance, sess *backend.Session, rep *Report) error {
+func (r *runner) start(stopCtx context.Context, serveErr <-chan error, instances []registry.Instance, sess **backend.Session, rep *Report) error {
 	if err := r.awaitReady(stopCtx, serveErr); err != nil {
 		return err
 	}
@@ -355,16 +355,16 @@ func pause(stopCtx context.Context, serveErr <-chan error, d time.Duration) (ove
 	}
 }
 
-func (r *runner) register(ctx context.Context, instances []registry.Instance, sess *backend.Session, rep *Report) error {
+func (r *runner) register(ctx context.Context, instances []registry.Instance, sess **backend.Session, rep *Report) error {
 	if *sess == nil {
 		var opts []client.SessionOption
 		if r.cfg.SessionTTL > 0 {
 			opts = append(opts, client.WithTTL(r.cfg.SessionTTL))
 		}
-		var s backend.Session
+		var s *backend.Session
 		var err error
 		if r.cfg.Backend != nil {
-			s, err = r.cfg.Backend.NewSession(ctx, r.cfg.SessionTTL)
+			s, err = r.cfg.Backend.NewSession(ctx, opts...)
 		} else {
 			s, err = r.cfg.Client.NewSession(ctx, opts...)
 		}
@@ -385,7 +385,7 @@ func (r *runner) register(ctx context.Context, instances []registry.Instance, se
 
 // drain marks every registered instance DRAINING and waits until the
 // watchers have applied it.
-func (r *runner) drain(ctx context.Context, sess backend.Session, registered []registry.Instance, rep *Report) {
+func (r *runner) drain(ctx context.Context, sess *backend.Session, registered []registry.Instance, rep *Report) {
 	start := time.Now()
 	defer func() { rep.AckWait = time.Since(start) }()
 	type mark struct {

@@ -15,6 +15,7 @@ import (
 
 	"beacon.dev/beacon/backend"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/session"
 )
 
 // Harness builds fresh backends for the suite.
@@ -115,7 +116,7 @@ func registerListDeregister(t *testing.T, b backend.Backend, _ Harness) {
 
 func sessionCloseRemovesAtOnce(t *testing.T, b backend.Backend, h Harness) {
 	ctx := ctxFor(t, 30*time.Second)
-	s, err := b.NewSession(ctx, h.TTL)
+	s, err := b.NewSession(ctx, session.WithTTL(h.TTL))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -142,11 +143,11 @@ func sessionCloseRemovesAtOnce(t *testing.T, b backend.Backend, h Harness) {
 
 func sessionExpires(t *testing.T, b backend.Backend, h Harness) {
 	ctx := ctxFor(t, 60*time.Second)
-	dying, err := b.NewSession(ctx, h.TTL)
+	dying, err := b.NewSession(ctx, session.WithTTL(h.TTL))
 	if err != nil {
 		t.Fatal(err)
 	}
-	living, err := b.NewSession(ctx, h.TTL)
+	living, err := b.NewSession(ctx, session.WithTTL(h.TTL))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,7 +208,7 @@ func watchConverges(t *testing.T, b backend.Backend, h Harness) {
 			}
 		}
 	}()
-	sess, err := b.NewSession(ctx, h.TTL)
+	sess, err := b.NewSession(ctx, session.WithTTL(h.TTL))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -267,7 +268,7 @@ func badInput(t *testing.T, b backend.Backend, h Harness) {
 	if err != nil || len(before.Instances) != 1 {
 		t.Fatalf("Instances after Register: %v, %v", before, err)
 	}
-	sess, err := b.NewSession(ctx, h.TTL)
+	sess, err := b.NewSession(ctx, session.WithTTL(h.TTL))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -290,7 +291,7 @@ func badInput(t *testing.T, b backend.Backend, h Harness) {
 			}
 		}
 	}
-	if _, err := b.NewSession(ctx, time.Millisecond); !errors.Is(err, registry.ErrInvalid) {
+	if _, err := b.NewSession(ctx, session.WithTTL(time.Millisecond)); !errors.Is(err, registry.ErrInvalid) {
 		t.Errorf("NewSession(1ms): %v, want invalid", err)
 	}
 	after, err := b.Instances(ctx, "orders")

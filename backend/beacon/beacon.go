@@ -4,12 +4,12 @@ package beacon
 
 import (
 	"context"
-	"time"
 
 	"beacon.dev/beacon/backend"
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/discovery"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/session"
 )
 
 // Backend is a beacon server (or several) in the client's namespace.
@@ -38,8 +38,8 @@ func (b *Backend) Deregister(ctx context.Context, service, id string) (bool, err
 	return b.c.Deregister(ctx, "", service, id)
 }
 
-func (b *Backend) NewSession(ctx context.Context, ttl time.Duration) (backend.Session, error) {
-	return b.c.NewSession(ctx, client.WithTTL(ttl))
+func (b *Backend) NewSession(ctx context.Context, opts ...session.Option) (*session.Session, error) {
+	return b.c.NewSession(ctx, opts...)
 }
 
 func (b *Backend) Instances(ctx context.Context, service string) (*registry.Snapshot, error) {

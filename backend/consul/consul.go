@@ -46,6 +46,7 @@ import (
 
 	"beacon.dev/beacon/backend"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/session"
 )
 
 // Config configures a Consul backend.
@@ -83,7 +84,7 @@ type Backend struct {
 	mu          sync.Mutex
 	restarted   context.Context    // guarded by mu; cancelled when the agent is seen to have lost its state
 	markRestart context.CancelFunc // guarded by mu
-	sessions    map[*session]bool  // guarded by mu; open sessions, which own instances
+	leases      map[int64]*lease   // guarded by mu; open sessions' leases, which own instances
 }
 
 var _ backend.Backend = (*Backend)(nil)
@@ -117,7 +118,7 @@ func New(cfg Config) (*Backend, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	b := &Backend{cfg: cfg, agent: cfg.Client.Agent(), health: cfg.Client.Health(), cat: cfg.Client.Catalog(), log: log,
-		sessions: map[*session]bool{}}
+		leases: map[int64]*lease{}}
 	b.restarted, b.markRestart = context.WithCancel(context.Background())
 	return b, nil
 }
@@ -176,23 +177,21 @@ func (b *Backend) Register(ctx context.Context, in registry.Instance) (int64, er
 	if err != nil {
 		return 0, err
 	}
-	b.disown(p.Key(), nil)
+	b.disown(p.Key(), 0)
 	return b.register(ctx, reg)
 }
 
-// disown makes every open session but keep forget an instance: it was
-// registered again or deregistered on purpose, and a session that still
-// held it would take its vanished check for an agent that lost its state,
-// and register the old instance again.
-func (b *Backend) disown(key registry.InstanceKey, keep *session) {
+// disown makes every open lease but keep (0: all) let an instance go: it
+// was registered again or deregistered on purpose, and a lease that still
+// held it would take its vanished check for an agent that lost its state.
+// Each session forgets it at its next keepalive.
+func (b *Backend) disown(key registry.InstanceKey, keep int64) {
 	b.mu.Lock()
-	sessions := slices.Collect(maps.Keys(b.sessions))
-	b.mu.Unlock()
-	for _, s := range sessions {
-		if s != keep {
-			s.mu.Lock()
-			delete(s.instances, key)
-			s.mu.Unlock()
+	defer b.mu.Unlock()
+	for id, ls := range b.leases {
+		if _, ok := ls.regs[key]; ok && id != keep {
+			delete(ls.regs, key)
+			ls.released = append(ls.released, key)
 		}
 	}
 }
@@ -281,7 +280,7 @@ func (b *Backend) Deregister(ctx context.Context, service, id string) (bool, err
 		return false, err
 	}
 	key := registry.InstanceKey{Namespace: b.cfg.Namespace, Service: service, ID: id}
-	b.disown(key, nil)
+	b.disown(key, 0)
 	sid := serviceID(key)
 	if err := retryOnce(ctx, func() error { return b.agent.ServiceDeregisterOpts(sid, (&api.QueryOptions{}).WithContext(ctx)) }); err != nil {
 		if notFound(err) {
@@ -318,143 +317,138 @@ func (b *Backend) snapshot(service string, entries []*api.ServiceEntry, revision
 	return snap
 }
 
-// session is a TTL check on each of its instances, kept passing.
-type session struct {
-	b    *Backend
-	id   int64
-	ttl  time.Duration
-	stop context.CancelFunc
-	done chan struct{}
-	once sync.Once
-
-	mu        sync.Mutex
-	instances map[registry.InstanceKey]*api.AgentServiceRegistration // guarded by mu
+// lease is a session's lease on Consul, which has no object for it: the
+// TTL check of each instance put under it, kept passing.
+type lease struct {
+	ttl      time.Duration
+	regs     map[registry.InstanceKey]*api.AgentServiceRegistration // guarded by Backend.mu
+	released []registry.InstanceKey                                 // guarded by Backend.mu; taken by others since the last keepalive
 }
 
-// NewSession implements backend.Backend. Consul has no object for it: the
-// session is the TTL checks of the instances registered in it.
-func (b *Backend) NewSession(ctx context.Context, ttl time.Duration) (backend.Session, error) {
-	if ttl == 0 {
-		ttl = registry.DefaultSessionTTL
-	}
+// NewSession implements backend.Backend (the state machine is package
+// session's).
+func (b *Backend) NewSession(ctx context.Context, opts ...session.Option) (*session.Session, error) {
+	opts = append([]session.Option{session.WithNamespace(b.cfg.Namespace), session.WithLogger(b.log)}, opts...)
+	return session.New(ctx, consulLease{b}, opts...)
+}
+
+type consulLease struct{ b *Backend }
+
+var errLeaseGone = fmt.Errorf("beacon/consul: session ended: %w", session.ErrLost)
+
+func (l consulLease) Grant(ctx context.Context, ttl time.Duration, _ string) (int64, time.Duration, error) {
 	if err := registry.ValidateSessionTTL(ttl); err != nil {
-		return nil, err
+		return 0, 0, err
 	}
-	runCtx, stop := context.WithCancel(context.Background())
-	s := &session{b: b, id: rand.Int64N(1<<62) + 1, ttl: ttl, stop: stop, done: make(chan struct{}),
-		instances: map[registry.InstanceKey]*api.AgentServiceRegistration{}}
-	b.mu.Lock()
-	b.sessions[s] = true
-	b.mu.Unlock()
-	go s.keepAlive(runCtx) // owned: ends with Close
-	return s, nil
+	l.b.mu.Lock()
+	defer l.b.mu.Unlock()
+	id := rand.Int64N(1<<62) + 1
+	l.b.leases[id] = &lease{ttl: ttl, regs: map[registry.InstanceKey]*api.AgentServiceRegistration{}}
+	return id, ttl, nil
 }
 
-func (s *session) Register(ctx context.Context, in registry.Instance) (int64, error) {
-	p, reg, err := s.b.prepare(in, s.id, s.ttl)
+// KeepAlive passes the session check of every instance of the lease. A
+// check the agent no longer knows means either that someone else
+// registered the instance again without it (it is let go) or, if the
+// instance is gone too, that the agent lost its state: the lease is lost,
+// and the session puts every instance again.
+func (l consulLease) KeepAlive(ctx context.Context, id int64) error {
+	b := l.b
+	b.mu.Lock()
+	ls, ok := b.leases[id]
+	var regs []*api.AgentServiceRegistration
+	var released []registry.InstanceKey
+	if ok {
+		regs = slices.Collect(maps.Values(ls.regs))
+		released, ls.released = ls.released, nil
+	}
+	b.mu.Unlock()
+	if !ok {
+		return errLeaseGone
+	}
+	for _, reg := range regs {
+		err := retryOnce(ctx, func() error {
+			return b.agent.UpdateTTLOpts(sessionCheckPrefix+reg.ID, "kept alive by its owner", api.HealthPassing, (&api.QueryOptions{}).WithContext(ctx))
+		})
+		if err == nil {
+			continue
+		}
+		if !notFound(err) {
+			return fmt.Errorf("beacon/consul: renewing %s: %w", reg.ID, err)
+		}
+		if _, _, err := b.agent.Service(reg.ID, (&api.QueryOptions{}).WithContext(ctx)); err == nil {
+			b.log.Info("beacon/consul: a session instance was registered again by someone else; the session lets it go", "instance", reg.ID)
+			released = append(released, keyOf(reg))
+			b.mu.Lock()
+			delete(ls.regs, keyOf(reg))
+			b.mu.Unlock()
+			continue
+		} else if !notFound(err) {
+			return fmt.Errorf("beacon/consul: looking up %s: %w", reg.ID, err)
+		}
+		b.log.Info("beacon/consul: the agent lost a session instance; the session registers its instances again", "instance", reg.ID)
+		b.agentRestarted()
+		b.mu.Lock()
+		delete(b.leases, id)
+		b.mu.Unlock()
+		return errLeaseGone
+	}
+	if len(released) > 0 {
+		return &session.ReleasedError{Keys: released}
+	}
+	return nil
+}
+
+func (l consulLease) Put(ctx context.Context, id int64, in registry.Instance) (int64, error) {
+	b := l.b
+	b.mu.Lock()
+	ls, ok := b.leases[id]
+	b.mu.Unlock()
+	if !ok {
+		return 0, errLeaseGone
+	}
+	p, reg, err := b.prepare(in, id, ls.ttl)
 	if err != nil {
 		return 0, err
 	}
-	s.b.disown(p.Key(), s)
-	s.mu.Lock()
-	s.instances[p.Key()] = reg
-	s.mu.Unlock()
-	return s.b.register(ctx, reg)
+	b.disown(p.Key(), id)
+	b.mu.Lock()
+	ls.regs[p.Key()] = reg
+	b.mu.Unlock()
+	return b.register(ctx, reg)
 }
 
-func (s *session) Deregister(ctx context.Context, service, id string) (bool, error) {
-	return s.b.Deregister(ctx, service, id) // every session forgets it
+// Delete deregisters the instance if the lease still holds it (Consul
+// cannot compare owners itself).
+func (l consulLease) Delete(ctx context.Context, id int64, k registry.InstanceKey) (bool, error) {
+	b := l.b
+	b.mu.Lock()
+	ls, ok := b.leases[id]
+	held := ok && ls.regs[k] != nil
+	b.mu.Unlock()
+	if !held {
+		return false, nil
+	}
+	return b.Deregister(ctx, k.Service, k.ID)
 }
 
-// Close stops the keepalives and deregisters the session's instances; with
-// ctx already done, or the agent unreachable, the instances go when their
-// session checks turn critical at the TTL.
-func (s *session) Close(ctx context.Context) error {
-	err := context.Canceled
-	s.once.Do(func() {
-		s.stop()
-		<-s.done
-		s.b.mu.Lock()
-		delete(s.b.sessions, s)
-		s.b.mu.Unlock()
-		if err = ctx.Err(); err != nil {
-			return
-		}
-		s.mu.Lock()
-		regs := slices.Collect(maps.Values(s.instances))
-		s.mu.Unlock()
-		var errs []error
-		for _, reg := range regs {
-			if _, err := s.b.Deregister(ctx, reg.Name, reg.Meta[metaID]); err != nil {
-				errs = append(errs, err)
-			}
-		}
-		err = errors.Join(errs...)
-	})
-	return err
-}
-
-func (s *session) Done() <-chan struct{} { return s.done }
-
-// keepAlive passes every instance's session check each TTL/3, and
-// registers again an instance whose check the agent no longer knows.
-func (s *session) keepAlive(ctx context.Context) {
-	defer close(s.done)
-	t := time.NewTicker(s.ttl / 3)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		s.mu.Lock()
-		regs := slices.Collect(maps.Values(s.instances))
-		s.mu.Unlock()
-		for _, reg := range regs {
-			s.renew(ctx, reg)
+// Revoke deregisters the lease's instances.
+func (l consulLease) Revoke(ctx context.Context, id int64) error {
+	b := l.b
+	b.mu.Lock()
+	ls, ok := b.leases[id]
+	delete(b.leases, id)
+	b.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	var errs []error
+	for k := range ls.regs {
+		if _, err := b.Deregister(ctx, k.Service, k.ID); err != nil {
+			errs = append(errs, err)
 		}
 	}
-}
-
-func (s *session) renew(ctx context.Context, reg *api.AgentServiceRegistration) {
-	ctx, cancel := context.WithTimeout(ctx, s.ttl/3)
-	defer cancel()
-	err := retryOnce(ctx, func() error {
-		return s.b.agent.UpdateTTLOpts(sessionCheckPrefix+reg.ID, "kept alive by its owner", api.HealthPassing, (&api.QueryOptions{}).WithContext(ctx))
-	})
-	if err == nil || ctx.Err() != nil {
-		return
-	}
-	if !notFound(err) {
-		s.b.log.Debug("beacon/consul: session check not renewed", "instance", reg.ID, "err", err)
-		return
-	}
-	s.mu.Lock()
-	_, still := s.instances[keyOf(reg)]
-	s.mu.Unlock()
-	if !still {
-		return
-	}
-	// The check is gone. If the instance is still there, someone (another
-	// process) registered it again without it: it is not ours any more.
-	// If it is gone too, the agent lost its state — or another process
-	// deregistered it, which Consul cannot tell apart — and it is
-	// registered again.
-	if _, _, err := s.b.agent.Service(reg.ID, (&api.QueryOptions{}).WithContext(ctx)); err == nil {
-		s.b.log.Info("beacon/consul: a session instance was registered again by someone else; the session lets it go", "instance", reg.ID)
-		s.mu.Lock()
-		delete(s.instances, keyOf(reg))
-		s.mu.Unlock()
-		return
-	} else if !notFound(err) {
-		return // try again at the next renewal
-	}
-	s.b.log.Info("beacon/consul: the agent lost a session instance; registering it again", "instance", reg.ID)
-	s.b.agentRestarted()
-	if _, err := s.b.register(ctx, reg); err != nil {
-		s.b.log.Warn("beacon/consul: registering a lost instance again", "instance", reg.ID, "err", err)
-	}
+	return errors.Join(errs...)
 }
 
 func keyOf(reg *api.AgentServiceRegistration) registry.InstanceKey {

@@ -25,6 +25,7 @@ import (
 	"beacon.dev/beacon/discovery"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/session"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m, testutil.LeakOptions()...) }
@@ -192,7 +193,7 @@ func TestAgentRestartSessionsRegisterAgainAndWatchesReadAfresh(t *testing.T) {
 		t.Fatal(err)
 	}
 	f := follow(t, ctx, st)
-	sess, err := b.NewSession(ctx, 2*time.Second)
+	sess, err := b.NewSession(ctx, session.WithTTL(2*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -234,7 +235,7 @@ func TestSessionLetsGoOfInstancesTakenOrRemoved(t *testing.T) {
 	other := newBackend(t, srv.Addr(), consul.Config{WaitTime: 2 * time.Second}) // another process
 	ctx := ctxFor(t, 60*time.Second)
 	const ttl = 2 * time.Second // the shortest; renewals every 667 ms
-	sess, err := b.NewSession(ctx, ttl)
+	sess, err := b.NewSession(ctx, session.WithTTL(ttl))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -546,7 +547,7 @@ func TestAgentOutage(t *testing.T) {
 	ctx := ctxFor(t, 60*time.Second)
 	st := must(b.Watch(ctx, []string{"orders"}))
 	f := follow(t, ctx, st)
-	sess, err := b.NewSession(ctx, 3*time.Second)
+	sess, err := b.NewSession(ctx, session.WithTTL(3*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}

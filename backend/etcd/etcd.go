@@ -29,6 +29,7 @@ import (
 	"beacon.dev/beacon/internal/store"
 	"beacon.dev/beacon/internal/view"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/session"
 )
 
 // Backend is a registry namespace on an etcd cluster.
@@ -218,133 +219,50 @@ func (s *stream) Close() {
 	s.sub.Close()
 }
 
-// session is a lease kept alive by clientv3; lost, it is replaced and its
-// instances registered again.
-type session struct {
-	b    *Backend
-	ttl  time.Duration
-	stop context.CancelFunc
-	done chan struct{}
-	once sync.Once
-
-	mu        sync.Mutex
-	id        int64                                      // guarded by mu
-	instances map[registry.InstanceKey]registry.Instance // guarded by mu
+// NewSession implements backend.Backend: a session on an etcd lease (the
+// state machine is package session's).
+func (b *Backend) NewSession(ctx context.Context, opts ...session.Option) (*session.Session, error) {
+	opts = append([]session.Option{session.WithNamespace(b.ns), session.WithName("beacon/etcd")}, opts...)
+	return session.New(ctx, etcdLease{b}, opts...)
 }
 
-// NewSession implements backend.Backend.
-func (b *Backend) NewSession(ctx context.Context, ttl time.Duration) (backend.Session, error) {
-	if ttl == 0 {
-		ttl = registry.DefaultSessionTTL
-	}
-	id, _, err := b.store.CreateSession(ctx, ttl, "beacon/etcd")
-	if err != nil {
-		return nil, err
-	}
-	runCtx, stop := context.WithCancel(context.Background())
-	s := &session{b: b, ttl: ttl, stop: stop, done: make(chan struct{}), id: id, instances: map[registry.InstanceKey]registry.Instance{}}
-	go s.run(runCtx)
-	return s, nil
+// etcdLease is a session's lease: an etcd lease with a session record.
+type etcdLease struct{ b *Backend }
+
+func (l etcdLease) Grant(ctx context.Context, ttl time.Duration, name string) (int64, time.Duration, error) {
+	return l.b.store.CreateSession(ctx, ttl, name)
 }
 
-func (s *session) Register(ctx context.Context, in registry.Instance) (int64, error) {
-	s.mu.Lock()
-	id := s.id
-	s.mu.Unlock()
-	p, err := s.b.prepare(in, id)
+func (l etcdLease) KeepAlive(ctx context.Context, id int64) error {
+	r := l.b.store.KeepAliveMany(ctx, []int64{id})[0]
+	return lost(r.Err)
+}
+
+func (l etcdLease) Put(ctx context.Context, id int64, in registry.Instance) (int64, error) {
+	p, err := l.b.prepare(in, id)
 	if err != nil {
 		return 0, err
 	}
-	s.mu.Lock()
-	s.instances[p.Key()] = *p
-	s.mu.Unlock()
-	return s.b.store.Register(ctx, p)
+	rev, err := l.b.store.Register(ctx, p)
+	return rev, lost(err)
 }
 
-// Deregister removes the instance only if it is still bound to the
-// session's lease: one registered again since by someone else is theirs.
-func (s *session) Deregister(ctx context.Context, service, id string) (bool, error) {
-	if err := registry.ValidateName("service", service); err != nil {
-		return false, err
-	}
-	k := registry.InstanceKey{Namespace: s.b.ns, Service: service, ID: id}
-	s.mu.Lock()
-	delete(s.instances, k)
-	lease := s.id
-	s.mu.Unlock()
-	_, found, err := s.b.store.DeregisterSession(ctx, k, lease)
+// Delete removes the instance only if it is still bound to the lease: one
+// registered again since by someone else is theirs.
+func (l etcdLease) Delete(ctx context.Context, id int64, k registry.InstanceKey) (bool, error) {
+	_, found, err := l.b.store.DeregisterSession(ctx, k, id)
 	return found, err
 }
 
-// Close stops the keepalives and revokes the lease, which removes only the
-// keys still bound to it; if ctx is done or etcd unreachable, the lease
-// expires by itself after the TTL.
-func (s *session) Close(ctx context.Context) error {
-	var err error
-	s.once.Do(func() {
-		s.stop()
-		<-s.done
-		s.mu.Lock()
-		id := s.id
-		s.mu.Unlock()
-		err = s.b.store.CloseSession(ctx, id)
-	})
+// Revoke revokes the lease, which removes only the keys still bound to it.
+func (l etcdLease) Revoke(ctx context.Context, id int64) error {
+	return l.b.store.CloseSession(ctx, id)
+}
+
+// lost marks the store's "no such lease" as the session's.
+func lost(err error) error {
+	if errors.Is(err, store.ErrSessionNotFound) {
+		return fmt.Errorf("beacon/etcd: %w: %w", err, session.ErrLost)
+	}
 	return err
-}
-
-func (s *session) Done() <-chan struct{} { return s.done }
-
-// run keeps the lease alive and replaces it when it is lost.
-func (s *session) run(ctx context.Context) {
-	defer close(s.done)
-	for ctx.Err() == nil {
-		s.mu.Lock()
-		id := s.id
-		s.mu.Unlock()
-		ka, err := s.b.cli.KeepAlive(ctx, clientv3.LeaseID(id))
-		if err == nil {
-			for range ka { // drained until the lease is lost or ctx ends
-			}
-		}
-		if ctx.Err() != nil {
-			return
-		}
-		// The lease is gone (expired while etcd was unreachable): a new
-		// session, and every instance registered again.
-		for ctx.Err() == nil {
-			if err := s.recover(ctx); err == nil {
-				break
-			} else if !errors.Is(err, context.Canceled) {
-				t := time.NewTimer(s.ttl / 3)
-				select {
-				case <-ctx.Done():
-					t.Stop()
-					return
-				case <-t.C:
-				}
-			}
-		}
-	}
-}
-
-func (s *session) recover(ctx context.Context) error {
-	id, _, err := s.b.store.CreateSession(ctx, s.ttl, "beacon/etcd")
-	if err != nil {
-		return err
-	}
-	s.mu.Lock()
-	s.id = id
-	var again []registry.Instance
-	for k, in := range s.instances {
-		in.SessionID = id
-		s.instances[k] = in
-		again = append(again, in)
-	}
-	s.mu.Unlock()
-	for _, in := range again {
-		if _, err := s.b.store.Register(ctx, &in); err != nil {
-			return err
-		}
-	}
-	return nil
 }

@@ -17,6 +17,7 @@ import (
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/session"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m, testutil.LeakOptions()...) }
@@ -100,7 +101,7 @@ func TestLostLeaseIsReplacedAndInstancesRegisteredAgain(t *testing.T) {
 	defer b.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	s, err := b.NewSession(ctx, 2*time.Second)
+	s, err := b.NewSession(ctx, session.WithTTL(2*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}

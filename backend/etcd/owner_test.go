@@ -8,6 +8,7 @@ import (
 	"beacon.dev/beacon/backend/etcd"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/session"
 )
 
 // A session's Deregister (lifecycle.Run calls it on the way out) leaves an
@@ -22,7 +23,7 @@ func TestSessionDeregisterLeavesAnotherOwnersInstance(t *testing.T) {
 	defer b.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	sess, err := b.NewSession(ctx, 2*time.Second)
+	sess, err := b.NewSession(ctx, session.WithTTL(2*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,7 +7,6 @@ package memory
 import (
 	"cmp"
 	"context"
-	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -18,6 +17,7 @@ import (
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/discovery"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/session"
 )
 
 // Registry is an in-memory backend. Create it with New; Close stops its
@@ -31,7 +31,7 @@ type Registry struct {
 	rev       int64                                       // guarded by mu
 	instances map[registry.InstanceKey]*registry.Instance // guarded by mu
 	svcRev    map[string]int64                            // guarded by mu; revision of each service's last change
-	sessions  map[int64]*session                          // guarded by mu
+	sessions  map[int64]*lease                            // guarded by mu
 	nextID    int64                                       // guarded by mu
 	watches   map[*stream]struct{}                        // guarded by mu
 }
@@ -46,7 +46,7 @@ func New(namespace string) *Registry {
 	ctx, stop := context.WithCancel(context.Background())
 	r := &Registry{ns: namespace, stop: stop, done: make(chan struct{}),
 		instances: map[registry.InstanceKey]*registry.Instance{}, svcRev: map[string]int64{},
-		sessions: map[int64]*session{}, watches: map[*stream]struct{}{}}
+		sessions: map[int64]*lease{}, watches: map[*stream]struct{}{}}
 	go r.sweep(ctx) // owned: ends with Close
 	return r
 }
@@ -148,70 +148,75 @@ func (r *Registry) Instances(ctx context.Context, service string) (*registry.Sna
 	return r.snapshotLocked(service), nil
 }
 
-// session is alive while its owner keeps it (here: until Close) and for
-// TTL after its owner went.
-type session struct {
-	r        *Registry
-	id       int64
+// lease is a session's lease: alive while heartbeats come, and for TTL
+// after the last one.
+type lease struct {
 	ttl      time.Duration
-	lastSeen time.Time // guarded by r.mu
-	owned    bool      // guarded by r.mu; false once the owner stopped
-	done     chan struct{}
-	once     sync.Once
+	lastSeen time.Time // guarded by Registry.mu
 }
 
-// NewSession implements backend.Backend.
-func (r *Registry) NewSession(ctx context.Context, ttl time.Duration) (backend.Session, error) {
-	if ttl == 0 {
-		ttl = registry.DefaultSessionTTL
-	}
+// NewSession implements backend.Backend (the state machine is package
+// session's).
+func (r *Registry) NewSession(ctx context.Context, opts ...session.Option) (*session.Session, error) {
+	opts = append([]session.Option{session.WithNamespace(r.ns)}, opts...)
+	return session.New(ctx, memLease{r}, opts...)
+}
+
+type memLease struct{ r *Registry }
+
+var errLeaseGone = fmt.Errorf("memory: lease expired: %w", session.ErrLost)
+
+func (l memLease) Grant(ctx context.Context, ttl time.Duration, _ string) (int64, time.Duration, error) {
 	if err := registry.ValidateSessionTTL(ttl); err != nil {
-		return nil, err
+		return 0, 0, err
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.nextID++
-	s := &session{r: r, id: r.nextID, ttl: ttl, lastSeen: time.Now(), owned: true, done: make(chan struct{})}
-	r.sessions[s.id] = s
-	return s, nil
+	l.r.mu.Lock()
+	defer l.r.mu.Unlock()
+	l.r.nextID++
+	l.r.sessions[l.r.nextID] = &lease{ttl: ttl, lastSeen: time.Now()}
+	return l.r.nextID, ttl, nil
 }
 
-var errSessionGone = errors.New("memory: session expired")
-
-func (s *session) Register(ctx context.Context, in registry.Instance) (int64, error) {
-	p, err := s.r.prepare(in, s.id)
-	if err != nil {
-		return 0, err
+func (l memLease) KeepAlive(ctx context.Context, id int64) error {
+	l.r.mu.Lock()
+	defer l.r.mu.Unlock()
+	ls, ok := l.r.sessions[id]
+	if !ok {
+		return errLeaseGone
 	}
-	s.r.mu.Lock()
-	defer s.r.mu.Unlock()
-	if _, alive := s.r.sessions[s.id]; !alive {
-		return 0, errSessionGone
-	}
-	return s.r.putLocked(p), nil
-}
-
-func (s *session) Deregister(ctx context.Context, service, id string) (bool, error) {
-	return s.r.Deregister(ctx, service, id)
-}
-
-// Close ends the session. With ctx already done the registry is "not
-// told": the owner is gone and the session expires after its TTL.
-func (s *session) Close(ctx context.Context) error {
-	s.once.Do(func() { close(s.done) })
-	s.r.mu.Lock()
-	defer s.r.mu.Unlock()
-	if ctx.Err() != nil {
-		if sess, ok := s.r.sessions[s.id]; ok {
-			sess.owned, sess.lastSeen = false, time.Now()
-		}
-		return ctx.Err()
-	}
-	s.r.endLocked(s.id)
+	ls.lastSeen = time.Now()
 	return nil
 }
 
-func (s *session) Done() <-chan struct{} { return s.done }
+func (l memLease) Put(ctx context.Context, id int64, in registry.Instance) (int64, error) {
+	p, err := l.r.prepare(in, id)
+	if err != nil {
+		return 0, err
+	}
+	l.r.mu.Lock()
+	defer l.r.mu.Unlock()
+	if _, alive := l.r.sessions[id]; !alive {
+		return 0, errLeaseGone
+	}
+	return l.r.putLocked(p), nil
+}
+
+// Delete removes the instance only if it is still bound to the lease.
+func (l memLease) Delete(ctx context.Context, id int64, k registry.InstanceKey) (bool, error) {
+	l.r.mu.Lock()
+	defer l.r.mu.Unlock()
+	if in, ok := l.r.instances[k]; !ok || in.SessionID != id {
+		return false, nil
+	}
+	return l.r.deleteLocked(k), nil
+}
+
+func (l memLease) Revoke(ctx context.Context, id int64) error {
+	l.r.mu.Lock()
+	defer l.r.mu.Unlock()
+	l.r.endLocked(id)
+	return nil
+}
 
 // endLocked removes a session and its instances.
 func (r *Registry) endLocked(id int64) {
@@ -235,7 +240,7 @@ func (r *Registry) sweep(ctx context.Context) {
 		case now := <-t.C:
 			r.mu.Lock()
 			for id, s := range r.sessions {
-				if !s.owned && now.Sub(s.lastSeen) >= s.ttl {
+				if now.Sub(s.lastSeen) >= s.ttl {
 					r.endLocked(id)
 				}
 			}
