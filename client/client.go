@@ -83,11 +83,13 @@ type Client struct {
 	log            *slog.Logger
 	http           *http.Client
 	ownsHTTP       bool
+	conns          *connSet // the owned HTTP client's connections
 	servers        []string
 	rpcs           []beaconv1connect.RegistryServiceClient
 	current        atomic.Int64 // index into rpcs of the server in use
 	ka             *keepAliveStream
 
+	isClosed atomic.Bool // set by Close: calls fail fast with ErrClosed
 	mu       sync.Mutex
 	closed   bool                          // guarded by mu
 	sessions map[*session.Session]struct{} // guarded by mu; open ones, closed by Close
@@ -115,7 +117,8 @@ func New(servers []string, opts ...Option) (*Client, error) {
 		return nil, fmt.Errorf("beacon: %w", err)
 	}
 	if c.http == nil {
-		c.http, c.ownsHTTP = newHTTPClient(), true
+		c.conns = &connSet{open: map[net.Conn]struct{}{}}
+		c.http, c.ownsHTTP = newHTTPClient(c.conns), true
 	}
 	for _, s := range servers {
 		for _, part := range strings.Split(s, ",") {
@@ -148,16 +151,65 @@ func New(servers []string, opts ...Option) (*Client, error) {
 // be setting, a data race the race detector reports (seen when tests cut
 // connections). x/net's transport retries only requests whose body was
 // never touched, and has no such flag.
-func newHTTPClient() *http.Client {
+func newHTTPClient(conns *connSet) *http.Client {
 	dialer := &net.Dialer{Timeout: 3 * time.Second, KeepAlive: 15 * time.Second}
 	return &http.Client{Transport: &http2.Transport{
 		AllowHTTP: true,
 		DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
-			return dialer.DialContext(ctx, network, addr) // h2c: no TLS
+			c, err := dialer.DialContext(ctx, network, addr) // h2c: no TLS
+			if err != nil {
+				return nil, err
+			}
+			return conns.add(c)
 		},
 		ReadIdleTimeout: 5 * time.Second,
 		PingTimeout:     5 * time.Second,
 	}}
+}
+
+// connSet tracks the connections of the client's own transport, so that
+// Close can end them all: closing only the idle ones leaves a connection
+// whose last stream was still being torn down, and its read goroutine,
+// open until the server's idle timeout.
+type connSet struct {
+	mu     sync.Mutex
+	open   map[net.Conn]struct{} // guarded by mu
+	closed bool                  // guarded by mu
+}
+
+func (s *connSet) add(c net.Conn) (net.Conn, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		c.Close()
+		return nil, ErrClosed
+	}
+	tc := &trackedConn{Conn: c, set: s}
+	s.open[tc] = struct{}{}
+	return tc, nil
+}
+
+func (s *connSet) closeAll() {
+	s.mu.Lock()
+	s.closed = true
+	open := s.open
+	s.open = nil
+	s.mu.Unlock()
+	for c := range open {
+		c.(*trackedConn).Conn.Close()
+	}
+}
+
+type trackedConn struct {
+	net.Conn
+	set *connSet
+}
+
+func (c *trackedConn) Close() error {
+	c.set.mu.Lock()
+	delete(c.set.open, c)
+	c.set.mu.Unlock()
+	return c.Conn.Close()
 }
 
 // Close closes every session (revoking its lease, within the attempt
@@ -178,9 +230,11 @@ func (c *Client) Close() error {
 		s.Close(ctx)
 	}
 	cancel()
+	c.isClosed.Store(true)
 	c.ka.close()
 	if c.ownsHTTP {
 		c.http.CloseIdleConnections()
+		c.conns.closeAll()
 	}
 	return nil
 }
@@ -231,6 +285,9 @@ func (c *Client) Namespace() string { return c.namespace }
 // to repeat.
 func call[T any](ctx context.Context, c *Client, f func(context.Context, beaconv1connect.RegistryServiceClient) (T, error)) (T, error) {
 	var zero T
+	if c.isClosed.Load() {
+		return zero, ErrClosed
+	}
 	var last error
 	var unavailable []string // why each server could not be used
 	n := int64(len(c.rpcs))
