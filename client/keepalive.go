@@ -23,22 +23,31 @@ const keepAliveSendTimeout = 5 * time.Second
 
 type kaStream = connect.BidiStreamForClient[beaconv1.KeepAliveBatch, beaconv1.KeepAliveBatchResult]
 
+// kaQueueLen bounds the messages waiting for the stream's sender; a
+// stream that falls that far behind is stuck, and is reset.
+const kaQueueLen = 16
+
 // keepAliveStream carries the heartbeats of every session of a Client over
 // one long-lived stream, several per message, as clientv3 does for leases.
 // If the stream cannot be used, sessions fall back to the unary KeepAlive
 // call (which also moves to another server).
+//
+// Each stream has a sender goroutine that alone writes to it, and a
+// receiver; no lock is held across a write, so a server that stops
+// reading (HTTP/2 flow control) blocks only the sender, which the stuck
+// timer then cuts.
 type keepAliveStream struct {
 	c *Client
 
 	mu      sync.Mutex
 	stream  *kaStream                                      // guarded by mu; nil when not open
+	out     chan []int64                                   // guarded by mu; the open stream's sender queue
 	server  int64                                          // guarded by mu; the stream's server (index into Client.rpcs)
 	cancel  context.CancelFunc                             // guarded by mu
 	waiters *waitq.Queue[int64, *beaconv1.KeepAliveResult] // guarded by mu
 	pending []int64                                        // guarded by mu; heartbeats waiting for the next message
 	flush   *time.Timer                                    // guarded by mu; non-nil while pending is scheduled
 	closed  bool                                           // guarded by mu
-	sendMu  sync.Mutex                                     // held by the one send in progress
 	wg      sync.WaitGroup
 }
 
@@ -75,32 +84,37 @@ func (k *keepAliveStream) keepAlive(ctx context.Context, id int64) (*beaconv1.Ke
 	}
 }
 
-// send writes the pending heartbeats as one message, opening the stream if
-// needed. The message is written without mu held: a server that stops
-// reading blocks the write (HTTP/2 flow control), and heartbeats, results
-// and close must go on meanwhile. A write that takes longer than
-// keepAliveSendTimeout resets the stream; its waiters fall back to the
-// unary call.
+// send hands the pending heartbeats, as one message, to the stream's
+// sender, opening the stream if needed.
 func (k *keepAliveStream) send() {
-	k.sendMu.Lock() // one message at a time, in order
-	defer k.sendMu.Unlock()
 	k.mu.Lock()
+	defer k.mu.Unlock()
 	ids := k.pending
 	k.pending, k.flush = nil, nil
 	if k.closed || len(ids) == 0 {
-		k.mu.Unlock()
 		return
 	}
 	if k.stream == nil {
 		sctx, cancel := context.WithCancel(context.Background())
 		k.server = k.c.current.Load()
-		k.stream = k.c.rpcs[k.server].KeepAliveStream(sctx)
-		k.cancel = cancel
-		k.wg.Add(1)
+		k.stream, k.cancel, k.out = k.c.rpcs[k.server].KeepAliveStream(sctx), cancel, make(chan []int64, kaQueueLen)
+		k.wg.Add(2)
 		go k.receive(k.stream)
+		go k.sender(k.stream, k.out)
 	}
-	stream := k.stream
-	k.mu.Unlock()
+	select {
+	case k.out <- ids:
+	default:
+		k.resetLocked() // the sender is that far behind: the stream is stuck
+	}
+}
+
+// sender writes the stream's messages in order. A write that takes longer
+// than keepAliveSendTimeout resets the stream; its waiters fall back to
+// the unary call. It closes the request side once the stream is reset
+// (CloseRequest may not run beside a Send, so only the sender calls it).
+func (k *keepAliveStream) sender(stream *kaStream, out <-chan []int64) {
+	defer k.wg.Done()
 	reset := func() {
 		k.mu.Lock()
 		if k.stream == stream {
@@ -108,12 +122,17 @@ func (k *keepAliveStream) send() {
 		}
 		k.mu.Unlock()
 	}
-	stuck := time.AfterFunc(keepAliveSendTimeout, reset)
-	err := stream.Send(&beaconv1.KeepAliveBatch{SessionIds: ids})
-	stuck.Stop()
-	if err != nil {
-		reset()
+	for ids := range out {
+		stuck := time.AfterFunc(keepAliveSendTimeout, reset)
+		err := stream.Send(&beaconv1.KeepAliveBatch{SessionIds: ids})
+		stuck.Stop()
+		if err != nil {
+			reset()
+		}
 	}
+	// Closing the request side is what ends the stream's read (the HTTP/2
+	// transport does not watch the context once the response has begun).
+	_ = stream.CloseRequest()
 }
 
 func (k *keepAliveStream) receive(stream *kaStream) {
@@ -140,22 +159,10 @@ func (k *keepAliveStream) receive(stream *kaStream) {
 // opens a new stream.
 func (k *keepAliveStream) resetLocked() {
 	if k.stream != nil {
-		// Cancelling aborts a send blocked on flow control; closing the
-		// request side is what ends the stream's read (the HTTP/2
-		// transport does not watch the context once the response has
-		// begun). CloseRequest may not run beside a Send, so it waits for
-		// the send in progress, off the lock.
-		stream := k.stream
-		k.cancel()
-		k.wg.Add(1)
-		go func() {
-			defer k.wg.Done()
-			k.sendMu.Lock()
-			defer k.sendMu.Unlock()
-			_ = stream.CloseRequest()
-		}()
+		k.cancel()   // aborts a send blocked on flow control
+		close(k.out) // the sender drains what is left (failing fast), then closes the request side
 	}
-	k.stream, k.cancel = nil, nil
+	k.stream, k.cancel, k.out = nil, nil, nil
 	k.waiters.FailAll(nil)
 }
 

@@ -16,6 +16,7 @@ import (
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
+	"beacon.dev/beacon/internal/backoff"
 	"beacon.dev/beacon/internal/wire"
 	"beacon.dev/beacon/registry"
 )
@@ -242,7 +243,7 @@ func (w *Watcher) Close() {
 
 func (w *Watcher) run(ctx context.Context) {
 	defer close(w.done)
-	backoff := 100 * time.Millisecond
+	retry := backoff.New(backoff.Config{Base: 100 * time.Millisecond, Max: 3 * time.Second})
 	for ctx.Err() == nil {
 		received, err := w.stream(ctx)
 		w.mu.Lock()
@@ -258,21 +259,17 @@ func (w *Watcher) run(ctx context.Context) {
 			return
 		}
 		if received {
-			backoff = 100 * time.Millisecond
+			retry.Reset()
 		}
-		w.c.log.Debug("beacon: watch stream ended, reconnecting", "err", err, "in", backoff)
+		wait := retry.Next()
+		w.c.log.Debug("beacon: watch stream ended, reconnecting", "err", err, "in", wait)
 		// Move on to the next server; with one server this retries it.
 		// Only this watcher moves: the client's calls and other watchers
 		// find out for themselves.
 		w.server = (w.server + 1) % int64(len(w.c.rpcs))
-		t := time.NewTimer(backoff)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if backoff.Sleep(ctx, wait) != nil {
 			return
-		case <-t.C:
 		}
-		backoff = min(2*backoff, 3*time.Second)
 	}
 }
 

@@ -27,6 +27,7 @@ import (
 	"beacon.dev/beacon/beacongrpc"
 	"beacon.dev/beacon/beaconhttp"
 	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/internal/backoff"
 	"beacon.dev/beacon/registry"
 )
 
@@ -304,7 +305,7 @@ func (r *runner) start(stopCtx context.Context, serveErr <-chan error, instances
 		return nil
 	}
 	r.setState(beaconhttp.Serving)
-	backoff := 100 * time.Millisecond
+	retry := backoff.New(backoff.Config{Base: 100 * time.Millisecond, Max: 5 * time.Second})
 	for {
 		err := r.register(stopCtx, instances, sess, rep)
 		if err == nil || stopCtx.Err() != nil {
@@ -313,11 +314,11 @@ func (r *runner) start(stopCtx context.Context, serveErr <-chan error, instances
 		if errors.Is(err, registry.ErrInvalid) {
 			return fmt.Errorf("lifecycle: registering: %w", err)
 		}
-		r.log.Warn("lifecycle: registry unreachable, serving unregistered and retrying", "err", err, "in", backoff)
-		if over, err := pause(stopCtx, serveErr, backoff); over {
+		wait := retry.Next()
+		r.log.Warn("lifecycle: registry unreachable, serving unregistered and retrying", "err", err, "in", wait)
+		if over, err := pause(stopCtx, serveErr, wait); over {
 			return err
 		}
-		backoff = min(2*backoff, 5*time.Second)
 	}
 }
 

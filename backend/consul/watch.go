@@ -12,6 +12,7 @@ import (
 	"beacon.dev/beacon/backend/internal/snapqueue"
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/discovery"
+	"beacon.dev/beacon/internal/backoff"
 	"beacon.dev/beacon/registry"
 )
 
@@ -121,12 +122,12 @@ func (st *stream) report(err error) {
 type query struct {
 	st      *stream
 	limit   *rate.Limiter
-	backoff time.Duration
+	retry   *backoff.Backoff
 	index   uint64
 }
 
 func (st *stream) newQuery() *query {
-	return &query{st: st, limit: rate.NewLimiter(rate.Every(queryEvery), queryBurst), backoff: minBackoff}
+	return &query{st: st, limit: rate.NewLimiter(rate.Every(queryEvery), queryBurst), retry: backoff.New(backoff.Config{Base: minBackoff, Max: maxBackoff})}
 }
 
 // run calls f with the options to use; false once ctx is done.
@@ -150,17 +151,12 @@ func (q *query) run(ctx context.Context, f func(*api.QueryOptions) (uint64, erro
 		q.st.report(err)
 		if err != nil {
 			q.index = 0
-			t := time.NewTimer(q.backoff)
-			select {
-			case <-ctx.Done():
-				t.Stop()
+			if q.retry.Wait(ctx) != nil {
 				return false, false
-			case <-t.C:
 			}
-			q.backoff = min(2*q.backoff, maxBackoff)
 			continue
 		}
-		q.backoff = minBackoff
+		q.retry.Reset()
 		changed = got != q.index
 		q.index = nextIndex(got)
 		return changed, true
