@@ -73,6 +73,22 @@ func (h *Health) Handler() http.Handler {
 	return mux
 }
 
+// Wrap serves the probes (GET /livez, /readyz, /healthz) and passes every
+// other request to next through Middleware: one call wires a server.
+func (h *Health) Wrap(next http.Handler) http.Handler {
+	probes, counted := h.Handler(), h.Middleware(next)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet {
+			switch r.URL.Path {
+			case "/livez", "/readyz", "/healthz":
+				probes.ServeHTTP(w, r)
+				return
+			}
+		}
+		counted.ServeHTTP(w, r)
+	})
+}
+
 func (h *Health) write(w http.ResponseWriter, ok bool) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")

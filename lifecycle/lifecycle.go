@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -64,8 +65,9 @@ type Config struct {
 
 	HTTP         *http.Server
 	HTTPListener net.Listener
-	// HTTPHealth follows the lifecycle; wire its Handler and Middleware
-	// into HTTP's handler to serve /livez, /readyz and /healthz.
+	// HTTPHealth follows the lifecycle. Left nil, Run makes one and wraps
+	// HTTP's handler with it (beaconhttp.Health.Wrap: /livez, /readyz and
+	// /healthz, and in-flight counting); set, it is yours to wire.
 	HTTPHealth *beaconhttp.Health
 
 	// Ready is polled every ReadyInterval (default 100ms), for at most
@@ -85,6 +87,8 @@ type Config struct {
 	// Signals start the drain (default SIGTERM and SIGINT).
 	Signals []os.Signal
 
+	// Logger (default slog.Default(): a service's runner says when it
+	// cannot register).
 	Logger *slog.Logger
 	// OnState, when set, is called on every state change.
 	OnState func(beaconhttp.State)
@@ -98,6 +102,12 @@ type Report struct {
 	Acks client.WatchersResult
 	// AckWait is how long the drain waited for acknowledgements.
 	AckWait time.Duration
+	// RegisterErr is why the last attempt to register failed (nil once
+	// registered); RegisterAttempts counts the attempts. Run logs each
+	// failure, and returns RegisterErr if it stops without ever having
+	// registered (a wrong registry address, say).
+	RegisterErr      error
+	RegisterAttempts int
 	// DrainErr is why the drain could not be announced (registry down):
 	// callers then learn of the stop from refused connections, which the
 	// SDK retries.
@@ -129,6 +139,13 @@ func (c *Config) setDefaults() error {
 	}
 	if c.HTTPHealth == nil {
 		c.HTTPHealth = new(beaconhttp.Health)
+		if c.HTTP != nil {
+			next := c.HTTP.Handler
+			if next == nil {
+				next = http.DefaultServeMux
+			}
+			c.HTTP.Handler = c.HTTPHealth.Wrap(next)
+		}
 	}
 	if c.ReadyInterval <= 0 {
 		c.ReadyInterval = 100 * time.Millisecond
@@ -146,7 +163,7 @@ func (c *Config) setDefaults() error {
 		c.Signals = []os.Signal{syscall.SIGTERM, os.Interrupt}
 	}
 	if c.Logger == nil {
-		c.Logger = slog.New(slog.DiscardHandler)
+		c.Logger = slog.Default()
 	}
 	return nil
 }
@@ -229,7 +246,15 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	}
 	r := &runner{cfg: cfg, log: cfg.Logger}
 	if cfg.GRPC != nil && cfg.GRPCHealth == nil {
-		r.cfg.GRPCHealth = beacongrpc.RegisterHealth(cfg.GRPC)
+		// The overall status, and each name a probe may ask for: the
+		// beacon service and every gRPC service the server carries
+		// (grpc-health-probe -service=orders.v1.Orders).
+		names := []string{cfg.Instance.Service}
+		for name := range cfg.GRPC.GetServiceInfo() {
+			names = append(names, name)
+		}
+		slices.Sort(names)
+		r.cfg.GRPCHealth = beacongrpc.RegisterHealth(cfg.GRPC, slices.Compact(names)...)
 	}
 	r.setState(beaconhttp.Starting)
 
@@ -289,6 +314,9 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 		}
 		cancel()
 	}
+	if runErr == nil && len(rep.Registered) == 0 && rep.RegisterErr != nil {
+		runErr = fmt.Errorf("lifecycle: stopped without ever registering (%d attempts): %w", rep.RegisterAttempts, rep.RegisterErr)
+	}
 	rep.Stopping = time.Since(stopping)
 	r.log.Info("lifecycle: stopped", "in", rep.Stopping, "watchers", rep.Acks.Watchers, "acknowledged", rep.Acks.Acknowledged, "ack_wait", rep.AckWait, "clean", rep.StopClean)
 	return rep, runErr
@@ -307,7 +335,9 @@ func (r *runner) start(stopCtx context.Context, serveErr <-chan error, instances
 	r.setState(beaconhttp.Serving)
 	retry := backoff.New(backoff.Config{Base: 100 * time.Millisecond, Max: 5 * time.Second})
 	for {
+		rep.RegisterAttempts++
 		err := r.register(stopCtx, instances, sess, rep)
+		rep.RegisterErr = err
 		if err == nil || stopCtx.Err() != nil {
 			return nil
 		}
