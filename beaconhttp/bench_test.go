@@ -30,7 +30,7 @@ func BenchmarkRoundTripOverhead(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	tr, err := beaconhttp.NewTransport(e.cache, beaconhttp.WithBase(canned{}))
+	tr, err := beaconhttp.NewTransport(e.cache, beaconhttp.WithBase(canned{}), beaconhttp.WithServices("web"))
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -9,7 +9,9 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 
@@ -57,15 +59,35 @@ func WithPolicies(opts ...policy.Option) Option {
 	return func(t *Transport) { t.extra = append(t.extra, opts...) }
 }
 
+// WithServices lets requests whose host is one of these service names
+// (http://orders/…) go to the service's instances.
+func WithServices(names ...string) Option {
+	return func(t *Transport) {
+		for _, n := range names {
+			t.allowed[n] = true
+		}
+	}
+}
+
+// WithServiceSuffix lets a request to NAME+suffix (with suffix ".svc",
+// http://orders.svc/…) go to the instances of service NAME, whatever NAME
+// is. The suffix starts with a dot.
+func WithServiceSuffix(suffix string) Option { return func(t *Transport) { t.suffix = suffix } }
+
 // WithMaxReplay bounds the request body buffered for retries (default
 // 1 MiB). A larger body is streamed once and never retried.
 func WithMaxReplay(n int64) Option { return func(t *Transport) { t.maxReplay = n } }
 
 // Transport is an http.RoundTripper for service names. A request whose
-// host is a service name — lowercase letters, digits and '-', no port, not
-// "localhost" — goes to an instance of that service; any other request
-// goes to the base transport unchanged. Safe for concurrent use.
+// host, without a port, is a service the transport was told about
+// (WithServices, WithServiceSuffix) goes to an instance of that service;
+// any other request goes to the base transport unchanged. Only those hosts:
+// each service followed costs a balancer, a goroutine and a place in the
+// discovery cache's watch, and URLs often come from users. Safe for
+// concurrent use.
 type Transport struct {
+	allowed    map[string]bool // hosts that are services
+	suffix     string          // NAME+suffix is service NAME
 	cache      *discovery.Cache
 	base       http.RoundTripper
 	builder    balancer.Builder
@@ -132,9 +154,20 @@ func (s *service) close() {
 // NewTransport returns a transport resolving names through cache. Close
 // it to stop following services.
 func NewTransport(cache *discovery.Cache, opts ...Option) (*Transport, error) {
-	t := &Transport{cache: cache, builder: p2c.Builder{}, maxReplay: DefaultMaxReplay, services: make(map[string]*service)}
+	t := &Transport{cache: cache, builder: p2c.Builder{}, maxReplay: DefaultMaxReplay, services: make(map[string]*service), allowed: map[string]bool{}}
 	for _, o := range opts {
 		o(t)
+	}
+	for n := range t.allowed {
+		if err := registry.ValidateName("WithServices", n); err != nil {
+			return nil, fmt.Errorf("beaconhttp: %w", err)
+		}
+	}
+	if t.suffix != "" && (!strings.HasPrefix(t.suffix, ".") || len(t.suffix) < 2 || strings.ContainsAny(t.suffix, ":/ ")) {
+		return nil, fmt.Errorf("beaconhttp: invalid WithServiceSuffix %q: a dot and a domain, like .svc", t.suffix)
+	}
+	if len(t.allowed) == 0 && t.suffix == "" {
+		return nil, errors.New("beaconhttp: no service hosts: say which hosts are services with WithServices or WithServiceSuffix")
 	}
 	if t.base == nil {
 		t.base = DefaultBase()
@@ -240,9 +273,21 @@ func (t *Transport) service(name string) (*service, error) {
 	return s, nil
 }
 
-// IsServiceHost reports whether a URL host names a beacon service.
-func IsServiceHost(host string) bool {
-	return host != "localhost" && registry.ValidateName("service", host) == nil
+// serviceOf returns the service a request host names, if the transport
+// routes it.
+func (t *Transport) serviceOf(u *url.URL) (string, bool) {
+	if u == nil || u.Port() != "" {
+		return "", false
+	}
+	host := u.Hostname()
+	if t.allowed[host] {
+		return host, true
+	}
+	if t.suffix != "" && strings.HasSuffix(host, t.suffix) {
+		name := strings.TrimSuffix(host, t.suffix)
+		return name, registry.ValidateName("service", name) == nil
+	}
+	return "", false
 }
 
 // errStatus carries a retryable HTTP status through the retry loop.
@@ -252,17 +297,17 @@ func (e *errStatus) Error() string { return "beaconhttp: status " + strconv.Itoa
 
 // RoundTrip implements http.RoundTripper.
 func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
-	if req.URL == nil || req.URL.Port() != "" || !IsServiceHost(req.URL.Hostname()) {
+	name, ok := t.serviceOf(req.URL)
+	if !ok {
 		return t.base.RoundTrip(req)
 	}
-	name := req.URL.Hostname()
 	svc, err := t.service(name)
 	if err != nil {
 		return nil, err
 	}
 	rt := t.base
 	if req.URL.Scheme == "https" {
-		if rt, err = svc.tlsTransport(t.base, name); err != nil {
+		if rt, err = svc.tlsTransport(t.base, req.URL.Hostname()); err != nil {
 			return nil, err
 		}
 	}

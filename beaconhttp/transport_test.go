@@ -109,7 +109,8 @@ func (e *env) register(t testing.TB, service string, backends ...*backend) {
 
 func newTransport(t *testing.T, e *env, opts ...beaconhttp.Option) *http.Client {
 	t.Helper()
-	opts = append([]beaconhttp.Option{beaconhttp.WithRetry(policy.RetryConfig{MaxAttempts: 3, BaseBackoff: time.Millisecond})}, opts...)
+	opts = append([]beaconhttp.Option{beaconhttp.WithRetry(policy.RetryConfig{MaxAttempts: 3, BaseBackoff: time.Millisecond}),
+		beaconhttp.WithServices("echo", "pay", "upload", "secure")}, opts...)
 	tr, err := beaconhttp.NewTransport(e.cache, opts...)
 	if err != nil {
 		t.Fatal(err)
@@ -152,7 +153,7 @@ func TestKilledInstanceCostsNoFailedRequest(t *testing.T) {
 	bs := []*backend{startBackend(t, "a"), startBackend(t, "b"), startBackend(t, "c")}
 	e.register(t, "echo", bs...)
 	tr, err := beaconhttp.NewTransport(e.cache, beaconhttp.WithRetry(policy.RetryConfig{MaxAttempts: 3, BaseBackoff: time.Millisecond}),
-		beaconhttp.WithOutlierDetection(outlier.Config{ConsecutiveFailures: 2}))
+		beaconhttp.WithOutlierDetection(outlier.Config{ConsecutiveFailures: 2}), beaconhttp.WithServices("echo"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -272,12 +273,79 @@ func TestOtherHostsPassThrough(t *testing.T) {
 	if code != 200 || !strings.HasPrefix(body, "direct") {
 		t.Errorf("direct GET = %d %q", code, body)
 	}
-	for _, tc := range []struct {
-		host string
-		want bool
-	}{{"orders", true}, {"orders-v2", true}, {"localhost", false}, {"example.com", false}, {"Orders", false}, {"127.0.0.1", false}} {
-		if got := beaconhttp.IsServiceHost(tc.host); got != tc.want {
-			t.Errorf("IsServiceHost(%q) = %v, want %v", tc.host, got, tc.want)
+}
+
+// recorder answers every request itself and remembers the hosts asked.
+type recorder struct {
+	mu    sync.Mutex
+	hosts []string
+}
+
+func (r *recorder) RoundTrip(req *http.Request) (*http.Response, error) {
+	r.mu.Lock()
+	r.hosts = append(r.hosts, req.URL.Host)
+	r.mu.Unlock()
+	return &http.Response{StatusCode: http.StatusOK, Body: http.NoBody, Header: http.Header{}, Request: req}, nil
+}
+
+// Only the hosts the transport was told about are services: any other
+// host — a user-supplied URL, say — goes to the base transport as it is,
+// and follows nothing.
+func TestOnlyAllowedHostsAreServices(t *testing.T) {
+	e := newEnv(t)
+	b := startBackend(t, "echo")
+	e.register(t, "echo", b)
+	rec := &recorder{}
+	tr, err := beaconhttp.NewTransport(e.cache, beaconhttp.WithBase(rec), beaconhttp.WithServices("echo"), beaconhttp.WithServiceSuffix(".svc"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	before := e.cache.Status().Services
+	instance := fmt.Sprintf("127.0.0.1:%d", b.port)
+	for _, tc := range []struct{ url, wantHost string }{
+		{"http://echo/", instance},
+		{"http://echo.svc/", instance},
+		{"http://postgres/", "postgres"},
+		{"http://Echo.svc/", "Echo.svc"},
+		{"http://echo:80/", "echo:80"},
+		{"http://.svc/", ".svc"},
+		{"http://a.b.svc/", "a.b.svc"},
+	} {
+		rec.mu.Lock()
+		rec.hosts = nil
+		rec.mu.Unlock()
+		req, _ := http.NewRequest(http.MethodGet, tc.url, nil)
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			t.Errorf("GET %s: %v", tc.url, err)
+			continue
+		}
+		resp.Body.Close()
+		rec.mu.Lock()
+		if len(rec.hosts) != 1 || rec.hosts[0] != tc.wantHost {
+			t.Errorf("GET %s reached %v, want %s", tc.url, rec.hosts, tc.wantHost)
+		}
+		rec.mu.Unlock()
+	}
+	// A thousand user-chosen single-label hosts follow nothing.
+	for i := range 1000 {
+		req, _ := http.NewRequest(http.MethodGet, fmt.Sprintf("http://host-%d/", i), nil)
+		if resp, err := tr.RoundTrip(req); err == nil {
+			resp.Body.Close()
+		}
+	}
+	if got := e.cache.Status().Services; got > before+1 {
+		t.Errorf("the cache follows %d services (%d before), want at most echo added", got, before)
+	}
+
+	for _, opts := range [][]beaconhttp.Option{
+		nil,
+		{beaconhttp.WithServices("Bad!")},
+		{beaconhttp.WithServiceSuffix("svc")},
+	} {
+		if _, err := beaconhttp.NewTransport(e.cache, opts...); err == nil {
+			t.Errorf("NewTransport(%d options) accepted a transport with no valid service hosts", len(opts))
 		}
 	}
 }

@@ -241,7 +241,7 @@ func BenchmarkHTTPCalls(b *testing.B) {
 	defer cancel()
 	_, httpAddrs := backends(b, 3)
 	cache := register(ctx, b, srv.Addr(), "web", httpAddrs)
-	tr, err := beaconhttp.NewTransport(cache)
+	tr, err := beaconhttp.NewTransport(cache, beaconhttp.WithServices("web"))
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -163,7 +163,7 @@ func newCaller(ctx context.Context, t *testing.T, registryAddr, service string, 
 	}
 	t.Cleanup(func() { cc.Close() })
 	cl.grpc = testpb.NewTestServiceClient(cc)
-	tr, err := beaconhttp.NewTransport(cache, beaconhttp.WithRetry(policy.RetryConfig{
+	tr, err := beaconhttp.NewTransport(cache, beaconhttp.WithServiceSuffix(".svc"), beaconhttp.WithRetry(policy.RetryConfig{
 		MaxAttempts: 3, BaseBackoff: 5 * time.Millisecond, MaxBackoff: 50 * time.Millisecond, Budget: budget,
 	}))
 	if err != nil {
@@ -187,7 +187,7 @@ func (c *caller) callGRPC(ctx context.Context) (string, error) {
 
 func (c *caller) callHTTP(service string) func(ctx context.Context) (string, error) {
 	return func(ctx context.Context) (string, error) {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+service+"/echo", nil)
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+service+".svc/echo", nil)
 		if err != nil {
 			return "", err
 		}

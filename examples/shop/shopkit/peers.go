@@ -19,6 +19,10 @@ import (
 	"beacon.dev/beacon/policy"
 )
 
+// HTTPServices are the shop's services called over HTTP (http://NAME/…):
+// the only hosts the transport resolves through beacon.
+var HTTPServices = []string{"payments"}
+
 // PeersConfig configures how a process calls the others.
 type PeersConfig struct {
 	Registry []string // beacon server addresses
@@ -93,7 +97,7 @@ func NewPeers(cfg PeersConfig) (*Peers, error) {
 		}
 	}
 	retry.RetryOn = nil // HTTP: the transport's own classification
-	if p.tr, err = beaconhttp.NewTransport(p.Cache, beaconhttp.WithRetry(retry),
+	if p.tr, err = beaconhttp.NewTransport(p.Cache, beaconhttp.WithRetry(retry), beaconhttp.WithServices(HTTPServices...),
 		beaconhttp.WithPolicies(policy.WithPerTryTimeout(cfg.PerTry))); err != nil {
 		p.Close()
 		return nil, err
