@@ -61,10 +61,12 @@ func WithHedging(h *policy.Hedger) InterceptorOption {
 
 // UnaryClientInterceptor runs every unary call through exec. Calls to
 // methods for which idempotent returns true (full names such as
-// "/pkg.Svc/Get") may be retried, and hedged, on any retryable error;
-// others only when gRPC reports the request was never sent — which it
-// does not, so they are not retried. Give exec's retry RetryOn:
-// RetryableCode.
+// "/pkg.Svc/Get") may be retried, and hedged, on any retryable error —
+// UNAVAILABLE is one whatever exec's RetryOn says; others only when gRPC
+// reports the request was never sent — which it does not, so they are not
+// retried. The error returned is always a gRPC status (StatusOf): the
+// policies' refusals are UNAVAILABLE (breaker open, bulkhead full) or
+// RESOURCE_EXHAUSTED (rate limited), and status.Code works on every error.
 func UnaryClientInterceptor(exec *policy.Executor, idempotent func(method string) bool, opts ...InterceptorOption) grpc.UnaryClientInterceptor {
 	ic := &interceptor{exec: exec, idempotent: idempotent}
 	for _, o := range opts {
@@ -74,6 +76,41 @@ func UnaryClientInterceptor(exec *policy.Executor, idempotent func(method string
 }
 
 func (ic *interceptor) intercept(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	return asStatus(ic.call(ctx, method, req, reply, cc, invoker, opts...))
+}
+
+// asStatus returns err as a gRPC status error (status.Code and
+// status.FromError see its code) that still unwraps to the policies'
+// errors (errors.Is(err, policy.ErrOpen)).
+func asStatus(err error) error {
+	if err == nil {
+		return nil
+	}
+	if _, ok := err.(interface{ GRPCStatus() *status.Status }); ok {
+		return err // the server's answer, as it came
+	}
+	return &statusError{st: StatusOf(err), err: err}
+}
+
+type statusError struct {
+	st  *status.Status
+	err error
+}
+
+func (e *statusError) Error() string              { return e.st.Err().Error() }
+func (e *statusError) GRPCStatus() *status.Status { return e.st }
+func (e *statusError) Unwrap() error              { return e.err }
+
+// attempt runs one attempt and marks UNAVAILABLE retryable, so that
+// gRPC's retryable code is retried whatever the executor's RetryOn.
+func attempt(err error) error {
+	if err != nil && status.Code(err) == codes.Unavailable {
+		return policy.Retryable(err)
+	}
+	return err
+}
+
+func (ic *interceptor) call(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 	kind := policy.NotIdempotent
 	if ic.idempotent != nil && ic.idempotent(method) {
 		kind = policy.Idempotent
@@ -83,7 +120,7 @@ func (ic *interceptor) intercept(ctx context.Context, method string, req, reply 
 	msg, isProto := reply.(proto.Message)
 	if ic.hedger == nil || kind != policy.Idempotent || !isProto {
 		return ic.exec.Do(ctx, kind, func(ctx context.Context) error {
-			return invoker(ctx, method, req, reply, cc, opts...)
+			return attempt(invoker(ctx, method, req, reply, cc, opts...))
 		})
 	}
 	// Every attempt decodes into its own message; the first to succeed
@@ -97,7 +134,7 @@ func (ic *interceptor) intercept(ctx context.Context, method string, req, reply 
 		own := msg.ProtoReflect().New().Interface()
 		ownOpts, publish := attemptOptions(opts)
 		err := ic.exec.Do(ctx, kind, func(ctx context.Context) error {
-			return invoker(ctx, method, req, own, cc, ownOpts...)
+			return attempt(invoker(ctx, method, req, own, cc, ownOpts...))
 		})
 		if err != nil {
 			return err
@@ -127,10 +164,10 @@ func StreamClientInterceptor(exec *policy.Executor) grpc.StreamClientInterceptor
 		err := exec.Open(ctx, func(ctx context.Context) error {
 			s, err := streamer(ctx, desc, cc, method, opts...)
 			cs = s
-			return err
+			return attempt(err)
 		})
 		if err != nil {
-			return nil, err
+			return nil, asStatus(err)
 		}
 		return cs, nil
 	}
@@ -207,9 +244,15 @@ func StatusOf(err error) *status.Status {
 	case errors.Is(err, policy.ErrOpen), errors.Is(err, policy.ErrBulkheadFull):
 		return status.New(codes.Unavailable, err.Error())
 	}
+	if st, ok := status.FromError(err); ok {
+		return st
+	}
 	var se interface{ GRPCStatus() *status.Status }
 	if errors.As(err, &se) {
 		return se.GRPCStatus()
+	}
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return status.FromContextError(err)
 	}
 	return status.New(codes.Unknown, err.Error())
 }
