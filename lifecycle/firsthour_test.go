@@ -115,7 +115,7 @@ func TestWrongRegistryAddressIsReported(t *testing.T) {
 	})
 	cancel()
 	r := <-done
-	if !errors.Is(r.err, client.ErrUnavailable) || !strings.Contains(r.err.Error(), "without ever registering") {
+	if !errors.Is(r.err, client.ErrUnavailable) || !strings.Contains(r.err.Error(), "before any registration was confirmed") {
 		t.Errorf("Run = %v, want an error saying it never registered, wrapping ErrUnavailable", r.err)
 	}
 	if r.rep.RegisterAttempts < 2 || r.rep.RegisterErr == nil || len(r.rep.Registered) != 0 {

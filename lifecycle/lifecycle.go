@@ -104,8 +104,8 @@ type Report struct {
 	AckWait time.Duration
 	// RegisterErr is why the last attempt to register failed (nil once
 	// registered); RegisterAttempts counts the attempts. Run logs each
-	// failure, and returns RegisterErr if it stops without ever having
-	// registered (a wrong registry address, say).
+	// failure, and returns RegisterErr if it stops before any registration
+	// was confirmed (a wrong registry address, say).
 	RegisterErr      error
 	RegisterAttempts int
 	// DrainErr is why the drain could not be announced (registry down):
@@ -315,7 +315,7 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 		cancel()
 	}
 	if runErr == nil && len(rep.Registered) == 0 && rep.RegisterErr != nil {
-		runErr = fmt.Errorf("lifecycle: stopped without ever registering (%d attempts): %w", rep.RegisterAttempts, rep.RegisterErr)
+		runErr = fmt.Errorf("lifecycle: stopped before any registration was confirmed (%d attempts; the last to fail: %w)", rep.RegisterAttempts, rep.RegisterErr)
 	}
 	rep.Stopping = time.Since(stopping)
 	r.log.Info("lifecycle: stopped", "in", rep.Stopping, "watchers", rep.Acks.Watchers, "acknowledged", rep.Acks.Acknowledged, "ack_wait", rep.AckWait, "clean", rep.StopClean)
@@ -337,10 +337,14 @@ func (r *runner) start(stopCtx context.Context, serveErr <-chan error, instances
 	for {
 		rep.RegisterAttempts++
 		err := r.register(stopCtx, instances, sess, rep)
-		rep.RegisterErr = err
-		if err == nil || stopCtx.Err() != nil {
+		if err == nil {
+			rep.RegisterErr = nil
 			return nil
 		}
+		if stopCtx.Err() != nil {
+			return nil // interrupted: RegisterErr keeps the last failure
+		}
+		rep.RegisterErr = err
 		if errors.Is(err, registry.ErrInvalid) {
 			return fmt.Errorf("lifecycle: registering: %w", err)
 		}

@@ -3,6 +3,7 @@ package lifecycle_test
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"net"
 	"net/http"
 	"strings"
@@ -162,20 +163,22 @@ func TestRegistersOnceTheRegistryIsBack(t *testing.T) {
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	var states []beaconhttp.State
+	logs := &recordHandler{}
 	go func() {
 		_, err := lifecycle.Run(runCtx, lifecycle.Config{
 			Client: c, Instance: registry.Instance{Service: "orders"},
 			GRPC: grpc.NewServer(), GRPCListener: listen(t), SessionTTL: 3 * time.Second,
 			OnState: func(s beaconhttp.State) { states = append(states, s) },
+			Logger:  slog.New(logs),
 		})
 		done <- err
 	}()
-	time.Sleep(500 * time.Millisecond)
+	testutil.Eventually(t, 15*time.Second, "a failed attempt", func() bool { return logs.count("registry unreachable") > 0 })
 	proxy.SetDown(false)
 	direct := newClient(t, srv.Addr())
 	testutil.Eventually(t, 15*time.Second, "registered once the registry is back", func() bool {
 		snap, err := direct.Instances(ctx, "orders")
-		return err == nil && len(snap.Instances) == 1
+		return err == nil && len(snap.Instances) == 1 && logs.count("lifecycle: registered") == 1
 	})
 	stop()
 	if err := <-done; err != nil {
