@@ -78,10 +78,10 @@ func New(builder Builder, cfg Config, opts ...Option) (*Balancer, error) {
 	for _, o := range opts {
 		o(b)
 	}
-	if l, ok := builder.(interface{ UsesLatency() bool }); ok {
+	if l, ok := builder.(LatencyUser); ok {
 		b.latency = l.UsesLatency()
 	}
-	if lb, ok := builder.(interface{ BoundedLoad() bool }); ok {
+	if lb, ok := builder.(LoadBounder); ok {
 		b.boundedLoad = lb.BoundedLoad()
 	}
 	if b.rand == nil {

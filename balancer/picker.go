@@ -42,6 +42,20 @@ type Builder interface {
 	Build(eps []*endpoint.Endpoint, opts BuildOptions) Picker
 }
 
+// LatencyUser is a Builder whose pickers read latency: the balancer then
+// measures every call's latency into the endpoints' Stats (the others
+// skip that cost).
+type LatencyUser interface {
+	UsesLatency() bool
+}
+
+// LoadBounder is a Builder that bounds each endpoint's load against the
+// average (consistent hashing with bounded loads): the balancer then
+// counts requests in flight across the service (BuildOptions.Group).
+type LoadBounder interface {
+	BoundedLoad() bool
+}
+
 // BuildOptions carries what the balancer shares with every picker.
 type BuildOptions struct {
 	// Rand returns uniformly random 64-bit values. Nil means math/rand/v2,

@@ -36,7 +36,7 @@ var (
 	// (session.ErrClosed).
 	ErrClosed = session.ErrClosed
 	// ErrNotFound: the instance does not exist.
-	ErrNotFound = errors.New("not found")
+	ErrNotFound = errors.New("beacon: not found")
 )
 
 // Option configures a Client.
@@ -549,7 +549,7 @@ func (c *Client) SetStatus(ctx context.Context, namespace, service, id string, s
 	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (*registry.Instance, error) {
 		resp, err := r.SetStatus(ctx, connect.NewRequest(req))
 		if connect.CodeOf(err) == connect.CodeNotFound {
-			return nil, fmt.Errorf("beacon: instance %s/%s/%s: %w", req.Namespace, service, id, ErrNotFound)
+			return nil, fmt.Errorf("instance %s/%s/%s: %w", req.Namespace, service, id, ErrNotFound)
 		}
 		if err != nil {
 			return nil, err
@@ -587,7 +587,7 @@ func (c *Client) UpdateCheck(ctx context.Context, namespace, service, id, check 
 	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (int64, error) {
 		resp, err := r.UpdateCheck(ctx, connect.NewRequest(req))
 		if connect.CodeOf(err) == connect.CodeNotFound {
-			return 0, fmt.Errorf("beacon: instance %s/%s/%s: %w", req.Namespace, service, id, ErrNotFound)
+			return 0, fmt.Errorf("instance %s/%s/%s: %w", req.Namespace, service, id, ErrNotFound)
 		}
 		if err != nil {
 			return 0, err

@@ -12,7 +12,10 @@ import (
 // Builder builds P2C pickers.
 type Builder struct{}
 
-var _ balancer.Builder = Builder{}
+var _ interface {
+	balancer.Builder
+	balancer.LatencyUser
+} = Builder{}
 
 func (Builder) Name() string { return "p2c_ewma" }
 

@@ -35,7 +35,10 @@ type Builder struct {
 	LoadFactor float64
 }
 
-var _ balancer.Builder = Builder{}
+var _ interface {
+	balancer.Builder
+	balancer.LoadBounder
+} = Builder{}
 
 func (Builder) Name() string { return "ring_hash" }
 
