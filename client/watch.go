@@ -58,6 +58,20 @@ type WatchOption func(*Watcher)
 // WatchNamespace watches another namespace than the client's.
 func WatchNamespace(ns string) WatchOption { return func(w *Watcher) { w.ns = ns } }
 
+// WatchFrom starts the watch from snapshots the caller already holds (of
+// the watched namespace): the server sends only the services that changed
+// since, and Snapshot returns these until then. Next does not hand them
+// out again.
+func WatchFrom(snaps []*registry.Snapshot) WatchOption {
+	return func(w *Watcher) {
+		for _, s := range snaps {
+			if old, ok := w.state[s.Service]; s != nil && (!ok || s.Revision > old.Revision) {
+				w.state[s.Service] = s
+			}
+		}
+	}
+}
+
 // Watch starts following services (all services of the namespace when none
 // is named) until ctx ends or Close is called.
 func (c *Client) Watch(ctx context.Context, services []string, opts ...WatchOption) (*Watcher, error) {

@@ -100,6 +100,7 @@ type entry struct {
 	held     map[string]held // suspects kept after a mass loss
 	set      endpoint.Set
 	subs     []chan struct{}
+	pinned   bool            // named to New: followed until Close, subscribed or not
 	timer    clockwork.Timer // next suspect expiry
 }
 
@@ -126,7 +127,7 @@ func New(src Source, cfg Config, services ...string) (*Cache, error) {
 		services: make(map[string]*entry), startedAt: cfg.Clock.Now(),
 	}
 	for _, s := range services {
-		c.services[s] = &entry{set: endpoint.Set{Service: s}}
+		c.services[s] = &entry{set: endpoint.Set{Service: s}, pinned: true}
 	}
 	go c.run(ctx)
 	return c, nil
@@ -154,7 +155,10 @@ type Subscription struct {
 	ch      chan struct{}
 }
 
-// Subscribe follows a service, adding it to the watch if needed.
+// Subscribe follows a service, adding it to the watch if needed. With a
+// Source that is a Resumer, the watch starts again from the revisions the
+// cache holds, so only the new service is sent; otherwise every followed
+// service is sent again.
 func (c *Cache) Subscribe(service string) (*Subscription, error) {
 	if err := registry.ValidateName("service", service); err != nil {
 		return nil, err
@@ -169,12 +173,17 @@ func (c *Cache) Subscribe(service string) (*Subscription, error) {
 	e.subs = append(e.subs, sub.ch)
 	c.mu.Unlock()
 	if !ok {
-		select {
-		case c.restart <- struct{}{}:
-		default:
-		}
+		c.restartWatch()
 	}
 	return sub, nil
+}
+
+// restartWatch has run open a new stream with the services followed now.
+func (c *Cache) restartWatch() {
+	select {
+	case c.restart <- struct{}{}:
+	default:
+	}
 }
 
 // Changed receives after every change of the service's set.
@@ -186,12 +195,27 @@ func (s *Subscription) Endpoints() endpoint.Set {
 	return set
 }
 
-// Close stops notifications.
+// Close stops notifications. A service no subscription follows any more,
+// and that was not named to New, is no longer followed: it leaves the
+// watch and the cache.
 func (s *Subscription) Close() {
-	s.c.mu.Lock()
-	defer s.c.mu.Unlock()
-	if e, ok := s.c.services[s.service]; ok {
+	c := s.c
+	c.mu.Lock()
+	e, ok := c.services[s.service]
+	dropped := false
+	if ok {
 		e.subs = slices.DeleteFunc(e.subs, func(ch chan struct{}) bool { return ch == s.ch })
+		if len(e.subs) == 0 && !e.pinned && !c.closed {
+			if e.timer != nil {
+				e.timer.Stop()
+			}
+			delete(c.services, s.service)
+			c.dirty, dropped = true, true
+		}
+	}
+	c.mu.Unlock()
+	if dropped {
+		c.restartWatch()
 	}
 }
 
@@ -285,7 +309,7 @@ func (c *Cache) run(ctx context.Context) {
 			continue
 		}
 		sctx, cancel := context.WithCancel(ctx)
-		stream, err := c.src.Watch(sctx, names)
+		stream, err := c.watch(sctx, names)
 		if err != nil { // only for invalid requests: nothing to retry
 			c.cfg.Logger.Error("discovery: watch refused", "err", err)
 			cancel()
@@ -354,6 +378,25 @@ func (c *Cache) run(ctx context.Context) {
 		c.stream = nil
 		c.mu.Unlock()
 	}
+}
+
+// watch opens a stream for names, from the snapshots held when the source
+// can resume: those the registry gave (not the disk's, which applySynced
+// must be free to replace) of services still followed.
+func (c *Cache) watch(ctx context.Context, names []string) (Stream, error) {
+	r, ok := c.src.(Resumer)
+	if !ok {
+		return c.src.Watch(ctx, names)
+	}
+	c.mu.Lock()
+	var have []*registry.Snapshot
+	for _, name := range names {
+		if e := c.services[name]; e != nil && e.snap != nil && !e.fromDisk {
+			have = append(have, e.snap)
+		}
+	}
+	c.mu.Unlock()
+	return r.WatchFrom(ctx, names, have)
 }
 
 // applySynced settles every followed service once the stream has caught

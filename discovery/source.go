@@ -16,6 +16,13 @@ type Source interface {
 	Watch(ctx context.Context, services []string) (Stream, error)
 }
 
+// Resumer is a Source that can start a watch from the snapshots the cache
+// already holds and send only what changed since: following one more
+// service then costs that service, not a new download of every other.
+type Resumer interface {
+	WatchFrom(ctx context.Context, services []string, have []*registry.Snapshot) (Stream, error)
+}
+
 // Stream delivers full snapshots of the services that changed.
 type Stream interface {
 	Next(ctx context.Context) ([]*registry.Snapshot, error)
@@ -45,4 +52,8 @@ func (s clientSource) Namespace() string { return s.ns }
 
 func (s clientSource) Watch(ctx context.Context, services []string) (Stream, error) {
 	return s.c.Watch(ctx, services, client.WatchNamespace(s.ns))
+}
+
+func (s clientSource) WatchFrom(ctx context.Context, services []string, have []*registry.Snapshot) (Stream, error) {
+	return s.c.Watch(ctx, services, client.WatchNamespace(s.ns), client.WatchFrom(have))
 }

@@ -25,6 +25,12 @@ func New(c *client.Client) *Backend {
 	return &Backend{Source: discovery.FromClient(c, ""), c: c}
 }
 
+// WatchFrom implements discovery.Resumer: a new watch sends only what
+// changed since the snapshots the caller holds.
+func (b *Backend) WatchFrom(ctx context.Context, services []string, have []*registry.Snapshot) (discovery.Stream, error) {
+	return b.Source.(discovery.Resumer).WatchFrom(ctx, services, have)
+}
+
 // Client returns the underlying client (for what only beacon offers:
 // acknowledged drains, checks, maintenance).
 func (b *Backend) Client() *client.Client { return b.c }
