@@ -116,33 +116,45 @@ func (b *Balancer) Close() {
 	}
 }
 
+// Pick is one call's endpoint, from Balancer.Pick to its Done: a small
+// value (picking allocates nothing) that carries what Done needs, so the
+// call's start, its endpoint and its outcome cannot be mismatched.
+type Pick struct {
+	*endpoint.Endpoint // the chosen one: p.Addr, p.ID, …
+	b                  *Balancer
+	start              int64 // Now() when the latency of this call is measured, else 0
+}
+
 // Pick chooses an endpoint and counts the call as in flight on it. Every
 // successful Pick must be followed by exactly one Done.
-func (b *Balancer) Pick(info PickInfo) (*endpoint.Endpoint, error) {
+func (b *Balancer) Pick(info PickInfo) (Pick, error) {
 	r := b.route.Load()
 	ep, err := r.pick(info)
 	if err != nil {
-		return nil, err
+		return Pick{}, err
 	}
 	for i := 0; i < 3 && info.Avoid != "" && ep.ID == info.Avoid; i++ {
 		info.HasKey = false // a keyed pick would land on the same endpoint
 		if ep, err = r.pick(info); err != nil {
-			return nil, err
+			return Pick{}, err
 		}
 	}
 	ep.Stats.Begin()
-	return ep, nil
+	if !b.latency {
+		return Pick{Endpoint: ep, b: b}, nil
+	}
+	return Pick{Endpoint: ep, b: b, start: b.start()}, nil
 }
 
-// Now returns the clock Done measures latency with: cheap monotonic
+// Now returns the clock latency is measured with: cheap monotonic
 // nanoseconds.
 func Now() int64 { return mono.Now() }
 
-// Start returns the start stamp to give Done for a call about to be sent:
-// a reading of Now for the calls whose latency is sampled, 0 for the
-// others. Algorithms that do not use latency never read the clock.
-func (b *Balancer) Start() int64 {
-	if !b.latency || (b.sampleMask != 0 && rand.Uint32()&b.sampleMask != 0) {
+// start returns a reading of Now for the calls whose latency is sampled,
+// 0 for the others. (Pick does not call it for algorithms that do not use
+// latency: they never read the clock.)
+func (b *Balancer) start() int64 {
+	if b.sampleMask != 0 && rand.Uint32()&b.sampleMask != 0 {
 		return 0
 	}
 	return mono.Now()
@@ -161,20 +173,23 @@ func WithLatencySampling(n int) Option {
 	}
 }
 
-// Done records the outcome of a call to an endpoint returned by Pick:
-// latency (from start, as returned by Start; 0 for none) for least-request
-// balancing, and success or failure for outlier detection.
-func (b *Balancer) Done(ep *endpoint.Endpoint, start int64, failed bool) {
+// Done records the call's outcome as it concerns the endpoint: latency
+// for least-request balancing, and for outlier detection a failure when
+// err is not nil. Pass nil for outcomes that say nothing about the
+// endpoint (the caller's own cancellation, a request the server refused
+// as invalid). Call it once.
+func (p Pick) Done(err error) {
+	ep, failed := p.Endpoint, err != nil
 	var streak int32
-	if start != 0 {
+	if p.start != 0 {
 		now := mono.Now()
-		b.coarse.Observe(now)
-		streak = ep.Stats.End(now, time.Duration(now-start), failed)
+		p.b.coarse.Observe(now)
+		streak = ep.Stats.End(now, time.Duration(now-p.start), failed)
 	} else {
 		streak = ep.Stats.Finish(failed)
 	}
-	if failed && b.detector != nil {
-		b.detector.Observe(ep, streak)
+	if failed && p.b.detector != nil {
+		p.b.detector.Observe(ep, streak)
 	}
 }
 

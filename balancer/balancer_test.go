@@ -59,7 +59,7 @@ func share(t *testing.T, bal *balancer.Balancer, n int) map[string]int {
 			t.Fatalf("Pick() error = %v", err)
 		}
 		got[e.ID]++
-		bal.Done(e, 0, false)
+		e.Done(nil)
 	}
 	return got
 }
@@ -109,10 +109,10 @@ func TestCanarySplit(t *testing.T) {
 	// A key always lands in the same subset.
 	info := balancer.PickInfo{Key: balancer.HashKey("user-7"), HasKey: true}
 	first, _ := bal.Pick(info)
-	bal.Done(first, 0, false)
+	first.Done(nil)
 	for range 50 {
 		e, _ := bal.Pick(info)
-		bal.Done(e, 0, false)
+		e.Done(nil)
 		if (e.Version == "v2") != (first.Version == "v2") {
 			t.Fatalf("key moved between subsets: %s then %s", first.ID, e.ID)
 		}
@@ -139,7 +139,7 @@ func ejectAll(t *testing.T, bal *balancer.Balancer, ids ...string) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		bal.Done(e, 0, want[e.ID])
+		e.Done(failIf(want[e.ID]))
 		if want[e.ID] && bal.Outlier().Ejected(e.ID) {
 			delete(want, e.ID)
 		}
@@ -261,7 +261,7 @@ func TestAvoidThePreviousEndpoint(t *testing.T) {
 		if e.ID == "b" {
 			avoided++
 		}
-		bal.Done(e, 0, false)
+		e.Done(nil)
 	}
 	// Four draws at 1/2 each: a is picked only when all four land on it.
 	fit(t, map[string]int{"a": 1000 - avoided, "b": avoided}, map[string]float64{"a": 1.0 / 16, "b": 15.0 / 16})
@@ -282,7 +282,7 @@ func TestRoundRobinNeverReturnsTheAvoidedEndpoint(t *testing.T) {
 		if e.ID == "a" {
 			t.Fatal("Pick(avoid a) = a")
 		}
-		bal.Done(e, 0, false)
+		e.Done(nil)
 	}
 }
 
@@ -293,14 +293,14 @@ func TestStatsSurviveUpdates(t *testing.T) {
 	bal.Update(set(2, spec{id: "a"}, spec{id: "b"}))
 	e2, _ := bal.Pick(balancer.PickInfo{Key: 0})
 	for e2.ID != "a" {
-		bal.Done(e2, 0, false)
+		e2.Done(nil)
 		e2, _ = bal.Pick(balancer.PickInfo{})
 	}
 	if e.Stats != e2.Stats || e.Stats.Inflight() != 2 {
 		t.Errorf("a's stats after an update: same=%v inflight=%d, want same, 2", e.Stats == e2.Stats, e2.Stats.Inflight())
 	}
-	bal.Done(e, 0, false)
-	bal.Done(e2, 0, false)
+	e.Done(nil)
+	e2.Done(nil)
 }
 
 type chanSource struct {
@@ -389,4 +389,12 @@ func TestUpdateRemovingAnEjectedEndpoint(t *testing.T) {
 	if st := bal.State(); st.Endpoints != 2 {
 		t.Errorf("State().Endpoints = %d, want 2", st.Endpoints)
 	}
+}
+
+// failIf is the outcome Done wants for a call that failed or not.
+func failIf(failed bool) error {
+	if failed {
+		return errors.New("failed")
+	}
+	return nil
 }

@@ -45,13 +45,12 @@ func BenchmarkPick(b *testing.B) {
 					info := balancer.PickInfo{HasKey: true}
 					for pb.Next() {
 						info.Key++
-						start := bal.Start()
 						e, err := bal.Pick(info)
 						if err != nil {
 							b.Error(err)
 							return
 						}
-						bal.Done(e, start, false)
+						e.Done(nil)
 					}
 				})
 			})

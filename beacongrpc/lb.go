@@ -251,7 +251,6 @@ type picker struct {
 }
 
 func (p *picker) Pick(info grpcbalancer.PickInfo) (grpcbalancer.PickResult, error) {
-	start := p.bal.Start()
 	var pi balancer.PickInfo
 	tried := attemptsOf(info.Ctx)
 	if tried != nil {
@@ -263,14 +262,18 @@ func (p *picker) Pick(info grpcbalancer.PickInfo) (grpcbalancer.PickResult, erro
 	}
 	sc, ok := p.subConns[ep.ID]
 	if !ok { // the balancer moved on since this picker was built
-		p.bal.Done(ep, 0, false)
+		ep.Done(nil)
 		return grpcbalancer.PickResult{}, grpcbalancer.ErrNoSubConnAvailable
 	}
 	if tried != nil {
 		tried.picked(ep.ID)
 	}
 	return grpcbalancer.PickResult{SubConn: sc, Done: func(di grpcbalancer.DoneInfo) {
-		p.bal.Done(ep, start, IsFailure(di.Err) || lostHedge(info.Ctx, di.Err))
+		var failure error // nil: the outcome says nothing against the endpoint
+		if IsFailure(di.Err) || lostHedge(info.Ctx, di.Err) {
+			failure = di.Err
+		}
+		ep.Done(failure)
 	}}, nil
 }
 

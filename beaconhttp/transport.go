@@ -326,7 +326,6 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			drain(last)
 			last = nil
 		}
-		start := svc.bal.Start()
 		ep, err := svc.bal.Pick(balancer.PickInfo{Avoid: tried})
 		if err != nil {
 			return policy.Unsent(err)
@@ -344,20 +343,23 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		if replay && req.GetBody != nil {
 			if out.Body, err = req.GetBody(); err != nil {
-				svc.bal.Done(ep, start, false)
+				ep.Done(nil)
 				return policy.Permanent(err)
 			}
 		}
 		resp, err := rt.RoundTrip(out)
 		if err != nil {
-			svc.bal.Done(ep, start, true)
+			ep.Done(err)
 			if !replay && !errors.Is(err, syscall.ECONNREFUSED) {
 				return policy.Permanent(err) // the body is spent
 			}
 			return classify(err)
 		}
-		failed := resp.StatusCode >= 500
-		svc.bal.Done(ep, start, failed)
+		if resp.StatusCode >= 500 {
+			ep.Done(&errStatus{resp.StatusCode})
+		} else {
+			ep.Done(nil)
+		}
 		last = resp
 		if retryableStatus(resp.StatusCode) {
 			return policy.Retryable(&errStatus{resp.StatusCode})

@@ -66,13 +66,12 @@ func ExampleCache() {
 	)
 
 	_ = exec.Do(ctx, policy.Idempotent, func(ctx context.Context) error {
-		start := bal.Start()
 		ep, err := bal.Pick(balancer.PickInfo{})
 		if err != nil {
 			return err
 		}
 		err = callOrders(ctx, ep.Addr)
-		bal.Done(ep, start, err != nil)
+		ep.Done(err)
 		return err
 	})
 }

@@ -78,13 +78,12 @@ func BenchmarkChain(b *testing.B) {
 				ctx := context.Background()
 				for pb.Next() {
 					err := exec.Do(ctx, policy.Idempotent, func(ctx context.Context) error {
-						start := bal.Start()
 						ep, err := bal.Pick(balancer.PickInfo{})
 						if err != nil {
 							return err
 						}
-						err = call(ep)
-						bal.Done(ep, start, err != nil)
+						err = call(ep.Endpoint)
+						ep.Done(err)
 						return err
 					})
 					if err != nil {
