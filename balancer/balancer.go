@@ -306,7 +306,7 @@ func (b *Balancer) rampFactor(now, since time.Time) (float64, bool) {
 		return 1, false
 	}
 	f := math.Pow(max(age.Seconds(), 0)/b.cfg.SlowStart.Seconds(), 1/b.cfg.SlowStartAggression)
-	return max(f, float64(b.cfg.SlowStartMinPercent)/100), true
+	return max(f, b.cfg.SlowStartMin), true
 }
 
 // State describes how the balancer routes right now.

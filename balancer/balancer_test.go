@@ -149,11 +149,11 @@ func ejectAll(t *testing.T, bal *balancer.Balancer, ids ...string) {
 	}
 }
 
-var testOutlier = outlier.Config{Interval: time.Hour, ConsecutiveFailures: 2, BaseEjection: time.Minute, MaxEjectedPercent: 100}
+var testOutlier = outlier.Config{Interval: time.Hour, ConsecutiveFailures: 2, BaseEjection: time.Minute, MaxEjected: 1}
 
 func TestBackupTierAndPanic(t *testing.T) {
 	clock := clockwork.NewFakeClock()
-	bal := newBalancer(t, roundrobin.Builder{}, balancer.Config{PanicThreshold: 50},
+	bal := newBalancer(t, roundrobin.Builder{}, balancer.Config{PanicThreshold: 0.5},
 		balancer.WithClock(clock), balancer.WithOutlierDetection(testOutlier))
 	bal.Update(set(1, spec{id: "p1"}, spec{id: "p2"}, spec{id: "p3"}, spec{id: "b1", tier: 1}, spec{id: "b2", tier: 1}))
 
@@ -187,7 +187,7 @@ func TestBackupTierAndPanic(t *testing.T) {
 
 func TestZoneAware(t *testing.T) {
 	clock := clockwork.NewFakeClock()
-	bal := newBalancer(t, roundrobin.Builder{}, balancer.Config{Zone: "a", ZoneMinHealthy: 60},
+	bal := newBalancer(t, roundrobin.Builder{}, balancer.Config{Zone: "a", ZoneMinHealthy: 0.6},
 		balancer.WithClock(clock), balancer.WithOutlierDetection(testOutlier))
 	bal.Update(set(1, spec{id: "a1", zone: "a"}, spec{id: "a2", zone: "a"}, spec{id: "a3", zone: "a"},
 		spec{id: "b1", zone: "b"}, spec{id: "b2", zone: "b"}))
@@ -223,7 +223,7 @@ func TestZoneSpill(t *testing.T) {
 
 func TestSlowStart(t *testing.T) {
 	clock := clockwork.NewFakeClock()
-	bal := newBalancer(t, random.Builder{}, balancer.Config{SlowStart: 100 * time.Second, SlowStartMinPercent: 10},
+	bal := newBalancer(t, random.Builder{}, balancer.Config{SlowStart: 100 * time.Second, SlowStartMin: 0.1},
 		balancer.WithClock(clock))
 	bal.Update(set(0)) // an empty first set (a cache not yet synced)
 	bal.Update(set(1, spec{id: "old"}))
@@ -331,11 +331,11 @@ func TestConfigErrors(t *testing.T) {
 		cfg  balancer.Config
 		want string
 	}{
-		{balancer.Config{PanicThreshold: 101}, "panic threshold 101"},
+		{balancer.Config{PanicThreshold: 1.01}, "panic threshold 1.01"},
 		{balancer.Config{ZoneMinHealthy: -1}, "zone min healthy -1"},
 		{balancer.Config{ZoneSpill: -1}, "zone spill -1"},
 		{balancer.Config{SlowStart: -time.Second}, "slow start -1s"},
-		{balancer.Config{SlowStartMinPercent: 200}, "slow start min percent 200"},
+		{balancer.Config{SlowStartMin: 2}, "slow start min 2"},
 		{balancer.Config{Subsets: []balancer.Subset{{Name: "x", Weight: 0}}}, `subsets[0] ("x") weight 0`},
 		{balancer.Config{Subsets: []balancer.Subset{{Name: "x", Weight: 1}, {Name: "x", Weight: 1}}}, `subsets[1] name "x"`},
 	} {

@@ -22,29 +22,30 @@ type Config struct {
 	// share to the others. Empty means one group of every endpoint.
 	Subsets []Subset
 
-	// PanicThreshold, a percentage: when fewer than this share of a tier's
-	// endpoints are healthy, that tier is not trusted with the traffic; if
-	// no tier is, traffic goes to all endpoints, healthy or not, rather than
-	// overloading the few survivors (Envoy's panic mode). 0 disables.
-	PanicThreshold int
+	// PanicThreshold, a fraction in [0, 1]: when fewer than this share of
+	// a tier's endpoints are healthy, that tier is not trusted with the
+	// traffic; if no tier is, traffic goes to all endpoints, healthy or
+	// not, rather than overloading the few survivors (Envoy's panic mode).
+	// 0 disables. (Every share in the SDK is a fraction.)
+	PanicThreshold float64
 
 	// Zone is the caller's zone; "" disables zone-aware routing. Calls stay
-	// in the zone while at least ZoneMinHealthy percent (default 70) of its
+	// in the zone while at least the ZoneMinHealthy share (default 0.7) of its
 	// endpoints in the chosen tier are healthy, and go to every zone
 	// otherwise.
 	Zone           string
-	ZoneMinHealthy int
+	ZoneMinHealthy float64
 	// ZoneSpill > 0 also sends a call out of the zone when the local pick
 	// has more than ZoneSpill × (in flight + 1) requests in flight compared
 	// with a random remote endpoint: an overloaded zone sheds to the others.
 	ZoneSpill float64
 
-	// SlowStart ramps a new endpoint's weight from SlowStartMinPercent
-	// (default 10) to full over this window, along (age/window)^(1/
+	// SlowStart ramps a new endpoint's weight from the SlowStartMin share
+	// (default 0.1) to full over this window, along (age/window)^(1/
 	// SlowStartAggression) (default aggression 1: linear). Endpoints that
 	// join an empty service start at full weight. 0 disables.
 	SlowStart           time.Duration
-	SlowStartMinPercent int
+	SlowStartMin        float64
 	SlowStartAggression float64
 }
 
@@ -86,10 +87,10 @@ const MaxSubsets = 64
 
 func (c Config) withDefaults() (Config, error) {
 	if c.ZoneMinHealthy == 0 {
-		c.ZoneMinHealthy = 70
+		c.ZoneMinHealthy = 0.7
 	}
-	if c.SlowStartMinPercent == 0 {
-		c.SlowStartMinPercent = 10
+	if c.SlowStartMin == 0 {
+		c.SlowStartMin = 0.1
 	}
 	if c.SlowStartAggression == 0 {
 		c.SlowStartAggression = 1
@@ -99,16 +100,16 @@ func (c Config) withDefaults() (Config, error) {
 		c.Subsets[i].Match.Metadata = maps.Clone(c.Subsets[i].Match.Metadata)
 	}
 	switch {
-	case c.PanicThreshold < 0 || c.PanicThreshold > 100:
-		return c, fmt.Errorf("%w: panic threshold %d must be a percentage in [0, 100]", ErrInvalidConfig, c.PanicThreshold)
-	case c.ZoneMinHealthy < 0 || c.ZoneMinHealthy > 100:
-		return c, fmt.Errorf("%w: zone min healthy %d must be a percentage in [0, 100]", ErrInvalidConfig, c.ZoneMinHealthy)
+	case !(c.PanicThreshold >= 0 && c.PanicThreshold <= 1):
+		return c, fmt.Errorf("%w: panic threshold %v must be a fraction in [0, 1]", ErrInvalidConfig, c.PanicThreshold)
+	case !(c.ZoneMinHealthy > 0 && c.ZoneMinHealthy <= 1):
+		return c, fmt.Errorf("%w: zone min healthy %v must be a fraction in (0, 1]", ErrInvalidConfig, c.ZoneMinHealthy)
 	case c.ZoneSpill < 0:
 		return c, fmt.Errorf("%w: zone spill %v must not be negative", ErrInvalidConfig, c.ZoneSpill)
 	case c.SlowStart < 0:
 		return c, fmt.Errorf("%w: slow start %v must not be negative", ErrInvalidConfig, c.SlowStart)
-	case c.SlowStartMinPercent < 1 || c.SlowStartMinPercent > 100:
-		return c, fmt.Errorf("%w: slow start min percent %d must be in [1, 100]", ErrInvalidConfig, c.SlowStartMinPercent)
+	case !(c.SlowStartMin > 0 && c.SlowStartMin <= 1):
+		return c, fmt.Errorf("%w: slow start min %v must be a fraction in (0, 1]", ErrInvalidConfig, c.SlowStartMin)
 	case c.SlowStartAggression <= 0:
 		return c, fmt.Errorf("%w: slow start aggression %v must be positive", ErrInvalidConfig, c.SlowStartAggression)
 	case len(c.Subsets) > MaxSubsets:

@@ -113,7 +113,7 @@ func buildSplit(cfg Config, builder Builder, members []*endpoint.Endpoint, eject
 				}
 			}
 		}
-		if len(healthy) > 0 && len(healthy)*100 >= cfg.PanicThreshold*len(inTier) {
+		if len(healthy) > 0 && float64(len(healthy)) >= cfg.PanicThreshold*float64(len(inTier)) {
 			chosen, st.Tier = healthy, t
 			break
 		}
@@ -140,7 +140,7 @@ func buildSplit(cfg Config, builder Builder, members []*endpoint.Endpoint, eject
 			remote = append(remote, e)
 		}
 	}
-	if len(local) == 0 || len(local)*100 < cfg.ZoneMinHealthy*localInTier {
+	if len(local) == 0 || float64(len(local)) < cfg.ZoneMinHealthy*float64(localInTier) {
 		return split{all: builder.Build(chosen, opts)}
 	}
 	st.Local, st.Picking = true, len(local)

@@ -14,12 +14,14 @@ import (
 // lbConfig is a beacon policy's configuration in a gRPC service config:
 //
 //	{"loadBalancingConfig": [{"beacon_p2c": {
-//	    "zone": "eu-1", "zoneMinHealthy": 70, "zoneSpill": 2,
-//	    "panicThreshold": 50, "slowStart": "30s",
+//	    "zone": "eu-1", "zoneMinHealthy": 0.7, "zoneSpill": 2,
+//	    "panicThreshold": 0.5, "slowStart": "30s",
 //	    "outlier": {"interval": "1s", "consecutiveFailures": 3,
 //	                "failureRate": 0.5, "minRequests": 10,
 //	                "baseEjection": "5s", "maxEjection": "1m",
-//	                "maxEjectedPercent": 50}}}]}
+//	                "maxEjected": 0.5}}}]}
+//
+// Shares are fractions in [0, 1], as everywhere in the SDK.
 //
 // Absent fields keep the policy's registered values; durations are Go
 // duration strings ("500ms", "1.5s").
@@ -32,9 +34,9 @@ type lbConfig struct {
 
 type lbConfigJSON struct {
 	Zone           *string  `json:"zone"`
-	ZoneMinHealthy *int     `json:"zoneMinHealthy"`
+	ZoneMinHealthy *float64 `json:"zoneMinHealthy"`
 	ZoneSpill      *float64 `json:"zoneSpill"`
-	PanicThreshold *int     `json:"panicThreshold"`
+	PanicThreshold *float64 `json:"panicThreshold"`
 	SlowStart      *string  `json:"slowStart"`
 	Outlier        *struct {
 		Interval            *string  `json:"interval"`
@@ -43,7 +45,7 @@ type lbConfigJSON struct {
 		MinRequests         *int     `json:"minRequests"`
 		BaseEjection        *string  `json:"baseEjection"`
 		MaxEjection         *string  `json:"maxEjection"`
-		MaxEjectedPercent   *int     `json:"maxEjectedPercent"`
+		MaxEjected          *float64 `json:"maxEjected"`
 	} `json:"outlier"`
 }
 
@@ -72,14 +74,19 @@ func (b lbBuilder) ParseConfig(raw json.RawMessage) (serviceconfig.LoadBalancing
 			*dst = *v
 		}
 	}
+	setF := func(dst *float64, v *float64) {
+		if v != nil {
+			*dst = *v
+		}
+	}
 	if j.Zone != nil {
 		cfg.balancer.Zone = *j.Zone
 	}
-	set(&cfg.balancer.ZoneMinHealthy, j.ZoneMinHealthy)
+	setF(&cfg.balancer.ZoneMinHealthy, j.ZoneMinHealthy)
 	if j.ZoneSpill != nil {
 		cfg.balancer.ZoneSpill = *j.ZoneSpill
 	}
-	set(&cfg.balancer.PanicThreshold, j.PanicThreshold)
+	setF(&cfg.balancer.PanicThreshold, j.PanicThreshold)
 	dur("slowStart", j.SlowStart, &cfg.balancer.SlowStart)
 	if o := j.Outlier; o != nil {
 		dur("outlier.interval", o.Interval, &cfg.outlier.Interval)
@@ -87,7 +94,7 @@ func (b lbBuilder) ParseConfig(raw json.RawMessage) (serviceconfig.LoadBalancing
 		dur("outlier.maxEjection", o.MaxEjection, &cfg.outlier.MaxEjection)
 		set(&cfg.outlier.ConsecutiveFailures, o.ConsecutiveFailures)
 		set(&cfg.outlier.MinRequests, o.MinRequests)
-		set(&cfg.outlier.MaxEjectedPercent, o.MaxEjectedPercent)
+		setF(&cfg.outlier.MaxEjected, o.MaxEjected)
 		if o.FailureRate != nil {
 			cfg.outlier.FailureRate = *o.FailureRate
 		}

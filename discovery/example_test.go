@@ -37,7 +37,7 @@ func ExampleCache() {
 
 	bal, err := balancer.New(p2c.Builder{}, balancer.Config{
 		Zone:           "eu-1a",
-		PanicThreshold: 50,
+		PanicThreshold: 0.5,
 		SlowStart:      30 * time.Second,
 		Subsets: []balancer.Subset{
 			{Name: "stable", Weight: 95, Match: balancer.Selector{Version: "v1"}},

@@ -5,7 +5,7 @@
 // Two detectors run: consecutive failures eject at once, from the call
 // path; the failure rate over an interval is judged by a periodic sweep.
 // An ejection lasts BaseEjection × the number of recent ejections (capped
-// by MaxEjection) and at most MaxEjectedPercent of the endpoints are out at
+// by MaxEjection) and at most the MaxEjected share of the endpoints is out at
 // a time (never fewer than one). A Detector is safe for concurrent use.
 package outlier
 
@@ -41,7 +41,7 @@ type Config struct {
 	MaxEjection  time.Duration
 	// MaxEjectedPercent caps the share of endpoints out at once (default
 	// 50); one endpoint may always be ejected.
-	MaxEjectedPercent int
+	MaxEjected float64
 }
 
 // DefaultConfig is the configuration used for zero fields.
@@ -52,7 +52,7 @@ var DefaultConfig = Config{
 	MinRequests:         10,
 	BaseEjection:        30 * time.Second,
 	MaxEjection:         5 * time.Minute,
-	MaxEjectedPercent:   50,
+	MaxEjected:          0.5,
 }
 
 // ErrInvalidConfig wraps every configuration error.
@@ -79,8 +79,8 @@ func (c Config) withDefaults() (Config, error) {
 	if c.MaxEjection == 0 {
 		c.MaxEjection = max(d.MaxEjection, c.BaseEjection)
 	}
-	if c.MaxEjectedPercent == 0 {
-		c.MaxEjectedPercent = d.MaxEjectedPercent
+	if c.MaxEjected == 0 {
+		c.MaxEjected = d.MaxEjected
 	}
 	switch {
 	case c.Interval < time.Millisecond:
@@ -93,8 +93,8 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("%w: min requests %d must be ≥ 1", ErrInvalidConfig, c.MinRequests)
 	case c.BaseEjection < 0 || c.MaxEjection < c.BaseEjection:
 		return c, fmt.Errorf("%w: ejection %v..%v must be positive and ordered", ErrInvalidConfig, c.BaseEjection, c.MaxEjection)
-	case c.MaxEjectedPercent < 1 || c.MaxEjectedPercent > 100:
-		return c, fmt.Errorf("%w: max ejected percent %d must be in [1, 100]", ErrInvalidConfig, c.MaxEjectedPercent)
+	case !(c.MaxEjected > 0 && c.MaxEjected <= 1):
+		return c, fmt.Errorf("%w: max ejected %v must be a fraction in (0, 1]", ErrInvalidConfig, c.MaxEjected)
 	}
 	return c, nil
 }
@@ -256,7 +256,7 @@ func (d *Detector) eject(eps []*endpoint.Endpoint, why Reason) {
 	now := d.clock.Now()
 	var events []Event
 	d.mu.Lock()
-	limit := max(1, len(d.eps)*d.cfg.MaxEjectedPercent/100)
+	limit := max(1, int(float64(len(d.eps))*d.cfg.MaxEjected))
 	for _, e := range eps {
 		st, ok := d.eps[e.ID]
 		if !ok || st.ejected || len(d.order) >= limit {

@@ -131,7 +131,7 @@ func TestFailureRate(t *testing.T) {
 }
 
 func TestEjectionCap(t *testing.T) {
-	d, eps, _, _ := setup(t, outlier.Config{ConsecutiveFailures: 1, MaxEjectedPercent: 50}, 5)
+	d, eps, _, _ := setup(t, outlier.Config{ConsecutiveFailures: 1, MaxEjected: 0.5}, 5)
 	for _, e := range eps {
 		call(d, e, true)
 	}
@@ -139,7 +139,7 @@ func TestEjectionCap(t *testing.T) {
 		t.Errorf("%d of 5 ejected with a 50%% cap, want 2", got)
 	}
 	// A single endpoint can always be ejected.
-	d1, eps1, _, _ := setup(t, outlier.Config{ConsecutiveFailures: 1, MaxEjectedPercent: 10}, 3)
+	d1, eps1, _, _ := setup(t, outlier.Config{ConsecutiveFailures: 1, MaxEjected: 0.1}, 3)
 	call(d1, eps1[0], true)
 	call(d1, eps1[1], true)
 	if got := len(d1.EjectedSet()); got != 1 {
@@ -196,7 +196,7 @@ func TestConfigErrors(t *testing.T) {
 		{outlier.Config{FailureRate: 1.5}, "failure rate 1.5"},
 		{outlier.Config{MinRequests: -1}, "min requests -1"},
 		{outlier.Config{BaseEjection: time.Minute, MaxEjection: time.Second}, "ejection 1m0s..1s"},
-		{outlier.Config{MaxEjectedPercent: 101}, "max ejected percent 101"},
+		{outlier.Config{MaxEjected: 1.01}, "max ejected 1.01"},
 	} {
 		_, err := outlier.New(tc.cfg)
 		if !errors.Is(err, outlier.ErrInvalidConfig) || !strings.Contains(err.Error(), tc.want) {
