@@ -63,7 +63,7 @@ func TestInterceptorSpeaksGRPC(t *testing.T) {
 		t.Errorf("breaker open: %v (code %v), want UNAVAILABLE matching ErrOpen", err, status.Code(err))
 	}
 
-	limited, err := policy.New(policy.WithRateLimit(rate.NewLimiter(rate.Every(time.Hour), 1), false))
+	limited, err := policy.New(policy.WithRateLimit(rate.NewLimiter(rate.Every(time.Hour), 1)))
 	if err != nil {
 		t.Fatal(err)
 	}

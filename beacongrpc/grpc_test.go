@@ -354,7 +354,7 @@ func TestNewClientWiresResolverPolicyAndInterceptors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cc, err := beacongrpc.NewClient(e.cache, "hello", exec, func(string) bool { return true })
+	cc, err := beacongrpc.NewClient(e.cache, "hello", beacongrpc.WithPolicies(exec, func(string) bool { return true }))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -119,21 +119,45 @@ func (r *beaconResolver) Close() {
 	})
 }
 
+// ClientOption configures NewClient.
+type ClientOption func(*clientConfig)
+
+type clientConfig struct {
+	exec       *policy.Executor
+	idempotent func(string) bool
+	dial       []grpc.DialOption
+}
+
+// WithPolicies runs every call through exec (UnaryClientInterceptor and
+// StreamClientInterceptor); calls to methods for which idempotent returns
+// true may be retried and hedged.
+func WithPolicies(exec *policy.Executor, idempotent func(method string) bool) ClientOption {
+	return func(c *clientConfig) { c.exec, c.idempotent = exec, idempotent }
+}
+
+// WithDialOptions adds gRPC dial options; they come last and may override
+// any of NewClient's.
+func WithDialOptions(opts ...grpc.DialOption) ClientOption {
+	return func(c *clientConfig) { c.dial = append(c.dial, opts...) }
+}
+
 // NewClient is grpc.NewClient for "beacon:///service" through cache, with
-// the beacon_p2c policy and, when exec is not nil, the unary and stream
-// interceptors (idempotent as for UnaryClientInterceptor). opts come last
-// and may override any of it; without transport credentials it dials in
-// plaintext.
-func NewClient(cache *discovery.Cache, service string, exec *policy.Executor, idempotent func(method string) bool, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+// the beacon_p2c policy and, WithPolicies, the interceptors. Without
+// transport credentials (WithDialOptions) it dials in plaintext.
+func NewClient(cache *discovery.Cache, service string, opts ...ClientOption) (*grpc.ClientConn, error) {
+	var cfg clientConfig
+	for _, o := range opts {
+		o(&cfg)
+	}
 	base := []grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithResolvers(NewResolverBuilder(cache, "")),
 		grpc.WithDefaultServiceConfig(`{"loadBalancingConfig": [{"` + PolicyP2C + `": {}}]}`),
 	}
-	if exec != nil {
+	if cfg.exec != nil {
 		base = append(base,
-			grpc.WithChainUnaryInterceptor(UnaryClientInterceptor(exec, idempotent)),
-			grpc.WithChainStreamInterceptor(StreamClientInterceptor(exec)))
+			grpc.WithChainUnaryInterceptor(UnaryClientInterceptor(cfg.exec, cfg.idempotent)),
+			grpc.WithChainStreamInterceptor(StreamClientInterceptor(cfg.exec)))
 	}
-	return grpc.NewClient(Scheme+":///"+service, append(base, opts...)...)
+	return grpc.NewClient(Scheme+":///"+service, append(base, cfg.dial...)...)
 }

@@ -195,7 +195,7 @@ func BenchmarkGRPCUnary(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	bcc, err := beacongrpc.NewClient(cache, "echo", exec, func(string) bool { return true })
+	bcc, err := beacongrpc.NewClient(cache, "echo", beacongrpc.WithPolicies(exec, func(string) bool { return true }))
 	if err != nil {
 		b.Fatal(err)
 	}

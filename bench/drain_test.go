@@ -107,7 +107,7 @@ func BenchmarkDrainOnSIGTERM(b *testing.B) {
 	defer cache.Close()
 	budget, _ := policy.NewBudget(policy.BudgetConfig{})
 	exec, _ := policy.New(policy.WithRetry(policy.RetryConfig{MaxAttempts: 3, BaseBackoff: 5 * time.Millisecond, MaxBackoff: 50 * time.Millisecond, RetryOn: beacongrpc.RetryableCode, Budget: budget}))
-	cc, err := beacongrpc.NewClient(cache, "echo", exec, func(string) bool { return true })
+	cc, err := beacongrpc.NewClient(cache, "echo", beacongrpc.WithPolicies(exec, func(string) bool { return true }))
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -561,13 +561,21 @@ func (c *Client) SetStatus(ctx context.Context, namespace, service, id string, s
 
 // SetProtectionThreshold sets a service's protection threshold in [0, 1]
 // (0: off): below that share of routable instances among those declared
-// UP, discovery hands out the unhealthy ones too. useDefault forgets the
-// service's own setting, so that the server's default applies.
-func (c *Client) SetProtectionThreshold(ctx context.Context, namespace, service string, threshold float64, useDefault bool) (revision int64, err error) {
+// UP, discovery hands out the unhealthy ones too.
+func (c *Client) SetProtectionThreshold(ctx context.Context, namespace, service string, threshold float64) (revision int64, err error) {
 	if err := registry.ValidateProtectionThreshold(threshold); err != nil {
 		return 0, err
 	}
-	req := &beaconv1.SetServiceConfigRequest{Namespace: c.ns(namespace), Service: service, ProtectionThreshold: threshold, UseDefault: useDefault}
+	return c.setServiceConfig(ctx, &beaconv1.SetServiceConfigRequest{Namespace: c.ns(namespace), Service: service, ProtectionThreshold: threshold})
+}
+
+// ResetProtectionThreshold forgets the service's own protection threshold:
+// the server's default (--protection-threshold) applies again.
+func (c *Client) ResetProtectionThreshold(ctx context.Context, namespace, service string) (revision int64, err error) {
+	return c.setServiceConfig(ctx, &beaconv1.SetServiceConfigRequest{Namespace: c.ns(namespace), Service: service, UseDefault: true})
+}
+
+func (c *Client) setServiceConfig(ctx context.Context, req *beaconv1.SetServiceConfigRequest) (int64, error) {
 	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (int64, error) {
 		resp, err := r.SetServiceConfig(ctx, connect.NewRequest(req))
 		if err != nil {

@@ -316,7 +316,7 @@ func TestProtectionThresholdKeepsUnhealthyInstancesInUse(t *testing.T) {
 			ln.Close()
 		}
 	}()
-	if _, err := c.SetProtectionThreshold(ctx, "", "pool", 0.5, false); err != nil {
+	if _, err := c.SetProtectionThreshold(ctx, "", "pool", 0.5); err != nil {
 		t.Fatal(err)
 	}
 	w, err := c.Watch(ctx, []string{"pool"})
@@ -362,15 +362,15 @@ func TestProtectionThresholdKeepsUnhealthyInstancesInUse(t *testing.T) {
 		return protected && len(avail) == 4 && s.ProtectionThreshold == 0.5
 	})
 	// Protection off for the service: only the survivor.
-	if _, err := c.SetProtectionThreshold(ctx, "", "pool", 0, false); err != nil {
+	if _, err := c.SetProtectionThreshold(ctx, "", "pool", 0); err != nil {
 		t.Fatal(err)
 	}
 	testutil.Eventually(t, 10*time.Second, "only the routable instance once protection is off", func() bool { return list() == 1 })
 	// Back to the server's default (0 here).
-	if _, err := c.SetProtectionThreshold(ctx, "", "pool", 0, true); err != nil {
+	if _, err := c.ResetProtectionThreshold(ctx, "", "pool"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.SetProtectionThreshold(ctx, "", "pool", 1.5, false); err == nil || !strings.Contains(err.Error(), "protection_threshold") {
+	if _, err := c.SetProtectionThreshold(ctx, "", "pool", 1.5); err == nil || !strings.Contains(err.Error(), "protection_threshold") {
 		t.Errorf("threshold 1.5: %v, want an error naming protection_threshold", err)
 	}
 }

@@ -153,11 +153,11 @@ func newCaller(ctx context.Context, t *testing.T, registryAddr, service string, 
 		cl.mu.Unlock()
 		return err
 	}
-	cc, err := beacongrpc.NewClient(cache, service, nil, nil,
+	cc, err := beacongrpc.NewClient(cache, service, beacongrpc.WithDialOptions(
 		grpc.WithDefaultServiceConfig(`{"loadBalancingConfig": [{"`+cfg.lb+`": {"outlier": `+outlierJSON+`}}]}`),
 		grpc.WithChainUnaryInterceptor(
 			beacongrpc.UnaryClientInterceptor(exec, func(string) bool { return true }, icOpts...),
-			record))
+			record)))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -120,11 +120,16 @@ func WithBulkhead(max int, maxWait time.Duration) Option {
 	}
 }
 
-// WithRateLimit admits attempts through a token bucket; wait makes an
-// attempt wait for a token (within its deadline) instead of failing with
-// ErrRateLimited.
-func WithRateLimit(l *rate.Limiter, wait bool) Option {
-	return func(e *Executor) error { e.limiter, e.limiterWait = l, wait; return nil }
+// WithRateLimit admits attempts through a token bucket: an attempt that
+// finds it empty fails at once with ErrRateLimited.
+func WithRateLimit(l *rate.Limiter) Option {
+	return func(e *Executor) error { e.limiter, e.limiterWait = l, false; return nil }
+}
+
+// WithRateLimitWait is WithRateLimit where an attempt waits for a token,
+// within its deadline, instead of failing.
+func WithRateLimitWait(l *rate.Limiter) Option {
+	return func(e *Executor) error { e.limiter, e.limiterWait = l, true; return nil }
 }
 
 // WithFallback answers calls that failed after every other policy: f gets

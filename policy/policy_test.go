@@ -283,7 +283,7 @@ func TestBulkhead(t *testing.T) {
 }
 
 func TestRateLimit(t *testing.T) {
-	e := mustNew(t, policy.WithRateLimit(rate.NewLimiter(rate.Every(time.Hour), 2), false))
+	e := mustNew(t, policy.WithRateLimit(rate.NewLimiter(rate.Every(time.Hour), 2)))
 	ctx := testCtx(t)
 	ok := func(context.Context) error { return nil }
 	for i := range 2 {

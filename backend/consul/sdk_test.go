@@ -56,7 +56,7 @@ func TestSDKRunsOnConsul(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cache.Close()
-	conn, err := beacongrpc.NewClient(cache, "orders", nil, nil)
+	conn, err := beacongrpc.NewClient(cache, "orders")
 	if err != nil {
 		t.Fatal(err)
 	}

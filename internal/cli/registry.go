@@ -447,7 +447,11 @@ func newProtectCmd(g *globals) *cobra.Command {
 				}
 			}
 			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
-				rev, err := c.SetProtectionThreshold(ctx, g.namespace, args[0], threshold, useDefault)
+				set := func() (int64, error) { return c.SetProtectionThreshold(ctx, g.namespace, args[0], threshold) }
+				if useDefault {
+					set = func() (int64, error) { return c.ResetProtectionThreshold(ctx, g.namespace, args[0]) }
+				}
+				rev, err := set()
 				if err != nil {
 					return err
 				}

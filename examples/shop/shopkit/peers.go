@@ -123,7 +123,7 @@ func (p *Peers) Conn(service string, opts ...grpc.DialOption) (*grpc.ClientConn,
 	all := append([]grpc.DialOption{
 		grpc.WithChainUnaryInterceptor(beacongrpc.UnaryClientInterceptor(p.exec, func(string) bool { return true }, icOpts...)),
 	}, opts...)
-	cc, err := beacongrpc.NewClient(p.Cache, service, nil, nil, all...)
+	cc, err := beacongrpc.NewClient(p.Cache, service, beacongrpc.WithDialOptions(all...))
 	if err != nil {
 		return nil, err
 	}
