@@ -24,6 +24,10 @@ type Harness struct {
 	New func(t *testing.T) backend.Backend
 	// TTL is the session TTL the suite uses (the backend's minimum is fine).
 	TTL time.Duration
+	// Expire, when set, ends a session's lease behind its back, as the
+	// registry does when the TTL runs out (the cases that need it are
+	// skipped without it).
+	Expire func(t *testing.T, b backend.Backend, sessionID int64)
 }
 
 // Run runs the suite.
@@ -40,6 +44,7 @@ func Run(t *testing.T, h Harness) {
 		{"SessionExpiresWhenItsOwnerIsGone", sessionExpires},
 		{"WatchConverges", watchConverges},
 		{"BadInputIsRefusedAndChangesNothing", badInput},
+		{"LostSessionIsReplacedAndACallbackMayRegister", lostSessionCallbackRegisters},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := h.New(t)
@@ -301,4 +306,48 @@ func badInput(t *testing.T, b backend.Backend, h Harness) {
 	if len(after.Instances) != 1 || after.Revision != before.Revision || after.Instances[0].Port != 9001 {
 		t.Errorf("bad input changed the registry: before %+v, after %+v", before.Instances[0], after.Instances)
 	}
+}
+
+// A session whose lease the registry ended is replaced with every instance
+// registered again, and an event callback that registers (on the Expired
+// event, while the replacement runs) neither deadlocks nor is lost.
+func lostSessionCallbackRegisters(t *testing.T, b backend.Backend, h Harness) {
+	if h.Expire == nil {
+		t.Skip("the harness cannot end a lease behind the session's back")
+	}
+	ctx := ctxFor(t, 60*time.Second)
+	var s *backend.Session
+	ready := make(chan struct{})
+	cbErr := make(chan error, 1)
+	s, err := b.NewSession(ctx, session.WithTTL(h.TTL), session.WithEvents(func(ev session.Event) {
+		<-ready
+		if ev.Kind == session.Expired {
+			_, err := s.Register(ctx, registry.Instance{Service: "orders", ID: "from-callback", Address: "127.0.0.1", Port: 9002})
+			select {
+			case cbErr <- err:
+			default:
+			}
+		}
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	close(ready)
+	defer s.Close(ctx)
+	if _, err := s.Register(ctx, registry.Instance{Service: "orders", ID: "kept", Address: "127.0.0.1", Port: 9001}); err != nil {
+		t.Fatal(err)
+	}
+	old := s.ID()
+	h.Expire(t, b, old)
+	select {
+	case err := <-cbErr:
+		if err != nil {
+			t.Fatalf("Register from the Expired callback: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("the Expired callback's Register never returned")
+	}
+	eventually(t, 30*time.Second, "both instances registered under the new session", func() bool {
+		return s.ID() != old && slices.Equal(list(ctx, t, b, "orders"), []string{"from-callback", "kept"})
+	})
 }

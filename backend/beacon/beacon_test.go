@@ -1,11 +1,18 @@
 package beacon_test
 
 import (
+	"context"
+	"net/http"
+	"sync"
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
+
 	"go.uber.org/goleak"
 
+	beaconv1 "beacon.dev/beacon/api/beacon/v1"
+	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
 	"beacon.dev/beacon/backend"
 	"beacon.dev/beacon/backend/backendtest"
 	"beacon.dev/beacon/backend/beacon"
@@ -15,6 +22,9 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m, testutil.LeakOptions()...) }
 
+// servers remembers each conformance backend's server, for Expire.
+var servers sync.Map // backend.Backend → address
+
 func TestConformance(t *testing.T) {
 	backendtest.Run(t, backendtest.Harness{
 		New: func(t *testing.T) backend.Backend {
@@ -23,8 +33,19 @@ func TestConformance(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			return beacon.New(c)
+			b := beacon.New(c)
+			servers.Store(b, srv.Addr())
+			return b
 		},
 		TTL: 2 * time.Second,
+		Expire: func(t *testing.T, b backend.Backend, id int64) {
+			addr, _ := servers.Load(b)
+			raw := beaconv1connect.NewRegistryServiceClient(&http.Client{Transport: testutil.H2CTransport()}, "http://"+addr.(string), connect.WithGRPC())
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			if _, err := raw.CloseSession(ctx, connect.NewRequest(&beaconv1.CloseSessionRequest{SessionId: id})); err != nil {
+				t.Fatal(err)
+			}
+		},
 	})
 }

@@ -120,10 +120,10 @@ func (st *stream) report(err error) {
 // and after an error backed off and read afresh (index 0) — the agent may
 // have been restarted, and its index with it.
 type query struct {
-	st      *stream
-	limit   *rate.Limiter
-	retry   *backoff.Backoff
-	index   uint64
+	st    *stream
+	limit *rate.Limiter
+	retry *backoff.Backoff
+	index uint64
 }
 
 func (st *stream) newQuery() *query {

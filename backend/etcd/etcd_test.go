@@ -46,6 +46,13 @@ func harness(endpoint func(t *testing.T) string) backendtest.Harness {
 			return b
 		},
 		TTL: 2 * time.Second,
+		Expire: func(t *testing.T, _ backend.Backend, id int64) {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			if _, err := etcdClient(t, endpoint(t)).Revoke(ctx, clientv3.LeaseID(id)); err != nil {
+				t.Fatal(err)
+			}
+		},
 	}
 }
 

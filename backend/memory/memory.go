@@ -218,6 +218,15 @@ func (l memLease) Revoke(ctx context.Context, id int64) error {
 	return nil
 }
 
+// ExpireSession ends a session's lease as if its TTL had run out: its
+// instances go, and the session (package session) finds out at its next
+// keepalive. For tests of what an application does then.
+func (r *Registry) ExpireSession(id int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.endLocked(id)
+}
+
 // endLocked removes a session and its instances.
 func (r *Registry) endLocked(id int64) {
 	delete(r.sessions, id)

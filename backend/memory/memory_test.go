@@ -21,6 +21,9 @@ func TestConformance(t *testing.T) {
 	backendtest.Run(t, backendtest.Harness{
 		New: func(t *testing.T) backend.Backend { return memory.New("") },
 		TTL: 2 * time.Second,
+		Expire: func(t *testing.T, b backend.Backend, id int64) {
+			b.(*memory.Registry).ExpireSession(id)
+		},
 	})
 }
 
