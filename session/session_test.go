@@ -180,22 +180,30 @@ func testCtx(t *testing.T) context.Context {
 	return ctx
 }
 
+// newSession starts a session on l, closed when the test ends, with the
+// given instances registered.
+func newSession(ctx context.Context, t *testing.T, l session.Lease, ids []string, opts ...session.Option) *session.Session {
+	t.Helper()
+	s, err := session.New(ctx, l, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close(context.Background()) })
+	for _, id := range ids {
+		if _, err := s.Register(ctx, instance(id)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return s
+}
+
 // A lost lease is replaced and every instance put again under the new
 // one; the events say so, in order.
 func TestLostLeaseIsReplaced(t *testing.T) {
 	ctx := testCtx(t)
 	l := newRegistryLease()
 	var log eventLog
-	s, err := session.New(ctx, l, session.WithTTL(2*time.Second), session.WithEvents(log.add))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close(ctx)
-	for _, id := range []string{"a", "b"} {
-		if _, err := s.Register(ctx, instance(id)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	s := newSession(ctx, t, l, []string{"a", "b"}, session.WithTTL(2*time.Second), session.WithEvents(log.add))
 	first := s.ID()
 	l.expire(first)
 	eventually(t, "the instances are back under a new lease", func() bool {
@@ -256,11 +264,7 @@ func TestCallbackMayRegister(t *testing.T) {
 func TestRegisterOnALostLeaseLandsOnTheNewOne(t *testing.T) {
 	ctx := testCtx(t)
 	l := newRegistryLease()
-	s, err := session.New(ctx, l, session.WithTTL(time.Hour))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close(ctx)
+	s := newSession(ctx, t, l, nil, session.WithTTL(time.Hour))
 	old := s.ID()
 	l.expire(old)
 	// The next heartbeat is 20 minutes away: only the Put's discovery can
@@ -277,14 +281,7 @@ func TestRegisterOnALostLeaseLandsOnTheNewOne(t *testing.T) {
 func TestWithoutRecoveryEndsOnLoss(t *testing.T) {
 	ctx := testCtx(t)
 	l := newRegistryLease()
-	s, err := session.New(ctx, l, session.WithTTL(2*time.Second), session.WithoutRecovery())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close(ctx)
-	if _, err := s.Register(ctx, instance("a")); err != nil {
-		t.Fatal(err)
-	}
+	s := newSession(ctx, t, l, []string{"a"}, session.WithTTL(2*time.Second), session.WithoutRecovery())
 	l.expire(s.ID())
 	select {
 	case <-s.Done():
@@ -351,11 +348,7 @@ func TestDisconnectedThenResumed(t *testing.T) {
 	ctx := testCtx(t)
 	l := newRegistryLease()
 	var log eventLog
-	s, err := session.New(ctx, l, session.WithTTL(2*time.Second), session.WithEvents(log.add))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close(ctx)
+	s := newSession(ctx, t, l, nil, session.WithTTL(2*time.Second), session.WithEvents(log.add))
 	id := s.ID()
 	l.setCut(true)
 	eventually(t, "disconnected", func() bool { return slices.Contains(log.kinds(), session.Disconnected) })
@@ -372,16 +365,7 @@ func TestDisconnectedThenResumed(t *testing.T) {
 func TestReleasedInstancesAreForgotten(t *testing.T) {
 	ctx := testCtx(t)
 	l := newRegistryLease()
-	s, err := session.New(ctx, l, session.WithTTL(2*time.Second))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close(ctx)
-	for _, id := range []string{"a", "b"} {
-		if _, err := s.Register(ctx, instance(id)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	s := newSession(ctx, t, l, []string{"a", "b"}, session.WithTTL(2*time.Second))
 	l.mu.Lock()
 	l.released = []registry.InstanceKey{{Namespace: registry.DefaultNamespace, Service: "orders", ID: "b"}}
 	l.mu.Unlock()
@@ -396,14 +380,7 @@ func TestReleasedInstancesAreForgotten(t *testing.T) {
 func TestDeregisterDuringRecoveryStays(t *testing.T) {
 	ctx := testCtx(t)
 	l := newRegistryLease()
-	s, err := session.New(ctx, l, session.WithTTL(2*time.Second))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close(ctx)
-	if _, err := s.Register(ctx, instance("a")); err != nil {
-		t.Fatal(err)
-	}
+	s := newSession(ctx, t, l, []string{"a"}, session.WithTTL(2*time.Second))
 	gate := make(chan struct{})
 	l.mu.Lock()
 	l.putGate = gate
