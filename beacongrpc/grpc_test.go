@@ -57,7 +57,7 @@ func newEnv(t *testing.T) *env {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	t.Cleanup(cancel)
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	c, err := client.New([]string{srv.Addr()})
 	if err != nil {
 		t.Fatal(err)

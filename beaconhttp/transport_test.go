@@ -74,7 +74,7 @@ func newEnv(t testing.TB) *env {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	t.Cleanup(cancel)
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	proxy := testutil.NewProxy(t, srv.Addr())
 	c, err := client.New([]string{proxy.Addr()})
 	if err != nil {

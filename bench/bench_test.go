@@ -14,18 +14,18 @@ import (
 	"go.uber.org/zap"
 
 	"beacon.dev/beacon/client"
-	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
 	"beacon.dev/beacon/server"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // benchServer starts an in-process server on an embedded etcd with fsync,
 // as a user would run it.
 func benchServer(b *testing.B) (*server.Server, string) {
 	b.Helper()
-	cfg := testutil.ServerConfig(b, "")
+	cfg := servertest.Config(b, "")
 	cfg.EtcdUnsafeNoFsync = os.Getenv("BEACON_BENCH_NO_FSYNC") == "1"
-	return testutil.StartServer(b, cfg), cfg.EtcdClientAddr
+	return servertest.Start(b, cfg), cfg.EtcdClientAddr
 }
 
 func etcdClient(b *testing.B, addr string) *clientv3.Client {

@@ -14,6 +14,7 @@ import (
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/servertest"
 )
 
 func buildBeacon(b *testing.B) string {
@@ -75,7 +76,7 @@ func BenchmarkClusterFailover(b *testing.B) {
 	b.ResetTimer()
 	for range b.N {
 		for range trials {
-			victim := testutil.Leader(ctx, b, ns)
+			victim := servertest.Leader(ctx, b, ns)
 			killed := time.Now()
 			victim.Kill()
 			var marker string

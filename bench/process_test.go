@@ -22,6 +22,7 @@ import (
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // serverProcess runs the beacon binary so its CPU and memory can be read
@@ -37,7 +38,7 @@ func startServerProcess(b testing.TB, extraArgs ...string) *serverProcess {
 	if out, err := exec.Command("go", "build", "-o", bin, "beacon.dev/beacon/cmd/beacon").CombinedOutput(); err != nil {
 		b.Fatalf("go build: %v\n%s", err, out)
 	}
-	cfg := testutil.ServerConfig(b, "")
+	cfg := servertest.Config(b, "")
 	p := &serverProcess{addr: cfg.Addr, etcdAddr: cfg.EtcdClientAddr}
 	args := []string{"server", "--addr", cfg.Addr, "--data-dir", cfg.DataDir,
 		"--etcd-client-addr", cfg.EtcdClientAddr, "--etcd-peer-addr", cfg.EtcdPeerAddr, "--log-level", "error"}

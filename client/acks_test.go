@@ -42,7 +42,7 @@ func watchAndConsume(ctx context.Context, t *testing.T, c *client.Client, servic
 }
 
 func TestAwaitWatchersCountsAcknowledgements(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	c := newClient(t, srv.Addr())
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -129,7 +129,7 @@ func TestAwaitWatchersCountsAcknowledgements(t *testing.T) {
 }
 
 func TestAcknowledgementsSurviveReconnect(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	proxy := testutil.NewProxy(t, srv.Addr())
 	c := newClient(t, srv.Addr())
 	viaProxy := newClient(t, proxy.Addr())
@@ -159,7 +159,7 @@ func TestAcknowledgementsSurviveReconnect(t *testing.T) {
 }
 
 func TestAwaitWatchersBadInput(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	c := newClient(t, srv.Addr())
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -185,7 +185,7 @@ func TestAwaitWatchersBadInput(t *testing.T) {
 // reports itself disconnected within the ping budget (5 s idle + 5 s),
 // and comes back once the server answers again.
 func TestHungServerIsNoticedByPings(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	proxy := testutil.NewProxy(t, srv.Addr())
 	viaProxy := newClient(t, proxy.Addr())
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)

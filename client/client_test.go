@@ -38,7 +38,7 @@ func ids(s *registry.Snapshot) []string {
 }
 
 func TestRegisterListDeregister(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	c := newClient(t, srv.Addr())
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -90,7 +90,7 @@ func TestRegisterListDeregister(t *testing.T) {
 }
 
 func TestNamespacesIsolate(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	prod, err := client.New([]string{srv.Addr()}, client.WithNamespace("prod"))
@@ -113,7 +113,7 @@ func TestNamespacesIsolate(t *testing.T) {
 }
 
 func TestCloseSessionRemovesInstancesAtOnce(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	c := newClient(t, srv.Addr())
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -160,7 +160,7 @@ func waitFor(ctx context.Context, t *testing.T, w *client.Watcher, service strin
 }
 
 func TestBadInputIsRejectedLocallyAndByServer(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	c := newClient(t, srv.Addr())
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -178,7 +178,7 @@ func TestBadInputIsRejectedLocallyAndByServer(t *testing.T) {
 }
 
 func TestFailoverToNextServer(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	dead := testutil.FreeAddr(t)
 	c := newClient(t, dead, srv.Addr())
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -220,7 +220,7 @@ func TestSDKDoesNotImportServer(t *testing.T) {
 
 // Heartbeats travel on the shared stream, not as one request each.
 func TestKeepAlivesUseTheStream(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	c := newClient(t, srv.Addr())
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

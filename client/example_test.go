@@ -3,20 +3,12 @@ package client_test
 import (
 	"context"
 	"fmt"
-	"net"
-	"os"
 	"time"
 
 	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
-	"beacon.dev/beacon/server"
 )
-
-func freeAddr() string {
-	ln, _ := net.Listen("tcp", "127.0.0.1:0")
-	defer ln.Close()
-	return ln.Addr().String()
-}
 
 // Register an instance through a session, read it back, watch the service
 // and see the instance leave when the session closes.
@@ -24,20 +16,10 @@ func Example() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 
-	// A throwaway server; in real life: `beacon server`.
-	dir, _ := os.MkdirTemp("", "beacon-example-")
-	defer os.RemoveAll(dir)
-	cfg := server.NewConfig()
-	cfg.DataDir, cfg.Addr, cfg.EtcdClientAddr, cfg.EtcdPeerAddr = dir, freeAddr(), freeAddr(), freeAddr()
-	srv, err := server.Start(ctx, cfg)
-	if err != nil {
-		fmt.Println(err)
-		return
-	}
-	defer srv.Close()
-	<-srv.Ready()
+	addr, stop := testutil.ExampleServer() // in real life: `beacon server`
+	defer stop()
 
-	c, _ := client.New([]string{srv.Addr()})
+	c, _ := client.New([]string{addr})
 	defer c.Close()
 	w, _ := c.Watch(ctx, []string{"orders"})
 	defer w.Close()

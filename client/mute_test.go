@@ -55,7 +55,7 @@ func muteServer(t *testing.T) string {
 // work through the next one, and the error when no server answers says
 // why each could not be used.
 func TestMuteServerIsPassedOver(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	mute := muteServer(t)
 	c, err := client.New([]string{mute, srv.Addr()}, client.WithAttemptTimeout(200*time.Millisecond), client.WithWatchHeartbeat(100*time.Millisecond))
 	if err != nil {

@@ -23,7 +23,7 @@ import (
 // revoked behind the session's back: no deadlock, and both the old
 // instance and the callback's land on the new lease.
 func TestSessionCallbackRegisters(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	c := newClient(t, srv.Addr())
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -77,7 +77,7 @@ func TestSessionCallbackRegisters(t *testing.T) {
 // Client.Close ends what was made from it: sessions (their leases
 // revoked), watchers and their goroutines.
 func TestClientCloseEndsSessionsAndWatchers(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	observer := newClient(t, srv.Addr())
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

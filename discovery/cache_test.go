@@ -75,7 +75,7 @@ func inst(service, id string, port int) registry.Instance {
 
 func TestFollowsChangesAndFeedsABalancer(t *testing.T) {
 	ctx := testCtx(t)
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	c := newClient(t, srv.Addr())
 	cache := newCache(t, c, discovery.Config{})
 	sub, err := cache.Subscribe("orders")
@@ -124,7 +124,7 @@ func TestFollowsChangesAndFeedsABalancer(t *testing.T) {
 
 func TestMassLossIsHeldBackButSingleLossIsNot(t *testing.T) {
 	ctx := testCtx(t)
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	c := newClient(t, srv.Addr())
 	cache := newCache(t, c, discovery.Config{MassLoss: 0.5, MassLossGrace: 2 * time.Second}, "pay")
 
@@ -177,7 +177,7 @@ func TestMassLossIsHeldBackButSingleLossIsNot(t *testing.T) {
 
 func TestRegistryOutageKeepsLastKnownGood(t *testing.T) {
 	ctx := testCtx(t)
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	proxy := testutil.NewProxy(t, srv.Addr())
 	c := newClient(t, proxy.Addr())
 	if _, err := c.Register(ctx, inst("inv", "i-0", 9400)); err != nil {
@@ -204,7 +204,7 @@ func TestRegistryOutageKeepsLastKnownGood(t *testing.T) {
 func TestDiskSnapshotServesAColdStartDuringAnOutage(t *testing.T) {
 	ctx := testCtx(t)
 	dir := filepath.Join(t.TempDir(), "not", "made", "yet") // the cache makes it
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	proxy := testutil.NewProxy(t, srv.Addr())
 	c := newClient(t, proxy.Addr())
 	for i := range 2 {
@@ -250,7 +250,7 @@ func TestDiskSnapshotServesAColdStartDuringAnOutage(t *testing.T) {
 func TestDiskSnapshotServesAColdStartWhileTheRegistryHangs(t *testing.T) {
 	ctx := testCtx(t)
 	dir := t.TempDir()
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	proxy := testutil.NewProxy(t, srv.Addr())
 	c := newClient(t, proxy.Addr())
 	if _, err := c.Register(ctx, inst("cart", "c-0", 9500)); err != nil {
@@ -279,7 +279,7 @@ func srvClient(t *testing.T, srv interface{ Addr() string }) *client.Client {
 
 func TestBadSnapshotsAreRefused(t *testing.T) {
 	dir := t.TempDir()
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	proxy := testutil.NewProxy(t, srv.Addr())
 	c := newClient(t, proxy.Addr())
 	proxy.SetDown(true)

@@ -14,7 +14,7 @@ import (
 // and a service nobody subscribes to any more leaves the cache.
 func TestLazySubscriptionsCostOnlyTheNewService(t *testing.T) {
 	ctx := testCtx(t)
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	c := newClient(t, srv.Addr())
 	const services = 10
 	for i := range services {

@@ -17,6 +17,7 @@ import (
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // healthLog records every health an instance is seen with by a watcher,
@@ -111,7 +112,7 @@ func TestChecksFollowAHungOrKilledProcess(t *testing.T) {
 }
 
 func testCheck(t *testing.T, kind string) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := servertest.Start(t, servertest.Config(t, ""))
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	grpcAddr := testutil.FreeAddr(t)
@@ -200,8 +201,8 @@ func testCheck(t *testing.T, kind string) {
 // of them; when one is killed its checks move to the other within the
 // membership TTL.
 func TestChecksAreSharedAndTakenOver(t *testing.T) {
-	cfgA := testutil.ServerConfig(t, "")
-	a := testutil.StartServer(t, cfgA)
+	cfgA := servertest.Config(t, "")
+	a := servertest.Start(t, cfgA)
 	bAddr := testutil.FreeAddr(t)
 	b := start(t, "server", "--addr", bAddr, "--name", "b", "--etcd-endpoints", "http://"+cfgA.EtcdClientAddr,
 		"--member-ttl", "2s", "--log-level", "warn")
@@ -285,7 +286,7 @@ func TestChecksAreSharedAndTakenOver(t *testing.T) {
 // discovery (the server's list and the SDK's cache) returns them too,
 // flagged, instead of piling the load on the one survivor.
 func TestProtectionThresholdKeepsUnhealthyInstancesInUse(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := servertest.Start(t, servertest.Config(t, ""))
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	c := newClient(t, srv.Addr())
@@ -379,7 +380,7 @@ func TestProtectionThresholdKeepsUnhealthyInstancesInUse(t *testing.T) {
 // the TTL makes the check CRITICAL, the next push brings it back; a pushed
 // WARNING stays routable.
 func TestTTLCheckExpiresAndRecovers(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := servertest.Start(t, servertest.Config(t, ""))
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	c := newClient(t, srv.Addr())
@@ -439,7 +440,7 @@ func TestTTLCheckExpiresAndRecovers(t *testing.T) {
 // The operator's commands: a checked registration, maintenance on and off,
 // a protection threshold, and the checks table.
 func TestCLIHealthCommands(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := servertest.Start(t, servertest.Config(t, ""))
 	s := []string{"--server", srv.Addr()}
 	steps := []struct {
 		args []string

@@ -13,6 +13,7 @@ import (
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/servertest"
 )
 
 func startCluster(t *testing.T, n int) []*testutil.Node {
@@ -131,7 +132,7 @@ func TestClusterSurvivesTheLeadersDeath(t *testing.T) {
 	}()
 	time.Sleep(2 * time.Second)
 
-	victim := testutil.Leader(ctx, t, ms)
+	victim := servertest.Leader(ctx, t, ms)
 	killAt := time.Now()
 	killed.Store(killAt.UnixNano())
 	victim.Kill()

@@ -15,6 +15,7 @@ import (
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // recorder follows a watcher and checks every snapshot it hands out.
@@ -55,8 +56,8 @@ func TestWatchersConvergeThroughDisconnects(t *testing.T) {
 		services = 8
 		ids      = 10
 	)
-	cfg := testutil.ServerConfig(t, "")
-	srv, err := testutil.StartServerErr(cfg)
+	cfg := servertest.Config(t, "")
+	srv, err := servertest.StartErr(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -132,7 +133,7 @@ func TestWatchersConvergeThroughDisconnects(t *testing.T) {
 			case 0: // server restart: every stream breaks, the view is rebuilt
 				srvMu.Lock()
 				srv.Close()
-				srv, err = testutil.StartServerErr(cfg)
+				srv, err = servertest.StartErr(cfg)
 				srvMu.Unlock()
 				if err != nil {
 					t.Fatalf("restarting server: %v", err)
@@ -229,7 +230,7 @@ func TestScaleSmoke(t *testing.T) {
 		watchers     = 200
 		serviceCount = 10
 	)
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := servertest.Start(t, servertest.Config(t, ""))
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 

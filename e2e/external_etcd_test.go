@@ -10,6 +10,7 @@ import (
 
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // `beacon server --etcd-endpoints` against Debian's etcd 3.4: no embedded
@@ -48,9 +49,9 @@ func TestExternalEtcd34(t *testing.T) {
 // registration is in the very next list.
 func TestReadYourWritesOnEtcd34(t *testing.T) {
 	endpoint := testutil.StartDebianEtcd(t)
-	cfg := testutil.ServerConfig(t, "")
+	cfg := servertest.Config(t, "")
 	cfg.EtcdEndpoints = []string{endpoint}
-	srv := testutil.StartServer(t, cfg)
+	srv := servertest.Start(t, cfg)
 	c := newClient(t, srv.Addr())
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()

@@ -11,6 +11,7 @@ import (
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // A gray failure: the server node that live instances use for their
@@ -26,7 +27,7 @@ func TestFrozenServerCostsNoSession(t *testing.T) {
 	ms := startCluster(t, 3)
 	// The harder case: the frozen node also hosts the etcd leader, so the
 	// cluster elects another while the clients move.
-	leader := testutil.Leader(ctx, t, ms)
+	leader := servertest.Leader(ctx, t, ms)
 	for i, nd := range ms {
 		if nd == leader {
 			ms[0], ms[i] = ms[i], ms[0]

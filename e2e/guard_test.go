@@ -8,8 +8,9 @@ import (
 
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
-	"beacon.dev/beacon/internal/view"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // sessionVia opens a session through its own proxy (so that it can be cut
@@ -51,9 +52,9 @@ func count(ctx context.Context, t *testing.T, c *client.Client, service string) 
 // own network fails) — the instances stay, routable and marked suspect,
 // for the grace period, then go. A single expiry is not held.
 func TestMassExpiryIsHeldSingleExpiryIsNot(t *testing.T) {
-	cfg := testutil.ServerConfig(t, "")
-	cfg.Guard = view.GuardConfig{Share: 0.3, MinSessions: 3, Window: 5 * time.Second, Grace: 4 * time.Second}
-	srv := testutil.StartServer(t, cfg)
+	cfg := servertest.Config(t, "")
+	cfg.Guard = server.GuardConfig{Share: 0.3, MinSessions: 3, Window: 5 * time.Second, Grace: 4 * time.Second}
+	srv := servertest.Start(t, cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	direct := newClient(t, srv.Addr())

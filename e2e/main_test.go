@@ -19,6 +19,7 @@ import (
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // Binaries built for this test run: beacon, the echo service and the
@@ -42,6 +43,10 @@ func TestMain(m *testing.M) {
 	} {
 		build := exec.Command("go", "build", "-o", b.out, b.pkg)
 		build.Dir = b.dir
+		if b.dir != "" {
+			// A module of its own, outside the workspace (go.work).
+			build.Env = append(os.Environ(), "GOWORK=off")
+		}
 		build.Stdout, build.Stderr = os.Stderr, os.Stderr
 		if err := build.Run(); err != nil {
 			fmt.Fprintln(os.Stderr, "building", b.pkg+":", err)
@@ -169,7 +174,7 @@ type serverProc struct {
 }
 
 func newServerProc(t *testing.T, extra ...string) *serverProc {
-	cfg := testutil.ServerConfig(t, "")
+	cfg := servertest.Config(t, "")
 	s := &serverProc{t: t, addr: cfg.Addr}
 	s.args = append([]string{"server", "--addr", cfg.Addr, "--data-dir", cfg.DataDir,
 		"--etcd-client-addr", cfg.EtcdClientAddr, "--etcd-peer-addr", cfg.EtcdPeerAddr, "--log-level", "warn"}, extra...)

@@ -25,6 +25,7 @@ import (
 	"beacon.dev/beacon/discovery"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/policy"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // echoProc is a real echo service process run by lifecycle.Run.
@@ -304,7 +305,7 @@ func checkNoFailures(t *testing.T, l *load, what string) {
 func TestRollingRestartFailsNoRequest(t *testing.T) {
 	for _, proto := range []string{"grpc", "http"} {
 		t.Run(proto, func(t *testing.T) {
-			srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+			srv := servertest.Start(t, servertest.Config(t, ""))
 			ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 			defer cancel()
 			args := []string{"--service", "echo"}
@@ -360,7 +361,7 @@ func idOf(e *echoProc) string {
 // calls with retries: no call fails, and the dead endpoint stops being
 // picked as soon as its first connection failure is seen.
 func TestKilledInstanceFailsNoRequest(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := servertest.Start(t, servertest.Config(t, ""))
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
 	var fleet []*echoProc
@@ -431,7 +432,7 @@ func TestHungInstanceIsAvoidedAndReadmitted(t *testing.T) {
 }
 
 func testHungInstance(t *testing.T, lb string) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := servertest.Start(t, servertest.Config(t, ""))
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
 	var fleet []*echoProc
@@ -498,7 +499,7 @@ func testHungInstance(t *testing.T, lb string) {
 // Behaviour 4: grpc-health-probe sees SERVING while the instance runs and
 // NOT_SERVING (or no server) once it drains.
 func TestHealthProbeFollowsTheLifecycle(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := servertest.Start(t, servertest.Config(t, ""))
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	probe := func(addr string) (string, int) {
@@ -579,7 +580,7 @@ func exitCode(err error) int {
 // Behaviour 5: with the registry unreachable for the whole test after the
 // clients warmed up, calls keep succeeding.
 func TestRegistryDownCallsKeepSucceeding(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := servertest.Start(t, servertest.Config(t, ""))
 	proxy := testutil.NewProxy(t, srv.Addr())
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()

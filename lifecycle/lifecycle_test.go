@@ -62,7 +62,7 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 // A process with both servers registers one instance per protocol only
 // once ready, drains on cancellation and leaves nothing behind.
 func TestRunBothServers(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	c := newClient(t, srv.Addr())
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -154,7 +154,7 @@ func TestRunBothServers(t *testing.T) {
 // With the registry unreachable at start, the service serves unregistered
 // and registers as soon as the registry is back.
 func TestRegistersOnceTheRegistryIsBack(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := testutil.StartBeacon(t)
 	proxy := testutil.NewProxy(t, srv.Addr())
 	proxy.SetDown(true)
 	c := newClient(t, proxy.Addr())

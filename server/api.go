@@ -18,9 +18,9 @@ import (
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
 	"beacon.dev/beacon/internal/store"
-	"beacon.dev/beacon/internal/view"
 	"beacon.dev/beacon/internal/wire"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/internal/view"
 )
 
 // api implements the registry service on the store (writes) and the view

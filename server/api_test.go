@@ -22,10 +22,11 @@ import (
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
 	"beacon.dev/beacon/server"
+	"beacon.dev/beacon/server/servertest"
 )
 
 func startServer(t *testing.T) *server.Server {
-	return testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	return servertest.Start(t, servertest.Config(t, ""))
 }
 
 // post sends a Connect-protocol JSON call, as curl would.

@@ -13,9 +13,14 @@ import (
 	"github.com/spf13/pflag"
 
 	"beacon.dev/beacon/internal/store"
-	"beacon.dev/beacon/internal/view"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/internal/view"
 )
+
+// GuardConfig shapes the mass-expiry guard: when more than Share of a
+// namespace's instances (and at least MinSessions sessions) expire within
+// Window, the server keeps them listed as suspects for Grace.
+type GuardConfig = view.GuardConfig
 
 // Defaults for a single machine.
 const (
@@ -76,9 +81,9 @@ type Config struct {
 	// dialed, so that probes cannot exhaust the file descriptors (default
 	// 1024). A probe that finds them at the limit gets no verdict.
 	CheckMaxConns int
-	// Guard is the mass-expiry guard (see view.GuardConfig); zero fields
-	// take the defaults, a negative Share turns it off.
-	Guard view.GuardConfig
+	// Guard is the mass-expiry guard; zero fields take the defaults, a
+	// negative Share turns it off.
+	Guard GuardConfig
 	// ProtectionThreshold is the default protection threshold of services
 	// that set none (0: off); see registry.Snapshot.Available.
 	ProtectionThreshold float64

@@ -21,6 +21,7 @@ import (
 	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // rawH2CClient is a raw HTTP/2 cleartext client on its own connections.
@@ -126,8 +127,8 @@ func (h *heartbeater) stop() {
 // deadlocked (a send under the lock the reply reader needs): every
 // keepalive on the server hung, live sessions expired and Close hung.
 func TestKeepAliveFloodDoesNotStarveOtherSessions(t *testing.T) {
-	cfg := testutil.ServerConfig(t, "")
-	srv, err := testutil.StartServerErr(cfg)
+	cfg := servertest.Config(t, "")
+	srv, err := servertest.StartErr(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -222,14 +223,14 @@ func TestCloseReturnsWhenExternalEtcdStopsAnswering(t *testing.T) {
 }
 
 func testCloseWithEtcdGone(t *testing.T, mode string) {
-	etcdSrv := testutil.StartServer(t, testutil.ServerConfig(t, "")) // the embedded etcd we borrow
+	etcdSrv := servertest.Start(t, servertest.Config(t, "")) // the embedded etcd we borrow
 	proxy := testutil.NewProxy(t, strings.TrimPrefix(etcdSrv.EtcdClient().Endpoints()[0], "http://"))
 
-	cfg := testutil.ServerConfig(t, "")
+	cfg := servertest.Config(t, "")
 	cfg.DataDir = ""
 	cfg.EtcdEndpoints = []string{"http://" + proxy.Addr()}
 	cfg.EtcdPrefix = "/gone/"
-	srv, err := testutil.StartServerErr(cfg)
+	srv, err := servertest.StartErr(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

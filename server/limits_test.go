@@ -21,13 +21,14 @@ import (
 	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/server"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // Finding 10: while etcd starts the port answers — /readyz 503, API calls
 // unavailable — instead of accepting connections and saying nothing; and
 // start-up gives up when its context ends.
 func TestPortAnswersWhileEtcdStarts(t *testing.T) {
-	cfg := testutil.ServerConfig(t, "")
+	cfg := servertest.Config(t, "")
 	// A member of a three-node cluster whose peers never come: etcd waits
 	// for a quorum for as long as Start lets it.
 	cfg.Name = "n0"
@@ -91,9 +92,9 @@ func TestPortAnswersWhileEtcdStarts(t *testing.T) {
 
 // Finding 11: a second server on a data directory in use says so at once.
 func TestDataDirInUseIsRefusedAtOnce(t *testing.T) {
-	first := testutil.ServerConfig(t, "")
-	testutil.StartServer(t, first)
-	second := testutil.ServerConfig(t, first.DataDir)
+	first := servertest.Config(t, "")
+	servertest.Start(t, first)
+	second := servertest.Config(t, first.DataDir)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	srv, err := server.Start(ctx, second)
@@ -142,9 +143,9 @@ func isTimeoutErr(err error) bool {
 
 // Finding 5: idle connections are closed after --idle-timeout.
 func TestIdleConnectionsAreClosed(t *testing.T) {
-	cfg := testutil.ServerConfig(t, "")
+	cfg := servertest.Config(t, "")
 	cfg.Limits.IdleTimeout = 300 * time.Millisecond
-	srv := testutil.StartServer(t, cfg)
+	srv := servertest.Start(t, cfg)
 	const n = 20
 	for range n {
 		c, br, resp := rawRequest(t, srv.Addr(), "GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -174,9 +175,9 @@ func TestConnectionLimitsRefuseAndServerStaysUp(t *testing.T) {
 		{"total", 10, 1000, "max-conns"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			cfg := testutil.ServerConfig(t, "")
+			cfg := servertest.Config(t, "")
 			cfg.Limits.MaxConns, cfg.Limits.MaxConnsPerIP = tc.total, tc.perIP
-			srv := testutil.StartServer(t, cfg)
+			srv := servertest.Start(t, cfg)
 			var held []net.Conn
 			defer func() {
 				for _, c := range held {
@@ -219,8 +220,8 @@ func TestConnectionLimitsRefuseAndServerStaysUp(t *testing.T) {
 // Finding 8: an oversized body gets 413 as soon as it passes the limit,
 // before the rest is sent; a compressed one is not inflated past it.
 func TestOversizedBodiesAre413AtOnce(t *testing.T) {
-	cfg := testutil.ServerConfig(t, "")
-	srv := testutil.StartServer(t, cfg)
+	cfg := servertest.Config(t, "")
+	srv := servertest.Start(t, cfg)
 	max := cfg.Limits.MaxRequestBytes
 
 	t.Run("declared length", func(t *testing.T) {
@@ -308,12 +309,12 @@ func TestOversizedBodiesAre413AtOnce(t *testing.T) {
 // Finding 6: quotas answer resource_exhausted (429 with Retry-After over
 // HTTP) naming their flag, and the caller's other calls keep working.
 func TestQuotasNameTheirLimit(t *testing.T) {
-	cfg := testutil.ServerConfig(t, "")
+	cfg := servertest.Config(t, "")
 	cfg.Limits.MaxSessions = 3
 	cfg.Limits.MaxWatchServices = 5
 	cfg.Limits.MaxAwaitsPerConn = 2
 	cfg.Limits.WriteRate, cfg.Limits.WriteBurst = 1, 5
-	srv := testutil.StartServer(t, cfg)
+	srv := servertest.Start(t, cfg)
 
 	wantLimit := func(t *testing.T, code int, body, flag string) {
 		t.Helper()
@@ -424,10 +425,10 @@ func metricOr0(t *testing.T, srv *server.Server, name string) float64 {
 // More connections do not buy more writes (--write-rate-per-ip), and a
 // body trickled slower than --read-body-timeout is cut with 408.
 func TestAddressWriteRateAndBodyTimeout(t *testing.T) {
-	cfg := testutil.ServerConfig(t, "")
+	cfg := servertest.Config(t, "")
 	cfg.Limits.WriteRatePerIP, cfg.Limits.WriteBurstPerIP = 1, 3
 	cfg.Limits.ReadBodyTimeout = 500 * time.Millisecond
-	srv := testutil.StartServer(t, cfg)
+	srv := servertest.Start(t, cfg)
 
 	t.Run("write rate per address", func(t *testing.T) {
 		hc := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}} // a new connection per call

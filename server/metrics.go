@@ -11,7 +11,7 @@ import (
 
 	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
 	"beacon.dev/beacon/internal/store"
-	"beacon.dev/beacon/internal/view"
+	"beacon.dev/beacon/server/internal/view"
 )
 
 // metrics are the server's Prometheus metrics. Names are stable; labels

@@ -7,16 +7,17 @@ import (
 	"time"
 
 	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // Finding 6: --max-services and --max-instances-per-service refuse a new
 // service or instance with 429 naming the flag; an existing instance may
 // always register again.
 func TestServiceAndInstanceQuotas(t *testing.T) {
-	cfg := testutil.ServerConfig(t, "")
+	cfg := servertest.Config(t, "")
 	cfg.Limits.MaxServices = 2
 	cfg.Limits.MaxInstancesPerService = 2
-	srv := testutil.StartServer(t, cfg)
+	srv := servertest.Start(t, cfg)
 	register := func(service, id string) (int, string) {
 		return post(t, srv, "Register", fmt.Sprintf(`{"instance":{"service":%q,"id":%q,"address":"127.0.0.1","port":9001}}`, service, id))
 	}

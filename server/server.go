@@ -15,11 +15,11 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 
-	"beacon.dev/beacon/internal/health"
-	"beacon.dev/beacon/internal/members"
 	"beacon.dev/beacon/internal/store"
-	"beacon.dev/beacon/internal/view"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/internal/health"
+	"beacon.dev/beacon/server/internal/members"
+	"beacon.dev/beacon/server/internal/view"
 )
 
 // Server is a running beacon server.

@@ -7,14 +7,15 @@ import (
 
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // Close must not wait for long-lived client streams (keepalives, watches)
 // to end on their own: they are open for as long as the client lives.
 func TestCloseDoesNotWaitForClientStreams(t *testing.T) {
-	cfg := testutil.ServerConfig(t, "")
+	cfg := servertest.Config(t, "")
 	cfg.ShutdownTimeout = time.Minute // a handler that ignores shutdown would hold Close this long
-	srv, err := testutil.StartServerErr(cfg)
+	srv, err := servertest.StartErr(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

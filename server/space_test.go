@@ -18,6 +18,7 @@ import (
 
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/server"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // spaceQuota is the small quota the space tests fill.
@@ -43,12 +44,12 @@ func (b *syncBuffer) String() string {
 
 func spaceServer(t *testing.T) (*server.Server, *syncBuffer) {
 	t.Helper()
-	cfg := testutil.ServerConfig(t, "")
+	cfg := servertest.Config(t, "")
 	cfg.EtcdQuotaBackendBytes = spaceQuota
 	cfg.EtcdSpaceCheckInterval = 50 * time.Millisecond
 	logs := &syncBuffer{}
 	cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	return testutil.StartServer(t, cfg), logs
+	return servertest.Start(t, cfg), logs
 }
 
 // fillEtcd puts value-sized records until etcd refuses with NOSPACE:
@@ -102,11 +103,11 @@ func registerBody(id string) string {
 // the member alone; once the records are deleted it recovers by itself:
 // alarm disarmed, /readyz 200, Register succeeds.
 func TestSpaceAlarmShownThenRecoveredWhenRecordsDeleted(t *testing.T) {
-	cfg := testutil.ServerConfig(t, "")
+	cfg := servertest.Config(t, "")
 	cfg.EtcdQuotaBackendBytes = spaceQuota
 	cfg.EtcdSpaceCheckInterval = 50 * time.Millisecond
 	cfg.EtcdAutoRecover = false
-	srv := testutil.StartServer(t, cfg)
+	srv := servertest.Start(t, cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 
@@ -147,7 +148,7 @@ func TestSpaceAlarmShownThenRecoveredWhenRecordsDeleted(t *testing.T) {
 			t.Logf("logs after the restart:\n%s", logs)
 		}
 	})
-	srv = testutil.StartServer(t, cfg)
+	srv = servertest.Start(t, cfg)
 	base = "http://" + srv.Addr()
 	testutil.Eventually(t, time.Minute, "/readyz 503 naming the NOSPACE alarm after a restart", func() bool {
 		code, body := httpGet(t, base+"/readyz")
@@ -232,10 +233,10 @@ func TestSpaceRecoversByItselfFromHistory(t *testing.T) {
 // The server keeps the last EtcdCompactionRetention revisions: older ones
 // are compacted, newer ones readable.
 func TestSpaceCompactsHistoryToRetention(t *testing.T) {
-	cfg := testutil.ServerConfig(t, "")
+	cfg := servertest.Config(t, "")
 	cfg.EtcdCompactionRetention = 100
 	cfg.EtcdSpaceCheckInterval = 20 * time.Millisecond
-	srv := testutil.StartServer(t, cfg)
+	srv := servertest.Start(t, cfg)
 	cli := srv.EtcdClient()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()

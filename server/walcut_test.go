@@ -9,9 +9,9 @@ import (
 	"testing"
 
 	"beacon.dev/beacon/client"
-	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
 	"beacon.dev/beacon/server"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // Finding 11: a write-ahead log whose tail was cut is named for what it
@@ -27,8 +27,8 @@ func TestCutWALIsDiagnosed(t *testing.T) {
 		{"tail cut", 5000, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			cfg := testutil.ServerConfig(t, "")
-			srv := testutil.StartServer(t, cfg)
+			cfg := servertest.Config(t, "")
+			srv := servertest.Start(t, cfg)
 			c, err := client.New([]string{srv.Addr()})
 			if err != nil {
 				t.Fatal(err)
@@ -70,7 +70,7 @@ func TestCutWALIsDiagnosed(t *testing.T) {
 			}
 			if !tc.damaged {
 				// And etcd does repair it: the server starts.
-				testutil.StartServer(t, testutil.ServerConfig(t, cfg.DataDir))
+				servertest.Start(t, servertest.Config(t, cfg.DataDir))
 			}
 		})
 	}

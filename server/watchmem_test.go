@@ -14,6 +14,7 @@ import (
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // Finding 4: watchers that never read do not each hold a copy of their
@@ -25,10 +26,10 @@ func TestNonReadingWatchersHoldLittleAndAreCut(t *testing.T) {
 		services = 3000
 		watchers = 40
 	)
-	cfg := testutil.ServerConfig(t, "")
+	cfg := servertest.Config(t, "")
 	cfg.Limits.WriteTimeout = 3 * time.Second
 	cfg.Limits.WriteRate, cfg.Limits.WriteBurst = 100000, 100000
-	srv := testutil.StartServer(t, cfg)
+	srv := servertest.Start(t, cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 

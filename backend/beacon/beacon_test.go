@@ -28,7 +28,7 @@ var servers sync.Map // backend.Backend → address
 func TestConformance(t *testing.T) {
 	backendtest.Run(t, backendtest.Harness{
 		New: func(t *testing.T) backend.Backend {
-			srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+			srv := testutil.StartBeacon(t)
 			c, err := client.New([]string{srv.Addr()})
 			if err != nil {
 				t.Fatal(err)

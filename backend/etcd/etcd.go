@@ -10,7 +10,7 @@
 // /beacon/v1/ns/` lists every instance.) Sessions are leases kept alive by
 // clientv3; a session whose lease is lost is replaced and its instances
 // registered again. Watches are Get-then-Watch from the next revision,
-// listing again after a compaction (internal/view).
+// listing again after a compaction; each stream follows its namespace only.
 package etcd
 
 import (
@@ -18,16 +18,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"beacon.dev/beacon/backend"
-	"beacon.dev/beacon/client"
-	"beacon.dev/beacon/discovery"
 	"beacon.dev/beacon/internal/store"
-	"beacon.dev/beacon/internal/view"
 	"beacon.dev/beacon/registry"
 	"beacon.dev/beacon/session"
 )
@@ -37,9 +33,7 @@ type Backend struct {
 	ns    string
 	cli   *clientv3.Client
 	store *store.Store
-	view  *view.View
-	stop  context.CancelFunc
-	done  chan struct{}
+	log   *slog.Logger
 }
 
 var _ backend.Backend = (*Backend)(nil)
@@ -53,24 +47,17 @@ func New(cli *clientv3.Client, namespace, prefix string, log *slog.Logger) (*Bac
 	if err := registry.ValidateNamespace(namespace); err != nil {
 		return nil, err
 	}
-	st := store.New(cli, prefix)
-	b := &Backend{ns: namespace, cli: cli, store: st, view: view.New(cli, st.Layout, log, view.Hooks{}), done: make(chan struct{})}
-	ctx, stop := context.WithCancel(context.Background())
-	b.stop = stop
-	go func() { // owned: ends with Close
-		defer close(b.done)
-		b.view.Run(ctx)
-	}()
-	return b, nil
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Backend{ns: namespace, cli: cli, store: store.New(cli, prefix), log: log}, nil
 }
 
 // Namespace implements discovery.Source.
 func (b *Backend) Namespace() string { return b.ns }
 
-// Close stops following etcd.
+// Close stops the backend's writer; close streams and sessions first.
 func (b *Backend) Close() error {
-	b.stop()
-	<-b.done
 	b.store.Close()
 	return nil
 }
@@ -133,90 +120,6 @@ func (b *Backend) Instances(ctx context.Context, service string) (*registry.Snap
 		snap.Revision = max(snap.Revision, kv.ModRevision)
 	}
 	return snap, nil // etcd returns keys sorted: instances sorted by ID
-}
-
-// Watch implements discovery.Source.
-func (b *Backend) Watch(ctx context.Context, services []string) (discovery.Stream, error) {
-	for i, s := range services {
-		if err := registry.ValidateName(fmt.Sprintf("services[%d]", i), s); err != nil {
-			return nil, err
-		}
-	}
-	select { // the view's first listing
-	case <-b.view.Ready():
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-	ws := &stream{sub: b.view.Subscribe(b.ns, services, nil), synced: make(chan struct{}), state: map[string]*registry.Snapshot{}}
-	// The view is loaded: what it holds now is the caught-up state (the
-	// subscription also delivers it through Next).
-	if len(services) == 0 {
-		for _, snap := range b.view.Services(b.ns) {
-			ws.state[snap.Service] = snap
-		}
-	} else {
-		for _, svc := range services {
-			if snap := b.view.Snapshot(registry.ServiceKey{Namespace: b.ns, Service: svc}); len(snap.Instances) > 0 {
-				ws.state[svc] = snap
-			}
-		}
-	}
-	close(ws.synced)
-	wctx, cancel := context.WithCancel(ctx)
-	ws.cancel = cancel
-	ws.ctx = wctx
-	return ws, nil
-}
-
-// stream adapts a view subscription to discovery.Stream.
-type stream struct {
-	sub    *view.Subscription
-	ctx    context.Context
-	cancel context.CancelFunc
-	synced chan struct{}
-
-	mu    sync.Mutex
-	state map[string]*registry.Snapshot // guarded by mu
-}
-
-func (s *stream) Next(ctx context.Context) ([]*registry.Snapshot, error) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	stop := context.AfterFunc(s.ctx, cancel)
-	defer stop()
-	pending, _, err := s.sub.Next(ctx)
-	if err != nil {
-		if s.ctx.Err() != nil {
-			return nil, client.ErrClosed
-		}
-		return nil, err
-	}
-	out := make([]*registry.Snapshot, len(pending))
-	s.mu.Lock()
-	for i, p := range pending {
-		out[i] = p.Snap
-		if old, ok := s.state[p.Snap.Service]; !ok || p.Snap.Revision >= old.Revision {
-			s.state[p.Snap.Service] = p.Snap
-		}
-	}
-	s.mu.Unlock()
-	return out, nil
-}
-
-func (s *stream) Synced() <-chan struct{} { return s.synced }
-
-func (s *stream) Snapshot(service string) (*registry.Snapshot, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	snap, ok := s.state[service]
-	return snap, ok
-}
-
-func (s *stream) Status() client.WatchStatus { return client.WatchStatus{Connected: true} }
-
-func (s *stream) Close() {
-	s.cancel()
-	s.sub.Close()
 }
 
 // NewSession implements backend.Backend: a session on an etcd lease (the

@@ -58,9 +58,8 @@ func harness(endpoint func(t *testing.T) string) backendtest.Harness {
 
 // On the embedded etcd (3.7) of a beacon server.
 func TestConformanceEmbeddedEtcd(t *testing.T) {
-	cfg := testutil.ServerConfig(t, "")
-	testutil.StartServer(t, cfg)
-	backendtest.Run(t, harness(func(*testing.T) string { return "http://" + cfg.EtcdClientAddr }))
+	nd := testutil.StartBeacon(t)
+	backendtest.Run(t, harness(func(*testing.T) string { return "http://" + nd.EtcdClient }))
 }
 
 // On Debian's etcd-server 3.4 (installed by the test command).
@@ -72,9 +71,8 @@ func TestConformanceDebianEtcd34(t *testing.T) {
 // A beacon server and an etcd-direct SDK on the same etcd and prefix see
 // the same registry.
 func TestInteroperatesWithABeaconServer(t *testing.T) {
-	cfg := testutil.ServerConfig(t, "")
-	srv := testutil.StartServer(t, cfg)
-	b, err := etcd.New(etcdClient(t, "http://"+cfg.EtcdClientAddr), "", "", nil)
+	nd := testutil.StartBeacon(t)
+	b, err := etcd.New(etcdClient(t, "http://"+nd.EtcdClient), "", "", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +82,7 @@ func TestInteroperatesWithABeaconServer(t *testing.T) {
 	if _, err := b.Register(ctx, registry.Instance{Service: "orders", ID: "direct-1", Address: "127.0.0.1", Port: 9001}); err != nil {
 		t.Fatal(err)
 	}
-	c, err := client.New([]string{srv.Addr()})
+	c, err := client.New([]string{nd.Addr()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,9 +96,8 @@ func TestInteroperatesWithABeaconServer(t *testing.T) {
 // A lease lost while the owner lives (revoked here, as an etcd outage
 // longer than the TTL would) is replaced and the instances come back.
 func TestLostLeaseIsReplacedAndInstancesRegisteredAgain(t *testing.T) {
-	cfg := testutil.ServerConfig(t, "")
-	testutil.StartServer(t, cfg)
-	cli := etcdClient(t, "http://"+cfg.EtcdClientAddr)
+	nd := testutil.StartBeacon(t)
+	cli := etcdClient(t, "http://"+nd.EtcdClient)
 	b, err := etcd.New(cli, "", "/lease-loss/", nil)
 	if err != nil {
 		t.Fatal(err)

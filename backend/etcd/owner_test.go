@@ -14,9 +14,8 @@ import (
 // A session's Deregister (lifecycle.Run calls it on the way out) leaves an
 // instance that someone else registered again since.
 func TestSessionDeregisterLeavesAnotherOwnersInstance(t *testing.T) {
-	cfg := testutil.ServerConfig(t, "")
-	testutil.StartServer(t, cfg)
-	b, err := etcd.New(etcdClient(t, "http://"+cfg.EtcdClientAddr), "", "/owner-test/", nil)
+	nd := testutil.StartBeacon(t)
+	b, err := etcd.New(etcdClient(t, "http://"+nd.EtcdClient), "", "/owner-test/", nil)
 	if err != nil {
 		t.Fatal(err)
 	}

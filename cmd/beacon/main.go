@@ -4,7 +4,7 @@ package main
 import (
 	"os"
 
-	"beacon.dev/beacon/internal/cli"
+	"beacon.dev/beacon/cmd/beacon/internal/cli"
 )
 
 func main() { os.Exit(cli.Main(os.Args[1:], os.Stdout, os.Stderr)) }

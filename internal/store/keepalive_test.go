@@ -19,8 +19,8 @@ import (
 // Every id gets its own answer, in the caller's order, repeated ids
 // included.
 func TestKeepAliveManyAnswersEveryID(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
-	st := store.New(srv.EtcdClient(), "/ka-test/")
+	nd := testutil.StartBeacon(t)
+	st := store.New(etcdClient(t, nd), "/ka-test/")
 	defer st.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -45,8 +45,8 @@ func TestKeepAliveManyAnswersEveryID(t *testing.T) {
 // etcd stream deadlocked: a send under the lock its reader needs), and
 // Close must return during the flood.
 func TestKeepAliveFloodDoesNotBlockOthers(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
-	st := store.New(srv.EtcdClient(), "/ka-test/")
+	nd := testutil.StartBeacon(t)
+	st := store.New(etcdClient(t, nd), "/ka-test/")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	live, _, err := st.CreateSession(ctx, 10*time.Second, "live")

@@ -18,10 +18,10 @@ import (
 
 func newStore(t *testing.T, prefix string) (*store.Store, *clientv3.Client) {
 	t.Helper()
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
-	st := store.New(srv.EtcdClient(), prefix)
+	nd := testutil.StartBeacon(t)
+	st := store.New(etcdClient(t, nd), prefix)
 	t.Cleanup(st.Close)
-	return st, srv.EtcdClient()
+	return st, etcdClient(t, nd)
 }
 
 func testCtx(t *testing.T) context.Context {

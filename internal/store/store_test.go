@@ -8,7 +8,9 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/goleak"
+	"go.uber.org/zap"
 
 	"beacon.dev/beacon/internal/store"
 	"beacon.dev/beacon/internal/testutil"
@@ -17,12 +19,24 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m, testutil.LeakOptions()...) }
 
+// etcdClient is a client of the embedded etcd of a `beacon server` process
+// (the store's tests run no server code in-process).
+func etcdClient(t *testing.T, nd *testutil.Node) *clientv3.Client {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + nd.EtcdClient}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return cli
+}
+
 // Group commit must keep every caller's outcome its own: in a burst where
 // one session is gone, only its registrations fail, with
 // ErrSessionNotFound, and the others are stored.
 func TestConcurrentRegistrationsKeepTheirOwnOutcome(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
-	st := store.New(srv.EtcdClient(), "/batch-test/")
+	nd := testutil.StartBeacon(t)
+	st := store.New(etcdClient(t, nd), "/batch-test/")
 	defer st.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

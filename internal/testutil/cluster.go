@@ -2,7 +2,6 @@ package testutil
 
 import (
 	"bufio"
-	"context"
 	"fmt"
 	"io"
 	"os"
@@ -129,20 +128,6 @@ func (nd *Node) Output() string {
 		return ""
 	}
 	return nd.out.String()
-}
-
-// Leader returns the node whose etcd member leads.
-func Leader(ctx context.Context, t testing.TB, ns []*Node) *Node {
-	t.Helper()
-	var eps []string
-	for _, nd := range ns {
-		eps = append(eps, nd.EtcdClient)
-	}
-	i, err := EtcdLeader(ctx, eps)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return ns[i]
 }
 
 // APIs returns the nodes' API addresses starting with the rotate-th.

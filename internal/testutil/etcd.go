@@ -1,34 +1,11 @@
 package testutil
 
 import (
-	"context"
-	"errors"
 	"os"
 	"os/exec"
 	"syscall"
 	"testing"
-	"time"
-
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 )
-
-// EtcdLeader returns the index of the endpoint ("host:port") whose etcd
-// member is the Raft leader.
-func EtcdLeader(ctx context.Context, endpoints []string) (int, error) {
-	for i, ep := range endpoints {
-		cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + ep}, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
-		if err != nil {
-			continue
-		}
-		st, err := cli.Status(ctx, "http://"+ep)
-		cli.Close()
-		if err == nil && st.Leader == st.Header.MemberId {
-			return i, nil
-		}
-	}
-	return -1, errors.New("testutil: no etcd leader among the endpoints")
-}
 
 // StartDebianEtcd runs the etcd binary from PATH (Debian's etcd-server,
 // 3.4) on free loopback ports and returns its client URL. The test

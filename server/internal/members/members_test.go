@@ -8,8 +8,9 @@ import (
 
 	"go.uber.org/goleak"
 
-	"beacon.dev/beacon/internal/members"
 	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/server/internal/members"
+	"beacon.dev/beacon/server/servertest"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m, testutil.LeakOptions()...) }
@@ -24,7 +25,7 @@ func waitLive(t *testing.T, m *members.Members, want ...string) {
 // Three members share keys by rendezvous hashing; every key has exactly one
 // owner, the shares are even, and when one leaves only its keys move.
 func TestOwnershipIsSharedAndMovesOnlyTheLeaversShare(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := servertest.Start(t, servertest.Config(t, ""))
 	cli := srv.EtcdClient()
 	a := members.Join(cli, "/test/members/", "a", 2*time.Second, nil)
 	b := members.Join(cli, "/test/members/", "b", 2*time.Second, nil)

@@ -15,6 +15,7 @@ import (
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/servertest"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m, testutil.LeakOptions()...) }
@@ -23,7 +24,7 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m, testutil.LeakOptions()...
 // probes never pile up at the target — one at a time, each cut at its
 // timeout.
 func TestHungTargetDoesNotPileUpProbes(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := servertest.Start(t, servertest.Config(t, ""))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	var inflight, peak, total atomic.Int64
@@ -82,7 +83,7 @@ func TestHungTargetDoesNotPileUpProbes(t *testing.T) {
 
 // deregister_critical_after removes an instance that stays CRITICAL.
 func TestDeregisterCriticalAfter(t *testing.T) {
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := servertest.Start(t, servertest.Config(t, ""))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	c, err := client.New([]string{srv.Addr()})
@@ -116,7 +117,7 @@ func TestThousandChecksStayOnTime(t *testing.T) {
 	if testing.Short() {
 		t.Skip("1,000 checks for several seconds")
 	}
-	srv := testutil.StartServer(t, testutil.ServerConfig(t, ""))
+	srv := servertest.Start(t, servertest.Config(t, ""))
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

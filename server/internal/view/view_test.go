@@ -12,8 +12,9 @@ import (
 
 	"beacon.dev/beacon/internal/store"
 	"beacon.dev/beacon/internal/testutil"
-	"beacon.dev/beacon/internal/view"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/internal/view"
+	"beacon.dev/beacon/server/servertest"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m, testutil.LeakOptions()...) }
@@ -22,8 +23,8 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m, testutil.LeakOptions()...
 // etcd client address.
 func etcdFor(t *testing.T) (etcdAddr string, st *store.Store) {
 	t.Helper()
-	cfg := testutil.ServerConfig(t, "")
-	srv := testutil.StartServer(t, cfg)
+	cfg := servertest.Config(t, "")
+	srv := servertest.Start(t, cfg)
 	st = store.New(srv.EtcdClient(), store.DefaultPrefix)
 	t.Cleanup(st.Close)
 	return cfg.EtcdClientAddr, st

@@ -13,9 +13,10 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"beacon.dev/beacon/internal/cli"
+	"beacon.dev/beacon/cmd/beacon/internal/cli"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/server"
+	"beacon.dev/beacon/server/servertest"
 )
 
 func run(args ...string) (code int, stdout, stderr string) {
@@ -28,10 +29,10 @@ func run(args ...string) (code int, stdout, stderr string) {
 // recover-space refuses while the records fill the quota, recovers once
 // they are deleted, and is harmless run again.
 func TestOperatorSpaceAndRecoverSpace(t *testing.T) {
-	cfg := testutil.ServerConfig(t, "")
+	cfg := servertest.Config(t, "")
 	cfg.EtcdQuotaBackendBytes = 16 << 20
 	cfg.EtcdAutoRecover = false // the operator recovers here
-	srv := testutil.StartServer(t, cfg)
+	srv := servertest.Start(t, cfg)
 	etcd := srv.EtcdClient()
 	ep := "--etcd-endpoints=http://" + cfg.EtcdClientAddr
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
@@ -80,7 +81,7 @@ func TestOperatorSpaceAndRecoverSpace(t *testing.T) {
 	// share (80%): defragmenting cannot make room.
 	srv.Close()
 	cfg.EtcdQuotaBackendBytes = 13 << 20
-	srv = testutil.StartServer(t, cfg)
+	srv = servertest.Start(t, cfg)
 	etcd = srv.EtcdClient()
 	code, out, errs = run("operator", "recover-space", ep)
 	if code != 1 || !strings.Contains(errs, "delete records or raise --etcd-quota-backend-bytes") {

@@ -11,6 +11,7 @@ import (
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/internal/testutil/blackhole"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/servertest"
 )
 
 // fdSlack absorbs the descriptors the rest of the process opens and closes
@@ -27,9 +28,9 @@ func dropTest(t *testing.T, ctx context.Context, instances, maxConns int) (srv i
 	addr := blackhole.Listener(t)
 	host, portStr, _ := net.SplitHostPort(addr)
 	port, _ := net.LookupPort("tcp", portStr)
-	cfg := testutil.ServerConfig(t, "")
+	cfg := servertest.Config(t, "")
 	cfg.CheckMaxConns = maxConns
-	s := testutil.StartServer(t, cfg)
+	s := servertest.Start(t, cfg)
 	c, err := client.New([]string{s.Addr()})
 	if err != nil {
 		t.Fatal(err)

@@ -19,9 +19,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/semaphore"
 
-	"beacon.dev/beacon/internal/members"
 	"beacon.dev/beacon/internal/store"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/internal/members"
 )
 
 // DefaultMaxConcurrent bounds the probes in flight on one server.
