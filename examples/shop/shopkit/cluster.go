@@ -18,21 +18,23 @@ import (
 	"time"
 )
 
-// ModuleDir returns the beacon module's directory (Build's moduleDir):
-// the shop is built from source, so it runs from within the module.
+// ModuleDir returns the repository's directory (Build's moduleDir): the
+// shop is built from source, so it runs from within the beacon workspace
+// (go.work), or at least one of its modules.
 func ModuleDir() (string, error) {
-	out, err := exec.Command("go", "env", "GOMOD").Output()
-	mod := strings.TrimSpace(string(out))
-	if err != nil || mod == "" || mod == os.DevNull {
-		return "", errors.New("run from within the beacon module (go env GOMOD names no go.mod)")
+	for _, v := range []string{"GOWORK", "GOMOD"} {
+		out, err := exec.Command("go", "env", v).Output()
+		if p := strings.TrimSpace(string(out)); err == nil && p != "" && p != os.DevNull && p != "off" {
+			return filepath.Dir(p), nil
+		}
 	}
-	return filepath.Dir(mod), nil
+	return "", errors.New("run from within the beacon repository (go env names no go.work or go.mod)")
 }
 
 // Build compiles the shop and the beacon server into dir.
 func Build(ctx context.Context, moduleDir, dir string) (shopBin, beaconBin string, err error) {
 	shopBin, beaconBin = filepath.Join(dir, "shop"), filepath.Join(dir, "beacon")
-	for bin, pkg := range map[string]string{shopBin: "./examples/shop", beaconBin: "./cmd/beacon"} {
+	for bin, pkg := range map[string]string{shopBin: "beacon.dev/beacon/examples/shop", beaconBin: "beacon.dev/beacon/cmd/beacon"} {
 		cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, pkg)
 		cmd.Dir = moduleDir
 		if out, err := cmd.CombinedOutput(); err != nil {
