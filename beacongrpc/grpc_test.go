@@ -122,7 +122,7 @@ func TestResolverReportsAnEmptyService(t *testing.T) {
 	e := newEnv(t)
 	b := startBackend(t)
 	e.register(t, "lonely", b)
-	if _, err := e.c.Deregister(e.ctx, "", "lonely", "lonely-0"); err != nil {
+	if _, err := e.c.Deregister(e.ctx, "lonely", "lonely-0"); err != nil {
 		t.Fatal(err)
 	}
 	cc := e.dial(t, "beacon:///lonely")

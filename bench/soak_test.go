@@ -392,7 +392,7 @@ func (s *soak) stopHostiles(ctx context.Context) {
 	}
 	defer c.Close()
 	for i := range soakDropInstances {
-		if _, err := c.Deregister(ctx, "", "drop", fmt.Sprint("d-", i)); err != nil {
+		if _, err := c.Deregister(ctx, "drop", fmt.Sprint("d-", i)); err != nil {
 			s.tb.Fatalf("deregistering the dropping checks: %v", err)
 		}
 	}

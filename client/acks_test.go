@@ -90,7 +90,7 @@ func TestAwaitWatchersCountsAcknowledgements(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := c.AwaitWatchers(ctx, "", "orders", rev, 700*time.Millisecond)
+	res, err := c.AwaitWatchers(ctx, "orders", rev, 700*time.Millisecond)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,7 +107,7 @@ func TestAwaitWatchersCountsAcknowledgements(t *testing.T) {
 		stuck.Next(ctx) // acknowledges the first batch, takes the DRAINING one
 		stuck.Next(ctx) // acknowledges it, then blocks until the Close below
 	}()
-	res, err = c.AwaitWatchers(ctx, "", "orders", rev, 10*time.Second)
+	res, err = c.AwaitWatchers(ctx, "orders", rev, 10*time.Second)
 	if err != nil || !res.Complete() || res.Acknowledged != 3 {
 		t.Fatalf("AwaitWatchers = %+v, %v; want all 3 acknowledged", res, err)
 	}
@@ -122,7 +122,7 @@ func TestAwaitWatchersCountsAcknowledgements(t *testing.T) {
 		t.Fatal(err)
 	}
 	go func() { time.Sleep(100 * time.Millisecond); stuck.Close() }()
-	res, err = c.AwaitWatchers(ctx, "", "orders", rev, 10*time.Second)
+	res, err = c.AwaitWatchers(ctx, "orders", rev, 10*time.Second)
 	if err != nil || !res.Complete() || res.Gone != 1 {
 		t.Fatalf("AwaitWatchers = %+v, %v; want the closed watcher gone and the wait complete", res, err)
 	}
@@ -142,7 +142,7 @@ func TestAcknowledgementsSurviveReconnect(t *testing.T) {
 		t.Fatal(err)
 	}
 	w := watchAndConsume(ctx, t, viaProxy, "orders")
-	if res, err := c.AwaitWatchers(ctx, "", "orders", rev, 5*time.Second); err != nil || !res.Complete() || res.Acknowledged != 1 {
+	if res, err := c.AwaitWatchers(ctx, "orders", rev, 5*time.Second); err != nil || !res.Complete() || res.Acknowledged != 1 {
 		t.Fatalf("before the cut: %+v, %v", res, err)
 	}
 	// After a reconnect the server sends nothing new (the watcher is
@@ -153,7 +153,7 @@ func TestAcknowledgementsSurviveReconnect(t *testing.T) {
 		st := w.Status()
 		return st.Reconnects > reconnects && st.Connected
 	})
-	if res, err := c.AwaitWatchers(ctx, "", "orders", rev, 5*time.Second); err != nil || !res.Complete() || res.Acknowledged != 1 {
+	if res, err := c.AwaitWatchers(ctx, "orders", rev, 5*time.Second); err != nil || !res.Complete() || res.Acknowledged != 1 {
 		t.Fatalf("after the reconnect: %+v, %v", res, err)
 	}
 }
@@ -173,7 +173,7 @@ func TestAwaitWatchersBadInput(t *testing.T) {
 		{"orders", 0, time.Second, "revision"},
 		{"orders", 1, 6 * time.Minute, "timeout"},
 	} {
-		_, err := c.AwaitWatchers(ctx, "", tc.service, tc.rev, tc.timeout)
+		_, err := c.AwaitWatchers(ctx, tc.service, tc.rev, tc.timeout)
 		if !errors.Is(err, registry.ErrInvalid) || !strings.Contains(err.Error(), tc.field) {
 			t.Errorf("AwaitWatchers(%q, %d, %v) = %v, want invalid %s", tc.service, tc.rev, tc.timeout, err, tc.field)
 		}

@@ -357,18 +357,43 @@ func fromConnectError(err error) error {
 	return fmt.Errorf("beacon: %w", err)
 }
 
-func (c *Client) ns(ns string) string {
-	if ns == "" {
-		return c.namespace
+// CallOption adjusts one call. InNamespace applies to every call that
+// addresses a namespace (the same way in each); All only to Instances;
+// WatchFrom only to Watch.
+type CallOption func(*callConfig)
+
+type callConfig struct {
+	namespace string
+	all       bool
+	from      []*registry.Snapshot
+}
+
+// InNamespace addresses another namespace than the client's (WithNamespace,
+// default "default"); "" means the client's.
+func InNamespace(ns string) CallOption { return func(c *callConfig) { c.namespace = ns } }
+
+// All makes Instances include instances that are not routable (not UP, or
+// CRITICAL).
+func All() CallOption { return func(c *callConfig) { c.all = true } }
+
+func (c *Client) options(opts []CallOption) callConfig {
+	cfg := callConfig{}
+	for _, o := range opts {
+		o(&cfg)
 	}
-	return ns
+	if cfg.namespace == "" {
+		cfg.namespace = c.namespace
+	}
+	return cfg
 }
 
 // prepare fills defaults and validates locally, so bad input fails before
 // any network round trip with the same error the server would give.
 func (c *Client) prepare(in registry.Instance) (registry.Instance, error) {
 	in = in.Clone()
-	in.Namespace = c.ns(in.Namespace)
+	if in.Namespace == "" {
+		in.Namespace = c.namespace
+	}
 	in.Revision = 0
 	in.ApplyDefaults()
 	if err := in.Validate(); err != nil {
@@ -400,15 +425,18 @@ func (c *Client) register(ctx context.Context, in registry.Instance) (int64, err
 }
 
 // Deregister removes an instance, ephemeral or persistent. found reports
-// whether it existed. An empty namespace means the client's.
-func (c *Client) Deregister(ctx context.Context, namespace, service, id string) (found bool, err error) {
-	return c.deregister(ctx, namespace, service, id, 0)
+// whether it existed.
+func (c *Client) Deregister(ctx context.Context, service, id string, opts ...CallOption) (found bool, err error) {
+	return c.deregister(ctx, c.options(opts).namespace, service, id, 0)
 }
 
 // deregister with session != 0 removes the instance only if it is still
 // bound to that session.
 func (c *Client) deregister(ctx context.Context, namespace, service, id string, session int64) (bool, error) {
-	req := &beaconv1.DeregisterRequest{Namespace: c.ns(namespace), Service: service, Id: id, SessionId: session}
+	if namespace == "" {
+		namespace = c.namespace
+	}
+	req := &beaconv1.DeregisterRequest{Namespace: namespace, Service: service, Id: id, SessionId: session}
 	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (bool, error) {
 		resp, err := r.Deregister(ctx, connect.NewRequest(req))
 		if err != nil {
@@ -418,24 +446,11 @@ func (c *Client) deregister(ctx context.Context, namespace, service, id string, 
 	})
 }
 
-// ListOption changes what Instances returns.
-type ListOption func(*beaconv1.ListInstancesRequest)
-
-// All includes instances that are not routable (not UP, or CRITICAL).
-func All() ListOption { return func(r *beaconv1.ListInstancesRequest) { r.All = true } }
-
-// InNamespace lists another namespace than the client's.
-func InNamespace(ns string) ListOption {
-	return func(r *beaconv1.ListInstancesRequest) { r.Namespace = ns }
-}
-
 // Instances returns a service's snapshot: its routable instances, or all of
 // them with All(). The read sees every write acknowledged before it began.
-func (c *Client) Instances(ctx context.Context, service string, opts ...ListOption) (*registry.Snapshot, error) {
-	req := &beaconv1.ListInstancesRequest{Namespace: c.namespace, Service: service}
-	for _, o := range opts {
-		o(req)
-	}
+func (c *Client) Instances(ctx context.Context, service string, opts ...CallOption) (*registry.Snapshot, error) {
+	cfg := c.options(opts)
+	req := &beaconv1.ListInstancesRequest{Namespace: cfg.namespace, Service: service, All: cfg.all}
 	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (*registry.Snapshot, error) {
 		resp, err := r.ListInstances(ctx, connect.NewRequest(req))
 		if err != nil {
@@ -459,10 +474,10 @@ type ServiceSummary struct {
 	Revision  int64
 }
 
-// Services lists the services of a namespace (empty: the client's) that
-// have at least one instance.
-func (c *Client) Services(ctx context.Context, namespace string) ([]ServiceSummary, error) {
-	req := &beaconv1.ListServicesRequest{Namespace: c.ns(namespace)}
+// Services lists the services of the namespace that have at least one
+// instance.
+func (c *Client) Services(ctx context.Context, opts ...CallOption) ([]ServiceSummary, error) {
+	req := &beaconv1.ListServicesRequest{Namespace: c.options(opts).namespace}
 	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) ([]ServiceSummary, error) {
 		resp, err := r.ListServices(ctx, connect.NewRequest(req))
 		if err != nil {
@@ -494,17 +509,17 @@ func (r WatchersResult) Complete() bool {
 	return r.Unreachable == 0 && r.Acknowledged+r.Gone == r.Watchers
 }
 
-// AwaitWatchers waits, at most timeout, until the SDK watchers of
-// namespace/service (on every server this client knows, since each
+// AwaitWatchers waits, at most timeout, until the SDK watchers of the
+// service (on every server this client knows, since each
 // watcher streams from one of them) have applied revision — typically the
 // one Register returned when an instance was marked DRAINING.
-func (c *Client) AwaitWatchers(ctx context.Context, namespace, service string, revision int64, timeout time.Duration) (WatchersResult, error) {
+func (c *Client) AwaitWatchers(ctx context.Context, service string, revision int64, timeout time.Duration, opts ...CallOption) (WatchersResult, error) {
 	start := time.Now()
 	// Each server is asked to answer a little before timeout, and one that
 	// has not answered by timeout (frozen, cut off) is counted unreachable:
 	// the wait never outlasts timeout.
 	grace := min(timeout/10, 250*time.Millisecond)
-	req := &beaconv1.AwaitWatchersRequest{Namespace: c.ns(namespace), Service: service, Revision: revision, Timeout: durationpb.New(timeout - grace)}
+	req := &beaconv1.AwaitWatchersRequest{Namespace: c.options(opts).namespace, Service: service, Revision: revision, Timeout: durationpb.New(timeout - grace)}
 	var (
 		mu     sync.Mutex
 		res    WatchersResult
@@ -544,8 +559,8 @@ func (c *Client) AwaitWatchers(ctx context.Context, namespace, service string, r
 // SetStatus changes an instance's declared status in place, keeping its
 // session and checks — the operator's maintenance switch: OUT_OF_SERVICE
 // stays when the instance registers again, until SetStatus puts it back.
-func (c *Client) SetStatus(ctx context.Context, namespace, service, id string, status registry.Status) (*registry.Instance, error) {
-	req := &beaconv1.SetStatusRequest{Namespace: c.ns(namespace), Service: service, Id: id, Status: beaconv1.Status(status)}
+func (c *Client) SetStatus(ctx context.Context, service, id string, status registry.Status, opts ...CallOption) (*registry.Instance, error) {
+	req := &beaconv1.SetStatusRequest{Namespace: c.options(opts).namespace, Service: service, Id: id, Status: beaconv1.Status(status)}
 	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (*registry.Instance, error) {
 		resp, err := r.SetStatus(ctx, connect.NewRequest(req))
 		if connect.CodeOf(err) == connect.CodeNotFound {
@@ -562,17 +577,17 @@ func (c *Client) SetStatus(ctx context.Context, namespace, service, id string, s
 // SetProtectionThreshold sets a service's protection threshold in [0, 1]
 // (0: off): below that share of routable instances among those declared
 // UP, discovery hands out the unhealthy ones too.
-func (c *Client) SetProtectionThreshold(ctx context.Context, namespace, service string, threshold float64) (revision int64, err error) {
+func (c *Client) SetProtectionThreshold(ctx context.Context, service string, threshold float64, opts ...CallOption) (revision int64, err error) {
 	if err := registry.ValidateProtectionThreshold(threshold); err != nil {
 		return 0, err
 	}
-	return c.setServiceConfig(ctx, &beaconv1.SetServiceConfigRequest{Namespace: c.ns(namespace), Service: service, ProtectionThreshold: threshold})
+	return c.setServiceConfig(ctx, &beaconv1.SetServiceConfigRequest{Namespace: c.options(opts).namespace, Service: service, ProtectionThreshold: threshold})
 }
 
 // ResetProtectionThreshold forgets the service's own protection threshold:
 // the server's default (--protection-threshold) applies again.
-func (c *Client) ResetProtectionThreshold(ctx context.Context, namespace, service string) (revision int64, err error) {
-	return c.setServiceConfig(ctx, &beaconv1.SetServiceConfigRequest{Namespace: c.ns(namespace), Service: service, UseDefault: true})
+func (c *Client) ResetProtectionThreshold(ctx context.Context, service string, opts ...CallOption) (revision int64, err error) {
+	return c.setServiceConfig(ctx, &beaconv1.SetServiceConfigRequest{Namespace: c.options(opts).namespace, Service: service, UseDefault: true})
 }
 
 func (c *Client) setServiceConfig(ctx context.Context, req *beaconv1.SetServiceConfigRequest) (int64, error) {
@@ -590,8 +605,8 @@ func (c *Client) setServiceConfig(ctx context.Context, req *beaconv1.SetServiceC
 // than the check's interval, or the registry marks the check CRITICAL.
 // revision is that of the transition written, 0 when the status did not
 // change.
-func (c *Client) UpdateCheck(ctx context.Context, namespace, service, id, check string, status registry.Health, output string) (revision int64, err error) {
-	req := &beaconv1.UpdateCheckRequest{Namespace: c.ns(namespace), Service: service, Id: id, Check: check, Status: beaconv1.Health(status), Output: output}
+func (c *Client) UpdateCheck(ctx context.Context, service, id, check string, status registry.Health, output string, opts ...CallOption) (revision int64, err error) {
+	req := &beaconv1.UpdateCheckRequest{Namespace: c.options(opts).namespace, Service: service, Id: id, Check: check, Status: beaconv1.Health(status), Output: output}
 	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (int64, error) {
 		resp, err := r.UpdateCheck(ctx, connect.NewRequest(req))
 		if connect.CodeOf(err) == connect.CodeNotFound {

@@ -72,18 +72,18 @@ func TestRegisterListDeregister(t *testing.T) {
 	if got, want := ids(all), []string{"o-1", "o-2"}; !cmp.Equal(got, want) {
 		t.Errorf("Instances(orders, All) = %v, want %v", got, want)
 	}
-	svcs, err := c.Services(ctx, "")
+	svcs, err := c.Services(ctx)
 	if err != nil {
 		t.Fatalf("Services: %v", err)
 	}
 	if len(svcs) != 1 || svcs[0].Name != "orders" || svcs[0].Instances != 2 || svcs[0].Routable != 1 {
 		t.Errorf("Services() = %+v, want orders with 2 instances, 1 routable", svcs)
 	}
-	found, err := c.Deregister(ctx, "", "orders", "o-2")
+	found, err := c.Deregister(ctx, "orders", "o-2")
 	if err != nil || !found {
 		t.Fatalf("Deregister(o-2) = %v, %v; want true, nil", found, err)
 	}
-	found, err = c.Deregister(ctx, "", "orders", "o-2")
+	found, err = c.Deregister(ctx, "orders", "o-2")
 	if err != nil || found {
 		t.Fatalf("second Deregister(o-2) = %v, %v; want false, nil", found, err)
 	}
@@ -169,7 +169,7 @@ func TestBadInputIsRejectedLocallyAndByServer(t *testing.T) {
 	if !errors.As(err, &fe) || fe.Field != "service" {
 		t.Errorf("Register(service=Orders) = %v, want a FieldError on service", err)
 	}
-	if _, err := c.Deregister(ctx, "", "orders", "bad id!"); !errors.Is(err, registry.ErrInvalid) {
+	if _, err := c.Deregister(ctx, "orders", "bad id!"); !errors.Is(err, registry.ErrInvalid) {
 		t.Errorf("Deregister(bad id) = %v, want ErrInvalid from the server", err)
 	}
 	if _, err := c.NewSession(ctx, client.WithTTL(time.Second)); !errors.Is(err, registry.ErrInvalid) {
@@ -183,7 +183,7 @@ func TestFailoverToNextServer(t *testing.T) {
 	c := newClient(t, dead, srv.Addr())
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if _, err := c.Services(ctx, ""); err != nil {
+	if _, err := c.Services(ctx); err != nil {
 		t.Fatalf("Services with the first server down = %v, want success from the second", err)
 	}
 }
@@ -192,7 +192,7 @@ func TestUnavailableWhenNoServer(t *testing.T) {
 	c := newClient(t, testutil.FreeAddr(t))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := c.Services(ctx, ""); !errors.Is(err, client.ErrUnavailable) {
+	if _, err := c.Services(ctx); !errors.Is(err, client.ErrUnavailable) {
 		t.Errorf("Services() = %v, want ErrUnavailable", err)
 	}
 }

@@ -97,7 +97,7 @@ func TestMuteServerIsPassedOver(t *testing.T) {
 	alone := newClient(t, mute)
 	short, cancelShort := context.WithTimeout(ctx, 300*time.Millisecond)
 	defer cancelShort()
-	if _, err := alone.Services(short, ""); !errors.Is(err, context.DeadlineExceeded) {
+	if _, err := alone.Services(short); !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("Services on a mute server alone = %v, want the caller's deadline", err)
 	}
 }

@@ -52,31 +52,20 @@ type Watcher struct {
 	ackNotify chan struct{}    // size 1: unacked has something
 }
 
-// WatchOption configures a watch.
-type WatchOption func(*Watcher)
-
-// WatchNamespace watches another namespace than the client's.
-func WatchNamespace(ns string) WatchOption { return func(w *Watcher) { w.ns = ns } }
-
 // WatchFrom starts the watch from snapshots the caller already holds (of
 // the watched namespace): the server sends only the services that changed
 // since, and Snapshot returns these until then. Next does not hand them
 // out again.
-func WatchFrom(snaps []*registry.Snapshot) WatchOption {
-	return func(w *Watcher) {
-		for _, s := range snaps {
-			if old, ok := w.state[s.Service]; s != nil && (!ok || s.Revision > old.Revision) {
-				w.state[s.Service] = s
-			}
-		}
-	}
+func WatchFrom(snaps []*registry.Snapshot) CallOption {
+	return func(c *callConfig) { c.from = append(c.from, snaps...) }
 }
 
 // Watch starts following services (all services of the namespace when none
 // is named) until ctx ends or Close is called.
-func (c *Client) Watch(ctx context.Context, services []string, opts ...WatchOption) (*Watcher, error) {
+func (c *Client) Watch(ctx context.Context, services []string, opts ...CallOption) (*Watcher, error) {
+	cfg := c.options(opts)
 	w := &Watcher{
-		c: c, ns: c.namespace, services: slices.Clone(services),
+		c: c, ns: cfg.namespace, services: slices.Clone(services),
 		notify: make(chan struct{}, 1), done: make(chan struct{}), syncedCh: make(chan struct{}),
 		state: make(map[string]*registry.Snapshot), pending: make(map[string]*registry.Snapshot),
 		since:     time.Now(),
@@ -84,8 +73,10 @@ func (c *Client) Watch(ctx context.Context, services []string, opts ...WatchOpti
 		ackNotify: make(chan struct{}, 1),
 		server:    c.current.Load(),
 	}
-	for _, o := range opts {
-		o(w)
+	for _, s := range cfg.from {
+		if old, ok := w.state[s.Service]; s != nil && (!ok || s.Revision > old.Revision) {
+			w.state[s.Service] = s
+		}
 	}
 	if err := registry.ValidateNamespace(w.ns); err != nil {
 		return nil, err

@@ -114,7 +114,7 @@ func TestFollowsChangesAndFeedsABalancer(t *testing.T) {
 
 	// Scale to zero on purpose: persistent instances deregistered.
 	for _, id := range []string{"o-0", "o-1", "o-2"} {
-		if _, err := c.Deregister(ctx, "", "orders", id); err != nil {
+		if _, err := c.Deregister(ctx, "orders", id); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -290,7 +290,7 @@ func TestBadSnapshotsAreRefused(t *testing.T) {
 		{"garbage", "not json", "envelope"},
 		{"format", `{"format":"x","version":1}`, `format "x"`},
 		{"version", `{"format":"beacon-discovery-snapshot","version":9,"namespace":"default"}`, "version 9"},
-		{"checksum", `{"format":"beacon-discovery-snapshot","version":1,"namespace":"default","sha256":"00","payload":{}}`, "checksum mismatch"},
+		{"checksum", `{"format":"beacon-discovery-snapshot","version":2,"namespace":"default","sha256":"00","payload":{}}`, "checksum mismatch"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if err := os.WriteFile(path, []byte(tc.content), 0o600); err != nil {

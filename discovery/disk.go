@@ -9,16 +9,23 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
+	"google.golang.org/protobuf/encoding/protojson"
+
+	beaconv1 "beacon.dev/beacon/api/beacon/v1"
+	"beacon.dev/beacon/internal/wire"
 	"beacon.dev/beacon/registry"
 )
 
 // The snapshot file: a versioned envelope whose checksum covers the
-// payload bytes exactly as stored.
+// payload bytes exactly as stored. The payload is the API's own JSON for a
+// list of service snapshots (a beacon.v1.WatchResponse, as protojson): one
+// shape for an instance wherever a user may read it.
 const (
 	snapshotFormat  = "beacon-discovery-snapshot"
-	snapshotVersion = 1
+	snapshotVersion = 2
 	// MaxSnapshotBytes bounds the file read at a cold start.
 	MaxSnapshotBytes = 64 << 20
 )
@@ -32,27 +39,6 @@ type envelope struct {
 	Payload   json.RawMessage `json:"payload"`
 }
 
-type diskPayload struct {
-	Services map[string]diskService `json:"services"`
-}
-
-type diskService struct {
-	Revision  int64          `json:"revision"`
-	Instances []diskInstance `json:"instances"`
-}
-
-type diskInstance struct {
-	ID        string            `json:"id"`
-	Address   string            `json:"address"`
-	Port      int               `json:"port"`
-	Weight    int               `json:"weight"`
-	Zone      string            `json:"zone,omitempty"`
-	Version   string            `json:"version,omitempty"`
-	Tags      []string          `json:"tags,omitempty"`
-	Metadata  map[string]string `json:"metadata,omitempty"`
-	SessionID int64             `json:"session_id,omitempty"`
-}
-
 func snapshotPath(dir, namespace string) string {
 	return filepath.Join(dir, "beacon-discovery-"+namespace+".json")
 }
@@ -60,18 +46,18 @@ func snapshotPath(dir, namespace string) string {
 // writeSnapshot stores the routable instances of every service atomically
 // (temporary file, fsync, rename).
 func writeSnapshot(dir, namespace string, snaps map[string]*registry.Snapshot, now time.Time) error {
-	p := diskPayload{Services: make(map[string]diskService, len(snaps))}
-	for name, s := range snaps {
-		ds := diskService{Revision: s.Revision}
-		for _, in := range s.Routable() {
-			ds.Instances = append(ds.Instances, diskInstance{
-				ID: in.ID, Address: in.Address, Port: in.Port, Weight: in.Weight, Zone: in.Zone,
-				Version: in.Version, Tags: in.Tags, Metadata: in.Metadata, SessionID: in.SessionID,
-			})
-		}
-		p.Services[name] = ds
+	names := make([]string, 0, len(snaps))
+	for name := range snaps {
+		names = append(names, name)
 	}
-	payload, err := json.Marshal(p)
+	slices.Sort(names)
+	p := &beaconv1.WatchResponse{}
+	for _, name := range names {
+		s := *snaps[name]
+		s.Service, s.Instances = name, s.Routable()
+		p.Snapshots = append(p.Snapshots, wire.SnapshotToProto(&s))
+	}
+	payload, err := protojson.Marshal(p)
 	if err != nil {
 		return err
 	}
@@ -151,28 +137,30 @@ func decodeSnapshot(data []byte, namespace string, maxAge time.Duration, now tim
 	if age := now.Sub(env.WrittenAt); age > maxAge || age < -time.Minute {
 		return nil, time.Time{}, fmt.Errorf("%w: written %v ago, max age %v", ErrBadSnapshot, age.Round(time.Second), maxAge)
 	}
-	var p diskPayload
-	if err := json.Unmarshal(env.Payload, &p); err != nil {
+	var p beaconv1.WatchResponse
+	if err := protojson.Unmarshal(env.Payload, &p); err != nil {
 		return nil, time.Time{}, fmt.Errorf("%w: payload: %v", ErrBadSnapshot, err)
 	}
-	out := make(map[string]*registry.Snapshot, len(p.Services))
-	for name, ds := range p.Services {
-		if err := registry.ValidateName("service", name); err != nil {
+	out := make(map[string]*registry.Snapshot, len(p.Snapshots))
+	for _, ps := range p.Snapshots {
+		s := wire.SnapshotFromProto(ps)
+		if err := registry.ValidateName("service", s.Service); err != nil {
 			return nil, time.Time{}, fmt.Errorf("%w: %v", ErrBadSnapshot, err)
 		}
-		s := &registry.Snapshot{Namespace: namespace, Service: name, Revision: ds.Revision}
-		for _, di := range ds.Instances {
-			in := &registry.Instance{
-				Namespace: namespace, Service: name, ID: di.ID, Address: di.Address, Port: di.Port,
-				Weight: di.Weight, Zone: di.Zone, Version: di.Version, Tags: di.Tags, Metadata: di.Metadata,
-				SessionID: di.SessionID, Status: registry.StatusUp, Health: registry.HealthPassing,
-			}
-			if err := in.Validate(); err != nil {
-				return nil, time.Time{}, fmt.Errorf("%w: service %s: %v", ErrBadSnapshot, name, err)
-			}
-			s.Instances = append(s.Instances, in)
+		if _, dup := out[s.Service]; dup {
+			return nil, time.Time{}, fmt.Errorf("%w: service %s listed twice", ErrBadSnapshot, s.Service)
 		}
-		out[name] = s
+		if s.Namespace != namespace && s.Namespace != "" {
+			return nil, time.Time{}, fmt.Errorf("%w: service %s of namespace %q, want %q", ErrBadSnapshot, s.Service, s.Namespace, namespace)
+		}
+		s.Namespace = namespace
+		for _, in := range s.Instances {
+			in.Namespace, in.Service = namespace, s.Service
+			if err := in.Validate(); err != nil {
+				return nil, time.Time{}, fmt.Errorf("%w: service %s: %v", ErrBadSnapshot, s.Service, err)
+			}
+		}
+		out[s.Service] = s
 	}
 	return out, env.WrittenAt, nil
 }

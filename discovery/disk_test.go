@@ -46,7 +46,7 @@ func FuzzDecodeSnapshot(f *testing.F) {
 	if data, err := os.ReadFile(snapshotPath(dir, "default")); err == nil {
 		f.Add(data)
 	}
-	f.Add([]byte(`{"format":"beacon-discovery-snapshot","version":1,"namespace":"default"}`))
+	f.Add([]byte(`{"format":"beacon-discovery-snapshot","version":2,"namespace":"default"}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		snaps, _, err := decodeSnapshot(data, "default", 100*365*24*time.Hour, now)
 		if err != nil {

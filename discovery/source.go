@@ -51,9 +51,9 @@ type clientSource struct {
 func (s clientSource) Namespace() string { return s.ns }
 
 func (s clientSource) Watch(ctx context.Context, services []string) (Stream, error) {
-	return s.c.Watch(ctx, services, client.WatchNamespace(s.ns))
+	return s.c.Watch(ctx, services, client.InNamespace(s.ns))
 }
 
 func (s clientSource) WatchFrom(ctx context.Context, services []string, have []*registry.Snapshot) (Stream, error) {
-	return s.c.Watch(ctx, services, client.WatchNamespace(s.ns), client.WatchFrom(have))
+	return s.c.Watch(ctx, services, client.InNamespace(s.ns), client.WatchFrom(have))
 }

@@ -317,7 +317,7 @@ func TestProtectionThresholdKeepsUnhealthyInstancesInUse(t *testing.T) {
 			ln.Close()
 		}
 	}()
-	if _, err := c.SetProtectionThreshold(ctx, "", "pool", 0.5); err != nil {
+	if _, err := c.SetProtectionThreshold(ctx, "pool", 0.5); err != nil {
 		t.Fatal(err)
 	}
 	w, err := c.Watch(ctx, []string{"pool"})
@@ -363,15 +363,15 @@ func TestProtectionThresholdKeepsUnhealthyInstancesInUse(t *testing.T) {
 		return protected && len(avail) == 4 && s.ProtectionThreshold == 0.5
 	})
 	// Protection off for the service: only the survivor.
-	if _, err := c.SetProtectionThreshold(ctx, "", "pool", 0); err != nil {
+	if _, err := c.SetProtectionThreshold(ctx, "pool", 0); err != nil {
 		t.Fatal(err)
 	}
 	testutil.Eventually(t, 10*time.Second, "only the routable instance once protection is off", func() bool { return list() == 1 })
 	// Back to the server's default (0 here).
-	if _, err := c.ResetProtectionThreshold(ctx, "", "pool"); err != nil {
+	if _, err := c.ResetProtectionThreshold(ctx, "pool"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.SetProtectionThreshold(ctx, "", "pool", 1.5); err == nil || !strings.Contains(err.Error(), "protection_threshold") {
+	if _, err := c.SetProtectionThreshold(ctx, "pool", 1.5); err == nil || !strings.Contains(err.Error(), "protection_threshold") {
 		t.Errorf("threshold 1.5: %v, want an error naming protection_threshold", err)
 	}
 }
@@ -406,7 +406,7 @@ func TestTTLCheckExpiresAndRecovers(t *testing.T) {
 		end := time.Now().Add(d)
 		for time.Now().Before(end) {
 			last = time.Now()
-			if _, err := c.UpdateCheck(ctx, "", "batch", "b-1", "", st, ""); err != nil {
+			if _, err := c.UpdateCheck(ctx, "batch", "b-1", "", st, ""); err != nil {
 				t.Fatal(err)
 			}
 			time.Sleep(500 * time.Millisecond)
@@ -432,7 +432,7 @@ func TestTTLCheckExpiresAndRecovers(t *testing.T) {
 	if got, want := h.history(), []registry.Health{registry.HealthCritical, registry.HealthPassing, registry.HealthCritical, registry.HealthWarning}; !slices.Equal(got, want) {
 		t.Errorf("history %v, want %v", got, want)
 	}
-	if _, err := c.UpdateCheck(ctx, "", "batch", "b-1", "nope", registry.HealthPassing, ""); err == nil || !strings.Contains(err.Error(), "check") {
+	if _, err := c.UpdateCheck(ctx, "batch", "b-1", "nope", registry.HealthPassing, ""); err == nil || !strings.Contains(err.Error(), "check") {
 		t.Errorf("update of a missing check: %v, want an error naming the check", err)
 	}
 }

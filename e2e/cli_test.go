@@ -1,12 +1,18 @@
 package e2e
 
 import (
-	"encoding/json"
+	"io"
+	"net/http"
 	"os/exec"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+
+	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 )
 
 func run(t *testing.T, env []string, args ...string) (string, error) {
@@ -39,23 +45,34 @@ func TestCLI(t *testing.T) {
 	if err != nil {
 		t.Fatalf("instances -o json: %v\n%s", err, out)
 	}
-	var snap struct {
-		Revision  int64
-		Instances []struct {
-			ID, Zone string
-			Weight   int
-			Tags     []string
-			Metadata map[string]string
-		}
-	}
-	if err := json.Unmarshal([]byte(out), &snap); err != nil || len(snap.Instances) != 1 {
+	// One shape: the CLI prints what the API answers curl, field for field.
+	var fromCLI, fromAPI beaconv1.ListInstancesResponse
+	if err := protojson.Unmarshal([]byte(out), &fromCLI); err != nil || len(fromCLI.Instances) != 1 {
 		t.Fatalf("instances -o json = %s (%v)", out, err)
 	}
-	if in := snap.Instances[0]; in.ID != "o-1" || in.Weight != 30 || in.Zone != "a" || in.Metadata["team"] != "core" || snap.Revision == 0 {
-		t.Errorf("instances -o json = %+v", snap)
+	if in := fromCLI.Instances[0]; in.Id != "o-1" || in.Weight != 30 || in.Zone != "a" || in.Metadata["team"] != "core" || in.Status != beaconv1.Status_STATUS_UP || fromCLI.Revision == 0 {
+		t.Errorf("instances -o json = %v", &fromCLI)
+	}
+	resp, err := http.Post("http://"+srv.addr+"/beacon.v1.RegistryService/ListInstances", "application/json", strings.NewReader(`{"service":"orders"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err := protojson.Unmarshal(body, &fromAPI); err != nil {
+		t.Fatalf("ListInstances = %s (%v)", body, err)
+	}
+	if !proto.Equal(&fromCLI, &fromAPI) {
+		t.Errorf("instances -o json differs from the API's answer:\nCLI %s\nAPI %s", out, body)
+	}
+	for _, want := range []string{`"status": "STATUS_UP"`, `"revision": "`} {
+		if !strings.Contains(strings.Join(strings.Fields(out), " "), want) {
+			t.Errorf("instances -o json lacks %s (the API's dialect): %s", want, out)
+		}
 	}
 	out, err = run(t, env, "services", "-o", "json")
-	if err != nil || !strings.Contains(out, `"name": "orders"`) {
+	var svcs beaconv1.ListServicesResponse
+	if err != nil || protojson.Unmarshal([]byte(out), &svcs) != nil || len(svcs.Services) != 1 || svcs.Services[0].Name != "orders" {
 		t.Errorf("services -o json: %v\n%s", err, out)
 	}
 

@@ -124,7 +124,7 @@ func TestWatchersConvergeThroughDisconnects(t *testing.T) {
 			})
 			want[svc][id] = port
 		} else {
-			retry("deregister", func() error { _, err := writer.Deregister(ctx, "", svc, id); return err })
+			retry("deregister", func() error { _, err := writer.Deregister(ctx, svc, id); return err })
 			delete(want[svc], id)
 		}
 		if op%100 == 99 {

@@ -88,7 +88,7 @@ func TestFrozenServerCostsNoSession(t *testing.T) {
 		}
 	}()
 	writer := newClient(t, testutil.APIs(ms, 0)...)
-	if _, err := writer.Services(ctx, ""); err != nil { // its calls now go to the frozen node
+	if _, err := writer.Services(ctx); err != nil { // its calls now go to the frozen node
 		t.Fatal(err)
 	}
 

@@ -448,7 +448,7 @@ func (r *runner) drain(ctx context.Context, sess *backend.Session, registered []
 		if remaining <= 0 {
 			break
 		}
-		res, err := r.cfg.Client.AwaitWatchers(ctx, m.in.Namespace, m.in.Service, m.rev, remaining)
+		res, err := r.cfg.Client.AwaitWatchers(ctx, m.in.Service, m.rev, remaining, client.InNamespace(m.in.Namespace))
 		if err != nil {
 			rep.DrainErr = err
 		}

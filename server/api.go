@@ -525,15 +525,7 @@ func (a api) ListInstances(ctx context.Context, req *connect.Request[beaconv1.Li
 	}
 	a.catchUp(ctx)
 	snap := a.s.view.Snapshot(registry.ServiceKey{Namespace: ns, Service: req.Msg.GetService()})
-	resp := &beaconv1.ListInstancesResponse{Revision: snap.Revision, ProtectionThreshold: snap.ProtectionThreshold}
-	list := snap.Instances
-	if !req.Msg.GetAll() {
-		list, resp.Protected = snap.Available()
-	}
-	for _, in := range list {
-		resp.Instances = append(resp.Instances, wire.InstanceToProto(in))
-	}
-	return connect.NewResponse(resp), nil
+	return connect.NewResponse(wire.ListInstancesResponse(snap, req.Msg.GetAll())), nil
 }
 
 func (a api) ListServices(ctx context.Context, req *connect.Request[beaconv1.ListServicesRequest]) (*connect.Response[beaconv1.ListServicesResponse], error) {

@@ -245,7 +245,7 @@ func TestMaintenanceAndCheckStateSurviveReregistration(t *testing.T) {
 		return snap.Instances[0]
 	}
 	testutil.Eventually(t, 10*time.Second, "the check is CRITICAL", func() bool { return get().Health == registry.HealthCritical })
-	if _, err := c.SetStatus(ctx, "", "orders", "o-1", registry.StatusOutOfService); err != nil {
+	if _, err := c.SetStatus(ctx, "orders", "o-1", registry.StatusOutOfService); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.Register(ctx, in); err != nil { // the owner again, UP, checks unchanged
@@ -255,13 +255,13 @@ func TestMaintenanceAndCheckStateSurviveReregistration(t *testing.T) {
 	if got.Status != registry.StatusOutOfService || got.Health != registry.HealthCritical || got.Checks[0].Status != registry.HealthCritical {
 		t.Fatalf("after re-registration: status %v health %v check %v; want OUT_OF_SERVICE, CRITICAL kept", got.Status, got.Health, got.Checks[0].Status)
 	}
-	if _, err := c.SetStatus(ctx, "", "orders", "o-1", registry.StatusUp); err != nil {
+	if _, err := c.SetStatus(ctx, "orders", "o-1", registry.StatusUp); err != nil {
 		t.Fatal(err)
 	}
 	if got := get(); got.Status != registry.StatusUp {
 		t.Fatalf("after SetStatus UP: %v", got.Status)
 	}
-	if _, err := c.SetStatus(ctx, "", "orders", "nope", registry.StatusUp); !errors.Is(err, client.ErrNotFound) {
+	if _, err := c.SetStatus(ctx, "orders", "nope", registry.StatusUp); !errors.Is(err, client.ErrNotFound) {
 		t.Fatalf("SetStatus of a missing instance: %v, want ErrNotFound", err)
 	}
 }

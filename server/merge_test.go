@@ -49,7 +49,7 @@ func TestRegisterKeepsOutOfServiceTheViewHasNotSeen(t *testing.T) {
 		if got := snap.Instances[0]; got.Status != registry.StatusOutOfService || got.Port != in.Port {
 			t.Fatalf("try %d: web-1 = status %v port %d, want OUT_OF_SERVICE (the operator's) and %d (the registration)", i, got.Status, got.Port, in.Port)
 		}
-		if _, err := c.SetStatus(ctx, "", "web", "web-1", registry.StatusUp); err != nil {
+		if _, err := c.SetStatus(ctx, "web", "web-1", registry.StatusUp); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -41,7 +41,7 @@ func (b *Backend) Register(ctx context.Context, in registry.Instance) (int64, er
 }
 
 func (b *Backend) Deregister(ctx context.Context, service, id string) (bool, error) {
-	return b.c.Deregister(ctx, "", service, id)
+	return b.c.Deregister(ctx, service, id)
 }
 
 func (b *Backend) NewSession(ctx context.Context, opts ...session.Option) (*session.Session, error) {

@@ -107,3 +107,19 @@ func SnapshotFromProto(p *beaconv1.ServiceSnapshot) *registry.Snapshot {
 	}
 	return s
 }
+
+// ListInstancesResponse is the API's answer to ListInstances for a
+// service's full snapshot: every instance when all, otherwise those callers
+// should use (protection included). The server answers with it and the CLI
+// prints it, so `beacon instances -o json` is the API's JSON.
+func ListInstancesResponse(snap *registry.Snapshot, all bool) *beaconv1.ListInstancesResponse {
+	resp := &beaconv1.ListInstancesResponse{Revision: snap.Revision, ProtectionThreshold: snap.ProtectionThreshold}
+	list := snap.Instances
+	if !all {
+		list, resp.Protected = snap.Available()
+	}
+	for _, in := range list {
+		resp.Instances = append(resp.Instances, InstanceToProto(in))
+	}
+	return resp
+}

@@ -63,7 +63,7 @@ func dropTest(t *testing.T, ctx context.Context, instances, maxConns int) (srv i
 	})
 	remove = func() {
 		for i := range instances {
-			if _, err := c.Deregister(ctx, "", "drop", fmt.Sprint("d-", i)); err != nil {
+			if _, err := c.Deregister(ctx, "drop", fmt.Sprint("d-", i)); err != nil {
 				t.Fatal(err)
 			}
 		}

@@ -13,7 +13,9 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/internal/wire"
 	"beacon.dev/beacon/registry"
 )
 
@@ -203,7 +205,7 @@ func newDeregisterCmd(g *globals) *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
-				found, err := c.Deregister(ctx, g.namespace, service, id)
+				found, err := c.Deregister(ctx, service, id, client.InNamespace(g.namespace))
 				if err != nil {
 					return err
 				}
@@ -232,14 +234,16 @@ func newServicesCmd(g *globals) *cobra.Command {
 				return err
 			}
 			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
-				svcs, err := c.Services(ctx, g.namespace)
+				svcs, err := c.Services(ctx, client.InNamespace(g.namespace))
 				if err != nil {
 					return err
 				}
 				if g.output == "json" {
-					out := make([]jsonService, len(svcs))
-					for i, s := range svcs {
-						out[i] = jsonService{s.Name, s.Instances, s.Routable, s.Revision}
+					out := &beaconv1.ListServicesResponse{}
+					for _, s := range svcs {
+						out.Services = append(out.Services, &beaconv1.ServiceSummary{
+							Name: s.Name, Instances: int32(s.Instances), Routable: int32(s.Routable), Revision: s.Revision,
+						})
 					}
 					return g.printJSON(out)
 				}
@@ -254,74 +258,6 @@ func newServicesCmd(g *globals) *cobra.Command {
 	}
 }
 
-type jsonService struct {
-	Name      string `json:"name"`
-	Instances int    `json:"instances"`
-	Routable  int    `json:"routable"`
-	Revision  int64  `json:"revision"`
-}
-
-// jsonInstance is the CLI's JSON form of an instance.
-type jsonInstance struct {
-	Namespace string            `json:"namespace"`
-	Service   string            `json:"service"`
-	ID        string            `json:"id"`
-	Address   string            `json:"address"`
-	Port      int               `json:"port"`
-	Weight    int               `json:"weight"`
-	Zone      string            `json:"zone,omitempty"`
-	Version   string            `json:"version,omitempty"`
-	Tags      []string          `json:"tags,omitempty"`
-	Metadata  map[string]string `json:"metadata,omitempty"`
-	Status    string            `json:"status"`
-	Health    string            `json:"health"`
-	Ephemeral bool              `json:"ephemeral"`
-	Session   string            `json:"session,omitempty"`
-	Revision  int64             `json:"revision"`
-	Checks    []jsonCheck       `json:"checks,omitempty"`
-}
-
-type jsonCheck struct {
-	Name     string    `json:"name"`
-	Kind     string    `json:"kind"`
-	Target   string    `json:"target"`
-	Interval string    `json:"interval"`
-	Status   string    `json:"status"`
-	Output   string    `json:"output,omitempty"`
-	Since    time.Time `json:"since,omitzero"`
-}
-
-func toJSONInstance(in *registry.Instance) jsonInstance {
-	j := jsonInstance{
-		Namespace: in.Namespace, Service: in.Service, ID: in.ID, Address: in.Address, Port: in.Port,
-		Weight: in.Weight, Zone: in.Zone, Version: in.Version, Tags: in.Tags, Metadata: in.Metadata,
-		Status: in.Status.String(), Health: in.Health.String(), Ephemeral: in.Ephemeral(), Revision: in.Revision,
-	}
-	if in.SessionID != 0 {
-		j.Session = fmt.Sprintf("%x", in.SessionID)
-	}
-	for _, c := range in.Checks {
-		j.Checks = append(j.Checks, jsonCheck{Name: c.Name, Kind: c.Kind.String(), Target: c.ProbeTarget(in),
-			Interval: c.Interval.String(), Status: c.Status.String(), Output: c.Output, Since: c.Since})
-	}
-	return j
-}
-
-type jsonSnapshot struct {
-	Namespace string         `json:"namespace"`
-	Service   string         `json:"service"`
-	Revision  int64          `json:"revision"`
-	Instances []jsonInstance `json:"instances"`
-}
-
-func toJSONSnapshot(s *registry.Snapshot) jsonSnapshot {
-	out := jsonSnapshot{Namespace: s.Namespace, Service: s.Service, Revision: s.Revision, Instances: []jsonInstance{}}
-	for _, in := range s.Instances {
-		out.Instances = append(out.Instances, toJSONInstance(in))
-	}
-	return out
-}
-
 func newInstancesCmd(g *globals) *cobra.Command {
 	var all bool
 	cmd := &cobra.Command{
@@ -333,16 +269,22 @@ func newInstancesCmd(g *globals) *cobra.Command {
 				return err
 			}
 			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
-				var opts []client.ListOption
+				var opts []client.CallOption
 				if all {
 					opts = append(opts, client.All())
+				}
+				if g.output == "json" {
+					// The full snapshot, filtered as the server filters:
+					// the API's own answer, field for field.
+					snap, err := c.Instances(ctx, args[0], client.All())
+					if err != nil {
+						return err
+					}
+					return g.printJSON(wire.ListInstancesResponse(snap, all))
 				}
 				snap, err := c.Instances(ctx, args[0], opts...)
 				if err != nil {
 					return err
-				}
-				if g.output == "json" {
-					return g.printJSON(toJSONSnapshot(snap))
 				}
 				tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
 				fmt.Fprintln(tw, "ID\tADDRESS\tWEIGHT\tZONE\tSTATUS\tHEALTH\tKIND\tTAGS\tREVISION")
@@ -407,7 +349,7 @@ func newCheckUpdateCmd(g *globals) *cobra.Command {
 				return err
 			}
 			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
-				rev, err := c.UpdateCheck(ctx, g.namespace, args[0], args[1], check, st, output)
+				rev, err := c.UpdateCheck(ctx, args[0], args[1], check, st, output, client.InNamespace(g.namespace))
 				if err != nil {
 					return err
 				}
@@ -447,9 +389,13 @@ func newProtectCmd(g *globals) *cobra.Command {
 				}
 			}
 			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
-				set := func() (int64, error) { return c.SetProtectionThreshold(ctx, g.namespace, args[0], threshold) }
+				set := func() (int64, error) {
+					return c.SetProtectionThreshold(ctx, args[0], threshold, client.InNamespace(g.namespace))
+				}
 				if useDefault {
-					set = func() (int64, error) { return c.ResetProtectionThreshold(ctx, g.namespace, args[0]) }
+					set = func() (int64, error) {
+						return c.ResetProtectionThreshold(ctx, args[0], client.InNamespace(g.namespace))
+					}
 				}
 				rev, err := set()
 				if err != nil {
@@ -481,7 +427,7 @@ func newStatusCmd(g *globals) *cobra.Command {
 				return err
 			}
 			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
-				in, err := c.SetStatus(ctx, g.namespace, args[0], args[1], st)
+				in, err := c.SetStatus(ctx, args[0], args[1], st, client.InNamespace(g.namespace))
 				if err != nil {
 					return err
 				}
@@ -527,13 +473,14 @@ func newWatchCmd(g *globals) *cobra.Command {
 					}
 					return err
 				}
-				for _, s := range snaps {
-					if g.output == "json" {
-						if err := g.printWatchJSON(s); err != nil {
-							return err
-						}
-						continue
+				if g.output == "json" {
+					// One compact WatchResponse per line, for jq.
+					if err := jsonLine(g.stdout, watchResponse(snaps)); err != nil {
+						return err
 					}
+					continue
+				}
+				for _, s := range snaps {
 					fmt.Fprintf(g.stdout, "rev=%d %s/%s routable=%d total=%d [%s]\n", s.Revision, s.Namespace, s.Service,
 						len(s.Routable()), len(s.Instances), summarize(s))
 				}
@@ -542,9 +489,12 @@ func newWatchCmd(g *globals) *cobra.Command {
 	}
 }
 
-func (g *globals) printWatchJSON(s *registry.Snapshot) error {
-	// One compact object per line, so the output can be piped to jq.
-	return jsonLine(g.stdout, toJSONSnapshot(s))
+func watchResponse(snaps []*registry.Snapshot) *beaconv1.WatchResponse {
+	resp := &beaconv1.WatchResponse{}
+	for _, s := range snaps {
+		resp.Snapshots = append(resp.Snapshots, wire.SnapshotToProto(s))
+	}
+	return resp
 }
 
 func summarize(s *registry.Snapshot) string {

@@ -12,6 +12,8 @@ import (
 	"syscall"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/registry"
@@ -95,7 +97,18 @@ func (g *globals) checkOutput() error {
 	return nil
 }
 
+// printJSON writes v indented: an API message in the API's own JSON
+// (protojson, as the server answers curl), anything else with
+// encoding/json.
 func (g *globals) printJSON(v any) error {
+	if m, ok := v.(proto.Message); ok {
+		b, err := protojson.MarshalOptions{Multiline: true, Indent: "  "}.Marshal(m)
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(g.stdout, "%s\n", b)
+		return err
+	}
 	enc := json.NewEncoder(g.stdout)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
@@ -122,4 +135,12 @@ func interrupted(ctx context.Context, err error) bool {
 	return ctx.Err() != nil && (errors.Is(err, context.Canceled) || errors.Is(err, client.ErrClosed))
 }
 
-func jsonLine(w io.Writer, v any) error { return json.NewEncoder(w).Encode(v) }
+// jsonLine writes an API message as one compact line of the API's JSON.
+func jsonLine(w io.Writer, m proto.Message) error {
+	b, err := protojson.Marshal(m)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(w, "%s\n", b)
+	return err
+}
