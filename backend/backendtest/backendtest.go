@@ -28,6 +28,10 @@ type Harness struct {
 	// registry does when the TTL runs out (the cases that need it are
 	// skipped without it).
 	Expire func(t *testing.T, b backend.Backend, sessionID int64)
+	// Freeze, when set, makes the registry b talks to stop answering while
+	// still accepting what is sent (a gray failure: a hung process, a
+	// stalled disk) until thaw is called (the case is skipped without it).
+	Freeze func(t *testing.T, b backend.Backend) (thaw func())
 }
 
 // Run runs the suite.
@@ -45,6 +49,7 @@ func Run(t *testing.T, h Harness) {
 		{"WatchConverges", watchConverges},
 		{"BadInputIsRefusedAndChangesNothing", badInput},
 		{"LostSessionIsReplacedAndACallbackMayRegister", lostSessionCallbackRegisters},
+		{"SessionComesThroughARegistryThatHangs", registryHangs},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := h.New(t)
@@ -350,4 +355,62 @@ func lostSessionCallbackRegisters(t *testing.T, b backend.Backend, h Harness) {
 	eventually(t, 30*time.Second, "both instances registered under the new session", func() bool {
 		return s.ID() != old && slices.Equal(list(ctx, t, b, "orders"), []string{"from-callback", "kept"})
 	})
+}
+
+// registryHangs: while the registry accepts but does not answer, a call
+// returns by its own deadline instead of hanging with it; once it answers
+// again (after longer than the TTL, so the lease may be gone), the session
+// has its instance listed again and takes new registrations, with nothing
+// done by its owner.
+func registryHangs(t *testing.T, b backend.Backend, h Harness) {
+	if h.Freeze == nil {
+		t.Skip("the harness cannot freeze the registry")
+	}
+	ctx := ctxFor(t, 120*time.Second)
+	s, err := b.NewSession(ctx, session.WithTTL(h.TTL))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close(ctx)
+	if _, err := s.Register(ctx, registry.Instance{Service: "orders", ID: "g-1", Address: "127.0.0.1", Port: 9001}); err != nil {
+		t.Fatal(err)
+	}
+	thaw := h.Freeze(t, b)
+	thawed := false
+	defer func() {
+		if !thawed {
+			thaw()
+		}
+	}()
+	callCtx, cancel := context.WithTimeout(ctx, h.TTL/2)
+	returned := make(chan error, 1)
+	go func() {
+		_, err := b.Register(callCtx, registry.Instance{Service: "orders", ID: "during", Address: "127.0.0.1", Port: 9003})
+		returned <- err
+	}()
+	select {
+	case <-returned: // an error, or even success if the write got through: either way it returned
+	case <-time.After(60 * time.Second):
+		t.Fatal("a Register with a deadline hung with the registry")
+	}
+	cancel()
+	time.Sleep(2 * h.TTL) // the registry hangs for longer than the TTL
+	thaw()
+	thawed = true
+	eventually(t, 60*time.Second, "the session's instance listed once the registry answers", func() bool {
+		got, err := b.Instances(ctx, "orders")
+		return err == nil && slices.Contains(ids(got), "g-1")
+	})
+	if _, err := s.Register(ctx, registry.Instance{Service: "orders", ID: "g-2", Address: "127.0.0.1", Port: 9002}); err != nil {
+		t.Fatalf("Register after the hang: %v", err)
+	}
+	eventually(t, 30*time.Second, "the new registration listed", func() bool {
+		got, err := b.Instances(ctx, "orders")
+		return err == nil && slices.Contains(ids(got), "g-1") && slices.Contains(ids(got), "g-2")
+	})
+	select {
+	case <-s.Done():
+		t.Fatalf("the session ended: %v", s.Err())
+	default:
+	}
 }

@@ -22,19 +22,22 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m, testutil.LeakOptions()...) }
 
-// servers remembers each conformance backend's server, for Expire.
-var servers sync.Map // backend.Backend → address
+// servers and proxies remember each conformance backend's server (for
+// Expire) and the proxy its client goes through (for Freeze).
+var servers, proxies sync.Map // backend.Backend → address, *testutil.Proxy
 
 func TestConformance(t *testing.T) {
 	backendtest.Run(t, backendtest.Harness{
 		New: func(t *testing.T) backend.Backend {
 			srv := testutil.StartBeacon(t)
-			c, err := client.New([]string{srv.Addr()})
+			proxy := testutil.NewProxy(t, srv.Addr())
+			c, err := client.New([]string{proxy.Addr()})
 			if err != nil {
 				t.Fatal(err)
 			}
 			b := beacon.New(c)
 			servers.Store(b, srv.Addr())
+			proxies.Store(b, proxy)
 			return b
 		},
 		TTL: 2 * time.Second,
@@ -46,6 +49,11 @@ func TestConformance(t *testing.T) {
 			if _, err := raw.CloseSession(ctx, connect.NewRequest(&beaconv1.CloseSessionRequest{SessionId: id})); err != nil {
 				t.Fatal(err)
 			}
+		},
+		Freeze: func(t *testing.T, b backend.Backend) func() {
+			p, _ := proxies.Load(b)
+			p.(*testutil.Proxy).Freeze(true)
+			return func() { p.(*testutil.Proxy).Freeze(false) }
 		},
 	})
 }

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -62,13 +63,40 @@ func newBackend(t *testing.T, addr string, cfg consul.Config) *consul.Backend {
 	return b
 }
 
+// conformanceAgent is a conformance backend's test agent and the proxy
+// its client goes through.
+type conformanceAgent struct {
+	srv   *consultest.Server
+	proxy *testutil.Proxy
+}
+
+var agents sync.Map // backend.Backend → conformanceAgent
+
 // On the recorded-behaviour test server: a fresh agent per case.
 func TestConformanceTestServer(t *testing.T) {
 	backendtest.Run(t, backendtest.Harness{
 		New: func(t *testing.T) backend.Backend {
-			return newBackend(t, testServer(t, consultest.Options{}).Addr(), consul.Config{WaitTime: 2 * time.Second})
+			srv := testServer(t, consultest.Options{})
+			proxy := testutil.NewProxy(t, srv.Addr())
+			b := newBackend(t, proxy.Addr(), consul.Config{WaitTime: 2 * time.Second})
+			agents.Store(b, conformanceAgent{srv, proxy})
+			return b
 		},
 		TTL: 2 * time.Second,
+		// A Consul session is the session checks of its instances: it is
+		// lost when the agent loses them, as a dev agent restarted without
+		// its state does.
+		Expire: func(t *testing.T, b backend.Backend, _ int64) {
+			a, _ := agents.Load(b)
+			if err := a.(conformanceAgent).srv.Restart(); err != nil {
+				t.Fatal(err)
+			}
+		},
+		Freeze: func(t *testing.T, b backend.Backend) func() {
+			a, _ := agents.Load(b)
+			a.(conformanceAgent).proxy.Freeze(true)
+			return func() { a.(conformanceAgent).proxy.Freeze(false) }
+		},
 	})
 }
 

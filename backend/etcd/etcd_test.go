@@ -3,6 +3,8 @@ package etcd_test
 import (
 	"context"
 	"fmt"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -34,16 +36,28 @@ func etcdClient(t *testing.T, endpoint string) *clientv3.Client {
 
 var prefixes atomic.Int64
 
+// proxies remembers the proxy each conformance backend's etcd client goes
+// through, for Freeze.
+var proxies sync.Map // backend.Backend → *testutil.Proxy
+
 // harness gives every backend its own key prefix on one etcd.
 func harness(endpoint func(t *testing.T) string) backendtest.Harness {
 	return backendtest.Harness{
 		New: func(t *testing.T) backend.Backend {
-			cli := etcdClient(t, endpoint(t))
+			// Through a proxy of its own, which Freeze stops.
+			proxy := testutil.NewProxy(t, strings.TrimPrefix(endpoint(t), "http://"))
+			cli := etcdClient(t, "http://"+proxy.Addr())
 			b, err := etcd.New(cli, "", fmt.Sprintf("/conformance/%d/", prefixes.Add(1)), nil)
 			if err != nil {
 				t.Fatal(err)
 			}
+			proxies.Store(b, proxy)
 			return b
+		},
+		Freeze: func(t *testing.T, b backend.Backend) func() {
+			p, _ := proxies.Load(b)
+			p.(*testutil.Proxy).Freeze(true)
+			return func() { p.(*testutil.Proxy).Freeze(false) }
 		},
 		TTL: 2 * time.Second,
 		Expire: func(t *testing.T, _ backend.Backend, id int64) {
