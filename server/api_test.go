@@ -110,6 +110,7 @@ func TestBadInputIsRejectedAndNothingChanges(t *testing.T) {
 		{"missing session id", "KeepAlive", `{}`, []string{"session_id", "must be set"}},
 		{"check without kind", "Register", withInst(`"checks":[{"interval":"1s"}]`), []string{"checks[0].kind"}},
 		{"check interval too short", "Register", withInst(`"checks":[{"kind":"CHECK_KIND_TCP","interval":"0.01s"}]`), []string{"checks[0].interval", "between 100ms and 1h0m0s"}},
+		{"check interval too short, the Go way", "Register", withInst(`"checks":[{"kind":"CHECK_KIND_TCP","interval":"10ms"}]`), []string{"checks[0].interval", "between 100ms and 1h0m0s", `(got "10ms")`}},
 		{"check timeout above interval", "Register", withInst(`"checks":[{"kind":"CHECK_KIND_TCP","interval":"1s","timeout":"2s"}]`), []string{"checks[0].timeout", "at most the interval"}},
 		{"check bad URL", "Register", withInst(`"checks":[{"kind":"CHECK_KIND_HTTP","target":"ftp://x/"}]`), []string{"checks[0].target", "http://"}},
 		{"check bad expect", "Register", withInst(`"checks":[{"kind":"CHECK_KIND_HTTP","expect_status":"7xx"}]`), []string{"checks[0].expect_status"}},

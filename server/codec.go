@@ -2,6 +2,7 @@ package server
 
 import (
 	"fmt"
+	"strings"
 
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -31,5 +32,17 @@ func (strictJSON) Unmarshal(b []byte, m any) error {
 		// An empty body is the empty message, as in connect's own codec.
 		return nil
 	}
-	return protojson.UnmarshalOptions{}.Unmarshal(b, msg)
+	err := protojson.UnmarshalOptions{}.Unmarshal(b, msg)
+	if err != nil && strings.Contains(err.Error(), "google.protobuf.Duration") {
+		// "10ms" the Go way: accepted too, so that the obvious input
+		// reaches validation (which names the field and its limit).
+		if fixed, ok := goDurations(b, msg.ProtoReflect().Descriptor()); ok {
+			proto.Reset(msg)
+			if err2 := (protojson.UnmarshalOptions{}).Unmarshal(fixed, msg); err2 == nil {
+				return nil
+			}
+		}
+		return fmt.Errorf("%w (a duration is written \"10s\", \"0.5s\" or the Go way, \"10ms\", \"1m30s\")", err)
+	}
+	return err
 }
