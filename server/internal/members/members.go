@@ -128,12 +128,19 @@ func (m *Members) set(live []string) {
 // (new lease, new listing) whenever either fails.
 func (m *Members) run(ctx context.Context) {
 	defer close(m.done)
+	started := time.Now()
 	for ctx.Err() == nil {
 		err := m.session(ctx)
 		if ctx.Err() != nil {
 			return
 		}
-		m.log.Warn("members: membership lost, rejoining", "err", err)
+		if time.Since(started) < 2*m.ttl {
+			// Right after a start this is the previous run of this server
+			// (same id) withdrawing or expiring its announcement: expected.
+			m.log.Info("members: announcing again after this server's previous run withdrew its announcement", "err", err)
+		} else {
+			m.log.Warn("members: membership lost, rejoining", "err", err)
+		}
 		m.set(nil) // own nothing while not known to be live
 		// Jittered, so that servers cut off together do not rejoin in step.
 		t := time.NewTimer(m.ttl/6 + rand.N(m.ttl/6+1))

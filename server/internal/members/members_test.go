@@ -1,8 +1,12 @@
 package members_test
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
 	"slices"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -72,5 +76,54 @@ func TestOwnershipIsSharedAndMovesOnlyTheLeaversShare(t *testing.T) {
 	}
 	if moved != 0 {
 		t.Errorf("%d keys not owned by c changed owner", moved)
+	}
+}
+
+// records keeps the log records a component writes.
+type records struct {
+	mu   sync.Mutex
+	recs []slog.Record
+}
+
+func (r *records) Enabled(context.Context, slog.Level) bool { return true }
+func (r *records) Handle(_ context.Context, rec slog.Record) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.recs = append(r.recs, rec)
+	return nil
+}
+func (r *records) WithAttrs([]slog.Attr) slog.Handler { return r }
+func (r *records) WithGroup(string) slog.Handler      { return r }
+
+func (r *records) find(level slog.Level, text string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.ContainsFunc(r.recs, func(rec slog.Record) bool {
+		return rec.Level == level && strings.Contains(rec.Message, text)
+	})
+}
+
+// A restarted server's previous run withdrawing its announcement is
+// expected: it is logged at info, not as a lost membership.
+func TestPreviousRunWithdrawingIsNotAWarning(t *testing.T) {
+	srv := servertest.Start(t, servertest.Config(t, ""))
+	cli := srv.EtcdClient()
+	logs := &records{}
+	m := members.Join(cli, "/test/restart/", "a", 10*time.Second, slog.New(logs))
+	defer m.Close()
+	waitLive(t, m, "a")
+	// What the previous run's shutdown does when it lands after the new
+	// run announced itself: the key goes.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := cli.Delete(ctx, "/test/restart/a"); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 30*time.Second, "the new run announcing again", func() bool {
+		return logs.find(slog.LevelInfo, "previous run")
+	})
+	waitLive(t, m, "a")
+	if logs.find(slog.LevelWarn, "membership lost") {
+		t.Error("the previous run's withdrawal was logged as a lost membership")
 	}
 }
