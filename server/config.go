@@ -7,6 +7,7 @@ import (
 	"math"
 	"net"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -24,10 +25,13 @@ type GuardConfig = view.GuardConfig
 
 // Defaults for a single machine.
 const (
-	DefaultAddr           = "127.0.0.1:8970"
-	DefaultDataDir        = "beacon.data"
-	DefaultEtcdClientAddr = "127.0.0.1:2379"
-	DefaultEtcdPeerAddr   = "127.0.0.1:2380"
+	DefaultAddr    = "127.0.0.1:8970"
+	DefaultDataDir = "beacon.data"
+	// The embedded etcd's listeners follow --addr (its port + 1 and + 2)
+	// unless set: etcd's own 2379/2380 would collide with the etcd an
+	// etcd user already runs. These are the values for DefaultAddr.
+	DefaultEtcdClientAddr = "127.0.0.1:8971"
+	DefaultEtcdPeerAddr   = "127.0.0.1:8972"
 )
 
 // Config configures a Server. Get one from NewConfig.
@@ -41,7 +45,8 @@ type Config struct {
 	// EtcdEndpoints, when set, uses that etcd cluster and embeds none.
 	EtcdEndpoints []string
 	// EtcdClientAddr and EtcdPeerAddr are the embedded etcd's listeners;
-	// the client one also serves etcdctl.
+	// the client one also serves etcdctl. Empty: Addr's host with its
+	// port + 1 and + 2 (Start fills them in).
 	EtcdClientAddr, EtcdPeerAddr string
 	// EtcdInitialCluster, for a cluster of beacon servers each embedding an
 	// etcd member: "name=http://peer-host:port,…" over every member (this
@@ -102,8 +107,6 @@ func NewConfig() *Config {
 		Addr:            DefaultAddr,
 		DataDir:         DefaultDataDir,
 		Name:            "beacon",
-		EtcdClientAddr:  DefaultEtcdClientAddr,
-		EtcdPeerAddr:    DefaultEtcdPeerAddr,
 		EtcdPrefix:      store.DefaultPrefix,
 		ShutdownTimeout: 5 * time.Second,
 		Limits:          DefaultLimits,
@@ -119,11 +122,48 @@ func NewConfig() *Config {
 // Embedded reports whether the server runs its own etcd.
 func (c *Config) Embedded() bool { return len(c.EtcdEndpoints) == 0 }
 
+// etcdAddrs returns the embedded etcd's client and peer addresses: the
+// configured ones, or Addr's port + 1 and + 2 on its host.
+func (c *Config) etcdAddrs() (client, peer string, err error) {
+	client, peer = c.EtcdClientAddr, c.EtcdPeerAddr
+	if client != "" && peer != "" {
+		return client, peer, nil
+	}
+	host, portText, err := net.SplitHostPort(c.Addr)
+	if err != nil {
+		return "", "", fmt.Errorf("server: invalid --addr %q: %w", c.Addr, err)
+	}
+	port, err := strconv.Atoi(portText)
+	if err != nil || port == 0 || port > 65533 {
+		return "", "", fmt.Errorf("server: --addr %s leaves no port + 1 and + 2 for the embedded etcd: set --etcd-client-addr and --etcd-peer-addr", c.Addr)
+	}
+	if client == "" {
+		client = net.JoinHostPort(host, strconv.Itoa(port+1))
+	}
+	if peer == "" {
+		peer = net.JoinHostPort(host, strconv.Itoa(port+2))
+	}
+	return client, peer, nil
+}
+
 // Validate checks the configuration and names the first bad field.
 func (c *Config) Validate() error {
 	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
 		return fmt.Errorf("server: invalid --addr %q: %w", c.Addr, err)
 	}
+	if c.Embedded() {
+		cl, peer, err := c.etcdAddrs()
+		if err != nil {
+			return err
+		}
+		checked := *c // with the addresses Start will use
+		checked.EtcdClientAddr, checked.EtcdPeerAddr = cl, peer
+		return checked.validate()
+	}
+	return c.validate()
+}
+
+func (c *Config) validate() error {
 	if c.Name == "" {
 		return errors.New("server: invalid --name: must not be empty")
 	}
@@ -190,8 +230,8 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory of the embedded etcd's data")
 	fs.StringVar(&c.Name, "name", c.Name, "name of this server and its etcd member")
 	fs.StringSliceVar(&c.EtcdEndpoints, "etcd-endpoints", c.EtcdEndpoints, "use this etcd cluster (comma-separated URLs) instead of an embedded etcd")
-	fs.StringVar(&c.EtcdClientAddr, "etcd-client-addr", c.EtcdClientAddr, "embedded etcd: client listener (etcdctl can use it)")
-	fs.StringVar(&c.EtcdPeerAddr, "etcd-peer-addr", c.EtcdPeerAddr, "embedded etcd: peer listener")
+	fs.StringVar(&c.EtcdClientAddr, "etcd-client-addr", c.EtcdClientAddr, "embedded etcd: client listener, which etcdctl can use (default: --addr's host, its port + 1: "+DefaultEtcdClientAddr+")")
+	fs.StringVar(&c.EtcdPeerAddr, "etcd-peer-addr", c.EtcdPeerAddr, "embedded etcd: peer listener (default: --addr's host, its port + 2: "+DefaultEtcdPeerAddr+")")
 	fs.StringVar(&c.EtcdInitialCluster, "etcd-initial-cluster", c.EtcdInitialCluster, "embedded etcd cluster: name=http://peer-addr,... over every member, this one included (empty: single node)")
 	fs.StringVar(&c.EtcdClusterToken, "etcd-cluster-token", c.EtcdClusterToken, "embedded etcd cluster: token telling clusters apart (default beacon)")
 	fs.StringVar(&c.EtcdPrefix, "etcd-prefix", c.EtcdPrefix, "key prefix of beacon's records in etcd")

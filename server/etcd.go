@@ -6,6 +6,7 @@ import (
 	"net/url"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -51,6 +52,12 @@ func startEmbeddedEtcd(ctx context.Context, c *Config, lg *zap.Logger, lastWarni
 	}
 	e, err := embed.StartEtcd(ec)
 	if err != nil {
+		// A port clash names the flag that chose the port.
+		for flag, addr := range map[string]string{"--etcd-client-addr": c.EtcdClientAddr, "--etcd-peer-addr": c.EtcdPeerAddr} {
+			if strings.Contains(err.Error(), addr) {
+				return nil, fmt.Errorf("server: embedded etcd: %s %s: %w (another etcd, or another beacon server, listens there: pick other ports with --etcd-client-addr and --etcd-peer-addr, or another --addr)", flag, addr, err)
+			}
+		}
 		return nil, fmt.Errorf("server: starting embedded etcd in %s: %w", ec.Dir, err)
 	}
 	select {

@@ -61,6 +61,11 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	if cfg.Embedded() {
+		// Fill in the derived etcd listeners, for the caller too (tests
+		// and tools read them back).
+		cfg.EtcdClientAddr, cfg.EtcdPeerAddr, _ = cfg.etcdAddrs()
+	}
 	s := &Server{cfg: *cfg, log: cfg.Logger, ready: make(chan struct{}), errc: make(chan error, 1)}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
