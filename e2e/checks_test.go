@@ -396,7 +396,7 @@ func TestTTLCheckExpiresAndRecovers(t *testing.T) {
 		t.Error("a TTL-checked instance is routable before its first update")
 	}
 	// The CLI reports, then a loop keeps reporting.
-	out, err := run(t, nil, "--server", srv.Addr(), "check-update", "batch", "b-1", "PASSING", "--output", "all good")
+	out, err := run(t, nil, "--server", srv.Addr(), "check-update", "batch", "b-1", "PASSING", "--note", "all good")
 	if err != nil || !strings.Contains(out, "now PASSING") {
 		t.Fatalf("beacon check-update: %v\n%s", err, out)
 	}

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"text/tabwriter"
 	"time"
 
@@ -160,11 +162,11 @@ func holdEphemeral(ctx context.Context, g *globals, c *client.Client, in registr
 	events := func(ev client.SessionEvent) {
 		switch ev.Kind {
 		case client.SessionRecovered:
-			fmt.Fprintf(g.stdout, "session %x expired; re-registered %d instance(s) under new session %x\n", ev.OldSessionID, ev.Reregistered, ev.SessionID)
+			fmt.Fprintf(g.stdout, "session %d expired; re-registered %d instance(s) under new session %d\n", ev.OldSessionID, ev.Reregistered, ev.SessionID)
 		case client.SessionDisconnected:
-			fmt.Fprintf(g.stdout, "session %x: registry unreachable: %v\n", ev.SessionID, ev.Err)
+			fmt.Fprintf(g.stdout, "session %d: registry unreachable: %v\n", ev.SessionID, ev.Err)
 		default:
-			fmt.Fprintf(g.stdout, "session %x %s\n", ev.SessionID, ev.Kind)
+			fmt.Fprintf(g.stdout, "session %d %s\n", ev.SessionID, ev.Kind)
 		}
 	}
 	host, _ := os.Hostname()
@@ -182,7 +184,7 @@ func holdEphemeral(ctx context.Context, g *globals, c *client.Client, in registr
 		_ = sess.Close(context.WithoutCancel(ctx))
 		return err
 	}
-	fmt.Fprintf(g.stdout, "registered %s/%s/%s (session %x, ttl %s) at revision %d; Ctrl-C to deregister\n",
+	fmt.Fprintf(g.stdout, "registered %s/%s/%s (session %d, ttl %s) at revision %d; Ctrl-C to deregister\n",
 		g.namespace, in.Service, in.ID, sess.ID(), sess.TTL(), rev)
 	<-ctx.Done()
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), callTimeout)
@@ -263,7 +265,7 @@ func newInstancesCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "instances SERVICE",
 		Short: "List a service's instances (routable only, unless --all)",
-		Args:  cobra.ExactArgs(1),
+		Args:  argsNamed("SERVICE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := g.checkOutput(); err != nil {
 				return err
@@ -285,6 +287,14 @@ func newInstancesCmd(g *globals) *cobra.Command {
 				snap, err := c.Instances(ctx, args[0], opts...)
 				if err != nil {
 					return err
+				}
+				if len(snap.Instances) == 0 {
+					if all {
+						fmt.Fprintf(g.stdout, "%s/%s has no instances\n", g.namespace, args[0])
+					} else {
+						fmt.Fprintf(g.stdout, "%s/%s has no routable instances (--all lists every one)\n", g.namespace, args[0])
+					}
+					return nil
 				}
 				tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
 				fmt.Fprintln(tw, "ID\tADDRESS\tWEIGHT\tZONE\tSTATUS\tHEALTH\tKIND\tTAGS\tREVISION")
@@ -337,19 +347,19 @@ func printChecks(g *globals, snap *registry.Snapshot) {
 }
 
 func newCheckUpdateCmd(g *globals) *cobra.Command {
-	var check, output string
+	var check, note string
 	cmd := &cobra.Command{
 		Use:     "check-update SERVICE ID STATUS",
 		Short:   "Report the status (PASSING, WARNING, CRITICAL) of an instance's TTL check and renew its TTL",
-		Example: `  beacon check-update batch batch-1 PASSING --output "queue depth 3"`,
-		Args:    cobra.ExactArgs(3),
+		Example: `  beacon check-update batch batch-1 PASSING --note "queue depth 3"`,
+		Args:    argsNamed("SERVICE", "ID", "STATUS"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			st, err := registry.ParseHealth(args[2])
 			if err != nil {
 				return err
 			}
 			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
-				rev, err := c.UpdateCheck(ctx, args[0], args[1], check, st, output, client.InNamespace(g.namespace))
+				rev, err := c.UpdateCheck(ctx, args[0], args[1], check, st, note, client.InNamespace(g.namespace))
 				if err != nil {
 					return err
 				}
@@ -363,7 +373,8 @@ func newCheckUpdateCmd(g *globals) *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&check, "check", "", "the TTL check's name (default ttl)")
-	cmd.Flags().StringVar(&output, "output", "", "text shown with the status (at most 256 bytes)")
+	// Not --output: that is the global -o/--output (table or json).
+	cmd.Flags().StringVar(&note, "note", "", "text shown with the status, as the check's output (at most 256 bytes)")
 	return cmd
 }
 
@@ -420,7 +431,7 @@ func newStatusCmd(g *globals) *cobra.Command {
 		Short: "Set an instance's status: OUT_OF_SERVICE for maintenance (kept when it re-registers), UP to put it back",
 		Example: `  beacon status orders orders-1 OUT_OF_SERVICE
   beacon status orders orders-1 UP`,
-		Args: cobra.ExactArgs(3),
+		Args: argsNamed("SERVICE", "ID", "STATUS"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			st, err := registry.ParseStatus(args[2])
 			if err != nil {
@@ -465,6 +476,12 @@ func newWatchCmd(g *globals) *cobra.Command {
 				return err
 			}
 			defer w.Close()
+			out := &lockedWriter{w: g.stdout}
+			if g.output == "table" {
+				stop := reportWatchState(ctx, w, out)
+				defer stop()
+			}
+			printed := map[string]int64{} // service → revision last printed
 			for {
 				snaps, err := w.Next(ctx)
 				if err != nil {
@@ -473,20 +490,74 @@ func newWatchCmd(g *globals) *cobra.Command {
 					}
 					return err
 				}
+				// After a resume nothing already printed is printed again.
+				fresh := snaps[:0:0]
+				for _, s := range snaps {
+					if last, ok := printed[s.Service]; !ok || s.Revision > last {
+						printed[s.Service] = s.Revision
+						fresh = append(fresh, s)
+					}
+				}
+				if len(fresh) == 0 {
+					continue
+				}
 				if g.output == "json" {
 					// One compact WatchResponse per line, for jq.
-					if err := jsonLine(g.stdout, watchResponse(snaps)); err != nil {
+					if err := jsonLine(out, watchResponse(fresh)); err != nil {
 						return err
 					}
 					continue
 				}
-				for _, s := range snaps {
-					fmt.Fprintf(g.stdout, "rev=%d %s/%s routable=%d total=%d [%s]\n", s.Revision, s.Namespace, s.Service,
+				for _, s := range fresh {
+					fmt.Fprintf(out, "rev=%d %s/%s routable=%d total=%d [%s]\n", s.Revision, s.Namespace, s.Service,
 						len(s.Routable()), len(s.Instances), summarize(s))
 				}
 			}
 		},
 	}
+}
+
+// reportWatchState prints a line when the watch loses its server and when
+// it is back, so that silence never hides an unreachable registry. It polls
+// the watcher's status until stop is called.
+func reportWatchState(ctx context.Context, w *client.Watcher, out io.Writer) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { // owned: ends with stop
+		defer close(done)
+		tick := time.NewTicker(250 * time.Millisecond)
+		defer tick.Stop()
+		up := true
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			st := w.Status()
+			switch {
+			case up && !st.Connected && st.LastErr != nil:
+				fmt.Fprintf(out, "watch: registry unreachable (%v); retrying\n", st.LastErr)
+				up = false
+			case !up && st.Connected:
+				fmt.Fprintln(out, "watch: reconnected; changes missed meanwhile follow")
+				up = true
+			}
+		}
+	}()
+	return func() { cancel(); <-done }
+}
+
+// lockedWriter serializes the watch's lines and its state reports.
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
 
 func watchResponse(snaps []*registry.Snapshot) *beaconv1.WatchResponse {

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 
@@ -28,20 +30,86 @@ type globals struct {
 	stderr    io.Writer
 }
 
-// Main runs the command line and returns the process exit code.
+// Main runs the command line and returns the process exit code; SIGINT
+// and SIGTERM end a long-running command (server, register, watch).
 func Main(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	root := newRoot(stdout, stderr)
+	return MainContext(ctx, args, stdout, stderr)
+}
+
+// MainContext is Main with the context that ends long-running commands.
+func MainContext(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	root, g := newRoot(stdout, stderr)
 	root.SetArgs(args)
 	if err := root.ExecuteContext(ctx); err != nil {
-		fmt.Fprintln(stderr, "beacon:", err)
+		fmt.Fprintln(stderr, errorLine(err, g))
 		return 1
 	}
 	return 0
 }
 
-func newRoot(stdout, stderr io.Writer) *cobra.Command {
+// errorLine is how a failed command reports: one "beacon:" prefix (the
+// SDK's errors carry their own), and a hint when no server answered.
+func errorLine(err error, g *globals) string {
+	msg := err.Error()
+	if !strings.HasPrefix(msg, "beacon: ") {
+		msg = "beacon: " + msg
+	}
+	if errors.Is(err, client.ErrUnavailable) {
+		msg += fmt.Sprintf("\nno beacon server answered at %s: start one with `beacon server`, or point --server (or BEACON_ADDR) at a running one",
+			strings.Join(g.serverAddrs(), ","))
+	}
+	return msg
+}
+
+// clientOnlyFlags are the global flags of the client commands.
+var clientOnlyFlags = []string{"server", "namespace", "output"}
+
+// version is the main module's version and the VCS revision, time and
+// state it was built from, as the Go toolchain recorded them.
+func version() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "(unknown: built without module support)"
+	}
+	v := bi.Main.Version
+	if v == "" {
+		v = "(devel)"
+	}
+	settings := map[string]string{}
+	for _, s := range bi.Settings {
+		settings[s.Key] = s.Value
+	}
+	if rev := settings["vcs.revision"]; rev != "" {
+		v += " revision " + rev
+		if t := settings["vcs.time"]; t != "" {
+			v += " " + t
+		}
+		if settings["vcs.modified"] == "true" {
+			v += " (modified)"
+		}
+	}
+	return v + " " + bi.GoVersion
+}
+
+// defaultPort is the server's (--addr 127.0.0.1:8970): --server HOST
+// without a port means it, not HTTP's 80.
+const defaultPort = "8970"
+
+// serverAddrs is --server with the default port added where none is given.
+func (g *globals) serverAddrs() []string {
+	out := make([]string, len(g.servers))
+	for i, s := range g.servers {
+		out[i] = s
+		if _, _, err := net.SplitHostPort(s); err != nil && !strings.Contains(s, "/") {
+			out[i] = net.JoinHostPort(strings.Trim(s, "[]"), defaultPort)
+		}
+	}
+	return out
+}
+
+func newRoot(stdout, stderr io.Writer) (*cobra.Command, *globals) {
 	g := &globals{stdout: stdout, stderr: stderr}
 	root := &cobra.Command{
 		Use:           "beacon",
@@ -55,6 +123,8 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	if defServer == "" {
 		defServer = "127.0.0.1:8970"
 	}
+	root.Version = version()
+	root.SetVersionTemplate("beacon {{.Version}}\n")
 	pf := root.PersistentFlags()
 	pf.StringSliceVar(&g.servers, "server", []string{defServer}, "beacon server address(es), comma-separated (env BEACON_ADDR)")
 	pf.StringVarP(&g.namespace, "namespace", "n", registry.DefaultNamespace, "namespace")
@@ -70,12 +140,18 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 		newInstancesCmd(g),
 		newWatchCmd(g),
 		newOperatorCmd(g),
+		&cobra.Command{
+			Use:   "version",
+			Short: "Print the version: the module version and the VCS revision it was built from",
+			Args:  cobra.NoArgs,
+			Run:   func(*cobra.Command, []string) { fmt.Fprintf(stdout, "beacon %s\n", version()) },
+		},
 	)
-	return root
+	return root, g
 }
 
 func (g *globals) client() (*client.Client, error) {
-	return client.New(g.servers, client.WithNamespace(g.namespace))
+	return client.New(g.serverAddrs(), client.WithNamespace(g.namespace))
 }
 
 // call runs f with a client and a context bounded by callTimeout.
@@ -143,4 +219,19 @@ func jsonLine(w io.Writer, m proto.Message) error {
 	}
 	_, err = fmt.Fprintf(w, "%s\n", b)
 	return err
+}
+
+// argsNamed accepts exactly the named positional arguments and names the
+// first one missing ("missing SERVICE"), rather than cobra's "accepts 1
+// arg(s), received 0".
+func argsNamed(names ...string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) < len(names) {
+			return fmt.Errorf("missing %s (usage: %s)", names[len(args)], cmd.UseLine())
+		}
+		if len(args) > len(names) {
+			return fmt.Errorf("too many arguments: %q (usage: %s)", args[len(names):], cmd.UseLine())
+		}
+		return nil
+	}
 }

@@ -32,7 +32,7 @@ func newServerCmd(g *globals) *cobra.Command {
 			defer srv.Close()
 			select {
 			case <-srv.Ready():
-				mode := "embedded etcd in " + cfg.DataDir
+				mode := fmt.Sprintf("embedded etcd in %s; etcdctl --endpoints http://%s", cfg.DataDir, cfg.EtcdClientAddr)
 				if !cfg.Embedded() {
 					mode = fmt.Sprintf("etcd at %v", cfg.EtcdEndpoints)
 				}
@@ -51,6 +51,16 @@ func newServerCmd(g *globals) *cobra.Command {
 			}
 		},
 	}
+	// The client commands' global flags mean nothing to a server: keep them
+	// out of its help.
+	cmd.SetHelpFunc(func(c *cobra.Command, args []string) {
+		for _, name := range clientOnlyFlags {
+			if f := c.Root().PersistentFlags().Lookup(name); f != nil {
+				f.Hidden = true
+			}
+		}
+		c.Parent().HelpFunc()(c, args)
+	})
 	cfg.BindFlags(cmd.Flags())
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	return cmd
