@@ -4,19 +4,23 @@
 test:
 	./scripts/test.sh
 
-# A beacon server on an embedded etcd, data in ./beacon.data.
+# A beacon server on an embedded etcd, data in ./beacon.data. (Built, then
+# run: `go run` exits 1 on Ctrl-C even when the program stops cleanly.)
 run:
-	go run ./cmd/beacon server
+	go build -o bin/beacon ./cmd/beacon
+	./bin/beacon server
 
 # The demo shop: a beacon server, the shop's services and a steady load,
 # shown live until Ctrl-C.
 demo:
-	go run ./examples/shop demo
+	go build -o bin/shop ./examples/shop
+	./bin/shop demo
 
 # The chaos scorecard, full length (about 15 minutes): scorecard.md and a
 # chart per scenario in docs/chaos.
 chaos:
-	go run ./bench/chaos -out docs/chaos
+	go build -o bin/chaos ./bench/chaos
+	./bin/chaos -out docs/chaos
 
 # Benchmarks with their anchors measured in the same run.
 bench:
