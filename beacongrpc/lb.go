@@ -87,7 +87,12 @@ func (l *lb) configureLocked(sc serviceconfig.LoadBalancingConfig) error {
 	if cfg != nil {
 		bcfg, ocfg = cfg.balancer, cfg.outlier
 	}
-	bal, err := balancer.New(l.builder.builder, bcfg, balancer.WithOutlierDetection(ocfg))
+	// Every call's latency is measured (not one in four, the balancer's
+	// default for nanosecond-scale picks): a gRPC call costs far more than
+	// the two clock reads, and at a few calls a second per endpoint,
+	// sampling left P2C ranking endpoints by stale peaks — one of three
+	// could get almost no traffic for tens of seconds (seen in the demo).
+	bal, err := balancer.New(l.builder.builder, bcfg, balancer.WithOutlierDetection(ocfg), balancer.WithLatencySampling(1))
 	if err != nil {
 		return fmt.Errorf("beacongrpc: policy %s: %w", l.builder.name, err)
 	}

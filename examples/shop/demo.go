@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -18,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"beacon.dev/beacon/beacongrpc"
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/examples/shop/shopkit"
 	"beacon.dev/beacon/examples/shop/shoppb"
@@ -85,6 +85,11 @@ func runDemo(args []string) error {
 	var wg sync.WaitGroup
 	loadCtx, stopLoad := context.WithCancel(ctx)
 	wg.Go(func() { ld.run(loadCtx, *rate) })
+	// Faults typed on the standard input, one command a line. The reader
+	// ends at EOF (no input: the demo just runs) or with the process: a
+	// read from a terminal cannot be cancelled.
+	f := newFaults(cl)
+	go f.read(ctx, os.Stdin)
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for done := false; !done; {
@@ -92,11 +97,12 @@ func runDemo(args []string) error {
 		case <-ctx.Done():
 			done = true
 		case <-tick.C:
-			view(ctx, os.Stdout, c, ld, *plain)
+			view(ctx, os.Stdout, c, ld, f, "http://"+*httpAddr, *plain)
 		}
 	}
 	stopLoad()
 	wg.Wait()
+	f.wait()
 	total, failed := ld.totals()
 	fmt.Printf("demo: %d orders placed, %d failed\n", total-failed, failed)
 	return nil
@@ -251,8 +257,9 @@ func (l *load) window(n int) (ok, failed int, p50, p99 time.Duration, servedBy m
 	return ok, failed, q(0.5), q(0.99), servedBy, l.lastErr
 }
 
-// view prints the registry's instances and the load's last five seconds.
-func view(ctx context.Context, w io.Writer, c *client.Client, l *load, plain bool) {
+// view prints the registry's instances, the load's last seconds, the
+// gateway's outlier detection and the faults injected.
+func view(ctx context.Context, w io.Writer, c *client.Client, l *load, f *faults, gateway string, plain bool) {
 	var b strings.Builder
 	if !plain {
 		b.WriteString("\033[H\033[2J")
@@ -260,30 +267,73 @@ func view(ctx context.Context, w io.Writer, c *client.Client, l *load, plain boo
 	fmt.Fprintf(&b, "beacon demo — %s — Ctrl-C stops everything gracefully\n\n", time.Now().Format(time.TimeOnly))
 	qctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
 	defer cancel()
+	_, _, _, _, served5, _ := l.window(5)
+	ok60, _, _, _, served60, _ := l.window(60)
+	ok5 := 0
+	for _, n := range served5 {
+		ok5 += n
+	}
+	number := map[string]int{}
+	for i, p := range f.orders() {
+		number[p.ID] = i + 1
+	}
+	faultLog, state := f.recent()
 	for _, svc := range []string{"gateway", "orders", "inventory", "payments"} {
 		snap, err := c.Instances(qctx, svc, client.All())
 		if err != nil {
 			fmt.Fprintf(&b, "%-10s registry unreachable: %v\n", svc, err)
 			continue
 		}
-		fmt.Fprintf(&b, "%-10s %d instance(s)\n", svc, len(snap.Instances))
+		if svc != "orders" {
+			fmt.Fprintf(&b, "%-10s %d instance(s)\n", svc, len(snap.Instances))
+			for _, in := range snap.Instances {
+				fmt.Fprintf(&b, "    %-36s %-21s %-8s %s\n", in.ID, in.HostPort(), in.Status, in.Health)
+			}
+			continue
+		}
+		fmt.Fprintf(&b, "%-10s %d instance(s)                                           answered: last 5 s  last 60 s\n", svc, len(snap.Instances))
 		for _, in := range snap.Instances {
-			fmt.Fprintf(&b, "    %-36s %-21s %-8s %s\n", in.ID, in.HostPort(), in.Status, in.Health)
+			n := "  "
+			if i, ok := number[in.ID]; ok {
+				n = fmt.Sprintf("%d.", i)
+			}
+			fmt.Fprintf(&b, "  %s %-36s %-21s %-8s %-8s %-5s %7.1f %%  %7.1f %%\n", n, in.ID, in.HostPort(), in.Status, in.Health,
+				state[in.ID], share(served5[in.ID], ok5), share(served60[in.ID], ok60))
 		}
 	}
-	ok, failed, p50, p99, servedBy, lastErr := l.window(5)
+	ok, failed, p50, p99, _, lastErr := l.window(5)
 	fmt.Fprintf(&b, "\nload, last 5 s: %.1f orders/s, %d failed, p50 %v, p99 %v\n", float64(ok+failed)/5, failed,
 		p50.Round(100*time.Microsecond), p99.Round(100*time.Microsecond))
-	ids := make([]string, 0, len(servedBy))
-	for id := range servedBy {
-		ids = append(ids, id)
-	}
-	slices.SortFunc(ids, func(a, b string) int { return cmp.Compare(a, b) })
-	for _, id := range ids {
-		fmt.Fprintf(&b, "    placed by %-36s %5.1f %%\n", id, 100*float64(servedBy[id])/float64(max(ok, 1)))
+	if st, ok := gatewayOutliers(qctx, gateway)["orders"]; ok {
+		fmt.Fprintf(&b, "gateway → orders: %d endpoints, %d ejected now (ejections %d, readmitted %d)\n", st.Ready, st.Ejected, st.Ejections, st.Readmitted)
 	}
 	if total, allFailed := l.totals(); allFailed > 0 {
-		fmt.Fprintf(&b, "\nsince start: %d orders, %d failed; last error: %s\n", total, allFailed, lastErr)
+		fmt.Fprintf(&b, "since start: %d orders, %d failed; last error: %s\n", total, allFailed, lastErr)
+	}
+	b.WriteString("\n(answered: the instance whose answer the gateway used; a hedge's loser is not counted.\n" +
+		" P2C sends each call to the less loaded, faster of two instances: shares move with every latency spike.)\n")
+	fmt.Fprintf(&b, "\ntype a command and Enter: %s\n", faultHelp)
+	for _, line := range faultLog {
+		fmt.Fprintf(&b, "  %s\n", line)
 	}
 	fmt.Fprint(w, b.String())
+}
+
+func share(n, of int) float64 { return 100 * float64(n) / float64(max(of, 1)) }
+
+// gatewayOutliers reads the gateway's outlier detection; nothing when it
+// does not answer.
+func gatewayOutliers(ctx context.Context, gateway string) map[string]beacongrpc.OutlierStats {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, gateway+"/debug/outliers", nil)
+	if err != nil {
+		return nil
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil
+	}
+	defer resp.Body.Close()
+	var out map[string]beacongrpc.OutlierStats
+	_ = json.NewDecoder(io.LimitReader(resp.Body, 1<<16)).Decode(&out)
+	return out
 }

@@ -33,6 +33,10 @@ func TestDemoRunsAndStopsCleanly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
 	cmd.Stderr = cmd.Stdout
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -77,6 +81,26 @@ func TestDemoRunsAndStopsCleanly(t *testing.T) {
 	if running := processesUnder(dir); len(running) < 9 { // registry, db, 2+2+3 services, gateway
 		t.Errorf("while the demo runs, %d processes are seen under its directory, want ≥ 9: %v", len(running), running)
 	}
+	// Faults typed into the live view, each answered in it; none of these
+	// may fail an order (kill and hang have their own end-to-end tests).
+	for _, step := range []struct{ command, answer string }{
+		{"slow 1", "slowed orders-"},
+		{"fast 1", "at full speed again"},
+		{"add", "added; orders-"},
+		{"restart 2", "restarted: orders-"},
+		{"bogus", `"bogus": unknown; commands: kill N`},
+	} {
+		if _, err := io.WriteString(stdin, step.command+"\n"); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(2 * time.Minute)
+		for !strings.Contains(output(), step.answer) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%q: the view never showed %q:\n%s", step.command, step.answer, output())
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
 	if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
 		t.Fatal(err)
 	}
@@ -85,7 +109,7 @@ func TestDemoRunsAndStopsCleanly(t *testing.T) {
 		t.Fatalf("demo exited with %v:\n%s", err, output())
 	}
 	got := output()
-	for _, want := range []string{`orders +3 instance\(s\)`, `inventory +2 instance\(s\)`, `demo: [1-9]\d* orders placed, 0 failed`, `demo: stopped`} {
+	for _, want := range []string{`orders +[34] instance\(s\)`, `gateway → orders: \d endpoints`, `inventory +2 instance\(s\)`, `demo: [1-9]\d* orders placed, 0 failed`, `demo: stopped`} {
 		if !regexp.MustCompile(want).MatchString(got) {
 			t.Errorf("demo output lacks %s:\n%s", want, got)
 		}

@@ -11,11 +11,13 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"beacon.dev/beacon/beacongrpc"
 	"beacon.dev/beacon/examples/shop/shoppb"
 )
 
 // gateway is the shop's HTTP front: POST /orders {"item", "quantity"}
-// places an order through the orders service.
+// places an order through the orders service; GET /debug/outliers shows
+// its outlier detection.
 type gateway struct {
 	orders shoppb.OrdersClient
 	seq    atomic.Int64
@@ -29,6 +31,12 @@ type orderRequest struct {
 }
 
 func (g *gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == "/debug/outliers" && r.Method == http.MethodGet {
+		// Outlier detection toward each service, for the demo's view.
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(beacongrpc.Outliers())
+		return
+	}
 	if r.URL.Path != "/orders" || r.Method != http.MethodPost {
 		http.Error(w, "POST /orders", http.StatusNotFound)
 		return
