@@ -230,7 +230,7 @@ func TestMaintenanceAndCheckStateSurviveReregistration(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	// A TCP check on a port nothing listens on: it goes CRITICAL.
 	in := registry.Instance{Service: "orders", ID: "o-1", Address: "127.0.0.1", Port: freePort(t),
@@ -245,7 +245,7 @@ func TestMaintenanceAndCheckStateSurviveReregistration(t *testing.T) {
 		}
 		return snap.Instances[0]
 	}
-	testutil.Eventually(t, 10*time.Second, "the check is CRITICAL", func() bool { return get().Health == registry.HealthCritical })
+	testutil.Eventually(t, 30*time.Second, "the check is CRITICAL", func() bool { return get().Health == registry.HealthCritical })
 	if _, err := c.SetStatus(ctx, "orders", "o-1", registry.StatusOutOfService); err != nil {
 		t.Fatal(err)
 	}

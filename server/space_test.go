@@ -60,7 +60,7 @@ func fillEtcd(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix st
 	value := strings.Repeat("x", valueSize)
 	limit := 20 * spaceQuota / valueSize // far more than fits
 	for i := range limit {
-		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		_, err := cli.Put(pctx, fmt.Sprintf("%s%04d", prefix, i%keys), value)
 		cancel()
 		if errors.Is(err, rpctypes.ErrNoSpace) {
@@ -164,7 +164,7 @@ func TestSpaceAlarmShownThenRecoveredWhenRecordsDeleted(t *testing.T) {
 
 	// Deletes are allowed under NOSPACE; the server does the rest.
 	cli := srv.EtcdClient()
-	dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
+	dctx, dcancel := context.WithTimeout(ctx, 30*time.Second)
 	_, err := cli.Delete(dctx, "/space-test/", clientv3.WithPrefix())
 	dcancel()
 	if err != nil {
@@ -210,13 +210,13 @@ func TestSpaceRecoversByItselfFromHistory(t *testing.T) {
 		return code == http.StatusOK
 	})
 	t.Logf("recovered in %s", time.Since(start).Round(time.Millisecond))
-	actx, acancel := context.WithTimeout(ctx, 5*time.Second)
+	actx, acancel := context.WithTimeout(ctx, 30*time.Second)
 	alarms, err := cli.AlarmList(actx)
 	acancel()
 	if err != nil || len(alarms.Alarms) != 0 {
 		t.Errorf("AlarmList = %v, %v; want none", alarms, err)
 	}
-	pctx, pcancel := context.WithTimeout(ctx, 5*time.Second)
+	pctx, pcancel := context.WithTimeout(ctx, 30*time.Second)
 	_, err = cli.Put(pctx, "/space-test/0000", "small")
 	pcancel()
 	if err != nil {
@@ -243,7 +243,7 @@ func TestSpaceCompactsHistoryToRetention(t *testing.T) {
 
 	var first, last int64
 	for i := range 300 {
-		pctx, pcancel := context.WithTimeout(ctx, 5*time.Second)
+		pctx, pcancel := context.WithTimeout(ctx, 30*time.Second)
 		resp, err := cli.Put(pctx, "/space-test/k", fmt.Sprint(i))
 		pcancel()
 		if err != nil {
@@ -262,7 +262,7 @@ func TestSpaceCompactsHistoryToRetention(t *testing.T) {
 	if got := int64(v); got > last-100 {
 		t.Errorf("compacted to %d, want at most %d (the last %d revisions kept)", got, last-100, 100)
 	}
-	gctx, gcancel := context.WithTimeout(ctx, 5*time.Second)
+	gctx, gcancel := context.WithTimeout(ctx, 30*time.Second)
 	defer gcancel()
 	if _, err := cli.Get(gctx, "/space-test/k", clientv3.WithRev(first)); !errors.Is(err, rpctypes.ErrCompacted) {
 		t.Errorf("Get at revision %d = %v, want %v", first, err, rpctypes.ErrCompacted)

@@ -59,21 +59,21 @@ func acceptingListener(t *testing.T) string {
 
 func TestConnLimiter(t *testing.T) {
 	addr := acceptingListener(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	l := newConnLimiter(2)
-	a, err := l.dial(ctx, nil, time.Second, "tcp", addr)
+	a, err := l.dial(ctx, nil, 30*time.Second, "tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := l.dial(ctx, nil, time.Second, "tcp", addr)
+	b, err := l.dial(ctx, nil, 30*time.Second, "tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if n := l.inUse(); n != 2 {
 		t.Errorf("inUse() = %d, want 2", n)
 	}
-	_, err = l.dial(ctx, nil, time.Second, "tcp", addr)
+	_, err = l.dial(ctx, nil, 30*time.Second, "tcp", addr)
 	var le *connLimitError
 	if !errors.As(err, &le) || !strings.Contains(err.Error(), "--check-max-conns 2") {
 		t.Fatalf("dial at the limit: err = %v, want a *connLimitError naming --check-max-conns 2", err)
@@ -83,7 +83,7 @@ func TestConnLimiter(t *testing.T) {
 	if n := l.inUse(); n != 1 {
 		t.Errorf("inUse() after closing one twice = %d, want 1", n)
 	}
-	c, err := l.dial(ctx, nil, time.Second, "tcp", addr)
+	c, err := l.dial(ctx, nil, 30*time.Second, "tcp", addr)
 	if err != nil {
 		t.Fatalf("dial after a Close: %v", err)
 	}
@@ -94,7 +94,7 @@ func TestConnLimiter(t *testing.T) {
 	idleC := &fakeIdler{conn: c}
 	l.markIdle(idleB)
 	l.markIdle(idleC)
-	d, err := l.dial(ctx, idleB, time.Second, "tcp", addr)
+	d, err := l.dial(ctx, idleB, 30*time.Second, "tcp", addr)
 	if err != nil {
 		t.Fatalf("dial at the limit with idle connections: %v", err)
 	}
@@ -102,7 +102,7 @@ func TestConnLimiter(t *testing.T) {
 		t.Errorf("evicted: self %v, other %v; want the other only", idleB.closed, idleC.closed)
 	}
 	l.markBusy(idleB)
-	if _, err := l.dial(ctx, nil, time.Second, "tcp", addr); !errors.As(err, &le) {
+	if _, err := l.dial(ctx, nil, 30*time.Second, "tcp", addr); !errors.As(err, &le) {
 		t.Errorf("dial at the limit, nothing idle: err = %v, want a *connLimitError", err)
 	}
 	b.Close()
@@ -136,7 +136,7 @@ func TestProbeAtTheLimitGivesNoVerdict(t *testing.T) {
 			}
 			p := newProber(spec, target, nil, l)
 			defer p.close()
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			v, out := p.probe(ctx)
 			if v != noVerdict || !strings.Contains(out, "--check-max-conns 1") {
@@ -169,7 +169,7 @@ func TestProbeLeavesNoDialBehind(t *testing.T) {
 					t.Fatalf("probe() = %v, %q; want a failure", v, out)
 				}
 			}
-			eventually(t, 10*time.Second, "no probe connection open or dialing", func() bool { return l.inUse() == 0 })
+			eventually(t, 30*time.Second, "no probe connection open or dialing", func() bool { return l.inUse() == 0 })
 		})
 	}
 }
@@ -202,10 +202,10 @@ func TestGRPCProberKeepsItsChannelWhileHealthy(t *testing.T) {
 	defer func() { gs.Stop(); <-done }()
 
 	l := newConnLimiter(4)
-	p := newProber(registry.Check{Kind: registry.CheckGRPC, Interval: time.Second, Timeout: 5 * time.Second}, ln.Addr().String(), nil, l)
+	p := newProber(registry.Check{Kind: registry.CheckGRPC, Interval: 30 * time.Second, Timeout: 30 * time.Second}, ln.Addr().String(), nil, l)
 	defer p.close()
 	probe := func() verdict {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		v, _ := p.probe(ctx)
 		return v
@@ -219,5 +219,5 @@ func TestGRPCProberKeepsItsChannelWhileHealthy(t *testing.T) {
 		t.Errorf("inUse() after 3 probes = %d, want 1 (one channel kept)", n)
 	}
 	p.close()
-	eventually(t, 10*time.Second, "the closed prober's connection released", func() bool { return l.inUse() == 0 })
+	eventually(t, 30*time.Second, "the closed prober's connection released", func() bool { return l.inUse() == 0 })
 }

@@ -67,7 +67,7 @@ func dropTest(t *testing.T, ctx context.Context, instances, maxConns int) (srv i
 				t.Fatal(err)
 			}
 		}
-		testutil.Eventually(t, 10*time.Second, "no check owned", func() bool {
+		testutil.Eventually(t, 30*time.Second, "no check owned", func() bool {
 			v, _ := testutil.Metric(t, s.Addr(), "beacon_checks_owned")
 			return v == 0
 		})
@@ -92,37 +92,43 @@ func TestProbeConnsCappedAgainstDroppingHost(t *testing.T) {
 		t.Errorf("beacon_check_probes_refused_total = %v, want > 0 (80 checks, 16 connections)", v)
 	}
 	remove()
-	testutil.Eventually(t, 20*time.Second, "no probe connection open or dialing", func() bool {
+	testutil.Eventually(t, 30*time.Second, "no probe connection open or dialing", func() bool {
 		v, ok := testutil.Metric(t, srv.Addr(), "beacon_check_conns")
 		return ok && v == 0
 	})
-	testutil.Eventually(t, 20*time.Second, "descriptors back near the baseline", func() bool {
+	testutil.Eventually(t, 30*time.Second, "descriptors back near the baseline", func() bool {
 		return blackhole.OpenFDs(t) <= base+fdSlack/4
 	})
 }
 
 // Under the cap, the check's timeout bounds the whole probe, dial
-// included: each check has at most its running probe's dial and the one
-// just cut at any time, no probe is refused, and nothing is left once the
-// checks are gone.
+// included: each check has its running probe's dial and the one just cut
+// — not one per failure, as when a cut dial went on with the kernel's two
+// minutes of SYN retries —, no probe is refused, and nothing is left once
+// the checks are gone.
 func TestProbeDialBoundedByTimeout(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
 	const instances = 2 // 16 checks
 	srv, base, peak, remove := dropTest(t, ctx, instances, 0)
+	limit := base + 2*instances*8 + fdSlack
 	t.Logf("descriptors: %d before, at most %d with %d checks at a dropping host", base, peak, instances*8)
-	if limit := base + 2*instances*8 + fdSlack; peak > limit {
-		t.Errorf("descriptors peaked at %d, want at most %d: dials outlive their probes", peak, limit)
-	}
+	// A loaded machine may close a cut dial late, so the peak may pass the
+	// bound for a moment; dials left behind instead pile up, one more per
+	// failure (120 after the ten failures of each HTTP check), for minutes:
+	// the count never comes back under it while the checks go on failing.
+	testutil.Eventually(t, 30*time.Second, fmt.Sprintf("at most %d descriptors while the checks fail (dials do not outlive their probes)", limit), func() bool {
+		return blackhole.OpenFDs(t) <= limit
+	})
 	if v, _ := testutil.Metric(t, srv.Addr(), "beacon_check_probes_refused_total"); v != 0 {
 		t.Errorf("beacon_check_probes_refused_total = %v, want 0 under the default cap", v)
 	}
 	remove()
-	testutil.Eventually(t, 20*time.Second, "no probe connection open or dialing", func() bool {
+	testutil.Eventually(t, 30*time.Second, "no probe connection open or dialing", func() bool {
 		v, ok := testutil.Metric(t, srv.Addr(), "beacon_check_conns")
 		return ok && v == 0
 	})
-	testutil.Eventually(t, 20*time.Second, "descriptors back near the baseline", func() bool {
+	testutil.Eventually(t, 30*time.Second, "descriptors back near the baseline", func() bool {
 		return blackhole.OpenFDs(t) <= base+fdSlack/4
 	})
 }

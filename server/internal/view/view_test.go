@@ -32,7 +32,7 @@ func etcdFor(t *testing.T) (etcdAddr string, st *store.Store) {
 
 func etcdClient(t *testing.T, addr string) *clientv3.Client {
 	t.Helper()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{addr}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{addr}, DialTimeout: 30 * time.Second, Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -206,13 +206,13 @@ func TestStuckSubscriberIsCoalesced(t *testing.T) {
 func TestWaitRevisionWithUnrelatedWrites(t *testing.T) {
 	addr, st := etcdFor(t)
 	v := startView(t, etcdClient(t, addr), view.Hooks{})
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	resp, err := st.Client().Put(ctx, "/somebody-else/key", "x")
 	if err != nil {
 		t.Fatal(err)
 	}
-	wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
+	wctx, wcancel := context.WithTimeout(ctx, 30*time.Second)
 	defer wcancel()
 	if err := v.WaitRevision(wctx, resp.Header.Revision); err != nil {
 		t.Fatalf("WaitRevision(%d) after an unrelated write = %v; the view is at %d", resp.Header.Revision, err, v.Revision())
