@@ -55,7 +55,9 @@ type env struct {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	// The whole test's liveness bound: generous enough for every per-call
+	// deadline below to be the one that speaks.
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	t.Cleanup(cancel)
 	srv := testutil.StartBeacon(t)
 	c, err := client.New([]string{srv.Addr()})
@@ -102,13 +104,14 @@ func TestResolverSpreadsCallsOverInstances(t *testing.T) {
 	e.reachesAll(t, healthpb.NewHealthClient(e.dial(t, "beacon:///hello")), 3)
 }
 
-// reachesAll calls until n distinct instances have answered.
+// reachesAll calls until n distinct instances have answered. Each call
+// must succeed; the per-call deadline is only a generous liveness bound.
 func (e *env) reachesAll(t *testing.T, hc healthpb.HealthClient, n int) {
 	t.Helper()
 	seen := map[string]int{}
-	testutil.Eventually(t, 20*time.Second, fmt.Sprintf("calls reach all %d instances", n), func() bool {
+	testutil.Eventually(t, 60*time.Second, fmt.Sprintf("calls reach all %d instances", n), func() bool {
 		var p peer.Peer
-		ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
+		ctx, cancel := context.WithTimeout(e.ctx, 30*time.Second)
 		defer cancel()
 		if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.Peer(&p), grpc.WaitForReady(true)); err != nil {
 			t.Fatalf("Check: %v", err)
@@ -127,8 +130,8 @@ func TestResolverReportsAnEmptyService(t *testing.T) {
 	}
 	cc := e.dial(t, "beacon:///lonely")
 	hc := healthpb.NewHealthClient(cc)
-	testutil.Eventually(t, 20*time.Second, "RPCs fail with the resolver's reason", func() bool {
-		ctx, cancel := context.WithTimeout(e.ctx, 2*time.Second)
+	testutil.Eventually(t, 90*time.Second, "RPCs fail with the resolver's reason", func() bool {
+		ctx, cancel := context.WithTimeout(e.ctx, 30*time.Second)
 		defer cancel()
 		_, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
 		return status.Code(err) == codes.Unavailable && strings.Contains(err.Error(), "no routable instances")
@@ -143,7 +146,9 @@ func TestTargetInAnotherNamespaceIsRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cc.Close()
-	ctx, cancel := context.WithTimeout(e.ctx, 2*time.Second)
+	// Without WaitForReady the call fails as soon as the resolver reports
+	// its error; the deadline is only a liveness bound.
+	ctx, cancel := context.WithTimeout(e.ctx, 30*time.Second)
 	defer cancel()
 	_, err = healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{})
 	if err == nil || !strings.Contains(err.Error(), `namespace "other"`) {
@@ -168,11 +173,12 @@ func TestKilledInstanceUnderRetriesFailsNoCall(t *testing.T) {
 	e.callsSucceed(t, hc, 300, "after the kill")
 }
 
-// callsSucceed makes n calls, each of which must succeed.
+// callsSucceed makes n calls, each of which must succeed (the per-call
+// deadline is a generous liveness bound, not a latency target).
 func (e *env) callsSucceed(t *testing.T, hc healthpb.HealthClient, n int, when string) {
 	t.Helper()
 	for i := range n {
-		ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
+		ctx, cancel := context.WithTimeout(e.ctx, 30*time.Second)
 		_, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
 		cancel()
 		if err != nil {
@@ -214,13 +220,18 @@ func TestHealthAndBoundedGracefulStop(t *testing.T) {
 	if _, err := w.Recv(); err != nil {
 		t.Fatal(err)
 	}
-	start := time.Now()
-	finished := beacongrpc.GracefulStop(b.srv, b.health, 500*time.Millisecond)
-	if took := time.Since(start); took > 10*time.Second {
-		t.Errorf("GracefulStop took %v with a Watch open, want it bounded", took)
-	}
-	if finished {
-		t.Error("GracefulStop reported a clean finish with a Watch stream still open")
+	// A plain GracefulStop would never return here: that GracefulStop
+	// returns at all (the generous select is liveness, not latency) and
+	// reports the forced stop is the property.
+	stopped := make(chan bool, 1)
+	go func() { stopped <- beacongrpc.GracefulStop(b.srv, b.health, 500*time.Millisecond) }()
+	select {
+	case finished := <-stopped:
+		if finished {
+			t.Error("GracefulStop reported a clean finish with a Watch stream still open")
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("GracefulStop never returned with a Watch open, want it bounded by its grace")
 	}
 }
 
@@ -263,7 +274,10 @@ func TestClassification(t *testing.T) {
 func TestHedgingCutsTheSlowInstancesTail(t *testing.T) {
 	e := newEnv(t)
 	slow, fast1, fast2 := startFailingBackend(t), startFailingBackend(t), startFailingBackend(t)
-	slow.delay.Store(int64(2 * time.Second))
+	// The slow instance never answers: its calls hang until they are
+	// cancelled (a hedge won, or the server stops when the test ends). A
+	// call that reaches it succeeds only through a hedge.
+	slow.delay.Store(int64(time.Hour))
 	e.register(t, "hello", slow.backend, fast1.backend, fast2.backend)
 	exec, err := policy.New(policy.WithRetry(policy.RetryConfig{MaxAttempts: 2, BaseBackoff: 5 * time.Millisecond, RetryOn: beacongrpc.RetryableCode}))
 	if err != nil {
@@ -279,24 +293,22 @@ func TestHedgingCutsTheSlowInstancesTail(t *testing.T) {
 		grpc.WithUnaryInterceptor(beacongrpc.UnaryClientInterceptor(exec, func(string) bool { return true }, beacongrpc.WithHedging(hedger))),
 		policyConfig(beacongrpc.PolicyRoundRobin))
 	hc := healthpb.NewHealthClient(cc)
-	e.reachesAll(t, hc, 2) // connected (the slow one answers in 2 s)
+	e.reachesAll(t, hc, 2) // connected (the slow one never answers)
 	before := slow.hits.Load()
-	var worst time.Duration
 	for i := range 30 {
-		start := time.Now()
-		ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
+		// The deadline is generous liveness only: without the hedge a call
+		// sent to the slow instance would hang until it and fail.
+		ctx, cancel := context.WithTimeout(e.ctx, 30*time.Second)
 		resp, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
 		cancel()
 		if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
 			t.Fatalf("call %d: %v, %v", i, resp, err)
 		}
-		worst = max(worst, time.Since(start))
 	}
+	// Every call succeeded although some went to an instance that never
+	// answers: the hedges answered them.
 	if slow.hits.Load() == before {
 		t.Fatal("no call reached the slow instance: the test proves nothing")
-	}
-	if worst > time.Second {
-		t.Errorf("slowest hedged call took %v; the slow instance answers in 2 s, the hedge fires after 50 ms", worst)
 	}
 }
 

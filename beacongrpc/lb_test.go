@@ -78,13 +78,13 @@ func TestBeaconPolicyEjectsAFailingInstance(t *testing.T) {
 	e.register(t, "hello", bad.backend, good1.backend, good2.backend)
 	hc := healthpb.NewHealthClient(e.dial(t, "beacon:///hello", policyConfig(beacongrpc.PolicyRoundRobin)))
 	call := func() error {
-		ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
+		ctx, cancel := context.WithTimeout(e.ctx, 30*time.Second) // generous: a slow call is not a failed one
 		defer cancel()
 		_, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
 		return err
 	}
 	// Warm up until the bad instance has failed its 5 calls in a row.
-	testutil.Eventually(t, 20*time.Second, "the failing instance is called 5 times", func() bool {
+	testutil.Eventually(t, 60*time.Second, "the failing instance is called 5 times", func() bool {
 		_ = call()
 		return bad.hits.Load() >= 5
 	})
@@ -111,12 +111,12 @@ func TestPolicyConfigFromServiceConfig(t *testing.T) {
 	// Until the good instance is READY the bad one is all there is, and a
 	// balancer with every endpoint ejected routes to them all anyway.
 	cc.Connect()
-	testutil.Eventually(t, 20*time.Second, "both instances are READY", func() bool {
+	testutil.Eventually(t, 30*time.Second, "both instances are READY", func() bool {
 		return beacongrpc.Outliers()["hello"].Ready == 2
 	})
 	failures := 0
 	for range 40 {
-		ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
+		ctx, cancel := context.WithTimeout(e.ctx, 30*time.Second) // a slow call must not count as a failure
 		if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true)); err != nil {
 			failures++
 		}

@@ -3,6 +3,7 @@ package client_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -41,10 +42,31 @@ func watchAndConsume(ctx context.Context, t *testing.T, c *client.Client, servic
 	return w
 }
 
+// awaitsInFlight waits until the server has exactly n AwaitWatchers calls
+// waiting (its beacon_awaits_in_flight gauge).
+func awaitsInFlight(t *testing.T, addr string, n int) {
+	t.Helper()
+	testutil.Eventually(t, 30*time.Second, fmt.Sprintf("%d AwaitWatchers in flight on the server", n), func() bool {
+		v, ok := testutil.Metric(t, addr, "beacon_awaits_in_flight")
+		return ok && v == float64(n)
+	})
+}
+
+// awaitComplete runs an AwaitWatchers that must complete: its timeout
+// (2 min) outlasts the call's context (1 min), so a wait that answered at
+// its timeout rather than on the last acknowledgement fails with the
+// context's error instead of passing. Both are generous liveness bounds.
+func awaitComplete(ctx context.Context, t *testing.T, c *client.Client, service string, rev int64) (client.WatchersResult, error) {
+	t.Helper()
+	cctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	return c.AwaitWatchers(cctx, service, rev, 2*time.Minute)
+}
+
 func TestAwaitWatchersCountsAcknowledgements(t *testing.T) {
 	srv := testutil.StartBeacon(t)
 	c := newClient(t, srv.Addr())
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
 	in := registry.Instance{Service: "orders", ID: "o-1", Address: "127.0.0.1", Port: 9001}
@@ -90,41 +112,51 @@ func TestAwaitWatchersCountsAcknowledgements(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := c.AwaitWatchers(ctx, "orders", rev, 700*time.Millisecond)
+	// The stuck consumer never acknowledges: the wait ends at its timeout,
+	// incomplete, by which time the two consumers have long acknowledged
+	// (5 s is room for them, not a measurement).
+	res, err := c.AwaitWatchers(ctx, "orders", rev, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if res.Watchers != 3 || res.Acknowledged != 2 || res.Gone != 0 || res.Complete() {
 		t.Fatalf("AwaitWatchers = %+v, want 3 watchers, 2 acknowledged, incomplete", res)
 	}
-	if res.Elapsed < 600*time.Millisecond {
-		t.Fatalf("an incomplete wait returned after %v, before its timeout", res.Elapsed)
-	}
 
-	// The stuck consumer comes back: the wait completes as soon as it does.
+	// The stuck consumer comes back while a wait is in flight: the wait
+	// completes on its acknowledgement, long before its own timeout.
+	type result struct {
+		res client.WatchersResult
+		err error
+	}
+	awaited := make(chan result, 1)
+	go func() { r, err := awaitComplete(ctx, t, c, "orders", rev); awaited <- result{r, err} }()
+	awaitsInFlight(t, srv.Addr(), 1)
+	nexted := make(chan struct{})
 	go func() {
-		time.Sleep(100 * time.Millisecond)
+		defer close(nexted)
 		stuck.Next(ctx) // acknowledges the first batch, takes the DRAINING one
-		stuck.Next(ctx) // acknowledges it, then blocks until the Close below
+		stuck.Next(ctx) // acknowledges it, takes the UP one below, never acknowledges that
 	}()
-	res, err = c.AwaitWatchers(ctx, "orders", rev, 10*time.Second)
-	if err != nil || !res.Complete() || res.Acknowledged != 3 {
-		t.Fatalf("AwaitWatchers = %+v, %v; want all 3 acknowledged", res, err)
-	}
-	if res.Elapsed > 5*time.Second {
-		t.Fatalf("complete wait took %v", res.Elapsed)
+	r := <-awaited
+	if r.err != nil || !r.res.Complete() || r.res.Acknowledged != 3 {
+		t.Fatalf("AwaitWatchers = %+v, %v; want all 3 acknowledged", r.res, r.err)
 	}
 
-	// A watcher that goes away while waited for counts as gone.
+	// A watcher that goes away while waited for counts as gone: it is
+	// closed only once the server holds the wait, which then counts it.
 	in.Status = registry.StatusUp
 	rev, err = c.Register(ctx, in)
 	if err != nil {
 		t.Fatal(err)
 	}
-	go func() { time.Sleep(100 * time.Millisecond); stuck.Close() }()
-	res, err = c.AwaitWatchers(ctx, "orders", rev, 10*time.Second)
-	if err != nil || !res.Complete() || res.Gone != 1 {
-		t.Fatalf("AwaitWatchers = %+v, %v; want the closed watcher gone and the wait complete", res, err)
+	<-nexted // the stuck consumer holds the UP batch, unacknowledged
+	go func() { r, err := awaitComplete(ctx, t, c, "orders", rev); awaited <- result{r, err} }()
+	awaitsInFlight(t, srv.Addr(), 1)
+	stuck.Close()
+	r = <-awaited
+	if r.err != nil || !r.res.Complete() || r.res.Gone != 1 || r.res.Watchers != 3 {
+		t.Fatalf("AwaitWatchers = %+v, %v; want 3 watchers, the closed one gone and the wait complete", r.res, r.err)
 	}
 }
 
@@ -133,7 +165,7 @@ func TestAcknowledgementsSurviveReconnect(t *testing.T) {
 	proxy := testutil.NewProxy(t, srv.Addr())
 	c := newClient(t, srv.Addr())
 	viaProxy := newClient(t, proxy.Addr())
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 
 	in := registry.Instance{Service: "orders", ID: "o-1", Address: "127.0.0.1", Port: 9001, Status: registry.StatusDraining}
@@ -142,18 +174,18 @@ func TestAcknowledgementsSurviveReconnect(t *testing.T) {
 		t.Fatal(err)
 	}
 	w := watchAndConsume(ctx, t, viaProxy, "orders")
-	if res, err := c.AwaitWatchers(ctx, "orders", rev, 5*time.Second); err != nil || !res.Complete() || res.Acknowledged != 1 {
+	if res, err := awaitComplete(ctx, t, c, "orders", rev); err != nil || !res.Complete() || res.Acknowledged != 1 {
 		t.Fatalf("before the cut: %+v, %v", res, err)
 	}
 	// After a reconnect the server sends nothing new (the watcher is
 	// current), so the watcher must acknowledge what it already applied.
 	reconnects := w.Status().Reconnects
 	proxy.Cut()
-	testutil.Eventually(t, 10*time.Second, "watch reconnected", func() bool {
+	testutil.Eventually(t, 30*time.Second, "watch reconnected", func() bool {
 		st := w.Status()
 		return st.Reconnects > reconnects && st.Connected
 	})
-	if res, err := c.AwaitWatchers(ctx, "orders", rev, 5*time.Second); err != nil || !res.Complete() || res.Acknowledged != 1 {
+	if res, err := awaitComplete(ctx, t, c, "orders", rev); err != nil || !res.Complete() || res.Acknowledged != 1 {
 		t.Fatalf("after the reconnect: %+v, %v", res, err)
 	}
 }
@@ -161,7 +193,7 @@ func TestAcknowledgementsSurviveReconnect(t *testing.T) {
 func TestAwaitWatchersBadInput(t *testing.T) {
 	srv := testutil.StartBeacon(t)
 	c := newClient(t, srv.Addr())
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	for _, tc := range []struct {
 		service string
@@ -182,22 +214,23 @@ func TestAwaitWatchersBadInput(t *testing.T) {
 
 // A server that stops answering without closing its connections (a hung
 // process, a silent network) is noticed by the HTTP/2 pings: the watch
-// reports itself disconnected within the ping budget (5 s idle + 5 s),
-// and comes back once the server answers again.
+// reports itself disconnected (the ping budget is 5 s idle + 5 s; the
+// waits below are generous liveness bounds, not that budget), and comes
+// back once the server answers again.
 func TestHungServerIsNoticedByPings(t *testing.T) {
 	srv := testutil.StartBeacon(t)
 	proxy := testutil.NewProxy(t, srv.Addr())
 	viaProxy := newClient(t, proxy.Addr())
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	w := watchAndConsume(ctx, t, viaProxy, "orders")
-	testutil.Eventually(t, 10*time.Second, "connected", func() bool { return w.Status().Connected })
+	testutil.Eventually(t, 30*time.Second, "connected", func() bool { return w.Status().Connected })
 
 	proxy.Freeze(true)
 	frozen := time.Now()
-	testutil.Eventually(t, 20*time.Second, "the watch notices the hung server", func() bool { return !w.Status().Connected })
+	testutil.Eventually(t, 60*time.Second, "the watch notices the hung server", func() bool { return !w.Status().Connected })
 	t.Logf("noticed after %v", time.Since(frozen).Round(100*time.Millisecond))
 	proxy.Freeze(false)
 	proxy.Cut() // connections opened while frozen may have given up already
-	testutil.Eventually(t, 20*time.Second, "the watch is back", func() bool { return w.Status().Connected })
+	testutil.Eventually(t, 60*time.Second, "the watch is back", func() bool { return w.Status().Connected })
 }

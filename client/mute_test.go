@@ -57,7 +57,11 @@ func muteServer(t *testing.T) string {
 func TestMuteServerIsPassedOver(t *testing.T) {
 	srv := testutil.StartBeacon(t)
 	mute := muteServer(t)
-	c, err := client.New([]string{mute, srv.Addr()}, client.WithAttemptTimeout(200*time.Millisecond), client.WithWatchHeartbeat(100*time.Millisecond))
+	// The attempt timeout is what passes the mute server over, and every
+	// call on the real server must fit in it: generous, so that a slow
+	// answer under load is not mistaken for silence and sent to the mute
+	// server. The watch gives a server three heartbeats of silence.
+	c, err := client.New([]string{mute, srv.Addr()}, client.WithAttemptTimeout(3*time.Second), client.WithWatchHeartbeat(time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -79,14 +79,17 @@ func TestSessionCallbackRegisters(t *testing.T) {
 func TestClientCloseEndsSessionsAndWatchers(t *testing.T) {
 	srv := testutil.StartBeacon(t)
 	observer := newClient(t, srv.Addr())
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 
-	c, err := client.New([]string{srv.Addr()})
+	// Close revokes within its attempt timeout: a generous one, so that a
+	// slow revoke under load is not cut short. The TTL is an hour, so the
+	// instance leaving can only be the revoke's doing, never an expiry.
+	c, err := client.New([]string{srv.Addr()}, client.WithAttemptTimeout(10*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
-	sess, err := c.NewSession(ctx, client.WithTTL(2*time.Second))
+	sess, err := c.NewSession(ctx, client.WithTTL(time.Hour))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,9 +119,10 @@ func TestClientCloseEndsSessionsAndWatchers(t *testing.T) {
 			break
 		}
 	}
-	if snap, err := observer.Instances(ctx, "orders", client.All()); err != nil || len(snap.Instances) != 0 {
-		t.Errorf("instances after Client.Close = %v, %v; want the lease revoked", snap, err)
-	}
+	testutil.Eventually(t, 30*time.Second, "the instance gone: Client.Close revoked the lease", func() bool {
+		snap, err := observer.Instances(ctx, "orders", client.All())
+		return err == nil && len(snap.Instances) == 0
+	})
 	if _, err := c.NewSession(ctx); !errors.Is(err, client.ErrClosed) {
 		t.Errorf("NewSession on a closed client = %v, want ErrClosed", err)
 	}

@@ -64,7 +64,7 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 func TestRunBothServers(t *testing.T) {
 	srv := testutil.StartBeacon(t)
 	c := newClient(t, srv.Addr())
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 
 	health := new(beaconhttp.Health)
@@ -92,7 +92,11 @@ func TestRunBothServers(t *testing.T) {
 					return errors.New("not yet")
 				}
 			},
-			ReadyInterval: 20 * time.Millisecond, SessionTTL: 3 * time.Second, AckTimeout: 2 * time.Second,
+			// Generous: the drain's DRAINING Register must fit in AckTimeout
+			// (or DrainErr is set), and a session that lapsed under load would
+			// re-register behind the test's back. Nobody watches, so the
+			// acknowledgement wait itself returns at once.
+			ReadyInterval: 20 * time.Millisecond, SessionTTL: 30 * time.Second, AckTimeout: 30 * time.Second,
 		})
 		done <- result{rep, err}
 	}()
@@ -105,7 +109,7 @@ func TestRunBothServers(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode
 	}
-	testutil.Eventually(t, 10*time.Second, "the HTTP server answers", func() bool { return readyz() != 0 })
+	testutil.Eventually(t, 30*time.Second, "the HTTP server answers", func() bool { return readyz() != 0 })
 	if code := readyz(); code != http.StatusServiceUnavailable {
 		t.Fatalf("/readyz before ready = %d, want 503", code)
 	}
@@ -114,7 +118,7 @@ func TestRunBothServers(t *testing.T) {
 		t.Fatalf("registered before ready: %+v, %v", snap, err)
 	}
 	close(ready)
-	testutil.Eventually(t, 10*time.Second, "both instances registered", func() bool {
+	testutil.Eventually(t, 30*time.Second, "both instances registered", func() bool {
 		a, err1 := c.Instances(ctx, "orders")
 		b, err2 := c.Instances(ctx, "orders-http")
 		return err1 == nil && err2 == nil && len(a.Instances) == 1 && len(b.Instances) == 1
@@ -173,10 +177,10 @@ func TestRegistersOnceTheRegistryIsBack(t *testing.T) {
 		})
 		done <- err
 	}()
-	testutil.Eventually(t, 15*time.Second, "a failed attempt", func() bool { return logs.count("registry unreachable") > 0 })
+	testutil.Eventually(t, 30*time.Second, "a failed attempt", func() bool { return logs.count("registry unreachable") > 0 })
 	proxy.SetDown(false)
 	direct := newClient(t, srv.Addr())
-	testutil.Eventually(t, 15*time.Second, "registered once the registry is back", func() bool {
+	testutil.Eventually(t, 30*time.Second, "registered once the registry is back", func() bool {
 		snap, err := direct.Instances(ctx, "orders")
 		return err == nil && len(snap.Instances) == 1 && logs.count("lifecycle: registered") == 1
 	})
@@ -200,7 +204,7 @@ func TestRegistersOnceTheRegistryIsBack(t *testing.T) {
 func TestRunOnAnotherBackend(t *testing.T) {
 	reg := memory.New("")
 	defer reg.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan error, 1)
@@ -214,7 +218,7 @@ func TestRunOnAnotherBackend(t *testing.T) {
 		})
 		done <- err
 	}()
-	testutil.Eventually(t, 10*time.Second, "registered in memory", func() bool {
+	testutil.Eventually(t, 30*time.Second, "registered in memory", func() bool {
 		snap, err := reg.Instances(ctx, "orders")
 		return err == nil && len(snap.Instances) == 1 && snap.Instances[0].Status == registry.StatusUp
 	})

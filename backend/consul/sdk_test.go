@@ -24,7 +24,7 @@ import (
 func TestSDKRunsOnConsul(t *testing.T) {
 	srv := testServer(t, consultest.Options{})
 	b := newBackend(t, srv.Addr(), consul.Config{WaitTime: 5 * time.Second})
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	type running struct {
 		stop context.CancelFunc
@@ -40,7 +40,9 @@ func TestSDKRunsOnConsul(t *testing.T) {
 		r := running{stop: stop, done: make(chan error, 1)}
 		go func() {
 			_, err := lifecycle.Run(runCtx, lifecycle.Config{Backend: b, Instance: registry.Instance{Service: "orders"},
-				GRPC: grpc.NewServer(), GRPCListener: ln, SessionTTL: 2 * time.Second, DrainDelay: 100 * time.Millisecond})
+				// A TTL no loaded machine can outrun: a lapsed session's
+				// instance turns critical and leaves the cache mid-test.
+				GRPC: grpc.NewServer(), GRPCListener: ln, SessionTTL: 30 * time.Second, DrainDelay: 100 * time.Millisecond})
 			r.done <- err
 		}()
 		servers = append(servers, r)
@@ -61,7 +63,7 @@ func TestSDKRunsOnConsul(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	testutil.Eventually(t, 10*time.Second, "both instances discovered", func() bool {
+	testutil.Eventually(t, 30*time.Second, "both instances discovered", func() bool {
 		set, ok := cache.Endpoints("orders")
 		return ok && len(set.Endpoints) == 2
 	})

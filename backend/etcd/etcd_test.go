@@ -91,7 +91,7 @@ func TestInteroperatesWithABeaconServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer b.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	if _, err := b.Register(ctx, registry.Instance{Service: "orders", ID: "direct-1", Address: "127.0.0.1", Port: 9001}); err != nil {
 		t.Fatal(err)
@@ -101,7 +101,7 @@ func TestInteroperatesWithABeaconServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	testutil.Eventually(t, 10*time.Second, "the beacon server lists the instance", func() bool {
+	testutil.Eventually(t, 30*time.Second, "the beacon server lists the instance", func() bool {
 		snap, err := c.Instances(ctx, "orders")
 		return err == nil && len(snap.Instances) == 1 && snap.Instances[0].ID == "direct-1"
 	})
@@ -117,7 +117,7 @@ func TestLostLeaseIsReplacedAndInstancesRegisteredAgain(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer b.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	s, err := b.NewSession(ctx, session.WithTTL(2*time.Second))
 	if err != nil {
@@ -135,7 +135,7 @@ func TestLostLeaseIsReplacedAndInstancesRegisteredAgain(t *testing.T) {
 	if _, err := cli.Revoke(ctx, lease); err != nil {
 		t.Fatal(err)
 	}
-	testutil.Eventually(t, 10*time.Second, "the instance is back under a new lease", func() bool {
+	testutil.Eventually(t, 30*time.Second, "the instance is back under a new lease", func() bool {
 		resp, err := cli.Get(ctx, "/lease-loss/ns/default/svc/orders/inst/e-1")
 		return err == nil && len(resp.Kvs) == 1 && clientv3.LeaseID(resp.Kvs[0].Lease) != lease
 	})

@@ -22,7 +22,9 @@ func TestSessionDeregisterLeavesAnotherOwnersInstance(t *testing.T) {
 	defer b.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	sess, err := b.NewSession(ctx, session.WithTTL(2*time.Second))
+	// A TTL no loaded machine can outrun: a lapse would have the session
+	// put its own orders-9 back while the test looks.
+	sess, err := b.NewSession(ctx, session.WithTTL(time.Minute))
 	if err != nil {
 		t.Fatal(err)
 	}

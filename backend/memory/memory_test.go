@@ -31,7 +31,7 @@ func TestConformance(t *testing.T) {
 func TestDiscoveryCacheFollowsIt(t *testing.T) {
 	r := memory.New("")
 	defer r.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	cache, err := discovery.New(r, discovery.Config{}, "orders")
 	if err != nil {
@@ -41,7 +41,7 @@ func TestDiscoveryCacheFollowsIt(t *testing.T) {
 	if _, err := r.Register(ctx, registry.Instance{Service: "orders", ID: "o-1", Address: "127.0.0.1", Port: 9001}); err != nil {
 		t.Fatal(err)
 	}
-	testutil.Eventually(t, 5*time.Second, "the cache sees the instance", func() bool {
+	testutil.Eventually(t, 30*time.Second, "the cache sees the instance", func() bool {
 		set, ok := cache.Endpoints("orders")
 		return ok && len(set.Endpoints) == 1 && set.Endpoints[0].Addr == "127.0.0.1:9001"
 	})

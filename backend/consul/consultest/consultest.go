@@ -206,7 +206,7 @@ func (s *Server) Close() {
 }
 
 // Queries returns how many requests each endpoint ("health", "catalog")
-// has answered.
+// has answered; "health/<service>" counts one service's health queries.
 func (s *Server) Queries(endpoint string) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -578,6 +578,9 @@ func (s *Server) block(w http.ResponseWriter, r *http.Request, endpoint string, 
 func (s *Server) answer(w http.ResponseWriter, endpoint string, idx uint64, body any) {
 	s.mu.Lock()
 	s.queries[endpoint]++
+	if base, _, ok := strings.Cut(endpoint, "/"); ok {
+		s.queries[base]++ // "health/orders" is a "health" query too
+	}
 	s.mu.Unlock()
 	h := w.Header()
 	h.Set("Content-Type", "application/json")
@@ -596,7 +599,7 @@ func (s *Server) healthService(w http.ResponseWriter, r *http.Request) {
 	}
 	passingOnly := q.Has("passing") && q.Get("passing") != "false" && q.Get("passing") != "0"
 	tags := q["tag"]
-	s.block(w, r, "health", func() (uint64, any) {
+	s.block(w, r, "health/"+name, func() (uint64, any) {
 		idx := max(s.gone[name], s.nodeChk.ModifyIndex)
 		entries := []*api.ServiceEntry{}
 		for _, svc := range s.services {
