@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"beacon.dev/beacon/internal/backoff"
 	"beacon.dev/beacon/registry"
 )
 
@@ -161,6 +163,18 @@ func (b *batcher) work() {
 // by requestTimeout and by the batcher's own context, which close cancels.
 func (b *batcher) commit(batch []*putReq) {
 	rest, err := b.write(batch)
+	// An election (a member frozen or gone) fails writes in flight with
+	// "leader changed" or "no leader" for a second or two: write again
+	// until a leader takes them, rather than fail registrations that a
+	// moment later would pass. Safe: a merge compares revisions, so a
+	// write that did land is merged again, and a plain put is idempotent.
+	retry := backoff.New(backoff.Config{Base: 100 * time.Millisecond, Max: time.Second})
+	for deadline := time.Now().Add(electionRetry); err != nil && electionError(err) && time.Now().Before(deadline); {
+		if backoff.Sleep(b.ctx, retry.Next()) != nil {
+			break
+		}
+		rest, err = b.write(rest)
+	}
 	if errors.Is(err, rpctypes.ErrLeaseNotFound) && len(rest) > 1 {
 		for _, r := range rest {
 			if _, err := b.write([]*putReq{r}); err != nil {
@@ -172,6 +186,17 @@ func (b *batcher) commit(batch []*putReq) {
 	for _, r := range rest {
 		r.answer(0, writeError(err))
 	}
+}
+
+// electionRetry bounds how long a write is retried through an etcd
+// election: several election timeouts (etcd's default is 1 s).
+const electionRetry = 10 * time.Second
+
+// electionError reports whether err is etcd losing or changing its leader,
+// which passes by itself once a new leader is elected.
+func electionError(err error) bool {
+	return errors.Is(err, rpctypes.ErrLeaderChanged) || errors.Is(err, rpctypes.ErrNoLeader) ||
+		errors.Is(err, rpctypes.ErrTimeoutDueToLeaderFail) || errors.Is(err, rpctypes.ErrTimeout)
 }
 
 func writeError(err error) error {
