@@ -179,6 +179,11 @@ func (c *Check) validate(field string, in *Instance) error {
 				return fieldErr(f("headers"), k, "names must be non-empty, name and value at most %d characters, no line breaks", MaxCheckHeaderLen)
 			}
 		}
+		for k := range c.Headers {
+			if refusedCheckHeaders[strings.ToLower(k)] {
+				return fieldErr(f("headers"), k, "may not be set: metadata-service and connection-level headers are refused (a check must not open a cloud metadata service or steer the connection)")
+			}
+		}
 		if len(c.BodyContains) > MaxCheckBodyMatchLen {
 			return fieldErr(f("body_contains"), c.BodyContains, "must be at most %d characters", MaxCheckBodyMatchLen)
 		}
@@ -307,4 +312,14 @@ func CloneChecks(cs []Check) []Check {
 		}
 	}
 	return out
+}
+
+// refusedCheckHeaders are headers an HTTP check may not send: those a
+// cloud metadata service requires (so that a check cannot read it) and
+// those that steer the connection rather than describe the request.
+var refusedCheckHeaders = map[string]bool{
+	"metadata-flavor": true, "x-google-metadata-request": true, "metadata": true,
+	"x-aws-ec2-metadata-token": true, "x-aws-ec2-metadata-token-ttl-seconds": true,
+	"connection": true, "keep-alive": true, "proxy-authorization": true, "proxy-connection": true,
+	"te": true, "trailer": true, "transfer-encoding": true, "upgrade": true,
 }

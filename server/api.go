@@ -317,6 +317,9 @@ func (a api) Register(ctx context.Context, req *connect.Request[beaconv1.Registe
 		return nil, err
 	}
 	in, err := instanceForRegister(req.Msg)
+	if err == nil {
+		err = a.s.targets.Check(in)
+	}
 	if err != nil {
 		return nil, toConnectError(err)
 	}

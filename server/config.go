@@ -15,6 +15,7 @@ import (
 
 	"beacon.dev/beacon/internal/store"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/internal/health"
 	"beacon.dev/beacon/server/internal/view"
 )
 
@@ -86,6 +87,11 @@ type Config struct {
 	// dialed, so that probes cannot exhaust the file descriptors (default
 	// 1024). A probe that finds them at the limit gets no verdict.
 	CheckMaxConns int
+	// CheckAllowTargets are the CIDRs, addresses and host names checks may
+	// probe besides each instance's own address; link-local and metadata
+	// addresses are refused whatever it says (docs/health.md, "Where
+	// checks may probe").
+	CheckAllowTargets []string
 	// Guard is the mass-expiry guard; zero fields take the defaults, a
 	// negative Share turns it off.
 	Guard GuardConfig
@@ -188,6 +194,9 @@ func (c *Config) validate() error {
 	if c.CheckMaxConns < 0 || c.CheckMaxConns > 1000000 {
 		return fmt.Errorf("server: invalid --check-max-conns %d: must be between 1 and 1000000 (0: the default, 1024)", c.CheckMaxConns)
 	}
+	if _, err := health.ParseTargets(c.CheckAllowTargets); err != nil {
+		return fmt.Errorf("server: %w", err)
+	}
 	if err := c.Limits.validate(); err != nil {
 		return err
 	}
@@ -240,6 +249,7 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long shutdown waits for in-flight calls")
 	fs.DurationVar(&c.MemberTTL, "member-ttl", c.MemberTTL, "how long a dead server's health checks wait before the other servers take them over (default 3s)")
 	fs.IntVar(&c.CheckConcurrency, "check-concurrency", c.CheckConcurrency, "health probes in flight at most (default 256)")
+	fs.StringSliceVar(&c.CheckAllowTargets, "check-allow-targets", c.CheckAllowTargets, "CIDRs, addresses or host names health checks may probe besides each instance's own address (comma-separated; link-local and metadata addresses are refused always)")
 	fs.IntVar(&c.CheckMaxConns, "check-max-conns", c.CheckMaxConns, "health probe connections, open or being dialed, at most (default 1024)")
 	fs.Float64Var(&c.Guard.Share, "guard-share", c.Guard.Share, "mass-expiry guard: share of a namespace's instances whose sessions expire within --guard-window that makes the server hold them as suspects (default 0.3; negative: off)")
 	fs.IntVar(&c.Guard.MinSessions, "guard-min-sessions", c.Guard.MinSessions, "mass-expiry guard: sessions that must expire together (default 3)")

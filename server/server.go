@@ -43,7 +43,8 @@ type Server struct {
 
 	members *members.Members
 	checker *health.Checker
-	space   spaceMonitor // etcd quota, compaction, alarms (space.go)
+	targets health.Targets // where checks may probe
+	space   spaceMonitor   // etcd quota, compaction, alarms (space.go)
 
 	ready     chan struct{}
 	errc      chan error
@@ -135,6 +136,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	// Servers sharing the etcd split the health checks among themselves.
 	s.members = members.Join(cli, s.store.ServersPrefix(), cfg.Name+"@"+ln.Addr().String(), cfg.MemberTTL, s.log)
 	hooks := s.metrics.viewHooks()
+	s.targets, _ = health.ParseTargets(cfg.CheckAllowTargets) // Validate parsed them
 	s.checker = health.New(health.Config{
 		Store: s.store, Members: s.members, MaxConcurrent: cfg.CheckConcurrency, MaxConns: cfg.CheckMaxConns, Log: s.log,
 		Instance: func(k registry.InstanceKey) *registry.Instance { return s.view.Instance(k) },

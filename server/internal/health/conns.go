@@ -124,7 +124,7 @@ func (l *connLimiter) dial(ctx context.Context, self idler, timeout time.Duratio
 	// Dialer.Timeout bounds the dial even where the caller's context does
 	// not: net/http dials on after the request is cancelled (to pool the
 	// connection), and a SYN to a dropping host is retried for minutes.
-	d := net.Dialer{Timeout: timeout}
+	d := net.Dialer{Timeout: timeout, ControlContext: refuseAddrs}
 	conn, err := d.DialContext(ctx, network, addr)
 	if err != nil {
 		l.release()
