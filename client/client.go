@@ -48,6 +48,11 @@ func WithNamespace(ns string) Option { return func(c *Client) { c.namespace = ns
 // WithLogger sets the logger (default: discard).
 func WithLogger(l *slog.Logger) Option { return func(c *Client) { c.log = l } }
 
+// WithTLS talks to the servers over TLS with cfg (its RootCAs trust the
+// servers' certificates; Certificates, if set, is the client's for mTLS).
+// Addresses without a scheme then mean https://. See TLSFromFiles.
+func WithTLS(cfg *tls.Config) Option { return func(c *Client) { c.tls = cfg.Clone() } }
+
 // WithHTTPClient replaces the HTTP client. It must speak HTTP/2 without
 // TLS (h2c) to reach a beacon server.
 func WithHTTPClient(h *http.Client) Option { return func(c *Client) { c.http = h } }
@@ -82,6 +87,7 @@ type Client struct {
 	namespace      string
 	log            *slog.Logger
 	http           *http.Client
+	tls            *tls.Config // nil: h2c, cleartext
 	ownsHTTP       bool
 	conns          *connSet // the owned HTTP client's connections
 	servers        []string
@@ -118,7 +124,11 @@ func New(servers []string, opts ...Option) (*Client, error) {
 	}
 	if c.http == nil {
 		c.conns = &connSet{open: map[net.Conn]struct{}{}}
-		c.http, c.ownsHTTP = newHTTPClient(c.conns), true
+		c.http, c.ownsHTTP = newHTTPClient(c.conns, c.tls), true
+	}
+	scheme := "http://"
+	if c.tls != nil {
+		scheme = "https://"
 	}
 	for _, s := range servers {
 		for _, part := range strings.Split(s, ",") {
@@ -126,7 +136,7 @@ func New(servers []string, opts ...Option) (*Client, error) {
 				continue
 			}
 			if !strings.Contains(part, "://") {
-				part = "http://" + part
+				part = scheme + part
 			}
 			c.servers = append(c.servers, part)
 			// No gzip: between services in one network it costs far more
@@ -151,16 +161,26 @@ func New(servers []string, opts ...Option) (*Client, error) {
 // be setting, a data race the race detector reports (seen when tests cut
 // connections). x/net's transport retries only requests whose body was
 // never touched, and has no such flag.
-func newHTTPClient(conns *connSet) *http.Client {
+func newHTTPClient(conns *connSet, tlsCfg *tls.Config) *http.Client {
 	dialer := &net.Dialer{Timeout: 3 * time.Second, KeepAlive: 15 * time.Second}
 	return &http.Client{Transport: &http2.Transport{
-		AllowHTTP: true,
-		DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
-			c, err := dialer.DialContext(ctx, network, addr) // h2c: no TLS
+		AllowHTTP:       tlsCfg == nil,
+		TLSClientConfig: tlsCfg,
+		DialTLSContext: func(ctx context.Context, network, addr string, cfg *tls.Config) (net.Conn, error) {
+			raw, err := dialer.DialContext(ctx, network, addr)
 			if err != nil {
 				return nil, err
 			}
-			return conns.add(c)
+			c, err := conns.add(raw)
+			if err != nil || tlsCfg == nil {
+				return c, err // h2c: no TLS
+			}
+			tc := tls.Client(c, cfg) // cfg: tlsCfg with ServerName and h2 set by the transport
+			if err := tc.HandshakeContext(ctx); err != nil {
+				tc.Close()
+				return nil, err
+			}
+			return tc, nil
 		},
 		ReadIdleTimeout: 5 * time.Second,
 		PingTimeout:     5 * time.Second,

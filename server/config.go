@@ -87,6 +87,10 @@ type Config struct {
 	// dialed, so that probes cannot exhaust the file descriptors (default
 	// 1024). A probe that finds them at the limit gets no verdict.
 	CheckMaxConns int
+	// TLSCertFile and TLSKeyFile serve the API port over TLS (HTTP/2 and
+	// HTTP/1.1); TLSClientCAFile then requires client certificates that
+	// chain to it (mTLS). The files are read again when they change.
+	TLSCertFile, TLSKeyFile, TLSClientCAFile string
 	// CheckAllowTargets are the CIDRs, addresses and host names checks may
 	// probe besides each instance's own address; link-local and metadata
 	// addresses are refused whatever it says (docs/health.md, "Where
@@ -194,6 +198,12 @@ func (c *Config) validate() error {
 	if c.CheckMaxConns < 0 || c.CheckMaxConns > 1000000 {
 		return fmt.Errorf("server: invalid --check-max-conns %d: must be between 1 and 1000000 (0: the default, 1024)", c.CheckMaxConns)
 	}
+	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
+		return errors.New("server: invalid --tls-cert / --tls-key: give both or neither")
+	}
+	if c.TLSClientCAFile != "" && c.TLSCertFile == "" {
+		return errors.New("server: invalid --tls-client-ca: client certificates need TLS: give --tls-cert and --tls-key too")
+	}
 	if _, err := health.ParseTargets(c.CheckAllowTargets); err != nil {
 		return fmt.Errorf("server: %w", err)
 	}
@@ -249,6 +259,9 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long shutdown waits for in-flight calls")
 	fs.DurationVar(&c.MemberTTL, "member-ttl", c.MemberTTL, "how long a dead server's health checks wait before the other servers take them over (default 3s)")
 	fs.IntVar(&c.CheckConcurrency, "check-concurrency", c.CheckConcurrency, "health probes in flight at most (default 256)")
+	fs.StringVar(&c.TLSCertFile, "tls-cert", c.TLSCertFile, "serve the API over TLS with this certificate (PEM; read again when it changes)")
+	fs.StringVar(&c.TLSKeyFile, "tls-key", c.TLSKeyFile, "the --tls-cert's private key (PEM)")
+	fs.StringVar(&c.TLSClientCAFile, "tls-client-ca", c.TLSClientCAFile, "require client certificates signed by these CAs (PEM; mTLS)")
 	fs.StringSliceVar(&c.CheckAllowTargets, "check-allow-targets", c.CheckAllowTargets, "CIDRs, addresses or host names health checks may probe besides each instance's own address (comma-separated; link-local and metadata addresses are refused always)")
 	fs.IntVar(&c.CheckMaxConns, "check-max-conns", c.CheckMaxConns, "health probe connections, open or being dialed, at most (default 1024)")
 	fs.Float64Var(&c.Guard.Share, "guard-share", c.Guard.Share, "mass-expiry guard: share of a namespace's instances whose sessions expire within --guard-window that makes the server hold them as suspects (default 0.3; negative: off)")

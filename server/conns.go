@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -166,6 +167,9 @@ func (s *Server) connContext(ctx context.Context, c net.Conn) context.Context {
 		addr:     c.RemoteAddr().String(),
 		writes:   rate.NewLimiter(rate.Limit(lim.WriteRate), lim.WriteBurst),
 		ipWrites: rate.NewLimiter(rate.Inf, 0),
+	}
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
 	}
 	if lc, ok := c.(*limitedConn); ok {
 		cc.ipWrites = lc.writes

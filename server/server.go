@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"golang.org/x/time/rate"
@@ -90,6 +91,14 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		}
 	})
 	s.ln = s.conns
+	if cfg.TLSCertFile != "" {
+		cf, err := newCertFiles(cfg.TLSCertFile, cfg.TLSKeyFile, cfg.TLSClientCAFile)
+		if err != nil {
+			s.conns.Close()
+			return nil, err
+		}
+		s.ln = tls.NewListener(s.conns, cf.config())
+	}
 	// Serve from the first moment, before etcd is up: /readyz says 503
 	// and API calls get unavailable instead of hanging on an open port.
 	s.httpSrv = s.newHTTPServer()
@@ -195,7 +204,11 @@ func (s *Server) newHTTPServer() *http.Server {
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
 	srv.Protocols.SetHTTP1(true)
-	srv.Protocols.SetUnencryptedHTTP2(true)
+	if s.cfg.TLSCertFile != "" {
+		srv.Protocols.SetHTTP2(true)
+	} else {
+		srv.Protocols.SetUnencryptedHTTP2(true)
+	}
 	return srv
 }
 

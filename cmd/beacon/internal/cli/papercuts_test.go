@@ -3,6 +3,7 @@ package cli_test
 import (
 	"bytes"
 	"context"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -187,5 +188,30 @@ func TestWatchReportsAnUnreachableRegistry(t *testing.T) {
 	}
 	if code := stop(); code != 0 {
 		t.Errorf("watch stopped with %d", code)
+	}
+}
+
+// The CLI over TLS: --ca-cert (or BEACON_CACERT) and a client
+// certificate for a server that requires one.
+func TestCLIOverMutualTLS(t *testing.T) {
+	dir := t.TempDir()
+	ca, clientCA := testutil.NewCA(t, "server CA"), testutil.NewCA(t, "client CA")
+	cfg := servertest.Config(t, "")
+	cfg.TLSCertFile, cfg.TLSKeyFile = ca.Issue(t, dir, "server", testutil.CertSpec{Names: []string{"127.0.0.1"}})
+	cfg.TLSClientCAFile = clientCA.WriteCert(t, filepath.Join(dir, "client-ca.pem"))
+	srv := servertest.Start(t, cfg)
+	caFile := ca.WriteCert(t, filepath.Join(dir, "ca.pem"))
+	cert, key := clientCA.Issue(t, dir, "operator", testutil.CertSpec{Names: []string{"operator"}, Client: true})
+	if code, out, errs := run("--server", srv.Addr(), "--ca-cert", caFile, "--client-cert", cert, "--client-key", key, "services"); code != 0 {
+		t.Errorf("services over mTLS = %d %q %q", code, out, errs)
+	}
+	t.Setenv("BEACON_CACERT", caFile)
+	t.Setenv("BEACON_CLIENT_CERT", cert)
+	t.Setenv("BEACON_CLIENT_KEY", key)
+	if code, out, errs := run("--server", srv.Addr(), "services"); code != 0 {
+		t.Errorf("services with the BEACON_* variables = %d %q %q", code, out, errs)
+	}
+	if code, _, _ := run("--server", srv.Addr(), "--client-cert", "", "--client-key", "", "services"); code == 0 {
+		t.Error("services without a client certificate: got through")
 	}
 }

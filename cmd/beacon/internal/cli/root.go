@@ -26,8 +26,10 @@ type globals struct {
 	servers   []string
 	namespace string
 	output    string
-	stdout    io.Writer
-	stderr    io.Writer
+	// TLS to the servers: CA certificate, client certificate and key.
+	caCert, clientCert, clientKey string
+	stdout                        io.Writer
+	stderr                        io.Writer
 }
 
 // Main runs the command line and returns the process exit code; SIGINT
@@ -64,7 +66,7 @@ func errorLine(err error, g *globals) string {
 }
 
 // clientOnlyFlags are the global flags of the client commands.
-var clientOnlyFlags = []string{"server", "namespace", "output"}
+var clientOnlyFlags = []string{"server", "namespace", "output", "ca-cert", "client-cert", "client-key"}
 
 // version is the main module's version and the VCS revision, time and
 // state it was built from, as the Go toolchain recorded them.
@@ -129,6 +131,9 @@ func newRoot(stdout, stderr io.Writer) (*cobra.Command, *globals) {
 	pf.StringSliceVar(&g.servers, "server", []string{defServer}, "beacon server address(es), comma-separated (env BEACON_ADDR)")
 	pf.StringVarP(&g.namespace, "namespace", "n", registry.DefaultNamespace, "namespace")
 	pf.StringVarP(&g.output, "output", "o", "table", "output format of reads: table or json")
+	pf.StringVar(&g.caCert, "ca-cert", os.Getenv("BEACON_CACERT"), "talk to the servers over TLS, trusting this CA certificate (PEM; env BEACON_CACERT)")
+	pf.StringVar(&g.clientCert, "client-cert", os.Getenv("BEACON_CLIENT_CERT"), "client certificate for servers that require one (PEM; env BEACON_CLIENT_CERT)")
+	pf.StringVar(&g.clientKey, "client-key", os.Getenv("BEACON_CLIENT_KEY"), "the --client-cert's key (PEM; env BEACON_CLIENT_KEY)")
 	root.AddCommand(
 		newServerCmd(g),
 		newRegisterCmd(g),
@@ -151,7 +156,15 @@ func newRoot(stdout, stderr io.Writer) (*cobra.Command, *globals) {
 }
 
 func (g *globals) client() (*client.Client, error) {
-	return client.New(g.serverAddrs(), client.WithNamespace(g.namespace))
+	opts := []client.Option{client.WithNamespace(g.namespace)}
+	if g.caCert != "" || g.clientCert != "" || g.clientKey != "" {
+		cfg, err := client.TLSFromFiles(g.caCert, g.clientCert, g.clientKey)
+		if err != nil {
+			return nil, err
+		}
+		opts = append(opts, client.WithTLS(cfg))
+	}
+	return client.New(g.serverAddrs(), opts...)
 }
 
 // call runs f with a client and a context bounded by callTimeout.
