@@ -91,6 +91,10 @@ type Config struct {
 	// HTTP/1.1); TLSClientCAFile then requires client certificates that
 	// chain to it (mTLS). The files are read again when they change.
 	TLSCertFile, TLSKeyFile, TLSClientCAFile string
+	// Insecure lets the API serve in the clear on an address other than
+	// loopback; without it such a server refuses to start (and with it,
+	// it warns at every start).
+	Insecure bool
 	// CheckAllowTargets are the CIDRs, addresses and host names checks may
 	// probe besides each instance's own address; link-local and metadata
 	// addresses are refused whatever it says (docs/health.md, "Where
@@ -198,6 +202,9 @@ func (c *Config) validate() error {
 	if c.CheckMaxConns < 0 || c.CheckMaxConns > 1000000 {
 		return fmt.Errorf("server: invalid --check-max-conns %d: must be between 1 and 1000000 (0: the default, 1024)", c.CheckMaxConns)
 	}
+	if !c.Insecure && c.TLSCertFile == "" && !loopback(c.Addr) {
+		return fmt.Errorf("server: --addr %s is reachable beyond this machine: serve it with --tls-cert and --tls-key, or give --insecure to serve in the clear (docs/security.md)", c.Addr)
+	}
 	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
 		return errors.New("server: invalid --tls-cert / --tls-key: give both or neither")
 	}
@@ -259,6 +266,7 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long shutdown waits for in-flight calls")
 	fs.DurationVar(&c.MemberTTL, "member-ttl", c.MemberTTL, "how long a dead server's health checks wait before the other servers take them over (default 3s)")
 	fs.IntVar(&c.CheckConcurrency, "check-concurrency", c.CheckConcurrency, "health probes in flight at most (default 256)")
+	fs.BoolVar(&c.Insecure, "insecure", c.Insecure, "serve the API in the clear on a non-loopback --addr (without it such a server refuses to start)")
 	fs.StringVar(&c.TLSCertFile, "tls-cert", c.TLSCertFile, "serve the API over TLS with this certificate (PEM; read again when it changes)")
 	fs.StringVar(&c.TLSKeyFile, "tls-key", c.TLSKeyFile, "the --tls-cert's private key (PEM)")
 	fs.StringVar(&c.TLSClientCAFile, "tls-client-ca", c.TLSClientCAFile, "require client certificates signed by these CAs (PEM; mTLS)")
@@ -270,4 +278,17 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&c.Guard.Grace, "guard-grace", c.Guard.Grace, "mass-expiry guard: how long held instances stay (default 1m)")
 	c.Limits.bindFlags(fs)
 	fs.Float64Var(&c.ProtectionThreshold, "protection-threshold", c.ProtectionThreshold, "default protection threshold in [0, 1]: below this share of routable instances, discovery returns unhealthy ones too (0: off)")
+}
+
+// loopback reports whether addr's host is this machine only.
+func loopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }

@@ -91,6 +91,9 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		}
 	})
 	s.ln = s.conns
+	if cfg.Insecure && cfg.TLSCertFile == "" && !loopback(cfg.Addr) {
+		s.log.Warn("serving the API in the clear beyond this machine (--insecure): anyone who reaches it can read and change the registry", "addr", cfg.Addr)
+	}
 	if cfg.TLSCertFile != "" {
 		cf, err := newCertFiles(cfg.TLSCertFile, cfg.TLSKeyFile, cfg.TLSClientCAFile)
 		if err != nil {

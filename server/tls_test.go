@@ -161,3 +161,27 @@ func TestTLSFlagsAreChecked(t *testing.T) {
 		t.Error("a client certificate without its key: accepted")
 	}
 }
+
+// Beyond loopback the API needs TLS, or an explicit --insecure.
+func TestNonLoopbackAddressNeedsTLSOrInsecure(t *testing.T) {
+	cfg := server.NewConfig()
+	cfg.Addr = "0.0.0.0:8970"
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "--tls-cert") || !strings.Contains(err.Error(), "--insecure") {
+		t.Errorf("0.0.0.0 in the clear: %v, want refused naming --tls-cert and --insecure", err)
+	}
+	cfg.Insecure = true
+	if err := cfg.Validate(); err != nil {
+		t.Errorf("0.0.0.0 with --insecure: %v", err)
+	}
+	cfg.Insecure, cfg.TLSCertFile, cfg.TLSKeyFile = false, "c.pem", "k.pem"
+	if err := cfg.Validate(); err != nil {
+		t.Errorf("0.0.0.0 with TLS files: %v", err)
+	}
+	for _, addr := range []string{"127.0.0.1:8970", "localhost:8970", "[::1]:8970"} {
+		cfg := server.NewConfig()
+		cfg.Addr = addr
+		if err := cfg.Validate(); err != nil {
+			t.Errorf("%s: %v", addr, err)
+		}
+	}
+}
