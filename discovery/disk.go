@@ -1,6 +1,7 @@
 package discovery
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -57,10 +58,20 @@ func writeSnapshot(dir, namespace string, snaps map[string]*registry.Snapshot, n
 		s.Service, s.Instances = name, s.Routable()
 		p.Snapshots = append(p.Snapshots, wire.SnapshotToProto(&s))
 	}
-	payload, err := protojson.Marshal(p)
+	raw, err := protojson.Marshal(p)
 	if err != nil {
 		return err
 	}
+	// The checksum covers the payload as the file holds it. encoding/json
+	// compacts (and HTML-escapes) a RawMessage it writes, and protojson
+	// varies its spacing from build to build on purpose: normalize first,
+	// so that what is hashed is what is stored.
+	var compact, payloadBuf bytes.Buffer
+	if err := json.Compact(&compact, raw); err != nil {
+		return err
+	}
+	json.HTMLEscape(&payloadBuf, compact.Bytes())
+	payload := payloadBuf.Bytes()
 	sum := sha256.Sum256(payload)
 	data, err := json.Marshal(envelope{
 		Format: snapshotFormat, Version: snapshotVersion, WrittenAt: now.UTC(), Namespace: namespace,

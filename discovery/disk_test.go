@@ -61,3 +61,20 @@ func FuzzDecodeSnapshot(f *testing.F) {
 		}
 	})
 }
+
+// The checksum holds whatever spacing protojson picks and whatever the
+// payload's strings contain (encoding/json HTML-escapes a RawMessage it
+// writes): a snapshot always reads back.
+func TestSnapshotChecksumCoversTheStoredBytes(t *testing.T) {
+	dir := t.TempDir()
+	now := time.Date(2026, 11, 22, 12, 0, 0, 0, time.UTC)
+	in := &registry.Instance{ID: "a", Address: "h", Port: 1, Weight: 1, Status: registry.StatusUp, Health: registry.HealthPassing,
+		Metadata: map[string]string{"html": "<b>&amp;</b>", "spaces": "a : b , c"}}
+	if err := writeSnapshot(dir, "default", map[string]*registry.Snapshot{"s": {Service: "s", Revision: 3, Instances: []*registry.Instance{in}}}, now); err != nil {
+		t.Fatal(err)
+	}
+	snaps, _, err := readSnapshot(dir, "default", time.Hour, now)
+	if err != nil || len(snaps["s"].Instances) != 1 || snaps["s"].Instances[0].Metadata["html"] != "<b>&amp;</b>" {
+		t.Fatalf("readSnapshot = %v, %v", snaps, err)
+	}
+}
