@@ -95,7 +95,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		s.log.Warn("serving the API in the clear beyond this machine (--insecure): anyone who reaches it can read and change the registry", "addr", cfg.Addr)
 	}
 	if cfg.TLSCertFile != "" {
-		cf, err := newCertFiles(cfg.TLSCertFile, cfg.TLSKeyFile, cfg.TLSClientCAFile)
+		cf, err := newCertFiles(cfg.TLSCertFile, cfg.TLSKeyFile, cfg.TLSClientCAFile, s.log)
 		if err != nil {
 			s.conns.Close()
 			return nil, err

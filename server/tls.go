@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"sync"
 	"time"
@@ -17,17 +18,18 @@ import (
 // parsed leaves the last good one in use.
 type certFiles struct {
 	certFile, keyFile, clientCAFile string
+	log                             *slog.Logger
 
 	mu        sync.Mutex
 	checked   time.Time        // guarded by mu
 	stamp     string           // guarded by mu: the files' sizes and times last loaded
 	cert      *tls.Certificate // guarded by mu
 	clientCAs *x509.CertPool   // guarded by mu
-	lastErr   error            // guarded by mu
+	lastErr   string           // guarded by mu: the last reload's failure, logged once
 }
 
-func newCertFiles(certFile, keyFile, clientCAFile string) (*certFiles, error) {
-	cf := &certFiles{certFile: certFile, keyFile: keyFile, clientCAFile: clientCAFile}
+func newCertFiles(certFile, keyFile, clientCAFile string, log *slog.Logger) (*certFiles, error) {
+	cf := &certFiles{certFile: certFile, keyFile: keyFile, clientCAFile: clientCAFile, log: log}
 	if err := cf.reload(); err != nil {
 		return nil, err
 	}
@@ -96,10 +98,19 @@ func (cf *certFiles) current() (*tls.Certificate, *x509.CertPool) {
 	}
 	cf.mu.Unlock()
 	if due {
-		err := cf.reload()
+		// A renewal written badly keeps the last good files in force; say
+		// so once, not at every handshake.
+		msg := ""
+		if err := cf.reload(); err != nil {
+			msg = err.Error()
+		}
 		cf.mu.Lock()
-		cf.lastErr = err
+		changed := msg != cf.lastErr
+		cf.lastErr = msg
 		cf.mu.Unlock()
+		if changed && msg != "" {
+			cf.log.Warn("TLS files could not be reloaded; the last good certificate stays in use", "err", msg)
+		}
 	}
 	cf.mu.Lock()
 	defer cf.mu.Unlock()
