@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -93,13 +94,9 @@ func TestDemoRunsAndStopsCleanly(t *testing.T) {
 		if _, err := io.WriteString(stdin, step.command+"\n"); err != nil {
 			t.Fatal(err)
 		}
-		deadline := time.Now().Add(2 * time.Minute)
-		for !strings.Contains(output(), step.answer) {
-			if time.Now().After(deadline) {
-				t.Fatalf("%q: the view never showed %q:\n%s", step.command, step.answer, output())
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
+		testutil.Eventually(t, 2*time.Minute, fmt.Sprintf("%q answered in the view with %q", step.command, step.answer), func() bool {
+			return strings.Contains(output(), step.answer)
+		})
 	}
 	if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
 		t.Fatal(err)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -62,11 +63,7 @@ func (f *faults) note(format string, args ...any) {
 func (f *faults) recent() (log []string, state map[string]string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	state = make(map[string]string, len(f.state))
-	for k, v := range f.state {
-		state[k] = v
-	}
-	return slices.Clone(f.log), state
+	return slices.Clone(f.log), maps.Clone(f.state)
 }
 
 func (f *faults) mark(id, s string) {

@@ -91,14 +91,7 @@ func TestProbeConnsCappedAgainstDroppingHost(t *testing.T) {
 	if v, _ := testutil.Metric(t, srv.Addr(), "beacon_check_probes_refused_total"); v == 0 {
 		t.Errorf("beacon_check_probes_refused_total = %v, want > 0 (80 checks, 16 connections)", v)
 	}
-	remove()
-	testutil.Eventually(t, 30*time.Second, "no probe connection open or dialing", func() bool {
-		v, ok := testutil.Metric(t, srv.Addr(), "beacon_check_conns")
-		return ok && v == 0
-	})
-	testutil.Eventually(t, 30*time.Second, "descriptors back near the baseline", func() bool {
-		return blackhole.OpenFDs(t) <= base+fdSlack/4
-	})
+	waitReleased(t, srv, base, remove)
 }
 
 // Under the cap, the check's timeout bounds the whole probe, dial
@@ -123,6 +116,13 @@ func TestProbeDialBoundedByTimeout(t *testing.T) {
 	if v, _ := testutil.Metric(t, srv.Addr(), "beacon_check_probes_refused_total"); v != 0 {
 		t.Errorf("beacon_check_probes_refused_total = %v, want 0 under the default cap", v)
 	}
+	waitReleased(t, srv, base, remove)
+}
+
+// waitReleased removes the checks and waits until their connections and
+// descriptors are gone.
+func waitReleased(t *testing.T, srv interface{ Addr() string }, base int, remove func()) {
+	t.Helper()
 	remove()
 	testutil.Eventually(t, 30*time.Second, "no probe connection open or dialing", func() bool {
 		v, ok := testutil.Metric(t, srv.Addr(), "beacon_check_conns")
