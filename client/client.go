@@ -37,6 +37,11 @@ var (
 	ErrClosed = session.ErrClosed
 	// ErrNotFound: the instance does not exist.
 	ErrNotFound = errors.New("beacon: not found")
+	// ErrPermissionDenied: the token may not make the call; the message
+	// names the permission it lacks.
+	ErrPermissionDenied = errors.New("beacon: permission denied")
+	// ErrUnauthenticated: the token is malformed, unknown or expired.
+	ErrUnauthenticated = errors.New("beacon: unauthenticated")
 )
 
 // Option configures a Client.
@@ -52,6 +57,13 @@ func WithLogger(l *slog.Logger) Option { return func(c *Client) { c.log = l } }
 // servers' certificates; Certificates, if set, is the client's for mTLS).
 // Addresses without a scheme then mean https://. See TLSFromFiles.
 func WithTLS(cfg *tls.Config) Option { return func(c *Client) { c.tls = cfg.Clone() } }
+
+// WithToken authenticates every call with an ACL token's secret (sent as
+// "Authorization: Bearer SECRET"). A session's own calls use the
+// session-bound credential the server gives it instead, so that what one
+// session may do is bound to that session. Without a token, calls use the
+// server's anonymous token.
+func WithToken(secret string) Option { return func(c *Client) { c.token = secret } }
 
 // WithHTTPClient replaces the HTTP client. It must speak HTTP/2 without
 // TLS (h2c) to reach a beacon server.
@@ -88,6 +100,7 @@ type Client struct {
 	log            *slog.Logger
 	http           *http.Client
 	tls            *tls.Config // nil: h2c, cleartext
+	token          string      // "" : the anonymous token
 	ownsHTTP       bool
 	conns          *connSet // the owned HTTP client's connections
 	servers        []string
@@ -99,6 +112,7 @@ type Client struct {
 	mu       sync.Mutex
 	closed   bool                          // guarded by mu
 	sessions map[*session.Session]struct{} // guarded by mu; open ones, closed by Close
+	creds    map[int64]string              // guarded by mu; session-bound credentials by session id
 	watchers map[*Watcher]struct{}         // guarded by mu; running ones, closed by Close
 }
 
@@ -106,7 +120,7 @@ type Client struct {
 // "http://host:port"). It does no I/O.
 func New(servers []string, opts ...Option) (*Client, error) {
 	c := &Client{namespace: registry.DefaultNamespace, attemptTimeout: DefaultAttemptTimeout, watchHeartbeat: DefaultWatchHeartbeat,
-		sessions: map[*session.Session]struct{}{}, watchers: map[*Watcher]struct{}{}}
+		sessions: map[*session.Session]struct{}{}, watchers: map[*Watcher]struct{}{}, creds: map[int64]string{}}
 	for _, o := range opts {
 		o(c)
 	}
@@ -142,7 +156,7 @@ func New(servers []string, opts ...Option) (*Client, error) {
 			// No gzip: between services in one network it costs far more
 			// CPU (on the server's fan-out above all) than it saves.
 			c.rpcs = append(c.rpcs, beaconv1connect.NewRegistryServiceClient(c.http, part,
-				connect.WithGRPC(), connect.WithAcceptCompression("gzip", nil, nil)))
+				connect.WithGRPC(), connect.WithAcceptCompression("gzip", nil, nil), connect.WithInterceptors(tokenInterceptor{c})))
 		}
 	}
 	if len(c.servers) == 0 {
@@ -369,6 +383,10 @@ func fromConnectError(err error) error {
 		return fmt.Errorf("beacon: %s: %w", ce.Message(), ErrSessionExpired)
 	case connect.CodeUnavailable:
 		return fmt.Errorf("beacon: %s: %w", ce.Message(), ErrUnavailable)
+	case connect.CodePermissionDenied:
+		return fmt.Errorf("%w: %s", ErrPermissionDenied, ce.Message())
+	case connect.CodeUnauthenticated:
+		return fmt.Errorf("%w: %s", ErrUnauthenticated, ce.Message())
 	case connect.CodeCanceled:
 		return fmt.Errorf("beacon: %w", context.Canceled)
 	case connect.CodeDeadlineExceeded:

@@ -2,6 +2,7 @@ package client
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -67,16 +68,22 @@ type serverLease struct{ c *Client }
 func (l serverLease) Grant(ctx context.Context, ttl time.Duration, name string) (int64, time.Duration, error) {
 	req := &beaconv1.CreateSessionRequest{Ttl: durationpb.New(ttl), Name: name}
 	type granted struct {
-		id  int64
-		ttl time.Duration
+		id   int64
+		ttl  time.Duration
+		cred string
 	}
 	g, err := call(ctx, l.c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (granted, error) {
 		resp, err := r.CreateSession(ctx, connect.NewRequest(req))
 		if err != nil {
 			return granted{}, err
 		}
-		return granted{resp.Msg.GetSessionId(), resp.Msg.GetTtl().AsDuration()}, nil
+		return granted{resp.Msg.GetSessionId(), resp.Msg.GetTtl().AsDuration(), resp.Msg.GetSessionToken()}, nil
 	})
+	if err == nil && g.cred != "" {
+		l.c.mu.Lock()
+		l.c.creds[g.id] = g.cred
+		l.c.mu.Unlock()
+	}
 	return g.id, g.ttl, err
 }
 
@@ -95,6 +102,7 @@ func (l serverLease) KeepAlive(ctx context.Context, id int64) error {
 	cancel()
 	switch {
 	case err == nil && resp.GetExpired():
+		c.forgetCredential(id)
 		return fmt.Errorf("beacon: session %d: %w", id, ErrSessionExpired)
 	case err == nil && resp.GetTtl() != nil:
 		return nil
@@ -118,20 +126,23 @@ func (l serverLease) KeepAlive(ctx context.Context, id int64) error {
 
 func (l serverLease) Put(ctx context.Context, id int64, in registry.Instance) (int64, error) {
 	in.SessionID = id
-	return l.c.register(ctx, in)
+	return l.c.register(l.c.withSessionCredential(ctx, id), in)
 }
 
 func (l serverLease) Delete(ctx context.Context, id int64, k registry.InstanceKey) (bool, error) {
-	return l.c.deregister(ctx, k.Namespace, k.Service, k.ID, id)
+	return l.c.deregister(l.c.withSessionCredential(ctx, id), k.Namespace, k.Service, k.ID, id)
 }
 
 // Revoke closes the session: the registry revokes its lease, which
 // removes only the keys still bound to it.
 func (l serverLease) Revoke(ctx context.Context, id int64) error {
 	req := &beaconv1.CloseSessionRequest{SessionId: id}
-	_, err := call(ctx, l.c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (struct{}, error) {
+	_, err := call(l.c.withSessionCredential(ctx, id), l.c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (struct{}, error) {
 		_, err := r.CloseSession(ctx, connect.NewRequest(req))
 		return struct{}{}, err
 	})
+	if err == nil || errors.Is(err, ErrSessionExpired) {
+		l.c.forgetCredential(id)
+	}
 	return err
 }

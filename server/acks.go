@@ -17,6 +17,7 @@ type acks struct {
 }
 
 type ackingWatcher struct {
+	owner    string // the accessor of the stream's token: only it may acknowledge
 	ns       string
 	services map[string]bool // nil: every service of ns
 	applied  map[string]int64
@@ -27,8 +28,8 @@ func newAcks() *acks {
 }
 
 // join records a new acknowledging stream and returns its id.
-func (a *acks) join(ns string, services []string) uint64 {
-	w := &ackingWatcher{ns: ns, applied: make(map[string]int64)}
+func (a *acks) join(owner, ns string, services []string) uint64 {
+	w := &ackingWatcher{owner: owner, ns: ns, applied: make(map[string]int64)}
 	if len(services) > 0 {
 		w.services = make(map[string]bool, len(services))
 		for _, s := range services {
@@ -52,11 +53,11 @@ func (a *acks) leave(id uint64) {
 
 // ack records revisions a stream's client applied. It reports false for a
 // stream this server does not know (ended, or on another server).
-func (a *acks) ack(id uint64, revisions map[string]int64) bool {
+func (a *acks) ack(owner string, id uint64, revisions map[string]int64) bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	w, ok := a.watchers[id]
-	if !ok {
+	if !ok || w.owner != owner {
 		return false
 	}
 	for svc, rev := range revisions {

@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -20,6 +23,7 @@ import (
 	"beacon.dev/beacon/internal/store"
 	"beacon.dev/beacon/internal/wire"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/internal/acl"
 	"beacon.dev/beacon/server/internal/view"
 )
 
@@ -106,6 +110,10 @@ func (a api) CreateSession(ctx context.Context, req *connect.Request[beaconv1.Cr
 		}
 		ttl = d.AsDuration()
 	}
+	who := identityOf(ctx)
+	if a.s.acl != nil && (who.Session != 0 || !who.Authz.MayCreateSessions()) {
+		return nil, deny(who, "service:write", "", "a session is made by a token that may register some service, or has session:write (not by a session credential)")
+	}
 	if n, max := a.s.view.SessionCount(), a.s.cfg.Limits.MaxSessions; n >= max {
 		return nil, a.s.limitError("max-sessions", "%d live sessions, at most %d", n, max)
 	}
@@ -113,12 +121,22 @@ func (a api) CreateSession(ctx context.Context, req *connect.Request[beaconv1.Cr
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	return connect.NewResponse(&beaconv1.CreateSessionResponse{SessionId: id, Ttl: durationpb.New(granted)}), nil
+	resp := &beaconv1.CreateSessionResponse{SessionId: id, Ttl: durationpb.New(granted)}
+	if a.s.acl != nil {
+		if resp.SessionToken, err = a.s.acl.BindSession(ctx, id, who.Accessor); err != nil {
+			_ = a.s.store.CloseSession(context.WithoutCancel(ctx), id)
+			return nil, toConnectError(err)
+		}
+	}
+	return connect.NewResponse(resp), nil
 }
 
 func (a api) KeepAlive(ctx context.Context, req *connect.Request[beaconv1.KeepAliveRequest]) (*connect.Response[beaconv1.KeepAliveResponse], error) {
 	if req.Msg.GetSessionId() == 0 {
 		return nil, toConnectError(&registry.FieldError{Field: "session_id", Reason: "must be set"})
+	}
+	if err := a.needKeepAlive(ctx, req.Msg.GetSessionId()); err != nil {
+		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, keepAliveTimeout)
 	defer cancel()
@@ -240,6 +258,9 @@ func (a api) KeepAliveStream(ctx context.Context, stream *connect.BidiStream[bea
 			if id == 0 {
 				return toConnectError(&registry.FieldError{Field: fmt.Sprintf("session_ids[%d]", i), Reason: "must be set"})
 			}
+			if err := a.needKeepAlive(ctx, id); err != nil {
+				return err
+			}
 		}
 		// A client that floods the stream waits here for its own batches;
 		// it piles up neither goroutines nor renewals in the server.
@@ -285,6 +306,9 @@ func (a api) CloseSession(ctx context.Context, req *connect.Request[beaconv1.Clo
 	if req.Msg.GetSessionId() == 0 {
 		return nil, toConnectError(&registry.FieldError{Field: "session_id", Reason: "must be set"})
 	}
+	if err := needSession(ctx, req.Msg.GetSessionId()); err != nil {
+		return nil, err
+	}
 	if err := a.s.store.CloseSession(ctx, req.Msg.GetSessionId()); err != nil {
 		return nil, toConnectError(err)
 	}
@@ -322,6 +346,9 @@ func (a api) Register(ctx context.Context, req *connect.Request[beaconv1.Registe
 	}
 	if err != nil {
 		return nil, toConnectError(err)
+	}
+	if err := a.needRegister(ctx, in); err != nil {
+		return nil, err
 	}
 	if err := a.admit(in); err != nil {
 		return nil, err
@@ -377,6 +404,9 @@ func (a api) SetStatus(ctx context.Context, req *connect.Request[beaconv1.SetSta
 	if err != nil {
 		return nil, toConnectError(err)
 	}
+	if err := a.needInstanceWrite(ctx, k); err != nil {
+		return nil, err
+	}
 	var after registry.Instance
 	rev, err := a.s.store.Update(ctx, k, func(in *registry.Instance) bool {
 		in.Status = status
@@ -411,6 +441,9 @@ func (a api) SetServiceConfig(ctx context.Context, req *connect.Request[beaconv1
 	}
 	if err != nil {
 		return nil, toConnectError(err)
+	}
+	if err := needGlobal(ctx, acl.Operator, acl.Write); err != nil {
+		return nil, err
 	}
 	sk := registry.ServiceKey{Namespace: ns, Service: req.Msg.GetService()}
 	var rev int64
@@ -447,6 +480,9 @@ func (a api) UpdateCheck(ctx context.Context, req *connect.Request[beaconv1.Upda
 	}
 	if err != nil {
 		return nil, toConnectError(err)
+	}
+	if err := a.needInstanceWrite(ctx, k); err != nil {
+		return nil, err
 	}
 	in := a.s.view.Instance(k)
 	if in == nil { // registered a moment ago? (catching up costs a probe write on old etcd: only when needed)
@@ -495,7 +531,23 @@ func (a api) Deregister(ctx context.Context, req *connect.Request[beaconv1.Dereg
 	}
 	// A session deletes only instances still bound to it; 0 (operators)
 	// deletes whatever is there.
-	rev, found, err := a.s.store.DeregisterSession(ctx, k, req.Msg.GetSessionId())
+	sid := req.Msg.GetSessionId()
+	if err := needService(ctx, k.Namespace, k.Service, acl.Write); err != nil {
+		return nil, err
+	}
+	if who := identityOf(ctx); !actsForAnySession(who) {
+		switch {
+		case who.Session != 0 && sid != 0 && sid != who.Session:
+			return nil, needSession(ctx, sid)
+		case who.Session != 0:
+			sid = who.Session // a session credential deletes only its session's instances
+		case sid != 0:
+			return nil, needSession(ctx, sid)
+		default:
+			sid = store.PersistentOnly // a token deletes only instances of no session
+		}
+	}
+	rev, found, err := a.s.store.DeregisterSession(ctx, k, sid)
 	if err != nil {
 		return nil, toConnectError(err)
 	}
@@ -526,9 +578,20 @@ func (a api) ListInstances(ctx context.Context, req *connect.Request[beaconv1.Li
 	if err != nil {
 		return nil, toConnectError(err)
 	}
+	who := identityOf(ctx)
+	if who.Authz.Service(ns, req.Msg.GetService()) < acl.Read {
+		// Filtered, not failed: as if the service had no instances.
+		return connect.NewResponse(&beaconv1.ListInstancesResponse{ResultsFiltered: true}), nil
+	}
 	a.catchUp(ctx)
 	snap := a.s.view.Snapshot(registry.ServiceKey{Namespace: ns, Service: req.Msg.GetService()})
-	return connect.NewResponse(wire.ListInstancesResponse(snap, req.Msg.GetAll())), nil
+	redact := !mayReadSessions(who)
+	if redact {
+		snap = redactSessions(snap)
+	}
+	resp := wire.ListInstancesResponse(snap, req.Msg.GetAll())
+	resp.ResultsFiltered = redact && len(snap.Instances) > 0
+	return connect.NewResponse(resp), nil
 }
 
 func (a api) ListServices(ctx context.Context, req *connect.Request[beaconv1.ListServicesRequest]) (*connect.Response[beaconv1.ListServicesResponse], error) {
@@ -541,7 +604,12 @@ func (a api) ListServices(ctx context.Context, req *connect.Request[beaconv1.Lis
 	}
 	a.catchUp(ctx)
 	resp := &beaconv1.ListServicesResponse{Revision: a.s.view.Revision()}
+	who := identityOf(ctx)
 	for _, snap := range a.s.view.Services(ns) {
+		if who.Authz.Service(ns, snap.Service) < acl.Read {
+			resp.ResultsFiltered = true
+			continue
+		}
 		resp.Services = append(resp.Services, &beaconv1.ServiceSummary{
 			Name: snap.Service, Instances: int32(len(snap.Instances)),
 			Routable: int32(len(snap.Routable())), Revision: snap.Revision,
@@ -554,7 +622,7 @@ func (a api) ListServices(ctx context.Context, req *connect.Request[beaconv1.Lis
 // limits and subscribes to the view once the view is at least as new as
 // anything the client already holds. release ends the subscription and
 // gives the places back.
-func (a api) subscribe(ctx context.Context, msg *beaconv1.WatchRequest) (sub *view.Subscription, release func(), err error) {
+func (a api) subscribe(ctx context.Context, msg *beaconv1.WatchRequest) (w *watch, release func(), err error) {
 	if err := a.ready(); err != nil {
 		return nil, nil, err
 	}
@@ -602,8 +670,57 @@ func (a api) subscribe(ctx context.Context, msg *beaconv1.WatchRequest) (sub *vi
 			return nil, nil, toConnectError(ctx.Err())
 		}
 	}
-	sub = a.s.view.Subscribe(ns, msg.GetServices(), msg.GetKnownRevisions())
-	return sub, func() { sub.Close(); giveBack() }, nil
+	// Filtered, not failed: the services the token may not read are left
+	// out, named or not, and the messages say so.
+	w = &watch{redact: !mayReadSessions(identityOf(ctx))}
+	services, known := msg.GetServices(), msg.GetKnownRevisions()
+	authz := identityOf(ctx).Authz
+	readable := func(svc string) bool {
+		if authz.Service(ns, svc) >= acl.Read {
+			return true
+		}
+		w.filtered.Store(true)
+		return false
+	}
+	if len(services) > 0 {
+		services = slices.DeleteFunc(slices.Clone(services), func(svc string) bool { return !readable(svc) })
+		if len(services) == 0 { // all of them hidden: not "the whole namespace"
+			services = []string{}
+			readable = func(string) bool { return false }
+		}
+	}
+	if len(known) > 0 {
+		known = maps.Clone(known)
+		maps.DeleteFunc(known, func(svc string, _ int64) bool { return !readable(svc) })
+	}
+	w.sub = a.s.view.SubscribeFiltered(ns, services, known, readable)
+	return w, func() { w.sub.Close(); giveBack() }, nil
+}
+
+// watch is one watch stream's subscription and what its token hides.
+type watch struct {
+	sub      *view.Subscription
+	redact   bool        // blank session ids: the token may not read sessions
+	filtered atomic.Bool // a service was left out
+}
+
+// hidden says whether the stream's messages leave something out.
+func (w *watch) hidden() bool { return w.redact || w.filtered.Load() }
+
+// encoded is a pending snapshot's shared encoding, as this watcher may see it.
+func (w *watch) encoded(p view.Pending) []byte {
+	if w.redact {
+		return p.Enc.GetRedacted(p.Snap, encodeRedacted)
+	}
+	return p.Enc.Get(p.Snap, encodeSnapshot)
+}
+
+// snapshot is a pending snapshot as this watcher may see it.
+func (w *watch) snapshot(p view.Pending) *beaconv1.ServiceSnapshot {
+	if w.redact {
+		return wire.SnapshotToProto(redactSessions(p.Snap))
+	}
+	return wire.SnapshotToProto(p.Snap)
 }
 
 // maxWatchMessageBytes bounds one watch message (but for a single larger
@@ -614,15 +731,15 @@ const maxWatchMessageBytes = 256 << 10
 
 // nextMessage takes the snapshots of a watcher's next message; with a
 // heartbeat, it gives up after that long with context.DeadlineExceeded.
-func nextMessage(ctx context.Context, sub *view.Subscription, heartbeat time.Duration) ([]view.Pending, bool, error) {
+func nextMessage(ctx context.Context, w *watch, heartbeat time.Duration) ([]view.Pending, bool, error) {
 	if heartbeat > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, heartbeat)
 		defer cancel()
 	}
 	size := 0
-	return sub.NextBatch(ctx, func(p view.Pending) bool {
-		size += len(p.Enc.Get(p.Snap, encodeSnapshot))
+	return w.sub.NextBatch(ctx, func(p view.Pending) bool {
+		size += len(w.encoded(p))
 		return size <= maxWatchMessageBytes
 	})
 }
@@ -644,7 +761,7 @@ func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchReque
 			return toConnectError(&registry.FieldError{Field: "heartbeat", Reason: fmt.Sprintf("%v, must be in [%v, %v]", heartbeat, MinWatchHeartbeat, MaxWatchHeartbeat)})
 		}
 	}
-	sub, release, err := a.subscribe(ctx, req.Msg)
+	w, release, err := a.subscribe(ctx, req.Msg)
 	if err != nil {
 		return err
 	}
@@ -652,12 +769,12 @@ func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchReque
 	var watchID uint64
 	if req.Msg.GetAcknowledge() {
 		ns, _ := namespaceOf(req.Msg.GetNamespace()) // validated by subscribe
-		watchID = a.s.acks.join(ns, req.Msg.GetServices())
+		watchID = a.s.acks.join(identityOf(ctx).Accessor, ns, req.Msg.GetServices())
 		defer a.s.acks.leave(watchID)
 	}
 	binary := !strings.Contains(req.Header().Get("Content-Type"), "json")
 	for {
-		pending, synced, err := nextMessage(ctx, sub, heartbeat)
+		pending, synced, err := nextMessage(ctx, w, heartbeat)
 		if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
 			// Quiet for a heartbeat: say so, so that the client knows
 			// this server is alive.
@@ -669,19 +786,19 @@ func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchReque
 		if err != nil {
 			return nil // the client went away or the server is stopping
 		}
-		resp := &beaconv1.WatchResponse{Synced: synced, WatchId: watchID}
+		resp := &beaconv1.WatchResponse{Synced: synced, WatchId: watchID, ResultsFiltered: w.hidden()}
 		if binary {
 			// Each snapshot is encoded once and its bytes shared by every
 			// watcher; they travel as the message's repeated field 1.
 			var raw []byte
 			for _, p := range pending {
 				raw = protowire.AppendTag(raw, snapshotsField, protowire.BytesType)
-				raw = protowire.AppendBytes(raw, p.Enc.Get(p.Snap, encodeSnapshot))
+				raw = protowire.AppendBytes(raw, w.encoded(p))
 			}
 			resp.ProtoReflect().SetUnknown(raw)
 		} else {
 			for _, p := range pending {
-				resp.Snapshots = append(resp.Snapshots, wire.SnapshotToProto(p.Snap))
+				resp.Snapshots = append(resp.Snapshots, w.snapshot(p))
 			}
 		}
 		if err := stream.Send(resp); err != nil {
@@ -710,7 +827,8 @@ func (a api) AckWatch(ctx context.Context, req *connect.Request[beaconv1.AckWatc
 			return nil, toConnectError(&registry.FieldError{Field: "revisions[" + svc + "]", Reason: "must not be negative"})
 		}
 	}
-	if !a.s.acks.ack(req.Msg.GetWatchId(), revs) {
+	// Only the token that opened the stream may acknowledge for it.
+	if !a.s.acks.ack(identityOf(ctx).Accessor, req.Msg.GetWatchId(), revs) {
 		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("watch_id %d: no such acknowledging watch stream on this server", req.Msg.GetWatchId()))
 	}
 	return connect.NewResponse(&beaconv1.AckWatchResponse{}), nil
@@ -733,6 +851,9 @@ func (a api) AwaitWatchers(ctx context.Context, req *connect.Request[beaconv1.Aw
 	}
 	if err := registry.ValidateName("service", msg.GetService()); err != nil {
 		return nil, toConnectError(err)
+	}
+	if err := needService(ctx, ns, msg.GetService(), acl.Read); err != nil {
+		return nil, err
 	}
 	if msg.GetRevision() <= 0 {
 		return nil, toConnectError(&registry.FieldError{Field: "revision", Reason: "must be positive"})
@@ -766,6 +887,8 @@ func (a api) AwaitWatchers(ctx context.Context, req *connect.Request[beaconv1.Aw
 
 // snapshotsField is WatchResponse.snapshots' field number.
 var snapshotsField = protowire.Number((&beaconv1.WatchResponse{}).ProtoReflect().Descriptor().Fields().ByName("snapshots").Number())
+
+func encodeRedacted(s *registry.Snapshot) []byte { return encodeSnapshot(redactSessions(s)) }
 
 func encodeSnapshot(s *registry.Snapshot) []byte {
 	b, err := proto.Marshal(wire.SnapshotToProto(s))

@@ -95,6 +95,16 @@ type Config struct {
 	// loopback; without it such a server refuses to start (and with it,
 	// it warns at every start).
 	Insecure bool
+	// ACL turns on access control: every call is authorized by its token
+	// (the anonymous token's policy when it has none), and what no rule
+	// grants is denied. `beacon acl bootstrap` makes the first management
+	// token (docs/security.md).
+	ACL bool
+	// ACLBreakGlassFile is where the server writes, at every start, a
+	// one-time key that makes a new management token when presented to
+	// Bootstrap (default: acl-break-glass.key in DataDir). Readable only by
+	// the server's user: whoever can read it can read etcd's data anyway.
+	ACLBreakGlassFile string
 	// CheckAllowTargets are the CIDRs, addresses and host names checks may
 	// probe besides each instance's own address; link-local and metadata
 	// addresses are refused whatever it says (docs/health.md, "Where
@@ -202,8 +212,15 @@ func (c *Config) validate() error {
 	if c.CheckMaxConns < 0 || c.CheckMaxConns > 1000000 {
 		return fmt.Errorf("server: invalid --check-max-conns %d: must be between 1 and 1000000 (0: the default, 1024)", c.CheckMaxConns)
 	}
-	if !c.Insecure && c.TLSCertFile == "" && !loopback(c.Addr) {
-		return fmt.Errorf("server: --addr %s is reachable beyond this machine: serve it with --tls-cert and --tls-key, or give --insecure to serve in the clear (docs/security.md)", c.Addr)
+	if !c.Insecure && !loopback(c.Addr) {
+		switch {
+		case c.TLSCertFile == "" && !c.ACL:
+			return fmt.Errorf("server: --addr %s is reachable beyond this machine: serve it with --tls-cert and --tls-key and turn on --acl, or give --insecure to serve in the clear and open (docs/security.md)", c.Addr)
+		case c.TLSCertFile == "":
+			return fmt.Errorf("server: --addr %s is reachable beyond this machine: serve it with --tls-cert and --tls-key (tokens would cross the network in the clear), or give --insecure (docs/security.md)", c.Addr)
+		case !c.ACL:
+			return fmt.Errorf("server: --addr %s is reachable beyond this machine: turn on --acl (anyone who reaches it could change the registry), or give --insecure (docs/security.md)", c.Addr)
+		}
 	}
 	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
 		return errors.New("server: invalid --tls-cert / --tls-key: give both or neither")
@@ -266,7 +283,9 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long shutdown waits for in-flight calls")
 	fs.DurationVar(&c.MemberTTL, "member-ttl", c.MemberTTL, "how long a dead server's health checks wait before the other servers take them over (default 3s)")
 	fs.IntVar(&c.CheckConcurrency, "check-concurrency", c.CheckConcurrency, "health probes in flight at most (default 256)")
-	fs.BoolVar(&c.Insecure, "insecure", c.Insecure, "serve the API in the clear on a non-loopback --addr (without it such a server refuses to start)")
+	fs.BoolVar(&c.Insecure, "insecure", c.Insecure, "serve the API in the clear or without --acl on a non-loopback --addr (without it such a server refuses to start)")
+	fs.BoolVar(&c.ACL, "acl", c.ACL, "access control: every call needs a token allowed to make it (default deny; `beacon acl bootstrap` makes the first management token)")
+	fs.StringVar(&c.ACLBreakGlassFile, "acl-break-glass-file", c.ACLBreakGlassFile, "where the server writes its one-time break-glass key for `beacon acl bootstrap --break-glass` (default: acl-break-glass.key in --data-dir)")
 	fs.StringVar(&c.TLSCertFile, "tls-cert", c.TLSCertFile, "serve the API over TLS with this certificate (PEM; read again when it changes)")
 	fs.StringVar(&c.TLSKeyFile, "tls-key", c.TLSKeyFile, "the --tls-cert's private key (PEM)")
 	fs.StringVar(&c.TLSClientCAFile, "tls-client-ca", c.TLSClientCAFile, "require client certificates signed by these CAs (PEM; mTLS)")

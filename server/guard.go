@@ -44,6 +44,16 @@ func (s *Server) guardAPI(next http.Handler) http.Handler {
 			}
 			return
 		}
+		id, err := s.authenticate(r)
+		if err != nil {
+			if errw.IsSupported(r) {
+				_ = errw.Write(w, r, err)
+			} else {
+				writeConnectErrorAsHTTP(w, err)
+			}
+			return
+		}
+		r = r.WithContext(context.WithValue(r.Context(), identityKey{}, id))
 		w = &deadlineWriter{ResponseWriter: w, rc: http.NewResponseController(w), timeout: s.cfg.Limits.WriteTimeout, timedOut: s.metrics.writeTimeouts}
 		ct := strings.ToLower(r.Header.Get("Content-Type")) // as connect compares it
 		switch {
@@ -260,6 +270,14 @@ var writeProcedures = map[string]bool{
 	beaconv1connect.RegistryServiceSetStatusProcedure:        true,
 	beaconv1connect.RegistryServiceSetServiceConfigProcedure: true,
 	beaconv1connect.RegistryServiceUpdateCheckProcedure:      true,
+	beaconv1connect.AclServiceBootstrapProcedure:             true, // also what a key guesser spends
+	beaconv1connect.AclServiceCreateTokenProcedure:           true,
+	beaconv1connect.AclServiceUpdateTokenProcedure:           true,
+	beaconv1connect.AclServiceDeleteTokenProcedure:           true,
+	beaconv1connect.AclServicePutPolicyProcedure:             true,
+	beaconv1connect.AclServiceDeletePolicyProcedure:          true,
+	beaconv1connect.AclServicePutRoleProcedure:               true,
+	beaconv1connect.AclServiceDeleteRoleProcedure:            true,
 }
 
 // limitsInterceptor spends a write token of the caller's connection, and

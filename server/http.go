@@ -12,7 +12,6 @@ import (
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
-	"beacon.dev/beacon/internal/wire"
 )
 
 func (s *Server) routes() http.Handler {
@@ -25,6 +24,14 @@ func (s *Server) routes() http.Handler {
 		connect.WithInterceptors(s.metrics.interceptor(), limitsInterceptor{s}),
 	)
 	mux.Handle(path, s.guardAPI(h))
+	aclPath, aclHandler := beaconv1connect.NewAclServiceHandler(aclAPI{s},
+		connect.WithCodec(strictJSON{"json"}),
+		connect.WithCodec(strictJSON{"json; charset=utf-8"}),
+		connect.WithReadMaxBytes(s.cfg.Limits.MaxRequestBytes),
+		gzipOption(s.cfg.Limits.MaxRequestBytes),
+		connect.WithInterceptors(s.metrics.interceptor(), limitsInterceptor{s}),
+	)
+	mux.Handle(aclPath, s.guardAPI(aclHandler))
 	mux.HandleFunc("GET /livez", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	mux.HandleFunc("GET /readyz", s.handleReady)
 	mux.HandleFunc("GET /healthz", s.handleHealth)
@@ -77,7 +84,7 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 func (s *Server) handleWatchNDJSON(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	msg := &beaconv1.WatchRequest{Namespace: q.Get("namespace"), Services: q["service"]}
-	sub, release, err := api{s}.subscribe(r.Context(), msg)
+	w2, release, err := api{s}.subscribe(r.Context(), msg)
 	if err != nil {
 		writeConnectErrorAsHTTP(w, err)
 		return
@@ -90,13 +97,13 @@ func (s *Server) handleWatchNDJSON(w http.ResponseWriter, r *http.Request) {
 	rc := http.NewResponseController(w)
 	var buf []byte
 	for {
-		pending, synced, err := nextMessage(r.Context(), sub, 0)
+		pending, synced, err := nextMessage(r.Context(), w2, 0)
 		if err != nil {
 			return
 		}
-		resp := &beaconv1.WatchResponse{Synced: synced}
+		resp := &beaconv1.WatchResponse{Synced: synced, ResultsFiltered: w2.hidden()}
 		for _, p := range pending {
-			resp.Snapshots = append(resp.Snapshots, wire.SnapshotToProto(p.Snap))
+			resp.Snapshots = append(resp.Snapshots, w2.snapshot(p))
 		}
 		line, _ := protojson.MarshalOptions{Multiline: false}.MarshalAppend(buf[:0], resp)
 		line = append(line, '\n')
@@ -127,6 +134,10 @@ func writeConnectErrorAsHTTP(w http.ResponseWriter, err error) {
 		status = http.StatusNotFound
 	case connect.CodeResourceExhausted:
 		status = http.StatusTooManyRequests
+	case connect.CodeUnauthenticated:
+		status = http.StatusUnauthorized
+	case connect.CodePermissionDenied:
+		status = http.StatusForbidden
 	}
 	var ce *connect.Error
 	if errors.As(err, &ce) {

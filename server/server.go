@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -18,6 +19,7 @@ import (
 
 	"beacon.dev/beacon/internal/store"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/internal/acl"
 	"beacon.dev/beacon/server/internal/health"
 	"beacon.dev/beacon/server/internal/members"
 	"beacon.dev/beacon/server/internal/view"
@@ -38,6 +40,8 @@ type Server struct {
 	store         *store.Store
 	view          *view.View
 	acks          *acks
+	acl           *acl.System // nil without --acl
+	breakGlass    *breakGlass // nil without --acl
 
 	watchers atomic.Int32 // open watch streams (at most Limits.MaxWatchers)
 	awaits   atomic.Int32 // AwaitWatchers calls waiting (at most Limits.MaxAwaits)
@@ -145,6 +149,24 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	}
 	s.cli = cli
 	s.store = store.New(cli, cfg.EtcdPrefix)
+	if cfg.ACL {
+		path := cfg.ACLBreakGlassFile
+		if path == "" {
+			path = filepath.Join(cfg.DataDir, "acl-break-glass.key")
+		}
+		if s.breakGlass, err = newBreakGlass(path); err != nil {
+			s.store.Close()
+			cli.Close()
+			s.stopEtcd()
+			return nil, err
+		}
+		s.acl = acl.New(cli, s.store.ACLPrefix(), s.log)
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.acl.Run(s.runCtx)
+		}()
+	}
 	// Servers sharing the etcd split the health checks among themselves.
 	s.members = members.Join(cli, s.store.ServersPrefix(), cfg.Name+"@"+ln.Addr().String(), cfg.MemberTTL, s.log)
 	hooks := s.metrics.viewHooks()
@@ -231,19 +253,27 @@ func (s *Server) watchReadiness() {
 	if s.etcd != nil {
 		etcdErr = s.etcd.Err()
 	}
-	select {
-	case <-s.view.Ready():
-		close(s.ready)
-		s.log.Info("beacon server ready", "addr", s.Addr(), "embedded_etcd", s.etcd != nil)
-	case <-s.runCtx.Done():
-		return
+	aclReady := closedChan
+	if s.acl != nil {
+		aclReady = s.acl.Ready()
 	}
+	for _, ready := range []<-chan struct{}{s.view.Ready(), aclReady} {
+		select {
+		case <-ready:
+		case <-s.runCtx.Done():
+			return
+		}
+	}
+	close(s.ready)
+	s.log.Info("beacon server ready", "addr", s.Addr(), "embedded_etcd", s.etcd != nil, "acl", s.acl != nil)
 	select {
 	case err := <-etcdErr:
 		s.fail(fmt.Errorf("server: embedded etcd failed: %w", err))
 	case <-s.runCtx.Done():
 	}
 }
+
+var closedChan = func() <-chan struct{} { c := make(chan struct{}); close(c); return c }()
 
 func (s *Server) fail(err error) {
 	s.log.Error("beacon server failed", "err", err)

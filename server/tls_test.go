@@ -162,8 +162,8 @@ func TestTLSFlagsAreChecked(t *testing.T) {
 	}
 }
 
-// Beyond loopback the API needs TLS, or an explicit --insecure.
-func TestNonLoopbackAddressNeedsTLSOrInsecure(t *testing.T) {
+// Beyond loopback the API needs TLS and ACLs, or an explicit --insecure.
+func TestNonLoopbackAddressNeedsTLSAndACLsOrInsecure(t *testing.T) {
 	cfg := server.NewConfig()
 	cfg.Addr = "0.0.0.0:8970"
 	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "--tls-cert") || !strings.Contains(err.Error(), "--insecure") {
@@ -174,8 +174,16 @@ func TestNonLoopbackAddressNeedsTLSOrInsecure(t *testing.T) {
 		t.Errorf("0.0.0.0 with --insecure: %v", err)
 	}
 	cfg.Insecure, cfg.TLSCertFile, cfg.TLSKeyFile = false, "c.pem", "k.pem"
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "--acl") {
+		t.Errorf("0.0.0.0 with TLS files, without ACLs: %v, want refused naming --acl", err)
+	}
+	cfg.ACL = true
 	if err := cfg.Validate(); err != nil {
-		t.Errorf("0.0.0.0 with TLS files: %v", err)
+		t.Errorf("0.0.0.0 with TLS files and ACLs: %v", err)
+	}
+	cfg.TLSCertFile, cfg.TLSKeyFile = "", ""
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "--tls-cert") {
+		t.Errorf("0.0.0.0 with ACLs in the clear: %v, want refused naming --tls-cert", err)
 	}
 	for _, addr := range []string{"127.0.0.1:8970", "localhost:8970", "[::1]:8970"} {
 		cfg := server.NewConfig()

@@ -48,6 +48,9 @@ func (l Layout) TTLKey(k registry.InstanceKey, check string) string {
 	return l.TTLPrefix() + k.Namespace + "/" + k.Service + "/" + k.ID + "/" + check
 }
 
+// ACLPrefix holds the ACL records (server/internal/acl).
+func (l Layout) ACLPrefix() string { return l.Prefix + "acl/" }
+
 // ProbeKey is written to push a revision through the watch, on etcd
 // versions whose requested progress notifications cannot be trusted.
 func (l Layout) ProbeKey() string { return l.Prefix + "progress-probe" }

@@ -170,13 +170,21 @@ func (s *Store) DeregisterSession(ctx context.Context, k registry.InstanceKey, s
 		return resp.Header.Revision, resp.Deleted > 0, nil
 	}
 	// An absent key compares as lease 0, which no session has.
-	txn, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.LeaseValue(key), "=", clientv3.LeaseID(session))).
-		Then(clientv3.OpDelete(key)).Commit()
+	cond := []clientv3.Cmp{clientv3.Compare(clientv3.LeaseValue(key), "=", clientv3.LeaseID(session))}
+	if session == PersistentOnly {
+		cond = []clientv3.Cmp{clientv3.Compare(clientv3.LeaseValue(key), "=", 0), clientv3.Compare(clientv3.CreateRevision(key), ">", 0)}
+	}
+	txn, err := s.cli.Txn(ctx).If(cond...).Then(clientv3.OpDelete(key)).Commit()
 	if err != nil {
 		return 0, false, fmt.Errorf("store: deleting instance: %w", err)
 	}
 	return txn.Header.Revision, txn.Succeeded && txn.Responses[0].GetResponseDeleteRange().GetDeleted() > 0, nil
 }
+
+// PersistentOnly, as DeregisterSession's session, deletes the instance
+// only if it is bound to no session: a caller that may delete persistent
+// instances but not act for sessions.
+const PersistentOnly int64 = -1
 
 // CurrentRevision returns etcd's current revision with a linearizable read.
 func (s *Store) CurrentRevision(ctx context.Context) (int64, error) {

@@ -715,9 +715,13 @@ func (x *CreateSessionRequest) GetName() string {
 }
 
 type CreateSessionResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	SessionId     int64                  `protobuf:"varint,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
-	Ttl           *durationpb.Duration   `protobuf:"bytes,2,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	SessionId int64                  `protobuf:"varint,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	Ttl       *durationpb.Duration   `protobuf:"bytes,2,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// With ACLs on: the session-bound credential, a secret that may act
+	// only on this session and its instances (docs/security.md). The SDK
+	// sends it, instead of its token, on the session's calls.
+	SessionToken  string `protobuf:"bytes,3,opt,name=session_token,json=sessionToken,proto3" json:"session_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -764,6 +768,13 @@ func (x *CreateSessionResponse) GetTtl() *durationpb.Duration {
 		return x.Ttl
 	}
 	return nil
+}
+
+func (x *CreateSessionResponse) GetSessionToken() string {
+	if x != nil {
+		return x.SessionToken
+	}
+	return ""
 }
 
 type KeepAliveRequest struct {
@@ -1497,8 +1508,11 @@ type ListInstancesResponse struct {
 	// ones declared UP are listed too (their health says which).
 	Protected           bool    `protobuf:"varint,3,opt,name=protected,proto3" json:"protected,omitempty"`
 	ProtectionThreshold float64 `protobuf:"fixed64,4,opt,name=protection_threshold,json=protectionThreshold,proto3" json:"protection_threshold,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// With ACLs on: the token may not read the service (the list is empty),
+	// or instances' session ids were blanked (it may not read sessions).
+	ResultsFiltered bool `protobuf:"varint,5,opt,name=results_filtered,json=resultsFiltered,proto3" json:"results_filtered,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *ListInstancesResponse) Reset() {
@@ -1557,6 +1571,13 @@ func (x *ListInstancesResponse) GetProtectionThreshold() float64 {
 		return x.ProtectionThreshold
 	}
 	return 0
+}
+
+func (x *ListInstancesResponse) GetResultsFiltered() bool {
+	if x != nil {
+		return x.ResultsFiltered
+	}
+	return false
 }
 
 type ListServicesRequest struct {
@@ -1672,11 +1693,13 @@ func (x *ServiceSummary) GetRevision() int64 {
 }
 
 type ListServicesResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Services      []*ServiceSummary      `protobuf:"bytes,1,rep,name=services,proto3" json:"services,omitempty"`
-	Revision      int64                  `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"` // the server's view revision
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Services []*ServiceSummary      `protobuf:"bytes,1,rep,name=services,proto3" json:"services,omitempty"`
+	Revision int64                  `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"` // the server's view revision
+	// With ACLs on: services the token may not read were left out.
+	ResultsFiltered bool `protobuf:"varint,3,opt,name=results_filtered,json=resultsFiltered,proto3" json:"results_filtered,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *ListServicesResponse) Reset() {
@@ -1721,6 +1744,13 @@ func (x *ListServicesResponse) GetRevision() int64 {
 		return x.Revision
 	}
 	return 0
+}
+
+func (x *ListServicesResponse) GetResultsFiltered() bool {
+	if x != nil {
+		return x.ResultsFiltered
+	}
+	return false
 }
 
 type WatchRequest struct {
@@ -2011,9 +2041,12 @@ type WatchResponse struct {
 	Synced bool `protobuf:"varint,2,opt,name=synced,proto3" json:"synced,omitempty"`
 	// Identifies this stream to AckWatch; set on every message of a stream
 	// opened with acknowledge, new on every reconnect.
-	WatchId       uint64 `protobuf:"varint,3,opt,name=watch_id,json=watchId,proto3" json:"watch_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	WatchId uint64 `protobuf:"varint,3,opt,name=watch_id,json=watchId,proto3" json:"watch_id,omitempty"`
+	// With ACLs on: services the token may not read were left out, or
+	// instances' session ids blanked (set on every message it applies to).
+	ResultsFiltered bool `protobuf:"varint,4,opt,name=results_filtered,json=resultsFiltered,proto3" json:"results_filtered,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *WatchResponse) Reset() {
@@ -2065,6 +2098,13 @@ func (x *WatchResponse) GetWatchId() uint64 {
 		return x.WatchId
 	}
 	return 0
+}
+
+func (x *WatchResponse) GetResultsFiltered() bool {
+	if x != nil {
+		return x.ResultsFiltered
+	}
+	return false
 }
 
 type AckWatchRequest struct {
@@ -2358,11 +2398,12 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"W\n" +
 	"\x14CreateSessionRequest\x12+\n" +
 	"\x03ttl\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x12\n" +
-	"\x04name\x18\x02 \x01(\tR\x04name\"c\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"\x88\x01\n" +
 	"\x15CreateSessionResponse\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\x03R\tsessionId\x12+\n" +
-	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"1\n" +
+	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12#\n" +
+	"\rsession_token\x18\x03 \x01(\tR\fsessionToken\"1\n" +
 	"\x10KeepAliveRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\x03R\tsessionId\"@\n" +
@@ -2408,22 +2449,24 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x14ListInstancesRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
 	"\aservice\x18\x02 \x01(\tR\aservice\x12\x10\n" +
-	"\x03all\x18\x03 \x01(\bR\x03all\"\xb7\x01\n" +
+	"\x03all\x18\x03 \x01(\bR\x03all\"\xe2\x01\n" +
 	"\x15ListInstancesResponse\x121\n" +
 	"\tinstances\x18\x01 \x03(\v2\x13.beacon.v1.InstanceR\tinstances\x12\x1a\n" +
 	"\brevision\x18\x02 \x01(\x03R\brevision\x12\x1c\n" +
 	"\tprotected\x18\x03 \x01(\bR\tprotected\x121\n" +
-	"\x14protection_threshold\x18\x04 \x01(\x01R\x13protectionThreshold\"3\n" +
+	"\x14protection_threshold\x18\x04 \x01(\x01R\x13protectionThreshold\x12)\n" +
+	"\x10results_filtered\x18\x05 \x01(\bR\x0fresultsFiltered\"3\n" +
 	"\x13ListServicesRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\"z\n" +
 	"\x0eServiceSummary\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tinstances\x18\x02 \x01(\x05R\tinstances\x12\x1a\n" +
 	"\broutable\x18\x03 \x01(\x05R\broutable\x12\x1a\n" +
-	"\brevision\x18\x04 \x01(\x03R\brevision\"i\n" +
+	"\brevision\x18\x04 \x01(\x03R\brevision\"\x94\x01\n" +
 	"\x14ListServicesResponse\x125\n" +
 	"\bservices\x18\x01 \x03(\v2\x19.beacon.v1.ServiceSummaryR\bservices\x12\x1a\n" +
-	"\brevision\x18\x02 \x01(\x03R\brevision\"\xbc\x02\n" +
+	"\brevision\x18\x02 \x01(\x03R\brevision\x12)\n" +
+	"\x10results_filtered\x18\x03 \x01(\bR\x0fresultsFiltered\"\xbc\x02\n" +
 	"\fWatchRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x1a\n" +
 	"\bservices\x18\x02 \x03(\tR\bservices\x12T\n" +
@@ -2446,11 +2489,12 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\vuse_default\x18\x04 \x01(\bR\n" +
 	"useDefault\"6\n" +
 	"\x18SetServiceConfigResponse\x12\x1a\n" +
-	"\brevision\x18\x01 \x01(\x03R\brevision\"|\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\"\xa7\x01\n" +
 	"\rWatchResponse\x128\n" +
 	"\tsnapshots\x18\x01 \x03(\v2\x1a.beacon.v1.ServiceSnapshotR\tsnapshots\x12\x16\n" +
 	"\x06synced\x18\x02 \x01(\bR\x06synced\x12\x19\n" +
-	"\bwatch_id\x18\x03 \x01(\x04R\awatchId\"\xb3\x01\n" +
+	"\bwatch_id\x18\x03 \x01(\x04R\awatchId\x12)\n" +
+	"\x10results_filtered\x18\x04 \x01(\bR\x0fresultsFiltered\"\xb3\x01\n" +
 	"\x0fAckWatchRequest\x12\x19\n" +
 	"\bwatch_id\x18\x01 \x01(\x04R\awatchId\x12G\n" +
 	"\trevisions\x18\x02 \x03(\v2).beacon.v1.AckWatchRequest.RevisionsEntryR\trevisions\x1a<\n" +

@@ -39,7 +39,7 @@ type System struct {
 	ready chan struct{}
 
 	mu       sync.Mutex
-	notify   chan struct{}                // closed and replaced when the revision advances; guarded by mu
+	notify   chan struct{}           // closed and replaced when the revision advances; guarded by mu
 	sessions map[Hash]sessionBinding // guarded by mu
 	bySess   map[int64]Hash          // guarded by mu
 }
@@ -58,6 +58,7 @@ type state struct {
 	roles        map[string]*Role
 	byHash       map[Hash]*compiled
 	byAccessor   map[string]*compiled
+	byRole       map[string]*compiled // for client certificates, by role name
 	anonymous    *compiled
 }
 
@@ -67,10 +68,10 @@ type compiled struct {
 	expires  time.Time
 }
 
-// New makes a System over the keys under prefix (the store's prefix).
-func New(cli *clientv3.Client, storePrefix string, log *slog.Logger) *System {
+// New makes a System over the ACL records under prefix.
+func New(cli *clientv3.Client, prefix string, log *slog.Logger) *System {
 	s := &System{
-		cli: cli, prefix: storePrefix + "acl/", log: log, now: time.Now,
+		cli: cli, prefix: prefix, log: log, now: time.Now,
 		ready: make(chan struct{}), notify: make(chan struct{}),
 		sessions: map[Hash]sessionBinding{}, bySess: map[int64]Hash{},
 	}
@@ -109,7 +110,7 @@ func (s *System) Identify(secret string) (Identity, error) {
 		if !ok {
 			return Identity{}, fmt.Errorf("%w: the session of this session credential has ended", ErrUnknownToken)
 		}
-		p := st.byAccessor[b.parent]
+		p := st.parent(b.parent)
 		if p == nil || p.expired(s.now()) {
 			return Identity{}, fmt.Errorf("%w: the token that made this session credential's session (%s) is gone or expired", ErrUnknownToken, b.parent)
 		}
@@ -124,6 +125,32 @@ func (s *System) Identify(secret string) (Identity, error) {
 	}
 	return Identity{Accessor: c.accessor, Authz: c.authz}, nil
 }
+
+// parent finds the identity a session credential acts within: a token,
+// the anonymous token, or a client certificate's role.
+func (st *state) parent(accessor string) *compiled {
+	if accessor == AnonymousAccessor {
+		return st.anonymous
+	}
+	if role, ok := strings.CutPrefix(accessor, RoleAccessorPrefix); ok {
+		return st.byRole[role]
+	}
+	return st.byAccessor[accessor]
+}
+
+// IdentifyRole is the identity of a client certificate whose common name
+// names a role (false if no role has that name).
+func (s *System) IdentifyRole(name string) (Identity, bool) {
+	c := s.state.Load().byRole[name]
+	if c == nil {
+		return Identity{}, false
+	}
+	return Identity{Accessor: c.accessor, Authz: c.authz}, true
+}
+
+// RoleAccessorPrefix marks, in logs and errors, an identity that is a
+// client certificate's role rather than a token.
+const RoleAccessorPrefix = "role:"
 
 func (c *compiled) expired(now time.Time) bool { return !c.expires.IsZero() && !now.Before(c.expires) }
 
@@ -147,15 +174,11 @@ func (s *System) Policy(name string) *Policy   { return s.state.Load().policies[
 func (s *System) Role(name string) *Role       { return s.state.Load().roles[name] }
 
 // Tokens, Policies and Roles list the records.
-func (s *System) Tokens() map[string]*Token     { return s.state.Load().tokens }
-func (s *System) Policies() map[string]*Policy  { return s.state.Load().policies }
-func (s *System) Roles() map[string]*Role       { return s.state.Load().roles }
+func (s *System) Tokens() map[string]*Token    { return s.state.Load().tokens }
+func (s *System) Policies() map[string]*Policy { return s.state.Load().policies }
+func (s *System) Roles() map[string]*Role      { return s.state.Load().roles }
 func (s *System) Authorizer(accessor string) *Authorizer {
-	st := s.state.Load()
-	if accessor == AnonymousAccessor {
-		return st.anonymous.authz
-	}
-	if c := st.byAccessor[accessor]; c != nil {
+	if c := s.state.Load().parent(accessor); c != nil {
 		return c.authz
 	}
 	return nil
@@ -172,7 +195,7 @@ type records struct {
 // build compiles every token's authorizer.
 func build(rev int64, r *records) *state {
 	st := &state{rev: rev, tokens: map[string]*Token{}, policies: map[string]*Policy{}, roles: map[string]*Role{},
-		byHash: map[Hash]*compiled{}, byAccessor: map[string]*compiled{}}
+		byHash: map[Hash]*compiled{}, byAccessor: map[string]*compiled{}, byRole: map[string]*compiled{}}
 	if r != nil {
 		st.bootstrapped, st.tokens, st.policies, st.roles = r.bootstrapped, r.tokens, r.policies, r.roles
 	}
@@ -206,6 +229,10 @@ func build(rev int64, r *records) *state {
 		return &compiled{accessor: t.Accessor, authz: Compile(rules...), expires: t.ExpiresAt}
 	}
 	st.anonymous = &compiled{accessor: AnonymousAccessor, authz: Compile()}
+	for name, role := range st.roles {
+		acc := RoleAccessorPrefix + name
+		st.byRole[name] = &compiled{accessor: acc, authz: Compile(rulesOf(role.Policies, role.ServiceIdentities, nil)...)}
+	}
 	for acc, t := range st.tokens {
 		c := compile(t)
 		if acc == AnonymousAccessor {

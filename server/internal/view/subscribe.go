@@ -18,8 +18,9 @@ var ErrClosed = errors.New("view: subscription closed")
 type Subscription struct {
 	view     *View
 	ns       string
-	services map[string]bool // nil watches the whole namespace; never written after Subscribe
-	notify   chan struct{}   // size 1: "pending has something"
+	services map[string]bool           // nil watches the whole namespace; never written after Subscribe
+	allow    func(service string) bool // nil allows every service
+	notify   chan struct{}             // size 1: "pending has something"
 
 	mu      sync.Mutex
 	pending map[string]Pending // guarded by mu; the newest unsent snapshot per service
@@ -42,8 +43,15 @@ type Pending struct {
 // by service: only newer snapshots are sent, and a service it knows that no
 // longer has any instance is sent as an empty snapshot.
 func (v *View) Subscribe(ns string, services []string, known map[string]int64) *Subscription {
+	return v.SubscribeFiltered(ns, services, known, nil)
+}
+
+// SubscribeFiltered is Subscribe that passes over the services allow
+// refuses (nil: none). allow is called with the view locked: it must be
+// quick and must not call the view.
+func (v *View) SubscribeFiltered(ns string, services []string, known map[string]int64, allow func(service string) bool) *Subscription {
 	s := &Subscription{
-		view: v, ns: ns,
+		view: v, ns: ns, allow: allow,
 		notify:  make(chan struct{}, 1),
 		pending: make(map[string]Pending),
 		last:    make(map[string]int64),
@@ -89,7 +97,7 @@ func (v *View) Subscribe(ns string, services []string, known map[string]int64) *
 }
 
 func (s *Subscription) wants(service string) bool {
-	return s.services == nil || s.services[service]
+	return (s.services == nil || s.services[service]) && (s.allow == nil || s.allow(service))
 }
 
 // offer queues snapshots for the subscriber, replacing older pending ones.

@@ -193,8 +193,8 @@ func (v *View) apply(events []*clientv3.Event) {
 	for _, ev := range events {
 		key := string(ev.Kv.Key)
 		maxRev = max(maxRev, ev.Kv.ModRevision)
-		if strings.HasPrefix(key, v.layout.ServersPrefix()) || strings.HasPrefix(key, v.layout.TTLPrefix()) || key == v.layout.ProbeKey() {
-			continue // server membership, TTL heartbeats, progress probes: not the view's business
+		if strings.HasPrefix(key, v.layout.ServersPrefix()) || strings.HasPrefix(key, v.layout.TTLPrefix()) || strings.HasPrefix(key, v.layout.ACLPrefix()) || key == v.layout.ProbeKey() {
+			continue // server membership, TTL heartbeats, ACL records, progress probes: not the view's business
 		}
 		if strings.HasPrefix(key, v.layout.GuardPrefix()) {
 			releaseRev = ev.Kv.ModRevision
@@ -339,16 +339,24 @@ type Published struct {
 	Enc  *Encoded
 }
 
-// Encoded memoises the encoding of one snapshot.
+// Encoded memoises the encodings of one snapshot: as it is, and with
+// its instances' session ids blanked for watchers not allowed to read them.
 type Encoded struct {
-	once sync.Once
-	b    []byte
+	once, redactedOnce sync.Once
+	b, redacted        []byte
 }
 
 // Get returns the encoding, computing it with f on first use.
 func (e *Encoded) Get(snap *registry.Snapshot, f func(*registry.Snapshot) []byte) []byte {
 	e.once.Do(func() { e.b = f(snap) })
 	return e.b
+}
+
+// GetRedacted returns the encoding without session ids, computing it with
+// f on first use.
+func (e *Encoded) GetRedacted(snap *registry.Snapshot, f func(*registry.Snapshot) []byte) []byte {
+	e.redactedOnce.Do(func() { e.redacted = f(snap) })
+	return e.redacted
 }
 
 // relist loads the whole prefix and publishes every service whose content
@@ -364,7 +372,7 @@ func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
 	protection := make(map[registry.ServiceKey]float64)
 	for _, kv := range resp.Kvs {
 		key := string(kv.Key)
-		if strings.HasPrefix(key, v.layout.ServersPrefix()) || strings.HasPrefix(key, v.layout.GuardPrefix()) || strings.HasPrefix(key, v.layout.TTLPrefix()) || key == v.layout.ProbeKey() {
+		if strings.HasPrefix(key, v.layout.ServersPrefix()) || strings.HasPrefix(key, v.layout.GuardPrefix()) || strings.HasPrefix(key, v.layout.TTLPrefix()) || strings.HasPrefix(key, v.layout.ACLPrefix()) || key == v.layout.ProbeKey() {
 			continue
 		}
 		if strings.HasPrefix(key, v.layout.ServiceConfigPrefix()) {

@@ -1,0 +1,63 @@
+package client
+
+import (
+	"context"
+
+	"connectrpc.com/connect"
+)
+
+// tokenInterceptor puts the call's credential in its headers: the
+// session-bound one for a session's own calls (withSessionCredential),
+// else the client's token.
+type tokenInterceptor struct{ c *Client }
+
+type sessionCredentialKey struct{}
+
+// withSessionCredential makes the calls under ctx use session id's
+// credential, if the server gave it one.
+func (c *Client) withSessionCredential(ctx context.Context, id int64) context.Context {
+	c.mu.Lock()
+	cred := c.creds[id]
+	c.mu.Unlock()
+	if cred == "" {
+		return ctx
+	}
+	return context.WithValue(ctx, sessionCredentialKey{}, cred)
+}
+
+func (t tokenInterceptor) secret(ctx context.Context) string {
+	if cred, ok := ctx.Value(sessionCredentialKey{}).(string); ok {
+		return cred
+	}
+	return t.c.token
+}
+
+func (t tokenInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		if s := t.secret(ctx); s != "" {
+			req.Header().Set("Authorization", "Bearer "+s)
+		}
+		return next(ctx, req)
+	}
+}
+
+func (t tokenInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return func(ctx context.Context, spec connect.Spec) connect.StreamingClientConn {
+		conn := next(ctx, spec)
+		if s := t.secret(ctx); s != "" {
+			conn.RequestHeader().Set("Authorization", "Bearer "+s)
+		}
+		return conn
+	}
+}
+
+func (tokenInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return next
+}
+
+// forgetCredential drops an ended session's credential.
+func (c *Client) forgetCredential(id int64) {
+	c.mu.Lock()
+	delete(c.creds, id)
+	c.mu.Unlock()
+}

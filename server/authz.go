@@ -1,0 +1,266 @@
+package server
+
+import (
+	"context"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"beacon.dev/beacon/internal/store"
+	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/internal/acl"
+)
+
+// Access control (docs/security.md): guardAPI resolves each call's token
+// into an acl.Identity kept in the call's context; every handler asks the
+// identity's authorizer for what the call needs, here. Without --acl every
+// call has the identity everyone, which may do everything.
+
+type identityKey struct{}
+
+// everyone is the identity of every call when ACLs are off.
+var everyone = acl.Identity{Accessor: "", Authz: acl.All}
+
+func identityOf(ctx context.Context) acl.Identity {
+	if id, ok := ctx.Value(identityKey{}).(acl.Identity); ok {
+		return id
+	}
+	return everyone
+}
+
+// secretOf reads the token a request presents: "Authorization: Bearer
+// SECRET" (what gRPC and HTTP clients send) or "X-Beacon-Token: SECRET".
+func secretOf(h http.Header) string {
+	if v := h.Get("Authorization"); v != "" {
+		if s, ok := strings.CutPrefix(v, "Bearer "); ok {
+			return strings.TrimSpace(s)
+		}
+		return v // not a bearer token: ParseSecret says why
+	}
+	return strings.TrimSpace(h.Get("X-Beacon-Token"))
+}
+
+// authenticate resolves the request's identity. A token unknown here may
+// have been made on another server a moment ago: the ACL records catch up
+// with etcd once before the token is refused.
+func (s *Server) authenticate(r *http.Request) (acl.Identity, error) {
+	if s.acl == nil {
+		return everyone, nil
+	}
+	secret := secretOf(r.Header)
+	if secret == "" && r.TLS != nil && len(r.TLS.VerifiedChains) > 0 {
+		// mTLS without a token: the certificate's common name names a role.
+		if id, ok := s.acl.IdentifyRole(r.TLS.VerifiedChains[0][0].Subject.CommonName); ok {
+			return id, nil
+		}
+	}
+	id, err := s.acl.Identify(secret)
+	if errors.Is(err, acl.ErrUnknownToken) {
+		ctx, cancel := context.WithTimeout(r.Context(), readTimeout)
+		if s.acl.CatchUp(ctx) == nil {
+			id, err = s.acl.Identify(secret)
+		}
+		cancel()
+	}
+	if err != nil {
+		return acl.Identity{}, connect.NewError(connect.CodeUnauthenticated, err)
+	}
+	return id, nil
+}
+
+// deny answers a call its identity may not make, naming the permission.
+func deny(id acl.Identity, perm, on, why string) error {
+	acc := id.Accessor
+	if id.Session != 0 {
+		acc += ", session credential of " + store.FormatSessionID(id.Session)
+	}
+	return connect.NewError(connect.CodePermissionDenied, &acl.DeniedError{Permission: perm, On: on, Accessor: acc, Why: why})
+}
+
+func needService(ctx context.Context, ns, svc string, need acl.Access) error {
+	id := identityOf(ctx)
+	if id.Authz.Service(ns, svc) >= need {
+		return nil
+	}
+	return deny(id, "service:"+need.String(), ns+"/"+svc, "")
+}
+
+func needGlobal(ctx context.Context, r acl.Resource, need acl.Access) error {
+	id := identityOf(ctx)
+	if id.Authz.Global(r) >= need {
+		return nil
+	}
+	return deny(id, r.String()+":"+need.String(), "", "")
+}
+
+// actsForAnySession: session:write acts on every session.
+func actsForAnySession(id acl.Identity) bool { return id.Authz.Global(acl.Session) >= acl.Write }
+
+// needSession allows acting on a session (closing it, registering into
+// it): its own credential, or session:write.
+func needSession(ctx context.Context, session int64) error {
+	id := identityOf(ctx)
+	if id.Session == session || actsForAnySession(id) {
+		return nil
+	}
+	return deny(id, "session:write", store.FormatSessionID(session), "or that session's own credential (the session_token CreateSession returned)")
+}
+
+// needKeepAlive allows renewing a session: its credential, the token that
+// made it, or session:write. Renewing changes no record.
+func (a api) needKeepAlive(ctx context.Context, session int64) error {
+	id := identityOf(ctx)
+	if id.Session == session || actsForAnySession(id) || a.s.acl == nil {
+		return nil
+	}
+	if id.Session == 0 && id.Accessor == a.s.acl.SessionParent(session) {
+		return nil
+	}
+	return deny(id, "session:write", store.FormatSessionID(session), "or that session's credential, or the token that made the session")
+}
+
+// needInstanceWrite allows changing an existing instance in place
+// (status, checks): service:write, and it must be the caller's — bound to
+// the caller's session for a session credential, bound to no session for
+// a token — unless the caller has session:write.
+func (a api) needInstanceWrite(ctx context.Context, k registry.InstanceKey) error {
+	if err := needService(ctx, k.Namespace, k.Service, acl.Write); err != nil {
+		return err
+	}
+	id := identityOf(ctx)
+	if actsForAnySession(id) {
+		return nil
+	}
+	in := a.s.view.Instance(k)
+	if in == nil {
+		a.catchUp(ctx)
+		if in = a.s.view.Instance(k); in == nil {
+			return nil // nothing to protect: the call finds no instance
+		}
+	}
+	return ownedBy(id, in)
+}
+
+func ownedBy(id acl.Identity, in *registry.Instance) error {
+	switch {
+	case in.SessionID == id.Session:
+		return nil
+	case in.SessionID == 0:
+		return deny(id, "service:write", in.Namespace+"/"+in.Service, "a session credential acts only on its session's instances; this one is persistent (use a token)")
+	default:
+		return deny(id, "session:write", store.FormatSessionID(in.SessionID), fmt.Sprintf("instance %s belongs to that session: only its credential may change it", in.ID))
+	}
+}
+
+// needRegister allows a registration: service:write; into a session only
+// with that session's credential; over an instance another live session
+// holds only at the same address and port (the same process restarted,
+// before its old session expired) or with session:write.
+func (a api) needRegister(ctx context.Context, in *registry.Instance) error {
+	if err := needService(ctx, in.Namespace, in.Service, acl.Write); err != nil {
+		return err
+	}
+	id := identityOf(ctx)
+	if actsForAnySession(id) {
+		return nil
+	}
+	if in.SessionID != id.Session {
+		if in.SessionID == 0 {
+			return deny(id, "service:write", in.Namespace+"/"+in.Service, "a session credential registers only into its own session")
+		}
+		return needSession(ctx, in.SessionID)
+	}
+	mayTake := func(cur *registry.Instance) bool {
+		// A suspect is the mass-expiry guard's copy of an instance whose
+		// session is gone: nobody holds it.
+		return cur == nil || cur.Suspect || cur.SessionID == 0 || cur.SessionID == in.SessionID || cur.Address == in.Address && cur.Port == in.Port
+	}
+	cur := a.s.view.Instance(in.Key())
+	if mayTake(cur) {
+		return nil
+	}
+	a.catchUp(ctx) // the holder may have gone a moment ago
+	if cur = a.s.view.Instance(in.Key()); mayTake(cur) {
+		return nil
+	}
+	return deny(id, "session:write", store.FormatSessionID(cur.SessionID),
+		fmt.Sprintf("instance %s is held by that live session at %s:%d; another session may take it over only at the same address and port", in.ID, cur.Address, cur.Port))
+}
+
+// mayReadSessions: session ids are shown only to session:read.
+func mayReadSessions(id acl.Identity) bool { return id.Authz.Global(acl.Session) >= acl.Read }
+
+// redactSessions blanks the session ids of a snapshot's instances (a copy).
+func redactSessions(snap *registry.Snapshot) *registry.Snapshot {
+	out := *snap
+	out.Instances = make([]*registry.Instance, len(snap.Instances))
+	for i, in := range snap.Instances {
+		c := *in
+		c.SessionID = 0
+		out.Instances[i] = &c
+	}
+	return &out
+}
+
+// breakGlass is the server's one-time key for a new management token: kept
+// in a file only the server's user reads, replaced at every start and
+// after every use.
+type breakGlass struct {
+	path string
+	mu   sync.Mutex
+	hash acl.Hash // guarded by mu
+}
+
+func newBreakGlass(path string) (*breakGlass, error) {
+	b := &breakGlass{path: path}
+	return b, b.rotate()
+}
+
+func (b *breakGlass) rotate() error {
+	secret, h := acl.NewSecret(acl.TokenPrefix)
+	if err := os.MkdirAll(filepath.Dir(b.path), 0o700); err != nil {
+		return fmt.Errorf("server: --acl-break-glass-file: %w", err)
+	}
+	tmp := b.path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(secret+"\n"), 0o600); err != nil {
+		return fmt.Errorf("server: --acl-break-glass-file: %w", err)
+	}
+	if err := os.Rename(tmp, b.path); err != nil {
+		return fmt.Errorf("server: --acl-break-glass-file: %w", err)
+	}
+	b.mu.Lock()
+	b.hash = h
+	b.mu.Unlock()
+	return nil
+}
+
+// use reports whether key is the current key, and if so replaces it: a key
+// works once.
+func (b *breakGlass) use(key string) (bool, error) {
+	_, h, err := acl.ParseSecret(strings.TrimSpace(key))
+	if err != nil {
+		return false, nil
+	}
+	b.mu.Lock()
+	ok := subtle.ConstantTimeCompare(h[:], b.hash[:]) == 1
+	if ok {
+		b.hash = acl.Hash{} // no secret hashes to zero
+	}
+	b.mu.Unlock()
+	if !ok {
+		return false, nil
+	}
+	return true, b.rotate()
+}
+
+// aclWaitTimeout bounds how long an ACL write waits for this server's
+// records to hold it.
+const aclWaitTimeout = 5 * time.Second
