@@ -161,6 +161,7 @@ func newRoot(stdout, stderr io.Writer) (*cobra.Command, *globals) {
 		newWatchCmd(g),
 		newOperatorCmd(g),
 		newAuditCmd(g),
+		newDevCmd(g),
 		&cobra.Command{
 			Use:   "version",
 			Short: "Print the version: the module version and the VCS revision it was built from",
