@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"syscall"
 
@@ -67,6 +68,20 @@ func errorLine(err error, g *globals) string {
 
 // clientOnlyFlags are the global flags of the client commands.
 var clientOnlyFlags = []string{"server", "namespace", "output", "ca-cert", "client-cert", "client-key"}
+
+// hideClientFlags keeps the client commands' global flags, but those
+// named in keep, out of the help of cmd and its subcommands, which do not
+// talk to a server.
+func hideClientFlags(cmd *cobra.Command, keep ...string) {
+	cmd.SetHelpFunc(func(c *cobra.Command, args []string) {
+		for _, name := range clientOnlyFlags {
+			if f := c.Root().PersistentFlags().Lookup(name); f != nil && !slices.Contains(keep, name) {
+				f.Hidden = true
+			}
+		}
+		c.Root().HelpFunc()(c, args)
+	})
+}
 
 // version is the main module's version and the VCS revision, time and
 // state it was built from, as the Go toolchain recorded them.
@@ -145,6 +160,8 @@ func newRoot(stdout, stderr io.Writer) (*cobra.Command, *globals) {
 		newInstancesCmd(g),
 		newWatchCmd(g),
 		newOperatorCmd(g),
+		newAuditCmd(g),
+		newDevCmd(g),
 		&cobra.Command{
 			Use:   "version",
 			Short: "Print the version: the module version and the VCS revision it was built from",

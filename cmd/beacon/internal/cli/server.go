@@ -53,14 +53,7 @@ func newServerCmd(g *globals) *cobra.Command {
 	}
 	// The client commands' global flags mean nothing to a server: keep them
 	// out of its help.
-	cmd.SetHelpFunc(func(c *cobra.Command, args []string) {
-		for _, name := range clientOnlyFlags {
-			if f := c.Root().PersistentFlags().Lookup(name); f != nil {
-				f.Hidden = true
-			}
-		}
-		c.Parent().HelpFunc()(c, args)
-	})
+	hideClientFlags(cmd)
 	cfg.BindFlags(cmd.Flags())
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	return cmd
