@@ -21,6 +21,7 @@ import (
 	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/server"
+	"beacon.dev/beacon/server/audit"
 	"beacon.dev/beacon/server/servertest"
 )
 
@@ -533,3 +534,55 @@ func ndjsonOutcome(t *testing.T, srv *server.Server, secret string) outcome {
 }
 
 func timestampAgo(d time.Duration) *timestamppb.Timestamp { return timestamppb.New(time.Now().Add(-d)) }
+
+// TestAuditLog: writes and refusals land in the audit log with who, from
+// where, what and how it ended, and the chain verifies.
+func TestAuditLog(t *testing.T) {
+	cfg := servertest.Config(t, "")
+	cfg.ACL = true
+	cfg.AuditLog = filepath.Join(t.TempDir(), "audit.log")
+	srv := servertest.Start(t, cfg)
+	ctx := context.Background()
+	boot, err := aclClient(srv, "", connect.WithGRPC()).Bootstrap(ctx, connect.NewRequest(&beaconv1.BootstrapRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mgmt := boot.Msg.GetToken()
+	if _, err := regClient(srv, mgmt.GetSecretId(), connect.WithGRPC()).Register(ctx, connect.NewRequest(&beaconv1.RegisterRequest{Instance: ttlInstance("web", "p1", "10.0.0.1", 0)})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := regClient(srv, "", connect.WithGRPC()).SetStatus(ctx, connect.NewRequest(&beaconv1.SetStatusRequest{Service: "web", Id: "p1", Status: beaconv1.Status_STATUS_OUT_OF_SERVICE})); connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Fatalf("SetStatus(no token) = %v", err)
+	}
+	if _, err := regClient(srv, "bct_nonsense", connect.WithGRPC()).ListServices(ctx, connect.NewRequest(&beaconv1.ListServicesRequest{})); connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Fatalf("ListServices(bad token) = %v", err)
+	}
+	// A successful read is not audited.
+	if _, err := regClient(srv, mgmt.GetSecretId(), connect.WithGRPC()).ListServices(ctx, connect.NewRequest(&beaconv1.ListServicesRequest{})); err != nil {
+		t.Fatal(err)
+	}
+	srv.Close() // flushes the log
+
+	rep, err := audit.VerifyFiles(cfg.AuditLog)
+	if err != nil {
+		t.Fatalf("VerifyFiles() = %v", err)
+	}
+	b, _ := os.ReadFile(cfg.AuditLog)
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if len(lines) != rep.Lines || len(lines) != 4 {
+		t.Fatalf("audit log has %d lines (verified %d), want 4 (bootstrap, register, denied status, bad token):\n%s", len(lines), rep.Lines, b)
+	}
+	for i, want := range []string{
+		`"operation":"beacon.v1.AclService/Bootstrap"`,
+		`"accessor":"` + mgmt.GetAccessorId() + `"`,
+		`"resource":"service:default/web/p1","outcome":"denied"`,
+		`"operation":"beacon.v1.RegistryService/ListServices","resource":"","outcome":"denied","reason":"acl: malformed token`,
+	} {
+		if !strings.Contains(lines[i], want) {
+			t.Errorf("audit line %d = %s, want it to contain %s", i+1, lines[i], want)
+		}
+	}
+	if !strings.Contains(lines[1], `"outcome":"allowed"`) || !strings.Contains(lines[1], `"source":"127.0.0.1:`) {
+		t.Errorf("register line = %s, want allowed with the source address", lines[1])
+	}
+}

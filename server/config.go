@@ -105,6 +105,12 @@ type Config struct {
 	// Bootstrap (default: acl-break-glass.key in DataDir). Readable only by
 	// the server's user: whoever can read it can read etcd's data anyway.
 	ACLBreakGlassFile string
+	// AuditLog, when set, is the file the audit log is written to (JSON
+	// lines, hash-chained; server/audit), rotated at AuditLogMaxBytes
+	// keeping AuditLogMaxFiles old files.
+	AuditLog         string
+	AuditLogMaxBytes int64
+	AuditLogMaxFiles int
 	// CheckAllowTargets are the CIDRs, addresses and host names checks may
 	// probe besides each instance's own address; link-local and metadata
 	// addresses are refused whatever it says (docs/health.md, "Where
@@ -228,6 +234,9 @@ func (c *Config) validate() error {
 	if c.TLSClientCAFile != "" && c.TLSCertFile == "" {
 		return errors.New("server: invalid --tls-client-ca: client certificates need TLS: give --tls-cert and --tls-key too")
 	}
+	if c.AuditLogMaxBytes < 0 || c.AuditLogMaxBytes > 0 && c.AuditLogMaxBytes < 4096 || c.AuditLogMaxFiles < 0 || c.AuditLogMaxFiles > 10000 {
+		return fmt.Errorf("server: invalid --audit-log-max-bytes %d / --audit-log-max-files %d: at least 4096 bytes, 0 to 10000 files (0: the defaults)", c.AuditLogMaxBytes, c.AuditLogMaxFiles)
+	}
 	if _, err := health.ParseTargets(c.CheckAllowTargets); err != nil {
 		return fmt.Errorf("server: %w", err)
 	}
@@ -286,6 +295,9 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&c.Insecure, "insecure", c.Insecure, "serve the API in the clear or without --acl on a non-loopback --addr (without it such a server refuses to start)")
 	fs.BoolVar(&c.ACL, "acl", c.ACL, "access control: every call needs a token allowed to make it (default deny; `beacon acl bootstrap` makes the first management token)")
 	fs.StringVar(&c.ACLBreakGlassFile, "acl-break-glass-file", c.ACLBreakGlassFile, "where the server writes its one-time break-glass key for `beacon acl bootstrap --break-glass` (default: acl-break-glass.key in --data-dir)")
+	fs.StringVar(&c.AuditLog, "audit-log", c.AuditLog, "write every write call and every refused call to this file (JSON lines chained by SHA-256; check it with `beacon audit verify`)")
+	fs.Int64Var(&c.AuditLogMaxBytes, "audit-log-max-bytes", c.AuditLogMaxBytes, "rotate the audit log at this size (default 64 MiB)")
+	fs.IntVar(&c.AuditLogMaxFiles, "audit-log-max-files", c.AuditLogMaxFiles, "rotated audit log files kept (default 10)")
 	fs.StringVar(&c.TLSCertFile, "tls-cert", c.TLSCertFile, "serve the API over TLS with this certificate (PEM; read again when it changes)")
 	fs.StringVar(&c.TLSKeyFile, "tls-key", c.TLSKeyFile, "the --tls-cert's private key (PEM)")
 	fs.StringVar(&c.TLSClientCAFile, "tls-client-ca", c.TLSClientCAFile, "require client certificates signed by these CAs (PEM; mTLS)")

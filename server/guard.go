@@ -46,6 +46,7 @@ func (s *Server) guardAPI(next http.Handler) http.Handler {
 		}
 		id, err := s.authenticate(r)
 		if err != nil {
+			s.audit.auditUnauthenticated(r.RemoteAddr, r.URL.Path, err)
 			if errw.IsSupported(r) {
 				_ = errw.Write(w, r, err)
 			} else {

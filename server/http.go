@@ -21,7 +21,7 @@ func (s *Server) routes() http.Handler {
 		connect.WithCodec(strictJSON{"json; charset=utf-8"}),
 		connect.WithReadMaxBytes(s.cfg.Limits.MaxRequestBytes),
 		gzipOption(s.cfg.Limits.MaxRequestBytes),
-		connect.WithInterceptors(s.metrics.interceptor(), limitsInterceptor{s}),
+		connect.WithInterceptors(s.metrics.interceptor(), auditInterceptor{s.audit}, limitsInterceptor{s}),
 	)
 	mux.Handle(path, s.guardAPI(h))
 	aclPath, aclHandler := beaconv1connect.NewAclServiceHandler(aclAPI{s},
@@ -29,7 +29,7 @@ func (s *Server) routes() http.Handler {
 		connect.WithCodec(strictJSON{"json; charset=utf-8"}),
 		connect.WithReadMaxBytes(s.cfg.Limits.MaxRequestBytes),
 		gzipOption(s.cfg.Limits.MaxRequestBytes),
-		connect.WithInterceptors(s.metrics.interceptor(), limitsInterceptor{s}),
+		connect.WithInterceptors(s.metrics.interceptor(), auditInterceptor{s.audit}, limitsInterceptor{s}),
 	)
 	mux.Handle(aclPath, s.guardAPI(aclHandler))
 	mux.HandleFunc("GET /livez", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })

@@ -31,6 +31,7 @@ type metrics struct {
 	guardTriggered prometheus.Counter
 
 	limitHits     *prometheus.CounterVec
+	auditErrors   prometheus.Counter
 	writeTimeouts func()
 }
 
@@ -65,6 +66,10 @@ func newMetrics(s *Server) *metrics {
 	m.watchStreams = prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "beacon_watchers", Help: "Open watch streams.",
 	})
+	m.auditErrors = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "beacon_audit_errors_total", Help: "Audit log lines that could not be written (the calls went on).",
+	})
+	m.reg.MustRegister(m.auditErrors)
 	m.limitHits = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "beacon_limit_refusals_total", Help: "Requests and connections refused because they reached a limit, by the limit's flag.",
 	}, []string{"limit"})

@@ -19,6 +19,7 @@ import (
 
 	"beacon.dev/beacon/internal/store"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/audit"
 	"beacon.dev/beacon/server/internal/acl"
 	"beacon.dev/beacon/server/internal/health"
 	"beacon.dev/beacon/server/internal/members"
@@ -42,6 +43,7 @@ type Server struct {
 	acks          *acks
 	acl           *acl.System // nil without --acl
 	breakGlass    *breakGlass // nil without --acl
+	audit         *auditor    // nil without --audit-log
 
 	watchers atomic.Int32 // open watch streams (at most Limits.MaxWatchers)
 	awaits   atomic.Int32 // AwaitWatchers calls waiting (at most Limits.MaxAwaits)
@@ -95,6 +97,14 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		}
 	})
 	s.ln = s.conns
+	if cfg.AuditLog != "" {
+		l, err := audit.Open(cfg.AuditLog, audit.Options{MaxBytes: cfg.AuditLogMaxBytes, MaxFiles: cfg.AuditLogMaxFiles, Logger: s.log})
+		if err != nil {
+			s.conns.Close()
+			return nil, fmt.Errorf("server: --audit-log: %w", err)
+		}
+		s.audit = &auditor{log: l, errors: s.metrics.auditErrors, warn: &logLimiter{every: time.Minute}, s: s}
+	}
 	if cfg.Insecure && cfg.TLSCertFile == "" && !loopback(cfg.Addr) {
 		s.log.Warn("serving the API in the clear beyond this machine (--insecure): anyone who reaches it can read and change the registry", "addr", cfg.Addr)
 	}
@@ -122,6 +132,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 			s.runCancel()
 			s.httpSrv.Close()
 			s.wg.Wait()
+			s.closeAudit()
 		}
 	}()
 
@@ -308,12 +319,21 @@ func (s *Server) Close() error {
 			s.httpSrv.Close()
 		}
 		s.wg.Wait()
+		s.closeAudit()
 		s.members.Close() // the others take over our checks at once
 		s.store.Close()
 		s.cli.Close()
 		s.stopEtcd()
 	})
 	return nil
+}
+
+func (s *Server) closeAudit() {
+	if s.audit != nil {
+		if err := s.audit.log.Close(); err != nil {
+			s.log.Error("audit log: closing", "err", err)
+		}
+	}
 }
 
 func (s *Server) stopEtcd() {
