@@ -87,10 +87,10 @@ func l99(l *latencies) time.Duration { return l.quantile(l.lastOf, 0.99) }
 
 // propagationBeacon runs `changes` registrations watched by n SDK clients;
 // watcher i dials addrs(i), the writer addrs(0).
-func propagationBeacon(ctx context.Context, b *testing.B, addrs func(i int) []string, n, changes int) *latencies {
+func propagationBeacon(ctx context.Context, b *testing.B, addrs func(i int) []string, n, changes int, opts ...client.Option) *latencies {
 	var watchers []*client.Watcher
 	for i := range n {
-		c, err := client.New(addrs(i))
+		c, err := client.New(addrs(i), opts...)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -103,7 +103,7 @@ func propagationBeacon(ctx context.Context, b *testing.B, addrs func(i int) []st
 		<-w.Synced()
 		watchers = append(watchers, w)
 	}
-	writer, _ := client.New(addrs(0))
+	writer, _ := client.New(addrs(0), opts...)
 	defer writer.Close()
 	seen := make([]chan applied, n) // per watcher: every revision it applied, and when
 	var wg sync.WaitGroup
