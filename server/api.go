@@ -117,6 +117,11 @@ func (a api) CreateSession(ctx context.Context, req *connect.Request[beaconv1.Cr
 	if n, max := a.s.view.SessionCount(), a.s.cfg.Limits.MaxSessions; n >= max {
 		return nil, a.s.limitError("max-sessions", "%d live sessions, at most %d", n, max)
 	}
+	if a.s.acl != nil {
+		if n, max := a.s.acl.SessionsOf(who.Accessor), a.s.cfg.Limits.MaxSessionsPerToken; n >= max {
+			return nil, a.s.limitError("max-sessions-per-token", "token %s has %d live sessions, at most %d", who.Accessor, n, max)
+		}
+	}
 	id, granted, err := a.s.store.CreateSession(ctx, ttl, req.Msg.GetName())
 	if err != nil {
 		return nil, toConnectError(err)
@@ -660,6 +665,15 @@ func (a api) subscribe(ctx context.Context, msg *beaconv1.WatchRequest) (w *watc
 	giveBack := func() {
 		cc.watchers.Add(-1)
 		a.s.watchers.Add(-1)
+	}
+	if a.s.acl != nil {
+		acc := identityOf(ctx).Accessor
+		if !a.s.quotas.takeWatcher(acc) {
+			giveBack()
+			return nil, nil, a.s.limitError("max-watchers-per-token", "token %s has %d watch streams open on this server", acc, lim.MaxWatchersPerToken)
+		}
+		perConn := giveBack
+		giveBack = func() { perConn(); a.s.quotas.releaseWatcher(acc) }
 	}
 	if newest > a.s.view.Revision() {
 		wctx, cancel := context.WithTimeout(ctx, readTimeout)

@@ -295,6 +295,9 @@ func (i limitsInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 			if !cc.ipWrites.Allow() {
 				return nil, i.s.limitError("write-rate-per-ip", "this client address writes faster than %v per second (burst %d)", l.WriteRatePerIP, l.WriteBurstPerIP)
 			}
+			if i.s.acl != nil && !i.s.quotas.allowWrite(identityOf(ctx).Accessor) {
+				return nil, i.s.limitError("write-rate-per-token", "token %s writes faster than %v per second (burst %d)", identityOf(ctx).Accessor, l.WriteRatePerToken, l.WriteBurstPerToken)
+			}
 		}
 		return next(ctx, req)
 	}

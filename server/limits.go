@@ -62,6 +62,14 @@ type Limits struct {
 	// ReadBodyTimeout bounds reading a unary request's body, so that a
 	// client trickling bodies cannot hold the server's memory.
 	ReadBodyTimeout time.Duration
+	// With ACLs, per token (all calls without a token share the anonymous
+	// token's): its live sessions, its open watch streams on this server,
+	// and its writes per second on this server (a token bucket of
+	// WriteBurstPerToken). They keep one leaked or abused credential from
+	// spending the server-wide limits of everyone else.
+	MaxSessionsPerToken, MaxWatchersPerToken int
+	WriteRatePerToken                        float64
+	WriteBurstPerToken                       int
 }
 
 // DefaultLimits are generous for one team's fleet and tight enough that
@@ -86,6 +94,10 @@ var DefaultLimits = Limits{
 	WriteRatePerIP:         5000,
 	WriteBurstPerIP:        10000,
 	ReadBodyTimeout:        30 * time.Second,
+	MaxSessionsPerToken:    10000,
+	MaxWatchersPerToken:    1000,
+	WriteRatePerToken:      1000,
+	WriteBurstPerToken:     2000,
 }
 
 // maxConnsCap bounds the automatic connection limit.
@@ -122,6 +134,9 @@ func (l *Limits) validate() error {
 		{"--max-instances-per-service", l.MaxInstancesPerService, 1, 1 << 24},
 		{"--write-burst", l.WriteBurst, 1, 1 << 24},
 		{"--write-burst-per-ip", l.WriteBurstPerIP, 1, 1 << 24},
+		{"--max-sessions-per-token", l.MaxSessionsPerToken, 1, 1 << 24},
+		{"--max-watchers-per-token", l.MaxWatchersPerToken, 1, 1 << 20},
+		{"--write-burst-per-token", l.WriteBurstPerToken, 1, 1 << 24},
 	}
 	for _, c := range ints {
 		if c.v < c.lo || c.v > c.h {
@@ -145,7 +160,7 @@ func (l *Limits) validate() error {
 	for _, r := range []struct {
 		flag string
 		v    float64
-	}{{"--write-rate", l.WriteRate}, {"--write-rate-per-ip", l.WriteRatePerIP}} {
+	}{{"--write-rate", l.WriteRate}, {"--write-rate-per-ip", l.WriteRatePerIP}, {"--write-rate-per-token", l.WriteRatePerToken}} {
 		if math.IsNaN(r.v) || r.v < 1 || r.v > 1e7 {
 			return fmt.Errorf("server: invalid %s %v: must be between 1 and 10000000 per second", r.flag, r.v)
 		}
@@ -173,5 +188,9 @@ func (l *Limits) bindFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&l.WriteBurst, "write-burst", l.WriteBurst, "writes one connection may make at once above --write-rate")
 	fs.Float64Var(&l.WriteRatePerIP, "write-rate-per-ip", l.WriteRatePerIP, "writes per second of all the connections of one client address")
 	fs.IntVar(&l.WriteBurstPerIP, "write-burst-per-ip", l.WriteBurstPerIP, "writes one client address may make at once above --write-rate-per-ip")
+	fs.IntVar(&l.MaxSessionsPerToken, "max-sessions-per-token", l.MaxSessionsPerToken, "with --acl: live sessions one token may have made at most")
+	fs.IntVar(&l.MaxWatchersPerToken, "max-watchers-per-token", l.MaxWatchersPerToken, "with --acl: open watch streams of one token on this server at most")
+	fs.Float64Var(&l.WriteRatePerToken, "write-rate-per-token", l.WriteRatePerToken, "with --acl: writes per second of one token on this server (its sessions' credentials included)")
+	fs.IntVar(&l.WriteBurstPerToken, "write-burst-per-token", l.WriteBurstPerToken, "with --acl: writes one token may make at once above --write-rate-per-token")
 	fs.DurationVar(&l.ReadBodyTimeout, "read-body-timeout", l.ReadBodyTimeout, "how long a client may take to send a unary request's body")
 }

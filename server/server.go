@@ -44,6 +44,7 @@ type Server struct {
 	acl           *acl.System // nil without --acl
 	breakGlass    *breakGlass // nil without --acl
 	audit         *auditor    // nil without --audit-log
+	quotas        *tokenQuotas
 
 	watchers atomic.Int32 // open watch streams (at most Limits.MaxWatchers)
 	awaits   atomic.Int32 // AwaitWatchers calls waiting (at most Limits.MaxAwaits)
@@ -80,6 +81,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	}
 	s.runCtx, s.runCancel = context.WithCancel(context.Background())
 	s.acks = newAcks()
+	s.quotas = newTokenQuotas(cfg.Limits)
 	s.metrics = newMetrics(s)
 
 	ln, err := net.Listen("tcp", cfg.Addr)

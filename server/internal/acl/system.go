@@ -42,6 +42,7 @@ type System struct {
 	notify   chan struct{}           // closed and replaced when the revision advances; guarded by mu
 	sessions map[Hash]sessionBinding // guarded by mu
 	bySess   map[int64]Hash          // guarded by mu
+	perToken map[string]int          // guarded by mu; live sessions by the accessor that made them
 }
 
 type sessionBinding struct {
@@ -73,7 +74,7 @@ func New(cli *clientv3.Client, prefix string, log *slog.Logger) *System {
 	s := &System{
 		cli: cli, prefix: prefix, log: log, now: time.Now,
 		ready: make(chan struct{}), notify: make(chan struct{}),
-		sessions: map[Hash]sessionBinding{}, bySess: map[int64]Hash{},
+		sessions: map[Hash]sessionBinding{}, bySess: map[int64]Hash{}, perToken: map[string]int{},
 	}
 	s.state.Store(build(0, nil))
 	return s
@@ -283,7 +284,7 @@ func (s *System) relist(ctx context.Context) (int64, error) {
 		s.load(r, creds, string(kv.Key), kv.Value)
 	}
 	s.mu.Lock()
-	s.sessions, s.bySess = map[Hash]sessionBinding{}, map[int64]Hash{}
+	s.sessions, s.bySess, s.perToken = map[Hash]sessionBinding{}, map[int64]Hash{}, map[string]int{}
 	for id, c := range creds {
 		s.bindLocked(id, c)
 	}
@@ -302,8 +303,30 @@ func (s *System) bindLocked(id int64, c *SessionCredential) {
 	if err != nil {
 		return
 	}
+	s.unbindLocked(id) // a record written again, or made known by BindSession first
 	s.sessions[h] = sessionBinding{session: id, parent: c.Parent}
 	s.bySess[id] = h
+	s.perToken[c.Parent]++
+}
+
+func (s *System) unbindLocked(id int64) {
+	h, ok := s.bySess[id]
+	if !ok {
+		return
+	}
+	parent := s.sessions[h].parent
+	delete(s.sessions, h)
+	delete(s.bySess, id)
+	if s.perToken[parent]--; s.perToken[parent] <= 0 {
+		delete(s.perToken, parent)
+	}
+}
+
+// SessionsOf counts the live sessions a token made.
+func (s *System) SessionsOf(accessor string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.perToken[accessor]
 }
 
 // load decodes one record into r (or creds); bad records are logged and
@@ -385,10 +408,7 @@ func (s *System) watch(ctx context.Context, rev int64) {
 					r.bootstrapped = false
 				case "sessions":
 					if id, err := strconv.ParseUint(name, 16, 64); err == nil {
-						if h, ok := s.bySess[int64(id)]; ok {
-							delete(s.sessions, h)
-							delete(s.bySess, int64(id))
-						}
+						s.unbindLocked(int64(id))
 					}
 				}
 				changedRecords = changedRecords || kind != "sessions"

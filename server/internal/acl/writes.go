@@ -193,8 +193,7 @@ func (s *System) BindSession(ctx context.Context, session int64, parent string) 
 	// Known here at once: the session's next call may come before the
 	// watch delivers the record.
 	s.mu.Lock()
-	s.sessions[h] = sessionBinding{session: session, parent: parent}
-	s.bySess[session] = h
+	s.bindLocked(session, &SessionCredential{SecretHash: h.String(), Parent: parent})
 	s.mu.Unlock()
 	return secret, nil
 }
