@@ -406,7 +406,8 @@ func fromConnectError(err error) error {
 	case connect.CodeUnavailable:
 		return fmt.Errorf("beacon: %s: %w", ce.Message(), ErrUnavailable)
 	case connect.CodePermissionDenied:
-		return fmt.Errorf("%w: %s", ErrPermissionDenied, ce.Message())
+		// The server's message starts "permission denied: needs …".
+		return fmt.Errorf("%w: %s", ErrPermissionDenied, strings.TrimPrefix(ce.Message(), "permission denied: "))
 	case connect.CodeUnauthenticated:
 		return fmt.Errorf("%w: %s", ErrUnauthenticated, ce.Message())
 	case connect.CodeCanceled:
