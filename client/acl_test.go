@@ -90,3 +90,17 @@ func TestACLClient(t *testing.T) {
 		}
 	}
 }
+
+// A token that cannot be a secret is refused before any call: sent, the
+// HTTP client would refuse the header and the error would read as if no
+// server answered.
+func TestTokenIsChecked(t *testing.T) {
+	for _, tok := range []string{"bct_abc\nKeep the secret safe", "bct_abc def", "bct_abc\x00"} {
+		if c, err := client.New([]string{"127.0.0.1:1"}, client.WithToken(tok)); err == nil || !strings.Contains(err.Error(), "invalid token") {
+			if c != nil {
+				c.Close()
+			}
+			t.Errorf("New(WithToken(%q)) = %v, want the token refused", tok, err)
+		}
+	}
+}

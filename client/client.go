@@ -132,6 +132,11 @@ func New(servers []string, opts ...Option) (*Client, error) {
 	if c.watchHeartbeat < 100*time.Millisecond || c.watchHeartbeat > time.Minute {
 		return nil, fmt.Errorf("beacon: invalid watch heartbeat %v: must be between 100ms and 1m", c.watchHeartbeat)
 	}
+	if i := strings.IndexFunc(c.token, func(r rune) bool { return r <= ' ' || r > '~' }); i >= 0 {
+		// Sent anyway, the header is refused before any server sees it,
+		// and the error reads as if none answered.
+		return nil, fmt.Errorf("beacon: invalid token: a space or control character at byte %d: a token secret is one word", i)
+	}
 	if c.log == nil {
 		c.log = slog.New(slog.DiscardHandler)
 	}
