@@ -177,6 +177,7 @@ func newRoot(stdout, stderr io.Writer) (*cobra.Command, *globals) {
 		newOperatorCmd(g),
 		newAuditCmd(g),
 		newDevCmd(g),
+		newACLCmd(g),
 		&cobra.Command{
 			Use:   "version",
 			Short: "Print the version: the module version and the VCS revision it was built from",
