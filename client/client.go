@@ -35,7 +35,8 @@ var (
 	// ErrClosed: the Client, Session or Watcher was closed
 	// (session.ErrClosed).
 	ErrClosed = session.ErrClosed
-	// ErrNotFound: the instance does not exist.
+	// ErrNotFound: the instance, or the ACL token, policy or role
+	// (Client.ACL), does not exist.
 	ErrNotFound = errors.New("beacon: not found")
 	// ErrPermissionDenied: the token may not make the call; the message
 	// names the permission it lacks.
@@ -105,7 +106,8 @@ type Client struct {
 	conns          *connSet // the owned HTTP client's connections
 	servers        []string
 	rpcs           []beaconv1connect.RegistryServiceClient
-	current        atomic.Int64 // index into rpcs of the server in use
+	acls           []beaconv1connect.AclServiceClient // by server, as rpcs
+	current        atomic.Int64                       // index into rpcs of the server in use
 	ka             *keepAliveStream
 
 	isClosed atomic.Bool // set by Close: calls fail fast with ErrClosed
@@ -129,6 +131,11 @@ func New(servers []string, opts ...Option) (*Client, error) {
 	}
 	if c.watchHeartbeat < 100*time.Millisecond || c.watchHeartbeat > time.Minute {
 		return nil, fmt.Errorf("beacon: invalid watch heartbeat %v: must be between 100ms and 1m", c.watchHeartbeat)
+	}
+	if i := strings.IndexFunc(c.token, func(r rune) bool { return r <= ' ' || r > '~' }); i >= 0 {
+		// Sent anyway, the header is refused before any server sees it,
+		// and the error reads as if none answered.
+		return nil, fmt.Errorf("beacon: invalid token: a space or control character at byte %d: a token secret is one word", i)
 	}
 	if c.log == nil {
 		c.log = slog.New(slog.DiscardHandler)
@@ -155,8 +162,9 @@ func New(servers []string, opts ...Option) (*Client, error) {
 			c.servers = append(c.servers, part)
 			// No gzip: between services in one network it costs far more
 			// CPU (on the server's fan-out above all) than it saves.
-			c.rpcs = append(c.rpcs, beaconv1connect.NewRegistryServiceClient(c.http, part,
-				connect.WithGRPC(), connect.WithAcceptCompression("gzip", nil, nil), connect.WithInterceptors(tokenInterceptor{c})))
+			opts := []connect.ClientOption{connect.WithGRPC(), connect.WithAcceptCompression("gzip", nil, nil), connect.WithInterceptors(tokenInterceptor{c})}
+			c.rpcs = append(c.rpcs, beaconv1connect.NewRegistryServiceClient(c.http, part, opts...))
+			c.acls = append(c.acls, beaconv1connect.NewAclServiceClient(c.http, part, opts...))
 		}
 	}
 	if len(c.servers) == 0 {
@@ -318,21 +326,33 @@ func (c *Client) Namespace() string { return c.namespace }
 // others in turn; the last one tried has the rest of ctx. f must be safe
 // to repeat.
 func call[T any](ctx context.Context, c *Client, f func(context.Context, beaconv1connect.RegistryServiceClient) (T, error)) (T, error) {
+	v, err := failover(ctx, c, c.rpcs, true, f)
+	return v, fromConnectError(err)
+}
+
+// failover runs f against stubs[current], moving on to the next server
+// as call describes. A call that must not happen twice (repeatable false)
+// moves on only when its request never left — the connection to the
+// server could not be made — and is never cut short by the attempt
+// timeout: a server that took the request may have acted on it. The
+// error is the API's (a *connect.Error), or one wrapping ErrUnavailable
+// that says what every server answered.
+func failover[S, T any](ctx context.Context, c *Client, stubs []S, repeatable bool, f func(context.Context, S) (T, error)) (T, error) {
 	var zero T
 	if c.isClosed.Load() {
 		return zero, ErrClosed
 	}
 	var last error
 	var unavailable []string // why each server could not be used
-	n := int64(len(c.rpcs))
+	n := int64(len(stubs))
 	start := c.current.Load()
 	for i := range n {
 		idx := (start + i) % n
 		actx, cancel := ctx, context.CancelFunc(func() {})
-		if i < n-1 {
+		if i < n-1 && repeatable {
 			actx, cancel = context.WithTimeout(ctx, c.attemptTimeout)
 		}
-		v, err := f(actx, c.rpcs[idx])
+		v, err := f(actx, stubs[idx])
 		timedOut := actx.Err() != nil && ctx.Err() == nil
 		cancel()
 		if err == nil {
@@ -340,7 +360,7 @@ func call[T any](ctx context.Context, c *Client, f func(context.Context, beaconv
 			return v, nil
 		}
 		last = err
-		if ctx.Err() != nil || (!timedOut && connect.CodeOf(err) != connect.CodeUnavailable) {
+		if ctx.Err() != nil || (!timedOut && connect.CodeOf(err) != connect.CodeUnavailable) || (!repeatable && !unsent(err)) {
 			break
 		}
 		msg := err.Error()
@@ -358,7 +378,14 @@ func call[T any](ctx context.Context, c *Client, f func(context.Context, beaconv
 		// Say what every server answered, not only the last one.
 		return zero, fmt.Errorf("beacon: no server could serve the call (%s): %w", strings.Join(unavailable, "; "), ErrUnavailable)
 	}
-	return zero, fromConnectError(last)
+	return zero, last
+}
+
+// unsent reports whether a call's error shows that its request never
+// reached a server: the connection could not be made.
+func unsent(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
 }
 
 // suspect moves the client's calls off server idx, if they still go there,
@@ -384,7 +411,8 @@ func fromConnectError(err error) error {
 	case connect.CodeUnavailable:
 		return fmt.Errorf("beacon: %s: %w", ce.Message(), ErrUnavailable)
 	case connect.CodePermissionDenied:
-		return fmt.Errorf("%w: %s", ErrPermissionDenied, ce.Message())
+		// The server's message starts "permission denied: needs …".
+		return fmt.Errorf("%w: %s", ErrPermissionDenied, strings.TrimPrefix(ce.Message(), "permission denied: "))
 	case connect.CodeUnauthenticated:
 		return fmt.Errorf("%w: %s", ErrUnauthenticated, ce.Message())
 	case connect.CodeCanceled:

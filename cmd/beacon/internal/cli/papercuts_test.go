@@ -140,10 +140,14 @@ func TestServerHelpLeavesOutClientFlags(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "--addr") || !strings.Contains(out, "--etcd-client-addr") {
 		t.Fatalf("server --help = %d %q", code, out)
 	}
-	for _, flag := range []string{"--server ", "--namespace", "--output"} {
+	for _, flag := range []string{"--server ", "--namespace", "--output", "--token"} {
 		if strings.Contains(out, flag) {
 			t.Errorf("server --help lists the client flag %s", flag)
 		}
+	}
+	// A backquoted word in a flag's usage is taken as its value's name.
+	if strings.Contains(out, "--acl beacon") {
+		t.Errorf("server --help shows --acl taking an argument: %q", out)
 	}
 	if _, out, _ := run("instances", "--help"); !strings.Contains(out, "--server") {
 		t.Errorf("instances --help lost --server: %q", out)

@@ -15,6 +15,7 @@ import (
 	"syscall"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
@@ -29,8 +30,12 @@ type globals struct {
 	output    string
 	// TLS to the servers: CA certificate, client certificate and key.
 	caCert, clientCert, clientKey string
-	stdout                        io.Writer
-	stderr                        io.Writer
+	// The ACL token: --token, or --token-file, read by secret.
+	token, tokenFile string
+	tokenFrom        string // where secret found the token, for the hints
+	flags            *pflag.FlagSet
+	stdout           io.Writer
+	stderr           io.Writer
 }
 
 // Main runs the command line and returns the process exit code; SIGINT
@@ -59,15 +64,20 @@ func errorLine(err error, g *globals) string {
 	if !strings.HasPrefix(msg, "beacon: ") {
 		msg = "beacon: " + msg
 	}
-	if errors.Is(err, client.ErrUnavailable) {
+	switch {
+	case errors.Is(err, client.ErrUnavailable):
 		msg += fmt.Sprintf("\nno beacon server answered at %s: start one with `beacon server`, or point --server (or BEACON_ADDR) at a running one",
 			strings.Join(g.serverAddrs(), ","))
+	case errors.Is(err, client.ErrUnauthenticated) && g.tokenFrom != "":
+		msg += "\nthe token is from " + g.tokenFrom
+	case errors.Is(err, client.ErrPermissionDenied) && strings.Contains(msg, "(token anonymous)") && g.tokenFrom == "":
+		msg += "\nno token was given, so the call ran as the anonymous token: pass --token or --token-file (or set BEACON_TOKEN or BEACON_TOKEN_FILE)"
 	}
 	return msg
 }
 
 // clientOnlyFlags are the global flags of the client commands.
-var clientOnlyFlags = []string{"server", "namespace", "output", "ca-cert", "client-cert", "client-key"}
+var clientOnlyFlags = []string{"server", "namespace", "output", "ca-cert", "client-cert", "client-key", "token", "token-file"}
 
 // hideClientFlags keeps the client commands' global flags, but those
 // named in keep, out of the help of cmd and its subcommands, which do not
@@ -149,6 +159,11 @@ func newRoot(stdout, stderr io.Writer) (*cobra.Command, *globals) {
 	pf.StringVar(&g.caCert, "ca-cert", os.Getenv("BEACON_CACERT"), "talk to the servers over TLS, trusting this CA certificate (PEM; env BEACON_CACERT)")
 	pf.StringVar(&g.clientCert, "client-cert", os.Getenv("BEACON_CLIENT_CERT"), "client certificate for servers that require one (PEM; env BEACON_CLIENT_CERT)")
 	pf.StringVar(&g.clientKey, "client-key", os.Getenv("BEACON_CLIENT_KEY"), "the --client-cert's key (PEM; env BEACON_CLIENT_KEY)")
+	// Not defaulted from the environment like the others: help would
+	// print the secret.
+	pf.StringVar(&g.token, "token", "", "ACL token secret for every call (env BEACON_TOKEN; default: none, the server's anonymous token)")
+	pf.StringVar(&g.tokenFile, "token-file", "", "read the ACL token secret from this file (env BEACON_TOKEN_FILE)")
+	g.flags = pf
 	root.AddCommand(
 		newServerCmd(g),
 		newRegisterCmd(g),
@@ -162,6 +177,7 @@ func newRoot(stdout, stderr io.Writer) (*cobra.Command, *globals) {
 		newOperatorCmd(g),
 		newAuditCmd(g),
 		newDevCmd(g),
+		newACLCmd(g),
 		&cobra.Command{
 			Use:   "version",
 			Short: "Print the version: the module version and the VCS revision it was built from",
@@ -174,6 +190,13 @@ func newRoot(stdout, stderr io.Writer) (*cobra.Command, *globals) {
 
 func (g *globals) client() (*client.Client, error) {
 	opts := []client.Option{client.WithNamespace(g.namespace)}
+	secret, err := g.secret()
+	if err != nil {
+		return nil, err
+	}
+	if secret != "" {
+		opts = append(opts, client.WithToken(secret))
+	}
 	if g.caCert != "" || g.clientCert != "" || g.clientKey != "" {
 		cfg, err := client.TLSFromFiles(g.caCert, g.clientCert, g.clientKey)
 		if err != nil {
@@ -182,6 +205,50 @@ func (g *globals) client() (*client.Client, error) {
 		opts = append(opts, client.WithTLS(cfg))
 	}
 	return client.New(g.serverAddrs(), opts...)
+}
+
+// secret is the ACL token the calls send: --token or --token-file, else
+// BEACON_TOKEN or BEACON_TOKEN_FILE (a flag given overrides both
+// variables); "" is no token. A file's token is trimmed of whitespace.
+func (g *globals) secret() (string, error) {
+	tok, file := g.token, g.tokenFile
+	tokName, fileName := "--token", "--token-file"
+	tokSet, fileSet := g.flags.Changed("token"), g.flags.Changed("token-file")
+	if !tokSet && !fileSet {
+		tok, file = os.Getenv("BEACON_TOKEN"), os.Getenv("BEACON_TOKEN_FILE")
+		tokName, fileName = "BEACON_TOKEN", "BEACON_TOKEN_FILE"
+		tokSet, fileSet = tok != "", file != ""
+	}
+	switch {
+	case tokSet && fileSet:
+		return "", fmt.Errorf("invalid %s: give %s or %s, not both", fileName, tokName, fileName)
+	case fileSet:
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return "", fmt.Errorf("invalid %s: %w", fileName, err)
+		}
+		s := strings.TrimSpace(string(b))
+		if s == "" {
+			return "", fmt.Errorf("invalid %s: %s holds no token", fileName, file)
+		}
+		g.tokenFrom = fileName + " " + file
+		return s, checkSecret(g.tokenFrom, s)
+	case tokSet:
+		g.tokenFrom = tokName
+		s := strings.TrimSpace(tok)
+		return s, checkSecret(g.tokenFrom, s)
+	}
+	return "", nil
+}
+
+// checkSecret refuses what cannot be a token's secret (printable ASCII
+// without spaces): sent anyway, the HTTP client refuses the header and the
+// error reads as if no server answered.
+func checkSecret(from, s string) error {
+	if i := strings.IndexFunc(s, func(r rune) bool { return r <= ' ' || r > '~' }); i >= 0 {
+		return fmt.Errorf("invalid %s: a space or control character at byte %d: a token secret is one word (was more than the secret copied?)", from, i)
+	}
+	return nil
 }
 
 // call runs f with a client and a context bounded by callTimeout.
