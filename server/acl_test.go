@@ -19,6 +19,7 @@ import (
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
+	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/server"
 	"beacon.dev/beacon/server/audit"
@@ -584,5 +585,123 @@ func TestAuditLog(t *testing.T) {
 	}
 	if !strings.Contains(lines[1], `"outcome":"allowed"`) || !strings.Contains(lines[1], `"source":"127.0.0.1:`) {
 		t.Errorf("register line = %s, want allowed with the source address", lines[1])
+	}
+}
+
+// TestACLQuotasPerToken: one token's sessions, watch streams and writes
+// are bounded on their own; another token is not held back by them.
+func TestACLQuotasPerToken(t *testing.T) {
+	cfg := servertest.Config(t, "")
+	cfg.ACL = true
+	cfg.Limits.MaxSessionsPerToken = 2
+	cfg.Limits.MaxWatchersPerToken = 1
+	cfg.Limits.WriteRatePerToken, cfg.Limits.WriteBurstPerToken = 1, 4
+	srv := servertest.Start(t, cfg)
+	ctx := context.Background()
+	boot, err := aclClient(srv, "", connect.WithGRPC()).Bootstrap(ctx, connect.NewRequest(&beaconv1.BootstrapRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mgmt := boot.Msg.GetToken().GetSecretId()
+	web := mustToken(t, srv, mgmt, &beaconv1.AclToken{ServiceIdentities: []*beaconv1.AclServiceIdentity{{Service: "web"}}})
+	db := mustToken(t, srv, mgmt, &beaconv1.AclToken{ServiceIdentities: []*beaconv1.AclServiceIdentity{{Service: "db"}}})
+	wc, dc := regClient(srv, web, connect.WithGRPC()), regClient(srv, db, connect.WithGRPC())
+
+	// Sessions: two writes of web's budget of four.
+	for range 2 {
+		if _, err := wc.CreateSession(ctx, connect.NewRequest(&beaconv1.CreateSessionRequest{})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := wc.CreateSession(ctx, connect.NewRequest(&beaconv1.CreateSessionRequest{})); connect.CodeOf(err) != connect.CodeResourceExhausted || !strings.Contains(err.Error(), "--max-sessions-per-token") {
+		t.Errorf("third session of one token = %v, want ResourceExhausted naming --max-sessions-per-token", err)
+	}
+	if _, err := dc.CreateSession(ctx, connect.NewRequest(&beaconv1.CreateSessionRequest{})); err != nil {
+		t.Errorf("another token's session = %v", err)
+	}
+
+	// Writes: the fourth of web's burst passes, the next ones do not.
+	in := ttlInstance("web", "p", "10.0.0.1", 0)
+	var refused error
+	for range 3 {
+		if _, err := wc.Register(ctx, connect.NewRequest(&beaconv1.RegisterRequest{Instance: in})); err != nil {
+			refused = err
+			break
+		}
+	}
+	if connect.CodeOf(refused) != connect.CodeResourceExhausted || !strings.Contains(refused.Error(), "--write-rate-per-token") {
+		t.Errorf("writes past one token's burst = %v, want ResourceExhausted naming --write-rate-per-token", refused)
+	}
+	if _, err := dc.Register(ctx, connect.NewRequest(&beaconv1.RegisterRequest{Instance: ttlInstance("db", "p", "10.0.0.2", 0)})); err != nil {
+		t.Errorf("another token's write = %v", err)
+	}
+
+	// Watch streams.
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	first, err := wc.Watch(wctx, connect.NewRequest(&beaconv1.WatchRequest{}))
+	if err != nil || !first.Receive() {
+		t.Fatalf("first watch: %v %v", err, first.Err())
+	}
+	defer first.Close()
+	second, err := wc.Watch(wctx, connect.NewRequest(&beaconv1.WatchRequest{}))
+	if err == nil {
+		second.Receive()
+		err = second.Err()
+		second.Close()
+	}
+	if connect.CodeOf(err) != connect.CodeResourceExhausted || !strings.Contains(err.Error(), "--max-watchers-per-token") {
+		t.Errorf("second watch of one token = %v, want ResourceExhausted naming --max-watchers-per-token", err)
+	}
+	other, err := dc.Watch(wctx, connect.NewRequest(&beaconv1.WatchRequest{}))
+	if err != nil || !other.Receive() {
+		t.Errorf("another token's watch: %v %v", err, other.Err())
+	}
+	other.Close()
+}
+
+// TestACLClientCertificateRole: over mTLS, a call without a token takes
+// the rights of the role named like its certificate's common name.
+func TestACLClientCertificateRole(t *testing.T) {
+	dir := t.TempDir()
+	ca := testutil.NewCA(t, "ca")
+	cfg := servertest.Config(t, "")
+	cfg.ACL = true
+	cfg.TLSCertFile, cfg.TLSKeyFile = ca.Issue(t, dir, "server", testutil.CertSpec{Names: []string{"127.0.0.1"}})
+	cfg.TLSClientCAFile = ca.WriteCert(t, filepath.Join(dir, "ca.pem"))
+	srv := servertest.Start(t, cfg)
+	ctx := context.Background()
+	clientFor := func(cn string) *http.Client {
+		cert, key := ca.Issue(t, dir, cn, testutil.CertSpec{Client: true})
+		tc, err := client.TLSFromFiles(cfg.TLSClientCAFile, cert, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &http.Client{Transport: &http.Transport{TLSClientConfig: tc, ForceAttemptHTTP2: true}}
+	}
+	boot, err := beaconv1connect.NewAclServiceClient(clientFor("bootstrapper"), "https://"+srv.Addr()).Bootstrap(ctx, connect.NewRequest(&beaconv1.BootstrapRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mgmt := beaconv1connect.NewAclServiceClient(clientFor("admin"), "https://"+srv.Addr(), connect.WithInterceptors(bearer(boot.Msg.GetToken().GetSecretId())))
+	if _, err := mgmt.PutPolicy(ctx, connect.NewRequest(&beaconv1.PutPolicyRequest{Policy: &beaconv1.AclPolicy{Name: "ops", Rules: "write operator\nread service *"}})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := mgmt.PutRole(ctx, connect.NewRequest(&beaconv1.PutRoleRequest{Role: &beaconv1.AclRole{Name: "ops", Policies: []string{"ops"}}})); err != nil {
+		t.Fatal(err)
+	}
+	setThreshold := func(hc *http.Client) error {
+		_, err := beaconv1connect.NewRegistryServiceClient(hc, "https://"+srv.Addr()).SetServiceConfig(ctx, connect.NewRequest(&beaconv1.SetServiceConfigRequest{Service: "web", ProtectionThreshold: 0.5}))
+		return err
+	}
+	if err := setThreshold(clientFor("ops")); err != nil {
+		t.Errorf("SetServiceConfig with the ops certificate = %v", err)
+	}
+	if err := setThreshold(clientFor("intern")); connect.CodeOf(err) != connect.CodePermissionDenied || !strings.Contains(err.Error(), "token anonymous") {
+		t.Errorf("SetServiceConfig with a certificate naming no role = %v, want PermissionDenied as anonymous", err)
+	}
+	who, err := beaconv1connect.NewAclServiceClient(clientFor("ops"), "https://"+srv.Addr()).WhoAmI(ctx, connect.NewRequest(&beaconv1.WhoAmIRequest{}))
+	if err != nil || who.Msg.GetToken().GetAccessorId() != "role:ops" {
+		t.Errorf("WhoAmI(ops certificate) = %v, %v, want role:ops", who, err)
 	}
 }
