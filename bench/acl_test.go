@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"net/http"
 	"path/filepath"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -106,30 +104,13 @@ func registerRate(b *testing.B, addr string, opts []client.Option, n int) float6
 		}
 		defer sessions[i].Close(context.Background())
 	}
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	start := time.Now()
-	for w := range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1))
-				if i > n {
-					return
-				}
-				// Each session its own instances: with ACLs a session
-				// may not take over another's.
-				in := registry.Instance{Service: "bench", ID: fmt.Sprintf("w%d-%d", w, i%125), Address: "127.0.0.1", Port: 1 + i%60000}
-				if _, err := sessions[w].Register(ctx, in); err != nil {
-					b.Error(err)
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	return float64(n) / time.Since(start).Seconds()
+	return throughput(b, workers, n, func(w, i int) error {
+		// Each session its own instances: with ACLs a session may not
+		// take over another's.
+		in := registry.Instance{Service: "bench", ID: fmt.Sprintf("w%d-%d", w, i%125), Address: "127.0.0.1", Port: 1 + i%60000}
+		_, err := sessions[w].Register(ctx, in)
+		return err
+	})
 }
 
 // BenchmarkTLSHandshake: a new connection and one call, in the clear and

@@ -245,29 +245,7 @@ func BenchmarkRegisterThroughput(b *testing.B) {
 		}()
 		leases[i] = l.ID
 	}
-	run := func(op func(worker, i int) error) float64 {
-		var next atomic.Int64
-		var wg sync.WaitGroup
-		start := time.Now()
-		for w := range workers {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for {
-					i := int(next.Add(1))
-					if i > b.N {
-						return
-					}
-					if err := op(w, i); err != nil {
-						b.Error(err)
-						return
-					}
-				}
-			}()
-		}
-		wg.Wait()
-		return float64(b.N) / time.Since(start).Seconds()
-	}
+	run := func(op func(worker, i int) error) float64 { return throughput(b, workers, b.N, op) }
 	b.ResetTimer()
 	beacon := run(func(w, i int) error {
 		_, err := sessions[w].Register(ctx, registry.Instance{Service: fmt.Sprintf("svc-%d", i%20), ID: fmt.Sprintf("i-%d", i%2000), Address: "127.0.0.1", Port: 1 + i%60000})
@@ -284,6 +262,33 @@ func BenchmarkRegisterThroughput(b *testing.B) {
 	b.ReportMetric(raw, "etcd-puts/s")
 	b.ReportMetric(beacon/raw, "ratio")
 	b.ReportMetric(0, "ns/op")
+}
+
+// throughput runs n operations on workers goroutines (op gets the
+// worker's index and the operation's, from 1) and returns operations per
+// second.
+func throughput(b *testing.B, workers, n int, op func(worker, i int) error) float64 {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	start := time.Now()
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1))
+				if i > n {
+					return
+				}
+				if err := op(w, i); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return float64(n) / time.Since(start).Seconds()
 }
 
 func rawRecord(in *registry.Instance) string {
