@@ -65,7 +65,8 @@ func EtcdSocket(dataDir string) (string, error) {
 type Config struct {
 	// Addr is where the API, health endpoints and metrics listen.
 	Addr string
-	// DataDir holds the embedded etcd's data.
+	// DataDir holds the embedded etcd's data and its client socket
+	// (EtcdSocket); Start makes it 0700.
 	DataDir string
 	// Name names this server (and its etcd member).
 	Name string
