@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/registry"
 	"beacon.dev/beacon/server"
 	"beacon.dev/beacon/server/servertest"
@@ -24,6 +25,7 @@ import (
 func benchServer(b *testing.B) (*server.Server, string) {
 	b.Helper()
 	cfg := servertest.Config(b, "")
+	cfg.EtcdClientAddr = testutil.FreeAddr(b) // the benchmarks' own etcd clients, as raw etcd's
 	cfg.EtcdUnsafeNoFsync = os.Getenv("BEACON_BENCH_NO_FSYNC") == "1"
 	return servertest.Start(b, cfg), cfg.EtcdClientAddr
 }

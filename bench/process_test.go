@@ -39,6 +39,7 @@ func startServerProcess(b testing.TB, extraArgs ...string) *serverProcess {
 		b.Fatalf("go build: %v\n%s", err, out)
 	}
 	cfg := servertest.Config(b, "")
+	cfg.EtcdClientAddr = testutil.FreeAddr(b) // the benchmarks' own etcd clients
 	p := &serverProcess{addr: cfg.Addr, etcdAddr: cfg.EtcdClientAddr}
 	args := []string{"server", "--addr", cfg.Addr, "--data-dir", cfg.DataDir,
 		"--etcd-client-addr", cfg.EtcdClientAddr, "--etcd-peer-addr", cfg.EtcdPeerAddr, "--log-level", "error"}

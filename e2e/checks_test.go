@@ -230,6 +230,7 @@ func testCheck(t *testing.T, kind string) {
 func TestChecksAreSharedAndTakenOver(t *testing.T) {
 	const memberTTL = 5 * time.Second
 	cfgA := servertest.Config(t, "")
+	cfgA.EtcdClientAddr = testutil.FreeAddr(t) // for b
 	a := servertest.Start(t, cfgA)
 	bAddr := testutil.FreeAddr(t)
 	b := start(t, "server", "--addr", bAddr, "--name", "b", "--etcd-endpoints", "http://"+cfgA.EtcdClientAddr,

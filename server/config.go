@@ -7,8 +7,10 @@ import (
 	"math"
 	"net"
 	"net/url"
+	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -28,31 +30,78 @@ type GuardConfig = view.GuardConfig
 const (
 	DefaultAddr    = "127.0.0.1:8970"
 	DefaultDataDir = "beacon.data"
-	// The embedded etcd's listeners follow --addr (its port + 1 and + 2)
-	// unless set: etcd's own 2379/2380 would collide with the etcd an
-	// etcd user already runs. These are the values for DefaultAddr.
-	DefaultEtcdClientAddr = "127.0.0.1:8971"
-	DefaultEtcdPeerAddr   = "127.0.0.1:8972"
+	// The embedded etcd's peer address follows --addr (its port + 2)
+	// unless set: etcd's own 2380 would collide with the etcd an etcd
+	// user already runs. This is the value for DefaultAddr. (Port + 1 was
+	// the client port, which is now a unix socket unless asked for:
+	// EtcdSocketName.)
+	DefaultEtcdPeerAddr = "127.0.0.1:8972"
+	// EtcdSocketName is the embedded etcd's client socket in the data
+	// directory; the server's own etcd client connects through it.
+	EtcdSocketName = "etcd.sock"
 )
+
+// maxSocketPath is the longest path a unix socket may have here (the
+// kernel's sun_path less the terminating NUL: 107 bytes on Linux, 103 on
+// the BSDs and macOS).
+var maxSocketPath = len(syscall.RawSockaddrUnix{}.Path) - 1
+
+// EtcdSocket returns the absolute path of the embedded etcd's client
+// socket in dataDir, or an error when that path is longer than a unix
+// socket's may be.
+func EtcdSocket(dataDir string) (string, error) {
+	dir, err := filepath.Abs(dataDir)
+	if err != nil {
+		return "", fmt.Errorf("server: invalid --data-dir %q: %w", dataDir, err)
+	}
+	path := filepath.Join(dir, EtcdSocketName)
+	if len(path) > maxSocketPath {
+		return "", fmt.Errorf("server: invalid --data-dir %s: the embedded etcd's socket %s would be %d bytes long, and a unix socket's path may have at most %d: choose a shorter --data-dir", dataDir, path, len(path), maxSocketPath)
+	}
+	return path, nil
+}
 
 // Config configures a Server. Get one from NewConfig.
 type Config struct {
 	// Addr is where the API, health endpoints and metrics listen.
 	Addr string
-	// DataDir holds the embedded etcd's data.
+	// DataDir holds the embedded etcd's data and its client socket
+	// (EtcdSocket); Start makes it 0700.
 	DataDir string
 	// Name names this server (and its etcd member).
 	Name string
 	// EtcdEndpoints, when set, uses that etcd cluster and embeds none.
 	EtcdEndpoints []string
-	// EtcdClientAddr and EtcdPeerAddr are the embedded etcd's listeners;
-	// the client one also serves etcdctl. Empty: Addr's host with its
-	// port + 1 and + 2 (Start fills them in).
-	EtcdClientAddr, EtcdPeerAddr string
+	// EtcdClientAddr, when set, gives the embedded etcd a TCP client
+	// listener there, for etcdctl, `beacon operator` and other beacon
+	// servers (--etcd-endpoints). Empty: none — the embedded etcd's
+	// clients connect through the unix socket EtcdSocket(DataDir) only,
+	// as the server itself always does.
+	EtcdClientAddr string
+	// EtcdClientCertFile and EtcdClientKeyFile serve EtcdClientAddr over
+	// TLS, and EtcdClientCAFile admits only clients presenting a
+	// certificate of that CA (etcd's client-cert auth). All three or none;
+	// without them a listener beyond loopback needs Insecure.
+	EtcdClientCertFile, EtcdClientKeyFile, EtcdClientCAFile string
+	// EtcdPeerAddr is the embedded etcd's peer listener in cluster mode
+	// and its advertised peer URL. A single node listens on no peer port.
+	// Empty: Addr's host with its port + 2 (Start fills it in).
+	EtcdPeerAddr string
 	// EtcdInitialCluster, for a cluster of beacon servers each embedding an
-	// etcd member: "name=http://peer-host:port,…" over every member (this
-	// one included, under Name and EtcdPeerAddr). Empty: a single node.
+	// etcd member: "name=https://peer-host:port,…" over every member
+	// (this one included, under Name and EtcdPeerAddr; http:// with
+	// Insecure and no peer TLS). Empty: a single node.
 	EtcdInitialCluster string
+	// EtcdPeerCertFile, EtcdPeerKeyFile and EtcdPeerCAFile are the peer
+	// TLS of cluster mode: the member's certificate, used as both server
+	// and client (so for both uses, naming its host), and the CA every
+	// member's certificate must chain to. Cluster mode needs them, or
+	// Insecure.
+	EtcdPeerCertFile, EtcdPeerKeyFile, EtcdPeerCAFile string
+	// EtcdCAFile, EtcdCertFile and EtcdKeyFile are how the server talks to
+	// an external etcd (EtcdEndpoints) over TLS: the CA to trust (empty:
+	// the system's), and a client certificate to present.
+	EtcdCAFile, EtcdCertFile, EtcdKeyFile string
 	// EtcdClusterToken tells clusters apart (default "beacon").
 	EtcdClusterToken string
 	// EtcdPrefix is where beacon keeps its keys.
@@ -91,9 +140,12 @@ type Config struct {
 	// HTTP/1.1); TLSClientCAFile then requires client certificates that
 	// chain to it (mTLS). The files are read again when they change.
 	TLSCertFile, TLSKeyFile, TLSClientCAFile string
-	// Insecure lets the API serve in the clear on an address other than
-	// loopback; without it such a server refuses to start (and with it,
-	// it warns at every start).
+	// Insecure allows what is otherwise refused for being open to the
+	// network: the API in the clear or without ACLs on an address other
+	// than loopback, the
+	// embedded etcd's TCP client listener in the clear beyond loopback,
+	// and cluster mode without peer TLS. The server warns about each at
+	// every start.
 	Insecure bool
 	// ACL turns on access control: every call is authorized by its token
 	// (the anonymous token's policy when it has none), and what no rule
@@ -152,28 +204,33 @@ func NewConfig() *Config {
 // Embedded reports whether the server runs its own etcd.
 func (c *Config) Embedded() bool { return len(c.EtcdEndpoints) == 0 }
 
-// etcdAddrs returns the embedded etcd's client and peer addresses: the
-// configured ones, or Addr's port + 1 and + 2 on its host.
-func (c *Config) etcdAddrs() (client, peer string, err error) {
-	client, peer = c.EtcdClientAddr, c.EtcdPeerAddr
-	if client != "" && peer != "" {
-		return client, peer, nil
+// cluster reports whether the server embeds a member of a cluster of
+// several (EtcdInitialCluster is set).
+func (c *Config) cluster() bool { return c.EtcdInitialCluster != "" }
+
+// etcdPeerAddr returns the embedded etcd's peer address: the configured
+// one, or Addr's port + 2 on its host.
+func (c *Config) etcdPeerAddr() (string, error) {
+	if c.EtcdPeerAddr != "" {
+		return c.EtcdPeerAddr, nil
 	}
 	host, portText, err := net.SplitHostPort(c.Addr)
 	if err != nil {
-		return "", "", fmt.Errorf("server: invalid --addr %q: %w", c.Addr, err)
+		return "", fmt.Errorf("server: invalid --addr %q: %w", c.Addr, err)
 	}
 	port, err := strconv.Atoi(portText)
 	if err != nil || port == 0 || port > 65533 {
-		return "", "", fmt.Errorf("server: --addr %s leaves no port + 1 and + 2 for the embedded etcd: set --etcd-client-addr and --etcd-peer-addr", c.Addr)
+		return "", fmt.Errorf("server: --addr %s leaves no port + 2 for the embedded etcd's peers: set --etcd-peer-addr", c.Addr)
 	}
-	if client == "" {
-		client = net.JoinHostPort(host, strconv.Itoa(port+1))
+	return net.JoinHostPort(host, strconv.Itoa(port+2)), nil
+}
+
+// peerScheme is the scheme of the embedded etcd's peer URLs.
+func (c *Config) peerScheme() string {
+	if c.EtcdPeerCertFile != "" {
+		return "https"
 	}
-	if peer == "" {
-		peer = net.JoinHostPort(host, strconv.Itoa(port+2))
-	}
-	return client, peer, nil
+	return "http"
 }
 
 // Validate checks the configuration and names the first bad field.
@@ -182,12 +239,12 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("server: invalid --addr %q: %w", c.Addr, err)
 	}
 	if c.Embedded() {
-		cl, peer, err := c.etcdAddrs()
+		peer, err := c.etcdPeerAddr()
 		if err != nil {
 			return err
 		}
-		checked := *c // with the addresses Start will use
-		checked.EtcdClientAddr, checked.EtcdPeerAddr = cl, peer
+		checked := *c // with the address Start will use
+		checked.EtcdPeerAddr = peer
 		return checked.validate()
 	}
 	return c.validate()
@@ -246,30 +303,92 @@ func (c *Config) validate() error {
 	if err := c.validateSpace(); err != nil {
 		return err
 	}
-	if c.EtcdInitialCluster != "" {
-		if !c.Embedded() {
-			return errors.New("server: invalid --etcd-initial-cluster: not with --etcd-endpoints (that cluster is someone else's)")
+	if c.Embedded() {
+		return c.validateEmbedded()
+	}
+	return c.validateExternal()
+}
+
+// validateEmbedded checks the embedded etcd's socket, listeners and peer
+// TLS (docs/security.md, "The embedded etcd").
+func (c *Config) validateEmbedded() error {
+	if c.DataDir == "" {
+		return errors.New("server: invalid --data-dir: must not be empty with embedded etcd")
+	}
+	if _, err := EtcdSocket(c.DataDir); err != nil {
+		return err
+	}
+	if c.EtcdCAFile != "" || c.EtcdCertFile != "" || c.EtcdKeyFile != "" {
+		return errors.New("server: invalid --etcd-cacert / --etcd-cert / --etcd-key: only with --etcd-endpoints (the server reaches its embedded etcd through its socket)")
+	}
+	if _, _, err := net.SplitHostPort(c.EtcdPeerAddr); err != nil {
+		return fmt.Errorf("server: invalid --etcd-peer-addr %q: %w", c.EtcdPeerAddr, err)
+	}
+	clientTLS := c.EtcdClientCertFile != "" || c.EtcdClientKeyFile != "" || c.EtcdClientCAFile != ""
+	if clientTLS && (c.EtcdClientCertFile == "" || c.EtcdClientKeyFile == "" || c.EtcdClientCAFile == "") {
+		return errors.New("server: invalid --etcd-client-cert / --etcd-client-key / --etcd-client-ca: give all three (TLS that admits only clients with a certificate of the CA) or none")
+	}
+	if c.EtcdClientAddr == "" {
+		if clientTLS {
+			return errors.New("server: invalid --etcd-client-cert: the embedded etcd has no TCP client listener to serve with it: set --etcd-client-addr")
 		}
-		found := false
-		for _, m := range strings.Split(c.EtcdInitialCluster, ",") {
-			name, peer, ok := strings.Cut(strings.TrimSpace(m), "=")
-			u, err := url.Parse(peer)
-			if !ok || name == "" || err != nil || u.Host == "" {
-				return fmt.Errorf("server: invalid --etcd-initial-cluster %q: each member must be name=http://host:port", c.EtcdInitialCluster)
-			}
-			found = found || name == c.Name && u.Host == c.EtcdPeerAddr
+	} else {
+		if _, _, err := net.SplitHostPort(c.EtcdClientAddr); err != nil {
+			return fmt.Errorf("server: invalid --etcd-client-addr %q: %w", c.EtcdClientAddr, err)
 		}
-		if !found {
-			return fmt.Errorf("server: invalid --etcd-initial-cluster: must list this server as %s=http://%s", c.Name, c.EtcdPeerAddr)
+		if !clientTLS && !c.Insecure && !loopback(c.EtcdClientAddr) {
+			return fmt.Errorf("server: --etcd-client-addr %s is reachable beyond this machine, and whoever reaches it can write the registry past the server: protect it with --etcd-client-cert, --etcd-client-key and --etcd-client-ca, or give --insecure (docs/security.md)", c.EtcdClientAddr)
 		}
 	}
-	if c.Embedded() {
-		if c.DataDir == "" {
-			return errors.New("server: invalid --data-dir: must not be empty with embedded etcd")
+	peerTLS := c.EtcdPeerCertFile != "" || c.EtcdPeerKeyFile != "" || c.EtcdPeerCAFile != ""
+	if peerTLS && (c.EtcdPeerCertFile == "" || c.EtcdPeerKeyFile == "" || c.EtcdPeerCAFile == "") {
+		return errors.New("server: invalid --etcd-peer-cert / --etcd-peer-key / --etcd-peer-ca: give all three or none")
+	}
+	if !c.cluster() {
+		if peerTLS {
+			return errors.New("server: invalid --etcd-peer-cert: a single node has no peers: only with --etcd-initial-cluster")
 		}
-		for flag, a := range map[string]string{"--etcd-client-addr": c.EtcdClientAddr, "--etcd-peer-addr": c.EtcdPeerAddr} {
-			if _, _, err := net.SplitHostPort(a); err != nil {
-				return fmt.Errorf("server: invalid %s %q: %w", flag, a, err)
+		return nil
+	}
+	if !peerTLS && !c.Insecure {
+		return errors.New("server: --etcd-initial-cluster without peer TLS: whoever reaches a peer port can join the cluster or forge its traffic: give --etcd-peer-cert, --etcd-peer-key and --etcd-peer-ca, or --insecure to let the members talk in the clear (docs/security.md)")
+	}
+	scheme := c.peerScheme()
+	found := false
+	for _, m := range strings.Split(c.EtcdInitialCluster, ",") {
+		name, peer, ok := strings.Cut(strings.TrimSpace(m), "=")
+		u, err := url.Parse(peer)
+		if !ok || name == "" || err != nil || u.Host == "" || u.Scheme != scheme {
+			return fmt.Errorf("server: invalid --etcd-initial-cluster %q: each member must be name=%s://host:port (%s)", c.EtcdInitialCluster, scheme, map[string]string{"https": "peer TLS", "http": "no peer TLS"}[scheme])
+		}
+		found = found || name == c.Name && u.Host == c.EtcdPeerAddr
+	}
+	if !found {
+		return fmt.Errorf("server: invalid --etcd-initial-cluster: must list this server as %s=%s://%s", c.Name, scheme, c.EtcdPeerAddr)
+	}
+	return nil
+}
+
+// validateExternal checks the flags of an external etcd.
+func (c *Config) validateExternal() error {
+	if c.cluster() {
+		return errors.New("server: invalid --etcd-initial-cluster: not with --etcd-endpoints (that cluster is someone else's)")
+	}
+	for flag, v := range map[string]string{
+		"--etcd-client-addr": c.EtcdClientAddr, "--etcd-client-cert": c.EtcdClientCertFile, "--etcd-client-key": c.EtcdClientKeyFile, "--etcd-client-ca": c.EtcdClientCAFile,
+		"--etcd-peer-cert": c.EtcdPeerCertFile, "--etcd-peer-key": c.EtcdPeerKeyFile, "--etcd-peer-ca": c.EtcdPeerCAFile,
+	} {
+		if v != "" {
+			return fmt.Errorf("server: invalid %s: it configures the embedded etcd, and --etcd-endpoints embeds none", flag)
+		}
+	}
+	if (c.EtcdCertFile == "") != (c.EtcdKeyFile == "") {
+		return errors.New("server: invalid --etcd-cert / --etcd-key: give both or neither")
+	}
+	if c.EtcdCAFile != "" || c.EtcdCertFile != "" {
+		for _, ep := range c.EtcdEndpoints {
+			if strings.HasPrefix(ep, "http://") {
+				return fmt.Errorf("server: invalid --etcd-endpoints %s: with --etcd-cacert or --etcd-cert, use https:// (etcd's client would talk to http:// in the clear)", ep)
 			}
 		}
 	}
@@ -282,9 +401,18 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory of the embedded etcd's data")
 	fs.StringVar(&c.Name, "name", c.Name, "name of this server and its etcd member")
 	fs.StringSliceVar(&c.EtcdEndpoints, "etcd-endpoints", c.EtcdEndpoints, "use this etcd cluster (comma-separated URLs) instead of an embedded etcd")
-	fs.StringVar(&c.EtcdClientAddr, "etcd-client-addr", c.EtcdClientAddr, "embedded etcd: client listener, which etcdctl can use (default: --addr's host, its port + 1: "+DefaultEtcdClientAddr+")")
-	fs.StringVar(&c.EtcdPeerAddr, "etcd-peer-addr", c.EtcdPeerAddr, "embedded etcd: peer listener (default: --addr's host, its port + 2: "+DefaultEtcdPeerAddr+")")
-	fs.StringVar(&c.EtcdInitialCluster, "etcd-initial-cluster", c.EtcdInitialCluster, "embedded etcd cluster: name=http://peer-addr,... over every member, this one included (empty: single node)")
+	fs.StringVar(&c.EtcdClientAddr, "etcd-client-addr", c.EtcdClientAddr, "embedded etcd: also a TCP client listener here, for etcdctl, 'beacon operator' and other servers (default: none; the socket <data-dir>/"+EtcdSocketName+" only)")
+	fs.StringVar(&c.EtcdClientCertFile, "etcd-client-cert", c.EtcdClientCertFile, "embedded etcd: serve --etcd-client-addr over TLS with this certificate (PEM)")
+	fs.StringVar(&c.EtcdClientKeyFile, "etcd-client-key", c.EtcdClientKeyFile, "the --etcd-client-cert's private key (PEM)")
+	fs.StringVar(&c.EtcdClientCAFile, "etcd-client-ca", c.EtcdClientCAFile, "embedded etcd: admit on --etcd-client-addr only clients with a certificate of these CAs (PEM)")
+	fs.StringVar(&c.EtcdPeerAddr, "etcd-peer-addr", c.EtcdPeerAddr, "embedded etcd: peer listener in cluster mode, and the peer URL a single node advertises (default: --addr's host, its port + 2: "+DefaultEtcdPeerAddr+")")
+	fs.StringVar(&c.EtcdInitialCluster, "etcd-initial-cluster", c.EtcdInitialCluster, "embedded etcd cluster: name=https://peer-addr,... over every member, this one included (http:// with --insecure; empty: single node)")
+	fs.StringVar(&c.EtcdPeerCertFile, "etcd-peer-cert", c.EtcdPeerCertFile, "embedded etcd cluster: this member's certificate for its peers, as server and as client (PEM)")
+	fs.StringVar(&c.EtcdPeerKeyFile, "etcd-peer-key", c.EtcdPeerKeyFile, "the --etcd-peer-cert's private key (PEM)")
+	fs.StringVar(&c.EtcdPeerCAFile, "etcd-peer-ca", c.EtcdPeerCAFile, "embedded etcd cluster: the CAs every member's certificate must chain to (PEM)")
+	fs.StringVar(&c.EtcdCAFile, "etcd-cacert", c.EtcdCAFile, "external etcd: trust these CAs for --etcd-endpoints (PEM; default: the system's)")
+	fs.StringVar(&c.EtcdCertFile, "etcd-cert", c.EtcdCertFile, "external etcd: present this client certificate to --etcd-endpoints (PEM)")
+	fs.StringVar(&c.EtcdKeyFile, "etcd-key", c.EtcdKeyFile, "the --etcd-cert's private key (PEM)")
 	fs.StringVar(&c.EtcdClusterToken, "etcd-cluster-token", c.EtcdClusterToken, "embedded etcd cluster: token telling clusters apart (default beacon)")
 	fs.StringVar(&c.EtcdPrefix, "etcd-prefix", c.EtcdPrefix, "key prefix of beacon's records in etcd")
 	c.bindSpaceFlags(fs)
@@ -292,7 +420,7 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long shutdown waits for in-flight calls")
 	fs.DurationVar(&c.MemberTTL, "member-ttl", c.MemberTTL, "how long a dead server's health checks wait before the other servers take them over (default 3s)")
 	fs.IntVar(&c.CheckConcurrency, "check-concurrency", c.CheckConcurrency, "health probes in flight at most (default 256)")
-	fs.BoolVar(&c.Insecure, "insecure", c.Insecure, "serve the API in the clear or without --acl on a non-loopback --addr (without it such a server refuses to start)")
+	fs.BoolVar(&c.Insecure, "insecure", c.Insecure, "allow what is open to the network: the API on a non-loopback --addr in the clear or without --acl, the embedded etcd's --etcd-client-addr without TLS, cluster members without peer TLS (without it each is refused; with it each is warned about at every start)")
 	fs.BoolVar(&c.ACL, "acl", c.ACL, "access control: every call needs a token allowed to make it (default deny; 'beacon acl bootstrap' makes the first management token)")
 	fs.StringVar(&c.ACLBreakGlassFile, "acl-break-glass-file", c.ACLBreakGlassFile, "where the server writes its one-time break-glass key for 'beacon acl bootstrap --break-glass' (default: acl-break-glass.key in --data-dir)")
 	fs.StringVar(&c.AuditLog, "audit-log", c.AuditLog, "write every write call and every refused call to this file (JSON lines chained by SHA-256; check it with 'beacon audit verify')")

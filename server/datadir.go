@@ -18,9 +18,20 @@ const lockFile = "beacon.lock"
 // needed, or says at once which process holds it. The lock is an flock:
 // the kernel releases it when the process dies, so a crashed server never
 // leaves a stale lock behind.
+//
+// The directory is made 0700 (only this user may enter it), as it holds
+// the embedded etcd's client socket: a process that connects to it
+// writes the registry past the server.
 func lockDataDir(dir string) (unlock func(), err error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("server: creating --data-dir %s: %w", dir, err)
+	}
+	if fi, err := os.Stat(dir); err != nil {
+		return nil, fmt.Errorf("server: --data-dir %s: %w", dir, err)
+	} else if fi.Mode().Perm()&0o077 != 0 {
+		if err := os.Chmod(dir, fi.Mode().Perm()&^0o077); err != nil {
+			return nil, fmt.Errorf("server: --data-dir %s is open to other users (%v) and could not be restricted to its owner: %w", dir, fi.Mode().Perm(), err)
+		}
 	}
 	path := filepath.Join(dir, lockFile)
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)

@@ -2,36 +2,77 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"net/url"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
 
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 )
 
-// startEmbeddedEtcd starts a single-node etcd and waits until it serves.
-// lastWarning returns etcd's last warning, to say why it is not ready.
-func startEmbeddedEtcd(ctx context.Context, c *Config, lg *zap.Logger, lastWarning func() string) (*embed.Etcd, error) {
+// startEmbeddedEtcd starts the embedded etcd member and waits until it
+// serves. Its clients connect through the unix socket at socket, which
+// only this user may enter (lockDataDir made the data directory 0700;
+// the socket is made 0600 here), so no other local process can write the
+// registry past the server; a TCP client listener exists only when
+// EtcdClientAddr asks for one. A single node listens on no peer port: a
+// process that reaches an etcd member's peer port can forge raft traffic,
+// which writes whatever it likes. In cluster mode the peers talk TLS and
+// must present a certificate of EtcdPeerCAFile (or, with Insecure, talk
+// in the clear). lastWarning returns etcd's last warning, to say why it
+// is not ready.
+func startEmbeddedEtcd(ctx context.Context, c *Config, socket string, lg *zap.Logger, lastWarning func() string) (*embed.Etcd, error) {
 	ec := embed.NewConfig()
 	ec.Name = c.Name
 	ec.Dir = filepath.Join(c.DataDir, "etcd")
-	cu := url.URL{Scheme: "http", Host: c.EtcdClientAddr}
-	pu := url.URL{Scheme: "http", Host: c.EtcdPeerAddr}
-	ec.ListenClientUrls, ec.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
-	ec.ListenPeerUrls, ec.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
+	su := url.URL{Scheme: "unix", Path: socket}
+	ec.ListenClientUrls, ec.AdvertiseClientUrls = []url.URL{su}, []url.URL{su}
+	if c.EtcdClientAddr != "" {
+		cu := url.URL{Scheme: "http", Host: c.EtcdClientAddr}
+		if c.EtcdClientCertFile != "" {
+			cu.Scheme = "https"
+			ec.ClientTLSInfo = transport.TLSInfo{
+				CertFile: c.EtcdClientCertFile, KeyFile: c.EtcdClientKeyFile,
+				TrustedCAFile: c.EtcdClientCAFile, ClientCertAuth: true,
+			}
+		}
+		// Members advertise the TCP listener: it is the one others can use.
+		ec.ListenClientUrls = append(ec.ListenClientUrls, cu)
+		ec.AdvertiseClientUrls = []url.URL{cu}
+	}
+	// Nothing of beacon's uses etcd's JSON gateway; it would only be one
+	// more way in, and with client-cert auth it cannot dial its own
+	// listener anyway.
+	ec.EnableGRPCGateway = false
+	pu := url.URL{Scheme: c.peerScheme(), Host: c.EtcdPeerAddr}
+	ec.AdvertisePeerUrls = []url.URL{pu}
+	ec.ListenPeerUrls = nil // a single node has no peers to listen for
 	ec.InitialCluster = ec.InitialClusterFromName(ec.Name)
-	if c.EtcdInitialCluster != "" {
+	if c.cluster() {
 		// A member of a cluster of beacon servers. On a restart the data
 		// directory already knows the cluster and etcd rejoins by itself.
+		ec.ListenPeerUrls = []url.URL{pu}
 		ec.InitialCluster = c.EtcdInitialCluster
 		ec.InitialClusterToken = c.EtcdClusterToken
 		if ec.InitialClusterToken == "" {
 			ec.InitialClusterToken = "beacon"
+		}
+		if c.EtcdPeerCertFile != "" {
+			// The member's certificate serves its peer port and is its
+			// client certificate to the others; each end checks the
+			// other's against the CA, and etcd checks that a client
+			// certificate names the address it connects from.
+			ec.PeerTLSInfo = transport.TLSInfo{
+				CertFile: c.EtcdPeerCertFile, KeyFile: c.EtcdPeerKeyFile,
+				TrustedCAFile: c.EtcdPeerCAFile, ClientCertAuth: true,
+			}
 		}
 	}
 	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(lg)
@@ -54,11 +95,17 @@ func startEmbeddedEtcd(ctx context.Context, c *Config, lg *zap.Logger, lastWarni
 	if err != nil {
 		// A port clash names the flag that chose the port.
 		for flag, addr := range map[string]string{"--etcd-client-addr": c.EtcdClientAddr, "--etcd-peer-addr": c.EtcdPeerAddr} {
-			if strings.Contains(err.Error(), addr) {
-				return nil, fmt.Errorf("server: embedded etcd: %s %s: %w (another etcd, or another beacon server, listens there: pick other ports with --etcd-client-addr and --etcd-peer-addr, or another --addr)", flag, addr, err)
+			if addr != "" && strings.Contains(err.Error(), addr) {
+				return nil, fmt.Errorf("server: embedded etcd: %s %s: %w (another etcd, or another beacon server, listens there: pick another %s, or another --addr)", flag, addr, err, flag)
 			}
 		}
 		return nil, fmt.Errorf("server: starting embedded etcd in %s: %w", ec.Dir, err)
+	}
+	// The data directory already keeps others out; the socket's own mode
+	// says so too, for anyone who looks (and for a directory opened later).
+	if err := os.Chmod(socket, 0o600); err != nil {
+		closeUnreadyEtcd(e)
+		return nil, fmt.Errorf("server: embedded etcd: restricting its socket %s to this user: %w", socket, err)
 	}
 	select {
 	case <-e.Server.ReadyNotify():
@@ -91,9 +138,11 @@ func closeUnreadyEtcd(e *embed.Etcd) {
 	e.Close()
 }
 
-func newEtcdClient(endpoints []string) (*clientv3.Client, error) {
+// newEtcdClient connects to etcd; tlsCfg may be nil.
+func newEtcdClient(endpoints []string, tlsCfg *tls.Config) (*clientv3.Client, error) {
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints:            endpoints,
+		TLS:                  tlsCfg,
 		DialTimeout:          5 * time.Second,
 		DialKeepAliveTime:    5 * time.Second,
 		DialKeepAliveTimeout: 5 * time.Second,

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -226,8 +225,10 @@ func TestCloseReturnsWhenExternalEtcdStopsAnswering(t *testing.T) {
 }
 
 func testCloseWithEtcdGone(t *testing.T, mode string) {
-	etcdSrv := servertest.Start(t, servertest.Config(t, "")) // the embedded etcd we borrow
-	proxy := testutil.NewProxy(t, strings.TrimPrefix(etcdSrv.EtcdClient().Endpoints()[0], "http://"))
+	etcdCfg := servertest.Config(t, "") // the embedded etcd we borrow, over TCP for the proxy
+	etcdCfg.EtcdClientAddr = testutil.FreeAddr(t)
+	servertest.Start(t, etcdCfg)
+	proxy := testutil.NewProxy(t, etcdCfg.EtcdClientAddr)
 
 	cfg := servertest.Config(t, "")
 	cfg.DataDir = ""

@@ -33,6 +33,7 @@ func TestPortAnswersWhileEtcdStarts(t *testing.T) {
 	// for a quorum for as long as Start lets it.
 	cfg.Name = "n0"
 	cfg.EtcdInitialCluster = fmt.Sprintf("n0=http://%s,n1=http://%s,n2=http://%s", cfg.EtcdPeerAddr, testutil.FreeAddr(t), testutil.FreeAddr(t))
+	cfg.Insecure = true // no peer TLS: this test is about the API port
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	started := make(chan error, 1)

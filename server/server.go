@@ -9,11 +9,13 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 
@@ -71,9 +73,9 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		return nil, err
 	}
 	if cfg.Embedded() {
-		// Fill in the derived etcd listeners, for the caller too (tests
-		// and tools read them back).
-		cfg.EtcdClientAddr, cfg.EtcdPeerAddr, _ = cfg.etcdAddrs()
+		// Fill in the derived peer address, for the caller too (tests and
+		// tools read it back).
+		cfg.EtcdPeerAddr, _ = cfg.etcdPeerAddr()
 	}
 	s := &Server{cfg: *cfg, log: cfg.Logger, ready: make(chan struct{}), errc: make(chan error, 1)}
 	if s.log == nil {
@@ -107,9 +109,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		}
 		s.audit = &auditor{log: l, errors: s.metrics.auditErrors, warn: &logLimiter{every: time.Minute}, s: s}
 	}
-	if cfg.Insecure && cfg.TLSCertFile == "" && !loopback(cfg.Addr) {
-		s.log.Warn("serving the API in the clear beyond this machine (--insecure): anyone who reaches it can read and change the registry", "addr", cfg.Addr)
-	}
+	s.warnInsecure()
 	if cfg.TLSCertFile != "" {
 		cf, err := newCertFiles(cfg.TLSCertFile, cfg.TLSKeyFile, cfg.TLSClientCAFile, s.log)
 		if err != nil {
@@ -139,6 +139,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	}()
 
 	endpoints := cfg.EtcdEndpoints
+	var etcdTLS *tls.Config
 	if cfg.Embedded() {
 		// etcd's own lock on its database waits for ever, deaf to
 		// signals, when another process holds it: take ours first.
@@ -146,16 +147,22 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		if err != nil {
 			return nil, err
 		}
+		socket, _ := EtcdSocket(cfg.DataDir) // Validate checked it
 		lg, lastWarning := newEtcdLogger(s.log, &s.closing)
-		e, err := startEmbeddedEtcd(ctx, cfg, lg, lastWarning)
+		e, err := startEmbeddedEtcd(ctx, cfg, socket, lg, lastWarning)
 		if err != nil {
 			unlock()
 			return nil, err
 		}
 		s.etcd, s.unlockDataDir = e, unlock
-		endpoints = []string{"http://" + cfg.EtcdClientAddr}
+		endpoints = []string{"unix://" + socket}
+	} else if cfg.EtcdCAFile != "" || cfg.EtcdCertFile != "" {
+		tlsInfo := transport.TLSInfo{CertFile: cfg.EtcdCertFile, KeyFile: cfg.EtcdKeyFile, TrustedCAFile: cfg.EtcdCAFile}
+		if etcdTLS, err = tlsInfo.ClientConfig(); err != nil {
+			return nil, fmt.Errorf("server: TLS for --etcd-endpoints: %w", err)
+		}
 	}
-	cli, err := newEtcdClient(endpoints)
+	cli, err := newEtcdClient(endpoints, etcdTLS)
 	if err != nil {
 		s.stopEtcd()
 		return nil, err
@@ -221,6 +228,36 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	go s.watchSpace(s.runCtx) // etcd quota, compaction, alarms (space.go)
 	started = true
 	return s, nil
+}
+
+// warnInsecure warns, at every start, about each opening that Insecure
+// or a loopback address let through: they are meant to be noticed.
+func (s *Server) warnInsecure() {
+	cfg := &s.cfg
+	if cfg.Insecure && cfg.TLSCertFile == "" && !loopback(cfg.Addr) {
+		s.log.Warn("serving the API in the clear beyond this machine (--insecure): anyone who reaches it can read the registry, and tokens cross the network readable", "addr", cfg.Addr)
+	}
+	if cfg.Insecure && !cfg.ACL && !loopback(cfg.Addr) {
+		s.log.Warn("serving the API without ACLs beyond this machine (--insecure): anyone who reaches it can change the registry", "addr", cfg.Addr)
+	}
+	if !cfg.Embedded() {
+		for _, ep := range cfg.EtcdEndpoints {
+			if u, err := url.Parse(ep); err == nil && u.Scheme == "http" && !loopback(u.Host) {
+				s.log.Warn("talking to etcd in the clear across the network: whoever reaches it can write the registry past the server (docs/security.md, \"An external etcd\")", "endpoint", ep)
+			}
+		}
+		return
+	}
+	if cfg.EtcdClientAddr != "" && cfg.EtcdClientCertFile == "" {
+		if loopback(cfg.EtcdClientAddr) {
+			s.log.Warn("the embedded etcd's TCP client listener has no client-certificate auth: any local process can write the registry past the server (give --etcd-client-cert, --etcd-client-key and --etcd-client-ca)", "etcd_client_addr", cfg.EtcdClientAddr)
+		} else {
+			s.log.Warn("the embedded etcd's TCP client listener is in the clear beyond this machine (--insecure): anyone who reaches it can write the registry past the server", "etcd_client_addr", cfg.EtcdClientAddr)
+		}
+	}
+	if cfg.cluster() && cfg.EtcdPeerCertFile == "" {
+		s.log.Warn("the embedded etcd's members talk in the clear (--insecure, no --etcd-peer-cert): anyone who reaches a peer port can join the cluster or forge its traffic and write the registry", "etcd_peer_addr", cfg.EtcdPeerAddr)
+	}
 }
 
 func (s *Server) newHTTPServer() *http.Server {

@@ -136,6 +136,11 @@ func (sp *Space) Has(typ string) bool {
 	return slices.ContainsFunc(sp.Alarms, func(a Alarm) bool { return a.Type == typ })
 }
 
+// measured reports whether the member with this id answered.
+func (sp *Space) measured(id uint64) bool {
+	return slices.ContainsFunc(sp.Members, func(m MemberSpace) bool { return m.Err == "" && m.MemberID == id })
+}
+
 // largest returns the member nearest to its quota (the one alarms follow).
 func (sp *Space) largest() (MemberSpace, bool) {
 	var best MemberSpace
@@ -151,7 +156,17 @@ func (sp *Space) largest() (MemberSpace, bool) {
 // SpaceEndpoints returns the client URL of every etcd member (the first
 // one each advertises), falling back to the client's own endpoints when
 // the member list is not available.
+//
+// A client connected through a unix socket gets its own endpoints: it
+// measures the one member behind the socket. The others' advertised URLs
+// are not its to reach — sockets on other machines (at a path that may be
+// the same on every machine, which would lead back to this member), or
+// listeners that want a certificate. Likewise a member that advertises
+// only a socket is left out of the list.
 func SpaceEndpoints(ctx context.Context, cli *clientv3.Client) []string {
+	if slices.ContainsFunc(cli.Endpoints(), unixEndpoint) {
+		return cli.Endpoints()
+	}
 	ctx, cancel := context.WithTimeout(ctx, spaceStatusTimeout)
 	defer cancel()
 	resp, err := cli.MemberList(ctx)
@@ -160,7 +175,7 @@ func SpaceEndpoints(ctx context.Context, cli *clientv3.Client) []string {
 	}
 	var eps []string
 	for _, m := range resp.Members {
-		if len(m.ClientURLs) > 0 {
+		if len(m.ClientURLs) > 0 && !unixEndpoint(m.ClientURLs[0]) {
 			eps = append(eps, m.ClientURLs[0])
 		}
 	}
@@ -169,6 +184,10 @@ func SpaceEndpoints(ctx context.Context, cli *clientv3.Client) []string {
 	}
 	sort.Strings(eps)
 	return eps
+}
+
+func unixEndpoint(ep string) bool {
+	return strings.HasPrefix(ep, "unix:") || strings.HasPrefix(ep, "unixs:")
 }
 
 // ReadSpace asks each endpoint for its database sizes and the cluster for
@@ -255,8 +274,11 @@ type RecoverReport struct {
 // all history up to the current revision (watchers behind it re-list),
 // defragments every member in turn (each blocks while it rewrites its
 // database), and disarms NOSPACE once every member's database is under
-// SafeSpaceFraction of its quota. A compaction someone else already made
-// is no error. With no alarm it still compacts and defragments.
+// SafeSpaceFraction of its quota. "Every member" is every member it
+// reaches (opts.Endpoints, or SpaceEndpoints): it disarms the alarms of
+// those members only, as a member raises NOSPACE when its own database
+// hits the quota. A compaction someone else already made is no error.
+// With no alarm it still compacts and defragments.
 func RecoverSpace(ctx context.Context, cli *clientv3.Client, opts RecoverOptions) (*RecoverReport, error) {
 	eps := opts.Endpoints
 	if len(eps) == 0 {
@@ -306,7 +328,7 @@ func RecoverSpace(ctx context.Context, cli *clientv3.Client, opts RecoverOptions
 		return rep, err
 	}
 	for _, a := range sp.Alarms {
-		if a.Type != etcdserverpb.AlarmType_NOSPACE.String() {
+		if a.Type != etcdserverpb.AlarmType_NOSPACE.String() || !sp.measured(a.MemberID) {
 			continue
 		}
 		actx, cancel := context.WithTimeout(ctx, spaceStatusTimeout)
@@ -464,7 +486,7 @@ func (s *Server) watchSpace(ctx context.Context) {
 			if mine && s.cfg.EtcdCompactionRetention > 0 {
 				s.compactHistory(ctx, sp.Revision)
 			}
-			if mine && s.cfg.EtcdAutoRecover && sp.Has("NOSPACE") && s.autoRecover(ctx, sp, &rs) {
+			if s.cfg.EtcdAutoRecover && s.recovers(sp, mine) && s.autoRecover(ctx, sp, &rs) {
 				continue // read the state again at once: /readyz clears now
 			}
 		}
@@ -554,6 +576,20 @@ func quotaOf(sp *Space) int64 {
 	return q
 }
 
+// recovers reports whether this server recovers from sp's NOSPACE alarm:
+// on an external etcd, the owner (ownsSpace) does, for every member; on
+// the embedded etcd each server does for its own member — the one it
+// measures, as its etcd client reaches no other (SpaceEndpoints) — which
+// is the whole cluster on a single node.
+func (s *Server) recovers(sp *Space, mine bool) bool {
+	if s.etcd == nil {
+		return mine && sp.Has("NOSPACE")
+	}
+	return slices.ContainsFunc(sp.Alarms, func(a Alarm) bool {
+		return a.Type == etcdserverpb.AlarmType_NOSPACE.String() && sp.measured(a.MemberID)
+	})
+}
+
 // ownsSpace reports whether this server compacts and recovers: the owner
 // of spaceOwnerKey among the servers on this etcd, or any server when none
 // is known (the membership needs a lease, which etcd refuses to grant
@@ -595,7 +631,7 @@ var (
 	descAlarm = prometheus.NewDesc("beacon_etcd_alarm",
 		"Active etcd alarms by type (NOSPACE: writes refused for space; CORRUPT), 1 when raised.", []string{"type"}, nil)
 	descDBSize = prometheus.NewDesc("beacon_etcd_db_size_bytes",
-		"Size of the etcd database (the quota applies to it), the largest over the members.", nil, nil)
+		"Size of the etcd database (the quota applies to it), the largest over the members this server measures (its own member with the embedded etcd, every member of an external one).", nil, nil)
 	descDBInUse = prometheus.NewDesc("beacon_etcd_db_size_in_use_bytes",
 		"Part of the etcd database holding data (of the member reported in beacon_etcd_db_size_bytes); the rest is freed by defragmentation.", nil, nil)
 	descQuota = prometheus.NewDesc("beacon_etcd_quota_bytes",

@@ -43,6 +43,10 @@ func (c slogCore) With(fields []zapcore.Field) zapcore.Core {
 var benignEtcdWarnings = map[string]bool{
 	"Running http and grpc server on single port. This is not recommended for production.": true,
 	"simple token is not cryptographically signed":                                         true,
+	// The unix socket next to a TLS client listener: it is plain on
+	// purpose (only this user can reach it).
+	"scheme is http or unix while key and cert files are present; ignoring key and cert files":           true,
+	"scheme is http or unix while --client-cert-auth is enabled; ignoring client cert auth for this URL": true,
 }
 
 func (c slogCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {

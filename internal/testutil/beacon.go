@@ -65,6 +65,25 @@ func beaconBinary() (string, error) {
 	return bin, nil
 }
 
+// DataDir returns a fresh data directory for a beacon server, removed when
+// the test ends: t.TempDir(), or a shorter one under /tmp when that path
+// leaves no room for the embedded etcd's socket in it (etcd.sock: a unix
+// socket's path holds 107 bytes on Linux, 103 on macOS, and a long test
+// name or $TMPDIR can take them).
+func DataDir(t testing.TB) string {
+	t.Helper()
+	dir := t.TempDir()
+	if len(dir)+len("/etcd.sock") < len(syscall.RawSockaddrUnix{}.Path) {
+		return dir
+	}
+	dir, err := os.MkdirTemp("/tmp", "beacon-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
 // StartBeacon runs one `beacon server` process (embedded etcd, free
 // loopback ports, extra flags appended) and waits until it serves. It is
 // killed when the test ends.

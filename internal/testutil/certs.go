@@ -61,6 +61,7 @@ func (ca *CA) WriteCert(t testing.TB, path string) string {
 type CertSpec struct {
 	Names    []string // DNS names and IP addresses
 	Client   bool     // for client authentication (else server)
+	Peer     bool     // for both, as etcd peers use one certificate
 	NotAfter time.Time
 }
 
@@ -80,7 +81,10 @@ func (ca *CA) Issue(t testing.TB, dir, name string, spec CertSpec) (certFile, ke
 		NotBefore: time.Now().Add(-2 * time.Hour), NotAfter: spec.NotAfter,
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
-	if spec.Client {
+	switch {
+	case spec.Peer:
+		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
+	case spec.Client:
 		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
 	}
 	for _, n := range spec.Names {

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -27,18 +28,32 @@ type Node struct {
 }
 
 // NewCluster prepares n nodes of the beacon binary bin on free loopback
-// ports, each with its own data directory; with n > 1 they form one
-// cluster. extra flags go to every node. Start them with StartAll.
+// ports, each with its own data directory and a TCP client listener for
+// its embedded etcd (EtcdClient, on loopback without TLS: for the tests'
+// own etcd clients); with n > 1 they form one cluster whose members talk
+// TLS with certificates of a CA made for it. extra flags go to every
+// node. Start them with StartAll.
 func NewCluster(t testing.TB, bin string, n int, extra ...string) []*Node {
 	t.Helper()
 	var ns []*Node
 	var initial []string
+	var ca *CA
+	var certDir, caFile string
+	if n > 1 {
+		ca, certDir = NewCA(t, "beacon test peers CA"), t.TempDir()
+		caFile = ca.WriteCert(t, filepath.Join(certDir, "peers-ca.pem"))
+	}
 	for i := range n {
 		nd := &Node{Name: fmt.Sprint("n", i), API: FreeAddr(t), EtcdClient: FreeAddr(t), bin: bin}
 		peer := FreeAddr(t)
-		initial = append(initial, nd.Name+"=http://"+peer)
-		nd.args = append([]string{"server", "--name", nd.Name, "--addr", nd.API, "--data-dir", t.TempDir(),
-			"--etcd-client-addr", nd.EtcdClient, "--etcd-peer-addr", peer}, extra...)
+		initial = append(initial, nd.Name+"=https://"+peer)
+		nd.args = []string{"server", "--name", nd.Name, "--addr", nd.API, "--data-dir", DataDir(t),
+			"--etcd-client-addr", nd.EtcdClient, "--etcd-peer-addr", peer}
+		if ca != nil {
+			cert, key := ca.Issue(t, certDir, nd.Name, CertSpec{Names: []string{"127.0.0.1"}, Peer: true})
+			nd.args = append(nd.args, "--etcd-peer-cert", cert, "--etcd-peer-key", key, "--etcd-peer-ca", caFile)
+		}
+		nd.args = append(nd.args, extra...)
 		ns = append(ns, nd)
 	}
 	if n > 1 {

@@ -18,16 +18,17 @@ import (
 )
 
 // Config returns a config for a test server: embedded etcd in dir (a fresh
-// temp dir when empty), free loopback ports, no fsync.
+// temp dir when empty), free loopback ports, no fsync. The embedded etcd
+// has no TCP client listener (its clients use the socket in dir): a test
+// that wants one sets EtcdClientAddr, to testutil.FreeAddr(t) say.
 func Config(t testing.TB, dir string) *server.Config {
 	t.Helper()
 	cfg := server.NewConfig()
 	if dir == "" {
-		dir = t.TempDir()
+		dir = testutil.DataDir(t)
 	}
 	cfg.DataDir = dir
 	cfg.Addr = testutil.FreeAddr(t)
-	cfg.EtcdClientAddr = testutil.FreeAddr(t)
 	cfg.EtcdPeerAddr = testutil.FreeAddr(t)
 	cfg.EtcdUnsafeNoFsync = true
 	cfg.ShutdownTimeout = 2 * time.Second

@@ -54,7 +54,7 @@ type Cluster struct {
 	// prefixed with its name.
 	Output io.Writer
 
-	registryEtcd, registryPeer, dbPeer string
+	registryPeer, dbPeer string
 
 	mu       sync.Mutex
 	registry *Proc   // guarded by mu
@@ -84,7 +84,7 @@ func freeAddr() (string, error) {
 // NewCluster prepares a cluster on free loopback ports, its data in dir.
 func NewCluster(shopBin, beaconBin, dir string) (*Cluster, error) {
 	c := &Cluster{ShopBin: shopBin, BeaconBin: beaconBin, Dir: dir}
-	for _, p := range []*string{&c.Registry, &c.DB, &c.registryEtcd, &c.registryPeer, &c.dbPeer} {
+	for _, p := range []*string{&c.Registry, &c.DB, &c.registryPeer, &c.dbPeer} {
 		a, err := freeAddr()
 		if err != nil {
 			return nil, err
@@ -152,7 +152,7 @@ func (c *Cluster) start(ctx context.Context, name, marker, bin string, args ...s
 // beacon server.
 func (c *Cluster) StartRegistry(ctx context.Context) error {
 	p, _, err := c.start(ctx, "beacon", "beacon server ready", c.BeaconBin, "server", "--addr", c.Registry,
-		"--data-dir", filepath.Join(c.Dir, "registry"), "--etcd-client-addr", c.registryEtcd, "--etcd-peer-addr", c.registryPeer,
+		"--data-dir", filepath.Join(c.Dir, "registry"), "--etcd-peer-addr", c.registryPeer,
 		"--log-level", "error")
 	if err != nil {
 		return err

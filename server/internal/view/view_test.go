@@ -19,11 +19,12 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m, testutil.LeakOptions()...) }
 
-// etcdFor starts a beacon server (for its embedded etcd) and returns the
-// etcd client address.
+// etcdFor starts a beacon server (for its embedded etcd, with a TCP client
+// listener a proxy can stand in front of) and returns that address.
 func etcdFor(t *testing.T) (etcdAddr string, st *store.Store) {
 	t.Helper()
 	cfg := servertest.Config(t, "")
+	cfg.EtcdClientAddr = testutil.FreeAddr(t)
 	srv := servertest.Start(t, cfg)
 	st = store.New(srv.EtcdClient(), store.DefaultPrefix)
 	t.Cleanup(st.Close)

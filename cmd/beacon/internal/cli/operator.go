@@ -2,14 +2,19 @@ package cli
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"io/fs"
+	"net"
 	"os"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
@@ -19,8 +24,10 @@ import (
 // operatorFlags are the flags of the operator commands, which talk to etcd
 // itself (the registry's API may be refusing writes, or be down).
 type operatorFlags struct {
-	endpoints []string
-	timeout   time.Duration
+	endpoints                 []string
+	dataDir                   string
+	caFile, certFile, keyFile string
+	timeout                   time.Duration
 }
 
 func newOperatorCmd(g *globals) *cobra.Command {
@@ -28,17 +35,25 @@ func newOperatorCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "operator",
 		Short: "Operate the etcd under beacon: database space, alarms, recovery",
-		Long: `Operator commands talk to etcd directly, not to a beacon server: with an
-embedded etcd, its client address (--etcd-client-addr of 'beacon server');
-with an external one, the same --etcd-endpoints the servers use. Every
-member in the cluster's member list is asked. See docs/operations.md.`,
+		Long: `Operator commands talk to etcd directly, not to a beacon server. By default
+they use the embedded etcd's socket in --data-dir (the server's, run on its
+machine as its user); otherwise --etcd-endpoints: a TCP client listener of
+the embedded etcd (--etcd-client-addr of 'beacon server'), or the same
+endpoints the servers use with an external etcd, with --etcd-cacert,
+--etcd-cert and --etcd-key for TLS. Through a socket they see the one member
+behind it; through endpoints, every member in the cluster's member list.
+See docs/operations.md.`,
 	}
-	def := os.Getenv("BEACON_ETCD_ENDPOINTS")
-	if def == "" {
-		def = "http://" + server.DefaultEtcdClientAddr
+	var def []string
+	if env := os.Getenv("BEACON_ETCD_ENDPOINTS"); env != "" {
+		def = strings.Split(env, ",")
 	}
 	pf := cmd.PersistentFlags()
-	pf.StringSliceVar(&of.endpoints, "etcd-endpoints", strings.Split(def, ","), "etcd client URL(s), comma-separated (env BEACON_ETCD_ENDPOINTS)")
+	pf.StringSliceVar(&of.endpoints, "etcd-endpoints", def, "etcd client URL(s), comma-separated (env BEACON_ETCD_ENDPOINTS; default: the socket in --data-dir)")
+	pf.StringVar(&of.dataDir, "data-dir", server.DefaultDataDir, "data directory of the 'beacon server' whose embedded etcd to use, through its socket")
+	pf.StringVar(&of.caFile, "etcd-cacert", "", "trust these CAs for --etcd-endpoints (PEM; default: the system's)")
+	pf.StringVar(&of.certFile, "etcd-cert", "", "present this client certificate to --etcd-endpoints (PEM)")
+	pf.StringVar(&of.keyFile, "etcd-key", "", "the --etcd-cert's private key (PEM)")
 	pf.DurationVar(&of.timeout, "timeout", 5*time.Minute, "bound on the whole command (a defragmentation rewrites the database)")
 	cmd.AddCommand(newSpaceCmd(g, of), newRecoverSpaceCmd(g, of))
 	return cmd
@@ -112,21 +127,59 @@ func (of *operatorFlags) withEtcd(cmd *cobra.Command, f func(ctx context.Context
 	if of.timeout <= 0 {
 		return fmt.Errorf("invalid --timeout %s: must be positive", of.timeout)
 	}
-	if len(of.endpoints) == 0 {
-		return errors.New("invalid --etcd-endpoints: must list at least one URL")
+	endpoints := of.endpoints
+	if len(endpoints) == 0 {
+		socket, err := embeddedSocket(of.dataDir)
+		if err != nil {
+			return err
+		}
+		endpoints = []string{"unix://" + socket}
+	}
+	if (of.certFile == "") != (of.keyFile == "") {
+		return errors.New("invalid --etcd-cert / --etcd-key: give both or neither")
+	}
+	var tlsCfg *tls.Config
+	if of.caFile != "" || of.certFile != "" {
+		var err error
+		tlsCfg, err = transport.TLSInfo{TrustedCAFile: of.caFile, CertFile: of.certFile, KeyFile: of.keyFile}.ClientConfig()
+		if err != nil {
+			return fmt.Errorf("TLS for --etcd-endpoints: %w", err)
+		}
 	}
 	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   of.endpoints,
+		Endpoints:   endpoints,
+		TLS:         tlsCfg,
 		DialTimeout: 5 * time.Second,
 		Logger:      zap.NewNop(),
 	})
 	if err != nil {
-		return fmt.Errorf("connecting to etcd %v: %w", of.endpoints, err)
+		return fmt.Errorf("connecting to etcd %v: %w", endpoints, err)
 	}
 	defer cli.Close()
 	ctx, cancel := context.WithTimeout(cmd.Context(), of.timeout)
 	defer cancel()
 	return f(ctx, cli)
+}
+
+// embeddedSocket returns the embedded etcd's socket in dataDir once it
+// has checked that this process may connect to it: etcd's client would
+// only retry until the timeout, without saying why.
+func embeddedSocket(dataDir string) (string, error) {
+	socket, err := server.EtcdSocket(dataDir)
+	if err != nil {
+		return "", err
+	}
+	c, err := net.DialTimeout("unix", socket, 5*time.Second)
+	switch {
+	case errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED):
+		return "", fmt.Errorf("no embedded etcd at %s: run this where 'beacon server --data-dir %s' runs, or give --data-dir, or --etcd-endpoints", socket, dataDir)
+	case errors.Is(err, fs.ErrPermission):
+		return "", fmt.Errorf("the embedded etcd's socket %s is the server's user's only: run this as that user (%w)", socket, err)
+	case err != nil:
+		return "", fmt.Errorf("the embedded etcd's socket %s: %w", socket, err)
+	}
+	c.Close()
+	return socket, nil
 }
 
 func printSpace(g *globals, sp *server.Space) {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -34,7 +35,7 @@ func TestOperatorSpaceAndRecoverSpace(t *testing.T) {
 	cfg.EtcdAutoRecover = false // the operator recovers here
 	srv := servertest.Start(t, cfg)
 	etcd := srv.EtcdClient()
-	ep := "--etcd-endpoints=http://" + cfg.EtcdClientAddr
+	ep := "--data-dir=" + cfg.DataDir // through the embedded etcd's socket
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 
@@ -121,13 +122,40 @@ func TestOperatorSpaceAndRecoverSpace(t *testing.T) {
 	})
 }
 
+// Over the embedded etcd's TCP listener with client-certificate auth, the
+// operator commands present the certificate they are given; without one
+// they are refused.
+func TestOperatorOverTLS(t *testing.T) {
+	dir := t.TempDir()
+	ca := testutil.NewCA(t, "etcd clients CA")
+	caFile := ca.WriteCert(t, filepath.Join(dir, "ca.pem"))
+	cfg := servertest.Config(t, "")
+	cfg.EtcdClientAddr = testutil.FreeAddr(t)
+	cfg.EtcdClientCertFile, cfg.EtcdClientKeyFile = ca.Issue(t, dir, "etcd", testutil.CertSpec{Names: []string{"127.0.0.1"}})
+	cfg.EtcdClientCAFile = caFile
+	servertest.Start(t, cfg)
+	cert, key := ca.Issue(t, dir, "operator", testutil.CertSpec{Client: true})
+	ep := "--etcd-endpoints=https://" + cfg.EtcdClientAddr
+
+	code, out, errs := run("operator", "space", ep, "--etcd-cacert", caFile, "--etcd-cert", cert, "--etcd-key", key)
+	if code != 0 || !strings.Contains(out, "alarms: none") || !strings.Contains(out, "https://"+cfg.EtcdClientAddr) {
+		t.Errorf("operator space over TLS = %d, stdout %q, stderr %q; want 0 listing the member at its TLS listener", code, out, errs)
+	}
+	if code, out, errs := run("operator", "space", ep, "--etcd-cacert", caFile, "--timeout", "20s"); code == 0 {
+		t.Errorf("operator space without a client certificate = 0, stdout %q, stderr %q; want refused", out, errs)
+	}
+}
+
 func TestOperatorFlagsAreChecked(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "no-server")
 	for _, tc := range []struct {
 		args []string
 		want string
 	}{
 		{[]string{"operator", "space", "--timeout=0s"}, "invalid --timeout 0s"},
 		{[]string{"operator", "space", "-o", "yaml"}, "invalid --output"},
+		{[]string{"operator", "space", "--data-dir", missing}, "no embedded etcd at " + filepath.Join(missing, "etcd.sock")},
+		{[]string{"operator", "space", "--etcd-endpoints", "https://127.0.0.1:1", "--etcd-cert", "c.pem"}, "invalid --etcd-cert / --etcd-key"},
 	} {
 		if code, _, errs := run(tc.args...); code != 1 || !strings.Contains(errs, tc.want) {
 			t.Errorf("beacon %v = %d %q, want 1 with %q", tc.args, code, errs, tc.want)

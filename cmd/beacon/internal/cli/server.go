@@ -32,7 +32,15 @@ func newServerCmd(g *globals) *cobra.Command {
 			defer srv.Close()
 			select {
 			case <-srv.Ready():
-				mode := fmt.Sprintf("embedded etcd in %s; etcdctl --endpoints http://%s", cfg.DataDir, cfg.EtcdClientAddr)
+				socket, _ := server.EtcdSocket(cfg.DataDir) // Start checked it
+				mode := fmt.Sprintf("embedded etcd in %s; etcdctl --endpoints unix://%s", cfg.DataDir, socket)
+				if cfg.EtcdClientAddr != "" {
+					scheme := "http"
+					if cfg.EtcdClientCertFile != "" {
+						scheme = "https"
+					}
+					mode += fmt.Sprintf(" or %s://%s", scheme, cfg.EtcdClientAddr)
+				}
 				if !cfg.Embedded() {
 					mode = fmt.Sprintf("etcd at %v", cfg.EtcdEndpoints)
 				}
