@@ -352,13 +352,19 @@ func (a api) Register(ctx context.Context, req *connect.Request[beaconv1.Registe
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	if err := a.needRegister(ctx, in); err != nil {
+	guard, err := a.needRegister(ctx, in)
+	if err != nil {
 		return nil, err
 	}
 	if err := a.admit(in); err != nil {
 		return nil, err
 	}
-	rev, err := a.s.store.RegisterMerge(ctx, in, keepObservations)
+	var rev int64
+	if guard != nil {
+		rev, err = a.s.store.RegisterGuarded(ctx, in, keepObservations, guard)
+	} else {
+		rev, err = a.s.store.RegisterMerge(ctx, in, keepObservations)
+	}
 	if err != nil {
 		return nil, toConnectError(err)
 	}
@@ -413,13 +419,20 @@ func (a api) SetStatus(ctx context.Context, req *connect.Request[beaconv1.SetSta
 		return nil, err
 	}
 	var after registry.Instance
+	var refused error
 	rev, err := a.s.store.Update(ctx, k, func(in *registry.Instance) bool {
+		if refused = mayChange(ctx, in); refused != nil {
+			return false // the record changed hands since the check above
+		}
 		in.Status = status
 		after = in.Clone()
 		return true
 	})
 	if errors.Is(err, store.ErrInstanceNotFound) {
 		return nil, instanceNotFound(k)
+	}
+	if err == nil {
+		err = refused
 	}
 	if err != nil {
 		return nil, toConnectError(err)
@@ -511,7 +524,11 @@ func (a api) UpdateCheck(ctx context.Context, req *connect.Request[beaconv1.Upda
 	if spec.Status == status {
 		return connect.NewResponse(&beaconv1.UpdateCheckResponse{}), nil // only transitions are written
 	}
+	var refused error
 	rev, err := a.s.store.Update(ctx, k, func(in *registry.Instance) bool {
+		if refused = mayChange(ctx, in); refused != nil {
+			return false
+		}
 		for n := range in.Checks {
 			if c := &in.Checks[n]; c.Name == name && c.Kind == registry.CheckTTL && c.Status != status {
 				c.Status, c.Output, c.Since = status, msg.GetOutput(), time.Now()
@@ -522,6 +539,9 @@ func (a api) UpdateCheck(ctx context.Context, req *connect.Request[beaconv1.Upda
 	})
 	if errors.Is(err, store.ErrInstanceNotFound) {
 		return nil, instanceNotFound(k)
+	}
+	if err == nil {
+		err = refused
 	}
 	if err != nil {
 		return nil, toConnectError(err)

@@ -149,6 +149,16 @@ func (a api) needInstanceWrite(ctx context.Context, k registry.InstanceKey) erro
 	return ownedBy(id, in)
 }
 
+// mayChange checks ownership on the record etcd holds, inside the
+// store's compare-and-swap: the view needInstanceWrite read may lag.
+func mayChange(ctx context.Context, in *registry.Instance) error {
+	id := identityOf(ctx)
+	if actsForAnySession(id) {
+		return nil
+	}
+	return ownedBy(id, in)
+}
+
 func ownedBy(id acl.Identity, in *registry.Instance) error {
 	switch {
 	case in.SessionID == id.Session:
@@ -161,34 +171,33 @@ func ownedBy(id acl.Identity, in *registry.Instance) error {
 }
 
 // needRegister allows a registration: service:write; into a session only
-// with that session's credential; over an instance another live session
-// holds only at the same address and port (the same process restarted,
-// before its old session expired) or with session:write.
-func (a api) needRegister(ctx context.Context, in *registry.Instance) error {
+// with that session's credential (or session:write). It returns the guard
+// the store applies to the record etcd holds (nil: none), see takeover.
+func (a api) needRegister(ctx context.Context, in *registry.Instance) (store.Guard, error) {
 	if err := needService(ctx, in.Namespace, in.Service, acl.Write); err != nil {
-		return err
+		return nil, err
 	}
 	id := identityOf(ctx)
 	if actsForAnySession(id) {
-		return nil
+		return nil, nil
 	}
 	if in.SessionID != id.Session {
 		if in.SessionID == 0 {
-			return deny(id, "service:write", in.Namespace+"/"+in.Service, "a session credential registers only into its own session")
+			return nil, deny(id, "service:write", in.Namespace+"/"+in.Service, "a session credential registers only into its own session")
 		}
-		return needSession(ctx, in.SessionID)
+		return nil, needSession(ctx, in.SessionID)
 	}
-	mayTake := func(cur *registry.Instance) bool {
-		// A suspect is the mass-expiry guard's copy of an instance whose
-		// session is gone: nobody holds it.
-		return cur == nil || cur.Suspect || cur.SessionID == 0 || cur.SessionID == in.SessionID || cur.Address == in.Address && cur.Port == in.Port
-	}
-	cur := a.s.view.Instance(in.Key())
-	if mayTake(cur) {
-		return nil
-	}
-	a.catchUp(ctx) // the holder may have gone a moment ago
-	if cur = a.s.view.Instance(in.Key()); mayTake(cur) {
+	return func(cur *registry.Instance) error { return takeover(id, cur, in) }, nil
+}
+
+// takeover decides whether in may replace cur, the record etcd holds: an
+// instance another live session holds (its record exists, so its lease
+// does) only at the same address and port — the same process restarted
+// before its old session expired. Decided inside the store's write, on
+// the record the write compares against, so no registration can slip in
+// between the check and the write.
+func takeover(id acl.Identity, cur, in *registry.Instance) error {
+	if cur == nil || cur.SessionID == 0 || cur.SessionID == in.SessionID || cur.Address == in.Address && cur.Port == in.Port {
 		return nil
 	}
 	return deny(id, "session:write", store.FormatSessionID(cur.SessionID),

@@ -51,10 +51,17 @@ const (
 // instance, and must not keep either pointer.
 type Merge func(cur, in *registry.Instance)
 
+// Guard decides, from the record etcd holds (nil if none), whether a
+// registration may replace it; an error refuses the registration with
+// that error and writes nothing. It is called where Merge is, with the
+// same record, so the decision and the write see the same record.
+type Guard func(cur *registry.Instance) error
+
 type putReq struct {
 	key   string
 	in    *registry.Instance // as the caller gave it; never modified
 	merge Merge              // nil: last write wins, nothing read
+	guard Guard              // nil: nothing refused; only with merge
 	lease clientv3.LeaseID
 	done  chan putResult // size 1, answered once
 
@@ -62,6 +69,7 @@ type putReq struct {
 	value     string // the record to write (merged)
 	modRev    int64  // ModRevision the write compares against; 0: absent
 	conflicts int
+	refused   error // what guard said of the record last read
 }
 
 type putResult struct {
@@ -97,8 +105,8 @@ func newBatcher(cli *clientv3.Client, layout Layout) *batcher {
 
 // put queues one write and waits for its batch to commit. With merge nil
 // the write replaces whatever is there without reading it.
-func (b *batcher) put(ctx context.Context, key string, in *registry.Instance, merge Merge) (int64, error) {
-	r := &putReq{key: key, in: in, merge: merge, lease: clientv3.LeaseID(in.SessionID), done: make(chan putResult, 1)}
+func (b *batcher) put(ctx context.Context, key string, in *registry.Instance, merge Merge, guard Guard) (int64, error) {
+	r := &putReq{key: key, in: in, merge: merge, guard: guard, lease: clientv3.LeaseID(in.SessionID), done: make(chan putResult, 1)}
 	if merge == nil {
 		r.value = string(EncodeInstance(in)) // here, not on a worker
 	}
@@ -228,7 +236,10 @@ func (b *batcher) write(batch []*putReq) ([]*putReq, error) {
 			}
 		}
 	}
-	pending := batch
+	pending := answerRefused(batch)
+	if len(pending) == 0 {
+		return nil, nil
+	}
 	for {
 		cmps := make([]clientv3.Cmp, 0, len(reads))
 		puts := make([]clientv3.Op, 0, len(pending))
@@ -283,7 +294,7 @@ func (b *batcher) write(batch []*putReq) ([]*putReq, error) {
 				kept = append(kept, r)
 			}
 		}
-		if pending = kept; len(pending) == 0 {
+		if pending = answerRefused(kept); len(pending) == 0 {
 			return nil, nil
 		}
 	}
@@ -294,15 +305,36 @@ func (b *batcher) write(batch []*putReq) ([]*putReq, error) {
 func (b *batcher) prepare(r *putReq, kvs []*mvccpb.KeyValue) {
 	r.modRev = modRevision(kvs)
 	in := r.in
+	var cur *registry.Instance
 	if len(kvs) > 0 {
 		// A record that does not decode is replaced, as the view ignores it.
-		if cur, err := b.layout.DecodeInstance(r.key, kvs[0].Value, kvs[0].ModRevision); err == nil {
+		if c, err := b.layout.DecodeInstance(r.key, kvs[0].Value, kvs[0].ModRevision); err == nil {
+			cur = c
 			merged := r.in.Clone()
 			r.merge(cur, &merged)
 			in = &merged
 		}
 	}
+	if r.guard != nil {
+		if r.refused = r.guard(cur); r.refused != nil {
+			return
+		}
+	}
 	r.value = string(EncodeInstance(in))
+}
+
+// answerRefused answers the requests their guard refused and returns the
+// others.
+func answerRefused(batch []*putReq) []*putReq {
+	kept := batch[:0:0]
+	for _, r := range batch {
+		if r.refused != nil {
+			r.answer(0, r.refused)
+		} else {
+			kept = append(kept, r)
+		}
+	}
+	return kept
 }
 
 func modRevision(kvs []*mvccpb.KeyValue) int64 {

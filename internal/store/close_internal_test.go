@@ -59,7 +59,7 @@ func TestCloseCancelsACommitWaitingForEtcd(t *testing.T) {
 	default:
 		t.Error("the commit in flight at close was not answered")
 	}
-	if _, err := b.put(ctx, r.key, &in, KeepObservations); err == nil {
+	if _, err := b.put(ctx, r.key, &in, KeepObservations, nil); err == nil {
 		t.Error("put after close = nil, want an error")
 	}
 }

@@ -128,7 +128,16 @@ func (s *Store) Register(ctx context.Context, in *registry.Instance) (int64, err
 // ErrConflict). With merge nil nothing is read and the last write wins.
 // Concurrent registrations are group-committed (see batch.go).
 func (s *Store) RegisterMerge(ctx context.Context, in *registry.Instance, merge Merge) (int64, error) {
-	return s.batch.put(ctx, s.InstanceKey(in.Key()), in, merge)
+	return s.batch.put(ctx, s.InstanceKey(in.Key()), in, merge, nil)
+}
+
+// RegisterGuarded is RegisterMerge that first asks guard whether the
+// record etcd holds may be replaced (see Guard).
+func (s *Store) RegisterGuarded(ctx context.Context, in *registry.Instance, merge Merge, guard Guard) (int64, error) {
+	if merge == nil {
+		merge = func(*registry.Instance, *registry.Instance) {}
+	}
+	return s.batch.put(ctx, s.InstanceKey(in.Key()), in, merge, guard)
 }
 
 // KeepObservations is the registry's rule for an instance registered

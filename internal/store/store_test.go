@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -84,5 +85,59 @@ func TestConcurrentRegistrationsKeepTheirOwnOutcome(t *testing.T) {
 	}
 	if res[1].Err != nil || res[1].TTL != 10*time.Second {
 		t.Errorf("KeepAliveMany(live) = %v, %v; want 10s", res[1].TTL, res[1].Err)
+	}
+}
+
+// A guard sees the record the write compares against: what it refuses is
+// not written, in a burst as alone, and what it lets through is.
+func TestRegisterGuardedDecidesOnTheRecordItReplaces(t *testing.T) {
+	nd := testutil.StartBeacon(t)
+	st := store.New(etcdClient(t, nd), "/guard-test/")
+	defer st.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	a, _, err := st.CreateSession(ctx, 10*time.Second, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _, err := st.CreateSession(ctx, 10*time.Second, "b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	errHeld := errors.New("held by another session")
+	guard := func(cur *registry.Instance) error {
+		if cur != nil && cur.SessionID != 0 {
+			return errHeld
+		}
+		return nil
+	}
+	mine := registry.Instance{Service: "orders", ID: "i1", Address: "10.0.0.1", Port: 80, SessionID: a}
+	mine.ApplyDefaults()
+	if _, err := st.RegisterGuarded(ctx, &mine, store.KeepObservations, guard); err != nil {
+		t.Fatalf("RegisterGuarded(absent) = %v", err)
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, 50)
+	for i := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			theirs := registry.Instance{Service: "orders", ID: "i1", Address: "10.6.6.6", Port: 80, SessionID: b}
+			if i%2 == 0 {
+				theirs.ID = fmt.Sprintf("other-%d", i) // absent: let through, in the same batches
+			}
+			theirs.ApplyDefaults()
+			_, errs[i] = st.RegisterGuarded(ctx, &theirs, store.KeepObservations, guard)
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if want := error(nil); i%2 == 1 && !errors.Is(err, errHeld) || i%2 == 0 && err != want {
+			t.Errorf("registration %d = %v", i, err)
+		}
+	}
+	resp, err := etcdClient(t, nd).Get(ctx, store.Layout{Prefix: "/guard-test/"}.InstanceKey(mine.Key()))
+	if err != nil || len(resp.Kvs) != 1 || resp.Kvs[0].Lease != a || !strings.Contains(string(resp.Kvs[0].Value), "10.0.0.1") {
+		t.Fatalf("i1 after the refused takeovers: %v %v, want session a's record at 10.0.0.1", resp, err)
 	}
 }

@@ -199,8 +199,10 @@ func (dc *devCerts) run(g *globals) error {
 		return nil
 	}
 	if err := leaf("server", &x509.Certificate{
-		Subject:     pkix.Name{CommonName: "beacon server"},
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		Subject: pkix.Name{CommonName: "beacon server"},
+		// Client auth too: in cluster mode the same certificate is each
+		// member's etcd peer certificate, which it presents as a client.
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		IPAddresses: ips, DNSNames: names,
 	}); err != nil {
 		return err
