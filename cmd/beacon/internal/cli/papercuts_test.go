@@ -71,6 +71,11 @@ func TestServerWithoutAPortTakesTheDefaultPort(t *testing.T) {
 	if code, out, errs := run("services"); code != 0 {
 		t.Errorf("services with BEACON_ADDR = %d %q %q", code, out, errs)
 	}
+	// A list, as --server takes: the first is down, the second answers.
+	t.Setenv("BEACON_ADDR", testutil.FreeAddr(t)+","+host+":"+port)
+	if code, out, errs := run("services"); code != 0 {
+		t.Errorf("services with BEACON_ADDR listing two servers = %d %q %q", code, out, errs)
+	}
 }
 
 // check-update's text is --note: the global -o/--output works there too.

@@ -153,7 +153,7 @@ func newRoot(stdout, stderr io.Writer) (*cobra.Command, *globals) {
 	root.Version = version()
 	root.SetVersionTemplate("beacon {{.Version}}\n")
 	pf := root.PersistentFlags()
-	pf.StringSliceVar(&g.servers, "server", []string{defServer}, "beacon server address(es), comma-separated (env BEACON_ADDR)")
+	pf.StringSliceVar(&g.servers, "server", strings.Split(defServer, ","), "beacon server address(es), comma-separated (env BEACON_ADDR, also comma-separated)")
 	pf.StringVarP(&g.namespace, "namespace", "n", registry.DefaultNamespace, "namespace")
 	pf.StringVarP(&g.output, "output", "o", "table", "output format of reads: table or json")
 	pf.StringVar(&g.caCert, "ca-cert", os.Getenv("BEACON_CACERT"), "talk to the servers over TLS, trusting this CA certificate (PEM; env BEACON_CACERT)")
