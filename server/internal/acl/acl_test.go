@@ -5,6 +5,9 @@ import (
 	"hash/crc32"
 	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
 
 	"go.uber.org/goleak"
 )
@@ -261,4 +264,40 @@ func BenchmarkCheck(b *testing.B) {
 			b.Fatal("denied")
 		}
 	}
+}
+
+// BenchmarkDecisionVsBcrypt: the anchor is what etcd's auth pays to check
+// a password (bcrypt at its default cost 10), in the same run.
+func BenchmarkDecisionVsBcrypt(b *testing.B) {
+	rules, _ := ParseRules("read service *\nwrite service prod/web")
+	a := Compile(rules)
+	secret, h := NewSecret(TokenPrefix)
+	byHash := map[Hash]*Authorizer{h: a}
+	hashed, err := bcrypt.GenerateFromPassword([]byte(secret), bcrypt.DefaultCost)
+	if err != nil {
+		b.Fatal(err)
+	}
+	per := func(n int, f func()) time.Duration {
+		start := time.Now()
+		for range n {
+			f()
+		}
+		return time.Since(start) / time.Duration(n)
+	}
+	ours := per(100000, func() {
+		_, hh, _ := ParseSecret(secret)
+		if byHash[hh].Service("prod", "web") != Write {
+			b.Fatal("denied")
+		}
+	})
+	anchor := per(5, func() {
+		if bcrypt.CompareHashAndPassword(hashed, []byte(secret)) != nil {
+			b.Fatal("bcrypt refused")
+		}
+	})
+	for b.Loop() {
+	}
+	b.ReportMetric(float64(ours.Nanoseconds()), "beacon-ns/decision")
+	b.ReportMetric(float64(anchor.Nanoseconds()), "etcd-bcrypt-ns/check")
+	b.ReportMetric(float64(anchor)/float64(ours), "bcrypt/beacon")
 }
