@@ -627,6 +627,7 @@ func (c *Client) AwaitWatchers(ctx context.Context, service string, revision int
 // stays when the instance registers again, until SetStatus puts it back.
 func (c *Client) SetStatus(ctx context.Context, service, id string, status registry.Status, opts ...CallOption) (*registry.Instance, error) {
 	req := &beaconv1.SetStatusRequest{Namespace: c.options(opts).namespace, Service: service, Id: id, Status: beaconv1.Status(status)}
+	ctx = c.ownerCredential(ctx, registry.InstanceKey{Namespace: req.Namespace, Service: service, ID: id})
 	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (*registry.Instance, error) {
 		resp, err := r.SetStatus(ctx, connect.NewRequest(req))
 		if connect.CodeOf(err) == connect.CodeNotFound {
@@ -673,6 +674,7 @@ func (c *Client) setServiceConfig(ctx context.Context, req *beaconv1.SetServiceC
 // change.
 func (c *Client) UpdateCheck(ctx context.Context, service, id, check string, status registry.Health, output string, opts ...CallOption) (revision int64, err error) {
 	req := &beaconv1.UpdateCheckRequest{Namespace: c.options(opts).namespace, Service: service, Id: id, Check: check, Status: beaconv1.Health(status), Output: output}
+	ctx = c.ownerCredential(ctx, registry.InstanceKey{Namespace: req.Namespace, Service: service, ID: id})
 	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (int64, error) {
 		resp, err := r.UpdateCheck(ctx, connect.NewRequest(req))
 		if connect.CodeOf(err) == connect.CodeNotFound {

@@ -11,6 +11,7 @@ import (
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
+	"beacon.dev/beacon/internal/backoff"
 	"beacon.dev/beacon/registry"
 	"beacon.dev/beacon/session"
 )
@@ -124,10 +125,31 @@ func (l serverLease) KeepAlive(ctx context.Context, id int64) error {
 	return err
 }
 
+// Put registers an instance into the session. With ACLs, an instance a
+// previous incarnation of this process still holds (it crashed and
+// restarted before its session expired) is not taken over: the server
+// says so (Beacon-Held), and Put waits and tries again until that
+// session has expired, at most its TTL, or ctx ends.
 func (l serverLease) Put(ctx context.Context, id int64, in registry.Instance) (int64, error) {
 	in.SessionID = id
-	return l.c.register(l.c.withSessionCredential(ctx, id), in)
+	ctx = l.c.withSessionCredential(ctx, id)
+	retry := backoff.New(backoff.Config{Base: 200 * time.Millisecond, Max: time.Second})
+	for {
+		rev, err := l.c.register(ctx, in)
+		var ce *connect.Error
+		if err == nil || !errors.As(err, &ce) || ce.Meta().Get(heldHeader) == "" {
+			return rev, err
+		}
+		l.c.log.Info("instance held by another live session (an earlier run of this process?): waiting for it to expire", "service", in.Service, "id", in.ID)
+		if backoff.Sleep(ctx, retry.Next()) != nil {
+			return 0, err
+		}
+	}
 }
+
+// heldHeader is the server's mark of a registration refused because
+// another live session holds the instance (server.HeldHeader).
+const heldHeader = "Beacon-Held"
 
 func (l serverLease) Delete(ctx context.Context, id int64, k registry.InstanceKey) (bool, error) {
 	return l.c.deregister(l.c.withSessionCredential(ctx, id), k.Namespace, k.Service, k.ID, id)

@@ -3,6 +3,9 @@ package client
 import (
 	"context"
 
+	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/session"
+
 	"connectrpc.com/connect"
 )
 
@@ -60,4 +63,30 @@ func (c *Client) forgetCredential(id int64) {
 	c.mu.Lock()
 	delete(c.creds, id)
 	c.mu.Unlock()
+}
+
+// ownerCredential makes the calls under ctx use the credential of this
+// client's session that holds instance k, if one does: with ACLs, a
+// session's instance is changed (status, checks) with its session's
+// credential, not with the client's token.
+func (c *Client) ownerCredential(ctx context.Context, k registry.InstanceKey) context.Context {
+	c.mu.Lock()
+	sessions := make([]*session.Session, 0, len(c.sessions))
+	for s := range c.sessions {
+		sessions = append(sessions, s)
+	}
+	c.mu.Unlock()
+	// Asked outside c.mu: a session calls into the client with its own
+	// lock held.
+	for _, s := range sessions {
+		for _, in := range s.Instances() {
+			if in.Namespace == "" {
+				in.Namespace = c.namespace
+			}
+			if in.Key() == k {
+				return c.withSessionCredential(ctx, s.ID())
+			}
+		}
+	}
+	return ctx
 }

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"math/rand/v2"
 	"sync"
 )
 
@@ -11,13 +12,13 @@ import (
 // watcher is known to the server its stream is on.
 type acks struct {
 	mu       sync.Mutex
-	next     uint64
 	watchers map[uint64]*ackingWatcher // guarded by mu
 	changed  chan struct{}             // guarded by mu; closed and replaced on every ack or leave
 }
 
 type ackingWatcher struct {
 	owner    string // the accessor of the stream's token: only it may acknowledge
+	readable func(service string) bool
 	ns       string
 	services map[string]bool // nil: every service of ns
 	applied  map[string]int64
@@ -28,8 +29,12 @@ func newAcks() *acks {
 }
 
 // join records a new acknowledging stream and returns its id.
-func (a *acks) join(owner, ns string, services []string) uint64 {
-	w := &ackingWatcher{owner: owner, ns: ns, applied: make(map[string]int64)}
+//
+// readable says which services the stream may read (nil: all): a stream
+// does not count as a watcher of a service it is not sent. Stream ids are
+// random, so that no caller finds another's by counting.
+func (a *acks) join(owner, ns string, services []string, readable func(string) bool) uint64 {
+	w := &ackingWatcher{owner: owner, ns: ns, readable: readable, applied: make(map[string]int64)}
 	if len(services) > 0 {
 		w.services = make(map[string]bool, len(services))
 		for _, s := range services {
@@ -38,9 +43,13 @@ func (a *acks) join(owner, ns string, services []string) uint64 {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.next++
-	a.watchers[a.next] = w
-	return a.next
+	for {
+		id := rand.Uint64()
+		if _, taken := a.watchers[id]; id != 0 && !taken {
+			a.watchers[id] = w
+			return id
+		}
+	}
 }
 
 // leave forgets a stream; waits counting it see it gone.
@@ -92,7 +101,7 @@ func (a *acks) await(ctx context.Context, ns, service string, rev int64) awaitRe
 	a.mu.Lock()
 	var ids []uint64
 	for id, w := range a.watchers {
-		if w.ns == ns && (w.services == nil || w.services[service]) {
+		if w.ns == ns && (w.services == nil || w.services[service]) && (w.readable == nil || w.readable(service)) {
 			ids = append(ids, id)
 		}
 	}

@@ -222,6 +222,10 @@ func outcomeOf(t *testing.T, err error) outcome {
 		return denied
 	case connect.CodeUnauthenticated:
 		return unauth
+	case connect.CodeFailedPrecondition:
+		if strings.Contains(err.Error(), "held by another live session") {
+			return denied // until the holder ends: a takeover, refused
+		}
 	}
 	if err != nil {
 		t.Fatalf("unexpected error: %v", err)
@@ -244,8 +248,9 @@ func (f *fixture) close(t *testing.T, rc beaconv1connect.RegistryServiceClient) 
 			t.Fatal(err)
 		}
 	}
-	rc.Deregister(ctx, connect.NewRequest(&beaconv1.DeregisterRequest{Service: "web", Id: "p1"}))
-	rc.Deregister(ctx, connect.NewRequest(&beaconv1.DeregisterRequest{Service: "web", Id: "p2"}))
+	for _, id := range []string{"p1", "p2", "i1", "i2"} { // a cell may have made i1 persistent
+		rc.Deregister(ctx, connect.NewRequest(&beaconv1.DeregisterRequest{Service: "web", Id: id}))
+	}
 }
 
 func newFixture(t *testing.T, webID, mgmt beaconv1connect.RegistryServiceClient, srv *server.Server) *fixture {
@@ -342,6 +347,17 @@ func TestACLPermissionMatrix(t *testing.T) {
 		// The hijack: take i1 (held by s1) into s2 at another address.
 		{"Register i1 into s2 elsewhere", write("management"), func(ctx context.Context, rc beaconv1connect.RegistryServiceClient, f *fixture) (outcome, error) {
 			_, err := rc.Register(ctx, connect.NewRequest(&beaconv1.RegisterRequest{Instance: ttlInstance("web", "i1", "10.6.6.6", f.s2)}))
+			return plain(err)
+		}},
+		// The same at i1's own address: nothing tells a sibling holding
+		// the service's token from i1's process restarted.
+		{"Register i1 into s2 at its address", write("management"), func(ctx context.Context, rc beaconv1connect.RegistryServiceClient, f *fixture) (outcome, error) {
+			_, err := rc.Register(ctx, connect.NewRequest(&beaconv1.RegisterRequest{Instance: ttlInstance("web", "i1", "10.0.0.1", f.s2)}))
+			return plain(err)
+		}},
+		// A token turning a session's instance persistent.
+		{"Register i1 persistent", write("management"), func(ctx context.Context, rc beaconv1connect.RegistryServiceClient, f *fixture) (outcome, error) {
+			_, err := rc.Register(ctx, connect.NewRequest(&beaconv1.RegisterRequest{Instance: ttlInstance("web", "i1", "10.0.0.1", 0)}))
 			return plain(err)
 		}},
 		{"Deregister i1", write("cred-same", "management"), func(ctx context.Context, rc beaconv1connect.RegistryServiceClient, f *fixture) (outcome, error) {
@@ -574,7 +590,7 @@ func TestAuditLog(t *testing.T) {
 		t.Fatalf("audit log has %d lines (verified %d), want 4 (bootstrap, register, denied status, bad token):\n%s", len(lines), rep.Lines, b)
 	}
 	for i, want := range []string{
-		`"operation":"beacon.v1.AclService/Bootstrap"`,
+		`"made_token":"` + mgmt.GetAccessorId() + `"`,
 		`"accessor":"` + mgmt.GetAccessorId() + `"`,
 		`"resource":"service:default/web/p1","outcome":"denied"`,
 		`"operation":"beacon.v1.RegistryService/ListServices","resource":"","outcome":"denied","reason":"acl: malformed token`,
@@ -703,5 +719,100 @@ func TestACLClientCertificateRole(t *testing.T) {
 	who, err := beaconv1connect.NewAclServiceClient(clientFor("ops"), "https://"+srv.Addr()).WhoAmI(ctx, connect.NewRequest(&beaconv1.WhoAmIRequest{}))
 	if err != nil || who.Msg.GetToken().GetAccessorId() != "role:ops" {
 		t.Errorf("WhoAmI(ops certificate) = %v, %v, want role:ops", who, err)
+	}
+}
+
+// A session credential is bound to its session even when the token that
+// made it may do everything.
+func TestACLSessionCredentialHasNoGlobalRights(t *testing.T) {
+	srv, _, mgmt := aclServer(t)
+	ctx := context.Background()
+	mc := regClient(srv, mgmt, connect.WithGRPC())
+	mine, err := mc.CreateSession(ctx, connect.NewRequest(&beaconv1.CreateSessionRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := mc.CreateSession(ctx, connect.NewRequest(&beaconv1.CreateSessionRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cred := mine.Msg.GetSessionToken()
+	if _, err := aclClient(srv, cred, connect.WithGRPC()).ListTokens(ctx, connect.NewRequest(&beaconv1.ListTokensRequest{})); connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Errorf("ListTokens(session credential of a management token) = %v, want PermissionDenied", err)
+	}
+	cc := regClient(srv, cred, connect.WithGRPC())
+	if _, err := cc.CloseSession(ctx, connect.NewRequest(&beaconv1.CloseSessionRequest{SessionId: other.Msg.GetSessionId()})); connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Errorf("CloseSession(another session) with a session credential = %v, want PermissionDenied", err)
+	}
+	if _, err := cc.SetServiceConfig(ctx, connect.NewRequest(&beaconv1.SetServiceConfigRequest{Service: "web", ProtectionThreshold: 0.5})); connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Errorf("SetServiceConfig with a session credential = %v, want PermissionDenied", err)
+	}
+	if _, err := cc.CloseSession(ctx, connect.NewRequest(&beaconv1.CloseSessionRequest{SessionId: mine.Msg.GetSessionId()})); err != nil {
+		t.Errorf("CloseSession(own session) = %v", err)
+	}
+}
+
+// Deleting a token ends the streams it opened: watches (gRPC and NDJSON)
+// and keepalive streams.
+func TestACLRevokedTokenEndsItsStreams(t *testing.T) {
+	srv, _, mgmt := aclServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	mustPolicy(t, srv, mgmt, "read-all", "read service *")
+	resp, err := aclClient(srv, mgmt, connect.WithGRPC()).CreateToken(ctx, connect.NewRequest(&beaconv1.CreateTokenRequest{Token: &beaconv1.AclToken{Policies: []string{"read-all"}, ServiceIdentities: []*beaconv1.AclServiceIdentity{{Service: "web"}}}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret := resp.Msg.GetToken().GetSecretId()
+	rc := regClient(srv, secret, connect.WithGRPC())
+	sess, err := rc.CreateSession(ctx, connect.NewRequest(&beaconv1.CreateSessionRequest{Ttl: durationpb.New(time.Minute)}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	watch, err := rc.Watch(ctx, connect.NewRequest(&beaconv1.WatchRequest{Heartbeat: durationpb.New(100 * time.Millisecond)}))
+	if err != nil || !watch.Receive() {
+		t.Fatalf("Watch: %v %v", err, watch.Err())
+	}
+	defer watch.Close()
+	ka := rc.KeepAliveStream(ctx)
+	defer ka.CloseResponse()
+	if err := ka.Send(&beaconv1.KeepAliveBatch{SessionIds: []int64{sess.Msg.GetSessionId()}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ka.Receive(); err != nil {
+		t.Fatalf("first keepalive: %v", err)
+	}
+
+	if _, err := aclClient(srv, mgmt, connect.WithGRPC()).DeleteToken(ctx, connect.NewRequest(&beaconv1.DeleteTokenRequest{AccessorId: resp.Msg.GetToken().GetAccessorId()})); err != nil {
+		t.Fatal(err)
+	}
+	for watch.Receive() { // heartbeats until the next check ends it
+	}
+	if connect.CodeOf(watch.Err()) != connect.CodeUnauthenticated {
+		t.Errorf("watch of a deleted token ended with %v, want Unauthenticated", watch.Err())
+	}
+	kaErr := ka.Send(&beaconv1.KeepAliveBatch{SessionIds: []int64{sess.Msg.GetSessionId()}})
+	if kaErr == nil {
+		_, kaErr = ka.Receive()
+	}
+	if connect.CodeOf(kaErr) != connect.CodeUnauthenticated {
+		t.Errorf("keepalive stream of a deleted token: %v, want Unauthenticated", kaErr)
+	}
+}
+
+// An acknowledging watch counts only for the services it may read: a
+// caller without rights cannot hold up a drain's AwaitWatchers.
+func TestACLAcknowledgingWatchersCountOnlyWhatTheyRead(t *testing.T) {
+	srv, _, mgmt := aclServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	anon, err := regClient(srv, "", connect.WithGRPC()).Watch(ctx, connect.NewRequest(&beaconv1.WatchRequest{Acknowledge: true}))
+	if err != nil || !anon.Receive() {
+		t.Fatalf("anonymous watch: %v %v", err, anon.Err())
+	}
+	defer anon.Close()
+	resp, err := regClient(srv, mgmt, connect.WithGRPC()).AwaitWatchers(ctx, connect.NewRequest(&beaconv1.AwaitWatchersRequest{Service: "web", Revision: 1, Timeout: durationpb.New(time.Millisecond)}))
+	if err != nil || resp.Msg.GetWatchers() != 0 || !resp.Msg.GetComplete() {
+		t.Errorf("AwaitWatchers(web) with only an anonymous watcher = %v, %v, want 0 watchers, complete", resp, err)
 	}
 }

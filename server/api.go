@@ -255,6 +255,9 @@ func (a api) KeepAliveStream(ctx context.Context, stream *connect.BidiStream[bea
 		case <-ctx.Done():
 			return nil
 		}
+		if err := stillValid(ctx); err != nil {
+			return err
+		}
 		ids := req.GetSessionIds()
 		if len(ids) > maxKeepAliveBatch {
 			return toConnectError(&registry.FieldError{Field: "session_ids", Reason: fmt.Sprintf("must hold at most %d sessions, has %d", maxKeepAliveBatch, len(ids))})
@@ -509,6 +512,11 @@ func (a api) UpdateCheck(ctx context.Context, req *connect.Request[beaconv1.Upda
 			return nil, instanceNotFound(k)
 		}
 	}
+	if who := identityOf(ctx); !actsForAnySession(who) && a.s.acl != nil {
+		if err := ownedBy(who, in); err != nil {
+			return nil, err // checked again here: it may have come after needInstanceWrite looked
+		}
+	}
 	var spec *registry.Check
 	for n := range in.Checks {
 		if in.Checks[n].Name == name {
@@ -706,7 +714,7 @@ func (a api) subscribe(ctx context.Context, msg *beaconv1.WatchRequest) (w *watc
 	}
 	// Filtered, not failed: the services the token may not read are left
 	// out, named or not, and the messages say so.
-	w = &watch{redact: !mayReadSessions(identityOf(ctx))}
+	w = &watch{redact: !mayReadSessions(identityOf(ctx)), readable: func(svc string) bool { return identityOf(ctx).Authz.Service(ns, svc) >= acl.Read }}
 	services, known := msg.GetServices(), msg.GetKnownRevisions()
 	authz := identityOf(ctx).Authz
 	readable := func(svc string) bool {
@@ -734,8 +742,9 @@ func (a api) subscribe(ctx context.Context, msg *beaconv1.WatchRequest) (w *watc
 // watch is one watch stream's subscription and what its token hides.
 type watch struct {
 	sub      *view.Subscription
-	redact   bool        // blank session ids: the token may not read sessions
-	filtered atomic.Bool // a service was left out
+	readable func(service string) bool // what the token may read (for acknowledgements)
+	redact   bool                      // blank session ids: the token may not read sessions
+	filtered atomic.Bool               // a service was left out
 }
 
 // hidden says whether the stream's messages leave something out.
@@ -803,12 +812,15 @@ func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchReque
 	var watchID uint64
 	if req.Msg.GetAcknowledge() {
 		ns, _ := namespaceOf(req.Msg.GetNamespace()) // validated by subscribe
-		watchID = a.s.acks.join(identityOf(ctx).Accessor, ns, req.Msg.GetServices())
+		watchID = a.s.acks.join(identityOf(ctx).Accessor, ns, req.Msg.GetServices(), w.readable)
 		defer a.s.acks.leave(watchID)
 	}
 	binary := !strings.Contains(req.Header().Get("Content-Type"), "json")
 	for {
 		pending, synced, err := nextMessage(ctx, w, heartbeat)
+		if verr := stillValid(ctx); verr != nil {
+			return verr
+		}
 		if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
 			// Quiet for a heartbeat: say so, so that the client knows
 			// this server is alive.

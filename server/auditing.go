@@ -29,7 +29,7 @@ type auditor struct {
 	s      *Server
 }
 
-func (a *auditor) record(ctx context.Context, procedure string, msg any, err error) {
+func (a *auditor) record(ctx context.Context, procedure string, msg, resp any, err error) {
 	if a == nil {
 		return
 	}
@@ -46,8 +46,16 @@ func (a *auditor) record(ctx context.Context, procedure string, msg any, err err
 		Resource:  resourceOf(msg),
 		Outcome:   audit.OutcomeAllowed,
 	}
+	e.Detail = map[string]string{}
 	if id.Session != 0 {
-		e.Detail = map[string]string{"session_credential": store.FormatSessionID(id.Session)}
+		e.Detail["session_credential"] = store.FormatSessionID(id.Session)
+	}
+	// A token made (Bootstrap, CreateToken): who made which one.
+	if t, ok := resp.(interface{ GetToken() *beaconv1.AclToken }); ok && t.GetToken().GetAccessorId() != "" {
+		e.Detail["made_token"] = t.GetToken().GetAccessorId()
+	}
+	if len(e.Detail) == 0 {
+		e.Detail = nil
 	}
 	switch {
 	case denial:
@@ -126,7 +134,11 @@ type auditInterceptor struct{ a *auditor }
 func (i auditInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
 		resp, err := next(ctx, req)
-		i.a.record(ctx, req.Spec().Procedure, req.Any(), err)
+		var msg any
+		if err == nil {
+			msg = resp.Any()
+		}
+		i.a.record(ctx, req.Spec().Procedure, req.Any(), msg, err)
 		return resp, err
 	}
 }
@@ -138,7 +150,7 @@ func (auditInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) co
 func (i auditInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
 	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
 		err := next(ctx, conn)
-		i.a.record(ctx, conn.Spec().Procedure, nil, err)
+		i.a.record(ctx, conn.Spec().Procedure, nil, nil, err)
 		return err
 	}
 }

@@ -48,6 +48,46 @@ func secretOf(h http.Header) string {
 	return strings.TrimSpace(h.Get("X-Beacon-Token"))
 }
 
+type recheckKey struct{}
+
+// stillValid says whether the credential a call began with is still good:
+// streams (watches, keepalive streams) ask before each message, so that a
+// deleted or expired token, or a session credential whose session or
+// parent token is gone, stops the streams it opened too. What the
+// credential may read is not re-evaluated: a narrowed policy applies to
+// the streams opened after it.
+func stillValid(ctx context.Context) error {
+	if f, ok := ctx.Value(recheckKey{}).(func() error); ok {
+		return f()
+	}
+	return nil
+}
+
+// withRecheck keeps in ctx how to resolve the call's credential again.
+func (s *Server) withRecheck(ctx context.Context, r *http.Request) context.Context {
+	if s.acl == nil {
+		return ctx
+	}
+	secret := secretOf(r.Header)
+	cn := ""
+	if secret == "" && r.TLS != nil && len(r.TLS.VerifiedChains) > 0 {
+		cn = r.TLS.VerifiedChains[0][0].Subject.CommonName
+	}
+	role := identityOf(ctx).Accessor
+	return context.WithValue(ctx, recheckKey{}, func() error {
+		if cn != "" && strings.HasPrefix(role, acl.RoleAccessorPrefix) {
+			if _, ok := s.acl.IdentifyRole(cn); !ok {
+				return connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("acl: role %s is gone", cn))
+			}
+			return nil
+		}
+		if _, err := s.acl.Identify(secret); err != nil {
+			return connect.NewError(connect.CodeUnauthenticated, err)
+		}
+		return nil
+	})
+}
+
 // authenticate resolves the request's identity. A token unknown here may
 // have been made on another server a moment ago: the ACL records catch up
 // with etcd once before the token is refused.
@@ -64,11 +104,15 @@ func (s *Server) authenticate(r *http.Request) (acl.Identity, error) {
 	}
 	id, err := s.acl.Identify(secret)
 	if errors.Is(err, acl.ErrUnknownToken) {
-		ctx, cancel := context.WithTimeout(r.Context(), readTimeout)
-		if s.acl.CatchUp(ctx) == nil {
-			id, err = s.acl.Identify(secret)
-		}
-		cancel()
+		// Callers with unknown tokens share one catch-up at a time, so
+		// that a flood of made-up secrets costs etcd one read, not one
+		// each.
+		_, _, _ = s.catchUps.Do("", func() (any, error) {
+			ctx, cancel := context.WithTimeout(s.runCtx, readTimeout)
+			defer cancel()
+			return nil, s.acl.CatchUp(ctx)
+		})
+		id, err = s.acl.Identify(secret)
 	}
 	if err != nil {
 		return acl.Identity{}, connect.NewError(connect.CodeUnauthenticated, err)
@@ -93,16 +137,34 @@ func needService(ctx context.Context, ns, svc string, need acl.Access) error {
 	return deny(id, "service:"+need.String(), ns+"/"+svc, "")
 }
 
+// needGlobal: operator and ACL rights; a session credential has none of
+// them, whatever its parent token has.
 func needGlobal(ctx context.Context, r acl.Resource, need acl.Access) error {
 	id := identityOf(ctx)
-	if id.Authz.Global(r) >= need {
+	if id.Session == 0 && id.Authz.Global(r) >= need {
 		return nil
 	}
-	return deny(id, r.String()+":"+need.String(), "", "")
+	why := ""
+	if id.Session != 0 {
+		why = "a session credential acts only on its session; use a token"
+	}
+	return deny(id, r.String()+":"+need.String(), "", why)
 }
 
-// actsForAnySession: session:write acts on every session.
-func actsForAnySession(id acl.Identity) bool { return id.Authz.Global(acl.Session) >= acl.Write }
+// actsForAnySession: session:write acts on every session — for a token,
+// never for a session credential, which is bound to its own.
+func actsForAnySession(id acl.Identity) bool {
+	return id.Session == 0 && id.Authz.Global(acl.Session) >= acl.Write
+}
+
+// sessionName names another session in an error: its id only to callers
+// that may read session ids.
+func sessionName(id acl.Identity, session int64) string {
+	if mayReadSessions(id) {
+		return store.FormatSessionID(session)
+	}
+	return "another session"
+}
 
 // needSession allows acting on a session (closing it, registering into
 // it): its own credential, or session:write.
@@ -166,7 +228,7 @@ func ownedBy(id acl.Identity, in *registry.Instance) error {
 	case in.SessionID == 0:
 		return deny(id, "service:write", in.Namespace+"/"+in.Service, "a session credential acts only on its session's instances; this one is persistent (use a token)")
 	default:
-		return deny(id, "session:write", store.FormatSessionID(in.SessionID), fmt.Sprintf("instance %s belongs to that session: only its credential may change it", in.ID))
+		return deny(id, "session:write", sessionName(id, in.SessionID), fmt.Sprintf("instance %s belongs to that session: only its credential may change it", in.ID))
 	}
 }
 
@@ -190,19 +252,38 @@ func (a api) needRegister(ctx context.Context, in *registry.Instance) (store.Gua
 	return func(cur *registry.Instance) error { return takeover(id, cur, in) }, nil
 }
 
-// takeover decides whether in may replace cur, the record etcd holds: an
-// instance another live session holds (its record exists, so its lease
-// does) only at the same address and port — the same process restarted
-// before its old session expired. Decided inside the store's write, on
-// the record the write compares against, so no registration can slip in
-// between the check and the write.
+// takeover decides whether in may replace cur, the record etcd holds:
+// only a record of the same owner — the same session, or no session for
+// a token. An instance another session holds (its record exists, so its
+// lease does) is not taken over, not even at the same address: nothing
+// tells a restarted process from a sibling holding the same service
+// token. A restarted process waits for its old session to expire
+// (errHeld, which the SDK retries), at most that session's TTL. Decided
+// inside the store's write, on the record the write compares against, so
+// no registration can slip in between the check and the write.
 func takeover(id acl.Identity, cur, in *registry.Instance) error {
-	if cur == nil || cur.SessionID == 0 || cur.SessionID == in.SessionID || cur.Address == in.Address && cur.Port == in.Port {
+	switch {
+	case cur == nil || cur.SessionID == in.SessionID:
 		return nil
+	case cur.SessionID == 0:
+		return deny(id, "session:write", in.Namespace+"/"+in.Service,
+			fmt.Sprintf("instance %s is persistent: a session may not take it over (deregister it with a token first)", in.ID))
+	case in.SessionID == 0:
+		return deny(id, "session:write", in.Namespace+"/"+in.Service,
+			fmt.Sprintf("instance %s belongs to %s: a token may not turn it persistent", in.ID, sessionName(id, cur.SessionID)))
 	}
-	return deny(id, "session:write", store.FormatSessionID(cur.SessionID),
-		fmt.Sprintf("instance %s is held by that live session at %s:%d; another session may take it over only at the same address and port", in.ID, cur.Address, cur.Port))
+	err := connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("%w: instance %s belongs to %s until it ends or expires (at most its TTL); with ACLs no other session takes it over", ErrHeld, in.ID, sessionName(id, cur.SessionID)))
+	err.Meta().Set(HeldHeader, "1")
+	return err
 }
+
+// HeldHeader marks the error of a registration refused because another
+// live session holds the instance: retrying succeeds once it has ended.
+const HeldHeader = "Beacon-Held"
+
+// ErrHeld: the instance belongs to another live session; registering it
+// again succeeds once that session has ended. The SDK waits and retries.
+var ErrHeld = errors.New("acl: instance held by another live session")
 
 // mayReadSessions: session ids are shown only to session:read.
 func mayReadSessions(id acl.Identity) bool { return id.Authz.Global(acl.Session) >= acl.Read }

@@ -54,7 +54,7 @@ func (s *Server) guardAPI(next http.Handler) http.Handler {
 			}
 			return
 		}
-		r = r.WithContext(context.WithValue(r.Context(), identityKey{}, id))
+		r = r.WithContext(s.withRecheck(context.WithValue(r.Context(), identityKey{}, id), r))
 		w = &deadlineWriter{ResponseWriter: w, rc: http.NewResponseController(w), timeout: s.cfg.Limits.WriteTimeout, timedOut: s.metrics.writeTimeouts}
 		ct := strings.ToLower(r.Header.Get("Content-Type")) // as connect compares it
 		switch {

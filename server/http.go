@@ -97,7 +97,13 @@ func (s *Server) handleWatchNDJSON(w http.ResponseWriter, r *http.Request) {
 	rc := http.NewResponseController(w)
 	var buf []byte
 	for {
-		pending, synced, err := nextMessage(r.Context(), w2, 0)
+		pending, synced, err := nextMessage(r.Context(), w2, time.Minute)
+		if stillValid(r.Context()) != nil {
+			return // the token is gone: so is its stream
+		}
+		if errors.Is(err, context.DeadlineExceeded) && r.Context().Err() == nil {
+			continue // a quiet minute: check the token again
+		}
 		if err != nil {
 			return
 		}

@@ -18,6 +18,7 @@ import (
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
+	"golang.org/x/sync/singleflight"
 
 	"beacon.dev/beacon/internal/store"
 	"beacon.dev/beacon/registry"
@@ -47,6 +48,7 @@ type Server struct {
 	breakGlass    *breakGlass // nil without --acl
 	audit         *auditor    // nil without --audit-log
 	quotas        *tokenQuotas
+	catchUps      singleflight.Group // ACL catch-ups for unknown tokens, one at a time
 
 	watchers atomic.Int32 // open watch streams (at most Limits.MaxWatchers)
 	awaits   atomic.Int32 // AwaitWatchers calls waiting (at most Limits.MaxAwaits)

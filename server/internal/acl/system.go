@@ -43,6 +43,7 @@ type System struct {
 	sessions map[Hash]sessionBinding // guarded by mu
 	bySess   map[int64]Hash          // guarded by mu
 	perToken map[string]int          // guarded by mu; live sessions by the accessor that made them
+	sessRev  int64                   // guarded by mu; the revision the session credentials are at
 }
 
 type sessionBinding struct {
@@ -288,6 +289,7 @@ func (s *System) relist(ctx context.Context) (int64, error) {
 	for id, c := range creds {
 		s.bindLocked(id, c)
 	}
+	s.sessRev = resp.Header.Revision
 	s.mu.Unlock()
 	s.publish(build(resp.Header.Revision, r))
 	select {
@@ -391,11 +393,16 @@ func (s *System) watch(ctx context.Context, rev int64) {
 		r := &records{rev: resp.Header.Revision, bootstrapped: cur.bootstrapped,
 			tokens: clone(cur.tokens), policies: clone(cur.policies), roles: clone(cur.roles)}
 		changedRecords := false
-		creds := map[int64]*SessionCredential{}
 		s.mu.Lock()
 		for _, ev := range resp.Events {
 			key := string(ev.Kv.Key)
 			kind, name, _ := strings.Cut(strings.TrimPrefix(key, s.prefix), "/")
+			if kind == "sessions" {
+				// In order: a credential put and deleted in one response
+				// stays deleted.
+				s.applySessionLocked(key, name, ev)
+				continue
+			}
 			if ev.Type == mvccpb.DELETE {
 				switch kind {
 				case "tokens":
@@ -406,20 +413,14 @@ func (s *System) watch(ctx context.Context, rev int64) {
 					delete(r.roles, name)
 				case "bootstrap":
 					r.bootstrapped = false
-				case "sessions":
-					if id, err := strconv.ParseUint(name, 16, 64); err == nil {
-						s.unbindLocked(int64(id))
-					}
 				}
-				changedRecords = changedRecords || kind != "sessions"
+				changedRecords = true
 				continue
 			}
-			s.load(r, creds, key, ev.Kv.Value)
-			changedRecords = changedRecords || kind != "sessions"
+			s.load(r, nil, key, ev.Kv.Value)
+			changedRecords = true
 		}
-		for id, c := range creds {
-			s.bindLocked(id, c)
-		}
+		s.sessRev = resp.Header.Revision
 		s.mu.Unlock()
 		if changedRecords {
 			s.publish(build(resp.Header.Revision, r))
@@ -429,6 +430,24 @@ func (s *System) watch(ctx context.Context, rev int64) {
 			s.publish(&next)
 		}
 	}
+}
+
+func (s *System) applySessionLocked(key, name string, ev *clientv3.Event) {
+	id, err := strconv.ParseUint(name, 16, 64)
+	if err != nil {
+		s.log.Warn("acl: skipping a bad record", "key", key, "err", err)
+		return
+	}
+	if ev.Type == mvccpb.DELETE {
+		s.unbindLocked(int64(id))
+		return
+	}
+	c := &SessionCredential{}
+	if err := decode(ev.Kv.Value, c); err != nil {
+		s.log.Warn("acl: skipping a bad record", "key", key, "err", err)
+		return
+	}
+	s.bindLocked(int64(id), c)
 }
 
 func clone[V any](m map[string]V) map[string]V {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -49,8 +50,20 @@ func (s *System) put(ctx context.Context, key string, v any, create, update bool
 		}
 		return 0, ErrNotFound
 	}
-	return resp.Header.Revision, s.WaitRevision(ctx, resp.Header.Revision)
+	s.settle(ctx, resp.Header.Revision)
+	return resp.Header.Revision, nil
 }
+
+// settle waits, briefly, until this server's records hold a write etcd
+// committed, so that the caller's next call here sees it. It never fails
+// the write: a token etcd holds must reach its caller with its secret.
+func (s *System) settle(ctx context.Context, rev int64) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+	defer cancel()
+	_ = s.WaitRevision(ctx, rev)
+}
+
+const settleTimeout = 5 * time.Second
 
 func (s *System) del(ctx context.Context, key string) (int64, error) {
 	resp, err := s.cli.Delete(ctx, key)
@@ -60,7 +73,8 @@ func (s *System) del(ctx context.Context, key string) (int64, error) {
 	if resp.Deleted == 0 {
 		return 0, ErrNotFound
 	}
-	return resp.Header.Revision, s.WaitRevision(ctx, resp.Header.Revision)
+	s.settle(ctx, resp.Header.Revision)
+	return resp.Header.Revision, nil
 }
 
 // Bootstrap makes the first management token, once. The secret is
@@ -78,7 +92,8 @@ func (s *System) Bootstrap(ctx context.Context) (*Token, string, error) {
 	if !resp.Succeeded {
 		return nil, "", ErrBootstrapped
 	}
-	return t, secret, s.WaitRevision(ctx, resp.Header.Revision)
+	s.settle(ctx, resp.Header.Revision)
+	return t, secret, nil
 }
 
 // BreakGlass makes a new management token whether or not the system was
@@ -90,7 +105,8 @@ func (s *System) BreakGlass(ctx context.Context) (*Token, string, error) {
 	if err != nil {
 		return nil, "", err
 	}
-	return t, secret, s.WaitRevision(ctx, resp.Header.Revision)
+	s.settle(ctx, resp.Header.Revision)
+	return t, secret, nil
 }
 
 func (s *System) managementToken(desc string) (*Token, string) {
@@ -122,6 +138,9 @@ func (s *System) CreateToken(ctx context.Context, t Token) (*Token, string, erro
 func (s *System) UpdateToken(ctx context.Context, t Token) (*Token, error) {
 	if err := t.Validate(); err != nil {
 		return nil, err
+	}
+	if t.Accessor == AnonymousAccessor && !t.ExpiresAt.IsZero() {
+		return nil, &registry.FieldError{Field: "expires_at", Reason: "the anonymous token does not expire (give it fewer policies instead)"}
 	}
 	old := s.Token(t.Accessor)
 	switch {
@@ -187,13 +206,17 @@ func (s *System) DeleteRole(ctx context.Context, name string) error {
 func (s *System) BindSession(ctx context.Context, session int64, parent string) (string, error) {
 	secret, h := NewSecret(SessionPrefix)
 	b, _ := json.Marshal(&SessionCredential{SecretHash: h.String(), Parent: parent})
-	if _, err := s.cli.Put(ctx, s.sessionKey(session), string(b), clientv3.WithLease(clientv3.LeaseID(session))); err != nil {
+	resp, err := s.cli.Put(ctx, s.sessionKey(session), string(b), clientv3.WithLease(clientv3.LeaseID(session)))
+	if err != nil {
 		return "", err
 	}
 	// Known here at once: the session's next call may come before the
-	// watch delivers the record.
+	// watch delivers the record — unless the watch is past the put
+	// already, and may have seen the session end.
 	s.mu.Lock()
-	s.bindLocked(session, &SessionCredential{SecretHash: h.String(), Parent: parent})
+	if s.sessRev < resp.Header.Revision {
+		s.bindLocked(session, &SessionCredential{SecretHash: h.String(), Parent: parent})
+	}
 	s.mu.Unlock()
 	return secret, nil
 }
