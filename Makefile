@@ -32,6 +32,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzDecodeInstance -fuzztime 30s ./internal/store
 	go test -run '^$$' -fuzz FuzzDecodeSnapshot -fuzztime 30s ./discovery
 	go test -run '^$$' -fuzz FuzzMetaKeyRoundTrip -fuzztime 30s ./backend/consul
+	go test -run '^$$' -fuzz FuzzApplyDelta -fuzztime 30s ./internal/wire
 
 generate:
 	./api/generate.sh

@@ -234,3 +234,40 @@ func TestHungServerIsNoticedByPings(t *testing.T) {
 	proxy.Cut() // connections opened while frozen may have given up already
 	testutil.Eventually(t, 60*time.Second, "the watch is back", func() bool { return w.Status().Connected })
 }
+
+// Watchers acknowledge only when a wait asks: changes nobody waits for
+// cost no AckWatch calls, and a wait is answered by every watcher, once.
+func TestAcknowledgementsOnlyWhenAsked(t *testing.T) {
+	srv := testutil.StartBeacon(t)
+	c := newClient(t, srv.Addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	var watchers []*client.Watcher
+	for range 3 {
+		watchers = append(watchers, watchAndConsume(ctx, t, newClient(t, srv.Addr()), "orders"))
+	}
+	var rev int64
+	for i := range 20 {
+		var err error
+		if rev, err = c.Register(ctx, registry.Instance{Service: "orders", ID: "o-1", Address: "127.0.0.1", Port: 9000 + i}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, w := range watchers {
+		testutil.Eventually(t, 30*time.Second, "every watcher applied the last change", func() bool {
+			s, ok := w.Snapshot("orders")
+			return ok && s.Revision >= rev
+		})
+	}
+	const acks = `beacon_requests_total{code="ok",procedure="/beacon.v1.RegistryService/AckWatch"}`
+	if n, _ := testutil.Metric(t, srv.Addr(), acks); n != 0 {
+		t.Fatalf("%v AckWatch calls before any wait; want none", n)
+	}
+	res, err := awaitComplete(ctx, t, c, "orders", rev)
+	if err != nil || !res.Complete() || res.Acknowledged != 3 {
+		t.Fatalf("AwaitWatchers = %+v, %v; want all 3 acknowledged", res, err)
+	}
+	if n, _ := testutil.Metric(t, srv.Addr(), acks); n != 3 {
+		t.Fatalf("%v AckWatch calls for one wait of 3 watchers; want 3", n)
+	}
+}

@@ -42,6 +42,7 @@ type Watcher struct {
 	lastErr    error                         // guarded by mu
 	reconnects int                           // guarded by mu
 	stale      int                           // guarded by mu
+	deltas     int                           // guarded by mu
 	syncedCh   chan struct{}
 
 	// Acknowledgements: a batch returned by Next counts as applied when
@@ -50,6 +51,13 @@ type Watcher struct {
 	applied   map[string]int64 // guarded by mu; everything applied so far
 	unacked   map[string]int64 // guarded by mu; applied, not yet sent to the server
 	ackNotify chan struct{}    // size 1: unacked has something
+	// With a server that asks (acknowledge_on_request), only what it asks
+	// for is acknowledged: service -> the revision it waits for.
+	onRequest bool             // guarded by mu; the stream's server asks
+	wanted    map[string]int64 // guarded by mu
+	// Services whose delta did not apply to what is held: the next stream
+	// asks for them whole.
+	resync map[string]bool // guarded by mu
 }
 
 // WatchFrom starts the watch from snapshots the caller already holds (of
@@ -70,8 +78,8 @@ func (c *Client) Watch(ctx context.Context, services []string, opts ...CallOptio
 		state: make(map[string]*registry.Snapshot), pending: make(map[string]*registry.Snapshot),
 		since:     time.Now(),
 		handedOut: make(map[string]int64), applied: make(map[string]int64), unacked: make(map[string]int64),
-		ackNotify: make(chan struct{}, 1),
-		server:    c.current.Load(),
+		ackNotify: make(chan struct{}, 1), wanted: make(map[string]int64), resync: make(map[string]bool),
+		server: c.current.Load(),
 	}
 	for _, s := range cfg.from {
 		if old, ok := w.state[s.Service]; s != nil && (!ok || s.Revision > old.Revision) {
@@ -137,15 +145,29 @@ func (w *Watcher) Next(ctx context.Context) ([]*registry.Snapshot, error) {
 // waiting to be sent.
 func (w *Watcher) markApplied() {
 	w.mu.Lock()
-	n := len(w.handedOut)
 	for svc, rev := range w.handedOut {
 		w.applied[svc] = max(w.applied[svc], rev)
-		w.unacked[svc] = max(w.unacked[svc], rev)
+		if !w.onRequest {
+			w.unacked[svc] = max(w.unacked[svc], rev)
+		}
 	}
 	clear(w.handedOut)
+	w.moveWantedLocked()
+	n := len(w.unacked)
 	w.mu.Unlock()
 	if n > 0 {
 		signal(w.ackNotify)
+	}
+}
+
+// moveWantedLocked queues the acknowledgements the server asked for that
+// the consumer has now applied.
+func (w *Watcher) moveWantedLocked() {
+	for svc, rev := range w.wanted {
+		if w.applied[svc] >= rev {
+			w.unacked[svc] = max(w.unacked[svc], w.applied[svc])
+			delete(w.wanted, svc)
+		}
 	}
 }
 
@@ -158,11 +180,15 @@ func signal(ch chan struct{}) {
 
 // acknowledge sends what the consumer applied to the server of stream id
 // until ctx ends. A new stream starts with everything applied so far, as
-// the server knows nothing of the watcher's past streams.
+// the server knows nothing of the watcher's past streams, unless the
+// server asks for what it needs.
 func (w *Watcher) acknowledge(ctx context.Context, rpc beaconv1connect.RegistryServiceClient, id uint64) {
 	w.mu.Lock()
 	clear(w.unacked)
-	maps.Copy(w.unacked, w.applied)
+	if !w.onRequest {
+		maps.Copy(w.unacked, w.applied)
+	}
+	w.moveWantedLocked()
 	w.mu.Unlock()
 	signal(w.ackNotify)
 	for {
@@ -229,7 +255,10 @@ type WatchStatus struct {
 	Reconnects int
 	// Stale counts snapshots the server sent that were not newer than what
 	// the watcher held; they are dropped. A correct server sends none.
-	Stale   int
+	Stale int
+	// Deltas counts snapshots received as what changed since the previous
+	// one (the rest came whole).
+	Deltas  int
 	LastErr error
 }
 
@@ -237,7 +266,7 @@ type WatchStatus struct {
 func (w *Watcher) Status() WatchStatus {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return WatchStatus{Connected: w.connected, Since: w.since, Reconnects: w.reconnects, Stale: w.stale, LastErr: w.lastErr}
+	return WatchStatus{Connected: w.connected, Since: w.since, Reconnects: w.reconnects, Stale: w.stale, Deltas: w.deltas, LastErr: w.lastErr}
 }
 
 // Close stops the watch and waits for its goroutine.
@@ -284,11 +313,21 @@ func (w *Watcher) stream(ctx context.Context) (received bool, err error) {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	hb := w.c.watchHeartbeat
-	req := &beaconv1.WatchRequest{Namespace: w.ns, Services: w.services, KnownRevisions: map[string]int64{}, Acknowledge: true, Heartbeat: durationpb.New(hb)}
+	req := &beaconv1.WatchRequest{
+		Namespace: w.ns, Services: w.services, KnownRevisions: map[string]int64{}, Heartbeat: durationpb.New(hb),
+		Acknowledge: true, AcknowledgeOnRequest: true, Deltas: true,
+	}
 	w.mu.Lock()
 	for name, s := range w.state {
 		req.KnownRevisions[name] = s.Revision
+		if w.resync[name] {
+			req.KnownRevisions[name] = 0 // whole, whatever its revision
+		}
 	}
+	clear(w.resync)
+	// What a past stream's server asked for is asked again by this one's
+	// if it still waits.
+	clear(w.wanted)
 	w.mu.Unlock()
 	// A server that sends nothing for three heartbeats is frozen or cut
 	// off even if its connection looks open: the stream is given up.
@@ -306,12 +345,18 @@ func (w *Watcher) stream(ctx context.Context) (received bool, err error) {
 	defer cancel()
 	for st.Receive() {
 		watchdog.Reset(3 * hb)
-		if !received && st.Msg().GetWatchId() != 0 {
-			id := st.Msg().GetWatchId()
-			acking.Go(func() { w.acknowledge(sctx, rpc, id) })
+		if !received {
+			w.mu.Lock()
+			w.onRequest = st.Msg().GetAcknowledgeOnRequest()
+			w.mu.Unlock()
+			if id := st.Msg().GetWatchId(); id != 0 {
+				acking.Go(func() { w.acknowledge(sctx, rpc, id) })
+			}
 		}
 		received = true
-		w.apply(st.Msg())
+		if err := w.apply(st.Msg()); err != nil {
+			return received, err
+		}
 	}
 	if err := st.Err(); err != nil {
 		return received, w.streamErr(err, silent.Load())
@@ -326,21 +371,42 @@ func (w *Watcher) streamErr(err error, silent bool) error {
 	return fromConnectError(err)
 }
 
-func (w *Watcher) apply(msg *beaconv1.WatchResponse) {
-	changed := false
+// apply takes in a message. A delta that does not apply to what is held
+// (a server's fault) ends the stream: the next one asks for that service
+// whole.
+func (w *Watcher) apply(msg *beaconv1.WatchResponse) error {
+	changed, acks := false, false
+	var err error
 	w.mu.Lock()
 	if !w.connected {
 		w.connected, w.since = true, time.Now()
 	}
 	for _, p := range msg.GetSnapshots() {
-		snap := wire.SnapshotFromProto(p)
-		if old, ok := w.state[snap.Service]; ok && snap.Revision <= old.Revision {
+		old, held := w.state[p.GetService()]
+		if held && p.GetRevision() <= old.Revision {
 			w.stale++
 			continue // never step back, whatever a server sends
+		}
+		var snap *registry.Snapshot
+		if p.GetBaseRevision() != 0 {
+			if snap, err = wire.ApplyDelta(old, p); err != nil {
+				w.resync[p.GetService()] = true
+				break
+			}
+			w.deltas++
+		} else {
+			snap = wire.SnapshotFromProto(p)
 		}
 		w.state[snap.Service] = snap
 		w.pending[snap.Service] = snap
 		changed = true
+	}
+	for svc, rev := range msg.GetAckWanted() {
+		w.wanted[svc] = max(w.wanted[svc], rev)
+	}
+	if len(msg.GetAckWanted()) > 0 {
+		w.moveWantedLocked()
+		acks = len(w.unacked) > 0
 	}
 	firstSync := msg.GetSynced() && !w.synced
 	if firstSync {
@@ -353,4 +419,8 @@ func (w *Watcher) apply(msg *beaconv1.WatchResponse) {
 	if changed {
 		signal(w.notify)
 	}
+	if acks {
+		signal(w.ackNotify)
+	}
+	return err
 }

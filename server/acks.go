@@ -22,6 +22,11 @@ type ackingWatcher struct {
 	ns       string
 	services map[string]bool // nil: every service of ns
 	applied  map[string]int64
+	// Revisions waits need acknowledged, by service, not yet asked of the
+	// client (taken by the stream with takeWanted); wake makes the stream
+	// send them even with no change to send.
+	wanted map[string]int64
+	wake   func()
 }
 
 func newAcks() *acks {
@@ -31,10 +36,12 @@ func newAcks() *acks {
 // join records a new acknowledging stream and returns its id.
 //
 // readable says which services the stream may read (nil: all): a stream
-// does not count as a watcher of a service it is not sent. Stream ids are
-// random, so that no caller finds another's by counting.
-func (a *acks) join(owner, ns string, services []string, readable func(string) bool) uint64 {
-	w := &ackingWatcher{owner: owner, ns: ns, readable: readable, applied: make(map[string]int64)}
+// does not count as a watcher of a service it is not sent. wake is called
+// (never with a lock of acks held) when a wait wants the stream to ask its
+// client for an acknowledgement. Stream ids are random, so that no caller
+// finds another's by counting.
+func (a *acks) join(owner, ns string, services []string, readable func(string) bool, wake func()) uint64 {
+	w := &ackingWatcher{owner: owner, ns: ns, readable: readable, applied: make(map[string]int64), wanted: make(map[string]int64), wake: wake}
 	if len(services) > 0 {
 		w.services = make(map[string]bool, len(services))
 		for _, s := range services {
@@ -94,18 +101,42 @@ type awaitResult struct {
 // Complete reports whether every watcher still connected acknowledged.
 func (r awaitResult) Complete() bool { return r.Acknowledged+r.Gone == r.Watchers }
 
+// takeWanted returns the acknowledgements a stream should ask of its
+// client, once.
+func (a *acks) takeWanted(id uint64) map[string]int64 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	w, ok := a.watchers[id]
+	if !ok || len(w.wanted) == 0 {
+		return nil
+	}
+	out := w.wanted
+	w.wanted = make(map[string]int64)
+	return out
+}
+
 // await waits until every acknowledging stream watching ns/service when
 // the wait began has applied rev or gone, or ctx ends; it then reports
-// what it saw.
+// what it saw. Streams that have not acknowledged rev yet are asked to.
 func (a *acks) await(ctx context.Context, ns, service string, rev int64) awaitResult {
 	a.mu.Lock()
 	var ids []uint64
+	var wake []func()
 	for id, w := range a.watchers {
 		if w.ns == ns && (w.services == nil || w.services[service]) && (w.readable == nil || w.readable(service)) {
 			ids = append(ids, id)
+			if w.applied[service] < rev && w.wanted[service] < rev {
+				w.wanted[service] = rev
+				if w.wake != nil {
+					wake = append(wake, w.wake)
+				}
+			}
 		}
 	}
 	a.mu.Unlock()
+	for _, f := range wake {
+		f()
+	}
 	for {
 		a.mu.Lock()
 		r := awaitResult{Watchers: len(ids)}

@@ -714,7 +714,7 @@ func (a api) subscribe(ctx context.Context, msg *beaconv1.WatchRequest) (w *watc
 	}
 	// Filtered, not failed: the services the token may not read are left
 	// out, named or not, and the messages say so.
-	w = &watch{redact: !mayReadSessions(identityOf(ctx)), readable: func(svc string) bool { return identityOf(ctx).Authz.Service(ns, svc) >= acl.Read }}
+	w = &watch{redact: !mayReadSessions(identityOf(ctx)), deltas: msg.GetDeltas(), readable: func(svc string) bool { return identityOf(ctx).Authz.Service(ns, svc) >= acl.Read }}
 	services, known := msg.GetServices(), msg.GetKnownRevisions()
 	authz := identityOf(ctx).Authz
 	readable := func(svc string) bool {
@@ -744,26 +744,57 @@ type watch struct {
 	sub      *view.Subscription
 	readable func(service string) bool // what the token may read (for acknowledgements)
 	redact   bool                      // blank session ids: the token may not read sessions
+	deltas   bool                      // the client applies deltas
 	filtered atomic.Bool               // a service was left out
 }
 
 // hidden says whether the stream's messages leave something out.
 func (w *watch) hidden() bool { return w.redact || w.filtered.Load() }
 
+// encoding is the wire form of a pending snapshot this watcher gets.
+func (w *watch) encoding(p view.Pending) view.Encoding {
+	e := view.Full
+	if w.deltas && p.Delta {
+		e = view.Delta
+	}
+	if w.redact {
+		e++ // FullRedacted, DeltaRedacted
+	}
+	return e
+}
+
 // encoded is a pending snapshot's shared encoding, as this watcher may see it.
 func (w *watch) encoded(p view.Pending) []byte {
-	if w.redact {
-		return p.Enc.GetRedacted(p.Snap, encodeRedacted)
-	}
-	return p.Enc.Get(p.Snap, encodeSnapshot)
+	return p.Enc.Get(w.encoding(p), p.Published, encodePublished)
 }
 
 // snapshot is a pending snapshot as this watcher may see it.
 func (w *watch) snapshot(p view.Pending) *beaconv1.ServiceSnapshot {
-	if w.redact {
-		return wire.SnapshotToProto(redactSessions(p.Snap))
+	return snapshotProto(w.encoding(p), p.Published)
+}
+
+// snapshotProto is a published snapshot in wire form e: whole, or only what
+// changed since its base; with session ids or without.
+func snapshotProto(e view.Encoding, pub view.Published) *beaconv1.ServiceSnapshot {
+	redact := e == view.FullRedacted || e == view.DeltaRedacted
+	if e == view.Full || e == view.FullRedacted {
+		snap := pub.Snap
+		if redact {
+			snap = redactSessions(snap)
+		}
+		return wire.SnapshotToProto(snap)
 	}
-	return wire.SnapshotToProto(p.Snap)
+	upserted, removed := view.Changes(pub.Base, pub.Snap)
+	delta := &registry.Snapshot{
+		Namespace: pub.Snap.Namespace, Service: pub.Snap.Service, Revision: pub.Snap.Revision,
+		Instances: upserted, ProtectionThreshold: pub.Snap.ProtectionThreshold,
+	}
+	if redact {
+		delta = redactSessions(delta)
+	}
+	out := wire.SnapshotToProto(delta)
+	out.BaseRevision, out.Removed = pub.Base.Revision, removed
+	return out
 }
 
 // maxWatchMessageBytes bounds one watch message (but for a single larger
@@ -812,9 +843,10 @@ func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchReque
 	var watchID uint64
 	if req.Msg.GetAcknowledge() {
 		ns, _ := namespaceOf(req.Msg.GetNamespace()) // validated by subscribe
-		watchID = a.s.acks.join(identityOf(ctx).Accessor, ns, req.Msg.GetServices(), w.readable)
+		watchID = a.s.acks.join(identityOf(ctx).Accessor, ns, req.Msg.GetServices(), w.readable, w.sub.Wake)
 		defer a.s.acks.leave(watchID)
 	}
+	first := true
 	binary := !strings.Contains(req.Header().Get("Content-Type"), "json")
 	for {
 		pending, synced, err := nextMessage(ctx, w, heartbeat)
@@ -833,6 +865,11 @@ func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchReque
 			return nil // the client went away or the server is stopping
 		}
 		resp := &beaconv1.WatchResponse{Synced: synced, WatchId: watchID, ResultsFiltered: w.hidden()}
+		if watchID != 0 {
+			resp.AckWanted = a.s.acks.takeWanted(watchID)
+			resp.AcknowledgeOnRequest = first
+		}
+		first = false
 		if binary {
 			// Each snapshot is encoded once and its bytes shared by every
 			// watcher; they travel as the message's repeated field 1.
@@ -934,10 +971,8 @@ func (a api) AwaitWatchers(ctx context.Context, req *connect.Request[beaconv1.Aw
 // snapshotsField is WatchResponse.snapshots' field number.
 var snapshotsField = protowire.Number((&beaconv1.WatchResponse{}).ProtoReflect().Descriptor().Fields().ByName("snapshots").Number())
 
-func encodeRedacted(s *registry.Snapshot) []byte { return encodeSnapshot(redactSessions(s)) }
-
-func encodeSnapshot(s *registry.Snapshot) []byte {
-	b, err := proto.Marshal(wire.SnapshotToProto(s))
+func encodePublished(e view.Encoding, pub view.Published) []byte {
+	b, err := proto.Marshal(snapshotProto(e, pub))
 	if err != nil {
 		panic("server: marshalling a snapshot cannot fail: " + err.Error())
 	}

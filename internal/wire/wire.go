@@ -3,6 +3,9 @@
 package wire
 
 import (
+	"fmt"
+	"slices"
+
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -122,4 +125,59 @@ func ListInstancesResponse(snap *registry.Snapshot, all bool) *beaconv1.ListInst
 		resp.Instances = append(resp.Instances, InstanceToProto(in))
 	}
 	return resp
+}
+
+// ApplyDelta returns the snapshot a delta (BaseRevision set) describes,
+// from base, the snapshot at its BaseRevision, which it does not modify.
+// Instances that did not change are base's own pointers: received
+// snapshots and their instances are read-only. It fails if base is not
+// the delta's base.
+func ApplyDelta(base *registry.Snapshot, d *beaconv1.ServiceSnapshot) (*registry.Snapshot, error) {
+	if base == nil || base.Revision != d.GetBaseRevision() {
+		held := int64(0)
+		if base != nil {
+			held = base.Revision
+		}
+		return nil, fmt.Errorf("wire: a delta of %s from revision %d, but revision %d is held", d.GetService(), d.GetBaseRevision(), held)
+	}
+	removed := d.GetRemoved()
+	if !slices.IsSorted(removed) {
+		return nil, fmt.Errorf("wire: a delta of %s lists removed instances out of order", d.GetService())
+	}
+	upserts := d.GetInstances()
+	out := &registry.Snapshot{
+		Namespace: d.GetNamespace(), Service: d.GetService(), Revision: d.GetRevision(),
+		ProtectionThreshold: d.GetProtectionThreshold(),
+		Instances:           make([]*registry.Instance, 0, len(base.Instances)+len(upserts)-len(removed)),
+	}
+	// Three sorted lists merged in one pass: base's instances, the
+	// upserts and the removed ids (both sorted by id, as the server sends
+	// them).
+	i, u, r := 0, 0, 0
+	for i < len(base.Instances) || u < len(upserts) {
+		var next *registry.Instance
+		switch {
+		case u == len(upserts) || (i < len(base.Instances) && base.Instances[i].ID < upserts[u].GetId()):
+			next = base.Instances[i]
+			i++
+		default:
+			in := InstanceFromProto(upserts[u])
+			next = &in
+			if i < len(base.Instances) && base.Instances[i].ID == next.ID {
+				i++ // replaced
+			}
+			u++
+		}
+		for r < len(removed) && removed[r] < next.ID {
+			r++
+		}
+		if r < len(removed) && removed[r] == next.ID {
+			continue
+		}
+		if n := len(out.Instances); n > 0 && out.Instances[n-1].ID >= next.ID {
+			return nil, fmt.Errorf("wire: a delta of %s lists instance %q out of order", d.GetService(), next.ID)
+		}
+		out.Instances = append(out.Instances, next)
+	}
+	return out, nil
 }

@@ -1769,9 +1769,18 @@ type WatchRequest struct {
 	// has sent nothing for this long, so that the client can tell a frozen
 	// server from a quiet registry and move to another one. Between 100ms
 	// and 1m; unset: no heartbeats.
-	Heartbeat     *durationpb.Duration `protobuf:"bytes,5,opt,name=heartbeat,proto3" json:"heartbeat,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Heartbeat *durationpb.Duration `protobuf:"bytes,5,opt,name=heartbeat,proto3" json:"heartbeat,omitempty"`
+	// The client applies deltas: a snapshot may then carry base_revision
+	// and only what changed since that revision of the service, which this
+	// stream sent before (never a revision given in known_revisions).
+	// Servers that predate deltas ignore it and send full snapshots.
+	Deltas bool `protobuf:"varint,6,opt,name=deltas,proto3" json:"deltas,omitempty"`
+	// With acknowledge: the client acknowledges only when a message's
+	// ack_wanted asks, not after every batch. It does so only if the server
+	// says, in acknowledge_on_request of its first message, that it asks.
+	AcknowledgeOnRequest bool `protobuf:"varint,7,opt,name=acknowledge_on_request,json=acknowledgeOnRequest,proto3" json:"acknowledge_on_request,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
 }
 
 func (x *WatchRequest) Reset() {
@@ -1839,19 +1848,43 @@ func (x *WatchRequest) GetHeartbeat() *durationpb.Duration {
 	return nil
 }
 
-// ServiceSnapshot is the full state of one service at a revision.
+func (x *WatchRequest) GetDeltas() bool {
+	if x != nil {
+		return x.Deltas
+	}
+	return false
+}
+
+func (x *WatchRequest) GetAcknowledgeOnRequest() bool {
+	if x != nil {
+		return x.AcknowledgeOnRequest
+	}
+	return false
+}
+
+// ServiceSnapshot is the full state of one service at a revision, or,
+// with base_revision set (a delta, only on watch streams that asked for
+// deltas), what changed since the snapshot at base_revision.
 type ServiceSnapshot struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
 	Service   string                 `protobuf:"bytes,2,opt,name=service,proto3" json:"service,omitempty"`
 	Revision  int64                  `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
-	Instances []*Instance            `protobuf:"bytes,4,rep,name=instances,proto3" json:"instances,omitempty"` // all instances, routable or not
+	// All instances, routable or not; in a delta, those added or changed
+	// since base_revision. Sorted by id.
+	Instances []*Instance `protobuf:"bytes,4,rep,name=instances,proto3" json:"instances,omitempty"`
 	// The service's protection threshold in [0, 1] (0: off): below this
 	// share of routable instances among those declared UP, callers use
-	// every UP instance, unhealthy ones included.
+	// every UP instance, unhealthy ones included. Always the full value.
 	ProtectionThreshold float64 `protobuf:"fixed64,5,opt,name=protection_threshold,json=protectionThreshold,proto3" json:"protection_threshold,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Set on a delta: the revision of the snapshot it applies to. Applying
+	// instances and removed to that snapshot gives the full state at
+	// revision.
+	BaseRevision int64 `protobuf:"varint,6,opt,name=base_revision,json=baseRevision,proto3" json:"base_revision,omitempty"`
+	// In a delta, the ids of instances gone since base_revision. Sorted.
+	Removed       []string `protobuf:"bytes,7,rep,name=removed,proto3" json:"removed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ServiceSnapshot) Reset() {
@@ -1917,6 +1950,20 @@ func (x *ServiceSnapshot) GetProtectionThreshold() float64 {
 		return x.ProtectionThreshold
 	}
 	return 0
+}
+
+func (x *ServiceSnapshot) GetBaseRevision() int64 {
+	if x != nil {
+		return x.BaseRevision
+	}
+	return 0
+}
+
+func (x *ServiceSnapshot) GetRemoved() []string {
+	if x != nil {
+		return x.Removed
+	}
+	return nil
 }
 
 type SetServiceConfigRequest struct {
@@ -2045,8 +2092,15 @@ type WatchResponse struct {
 	// With ACLs on: services the token may not read were left out, or
 	// instances' session ids blanked (set on every message it applies to).
 	ResultsFiltered bool `protobuf:"varint,4,opt,name=results_filtered,json=resultsFiltered,proto3" json:"results_filtered,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Service -> revision: a waiting AwaitWatchers asks the client to
+	// acknowledge once it has applied that revision (or a newer one).
+	AckWanted map[string]int64 `protobuf:"bytes,5,rep,name=ack_wanted,json=ackWanted,proto3" json:"ack_wanted,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// On the first message of a stream opened with acknowledge: this
+	// server sends ack_wanted, so a client that asked with
+	// acknowledge_on_request need not acknowledge every batch.
+	AcknowledgeOnRequest bool `protobuf:"varint,6,opt,name=acknowledge_on_request,json=acknowledgeOnRequest,proto3" json:"acknowledge_on_request,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
 }
 
 func (x *WatchResponse) Reset() {
@@ -2103,6 +2157,20 @@ func (x *WatchResponse) GetWatchId() uint64 {
 func (x *WatchResponse) GetResultsFiltered() bool {
 	if x != nil {
 		return x.ResultsFiltered
+	}
+	return false
+}
+
+func (x *WatchResponse) GetAckWanted() map[string]int64 {
+	if x != nil {
+		return x.AckWanted
+	}
+	return nil
+}
+
+func (x *WatchResponse) GetAcknowledgeOnRequest() bool {
+	if x != nil {
+		return x.AcknowledgeOnRequest
 	}
 	return false
 }
@@ -2466,22 +2534,26 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x14ListServicesResponse\x125\n" +
 	"\bservices\x18\x01 \x03(\v2\x19.beacon.v1.ServiceSummaryR\bservices\x12\x1a\n" +
 	"\brevision\x18\x02 \x01(\x03R\brevision\x12)\n" +
-	"\x10results_filtered\x18\x03 \x01(\bR\x0fresultsFiltered\"\xbc\x02\n" +
+	"\x10results_filtered\x18\x03 \x01(\bR\x0fresultsFiltered\"\x8a\x03\n" +
 	"\fWatchRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x1a\n" +
 	"\bservices\x18\x02 \x03(\tR\bservices\x12T\n" +
 	"\x0fknown_revisions\x18\x03 \x03(\v2+.beacon.v1.WatchRequest.KnownRevisionsEntryR\x0eknownRevisions\x12 \n" +
 	"\vacknowledge\x18\x04 \x01(\bR\vacknowledge\x127\n" +
-	"\theartbeat\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\theartbeat\x1aA\n" +
+	"\theartbeat\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\theartbeat\x12\x16\n" +
+	"\x06deltas\x18\x06 \x01(\bR\x06deltas\x124\n" +
+	"\x16acknowledge_on_request\x18\a \x01(\bR\x14acknowledgeOnRequest\x1aA\n" +
 	"\x13KnownRevisionsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\xcb\x01\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x8a\x02\n" +
 	"\x0fServiceSnapshot\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
 	"\aservice\x18\x02 \x01(\tR\aservice\x12\x1a\n" +
 	"\brevision\x18\x03 \x01(\x03R\brevision\x121\n" +
 	"\tinstances\x18\x04 \x03(\v2\x13.beacon.v1.InstanceR\tinstances\x121\n" +
-	"\x14protection_threshold\x18\x05 \x01(\x01R\x13protectionThreshold\"\xa5\x01\n" +
+	"\x14protection_threshold\x18\x05 \x01(\x01R\x13protectionThreshold\x12#\n" +
+	"\rbase_revision\x18\x06 \x01(\x03R\fbaseRevision\x12\x18\n" +
+	"\aremoved\x18\a \x03(\tR\aremoved\"\xa5\x01\n" +
 	"\x17SetServiceConfigRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
 	"\aservice\x18\x02 \x01(\tR\aservice\x121\n" +
@@ -2489,12 +2561,18 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\vuse_default\x18\x04 \x01(\bR\n" +
 	"useDefault\"6\n" +
 	"\x18SetServiceConfigResponse\x12\x1a\n" +
-	"\brevision\x18\x01 \x01(\x03R\brevision\"\xa7\x01\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\"\xe3\x02\n" +
 	"\rWatchResponse\x128\n" +
 	"\tsnapshots\x18\x01 \x03(\v2\x1a.beacon.v1.ServiceSnapshotR\tsnapshots\x12\x16\n" +
 	"\x06synced\x18\x02 \x01(\bR\x06synced\x12\x19\n" +
 	"\bwatch_id\x18\x03 \x01(\x04R\awatchId\x12)\n" +
-	"\x10results_filtered\x18\x04 \x01(\bR\x0fresultsFiltered\"\xb3\x01\n" +
+	"\x10results_filtered\x18\x04 \x01(\bR\x0fresultsFiltered\x12F\n" +
+	"\n" +
+	"ack_wanted\x18\x05 \x03(\v2'.beacon.v1.WatchResponse.AckWantedEntryR\tackWanted\x124\n" +
+	"\x16acknowledge_on_request\x18\x06 \x01(\bR\x14acknowledgeOnRequest\x1a<\n" +
+	"\x0eAckWantedEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\xb3\x01\n" +
 	"\x0fAckWatchRequest\x12\x19\n" +
 	"\bwatch_id\x18\x01 \x01(\x04R\awatchId\x12G\n" +
 	"\trevisions\x18\x02 \x03(\v2).beacon.v1.AckWatchRequest.RevisionsEntryR\trevisions\x1a<\n" +
@@ -2559,7 +2637,7 @@ func file_beacon_v1_registry_proto_rawDescGZIP() []byte {
 }
 
 var file_beacon_v1_registry_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
+var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_beacon_v1_registry_proto_goTypes = []any{
 	(Status)(0),                      // 0: beacon.v1.Status
 	(Health)(0),                      // 1: beacon.v1.Health
@@ -2600,9 +2678,10 @@ var file_beacon_v1_registry_proto_goTypes = []any{
 	nil,                              // 36: beacon.v1.Instance.MetadataEntry
 	nil,                              // 37: beacon.v1.Check.HeadersEntry
 	nil,                              // 38: beacon.v1.WatchRequest.KnownRevisionsEntry
-	nil,                              // 39: beacon.v1.AckWatchRequest.RevisionsEntry
-	(*durationpb.Duration)(nil),      // 40: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),    // 41: google.protobuf.Timestamp
+	nil,                              // 39: beacon.v1.WatchResponse.AckWantedEntry
+	nil,                              // 40: beacon.v1.AckWatchRequest.RevisionsEntry
+	(*durationpb.Duration)(nil),      // 41: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),    // 42: google.protobuf.Timestamp
 }
 var file_beacon_v1_registry_proto_depIdxs = []int32{
 	36, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
@@ -2612,15 +2691,15 @@ var file_beacon_v1_registry_proto_depIdxs = []int32{
 	1,  // 4: beacon.v1.UpdateCheckRequest.status:type_name -> beacon.v1.Health
 	2,  // 5: beacon.v1.Check.kind:type_name -> beacon.v1.CheckKind
 	37, // 6: beacon.v1.Check.headers:type_name -> beacon.v1.Check.HeadersEntry
-	40, // 7: beacon.v1.Check.interval:type_name -> google.protobuf.Duration
-	40, // 8: beacon.v1.Check.timeout:type_name -> google.protobuf.Duration
-	40, // 9: beacon.v1.Check.deregister_critical_after:type_name -> google.protobuf.Duration
+	41, // 7: beacon.v1.Check.interval:type_name -> google.protobuf.Duration
+	41, // 8: beacon.v1.Check.timeout:type_name -> google.protobuf.Duration
+	41, // 9: beacon.v1.Check.deregister_critical_after:type_name -> google.protobuf.Duration
 	1,  // 10: beacon.v1.Check.status:type_name -> beacon.v1.Health
-	41, // 11: beacon.v1.Check.since:type_name -> google.protobuf.Timestamp
-	40, // 12: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
-	40, // 13: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
-	40, // 14: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
-	40, // 15: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
+	42, // 11: beacon.v1.Check.since:type_name -> google.protobuf.Timestamp
+	41, // 12: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
+	41, // 13: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
+	41, // 14: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
+	41, // 15: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
 	12, // 16: beacon.v1.KeepAliveBatchResult.results:type_name -> beacon.v1.KeepAliveResult
 	3,  // 17: beacon.v1.RegisterRequest.instance:type_name -> beacon.v1.Instance
 	0,  // 18: beacon.v1.SetStatusRequest.status:type_name -> beacon.v1.Status
@@ -2628,44 +2707,45 @@ var file_beacon_v1_registry_proto_depIdxs = []int32{
 	3,  // 20: beacon.v1.ListInstancesResponse.instances:type_name -> beacon.v1.Instance
 	25, // 21: beacon.v1.ListServicesResponse.services:type_name -> beacon.v1.ServiceSummary
 	38, // 22: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
-	40, // 23: beacon.v1.WatchRequest.heartbeat:type_name -> google.protobuf.Duration
+	41, // 23: beacon.v1.WatchRequest.heartbeat:type_name -> google.protobuf.Duration
 	3,  // 24: beacon.v1.ServiceSnapshot.instances:type_name -> beacon.v1.Instance
 	28, // 25: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
-	39, // 26: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
-	40, // 27: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
-	7,  // 28: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
-	9,  // 29: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
-	11, // 30: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
-	14, // 31: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
-	16, // 32: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
-	18, // 33: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
-	20, // 34: beacon.v1.RegistryService.SetStatus:input_type -> beacon.v1.SetStatusRequest
-	29, // 35: beacon.v1.RegistryService.SetServiceConfig:input_type -> beacon.v1.SetServiceConfigRequest
-	4,  // 36: beacon.v1.RegistryService.UpdateCheck:input_type -> beacon.v1.UpdateCheckRequest
-	22, // 37: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
-	24, // 38: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
-	27, // 39: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
-	32, // 40: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
-	34, // 41: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
-	8,  // 42: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
-	10, // 43: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
-	13, // 44: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
-	15, // 45: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
-	17, // 46: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
-	19, // 47: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
-	21, // 48: beacon.v1.RegistryService.SetStatus:output_type -> beacon.v1.SetStatusResponse
-	30, // 49: beacon.v1.RegistryService.SetServiceConfig:output_type -> beacon.v1.SetServiceConfigResponse
-	5,  // 50: beacon.v1.RegistryService.UpdateCheck:output_type -> beacon.v1.UpdateCheckResponse
-	23, // 51: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
-	26, // 52: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
-	31, // 53: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
-	33, // 54: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
-	35, // 55: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
-	42, // [42:56] is the sub-list for method output_type
-	28, // [28:42] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	39, // 26: beacon.v1.WatchResponse.ack_wanted:type_name -> beacon.v1.WatchResponse.AckWantedEntry
+	40, // 27: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
+	41, // 28: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
+	7,  // 29: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
+	9,  // 30: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
+	11, // 31: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
+	14, // 32: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
+	16, // 33: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
+	18, // 34: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
+	20, // 35: beacon.v1.RegistryService.SetStatus:input_type -> beacon.v1.SetStatusRequest
+	29, // 36: beacon.v1.RegistryService.SetServiceConfig:input_type -> beacon.v1.SetServiceConfigRequest
+	4,  // 37: beacon.v1.RegistryService.UpdateCheck:input_type -> beacon.v1.UpdateCheckRequest
+	22, // 38: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
+	24, // 39: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
+	27, // 40: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
+	32, // 41: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
+	34, // 42: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
+	8,  // 43: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
+	10, // 44: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
+	13, // 45: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
+	15, // 46: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
+	17, // 47: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
+	19, // 48: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
+	21, // 49: beacon.v1.RegistryService.SetStatus:output_type -> beacon.v1.SetStatusResponse
+	30, // 50: beacon.v1.RegistryService.SetServiceConfig:output_type -> beacon.v1.SetServiceConfigResponse
+	5,  // 51: beacon.v1.RegistryService.UpdateCheck:output_type -> beacon.v1.UpdateCheckResponse
+	23, // 52: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
+	26, // 53: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
+	31, // 54: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
+	33, // 55: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
+	35, // 56: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
+	43, // [43:57] is the sub-list for method output_type
+	29, // [29:43] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_beacon_v1_registry_proto_init() }
@@ -2679,7 +2759,7 @@ func file_beacon_v1_registry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_beacon_v1_registry_proto_rawDesc), len(file_beacon_v1_registry_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   37,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -25,8 +25,10 @@ type Subscription struct {
 	mu      sync.Mutex
 	pending map[string]Pending // guarded by mu; the newest unsent snapshot per service
 	last    map[string]int64   // guarded by mu; newest revision queued per service
+	sent    map[string]int64   // guarded by mu; revision last returned by Next per service
 	initial map[string]bool    // guarded by mu; services of the initial sync not yet taken
 	first   bool               // guarded by mu; the initial sync is not complete yet
+	woken   bool               // guarded by mu; Wake was called
 	closed  bool               // guarded by mu
 }
 
@@ -36,6 +38,11 @@ type Pending struct {
 	Published
 	Queued   time.Time
 	Coalesce int // snapshots of this service replaced while it waited
+	// Delta: this subscription last sent the subscriber Base, so only
+	// what changed since needs to go (see Published.Base). Set when Next
+	// returns it. A revision the subscriber only said it knew (on
+	// reconnect, perhaps from another server) is never a base.
+	Delta bool
 }
 
 // Subscribe starts a subscription to services of ns (all of them when
@@ -55,6 +62,7 @@ func (v *View) SubscribeFiltered(ns string, services []string, known map[string]
 		notify:  make(chan struct{}, 1),
 		pending: make(map[string]Pending),
 		last:    make(map[string]int64),
+		sent:    make(map[string]int64),
 		first:   true,
 	}
 	if len(services) > 0 {
@@ -72,7 +80,7 @@ func (v *View) SubscribeFiltered(ns string, services []string, known map[string]
 	for sk, snap := range v.services {
 		if sk.Namespace == ns && s.wants(sk.Service) && snap.Revision > known[sk.Service] {
 			if _, ok := known[sk.Service]; ok || len(snap.Instances) > 0 {
-				s.pending[sk.Service] = Pending{Published: Published{snap, v.encoded[sk]}, Queued: now}
+				s.pending[sk.Service] = Pending{Published: Published{Snap: snap, Enc: v.encoded[sk]}, Queued: now}
 				s.last[sk.Service] = snap.Revision
 			}
 		}
@@ -83,7 +91,7 @@ func (v *View) SubscribeFiltered(ns string, services []string, known map[string]
 		sk := registry.ServiceKey{Namespace: ns, Service: name}
 		if _, ok := v.services[sk]; !ok && s.wants(name) && rev < v.rev {
 			empty := &registry.Snapshot{Namespace: ns, Service: name, Revision: v.rev}
-			s.pending[name] = Pending{Published: Published{empty, new(Encoded)}, Queued: now}
+			s.pending[name] = Pending{Published: Published{Snap: empty, Enc: new(Encoded)}, Queued: now}
 			s.last[name] = v.rev
 		}
 	}
@@ -134,7 +142,8 @@ func (s *Subscription) Next(ctx context.Context) (snaps []Pending, synced bool, 
 	return s.NextBatch(ctx, nil)
 }
 
-// NextBatch is Next for a bounded message: take is asked about each
+// NextBatch is Next for a bounded message (and returns with nothing after
+// Wake): take is asked about each
 // pending snapshot in turn and says whether it still fits (the first one
 // always does); what does not fit stays pending, to be coalesced with
 // newer ones and returned by the next call. A subscriber that stops
@@ -159,6 +168,7 @@ func (s *Subscription) NextBatch(ctx context.Context, take func(Pending) bool) (
 		}
 		all := make([]Pending, 0, len(s.pending))
 		for _, p := range s.pending {
+			p.Delta = p.Base != nil && s.sent[p.Snap.Service] == p.Base.Revision
 			all = append(all, p)
 		}
 		clear(s.pending)
@@ -191,11 +201,14 @@ func (s *Subscription) NextBatch(ctx context.Context, take func(Pending) bool) (
 		}
 		for _, p := range snaps {
 			delete(s.initial, p.Snap.Service)
+			s.sent[p.Snap.Service] = p.Snap.Revision
 		}
 		synced = s.first && len(s.initial) == 0
 		if synced {
 			s.first, s.initial = false, nil
 		}
+		woken := s.woken
+		s.woken = false
 		if len(s.pending) > 0 {
 			select { // more to send: the next call must not wait
 			case s.notify <- struct{}{}:
@@ -203,10 +216,22 @@ func (s *Subscription) NextBatch(ctx context.Context, take func(Pending) bool) (
 			}
 		}
 		s.mu.Unlock()
-		if len(snaps) > 0 || synced {
+		if len(snaps) > 0 || synced || woken {
 			slices.SortFunc(snaps, func(a, b Pending) int { return cmp.Compare(a.Snap.Service, b.Snap.Service) })
 			return snaps, synced, nil
 		}
+	}
+}
+
+// Wake makes the subscriber's next (or current) NextBatch return, with
+// nothing if nothing is pending: its owner has something else to send.
+func (s *Subscription) Wake() {
+	s.mu.Lock()
+	s.woken = true
+	s.mu.Unlock()
+	select {
+	case s.notify <- struct{}{}:
+	default:
 	}
 }
 

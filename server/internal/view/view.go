@@ -327,9 +327,10 @@ func (v *View) applyServiceLocked(sk registry.ServiceKey, changes []change, hold
 func (v *View) setLocked(sk registry.ServiceKey, snap *registry.Snapshot) Published {
 	snap.ProtectionThreshold = v.protectionLocked(sk)
 	enc := new(Encoded)
+	base := v.services[sk]
 	v.services[sk] = snap
 	v.encoded[sk] = enc
-	return Published{Snap: snap, Enc: enc}
+	return Published{Snap: snap, Enc: enc, Base: base}
 }
 
 // Published is a snapshot with its wire form, encoded at most once however
@@ -337,26 +338,63 @@ func (v *View) setLocked(sk registry.ServiceKey, snap *registry.Snapshot) Publis
 type Published struct {
 	Snap *registry.Snapshot
 	Enc  *Encoded
+	// Base is the snapshot Snap replaced (nil for a new service): a
+	// subscriber that was sent Base may be sent only what changed.
+	// Instances that did not change are the same pointers in both.
+	Base *registry.Snapshot
 }
 
-// Encoded memoises the encodings of one snapshot: as it is, and with
-// its instances' session ids blanked for watchers not allowed to read them.
+// Encoded memoises the encodings of one snapshot: as it is and as a delta
+// from its base, each also with its instances' session ids blanked for
+// watchers not allowed to read them.
 type Encoded struct {
-	once, redactedOnce sync.Once
-	b, redacted        []byte
+	once [4]sync.Once
+	b    [4][]byte
 }
 
-// Get returns the encoding, computing it with f on first use.
-func (e *Encoded) Get(snap *registry.Snapshot, f func(*registry.Snapshot) []byte) []byte {
-	e.once.Do(func() { e.b = f(snap) })
-	return e.b
+// Encoding names one of a snapshot's wire forms.
+type Encoding int
+
+const (
+	Full Encoding = iota
+	FullRedacted
+	Delta
+	DeltaRedacted
+)
+
+// Get returns the encoding e of a published snapshot, computing it with f
+// on first use.
+func (enc *Encoded) Get(e Encoding, pub Published, f func(Encoding, Published) []byte) []byte {
+	enc.once[e].Do(func() { enc.b[e] = f(e, pub) })
+	return enc.b[e]
 }
 
-// GetRedacted returns the encoding without session ids, computing it with
-// f on first use.
-func (e *Encoded) GetRedacted(snap *registry.Snapshot, f func(*registry.Snapshot) []byte) []byte {
-	e.redactedOnce.Do(func() { e.redacted = f(snap) })
-	return e.redacted
+// Changes returns what changed from base to snap: the instances added or
+// replaced (in snap's order, by id) and the ids of those removed (sorted).
+// Both lists are sorted by id, as a view's snapshots are.
+func Changes(base, snap *registry.Snapshot) (upserted []*registry.Instance, removed []string) {
+	var old []*registry.Instance
+	if base != nil {
+		old = base.Instances
+	}
+	i, j := 0, 0
+	for i < len(old) || j < len(snap.Instances) {
+		switch {
+		case j == len(snap.Instances) || (i < len(old) && old[i].ID < snap.Instances[j].ID):
+			removed = append(removed, old[i].ID)
+			i++
+		case i == len(old) || snap.Instances[j].ID < old[i].ID:
+			upserted = append(upserted, snap.Instances[j])
+			j++
+		default: // the same id
+			if old[i] != snap.Instances[j] {
+				upserted = append(upserted, snap.Instances[j])
+			}
+			i++
+			j++
+		}
+	}
+	return upserted, removed
 }
 
 // relist loads the whole prefix and publishes every service whose content

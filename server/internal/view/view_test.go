@@ -219,3 +219,22 @@ func TestWaitRevisionWithUnrelatedWrites(t *testing.T) {
 		t.Fatalf("WaitRevision(%d) after an unrelated write = %v; the view is at %d", resp.Header.Revision, err, v.Revision())
 	}
 }
+
+// Changes finds what a new snapshot replaced, added and removed by
+// instance pointer: the view shares the instances that did not change.
+func TestChanges(t *testing.T) {
+	a, b, c, d := &registry.Instance{ID: "a"}, &registry.Instance{ID: "b"}, &registry.Instance{ID: "c"}, &registry.Instance{ID: "d"}
+	b2 := &registry.Instance{ID: "b"}
+	base := &registry.Snapshot{Revision: 1, Instances: []*registry.Instance{a, b, c}}
+	next := &registry.Snapshot{Revision: 2, Instances: []*registry.Instance{b2, c, d}}
+	up, removed := view.Changes(base, next)
+	if fmt.Sprint(up) != fmt.Sprint([]*registry.Instance{b2, d}) || fmt.Sprint(removed) != "[a]" {
+		t.Fatalf("Changes = %v, %v; want b (replaced) and d (added), a removed", up, removed)
+	}
+	if up, removed := view.Changes(nil, next); len(up) != 3 || removed != nil {
+		t.Fatalf("Changes from nothing = %v, %v; want every instance", up, removed)
+	}
+	if up, removed := view.Changes(next, &registry.Snapshot{Revision: 3}); up != nil || fmt.Sprint(removed) != "[b c d]" {
+		t.Fatalf("Changes to nothing = %v, %v; want every instance removed", up, removed)
+	}
+}
