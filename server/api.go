@@ -804,15 +804,15 @@ func snapshotProto(e view.Encoding, pub view.Published) *beaconv1.ServiceSnapsho
 const maxWatchMessageBytes = 256 << 10
 
 // nextMessage takes the snapshots of a watcher's next message; with a
-// heartbeat, it gives up after that long with context.DeadlineExceeded.
-func nextMessage(ctx context.Context, w *watch, heartbeat time.Duration) ([]view.Pending, bool, error) {
-	if heartbeat > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, heartbeat)
-		defer cancel()
-	}
+// heartbeat timer, it gives up when the timer fires with
+// context.DeadlineExceeded.
+func nextMessage(ctx context.Context, w *watch, heartbeat *time.Timer) ([]view.Pending, bool, error) {
 	size := 0
-	return w.sub.NextBatch(ctx, func(p view.Pending) bool {
+	var quiet <-chan time.Time
+	if heartbeat != nil {
+		quiet = heartbeat.C
+	}
+	return w.sub.NextBatchUntil(ctx, quiet, func(p view.Pending) bool {
 		size += len(w.encoded(p))
 		return size <= maxWatchMessageBytes
 	})
@@ -848,9 +848,20 @@ func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchReque
 	}
 	first := true
 	binary := !strings.Contains(req.Header().Get("Content-Type"), "json")
+	valid := recheck(ctx)
+	// One timer for the stream, reset after every message: a context with
+	// a deadline per message cost more than the message at N = 1000.
+	var quiet *time.Timer
+	if heartbeat > 0 {
+		quiet = time.NewTimer(heartbeat)
+		defer quiet.Stop()
+	}
 	for {
-		pending, synced, err := nextMessage(ctx, w, heartbeat)
-		if verr := stillValid(ctx); verr != nil {
+		pending, synced, err := nextMessage(ctx, w, quiet)
+		if quiet != nil {
+			quiet.Reset(heartbeat)
+		}
+		if verr := valid(); verr != nil {
 			return verr
 		}
 		if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {

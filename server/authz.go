@@ -56,11 +56,15 @@ type recheckKey struct{}
 // parent token is gone, stops the streams it opened too. What the
 // credential may read is not re-evaluated: a narrowed policy applies to
 // the streams opened after it.
-func stillValid(ctx context.Context) error {
+func stillValid(ctx context.Context) error { return recheck(ctx)() }
+
+// recheck is stillValid for a stream to call before each message: the
+// context's values are looked up once.
+func recheck(ctx context.Context) func() error {
 	if f, ok := ctx.Value(recheckKey{}).(func() error); ok {
-		return f()
+		return f
 	}
-	return nil
+	return func() error { return nil }
 }
 
 // withRecheck keeps in ctx how to resolve the call's credential again.

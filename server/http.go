@@ -96,9 +96,13 @@ func (s *Server) handleWatchNDJSON(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
 	var buf []byte
+	valid := recheck(r.Context())
+	recheckTimer := time.NewTimer(time.Minute)
+	defer recheckTimer.Stop()
 	for {
-		pending, synced, err := nextMessage(r.Context(), w2, time.Minute)
-		if stillValid(r.Context()) != nil {
+		pending, synced, err := nextMessage(r.Context(), w2, recheckTimer)
+		recheckTimer.Reset(time.Minute)
+		if valid() != nil {
 			return // the token is gone: so is its stream
 		}
 		if errors.Is(err, context.DeadlineExceeded) && r.Context().Err() == nil {

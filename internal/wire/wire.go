@@ -5,6 +5,7 @@ package wire
 import (
 	"fmt"
 	"slices"
+	"sort"
 
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -148,36 +149,41 @@ func ApplyDelta(base *registry.Snapshot, d *beaconv1.ServiceSnapshot) (*registry
 	out := &registry.Snapshot{
 		Namespace: d.GetNamespace(), Service: d.GetService(), Revision: d.GetRevision(),
 		ProtectionThreshold: d.GetProtectionThreshold(),
-		Instances:           make([]*registry.Instance, 0, len(base.Instances)+len(upserts)-len(removed)),
+		Instances:           make([]*registry.Instance, 0, max(len(base.Instances)+len(upserts)-len(removed), 0)),
 	}
-	// Three sorted lists merged in one pass: base's instances, the
-	// upserts and the removed ids (both sorted by id, as the server sends
-	// them).
+	// Walk the changes in id order (upserts and removals are each sorted),
+	// copying the unchanged runs of base between them whole: a change of
+	// one instance among many costs two binary searches and a copy.
+	old := base.Instances
 	i, u, r := 0, 0, 0
-	for i < len(base.Instances) || u < len(upserts) {
-		var next *registry.Instance
-		switch {
-		case u == len(upserts) || (i < len(base.Instances) && base.Instances[i].ID < upserts[u].GetId()):
-			next = base.Instances[i]
-			i++
-		default:
-			in := InstanceFromProto(upserts[u])
-			next = &in
-			if i < len(base.Instances) && base.Instances[i].ID == next.ID {
-				i++ // replaced
+	for u < len(upserts) || r < len(removed) {
+		upsert := r == len(removed) || (u < len(upserts) && upserts[u].GetId() < removed[r])
+		id := ""
+		if upsert {
+			id = upserts[u].GetId()
+		} else {
+			id = removed[r]
+			if u < len(upserts) && upserts[u].GetId() == id {
+				return nil, fmt.Errorf("wire: a delta of %s both changes and removes instance %q", d.GetService(), id)
 			}
-			u++
 		}
-		for r < len(removed) && removed[r] < next.ID {
+		j := i + sort.Search(len(old)-i, func(k int) bool { return old[i+k].ID >= id })
+		out.Instances = append(out.Instances, old[i:j]...)
+		i = j
+		if i < len(old) && old[i].ID == id {
+			i++ // replaced or removed
+		}
+		if !upsert {
 			r++
-		}
-		if r < len(removed) && removed[r] == next.ID {
 			continue
 		}
-		if n := len(out.Instances); n > 0 && out.Instances[n-1].ID >= next.ID {
-			return nil, fmt.Errorf("wire: a delta of %s lists instance %q out of order", d.GetService(), next.ID)
+		if n := len(out.Instances); n > 0 && out.Instances[n-1].ID >= id {
+			return nil, fmt.Errorf("wire: a delta of %s lists instance %q out of order", d.GetService(), id)
 		}
-		out.Instances = append(out.Instances, next)
+		in := InstanceFromProto(upserts[u])
+		out.Instances = append(out.Instances, &in)
+		u++
 	}
+	out.Instances = append(out.Instances, old[i:]...)
 	return out, nil
 }

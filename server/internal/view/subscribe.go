@@ -152,10 +152,18 @@ func (s *Subscription) Next(ctx context.Context) (snaps []Pending, synced bool, 
 // last snapshot of the initial sync (or on the first call if there was
 // nothing to sync).
 func (s *Subscription) NextBatch(ctx context.Context, take func(Pending) bool) (snaps []Pending, synced bool, err error) {
+	return s.NextBatchUntil(ctx, nil, take)
+}
+
+// NextBatchUntil is NextBatch that gives up with context.DeadlineExceeded
+// when quiet delivers (nil: never) before anything is there to return.
+func (s *Subscription) NextBatchUntil(ctx context.Context, quiet <-chan time.Time, take func(Pending) bool) (snaps []Pending, synced bool, err error) {
 	for {
 		select {
 		case <-ctx.Done():
 			return nil, false, ctx.Err()
+		case <-quiet:
+			return nil, false, context.DeadlineExceeded
 		case <-s.notify:
 		}
 		// Everything pending is moved out under the lock and measured
