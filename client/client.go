@@ -490,6 +490,39 @@ func (c *Client) register(ctx context.Context, in registry.Instance) (int64, err
 	})
 }
 
+// registerBatch registers ins (prepared: namespace set, validated) in one
+// RegisterBatch call, bound to session (0: persistent). errs[i] is
+// ins[i]'s refusal, as Register would return it; held[i] marks a refusal
+// because another live session holds it. err is the call's failure, when
+// nothing is known of any instance.
+func (c *Client) registerBatch(ctx context.Context, session int64, ins []registry.Instance) (revs []int64, errs []error, held []bool, err error) {
+	req := &beaconv1.RegisterBatchRequest{SessionId: session, Instances: make([]*beaconv1.Instance, len(ins))}
+	for i := range ins {
+		req.Instances[i] = wire.InstanceToProto(&ins[i])
+	}
+	results, err := call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) ([]*beaconv1.RegisterResult, error) {
+		resp, err := r.RegisterBatch(ctx, connect.NewRequest(req))
+		if err != nil {
+			return nil, err
+		}
+		return resp.Msg.GetResults(), nil
+	})
+	if err == nil && len(results) != len(ins) {
+		err = fmt.Errorf("beacon: RegisterBatch answered %d results for %d instances", len(results), len(ins))
+	}
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	revs, errs, held = make([]int64, len(ins)), make([]error, len(ins)), make([]bool, len(ins))
+	for i, r := range results {
+		revs[i], held[i] = r.GetRevision(), r.GetHeld()
+		if r.GetErrorCode() != 0 {
+			errs[i] = fromConnectError(connect.NewError(connect.Code(r.GetErrorCode()), errors.New(r.GetError())))
+		}
+	}
+	return revs, errs, held, nil
+}
+
 // Deregister removes an instance, ephemeral or persistent. found reports
 // whether it existed.
 func (c *Client) Deregister(ctx context.Context, service, id string, opts ...CallOption) (found bool, err error) {

@@ -3,6 +3,7 @@ package client_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"os/exec"
@@ -255,4 +256,70 @@ func TestKeepAlivesUseTheStream(t *testing.T) {
 	if strings.Contains(m, `beacon_watchers 1`) {
 		t.Errorf("the keepalive stream is counted as a watcher")
 	}
+}
+
+// RegisterMany puts a session's instances in one RegisterBatch call; each
+// instance gets its own outcome — refused locally, refused by a limit, or
+// registered — and the registered ones are the session's.
+func TestRegisterManyInOneRequest(t *testing.T) {
+	srv := testutil.StartBeacon(t, "--max-instances-per-service", "4")
+	c := newClient(t, srv.Addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	sess, err := c.NewSession(ctx, client.WithTTL(time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ins := []registry.Instance{{Service: "orders", ID: "bad", Address: "", Port: 1}}
+	for i := range 5 {
+		ins = append(ins, registry.Instance{Service: "orders", ID: fmt.Sprintf("o-%d", i), Address: "127.0.0.1", Port: 9000 + i})
+	}
+	revs, err := sess.RegisterMany(ctx, ins)
+	if !errors.Is(err, registry.ErrInvalid) || !strings.Contains(err.Error(), "instance 0 (orders/bad)") || !strings.Contains(err.Error(), "max-instances-per-service") {
+		t.Errorf("RegisterMany = %v, want instance 0 invalid and one past max-instances-per-service", err)
+	}
+	registered := 0
+	for _, r := range revs {
+		if r > 0 {
+			registered++
+		}
+	}
+	if revs[0] != 0 || registered != 4 {
+		t.Errorf("revisions %v: want 0 for the invalid instance and 4 registered", revs)
+	}
+	snap, err := c.Instances(ctx, "orders")
+	if err != nil || len(snap.Instances) != 4 {
+		t.Fatalf("Instances(orders) = %v, %v; want the 4 registered", ids(snap), err)
+	}
+	for _, in := range snap.Instances {
+		if in.SessionID != sess.ID() {
+			t.Errorf("%s is bound to session %d, want the session's %d", in.ID, in.SessionID, sess.ID())
+		}
+	}
+	resp, err := http.Get("http://" + srv.Addr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if m := string(b); !strings.Contains(m, `beacon_requests_total{code="ok",procedure="/beacon.v1.RegistryService/RegisterBatch"} 1`) ||
+		strings.Contains(m, `procedure="/beacon.v1.RegistryService/Register"`) {
+		t.Errorf("want exactly one RegisterBatch call and no Register; metrics:\n%s", grepLines(m, "beacon_requests_total"))
+	}
+	if err := sess.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if snap, err := c.Instances(ctx, "orders"); err != nil || len(snap.Instances) != 0 {
+		t.Errorf("after the session closed: %v, %v; want none", ids(snap), err)
+	}
+}
+
+func grepLines(s, substr string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, substr) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }

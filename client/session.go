@@ -147,6 +147,57 @@ func (l serverLease) Put(ctx context.Context, id int64, in registry.Instance) (i
 	}
 }
 
+// PutMany registers several instances into the session in one request
+// (session.BatchLease). Those another live session holds are put again,
+// as Put does, until that session has expired or ctx ends.
+func (l serverLease) PutMany(ctx context.Context, id int64, ins []registry.Instance) (revs []int64, errs []error, err error) {
+	ctx = l.c.withSessionCredential(ctx, id)
+	revs, errs = make([]int64, len(ins)), make([]error, len(ins))
+	todo := make([]int, len(ins)) // indexes of ins still to put
+	batch := make([]registry.Instance, len(ins))
+	for i := range ins {
+		todo[i] = i
+		in, perr := l.c.prepare(ins[i])
+		in.SessionID = id
+		batch[i], errs[i] = in, perr
+	}
+	retry := backoff.New(backoff.Config{Base: 200 * time.Millisecond, Max: time.Second})
+	for {
+		send := make([]registry.Instance, 0, len(todo))
+		sent := make([]int, 0, len(todo))
+		for _, i := range todo {
+			if errs[i] == nil || errors.Is(errs[i], errHeld) {
+				send, sent = append(send, batch[i]), append(sent, i)
+			}
+		}
+		if len(send) == 0 {
+			return revs, errs, nil
+		}
+		r, e, held, err := l.c.registerBatch(ctx, id, send)
+		if err != nil {
+			return nil, nil, err
+		}
+		todo = todo[:0]
+		for j, i := range sent {
+			revs[i], errs[i] = r[j], e[j]
+			if held[j] {
+				errs[i] = fmt.Errorf("%w: %w", errHeld, e[j])
+				todo = append(todo, i)
+			}
+		}
+		if len(todo) == 0 {
+			return revs, errs, nil
+		}
+		l.c.log.Info("instances held by another live session (an earlier run of this process?): waiting for it to expire", "held", len(todo))
+		if backoff.Sleep(ctx, retry.Next()) != nil {
+			return revs, errs, nil
+		}
+	}
+}
+
+// errHeld marks an instance of PutMany still held by another session.
+var errHeld = errors.New("held by another live session")
+
 // heldHeader is the server's mark of a registration refused because
 // another live session holds the instance (server.HeldHeader).
 const heldHeader = "Beacon-Held"

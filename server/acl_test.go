@@ -202,6 +202,21 @@ func TestACLAnonymousToken(t *testing.T) {
 	}
 }
 
+// registerBatch calls RegisterBatch and returns the call's error, or the
+// first instance's refusal as the error Register would have returned.
+func registerBatch(ctx context.Context, rc beaconv1connect.RegistryServiceClient, session int64, ins ...*beaconv1.Instance) error {
+	resp, err := rc.RegisterBatch(ctx, connect.NewRequest(&beaconv1.RegisterBatchRequest{Instances: ins, SessionId: session}))
+	if err != nil {
+		return err
+	}
+	for _, r := range resp.Msg.GetResults() {
+		if r.GetErrorCode() != 0 {
+			return connect.NewError(connect.Code(r.GetErrorCode()), errors.New(r.GetError()))
+		}
+	}
+	return nil
+}
+
 // outcome of one call in the permission matrix.
 type outcome string
 
@@ -359,6 +374,12 @@ func TestACLPermissionMatrix(t *testing.T) {
 		{"Register i1 persistent", write("management"), func(ctx context.Context, rc beaconv1connect.RegistryServiceClient, f *fixture) (outcome, error) {
 			_, err := rc.Register(ctx, connect.NewRequest(&beaconv1.RegisterRequest{Instance: ttlInstance("web", "i1", "10.0.0.1", 0)}))
 			return plain(err)
+		}},
+		{"RegisterBatch into s1", write("cred-same", "management"), func(ctx context.Context, rc beaconv1connect.RegistryServiceClient, f *fixture) (outcome, error) {
+			return plain(registerBatch(ctx, rc, f.s1, ttlInstance("web", "i1", "10.0.0.1", f.s1), ttlInstance("web", "i3", "10.0.0.3", f.s1)))
+		}},
+		{"RegisterBatch i1 into s2 with i4", write("management"), func(ctx context.Context, rc beaconv1connect.RegistryServiceClient, f *fixture) (outcome, error) {
+			return plain(registerBatch(ctx, rc, f.s2, ttlInstance("web", "i4", "10.0.0.4", f.s2), ttlInstance("web", "i1", "10.0.0.1", f.s2)))
 		}},
 		{"Deregister i1", write("cred-same", "management"), func(ctx context.Context, rc beaconv1connect.RegistryServiceClient, f *fixture) (outcome, error) {
 			resp, err := rc.Deregister(ctx, connect.NewRequest(&beaconv1.DeregisterRequest{Service: "web", Id: "i1"}))

@@ -374,25 +374,116 @@ func (a api) Register(ctx context.Context, req *connect.Request[beaconv1.Registe
 	return connect.NewResponse(&beaconv1.RegisterResponse{Revision: rev}), nil
 }
 
+// RegisterBatch registers each instance as Register would, answering for
+// each. Registration is idempotent, so an etcd failure fails the whole
+// call (the client retries it, perhaps on another server) rather than
+// leave the caller to sort out which writes landed.
+func (a api) RegisterBatch(ctx context.Context, req *connect.Request[beaconv1.RegisterBatchRequest]) (*connect.Response[beaconv1.RegisterBatchResponse], error) {
+	if err := a.ready(); err != nil {
+		return nil, err
+	}
+	msgs := req.Msg.GetInstances()
+	if lim := a.s.cfg.Limits.MaxRegisterBatch; len(msgs) > lim {
+		return nil, a.s.limitError("max-register-batch", "%d instances in one RegisterBatch, at most %d", len(msgs), lim)
+	}
+	results := make([]*beaconv1.RegisterResult, len(msgs))
+	var regs []store.Registration
+	var at []int // regs[j] answers results[at[j]]
+	seen := make(map[registry.InstanceKey]int, len(msgs))
+	var added batchAdmission
+	for i, m := range msgs {
+		in, err := instanceForRegister(&beaconv1.RegisterRequest{Instance: m, SessionId: req.Msg.GetSessionId()})
+		if err == nil {
+			if j, dup := seen[in.Key()]; dup {
+				err = &registry.FieldError{Field: fmt.Sprintf("instances[%d]", i), Reason: fmt.Sprintf("registers %s/%s again (already instances[%d]): each instance at most once per batch", in.Service, in.ID, j)}
+			} else {
+				seen[in.Key()] = i
+			}
+		}
+		if err == nil {
+			err = a.s.targets.Check(in)
+		}
+		var guard store.Guard
+		if err == nil {
+			guard, err = a.needRegister(ctx, in)
+		}
+		if err == nil {
+			err = a.admitIn(in, &added)
+		}
+		if err != nil {
+			results[i] = registerResult(0, err)
+			continue
+		}
+		regs = append(regs, store.Registration{Instance: in, Merge: keepObservations, Guard: guard})
+		at = append(at, i)
+	}
+	revs, errs := a.s.store.RegisterMany(ctx, regs)
+	for j, err := range errs {
+		if ctx.Err() != nil {
+			return nil, toConnectError(ctx.Err())
+		}
+		if err != nil && connect.CodeOf(toConnectError(err)) == connect.CodeUnavailable {
+			return nil, toConnectError(err)
+		}
+		results[at[j]] = registerResult(revs[j], err)
+	}
+	return connect.NewResponse(&beaconv1.RegisterBatchResponse{Results: results}), nil
+}
+
+func registerResult(rev int64, err error) *beaconv1.RegisterResult {
+	if err == nil {
+		return &beaconv1.RegisterResult{Revision: rev}
+	}
+	var ce *connect.Error
+	errors.As(toConnectError(err), &ce)
+	return &beaconv1.RegisterResult{ErrorCode: uint32(ce.Code()), Error: ce.Message(), Held: ce.Meta().Get(HeldHeader) != ""}
+}
+
+// batchAdmission counts what a batch admitted so far, which the view does
+// not hold yet: new instances per service, and new services per namespace.
+type batchAdmission struct {
+	instances map[registry.ServiceKey]int
+	services  map[string]int
+}
+
 // admit refuses a new instance past --max-instances-per-service, or the
 // first instance of a new service past --max-services. Registering an
 // instance again is always admitted. The counts come from the view, so
 // concurrent registrations can overshoot by a few: the limits protect the
 // server from a runaway client, not an exact budget.
-func (a api) admit(in *registry.Instance) error {
+func (a api) admit(in *registry.Instance) error { return a.admitIn(in, nil) }
+
+// admitIn is admit within a batch: it counts the batch's earlier
+// admissions (b; nil outside a batch) and records this one.
+func (a api) admitIn(in *registry.Instance, b *batchAdmission) error {
 	lim := a.s.cfg.Limits
-	snap := a.s.view.Snapshot(registry.ServiceKey{Namespace: in.Namespace, Service: in.Service})
+	sk := registry.ServiceKey{Namespace: in.Namespace, Service: in.Service}
+	snap := a.s.view.Snapshot(sk)
 	for _, have := range snap.Instances {
 		if have.ID == in.ID {
 			return nil
 		}
 	}
-	if n := len(snap.Instances); n >= lim.MaxInstancesPerService {
+	var earlier, earlierServices int
+	if b != nil {
+		earlier, earlierServices = b.instances[sk], b.services[in.Namespace]
+	}
+	if n := len(snap.Instances) + earlier; n >= lim.MaxInstancesPerService {
 		return a.s.limitError("max-instances-per-service", "service %q has %d instances, at most %d", in.Service, n, lim.MaxInstancesPerService)
 	}
-	if len(snap.Instances) == 0 {
-		if n := a.s.view.ServiceCount(in.Namespace); n >= lim.MaxServices {
+	newService := len(snap.Instances) == 0 && earlier == 0
+	if newService {
+		if n := a.s.view.ServiceCount(in.Namespace) + earlierServices; n >= lim.MaxServices {
 			return a.s.limitError("max-services", "namespace %q has %d services, at most %d", in.Namespace, n, lim.MaxServices)
+		}
+	}
+	if b != nil {
+		if b.instances == nil {
+			b.instances, b.services = map[registry.ServiceKey]int{}, map[string]int{}
+		}
+		b.instances[sk]++
+		if newService {
+			b.services[in.Namespace]++
 		}
 	}
 	return nil

@@ -1,6 +1,7 @@
 package server
 
 import (
+	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -267,6 +268,7 @@ var writeProcedures = map[string]bool{
 	beaconv1connect.RegistryServiceCreateSessionProcedure:    true,
 	beaconv1connect.RegistryServiceCloseSessionProcedure:     true,
 	beaconv1connect.RegistryServiceRegisterProcedure:         true,
+	beaconv1connect.RegistryServiceRegisterBatchProcedure:    true,
 	beaconv1connect.RegistryServiceDeregisterProcedure:       true,
 	beaconv1connect.RegistryServiceSetStatusProcedure:        true,
 	beaconv1connect.RegistryServiceSetServiceConfigProcedure: true,
@@ -289,13 +291,20 @@ func (i limitsInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
 		if writeProcedures[req.Spec().Procedure] {
 			cc, l := connOf(ctx), i.s.cfg.Limits
-			if !cc.writes.Allow() {
+			n, now := 1, time.Now()
+			if b, ok := req.Any().(*beaconv1.RegisterBatchRequest); ok {
+				n = max(1, len(b.GetInstances())) // a write per instance
+				if n > l.MaxRegisterBatch {
+					return next(ctx, req) // refused whole by the handler, naming its own limit
+				}
+			}
+			if !cc.writes.AllowN(now, n) {
 				return nil, i.s.limitError("write-rate", "this connection writes faster than %v per second (burst %d)", l.WriteRate, l.WriteBurst)
 			}
-			if !cc.ipWrites.Allow() {
+			if !cc.ipWrites.AllowN(now, n) {
 				return nil, i.s.limitError("write-rate-per-ip", "this client address writes faster than %v per second (burst %d)", l.WriteRatePerIP, l.WriteBurstPerIP)
 			}
-			if i.s.acl != nil && !i.s.quotas.allowWrite(identityOf(ctx).Accessor) {
+			if i.s.acl != nil && !i.s.quotas.allowWrite(identityOf(ctx).Accessor, n) {
 				return nil, i.s.limitError("write-rate-per-token", "token %s writes faster than %v per second (burst %d)", identityOf(ctx).Accessor, l.WriteRatePerToken, l.WriteBurstPerToken)
 			}
 		}

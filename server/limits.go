@@ -49,6 +49,9 @@ type Limits struct {
 	// counted from the server's view, so a burst may pass them by the
 	// writes in flight.
 	MaxServices, MaxInstancesPerService int
+	// MaxRegisterBatch bounds the instances of one RegisterBatch call. It
+	// spends a write token per instance, so it may not exceed the bursts.
+	MaxRegisterBatch int
 	// WriteRate and WriteBurst bound the writes (registrations, sessions,
 	// status, checks, deregistrations) of one connection: a token bucket
 	// of WriteBurst tokens refilled at WriteRate per second.
@@ -89,6 +92,7 @@ var DefaultLimits = Limits{
 	MaxSessions:            100000,
 	MaxServices:            10000,
 	MaxInstancesPerService: 10000,
+	MaxRegisterBatch:       1000,
 	WriteRate:              1000,
 	WriteBurst:             2000,
 	WriteRatePerIP:         5000,
@@ -132,6 +136,7 @@ func (l *Limits) validate() error {
 		{"--max-sessions", l.MaxSessions, 1, 1 << 24},
 		{"--max-services", l.MaxServices, 1, 1 << 24},
 		{"--max-instances-per-service", l.MaxInstancesPerService, 1, 1 << 24},
+		{"--max-register-batch", l.MaxRegisterBatch, 1, 1 << 16},
 		{"--write-burst", l.WriteBurst, 1, 1 << 24},
 		{"--write-burst-per-ip", l.WriteBurstPerIP, 1, 1 << 24},
 		{"--max-sessions-per-token", l.MaxSessionsPerToken, 1, 1 << 24},
@@ -141,6 +146,14 @@ func (l *Limits) validate() error {
 	for _, c := range ints {
 		if c.v < c.lo || c.v > c.h {
 			return fmt.Errorf("server: invalid %s %d: must be between %d and %d", c.flag, c.v, c.lo, c.h)
+		}
+	}
+	for _, b := range []struct {
+		flag  string
+		burst int
+	}{{"--write-burst", l.WriteBurst}, {"--write-burst-per-ip", l.WriteBurstPerIP}, {"--write-burst-per-token", l.WriteBurstPerToken}} {
+		if l.MaxRegisterBatch > b.burst {
+			return fmt.Errorf("server: invalid --max-register-batch %d: more than %s %d, so a full batch (a write token per instance) could never pass", l.MaxRegisterBatch, b.flag, b.burst)
 		}
 	}
 	durs := []struct {
@@ -184,6 +197,7 @@ func (l *Limits) bindFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&l.MaxSessions, "max-sessions", l.MaxSessions, "live sessions at most")
 	fs.IntVar(&l.MaxServices, "max-services", l.MaxServices, "services of one namespace at most")
 	fs.IntVar(&l.MaxInstancesPerService, "max-instances-per-service", l.MaxInstancesPerService, "instances of one service at most")
+	fs.IntVar(&l.MaxRegisterBatch, "max-register-batch", l.MaxRegisterBatch, "instances of one RegisterBatch call at most (each spends a write token)")
 	fs.Float64Var(&l.WriteRate, "write-rate", l.WriteRate, "writes per second of one connection (registrations, sessions, status, checks)")
 	fs.IntVar(&l.WriteBurst, "write-burst", l.WriteBurst, "writes one connection may make at once above --write-rate")
 	fs.Float64Var(&l.WriteRatePerIP, "write-rate-per-ip", l.WriteRatePerIP, "writes per second of all the connections of one client address")

@@ -2,6 +2,7 @@ package server
 
 import (
 	"sync"
+	"time"
 
 	"golang.org/x/time/rate"
 )
@@ -26,8 +27,8 @@ func newTokenQuotas(lim Limits) *tokenQuotas {
 // pruneAt is the size at which the write buckets are pruned.
 const pruneAt = 4096
 
-// allowWrite spends one write of the token's budget.
-func (q *tokenQuotas) allowWrite(accessor string) bool {
+// allowWrite spends n writes of the token's budget.
+func (q *tokenQuotas) allowWrite(accessor string, n int) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	l := q.writes[accessor]
@@ -42,7 +43,7 @@ func (q *tokenQuotas) allowWrite(accessor string) bool {
 		l = rate.NewLimiter(rate.Limit(q.lim.WriteRatePerToken), q.lim.WriteBurstPerToken)
 		q.writes[accessor] = l
 	}
-	return l.Allow()
+	return l.AllowN(time.Now(), n)
 }
 
 // takeWatcher counts one more watch stream of the token, if under its

@@ -199,6 +199,18 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	})
 	hooks.Published = s.checker.Offer
 	s.view = view.New(cli, s.store.Layout, s.log, hooks)
+	s.store.SetHint(func(k registry.InstanceKey) (*registry.Instance, bool) {
+		select {
+		case <-s.view.Ready():
+		default:
+			return nil, false // not loaded yet: it would say absent of everything
+		}
+		in := s.view.Instance(k)
+		if in != nil && in.Suspect {
+			return nil, false // held by the guard: etcd no longer has it as shown
+		}
+		return in, true
+	})
 	s.view.SetDefaultProtection(cfg.ProtectionThreshold)
 	vctx, vcancel := context.WithTimeout(ctx, 10*time.Second)
 	if v, err := etcdVersion(vctx, cli); err == nil && !progressNotifyOrdered(v) {

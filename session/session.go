@@ -55,6 +55,17 @@ type Lease interface {
 	Revoke(ctx context.Context, id int64) error
 }
 
+// BatchLease is a Lease that also puts several instances in one request
+// (beacon servers). RegisterMany uses it where the lease has it, and puts
+// one by one where not.
+type BatchLease interface {
+	Lease
+	// PutMany puts each of ins bound to lease id: revs[i] and errs[i] are
+	// ins[i]'s outcome, as Put's. err is the call's failure (matching
+	// ErrLost if the lease is gone), when nothing is known of any.
+	PutMany(ctx context.Context, id int64, ins []registry.Instance) (revs []int64, errs []error, err error)
+}
+
 // ReleasedError is KeepAlive's answer when the lease is alive but no
 // longer holds some of its instances: someone else registered them since
 // (Consul cannot bind an instance to a lease). The session forgets them.
@@ -292,6 +303,89 @@ func (s *Session) Register(ctx context.Context, in registry.Instance) (revision 
 		}
 		return rev, err
 	}
+}
+
+// RegisterMany registers several instances into the session, in one
+// request where the registry takes batches (a beacon server; with other
+// backends one by one), each put again by itself if the lease has to be
+// replaced. revisions[i] is ins[i]'s revision, 0 if it was refused; err
+// joins the refusals, each naming its instance and matching what Register
+// would have returned (errors.Is works on it).
+func (s *Session) RegisterMany(ctx context.Context, ins []registry.Instance) (revisions []int64, err error) {
+	revisions = make([]int64, len(ins))
+	errs := make([]error, len(ins))
+	var ok []int // indexes of the valid instances
+	prepared := make([]registry.Instance, len(ins))
+	for i, in := range ins {
+		in = in.Clone()
+		in.Namespace = cmp.Or(in.Namespace, s.cfg.namespace)
+		in.Revision = 0
+		in.ApplyDefaults()
+		if errs[i] = in.Validate(); errs[i] == nil {
+			ok = append(ok, i)
+		}
+		prepared[i] = in
+	}
+	for attempt := 0; len(ok) > 0; attempt++ {
+		id, err := s.current(ctx)
+		if err != nil {
+			return nil, err
+		}
+		s.mu.Lock()
+		if s.id != id || s.recovering {
+			s.mu.Unlock()
+			continue
+		}
+		batch := make([]registry.Instance, len(ok))
+		for j, i := range ok {
+			prepared[i].SessionID = id
+			s.instances[prepared[i].Key()] = prepared[i]
+			batch[j] = prepared[i]
+		}
+		s.mu.Unlock()
+		revs, perrs, err := s.putMany(ctx, id, batch)
+		lost := errors.Is(err, ErrLost)
+		for _, e := range perrs {
+			lost = lost || errors.Is(e, ErrLost)
+		}
+		if lost && attempt < 2 {
+			s.lostLease(ctx, id) // as Register: have it replaced, then put once more
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		for j, i := range ok {
+			revisions[i], errs[i] = revs[j], perrs[j]
+			if errors.Is(perrs[j], registry.ErrInvalid) {
+				s.forget(prepared[i].Key(), prepared[i])
+			}
+		}
+		break
+	}
+	var refused []error
+	for i, e := range errs {
+		if e != nil {
+			refused = append(refused, fmt.Errorf("beacon: instance %d (%s/%s): %w", i, ins[i].Service, ins[i].ID, e))
+		}
+	}
+	return revisions, errors.Join(refused...)
+}
+
+// putMany puts batch under lease id in one request if the lease can, else
+// one by one.
+func (s *Session) putMany(ctx context.Context, id int64, batch []registry.Instance) ([]int64, []error, error) {
+	if bl, ok := s.lease.(BatchLease); ok {
+		return bl.PutMany(ctx, id, batch)
+	}
+	revs, errs := make([]int64, len(batch)), make([]error, len(batch))
+	for i, in := range batch {
+		revs[i], errs[i] = s.lease.Put(ctx, id, in)
+		if ctx.Err() != nil {
+			return nil, nil, ctx.Err()
+		}
+	}
+	return revs, errs, nil
 }
 
 // lostLease asks run to check lease id now and waits until it has been

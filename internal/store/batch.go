@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -19,9 +20,13 @@ import (
 // in flight are sent to etcd together, so a burst of registrations costs
 // one Raft proposal and one fsync per batch rather than per instance.
 //
-// A registration that merges (Merge) is never a blind write: the batch
-// reads the current records of its keys from etcd (one read-only Txn of
-// Gets), merges each into its caller's instance, and commits one Txn whose
+// A registration that merges (Merge) is never a blind write. The batch
+// takes the current record of each key from the Hint (the server's view
+// of etcd) where it knows it, and reads the others from etcd (one
+// read-only Txn of serializable Gets: answered from the member's applied
+// state without a Raft round, which would wait behind the WAL fsync of
+// the writes in flight). Either may be stale; the compare below catches
+// it. It merges each into its caller's instance, and commits one Txn whose
 // If compares every such key's ModRevision (CreateRevision == 0 for an
 // absent key), with Gets of the same keys in its Else. If any key changed
 // in between, the Else answers carry the new records: the keys that
@@ -57,8 +62,18 @@ type Merge func(cur, in *registry.Instance)
 // same record, so the decision and the write see the same record.
 type Guard func(cur *registry.Instance) error
 
+// Hint answers what etcd probably holds at an instance's key, from a
+// cache that follows etcd (the server's view): the record with its
+// Revision set to the key's ModRevision, or nil if absent; known false
+// when the cache cannot say (not yet loaded). The record is shared and
+// never modified. A hint only saves a read: a write prepared from a stale
+// one fails its compare and is prepared again from etcd's answer. A guard
+// refusal is never decided on a hint: the record is read from etcd first.
+type Hint func(k registry.InstanceKey) (cur *registry.Instance, known bool)
+
 type putReq struct {
 	key   string
+	ikey  registry.InstanceKey
 	in    *registry.Instance // as the caller gave it; never modified
 	merge Merge              // nil: last write wins, nothing read
 	guard Guard              // nil: nothing refused; only with merge
@@ -70,6 +85,7 @@ type putReq struct {
 	modRev    int64  // ModRevision the write compares against; 0: absent
 	conflicts int
 	refused   error // what guard said of the record last read
+	hinted    bool  // prepared from a hint, not from a record etcd returned
 }
 
 type putResult struct {
@@ -84,6 +100,7 @@ var errClosed = errors.New("store: closed")
 type batcher struct {
 	cli    *clientv3.Client
 	layout Layout
+	hint   atomic.Pointer[Hint]
 	reqs   chan *putReq
 	// ctx owns every etcd call of the batcher: close cancels it, which
 	// also tells the workers to stop.
@@ -106,17 +123,54 @@ func newBatcher(cli *clientv3.Client, layout Layout) *batcher {
 // put queues one write and waits for its batch to commit. With merge nil
 // the write replaces whatever is there without reading it.
 func (b *batcher) put(ctx context.Context, key string, in *registry.Instance, merge Merge, guard Guard) (int64, error) {
-	r := &putReq{key: key, in: in, merge: merge, guard: guard, lease: clientv3.LeaseID(in.SessionID), done: make(chan putResult, 1)}
+	r := b.newReq(key, in, merge, guard)
+	if err := b.enqueue(ctx, r); err != nil {
+		return 0, err
+	}
+	return b.wait(ctx, r)
+}
+
+// putMany queues every write before waiting for any, so that they share
+// batches, and returns each one's outcome.
+func (b *batcher) putMany(ctx context.Context, reqs []*putReq) (revs []int64, errs []error) {
+	revs, errs = make([]int64, len(reqs)), make([]error, len(reqs))
+	queued := len(reqs)
+	for i, r := range reqs {
+		if errs[i] = b.enqueue(ctx, r); errs[i] != nil {
+			queued = i
+			break
+		}
+	}
+	for i := range reqs {
+		if i >= queued {
+			errs[i] = errs[queued]
+			continue
+		}
+		revs[i], errs[i] = b.wait(ctx, reqs[i])
+	}
+	return revs, errs
+}
+
+func (b *batcher) newReq(key string, in *registry.Instance, merge Merge, guard Guard) *putReq {
+	r := &putReq{key: key, ikey: in.Key(), in: in, merge: merge, guard: guard, lease: clientv3.LeaseID(in.SessionID), done: make(chan putResult, 1)}
 	if merge == nil {
 		r.value = string(EncodeInstance(in)) // here, not on a worker
 	}
+	return r
+}
+
+func (b *batcher) enqueue(ctx context.Context, r *putReq) error {
 	select {
 	case b.reqs <- r:
+		return nil
 	case <-ctx.Done():
-		return 0, ctx.Err()
+		return ctx.Err()
 	case <-b.ctx.Done():
-		return 0, errClosed
+		return errClosed
 	}
+}
+
+func (b *batcher) wait(ctx context.Context, r *putReq) (int64, error) {
 	select {
 	case res := <-r.done:
 		return res.rev, res.err
@@ -217,23 +271,43 @@ func writeError(err error) error {
 // write commits batch, merging where asked, and answers the requests it
 // settles. On an etcd error it returns the requests still unanswered.
 func (b *batcher) write(batch []*putReq) ([]*putReq, error) {
+	var hint Hint
+	if h := b.hint.Load(); h != nil {
+		hint = *h
+	}
 	var reads []clientv3.Op
+	var unread []*putReq
+	merging := 0
 	for _, r := range batch {
-		if r.merge != nil {
-			reads = append(reads, clientv3.OpGet(r.key))
+		if r.merge == nil {
+			continue
 		}
+		merging++
+		if hint != nil {
+			if cur, known := hint(r.ikey); known {
+				rev := int64(0)
+				if cur != nil {
+					rev = cur.Revision
+				}
+				b.prepareFrom(r, cur, rev)
+				r.hinted = true
+				if r.refused == nil {
+					continue
+				}
+				r.refused = nil // decided on a hint: ask etcd
+			}
+		}
+		r.hinted = false
+		unread = append(unread, r)
+		reads = append(reads, clientv3.OpGet(r.key, clientv3.WithSerializable()))
 	}
 	if len(reads) > 0 {
 		resp, err := b.txn(nil, reads, nil)
 		if err != nil {
 			return batch, err
 		}
-		i := 0
-		for _, r := range batch {
-			if r.merge != nil {
-				b.prepare(r, resp.Responses[i].GetResponseRange().GetKvs())
-				i++
-			}
+		for i, r := range unread {
+			b.prepare(r, resp.Responses[i].GetResponseRange().GetKvs())
 		}
 	}
 	pending := answerRefused(batch)
@@ -241,9 +315,9 @@ func (b *batcher) write(batch []*putReq) ([]*putReq, error) {
 		return nil, nil
 	}
 	for {
-		cmps := make([]clientv3.Cmp, 0, len(reads))
+		cmps := make([]clientv3.Cmp, 0, merging)
 		puts := make([]clientv3.Op, 0, len(pending))
-		gets := make([]clientv3.Op, 0, len(reads))
+		gets := make([]clientv3.Op, 0, merging)
 		for _, r := range pending {
 			puts = append(puts, putOp(r))
 			if r.merge != nil {
@@ -276,7 +350,11 @@ func (b *batcher) write(batch []*putReq) ([]*putReq, error) {
 			i++
 			if rev := modRevision(kvs); rev != r.modRev {
 				changed++
-				if r.conflicts++; r.conflicts <= maxConflicts {
+				if !r.hinted {
+					r.conflicts++
+				}
+				r.hinted = false
+				if r.conflicts <= maxConflicts {
 					b.prepare(r, kvs)
 				}
 			}
@@ -303,17 +381,23 @@ func (b *batcher) write(batch []*putReq) ([]*putReq, error) {
 // prepare merges r's instance with the record etcd holds (kvs, empty if
 // none) and notes the revision its write must compare against.
 func (b *batcher) prepare(r *putReq, kvs []*mvccpb.KeyValue) {
-	r.modRev = modRevision(kvs)
-	in := r.in
 	var cur *registry.Instance
 	if len(kvs) > 0 {
 		// A record that does not decode is replaced, as the view ignores it.
-		if c, err := b.layout.DecodeInstance(r.key, kvs[0].Value, kvs[0].ModRevision); err == nil {
-			cur = c
-			merged := r.in.Clone()
-			r.merge(cur, &merged)
-			in = &merged
-		}
+		cur, _ = b.layout.DecodeInstance(r.key, kvs[0].Value, kvs[0].ModRevision)
+	}
+	b.prepareFrom(r, cur, modRevision(kvs))
+}
+
+// prepareFrom merges r's instance with cur, the record at r's key (nil if
+// none or unreadable) as of modRev (0 if the key is absent).
+func (b *batcher) prepareFrom(r *putReq, cur *registry.Instance, modRev int64) {
+	r.modRev = modRev
+	in := r.in
+	if cur != nil {
+		merged := r.in.Clone()
+		r.merge(cur, &merged)
+		in = &merged
 	}
 	if r.guard != nil {
 		if r.refused = r.guard(cur); r.refused != nil {

@@ -212,3 +212,68 @@ func TestDeregisterSessionLeavesAnotherOwnersInstance(t *testing.T) {
 		t.Errorf("DeregisterSession(orders-9, b) = found %v, %v; want true, nil", found, err)
 	}
 }
+
+// A hint (the server's view) only spares a read: whatever it says — a key
+// absent that exists, an old record, a record another session holds that
+// etcd no longer has — the write merges with, and is guarded by, the
+// record etcd holds.
+func TestStaleHintsChangeNothing(t *testing.T) {
+	st, cli := newStore(t, "/hint-test/")
+	ctx := testCtx(t)
+	out := orders("out", 9001)
+	old := orders("old", 9002)
+	for _, in := range []*registry.Instance{out, old} {
+		if _, err := st.Register(ctx, in); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stale := read(ctx, t, st, cli, old.Key()) // as a lagging view holds it: UP
+	for _, k := range []registry.InstanceKey{out.Key(), old.Key()} {
+		if _, err := st.Update(ctx, k, func(cur *registry.Instance) bool {
+			cur.Status = registry.StatusOutOfService
+			return true
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	gone := orders("gone", 9003)
+	gone.SessionID = 42 // a session's record the view still holds; etcd has none
+	hinted := map[registry.InstanceKey]bool{}
+	var mu sync.Mutex
+	st.SetHint(func(k registry.InstanceKey) (*registry.Instance, bool) {
+		mu.Lock()
+		hinted[k] = true
+		mu.Unlock()
+		switch k {
+		case old.Key():
+			return stale, true
+		case gone.Key():
+			return gone, true
+		}
+		return nil, true // "absent", also of out, which exists
+	})
+	for _, in := range []*registry.Instance{orders("out", 9001), orders("old", 9002)} {
+		if _, err := st.Register(ctx, in); err != nil {
+			t.Fatal(err)
+		}
+		if got := read(ctx, t, st, cli, in.Key()); got.Status != registry.StatusOutOfService {
+			t.Errorf("%s registered again on a stale hint: status %v, want the operator's OUT_OF_SERVICE from etcd", in.ID, got.Status)
+		}
+	}
+	errHeld := errors.New("held by another session")
+	mine := orders("gone", 9004)
+	if _, err := st.RegisterGuarded(ctx, mine, store.KeepObservations, func(cur *registry.Instance) error {
+		if cur != nil && cur.SessionID != 0 {
+			return errHeld
+		}
+		return nil
+	}); err != nil {
+		t.Errorf("RegisterGuarded(a key the hint says another session holds, absent in etcd) = %v, want nil", err)
+	}
+	if got := read(ctx, t, st, cli, mine.Key()); got.Port != 9004 {
+		t.Errorf("gone after the guarded registration: port %d, want 9004", got.Port)
+	}
+	if len(hinted) != 3 {
+		t.Errorf("hint asked for %d keys, want 3: registrations must consult it", len(hinted))
+	}
+}

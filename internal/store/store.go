@@ -51,6 +51,10 @@ func (s *Store) Close() {
 	s.batch.close()
 }
 
+// SetHint gives registrations a cache of the records etcd holds (see
+// Hint), sparing most of them a read before their write.
+func (s *Store) SetHint(h Hint) { s.batch.hint.Store(&h) }
+
 // Client returns the etcd client.
 func (s *Store) Client() *clientv3.Client { return s.cli }
 
@@ -138,6 +142,29 @@ func (s *Store) RegisterGuarded(ctx context.Context, in *registry.Instance, merg
 		merge = func(*registry.Instance, *registry.Instance) {}
 	}
 	return s.batch.put(ctx, s.InstanceKey(in.Key()), in, merge, guard)
+}
+
+// Registration is one write of RegisterMany: as RegisterGuarded's
+// arguments (Guard nil refuses nothing; Merge nil is KeepObservations).
+type Registration struct {
+	Instance *registry.Instance
+	Merge    Merge
+	Guard    Guard
+}
+
+// RegisterMany writes several registrations, each as RegisterGuarded
+// would, sharing the group commit's transactions; revs[i] and errs[i] are
+// regs[i]'s outcome. The keys must differ.
+func (s *Store) RegisterMany(ctx context.Context, regs []Registration) (revs []int64, errs []error) {
+	reqs := make([]*putReq, len(regs))
+	for i, r := range regs {
+		merge := r.Merge
+		if merge == nil {
+			merge = KeepObservations
+		}
+		reqs[i] = s.batch.newReq(s.InstanceKey(r.Instance.Key()), r.Instance, merge, r.Guard)
+	}
+	return s.batch.putMany(ctx, reqs)
 }
 
 // KeepObservations is the registry's rule for an instance registered

@@ -1192,6 +1192,185 @@ func (x *RegisterResponse) GetRevision() int64 {
 	return 0
 }
 
+// RegisterBatchRequest registers several instances in one request, each as
+// Register would (validated, authorised, admitted and merged on its own:
+// one refused instance does not refuse the others), written to etcd in as
+// few transactions as the server's group commit allows. At most
+// --max-register-batch instances (default 1000), each (service, id) once;
+// a batch spends one write-rate token per instance.
+type RegisterBatchRequest struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Instances []*Instance            `protobuf:"bytes,1,rep,name=instances,proto3" json:"instances,omitempty"`
+	// As RegisterRequest.session_id, for every instance.
+	SessionId     int64 `protobuf:"varint,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterBatchRequest) Reset() {
+	*x = RegisterBatchRequest{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterBatchRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterBatchRequest) ProtoMessage() {}
+
+func (x *RegisterBatchRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterBatchRequest.ProtoReflect.Descriptor instead.
+func (*RegisterBatchRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *RegisterBatchRequest) GetInstances() []*Instance {
+	if x != nil {
+		return x.Instances
+	}
+	return nil
+}
+
+func (x *RegisterBatchRequest) GetSessionId() int64 {
+	if x != nil {
+		return x.SessionId
+	}
+	return 0
+}
+
+type RegisterBatchResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One per instance, in the request's order.
+	Results       []*RegisterResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterBatchResponse) Reset() {
+	*x = RegisterBatchResponse{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterBatchResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterBatchResponse) ProtoMessage() {}
+
+func (x *RegisterBatchResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterBatchResponse.ProtoReflect.Descriptor instead.
+func (*RegisterBatchResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *RegisterBatchResponse) GetResults() []*RegisterResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+type RegisterResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The revision of the write; 0 if the instance was refused.
+	Revision int64 `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	// Why it was refused: a gRPC status code (3 INVALID_ARGUMENT, 5
+	// NOT_FOUND for a session gone, 7 PERMISSION_DENIED, 8
+	// RESOURCE_EXHAUSTED for a limit, 9 FAILED_PRECONDITION, ...) and its
+	// message, as Register would have answered.
+	ErrorCode uint32 `protobuf:"varint,2,opt,name=error_code,json=errorCode,proto3" json:"error_code,omitempty"`
+	Error     string `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"`
+	// Another live session holds the instance (Register's Beacon-Held):
+	// registering it again succeeds once that session has ended.
+	Held          bool `protobuf:"varint,4,opt,name=held,proto3" json:"held,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterResult) Reset() {
+	*x = RegisterResult{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterResult) ProtoMessage() {}
+
+func (x *RegisterResult) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterResult.ProtoReflect.Descriptor instead.
+func (*RegisterResult) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *RegisterResult) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *RegisterResult) GetErrorCode() uint32 {
+	if x != nil {
+		return x.ErrorCode
+	}
+	return 0
+}
+
+func (x *RegisterResult) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *RegisterResult) GetHeld() bool {
+	if x != nil {
+		return x.Held
+	}
+	return false
+}
+
 type DeregisterRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
@@ -1208,7 +1387,7 @@ type DeregisterRequest struct {
 
 func (x *DeregisterRequest) Reset() {
 	*x = DeregisterRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[15]
+	mi := &file_beacon_v1_registry_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1220,7 +1399,7 @@ func (x *DeregisterRequest) String() string {
 func (*DeregisterRequest) ProtoMessage() {}
 
 func (x *DeregisterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[15]
+	mi := &file_beacon_v1_registry_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1233,7 +1412,7 @@ func (x *DeregisterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeregisterRequest.ProtoReflect.Descriptor instead.
 func (*DeregisterRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{15}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *DeregisterRequest) GetNamespace() string {
@@ -1274,7 +1453,7 @@ type DeregisterResponse struct {
 
 func (x *DeregisterResponse) Reset() {
 	*x = DeregisterResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[16]
+	mi := &file_beacon_v1_registry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1286,7 +1465,7 @@ func (x *DeregisterResponse) String() string {
 func (*DeregisterResponse) ProtoMessage() {}
 
 func (x *DeregisterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[16]
+	mi := &file_beacon_v1_registry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1299,7 +1478,7 @@ func (x *DeregisterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeregisterResponse.ProtoReflect.Descriptor instead.
 func (*DeregisterResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{16}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *DeregisterResponse) GetRevision() int64 {
@@ -1331,7 +1510,7 @@ type SetStatusRequest struct {
 
 func (x *SetStatusRequest) Reset() {
 	*x = SetStatusRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[17]
+	mi := &file_beacon_v1_registry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1343,7 +1522,7 @@ func (x *SetStatusRequest) String() string {
 func (*SetStatusRequest) ProtoMessage() {}
 
 func (x *SetStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[17]
+	mi := &file_beacon_v1_registry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1356,7 +1535,7 @@ func (x *SetStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetStatusRequest.ProtoReflect.Descriptor instead.
 func (*SetStatusRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{17}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SetStatusRequest) GetNamespace() string {
@@ -1397,7 +1576,7 @@ type SetStatusResponse struct {
 
 func (x *SetStatusResponse) Reset() {
 	*x = SetStatusResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[18]
+	mi := &file_beacon_v1_registry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1409,7 +1588,7 @@ func (x *SetStatusResponse) String() string {
 func (*SetStatusResponse) ProtoMessage() {}
 
 func (x *SetStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[18]
+	mi := &file_beacon_v1_registry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1422,7 +1601,7 @@ func (x *SetStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetStatusResponse.ProtoReflect.Descriptor instead.
 func (*SetStatusResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{18}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SetStatusResponse) GetRevision() int64 {
@@ -1451,7 +1630,7 @@ type ListInstancesRequest struct {
 
 func (x *ListInstancesRequest) Reset() {
 	*x = ListInstancesRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[19]
+	mi := &file_beacon_v1_registry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1463,7 +1642,7 @@ func (x *ListInstancesRequest) String() string {
 func (*ListInstancesRequest) ProtoMessage() {}
 
 func (x *ListInstancesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[19]
+	mi := &file_beacon_v1_registry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1476,7 +1655,7 @@ func (x *ListInstancesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInstancesRequest.ProtoReflect.Descriptor instead.
 func (*ListInstancesRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{19}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListInstancesRequest) GetNamespace() string {
@@ -1517,7 +1696,7 @@ type ListInstancesResponse struct {
 
 func (x *ListInstancesResponse) Reset() {
 	*x = ListInstancesResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[20]
+	mi := &file_beacon_v1_registry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1529,7 +1708,7 @@ func (x *ListInstancesResponse) String() string {
 func (*ListInstancesResponse) ProtoMessage() {}
 
 func (x *ListInstancesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[20]
+	mi := &file_beacon_v1_registry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1542,7 +1721,7 @@ func (x *ListInstancesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInstancesResponse.ProtoReflect.Descriptor instead.
 func (*ListInstancesResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{20}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListInstancesResponse) GetInstances() []*Instance {
@@ -1589,7 +1768,7 @@ type ListServicesRequest struct {
 
 func (x *ListServicesRequest) Reset() {
 	*x = ListServicesRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[21]
+	mi := &file_beacon_v1_registry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1601,7 +1780,7 @@ func (x *ListServicesRequest) String() string {
 func (*ListServicesRequest) ProtoMessage() {}
 
 func (x *ListServicesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[21]
+	mi := &file_beacon_v1_registry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1614,7 +1793,7 @@ func (x *ListServicesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListServicesRequest.ProtoReflect.Descriptor instead.
 func (*ListServicesRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{21}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ListServicesRequest) GetNamespace() string {
@@ -1636,7 +1815,7 @@ type ServiceSummary struct {
 
 func (x *ServiceSummary) Reset() {
 	*x = ServiceSummary{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[22]
+	mi := &file_beacon_v1_registry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1648,7 +1827,7 @@ func (x *ServiceSummary) String() string {
 func (*ServiceSummary) ProtoMessage() {}
 
 func (x *ServiceSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[22]
+	mi := &file_beacon_v1_registry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1661,7 +1840,7 @@ func (x *ServiceSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServiceSummary.ProtoReflect.Descriptor instead.
 func (*ServiceSummary) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{22}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ServiceSummary) GetName() string {
@@ -1704,7 +1883,7 @@ type ListServicesResponse struct {
 
 func (x *ListServicesResponse) Reset() {
 	*x = ListServicesResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[23]
+	mi := &file_beacon_v1_registry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1716,7 +1895,7 @@ func (x *ListServicesResponse) String() string {
 func (*ListServicesResponse) ProtoMessage() {}
 
 func (x *ListServicesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[23]
+	mi := &file_beacon_v1_registry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1729,7 +1908,7 @@ func (x *ListServicesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListServicesResponse.ProtoReflect.Descriptor instead.
 func (*ListServicesResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{23}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ListServicesResponse) GetServices() []*ServiceSummary {
@@ -1785,7 +1964,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[24]
+	mi := &file_beacon_v1_registry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1797,7 +1976,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[24]
+	mi := &file_beacon_v1_registry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1810,7 +1989,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{24}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *WatchRequest) GetNamespace() string {
@@ -1889,7 +2068,7 @@ type ServiceSnapshot struct {
 
 func (x *ServiceSnapshot) Reset() {
 	*x = ServiceSnapshot{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[25]
+	mi := &file_beacon_v1_registry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1901,7 +2080,7 @@ func (x *ServiceSnapshot) String() string {
 func (*ServiceSnapshot) ProtoMessage() {}
 
 func (x *ServiceSnapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[25]
+	mi := &file_beacon_v1_registry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1914,7 +2093,7 @@ func (x *ServiceSnapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServiceSnapshot.ProtoReflect.Descriptor instead.
 func (*ServiceSnapshot) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{25}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ServiceSnapshot) GetNamespace() string {
@@ -1980,7 +2159,7 @@ type SetServiceConfigRequest struct {
 
 func (x *SetServiceConfigRequest) Reset() {
 	*x = SetServiceConfigRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[26]
+	mi := &file_beacon_v1_registry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1992,7 +2171,7 @@ func (x *SetServiceConfigRequest) String() string {
 func (*SetServiceConfigRequest) ProtoMessage() {}
 
 func (x *SetServiceConfigRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[26]
+	mi := &file_beacon_v1_registry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2005,7 +2184,7 @@ func (x *SetServiceConfigRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetServiceConfigRequest.ProtoReflect.Descriptor instead.
 func (*SetServiceConfigRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{26}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *SetServiceConfigRequest) GetNamespace() string {
@@ -2045,7 +2224,7 @@ type SetServiceConfigResponse struct {
 
 func (x *SetServiceConfigResponse) Reset() {
 	*x = SetServiceConfigResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[27]
+	mi := &file_beacon_v1_registry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2057,7 +2236,7 @@ func (x *SetServiceConfigResponse) String() string {
 func (*SetServiceConfigResponse) ProtoMessage() {}
 
 func (x *SetServiceConfigResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[27]
+	mi := &file_beacon_v1_registry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2070,7 +2249,7 @@ func (x *SetServiceConfigResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetServiceConfigResponse.ProtoReflect.Descriptor instead.
 func (*SetServiceConfigResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{27}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SetServiceConfigResponse) GetRevision() int64 {
@@ -2105,7 +2284,7 @@ type WatchResponse struct {
 
 func (x *WatchResponse) Reset() {
 	*x = WatchResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[28]
+	mi := &file_beacon_v1_registry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2117,7 +2296,7 @@ func (x *WatchResponse) String() string {
 func (*WatchResponse) ProtoMessage() {}
 
 func (x *WatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[28]
+	mi := &file_beacon_v1_registry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2130,7 +2309,7 @@ func (x *WatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
 func (*WatchResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{28}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *WatchResponse) GetSnapshots() []*ServiceSnapshot {
@@ -2186,7 +2365,7 @@ type AckWatchRequest struct {
 
 func (x *AckWatchRequest) Reset() {
 	*x = AckWatchRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[29]
+	mi := &file_beacon_v1_registry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2198,7 +2377,7 @@ func (x *AckWatchRequest) String() string {
 func (*AckWatchRequest) ProtoMessage() {}
 
 func (x *AckWatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[29]
+	mi := &file_beacon_v1_registry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2211,7 +2390,7 @@ func (x *AckWatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AckWatchRequest.ProtoReflect.Descriptor instead.
 func (*AckWatchRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{29}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *AckWatchRequest) GetWatchId() uint64 {
@@ -2236,7 +2415,7 @@ type AckWatchResponse struct {
 
 func (x *AckWatchResponse) Reset() {
 	*x = AckWatchResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[30]
+	mi := &file_beacon_v1_registry_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2248,7 +2427,7 @@ func (x *AckWatchResponse) String() string {
 func (*AckWatchResponse) ProtoMessage() {}
 
 func (x *AckWatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[30]
+	mi := &file_beacon_v1_registry_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2261,7 +2440,7 @@ func (x *AckWatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AckWatchResponse.ProtoReflect.Descriptor instead.
 func (*AckWatchResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{30}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{33}
 }
 
 type AwaitWatchersRequest struct {
@@ -2279,7 +2458,7 @@ type AwaitWatchersRequest struct {
 
 func (x *AwaitWatchersRequest) Reset() {
 	*x = AwaitWatchersRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[31]
+	mi := &file_beacon_v1_registry_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2291,7 +2470,7 @@ func (x *AwaitWatchersRequest) String() string {
 func (*AwaitWatchersRequest) ProtoMessage() {}
 
 func (x *AwaitWatchersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[31]
+	mi := &file_beacon_v1_registry_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2304,7 +2483,7 @@ func (x *AwaitWatchersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AwaitWatchersRequest.ProtoReflect.Descriptor instead.
 func (*AwaitWatchersRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{31}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *AwaitWatchersRequest) GetNamespace() string {
@@ -2351,7 +2530,7 @@ type AwaitWatchersResponse struct {
 
 func (x *AwaitWatchersResponse) Reset() {
 	*x = AwaitWatchersResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[32]
+	mi := &file_beacon_v1_registry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2363,7 +2542,7 @@ func (x *AwaitWatchersResponse) String() string {
 func (*AwaitWatchersResponse) ProtoMessage() {}
 
 func (x *AwaitWatchersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[32]
+	mi := &file_beacon_v1_registry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2376,7 +2555,7 @@ func (x *AwaitWatchersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AwaitWatchersResponse.ProtoReflect.Descriptor instead.
 func (*AwaitWatchersResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{32}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *AwaitWatchersResponse) GetWatchers() int32 {
@@ -2496,7 +2675,19 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\n" +
 	"session_id\x18\x02 \x01(\x03R\tsessionId\".\n" +
 	"\x10RegisterResponse\x12\x1a\n" +
-	"\brevision\x18\x01 \x01(\x03R\brevision\"z\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\"h\n" +
+	"\x14RegisterBatchRequest\x121\n" +
+	"\tinstances\x18\x01 \x03(\v2\x13.beacon.v1.InstanceR\tinstances\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x02 \x01(\x03R\tsessionId\"L\n" +
+	"\x15RegisterBatchResponse\x123\n" +
+	"\aresults\x18\x01 \x03(\v2\x19.beacon.v1.RegisterResultR\aresults\"u\n" +
+	"\x0eRegisterResult\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\x12\x1d\n" +
+	"\n" +
+	"error_code\x18\x02 \x01(\rR\terrorCode\x12\x14\n" +
+	"\x05error\x18\x03 \x01(\tR\x05error\x12\x12\n" +
+	"\x04held\x18\x04 \x01(\bR\x04held\"z\n" +
 	"\x11DeregisterRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
 	"\aservice\x18\x02 \x01(\tR\aservice\x12\x0e\n" +
@@ -2606,13 +2797,14 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x0fCHECK_KIND_HTTP\x10\x01\x12\x12\n" +
 	"\x0eCHECK_KIND_TCP\x10\x02\x12\x13\n" +
 	"\x0fCHECK_KIND_GRPC\x10\x03\x12\x12\n" +
-	"\x0eCHECK_KIND_TTL\x10\x042\xdf\b\n" +
+	"\x0eCHECK_KIND_TTL\x10\x042\xb3\t\n" +
 	"\x0fRegistryService\x12R\n" +
 	"\rCreateSession\x12\x1f.beacon.v1.CreateSessionRequest\x1a .beacon.v1.CreateSessionResponse\x12F\n" +
 	"\tKeepAlive\x12\x1b.beacon.v1.KeepAliveRequest\x1a\x1c.beacon.v1.KeepAliveResponse\x12Q\n" +
 	"\x0fKeepAliveStream\x12\x19.beacon.v1.KeepAliveBatch\x1a\x1f.beacon.v1.KeepAliveBatchResult(\x010\x01\x12O\n" +
 	"\fCloseSession\x12\x1e.beacon.v1.CloseSessionRequest\x1a\x1f.beacon.v1.CloseSessionResponse\x12C\n" +
-	"\bRegister\x12\x1a.beacon.v1.RegisterRequest\x1a\x1b.beacon.v1.RegisterResponse\x12I\n" +
+	"\bRegister\x12\x1a.beacon.v1.RegisterRequest\x1a\x1b.beacon.v1.RegisterResponse\x12R\n" +
+	"\rRegisterBatch\x12\x1f.beacon.v1.RegisterBatchRequest\x1a .beacon.v1.RegisterBatchResponse\x12I\n" +
 	"\n" +
 	"Deregister\x12\x1c.beacon.v1.DeregisterRequest\x1a\x1d.beacon.v1.DeregisterResponse\x12F\n" +
 	"\tSetStatus\x12\x1b.beacon.v1.SetStatusRequest\x1a\x1c.beacon.v1.SetStatusResponse\x12[\n" +
@@ -2637,7 +2829,7 @@ func file_beacon_v1_registry_proto_rawDescGZIP() []byte {
 }
 
 var file_beacon_v1_registry_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
+var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
 var file_beacon_v1_registry_proto_goTypes = []any{
 	(Status)(0),                      // 0: beacon.v1.Status
 	(Health)(0),                      // 1: beacon.v1.Health
@@ -2657,95 +2849,102 @@ var file_beacon_v1_registry_proto_goTypes = []any{
 	(*CloseSessionResponse)(nil),     // 15: beacon.v1.CloseSessionResponse
 	(*RegisterRequest)(nil),          // 16: beacon.v1.RegisterRequest
 	(*RegisterResponse)(nil),         // 17: beacon.v1.RegisterResponse
-	(*DeregisterRequest)(nil),        // 18: beacon.v1.DeregisterRequest
-	(*DeregisterResponse)(nil),       // 19: beacon.v1.DeregisterResponse
-	(*SetStatusRequest)(nil),         // 20: beacon.v1.SetStatusRequest
-	(*SetStatusResponse)(nil),        // 21: beacon.v1.SetStatusResponse
-	(*ListInstancesRequest)(nil),     // 22: beacon.v1.ListInstancesRequest
-	(*ListInstancesResponse)(nil),    // 23: beacon.v1.ListInstancesResponse
-	(*ListServicesRequest)(nil),      // 24: beacon.v1.ListServicesRequest
-	(*ServiceSummary)(nil),           // 25: beacon.v1.ServiceSummary
-	(*ListServicesResponse)(nil),     // 26: beacon.v1.ListServicesResponse
-	(*WatchRequest)(nil),             // 27: beacon.v1.WatchRequest
-	(*ServiceSnapshot)(nil),          // 28: beacon.v1.ServiceSnapshot
-	(*SetServiceConfigRequest)(nil),  // 29: beacon.v1.SetServiceConfigRequest
-	(*SetServiceConfigResponse)(nil), // 30: beacon.v1.SetServiceConfigResponse
-	(*WatchResponse)(nil),            // 31: beacon.v1.WatchResponse
-	(*AckWatchRequest)(nil),          // 32: beacon.v1.AckWatchRequest
-	(*AckWatchResponse)(nil),         // 33: beacon.v1.AckWatchResponse
-	(*AwaitWatchersRequest)(nil),     // 34: beacon.v1.AwaitWatchersRequest
-	(*AwaitWatchersResponse)(nil),    // 35: beacon.v1.AwaitWatchersResponse
-	nil,                              // 36: beacon.v1.Instance.MetadataEntry
-	nil,                              // 37: beacon.v1.Check.HeadersEntry
-	nil,                              // 38: beacon.v1.WatchRequest.KnownRevisionsEntry
-	nil,                              // 39: beacon.v1.WatchResponse.AckWantedEntry
-	nil,                              // 40: beacon.v1.AckWatchRequest.RevisionsEntry
-	(*durationpb.Duration)(nil),      // 41: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),    // 42: google.protobuf.Timestamp
+	(*RegisterBatchRequest)(nil),     // 18: beacon.v1.RegisterBatchRequest
+	(*RegisterBatchResponse)(nil),    // 19: beacon.v1.RegisterBatchResponse
+	(*RegisterResult)(nil),           // 20: beacon.v1.RegisterResult
+	(*DeregisterRequest)(nil),        // 21: beacon.v1.DeregisterRequest
+	(*DeregisterResponse)(nil),       // 22: beacon.v1.DeregisterResponse
+	(*SetStatusRequest)(nil),         // 23: beacon.v1.SetStatusRequest
+	(*SetStatusResponse)(nil),        // 24: beacon.v1.SetStatusResponse
+	(*ListInstancesRequest)(nil),     // 25: beacon.v1.ListInstancesRequest
+	(*ListInstancesResponse)(nil),    // 26: beacon.v1.ListInstancesResponse
+	(*ListServicesRequest)(nil),      // 27: beacon.v1.ListServicesRequest
+	(*ServiceSummary)(nil),           // 28: beacon.v1.ServiceSummary
+	(*ListServicesResponse)(nil),     // 29: beacon.v1.ListServicesResponse
+	(*WatchRequest)(nil),             // 30: beacon.v1.WatchRequest
+	(*ServiceSnapshot)(nil),          // 31: beacon.v1.ServiceSnapshot
+	(*SetServiceConfigRequest)(nil),  // 32: beacon.v1.SetServiceConfigRequest
+	(*SetServiceConfigResponse)(nil), // 33: beacon.v1.SetServiceConfigResponse
+	(*WatchResponse)(nil),            // 34: beacon.v1.WatchResponse
+	(*AckWatchRequest)(nil),          // 35: beacon.v1.AckWatchRequest
+	(*AckWatchResponse)(nil),         // 36: beacon.v1.AckWatchResponse
+	(*AwaitWatchersRequest)(nil),     // 37: beacon.v1.AwaitWatchersRequest
+	(*AwaitWatchersResponse)(nil),    // 38: beacon.v1.AwaitWatchersResponse
+	nil,                              // 39: beacon.v1.Instance.MetadataEntry
+	nil,                              // 40: beacon.v1.Check.HeadersEntry
+	nil,                              // 41: beacon.v1.WatchRequest.KnownRevisionsEntry
+	nil,                              // 42: beacon.v1.WatchResponse.AckWantedEntry
+	nil,                              // 43: beacon.v1.AckWatchRequest.RevisionsEntry
+	(*durationpb.Duration)(nil),      // 44: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),    // 45: google.protobuf.Timestamp
 }
 var file_beacon_v1_registry_proto_depIdxs = []int32{
-	36, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
+	39, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
 	0,  // 1: beacon.v1.Instance.status:type_name -> beacon.v1.Status
 	1,  // 2: beacon.v1.Instance.health:type_name -> beacon.v1.Health
 	6,  // 3: beacon.v1.Instance.checks:type_name -> beacon.v1.Check
 	1,  // 4: beacon.v1.UpdateCheckRequest.status:type_name -> beacon.v1.Health
 	2,  // 5: beacon.v1.Check.kind:type_name -> beacon.v1.CheckKind
-	37, // 6: beacon.v1.Check.headers:type_name -> beacon.v1.Check.HeadersEntry
-	41, // 7: beacon.v1.Check.interval:type_name -> google.protobuf.Duration
-	41, // 8: beacon.v1.Check.timeout:type_name -> google.protobuf.Duration
-	41, // 9: beacon.v1.Check.deregister_critical_after:type_name -> google.protobuf.Duration
+	40, // 6: beacon.v1.Check.headers:type_name -> beacon.v1.Check.HeadersEntry
+	44, // 7: beacon.v1.Check.interval:type_name -> google.protobuf.Duration
+	44, // 8: beacon.v1.Check.timeout:type_name -> google.protobuf.Duration
+	44, // 9: beacon.v1.Check.deregister_critical_after:type_name -> google.protobuf.Duration
 	1,  // 10: beacon.v1.Check.status:type_name -> beacon.v1.Health
-	42, // 11: beacon.v1.Check.since:type_name -> google.protobuf.Timestamp
-	41, // 12: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
-	41, // 13: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
-	41, // 14: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
-	41, // 15: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
+	45, // 11: beacon.v1.Check.since:type_name -> google.protobuf.Timestamp
+	44, // 12: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
+	44, // 13: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
+	44, // 14: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
+	44, // 15: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
 	12, // 16: beacon.v1.KeepAliveBatchResult.results:type_name -> beacon.v1.KeepAliveResult
 	3,  // 17: beacon.v1.RegisterRequest.instance:type_name -> beacon.v1.Instance
-	0,  // 18: beacon.v1.SetStatusRequest.status:type_name -> beacon.v1.Status
-	3,  // 19: beacon.v1.SetStatusResponse.instance:type_name -> beacon.v1.Instance
-	3,  // 20: beacon.v1.ListInstancesResponse.instances:type_name -> beacon.v1.Instance
-	25, // 21: beacon.v1.ListServicesResponse.services:type_name -> beacon.v1.ServiceSummary
-	38, // 22: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
-	41, // 23: beacon.v1.WatchRequest.heartbeat:type_name -> google.protobuf.Duration
-	3,  // 24: beacon.v1.ServiceSnapshot.instances:type_name -> beacon.v1.Instance
-	28, // 25: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
-	39, // 26: beacon.v1.WatchResponse.ack_wanted:type_name -> beacon.v1.WatchResponse.AckWantedEntry
-	40, // 27: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
-	41, // 28: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
-	7,  // 29: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
-	9,  // 30: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
-	11, // 31: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
-	14, // 32: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
-	16, // 33: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
-	18, // 34: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
-	20, // 35: beacon.v1.RegistryService.SetStatus:input_type -> beacon.v1.SetStatusRequest
-	29, // 36: beacon.v1.RegistryService.SetServiceConfig:input_type -> beacon.v1.SetServiceConfigRequest
-	4,  // 37: beacon.v1.RegistryService.UpdateCheck:input_type -> beacon.v1.UpdateCheckRequest
-	22, // 38: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
-	24, // 39: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
-	27, // 40: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
-	32, // 41: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
-	34, // 42: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
-	8,  // 43: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
-	10, // 44: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
-	13, // 45: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
-	15, // 46: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
-	17, // 47: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
-	19, // 48: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
-	21, // 49: beacon.v1.RegistryService.SetStatus:output_type -> beacon.v1.SetStatusResponse
-	30, // 50: beacon.v1.RegistryService.SetServiceConfig:output_type -> beacon.v1.SetServiceConfigResponse
-	5,  // 51: beacon.v1.RegistryService.UpdateCheck:output_type -> beacon.v1.UpdateCheckResponse
-	23, // 52: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
-	26, // 53: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
-	31, // 54: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
-	33, // 55: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
-	35, // 56: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
-	43, // [43:57] is the sub-list for method output_type
-	29, // [29:43] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	3,  // 18: beacon.v1.RegisterBatchRequest.instances:type_name -> beacon.v1.Instance
+	20, // 19: beacon.v1.RegisterBatchResponse.results:type_name -> beacon.v1.RegisterResult
+	0,  // 20: beacon.v1.SetStatusRequest.status:type_name -> beacon.v1.Status
+	3,  // 21: beacon.v1.SetStatusResponse.instance:type_name -> beacon.v1.Instance
+	3,  // 22: beacon.v1.ListInstancesResponse.instances:type_name -> beacon.v1.Instance
+	28, // 23: beacon.v1.ListServicesResponse.services:type_name -> beacon.v1.ServiceSummary
+	41, // 24: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
+	44, // 25: beacon.v1.WatchRequest.heartbeat:type_name -> google.protobuf.Duration
+	3,  // 26: beacon.v1.ServiceSnapshot.instances:type_name -> beacon.v1.Instance
+	31, // 27: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
+	42, // 28: beacon.v1.WatchResponse.ack_wanted:type_name -> beacon.v1.WatchResponse.AckWantedEntry
+	43, // 29: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
+	44, // 30: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
+	7,  // 31: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
+	9,  // 32: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
+	11, // 33: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
+	14, // 34: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
+	16, // 35: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
+	18, // 36: beacon.v1.RegistryService.RegisterBatch:input_type -> beacon.v1.RegisterBatchRequest
+	21, // 37: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
+	23, // 38: beacon.v1.RegistryService.SetStatus:input_type -> beacon.v1.SetStatusRequest
+	32, // 39: beacon.v1.RegistryService.SetServiceConfig:input_type -> beacon.v1.SetServiceConfigRequest
+	4,  // 40: beacon.v1.RegistryService.UpdateCheck:input_type -> beacon.v1.UpdateCheckRequest
+	25, // 41: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
+	27, // 42: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
+	30, // 43: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
+	35, // 44: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
+	37, // 45: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
+	8,  // 46: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
+	10, // 47: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
+	13, // 48: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
+	15, // 49: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
+	17, // 50: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
+	19, // 51: beacon.v1.RegistryService.RegisterBatch:output_type -> beacon.v1.RegisterBatchResponse
+	22, // 52: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
+	24, // 53: beacon.v1.RegistryService.SetStatus:output_type -> beacon.v1.SetStatusResponse
+	33, // 54: beacon.v1.RegistryService.SetServiceConfig:output_type -> beacon.v1.SetServiceConfigResponse
+	5,  // 55: beacon.v1.RegistryService.UpdateCheck:output_type -> beacon.v1.UpdateCheckResponse
+	26, // 56: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
+	29, // 57: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
+	34, // 58: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
+	36, // 59: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
+	38, // 60: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
+	46, // [46:61] is the sub-list for method output_type
+	31, // [31:46] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_beacon_v1_registry_proto_init() }
@@ -2759,7 +2958,7 @@ func file_beacon_v1_registry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_beacon_v1_registry_proto_rawDesc), len(file_beacon_v1_registry_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   38,
+			NumMessages:   41,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -51,6 +51,9 @@ const (
 	// RegistryServiceRegisterProcedure is the fully-qualified name of the RegistryService's Register
 	// RPC.
 	RegistryServiceRegisterProcedure = "/beacon.v1.RegistryService/Register"
+	// RegistryServiceRegisterBatchProcedure is the fully-qualified name of the RegistryService's
+	// RegisterBatch RPC.
+	RegistryServiceRegisterBatchProcedure = "/beacon.v1.RegistryService/RegisterBatch"
 	// RegistryServiceDeregisterProcedure is the fully-qualified name of the RegistryService's
 	// Deregister RPC.
 	RegistryServiceDeregisterProcedure = "/beacon.v1.RegistryService/Deregister"
@@ -89,6 +92,7 @@ type RegistryServiceClient interface {
 	KeepAliveStream(context.Context) *connect.BidiStreamForClient[v1.KeepAliveBatch, v1.KeepAliveBatchResult]
 	CloseSession(context.Context, *connect.Request[v1.CloseSessionRequest]) (*connect.Response[v1.CloseSessionResponse], error)
 	Register(context.Context, *connect.Request[v1.RegisterRequest]) (*connect.Response[v1.RegisterResponse], error)
+	RegisterBatch(context.Context, *connect.Request[v1.RegisterBatchRequest]) (*connect.Response[v1.RegisterBatchResponse], error)
 	Deregister(context.Context, *connect.Request[v1.DeregisterRequest]) (*connect.Response[v1.DeregisterResponse], error)
 	// SetStatus changes an instance's declared status in place (operators'
 	// maintenance switch), keeping its session and checks.
@@ -148,6 +152,12 @@ func NewRegistryServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 			httpClient,
 			baseURL+RegistryServiceRegisterProcedure,
 			connect.WithSchema(registryServiceMethods.ByName("Register")),
+			connect.WithClientOptions(opts...),
+		),
+		registerBatch: connect.NewClient[v1.RegisterBatchRequest, v1.RegisterBatchResponse](
+			httpClient,
+			baseURL+RegistryServiceRegisterBatchProcedure,
+			connect.WithSchema(registryServiceMethods.ByName("RegisterBatch")),
 			connect.WithClientOptions(opts...),
 		),
 		deregister: connect.NewClient[v1.DeregisterRequest, v1.DeregisterResponse](
@@ -217,6 +227,7 @@ type registryServiceClient struct {
 	keepAliveStream  *connect.Client[v1.KeepAliveBatch, v1.KeepAliveBatchResult]
 	closeSession     *connect.Client[v1.CloseSessionRequest, v1.CloseSessionResponse]
 	register         *connect.Client[v1.RegisterRequest, v1.RegisterResponse]
+	registerBatch    *connect.Client[v1.RegisterBatchRequest, v1.RegisterBatchResponse]
 	deregister       *connect.Client[v1.DeregisterRequest, v1.DeregisterResponse]
 	setStatus        *connect.Client[v1.SetStatusRequest, v1.SetStatusResponse]
 	setServiceConfig *connect.Client[v1.SetServiceConfigRequest, v1.SetServiceConfigResponse]
@@ -251,6 +262,11 @@ func (c *registryServiceClient) CloseSession(ctx context.Context, req *connect.R
 // Register calls beacon.v1.RegistryService.Register.
 func (c *registryServiceClient) Register(ctx context.Context, req *connect.Request[v1.RegisterRequest]) (*connect.Response[v1.RegisterResponse], error) {
 	return c.register.CallUnary(ctx, req)
+}
+
+// RegisterBatch calls beacon.v1.RegistryService.RegisterBatch.
+func (c *registryServiceClient) RegisterBatch(ctx context.Context, req *connect.Request[v1.RegisterBatchRequest]) (*connect.Response[v1.RegisterBatchResponse], error) {
+	return c.registerBatch.CallUnary(ctx, req)
 }
 
 // Deregister calls beacon.v1.RegistryService.Deregister.
@@ -308,6 +324,7 @@ type RegistryServiceHandler interface {
 	KeepAliveStream(context.Context, *connect.BidiStream[v1.KeepAliveBatch, v1.KeepAliveBatchResult]) error
 	CloseSession(context.Context, *connect.Request[v1.CloseSessionRequest]) (*connect.Response[v1.CloseSessionResponse], error)
 	Register(context.Context, *connect.Request[v1.RegisterRequest]) (*connect.Response[v1.RegisterResponse], error)
+	RegisterBatch(context.Context, *connect.Request[v1.RegisterBatchRequest]) (*connect.Response[v1.RegisterBatchResponse], error)
 	Deregister(context.Context, *connect.Request[v1.DeregisterRequest]) (*connect.Response[v1.DeregisterResponse], error)
 	// SetStatus changes an instance's declared status in place (operators'
 	// maintenance switch), keeping its session and checks.
@@ -363,6 +380,12 @@ func NewRegistryServiceHandler(svc RegistryServiceHandler, opts ...connect.Handl
 		RegistryServiceRegisterProcedure,
 		svc.Register,
 		connect.WithSchema(registryServiceMethods.ByName("Register")),
+		connect.WithHandlerOptions(opts...),
+	)
+	registryServiceRegisterBatchHandler := connect.NewUnaryHandler(
+		RegistryServiceRegisterBatchProcedure,
+		svc.RegisterBatch,
+		connect.WithSchema(registryServiceMethods.ByName("RegisterBatch")),
 		connect.WithHandlerOptions(opts...),
 	)
 	registryServiceDeregisterHandler := connect.NewUnaryHandler(
@@ -434,6 +457,8 @@ func NewRegistryServiceHandler(svc RegistryServiceHandler, opts ...connect.Handl
 			registryServiceCloseSessionHandler.ServeHTTP(w, r)
 		case RegistryServiceRegisterProcedure:
 			registryServiceRegisterHandler.ServeHTTP(w, r)
+		case RegistryServiceRegisterBatchProcedure:
+			registryServiceRegisterBatchHandler.ServeHTTP(w, r)
 		case RegistryServiceDeregisterProcedure:
 			registryServiceDeregisterHandler.ServeHTTP(w, r)
 		case RegistryServiceSetStatusProcedure:
@@ -479,6 +504,10 @@ func (UnimplementedRegistryServiceHandler) CloseSession(context.Context, *connec
 
 func (UnimplementedRegistryServiceHandler) Register(context.Context, *connect.Request[v1.RegisterRequest]) (*connect.Response[v1.RegisterResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.Register is not implemented"))
+}
+
+func (UnimplementedRegistryServiceHandler) RegisterBatch(context.Context, *connect.Request[v1.RegisterBatchRequest]) (*connect.Response[v1.RegisterBatchResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.RegisterBatch is not implemented"))
 }
 
 func (UnimplementedRegistryServiceHandler) Deregister(context.Context, *connect.Request[v1.DeregisterRequest]) (*connect.Response[v1.DeregisterResponse], error) {
