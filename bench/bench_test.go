@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -50,6 +51,18 @@ type latencies struct {
 	all         []time.Duration // every watcher, every change, from the write returning
 	lastOf      []time.Duration // per change: the slowest watcher, from the write returning
 	lastOfStart []time.Duration // per change: the slowest watcher, from the write starting
+	// cpu is the process's CPU time (user + system) over the changes:
+	// writer, server, etcd and every watcher together, all in this process.
+	cpu time.Duration
+}
+
+// processCPU returns the CPU time this process has used.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func (l *latencies) quantile(which []time.Duration, q float64) time.Duration {
@@ -80,6 +93,7 @@ func BenchmarkPropagation(b *testing.B) {
 				b.ReportMetric(ms(l.quantile(l.all, 0.99)), name+"-p99-ms")
 				b.ReportMetric(ms(l.quantile(l.lastOf, 0.99)), name+"-last-of-N-p99-ms")
 				b.ReportMetric(ms(l.quantile(l.lastOfStart, 0.99)), name+"-from-start-last-of-N-p99-ms")
+				b.ReportMetric(float64(l.cpu.Microseconds())/float64(b.N*n), name+"-cpu-us-per-change-per-watcher")
 			}
 			report("beacon", beacon)
 			report("etcd", raw)
@@ -135,6 +149,8 @@ func propagationBeacon(ctx context.Context, b *testing.B, addrs func(i int) []st
 	defer func() { wcancel(); wg.Wait() }()
 	l := &latencies{}
 	b.ResetTimer()
+	cpu0 := processCPU()
+	defer func() { l.cpu = processCPU() - cpu0 }()
 	for i := range changes {
 		start := time.Now()
 		rev, err := writer.Register(ctx, registry.Instance{Service: "bench", ID: fmt.Sprintf("i-%d", i%50), Address: "127.0.0.1", Port: 1 + i%60000})
@@ -203,6 +219,8 @@ func propagationEtcd(ctx context.Context, b *testing.B, addr string, n, changes 
 	}
 	writer := etcdClient(b, addr)
 	l := &latencies{}
+	cpu0 := processCPU()
+	defer func() { l.cpu = processCPU() - cpu0 }()
 	for i := range changes {
 		start := time.Now()
 		resp, err := writer.Put(ctx, fmt.Sprintf("/bench/raw/i-%d", i%50), fmt.Sprintf(`{"address":"127.0.0.1","port":%d}`, 1+i%60000))
