@@ -69,7 +69,7 @@ func TestACLClient(t *testing.T) {
 	// The first server takes requests and never answers: CreateToken
 	// waits there for the caller's deadline rather than risk making the
 	// token twice; a read moves on after the attempt timeout.
-	mc, err := client.New([]string{muteServer(t), srv.Addr()}, client.WithToken(secret), client.WithAttemptTimeout(3*time.Second))
+	mc, err := client.New([]string{muteServer(t), srv.Addr()}, client.WithOrderedServers(), client.WithToken(secret), client.WithAttemptTimeout(3*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,11 +1,14 @@
 package client
 
 import (
+	"beacon.dev/beacon/internal/backoff"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"strings"
@@ -70,6 +73,26 @@ func WithToken(secret string) Option { return func(c *Client) { c.token = secret
 // TLS (h2c) to reach a beacon server.
 func WithHTTPClient(h *http.Client) Option { return func(c *Client) { c.http = h } }
 
+// WithOrderedServers makes the first server listed the client's home (see
+// WithRebalanceInterval) and the next ones its fallbacks in order — for a
+// server on the same host, or a test that must know where calls go. By
+// default the home is picked at random, so that clients given the same
+// list spread evenly over the servers.
+func WithOrderedServers() Option { return func(c *Client) { c.ordered = true } }
+
+// DefaultRebalanceInterval is how often a client that left its home
+// server checks whether it is back (WithRebalanceInterval).
+const DefaultRebalanceInterval = 30 * time.Second
+
+// WithRebalanceInterval sets how often (±50 %, at random) a client whose
+// calls or streams left its home server — it failed, froze or restarted —
+// checks the home's /readyz; once it answers, calls go home again at once
+// and each watch stream and the heartbeat stream move back at a random
+// moment within the next interval, resuming where they were, so that a
+// restarted server gets its share of clients back gradually instead of
+// never or all at once. 0 turns it off. Default DefaultRebalanceInterval.
+func WithRebalanceInterval(d time.Duration) Option { return func(c *Client) { c.rebalanceEvery = d } }
+
 // DefaultAttemptTimeout is how long one server may take to answer a call
 // before the call moves on to the next server (WithAttemptTimeout).
 const DefaultAttemptTimeout = time.Second
@@ -108,7 +131,12 @@ type Client struct {
 	rpcs           []beaconv1connect.RegistryServiceClient
 	acls           []beaconv1connect.AclServiceClient // by server, as rpcs
 	current        atomic.Int64                       // index into rpcs of the server in use
+	home           int64                              // index into rpcs of the server this client prefers
+	ordered        bool                               // WithOrderedServers: home is the first
+	rebalanceEvery time.Duration                      // WithRebalanceInterval; 0: never
 	ka             *keepAliveStream
+	stopRebalance  context.CancelFunc
+	rebalancing    sync.WaitGroup
 
 	isClosed atomic.Bool // set by Close: calls fail fast with ErrClosed
 	mu       sync.Mutex
@@ -121,7 +149,7 @@ type Client struct {
 // New returns a client for the given server addresses ("host:port" or
 // "http://host:port"). It does no I/O.
 func New(servers []string, opts ...Option) (*Client, error) {
-	c := &Client{namespace: registry.DefaultNamespace, attemptTimeout: DefaultAttemptTimeout, watchHeartbeat: DefaultWatchHeartbeat,
+	c := &Client{namespace: registry.DefaultNamespace, attemptTimeout: DefaultAttemptTimeout, watchHeartbeat: DefaultWatchHeartbeat, rebalanceEvery: DefaultRebalanceInterval,
 		sessions: map[*session.Session]struct{}{}, watchers: map[*Watcher]struct{}{}, creds: map[int64]string{}}
 	for _, o := range opts {
 		o(c)
@@ -170,8 +198,97 @@ func New(servers []string, opts ...Option) (*Client, error) {
 	if len(c.servers) == 0 {
 		return nil, errors.New("beacon: invalid servers: need at least one address")
 	}
+	if c.rebalanceEvery < 0 {
+		return nil, fmt.Errorf("beacon: invalid rebalance interval %v: must be 0 (off) or positive", c.rebalanceEvery)
+	}
+	if !c.ordered {
+		c.home = rand.Int64N(int64(len(c.servers)))
+	}
+	c.current.Store(c.home)
 	c.ka = newKeepAliveStream(c)
+	rctx, stop := context.WithCancel(context.Background())
+	c.stopRebalance = stop
+	if len(c.servers) > 1 && c.rebalanceEvery > 0 {
+		c.rebalancing.Add(1)
+		go c.rebalance(rctx)
+	}
 	return c, nil
+}
+
+// otherServer picks the server a stream that failed on server from tries
+// next: one of the others at random, so that the streams of a server that
+// went away spread over the rest.
+func (c *Client) otherServer(from int64) int64 {
+	n := int64(len(c.rpcs))
+	if n == 1 {
+		return 0
+	}
+	return (from + 1 + rand.Int64N(n-1)) % n
+}
+
+// rebalance brings the client's calls and streams back to its home server
+// once it is ready again (WithRebalanceInterval).
+func (c *Client) rebalance(ctx context.Context) {
+	defer c.rebalancing.Done()
+	for {
+		every := c.rebalanceEvery
+		if backoff.Sleep(ctx, every/2+rand.N(every)) != nil {
+			return
+		}
+		away := c.awayFromHome()
+		if len(away) == 0 && c.current.Load() == c.home {
+			continue
+		}
+		if !c.homeReady(ctx) {
+			continue
+		}
+		c.log.Info("beacon: home server ready again: moving back", "server", c.servers[c.home], "streams", len(away))
+		c.current.Store(c.home)
+		for _, move := range away {
+			// Each at its own moment within the interval, so that the
+			// clients of a restarted server do not all arrive together.
+			if backoff.Sleep(ctx, rand.N(every)/time.Duration(max(1, len(away)))) != nil {
+				return
+			}
+			move()
+		}
+	}
+}
+
+// awayFromHome returns a move for each stream of the client that is on
+// another server than its home.
+func (c *Client) awayFromHome() []func() {
+	var moves []func()
+	c.mu.Lock()
+	for w := range c.watchers {
+		if w.server.Load() != c.home {
+			moves = append(moves, func() { w.move(c.home) })
+		}
+	}
+	c.mu.Unlock()
+	if srv, open := c.ka.onServer(); open && srv != c.home {
+		moves = append(moves, func() { c.ka.leave(c.home) })
+	}
+	rand.Shuffle(len(moves), func(i, j int) { moves[i], moves[j] = moves[j], moves[i] })
+	return moves
+}
+
+// homeReady asks the home server's /readyz, bounded by the attempt
+// timeout.
+func (c *Client) homeReady(ctx context.Context) bool {
+	ctx, cancel := context.WithTimeout(ctx, c.attemptTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.servers[c.home]+"/readyz", nil)
+	if err != nil {
+		return false
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return false
+	}
+	io.Copy(io.Discard, io.LimitReader(resp.Body, 4<<10))
+	resp.Body.Close()
+	return resp.StatusCode == http.StatusOK
 }
 
 // newHTTPClient speaks HTTP/2 over cleartext with pings, so a server that
@@ -273,6 +390,8 @@ func (c *Client) Close() error {
 	}
 	cancel()
 	c.isClosed.Store(true)
+	c.stopRebalance()
+	c.rebalancing.Wait()
 	c.ka.close()
 	if c.ownsHTTP {
 		c.http.CloseIdleConnections()

@@ -181,6 +181,24 @@ func (k *keepAliveStream) abandon() {
 	}
 }
 
+// leave closes the stream if it is on another server than to, so that
+// the next heartbeat opens it on the client's current server. Heartbeats
+// in flight fall back to the unary call, as after any reset.
+func (k *keepAliveStream) leave(to int64) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.stream != nil && k.server != to {
+		k.resetLocked()
+	}
+}
+
+// onServer reports the server of the open stream, if one is open.
+func (k *keepAliveStream) onServer() (int64, bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.server, k.stream != nil
+}
+
 func (k *keepAliveStream) close() {
 	k.mu.Lock()
 	k.closed = true

@@ -61,7 +61,7 @@ func TestMuteServerIsPassedOver(t *testing.T) {
 	// call on the real server must fit in it: generous, so that a slow
 	// answer under load is not mistaken for silence and sent to the mute
 	// server. The watch gives a server three heartbeats of silence.
-	c, err := client.New([]string{mute, srv.Addr()}, client.WithAttemptTimeout(3*time.Second), client.WithWatchHeartbeat(time.Second))
+	c, err := client.New([]string{mute, srv.Addr()}, client.WithOrderedServers(), client.WithAttemptTimeout(3*time.Second), client.WithWatchHeartbeat(time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}

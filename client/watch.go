@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math/rand/v2"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -29,21 +30,23 @@ type Watcher struct {
 	ns       string
 	services []string
 	notify   chan struct{} // size 1: pending has something
-	server   int64         // index into c.rpcs of the stream's server; owned by run
+	server   atomic.Int64  // index into c.rpcs of the stream's server; written by run
+	moveTo   atomic.Int64  // -1, or the server the rebalancer asked it to move to
 	stop     context.CancelFunc
 	done     chan struct{}
 
-	mu         sync.Mutex
-	state      map[string]*registry.Snapshot // guarded by mu; latest per service
-	pending    map[string]*registry.Snapshot // guarded by mu; not yet returned by Next
-	synced     bool                          // guarded by mu; the stream caught up at least once
-	connected  bool                          // guarded by mu
-	since      time.Time                     // guarded by mu; when connected last changed
-	lastErr    error                         // guarded by mu
-	reconnects int                           // guarded by mu
-	stale      int                           // guarded by mu
-	deltas     int                           // guarded by mu
-	syncedCh   chan struct{}
+	mu           sync.Mutex
+	cancelStream context.CancelFunc            // guarded by mu; ends the current stream
+	state        map[string]*registry.Snapshot // guarded by mu; latest per service
+	pending      map[string]*registry.Snapshot // guarded by mu; not yet returned by Next
+	synced       bool                          // guarded by mu; the stream caught up at least once
+	connected    bool                          // guarded by mu
+	since        time.Time                     // guarded by mu; when connected last changed
+	lastErr      error                         // guarded by mu
+	reconnects   int                           // guarded by mu
+	stale        int                           // guarded by mu
+	deltas       int                           // guarded by mu
+	syncedCh     chan struct{}
 
 	// Acknowledgements: a batch returned by Next counts as applied when
 	// the consumer comes back for the next one.
@@ -79,8 +82,9 @@ func (c *Client) Watch(ctx context.Context, services []string, opts ...CallOptio
 		since:     time.Now(),
 		handedOut: make(map[string]int64), applied: make(map[string]int64), unacked: make(map[string]int64),
 		ackNotify: make(chan struct{}, 1), wanted: make(map[string]int64), resync: make(map[string]bool),
-		server: c.current.Load(),
 	}
+	w.server.Store(c.current.Load())
+	w.moveTo.Store(-1)
 	for _, s := range cfg.from {
 		if old, ok := w.state[s.Service]; s != nil && (!ok || s.Revision > old.Revision) {
 			w.state[s.Service] = s
@@ -260,13 +264,16 @@ type WatchStatus struct {
 	// one (the rest came whole).
 	Deltas  int
 	LastErr error
+	// Server is the address of the server the watcher uses (or tries).
+	Server string
 }
 
 // Status reports whether the stream is up and how often it reconnected.
 func (w *Watcher) Status() WatchStatus {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return WatchStatus{Connected: w.connected, Since: w.since, Reconnects: w.reconnects, Stale: w.stale, Deltas: w.deltas, LastErr: w.lastErr}
+	return WatchStatus{Connected: w.connected, Since: w.since, Reconnects: w.reconnects, Stale: w.stale, Deltas: w.deltas, LastErr: w.lastErr,
+		Server: w.c.servers[w.server.Load()]}
 }
 
 // Close stops the watch and waits for its goroutine.
@@ -280,30 +287,62 @@ func (w *Watcher) run(ctx context.Context) {
 	retry := backoff.New(backoff.Config{Base: 100 * time.Millisecond, Max: 3 * time.Second})
 	for ctx.Err() == nil {
 		received, err := w.stream(ctx)
+		to := w.moveTo.Swap(-1)
 		w.mu.Lock()
 		if w.connected {
 			w.connected, w.since = false, time.Now()
 		}
 		if ctx.Err() == nil {
-			w.lastErr = err
 			w.reconnects++
+			if to < 0 {
+				w.lastErr = err
+			}
 		}
 		w.mu.Unlock()
 		if ctx.Err() != nil {
 			return
 		}
-		if received {
+		if to >= 0 { // asked to move (rebalancing): at once, resuming
+			w.server.Store(to)
 			retry.Reset()
+			continue
 		}
 		wait := retry.Next()
+		if received {
+			// The stream worked: its server died or restarted, likely
+			// under every watcher it had. Spread their reconnects over
+			// reconnectSpread, and over the other servers, so that they
+			// do not arrive on one server in the same instant.
+			retry.Reset()
+			wait = rand.N(reconnectSpread)
+		}
 		w.c.log.Debug("beacon: watch stream ended, reconnecting", "err", err, "in", wait)
-		// Move on to the next server; with one server this retries it.
+		// Move on to another server; with one server this retries it.
 		// Only this watcher moves: the client's calls and other watchers
 		// find out for themselves.
-		w.server = (w.server + 1) % int64(len(w.c.rpcs))
+		w.server.Store(w.c.otherServer(w.server.Load()))
 		if backoff.Sleep(ctx, wait) != nil {
 			return
 		}
+	}
+}
+
+// reconnectSpread is the window over which watchers whose working stream
+// broke reconnect: a uniformly random delay within it.
+const reconnectSpread = time.Second
+
+// move makes the watcher continue on server to: its stream ends and
+// reconnects there at once, resuming from the revisions it holds.
+func (w *Watcher) move(to int64) {
+	if w.server.Load() == to {
+		return
+	}
+	w.moveTo.Store(to)
+	w.mu.Lock()
+	cancel := w.cancelStream
+	w.mu.Unlock()
+	if cancel != nil {
+		cancel()
 	}
 }
 
@@ -312,6 +351,17 @@ func (w *Watcher) run(ctx context.Context) {
 func (w *Watcher) stream(ctx context.Context) (received bool, err error) {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	w.mu.Lock()
+	w.cancelStream = cancel
+	w.mu.Unlock()
+	defer func() {
+		w.mu.Lock()
+		w.cancelStream = nil
+		w.mu.Unlock()
+	}()
+	if w.moveTo.Load() >= 0 { // a move asked before this stream began
+		return false, context.Canceled
+	}
 	hb := w.c.watchHeartbeat
 	req := &beaconv1.WatchRequest{
 		Namespace: w.ns, Services: w.services, KnownRevisions: map[string]int64{}, Heartbeat: durationpb.New(hb),
@@ -334,7 +384,8 @@ func (w *Watcher) stream(ctx context.Context) (received bool, err error) {
 	var silent atomic.Bool
 	watchdog := time.AfterFunc(3*hb, func() { silent.Store(true); cancel() })
 	defer watchdog.Stop()
-	rpc := w.c.rpcs[w.server]
+	server := w.server.Load()
+	rpc := w.c.rpcs[server]
 	st, err := rpc.Watch(sctx, connect.NewRequest(req))
 	if err != nil {
 		return false, w.streamErr(err, silent.Load())
@@ -366,7 +417,7 @@ func (w *Watcher) stream(ctx context.Context) (received bool, err error) {
 
 func (w *Watcher) streamErr(err error, silent bool) error {
 	if silent {
-		return fmt.Errorf("beacon: watch stream: %s sent nothing for 3 heartbeats of %v: %w", w.c.servers[w.server], w.c.watchHeartbeat, ErrUnavailable)
+		return fmt.Errorf("beacon: watch stream: %s sent nothing for 3 heartbeats of %v: %w", w.c.servers[w.server.Load()], w.c.watchHeartbeat, ErrUnavailable)
 	}
 	return fromConnectError(err)
 }

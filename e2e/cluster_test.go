@@ -3,7 +3,10 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -243,4 +246,73 @@ func TestClusterWithoutQuorumRefusesWritesAndRecovers(t *testing.T) {
 		return err == nil
 	})
 	waitInstances(ctx, t, w, "reg", "r-0", "r-1", "r-2", "r-3", "r-4", "r-5")
+}
+
+// A client whose home server restarts leaves it (its watch stream and
+// heartbeats go to the others) and comes back once the server is ready
+// again: the watch stream resumes there without losing a change and the
+// heartbeats follow, so a restarted node gets its clients back.
+func TestClientsReturnHomeAfterARestart(t *testing.T) {
+	ms := startCluster(t, 3)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	c, err := client.New(testutil.APIs(ms, 0), client.WithOrderedServers(), client.WithRebalanceInterval(time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	home := ms[0]
+	sess, err := c.NewSession(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Close(context.Background())
+	w := watch(ctx, t, c, "home")
+	register := func(id string) {
+		t.Helper()
+		if _, err := sess.Register(ctx, registry.Instance{Service: "home", ID: id, Address: "127.0.0.1", Port: 9000}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	register("before")
+	if s := w.Status().Server; !strings.HasSuffix(s, home.API) {
+		t.Fatalf("the watcher starts on %s, want its home %s", s, home.API)
+	}
+	home.Kill()
+	testutil.Eventually(t, 60*time.Second, "the watcher to move off its dead home", func() bool {
+		st := w.Status()
+		return st.Connected && !strings.HasSuffix(st.Server, home.API)
+	})
+	register("during")
+	restart(t, home)
+	testutil.Eventually(t, 90*time.Second, "the watcher back on its home, and heartbeats there", func() bool {
+		st := w.Status()
+		return st.Connected && strings.HasSuffix(st.Server, home.API) &&
+			nodeMetric(t, home, `beacon_watchers`) == 1 && nodeMetric(t, home, `beacon_session_keepalives_total{result="ok"}`) > 0
+	})
+	register("after")
+	testutil.Eventually(t, 60*time.Second, "the watcher to hold all three instances", func() bool {
+		s, ok := w.Snapshot("home")
+		return ok && len(s.Instances) == 3
+	})
+}
+
+// nodeMetric reads one sample from a node's /metrics (-1 if absent).
+func nodeMetric(t *testing.T, nd *testutil.Node, sample string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + nd.API + "/metrics")
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, sample+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err == nil {
+				return f
+			}
+		}
+	}
+	return -1
 }

@@ -202,7 +202,7 @@ func (s *serverProc) stop(sig syscall.Signal) {
 
 func newClient(t *testing.T, addrs ...string) *client.Client {
 	t.Helper()
-	c, err := client.New(addrs)
+	c, err := client.New(addrs, client.WithOrderedServers()) // tests say which server comes first
 	if err != nil {
 		t.Fatal(err)
 	}
