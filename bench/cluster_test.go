@@ -1,11 +1,18 @@
 package bench
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"io"
+	"maps"
+	"math"
+	"net/http"
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -174,4 +181,140 @@ func BenchmarkClusterVsSingle(b *testing.B) {
 		b.ReportMetric(float64(l99(cProp))/float64(max(l99(sProp), time.Microsecond)), "last-of-1000-p99-ratio")
 	}
 	b.ReportMetric(0, "ns/op")
+}
+
+// BenchmarkClusterRebalance: 300 SDK clients, one watch stream each, on a
+// 3-node cluster, each given the same list of servers (so each picks a
+// random home). One node is SIGKILLed: its watchers' reconnects are timed
+// from the kill (how spread out they are, and how they split over the two
+// others). It is restarted: the time from its /readyz answering until
+// every node is within ±20 % of an even share (20 streams) of what it held
+// before the kill, and until it holds exactly that again, with the
+// default rebalance interval; and how far from even the random homes had
+// spread the streams.
+func BenchmarkClusterRebalance(b *testing.B) {
+	const clients = 300
+	bin := buildBeacon(b)
+	ns := testutil.NewCluster(b, bin, 3, "--log-level", "error")
+	testutil.StartAll(b, ns)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	watchers := make([]*client.Watcher, clients)
+	for i := range watchers {
+		c, err := client.New(testutil.APIs(ns, 0))
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		if watchers[i], err = c.Watch(ctx, []string{"rebalance"}); err != nil {
+			b.Fatal(err)
+		}
+		defer watchers[i].Close()
+		<-watchers[i].Synced()
+	}
+	streams := func() []float64 {
+		out := make([]float64, len(ns))
+		for i, nd := range ns {
+			out[i] = nodeMetric(b, nd, "beacon_watchers")
+		}
+		return out
+	}
+	// near reports whether every node holds its share of before within
+	// ±20 % of an even share (20 streams of 100).
+	near := func(counts, before []float64) bool {
+		for i := range counts {
+			if math.Abs(counts[i]-before[i]) > 0.2*clients/3 {
+				return false
+			}
+		}
+		return true
+	}
+	b.ResetTimer()
+	for range b.N {
+		var before []float64
+		testutil.Eventually(b, time.Minute, "every stream counted", func() bool {
+			before = streams()
+			return before[0]+before[1]+before[2] == clients
+		})
+		victim := ns[0]
+		var moving []int // the victim's watchers
+		for i, w := range watchers {
+			if strings.HasSuffix(w.Status().Server, victim.API) {
+				moving = append(moving, i)
+			}
+		}
+		killed := time.Now()
+		victim.Kill()
+		var back []time.Duration
+		landed := map[string]int{}
+		for pending := slices.Clone(moving); len(pending) > 0; {
+			if time.Since(killed) > 2*time.Minute {
+				b.Fatalf("%d of %d watchers never reconnected", len(pending), len(moving))
+			}
+			rest := pending[:0]
+			for _, i := range pending {
+				if st := watchers[i].Status(); st.Connected && !strings.HasSuffix(st.Server, victim.API) {
+					back = append(back, st.Since.Sub(killed))
+					landed[st.Server]++
+				} else {
+					rest = append(rest, i)
+				}
+			}
+			pending = rest
+			time.Sleep(10 * time.Millisecond)
+		}
+		select {
+		case <-victim.Start(b):
+		case <-time.After(90 * time.Second):
+			b.Fatal("the killed node did not come back")
+		}
+		ready := time.Now()
+		var mostBack, allBack time.Duration // within ±20 streams of before, and equal to before
+		after := streams()
+		for !slices.Equal(after, before) {
+			if time.Since(ready) > 5*time.Minute {
+				b.Fatalf("5 minutes after the restart the streams are spread %v; before the kill %v", after, before)
+			}
+			if mostBack == 0 && near(after, before) {
+				mostBack = time.Since(ready)
+			}
+			time.Sleep(100 * time.Millisecond)
+			after = streams()
+		}
+		allBack = time.Since(ready)
+		mostBack = cmp.Or(mostBack, allBack)
+		worst := 0.0 // the largest deviation from an even share, as a fraction of it
+		for _, n := range before {
+			worst = max(worst, math.Abs(n-clients/3)/(clients/3))
+		}
+		shares := slices.Collect(maps.Values(landed))
+		slices.Sort(shares)
+		b.ReportMetric(before[0], "victim-streams")
+		b.ReportMetric(quant(back, 0.1), "reconnect-p10-ms")
+		b.ReportMetric(quant(back, 0.9), "reconnect-p90-ms")
+		b.ReportMetric(quant(back, 1), "reconnect-max-ms")
+		b.ReportMetric(float64(shares[0])/float64(len(moving)), "smaller-survivor-share")
+		b.ReportMetric(mostBack.Seconds(), "most-back-s")
+		b.ReportMetric(allBack.Seconds(), "all-back-s")
+		b.ReportMetric(worst, "random-homes-max-deviation-from-even")
+	}
+	b.ReportMetric(0, "ns/op")
+}
+
+// nodeMetric reads one sample from a node's /metrics (-1 if absent).
+func nodeMetric(b *testing.B, nd *testutil.Node, sample string) float64 {
+	resp, err := http.Get("http://" + nd.API + "/metrics")
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(body), "\n") {
+		if v, ok := strings.CutPrefix(line, sample+" "); ok {
+			if f, err := strconv.ParseFloat(v, 64); err == nil {
+				return f
+			}
+		}
+	}
+	return -1
 }
