@@ -8,7 +8,7 @@ mkdir -p bench/results
 out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 {
 	echo "# $(uname -srm), $(nproc) cores, $(go version)"
-	go test -run '^$' -bench 'Propagation' -benchtime "${PROPAGATION_CHANGES:-100}x" -timeout 30m ./bench
+	go test -run '^$' -bench 'Propagation' -benchtime "${PROPAGATION_CHANGES:-100}x" -count "${COUNT:-5}" -timeout 60m ./bench
 	go test -run '^$' -bench 'RegisterThroughput' -benchtime 8000x -count "${COUNT:-5}" -timeout 30m ./bench
 	go test -run '^$' -bench 'Sessions|MemoryPerInstance' -benchtime 1x -timeout 30m ./bench
 	# Client data plane: picks, rebuilds, and the call chain beside
@@ -22,9 +22,10 @@ out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 	go test -run '^$' -bench 'DrainOnSIGTERM' -benchtime 20x -timeout 30m ./bench
 	# Server-side health checks: 1,000 checks at 1 s, detection time.
 	go test -run '^$' -bench 'Checks1000|CheckDetection' -benchtime 1x -timeout 30m ./bench
-	# Cluster mode: failover (20 kills of the leader's node) and the
-	# 3-node cluster beside a single node.
-	go test -run '^$' -bench 'ClusterFailover|ClusterVsSingle' -benchtime 1x -timeout 30m ./bench
+	# Cluster mode: failover (20 kills of the leader's node), the 3-node
+	# cluster beside a single node, and 300 clients through a node's death
+	# and restart (reconnect spread, return home).
+	go test -run '^$' -bench 'ClusterFailover|ClusterVsSingle|ClusterRebalance' -benchtime 1x -timeout 30m ./bench
 	# The soak: a normal client beside every hostile client at once, each
 	# phase (idle, hostile) -soak.duration long (SOAK, default 10m).
 	go test -run '^$' -bench 'Soak' -benchtime 1x -timeout 60m ./bench -soak.duration "${SOAK:-10m}"

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unique"
 
 	"beacon.dev/beacon/registry"
 )
@@ -366,10 +367,17 @@ func (l Layout) DecodeInstance(key string, value []byte, modRevision int64) (*re
 		return nil, fmt.Errorf("store: decoding %q: %w", key, err)
 	}
 	rec.normalize()
+	// The view keeps every instance it decodes for as long as it lives: the
+	// key's parts are substrings of the whole key, which a copy of the id
+	// lets go (about 50 B per instance), and the names many instances share
+	// (namespace, service, zone, version, tags) are kept once.
+	for i, t := range rec.Tags {
+		rec.Tags[i] = intern(t)
+	}
 	in := &registry.Instance{
-		Namespace: k.Namespace, Service: k.Service, ID: k.ID,
-		Address: rec.Address, Port: rec.Port, Weight: rec.Weight, Zone: rec.Zone,
-		Version: rec.Version, Tags: rec.Tags, Metadata: rec.Metadata, Revision: modRevision,
+		Namespace: intern(k.Namespace), Service: intern(k.Service), ID: strings.Clone(k.ID),
+		Address: rec.Address, Port: rec.Port, Weight: rec.Weight, Zone: intern(rec.Zone),
+		Version: intern(rec.Version), Tags: rec.Tags, Metadata: rec.Metadata, Revision: modRevision,
 	}
 	if in.Status, err = registry.ParseStatus(rec.Status); err != nil {
 		return nil, fmt.Errorf("store: decoding %q: %w", key, err)
@@ -389,6 +397,15 @@ func (l Layout) DecodeInstance(key string, value []byte, modRevision int64) (*re
 		return nil, fmt.Errorf("store: decoding %q: %w", key, err)
 	}
 	return in, nil
+}
+
+// intern returns s in a copy shared by every equal string interned while
+// it is in use.
+func intern(s string) string {
+	if s == "" {
+		return ""
+	}
+	return unique.Make(s).Value()
 }
 
 // sessionRecord is the stored JSON form of a session.
