@@ -4,14 +4,11 @@ import (
 	"cmp"
 	"context"
 	"fmt"
-	"io"
 	"maps"
 	"math"
-	"net/http"
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -247,7 +244,7 @@ func BenchmarkClusterRebalance(b *testing.B) {
 	streams := func() []float64 {
 		out := make([]float64, len(ns))
 		for i, nd := range ns {
-			out[i] = nodeMetric(b, nd, "beacon_watchers")
+			out[i], _ = testutil.Metric(b, nd.API, "beacon_watchers")
 		}
 		return out
 	}
@@ -331,22 +328,4 @@ func BenchmarkClusterRebalance(b *testing.B) {
 		b.ReportMetric(worst, "random-homes-max-deviation-from-even")
 	}
 	b.ReportMetric(0, "ns/op")
-}
-
-// nodeMetric reads one sample from a node's /metrics (-1 if absent).
-func nodeMetric(b *testing.B, nd *testutil.Node, sample string) float64 {
-	resp, err := http.Get("http://" + nd.API + "/metrics")
-	if err != nil {
-		return -1
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	for _, line := range strings.Split(string(body), "\n") {
-		if v, ok := strings.CutPrefix(line, sample+" "); ok {
-			if f, err := strconv.ParseFloat(v, 64); err == nil {
-				return f
-			}
-		}
-	}
-	return -1
 }

@@ -3,10 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"io"
-	"net/http"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -248,6 +245,12 @@ func TestClusterWithoutQuorumRefusesWritesAndRecovers(t *testing.T) {
 	waitInstances(ctx, t, w, "reg", "r-0", "r-1", "r-2", "r-3", "r-4", "r-5")
 }
 
+// metric reads one sample of a node's /metrics (0 while not recorded).
+func metric(t *testing.T, nd *testutil.Node, sample string) float64 {
+	v, _ := testutil.Metric(t, nd.API, sample)
+	return v
+}
+
 // A client whose home server restarts leaves it (its watch stream and
 // heartbeats go to the others) and comes back once the server is ready
 // again: the watch stream resumes there without losing a change and the
@@ -288,31 +291,11 @@ func TestClientsReturnHomeAfterARestart(t *testing.T) {
 	testutil.Eventually(t, 90*time.Second, "the watcher back on its home, and heartbeats there", func() bool {
 		st := w.Status()
 		return st.Connected && strings.HasSuffix(st.Server, home.API) &&
-			nodeMetric(t, home, `beacon_watchers`) == 1 && nodeMetric(t, home, `beacon_session_keepalives_total{result="ok"}`) > 0
+			metric(t, home, `beacon_watchers`) == 1 && metric(t, home, `beacon_session_keepalives_total{result="ok"}`) > 0
 	})
 	register("after")
 	testutil.Eventually(t, 60*time.Second, "the watcher to hold all three instances", func() bool {
 		s, ok := w.Snapshot("home")
 		return ok && len(s.Instances) == 3
 	})
-}
-
-// nodeMetric reads one sample from a node's /metrics (-1 if absent).
-func nodeMetric(t *testing.T, nd *testutil.Node, sample string) float64 {
-	t.Helper()
-	resp, err := http.Get("http://" + nd.API + "/metrics")
-	if err != nil {
-		return -1
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, sample+" "); ok {
-			f, err := strconv.ParseFloat(v, 64)
-			if err == nil {
-				return f
-			}
-		}
-	}
-	return -1
 }
