@@ -18,6 +18,7 @@ import (
 
 	"connectrpc.com/connect"
 	"golang.org/x/net/http2"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
@@ -74,10 +75,12 @@ func WithToken(secret string) Option { return func(c *Client) { c.token = secret
 func WithHTTPClient(h *http.Client) Option { return func(c *Client) { c.http = h } }
 
 // WithOrderedServers makes the first server listed the client's home (see
-// WithRebalanceInterval) and the next ones its fallbacks in order — for a
-// server on the same host, or a test that must know where calls go. By
-// default the home is picked at random, so that clients given the same
-// list spread evenly over the servers.
+// WithRebalanceInterval) and the next ones its fallbacks in order, for
+// calls and streams alike — for a server on the same host, or a test that
+// must know where calls go (grpc-go's pick_first keeps the list's order
+// too). By default the home is picked at random and a stream leaving a
+// server picks one of the others at random, so that clients given the
+// same list spread evenly over the servers.
 func WithOrderedServers() Option { return func(c *Client) { c.ordered = true } }
 
 // DefaultRebalanceInterval is how often a client that left its home
@@ -217,11 +220,12 @@ func New(servers []string, opts ...Option) (*Client, error) {
 
 // otherServer picks the server a stream that failed on server from tries
 // next: one of the others at random, so that the streams of a server that
-// went away spread over the rest.
+// went away spread over the rest — or, WithOrderedServers, the next in
+// the list.
 func (c *Client) otherServer(from int64) int64 {
 	n := int64(len(c.rpcs))
-	if n == 1 {
-		return 0
+	if n == 1 || c.ordered {
+		return (from + 1) % n
 	}
 	return (from + 1 + rand.Int64N(n-1)) % n
 }
@@ -457,6 +461,12 @@ func call[T any](ctx context.Context, c *Client, f func(context.Context, beaconv
 // error is the API's (a *connect.Error), or one wrapping ErrUnavailable
 // that says what every server answered.
 func failover[S, T any](ctx context.Context, c *Client, stubs []S, repeatable bool, f func(context.Context, S) (T, error)) (T, error) {
+	return failoverWithin(ctx, c, stubs, repeatable, c.attemptTimeout, f)
+}
+
+// failoverWithin is failover with another attempt timeout than the
+// client's (a call that carries more work).
+func failoverWithin[S, T any](ctx context.Context, c *Client, stubs []S, repeatable bool, attemptTimeout time.Duration, f func(context.Context, S) (T, error)) (T, error) {
 	var zero T
 	if c.isClosed.Load() {
 		return zero, ErrClosed
@@ -469,7 +479,7 @@ func failover[S, T any](ctx context.Context, c *Client, stubs []S, repeatable bo
 		idx := (start + i) % n
 		actx, cancel := ctx, context.CancelFunc(func() {})
 		if i < n-1 && repeatable {
-			actx, cancel = context.WithTimeout(ctx, c.attemptTimeout)
+			actx, cancel = context.WithTimeout(ctx, attemptTimeout)
 		}
 		v, err := f(actx, stubs[idx])
 		timedOut := actx.Err() != nil && ctx.Err() == nil
@@ -485,7 +495,7 @@ func failover[S, T any](ctx context.Context, c *Client, stubs []S, repeatable bo
 		msg := err.Error()
 		var ce *connect.Error
 		if timedOut {
-			msg = fmt.Sprintf("no answer within the attempt timeout (%v)", c.attemptTimeout)
+			msg = fmt.Sprintf("no answer within the attempt timeout (%v)", attemptTimeout)
 			last = connect.NewError(connect.CodeUnavailable, errors.New(msg))
 		} else if errors.As(err, &ce) {
 			msg = ce.Message()
@@ -609,37 +619,74 @@ func (c *Client) register(ctx context.Context, in registry.Instance) (int64, err
 	})
 }
 
-// registerBatch registers ins (prepared: namespace set, validated) in one
-// RegisterBatch call, bound to session (0: persistent). errs[i] is
-// ins[i]'s refusal, as Register would return it; held[i] marks a refusal
-// because another live session holds it. err is the call's failure, when
-// nothing is known of any instance.
+// Bounds of one RegisterBatch request the SDK sends: under the server's
+// defaults (--max-register-batch 1000, --max-request-bytes 1 MiB), so
+// that a long list goes as several requests rather than be refused.
+const (
+	batchMaxInstances = 500
+	batchMaxBytes     = 256 << 10
+)
+
+// registerBatch registers ins (prepared: namespace set, validated) bound
+// to session (0: persistent), in RegisterBatch requests of at most
+// batchMaxInstances and batchMaxBytes. errs[i] is ins[i]'s refusal, as
+// Register would return it; held[i] marks a refusal because another live
+// session holds it. A request refused whole refuses its instances with
+// that error; err is set only when the registry could not be reached or
+// the session is gone (nothing can be said of the rest).
 func (c *Client) registerBatch(ctx context.Context, session int64, ins []registry.Instance) (revs []int64, errs []error, held []bool, err error) {
-	req := &beaconv1.RegisterBatchRequest{SessionId: session, Instances: make([]*beaconv1.Instance, len(ins))}
-	for i := range ins {
-		req.Instances[i] = wire.InstanceToProto(&ins[i])
+	revs, errs, held = make([]int64, len(ins)), make([]error, len(ins)), make([]bool, len(ins))
+	for start := 0; start < len(ins); {
+		req := &beaconv1.RegisterBatchRequest{SessionId: session}
+		size := 0
+		end := start
+		for ; end < len(ins) && end-start < batchMaxInstances; end++ {
+			m := wire.InstanceToProto(&ins[end])
+			n := proto.Size(m)
+			if end > start && size+n > batchMaxBytes {
+				break
+			}
+			size += n
+			req.Instances = append(req.Instances, m)
+		}
+		results, err := c.registerChunk(ctx, req)
+		switch {
+		case err != nil && (errors.Is(err, ErrSessionExpired) || errors.Is(err, ErrUnavailable) || ctx.Err() != nil):
+			return nil, nil, nil, err
+		case err != nil:
+			for i := start; i < end; i++ {
+				errs[i] = err
+			}
+		default:
+			for j, r := range results {
+				i := start + j
+				revs[i], held[i] = r.GetRevision(), r.GetHeld()
+				if r.GetErrorCode() != 0 {
+					errs[i] = fromConnectError(connect.NewError(connect.Code(r.GetErrorCode()), errors.New(r.GetError())))
+				}
+			}
+		}
+		start = end
 	}
-	results, err := call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) ([]*beaconv1.RegisterResult, error) {
+	return revs, errs, held, nil
+}
+
+// registerChunk sends one RegisterBatch request.
+func (c *Client) registerChunk(ctx context.Context, req *beaconv1.RegisterBatchRequest) ([]*beaconv1.RegisterResult, error) {
+	// A batch is group-committed in transactions of 64: give a server the
+	// attempt timeout per 64 instances before moving on.
+	within := c.attemptTimeout * time.Duration(1+len(req.Instances)/64)
+	results, err := failoverWithin(ctx, c, c.rpcs, true, within, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) ([]*beaconv1.RegisterResult, error) {
 		resp, err := r.RegisterBatch(ctx, connect.NewRequest(req))
 		if err != nil {
 			return nil, err
 		}
 		return resp.Msg.GetResults(), nil
 	})
-	if err == nil && len(results) != len(ins) {
-		err = fmt.Errorf("beacon: RegisterBatch answered %d results for %d instances", len(results), len(ins))
+	if err == nil && len(results) != len(req.Instances) {
+		return nil, fmt.Errorf("beacon: RegisterBatch answered %d results for %d instances: %w", len(results), len(req.Instances), ErrUnavailable)
 	}
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	revs, errs, held = make([]int64, len(ins)), make([]error, len(ins)), make([]bool, len(ins))
-	for i, r := range results {
-		revs[i], held[i] = r.GetRevision(), r.GetHeld()
-		if r.GetErrorCode() != 0 {
-			errs[i] = fromConnectError(connect.NewError(connect.Code(r.GetErrorCode()), errors.New(r.GetError())))
-		}
-	}
-	return revs, errs, held, nil
+	return results, fromConnectError(err)
 }
 
 // Deregister removes an instance, ephemeral or persistent. found reports

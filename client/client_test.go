@@ -314,6 +314,46 @@ func TestRegisterManyInOneRequest(t *testing.T) {
 	}
 }
 
+// A long list goes as several requests, each under the server's default
+// bounds, and an instance listed twice is refused before any is sent.
+func TestRegisterManySplitsLongListsAndRefusesDuplicates(t *testing.T) {
+	srv := testutil.StartBeacon(t)
+	c := newClient(t, srv.Addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	sess, err := c.NewSession(ctx, client.WithTTL(time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Close(ctx)
+	var ins []registry.Instance
+	for i := range 1100 {
+		ins = append(ins, registry.Instance{Service: "many", ID: fmt.Sprintf("m-%d", i), Address: "127.0.0.1", Port: 1 + i})
+	}
+	ins = append(ins, registry.Instance{Service: "many", ID: "m-7", Address: "127.0.0.2", Port: 1})
+	revs, err := sess.RegisterMany(ctx, ins)
+	if !errors.Is(err, registry.ErrInvalid) || !strings.Contains(err.Error(), "instance 1100 (many/m-7)") || !strings.Contains(err.Error(), "already instances[7]") {
+		t.Errorf("RegisterMany = %v, want only instance 1100 refused as a duplicate of instances[7]", err)
+	}
+	for i, r := range revs[:1100] {
+		if r == 0 {
+			t.Fatalf("instance %d not registered", i)
+		}
+	}
+	snap, err := c.Instances(ctx, "many")
+	if err != nil || len(snap.Instances) != 1100 {
+		t.Fatalf("Instances(many) = %d, %v; want 1100", len(snap.Instances), err)
+	}
+	for _, in := range snap.Instances {
+		if in.ID == "m-7" && in.Address != "127.0.0.1" {
+			t.Errorf("m-7 at %s: the refused duplicate replaced the first", in.Address)
+		}
+	}
+	if calls, _ := testutil.Metric(t, srv.Addr(), `beacon_requests_total{code="ok",procedure="/beacon.v1.RegistryService/RegisterBatch"}`); calls != 3 {
+		t.Errorf("%v RegisterBatch calls for 1,100 instances, want 3 (500, 500, 100)", calls)
+	}
+}
+
 func grepLines(s, substr string) string {
 	var out []string
 	for _, l := range strings.Split(s, "\n") {

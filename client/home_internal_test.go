@@ -34,7 +34,7 @@ func TestHomesSpreadAndStreamsLeaveForAnotherServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if c.current.Load() != 0 {
-		t.Errorf("WithOrderedServers: first server %d, want 0", c.current.Load())
+	if c.current.Load() != 0 || c.otherServer(0) != 1 || c.otherServer(2) != 0 {
+		t.Errorf("WithOrderedServers: first server %d, after 0 comes %d, after 2 comes %d; want 0, 1, 0", c.current.Load(), c.otherServer(0), c.otherServer(2))
 	}
 }

@@ -31,12 +31,12 @@ type Watcher struct {
 	services []string
 	notify   chan struct{} // size 1: pending has something
 	server   atomic.Int64  // index into c.rpcs of the stream's server; written by run
-	moveTo   atomic.Int64  // -1, or the server the rebalancer asked it to move to
 	stop     context.CancelFunc
 	done     chan struct{}
 
 	mu           sync.Mutex
 	cancelStream context.CancelFunc            // guarded by mu; ends the current stream
+	moveTo       int64                         // guarded by mu; -1, or the server the rebalancer asked it to move to
 	state        map[string]*registry.Snapshot // guarded by mu; latest per service
 	pending      map[string]*registry.Snapshot // guarded by mu; not yet returned by Next
 	synced       bool                          // guarded by mu; the stream caught up at least once
@@ -84,7 +84,7 @@ func (c *Client) Watch(ctx context.Context, services []string, opts ...CallOptio
 		ackNotify: make(chan struct{}, 1), wanted: make(map[string]int64), resync: make(map[string]bool),
 	}
 	w.server.Store(c.current.Load())
-	w.moveTo.Store(-1)
+	w.moveTo = -1
 	for _, s := range cfg.from {
 		if old, ok := w.state[s.Service]; s != nil && (!ok || s.Revision > old.Revision) {
 			w.state[s.Service] = s
@@ -287,8 +287,12 @@ func (w *Watcher) run(ctx context.Context) {
 	retry := backoff.New(backoff.Config{Base: 100 * time.Millisecond, Max: 3 * time.Second})
 	for ctx.Err() == nil {
 		received, err := w.stream(ctx)
-		to := w.moveTo.Swap(-1)
 		w.mu.Lock()
+		to := w.moveTo
+		w.moveTo = -1
+		if to >= 0 {
+			w.server.Store(to) // under mu: move sees it
+		}
 		if w.connected {
 			w.connected, w.since = false, time.Now()
 		}
@@ -303,7 +307,6 @@ func (w *Watcher) run(ctx context.Context) {
 			return
 		}
 		if to >= 0 { // asked to move (rebalancing): at once, resuming
-			w.server.Store(to)
 			retry.Reset()
 			continue
 		}
@@ -334,11 +337,15 @@ const reconnectSpread = time.Second
 // move makes the watcher continue on server to: its stream ends and
 // reconnects there at once, resuming from the revisions it holds.
 func (w *Watcher) move(to int64) {
+	// Under mu with stream's check of moveTo and its cancel function, so
+	// that the move ends the stream it was asked against or the next one
+	// never starts — never a stream already started on the new server.
+	w.mu.Lock()
 	if w.server.Load() == to {
+		w.mu.Unlock()
 		return
 	}
-	w.moveTo.Store(to)
-	w.mu.Lock()
+	w.moveTo = to
 	cancel := w.cancelStream
 	w.mu.Unlock()
 	if cancel != nil {
@@ -352,6 +359,10 @@ func (w *Watcher) stream(ctx context.Context) (received bool, err error) {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	w.mu.Lock()
+	if w.moveTo >= 0 { // a move asked before this stream began
+		w.mu.Unlock()
+		return false, context.Canceled
+	}
 	w.cancelStream = cancel
 	w.mu.Unlock()
 	defer func() {
@@ -359,9 +370,6 @@ func (w *Watcher) stream(ctx context.Context) (received bool, err error) {
 		w.cancelStream = nil
 		w.mu.Unlock()
 	}()
-	if w.moveTo.Load() >= 0 { // a move asked before this stream began
-		return false, context.Canceled
-	}
 	hb := w.c.watchHeartbeat
 	req := &beaconv1.WatchRequest{
 		Namespace: w.ns, Services: w.services, KnownRevisions: map[string]int64{}, Heartbeat: durationpb.New(hb),

@@ -383,8 +383,8 @@ func (a api) RegisterBatch(ctx context.Context, req *connect.Request[beaconv1.Re
 		return nil, err
 	}
 	msgs := req.Msg.GetInstances()
-	if lim := a.s.cfg.Limits.MaxRegisterBatch; len(msgs) > lim {
-		return nil, a.s.limitError("max-register-batch", "%d instances in one RegisterBatch, at most %d", len(msgs), lim)
+	if lim := a.s.cfg.Limits.registerBatchMax(); len(msgs) > lim {
+		return nil, a.s.limitError("max-register-batch", "%d instances in one RegisterBatch, at most %d (the least of --max-register-batch and the --write-burst* flags)", len(msgs), lim)
 	}
 	results := make([]*beaconv1.RegisterResult, len(msgs))
 	var regs []store.Registration

@@ -65,22 +65,26 @@ func TestNonFiniteFloatsAreRefused(t *testing.T) {
 	type call struct {
 		method, body string // body holds %v where the value goes
 		field        string // what the error must name
+		batch        bool   // answered per instance: 200 with the refusal in results[0]
 	}
 	withCheck := func(check string) string {
 		return `{"instance":{"service":"orders","id":"o-1","address":"127.0.0.1","port":9001,"checks":[` + check + `]}}`
 	}
 	covered := map[string][]call{
 		"RegisterRequest.instance.checks.jitter": {
-			{"Register", withCheck(`{"kind":"CHECK_KIND_TCP","jitter":%v}`), "checks[0].jitter"},
-			{"Register", withCheck(`{"kind":"CHECK_KIND_HTTP","jitter":%v}`), "checks[0].jitter"},
-			{"Register", withCheck(`{"kind":"CHECK_KIND_GRPC","jitter":%v}`), "checks[0].jitter"},
-			{"Register", withCheck(`{"kind":"CHECK_KIND_TTL","jitter":%v}`), "checks[0].jitter"},
-			{"Register", withCheck(`{"kind":"CHECK_KIND_TCP"},{"kind":"CHECK_KIND_TCP","name":"b","jitter":%v}`), "checks[1].jitter"},
-			{"Register", `{"sessionId":"0","instance":{"service":"orders","id":"o-2","address":"::1","port":1,"checks":[{"kind":"CHECK_KIND_TCP","jitter":%v}]}}`, "checks[0].jitter"},
+			{"Register", withCheck(`{"kind":"CHECK_KIND_TCP","jitter":%v}`), "checks[0].jitter", false},
+			{"Register", withCheck(`{"kind":"CHECK_KIND_HTTP","jitter":%v}`), "checks[0].jitter", false},
+			{"Register", withCheck(`{"kind":"CHECK_KIND_GRPC","jitter":%v}`), "checks[0].jitter", false},
+			{"Register", withCheck(`{"kind":"CHECK_KIND_TTL","jitter":%v}`), "checks[0].jitter", false},
+			{"Register", withCheck(`{"kind":"CHECK_KIND_TCP"},{"kind":"CHECK_KIND_TCP","name":"b","jitter":%v}`), "checks[1].jitter", false},
+			{"Register", `{"sessionId":"0","instance":{"service":"orders","id":"o-2","address":"::1","port":1,"checks":[{"kind":"CHECK_KIND_TCP","jitter":%v}]}}`, "checks[0].jitter", false},
+		},
+		"RegisterBatchRequest.instances.checks.jitter": {
+			{"RegisterBatch", `{"instances":[{"service":"orders","id":"o-3","address":"127.0.0.1","port":9001,"checks":[{"kind":"CHECK_KIND_TCP","jitter":%v}]}]}`, "checks[0].jitter", true},
 		},
 		"SetServiceConfigRequest.protection_threshold": {
-			{"SetServiceConfig", `{"service":"orders","protection_threshold":%v}`, "protection_threshold"},
-			{"SetServiceConfig", `{"service":"orders","protectionThreshold":%v,"use_default":true}`, "protection_threshold"},
+			{"SetServiceConfig", `{"service":"orders","protection_threshold":%v}`, "protection_threshold", false},
+			{"SetServiceConfig", `{"service":"orders","protectionThreshold":%v,"use_default":true}`, "protection_threshold", false},
 		},
 	}
 	var keys []string
@@ -108,6 +112,19 @@ func TestNonFiniteFloatsAreRefused(t *testing.T) {
 			for _, v := range []string{`"NaN"`, `"Infinity"`, `"-Infinity"`} {
 				body := strings.Replace(c.body, "%v", v, 1)
 				code, resp := post(t, srv, c.method, body)
+				if c.batch {
+					var r struct {
+						Results []struct {
+							ErrorCode int
+							Error     string
+						}
+					}
+					_ = json.Unmarshal([]byte(resp), &r)
+					if code != http.StatusOK || len(r.Results) != 1 || r.Results[0].ErrorCode != 3 || !strings.Contains(r.Results[0].Error, c.field) {
+						t.Errorf("%s(%s) = %d %s, want the instance refused (3, invalid_argument) naming %s", c.method, body, code, resp, c.field)
+					}
+					continue
+				}
 				var e struct{ Code, Message string }
 				_ = json.Unmarshal([]byte(resp), &e)
 				if code != http.StatusBadRequest || e.Code != "invalid_argument" || !strings.Contains(e.Message, c.field) {
@@ -124,8 +141,8 @@ func TestNonFiniteFloatsAreRefused(t *testing.T) {
 	if !strings.Contains(before, `"jitter":0.2`) || !strings.Contains(before, `"protectionThreshold":0.5`) {
 		t.Errorf("ListInstances = %s, want jitter 0.2 and protection threshold 0.5", before)
 	}
-	if _, body := post(t, srv, "ListInstances", `{"service":"orders","all":true,"namespace":"default"}`); strings.Contains(body, `"o-2"`) {
-		t.Errorf("ListInstances = %s, o-2 was registered", body)
+	if _, body := post(t, srv, "ListInstances", `{"service":"orders","all":true,"namespace":"default"}`); strings.Contains(body, `"o-2"`) || strings.Contains(body, `"o-3"`) {
+		t.Errorf("ListInstances = %s, o-2 or o-3 was registered", body)
 	}
 }
 

@@ -283,8 +283,11 @@ var writeProcedures = map[string]bool{
 	beaconv1connect.AclServiceDeleteRoleProcedure:            true,
 }
 
-// limitsInterceptor spends a write token of the caller's connection, and
-// one of its address, on every write call.
+// limitsInterceptor spends a write token of the caller's connection, one
+// of its address and, with ACLs, one of its token, on every write call (a
+// RegisterBatch spends one per instance). Tokens are taken from every
+// bucket or from none: a call one bucket refuses gives back what the
+// others had granted.
 type limitsInterceptor struct{ s *Server }
 
 func (i limitsInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
@@ -293,18 +296,25 @@ func (i limitsInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 			cc, l := connOf(ctx), i.s.cfg.Limits
 			n, now := 1, time.Now()
 			if b, ok := req.Any().(*beaconv1.RegisterBatchRequest); ok {
-				n = max(1, len(b.GetInstances())) // a write per instance
-				if n > l.MaxRegisterBatch {
+				n = max(1, len(b.GetInstances()))
+				if n > l.registerBatchMax() {
 					return next(ctx, req) // refused whole by the handler, naming its own limit
 				}
 			}
-			if !cc.writes.AllowN(now, n) {
+			conn := cc.writes.ReserveN(now, n)
+			if !conn.OK() || conn.DelayFrom(now) > 0 {
+				conn.CancelAt(now)
 				return nil, i.s.limitError("write-rate", "this connection writes faster than %v per second (burst %d)", l.WriteRate, l.WriteBurst)
 			}
-			if !cc.ipWrites.AllowN(now, n) {
+			ip := cc.ipWrites.ReserveN(now, n)
+			if !ip.OK() || ip.DelayFrom(now) > 0 {
+				ip.CancelAt(now)
+				conn.CancelAt(now)
 				return nil, i.s.limitError("write-rate-per-ip", "this client address writes faster than %v per second (burst %d)", l.WriteRatePerIP, l.WriteBurstPerIP)
 			}
 			if i.s.acl != nil && !i.s.quotas.allowWrite(identityOf(ctx).Accessor, n) {
+				ip.CancelAt(now)
+				conn.CancelAt(now)
 				return nil, i.s.limitError("write-rate-per-token", "token %s writes faster than %v per second (burst %d)", identityOf(ctx).Accessor, l.WriteRatePerToken, l.WriteBurstPerToken)
 			}
 		}

@@ -49,8 +49,9 @@ type Limits struct {
 	// counted from the server's view, so a burst may pass them by the
 	// writes in flight.
 	MaxServices, MaxInstancesPerService int
-	// MaxRegisterBatch bounds the instances of one RegisterBatch call. It
-	// spends a write token per instance, so it may not exceed the bursts.
+	// MaxRegisterBatch bounds the instances of one RegisterBatch call. A
+	// batch spends a write token per instance, so the bound in force is
+	// also at most each write burst (registerBatchMax).
 	MaxRegisterBatch int
 	// WriteRate and WriteBurst bound the writes (registrations, sessions,
 	// status, checks, deregistrations) of one connection: a token bucket
@@ -107,6 +108,13 @@ var DefaultLimits = Limits{
 // maxConnsCap bounds the automatic connection limit.
 const maxConnsCap = 16384
 
+// registerBatchMax is the most instances one RegisterBatch may carry:
+// --max-register-batch, but never more than a write burst, which a full
+// batch could otherwise never pass.
+func (l *Limits) registerBatchMax() int {
+	return min(l.MaxRegisterBatch, l.WriteBurst, l.WriteBurstPerIP, l.WriteBurstPerToken)
+}
+
 // effectiveMaxConns resolves MaxConns = 0 from the descriptor limit.
 func (l *Limits) effectiveMaxConns() int {
 	if l.MaxConns > 0 {
@@ -146,14 +154,6 @@ func (l *Limits) validate() error {
 	for _, c := range ints {
 		if c.v < c.lo || c.v > c.h {
 			return fmt.Errorf("server: invalid %s %d: must be between %d and %d", c.flag, c.v, c.lo, c.h)
-		}
-	}
-	for _, b := range []struct {
-		flag  string
-		burst int
-	}{{"--write-burst", l.WriteBurst}, {"--write-burst-per-ip", l.WriteBurstPerIP}, {"--write-burst-per-token", l.WriteBurstPerToken}} {
-		if l.MaxRegisterBatch > b.burst {
-			return fmt.Errorf("server: invalid --max-register-batch %d: more than %s %d, so a full batch (a write token per instance) could never pass", l.MaxRegisterBatch, b.flag, b.burst)
 		}
 	}
 	durs := []struct {
@@ -197,7 +197,7 @@ func (l *Limits) bindFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&l.MaxSessions, "max-sessions", l.MaxSessions, "live sessions at most")
 	fs.IntVar(&l.MaxServices, "max-services", l.MaxServices, "services of one namespace at most")
 	fs.IntVar(&l.MaxInstancesPerService, "max-instances-per-service", l.MaxInstancesPerService, "instances of one service at most")
-	fs.IntVar(&l.MaxRegisterBatch, "max-register-batch", l.MaxRegisterBatch, "instances of one RegisterBatch call at most (each spends a write token)")
+	fs.IntVar(&l.MaxRegisterBatch, "max-register-batch", l.MaxRegisterBatch, "instances of one RegisterBatch call at most (each spends a write token, so never more than the --write-burst* flags)")
 	fs.Float64Var(&l.WriteRate, "write-rate", l.WriteRate, "writes per second of one connection (registrations, sessions, status, checks)")
 	fs.IntVar(&l.WriteBurst, "write-burst", l.WriteBurst, "writes one connection may make at once above --write-rate")
 	fs.Float64Var(&l.WriteRatePerIP, "write-rate-per-ip", l.WriteRatePerIP, "writes per second of all the connections of one client address")

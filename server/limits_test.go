@@ -491,18 +491,15 @@ func TestAddressWriteRateAndBodyTimeout(t *testing.T) {
 	})
 }
 
-// RegisterBatch answers for each instance, bounds its size
-// (--max-register-batch, refused whole, nothing written), and spends a
-// write token per instance, so that batching buys no writes.
+// RegisterBatch answers for each instance, in the request's order, bounds
+// its size (--max-register-batch, and never more than a write burst:
+// refused whole, nothing written), and spends a write token per instance,
+// so that batching buys no writes.
 func TestRegisterBatchAnswersEachAndSpendsATokenEach(t *testing.T) {
+	const burst = 1000 // refilled at 1 a second: 1,000 s to pass a second full batch
 	cfg := servertest.Config(t, "")
-	cfg.Limits.MaxRegisterBatch = 3
-	cfg.Limits.WriteRate, cfg.Limits.WriteBurst = 1, 3
-	c := *cfg
-	c.Limits.MaxRegisterBatch = 4
-	if c.Validate() == nil || !strings.Contains(c.Validate().Error(), "--max-register-batch 4: more than --write-burst 3") {
-		t.Errorf("Validate(--max-register-batch 4 --write-burst 3) = %v, want it refused naming both", c.Validate())
-	}
+	cfg.Limits.WriteRate, cfg.Limits.WriteBurst = 1, burst
+	cfg.Limits.MaxRegisterBatch = 5000 // the burst bounds it
 	srv := servertest.Start(t, cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -510,38 +507,44 @@ func TestRegisterBatchAnswersEachAndSpendsATokenEach(t *testing.T) {
 	inst := func(id, addr string) *beaconv1.Instance {
 		return &beaconv1.Instance{Service: "batch", Id: id, Address: addr, Port: 9001}
 	}
-	_, err := rc.RegisterBatch(ctx, connect.NewRequest(&beaconv1.RegisterBatchRequest{Instances: []*beaconv1.Instance{inst("a", "127.0.0.1"), inst("b", "127.0.0.1"), inst("c", "127.0.0.1"), inst("d", "127.0.0.1")}}))
-	if connect.CodeOf(err) != connect.CodeResourceExhausted || !strings.Contains(err.Error(), "--max-register-batch") {
-		t.Errorf("RegisterBatch of 4 at --max-register-batch 3 = %v, want resource_exhausted naming the flag", err)
+	batch := func(prefix string, n int) []*beaconv1.Instance {
+		out := make([]*beaconv1.Instance, n)
+		for i := range out {
+			out[i] = inst(fmt.Sprintf("%s-%d", prefix, i), "127.0.0.1")
+		}
+		return out
 	}
-	resp, err := rc.RegisterBatch(ctx, connect.NewRequest(&beaconv1.RegisterBatchRequest{Instances: []*beaconv1.Instance{inst("a", "127.0.0.1"), inst("b", "not an address"), inst("a", "127.0.0.2")}}))
+	_, err := rc.RegisterBatch(ctx, connect.NewRequest(&beaconv1.RegisterBatchRequest{Instances: batch("big", burst+1)}))
+	if connect.CodeOf(err) != connect.CodeResourceExhausted || !strings.Contains(err.Error(), "--max-register-batch") {
+		t.Errorf("RegisterBatch of %d at --write-burst %d = %v, want resource_exhausted naming --max-register-batch", burst+1, burst, err)
+	}
+	resp, err := rc.RegisterBatch(ctx, connect.NewRequest(&beaconv1.RegisterBatchRequest{Instances: []*beaconv1.Instance{inst("b", "not an address"), inst("a", "127.0.0.1"), inst("a", "127.0.0.2")}}))
 	if err != nil {
 		t.Fatal(err)
 	}
 	res := resp.Msg.GetResults()
-	if len(res) != 3 || res[0].GetRevision() == 0 || res[0].GetErrorCode() != 0 ||
-		connect.Code(res[1].GetErrorCode()) != connect.CodeInvalidArgument || !strings.Contains(res[1].GetError(), "address") ||
+	if len(res) != 3 || connect.Code(res[0].GetErrorCode()) != connect.CodeInvalidArgument || !strings.Contains(res[0].GetError(), "address") ||
+		res[1].GetRevision() == 0 || res[1].GetErrorCode() != 0 ||
 		connect.Code(res[2].GetErrorCode()) != connect.CodeInvalidArgument || !strings.Contains(res[2].GetError(), "instances[2]") {
-		t.Errorf("results %v: want a registered, b refused naming its address, the second a refused as a duplicate naming instances[2]", res)
+		t.Errorf("results %v: want b refused naming its address, a registered, the second a refused as a duplicate naming instances[2]", res)
 	}
 	list, err := rc.ListInstances(ctx, connect.NewRequest(&beaconv1.ListInstancesRequest{Service: "batch", All: true}))
 	if err != nil || len(list.Msg.GetInstances()) != 1 || list.Msg.GetInstances()[0].GetAddress() != "127.0.0.1" {
 		t.Errorf("ListInstances(batch) = %v, %v; want only a at 127.0.0.1", list.Msg.GetInstances(), err)
 	}
-	// That batch spent the burst of 3; refilled at 1 a second, a batch of
-	// 3 passes only after 3 s, so one of five in a row is refused unless a
-	// busy machine takes 12 s over them.
-	refused := false
-	for i := 0; i < 5 && !refused; i++ {
-		_, err := rc.RegisterBatch(ctx, connect.NewRequest(&beaconv1.RegisterBatchRequest{Instances: []*beaconv1.Instance{inst("x", "127.0.0.1"), inst("y", "127.0.0.1"), inst("z", "127.0.0.1")}}))
-		if err != nil {
-			if connect.CodeOf(err) != connect.CodeResourceExhausted || !strings.Contains(err.Error(), "--write-rate") {
-				t.Fatalf("RegisterBatch = %v, want resource_exhausted naming --write-rate", err)
-			}
-			refused = true
-		}
+	// 3 tokens spent; the rest of the burst takes 997 more instances, and
+	// then a full batch finds at most the few tokens refilled since.
+	if _, err := rc.RegisterBatch(ctx, connect.NewRequest(&beaconv1.RegisterBatchRequest{Instances: batch("rest", burst-3)})); err != nil {
+		t.Fatalf("RegisterBatch of the rest of the burst = %v", err)
 	}
-	if !refused {
-		t.Error("five batches of 3 on one connection at --write-rate 1 --write-burst 3: none refused; a batch must spend a token per instance")
+	_, err = rc.RegisterBatch(ctx, connect.NewRequest(&beaconv1.RegisterBatchRequest{Instances: batch("more", burst)}))
+	if connect.CodeOf(err) != connect.CodeResourceExhausted || !strings.Contains(err.Error(), "--write-rate") {
+		t.Errorf("a full batch after the burst was spent = %v, want resource_exhausted naming --write-rate: a batch must spend a token per instance", err)
 	}
+	// The refused batch took nothing: a single write passes as soon as a
+	// token has refilled.
+	testutil.Eventually(t, 30*time.Second, "a single registration to pass again", func() bool {
+		_, err := rc.Register(ctx, connect.NewRequest(&beaconv1.RegisterRequest{Instance: inst("one", "127.0.0.1")}))
+		return err == nil
+	})
 }

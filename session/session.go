@@ -316,12 +316,18 @@ func (s *Session) RegisterMany(ctx context.Context, ins []registry.Instance) (re
 	errs := make([]error, len(ins))
 	var ok []int // indexes of the valid instances
 	prepared := make([]registry.Instance, len(ins))
+	first := make(map[registry.InstanceKey]int, len(ins))
 	for i, in := range ins {
 		in = in.Clone()
 		in.Namespace = cmp.Or(in.Namespace, s.cfg.namespace)
 		in.Revision = 0
 		in.ApplyDefaults()
-		if errs[i] = in.Validate(); errs[i] == nil {
+		errs[i] = in.Validate()
+		if j, dup := first[in.Key()]; dup && errs[i] == nil {
+			errs[i] = &registry.FieldError{Field: fmt.Sprintf("instances[%d]", i), Reason: fmt.Sprintf("registers %s/%s again (already instances[%d]): each instance at most once per call", in.Service, in.ID, j)}
+		}
+		if errs[i] == nil {
+			first[in.Key()] = i
 			ok = append(ok, i)
 		}
 		prepared[i] = in

@@ -26,7 +26,8 @@ import (
 // read-only Txn of serializable Gets: answered from the member's applied
 // state without a Raft round, which would wait behind the WAL fsync of
 // the writes in flight). Either may be stale; the compare below catches
-// it. It merges each into its caller's instance, and commits one Txn whose
+// it. A guard's refusal, which writes nothing and so compares nothing, is
+// decided only on a linearizable read. It merges each into its caller's instance, and commits one Txn whose
 // If compares every such key's ModRevision (CreateRevision == 0 for an
 // absent key), with Gets of the same keys in its Else. If any key changed
 // in between, the Else answers carry the new records: the keys that
@@ -299,7 +300,14 @@ func (b *batcher) write(batch []*putReq) ([]*putReq, error) {
 		}
 		r.hinted = false
 		unread = append(unread, r)
-		reads = append(reads, clientv3.OpGet(r.key, clientv3.WithSerializable()))
+		if r.guard != nil {
+			// A refusal is answered without a write, so without a compare:
+			// it must be decided on etcd's current record, not on what a
+			// lagging member last applied.
+			reads = append(reads, clientv3.OpGet(r.key))
+		} else {
+			reads = append(reads, clientv3.OpGet(r.key, clientv3.WithSerializable()))
+		}
 	}
 	if len(reads) > 0 {
 		resp, err := b.txn(nil, reads, nil)

@@ -249,6 +249,8 @@ func TestStaleHintsChangeNothing(t *testing.T) {
 			return stale, true
 		case gone.Key():
 			return gone, true
+		case orders("unknown", 1).Key():
+			return nil, false // the view cannot say: read from etcd
 		}
 		return nil, true // "absent", also of out, which exists
 	})
@@ -273,7 +275,25 @@ func TestStaleHintsChangeNothing(t *testing.T) {
 	if got := read(ctx, t, st, cli, mine.Key()); got.Port != 9004 {
 		t.Errorf("gone after the guarded registration: port %d, want 9004", got.Port)
 	}
-	if len(hinted) != 3 {
-		t.Errorf("hint asked for %d keys, want 3: registrations must consult it", len(hinted))
+	// The same in one batch: stale, wrong and unknown hints side by side,
+	// so that hinted and read records share a transaction and its Else.
+	revs, errs := st.RegisterMany(ctx, []store.Registration{
+		{Instance: orders("out", 9101)}, {Instance: orders("unknown", 9102)}, {Instance: orders("old", 9103)},
+	})
+	for i, err := range errs {
+		if err != nil || revs[i] == 0 {
+			t.Fatalf("RegisterMany[%d] = %d, %v", i, revs[i], err)
+		}
+	}
+	for _, id := range []string{"out", "old"} {
+		if got := read(ctx, t, st, cli, orders(id, 1).Key()); got.Status != registry.StatusOutOfService || got.Port < 9101 {
+			t.Errorf("%s after the batch: status %v port %d, want OUT_OF_SERVICE kept and the batch's port", id, got.Status, got.Port)
+		}
+	}
+	if got := read(ctx, t, st, cli, orders("unknown", 1).Key()); got.Port != 9102 {
+		t.Errorf("unknown after the batch: port %d, want 9102", got.Port)
+	}
+	if len(hinted) != 4 {
+		t.Errorf("hint asked for %d keys, want 4: registrations must consult it", len(hinted))
 	}
 }

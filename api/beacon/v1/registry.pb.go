@@ -1196,8 +1196,9 @@ func (x *RegisterResponse) GetRevision() int64 {
 // Register would (validated, authorised, admitted and merged on its own:
 // one refused instance does not refuse the others), written to etcd in as
 // few transactions as the server's group commit allows. At most
-// --max-register-batch instances (default 1000), each (service, id) once;
-// a batch spends one write-rate token per instance.
+// --max-register-batch instances (default 1000; never more than a write
+// burst), each (service, id) once; a batch spends one write-rate token per
+// instance.
 type RegisterBatchRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Instances []*Instance            `protobuf:"bytes,1,rep,name=instances,proto3" json:"instances,omitempty"`
