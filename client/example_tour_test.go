@@ -21,7 +21,7 @@ func Example_tour() {
 }
 
 func tour(ctx context.Context, logger *slog.Logger, addrs []string) error {
-	c, err := client.New(addrs, // e.g. "10.0.0.1:8970", "10.0.0.2:8970": tried in turn
+	c, err := client.New(addrs, // e.g. "10.0.0.1:8970", "10.0.0.2:8970": a random one is home
 		client.WithNamespace("prod"), client.WithLogger(logger))
 	if err != nil {
 		return err
@@ -48,6 +48,16 @@ func tour(ctx context.Context, logger *slog.Logger, addrs []string) error {
 	})
 	if err != nil {
 		return err
+	}
+
+	// Many instances of one process (a sidecar, a gateway) in one request:
+	// each gets its own outcome; err joins the refusals, naming each instance.
+	revs, err := sess.RegisterMany(ctx, []registry.Instance{
+		{Service: "orders", ID: "orders-2", Address: "10.0.0.7", Port: 9002},
+		{Service: "orders", ID: "orders-3", Address: "10.0.0.7", Port: 9003},
+	})
+	if err != nil {
+		logger.Warn("some instances refused", "revisions", revs, "err", err)
 	}
 
 	// Persistent: stays until deregistered, whatever happens to this process.
