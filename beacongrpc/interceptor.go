@@ -129,9 +129,12 @@ func (ic *interceptor) call(ctx context.Context, method string, req, reply any, 
 	var (
 		won    atomic.Bool
 		copied = make(chan struct{})
+		// Taken once, before any attempt: a later attempt must not touch
+		// msg while the winner resets and fills it.
+		replyType = msg.ProtoReflect().Type()
 	)
 	return ic.hedger.Do(ctx, func(ctx context.Context, _ int) error {
-		own := msg.ProtoReflect().New().Interface()
+		own := replyType.New().Interface()
 		ownOpts, publish := attemptOptions(opts)
 		err := ic.exec.Do(ctx, kind, func(ctx context.Context) error {
 			return attempt(invoker(ctx, method, req, own, cc, ownOpts...))
