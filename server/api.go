@@ -771,26 +771,9 @@ func (a api) subscribe(ctx context.Context, msg *beaconv1.WatchRequest) (w *watc
 		}
 		newest = max(newest, rev)
 	}
-	cc := connOf(ctx)
-	if !take(&a.s.watchers, lim.MaxWatchers) {
-		return nil, nil, a.s.limitError("max-watchers", "%d watch streams open on this server", lim.MaxWatchers)
-	}
-	if !take(&cc.watchers, lim.MaxWatchersPerConn) {
-		a.s.watchers.Add(-1)
-		return nil, nil, a.s.limitError("max-watchers-per-conn", "%d watch streams open on this connection", lim.MaxWatchersPerConn)
-	}
-	giveBack := func() {
-		cc.watchers.Add(-1)
-		a.s.watchers.Add(-1)
-	}
-	if a.s.acl != nil {
-		acc := identityOf(ctx).Accessor
-		if !a.s.quotas.takeWatcher(acc) {
-			giveBack()
-			return nil, nil, a.s.limitError("max-watchers-per-token", "token %s has %d watch streams open on this server", acc, lim.MaxWatchersPerToken)
-		}
-		perConn := giveBack
-		giveBack = func() { perConn(); a.s.quotas.releaseWatcher(acc) }
+	giveBack, err := a.s.openWatchStream(ctx)
+	if err != nil {
+		return nil, nil, err
 	}
 	if newest > a.s.view.Revision() {
 		wctx, cancel := context.WithTimeout(ctx, readTimeout)
@@ -826,6 +809,34 @@ func (a api) subscribe(ctx context.Context, msg *beaconv1.WatchRequest) (w *watc
 	}
 	w.sub = a.s.view.SubscribeFiltered(ns, services, known, readable)
 	return w, func() { w.sub.Close(); giveBack() }, nil
+}
+
+// openWatchStream counts a watch stream (registry or KV) against the
+// server's, the connection's and the token's limits; giveBack ends it.
+func (s *Server) openWatchStream(ctx context.Context) (giveBack func(), err error) {
+	lim := s.cfg.Limits
+	cc := connOf(ctx)
+	if !take(&s.watchers, lim.MaxWatchers) {
+		return nil, s.limitError("max-watchers", "%d watch streams open on this server", lim.MaxWatchers)
+	}
+	if !take(&cc.watchers, lim.MaxWatchersPerConn) {
+		s.watchers.Add(-1)
+		return nil, s.limitError("max-watchers-per-conn", "%d watch streams open on this connection", lim.MaxWatchersPerConn)
+	}
+	giveBack = func() {
+		cc.watchers.Add(-1)
+		s.watchers.Add(-1)
+	}
+	if s.acl != nil {
+		acc := identityOf(ctx).Accessor
+		if !s.quotas.takeWatcher(acc) {
+			giveBack()
+			return nil, s.limitError("max-watchers-per-token", "token %s has %d watch streams open on this server", acc, lim.MaxWatchersPerToken)
+		}
+		perConn := giveBack
+		giveBack = func() { perConn(); s.quotas.releaseWatcher(acc) }
+	}
+	return giveBack, nil
 }
 
 // watch is one watch stream's subscription and what its token hides.
@@ -913,16 +924,25 @@ const (
 	MaxWatchHeartbeat = time.Minute
 )
 
+// heartbeatOf validates a watch request's heartbeat interval (0: none).
+func heartbeatOf(d *durationpb.Duration) (time.Duration, error) {
+	if d == nil {
+		return 0, nil
+	}
+	if err := d.CheckValid(); err != nil {
+		return 0, toConnectError(&registry.FieldError{Field: "heartbeat", Reason: err.Error()})
+	}
+	h := d.AsDuration()
+	if h < MinWatchHeartbeat || h > MaxWatchHeartbeat {
+		return 0, toConnectError(&registry.FieldError{Field: "heartbeat", Reason: fmt.Sprintf("%v, must be in [%v, %v]", h, MinWatchHeartbeat, MaxWatchHeartbeat)})
+	}
+	return h, nil
+}
+
 func (a api) Watch(ctx context.Context, req *connect.Request[beaconv1.WatchRequest], stream *connect.ServerStream[beaconv1.WatchResponse]) error {
-	var heartbeat time.Duration
-	if d := req.Msg.GetHeartbeat(); d != nil {
-		if err := d.CheckValid(); err != nil {
-			return toConnectError(&registry.FieldError{Field: "heartbeat", Reason: err.Error()})
-		}
-		heartbeat = d.AsDuration()
-		if heartbeat < MinWatchHeartbeat || heartbeat > MaxWatchHeartbeat {
-			return toConnectError(&registry.FieldError{Field: "heartbeat", Reason: fmt.Sprintf("%v, must be in [%v, %v]", heartbeat, MinWatchHeartbeat, MaxWatchHeartbeat)})
-		}
+	heartbeat, err := heartbeatOf(req.Msg.GetHeartbeat())
+	if err != nil {
+		return err
 	}
 	w, release, err := a.subscribe(ctx, req.Msg)
 	if err != nil {

@@ -103,6 +103,15 @@ func resourceOf(msg any) string {
 			r += "/" + withID.GetId()
 		}
 		parts = append(parts, r)
+	case interface {
+		GetNamespace() string
+		GetKey() string
+	}:
+		parts = append(parts, "key:"+nsOr(m.GetNamespace())+"/"+m.GetKey())
+	case *beaconv1.KVTxnRequest:
+		for _, op := range m.GetOps() {
+			parts = append(parts, "key:"+nsOr(m.GetNamespace())+"/"+op.GetKey())
+		}
 	case interface{ GetAccessorId() string }:
 		parts = append(parts, "acl-token:"+m.GetAccessorId())
 	case interface{ GetToken() *beaconv1.AclToken }:

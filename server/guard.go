@@ -281,6 +281,10 @@ var writeProcedures = map[string]bool{
 	beaconv1connect.AclServiceDeletePolicyProcedure:          true,
 	beaconv1connect.AclServicePutRoleProcedure:               true,
 	beaconv1connect.AclServiceDeleteRoleProcedure:            true,
+	beaconv1connect.KVServicePutProcedure:                    true,
+	beaconv1connect.KVServiceDeleteProcedure:                 true,
+	beaconv1connect.KVServiceTxnProcedure:                    true,
+	beaconv1connect.KVServiceRollbackProcedure:               true,
 }
 
 // limitsInterceptor spends a write token of the caller's connection, one
@@ -295,11 +299,17 @@ func (i limitsInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 		if writeProcedures[req.Spec().Procedure] {
 			cc, l := connOf(ctx), i.s.cfg.Limits
 			n, now := 1, time.Now()
-			if b, ok := req.Any().(*beaconv1.RegisterBatchRequest); ok {
+			switch b := req.Any().(type) {
+			case *beaconv1.RegisterBatchRequest:
 				n = max(1, len(b.GetInstances()))
 				if n > l.registerBatchMax() {
 					return next(ctx, req) // refused whole by the handler, naming its own limit
 				}
+			case *beaconv1.KVTxnRequest:
+				if len(b.GetOps()) > l.MaxKVTxnOps {
+					return next(ctx, req) // refused by the handler, naming its own limit
+				}
+				n = max(1, len(b.GetOps()))
 			}
 			conn := cc.writes.ReserveN(now, n)
 			if !conn.OK() || conn.DelayFrom(now) > 0 {

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+
+	"beacon.dev/beacon/registry"
 )
 
 // Limits bound what clients can make a server hold or do: connections,
@@ -53,6 +55,11 @@ type Limits struct {
 	// batch spends a write token per instance, so the bound in force is
 	// also at most each write burst (registerBatchMax).
 	MaxRegisterBatch int
+	// MaxKVValueBytes bounds one KV value (and the values of one KV
+	// transaction together), MaxKVKeys the keys of one namespace (counted
+	// from the server's replica) and MaxKVTxnOps the operations of one KV
+	// transaction.
+	MaxKVValueBytes, MaxKVKeys, MaxKVTxnOps int
 	// WriteRate and WriteBurst bound the writes (registrations, sessions,
 	// status, checks, deregistrations) of one connection: a token bucket
 	// of WriteBurst tokens refilled at WriteRate per second.
@@ -94,6 +101,9 @@ var DefaultLimits = Limits{
 	MaxServices:            10000,
 	MaxInstancesPerService: 10000,
 	MaxRegisterBatch:       1000,
+	MaxKVValueBytes:        512 << 10,
+	MaxKVKeys:              10000,
+	MaxKVTxnOps:            32,
 	WriteRate:              1000,
 	WriteBurst:             2000,
 	WriteRatePerIP:         5000,
@@ -145,6 +155,11 @@ func (l *Limits) validate() error {
 		{"--max-services", l.MaxServices, 1, 1 << 24},
 		{"--max-instances-per-service", l.MaxInstancesPerService, 1, 1 << 24},
 		{"--max-register-batch", l.MaxRegisterBatch, 1, 1 << 16},
+		{"--max-kv-value-bytes", l.MaxKVValueBytes, 1, registry.MaxValueBytes},
+		{"--max-kv-keys", l.MaxKVKeys, 1, 1 << 22},
+		// etcd allows 128 operations in a transaction; each KV operation
+		// may take three (value, history record, history trim).
+		{"--max-kv-txn-ops", l.MaxKVTxnOps, 1, 40},
 		{"--write-burst", l.WriteBurst, 1, 1 << 24},
 		{"--write-burst-per-ip", l.WriteBurstPerIP, 1, 1 << 24},
 		{"--max-sessions-per-token", l.MaxSessionsPerToken, 1, 1 << 24},
@@ -198,6 +213,9 @@ func (l *Limits) bindFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&l.MaxServices, "max-services", l.MaxServices, "services of one namespace at most")
 	fs.IntVar(&l.MaxInstancesPerService, "max-instances-per-service", l.MaxInstancesPerService, "instances of one service at most")
 	fs.IntVar(&l.MaxRegisterBatch, "max-register-batch", l.MaxRegisterBatch, "instances of one RegisterBatch call at most (each spends a write token, so never more than the --write-burst* flags)")
+	fs.IntVar(&l.MaxKVValueBytes, "max-kv-value-bytes", l.MaxKVValueBytes, "one KV value at most, in bytes (also the values of one KV transaction together; at most 524288)")
+	fs.IntVar(&l.MaxKVKeys, "max-kv-keys", l.MaxKVKeys, "KV keys of one namespace at most")
+	fs.IntVar(&l.MaxKVTxnOps, "max-kv-txn-ops", l.MaxKVTxnOps, "operations of one KV transaction at most (at most 40)")
 	fs.Float64Var(&l.WriteRate, "write-rate", l.WriteRate, "writes per second of one connection (registrations, sessions, status, checks)")
 	fs.IntVar(&l.WriteBurst, "write-burst", l.WriteBurst, "writes one connection may make at once above --write-rate")
 	fs.Float64Var(&l.WriteRatePerIP, "write-rate-per-ip", l.WriteRatePerIP, "writes per second of all the connections of one client address")

@@ -25,6 +25,7 @@ import (
 	"beacon.dev/beacon/server/audit"
 	"beacon.dev/beacon/server/internal/acl"
 	"beacon.dev/beacon/server/internal/health"
+	"beacon.dev/beacon/server/internal/kv"
 	"beacon.dev/beacon/server/internal/members"
 	"beacon.dev/beacon/server/internal/view"
 )
@@ -44,6 +45,8 @@ type Server struct {
 	store         *store.Store
 	view          *view.View
 	acks          *acks
+	kv            *kv.Store
+	kvReplica     *kv.Replica // the KV values, fed by the view
 	acl           *acl.System // nil without --acl
 	breakGlass    *breakGlass // nil without --acl
 	audit         *auditor    // nil without --audit-log
@@ -198,6 +201,13 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		Instance: func(k registry.InstanceKey) *registry.Instance { return s.view.Instance(k) },
 	})
 	hooks.Published = s.checker.Offer
+	history := cfg.KVHistory
+	if history == 0 {
+		history = kv.DefaultHistory
+	}
+	s.kv = kv.New(cli, s.store.KVPrefix(), s.store.KVHistoryPrefix(), history)
+	s.kvReplica = kv.NewReplica(s.store.KVPrefix(), 0)
+	hooks.KVListed, hooks.KVChanged = s.kvReplica.Listed, s.kvReplica.Changed
 	s.view = view.New(cli, s.store.Layout, s.log, hooks)
 	s.store.SetHint(func(k registry.InstanceKey) (*registry.Instance, bool) {
 		select {

@@ -49,6 +49,13 @@ func (l Layout) TTLKey(k registry.InstanceKey, check string) string {
 	return l.TTLPrefix() + k.Namespace + "/" + k.Service + "/" + k.ID + "/" + check
 }
 
+// KVPrefix holds the KV config store's current values, and
+// KVHistoryPrefix their kept versions (server/internal/kv).
+func (l Layout) KVPrefix() string { return l.Prefix + "kv/" }
+
+// KVHistoryPrefix: see KVPrefix.
+func (l Layout) KVHistoryPrefix() string { return l.Prefix + "kvhistory/" }
+
 // ACLPrefix holds the ACL records (server/internal/acl).
 func (l Layout) ACLPrefix() string { return l.Prefix + "acl/" }
 

@@ -26,6 +26,12 @@ type Hooks struct {
 	// Published receives every batch of new snapshots, in order, after
 	// the view applied them (the server's health checker follows it).
 	Published func(snaps []*registry.Snapshot)
+	// KVListed and KVChanged hand the KV store's current values (under
+	// the layout's KVPrefix) to its replica: the view's one listing and
+	// etcd watch serve both, in one revision order. KVChanged gets every
+	// watch response's events, and its revision.
+	KVListed  func(kvs []*mvccpb.KeyValue, rev int64)
+	KVChanged func(events []*clientv3.Event, rev int64)
 }
 
 // View is the in-memory replica. Create it with New and start it with Run.
@@ -141,11 +147,23 @@ func (v *View) watch(ctx context.Context, rev int64) (compacted bool) {
 		}
 		if resp.IsProgressNotify() {
 			v.advance(resp.Header.Revision, nil)
-			continue
+		} else {
+			v.apply(resp.Events)
 		}
-		v.apply(resp.Events)
+		if v.hooks.KVChanged != nil {
+			v.hooks.KVChanged(resp.Events, resp.Header.Revision)
+		}
 	}
 	return false
+}
+
+// notMine says whether an etcd key under the prefix is none of the
+// view's business: server membership, TTL heartbeats, ACL records, KV
+// values and history, progress probes.
+func (v *View) notMine(key string) bool {
+	l := v.layout
+	return strings.HasPrefix(key, l.ServersPrefix()) || strings.HasPrefix(key, l.TTLPrefix()) || strings.HasPrefix(key, l.ACLPrefix()) ||
+		strings.HasPrefix(key, l.KVPrefix()) || strings.HasPrefix(key, l.KVHistoryPrefix()) || key == l.ProbeKey()
 }
 
 // RequestProgress asks etcd to report the watch's current revision so that
@@ -193,8 +211,8 @@ func (v *View) apply(events []*clientv3.Event) {
 	for _, ev := range events {
 		key := string(ev.Kv.Key)
 		maxRev = max(maxRev, ev.Kv.ModRevision)
-		if strings.HasPrefix(key, v.layout.ServersPrefix()) || strings.HasPrefix(key, v.layout.TTLPrefix()) || strings.HasPrefix(key, v.layout.ACLPrefix()) || key == v.layout.ProbeKey() {
-			continue // server membership, TTL heartbeats, ACL records, progress probes: not the view's business
+		if v.notMine(key) {
+			continue // server membership, TTL heartbeats, ACL records, KV, progress probes: not the view's business
 		}
 		if strings.HasPrefix(key, v.layout.GuardPrefix()) {
 			releaseRev = ev.Kv.ModRevision
@@ -400,17 +418,31 @@ func Changes(base, snap *registry.Snapshot) (upserted []*registry.Instance, remo
 // relist loads the whole prefix and publishes every service whose content
 // differs from what the view holds.
 func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
-	resp, err := v.cli.Get(ctx, v.layout.Prefix, clientv3.WithPrefix())
+	// Everything but the KV history (every kept version of every key,
+	// which nothing here reads): the range before it, then the range
+	// after it at the same revision.
+	hist := v.layout.KVHistoryPrefix()
+	resp, err := v.cli.Get(ctx, v.layout.Prefix, clientv3.WithRange(hist))
 	if err != nil {
 		return 0, err
 	}
 	rev := resp.Header.Revision
+	after, err := v.cli.Get(ctx, clientv3.GetPrefixRangeEnd(hist), clientv3.WithRange(clientv3.GetPrefixRangeEnd(v.layout.Prefix)), clientv3.WithRev(rev))
+	if err != nil {
+		return 0, err
+	}
+	resp.Kvs = append(resp.Kvs, after.Kvs...)
+	var kvs []*mvccpb.KeyValue
 	fresh := make(map[registry.ServiceKey][]*registry.Instance)
 	sessions := make(map[string]struct{})
 	protection := make(map[registry.ServiceKey]float64)
 	for _, kv := range resp.Kvs {
 		key := string(kv.Key)
-		if strings.HasPrefix(key, v.layout.ServersPrefix()) || strings.HasPrefix(key, v.layout.GuardPrefix()) || strings.HasPrefix(key, v.layout.TTLPrefix()) || strings.HasPrefix(key, v.layout.ACLPrefix()) || key == v.layout.ProbeKey() {
+		if strings.HasPrefix(key, v.layout.KVPrefix()) {
+			kvs = append(kvs, kv)
+			continue
+		}
+		if v.notMine(key) || strings.HasPrefix(key, v.layout.GuardPrefix()) {
 			continue
 		}
 		if strings.HasPrefix(key, v.layout.ServiceConfigPrefix()) {
@@ -477,6 +509,9 @@ func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
 	v.loaded = true
 	v.mu.Unlock()
 
+	if v.hooks.KVListed != nil {
+		v.hooks.KVListed(kvs, rev)
+	}
 	v.advance(rev, published)
 	if first {
 		close(v.ready)

@@ -1,0 +1,294 @@
+package kv
+
+import (
+	"cmp"
+	"context"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	beaconv1 "beacon.dev/beacon/api/beacon/v1"
+)
+
+// DefaultChangeLog is how many recent changes the replica keeps for watch
+// streams to resume from; a stream further behind gets the whole state
+// again (a reset), never a gap.
+const DefaultChangeLog = 16384
+
+// Replica is the server's in-memory copy of every current KV value, fed
+// by the registry view's one etcd listing and watch (Listed, Changed), and
+// the log of recent changes that watch streams read and resume from. Each
+// value is held once and shared by every stream.
+type Replica struct {
+	prefix string // Store.DataPrefix
+	maxLog int
+
+	mu      sync.Mutex
+	keys    map[string]map[string]*beaconv1.KeyValue // guarded by mu; ns → key → current version (never modified)
+	rev     int64                                    // guarded by mu; every change up to rev is applied
+	changes []change                                 // guarded by mu; recent changes in revision order
+	floor   int64                                    // guarded by mu; a cursor below floor cannot resume from changes
+	subs    map[*Sub]struct{}                        // guarded by mu
+	loaded  bool                                     // guarded by mu
+	ready   chan struct{}
+}
+
+type change struct {
+	ns, key string
+	rev     int64
+	deleted bool
+}
+
+// NewReplica returns an empty replica of the values under dataPrefix.
+func NewReplica(dataPrefix string, changeLog int) *Replica {
+	if changeLog <= 0 {
+		changeLog = DefaultChangeLog
+	}
+	return &Replica{prefix: dataPrefix, maxLog: changeLog, keys: map[string]map[string]*beaconv1.KeyValue{}, subs: map[*Sub]struct{}{}, ready: make(chan struct{})}
+}
+
+// Ready is closed once the replica holds a listing.
+func (r *Replica) Ready() <-chan struct{} { return r.ready }
+
+// Revision is the revision the replica has applied.
+func (r *Replica) Revision() int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.rev
+}
+
+// Count is the number of keys of a namespace.
+func (r *Replica) Count(ns string) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.keys[ns])
+}
+
+// Has says whether a namespace holds a key.
+func (r *Replica) Has(ns, key string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.keys[ns][key] != nil
+}
+
+func (r *Replica) split(etcdKey string) (ns, key string, ok bool) {
+	rest, ok := strings.CutPrefix(etcdKey, r.prefix)
+	if !ok {
+		return "", "", false
+	}
+	return strings.Cut(rest, "/")
+}
+
+// Listed replaces the state with a listing at rev (the view's first
+// listing, or one after etcd compacted what the watch needed). Streams
+// behind it get the whole state again.
+func (r *Replica) Listed(kvs []*mvccpb.KeyValue, rev int64) {
+	keys := map[string]map[string]*beaconv1.KeyValue{}
+	for _, kv := range kvs {
+		ns, key, ok := r.split(string(kv.Key))
+		if !ok {
+			continue
+		}
+		if keys[ns] == nil {
+			keys[ns] = map[string]*beaconv1.KeyValue{}
+		}
+		keys[ns][key] = toProto("", &mvccpb.KeyValue{Key: []byte(key), Value: kv.Value, CreateRevision: kv.CreateRevision, ModRevision: kv.ModRevision, Version: kv.Version})
+	}
+	r.mu.Lock()
+	r.keys, r.rev, r.floor, r.changes = keys, rev, rev, nil
+	first := !r.loaded
+	r.loaded = true
+	r.wakeAllLocked()
+	r.mu.Unlock()
+	if first {
+		close(r.ready)
+	}
+}
+
+// Changed applies a watch response's events (those under the data prefix
+// among them) and advances to rev.
+func (r *Replica) Changed(events []*clientv3.Event, rev int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.loaded {
+		return
+	}
+	var woken []change
+	for _, ev := range events {
+		ns, key, ok := r.split(string(ev.Kv.Key))
+		if !ok || ev.Kv.ModRevision <= r.rev {
+			continue
+		}
+		c := change{ns: ns, key: key, rev: ev.Kv.ModRevision, deleted: ev.Type == mvccpb.DELETE}
+		if c.deleted {
+			delete(r.keys[ns], key)
+			if len(r.keys[ns]) == 0 {
+				delete(r.keys, ns)
+			}
+		} else {
+			if r.keys[ns] == nil {
+				r.keys[ns] = map[string]*beaconv1.KeyValue{}
+			}
+			r.keys[ns][key] = &beaconv1.KeyValue{Key: key, Value: ev.Kv.Value, CreateRevision: ev.Kv.CreateRevision, ModRevision: ev.Kv.ModRevision, Version: ev.Kv.Version}
+		}
+		r.changes = append(r.changes, c)
+		woken = append(woken, c)
+	}
+	r.rev = max(r.rev, rev)
+	if len(r.changes) > r.maxLog {
+		// Drop the older half: a stream still behind it is reset.
+		drop := len(r.changes) - r.maxLog/2
+		r.floor = r.changes[drop-1].rev
+		r.changes = slices.Delete(r.changes, 0, drop)
+	}
+	if len(woken) == 0 {
+		return
+	}
+	for s := range r.subs {
+		if slices.ContainsFunc(woken, func(c change) bool { return s.matches(c.ns, c.key) }) {
+			s.wake()
+		}
+	}
+}
+
+func (r *Replica) wakeAllLocked() {
+	for s := range r.subs {
+		s.wake()
+	}
+}
+
+// Sub is one watch stream's subscription to a key or a prefix of keys.
+type Sub struct {
+	r        *Replica
+	ns, key  string
+	prefix   bool
+	readable func(key string) bool // what the stream's token may read
+	wakeC    chan struct{}
+	cursor   int64 // guarded by r.mu; every change up to cursor was handed out
+	reset    bool  // guarded by r.mu; the next message is the whole state
+}
+
+// Subscribe watches key (or every key starting with it, with prefix) of
+// a namespace, from after revision after (0: start with the whole state).
+// readable filters the keys the subscriber may see.
+func (r *Replica) Subscribe(ns, key string, prefix bool, after int64, readable func(string) bool) *Sub {
+	s := &Sub{r: r, ns: ns, key: key, prefix: prefix, readable: readable, wakeC: make(chan struct{}, 1), cursor: after, reset: after == 0}
+	r.mu.Lock()
+	r.subs[s] = struct{}{}
+	r.mu.Unlock()
+	return s
+}
+
+// Close ends the subscription.
+func (s *Sub) Close() {
+	s.r.mu.Lock()
+	delete(s.r.subs, s)
+	s.r.mu.Unlock()
+}
+
+func (s *Sub) wake() {
+	select {
+	case s.wakeC <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Sub) matches(ns, key string) bool {
+	if ns != s.ns {
+		return false
+	}
+	if s.prefix {
+		return strings.HasPrefix(key, s.key)
+	}
+	return key == s.key
+}
+
+// Cursor is the revision the subscriber has been handed everything up to.
+func (s *Sub) Cursor() int64 {
+	s.r.mu.Lock()
+	defer s.r.mu.Unlock()
+	return s.cursor
+}
+
+// Next waits for the subscriber's next message: the whole state (reset)
+// first when the stream did not resume or fell behind the change log,
+// then what changed, each key once at its latest version, in revision
+// order. It returns context.DeadlineExceeded when quiet fires first.
+func (s *Sub) Next(ctx context.Context, quiet <-chan time.Time) (*beaconv1.KVWatchResponse, error) {
+	r := s.r
+	for {
+		r.mu.Lock()
+		if r.loaded {
+			if s.reset || s.cursor < r.floor {
+				resp := &beaconv1.KVWatchResponse{Revision: r.rev, FullState: true, Events: s.stateLocked()}
+				s.cursor, s.reset = r.rev, false
+				r.mu.Unlock()
+				return resp, nil
+			}
+			if r.rev > s.cursor {
+				events := s.changesLocked()
+				s.cursor = r.rev
+				if len(events) > 0 {
+					resp := &beaconv1.KVWatchResponse{Revision: r.rev, Events: events}
+					r.mu.Unlock()
+					return resp, nil
+				}
+			}
+		}
+		r.mu.Unlock()
+		select {
+		case <-s.wakeC:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-quiet:
+			return nil, context.DeadlineExceeded
+		}
+	}
+}
+
+func (s *Sub) stateLocked() []*beaconv1.KVEvent {
+	keys := s.r.keys[s.ns]
+	var out []*beaconv1.KVEvent
+	if !s.prefix {
+		if kv := keys[s.key]; kv != nil && s.readable(s.key) {
+			out = append(out, &beaconv1.KVEvent{Kv: kv})
+		}
+		return out
+	}
+	for key, kv := range keys {
+		if strings.HasPrefix(key, s.key) && s.readable(key) {
+			out = append(out, &beaconv1.KVEvent{Kv: kv})
+		}
+	}
+	slices.SortFunc(out, func(a, b *beaconv1.KVEvent) int { return strings.Compare(a.Kv.Key, b.Kv.Key) })
+	return out
+}
+
+// changesLocked is what changed after the cursor: each key once, at its
+// latest version (or its deletion), in revision order.
+func (s *Sub) changesLocked() []*beaconv1.KVEvent {
+	r := s.r
+	from, _ := slices.BinarySearchFunc(r.changes, s.cursor+1, func(c change, rev int64) int { return cmp.Compare(c.rev, rev) })
+	latest := map[string]change{}
+	for _, c := range r.changes[from:] {
+		if s.matches(c.ns, c.key) && s.readable(c.key) {
+			latest[c.key] = c
+		}
+	}
+	out := make([]*beaconv1.KVEvent, 0, len(latest))
+	for key, c := range latest {
+		if c.deleted {
+			out = append(out, &beaconv1.KVEvent{Kv: &beaconv1.KeyValue{Key: key, ModRevision: c.rev}, Deleted: true})
+		} else if kv := r.keys[s.ns][key]; kv != nil {
+			out = append(out, &beaconv1.KVEvent{Kv: kv})
+		}
+	}
+	slices.SortFunc(out, func(a, b *beaconv1.KVEvent) int {
+		return cmp.Or(cmp.Compare(a.Kv.ModRevision, b.Kv.ModRevision), strings.Compare(a.Kv.Key, b.Kv.Key))
+	})
+	return out
+}
