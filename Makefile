@@ -33,6 +33,8 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzDecodeSnapshot -fuzztime 30s ./discovery
 	go test -run '^$$' -fuzz FuzzMetaKeyRoundTrip -fuzztime 30s ./backend/consul
 	go test -run '^$$' -fuzz FuzzApplyDelta -fuzztime 30s ./internal/wire
+	go test -run '^$$' -fuzz FuzzKVTxnJSON -fuzztime 30s ./server
+	go test -run '^$$' -fuzz FuzzVersionRecord -fuzztime 30s ./server/internal/kv
 
 generate:
 	./api/generate.sh

@@ -2,6 +2,7 @@ package server
 
 import (
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -91,6 +92,52 @@ func FuzzRegisterJSON(f *testing.F) {
 		// And the API can send it back to clients.
 		if _, err := codec.Marshal(wire.InstanceToProto(back)); err != nil {
 			t.Fatalf("an accepted instance does not encode for clients: %v", err)
+		}
+	})
+}
+
+// FuzzKVTxnJSON drives arbitrary KV transaction bodies through the HTTP
+// API's decoding and the KV validation: no panic, every rejection names a
+// field, and every accepted transaction has valid, distinct keys within
+// the limits.
+func FuzzKVTxnJSON(f *testing.F) {
+	f.Add(`{"ops":[{"type":"TYPE_PUT","key":"app/price","value":"MTA="}]}`)
+	f.Add(`{"namespace":"prod","ops":[{"type":"TYPE_CHECK","key":"a","expectedRevision":"0"},{"type":"TYPE_DELETE","key":"b","expected_revision":"7"}]}`)
+	f.Add(`{"ops":[{"type":"TYPE_PUT","key":"a"},{"type":"TYPE_PUT","key":"a"}]}`)
+	f.Add(`{"ops":[{"type":"TYPE_DELETE","key":"a","value":"eA=="}]}`)
+	f.Add(`{"ops":[{"type":"TYPE_CHECK","key":"a"}]}`)
+	f.Add(`{"ops":[{"type":"TYPE_PUT","key":"/a"},{"type":9,"key":"b"}]}`)
+	f.Add(`{"ops":[{"type":"TYPE_PUT","key":"a//b","expectedRevision":"-1"}]}`)
+	f.Add(`{"ops":[]}`)
+	f.Add(`{"ops":[{"type":"TYPE_PUT","key":"k","value":"` + strings.Repeat("QUFB", 400) + `"}]}`)
+	codec := strictJSON{"json"}
+	const maxOps, maxValue = 4, 1024
+	f.Fuzz(func(t *testing.T, body string) {
+		var req beaconv1.KVTxnRequest
+		if err := codec.Unmarshal([]byte(body), &req); err != nil {
+			return
+		}
+		ops, put, err := kvOps(req.GetOps(), false, maxOps, maxValue)
+		if err != nil {
+			var fe *registry.FieldError
+			if !errors.As(err, &fe) || fe.Field == "" {
+				t.Fatalf("rejection %v names no field", err)
+			}
+			return
+		}
+		if len(ops) == 0 || len(ops) > maxOps {
+			t.Fatalf("accepted %d operations", len(ops))
+		}
+		keys, size := map[string]bool{}, 0
+		for _, op := range ops {
+			if registry.ValidateKey("key", op.Key) != nil || keys[op.Key] {
+				t.Fatalf("accepted key %q (twice: %v)", op.Key, keys[op.Key])
+			}
+			keys[op.Key] = true
+			size += len(op.Value)
+		}
+		if size > maxValue || len(put) > len(ops) {
+			t.Fatalf("accepted %d bytes of values, %d puts", size, len(put))
 		}
 	})
 }

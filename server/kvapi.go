@@ -150,11 +150,68 @@ func (k kvAPI) admitKeys(ns string, keys []string) error {
 	return nil
 }
 
-func (k kvAPI) checkValue(field string, size int) error {
-	if lim := k.s.cfg.Limits.MaxKVValueBytes; size > lim {
-		return toConnectError(&registry.FieldError{Field: field, Reason: fmt.Sprintf("is %d bytes, at most %d (--max-kv-value-bytes)", size, lim)})
+// kvOps validates the operations of a Put, Delete or Txn call (single:
+// one Put or Delete, whose errors name the call's own fields) against
+// the limits, and returns them as the store's, with the keys they put.
+func kvOps(ops []*beaconv1.KVOp, single bool, maxOps, maxValue int) (out []kv.Op, put []string, err error) {
+	if len(ops) == 0 {
+		return nil, nil, &registry.FieldError{Field: "ops", Reason: "must not be empty"}
 	}
-	return nil
+	if len(ops) > maxOps {
+		return nil, nil, &registry.FieldError{Field: "ops", Reason: fmt.Sprintf("has %d operations, at most %d (--max-kv-txn-ops)", len(ops), maxOps)}
+	}
+	field := func(i int, name string) string {
+		if single {
+			return name
+		}
+		return fmt.Sprintf("ops[%d].%s", i, name)
+	}
+	tooLarge := func(field string, size int) error {
+		return &registry.FieldError{Field: field, Reason: fmt.Sprintf("is %d bytes, at most %d (--max-kv-value-bytes)", size, maxValue)}
+	}
+	out = make([]kv.Op, len(ops))
+	seen := make(map[string]int, len(ops))
+	size := 0
+	for i, op := range ops {
+		key := op.GetKey()
+		if err := registry.ValidateKey(field(i, "key"), key); err != nil {
+			return nil, nil, err
+		}
+		if j, dup := seen[key]; dup {
+			return nil, nil, &registry.FieldError{Field: field(i, "key"), Value: key, Reason: fmt.Sprintf("is also ops[%d]'s: a transaction names each key once", j)}
+		}
+		seen[key] = i
+		if op.ExpectedRevision != nil && op.GetExpectedRevision() < 0 {
+			return nil, nil, &registry.FieldError{Field: field(i, "expected_revision"), Reason: fmt.Sprintf("%d, must be 0 (absent) or a revision", op.GetExpectedRevision())}
+		}
+		o := kv.Op{Key: key, Expected: op.GetExpectedRevision(), HasExpected: op.ExpectedRevision != nil}
+		switch op.GetType() {
+		case beaconv1.KVOp_TYPE_PUT:
+			o.Type, o.Value = kv.Put, op.GetValue()
+			if len(o.Value) > maxValue {
+				return nil, nil, tooLarge(field(i, "value"), len(o.Value))
+			}
+			size += len(o.Value)
+			put = append(put, key)
+		case beaconv1.KVOp_TYPE_DELETE:
+			o.Type = kv.Delete
+		case beaconv1.KVOp_TYPE_CHECK:
+			if !o.HasExpected {
+				return nil, nil, &registry.FieldError{Field: field(i, "expected_revision"), Reason: "a CHECK needs one (0: the key must not exist)"}
+			}
+			o.Type = kv.Check
+		default:
+			return nil, nil, &registry.FieldError{Field: field(i, "type"), Value: op.GetType().String(), Reason: "must be PUT, DELETE or CHECK"}
+		}
+		if o.Type != kv.Put && len(op.GetValue()) > 0 {
+			return nil, nil, &registry.FieldError{Field: field(i, "value"), Reason: "only a PUT carries a value"}
+		}
+		out[i] = o
+	}
+	if size > maxValue {
+		return nil, nil, tooLarge("values", size)
+	}
+	return out, put, nil
 }
 
 func (k kvAPI) Put(ctx context.Context, req *connect.Request[beaconv1.KVPutRequest]) (*connect.Response[beaconv1.KVPutResponse], error) {
@@ -197,66 +254,20 @@ func (k kvAPI) commit(ctx context.Context, namespace string, ops []*beaconv1.KVO
 		return 0, false, toConnectError(err)
 	}
 	lim := k.s.cfg.Limits
-	if len(ops) == 0 {
-		return 0, false, toConnectError(&registry.FieldError{Field: "ops", Reason: "must not be empty"})
+	out, put, err := kvOps(ops, single, lim.MaxKVTxnOps, lim.MaxKVValueBytes)
+	if err != nil {
+		return 0, false, toConnectError(err)
 	}
-	if len(ops) > lim.MaxKVTxnOps {
-		return 0, false, toConnectError(&registry.FieldError{Field: "ops", Reason: fmt.Sprintf("has %d operations, at most %d (--max-kv-txn-ops)", len(ops), lim.MaxKVTxnOps)})
-	}
-	field := func(i int, name string) string {
-		if single {
-			return name
-		}
-		return fmt.Sprintf("ops[%d].%s", i, name)
-	}
-	out := make([]kv.Op, len(ops))
-	seen := make(map[string]int, len(ops))
-	var written []string
-	size := 0
-	for i, op := range ops {
-		key := op.GetKey()
-		if err := registry.ValidateKey(field(i, "key"), key); err != nil {
-			return 0, false, toConnectError(err)
-		}
-		if j, dup := seen[key]; dup {
-			return 0, false, toConnectError(&registry.FieldError{Field: field(i, "key"), Value: key, Reason: fmt.Sprintf("is also ops[%d]'s: a transaction names each key once", j)})
-		}
-		seen[key] = i
-		if op.ExpectedRevision != nil && op.GetExpectedRevision() < 0 {
-			return 0, false, toConnectError(&registry.FieldError{Field: field(i, "expected_revision"), Reason: fmt.Sprintf("%d, must be 0 (absent) or a revision", op.GetExpectedRevision())})
-		}
-		o := kv.Op{Key: key, Expected: op.GetExpectedRevision(), HasExpected: op.ExpectedRevision != nil}
+	for _, op := range out {
 		need := acl.Write
-		switch op.GetType() {
-		case beaconv1.KVOp_TYPE_PUT:
-			o.Type, o.Value = kv.Put, op.GetValue()
-			size += len(o.Value)
-			if err := k.checkValue(field(i, "value"), len(o.Value)); err != nil {
-				return 0, false, err
-			}
-			written = append(written, key)
-		case beaconv1.KVOp_TYPE_DELETE:
-			o.Type = kv.Delete
-		case beaconv1.KVOp_TYPE_CHECK:
-			if !o.HasExpected {
-				return 0, false, toConnectError(&registry.FieldError{Field: field(i, "expected_revision"), Reason: "a CHECK needs one (0: the key must not exist)"})
-			}
-			o.Type, need = kv.Check, acl.Read
-		default:
-			return 0, false, toConnectError(&registry.FieldError{Field: field(i, "type"), Value: op.GetType().String(), Reason: "must be PUT, DELETE or CHECK"})
+		if op.Type == kv.Check {
+			need = acl.Read // a compare reveals the key's revision
 		}
-		if o.Type != kv.Put && len(op.GetValue()) > 0 {
-			return 0, false, toConnectError(&registry.FieldError{Field: field(i, "value"), Reason: "only a PUT carries a value"})
-		}
-		if err := needKey(ctx, ns, key, need); err != nil {
+		if err := needKey(ctx, ns, op.Key, need); err != nil {
 			return 0, false, err
 		}
-		out[i] = o
 	}
-	if err := k.checkValue("values", size); err != nil {
-		return 0, false, err
-	}
-	if err := k.admitKeys(ns, written); err != nil {
+	if err := k.admitKeys(ns, put); err != nil {
 		return 0, false, err
 	}
 	res, err := k.s.kv.Commit(ctx, ns, out, identityOf(ctx).Accessor)
