@@ -133,6 +133,7 @@ type Client struct {
 	servers        []string
 	rpcs           []beaconv1connect.RegistryServiceClient
 	acls           []beaconv1connect.AclServiceClient // by server, as rpcs
+	kvs            []beaconv1connect.KVServiceClient  // by server, as rpcs
 	current        atomic.Int64                       // index into rpcs of the server in use
 	home           int64                              // index into rpcs of the server this client prefers
 	ordered        bool                               // WithOrderedServers: home is the first
@@ -147,13 +148,14 @@ type Client struct {
 	sessions map[*session.Session]struct{} // guarded by mu; open ones, closed by Close
 	creds    map[int64]string              // guarded by mu; session-bound credentials by session id
 	watchers map[*Watcher]struct{}         // guarded by mu; running ones, closed by Close
+	kvWatch  map[*KVWatcher]struct{}       // guarded by mu; running ones, closed by Close
 }
 
 // New returns a client for the given server addresses ("host:port" or
 // "http://host:port"). It does no I/O.
 func New(servers []string, opts ...Option) (*Client, error) {
 	c := &Client{namespace: registry.DefaultNamespace, attemptTimeout: DefaultAttemptTimeout, watchHeartbeat: DefaultWatchHeartbeat, rebalanceEvery: DefaultRebalanceInterval,
-		sessions: map[*session.Session]struct{}{}, watchers: map[*Watcher]struct{}{}, creds: map[int64]string{}}
+		sessions: map[*session.Session]struct{}{}, watchers: map[*Watcher]struct{}{}, kvWatch: map[*KVWatcher]struct{}{}, creds: map[int64]string{}}
 	for _, o := range opts {
 		o(c)
 	}
@@ -196,6 +198,7 @@ func New(servers []string, opts ...Option) (*Client, error) {
 			opts := []connect.ClientOption{connect.WithGRPC(), connect.WithAcceptCompression("gzip", nil, nil), connect.WithInterceptors(tokenInterceptor{c})}
 			c.rpcs = append(c.rpcs, beaconv1connect.NewRegistryServiceClient(c.http, part, opts...))
 			c.acls = append(c.acls, beaconv1connect.NewAclServiceClient(c.http, part, opts...))
+			c.kvs = append(c.kvs, beaconv1connect.NewKVServiceClient(c.http, part, opts...))
 		}
 	}
 	if len(c.servers) == 0 {
@@ -382,10 +385,13 @@ func (c *trackedConn) Close() error {
 func (c *Client) Close() error {
 	c.mu.Lock()
 	c.closed = true
-	sessions, watchers := c.sessions, c.watchers
-	c.sessions, c.watchers = nil, nil
+	sessions, watchers, kvWatch := c.sessions, c.watchers, c.kvWatch
+	c.sessions, c.watchers, c.kvWatch = nil, nil, nil
 	c.mu.Unlock()
 	for w := range watchers {
+		w.Close()
+	}
+	for w := range kvWatch {
 		w.Close()
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), c.attemptTimeout*time.Duration(len(c.rpcs)))

@@ -1,0 +1,416 @@
+package client
+
+import (
+	"context"
+	"errors"
+	"maps"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	beaconv1 "beacon.dev/beacon/api/beacon/v1"
+	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
+	"beacon.dev/beacon/internal/backoff"
+	"beacon.dev/beacon/registry"
+)
+
+// ErrCompareFailed is matched (errors.Is) when a compare-and-set or a
+// transaction's check found another revision than it expected: nothing
+// was written.
+var ErrCompareFailed = errors.New("beacon: compare failed")
+
+// KV is the client of the KV config store (docs/kv.md): keys per
+// namespace with revisions, compare-and-set, transactions, history,
+// rollback and watches. Reads move to another server as the client's
+// other calls do; writes move on only when a server could not be reached
+// at all (a write a server took may have landed). Errors match
+// ErrNotFound (no such key or version), ErrCompareFailed,
+// ErrPermissionDenied, ErrUnavailable and registry.ErrInvalid.
+type KV struct{ c *Client }
+
+// KV returns the client's KV store client.
+func (c *Client) KV() *KV { return &KV{c} }
+
+// KeyValue is one key's current version.
+type KeyValue struct {
+	Key   string
+	Value []byte
+	// ModRevision is the revision of this version (what a compare names),
+	// CreateRevision the one that created the key, Version how many writes
+	// it has had since.
+	ModRevision, CreateRevision, Version int64
+}
+
+func kvFromProto(p *beaconv1.KeyValue) KeyValue {
+	return KeyValue{Key: p.GetKey(), Value: p.GetValue(), ModRevision: p.GetModRevision(), CreateRevision: p.GetCreateRevision(), Version: p.GetVersion()}
+}
+
+// KeyVersion is one kept version of a key.
+type KeyVersion struct {
+	Revision   int64
+	Value      []byte
+	Deleted    bool      // the key's deletion
+	Time       time.Time // when the server wrote it
+	Accessor   string    // the token that wrote it (without ACLs: "")
+	RollbackOf int64     // written by a rollback to this revision
+}
+
+func kvCall[T any](ctx context.Context, k *KV, mayRepeat bool, f func(context.Context, beaconv1connect.KVServiceClient) (T, error)) (T, error) {
+	v, err := failover(ctx, k.c, k.c.kvs, mayRepeat, f)
+	return v, kvError(err)
+}
+
+func kvError(err error) error {
+	if connect.CodeOf(err) == connect.CodeFailedPrecondition {
+		var ce *connect.Error
+		if errors.As(err, &ce) {
+			return &apiError{sentinel: ErrCompareFailed, ce: ce}
+		}
+	}
+	return aclError(err)
+}
+
+// Get reads a key (the read sees every write acknowledged before it).
+func (k *KV) Get(ctx context.Context, key string, opts ...CallOption) (KeyValue, error) {
+	req := &beaconv1.KVGetRequest{Namespace: k.c.options(opts).namespace, Key: key}
+	return kvCall(ctx, k, repeatable, func(ctx context.Context, s beaconv1connect.KVServiceClient) (KeyValue, error) {
+		resp, err := s.Get(ctx, connect.NewRequest(req))
+		if err != nil {
+			return KeyValue{}, err
+		}
+		return kvFromProto(resp.Msg.GetKv()), nil
+	})
+}
+
+// List reads every key starting with prefix, in key order, page by page,
+// and the revision of the last page. Keys the token may not read are
+// left out.
+func (k *KV) List(ctx context.Context, prefix string, opts ...CallOption) ([]KeyValue, int64, error) {
+	ns := k.c.options(opts).namespace
+	var out []KeyValue
+	var rev int64
+	after := ""
+	for {
+		req := &beaconv1.KVListRequest{Namespace: ns, Prefix: prefix, StartAfter: after}
+		resp, err := kvCall(ctx, k, repeatable, func(ctx context.Context, s beaconv1connect.KVServiceClient) (*beaconv1.KVListResponse, error) {
+			resp, err := s.List(ctx, connect.NewRequest(req))
+			if err != nil {
+				return nil, err
+			}
+			return resp.Msg, nil
+		})
+		if err != nil {
+			return nil, 0, err
+		}
+		for _, kv := range resp.GetKvs() {
+			out = append(out, kvFromProto(kv))
+		}
+		rev = resp.GetRevision()
+		if !resp.GetMore() || len(resp.GetKvs()) == 0 {
+			return out, rev, nil
+		}
+		after = resp.GetKvs()[len(resp.GetKvs())-1].GetKey()
+	}
+}
+
+// Put writes a key whatever its revision and returns the new version's.
+func (k *KV) Put(ctx context.Context, key string, value []byte, opts ...CallOption) (int64, error) {
+	return k.put(ctx, &beaconv1.KVPutRequest{Namespace: k.c.options(opts).namespace, Key: key, Value: value})
+}
+
+// CompareAndSwap writes a key only if its revision is revision (0: only
+// if it does not exist); otherwise ErrCompareFailed and nothing changes.
+func (k *KV) CompareAndSwap(ctx context.Context, key string, value []byte, revision int64, opts ...CallOption) (int64, error) {
+	return k.put(ctx, &beaconv1.KVPutRequest{Namespace: k.c.options(opts).namespace, Key: key, Value: value, ExpectedRevision: &revision})
+}
+
+func (k *KV) put(ctx context.Context, req *beaconv1.KVPutRequest) (int64, error) {
+	return kvCall(ctx, k, once, func(ctx context.Context, s beaconv1connect.KVServiceClient) (int64, error) {
+		resp, err := s.Put(ctx, connect.NewRequest(req))
+		if err != nil {
+			return 0, err
+		}
+		return resp.Msg.GetRevision(), nil
+	})
+}
+
+// Delete deletes a key; found is false when there was none.
+func (k *KV) Delete(ctx context.Context, key string, opts ...CallOption) (found bool, revision int64, err error) {
+	return k.del(ctx, &beaconv1.KVDeleteRequest{Namespace: k.c.options(opts).namespace, Key: key})
+}
+
+// CompareAndDelete deletes a key only if its revision is revision.
+func (k *KV) CompareAndDelete(ctx context.Context, key string, revision int64, opts ...CallOption) (int64, error) {
+	_, rev, err := k.del(ctx, &beaconv1.KVDeleteRequest{Namespace: k.c.options(opts).namespace, Key: key, ExpectedRevision: &revision})
+	return rev, err
+}
+
+func (k *KV) del(ctx context.Context, req *beaconv1.KVDeleteRequest) (bool, int64, error) {
+	resp, err := kvCall(ctx, k, once, func(ctx context.Context, s beaconv1connect.KVServiceClient) (*beaconv1.KVDeleteResponse, error) {
+		resp, err := s.Delete(ctx, connect.NewRequest(req))
+		if err != nil {
+			return nil, err
+		}
+		return resp.Msg, nil
+	})
+	return resp.GetFound(), resp.GetRevision(), err
+}
+
+// KVOp is one operation of a transaction: OpPut, OpDelete or OpCheck.
+type KVOp struct{ p *beaconv1.KVOp }
+
+// OpPut writes key.
+func OpPut(key string, value []byte) KVOp {
+	return KVOp{&beaconv1.KVOp{Type: beaconv1.KVOp_TYPE_PUT, Key: key, Value: value}}
+}
+
+// OpDelete deletes key.
+func OpDelete(key string) KVOp {
+	return KVOp{&beaconv1.KVOp{Type: beaconv1.KVOp_TYPE_DELETE, Key: key}}
+}
+
+// OpCheck writes nothing: the transaction happens only if key's revision
+// is revision (0: the key does not exist).
+func OpCheck(key string, revision int64) KVOp {
+	return KVOp{&beaconv1.KVOp{Type: beaconv1.KVOp_TYPE_CHECK, Key: key, ExpectedRevision: &revision}}
+}
+
+// IfRevision makes a put or a delete also compare the key's revision.
+func (o KVOp) IfRevision(revision int64) KVOp {
+	p := proto.CloneOf(o.p)
+	p.ExpectedRevision = &revision
+	return KVOp{p}
+}
+
+// Txn applies ops (each key once) all at once, in one revision, or none
+// of them (ErrCompareFailed when a compare did not hold).
+func (k *KV) Txn(ctx context.Context, ops []KVOp, opts ...CallOption) (int64, error) {
+	req := &beaconv1.KVTxnRequest{Namespace: k.c.options(opts).namespace}
+	for _, o := range ops {
+		req.Ops = append(req.Ops, o.p)
+	}
+	return kvCall(ctx, k, once, func(ctx context.Context, s beaconv1connect.KVServiceClient) (int64, error) {
+		resp, err := s.Txn(ctx, connect.NewRequest(req))
+		if err != nil {
+			return 0, err
+		}
+		return resp.Msg.GetRevision(), nil
+	})
+}
+
+// History returns the kept versions of a key, oldest first; the last is
+// the current one (or the key's deletion).
+func (k *KV) History(ctx context.Context, key string, opts ...CallOption) ([]KeyVersion, error) {
+	req := &beaconv1.KVHistoryRequest{Namespace: k.c.options(opts).namespace, Key: key}
+	return kvCall(ctx, k, repeatable, func(ctx context.Context, s beaconv1connect.KVServiceClient) ([]KeyVersion, error) {
+		resp, err := s.History(ctx, connect.NewRequest(req))
+		if err != nil {
+			return nil, err
+		}
+		var out []KeyVersion
+		for _, v := range resp.Msg.GetVersions() {
+			out = append(out, KeyVersion{Revision: v.GetRevision(), Value: v.GetValue(), Deleted: v.GetDeleted(), Time: v.GetTime().AsTime(), Accessor: v.GetAccessor(), RollbackOf: v.GetRollbackOf()})
+		}
+		return out, nil
+	})
+}
+
+// Rollback writes the version of revision toRevision again, as a new
+// version, and returns its revision.
+func (k *KV) Rollback(ctx context.Context, key string, toRevision int64, opts ...CallOption) (int64, error) {
+	req := &beaconv1.KVRollbackRequest{Namespace: k.c.options(opts).namespace, Key: key, ToRevision: toRevision}
+	return kvCall(ctx, k, once, func(ctx context.Context, s beaconv1connect.KVServiceClient) (int64, error) {
+		resp, err := s.Rollback(ctx, connect.NewRequest(req))
+		if err != nil {
+			return 0, err
+		}
+		return resp.Msg.GetRevision(), nil
+	})
+}
+
+// KVState is the state of watched keys at a revision. Values is never
+// modified once handed out.
+type KVState struct {
+	Revision int64
+	Values   map[string]KeyValue
+}
+
+// KVWatcher follows a key or a prefix of keys. It resumes after a broken
+// stream, on another server if need be, from the revision it holds: it
+// never steps back to an older state.
+type KVWatcher struct {
+	k       *KV
+	req     *beaconv1.KVWatchRequest
+	cancel  context.CancelFunc
+	done    chan struct{}
+	changed chan struct{} // capacity 1: the state moved on
+
+	mu    sync.Mutex
+	state KVState // guarded by mu
+	err   error   // guarded by mu; why the watcher stopped
+	given int64   // guarded by mu; the revision Next last returned
+}
+
+// Watch follows key, or every key starting with key with prefix. The
+// first Next returns the whole state.
+func (k *KV) Watch(ctx context.Context, key string, prefix bool, opts ...CallOption) (*KVWatcher, error) {
+	if prefix {
+		if err := registry.ValidateKeyPrefix("key", key); err != nil {
+			return nil, err
+		}
+	} else if err := registry.ValidateKey("key", key); err != nil {
+		return nil, err
+	}
+	wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	w := &KVWatcher{
+		k: k, cancel: cancel, done: make(chan struct{}), changed: make(chan struct{}, 1), given: -1,
+		req: &beaconv1.KVWatchRequest{Namespace: k.c.options(opts).namespace, Key: key, Prefix: prefix, Heartbeat: durationpb.New(k.c.watchHeartbeat)},
+	}
+	k.c.mu.Lock()
+	if k.c.closed {
+		k.c.mu.Unlock()
+		cancel()
+		return nil, ErrClosed
+	}
+	k.c.kvWatch[w] = struct{}{}
+	k.c.mu.Unlock()
+	go w.run(wctx) // owned by the watcher: Close (or the client's) stops it
+	return w, nil
+}
+
+// Next waits for a state newer than the one it last returned.
+func (w *KVWatcher) Next(ctx context.Context) (KVState, error) {
+	for {
+		w.mu.Lock()
+		st, err, given := w.state, w.err, w.given
+		if st.Values != nil && st.Revision > given {
+			w.given = st.Revision
+			w.mu.Unlock()
+			return st, nil
+		}
+		w.mu.Unlock()
+		if err != nil {
+			return KVState{}, err
+		}
+		select {
+		case <-w.changed:
+		case <-ctx.Done():
+			return KVState{}, ctx.Err()
+		}
+	}
+}
+
+// Close stops the watcher and waits for its goroutine.
+func (w *KVWatcher) Close() {
+	w.cancel()
+	<-w.done
+	w.k.c.mu.Lock()
+	delete(w.k.c.kvWatch, w)
+	w.k.c.mu.Unlock()
+}
+
+func (w *KVWatcher) notify() {
+	select {
+	case w.changed <- struct{}{}:
+	default:
+	}
+}
+
+// run keeps a stream open, applying what it receives, until the watcher
+// closes or the server refuses it for good (a permission, a bad request).
+func (w *KVWatcher) run(ctx context.Context) {
+	defer close(w.done)
+	bo := backoff.New(backoff.DefaultConfig)
+	for ctx.Err() == nil {
+		err := w.stream(ctx)
+		if ctx.Err() != nil {
+			break
+		}
+		switch connect.CodeOf(err) {
+		case connect.CodePermissionDenied, connect.CodeUnauthenticated, connect.CodeInvalidArgument:
+			w.mu.Lock()
+			w.err = kvError(err)
+			w.mu.Unlock()
+			w.notify()
+			return
+		}
+		w.k.c.suspect(w.k.c.current.Load())
+		t := time.NewTimer(bo.Next())
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+		}
+		t.Stop()
+	}
+	w.mu.Lock()
+	if w.err == nil {
+		w.err = ErrClosed
+	}
+	w.mu.Unlock()
+	w.notify()
+}
+
+// stream runs one stream from the state's revision. A stream quiet for
+// three heartbeats (a server that hangs) is given up.
+func (w *KVWatcher) stream(ctx context.Context) error {
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	quiet := 3 * w.k.c.watchHeartbeat
+	watchdog := time.AfterFunc(quiet, cancel)
+	defer watchdog.Stop()
+	req := proto.CloneOf(w.req)
+	w.mu.Lock()
+	req.AfterRevision = w.state.Revision
+	w.mu.Unlock()
+	s := w.k.c.kvs[w.k.c.current.Load()]
+	st, err := s.Watch(sctx, connect.NewRequest(req))
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	var pending []*beaconv1.KVWatchResponse // parts of one revision (more)
+	for st.Receive() {
+		watchdog.Reset(quiet)
+		m := st.Msg()
+		pending = append(pending, m)
+		if m.GetMore() {
+			continue
+		}
+		w.apply(pending)
+		pending = nil
+	}
+	return st.Err()
+}
+
+// apply folds the parts of one message into a new state.
+func (w *KVWatcher) apply(parts []*beaconv1.KVWatchResponse) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	rev := parts[len(parts)-1].GetRevision()
+	var next map[string]KeyValue
+	if parts[0].GetFullState() || w.state.Values == nil {
+		next = map[string]KeyValue{}
+	} else {
+		next = maps.Clone(w.state.Values)
+	}
+	for _, p := range parts {
+		for _, ev := range p.GetEvents() {
+			if ev.GetDeleted() {
+				delete(next, ev.GetKv().GetKey())
+			} else {
+				next[ev.GetKv().GetKey()] = kvFromProto(ev.GetKv())
+			}
+		}
+	}
+	if rev < w.state.Revision {
+		return // never step back (a server behind would not send it)
+	}
+	changed := rev > w.state.Revision || w.state.Values == nil
+	w.state = KVState{Revision: rev, Values: next}
+	if changed {
+		w.notify()
+	}
+}
