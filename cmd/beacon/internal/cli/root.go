@@ -178,6 +178,7 @@ func newRoot(stdout, stderr io.Writer) (*cobra.Command, *globals) {
 		newAuditCmd(g),
 		newDevCmd(g),
 		newACLCmd(g),
+		newKVCmd(g),
 		&cobra.Command{
 			Use:   "version",
 			Short: "Print the version: the module version and the VCS revision it was built from",
