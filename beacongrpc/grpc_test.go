@@ -293,7 +293,20 @@ func TestHedgingCutsTheSlowInstancesTail(t *testing.T) {
 		grpc.WithUnaryInterceptor(beacongrpc.UnaryClientInterceptor(exec, func(string) bool { return true }, beacongrpc.WithHedging(hedger))),
 		policyConfig(beacongrpc.PolicyRoundRobin))
 	hc := healthpb.NewHealthClient(cc)
-	e.reachesAll(t, hc, 2) // connected (the slow one never answers)
+	// Connected to both fast instances. Not with reachesAll: while only
+	// the slow instance's connection is ready, round robin sends a call
+	// and its hedge both there and the call hangs until its deadline —
+	// so a warm-up call may fail, and is tried again.
+	seen := map[string]bool{}
+	testutil.Eventually(t, 2*time.Minute, "calls reach both fast instances", func() bool {
+		var p peer.Peer
+		ctx, cancel := context.WithTimeout(e.ctx, 2*time.Second)
+		defer cancel()
+		if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.Peer(&p), grpc.WaitForReady(true)); err == nil {
+			seen[p.Addr.String()] = true
+		}
+		return len(seen) == 2
+	})
 	before := slow.hits.Load()
 	for i := range 30 {
 		// The deadline is generous liveness only: without the hedge a call
