@@ -132,12 +132,13 @@ type Client struct {
 	conns          *connSet // the owned HTTP client's connections
 	servers        []string
 	rpcs           []beaconv1connect.RegistryServiceClient
-	acls           []beaconv1connect.AclServiceClient // by server, as rpcs
-	kvs            []beaconv1connect.KVServiceClient  // by server, as rpcs
-	current        atomic.Int64                       // index into rpcs of the server in use
-	home           int64                              // index into rpcs of the server this client prefers
-	ordered        bool                               // WithOrderedServers: home is the first
-	rebalanceEvery time.Duration                      // WithRebalanceInterval; 0: never
+	acls           []beaconv1connect.AclServiceClient  // by server, as rpcs
+	kvs            []beaconv1connect.KVServiceClient   // by server, as rpcs
+	locks          []beaconv1connect.LockServiceClient // by server, as rpcs
+	current        atomic.Int64                        // index into rpcs of the server in use
+	home           int64                               // index into rpcs of the server this client prefers
+	ordered        bool                                // WithOrderedServers: home is the first
+	rebalanceEvery time.Duration                       // WithRebalanceInterval; 0: never
 	ka             *keepAliveStream
 	stopRebalance  context.CancelFunc
 	rebalancing    sync.WaitGroup
@@ -199,6 +200,7 @@ func New(servers []string, opts ...Option) (*Client, error) {
 			c.rpcs = append(c.rpcs, beaconv1connect.NewRegistryServiceClient(c.http, part, opts...))
 			c.acls = append(c.acls, beaconv1connect.NewAclServiceClient(c.http, part, opts...))
 			c.kvs = append(c.kvs, beaconv1connect.NewKVServiceClient(c.http, part, opts...))
+			c.locks = append(c.locks, beaconv1connect.NewLockServiceClient(c.http, part, opts...))
 		}
 	}
 	if len(c.servers) == 0 {
@@ -567,6 +569,7 @@ type callConfig struct {
 	namespace string
 	all       bool
 	from      []*registry.Snapshot
+	fence     *beaconv1.Fence // Fenced: KV writes only
 }
 
 // InNamespace addresses another namespace than the client's (WithNamespace,

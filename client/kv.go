@@ -27,7 +27,7 @@ var ErrCompareFailed = errors.New("beacon: compare failed")
 // rollback and watches. Reads move to another server as the client's
 // other calls do; writes move on only when a server could not be reached
 // at all (a write a server took may have landed). Errors match
-// ErrNotFound (no such key or version), ErrCompareFailed,
+// ErrNotFound (no such key or version), ErrCompareFailed, ErrFenced,
 // ErrPermissionDenied, ErrUnavailable and registry.ErrInvalid.
 type KV struct{ c *Client }
 
@@ -67,6 +67,9 @@ func kvError(err error) error {
 	if connect.CodeOf(err) == connect.CodeFailedPrecondition {
 		var ce *connect.Error
 		if errors.As(err, &ce) {
+			if ce.Meta().Get("Beacon-Fenced") != "" {
+				return &apiError{sentinel: ErrFenced, ce: ce}
+			}
 			return &apiError{sentinel: ErrCompareFailed, ce: ce}
 		}
 	}
@@ -118,13 +121,15 @@ func (k *KV) List(ctx context.Context, prefix string, opts ...CallOption) ([]Key
 
 // Put writes a key whatever its revision and returns the new version's.
 func (k *KV) Put(ctx context.Context, key string, value []byte, opts ...CallOption) (int64, error) {
-	return k.put(ctx, &beaconv1.KVPutRequest{Namespace: k.c.options(opts).namespace, Key: key, Value: value})
+	cfg := k.c.options(opts)
+	return k.put(ctx, &beaconv1.KVPutRequest{Namespace: cfg.namespace, Key: key, Value: value, Fence: cfg.fence})
 }
 
 // CompareAndSwap writes a key only if its revision is revision (0: only
 // if it does not exist); otherwise ErrCompareFailed and nothing changes.
 func (k *KV) CompareAndSwap(ctx context.Context, key string, value []byte, revision int64, opts ...CallOption) (int64, error) {
-	return k.put(ctx, &beaconv1.KVPutRequest{Namespace: k.c.options(opts).namespace, Key: key, Value: value, ExpectedRevision: &revision})
+	cfg := k.c.options(opts)
+	return k.put(ctx, &beaconv1.KVPutRequest{Namespace: cfg.namespace, Key: key, Value: value, ExpectedRevision: &revision, Fence: cfg.fence})
 }
 
 func (k *KV) put(ctx context.Context, req *beaconv1.KVPutRequest) (int64, error) {
@@ -139,12 +144,14 @@ func (k *KV) put(ctx context.Context, req *beaconv1.KVPutRequest) (int64, error)
 
 // Delete deletes a key; found is false when there was none.
 func (k *KV) Delete(ctx context.Context, key string, opts ...CallOption) (found bool, revision int64, err error) {
-	return k.del(ctx, &beaconv1.KVDeleteRequest{Namespace: k.c.options(opts).namespace, Key: key})
+	cfg := k.c.options(opts)
+	return k.del(ctx, &beaconv1.KVDeleteRequest{Namespace: cfg.namespace, Key: key, Fence: cfg.fence})
 }
 
 // CompareAndDelete deletes a key only if its revision is revision.
 func (k *KV) CompareAndDelete(ctx context.Context, key string, revision int64, opts ...CallOption) (int64, error) {
-	_, rev, err := k.del(ctx, &beaconv1.KVDeleteRequest{Namespace: k.c.options(opts).namespace, Key: key, ExpectedRevision: &revision})
+	cfg := k.c.options(opts)
+	_, rev, err := k.del(ctx, &beaconv1.KVDeleteRequest{Namespace: cfg.namespace, Key: key, ExpectedRevision: &revision, Fence: cfg.fence})
 	return rev, err
 }
 
@@ -188,7 +195,8 @@ func (o KVOp) IfRevision(revision int64) KVOp {
 // Txn applies ops (each key once) all at once, in one revision, or none
 // of them (ErrCompareFailed when a compare did not hold).
 func (k *KV) Txn(ctx context.Context, ops []KVOp, opts ...CallOption) (int64, error) {
-	req := &beaconv1.KVTxnRequest{Namespace: k.c.options(opts).namespace}
+	cfg := k.c.options(opts)
+	req := &beaconv1.KVTxnRequest{Namespace: cfg.namespace, Fence: cfg.fence}
 	for _, o := range ops {
 		req.Ops = append(req.Ops, o.p)
 	}

@@ -108,6 +108,12 @@ func resourceOf(msg any) string {
 		GetKey() string
 	}:
 		parts = append(parts, "key:"+nsOr(m.GetNamespace())+"/"+m.GetKey())
+	case interface {
+		GetNamespace() string
+		GetName() string
+		GetSessionId() int64
+	}:
+		parts = append(parts, "lock:"+nsOr(m.GetNamespace())+"/"+m.GetName())
 	case *beaconv1.KVTxnRequest:
 		for _, op := range m.GetOps() {
 			parts = append(parts, "key:"+nsOr(m.GetNamespace())+"/"+op.GetKey())

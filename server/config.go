@@ -133,6 +133,10 @@ type Config struct {
 	MemberTTL time.Duration
 	// CheckConcurrency bounds the health probes in flight (default 256).
 	CheckConcurrency int
+	// LockDelay is how long a lock lost with its holder's session (not
+	// released) stays free before the next holder gets it (default 5s;
+	// negative: none).
+	LockDelay time.Duration
 	// KVHistory is how many versions of each KV key are kept (default
 	// 100; a deletion counts as one).
 	KVHistory int
@@ -272,6 +276,9 @@ func (c *Config) validate() error {
 	}
 	if math.IsNaN(c.Guard.Share) || c.Guard.Share > 1 || c.Guard.MinSessions < 0 || c.Guard.Window < 0 || c.Guard.Grace < 0 || c.Guard.Grace > time.Hour {
 		return fmt.Errorf("server: invalid --guard-*: share a number at most 1, sessions, window and grace not negative, grace at most 1h (got %+v)", c.Guard)
+	}
+	if c.LockDelay > time.Minute {
+		return fmt.Errorf("server: invalid --lock-delay %v: at most 1m (0: the default, 5s; negative: none)", c.LockDelay)
 	}
 	if c.KVHistory < 0 || c.KVHistory > kv.MaxHistory {
 		return fmt.Errorf("server: invalid --kv-history %d: must be between 1 and %d (0: the default, %d)", c.KVHistory, kv.MaxHistory, kv.DefaultHistory)
@@ -426,6 +433,7 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&c.EtcdUnsafeNoFsync, "etcd-unsafe-no-fsync", c.EtcdUnsafeNoFsync, "embedded etcd: skip fsync (tests and benchmarks only: loses data on power loss)")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long shutdown waits for in-flight calls")
 	fs.DurationVar(&c.MemberTTL, "member-ttl", c.MemberTTL, "how long a dead server's health checks wait before the other servers take them over (default 3s)")
+	fs.DurationVar(&c.LockDelay, "lock-delay", c.LockDelay, "how long a lock lost with its holder's session stays free before the next holder gets it, so the lost holder's writes in flight land first (0: the default, 5s; negative: none)")
 	fs.IntVar(&c.KVHistory, "kv-history", c.KVHistory, "versions kept of each KV key, its deletion included (0: the default, 100)")
 	fs.IntVar(&c.CheckConcurrency, "check-concurrency", c.CheckConcurrency, "health probes in flight at most (default 256)")
 	fs.BoolVar(&c.Insecure, "insecure", c.Insecure, "allow what is open to the network: the API on a non-loopback --addr in the clear or without --acl, the embedded etcd's --etcd-client-addr without TLS, cluster members without peer TLS (without it each is refused; with it each is warned about at every start)")

@@ -285,6 +285,8 @@ var writeProcedures = map[string]bool{
 	beaconv1connect.KVServiceDeleteProcedure:                 true,
 	beaconv1connect.KVServiceTxnProcedure:                    true,
 	beaconv1connect.KVServiceRollbackProcedure:               true,
+	beaconv1connect.LockServiceAcquireProcedure:              true,
+	beaconv1connect.LockServiceReleaseProcedure:              true,
 }
 
 // limitsInterceptor spends a write token of the caller's connection, one

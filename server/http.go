@@ -40,6 +40,14 @@ func (s *Server) routes() http.Handler {
 		connect.WithInterceptors(s.metrics.interceptor(), auditInterceptor{s.audit}, limitsInterceptor{s}),
 	)
 	mux.Handle(kvPath, s.guardAPI(kvHandler))
+	lockPath, lockHandler := beaconv1connect.NewLockServiceHandler(lockAPI{s},
+		connect.WithCodec(strictJSON{"json"}),
+		connect.WithCodec(strictJSON{"json; charset=utf-8"}),
+		connect.WithReadMaxBytes(s.cfg.Limits.MaxRequestBytes),
+		gzipOption(s.cfg.Limits.MaxRequestBytes),
+		connect.WithInterceptors(s.metrics.interceptor(), auditInterceptor{s.audit}, limitsInterceptor{s}),
+	)
+	mux.Handle(lockPath, s.guardAPI(lockHandler))
 	mux.HandleFunc("GET /livez", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	mux.HandleFunc("GET /readyz", s.handleReady)
 	mux.HandleFunc("GET /healthz", s.handleHealth)

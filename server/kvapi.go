@@ -23,6 +23,10 @@ type kvAPI struct{ s *Server }
 
 var _ beaconv1connect.KVServiceHandler = kvAPI{}
 
+// FencedHeader marks a KV write refused by its fence (the lock is no
+// longer held with the write's token).
+const FencedHeader = "Beacon-Fenced"
+
 // Pages of KV.List: keys with their values, and keys only.
 const (
 	DefaultKVListLimit  = 100
@@ -54,6 +58,12 @@ func kvError(err error) error {
 	switch {
 	case errors.As(err, &ce):
 		return connect.NewError(connect.CodeFailedPrecondition, err)
+	case errors.Is(err, kv.ErrFenced):
+		// failed_precondition too, told apart from a compare by a header
+		// (the SDK's ErrFenced).
+		cerr := connect.NewError(connect.CodeFailedPrecondition, err)
+		cerr.Meta().Set(FencedHeader, "true")
+		return cerr
 	case errors.Is(err, kv.ErrNoVersion):
 		return connect.NewError(connect.CodeNotFound, err)
 	case errors.Is(err, kv.ErrConflict):
@@ -217,7 +227,7 @@ func kvOps(ops []*beaconv1.KVOp, single bool, maxOps, maxValue int) (out []kv.Op
 func (k kvAPI) Put(ctx context.Context, req *connect.Request[beaconv1.KVPutRequest]) (*connect.Response[beaconv1.KVPutResponse], error) {
 	rev, _, err := k.commit(ctx, req.Msg.GetNamespace(), []*beaconv1.KVOp{{
 		Type: beaconv1.KVOp_TYPE_PUT, Key: req.Msg.GetKey(), Value: req.Msg.GetValue(), ExpectedRevision: req.Msg.ExpectedRevision,
-	}}, true)
+	}}, req.Msg.GetFence(), true)
 	if err != nil {
 		return nil, err
 	}
@@ -227,7 +237,7 @@ func (k kvAPI) Put(ctx context.Context, req *connect.Request[beaconv1.KVPutReque
 func (k kvAPI) Delete(ctx context.Context, req *connect.Request[beaconv1.KVDeleteRequest]) (*connect.Response[beaconv1.KVDeleteResponse], error) {
 	rev, wrote, err := k.commit(ctx, req.Msg.GetNamespace(), []*beaconv1.KVOp{{
 		Type: beaconv1.KVOp_TYPE_DELETE, Key: req.Msg.GetKey(), ExpectedRevision: req.Msg.ExpectedRevision,
-	}}, true)
+	}}, req.Msg.GetFence(), true)
 	if err != nil {
 		return nil, err
 	}
@@ -235,7 +245,7 @@ func (k kvAPI) Delete(ctx context.Context, req *connect.Request[beaconv1.KVDelet
 }
 
 func (k kvAPI) Txn(ctx context.Context, req *connect.Request[beaconv1.KVTxnRequest]) (*connect.Response[beaconv1.KVTxnResponse], error) {
-	rev, _, err := k.commit(ctx, req.Msg.GetNamespace(), req.Msg.GetOps(), false)
+	rev, _, err := k.commit(ctx, req.Msg.GetNamespace(), req.Msg.GetOps(), req.Msg.GetFence(), false)
 	if err != nil {
 		return nil, err
 	}
@@ -245,7 +255,7 @@ func (k kvAPI) Txn(ctx context.Context, req *connect.Request[beaconv1.KVTxnReque
 // commit validates, authorizes and admits ops, then writes them in one
 // etcd transaction. single: the ops are one Put or Delete call's, whose
 // errors name the call's own fields.
-func (k kvAPI) commit(ctx context.Context, namespace string, ops []*beaconv1.KVOp, single bool) (int64, bool, error) {
+func (k kvAPI) commit(ctx context.Context, namespace string, ops []*beaconv1.KVOp, f *beaconv1.Fence, single bool) (int64, bool, error) {
 	if err := (api{k.s}).ready(); err != nil {
 		return 0, false, err
 	}
@@ -267,10 +277,17 @@ func (k kvAPI) commit(ctx context.Context, namespace string, ops []*beaconv1.KVO
 			return 0, false, err
 		}
 	}
+	fence, err := k.s.fenceOf(ns, f)
+	if err != nil {
+		return 0, false, err
+	}
 	if err := k.admitKeys(ns, put); err != nil {
 		return 0, false, err
 	}
-	res, err := k.s.kv.Commit(ctx, ns, out, identityOf(ctx).Accessor)
+	res, err := k.s.kv.Commit(ctx, ns, out, identityOf(ctx).Accessor, fence)
+	if errors.Is(err, kv.ErrFenced) {
+		k.s.metrics.fenced.Inc()
+	}
 	if err != nil {
 		return 0, false, kvError(err)
 	}

@@ -60,6 +60,11 @@ type Limits struct {
 	// from the server's replica) and MaxKVTxnOps the operations of one KV
 	// transaction.
 	MaxKVValueBytes, MaxKVKeys, MaxKVTxnOps int
+	// MaxLockWaits bounds the lock Acquire calls waiting at once on the
+	// server, and MaxLockWait how long one call may wait (a client that
+	// waits longer calls again, keeping its place in the queue).
+	MaxLockWaits int
+	MaxLockWait  time.Duration
 	// WriteRate and WriteBurst bound the writes (registrations, sessions,
 	// status, checks, deregistrations) of one connection: a token bucket
 	// of WriteBurst tokens refilled at WriteRate per second.
@@ -104,6 +109,8 @@ var DefaultLimits = Limits{
 	MaxKVValueBytes:        512 << 10,
 	MaxKVKeys:              10000,
 	MaxKVTxnOps:            32,
+	MaxLockWaits:           1024,
+	MaxLockWait:            time.Minute,
 	WriteRate:              1000,
 	WriteBurst:             2000,
 	WriteRatePerIP:         5000,
@@ -160,6 +167,7 @@ func (l *Limits) validate() error {
 		// etcd allows 128 operations in a transaction; each KV operation
 		// may take three (value, history record, history trim).
 		{"--max-kv-txn-ops", l.MaxKVTxnOps, 1, 40},
+		{"--max-lock-waits", l.MaxLockWaits, 1, 1 << 20},
 		{"--write-burst", l.WriteBurst, 1, 1 << 24},
 		{"--write-burst-per-ip", l.WriteBurstPerIP, 1, 1 << 24},
 		{"--max-sessions-per-token", l.MaxSessionsPerToken, 1, 1 << 24},
@@ -179,6 +187,7 @@ func (l *Limits) validate() error {
 		{"--idle-timeout", l.IdleTimeout},
 		{"--write-timeout", l.WriteTimeout},
 		{"--read-body-timeout", l.ReadBodyTimeout},
+		{"--max-lock-wait", l.MaxLockWait},
 	}
 	for _, c := range durs {
 		if c.v < 100*time.Millisecond || c.v > time.Hour {
@@ -216,6 +225,8 @@ func (l *Limits) bindFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&l.MaxKVValueBytes, "max-kv-value-bytes", l.MaxKVValueBytes, "one KV value at most, in bytes (also the values of one KV transaction together; at most 524288)")
 	fs.IntVar(&l.MaxKVKeys, "max-kv-keys", l.MaxKVKeys, "KV keys of one namespace at most")
 	fs.IntVar(&l.MaxKVTxnOps, "max-kv-txn-ops", l.MaxKVTxnOps, "operations of one KV transaction at most (at most 40)")
+	fs.IntVar(&l.MaxLockWaits, "max-lock-waits", l.MaxLockWaits, "lock Acquire calls waiting at once on the server at most")
+	fs.DurationVar(&l.MaxLockWait, "max-lock-wait", l.MaxLockWait, "how long one lock Acquire call may wait (the SDK calls again, keeping its place)")
 	fs.Float64Var(&l.WriteRate, "write-rate", l.WriteRate, "writes per second of one connection (registrations, sessions, status, checks)")
 	fs.IntVar(&l.WriteBurst, "write-burst", l.WriteBurst, "writes one connection may make at once above --write-rate")
 	fs.Float64Var(&l.WriteRatePerIP, "write-rate-per-ip", l.WriteRatePerIP, "writes per second of all the connections of one client address")

@@ -31,6 +31,9 @@ type metrics struct {
 	guardTriggered prometheus.Counter
 
 	limitHits     *prometheus.CounterVec
+	lockAcquires  *prometheus.CounterVec
+	lockWait      prometheus.Histogram
+	fenced        prometheus.Counter
 	auditErrors   prometheus.Counter
 	writeTimeouts func()
 }
@@ -70,6 +73,19 @@ func newMetrics(s *Server) *metrics {
 		Name: "beacon_audit_errors_total", Help: "Audit log lines that could not be written (the calls went on).",
 	})
 	m.reg.MustRegister(m.auditErrors)
+	m.lockAcquires = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "beacon_lock_acquisitions_total", Help: "Lock Acquire calls by result (acquired, busy: not in the time asked, error).",
+	}, []string{"result"})
+	m.lockWait = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "beacon_lock_wait_seconds", Help: "Time an Acquire call that got its lock waited for it (contention).",
+		Buckets: prometheus.ExponentialBuckets(0.001, 4, 10),
+	})
+	m.fenced = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "beacon_kv_fenced_writes_total", Help: "KV writes refused by their fence: the lock was no longer held with their token.",
+	})
+	m.reg.MustRegister(m.lockAcquires, m.lockWait, m.fenced,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_lock_waits_in_flight", Help: "Acquire calls waiting for a lock (at most --max-lock-waits)."},
+			func() float64 { return float64(s.lockWaits.Load()) }))
 	m.limitHits = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "beacon_limit_refusals_total", Help: "Requests and connections refused because they reached a limit, by the limit's flag.",
 	}, []string{"limit"})

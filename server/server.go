@@ -26,6 +26,7 @@ import (
 	"beacon.dev/beacon/server/internal/acl"
 	"beacon.dev/beacon/server/internal/health"
 	"beacon.dev/beacon/server/internal/kv"
+	"beacon.dev/beacon/server/internal/lock"
 	"beacon.dev/beacon/server/internal/members"
 	"beacon.dev/beacon/server/internal/view"
 )
@@ -47,14 +48,16 @@ type Server struct {
 	acks          *acks
 	kv            *kv.Store
 	kvReplica     *kv.Replica // the KV values, fed by the view
+	locks         *lock.Locks
 	acl           *acl.System // nil without --acl
 	breakGlass    *breakGlass // nil without --acl
 	audit         *auditor    // nil without --audit-log
 	quotas        *tokenQuotas
 	catchUps      singleflight.Group // ACL catch-ups for unknown tokens, one at a time
 
-	watchers atomic.Int32 // open watch streams (at most Limits.MaxWatchers)
-	awaits   atomic.Int32 // AwaitWatchers calls waiting (at most Limits.MaxAwaits)
+	watchers  atomic.Int32 // open watch streams (at most Limits.MaxWatchers)
+	awaits    atomic.Int32 // AwaitWatchers calls waiting (at most Limits.MaxAwaits)
+	lockWaits atomic.Int32 // lock Acquire calls waiting (at most Limits.MaxLockWaits)
 
 	members *members.Members
 	checker *health.Checker
@@ -207,7 +210,19 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	}
 	s.kv = kv.New(cli, s.store.KVPrefix(), s.store.KVHistoryPrefix(), history)
 	s.kvReplica = kv.NewReplica(s.store.KVPrefix(), 0)
-	hooks.KVListed, hooks.KVChanged = s.kvReplica.Listed, s.kvReplica.Changed
+	hooks.KVListed = s.kvReplica.Listed
+	delay := cfg.LockDelay
+	switch {
+	case delay == 0:
+		delay = DefaultLockDelay
+	case delay < 0:
+		delay = 0
+	}
+	s.locks = lock.New(cli, s.store.Layout, delay, s.log)
+	hooks.Changed = func(events []*clientv3.Event, rev int64) {
+		s.kvReplica.Changed(events, rev)
+		s.locks.Observe(events)
+	}
 	s.view = view.New(cli, s.store.Layout, s.log, hooks)
 	s.store.SetHint(func(k registry.InstanceKey) (*registry.Instance, bool) {
 		select {
@@ -231,7 +246,11 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	s.view.SetGuard(cfg.Guard, func(string, int, int) { s.metrics.guardTriggered.Inc() })
 	s.metrics.reg.MustRegister(s.checker.Collector())
 
-	s.wg.Add(3)
+	s.wg.Add(4)
+	go func() {
+		defer s.wg.Done()
+		s.locks.Run(s.runCtx) // lock delays for holders lost with their sessions
+	}()
 	go func() {
 		defer s.wg.Done()
 		s.view.Run(s.runCtx)

@@ -167,6 +167,7 @@ type Session struct {
 	recovering bool                                       // guarded by mu; Register and Deregister wait meanwhile
 	changed    chan struct{}                              // guarded by mu; closed when id, recovering or beats changes
 	beats      int                                        // guarded by mu; keepalives that found the lease alive
+	validUntil time.Time                                  // guarded by mu; the lease lives at least until then
 	err        error                                      // guarded by mu; why the session ended
 	closing    bool                                       // guarded by mu
 }
@@ -186,6 +187,7 @@ func New(ctx context.Context, lease Lease, opts ...Option) (*Session, error) {
 	if err := registry.ValidateNamespace(cfg.namespace); err != nil {
 		return nil, fmt.Errorf("beacon: %w", err)
 	}
+	sent := time.Now()
 	id, granted, err := lease.Grant(ctx, cfg.ttl, cfg.name)
 	if err != nil {
 		return nil, err
@@ -195,7 +197,7 @@ func New(ctx context.Context, lease Lease, opts ...Option) (*Session, error) {
 		lease: lease, cfg: cfg, stop: stop,
 		done: make(chan struct{}), ended: make(chan struct{}), kick: make(chan struct{}, 1),
 		events: newEventQueue(cfg.onEvent),
-		id:     id, ttl: cmp.Or(granted, cfg.ttl),
+		id:     id, ttl: cmp.Or(granted, cfg.ttl), validUntil: sent.Add(cmp.Or(granted, cfg.ttl)),
 		instances: make(map[registry.InstanceKey]registry.Instance), changed: make(chan struct{}),
 	}
 	go s.run(runCtx) // owned: ends with Close or a final loss
@@ -207,6 +209,16 @@ func (s *Session) ID() int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.id
+}
+
+// Lease returns the current lease id and a time before which the
+// registry cannot have let it expire: when its last successful renewal
+// (or its grant) was sent, plus the TTL. Holders of locks on the session
+// stop before then (client.Mutex).
+func (s *Session) Lease() (id int64, validUntil time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.id, s.validUntil
 }
 
 // TTL returns the granted TTL.
@@ -534,6 +546,7 @@ func (s *Session) run(ctx context.Context) {
 			t.Stop()
 		}
 		id := s.ID()
+		sent := time.Now()
 		kctx, cancel := context.WithTimeout(ctx, min(interval, heartbeatTimeout))
 		err := s.lease.KeepAlive(kctx, id)
 		cancel()
@@ -548,6 +561,9 @@ func (s *Session) run(ctx context.Context) {
 		case err == nil:
 			s.mu.Lock()
 			s.beats++
+			if s.id == id {
+				s.validUntil = sent.Add(s.ttl)
+			}
 			s.changedLocked()
 			s.mu.Unlock()
 			if disconnected {
@@ -595,6 +611,7 @@ func (s *Session) replace(ctx context.Context, old int64) bool {
 	s.setState(old, true)
 	retry := backoff.New(backoff.Config{Base: 250 * time.Millisecond, Max: max(s.TTL()/3, time.Second)})
 	for {
+		sent := time.Now()
 		id, _, err := s.lease.Grant(ctx, s.cfg.ttl, s.cfg.name)
 		if err != nil {
 			if ctx.Err() != nil || retry.Wait(ctx) != nil {
@@ -609,7 +626,7 @@ func (s *Session) replace(ctx context.Context, old int64) bool {
 			s.instances[k] = in
 			insts = append(insts, in)
 		}
-		s.id = id
+		s.id, s.validUntil = id, sent.Add(s.ttl)
 		s.mu.Unlock()
 		n, lost := s.putAll(ctx, id, insts, retry)
 		if ctx.Err() != nil {

@@ -56,6 +56,29 @@ func (l Layout) KVPrefix() string { return l.Prefix + "kv/" }
 // KVHistoryPrefix: see KVPrefix.
 func (l Layout) KVHistoryPrefix() string { return l.Prefix + "kvhistory/" }
 
+// LockPrefix holds the locks' queues: one key per session waiting for or
+// holding a lock, on the session's lease (server/internal/lock).
+func (l Layout) LockPrefix() string { return l.Prefix + "lock/" }
+
+// LockQueue is the prefix of one lock's queue. '@' ends the name: no lock
+// name holds one, so no queue's prefix covers another's.
+func (l Layout) LockQueue(ns, name string) string { return l.LockPrefix() + ns + "/" + name + "@" }
+
+// LockKey is a session's place in a lock's queue.
+func (l Layout) LockKey(ns, name string, session int64) string {
+	return l.LockQueue(ns, name) + FormatSessionID(session)
+}
+
+// LockReleasedPrefix holds, per lock, the fencing token its last holder
+// released (a lock lost with its session is not released: the next holder
+// waits the lock delay).
+func (l Layout) LockReleasedPrefix() string { return l.Prefix + "lockreleased/" }
+
+// LockHoldPrefix holds, per lock, a key on a lease of the lock delay,
+// made when a holder was lost with its session: nobody gets the lock
+// while it exists.
+func (l Layout) LockHoldPrefix() string { return l.Prefix + "lockhold/" }
+
 // ACLPrefix holds the ACL records (server/internal/acl).
 func (l Layout) ACLPrefix() string { return l.Prefix + "acl/" }
 

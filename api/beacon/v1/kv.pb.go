@@ -424,8 +424,10 @@ type KVPutRequest struct {
 	// Compare-and-set: write only if the key's mod_revision is this (0: only
 	// if the key does not exist). Unset: write whatever is there.
 	ExpectedRevision *int64 `protobuf:"varint,4,opt,name=expected_revision,json=expectedRevision,proto3,oneof" json:"expected_revision,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// Write only while this lock is held with this token (docs/locks.md).
+	Fence         *Fence `protobuf:"bytes,5,opt,name=fence,proto3" json:"fence,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *KVPutRequest) Reset() {
@@ -486,6 +488,13 @@ func (x *KVPutRequest) GetExpectedRevision() int64 {
 	return 0
 }
 
+func (x *KVPutRequest) GetFence() *Fence {
+	if x != nil {
+		return x.Fence
+	}
+	return nil
+}
+
 type KVPutResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The revision of the new version.
@@ -537,6 +546,7 @@ type KVDeleteRequest struct {
 	Key       string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
 	// Delete only if the key's mod_revision is this.
 	ExpectedRevision *int64 `protobuf:"varint,3,opt,name=expected_revision,json=expectedRevision,proto3,oneof" json:"expected_revision,omitempty"`
+	Fence            *Fence `protobuf:"bytes,4,opt,name=fence,proto3" json:"fence,omitempty"`
 	unknownFields    protoimpl.UnknownFields
 	sizeCache        protoimpl.SizeCache
 }
@@ -590,6 +600,13 @@ func (x *KVDeleteRequest) GetExpectedRevision() int64 {
 		return *x.ExpectedRevision
 	}
 	return 0
+}
+
+func (x *KVDeleteRequest) GetFence() *Fence {
+	if x != nil {
+		return x.Fence
+	}
+	return nil
 }
 
 type KVDeleteResponse struct {
@@ -720,6 +737,7 @@ type KVTxnRequest struct {
 	// All or nothing: every compare holds and every write lands in one
 	// revision, or nothing changes. Each key at most once.
 	Ops           []*KVOp `protobuf:"bytes,2,rep,name=ops,proto3" json:"ops,omitempty"`
+	Fence         *Fence  `protobuf:"bytes,3,opt,name=fence,proto3" json:"fence,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -764,6 +782,13 @@ func (x *KVTxnRequest) GetNamespace() string {
 func (x *KVTxnRequest) GetOps() []*KVOp {
 	if x != nil {
 		return x.Ops
+	}
+	return nil
+}
+
+func (x *KVTxnRequest) GetFence() *Fence {
+	if x != nil {
+		return x.Fence
 	}
 	return nil
 }
@@ -1338,7 +1363,7 @@ var File_beacon_v1_kv_proto protoreflect.FileDescriptor
 
 const file_beacon_v1_kv_proto_rawDesc = "" +
 	"\n" +
-	"\x12beacon/v1/kv.proto\x12\tbeacon.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x01\n" +
+	"\x12beacon/v1/kv.proto\x12\tbeacon.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14beacon/v1/lock.proto\"\x98\x01\n" +
 	"\bKeyValue\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\fR\x05value\x12'\n" +
@@ -1362,19 +1387,21 @@ const file_beacon_v1_kv_proto_rawDesc = "" +
 	"\x03kvs\x18\x01 \x03(\v2\x13.beacon.v1.KeyValueR\x03kvs\x12\x1a\n" +
 	"\brevision\x18\x02 \x01(\x03R\brevision\x12\x12\n" +
 	"\x04more\x18\x03 \x01(\bR\x04more\x12)\n" +
-	"\x10results_filtered\x18\x04 \x01(\bR\x0fresultsFiltered\"\x9c\x01\n" +
+	"\x10results_filtered\x18\x04 \x01(\bR\x0fresultsFiltered\"\xc4\x01\n" +
 	"\fKVPutRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x03 \x01(\fR\x05value\x120\n" +
-	"\x11expected_revision\x18\x04 \x01(\x03H\x00R\x10expectedRevision\x88\x01\x01B\x14\n" +
+	"\x11expected_revision\x18\x04 \x01(\x03H\x00R\x10expectedRevision\x88\x01\x01\x12&\n" +
+	"\x05fence\x18\x05 \x01(\v2\x10.beacon.v1.FenceR\x05fenceB\x14\n" +
 	"\x12_expected_revision\"+\n" +
 	"\rKVPutResponse\x12\x1a\n" +
-	"\brevision\x18\x01 \x01(\x03R\brevision\"\x89\x01\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\"\xb1\x01\n" +
 	"\x0fKVDeleteRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x120\n" +
-	"\x11expected_revision\x18\x03 \x01(\x03H\x00R\x10expectedRevision\x88\x01\x01B\x14\n" +
+	"\x11expected_revision\x18\x03 \x01(\x03H\x00R\x10expectedRevision\x88\x01\x01\x12&\n" +
+	"\x05fence\x18\x04 \x01(\v2\x10.beacon.v1.FenceR\x05fenceB\x14\n" +
 	"\x12_expected_revision\"D\n" +
 	"\x10KVDeleteResponse\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x03R\brevision\x12\x14\n" +
@@ -1390,10 +1417,11 @@ const file_beacon_v1_kv_proto_rawDesc = "" +
 	"\vTYPE_DELETE\x10\x02\x12\x0e\n" +
 	"\n" +
 	"TYPE_CHECK\x10\x03B\x14\n" +
-	"\x12_expected_revision\"O\n" +
+	"\x12_expected_revision\"w\n" +
 	"\fKVTxnRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12!\n" +
-	"\x03ops\x18\x02 \x03(\v2\x0f.beacon.v1.KVOpR\x03ops\"+\n" +
+	"\x03ops\x18\x02 \x03(\v2\x0f.beacon.v1.KVOpR\x03ops\x12&\n" +
+	"\x05fence\x18\x03 \x01(\v2\x10.beacon.v1.FenceR\x05fence\"+\n" +
 	"\rKVTxnResponse\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x03R\brevision\"\xc4\x01\n" +
 	"\tKVVersion\x12\x1a\n" +
@@ -1480,40 +1508,44 @@ var file_beacon_v1_kv_proto_goTypes = []any{
 	(*KVWatchRequest)(nil),        // 18: beacon.v1.KVWatchRequest
 	(*KVEvent)(nil),               // 19: beacon.v1.KVEvent
 	(*KVWatchResponse)(nil),       // 20: beacon.v1.KVWatchResponse
-	(*timestamppb.Timestamp)(nil), // 21: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 22: google.protobuf.Duration
+	(*Fence)(nil),                 // 21: beacon.v1.Fence
+	(*timestamppb.Timestamp)(nil), // 22: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 23: google.protobuf.Duration
 }
 var file_beacon_v1_kv_proto_depIdxs = []int32{
 	1,  // 0: beacon.v1.KVGetResponse.kv:type_name -> beacon.v1.KeyValue
 	1,  // 1: beacon.v1.KVListResponse.kvs:type_name -> beacon.v1.KeyValue
-	0,  // 2: beacon.v1.KVOp.type:type_name -> beacon.v1.KVOp.Type
-	10, // 3: beacon.v1.KVTxnRequest.ops:type_name -> beacon.v1.KVOp
-	21, // 4: beacon.v1.KVVersion.time:type_name -> google.protobuf.Timestamp
-	13, // 5: beacon.v1.KVHistoryResponse.versions:type_name -> beacon.v1.KVVersion
-	22, // 6: beacon.v1.KVWatchRequest.heartbeat:type_name -> google.protobuf.Duration
-	1,  // 7: beacon.v1.KVEvent.kv:type_name -> beacon.v1.KeyValue
-	19, // 8: beacon.v1.KVWatchResponse.events:type_name -> beacon.v1.KVEvent
-	2,  // 9: beacon.v1.KVService.Get:input_type -> beacon.v1.KVGetRequest
-	4,  // 10: beacon.v1.KVService.List:input_type -> beacon.v1.KVListRequest
-	6,  // 11: beacon.v1.KVService.Put:input_type -> beacon.v1.KVPutRequest
-	8,  // 12: beacon.v1.KVService.Delete:input_type -> beacon.v1.KVDeleteRequest
-	11, // 13: beacon.v1.KVService.Txn:input_type -> beacon.v1.KVTxnRequest
-	14, // 14: beacon.v1.KVService.History:input_type -> beacon.v1.KVHistoryRequest
-	16, // 15: beacon.v1.KVService.Rollback:input_type -> beacon.v1.KVRollbackRequest
-	18, // 16: beacon.v1.KVService.Watch:input_type -> beacon.v1.KVWatchRequest
-	3,  // 17: beacon.v1.KVService.Get:output_type -> beacon.v1.KVGetResponse
-	5,  // 18: beacon.v1.KVService.List:output_type -> beacon.v1.KVListResponse
-	7,  // 19: beacon.v1.KVService.Put:output_type -> beacon.v1.KVPutResponse
-	9,  // 20: beacon.v1.KVService.Delete:output_type -> beacon.v1.KVDeleteResponse
-	12, // 21: beacon.v1.KVService.Txn:output_type -> beacon.v1.KVTxnResponse
-	15, // 22: beacon.v1.KVService.History:output_type -> beacon.v1.KVHistoryResponse
-	17, // 23: beacon.v1.KVService.Rollback:output_type -> beacon.v1.KVRollbackResponse
-	20, // 24: beacon.v1.KVService.Watch:output_type -> beacon.v1.KVWatchResponse
-	17, // [17:25] is the sub-list for method output_type
-	9,  // [9:17] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	21, // 2: beacon.v1.KVPutRequest.fence:type_name -> beacon.v1.Fence
+	21, // 3: beacon.v1.KVDeleteRequest.fence:type_name -> beacon.v1.Fence
+	0,  // 4: beacon.v1.KVOp.type:type_name -> beacon.v1.KVOp.Type
+	10, // 5: beacon.v1.KVTxnRequest.ops:type_name -> beacon.v1.KVOp
+	21, // 6: beacon.v1.KVTxnRequest.fence:type_name -> beacon.v1.Fence
+	22, // 7: beacon.v1.KVVersion.time:type_name -> google.protobuf.Timestamp
+	13, // 8: beacon.v1.KVHistoryResponse.versions:type_name -> beacon.v1.KVVersion
+	23, // 9: beacon.v1.KVWatchRequest.heartbeat:type_name -> google.protobuf.Duration
+	1,  // 10: beacon.v1.KVEvent.kv:type_name -> beacon.v1.KeyValue
+	19, // 11: beacon.v1.KVWatchResponse.events:type_name -> beacon.v1.KVEvent
+	2,  // 12: beacon.v1.KVService.Get:input_type -> beacon.v1.KVGetRequest
+	4,  // 13: beacon.v1.KVService.List:input_type -> beacon.v1.KVListRequest
+	6,  // 14: beacon.v1.KVService.Put:input_type -> beacon.v1.KVPutRequest
+	8,  // 15: beacon.v1.KVService.Delete:input_type -> beacon.v1.KVDeleteRequest
+	11, // 16: beacon.v1.KVService.Txn:input_type -> beacon.v1.KVTxnRequest
+	14, // 17: beacon.v1.KVService.History:input_type -> beacon.v1.KVHistoryRequest
+	16, // 18: beacon.v1.KVService.Rollback:input_type -> beacon.v1.KVRollbackRequest
+	18, // 19: beacon.v1.KVService.Watch:input_type -> beacon.v1.KVWatchRequest
+	3,  // 20: beacon.v1.KVService.Get:output_type -> beacon.v1.KVGetResponse
+	5,  // 21: beacon.v1.KVService.List:output_type -> beacon.v1.KVListResponse
+	7,  // 22: beacon.v1.KVService.Put:output_type -> beacon.v1.KVPutResponse
+	9,  // 23: beacon.v1.KVService.Delete:output_type -> beacon.v1.KVDeleteResponse
+	12, // 24: beacon.v1.KVService.Txn:output_type -> beacon.v1.KVTxnResponse
+	15, // 25: beacon.v1.KVService.History:output_type -> beacon.v1.KVHistoryResponse
+	17, // 26: beacon.v1.KVService.Rollback:output_type -> beacon.v1.KVRollbackResponse
+	20, // 27: beacon.v1.KVService.Watch:output_type -> beacon.v1.KVWatchResponse
+	20, // [20:28] is the sub-list for method output_type
+	12, // [12:20] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_beacon_v1_kv_proto_init() }
@@ -1521,6 +1553,7 @@ func file_beacon_v1_kv_proto_init() {
 	if File_beacon_v1_kv_proto != nil {
 		return
 	}
+	file_beacon_v1_lock_proto_init()
 	file_beacon_v1_kv_proto_msgTypes[5].OneofWrappers = []any{}
 	file_beacon_v1_kv_proto_msgTypes[7].OneofWrappers = []any{}
 	file_beacon_v1_kv_proto_msgTypes[9].OneofWrappers = []any{}

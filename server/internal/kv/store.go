@@ -118,6 +118,35 @@ func (e *CompareError) Error() string {
 // Is makes errors.Is(err, ErrCompare) true.
 func (e *CompareError) Is(target error) bool { return target == ErrCompare }
 
+// Fence makes a commit conditional on a lock: it happens only while the
+// session's queue key (HolderKey) exists with create revision Token and no
+// older key is in the lock's queue (Queue), i.e. the session holds the
+// lock with this token. The store checks it in the commit's transaction.
+type Fence struct {
+	Lock, Queue, HolderKey string
+	Token                  int64
+}
+
+// ErrFenced is matched (errors.Is) by every *FenceError.
+var ErrFenced = errors.New("kv: fenced")
+
+// FenceError is a write refused by its fence: the lock is not held with
+// the token any more. Holder is the current holder's token (0: free).
+type FenceError struct {
+	Lock          string
+	Token, Holder int64
+}
+
+func (e *FenceError) Error() string {
+	if e.Holder == 0 {
+		return fmt.Sprintf("fenced: lock %q is not held (the write's fencing token %d is stale): nothing written", e.Lock, e.Token)
+	}
+	return fmt.Sprintf("fenced: lock %q is held with fencing token %d now, the write carries %d: nothing written", e.Lock, e.Holder, e.Token)
+}
+
+// Is makes errors.Is(err, ErrFenced) true.
+func (e *FenceError) Is(target error) bool { return target == ErrFenced }
+
 // Result is what a commit did.
 type Result struct {
 	Revision int64
@@ -134,13 +163,13 @@ const maxAttempts = 16
 // every compare holds and every write lands in one revision, with a
 // history record per written key, or nothing changes. accessor is who
 // writes (kept in the history).
-func (s *Store) Commit(ctx context.Context, ns string, ops []Op, accessor string) (Result, error) {
+func (s *Store) Commit(ctx context.Context, ns string, ops []Op, accessor string, fence *Fence) (Result, error) {
 	// The first read may be served by this member alone (cheap); a
 	// compare is refused, and a conflict retried, only on a read the
 	// cluster agrees on.
 	linearizable := false
 	for range maxAttempts {
-		res, retry, err := s.tryCommit(ctx, ns, ops, accessor, linearizable)
+		res, retry, err := s.tryCommit(ctx, ns, ops, accessor, fence, linearizable)
 		if !retry {
 			return res, err
 		}
@@ -149,7 +178,7 @@ func (s *Store) Commit(ctx context.Context, ns string, ops []Op, accessor string
 	return Result{}, ErrConflict
 }
 
-func (s *Store) tryCommit(ctx context.Context, ns string, ops []Op, accessor string, linearizable bool) (Result, bool, error) {
+func (s *Store) tryCommit(ctx context.Context, ns string, ops []Op, accessor string, fence *Fence, linearizable bool) (Result, bool, error) {
 	var readOpts []clientv3.OpOption
 	if !linearizable {
 		readOpts = append(readOpts, clientv3.WithSerializable())
@@ -161,12 +190,34 @@ func (s *Store) tryCommit(ctx context.Context, ns string, ops []Op, accessor str
 			reads = append(reads, clientv3.OpGet(s.histPrefix(ns, op.Key), append([]clientv3.OpOption{clientv3.WithPrefix(), clientv3.WithKeysOnly()}, readOpts...)...))
 		}
 	}
+	if fence != nil {
+		reads = append(reads,
+			clientv3.OpGet(fence.HolderKey, append([]clientv3.OpOption{clientv3.WithKeysOnly()}, readOpts...)...),
+			clientv3.OpGet(fence.Queue, append([]clientv3.OpOption{clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend), clientv3.WithLimit(1)}, readOpts...)...))
+	}
 	read, err := s.cli.Txn(ctx).Then(reads...).Commit()
 	if err != nil {
 		return Result{}, false, err
 	}
 	at := s.now().UTC()
 	var cmps []clientv3.Cmp
+	if fence != nil {
+		n := len(read.Responses)
+		mine, oldest := read.Responses[n-2].GetResponseRange().Kvs, read.Responses[n-1].GetResponseRange().Kvs
+		holder := int64(0)
+		if len(oldest) > 0 {
+			holder = oldest[0].CreateRevision
+		}
+		if len(mine) == 0 || mine[0].CreateRevision != fence.Token || holder != fence.Token {
+			if !linearizable {
+				return Result{}, true, nil
+			}
+			return Result{}, false, &FenceError{Lock: fence.Lock, Token: fence.Token, Holder: holder}
+		}
+		cmps = append(cmps,
+			clientv3.Compare(clientv3.CreateRevision(fence.HolderKey), "=", fence.Token),
+			clientv3.Compare(clientv3.CreateRevision(fence.Queue), ">", fence.Token-1).WithPrefix()) // no older key: etcd has no ">="
+	}
 	var writes []clientv3.Op
 	j := 0
 	for i, op := range ops {
@@ -367,7 +418,7 @@ func (s *Store) Rollback(ctx context.Context, ns, key string, to, expected int64
 		if v.Deleted {
 			return Result{}, fmt.Errorf("%w: revision %d deleted key %q; roll back to a version that holds a value (or delete the key)", ErrNoVersion, to, key)
 		}
-		return s.Commit(ctx, ns, []Op{{Type: Put, Key: key, Value: v.Value, Expected: expected, HasExpected: hasExpected, RollbackOf: to}}, accessor)
+		return s.Commit(ctx, ns, []Op{{Type: Put, Key: key, Value: v.Value, Expected: expected, HasExpected: hasExpected, RollbackOf: to}}, accessor, nil)
 	}
 	oldest := int64(0)
 	if len(versions) > 0 {

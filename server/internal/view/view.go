@@ -26,12 +26,13 @@ type Hooks struct {
 	// Published receives every batch of new snapshots, in order, after
 	// the view applied them (the server's health checker follows it).
 	Published func(snaps []*registry.Snapshot)
-	// KVListed and KVChanged hand the KV store's current values (under
-	// the layout's KVPrefix) to its replica: the view's one listing and
-	// etcd watch serve both, in one revision order. KVChanged gets every
-	// watch response's events, and its revision.
-	KVListed  func(kvs []*mvccpb.KeyValue, rev int64)
-	KVChanged func(events []*clientv3.Event, rev int64)
+	// KVListed hands the KV store's current values (under the layout's
+	// KVPrefix) to its replica, and Changed every watch response's events
+	// and revision (the KV replica and the locks follow them): the view's
+	// one listing and etcd watch serve all, in one revision order.
+	// Changed runs on the view's goroutine: it must not block.
+	KVListed func(kvs []*mvccpb.KeyValue, rev int64)
+	Changed  func(events []*clientv3.Event, rev int64)
 }
 
 // View is the in-memory replica. Create it with New and start it with Run.
@@ -150,8 +151,8 @@ func (v *View) watch(ctx context.Context, rev int64) (compacted bool) {
 		} else {
 			v.apply(resp.Events)
 		}
-		if v.hooks.KVChanged != nil {
-			v.hooks.KVChanged(resp.Events, resp.Header.Revision)
+		if v.hooks.Changed != nil {
+			v.hooks.Changed(resp.Events, resp.Header.Revision)
 		}
 	}
 	return false
@@ -159,11 +160,13 @@ func (v *View) watch(ctx context.Context, rev int64) (compacted bool) {
 
 // notMine says whether an etcd key under the prefix is none of the
 // view's business: server membership, TTL heartbeats, ACL records, KV
-// values and history, progress probes.
+// values and history, locks, progress probes.
 func (v *View) notMine(key string) bool {
 	l := v.layout
 	return strings.HasPrefix(key, l.ServersPrefix()) || strings.HasPrefix(key, l.TTLPrefix()) || strings.HasPrefix(key, l.ACLPrefix()) ||
-		strings.HasPrefix(key, l.KVPrefix()) || strings.HasPrefix(key, l.KVHistoryPrefix()) || key == l.ProbeKey()
+		strings.HasPrefix(key, l.KVPrefix()) || strings.HasPrefix(key, l.KVHistoryPrefix()) ||
+		strings.HasPrefix(key, l.LockPrefix()) || strings.HasPrefix(key, l.LockReleasedPrefix()) || strings.HasPrefix(key, l.LockHoldPrefix()) ||
+		key == l.ProbeKey()
 }
 
 // RequestProgress asks etcd to report the watch's current revision so that

@@ -1,0 +1,211 @@
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	beaconv1 "beacon.dev/beacon/api/beacon/v1"
+	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
+	"beacon.dev/beacon/registry"
+)
+
+// Lock errors.
+var (
+	// ErrLockHeld: TryLock found the lock held by another session.
+	ErrLockHeld = errors.New("beacon: lock held by another session")
+	// ErrLockLost is the cause (context.Cause) of a Held's context ending
+	// because the lock may no longer be held: its session ended, or was
+	// not renewed in time to be sure.
+	ErrLockLost = errors.New("beacon: lock lost")
+	// ErrFenced is matched (errors.Is) by a fenced KV write refused by the
+	// store: the lock is no longer held with the write's token.
+	ErrFenced = errors.New("beacon: fenced")
+)
+
+// Mutex is a distributed lock (docs/locks.md) held by a session: it is
+// released when the session ends. Waiters get it in the order they came.
+// Each acquisition has a fencing token, larger than every earlier one,
+// that KV writes carry (Fenced) so that the store refuses a holder that
+// lost the lock.
+type Mutex struct {
+	c    *Client
+	s    *Session
+	name string
+	ns   string
+}
+
+// Mutex returns the lock name (a key name: locking it needs key:write on
+// it) held by session s.
+func (c *Client) Mutex(s *Session, name string, opts ...CallOption) *Mutex {
+	return &Mutex{c: c, s: s, name: name, ns: c.options(opts).namespace}
+}
+
+// LockWaitPerCall is how long one Acquire call waits on the server; Lock
+// calls again (keeping its place in the queue) until its context ends.
+const LockWaitPerCall = 30 * time.Second
+
+// Lock waits until the session holds the lock, or ctx ends (then the
+// session leaves the queue).
+func (m *Mutex) Lock(ctx context.Context) (*Held, error) {
+	if err := registry.ValidateKey("lock name", m.name); err != nil {
+		return nil, err
+	}
+	for {
+		wait := LockWaitPerCall
+		if dl, ok := ctx.Deadline(); ok {
+			wait = min(wait, max(time.Until(dl), 0))
+		}
+		h, err := m.acquire(ctx, wait)
+		if err == nil || !errors.Is(err, ErrLockHeld) {
+			return h, err
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// TryLock takes the lock if it is free, or returns ErrLockHeld.
+func (m *Mutex) TryLock(ctx context.Context) (*Held, error) {
+	if err := registry.ValidateKey("lock name", m.name); err != nil {
+		return nil, err
+	}
+	return m.acquire(ctx, 0)
+}
+
+func (m *Mutex) acquire(ctx context.Context, wait time.Duration) (*Held, error) {
+	session, _ := m.s.Lease()
+	req := &beaconv1.AcquireLockRequest{Namespace: m.ns, Name: m.name, SessionId: session, Wait: durationpb.New(wait)}
+	// An Acquire may be repeated: the server finds the session's place in
+	// the queue. The attempt timeout covers the wait.
+	resp, err := failoverWithin(ctx, m.c, m.c.locks, repeatable, m.c.attemptTimeout+wait, func(ctx context.Context, l beaconv1connect.LockServiceClient) (*beaconv1.AcquireLockResponse, error) {
+		resp, err := l.Acquire(ctx, connect.NewRequest(req))
+		if err != nil {
+			return nil, err
+		}
+		return resp.Msg, nil
+	})
+	if err != nil {
+		if ctx.Err() != nil {
+			m.leave(session)
+		}
+		return nil, kvError(err)
+	}
+	if !resp.GetAcquired() {
+		return nil, fmt.Errorf("%w: %q, by session %x with fencing token %d", ErrLockHeld, m.name, resp.GetLock().GetHolder().GetSessionId(), resp.GetFencingToken())
+	}
+	return m.hold(session, resp.GetFencingToken()), nil
+}
+
+// leave takes the session out of the queue after a Lock given up while
+// its call was in flight.
+func (m *Mutex) leave(session int64) {
+	ctx, cancel := context.WithTimeout(context.Background(), m.c.attemptTimeout)
+	defer cancel()
+	_, _ = m.release(ctx, session)
+}
+
+func (m *Mutex) release(ctx context.Context, session int64) (bool, error) {
+	req := &beaconv1.ReleaseLockRequest{Namespace: m.ns, Name: m.name, SessionId: session}
+	return lockCall(ctx, m.c, m.c.locks, func(ctx context.Context, l beaconv1connect.LockServiceClient) (bool, error) {
+		resp, err := l.Release(ctx, connect.NewRequest(req))
+		if err != nil {
+			return false, err
+		}
+		return resp.Msg.GetReleased(), nil
+	})
+}
+
+func lockCall[S, T any](ctx context.Context, c *Client, stubs []S, f func(context.Context, S) (T, error)) (T, error) {
+	v, err := failover(ctx, c, stubs, repeatable, f)
+	return v, kvError(err)
+}
+
+// Held is one acquisition of a lock.
+type Held struct {
+	m       *Mutex
+	session int64
+	token   int64
+	ctx     context.Context
+	cancel  context.CancelCauseFunc
+	stop    chan struct{} // closed by Unlock
+	done    chan struct{} // closed when the watchdog has returned
+}
+
+// Token is the acquisition's fencing token: larger than every earlier
+// holder's.
+func (h *Held) Token() int64 { return h.token }
+
+// Context ends (context.Cause: ErrLockLost) when the lock may no longer
+// be held — the session ended, or its last renewal is older than the TTL
+// less a margin, so it ends before the registry could let the session
+// expire and give the lock to someone else — and at Unlock. Do the
+// critical section's work under it, and fence its writes (Fenced).
+func (h *Held) Context() context.Context { return h.ctx }
+
+// lockMargin is how long before the session could expire a holder stops.
+func lockMargin(ttl time.Duration) time.Duration { return max(ttl/5, 500*time.Millisecond) }
+
+func (m *Mutex) hold(session, token int64) *Held {
+	ctx, cancel := context.WithCancelCause(context.Background())
+	h := &Held{m: m, session: session, token: token, ctx: ctx, cancel: cancel, stop: make(chan struct{}), done: make(chan struct{})}
+	go h.watch() // owned by the Held: Unlock stops it, or it ends the context itself
+	return h
+}
+
+func (h *Held) watch() {
+	defer close(h.done)
+	s := h.m.s
+	margin := lockMargin(s.TTL())
+	for {
+		id, until := s.Lease()
+		if id != h.session {
+			h.cancel(fmt.Errorf("%w: the session's lease was replaced (the old one expired)", ErrLockLost))
+			return
+		}
+		d := time.Until(until.Add(-margin))
+		if d <= 0 {
+			h.cancel(fmt.Errorf("%w: the session was not renewed in time to be sure it still holds the lock", ErrLockLost))
+			return
+		}
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+		case <-s.Done():
+			t.Stop()
+			h.cancel(fmt.Errorf("%w: the session ended", ErrLockLost))
+			return
+		case <-h.stop:
+			t.Stop()
+			return
+		}
+	}
+}
+
+// Unlock releases the lock and ends the Held's context.
+func (h *Held) Unlock(ctx context.Context) error {
+	select {
+	case <-h.stop:
+		return nil
+	default:
+		close(h.stop)
+	}
+	<-h.done
+	h.cancel(errors.New("beacon: unlocked"))
+	_, err := h.m.release(ctx, h.session)
+	return err
+}
+
+// Fenced makes a KV write (Put, CompareAndSwap, Delete, CompareAndDelete,
+// Txn) happen only while h still holds its lock: the store checks it in
+// the write's own transaction, and refuses it with ErrFenced otherwise.
+func Fenced(h *Held) CallOption {
+	return func(c *callConfig) {
+		c.fence = &beaconv1.Fence{Lock: h.m.name, SessionId: h.session, FencingToken: h.token}
+	}
+}

@@ -1,0 +1,185 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"connectrpc.com/connect"
+
+	beaconv1 "beacon.dev/beacon/api/beacon/v1"
+	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
+	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/internal/acl"
+	"beacon.dev/beacon/server/internal/kv"
+	"beacon.dev/beacon/server/internal/lock"
+)
+
+// DefaultLockDelay is how long a lock lost with its holder's session
+// stays free before the next holder gets it (--lock-delay).
+const DefaultLockDelay = 5 * time.Second
+
+// lockAPI serves the lock API (docs/locks.md). A lock's name is a key
+// name: locking it needs key:write on it, reading its state key:read.
+type lockAPI struct{ s *Server }
+
+var _ beaconv1connect.LockServiceHandler = lockAPI{}
+
+func lockError(err error) error {
+	switch {
+	case errors.Is(err, lock.ErrSessionNotFound):
+		return connect.NewError(connect.CodeNotFound, err)
+	case errors.Is(err, lock.ErrLost):
+		return connect.NewError(connect.CodeAborted, err)
+	}
+	return toConnectError(err)
+}
+
+// lockTarget validates the namespace, lock name and session of a request
+// and checks that the caller may lock the name for the session.
+func (l lockAPI) lockTarget(ctx context.Context, namespace, name string, session int64) (string, error) {
+	ns, err := namespaceOf(namespace)
+	if err == nil {
+		err = registry.ValidateKey("name", name)
+	}
+	if err == nil && session == 0 {
+		err = &registry.FieldError{Field: "session_id", Reason: "must name the session that holds the lock"}
+	}
+	if err != nil {
+		return "", toConnectError(err)
+	}
+	if err := needKey(ctx, ns, name, acl.Write); err != nil {
+		return "", err
+	}
+	return ns, (api{l.s}).needKeepAlive(ctx, session)
+}
+
+func (l lockAPI) Acquire(ctx context.Context, req *connect.Request[beaconv1.AcquireLockRequest]) (*connect.Response[beaconv1.AcquireLockResponse], error) {
+	if err := (api{l.s}).ready(); err != nil {
+		return nil, err
+	}
+	m := req.Msg
+	ns, err := l.lockTarget(ctx, m.GetNamespace(), m.GetName(), m.GetSessionId())
+	if err != nil {
+		return nil, err
+	}
+	wait, lim := time.Duration(0), l.s.cfg.Limits
+	if d := m.GetWait(); d != nil {
+		if err := d.CheckValid(); err != nil {
+			return nil, toConnectError(&registry.FieldError{Field: "wait", Reason: err.Error()})
+		}
+		if wait = d.AsDuration(); wait < 0 || wait > lim.MaxLockWait {
+			return nil, toConnectError(&registry.FieldError{Field: "wait", Reason: fmt.Sprintf("%v, must be between 0 (try once) and %v (--max-lock-wait)", wait, lim.MaxLockWait)})
+		}
+	}
+	if wait > 0 {
+		if !take(&l.s.lockWaits, lim.MaxLockWaits) {
+			return nil, l.s.limitError("max-lock-waits", "%d lock Acquire calls waiting on this server", lim.MaxLockWaits)
+		}
+		defer l.s.lockWaits.Add(-1)
+	}
+	start := time.Now()
+	acquired, token, err := l.s.locks.Acquire(ctx, ns, m.GetName(), m.GetSessionId(), wait)
+	switch {
+	case err != nil:
+		l.s.metrics.lockAcquires.WithLabelValues("error").Inc()
+		return nil, lockError(err)
+	case acquired:
+		l.s.metrics.lockAcquires.WithLabelValues("acquired").Inc()
+		l.s.metrics.lockWait.Observe(time.Since(start).Seconds())
+	default:
+		l.s.metrics.lockAcquires.WithLabelValues("busy").Inc()
+	}
+	st, err := l.s.locks.Describe(ctx, ns, m.GetName())
+	if err != nil {
+		return nil, lockError(err)
+	}
+	resp := &beaconv1.AcquireLockResponse{Acquired: acquired, FencingToken: token, Lock: st}
+	if !acquired {
+		resp.FencingToken = st.GetHolder().GetFencingToken()
+	}
+	return connect.NewResponse(resp), nil
+}
+
+func (l lockAPI) Release(ctx context.Context, req *connect.Request[beaconv1.ReleaseLockRequest]) (*connect.Response[beaconv1.ReleaseLockResponse], error) {
+	if err := (api{l.s}).ready(); err != nil {
+		return nil, err
+	}
+	m := req.Msg
+	ns, err := l.lockTarget(ctx, m.GetNamespace(), m.GetName(), m.GetSessionId())
+	if err != nil {
+		return nil, err
+	}
+	released, rev, err := l.s.locks.Release(ctx, ns, m.GetName(), m.GetSessionId())
+	if err != nil {
+		return nil, lockError(err)
+	}
+	return connect.NewResponse(&beaconv1.ReleaseLockResponse{Released: released, Revision: rev}), nil
+}
+
+func (l lockAPI) Describe(ctx context.Context, req *connect.Request[beaconv1.DescribeLockRequest]) (*connect.Response[beaconv1.DescribeLockResponse], error) {
+	if err := (api{l.s}).ready(); err != nil {
+		return nil, err
+	}
+	ns, err := namespaceOf(req.Msg.GetNamespace())
+	if err == nil {
+		err = registry.ValidateKey("name", req.Msg.GetName())
+	}
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if err := needKey(ctx, ns, req.Msg.GetName(), acl.Read); err != nil {
+		return nil, err
+	}
+	st, err := l.s.locks.Describe(ctx, ns, req.Msg.GetName())
+	if err != nil {
+		return nil, lockError(err)
+	}
+	return connect.NewResponse(&beaconv1.DescribeLockResponse{Lock: st}), nil
+}
+
+func (l lockAPI) List(ctx context.Context, req *connect.Request[beaconv1.ListLocksRequest]) (*connect.Response[beaconv1.ListLocksResponse], error) {
+	if err := (api{l.s}).ready(); err != nil {
+		return nil, err
+	}
+	ns, err := namespaceOf(req.Msg.GetNamespace())
+	if err == nil {
+		err = registry.ValidateKeyPrefix("prefix", req.Msg.GetPrefix())
+	}
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	all, err := l.s.locks.List(ctx, ns, req.Msg.GetPrefix())
+	if err != nil {
+		return nil, lockError(err)
+	}
+	resp := &beaconv1.ListLocksResponse{}
+	authz := identityOf(ctx).Authz
+	for _, st := range all {
+		if authz.Key(ns, st.GetName()) < acl.Read {
+			resp.ResultsFiltered = true
+			continue
+		}
+		resp.Locks = append(resp.Locks, st)
+	}
+	return connect.NewResponse(resp), nil
+}
+
+// fenceOf validates a KV write's fence and returns the store's form of it
+// (nil: no fence).
+func (s *Server) fenceOf(ns string, f *beaconv1.Fence) (*kv.Fence, error) {
+	if f == nil {
+		return nil, nil
+	}
+	if err := registry.ValidateKey("fence.lock", f.GetLock()); err != nil {
+		return nil, toConnectError(err)
+	}
+	if f.GetSessionId() == 0 || f.GetFencingToken() <= 0 {
+		return nil, toConnectError(&registry.FieldError{Field: "fence", Reason: "needs the holder's session_id and fencing_token (from Acquire)"})
+	}
+	return &kv.Fence{
+		Lock: f.GetLock(), Queue: s.store.LockQueue(ns, f.GetLock()),
+		HolderKey: s.store.LockKey(ns, f.GetLock(), f.GetSessionId()), Token: f.GetFencingToken(),
+	}, nil
+}
