@@ -209,3 +209,16 @@ func Fenced(h *Held) CallOption {
 		c.fence = &beaconv1.Fence{Lock: h.m.name, SessionId: h.session, FencingToken: h.token}
 	}
 }
+
+// Locks lists the locks whose names start with prefix, with their holders
+// and waiters (those the token may read).
+func (c *Client) Locks(ctx context.Context, prefix string, opts ...CallOption) ([]*beaconv1.LockState, error) {
+	req := &beaconv1.ListLocksRequest{Namespace: c.options(opts).namespace, Prefix: prefix}
+	return lockCall(ctx, c, c.locks, func(ctx context.Context, l beaconv1connect.LockServiceClient) ([]*beaconv1.LockState, error) {
+		resp, err := l.List(ctx, connect.NewRequest(req))
+		if err != nil {
+			return nil, err
+		}
+		return resp.Msg.GetLocks(), nil
+	})
+}

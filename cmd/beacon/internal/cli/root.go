@@ -51,10 +51,31 @@ func MainContext(ctx context.Context, args []string, stdout, stderr io.Writer) i
 	root, g := newRoot(stdout, stderr)
 	root.SetArgs(args)
 	if err := root.ExecuteContext(ctx); err != nil {
+		var ee *exitError
+		if errors.As(err, &ee) {
+			if ee.err != nil {
+				fmt.Fprintln(stderr, errorLine(ee.err, g))
+			}
+			return ee.code
+		}
 		fmt.Fprintln(stderr, errorLine(err, g))
 		return 1
 	}
 	return 0
+}
+
+// exitError ends the command with an exit code (a child's, for `beacon
+// lock`), printing err if there is one.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string {
+	if e.err != nil {
+		return e.err.Error()
+	}
+	return fmt.Sprintf("exit status %d", e.code)
 }
 
 // errorLine is how a failed command reports: one "beacon:" prefix (the
@@ -179,6 +200,7 @@ func newRoot(stdout, stderr io.Writer) (*cobra.Command, *globals) {
 		newDevCmd(g),
 		newACLCmd(g),
 		newKVCmd(g),
+		newLockCmd(g),
 		&cobra.Command{
 			Use:   "version",
 			Short: "Print the version: the module version and the VCS revision it was built from",
