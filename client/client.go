@@ -149,14 +149,14 @@ type Client struct {
 	sessions map[*session.Session]struct{} // guarded by mu; open ones, closed by Close
 	creds    map[int64]string              // guarded by mu; session-bound credentials by session id
 	watchers map[*Watcher]struct{}         // guarded by mu; running ones, closed by Close
-	kvWatch  map[*KVWatcher]struct{}       // guarded by mu; running ones, closed by Close
+	streams  map[streamCloser]struct{}     // guarded by mu; KV and leader watchers running, closed by Close
 }
 
 // New returns a client for the given server addresses ("host:port" or
 // "http://host:port"). It does no I/O.
 func New(servers []string, opts ...Option) (*Client, error) {
 	c := &Client{namespace: registry.DefaultNamespace, attemptTimeout: DefaultAttemptTimeout, watchHeartbeat: DefaultWatchHeartbeat, rebalanceEvery: DefaultRebalanceInterval,
-		sessions: map[*session.Session]struct{}{}, watchers: map[*Watcher]struct{}{}, kvWatch: map[*KVWatcher]struct{}{}, creds: map[int64]string{}}
+		sessions: map[*session.Session]struct{}{}, watchers: map[*Watcher]struct{}{}, streams: map[streamCloser]struct{}{}, creds: map[int64]string{}}
 	for _, o := range opts {
 		o(c)
 	}
@@ -387,13 +387,13 @@ func (c *trackedConn) Close() error {
 func (c *Client) Close() error {
 	c.mu.Lock()
 	c.closed = true
-	sessions, watchers, kvWatch := c.sessions, c.watchers, c.kvWatch
-	c.sessions, c.watchers, c.kvWatch = nil, nil, nil
+	sessions, watchers, streams := c.sessions, c.watchers, c.streams
+	c.sessions, c.watchers, c.streams = nil, nil, nil
 	c.mu.Unlock()
 	for w := range watchers {
 		w.Close()
 	}
-	for w := range kvWatch {
+	for w := range streams {
 		w.Close()
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), c.attemptTimeout*time.Duration(len(c.rpcs)))
@@ -432,6 +432,27 @@ func (c *Client) own(s *session.Session) bool {
 }
 
 // ownWatcher is own for a watcher.
+// streamCloser is a watcher the client closes when it closes.
+type streamCloser interface{ Close() }
+
+// ownStream keeps w to close with the client; false when the client is
+// closed already.
+func (c *Client) ownStream(w streamCloser) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return false
+	}
+	c.streams[w] = struct{}{}
+	return true
+}
+
+func (c *Client) disownStream(w streamCloser) {
+	c.mu.Lock()
+	delete(c.streams, w)
+	c.mu.Unlock()
+}
+
 func (c *Client) ownWatcher(w *Watcher) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()

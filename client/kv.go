@@ -277,14 +277,10 @@ func (k *KV) Watch(ctx context.Context, key string, prefix bool, opts ...CallOpt
 		k: k, cancel: cancel, done: make(chan struct{}), changed: make(chan struct{}, 1), given: -1,
 		req: &beaconv1.KVWatchRequest{Namespace: k.c.options(opts).namespace, Key: key, Prefix: prefix, Heartbeat: durationpb.New(k.c.watchHeartbeat)},
 	}
-	k.c.mu.Lock()
-	if k.c.closed {
-		k.c.mu.Unlock()
+	if !k.c.ownStream(w) {
 		cancel()
 		return nil, ErrClosed
 	}
-	k.c.kvWatch[w] = struct{}{}
-	k.c.mu.Unlock()
 	go w.run(wctx) // owned by the watcher: Close (or the client's) stops it
 	return w, nil
 }
@@ -315,9 +311,7 @@ func (w *KVWatcher) Next(ctx context.Context) (KVState, error) {
 func (w *KVWatcher) Close() {
 	w.cancel()
 	<-w.done
-	w.k.c.mu.Lock()
-	delete(w.k.c.kvWatch, w)
-	w.k.c.mu.Unlock()
+	w.k.c.disownStream(w)
 }
 
 func (w *KVWatcher) notify() {

@@ -33,10 +33,11 @@ var (
 // that KV writes carry (Fenced) so that the store refuses a holder that
 // lost the lock.
 type Mutex struct {
-	c    *Client
-	s    *Session
-	name string
-	ns   string
+	c     *Client
+	s     *Session
+	name  string
+	ns    string
+	value []byte // kept with the session's place in the queue (elections)
 }
 
 // Mutex returns the lock name (a key name: locking it needs key:write on
@@ -80,7 +81,7 @@ func (m *Mutex) TryLock(ctx context.Context) (*Held, error) {
 
 func (m *Mutex) acquire(ctx context.Context, wait time.Duration) (*Held, error) {
 	session, _ := m.s.Lease()
-	req := &beaconv1.AcquireLockRequest{Namespace: m.ns, Name: m.name, SessionId: session, Wait: durationpb.New(wait)}
+	req := &beaconv1.AcquireLockRequest{Namespace: m.ns, Name: m.name, SessionId: session, Wait: durationpb.New(wait), Value: m.value}
 	// An Acquire may be repeated: the server finds the session's place in
 	// the queue. The attempt timeout covers the wait.
 	resp, err := failoverWithin(ctx, m.c, m.c.locks, repeatable, m.c.attemptTimeout+wait, func(ctx context.Context, l beaconv1connect.LockServiceClient) (*beaconv1.AcquireLockResponse, error) {

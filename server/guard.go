@@ -287,6 +287,7 @@ var writeProcedures = map[string]bool{
 	beaconv1connect.KVServiceRollbackProcedure:               true,
 	beaconv1connect.LockServiceAcquireProcedure:              true,
 	beaconv1connect.LockServiceReleaseProcedure:              true,
+	beaconv1connect.LockServiceProclaimProcedure:             true,
 }
 
 // limitsInterceptor spends a write token of the caller's connection, one

@@ -182,3 +182,65 @@ func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	testutil.Eventually(t, 30*time.Second, what, cond)
 }
+
+// An election: candidates campaign with their values, Observe follows the
+// leader and its proclaimed value, a resignation or a lost leader passes
+// leadership on in order, and only the leader may proclaim.
+func TestElectionObserveProclaimFailover(t *testing.T) {
+	cfg := servertest.Config(t, "")
+	cfg.LockDelay = -1 // no lock delay: the failover itself is the subject
+	srv := servertest.Start(t, cfg)
+	lc := lockClient(srv)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	obs, err := lc.Observe(ctx, connect.NewRequest(&beaconv1.ObserveLockRequest{Name: "leader", Heartbeat: durationpb.New(time.Second)}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer obs.Close()
+	next := func(want string) *beaconv1.LockState {
+		t.Helper()
+		for obs.Receive() {
+			st := obs.Msg().GetLock()
+			if string(st.GetHolder().GetValue()) == want {
+				return st
+			}
+		}
+		t.Fatalf("observe ended before the leader's value was %q: %v", want, obs.Err())
+		return nil
+	}
+	next("") // no leader yet
+	campaign := func(s int64, value string, wait time.Duration) (*beaconv1.AcquireLockResponse, error) {
+		resp, err := lc.Acquire(ctx, connect.NewRequest(&beaconv1.AcquireLockRequest{Name: "leader", SessionId: s, Value: []byte(value), Wait: durationpb.New(wait)}))
+		if err != nil {
+			return nil, err
+		}
+		return resp.Msg, nil
+	}
+	s1, s2 := newSession(t, srv), newSession(t, srv)
+	a1, err := campaign(s1, "10.0.0.1:80", 0)
+	if err != nil || !a1.GetAcquired() {
+		t.Fatal(a1, err)
+	}
+	next("10.0.0.1:80")
+	won := make(chan *beaconv1.AcquireLockResponse, 1)
+	go func() {
+		r, _ := campaign(s2, "10.0.0.2:80", 50*time.Second)
+		won <- r
+	}()
+	if _, err := lc.Proclaim(ctx, connect.NewRequest(&beaconv1.ProclaimRequest{Name: "leader", SessionId: s1, FencingToken: a1.GetFencingToken(), Value: []byte("10.0.0.1:81")})); err != nil {
+		t.Fatal(err)
+	}
+	next("10.0.0.1:81")
+	// A candidate that does not lead may not proclaim.
+	_, err = lc.Proclaim(ctx, connect.NewRequest(&beaconv1.ProclaimRequest{Name: "leader", SessionId: s2, FencingToken: a1.GetFencingToken() + 1, Value: []byte("me")}))
+	wantCode(t, err, connect.CodeFailedPrecondition, "does not hold")
+	// The leader's session ends: the next candidate leads.
+	if _, err := regClient(srv, "", connect.WithGRPC()).CloseSession(ctx, connect.NewRequest(&beaconv1.CloseSessionRequest{SessionId: s1})); err != nil {
+		t.Fatal(err)
+	}
+	st := next("10.0.0.2:80")
+	if r := <-won; !r.GetAcquired() || st.GetHolder().GetFencingToken() != r.GetFencingToken() || r.GetFencingToken() <= a1.GetFencingToken() {
+		t.Fatalf("second campaign = %v, observed %v", r, st)
+	}
+}

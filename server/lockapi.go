@@ -16,6 +16,10 @@ import (
 	"beacon.dev/beacon/server/internal/lock"
 )
 
+// MaxLockValueBytes bounds the value a session keeps with its place in a
+// lock's queue (an election candidate's address, say).
+const MaxLockValueBytes = 4 << 10
+
 // DefaultLockDelay is how long a lock lost with its holder's session
 // stays free before the next holder gets it (--lock-delay).
 const DefaultLockDelay = 5 * time.Second
@@ -32,6 +36,10 @@ func lockError(err error) error {
 		return connect.NewError(connect.CodeNotFound, err)
 	case errors.Is(err, lock.ErrLost):
 		return connect.NewError(connect.CodeAborted, err)
+	case errors.Is(err, lock.ErrNotHolder):
+		cerr := connect.NewError(connect.CodeFailedPrecondition, err)
+		cerr.Meta().Set(FencedHeader, "true")
+		return cerr
 	}
 	return toConnectError(err)
 }
@@ -80,7 +88,10 @@ func (l lockAPI) Acquire(ctx context.Context, req *connect.Request[beaconv1.Acqu
 		defer l.s.lockWaits.Add(-1)
 	}
 	start := time.Now()
-	acquired, token, err := l.s.locks.Acquire(ctx, ns, m.GetName(), m.GetSessionId(), wait)
+	if n := len(m.GetValue()); n > MaxLockValueBytes {
+		return nil, toConnectError(&registry.FieldError{Field: "value", Reason: fmt.Sprintf("is %d bytes, at most %d", n, MaxLockValueBytes)})
+	}
+	acquired, token, err := l.s.locks.Acquire(ctx, ns, m.GetName(), m.GetSessionId(), m.GetValue(), wait)
 	switch {
 	case err != nil:
 		l.s.metrics.lockAcquires.WithLabelValues("error").Inc()
@@ -164,6 +175,65 @@ func (l lockAPI) List(ctx context.Context, req *connect.Request[beaconv1.ListLoc
 		resp.Locks = append(resp.Locks, st)
 	}
 	return connect.NewResponse(resp), nil
+}
+
+func (l lockAPI) Proclaim(ctx context.Context, req *connect.Request[beaconv1.ProclaimRequest]) (*connect.Response[beaconv1.ProclaimResponse], error) {
+	if err := (api{l.s}).ready(); err != nil {
+		return nil, err
+	}
+	m := req.Msg
+	ns, err := l.lockTarget(ctx, m.GetNamespace(), m.GetName(), m.GetSessionId())
+	if err != nil {
+		return nil, err
+	}
+	if n := len(m.GetValue()); n > MaxLockValueBytes {
+		return nil, toConnectError(&registry.FieldError{Field: "value", Reason: fmt.Sprintf("is %d bytes, at most %d", n, MaxLockValueBytes)})
+	}
+	if m.GetFencingToken() <= 0 {
+		return nil, toConnectError(&registry.FieldError{Field: "fencing_token", Reason: "must be the holder's (from Acquire)"})
+	}
+	rev, err := l.s.locks.Proclaim(ctx, ns, m.GetName(), m.GetSessionId(), m.GetFencingToken(), m.GetValue())
+	if err != nil {
+		return nil, lockError(err)
+	}
+	return connect.NewResponse(&beaconv1.ProclaimResponse{Revision: rev}), nil
+}
+
+func (l lockAPI) Observe(ctx context.Context, req *connect.Request[beaconv1.ObserveLockRequest], stream *connect.ServerStream[beaconv1.ObserveLockResponse]) error {
+	if err := (api{l.s}).ready(); err != nil {
+		return err
+	}
+	ns, err := namespaceOf(req.Msg.GetNamespace())
+	if err == nil {
+		err = registry.ValidateKey("name", req.Msg.GetName())
+	}
+	if err != nil {
+		return toConnectError(err)
+	}
+	heartbeat, err := heartbeatOf(req.Msg.GetHeartbeat())
+	if err != nil {
+		return err
+	}
+	if err := needKey(ctx, ns, req.Msg.GetName(), acl.Read); err != nil {
+		return err
+	}
+	giveBack, err := l.s.openWatchStream(ctx)
+	if err != nil {
+		return err
+	}
+	defer giveBack()
+	valid := recheck(ctx)
+	err = l.s.locks.Observe(ctx, ns, req.Msg.GetName(), heartbeat, func(st *beaconv1.LockState, rev int64) error {
+		if err := valid(); err != nil {
+			return err
+		}
+		return stream.Send(&beaconv1.ObserveLockResponse{Lock: st, Revision: rev})
+	})
+	var ce *connect.Error
+	if errors.As(err, &ce) && ce.Code() == connect.CodeUnauthenticated {
+		return err // the credential is gone
+	}
+	return nil // the client went away, or the server is stopping
 }
 
 // fenceOf validates a KV write's fence and returns the store's form of it

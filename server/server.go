@@ -221,7 +221,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	s.locks = lock.New(cli, s.store.Layout, delay, s.log)
 	hooks.Changed = func(events []*clientv3.Event, rev int64) {
 		s.kvReplica.Changed(events, rev)
-		s.locks.Observe(events)
+		s.locks.NoticeLost(events)
 	}
 	s.view = view.New(cli, s.store.Layout, s.log, hooks)
 	s.store.SetHint(func(k registry.InstanceKey) (*registry.Instance, bool) {

@@ -49,11 +49,11 @@ func New(cli *clientv3.Client, layout store.Layout, delay time.Duration, log *sl
 	return &Locks{cli: cli, layout: layout, delay: delay, log: log, lost: make(chan string, 1024)}
 }
 
-// Observe looks at a watch response's events (from the server's view, on
+// NoticeLost looks at a watch response's events (from the server's view, on
 // its goroutine: it does not block) for queue keys deleted without a
 // release in the same revision — lost with their sessions — and has Run
 // put the lock delay's hold on their locks.
-func (l *Locks) Observe(events []*clientv3.Event) {
+func (l *Locks) NoticeLost(events []*clientv3.Event) {
 	if l.delay <= 0 {
 		return
 	}
@@ -84,7 +84,7 @@ func (l *Locks) Observe(events []*clientv3.Event) {
 	}
 }
 
-// Run puts the lock delay's holds that Observe asks for, until ctx ends.
+// Run puts the lock delay's holds that NoticeLost asks for, until ctx ends.
 func (l *Locks) Run(ctx context.Context) {
 	for {
 		select {
@@ -128,10 +128,10 @@ func (l *Locks) releasedKey(ns, name string) string {
 // waits up to wait until it holds the lock. If it does not get it in
 // time, it leaves the queue. acquired is false then, and state says who
 // holds it.
-func (l *Locks) Acquire(ctx context.Context, ns, name string, session int64, wait time.Duration) (acquired bool, token int64, err error) {
+func (l *Locks) Acquire(ctx context.Context, ns, name string, session int64, value []byte, wait time.Duration) (acquired bool, token int64, err error) {
 	key := l.layout.LockKey(ns, name, session)
 	resp, err := l.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
-		Then(clientv3.OpPut(key, "", clientv3.WithLease(clientv3.LeaseID(session)))).
+		Then(clientv3.OpPut(key, string(value), clientv3.WithLease(clientv3.LeaseID(session)))).
 		Else(clientv3.OpGet(key, clientv3.WithKeysOnly())).Commit()
 	if err != nil {
 		if errors.Is(err, rpctypes.ErrLeaseNotFound) || errors.Is(err, rpctypes.ErrGRPCLeaseNotFound) {
@@ -217,7 +217,7 @@ func (l *Locks) waitFirst(ctx context.Context, ns, name, key string, mine int64,
 			return false, err
 		}
 		// Left cleanly (released, or a waiter that gave up), or lost? The
-		// view's Observe puts the hold too, but we may look first.
+		// view's NoticeLost puts the hold too, but we may look first.
 		rel, err := l.cli.Get(ctx, l.releasedKey(ns, name))
 		if err != nil {
 			return false, err
@@ -275,11 +275,16 @@ func (l *Locks) Release(ctx context.Context, ns, name string, session int64) (re
 // in the queue; after a lost holder it starts once the lock delay has
 // passed).
 func (l *Locks) Describe(ctx context.Context, ns, name string) (*beaconv1.LockState, error) {
-	resp, err := l.cli.Get(ctx, l.layout.LockQueue(ns, name), clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend))
+	st, _, err := l.describe(ctx, ns, name)
+	return st, err
+}
+
+func (l *Locks) describe(ctx context.Context, ns, name string, opts ...clientv3.OpOption) (*beaconv1.LockState, int64, error) {
+	resp, err := l.cli.Get(ctx, l.layout.LockQueue(ns, name), append([]clientv3.OpOption{clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend)}, opts...)...)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	return stateOf(name, resp.Kvs), nil
+	return stateOf(name, resp.Kvs), resp.Header.Revision, nil
 }
 
 func stateOf(name string, kvs []*mvccpb.KeyValue) *beaconv1.LockState {
@@ -290,7 +295,7 @@ func stateOf(name string, kvs []*mvccpb.KeyValue) *beaconv1.LockState {
 		if err != nil {
 			continue
 		}
-		h := &beaconv1.LockHolder{SessionId: id, FencingToken: kv.CreateRevision}
+		h := &beaconv1.LockHolder{SessionId: id, FencingToken: kv.CreateRevision, Value: kv.Value}
 		if i == 0 {
 			st.Holder = h
 		} else {
@@ -304,7 +309,7 @@ func stateOf(name string, kvs []*mvccpb.KeyValue) *beaconv1.LockState {
 // with holders and waiters, in name order.
 func (l *Locks) List(ctx context.Context, ns, prefix string) ([]*beaconv1.LockState, error) {
 	base := l.layout.LockPrefix() + ns + "/"
-	resp, err := l.cli.Get(ctx, base+prefix, clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
+	resp, err := l.cli.Get(ctx, base+prefix, clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
 	if err != nil {
 		return nil, err
 	}
@@ -329,4 +334,80 @@ func (l *Locks) List(ctx context.Context, ns, prefix string) ([]*beaconv1.LockSt
 		out = append(out, stateOf(name, kvs))
 	}
 	return out, nil
+}
+
+// ErrNotHolder: a Proclaim by a session that does not hold the lock with
+// the token it gives.
+var ErrNotHolder = errors.New("lock: not the holder")
+
+// Proclaim sets the holder's value, only while session holds the lock
+// with token (the check is in the write's transaction).
+func (l *Locks) Proclaim(ctx context.Context, ns, name string, session, token int64, value []byte) (int64, error) {
+	key := l.layout.LockKey(ns, name, session)
+	resp, err := l.cli.Txn(ctx).If(
+		clientv3.Compare(clientv3.CreateRevision(key), "=", token),
+		clientv3.Compare(clientv3.CreateRevision(l.layout.LockQueue(ns, name)), ">", token-1).WithPrefix(),
+	).Then(clientv3.OpPut(key, string(value), clientv3.WithIgnoreLease())).Commit()
+	if err != nil {
+		return 0, err
+	}
+	if !resp.Succeeded {
+		return 0, fmt.Errorf("%w: session %s does not hold lock %q with fencing token %d", ErrNotHolder, store.FormatSessionID(session), name, token)
+	}
+	return resp.Header.Revision, nil
+}
+
+// Observe sends the lock's state on start and whenever its holder or the
+// holder's value changes, until ctx ends or send fails; with heartbeat,
+// it sends the state again after that long without a change.
+func (l *Locks) Observe(ctx context.Context, ns, name string, heartbeat time.Duration, send func(*beaconv1.LockState, int64) error) error {
+	var last *beaconv1.LockHolder
+	first := true
+	for ctx.Err() == nil {
+		st, rev, err := l.describe(ctx, ns, name)
+		if err != nil {
+			return err
+		}
+		if h := st.GetHolder(); first || !sameHolder(h, last) {
+			if err := send(st, rev); err != nil {
+				return err
+			}
+			last, first = h, false
+		}
+		if err := l.waitChange(ctx, l.layout.LockQueue(ns, name), rev, heartbeat); err != nil {
+			if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+				first = true // quiet for a heartbeat: send the state again
+				continue
+			}
+			return err
+		}
+	}
+	return ctx.Err()
+}
+
+func sameHolder(a, b *beaconv1.LockHolder) bool {
+	return a.GetSessionId() == b.GetSessionId() && a.GetFencingToken() == b.GetFencingToken() && string(a.GetValue()) == string(b.GetValue())
+}
+
+// waitChange waits for any change under prefix after rev, at most
+// heartbeat (0: no bound).
+func (l *Locks) waitChange(ctx context.Context, prefix string, rev int64, heartbeat time.Duration) error {
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	if heartbeat > 0 {
+		cancel()
+		wctx, cancel = context.WithTimeout(clientv3.WithRequireLeader(ctx), heartbeat)
+	}
+	defer cancel()
+	for resp := range l.cli.Watch(wctx, prefix, clientv3.WithPrefix(), clientv3.WithRev(rev+1)) {
+		if err := resp.Err(); err != nil {
+			return nil // compacted or no leader: look again
+		}
+		if len(resp.Events) > 0 {
+			return nil
+		}
+	}
+	if err := wctx.Err(); err != nil {
+		return err
+	}
+	return nil
 }
