@@ -43,3 +43,23 @@ func TestLockCommand(t *testing.T) {
 		t.Fatalf("lock without -- = %d, %q", code, errs)
 	}
 }
+
+// beacon elect leads and runs the command; beacon leader shows the leader
+// and its value, and "no leader" once it resigned.
+func TestElectAndLeaderCommands(t *testing.T) {
+	srv := servertest.Start(t, servertest.Config(t, ""))
+	at := "--server=" + srv.Addr()
+	leading, stop := start("elect", at, "scheduler", "--value", "10.0.0.5:9000", "--", "sleep", "60")
+	defer stop()
+	testutil.Eventually(t, 30*time.Second, "the candidate to lead", func() bool {
+		return strings.Contains(leading.String(), "leading election default/scheduler")
+	})
+	if code, out, errs := run("leader", at, "scheduler"); code != 0 || !strings.HasPrefix(out, "10.0.0.5:9000 (session ") {
+		t.Fatalf("leader = %d, %q, %q", code, out, errs)
+	}
+	stop()
+	testutil.Eventually(t, 30*time.Second, "the leader to resign", func() bool {
+		_, out, _ := run("leader", at, "scheduler")
+		return strings.TrimSpace(out) == "no leader"
+	})
+}

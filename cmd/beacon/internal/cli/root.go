@@ -201,6 +201,8 @@ func newRoot(stdout, stderr io.Writer) (*cobra.Command, *globals) {
 		newACLCmd(g),
 		newKVCmd(g),
 		newLockCmd(g),
+		newElectCmd(g),
+		newLeaderCmd(g),
 		&cobra.Command{
 			Use:   "version",
 			Short: "Print the version: the module version and the VCS revision it was built from",
