@@ -416,3 +416,54 @@ func (w *KVWatcher) apply(parts []*beaconv1.KVWatchResponse) {
 		w.notify()
 	}
 }
+
+// ReportApplied tells the server that this instance (session s, named
+// label, or the session if "") applied revision of key — or, with a
+// non-nil applyErr, refused it — so that operators see who runs which
+// version (Applied, `beacon kv rollout status`). The report goes when
+// the session ends.
+func (k *KV) ReportApplied(ctx context.Context, key string, s *Session, label string, revision int64, applyErr error, opts ...CallOption) error {
+	id, _ := s.Lease()
+	req := &beaconv1.KVReportAppliedRequest{Namespace: k.c.options(opts).namespace, Key: key, SessionId: id, Label: label, Revision: revision}
+	if applyErr != nil {
+		req.Error = applyErr.Error()
+		if len(req.Error) > 1024 {
+			req.Error = req.Error[:1021] + "..."
+		}
+	}
+	_, err := kvCall(ctx, k, repeatable, func(ctx context.Context, c beaconv1connect.KVServiceClient) (struct{}, error) {
+		_, err := c.ReportApplied(ctx, connect.NewRequest(req))
+		return struct{}{}, err
+	})
+	return err
+}
+
+// AppliedReport is one instance's last report on a key.
+type AppliedReport struct {
+	SessionID int64
+	Label     string
+	Revision  int64
+	Error     string // why Revision was refused ("" : applied)
+	Time      time.Time
+}
+
+// Applied returns the instances' reports on key and the key's current
+// revision (0: it does not exist).
+func (k *KV) Applied(ctx context.Context, key string, opts ...CallOption) ([]AppliedReport, int64, error) {
+	req := &beaconv1.KVAppliedRequest{Namespace: k.c.options(opts).namespace, Key: key}
+	resp, err := kvCall(ctx, k, repeatable, func(ctx context.Context, c beaconv1connect.KVServiceClient) (*beaconv1.KVAppliedResponse, error) {
+		resp, err := c.Applied(ctx, connect.NewRequest(req))
+		if err != nil {
+			return nil, err
+		}
+		return resp.Msg, nil
+	})
+	if err != nil {
+		return nil, 0, err
+	}
+	out := make([]AppliedReport, 0, len(resp.GetReports()))
+	for _, r := range resp.GetReports() {
+		out = append(out, AppliedReport{SessionID: r.GetSessionId(), Label: r.GetLabel(), Revision: r.GetRevision(), Error: r.GetError(), Time: r.GetTime().AsTime()})
+	}
+	return out, resp.GetCurrentRevision(), nil
+}

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
+	"beacon.dev/beacon/internal/atomicfile"
 	"beacon.dev/beacon/internal/wire"
 	"beacon.dev/beacon/registry"
 )
@@ -80,26 +81,7 @@ func writeSnapshot(dir, namespace string, snaps map[string]*registry.Snapshot, n
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	f, err := os.CreateTemp(dir, ".beacon-discovery-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name()) // after a successful rename this fails harmlessly
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), snapshotPath(dir, namespace))
+	return atomicfile.Write(snapshotPath(dir, namespace), data)
 }
 
 // ErrBadSnapshot wraps every reason a snapshot file is not used.

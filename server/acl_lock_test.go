@@ -87,6 +87,39 @@ func TestACLLockPermissionMatrix(t *testing.T) {
 	if _, err := mgmt.Acquire(ctx, connect.NewRequest(&beaconv1.AcquireLockRequest{Name: "app/held", SessionId: session})); err != nil {
 		t.Fatal(err)
 	}
+	// Apply reports: reporting needs key:read and acting for the session;
+	// reading them key:read.
+	kvOps := []struct {
+		name string
+		want map[string]outcome
+		call func(ctx context.Context, c beaconv1connect.KVServiceClient) error
+	}{
+		{"KV ReportApplied app/x", allow("app-read", "app-write", "management"), func(ctx context.Context, c beaconv1connect.KVServiceClient) error {
+			_, err := c.ReportApplied(ctx, connect.NewRequest(&beaconv1.KVReportAppliedRequest{Key: "app/x", SessionId: session, Revision: 1}))
+			return err
+		}},
+		{"KV Applied app/x", allow("app-read", "app-write", "app-write-no-session", "management"), func(ctx context.Context, c beaconv1connect.KVServiceClient) error {
+			_, err := c.Applied(ctx, connect.NewRequest(&beaconv1.KVAppliedRequest{Key: "app/x"}))
+			return err
+		}},
+	}
+	for _, o := range kvOps {
+		for _, row := range rows {
+			want := o.want[row]
+			if want == "" {
+				want = denied
+			}
+			if row == "bad-token" {
+				want = unauth
+			}
+			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			err := o.call(cctx, beaconv1connect.NewKVServiceClient(h2c(), "http://"+srv.Addr(), connect.WithGRPC(), connect.WithInterceptors(bearer(secrets[row]))))
+			cancel()
+			if got := outcomeOf(t, err); got != want {
+				t.Errorf("%s as %s = %s (%v), want %s", o.name, row, got, err, want)
+			}
+		}
+	}
 	for tname, topts := range map[string][]connect.ClientOption{"grpc": {connect.WithGRPC()}, "connect-json": {connect.WithProtoJSON()}} {
 		for _, o := range ops {
 			for _, row := range rows {

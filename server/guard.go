@@ -285,6 +285,7 @@ var writeProcedures = map[string]bool{
 	beaconv1connect.KVServiceDeleteProcedure:                 true,
 	beaconv1connect.KVServiceTxnProcedure:                    true,
 	beaconv1connect.KVServiceRollbackProcedure:               true,
+	beaconv1connect.KVServiceReportAppliedProcedure:          true,
 	beaconv1connect.LockServiceAcquireProcedure:              true,
 	beaconv1connect.LockServiceReleaseProcedure:              true,
 	beaconv1connect.LockServiceProclaimProcedure:             true,

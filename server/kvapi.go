@@ -382,7 +382,14 @@ func (k kvAPI) Watch(ctx context.Context, req *connect.Request[beaconv1.KVWatchR
 		return err
 	}
 	defer giveBack()
-	sub := k.s.kvReplica.Subscribe(ns, m.GetKey(), m.GetPrefix(), m.GetAfterRevision(), func(key string) bool { return authz.Key(ns, key) >= acl.Read })
+	var atLeast int64
+	if m.GetAfterRevision() == 0 {
+		// The whole state holds every write acknowledged before the watch
+		// began (if etcd answers within the read timeout).
+		(api{k.s}).catchUp(ctx)
+		atLeast = k.s.view.Revision()
+	}
+	sub := k.s.kvReplica.Subscribe(ns, m.GetKey(), m.GetPrefix(), m.GetAfterRevision(), atLeast, func(key string) bool { return authz.Key(ns, key) >= acl.Read })
 	defer sub.Close()
 	valid := recheck(ctx)
 	var quiet *time.Timer
@@ -435,4 +442,69 @@ func splitKVMessage(resp *beaconv1.KVWatchResponse) []*beaconv1.KVWatchResponse 
 		size += n
 	}
 	return append(parts, cur)
+}
+
+// Bounds of an apply report.
+const (
+	MaxAppliedLabelBytes = 128
+	MaxAppliedErrorBytes = 1 << 10
+)
+
+func (k kvAPI) ReportApplied(ctx context.Context, req *connect.Request[beaconv1.KVReportAppliedRequest]) (*connect.Response[beaconv1.KVReportAppliedResponse], error) {
+	if err := (api{k.s}).ready(); err != nil {
+		return nil, err
+	}
+	m := req.Msg
+	ns, err := kvKey(m.GetNamespace(), m.GetKey())
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case m.GetSessionId() == 0:
+		err = &registry.FieldError{Field: "session_id", Reason: "must name the reporting instance's session"}
+	case len(m.GetLabel()) > MaxAppliedLabelBytes:
+		err = &registry.FieldError{Field: "label", Reason: fmt.Sprintf("is %d bytes, at most %d", len(m.GetLabel()), MaxAppliedLabelBytes)}
+	case len(m.GetError()) > MaxAppliedErrorBytes:
+		err = &registry.FieldError{Field: "error", Reason: fmt.Sprintf("is %d bytes, at most %d", len(m.GetError()), MaxAppliedErrorBytes)}
+	case m.GetRevision() < 0:
+		err = &registry.FieldError{Field: "revision", Reason: fmt.Sprintf("%d, must be a revision", m.GetRevision())}
+	}
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if err := needKey(ctx, ns, m.GetKey(), acl.Read); err != nil {
+		return nil, err
+	}
+	if err := (api{k.s}).needKeepAlive(ctx, m.GetSessionId()); err != nil {
+		return nil, err
+	}
+	if err := k.s.kvApplied.Report(ctx, ns, m.GetKey(), m.GetSessionId(), m.GetLabel(), m.GetRevision(), m.GetError()); err != nil {
+		if errors.Is(err, kv.ErrSessionNotFound) {
+			return nil, connect.NewError(connect.CodeNotFound, err)
+		}
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&beaconv1.KVReportAppliedResponse{}), nil
+}
+
+func (k kvAPI) Applied(ctx context.Context, req *connect.Request[beaconv1.KVAppliedRequest]) (*connect.Response[beaconv1.KVAppliedResponse], error) {
+	if err := (api{k.s}).ready(); err != nil {
+		return nil, err
+	}
+	ns, err := kvKey(req.Msg.GetNamespace(), req.Msg.GetKey())
+	if err != nil {
+		return nil, err
+	}
+	if err := needKey(ctx, ns, req.Msg.GetKey(), acl.Read); err != nil {
+		return nil, err
+	}
+	reports, err := k.s.kvApplied.List(ctx, ns, req.Msg.GetKey())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	cur, _, err := k.s.kv.Get(ctx, ns, req.Msg.GetKey())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&beaconv1.KVAppliedResponse{Reports: reports, CurrentRevision: cur.GetModRevision()}), nil
 }

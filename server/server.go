@@ -48,6 +48,7 @@ type Server struct {
 	acks          *acks
 	kv            *kv.Store
 	kvReplica     *kv.Replica // the KV values, fed by the view
+	kvApplied     *kv.Applied
 	locks         *lock.Locks
 	acl           *acl.System // nil without --acl
 	breakGlass    *breakGlass // nil without --acl
@@ -210,6 +211,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	}
 	s.kv = kv.New(cli, s.store.KVPrefix(), s.store.KVHistoryPrefix(), history)
 	s.kvReplica = kv.NewReplica(s.store.KVPrefix(), 0)
+	s.kvApplied = kv.NewApplied(cli, s.store.KVAppliedPrefix())
 	hooks.KVListed = s.kvReplica.Listed
 	delay := cfg.LockDelay
 	switch {

@@ -53,6 +53,10 @@ func (l Layout) TTLKey(k registry.InstanceKey, check string) string {
 // KVHistoryPrefix their kept versions (server/internal/kv).
 func (l Layout) KVPrefix() string { return l.Prefix + "kv/" }
 
+// KVAppliedPrefix holds the instances' apply reports, one per key and
+// session, on the session's lease.
+func (l Layout) KVAppliedPrefix() string { return l.Prefix + "kvapplied/" }
+
 // KVHistoryPrefix: see KVPrefix.
 func (l Layout) KVHistoryPrefix() string { return l.Prefix + "kvhistory/" }
 

@@ -1359,6 +1359,314 @@ func (x *KVWatchResponse) GetMore() bool {
 	return false
 }
 
+// KVReportAppliedRequest is an instance saying which version of a key it
+// applied (or why it refused one), under its session: the report goes
+// when the session ends.
+type KVReportAppliedRequest struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Key       string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	SessionId int64                  `protobuf:"varint,3,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	// Names the instance (default: the session). At most 128 bytes.
+	Label string `protobuf:"bytes,4,opt,name=label,proto3" json:"label,omitempty"`
+	// The revision it applied, or refused (with error).
+	Revision int64 `protobuf:"varint,5,opt,name=revision,proto3" json:"revision,omitempty"`
+	// Why the revision was not applied (empty: applied). At most 1 KiB.
+	Error         string `protobuf:"bytes,6,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVReportAppliedRequest) Reset() {
+	*x = KVReportAppliedRequest{}
+	mi := &file_beacon_v1_kv_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVReportAppliedRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVReportAppliedRequest) ProtoMessage() {}
+
+func (x *KVReportAppliedRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_kv_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVReportAppliedRequest.ProtoReflect.Descriptor instead.
+func (*KVReportAppliedRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *KVReportAppliedRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *KVReportAppliedRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *KVReportAppliedRequest) GetSessionId() int64 {
+	if x != nil {
+		return x.SessionId
+	}
+	return 0
+}
+
+func (x *KVReportAppliedRequest) GetLabel() string {
+	if x != nil {
+		return x.Label
+	}
+	return ""
+}
+
+func (x *KVReportAppliedRequest) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *KVReportAppliedRequest) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+type KVReportAppliedResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVReportAppliedResponse) Reset() {
+	*x = KVReportAppliedResponse{}
+	mi := &file_beacon_v1_kv_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVReportAppliedResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVReportAppliedResponse) ProtoMessage() {}
+
+func (x *KVReportAppliedResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_kv_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVReportAppliedResponse.ProtoReflect.Descriptor instead.
+func (*KVReportAppliedResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{21}
+}
+
+type KVAppliedRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Key           string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVAppliedRequest) Reset() {
+	*x = KVAppliedRequest{}
+	mi := &file_beacon_v1_kv_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVAppliedRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVAppliedRequest) ProtoMessage() {}
+
+func (x *KVAppliedRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_kv_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVAppliedRequest.ProtoReflect.Descriptor instead.
+func (*KVAppliedRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *KVAppliedRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *KVAppliedRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+// KVApplied is one instance's last report on a key.
+type KVApplied struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SessionId     int64                  `protobuf:"varint,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	Label         string                 `protobuf:"bytes,2,opt,name=label,proto3" json:"label,omitempty"`
+	Revision      int64                  `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
+	Error         string                 `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
+	Time          *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=time,proto3" json:"time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVApplied) Reset() {
+	*x = KVApplied{}
+	mi := &file_beacon_v1_kv_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVApplied) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVApplied) ProtoMessage() {}
+
+func (x *KVApplied) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_kv_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVApplied.ProtoReflect.Descriptor instead.
+func (*KVApplied) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *KVApplied) GetSessionId() int64 {
+	if x != nil {
+		return x.SessionId
+	}
+	return 0
+}
+
+func (x *KVApplied) GetLabel() string {
+	if x != nil {
+		return x.Label
+	}
+	return ""
+}
+
+func (x *KVApplied) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *KVApplied) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *KVApplied) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+type KVAppliedResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Reports []*KVApplied           `protobuf:"bytes,1,rep,name=reports,proto3" json:"reports,omitempty"`
+	// The key's current mod_revision (0: it does not exist).
+	CurrentRevision int64 `protobuf:"varint,2,opt,name=current_revision,json=currentRevision,proto3" json:"current_revision,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *KVAppliedResponse) Reset() {
+	*x = KVAppliedResponse{}
+	mi := &file_beacon_v1_kv_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVAppliedResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVAppliedResponse) ProtoMessage() {}
+
+func (x *KVAppliedResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_kv_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVAppliedResponse.ProtoReflect.Descriptor instead.
+func (*KVAppliedResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *KVAppliedResponse) GetReports() []*KVApplied {
+	if x != nil {
+		return x.Reports
+	}
+	return nil
+}
+
+func (x *KVAppliedResponse) GetCurrentRevision() int64 {
+	if x != nil {
+		return x.CurrentRevision
+	}
+	return 0
+}
+
 var File_beacon_v1_kv_proto protoreflect.FileDescriptor
 
 const file_beacon_v1_kv_proto_rawDesc = "" +
@@ -1461,7 +1769,29 @@ const file_beacon_v1_kv_proto_rawDesc = "" +
 	"\n" +
 	"full_state\x18\x02 \x01(\bR\tfullState\x12*\n" +
 	"\x06events\x18\x03 \x03(\v2\x12.beacon.v1.KVEventR\x06events\x12\x12\n" +
-	"\x04more\x18\x04 \x01(\bR\x04more2\x99\x04\n" +
+	"\x04more\x18\x04 \x01(\bR\x04more\"\xaf\x01\n" +
+	"\x16KVReportAppliedRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x03 \x01(\x03R\tsessionId\x12\x14\n" +
+	"\x05label\x18\x04 \x01(\tR\x05label\x12\x1a\n" +
+	"\brevision\x18\x05 \x01(\x03R\brevision\x12\x14\n" +
+	"\x05error\x18\x06 \x01(\tR\x05error\"\x19\n" +
+	"\x17KVReportAppliedResponse\"B\n" +
+	"\x10KVAppliedRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\"\xa2\x01\n" +
+	"\tKVApplied\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x01 \x01(\x03R\tsessionId\x12\x14\n" +
+	"\x05label\x18\x02 \x01(\tR\x05label\x12\x1a\n" +
+	"\brevision\x18\x03 \x01(\x03R\brevision\x12\x14\n" +
+	"\x05error\x18\x04 \x01(\tR\x05error\x12.\n" +
+	"\x04time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"n\n" +
+	"\x11KVAppliedResponse\x12.\n" +
+	"\areports\x18\x01 \x03(\v2\x14.beacon.v1.KVAppliedR\areports\x12)\n" +
+	"\x10current_revision\x18\x02 \x01(\x03R\x0fcurrentRevision2\xbc\x05\n" +
 	"\tKVService\x12=\n" +
 	"\x03Get\x12\x17.beacon.v1.KVGetRequest\x1a\x18.beacon.v1.KVGetResponse\"\x03\x90\x02\x01\x12@\n" +
 	"\x04List\x12\x18.beacon.v1.KVListRequest\x1a\x19.beacon.v1.KVListResponse\"\x03\x90\x02\x01\x128\n" +
@@ -1470,7 +1800,9 @@ const file_beacon_v1_kv_proto_rawDesc = "" +
 	"\x03Txn\x12\x17.beacon.v1.KVTxnRequest\x1a\x18.beacon.v1.KVTxnResponse\x12I\n" +
 	"\aHistory\x12\x1b.beacon.v1.KVHistoryRequest\x1a\x1c.beacon.v1.KVHistoryResponse\"\x03\x90\x02\x01\x12G\n" +
 	"\bRollback\x12\x1c.beacon.v1.KVRollbackRequest\x1a\x1d.beacon.v1.KVRollbackResponse\x12@\n" +
-	"\x05Watch\x12\x19.beacon.v1.KVWatchRequest\x1a\x1a.beacon.v1.KVWatchResponse0\x01B*Z(beacon.dev/beacon/api/beacon/v1;beaconv1b\x06proto3"
+	"\x05Watch\x12\x19.beacon.v1.KVWatchRequest\x1a\x1a.beacon.v1.KVWatchResponse0\x01\x12V\n" +
+	"\rReportApplied\x12!.beacon.v1.KVReportAppliedRequest\x1a\".beacon.v1.KVReportAppliedResponse\x12I\n" +
+	"\aApplied\x12\x1b.beacon.v1.KVAppliedRequest\x1a\x1c.beacon.v1.KVAppliedResponse\"\x03\x90\x02\x01B*Z(beacon.dev/beacon/api/beacon/v1;beaconv1b\x06proto3"
 
 var (
 	file_beacon_v1_kv_proto_rawDescOnce sync.Once
@@ -1485,67 +1817,78 @@ func file_beacon_v1_kv_proto_rawDescGZIP() []byte {
 }
 
 var file_beacon_v1_kv_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_beacon_v1_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_beacon_v1_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_beacon_v1_kv_proto_goTypes = []any{
-	(KVOp_Type)(0),                // 0: beacon.v1.KVOp.Type
-	(*KeyValue)(nil),              // 1: beacon.v1.KeyValue
-	(*KVGetRequest)(nil),          // 2: beacon.v1.KVGetRequest
-	(*KVGetResponse)(nil),         // 3: beacon.v1.KVGetResponse
-	(*KVListRequest)(nil),         // 4: beacon.v1.KVListRequest
-	(*KVListResponse)(nil),        // 5: beacon.v1.KVListResponse
-	(*KVPutRequest)(nil),          // 6: beacon.v1.KVPutRequest
-	(*KVPutResponse)(nil),         // 7: beacon.v1.KVPutResponse
-	(*KVDeleteRequest)(nil),       // 8: beacon.v1.KVDeleteRequest
-	(*KVDeleteResponse)(nil),      // 9: beacon.v1.KVDeleteResponse
-	(*KVOp)(nil),                  // 10: beacon.v1.KVOp
-	(*KVTxnRequest)(nil),          // 11: beacon.v1.KVTxnRequest
-	(*KVTxnResponse)(nil),         // 12: beacon.v1.KVTxnResponse
-	(*KVVersion)(nil),             // 13: beacon.v1.KVVersion
-	(*KVHistoryRequest)(nil),      // 14: beacon.v1.KVHistoryRequest
-	(*KVHistoryResponse)(nil),     // 15: beacon.v1.KVHistoryResponse
-	(*KVRollbackRequest)(nil),     // 16: beacon.v1.KVRollbackRequest
-	(*KVRollbackResponse)(nil),    // 17: beacon.v1.KVRollbackResponse
-	(*KVWatchRequest)(nil),        // 18: beacon.v1.KVWatchRequest
-	(*KVEvent)(nil),               // 19: beacon.v1.KVEvent
-	(*KVWatchResponse)(nil),       // 20: beacon.v1.KVWatchResponse
-	(*Fence)(nil),                 // 21: beacon.v1.Fence
-	(*timestamppb.Timestamp)(nil), // 22: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 23: google.protobuf.Duration
+	(KVOp_Type)(0),                  // 0: beacon.v1.KVOp.Type
+	(*KeyValue)(nil),                // 1: beacon.v1.KeyValue
+	(*KVGetRequest)(nil),            // 2: beacon.v1.KVGetRequest
+	(*KVGetResponse)(nil),           // 3: beacon.v1.KVGetResponse
+	(*KVListRequest)(nil),           // 4: beacon.v1.KVListRequest
+	(*KVListResponse)(nil),          // 5: beacon.v1.KVListResponse
+	(*KVPutRequest)(nil),            // 6: beacon.v1.KVPutRequest
+	(*KVPutResponse)(nil),           // 7: beacon.v1.KVPutResponse
+	(*KVDeleteRequest)(nil),         // 8: beacon.v1.KVDeleteRequest
+	(*KVDeleteResponse)(nil),        // 9: beacon.v1.KVDeleteResponse
+	(*KVOp)(nil),                    // 10: beacon.v1.KVOp
+	(*KVTxnRequest)(nil),            // 11: beacon.v1.KVTxnRequest
+	(*KVTxnResponse)(nil),           // 12: beacon.v1.KVTxnResponse
+	(*KVVersion)(nil),               // 13: beacon.v1.KVVersion
+	(*KVHistoryRequest)(nil),        // 14: beacon.v1.KVHistoryRequest
+	(*KVHistoryResponse)(nil),       // 15: beacon.v1.KVHistoryResponse
+	(*KVRollbackRequest)(nil),       // 16: beacon.v1.KVRollbackRequest
+	(*KVRollbackResponse)(nil),      // 17: beacon.v1.KVRollbackResponse
+	(*KVWatchRequest)(nil),          // 18: beacon.v1.KVWatchRequest
+	(*KVEvent)(nil),                 // 19: beacon.v1.KVEvent
+	(*KVWatchResponse)(nil),         // 20: beacon.v1.KVWatchResponse
+	(*KVReportAppliedRequest)(nil),  // 21: beacon.v1.KVReportAppliedRequest
+	(*KVReportAppliedResponse)(nil), // 22: beacon.v1.KVReportAppliedResponse
+	(*KVAppliedRequest)(nil),        // 23: beacon.v1.KVAppliedRequest
+	(*KVApplied)(nil),               // 24: beacon.v1.KVApplied
+	(*KVAppliedResponse)(nil),       // 25: beacon.v1.KVAppliedResponse
+	(*Fence)(nil),                   // 26: beacon.v1.Fence
+	(*timestamppb.Timestamp)(nil),   // 27: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),     // 28: google.protobuf.Duration
 }
 var file_beacon_v1_kv_proto_depIdxs = []int32{
 	1,  // 0: beacon.v1.KVGetResponse.kv:type_name -> beacon.v1.KeyValue
 	1,  // 1: beacon.v1.KVListResponse.kvs:type_name -> beacon.v1.KeyValue
-	21, // 2: beacon.v1.KVPutRequest.fence:type_name -> beacon.v1.Fence
-	21, // 3: beacon.v1.KVDeleteRequest.fence:type_name -> beacon.v1.Fence
+	26, // 2: beacon.v1.KVPutRequest.fence:type_name -> beacon.v1.Fence
+	26, // 3: beacon.v1.KVDeleteRequest.fence:type_name -> beacon.v1.Fence
 	0,  // 4: beacon.v1.KVOp.type:type_name -> beacon.v1.KVOp.Type
 	10, // 5: beacon.v1.KVTxnRequest.ops:type_name -> beacon.v1.KVOp
-	21, // 6: beacon.v1.KVTxnRequest.fence:type_name -> beacon.v1.Fence
-	22, // 7: beacon.v1.KVVersion.time:type_name -> google.protobuf.Timestamp
+	26, // 6: beacon.v1.KVTxnRequest.fence:type_name -> beacon.v1.Fence
+	27, // 7: beacon.v1.KVVersion.time:type_name -> google.protobuf.Timestamp
 	13, // 8: beacon.v1.KVHistoryResponse.versions:type_name -> beacon.v1.KVVersion
-	23, // 9: beacon.v1.KVWatchRequest.heartbeat:type_name -> google.protobuf.Duration
+	28, // 9: beacon.v1.KVWatchRequest.heartbeat:type_name -> google.protobuf.Duration
 	1,  // 10: beacon.v1.KVEvent.kv:type_name -> beacon.v1.KeyValue
 	19, // 11: beacon.v1.KVWatchResponse.events:type_name -> beacon.v1.KVEvent
-	2,  // 12: beacon.v1.KVService.Get:input_type -> beacon.v1.KVGetRequest
-	4,  // 13: beacon.v1.KVService.List:input_type -> beacon.v1.KVListRequest
-	6,  // 14: beacon.v1.KVService.Put:input_type -> beacon.v1.KVPutRequest
-	8,  // 15: beacon.v1.KVService.Delete:input_type -> beacon.v1.KVDeleteRequest
-	11, // 16: beacon.v1.KVService.Txn:input_type -> beacon.v1.KVTxnRequest
-	14, // 17: beacon.v1.KVService.History:input_type -> beacon.v1.KVHistoryRequest
-	16, // 18: beacon.v1.KVService.Rollback:input_type -> beacon.v1.KVRollbackRequest
-	18, // 19: beacon.v1.KVService.Watch:input_type -> beacon.v1.KVWatchRequest
-	3,  // 20: beacon.v1.KVService.Get:output_type -> beacon.v1.KVGetResponse
-	5,  // 21: beacon.v1.KVService.List:output_type -> beacon.v1.KVListResponse
-	7,  // 22: beacon.v1.KVService.Put:output_type -> beacon.v1.KVPutResponse
-	9,  // 23: beacon.v1.KVService.Delete:output_type -> beacon.v1.KVDeleteResponse
-	12, // 24: beacon.v1.KVService.Txn:output_type -> beacon.v1.KVTxnResponse
-	15, // 25: beacon.v1.KVService.History:output_type -> beacon.v1.KVHistoryResponse
-	17, // 26: beacon.v1.KVService.Rollback:output_type -> beacon.v1.KVRollbackResponse
-	20, // 27: beacon.v1.KVService.Watch:output_type -> beacon.v1.KVWatchResponse
-	20, // [20:28] is the sub-list for method output_type
-	12, // [12:20] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	27, // 12: beacon.v1.KVApplied.time:type_name -> google.protobuf.Timestamp
+	24, // 13: beacon.v1.KVAppliedResponse.reports:type_name -> beacon.v1.KVApplied
+	2,  // 14: beacon.v1.KVService.Get:input_type -> beacon.v1.KVGetRequest
+	4,  // 15: beacon.v1.KVService.List:input_type -> beacon.v1.KVListRequest
+	6,  // 16: beacon.v1.KVService.Put:input_type -> beacon.v1.KVPutRequest
+	8,  // 17: beacon.v1.KVService.Delete:input_type -> beacon.v1.KVDeleteRequest
+	11, // 18: beacon.v1.KVService.Txn:input_type -> beacon.v1.KVTxnRequest
+	14, // 19: beacon.v1.KVService.History:input_type -> beacon.v1.KVHistoryRequest
+	16, // 20: beacon.v1.KVService.Rollback:input_type -> beacon.v1.KVRollbackRequest
+	18, // 21: beacon.v1.KVService.Watch:input_type -> beacon.v1.KVWatchRequest
+	21, // 22: beacon.v1.KVService.ReportApplied:input_type -> beacon.v1.KVReportAppliedRequest
+	23, // 23: beacon.v1.KVService.Applied:input_type -> beacon.v1.KVAppliedRequest
+	3,  // 24: beacon.v1.KVService.Get:output_type -> beacon.v1.KVGetResponse
+	5,  // 25: beacon.v1.KVService.List:output_type -> beacon.v1.KVListResponse
+	7,  // 26: beacon.v1.KVService.Put:output_type -> beacon.v1.KVPutResponse
+	9,  // 27: beacon.v1.KVService.Delete:output_type -> beacon.v1.KVDeleteResponse
+	12, // 28: beacon.v1.KVService.Txn:output_type -> beacon.v1.KVTxnResponse
+	15, // 29: beacon.v1.KVService.History:output_type -> beacon.v1.KVHistoryResponse
+	17, // 30: beacon.v1.KVService.Rollback:output_type -> beacon.v1.KVRollbackResponse
+	20, // 31: beacon.v1.KVService.Watch:output_type -> beacon.v1.KVWatchResponse
+	22, // 32: beacon.v1.KVService.ReportApplied:output_type -> beacon.v1.KVReportAppliedResponse
+	25, // 33: beacon.v1.KVService.Applied:output_type -> beacon.v1.KVAppliedResponse
+	24, // [24:34] is the sub-list for method output_type
+	14, // [14:24] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_beacon_v1_kv_proto_init() }
@@ -1564,7 +1907,7 @@ func file_beacon_v1_kv_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_beacon_v1_kv_proto_rawDesc), len(file_beacon_v1_kv_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   20,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

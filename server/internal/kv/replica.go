@@ -138,6 +138,7 @@ func (r *Replica) Changed(events []*clientv3.Event, rev int64) {
 		r.changes = append(r.changes, c)
 		woken = append(woken, c)
 	}
+	advanced := rev > r.rev
 	r.rev = max(r.rev, rev)
 	if len(r.changes) > r.maxLog {
 		// Drop the older half: a stream still behind it is reset.
@@ -145,11 +146,10 @@ func (r *Replica) Changed(events []*clientv3.Event, rev int64) {
 		r.floor = r.changes[drop-1].rev
 		r.changes = slices.Delete(r.changes, 0, drop)
 	}
-	if len(woken) == 0 {
-		return
-	}
 	for s := range r.subs {
-		if slices.ContainsFunc(woken, func(c change) bool { return s.matches(c.ns, c.key) }) {
+		if s.atLeast > 0 && s.cursor < s.atLeast && advanced {
+			s.wake() // waiting for the replica to reach a revision
+		} else if slices.ContainsFunc(woken, func(c change) bool { return s.matches(c.ns, c.key) }) {
 			s.wake()
 		}
 	}
@@ -170,13 +170,16 @@ type Sub struct {
 	wakeC    chan struct{}
 	cursor   int64 // guarded by r.mu; every change up to cursor was handed out
 	reset    bool  // guarded by r.mu; the next message is the whole state
+	atLeast  int64 // the whole state is sent at this revision or later
 }
 
 // Subscribe watches key (or every key starting with it, with prefix) of
 // a namespace, from after revision after (0: start with the whole state).
 // readable filters the keys the subscriber may see.
-func (r *Replica) Subscribe(ns, key string, prefix bool, after int64, readable func(string) bool) *Sub {
-	s := &Sub{r: r, ns: ns, key: key, prefix: prefix, readable: readable, wakeC: make(chan struct{}, 1), cursor: after, reset: after == 0}
+// The first whole state is sent at revision atLeast or later (what the
+// caller knows etcd had: a watch reads its own writes).
+func (r *Replica) Subscribe(ns, key string, prefix bool, after, atLeast int64, readable func(string) bool) *Sub {
+	s := &Sub{r: r, ns: ns, key: key, prefix: prefix, readable: readable, wakeC: make(chan struct{}, 1), cursor: after, reset: after == 0, atLeast: atLeast}
 	r.mu.Lock()
 	r.subs[s] = struct{}{}
 	r.mu.Unlock()
@@ -222,7 +225,7 @@ func (s *Sub) Next(ctx context.Context, quiet <-chan time.Time) (*beaconv1.KVWat
 	r := s.r
 	for {
 		r.mu.Lock()
-		if r.loaded {
+		if r.loaded && r.rev >= s.atLeast {
 			if s.reset || s.cursor < r.floor {
 				resp := &beaconv1.KVWatchResponse{Revision: r.rev, FullState: true, Events: s.stateLocked()}
 				s.cursor, s.reset = r.rev, false

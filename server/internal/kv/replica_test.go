@@ -56,7 +56,7 @@ func describe(resp *beaconv1.KVWatchResponse) string {
 func TestReplicaChangesCoalescedInOrder(t *testing.T) {
 	r := NewReplica(prefix, 0)
 	r.Listed([]*mvccpb.KeyValue{{Key: []byte(prefix + "ns/app/a"), Value: []byte("1"), ModRevision: 5}, {Key: []byte(prefix + "ns/app/secret"), Value: []byte("s"), ModRevision: 6}}, 10)
-	s := r.Subscribe("ns", "app/", true, 0, func(k string) bool { return k != "app/secret" })
+	s := r.Subscribe("ns", "app/", true, 0, 0, func(k string) bool { return k != "app/secret" })
 	defer s.Close()
 	if got := describe(next(t, s)); got != "rev 10 full true: app/a=1@5" {
 		t.Fatalf("first = %s", got)
@@ -73,7 +73,7 @@ func TestReplicaChangesCoalescedInOrder(t *testing.T) {
 func TestReplicaResetsBehindTheLog(t *testing.T) {
 	r := NewReplica(prefix, 4)
 	r.Listed(nil, 10)
-	behind := r.Subscribe("ns", "k", false, 10, all)
+	behind := r.Subscribe("ns", "k", false, 10, 0, all)
 	defer behind.Close()
 	for rev := int64(11); rev <= 20; rev++ {
 		r.Changed([]*clientv3.Event{put("ns", fmt.Sprint("other", rev), "v", rev)}, rev)
@@ -82,7 +82,7 @@ func TestReplicaResetsBehindTheLog(t *testing.T) {
 	if got := describe(next(t, behind)); got != "rev 21 full true: k=late@21" {
 		t.Fatalf("behind the log = %s", got)
 	}
-	inside := r.Subscribe("ns", "k", false, 20, all)
+	inside := r.Subscribe("ns", "k", false, 20, 0, all)
 	defer inside.Close()
 	if got := describe(next(t, inside)); got != "rev 21 full false: k=late@21" {
 		t.Fatalf("inside the log = %s", got)
@@ -99,7 +99,7 @@ func TestReplicaResetsBehindTheLog(t *testing.T) {
 func TestReplicaNeverStepsBack(t *testing.T) {
 	r := NewReplica(prefix, 0)
 	r.Listed([]*mvccpb.KeyValue{{Key: []byte(prefix + "ns/k"), Value: []byte("old"), ModRevision: 5}}, 10)
-	s := r.Subscribe("ns", "k", false, 12, all)
+	s := r.Subscribe("ns", "k", false, 12, 0, all)
 	defer s.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
@@ -110,5 +110,24 @@ func TestReplicaNeverStepsBack(t *testing.T) {
 	r.Changed([]*clientv3.Event{put("ns", "k", "new", 13)}, 13)
 	if got := describe(next(t, s)); got != "rev 13 full false: k=new@13" {
 		t.Fatalf("resumed = %s", got)
+	}
+}
+
+// A new watch reads its own writes: its whole state waits until the
+// replica has reached the revision the server knew etcd had.
+func TestReplicaWholeStateWaitsForItsRevision(t *testing.T) {
+	r := NewReplica(prefix, 0)
+	r.Listed(nil, 10)
+	s := r.Subscribe("ns", "k", false, 0, 12, all)
+	defer s.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if resp, err := s.Next(ctx, nil); err == nil {
+		t.Fatalf("got %s before the replica reached revision 12", describe(resp))
+	}
+	r.Changed([]*clientv3.Event{put("other", "x", "1", 11)}, 11)
+	r.Changed([]*clientv3.Event{put("ns", "k", "mine", 12)}, 12)
+	if got := describe(next(t, s)); got != "rev 12 full true: k=mine@12" {
+		t.Fatalf("whole state = %s", got)
 	}
 }

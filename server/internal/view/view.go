@@ -164,7 +164,7 @@ func (v *View) watch(ctx context.Context, rev int64) (compacted bool) {
 func (v *View) notMine(key string) bool {
 	l := v.layout
 	return strings.HasPrefix(key, l.ServersPrefix()) || strings.HasPrefix(key, l.TTLPrefix()) || strings.HasPrefix(key, l.ACLPrefix()) ||
-		strings.HasPrefix(key, l.KVPrefix()) || strings.HasPrefix(key, l.KVHistoryPrefix()) ||
+		strings.HasPrefix(key, l.KVPrefix()) || strings.HasPrefix(key, l.KVHistoryPrefix()) || strings.HasPrefix(key, l.KVAppliedPrefix()) ||
 		strings.HasPrefix(key, l.LockPrefix()) || strings.HasPrefix(key, l.LockReleasedPrefix()) || strings.HasPrefix(key, l.LockHoldPrefix()) ||
 		key == l.ProbeKey()
 }

@@ -53,6 +53,10 @@ const (
 	KVServiceRollbackProcedure = "/beacon.v1.KVService/Rollback"
 	// KVServiceWatchProcedure is the fully-qualified name of the KVService's Watch RPC.
 	KVServiceWatchProcedure = "/beacon.v1.KVService/Watch"
+	// KVServiceReportAppliedProcedure is the fully-qualified name of the KVService's ReportApplied RPC.
+	KVServiceReportAppliedProcedure = "/beacon.v1.KVService/ReportApplied"
+	// KVServiceAppliedProcedure is the fully-qualified name of the KVService's Applied RPC.
+	KVServiceAppliedProcedure = "/beacon.v1.KVService/Applied"
 )
 
 // KVServiceClient is a client for the beacon.v1.KVService service.
@@ -65,6 +69,9 @@ type KVServiceClient interface {
 	History(context.Context, *connect.Request[v1.KVHistoryRequest]) (*connect.Response[v1.KVHistoryResponse], error)
 	Rollback(context.Context, *connect.Request[v1.KVRollbackRequest]) (*connect.Response[v1.KVRollbackResponse], error)
 	Watch(context.Context, *connect.Request[v1.KVWatchRequest]) (*connect.ServerStreamForClient[v1.KVWatchResponse], error)
+	// ReportApplied and Applied: which instance applied which version.
+	ReportApplied(context.Context, *connect.Request[v1.KVReportAppliedRequest]) (*connect.Response[v1.KVReportAppliedResponse], error)
+	Applied(context.Context, *connect.Request[v1.KVAppliedRequest]) (*connect.Response[v1.KVAppliedResponse], error)
 }
 
 // NewKVServiceClient constructs a client for the beacon.v1.KVService service. By default, it uses
@@ -129,19 +136,34 @@ func NewKVServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...c
 			connect.WithSchema(kVServiceMethods.ByName("Watch")),
 			connect.WithClientOptions(opts...),
 		),
+		reportApplied: connect.NewClient[v1.KVReportAppliedRequest, v1.KVReportAppliedResponse](
+			httpClient,
+			baseURL+KVServiceReportAppliedProcedure,
+			connect.WithSchema(kVServiceMethods.ByName("ReportApplied")),
+			connect.WithClientOptions(opts...),
+		),
+		applied: connect.NewClient[v1.KVAppliedRequest, v1.KVAppliedResponse](
+			httpClient,
+			baseURL+KVServiceAppliedProcedure,
+			connect.WithSchema(kVServiceMethods.ByName("Applied")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // kVServiceClient implements KVServiceClient.
 type kVServiceClient struct {
-	get      *connect.Client[v1.KVGetRequest, v1.KVGetResponse]
-	list     *connect.Client[v1.KVListRequest, v1.KVListResponse]
-	put      *connect.Client[v1.KVPutRequest, v1.KVPutResponse]
-	delete   *connect.Client[v1.KVDeleteRequest, v1.KVDeleteResponse]
-	txn      *connect.Client[v1.KVTxnRequest, v1.KVTxnResponse]
-	history  *connect.Client[v1.KVHistoryRequest, v1.KVHistoryResponse]
-	rollback *connect.Client[v1.KVRollbackRequest, v1.KVRollbackResponse]
-	watch    *connect.Client[v1.KVWatchRequest, v1.KVWatchResponse]
+	get           *connect.Client[v1.KVGetRequest, v1.KVGetResponse]
+	list          *connect.Client[v1.KVListRequest, v1.KVListResponse]
+	put           *connect.Client[v1.KVPutRequest, v1.KVPutResponse]
+	delete        *connect.Client[v1.KVDeleteRequest, v1.KVDeleteResponse]
+	txn           *connect.Client[v1.KVTxnRequest, v1.KVTxnResponse]
+	history       *connect.Client[v1.KVHistoryRequest, v1.KVHistoryResponse]
+	rollback      *connect.Client[v1.KVRollbackRequest, v1.KVRollbackResponse]
+	watch         *connect.Client[v1.KVWatchRequest, v1.KVWatchResponse]
+	reportApplied *connect.Client[v1.KVReportAppliedRequest, v1.KVReportAppliedResponse]
+	applied       *connect.Client[v1.KVAppliedRequest, v1.KVAppliedResponse]
 }
 
 // Get calls beacon.v1.KVService.Get.
@@ -184,6 +206,16 @@ func (c *kVServiceClient) Watch(ctx context.Context, req *connect.Request[v1.KVW
 	return c.watch.CallServerStream(ctx, req)
 }
 
+// ReportApplied calls beacon.v1.KVService.ReportApplied.
+func (c *kVServiceClient) ReportApplied(ctx context.Context, req *connect.Request[v1.KVReportAppliedRequest]) (*connect.Response[v1.KVReportAppliedResponse], error) {
+	return c.reportApplied.CallUnary(ctx, req)
+}
+
+// Applied calls beacon.v1.KVService.Applied.
+func (c *kVServiceClient) Applied(ctx context.Context, req *connect.Request[v1.KVAppliedRequest]) (*connect.Response[v1.KVAppliedResponse], error) {
+	return c.applied.CallUnary(ctx, req)
+}
+
 // KVServiceHandler is an implementation of the beacon.v1.KVService service.
 type KVServiceHandler interface {
 	Get(context.Context, *connect.Request[v1.KVGetRequest]) (*connect.Response[v1.KVGetResponse], error)
@@ -194,6 +226,9 @@ type KVServiceHandler interface {
 	History(context.Context, *connect.Request[v1.KVHistoryRequest]) (*connect.Response[v1.KVHistoryResponse], error)
 	Rollback(context.Context, *connect.Request[v1.KVRollbackRequest]) (*connect.Response[v1.KVRollbackResponse], error)
 	Watch(context.Context, *connect.Request[v1.KVWatchRequest], *connect.ServerStream[v1.KVWatchResponse]) error
+	// ReportApplied and Applied: which instance applied which version.
+	ReportApplied(context.Context, *connect.Request[v1.KVReportAppliedRequest]) (*connect.Response[v1.KVReportAppliedResponse], error)
+	Applied(context.Context, *connect.Request[v1.KVAppliedRequest]) (*connect.Response[v1.KVAppliedResponse], error)
 }
 
 // NewKVServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -254,6 +289,19 @@ func NewKVServiceHandler(svc KVServiceHandler, opts ...connect.HandlerOption) (s
 		connect.WithSchema(kVServiceMethods.ByName("Watch")),
 		connect.WithHandlerOptions(opts...),
 	)
+	kVServiceReportAppliedHandler := connect.NewUnaryHandler(
+		KVServiceReportAppliedProcedure,
+		svc.ReportApplied,
+		connect.WithSchema(kVServiceMethods.ByName("ReportApplied")),
+		connect.WithHandlerOptions(opts...),
+	)
+	kVServiceAppliedHandler := connect.NewUnaryHandler(
+		KVServiceAppliedProcedure,
+		svc.Applied,
+		connect.WithSchema(kVServiceMethods.ByName("Applied")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/beacon.v1.KVService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case KVServiceGetProcedure:
@@ -272,6 +320,10 @@ func NewKVServiceHandler(svc KVServiceHandler, opts ...connect.HandlerOption) (s
 			kVServiceRollbackHandler.ServeHTTP(w, r)
 		case KVServiceWatchProcedure:
 			kVServiceWatchHandler.ServeHTTP(w, r)
+		case KVServiceReportAppliedProcedure:
+			kVServiceReportAppliedHandler.ServeHTTP(w, r)
+		case KVServiceAppliedProcedure:
+			kVServiceAppliedHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -311,4 +363,12 @@ func (UnimplementedKVServiceHandler) Rollback(context.Context, *connect.Request[
 
 func (UnimplementedKVServiceHandler) Watch(context.Context, *connect.Request[v1.KVWatchRequest], *connect.ServerStream[v1.KVWatchResponse]) error {
 	return connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.KVService.Watch is not implemented"))
+}
+
+func (UnimplementedKVServiceHandler) ReportApplied(context.Context, *connect.Request[v1.KVReportAppliedRequest]) (*connect.Response[v1.KVReportAppliedResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.KVService.ReportApplied is not implemented"))
+}
+
+func (UnimplementedKVServiceHandler) Applied(context.Context, *connect.Request[v1.KVAppliedRequest]) (*connect.Response[v1.KVAppliedResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.KVService.Applied is not implemented"))
 }
