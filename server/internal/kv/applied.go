@@ -37,7 +37,9 @@ type Applied struct {
 }
 
 // NewApplied returns the apply reports' store.
-func NewApplied(cli *clientv3.Client, prefix string) *Applied { return &Applied{cli: cli, prefix: prefix} }
+func NewApplied(cli *clientv3.Client, prefix string) *Applied {
+	return &Applied{cli: cli, prefix: prefix}
+}
 
 func (a *Applied) queue(ns, key string) string { return a.prefix + ns + "/" + key + "@" }
 
