@@ -591,6 +591,7 @@ type callConfig struct {
 	all       bool
 	from      []*registry.Snapshot
 	fence     *beaconv1.Fence // Fenced: KV writes only
+	rollouts  bool            // WithRollouts: KV watches only
 }
 
 // InNamespace addresses another namespace than the client's (WithNamespace,

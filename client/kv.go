@@ -239,12 +239,34 @@ func (k *KV) Rollback(ctx context.Context, key string, toRevision int64, opts ..
 	})
 }
 
-// KVState is the state of watched keys at a revision. Values is never
-// modified once handed out.
+// KVState is the state of watched keys at a revision. Values (and
+// Rollouts) are never modified once handed out.
 type KVState struct {
 	Revision int64
 	Values   map[string]KeyValue
+	// Rollouts are the watched keys' staged rollouts (WithRollouts).
+	Rollouts map[string]Rollout
 }
+
+// Rollout is a key's staged rollout (docs/kv.md, "Staged rollout"): a
+// value for the readers it selects.
+type Rollout struct {
+	Revision int64 // the rollout's own: what its readers report applying
+	Value    []byte
+	// Selector: readers whose labels include all of Labels, and of them
+	// Percent (0 or 100: all) by a stable hash of an identity.
+	Labels       map[string]string
+	Percent      int32
+	BaseRevision int64 // the key's revision when the rollout started
+}
+
+func rolloutFromProto(kv *beaconv1.KeyValue, r *beaconv1.KVRollout) Rollout {
+	return Rollout{Revision: kv.GetModRevision(), Value: r.GetValue(), Labels: r.GetLabels(), Percent: r.GetPercent(), BaseRevision: r.GetBaseRevision()}
+}
+
+// WithRollouts makes a KV watch include the watched keys' staged rollouts
+// (KVState.Rollouts).
+func WithRollouts() CallOption { return func(c *callConfig) { c.rollouts = true } }
 
 // KVWatcher follows a key or a prefix of keys. It resumes after a broken
 // stream, on another server if need be, from the revision it holds: it
@@ -273,9 +295,10 @@ func (k *KV) Watch(ctx context.Context, key string, prefix bool, opts ...CallOpt
 		return nil, err
 	}
 	wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	cfg := k.c.options(opts)
 	w := &KVWatcher{
 		k: k, cancel: cancel, done: make(chan struct{}), changed: make(chan struct{}, 1), given: -1,
-		req: &beaconv1.KVWatchRequest{Namespace: k.c.options(opts).namespace, Key: key, Prefix: prefix, Heartbeat: durationpb.New(k.c.watchHeartbeat)},
+		req: &beaconv1.KVWatchRequest{Namespace: cfg.namespace, Key: key, Prefix: prefix, IncludeRollouts: cfg.rollouts, Heartbeat: durationpb.New(k.c.watchHeartbeat)},
 	}
 	if !k.c.ownStream(w) {
 		cancel()
@@ -392,18 +415,22 @@ func (w *KVWatcher) apply(parts []*beaconv1.KVWatchResponse) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	rev := parts[len(parts)-1].GetRevision()
-	var next map[string]KeyValue
-	if parts[0].GetFullState() || w.state.Values == nil {
-		next = map[string]KeyValue{}
-	} else {
-		next = maps.Clone(w.state.Values)
+	next, plans := map[string]KeyValue{}, map[string]Rollout{}
+	if !parts[0].GetFullState() && w.state.Values != nil {
+		next, plans = maps.Clone(w.state.Values), maps.Clone(w.state.Rollouts)
 	}
 	for _, p := range parts {
 		for _, ev := range p.GetEvents() {
-			if ev.GetDeleted() {
-				delete(next, ev.GetKv().GetKey())
-			} else {
-				next[ev.GetKv().GetKey()] = kvFromProto(ev.GetKv())
+			key := ev.GetKv().GetKey()
+			switch {
+			case ev.GetIsRollout() && ev.GetDeleted():
+				delete(plans, key)
+			case ev.GetIsRollout():
+				plans[key] = rolloutFromProto(ev.GetKv(), ev.GetRollout())
+			case ev.GetDeleted():
+				delete(next, key)
+			default:
+				next[key] = kvFromProto(ev.GetKv())
 			}
 		}
 	}
@@ -411,7 +438,7 @@ func (w *KVWatcher) apply(parts []*beaconv1.KVWatchResponse) {
 		return // never step back (a server behind would not send it)
 	}
 	changed := rev > w.state.Revision || w.state.Values == nil
-	w.state = KVState{Revision: rev, Values: next}
+	w.state = KVState{Revision: rev, Values: next, Rollouts: plans}
 	if changed {
 		w.notify()
 	}
@@ -466,4 +493,67 @@ func (k *KV) Applied(ctx context.Context, key string, opts ...CallOption) ([]App
 		out = append(out, AppliedReport{SessionID: r.GetSessionId(), Label: r.GetLabel(), Revision: r.GetRevision(), Error: r.GetError(), Time: r.GetTime().AsTime()})
 	}
 	return out, resp.GetCurrentRevision(), nil
+}
+
+// StartRollout publishes value to the readers of key that the selector
+// picks (labels all matching, and percent of them; 0 or 100: all), and
+// returns the rollout's revision. One rollout per key at a time.
+func (k *KV) StartRollout(ctx context.Context, key string, value []byte, labels map[string]string, percent int32, opts ...CallOption) (int64, error) {
+	req := &beaconv1.KVStartRolloutRequest{Namespace: k.c.options(opts).namespace, Key: key, Value: value, Labels: labels, Percent: percent}
+	return kvCall(ctx, k, once, func(ctx context.Context, c beaconv1connect.KVServiceClient) (int64, error) {
+		resp, err := c.StartRollout(ctx, connect.NewRequest(req))
+		if err != nil {
+			return 0, err
+		}
+		return resp.Msg.GetRevision(), nil
+	})
+}
+
+// EndRollout ends key's rollout: promote writes its value as the key's
+// new version (in the same transaction); otherwise it is aborted and its
+// readers go back to the key's value.
+func (k *KV) EndRollout(ctx context.Context, key string, promote bool, opts ...CallOption) (int64, error) {
+	req := &beaconv1.KVEndRolloutRequest{Namespace: k.c.options(opts).namespace, Key: key, Promote: promote}
+	return kvCall(ctx, k, once, func(ctx context.Context, c beaconv1connect.KVServiceClient) (int64, error) {
+		resp, err := c.EndRollout(ctx, connect.NewRequest(req))
+		if err != nil {
+			return 0, err
+		}
+		return resp.Msg.GetRevision(), nil
+	})
+}
+
+// RolloutStatus is a key's value, its rollout and who applied what.
+type RolloutStatus struct {
+	Current *KeyValue // nil: the key does not exist
+	Rollout *Rollout  // nil: none running
+	Reports []AppliedReport
+}
+
+// RolloutStatus reads key's value, its rollout and the apply reports.
+func (k *KV) RolloutStatus(ctx context.Context, key string, opts ...CallOption) (RolloutStatus, error) {
+	req := &beaconv1.KVRolloutStatusRequest{Namespace: k.c.options(opts).namespace, Key: key}
+	resp, err := kvCall(ctx, k, repeatable, func(ctx context.Context, c beaconv1connect.KVServiceClient) (*beaconv1.KVRolloutStatusResponse, error) {
+		resp, err := c.RolloutStatus(ctx, connect.NewRequest(req))
+		if err != nil {
+			return nil, err
+		}
+		return resp.Msg, nil
+	})
+	if err != nil {
+		return RolloutStatus{}, err
+	}
+	var st RolloutStatus
+	if resp.GetCurrent() != nil {
+		cur := kvFromProto(resp.GetCurrent())
+		st.Current = &cur
+	}
+	if resp.GetRollout() != nil {
+		r := rolloutFromProto(&beaconv1.KeyValue{ModRevision: resp.GetRolloutRevision()}, resp.GetRollout())
+		st.Rollout = &r
+	}
+	for _, r := range resp.GetReports() {
+		st.Reports = append(st.Reports, AppliedReport{SessionID: r.GetSessionId(), Label: r.GetLabel(), Revision: r.GetRevision(), Error: r.GetError(), Time: r.GetTime().AsTime()})
+	}
+	return st, nil
 }

@@ -22,7 +22,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
+	"math/rand/v2"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,6 +42,9 @@ type Binding[T any] struct {
 	o   options[T]
 
 	cur     atomic.Pointer[value[T]]
+	seen    int64 // the last state revision applied (run's goroutine only)
+	missing bool  // the key was absent at the last state (run's goroutine only)
+	id      string
 	cancel  context.CancelFunc
 	done    chan struct{}
 	ready   chan struct{} // closed at the first good value
@@ -48,6 +54,7 @@ type Binding[T any] struct {
 type value[T any] struct {
 	v        *T
 	revision int64
+	rollout  bool
 }
 
 // Event is what happened at one revision of the key.
@@ -61,6 +68,9 @@ type Event[T any] struct {
 	Err error
 	// FromDisk: the value came from the disk snapshot (cold start).
 	FromDisk bool
+	// Rollout: the revision is the key's staged rollout, which selected
+	// this reader (docs/kv.md, "Staged rollout").
+	Rollout bool
 }
 
 type options[T any] struct {
@@ -74,6 +84,8 @@ type options[T any] struct {
 	def         *T
 	reportTo    *client.Session
 	reportLabel string
+	labels      map[string]string
+	identity    string
 }
 
 // Option configures a binding.
@@ -123,6 +135,18 @@ func ReportTo[T any](s *client.Session, label string) Option[T] {
 	return func(o *options[T]) { o.reportTo, o.reportLabel = s, label }
 }
 
+// Labels are this reader's labels, which a staged rollout's selector
+// matches (docs/kv.md).
+func Labels[T any](labels map[string]string) Option[T] {
+	return func(o *options[T]) { o.labels = labels }
+}
+
+// Identity is what a staged rollout's percent hashes to pick this reader
+// (default: the ReportTo label, else its session, else random per
+// binding). Give the same identity on every start of an instance to keep
+// it in or out of a rollout across restarts.
+func Identity[T any](id string) Option[T] { return func(o *options[T]) { o.identity = id } }
+
 // ErrClosed is Bind's error when the binding was closed before its first
 // value.
 var ErrClosed = errors.New("config: binding closed")
@@ -138,7 +162,7 @@ func Bind[T any](ctx context.Context, c *client.Client, key string, opts ...Opti
 	if err := registry.ValidateKey("key", key); err != nil {
 		return nil, err
 	}
-	var callOpts []client.CallOption
+	callOpts := []client.CallOption{client.WithRollouts()}
 	if o.ns != "" {
 		callOpts = append(callOpts, client.InNamespace(o.ns))
 	}
@@ -147,7 +171,7 @@ func Bind[T any](ctx context.Context, c *client.Client, key string, opts ...Opti
 		return nil, err
 	}
 	rctx, cancel := context.WithCancel(context.Background())
-	b := &Binding[T]{c: c, key: key, o: o, cancel: cancel, done: make(chan struct{}), ready: make(chan struct{})}
+	b := &Binding[T]{c: c, key: key, o: o, cancel: cancel, done: make(chan struct{}), ready: make(chan struct{}), id: identityOf(o)}
 	go b.run(rctx, w) // owned by the binding: Close stops it
 	select {
 	case <-b.ready:
@@ -246,16 +270,23 @@ func (b *Binding[T]) run(ctx context.Context, w *client.KVWatcher) {
 
 // apply takes one state of the key: decode, validate, swap, report.
 func (b *Binding[T]) apply(ctx context.Context, st client.KVState) {
+	if st.Revision <= b.seen {
+		return // never step back
+	}
+	b.seen = st.Revision
+	raw, rev, ok, canary := b.choose(st)
 	old := b.cur.Load()
-	kv, ok := st.Values[b.key]
-	rev := st.Revision // a deletion's revision is the state's
-	if ok {
-		rev = kv.ModRevision
+	if ok && old != nil && rev == old.revision && canary == old.rollout {
+		return // the version in force
 	}
-	if old != nil && rev <= old.revision {
-		return // this version or an older one: never step back (a disk snapshot may be newer than a lagging server)
+	if !ok && b.missing {
+		return // still absent
 	}
-	ev := Event[T]{Revision: rev}
+	b.missing = !ok
+	if !ok {
+		rev = st.Revision // the deletion's (or the first look's)
+	}
+	ev := Event[T]{Revision: rev, Rollout: canary}
 	if old != nil {
 		ev.Old = old.v
 	}
@@ -263,23 +294,25 @@ func (b *Binding[T]) apply(ctx context.Context, st client.KVState) {
 	case !ok && b.o.def != nil:
 		b.cur.Store(&value[T]{v: b.o.def, revision: rev})
 		ev.New = b.o.def
-		b.markReady()
 	case !ok:
 		ev.Err = fmt.Errorf("config: key %q does not exist (deleted, or not written yet): the last good value stays", b.key)
 	default:
-		v, err := b.o.decode(kv.Value)
+		v, err := b.o.decode(raw)
 		if err == nil && b.o.validate != nil {
 			err = b.o.validate(v)
 		}
 		if err != nil {
-			ev.Err = fmt.Errorf("config: %q at revision %d is not applied: %w", b.key, rev, err)
+			what := "revision"
+			if canary {
+				what = "rollout revision"
+			}
+			ev.Err = fmt.Errorf("config: %q at %s %d is not applied: %w", b.key, what, rev, err)
 			break
 		}
-		b.cur.Store(&value[T]{v: &v, revision: rev})
+		b.cur.Store(&value[T]{v: &v, revision: rev, rollout: canary})
 		ev.New = &v
-		b.markReady()
 		if b.o.dir != "" {
-			if err := b.toDisk(kv.Value, rev); err != nil && b.o.onEvent != nil {
+			if err := b.toDisk(raw, rev); err != nil && b.o.onEvent != nil {
 				b.o.onEvent(Event[T]{Revision: rev, Err: fmt.Errorf("config: writing the disk snapshot: %w", err)})
 			}
 		}
@@ -287,7 +320,50 @@ func (b *Binding[T]) apply(ctx context.Context, st client.KVState) {
 	if b.o.onEvent != nil {
 		b.o.onEvent(ev)
 	}
+	if ev.New != nil {
+		b.markReady() // after the event: Bind returns with it delivered
+	}
 	b.report(ctx, ev)
+}
+
+// choose picks what this reader applies in a state: the key's rollout if
+// it selects this reader, else the key's value.
+func (b *Binding[T]) choose(st client.KVState) (raw []byte, rev int64, ok, rollout bool) {
+	if r, ok := st.Rollouts[b.key]; ok && selected(r, b.o.labels, b.id) {
+		return r.Value, r.Revision, true, true
+	}
+	kv, ok := st.Values[b.key]
+	return kv.Value, kv.ModRevision, ok, false
+}
+
+// selected says whether a rollout picks a reader with these labels and
+// identity: every selector label matches, and the identity's stable hash
+// falls in the percent.
+func selected(r client.Rollout, labels map[string]string, id string) bool {
+	for k, v := range r.Labels {
+		if have, ok := labels[k]; !ok || have != v {
+			return false
+		}
+	}
+	if r.Percent <= 0 || r.Percent >= 100 {
+		return true
+	}
+	h := fnv.New32a()
+	h.Write([]byte(id))
+	return int32(h.Sum32()%100) < r.Percent
+}
+
+func identityOf[T any](o options[T]) string {
+	switch {
+	case o.identity != "":
+		return o.identity
+	case o.reportLabel != "":
+		return o.reportLabel
+	case o.reportTo != nil:
+		id, _ := o.reportTo.Lease()
+		return strconv.FormatInt(id, 16)
+	}
+	return strconv.FormatUint(rand.Uint64(), 16)
 }
 
 func (b *Binding[T]) report(ctx context.Context, ev Event[T]) {
@@ -385,9 +461,9 @@ func (b *Binding[T]) fromDisk() error {
 		return fmt.Errorf("%s: %w", b.snapshotPath(), err)
 	}
 	b.cur.Store(&value[T]{v: &v, revision: snap.Revision})
-	b.markReady()
 	if b.o.onEvent != nil {
 		b.o.onEvent(Event[T]{Revision: snap.Revision, New: &v, FromDisk: true})
 	}
+	b.markReady()
 	return nil
 }

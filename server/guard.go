@@ -286,6 +286,8 @@ var writeProcedures = map[string]bool{
 	beaconv1connect.KVServiceTxnProcedure:                    true,
 	beaconv1connect.KVServiceRollbackProcedure:               true,
 	beaconv1connect.KVServiceReportAppliedProcedure:          true,
+	beaconv1connect.KVServiceStartRolloutProcedure:           true,
+	beaconv1connect.KVServiceEndRolloutProcedure:             true,
 	beaconv1connect.LockServiceAcquireProcedure:              true,
 	beaconv1connect.LockServiceReleaseProcedure:              true,
 	beaconv1connect.LockServiceProclaimProcedure:             true,

@@ -68,6 +68,10 @@ func kvError(err error) error {
 		return connect.NewError(connect.CodeNotFound, err)
 	case errors.Is(err, kv.ErrConflict):
 		return connect.NewError(connect.CodeAborted, err)
+	case errors.Is(err, kv.ErrNoRollout):
+		return connect.NewError(connect.CodeNotFound, err)
+	case errors.Is(err, kv.ErrRolloutExists):
+		return connect.NewError(connect.CodeAlreadyExists, err)
 	}
 	return toConnectError(err)
 }
@@ -389,7 +393,7 @@ func (k kvAPI) Watch(ctx context.Context, req *connect.Request[beaconv1.KVWatchR
 		(api{k.s}).catchUp(ctx)
 		atLeast = k.s.view.Revision()
 	}
-	sub := k.s.kvReplica.Subscribe(ns, m.GetKey(), m.GetPrefix(), m.GetAfterRevision(), atLeast, func(key string) bool { return authz.Key(ns, key) >= acl.Read })
+	sub := k.s.kvReplica.Subscribe(ns, m.GetKey(), m.GetPrefix(), m.GetIncludeRollouts(), m.GetAfterRevision(), atLeast, func(key string) bool { return authz.Key(ns, key) >= acl.Read })
 	defer sub.Close()
 	valid := recheck(ctx)
 	var quiet *time.Timer
@@ -507,4 +511,89 @@ func (k kvAPI) Applied(ctx context.Context, req *connect.Request[beaconv1.KVAppl
 		return nil, toConnectError(err)
 	}
 	return connect.NewResponse(&beaconv1.KVAppliedResponse{Reports: reports, CurrentRevision: cur.GetModRevision()}), nil
+}
+
+// Bounds of a rollout's selector.
+const (
+	MaxRolloutLabels     = 16
+	MaxRolloutLabelBytes = 128
+)
+
+func (k kvAPI) StartRollout(ctx context.Context, req *connect.Request[beaconv1.KVStartRolloutRequest]) (*connect.Response[beaconv1.KVStartRolloutResponse], error) {
+	if err := (api{k.s}).ready(); err != nil {
+		return nil, err
+	}
+	m := req.Msg
+	ns, err := kvKey(m.GetNamespace(), m.GetKey())
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case len(m.GetValue()) > k.s.cfg.Limits.MaxKVValueBytes:
+		err = &registry.FieldError{Field: "value", Reason: fmt.Sprintf("is %d bytes, at most %d (--max-kv-value-bytes)", len(m.GetValue()), k.s.cfg.Limits.MaxKVValueBytes)}
+	case m.GetPercent() < 0 || m.GetPercent() > 100:
+		err = &registry.FieldError{Field: "percent", Reason: fmt.Sprintf("%d, must be between 0 and 100 (0: all the readers the labels select)", m.GetPercent())}
+	case len(m.GetLabels()) > MaxRolloutLabels:
+		err = &registry.FieldError{Field: "labels", Reason: fmt.Sprintf("has %d, at most %d", len(m.GetLabels()), MaxRolloutLabels)}
+	}
+	for lk, lv := range m.GetLabels() {
+		if err == nil && (lk == "" || len(lk) > MaxRolloutLabelBytes || len(lv) > MaxRolloutLabelBytes) {
+			err = &registry.FieldError{Field: "labels", Value: lk, Reason: fmt.Sprintf("names and values must be 1 to %d bytes (a name may not be empty)", MaxRolloutLabelBytes)}
+		}
+	}
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if err := needKey(ctx, ns, m.GetKey(), acl.Write); err != nil {
+		return nil, err
+	}
+	rev, err := k.s.kvRollouts.Start(ctx, ns, m.GetKey(), m.GetValue(), m.GetLabels(), m.GetPercent(), identityOf(ctx).Accessor)
+	if err != nil {
+		return nil, kvError(err)
+	}
+	return connect.NewResponse(&beaconv1.KVStartRolloutResponse{Revision: rev}), nil
+}
+
+func (k kvAPI) EndRollout(ctx context.Context, req *connect.Request[beaconv1.KVEndRolloutRequest]) (*connect.Response[beaconv1.KVEndRolloutResponse], error) {
+	if err := (api{k.s}).ready(); err != nil {
+		return nil, err
+	}
+	ns, err := kvKey(req.Msg.GetNamespace(), req.Msg.GetKey())
+	if err != nil {
+		return nil, err
+	}
+	if err := needKey(ctx, ns, req.Msg.GetKey(), acl.Write); err != nil {
+		return nil, err
+	}
+	rev, err := k.s.kvRollouts.End(ctx, ns, req.Msg.GetKey(), req.Msg.GetPromote(), identityOf(ctx).Accessor)
+	if err != nil {
+		return nil, kvError(err)
+	}
+	return connect.NewResponse(&beaconv1.KVEndRolloutResponse{Revision: rev}), nil
+}
+
+func (k kvAPI) RolloutStatus(ctx context.Context, req *connect.Request[beaconv1.KVRolloutStatusRequest]) (*connect.Response[beaconv1.KVRolloutStatusResponse], error) {
+	if err := (api{k.s}).ready(); err != nil {
+		return nil, err
+	}
+	ns, err := kvKey(req.Msg.GetNamespace(), req.Msg.GetKey())
+	if err != nil {
+		return nil, err
+	}
+	if err := needKey(ctx, ns, req.Msg.GetKey(), acl.Read); err != nil {
+		return nil, err
+	}
+	cur, _, err := k.s.kv.Get(ctx, ns, req.Msg.GetKey())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	plan, planRev, err := k.s.kvRollouts.Get(ctx, ns, req.Msg.GetKey())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	reports, err := k.s.kvApplied.List(ctx, ns, req.Msg.GetKey())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&beaconv1.KVRolloutStatusResponse{Current: cur, Rollout: plan, RolloutRevision: planRev, Reports: reports}), nil
 }

@@ -49,6 +49,7 @@ type Server struct {
 	kv            *kv.Store
 	kvReplica     *kv.Replica // the KV values, fed by the view
 	kvApplied     *kv.Applied
+	kvRollouts    *kv.Rollouts
 	locks         *lock.Locks
 	acl           *acl.System // nil without --acl
 	breakGlass    *breakGlass // nil without --acl
@@ -210,8 +211,9 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		history = kv.DefaultHistory
 	}
 	s.kv = kv.New(cli, s.store.KVPrefix(), s.store.KVHistoryPrefix(), history)
-	s.kvReplica = kv.NewReplica(s.store.KVPrefix(), 0)
+	s.kvReplica = kv.NewReplica(s.store.KVPrefix(), s.store.KVRolloutPrefix(), 0)
 	s.kvApplied = kv.NewApplied(cli, s.store.KVAppliedPrefix())
+	s.kvRollouts = kv.NewRollouts(s.kv, s.store.KVRolloutPrefix())
 	hooks.KVListed = s.kvReplica.Listed
 	delay := cfg.LockDelay
 	switch {

@@ -57,6 +57,10 @@ func (l Layout) KVPrefix() string { return l.Prefix + "kv/" }
 // session, on the session's lease.
 func (l Layout) KVAppliedPrefix() string { return l.Prefix + "kvapplied/" }
 
+// KVRolloutPrefix holds the keys' staged rollouts (a KVRollout in the
+// API's JSON), one per key.
+func (l Layout) KVRolloutPrefix() string { return l.Prefix + "kvrollout/" }
+
 // KVHistoryPrefix: see KVPrefix.
 func (l Layout) KVHistoryPrefix() string { return l.Prefix + "kvhistory/" }
 

@@ -1159,9 +1159,11 @@ type KVWatchRequest struct {
 	AfterRevision int64 `protobuf:"varint,4,opt,name=after_revision,json=afterRevision,proto3" json:"after_revision,omitempty"`
 	// Send an empty message (with the revision) after this long without a
 	// change, so that the client knows the server is alive. Unset: none.
-	Heartbeat     *durationpb.Duration `protobuf:"bytes,5,opt,name=heartbeat,proto3" json:"heartbeat,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Heartbeat *durationpb.Duration `protobuf:"bytes,5,opt,name=heartbeat,proto3" json:"heartbeat,omitempty"`
+	// Also send the watched keys' staged rollouts (KVEvent.is_rollout).
+	IncludeRollouts bool `protobuf:"varint,6,opt,name=include_rollouts,json=includeRollouts,proto3" json:"include_rollouts,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *KVWatchRequest) Reset() {
@@ -1229,12 +1231,24 @@ func (x *KVWatchRequest) GetHeartbeat() *durationpb.Duration {
 	return nil
 }
 
+func (x *KVWatchRequest) GetIncludeRollouts() bool {
+	if x != nil {
+		return x.IncludeRollouts
+	}
+	return false
+}
+
 // KVEvent is one key's change.
 type KVEvent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// For a deletion: key and mod_revision (the deleting revision) only.
-	Kv            *KeyValue `protobuf:"bytes,1,opt,name=kv,proto3" json:"kv,omitempty"`
-	Deleted       bool      `protobuf:"varint,2,opt,name=deleted,proto3" json:"deleted,omitempty"`
+	Kv      *KeyValue `protobuf:"bytes,1,opt,name=kv,proto3" json:"kv,omitempty"`
+	Deleted bool      `protobuf:"varint,2,opt,name=deleted,proto3" json:"deleted,omitempty"`
+	// The event is about the key's staged rollout (include_rollouts), not
+	// its value: kv has the key and the rollout's revisions, and rollout
+	// the rollout (unset when deleted: promoted or aborted).
+	Rollout       *KVRollout `protobuf:"bytes,3,opt,name=rollout,proto3" json:"rollout,omitempty"`
+	IsRollout     bool       `protobuf:"varint,4,opt,name=is_rollout,json=isRollout,proto3" json:"is_rollout,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1283,6 +1297,459 @@ func (x *KVEvent) GetDeleted() bool {
 	return false
 }
 
+func (x *KVEvent) GetRollout() *KVRollout {
+	if x != nil {
+		return x.Rollout
+	}
+	return nil
+}
+
+func (x *KVEvent) GetIsRollout() bool {
+	if x != nil {
+		return x.IsRollout
+	}
+	return false
+}
+
+// KVRollout is a new value published to a subset of a key's readers
+// first (docs/kv.md, "Staged rollout"): the readers selected apply it
+// instead of the key's value, until it is promoted (written as the key's
+// value) or aborted.
+type KVRollout struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Value []byte                 `protobuf:"bytes,1,opt,name=value,proto3" json:"value,omitempty"`
+	// Readers selected: those whose labels include all of labels (none:
+	// any), and of those the share percent (by a stable hash of the
+	// reader's session; 0 or 100: all).
+	Labels  map[string]string `protobuf:"bytes,2,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Percent int32             `protobuf:"varint,3,opt,name=percent,proto3" json:"percent,omitempty"`
+	// The key's revision when the rollout started.
+	BaseRevision  int64                  `protobuf:"varint,4,opt,name=base_revision,json=baseRevision,proto3" json:"base_revision,omitempty"`
+	Started       *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=started,proto3" json:"started,omitempty"`
+	Accessor      string                 `protobuf:"bytes,6,opt,name=accessor,proto3" json:"accessor,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVRollout) Reset() {
+	*x = KVRollout{}
+	mi := &file_beacon_v1_kv_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVRollout) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVRollout) ProtoMessage() {}
+
+func (x *KVRollout) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_kv_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVRollout.ProtoReflect.Descriptor instead.
+func (*KVRollout) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *KVRollout) GetValue() []byte {
+	if x != nil {
+		return x.Value
+	}
+	return nil
+}
+
+func (x *KVRollout) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
+func (x *KVRollout) GetPercent() int32 {
+	if x != nil {
+		return x.Percent
+	}
+	return 0
+}
+
+func (x *KVRollout) GetBaseRevision() int64 {
+	if x != nil {
+		return x.BaseRevision
+	}
+	return 0
+}
+
+func (x *KVRollout) GetStarted() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Started
+	}
+	return nil
+}
+
+func (x *KVRollout) GetAccessor() string {
+	if x != nil {
+		return x.Accessor
+	}
+	return ""
+}
+
+type KVStartRolloutRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Key           string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	Value         []byte                 `protobuf:"bytes,3,opt,name=value,proto3" json:"value,omitempty"`
+	Labels        map[string]string      `protobuf:"bytes,4,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Percent       int32                  `protobuf:"varint,5,opt,name=percent,proto3" json:"percent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVStartRolloutRequest) Reset() {
+	*x = KVStartRolloutRequest{}
+	mi := &file_beacon_v1_kv_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVStartRolloutRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVStartRolloutRequest) ProtoMessage() {}
+
+func (x *KVStartRolloutRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_kv_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVStartRolloutRequest.ProtoReflect.Descriptor instead.
+func (*KVStartRolloutRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *KVStartRolloutRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *KVStartRolloutRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *KVStartRolloutRequest) GetValue() []byte {
+	if x != nil {
+		return x.Value
+	}
+	return nil
+}
+
+func (x *KVStartRolloutRequest) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
+func (x *KVStartRolloutRequest) GetPercent() int32 {
+	if x != nil {
+		return x.Percent
+	}
+	return 0
+}
+
+type KVStartRolloutResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The rollout's revision: what its readers report applying.
+	Revision      int64 `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVStartRolloutResponse) Reset() {
+	*x = KVStartRolloutResponse{}
+	mi := &file_beacon_v1_kv_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVStartRolloutResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVStartRolloutResponse) ProtoMessage() {}
+
+func (x *KVStartRolloutResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_kv_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVStartRolloutResponse.ProtoReflect.Descriptor instead.
+func (*KVStartRolloutResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *KVStartRolloutResponse) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+type KVEndRolloutRequest struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Key       string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	// Promote: write the rollout's value as the key's (one transaction with
+	// the rollout's end). Otherwise abort: readers go back to the key's value.
+	Promote       bool `protobuf:"varint,3,opt,name=promote,proto3" json:"promote,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVEndRolloutRequest) Reset() {
+	*x = KVEndRolloutRequest{}
+	mi := &file_beacon_v1_kv_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVEndRolloutRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVEndRolloutRequest) ProtoMessage() {}
+
+func (x *KVEndRolloutRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_kv_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVEndRolloutRequest.ProtoReflect.Descriptor instead.
+func (*KVEndRolloutRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *KVEndRolloutRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *KVEndRolloutRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *KVEndRolloutRequest) GetPromote() bool {
+	if x != nil {
+		return x.Promote
+	}
+	return false
+}
+
+type KVEndRolloutResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Revision      int64                  `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVEndRolloutResponse) Reset() {
+	*x = KVEndRolloutResponse{}
+	mi := &file_beacon_v1_kv_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVEndRolloutResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVEndRolloutResponse) ProtoMessage() {}
+
+func (x *KVEndRolloutResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_kv_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVEndRolloutResponse.ProtoReflect.Descriptor instead.
+func (*KVEndRolloutResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *KVEndRolloutResponse) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+type KVRolloutStatusRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Key           string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVRolloutStatusRequest) Reset() {
+	*x = KVRolloutStatusRequest{}
+	mi := &file_beacon_v1_kv_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVRolloutStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVRolloutStatusRequest) ProtoMessage() {}
+
+func (x *KVRolloutStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_kv_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVRolloutStatusRequest.ProtoReflect.Descriptor instead.
+func (*KVRolloutStatusRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *KVRolloutStatusRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *KVRolloutStatusRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+type KVRolloutStatusResponse struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Current         *KeyValue              `protobuf:"bytes,1,opt,name=current,proto3" json:"current,omitempty"` // unset: the key does not exist
+	Rollout         *KVRollout             `protobuf:"bytes,2,opt,name=rollout,proto3" json:"rollout,omitempty"` // unset: no rollout
+	RolloutRevision int64                  `protobuf:"varint,3,opt,name=rollout_revision,json=rolloutRevision,proto3" json:"rollout_revision,omitempty"`
+	Reports         []*KVApplied           `protobuf:"bytes,4,rep,name=reports,proto3" json:"reports,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *KVRolloutStatusResponse) Reset() {
+	*x = KVRolloutStatusResponse{}
+	mi := &file_beacon_v1_kv_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVRolloutStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVRolloutStatusResponse) ProtoMessage() {}
+
+func (x *KVRolloutStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_kv_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVRolloutStatusResponse.ProtoReflect.Descriptor instead.
+func (*KVRolloutStatusResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *KVRolloutStatusResponse) GetCurrent() *KeyValue {
+	if x != nil {
+		return x.Current
+	}
+	return nil
+}
+
+func (x *KVRolloutStatusResponse) GetRollout() *KVRollout {
+	if x != nil {
+		return x.Rollout
+	}
+	return nil
+}
+
+func (x *KVRolloutStatusResponse) GetRolloutRevision() int64 {
+	if x != nil {
+		return x.RolloutRevision
+	}
+	return 0
+}
+
+func (x *KVRolloutStatusResponse) GetReports() []*KVApplied {
+	if x != nil {
+		return x.Reports
+	}
+	return nil
+}
+
 type KVWatchResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Every change up to this revision is in this or an earlier message.
@@ -1303,7 +1770,7 @@ type KVWatchResponse struct {
 
 func (x *KVWatchResponse) Reset() {
 	*x = KVWatchResponse{}
-	mi := &file_beacon_v1_kv_proto_msgTypes[19]
+	mi := &file_beacon_v1_kv_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1315,7 +1782,7 @@ func (x *KVWatchResponse) String() string {
 func (*KVWatchResponse) ProtoMessage() {}
 
 func (x *KVWatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_kv_proto_msgTypes[19]
+	mi := &file_beacon_v1_kv_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1328,7 +1795,7 @@ func (x *KVWatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KVWatchResponse.ProtoReflect.Descriptor instead.
 func (*KVWatchResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{19}
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *KVWatchResponse) GetRevision() int64 {
@@ -1379,7 +1846,7 @@ type KVReportAppliedRequest struct {
 
 func (x *KVReportAppliedRequest) Reset() {
 	*x = KVReportAppliedRequest{}
-	mi := &file_beacon_v1_kv_proto_msgTypes[20]
+	mi := &file_beacon_v1_kv_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1391,7 +1858,7 @@ func (x *KVReportAppliedRequest) String() string {
 func (*KVReportAppliedRequest) ProtoMessage() {}
 
 func (x *KVReportAppliedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_kv_proto_msgTypes[20]
+	mi := &file_beacon_v1_kv_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1404,7 +1871,7 @@ func (x *KVReportAppliedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KVReportAppliedRequest.ProtoReflect.Descriptor instead.
 func (*KVReportAppliedRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{20}
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *KVReportAppliedRequest) GetNamespace() string {
@@ -1457,7 +1924,7 @@ type KVReportAppliedResponse struct {
 
 func (x *KVReportAppliedResponse) Reset() {
 	*x = KVReportAppliedResponse{}
-	mi := &file_beacon_v1_kv_proto_msgTypes[21]
+	mi := &file_beacon_v1_kv_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1469,7 +1936,7 @@ func (x *KVReportAppliedResponse) String() string {
 func (*KVReportAppliedResponse) ProtoMessage() {}
 
 func (x *KVReportAppliedResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_kv_proto_msgTypes[21]
+	mi := &file_beacon_v1_kv_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1482,7 +1949,7 @@ func (x *KVReportAppliedResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KVReportAppliedResponse.ProtoReflect.Descriptor instead.
 func (*KVReportAppliedResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{21}
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{28}
 }
 
 type KVAppliedRequest struct {
@@ -1495,7 +1962,7 @@ type KVAppliedRequest struct {
 
 func (x *KVAppliedRequest) Reset() {
 	*x = KVAppliedRequest{}
-	mi := &file_beacon_v1_kv_proto_msgTypes[22]
+	mi := &file_beacon_v1_kv_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1507,7 +1974,7 @@ func (x *KVAppliedRequest) String() string {
 func (*KVAppliedRequest) ProtoMessage() {}
 
 func (x *KVAppliedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_kv_proto_msgTypes[22]
+	mi := &file_beacon_v1_kv_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1520,7 +1987,7 @@ func (x *KVAppliedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KVAppliedRequest.ProtoReflect.Descriptor instead.
 func (*KVAppliedRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{22}
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *KVAppliedRequest) GetNamespace() string {
@@ -1551,7 +2018,7 @@ type KVApplied struct {
 
 func (x *KVApplied) Reset() {
 	*x = KVApplied{}
-	mi := &file_beacon_v1_kv_proto_msgTypes[23]
+	mi := &file_beacon_v1_kv_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1563,7 +2030,7 @@ func (x *KVApplied) String() string {
 func (*KVApplied) ProtoMessage() {}
 
 func (x *KVApplied) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_kv_proto_msgTypes[23]
+	mi := &file_beacon_v1_kv_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1576,7 +2043,7 @@ func (x *KVApplied) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KVApplied.ProtoReflect.Descriptor instead.
 func (*KVApplied) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{23}
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *KVApplied) GetSessionId() int64 {
@@ -1625,7 +2092,7 @@ type KVAppliedResponse struct {
 
 func (x *KVAppliedResponse) Reset() {
 	*x = KVAppliedResponse{}
-	mi := &file_beacon_v1_kv_proto_msgTypes[24]
+	mi := &file_beacon_v1_kv_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1637,7 +2104,7 @@ func (x *KVAppliedResponse) String() string {
 func (*KVAppliedResponse) ProtoMessage() {}
 
 func (x *KVAppliedResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_kv_proto_msgTypes[24]
+	mi := &file_beacon_v1_kv_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1650,7 +2117,7 @@ func (x *KVAppliedResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KVAppliedResponse.ProtoReflect.Descriptor instead.
 func (*KVAppliedResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{24}
+	return file_beacon_v1_kv_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *KVAppliedResponse) GetReports() []*KVApplied {
@@ -1754,16 +2221,55 @@ const file_beacon_v1_kv_proto_rawDesc = "" +
 	"\x11expected_revision\x18\x04 \x01(\x03H\x00R\x10expectedRevision\x88\x01\x01B\x14\n" +
 	"\x12_expected_revision\"0\n" +
 	"\x12KVRollbackResponse\x12\x1a\n" +
-	"\brevision\x18\x01 \x01(\x03R\brevision\"\xb8\x01\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\"\xe3\x01\n" +
 	"\x0eKVWatchRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x16\n" +
 	"\x06prefix\x18\x03 \x01(\bR\x06prefix\x12%\n" +
 	"\x0eafter_revision\x18\x04 \x01(\x03R\rafterRevision\x127\n" +
-	"\theartbeat\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\theartbeat\"H\n" +
+	"\theartbeat\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\theartbeat\x12)\n" +
+	"\x10include_rollouts\x18\x06 \x01(\bR\x0fincludeRollouts\"\x97\x01\n" +
 	"\aKVEvent\x12#\n" +
 	"\x02kv\x18\x01 \x01(\v2\x13.beacon.v1.KeyValueR\x02kv\x12\x18\n" +
-	"\adeleted\x18\x02 \x01(\bR\adeleted\"\x8c\x01\n" +
+	"\adeleted\x18\x02 \x01(\bR\adeleted\x12.\n" +
+	"\arollout\x18\x03 \x01(\v2\x14.beacon.v1.KVRolloutR\arollout\x12\x1d\n" +
+	"\n" +
+	"is_rollout\x18\x04 \x01(\bR\tisRollout\"\xa7\x02\n" +
+	"\tKVRollout\x12\x14\n" +
+	"\x05value\x18\x01 \x01(\fR\x05value\x128\n" +
+	"\x06labels\x18\x02 \x03(\v2 .beacon.v1.KVRollout.LabelsEntryR\x06labels\x12\x18\n" +
+	"\apercent\x18\x03 \x01(\x05R\apercent\x12#\n" +
+	"\rbase_revision\x18\x04 \x01(\x03R\fbaseRevision\x124\n" +
+	"\astarted\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\astarted\x12\x1a\n" +
+	"\baccessor\x18\x06 \x01(\tR\baccessor\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf8\x01\n" +
+	"\x15KVStartRolloutRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x03 \x01(\fR\x05value\x12D\n" +
+	"\x06labels\x18\x04 \x03(\v2,.beacon.v1.KVStartRolloutRequest.LabelsEntryR\x06labels\x12\x18\n" +
+	"\apercent\x18\x05 \x01(\x05R\apercent\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"4\n" +
+	"\x16KVStartRolloutResponse\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\"_\n" +
+	"\x13KVEndRolloutRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\x12\x18\n" +
+	"\apromote\x18\x03 \x01(\bR\apromote\"2\n" +
+	"\x14KVEndRolloutResponse\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\"H\n" +
+	"\x16KVRolloutStatusRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\"\xd3\x01\n" +
+	"\x17KVRolloutStatusResponse\x12-\n" +
+	"\acurrent\x18\x01 \x01(\v2\x13.beacon.v1.KeyValueR\acurrent\x12.\n" +
+	"\arollout\x18\x02 \x01(\v2\x14.beacon.v1.KVRolloutR\arollout\x12)\n" +
+	"\x10rollout_revision\x18\x03 \x01(\x03R\x0frolloutRevision\x12.\n" +
+	"\areports\x18\x04 \x03(\v2\x14.beacon.v1.KVAppliedR\areports\"\x8c\x01\n" +
 	"\x0fKVWatchResponse\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x03R\brevision\x12\x1d\n" +
 	"\n" +
@@ -1791,7 +2297,7 @@ const file_beacon_v1_kv_proto_rawDesc = "" +
 	"\x04time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"n\n" +
 	"\x11KVAppliedResponse\x12.\n" +
 	"\areports\x18\x01 \x03(\v2\x14.beacon.v1.KVAppliedR\areports\x12)\n" +
-	"\x10current_revision\x18\x02 \x01(\x03R\x0fcurrentRevision2\xbc\x05\n" +
+	"\x10current_revision\x18\x02 \x01(\x03R\x0fcurrentRevision2\xbd\a\n" +
 	"\tKVService\x12=\n" +
 	"\x03Get\x12\x17.beacon.v1.KVGetRequest\x1a\x18.beacon.v1.KVGetResponse\"\x03\x90\x02\x01\x12@\n" +
 	"\x04List\x12\x18.beacon.v1.KVListRequest\x1a\x19.beacon.v1.KVListResponse\"\x03\x90\x02\x01\x128\n" +
@@ -1802,7 +2308,11 @@ const file_beacon_v1_kv_proto_rawDesc = "" +
 	"\bRollback\x12\x1c.beacon.v1.KVRollbackRequest\x1a\x1d.beacon.v1.KVRollbackResponse\x12@\n" +
 	"\x05Watch\x12\x19.beacon.v1.KVWatchRequest\x1a\x1a.beacon.v1.KVWatchResponse0\x01\x12V\n" +
 	"\rReportApplied\x12!.beacon.v1.KVReportAppliedRequest\x1a\".beacon.v1.KVReportAppliedResponse\x12I\n" +
-	"\aApplied\x12\x1b.beacon.v1.KVAppliedRequest\x1a\x1c.beacon.v1.KVAppliedResponse\"\x03\x90\x02\x01B*Z(beacon.dev/beacon/api/beacon/v1;beaconv1b\x06proto3"
+	"\aApplied\x12\x1b.beacon.v1.KVAppliedRequest\x1a\x1c.beacon.v1.KVAppliedResponse\"\x03\x90\x02\x01\x12S\n" +
+	"\fStartRollout\x12 .beacon.v1.KVStartRolloutRequest\x1a!.beacon.v1.KVStartRolloutResponse\x12M\n" +
+	"\n" +
+	"EndRollout\x12\x1e.beacon.v1.KVEndRolloutRequest\x1a\x1f.beacon.v1.KVEndRolloutResponse\x12[\n" +
+	"\rRolloutStatus\x12!.beacon.v1.KVRolloutStatusRequest\x1a\".beacon.v1.KVRolloutStatusResponse\"\x03\x90\x02\x01B*Z(beacon.dev/beacon/api/beacon/v1;beaconv1b\x06proto3"
 
 var (
 	file_beacon_v1_kv_proto_rawDescOnce sync.Once
@@ -1817,7 +2327,7 @@ func file_beacon_v1_kv_proto_rawDescGZIP() []byte {
 }
 
 var file_beacon_v1_kv_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_beacon_v1_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_beacon_v1_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_beacon_v1_kv_proto_goTypes = []any{
 	(KVOp_Type)(0),                  // 0: beacon.v1.KVOp.Type
 	(*KeyValue)(nil),                // 1: beacon.v1.KeyValue
@@ -1839,56 +2349,78 @@ var file_beacon_v1_kv_proto_goTypes = []any{
 	(*KVRollbackResponse)(nil),      // 17: beacon.v1.KVRollbackResponse
 	(*KVWatchRequest)(nil),          // 18: beacon.v1.KVWatchRequest
 	(*KVEvent)(nil),                 // 19: beacon.v1.KVEvent
-	(*KVWatchResponse)(nil),         // 20: beacon.v1.KVWatchResponse
-	(*KVReportAppliedRequest)(nil),  // 21: beacon.v1.KVReportAppliedRequest
-	(*KVReportAppliedResponse)(nil), // 22: beacon.v1.KVReportAppliedResponse
-	(*KVAppliedRequest)(nil),        // 23: beacon.v1.KVAppliedRequest
-	(*KVApplied)(nil),               // 24: beacon.v1.KVApplied
-	(*KVAppliedResponse)(nil),       // 25: beacon.v1.KVAppliedResponse
-	(*Fence)(nil),                   // 26: beacon.v1.Fence
-	(*timestamppb.Timestamp)(nil),   // 27: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),     // 28: google.protobuf.Duration
+	(*KVRollout)(nil),               // 20: beacon.v1.KVRollout
+	(*KVStartRolloutRequest)(nil),   // 21: beacon.v1.KVStartRolloutRequest
+	(*KVStartRolloutResponse)(nil),  // 22: beacon.v1.KVStartRolloutResponse
+	(*KVEndRolloutRequest)(nil),     // 23: beacon.v1.KVEndRolloutRequest
+	(*KVEndRolloutResponse)(nil),    // 24: beacon.v1.KVEndRolloutResponse
+	(*KVRolloutStatusRequest)(nil),  // 25: beacon.v1.KVRolloutStatusRequest
+	(*KVRolloutStatusResponse)(nil), // 26: beacon.v1.KVRolloutStatusResponse
+	(*KVWatchResponse)(nil),         // 27: beacon.v1.KVWatchResponse
+	(*KVReportAppliedRequest)(nil),  // 28: beacon.v1.KVReportAppliedRequest
+	(*KVReportAppliedResponse)(nil), // 29: beacon.v1.KVReportAppliedResponse
+	(*KVAppliedRequest)(nil),        // 30: beacon.v1.KVAppliedRequest
+	(*KVApplied)(nil),               // 31: beacon.v1.KVApplied
+	(*KVAppliedResponse)(nil),       // 32: beacon.v1.KVAppliedResponse
+	nil,                             // 33: beacon.v1.KVRollout.LabelsEntry
+	nil,                             // 34: beacon.v1.KVStartRolloutRequest.LabelsEntry
+	(*Fence)(nil),                   // 35: beacon.v1.Fence
+	(*timestamppb.Timestamp)(nil),   // 36: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),     // 37: google.protobuf.Duration
 }
 var file_beacon_v1_kv_proto_depIdxs = []int32{
 	1,  // 0: beacon.v1.KVGetResponse.kv:type_name -> beacon.v1.KeyValue
 	1,  // 1: beacon.v1.KVListResponse.kvs:type_name -> beacon.v1.KeyValue
-	26, // 2: beacon.v1.KVPutRequest.fence:type_name -> beacon.v1.Fence
-	26, // 3: beacon.v1.KVDeleteRequest.fence:type_name -> beacon.v1.Fence
+	35, // 2: beacon.v1.KVPutRequest.fence:type_name -> beacon.v1.Fence
+	35, // 3: beacon.v1.KVDeleteRequest.fence:type_name -> beacon.v1.Fence
 	0,  // 4: beacon.v1.KVOp.type:type_name -> beacon.v1.KVOp.Type
 	10, // 5: beacon.v1.KVTxnRequest.ops:type_name -> beacon.v1.KVOp
-	26, // 6: beacon.v1.KVTxnRequest.fence:type_name -> beacon.v1.Fence
-	27, // 7: beacon.v1.KVVersion.time:type_name -> google.protobuf.Timestamp
+	35, // 6: beacon.v1.KVTxnRequest.fence:type_name -> beacon.v1.Fence
+	36, // 7: beacon.v1.KVVersion.time:type_name -> google.protobuf.Timestamp
 	13, // 8: beacon.v1.KVHistoryResponse.versions:type_name -> beacon.v1.KVVersion
-	28, // 9: beacon.v1.KVWatchRequest.heartbeat:type_name -> google.protobuf.Duration
+	37, // 9: beacon.v1.KVWatchRequest.heartbeat:type_name -> google.protobuf.Duration
 	1,  // 10: beacon.v1.KVEvent.kv:type_name -> beacon.v1.KeyValue
-	19, // 11: beacon.v1.KVWatchResponse.events:type_name -> beacon.v1.KVEvent
-	27, // 12: beacon.v1.KVApplied.time:type_name -> google.protobuf.Timestamp
-	24, // 13: beacon.v1.KVAppliedResponse.reports:type_name -> beacon.v1.KVApplied
-	2,  // 14: beacon.v1.KVService.Get:input_type -> beacon.v1.KVGetRequest
-	4,  // 15: beacon.v1.KVService.List:input_type -> beacon.v1.KVListRequest
-	6,  // 16: beacon.v1.KVService.Put:input_type -> beacon.v1.KVPutRequest
-	8,  // 17: beacon.v1.KVService.Delete:input_type -> beacon.v1.KVDeleteRequest
-	11, // 18: beacon.v1.KVService.Txn:input_type -> beacon.v1.KVTxnRequest
-	14, // 19: beacon.v1.KVService.History:input_type -> beacon.v1.KVHistoryRequest
-	16, // 20: beacon.v1.KVService.Rollback:input_type -> beacon.v1.KVRollbackRequest
-	18, // 21: beacon.v1.KVService.Watch:input_type -> beacon.v1.KVWatchRequest
-	21, // 22: beacon.v1.KVService.ReportApplied:input_type -> beacon.v1.KVReportAppliedRequest
-	23, // 23: beacon.v1.KVService.Applied:input_type -> beacon.v1.KVAppliedRequest
-	3,  // 24: beacon.v1.KVService.Get:output_type -> beacon.v1.KVGetResponse
-	5,  // 25: beacon.v1.KVService.List:output_type -> beacon.v1.KVListResponse
-	7,  // 26: beacon.v1.KVService.Put:output_type -> beacon.v1.KVPutResponse
-	9,  // 27: beacon.v1.KVService.Delete:output_type -> beacon.v1.KVDeleteResponse
-	12, // 28: beacon.v1.KVService.Txn:output_type -> beacon.v1.KVTxnResponse
-	15, // 29: beacon.v1.KVService.History:output_type -> beacon.v1.KVHistoryResponse
-	17, // 30: beacon.v1.KVService.Rollback:output_type -> beacon.v1.KVRollbackResponse
-	20, // 31: beacon.v1.KVService.Watch:output_type -> beacon.v1.KVWatchResponse
-	22, // 32: beacon.v1.KVService.ReportApplied:output_type -> beacon.v1.KVReportAppliedResponse
-	25, // 33: beacon.v1.KVService.Applied:output_type -> beacon.v1.KVAppliedResponse
-	24, // [24:34] is the sub-list for method output_type
-	14, // [14:24] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	20, // 11: beacon.v1.KVEvent.rollout:type_name -> beacon.v1.KVRollout
+	33, // 12: beacon.v1.KVRollout.labels:type_name -> beacon.v1.KVRollout.LabelsEntry
+	36, // 13: beacon.v1.KVRollout.started:type_name -> google.protobuf.Timestamp
+	34, // 14: beacon.v1.KVStartRolloutRequest.labels:type_name -> beacon.v1.KVStartRolloutRequest.LabelsEntry
+	1,  // 15: beacon.v1.KVRolloutStatusResponse.current:type_name -> beacon.v1.KeyValue
+	20, // 16: beacon.v1.KVRolloutStatusResponse.rollout:type_name -> beacon.v1.KVRollout
+	31, // 17: beacon.v1.KVRolloutStatusResponse.reports:type_name -> beacon.v1.KVApplied
+	19, // 18: beacon.v1.KVWatchResponse.events:type_name -> beacon.v1.KVEvent
+	36, // 19: beacon.v1.KVApplied.time:type_name -> google.protobuf.Timestamp
+	31, // 20: beacon.v1.KVAppliedResponse.reports:type_name -> beacon.v1.KVApplied
+	2,  // 21: beacon.v1.KVService.Get:input_type -> beacon.v1.KVGetRequest
+	4,  // 22: beacon.v1.KVService.List:input_type -> beacon.v1.KVListRequest
+	6,  // 23: beacon.v1.KVService.Put:input_type -> beacon.v1.KVPutRequest
+	8,  // 24: beacon.v1.KVService.Delete:input_type -> beacon.v1.KVDeleteRequest
+	11, // 25: beacon.v1.KVService.Txn:input_type -> beacon.v1.KVTxnRequest
+	14, // 26: beacon.v1.KVService.History:input_type -> beacon.v1.KVHistoryRequest
+	16, // 27: beacon.v1.KVService.Rollback:input_type -> beacon.v1.KVRollbackRequest
+	18, // 28: beacon.v1.KVService.Watch:input_type -> beacon.v1.KVWatchRequest
+	28, // 29: beacon.v1.KVService.ReportApplied:input_type -> beacon.v1.KVReportAppliedRequest
+	30, // 30: beacon.v1.KVService.Applied:input_type -> beacon.v1.KVAppliedRequest
+	21, // 31: beacon.v1.KVService.StartRollout:input_type -> beacon.v1.KVStartRolloutRequest
+	23, // 32: beacon.v1.KVService.EndRollout:input_type -> beacon.v1.KVEndRolloutRequest
+	25, // 33: beacon.v1.KVService.RolloutStatus:input_type -> beacon.v1.KVRolloutStatusRequest
+	3,  // 34: beacon.v1.KVService.Get:output_type -> beacon.v1.KVGetResponse
+	5,  // 35: beacon.v1.KVService.List:output_type -> beacon.v1.KVListResponse
+	7,  // 36: beacon.v1.KVService.Put:output_type -> beacon.v1.KVPutResponse
+	9,  // 37: beacon.v1.KVService.Delete:output_type -> beacon.v1.KVDeleteResponse
+	12, // 38: beacon.v1.KVService.Txn:output_type -> beacon.v1.KVTxnResponse
+	15, // 39: beacon.v1.KVService.History:output_type -> beacon.v1.KVHistoryResponse
+	17, // 40: beacon.v1.KVService.Rollback:output_type -> beacon.v1.KVRollbackResponse
+	27, // 41: beacon.v1.KVService.Watch:output_type -> beacon.v1.KVWatchResponse
+	29, // 42: beacon.v1.KVService.ReportApplied:output_type -> beacon.v1.KVReportAppliedResponse
+	32, // 43: beacon.v1.KVService.Applied:output_type -> beacon.v1.KVAppliedResponse
+	22, // 44: beacon.v1.KVService.StartRollout:output_type -> beacon.v1.KVStartRolloutResponse
+	24, // 45: beacon.v1.KVService.EndRollout:output_type -> beacon.v1.KVEndRolloutResponse
+	26, // 46: beacon.v1.KVService.RolloutStatus:output_type -> beacon.v1.KVRolloutStatusResponse
+	34, // [34:47] is the sub-list for method output_type
+	21, // [21:34] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_beacon_v1_kv_proto_init() }
@@ -1907,7 +2439,7 @@ func file_beacon_v1_kv_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_beacon_v1_kv_proto_rawDesc), len(file_beacon_v1_kv_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   25,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -11,6 +11,8 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"google.golang.org/protobuf/encoding/protojson"
+
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 )
 
@@ -24,11 +26,13 @@ const DefaultChangeLog = 16384
 // the log of recent changes that watch streams read and resume from. Each
 // value is held once and shared by every stream.
 type Replica struct {
-	prefix string // Store.DataPrefix
-	maxLog int
+	prefix  string // Store.DataPrefix
+	rollout string // the rollouts' prefix (store.Layout's KVRolloutPrefix)
+	maxLog  int
 
 	mu      sync.Mutex
 	keys    map[string]map[string]*beaconv1.KeyValue // guarded by mu; ns → key → current version (never modified)
+	plans   map[string]map[string]*rollout           // guarded by mu; ns → key → its staged rollout (never modified)
 	rev     int64                                    // guarded by mu; every change up to rev is applied
 	changes []change                                 // guarded by mu; recent changes in revision order
 	floor   int64                                    // guarded by mu; a cursor below floor cannot resume from changes
@@ -41,14 +45,42 @@ type change struct {
 	ns, key string
 	rev     int64
 	deleted bool
+	rollout bool // the key's rollout changed, not its value
 }
 
-// NewReplica returns an empty replica of the values under dataPrefix.
-func NewReplica(dataPrefix string, changeLog int) *Replica {
+// rollout is a key's staged rollout: its record's revisions and content.
+type rollout struct {
+	kv *beaconv1.KeyValue // key and revisions, no value
+	r  *beaconv1.KVRollout
+}
+
+func decodeRollout(key string, kv *mvccpb.KeyValue) (*rollout, bool) {
+	r := &beaconv1.KVRollout{}
+	if err := protojson.Unmarshal(kv.Value, r); err != nil {
+		return nil, false
+	}
+	return &rollout{kv: &beaconv1.KeyValue{Key: key, CreateRevision: kv.CreateRevision, ModRevision: kv.ModRevision, Version: kv.Version}, r: r}, true
+}
+
+// NewReplica returns an empty replica of the values under dataPrefix and
+// the rollouts under rolloutPrefix.
+func NewReplica(dataPrefix, rolloutPrefix string, changeLog int) *Replica {
 	if changeLog <= 0 {
 		changeLog = DefaultChangeLog
 	}
-	return &Replica{prefix: dataPrefix, maxLog: changeLog, keys: map[string]map[string]*beaconv1.KeyValue{}, subs: map[*Sub]struct{}{}, ready: make(chan struct{})}
+	return &Replica{prefix: dataPrefix, rollout: rolloutPrefix, maxLog: changeLog,
+		keys: map[string]map[string]*beaconv1.KeyValue{}, plans: map[string]map[string]*rollout{},
+		subs: map[*Sub]struct{}{}, ready: make(chan struct{})}
+}
+
+// Rollout returns a key's staged rollout, and its record's revision.
+func (r *Replica) Rollout(ns, key string) (*beaconv1.KVRollout, int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if p := r.plans[ns][key]; p != nil {
+		return p.r, p.kv.ModRevision
+	}
+	return nil, 0
 }
 
 // Ready is closed once the replica holds a listing.
@@ -75,12 +107,31 @@ func (r *Replica) Has(ns, key string) bool {
 	return r.keys[ns][key] != nil
 }
 
-func (r *Replica) split(etcdKey string) (ns, key string, ok bool) {
+// split parses a value's or a rollout's etcd key.
+func (r *Replica) split(etcdKey string) (ns, key string, isRollout, ok bool) {
 	rest, ok := strings.CutPrefix(etcdKey, r.prefix)
 	if !ok {
-		return "", "", false
+		if rest, ok = strings.CutPrefix(etcdKey, r.rollout); !ok || r.rollout == "" {
+			return "", "", false, false
+		}
+		isRollout = true
 	}
-	return strings.Cut(rest, "/")
+	ns, key, ok = strings.Cut(rest, "/")
+	return ns, key, isRollout, ok
+}
+
+func putIn[V any](m map[string]map[string]V, ns, key string, v V) {
+	if m[ns] == nil {
+		m[ns] = map[string]V{}
+	}
+	m[ns][key] = v
+}
+
+func delFrom[V any](m map[string]map[string]V, ns, key string) {
+	delete(m[ns], key)
+	if len(m[ns]) == 0 {
+		delete(m, ns)
+	}
 }
 
 // Listed replaces the state with a listing at rev (the view's first
@@ -88,18 +139,21 @@ func (r *Replica) split(etcdKey string) (ns, key string, ok bool) {
 // behind it get the whole state again.
 func (r *Replica) Listed(kvs []*mvccpb.KeyValue, rev int64) {
 	keys := map[string]map[string]*beaconv1.KeyValue{}
+	plans := map[string]map[string]*rollout{}
 	for _, kv := range kvs {
-		ns, key, ok := r.split(string(kv.Key))
-		if !ok {
-			continue
+		ns, key, isRollout, ok := r.split(string(kv.Key))
+		switch {
+		case !ok:
+		case isRollout:
+			if p, ok := decodeRollout(key, kv); ok {
+				putIn(plans, ns, key, p)
+			}
+		default:
+			putIn(keys, ns, key, toProto("", &mvccpb.KeyValue{Key: []byte(key), Value: kv.Value, CreateRevision: kv.CreateRevision, ModRevision: kv.ModRevision, Version: kv.Version}))
 		}
-		if keys[ns] == nil {
-			keys[ns] = map[string]*beaconv1.KeyValue{}
-		}
-		keys[ns][key] = toProto("", &mvccpb.KeyValue{Key: []byte(key), Value: kv.Value, CreateRevision: kv.CreateRevision, ModRevision: kv.ModRevision, Version: kv.Version})
 	}
 	r.mu.Lock()
-	r.keys, r.rev, r.floor, r.changes = keys, rev, rev, nil
+	r.keys, r.plans, r.rev, r.floor, r.changes = keys, plans, rev, rev, nil
 	first := !r.loaded
 	r.loaded = true
 	r.wakeAllLocked()
@@ -119,21 +173,26 @@ func (r *Replica) Changed(events []*clientv3.Event, rev int64) {
 	}
 	var woken []change
 	for _, ev := range events {
-		ns, key, ok := r.split(string(ev.Kv.Key))
+		ns, key, isRollout, ok := r.split(string(ev.Kv.Key))
 		if !ok || ev.Kv.ModRevision <= r.rev {
 			continue
 		}
-		c := change{ns: ns, key: key, rev: ev.Kv.ModRevision, deleted: ev.Type == mvccpb.DELETE}
-		if c.deleted {
-			delete(r.keys[ns], key)
-			if len(r.keys[ns]) == 0 {
-				delete(r.keys, ns)
+		c := change{ns: ns, key: key, rev: ev.Kv.ModRevision, deleted: ev.Type == mvccpb.DELETE, rollout: isRollout}
+		switch {
+		case isRollout && c.deleted:
+			delFrom(r.plans, ns, key)
+		case isRollout:
+			p, ok := decodeRollout(key, ev.Kv)
+			if !ok {
+				delFrom(r.plans, ns, key) // a record edited by hand: no rollout
+				c.deleted = true
+			} else {
+				putIn(r.plans, ns, key, p)
 			}
-		} else {
-			if r.keys[ns] == nil {
-				r.keys[ns] = map[string]*beaconv1.KeyValue{}
-			}
-			r.keys[ns][key] = &beaconv1.KeyValue{Key: key, Value: ev.Kv.Value, CreateRevision: ev.Kv.CreateRevision, ModRevision: ev.Kv.ModRevision, Version: ev.Kv.Version}
+		case c.deleted:
+			delFrom(r.keys, ns, key)
+		default:
+			putIn(r.keys, ns, key, &beaconv1.KeyValue{Key: key, Value: ev.Kv.Value, CreateRevision: ev.Kv.CreateRevision, ModRevision: ev.Kv.ModRevision, Version: ev.Kv.Version})
 		}
 		r.changes = append(r.changes, c)
 		woken = append(woken, c)
@@ -149,7 +208,7 @@ func (r *Replica) Changed(events []*clientv3.Event, rev int64) {
 	for s := range r.subs {
 		if s.atLeast > 0 && s.cursor < s.atLeast && advanced {
 			s.wake() // waiting for the replica to reach a revision
-		} else if slices.ContainsFunc(woken, func(c change) bool { return s.matches(c.ns, c.key) }) {
+		} else if slices.ContainsFunc(woken, func(c change) bool { return s.wants(c) }) {
 			s.wake()
 		}
 	}
@@ -166,6 +225,7 @@ type Sub struct {
 	r        *Replica
 	ns, key  string
 	prefix   bool
+	rollouts bool                  // also the keys' rollouts
 	readable func(key string) bool // what the stream's token may read
 	wakeC    chan struct{}
 	cursor   int64 // guarded by r.mu; every change up to cursor was handed out
@@ -178,8 +238,8 @@ type Sub struct {
 // readable filters the keys the subscriber may see.
 // The first whole state is sent at revision atLeast or later (what the
 // caller knows etcd had: a watch reads its own writes).
-func (r *Replica) Subscribe(ns, key string, prefix bool, after, atLeast int64, readable func(string) bool) *Sub {
-	s := &Sub{r: r, ns: ns, key: key, prefix: prefix, readable: readable, wakeC: make(chan struct{}, 1), cursor: after, reset: after == 0, atLeast: atLeast}
+func (r *Replica) Subscribe(ns, key string, prefix, rollouts bool, after, atLeast int64, readable func(string) bool) *Sub {
+	s := &Sub{r: r, ns: ns, key: key, prefix: prefix, rollouts: rollouts, readable: readable, wakeC: make(chan struct{}, 1), cursor: after, reset: after == 0, atLeast: atLeast}
 	r.mu.Lock()
 	r.subs[s] = struct{}{}
 	r.mu.Unlock()
@@ -199,6 +259,8 @@ func (s *Sub) wake() {
 	default:
 	}
 }
+
+func (s *Sub) wants(c change) bool { return (!c.rollout || s.rollouts) && s.matches(c.ns, c.key) }
 
 func (s *Sub) matches(ns, key string) bool {
 	if ns != s.ns {
@@ -254,20 +316,37 @@ func (s *Sub) Next(ctx context.Context, quiet <-chan time.Time) (*beaconv1.KVWat
 }
 
 func (s *Sub) stateLocked() []*beaconv1.KVEvent {
-	keys := s.r.keys[s.ns]
 	var out []*beaconv1.KVEvent
-	if !s.prefix {
-		if kv := keys[s.key]; kv != nil && s.readable(s.key) {
+	add := func(key string) {
+		if !s.readable(key) {
+			return
+		}
+		if kv := s.r.keys[s.ns][key]; kv != nil {
 			out = append(out, &beaconv1.KVEvent{Kv: kv})
 		}
+		if p := s.r.plans[s.ns][key]; p != nil && s.rollouts {
+			out = append(out, &beaconv1.KVEvent{Kv: p.kv, Rollout: p.r, IsRollout: true})
+		}
+	}
+	if !s.prefix {
+		add(s.key)
 		return out
 	}
-	for key, kv := range keys {
-		if strings.HasPrefix(key, s.key) && s.readable(key) {
-			out = append(out, &beaconv1.KVEvent{Kv: kv})
+	var keys []string
+	for key := range s.r.keys[s.ns] {
+		if strings.HasPrefix(key, s.key) {
+			keys = append(keys, key)
 		}
 	}
-	slices.SortFunc(out, func(a, b *beaconv1.KVEvent) int { return strings.Compare(a.Kv.Key, b.Kv.Key) })
+	for key := range s.r.plans[s.ns] {
+		if strings.HasPrefix(key, s.key) && s.r.keys[s.ns][key] == nil && s.rollouts {
+			keys = append(keys, key) // a rollout of a key that does not exist yet
+		}
+	}
+	slices.Sort(keys)
+	for _, key := range keys {
+		add(key)
+	}
 	return out
 }
 
@@ -276,18 +355,29 @@ func (s *Sub) stateLocked() []*beaconv1.KVEvent {
 func (s *Sub) changesLocked() []*beaconv1.KVEvent {
 	r := s.r
 	from, _ := slices.BinarySearchFunc(r.changes, s.cursor+1, func(c change, rev int64) int { return cmp.Compare(c.rev, rev) })
-	latest := map[string]change{}
+	type which struct {
+		key     string
+		rollout bool
+	}
+	latest := map[which]change{}
 	for _, c := range r.changes[from:] {
-		if s.matches(c.ns, c.key) && s.readable(c.key) {
-			latest[c.key] = c
+		if s.wants(c) && s.readable(c.key) {
+			latest[which{c.key, c.rollout}] = c
 		}
 	}
 	out := make([]*beaconv1.KVEvent, 0, len(latest))
-	for key, c := range latest {
-		if c.deleted {
-			out = append(out, &beaconv1.KVEvent{Kv: &beaconv1.KeyValue{Key: key, ModRevision: c.rev}, Deleted: true})
-		} else if kv := r.keys[s.ns][key]; kv != nil {
-			out = append(out, &beaconv1.KVEvent{Kv: kv})
+	for w, c := range latest {
+		switch {
+		case c.deleted:
+			out = append(out, &beaconv1.KVEvent{Kv: &beaconv1.KeyValue{Key: w.key, ModRevision: c.rev}, Deleted: true, IsRollout: w.rollout})
+		case w.rollout:
+			if p := r.plans[s.ns][w.key]; p != nil {
+				out = append(out, &beaconv1.KVEvent{Kv: p.kv, Rollout: p.r, IsRollout: true})
+			}
+		default:
+			if kv := r.keys[s.ns][w.key]; kv != nil {
+				out = append(out, &beaconv1.KVEvent{Kv: kv})
+			}
 		}
 	}
 	slices.SortFunc(out, func(a, b *beaconv1.KVEvent) int {

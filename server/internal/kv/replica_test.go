@@ -54,9 +54,9 @@ func describe(resp *beaconv1.KVWatchResponse) string {
 // latest version in revision order, only from its namespace and prefix,
 // and only keys it may read.
 func TestReplicaChangesCoalescedInOrder(t *testing.T) {
-	r := NewReplica(prefix, 0)
+	r := NewReplica(prefix, "", 0)
 	r.Listed([]*mvccpb.KeyValue{{Key: []byte(prefix + "ns/app/a"), Value: []byte("1"), ModRevision: 5}, {Key: []byte(prefix + "ns/app/secret"), Value: []byte("s"), ModRevision: 6}}, 10)
-	s := r.Subscribe("ns", "app/", true, 0, 0, func(k string) bool { return k != "app/secret" })
+	s := r.Subscribe("ns", "app/", true, false, 0, 0, func(k string) bool { return k != "app/secret" })
 	defer s.Close()
 	if got := describe(next(t, s)); got != "rev 10 full true: app/a=1@5" {
 		t.Fatalf("first = %s", got)
@@ -71,9 +71,9 @@ func TestReplicaChangesCoalescedInOrder(t *testing.T) {
 // the whole state again instead of a gap; one resuming inside it gets
 // only what came after.
 func TestReplicaResetsBehindTheLog(t *testing.T) {
-	r := NewReplica(prefix, 4)
+	r := NewReplica(prefix, "", 4)
 	r.Listed(nil, 10)
-	behind := r.Subscribe("ns", "k", false, 10, 0, all)
+	behind := r.Subscribe("ns", "k", false, false, 10, 0, all)
 	defer behind.Close()
 	for rev := int64(11); rev <= 20; rev++ {
 		r.Changed([]*clientv3.Event{put("ns", fmt.Sprint("other", rev), "v", rev)}, rev)
@@ -82,7 +82,7 @@ func TestReplicaResetsBehindTheLog(t *testing.T) {
 	if got := describe(next(t, behind)); got != "rev 21 full true: k=late@21" {
 		t.Fatalf("behind the log = %s", got)
 	}
-	inside := r.Subscribe("ns", "k", false, 20, 0, all)
+	inside := r.Subscribe("ns", "k", false, false, 20, 0, all)
 	defer inside.Close()
 	if got := describe(next(t, inside)); got != "rev 21 full false: k=late@21" {
 		t.Fatalf("inside the log = %s", got)
@@ -97,9 +97,9 @@ func TestReplicaResetsBehindTheLog(t *testing.T) {
 // A subscriber resuming from a revision this replica has not reached
 // (it came from a server ahead) waits, and never gets older changes.
 func TestReplicaNeverStepsBack(t *testing.T) {
-	r := NewReplica(prefix, 0)
+	r := NewReplica(prefix, "", 0)
 	r.Listed([]*mvccpb.KeyValue{{Key: []byte(prefix + "ns/k"), Value: []byte("old"), ModRevision: 5}}, 10)
-	s := r.Subscribe("ns", "k", false, 12, 0, all)
+	s := r.Subscribe("ns", "k", false, false, 12, 0, all)
 	defer s.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
@@ -116,9 +116,9 @@ func TestReplicaNeverStepsBack(t *testing.T) {
 // A new watch reads its own writes: its whole state waits until the
 // replica has reached the revision the server knew etcd had.
 func TestReplicaWholeStateWaitsForItsRevision(t *testing.T) {
-	r := NewReplica(prefix, 0)
+	r := NewReplica(prefix, "", 0)
 	r.Listed(nil, 10)
-	s := r.Subscribe("ns", "k", false, 0, 12, all)
+	s := r.Subscribe("ns", "k", false, false, 0, 12, all)
 	defer s.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()

@@ -164,12 +164,23 @@ const maxAttempts = 16
 // history record per written key, or nothing changes. accessor is who
 // writes (kept in the history).
 func (s *Store) Commit(ctx context.Context, ns string, ops []Op, accessor string, fence *Fence) (Result, error) {
+	return s.commit(ctx, ns, ops, accessor, fence, nil)
+}
+
+// extra is more of a commit's transaction: compares and operations on
+// records other than values (a rollout's).
+type extra struct {
+	cmps []clientv3.Cmp
+	ops  []clientv3.Op
+}
+
+func (s *Store) commit(ctx context.Context, ns string, ops []Op, accessor string, fence *Fence, x *extra) (Result, error) {
 	// The first read may be served by this member alone (cheap); a
 	// compare is refused, and a conflict retried, only on a read the
 	// cluster agrees on.
 	linearizable := false
 	for range maxAttempts {
-		res, retry, err := s.tryCommit(ctx, ns, ops, accessor, fence, linearizable)
+		res, retry, err := s.tryCommit(ctx, ns, ops, accessor, fence, x, linearizable)
 		if !retry {
 			return res, err
 		}
@@ -178,7 +189,7 @@ func (s *Store) Commit(ctx context.Context, ns string, ops []Op, accessor string
 	return Result{}, ErrConflict
 }
 
-func (s *Store) tryCommit(ctx context.Context, ns string, ops []Op, accessor string, fence *Fence, linearizable bool) (Result, bool, error) {
+func (s *Store) tryCommit(ctx context.Context, ns string, ops []Op, accessor string, fence *Fence, x *extra, linearizable bool) (Result, bool, error) {
 	var readOpts []clientv3.OpOption
 	if !linearizable {
 		readOpts = append(readOpts, clientv3.WithSerializable())
@@ -260,6 +271,9 @@ func (s *Store) tryCommit(ctx context.Context, ns string, ops []Op, accessor str
 			return Result{Revision: read.Header.Revision}, false, nil
 		}
 		return Result{}, true, nil // "nothing to do" is said only on a linearizable read
+	}
+	if x != nil {
+		cmps, writes = append(cmps, x.cmps...), append(writes, x.ops...)
 	}
 	resp, err := s.cli.Txn(ctx).If(cmps...).Then(writes...).Commit()
 	if err != nil {

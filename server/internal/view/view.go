@@ -26,8 +26,8 @@ type Hooks struct {
 	// Published receives every batch of new snapshots, in order, after
 	// the view applied them (the server's health checker follows it).
 	Published func(snaps []*registry.Snapshot)
-	// KVListed hands the KV store's current values (under the layout's
-	// KVPrefix) to its replica, and Changed every watch response's events
+	// KVListed hands the KV store's current values and rollouts (under
+	// the layout's KVPrefix and KVRolloutPrefix) to its replica, and Changed every watch response's events
 	// and revision (the KV replica and the locks follow them): the view's
 	// one listing and etcd watch serve all, in one revision order.
 	// Changed runs on the view's goroutine: it must not block.
@@ -164,7 +164,7 @@ func (v *View) watch(ctx context.Context, rev int64) (compacted bool) {
 func (v *View) notMine(key string) bool {
 	l := v.layout
 	return strings.HasPrefix(key, l.ServersPrefix()) || strings.HasPrefix(key, l.TTLPrefix()) || strings.HasPrefix(key, l.ACLPrefix()) ||
-		strings.HasPrefix(key, l.KVPrefix()) || strings.HasPrefix(key, l.KVHistoryPrefix()) || strings.HasPrefix(key, l.KVAppliedPrefix()) ||
+		strings.HasPrefix(key, l.KVPrefix()) || strings.HasPrefix(key, l.KVHistoryPrefix()) || strings.HasPrefix(key, l.KVAppliedPrefix()) || strings.HasPrefix(key, l.KVRolloutPrefix()) ||
 		strings.HasPrefix(key, l.LockPrefix()) || strings.HasPrefix(key, l.LockReleasedPrefix()) || strings.HasPrefix(key, l.LockHoldPrefix()) ||
 		key == l.ProbeKey()
 }
@@ -441,7 +441,7 @@ func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
 	protection := make(map[registry.ServiceKey]float64)
 	for _, kv := range resp.Kvs {
 		key := string(kv.Key)
-		if strings.HasPrefix(key, v.layout.KVPrefix()) {
+		if strings.HasPrefix(key, v.layout.KVPrefix()) || strings.HasPrefix(key, v.layout.KVRolloutPrefix()) {
 			kvs = append(kvs, kv)
 			continue
 		}

@@ -57,6 +57,12 @@ const (
 	KVServiceReportAppliedProcedure = "/beacon.v1.KVService/ReportApplied"
 	// KVServiceAppliedProcedure is the fully-qualified name of the KVService's Applied RPC.
 	KVServiceAppliedProcedure = "/beacon.v1.KVService/Applied"
+	// KVServiceStartRolloutProcedure is the fully-qualified name of the KVService's StartRollout RPC.
+	KVServiceStartRolloutProcedure = "/beacon.v1.KVService/StartRollout"
+	// KVServiceEndRolloutProcedure is the fully-qualified name of the KVService's EndRollout RPC.
+	KVServiceEndRolloutProcedure = "/beacon.v1.KVService/EndRollout"
+	// KVServiceRolloutStatusProcedure is the fully-qualified name of the KVService's RolloutStatus RPC.
+	KVServiceRolloutStatusProcedure = "/beacon.v1.KVService/RolloutStatus"
 )
 
 // KVServiceClient is a client for the beacon.v1.KVService service.
@@ -72,6 +78,11 @@ type KVServiceClient interface {
 	// ReportApplied and Applied: which instance applied which version.
 	ReportApplied(context.Context, *connect.Request[v1.KVReportAppliedRequest]) (*connect.Response[v1.KVReportAppliedResponse], error)
 	Applied(context.Context, *connect.Request[v1.KVAppliedRequest]) (*connect.Response[v1.KVAppliedResponse], error)
+	// Staged rollout: start one, end it (promote or abort), see who applied
+	// what.
+	StartRollout(context.Context, *connect.Request[v1.KVStartRolloutRequest]) (*connect.Response[v1.KVStartRolloutResponse], error)
+	EndRollout(context.Context, *connect.Request[v1.KVEndRolloutRequest]) (*connect.Response[v1.KVEndRolloutResponse], error)
+	RolloutStatus(context.Context, *connect.Request[v1.KVRolloutStatusRequest]) (*connect.Response[v1.KVRolloutStatusResponse], error)
 }
 
 // NewKVServiceClient constructs a client for the beacon.v1.KVService service. By default, it uses
@@ -149,6 +160,25 @@ func NewKVServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...c
 			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
+		startRollout: connect.NewClient[v1.KVStartRolloutRequest, v1.KVStartRolloutResponse](
+			httpClient,
+			baseURL+KVServiceStartRolloutProcedure,
+			connect.WithSchema(kVServiceMethods.ByName("StartRollout")),
+			connect.WithClientOptions(opts...),
+		),
+		endRollout: connect.NewClient[v1.KVEndRolloutRequest, v1.KVEndRolloutResponse](
+			httpClient,
+			baseURL+KVServiceEndRolloutProcedure,
+			connect.WithSchema(kVServiceMethods.ByName("EndRollout")),
+			connect.WithClientOptions(opts...),
+		),
+		rolloutStatus: connect.NewClient[v1.KVRolloutStatusRequest, v1.KVRolloutStatusResponse](
+			httpClient,
+			baseURL+KVServiceRolloutStatusProcedure,
+			connect.WithSchema(kVServiceMethods.ByName("RolloutStatus")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -164,6 +194,9 @@ type kVServiceClient struct {
 	watch         *connect.Client[v1.KVWatchRequest, v1.KVWatchResponse]
 	reportApplied *connect.Client[v1.KVReportAppliedRequest, v1.KVReportAppliedResponse]
 	applied       *connect.Client[v1.KVAppliedRequest, v1.KVAppliedResponse]
+	startRollout  *connect.Client[v1.KVStartRolloutRequest, v1.KVStartRolloutResponse]
+	endRollout    *connect.Client[v1.KVEndRolloutRequest, v1.KVEndRolloutResponse]
+	rolloutStatus *connect.Client[v1.KVRolloutStatusRequest, v1.KVRolloutStatusResponse]
 }
 
 // Get calls beacon.v1.KVService.Get.
@@ -216,6 +249,21 @@ func (c *kVServiceClient) Applied(ctx context.Context, req *connect.Request[v1.K
 	return c.applied.CallUnary(ctx, req)
 }
 
+// StartRollout calls beacon.v1.KVService.StartRollout.
+func (c *kVServiceClient) StartRollout(ctx context.Context, req *connect.Request[v1.KVStartRolloutRequest]) (*connect.Response[v1.KVStartRolloutResponse], error) {
+	return c.startRollout.CallUnary(ctx, req)
+}
+
+// EndRollout calls beacon.v1.KVService.EndRollout.
+func (c *kVServiceClient) EndRollout(ctx context.Context, req *connect.Request[v1.KVEndRolloutRequest]) (*connect.Response[v1.KVEndRolloutResponse], error) {
+	return c.endRollout.CallUnary(ctx, req)
+}
+
+// RolloutStatus calls beacon.v1.KVService.RolloutStatus.
+func (c *kVServiceClient) RolloutStatus(ctx context.Context, req *connect.Request[v1.KVRolloutStatusRequest]) (*connect.Response[v1.KVRolloutStatusResponse], error) {
+	return c.rolloutStatus.CallUnary(ctx, req)
+}
+
 // KVServiceHandler is an implementation of the beacon.v1.KVService service.
 type KVServiceHandler interface {
 	Get(context.Context, *connect.Request[v1.KVGetRequest]) (*connect.Response[v1.KVGetResponse], error)
@@ -229,6 +277,11 @@ type KVServiceHandler interface {
 	// ReportApplied and Applied: which instance applied which version.
 	ReportApplied(context.Context, *connect.Request[v1.KVReportAppliedRequest]) (*connect.Response[v1.KVReportAppliedResponse], error)
 	Applied(context.Context, *connect.Request[v1.KVAppliedRequest]) (*connect.Response[v1.KVAppliedResponse], error)
+	// Staged rollout: start one, end it (promote or abort), see who applied
+	// what.
+	StartRollout(context.Context, *connect.Request[v1.KVStartRolloutRequest]) (*connect.Response[v1.KVStartRolloutResponse], error)
+	EndRollout(context.Context, *connect.Request[v1.KVEndRolloutRequest]) (*connect.Response[v1.KVEndRolloutResponse], error)
+	RolloutStatus(context.Context, *connect.Request[v1.KVRolloutStatusRequest]) (*connect.Response[v1.KVRolloutStatusResponse], error)
 }
 
 // NewKVServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -302,6 +355,25 @@ func NewKVServiceHandler(svc KVServiceHandler, opts ...connect.HandlerOption) (s
 		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
+	kVServiceStartRolloutHandler := connect.NewUnaryHandler(
+		KVServiceStartRolloutProcedure,
+		svc.StartRollout,
+		connect.WithSchema(kVServiceMethods.ByName("StartRollout")),
+		connect.WithHandlerOptions(opts...),
+	)
+	kVServiceEndRolloutHandler := connect.NewUnaryHandler(
+		KVServiceEndRolloutProcedure,
+		svc.EndRollout,
+		connect.WithSchema(kVServiceMethods.ByName("EndRollout")),
+		connect.WithHandlerOptions(opts...),
+	)
+	kVServiceRolloutStatusHandler := connect.NewUnaryHandler(
+		KVServiceRolloutStatusProcedure,
+		svc.RolloutStatus,
+		connect.WithSchema(kVServiceMethods.ByName("RolloutStatus")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/beacon.v1.KVService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case KVServiceGetProcedure:
@@ -324,6 +396,12 @@ func NewKVServiceHandler(svc KVServiceHandler, opts ...connect.HandlerOption) (s
 			kVServiceReportAppliedHandler.ServeHTTP(w, r)
 		case KVServiceAppliedProcedure:
 			kVServiceAppliedHandler.ServeHTTP(w, r)
+		case KVServiceStartRolloutProcedure:
+			kVServiceStartRolloutHandler.ServeHTTP(w, r)
+		case KVServiceEndRolloutProcedure:
+			kVServiceEndRolloutHandler.ServeHTTP(w, r)
+		case KVServiceRolloutStatusProcedure:
+			kVServiceRolloutStatusHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -371,4 +449,16 @@ func (UnimplementedKVServiceHandler) ReportApplied(context.Context, *connect.Req
 
 func (UnimplementedKVServiceHandler) Applied(context.Context, *connect.Request[v1.KVAppliedRequest]) (*connect.Response[v1.KVAppliedResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.KVService.Applied is not implemented"))
+}
+
+func (UnimplementedKVServiceHandler) StartRollout(context.Context, *connect.Request[v1.KVStartRolloutRequest]) (*connect.Response[v1.KVStartRolloutResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.KVService.StartRollout is not implemented"))
+}
+
+func (UnimplementedKVServiceHandler) EndRollout(context.Context, *connect.Request[v1.KVEndRolloutRequest]) (*connect.Response[v1.KVEndRolloutResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.KVService.EndRollout is not implemented"))
+}
+
+func (UnimplementedKVServiceHandler) RolloutStatus(context.Context, *connect.Request[v1.KVRolloutStatusRequest]) (*connect.Response[v1.KVRolloutStatusResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.KVService.RolloutStatus is not implemented"))
 }
