@@ -121,6 +121,47 @@ func TestACLKVPermissionMatrix(t *testing.T) {
 			_, err := c.Rollback(ctx, connect.NewRequest(&beaconv1.KVRollbackRequest{Key: "app/x", ToRevision: rev}))
 			return plain(err)
 		}},
+		{"StartRollout app/x", allow("app-write", "management"), func(ctx context.Context, c beaconv1connect.KVServiceClient, _ int64) (outcome, error) {
+			_, err := c.StartRollout(ctx, connect.NewRequest(&beaconv1.KVStartRolloutRequest{Key: "app/x", Value: []byte("5")}))
+			if err == nil {
+				mgmt.EndRollout(ctx, connect.NewRequest(&beaconv1.KVEndRolloutRequest{Key: "app/x"}))
+			}
+			return plain(err)
+		}},
+		{"EndRollout app/x", allow("app-write", "management"), func(ctx context.Context, c beaconv1connect.KVServiceClient, _ int64) (outcome, error) {
+			if _, err := mgmt.StartRollout(ctx, connect.NewRequest(&beaconv1.KVStartRolloutRequest{Key: "app/x", Value: []byte("5")})); err != nil {
+				return "", err
+			}
+			_, err := c.EndRollout(ctx, connect.NewRequest(&beaconv1.KVEndRolloutRequest{Key: "app/x"}))
+			if err != nil {
+				mgmt.EndRollout(ctx, connect.NewRequest(&beaconv1.KVEndRolloutRequest{Key: "app/x"}))
+			}
+			return plain(err)
+		}},
+		{"RolloutStatus app/x", allow("app-read", "app-write", "management"), func(ctx context.Context, c beaconv1connect.KVServiceClient, _ int64) (outcome, error) {
+			_, err := c.RolloutStatus(ctx, connect.NewRequest(&beaconv1.KVRolloutStatusRequest{Key: "app/x"}))
+			return plain(err)
+		}},
+		{"Watch app/x with rollouts shows app/secret's rollout", secretRead, func(ctx context.Context, c beaconv1connect.KVServiceClient, _ int64) (outcome, error) {
+			if _, err := mgmt.StartRollout(ctx, connect.NewRequest(&beaconv1.KVStartRolloutRequest{Key: "app/secret", Value: []byte("5")})); err != nil {
+				return "", err
+			}
+			defer mgmt.EndRollout(ctx, connect.NewRequest(&beaconv1.KVEndRolloutRequest{Key: "app/secret"}))
+			st, err := c.Watch(ctx, connect.NewRequest(&beaconv1.KVWatchRequest{Key: "app/", Prefix: true, IncludeRollouts: true}))
+			if err != nil {
+				return plain(err)
+			}
+			defer st.Close()
+			if !st.Receive() {
+				return plain(st.Err())
+			}
+			for _, ev := range st.Msg().GetEvents() {
+				if ev.GetIsRollout() && ev.GetKv().GetKey() == "app/secret" {
+					return allowed, nil
+				}
+			}
+			return filtered, nil
+		}},
 		// A compare reveals a key's revision: it needs read, and the
 		// deny on app/secret* holds.
 		{"Txn check app/x", allow("app-read", "app-write", "management"), func(ctx context.Context, c beaconv1connect.KVServiceClient, rev int64) (outcome, error) {

@@ -16,6 +16,7 @@ import (
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/internal/store"
 )
 
 func newKVCmd(g *globals) *cobra.Command {
@@ -23,7 +24,7 @@ func newKVCmd(g *globals) *cobra.Command {
 		Use:   "kv",
 		Short: "The KV config store: get, put, delete, list, watch, history, diff, rollback (docs/kv.md)",
 	}
-	cmd.AddCommand(newKVGetCmd(g), newKVPutCmd(g), newKVDeleteCmd(g), newKVListCmd(g), newKVWatchCmd(g), newKVHistoryCmd(g), newKVDiffCmd(g), newKVRollbackCmd(g))
+	cmd.AddCommand(newKVGetCmd(g), newKVPutCmd(g), newKVDeleteCmd(g), newKVListCmd(g), newKVWatchCmd(g), newKVHistoryCmd(g), newKVDiffCmd(g), newKVRollbackCmd(g), newKVRolloutCmd(g))
 	return cmd
 }
 
@@ -81,26 +82,9 @@ func newKVPutCmd(g *globals) *cobra.Command {
 		Args: cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cas.read(cmd)
-			var value []byte
-			switch {
-			case len(args) == 2 && file != "":
-				return errors.New("give the value as an argument or with --file, not both")
-			case len(args) == 2:
-				value = []byte(args[1])
-			case file == "-":
-				b, err := io.ReadAll(io.LimitReader(os.Stdin, 1<<20+1))
-				if err != nil {
-					return err
-				}
-				value = b
-			case file != "":
-				b, err := os.ReadFile(file)
-				if err != nil {
-					return err
-				}
-				value = b
-			default:
-				return fmt.Errorf("missing VALUE (or --file) (usage: %s)", cmd.UseLine())
+			value, err := valueOf(args, file, cmd)
+			if err != nil {
+				return err
 			}
 			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
 				var rev int64
@@ -448,4 +432,127 @@ func newKVRollbackCmd(g *globals) *cobra.Command {
 	}
 	cmd.Flags().Int64Var(&to, "to", 0, "the revision of the version to write again")
 	return cmd
+}
+
+func newKVRolloutCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "rollout",
+		Short: "Staged rollout of a key: start, status, promote, abort (docs/kv.md)",
+	}
+	var (
+		labels  []string
+		percent int32
+		file    string
+	)
+	start := &cobra.Command{
+		Use:   "start KEY [VALUE]",
+		Short: "Publish a new value to the readers the selector picks (--labels, --percent)",
+		Example: `  beacon kv rollout start shop/pricing '{"discount":0.2}' --labels zone=eu-1
+  beacon kv rollout start shop/pricing --file pricing.json --percent 10`,
+		Args: cobra.RangeArgs(1, 2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			value, err := valueOf(args, file, cmd)
+			if err != nil {
+				return err
+			}
+			sel, err := parseMeta(labels)
+			if err != nil {
+				return err
+			}
+			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
+				rev, err := c.KV().StartRollout(ctx, args[0], value, sel, percent, client.InNamespace(g.namespace))
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(g.stdout, "rollout of %s/%s started at revision %d\n", g.namespace, args[0], rev)
+				return nil
+			})
+		},
+	}
+	start.Flags().StringSliceVar(&labels, "labels", nil, "select readers with these labels, k=v (all must match)")
+	start.Flags().Int32Var(&percent, "percent", 0, "select this share of the readers (by a stable hash; 0: all the labels select)")
+	start.Flags().StringVar(&file, "file", "", "read the value from this file (- : standard input)")
+	end := func(use, short string, promote bool) *cobra.Command {
+		return &cobra.Command{
+			Use: use + " KEY", Short: short, Args: argsNamed("KEY"),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				return g.call(cmd, func(ctx context.Context, c *client.Client) error {
+					rev, err := c.KV().EndRollout(ctx, args[0], promote, client.InNamespace(g.namespace))
+					if err != nil {
+						return err
+					}
+					fmt.Fprintf(g.stdout, "rollout of %s/%s %sd at revision %d\n", g.namespace, args[0], use, rev)
+					return nil
+				})
+			},
+		}
+	}
+	status := &cobra.Command{
+		Use:   "status KEY",
+		Short: "The key's value, its rollout and which instance applied which revision",
+		Args:  argsNamed("KEY"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := g.checkOutput(); err != nil {
+				return err
+			}
+			return g.call(cmd, func(ctx context.Context, c *client.Client) error {
+				st, err := c.KV().RolloutStatus(ctx, args[0], client.InNamespace(g.namespace))
+				if err != nil {
+					return err
+				}
+				if g.output == "json" {
+					return g.printJSON(st)
+				}
+				cur, plan := int64(0), int64(0)
+				if st.Current != nil {
+					cur = st.Current.ModRevision
+					fmt.Fprintf(g.stdout, "value: revision %d\n", cur)
+				} else {
+					fmt.Fprintln(g.stdout, "value: none (the key does not exist)")
+				}
+				if st.Rollout != nil {
+					plan = st.Rollout.Revision
+					fmt.Fprintf(g.stdout, "rollout: revision %d, labels %v, percent %d\n", plan, st.Rollout.Labels, st.Rollout.Percent)
+				} else {
+					fmt.Fprintln(g.stdout, "rollout: none")
+				}
+				tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "INSTANCE\tSESSION\tAPPLIED\tWHICH\tERROR")
+				for _, r := range st.Reports {
+					which := "old"
+					switch {
+					case r.Error != "":
+						which = "refused"
+					case r.Revision == cur:
+						which = "value"
+					case r.Revision == plan:
+						which = "rollout"
+					}
+					label := r.Label
+					if label == "" {
+						label = "-"
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", label, store.FormatSessionID(r.SessionID), r.Revision, which, r.Error)
+				}
+				return tw.Flush()
+			})
+		},
+	}
+	cmd.AddCommand(start, status, end("promote", "Write the rollout's value as the key's, for everyone", true), end("abort", "End the rollout: its readers go back to the key's value", false))
+	return cmd
+}
+
+// valueOf reads a value from the second argument or --file (- : stdin).
+func valueOf(args []string, file string, cmd *cobra.Command) ([]byte, error) {
+	switch {
+	case len(args) == 2 && file != "":
+		return nil, errors.New("give the value as an argument or with --file, not both")
+	case len(args) == 2:
+		return []byte(args[1]), nil
+	case file == "-":
+		return io.ReadAll(io.LimitReader(os.Stdin, 1<<20+1))
+	case file != "":
+		return os.ReadFile(file)
+	}
+	return nil, fmt.Errorf("missing VALUE (or --file) (usage: %s)", cmd.UseLine())
 }

@@ -63,3 +63,32 @@ func TestKVCommands(t *testing.T) {
 		return strings.Contains(s, "revision "+rollRev+`: shop/pricing = "discount: 0.1`)
 	})
 }
+
+// beacon kv rollout: start, status, a second start refused, promote.
+func TestKVRolloutCommands(t *testing.T) {
+	srv := servertest.Start(t, servertest.Config(t, ""))
+	at := "--server=" + srv.Addr()
+	must := func(want string, args ...string) string {
+		t.Helper()
+		code, out, errs := run(append(args, at)...)
+		if code != 0 || !strings.Contains(out, want) {
+			t.Fatalf("beacon %s = %d, stdout %q, stderr %q; want %q", strings.Join(args, " "), code, out, errs, want)
+		}
+		return out
+	}
+	must("put default/flags", "kv", "put", "flags", `{"new_checkout":false}`)
+	must("rollout of default/flags started", "kv", "rollout", "start", "flags", `{"new_checkout":true}`, "--labels", "zone=eu-1", "--percent", "10")
+	must("rollout: revision", "kv", "rollout", "status", "flags")
+	if code, _, errs := run("kv", "rollout", "start", "flags", "{}", at); code == 0 || !strings.Contains(errs, "rollout is running") {
+		t.Fatalf("second start = %d, %q", code, errs)
+	}
+	if code, _, errs := run("kv", "rollout", "start", "flags", "{}", "--percent", "101", at); code == 0 || !strings.Contains(errs, "percent") {
+		t.Fatalf("percent 101 = %d, %q", code, errs)
+	}
+	must("promoted at revision", "kv", "rollout", "promote", "flags")
+	must(`{"new_checkout":true}`, "kv", "get", "flags")
+	must("rollout: none", "kv", "rollout", "status", "flags")
+	if code, _, errs := run("kv", "rollout", "abort", "flags", at); code == 0 || !strings.Contains(errs, "no rollout") {
+		t.Fatalf("abort with none = %d, %q", code, errs)
+	}
+}
