@@ -102,15 +102,16 @@ func (l lockAPI) Acquire(ctx context.Context, req *connect.Request[beaconv1.Acqu
 	default:
 		l.s.metrics.lockAcquires.WithLabelValues("busy").Inc()
 	}
+	if acquired { // the caller holds it: no need to read the queue again
+		return connect.NewResponse(&beaconv1.AcquireLockResponse{Acquired: true, FencingToken: token, Lock: &beaconv1.LockState{
+			Name: m.GetName(), Holder: &beaconv1.LockHolder{SessionId: m.GetSessionId(), FencingToken: token, Value: m.GetValue()},
+		}}), nil
+	}
 	st, err := l.s.locks.Describe(ctx, ns, m.GetName())
 	if err != nil {
 		return nil, lockError(err)
 	}
-	resp := &beaconv1.AcquireLockResponse{Acquired: acquired, FencingToken: token, Lock: st}
-	if !acquired {
-		resp.FencingToken = st.GetHolder().GetFencingToken()
-	}
-	return connect.NewResponse(resp), nil
+	return connect.NewResponse(&beaconv1.AcquireLockResponse{FencingToken: st.GetHolder().GetFencingToken(), Lock: st}), nil
 }
 
 func (l lockAPI) Release(ctx context.Context, req *connect.Request[beaconv1.ReleaseLockRequest]) (*connect.Response[beaconv1.ReleaseLockResponse], error) {

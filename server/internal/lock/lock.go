@@ -15,7 +15,6 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -130,9 +129,17 @@ func (l *Locks) releasedKey(ns, name string) string {
 // holds it.
 func (l *Locks) Acquire(ctx context.Context, ns, name string, session int64, value []byte, wait time.Duration) (acquired bool, token int64, err error) {
 	key := l.layout.LockKey(ns, name, session)
+	queue, hold := l.layout.LockQueue(ns, name), l.holdKey(ns, name)
+	// Join (or find our place), and look at the head of the queue and the
+	// lock delay's hold, in one transaction: an uncontended lock costs one
+	// round trip.
+	look := []clientv3.Op{
+		clientv3.OpGet(queue, append([]clientv3.OpOption{clientv3.WithKeysOnly()}, clientv3.WithFirstCreate()...)...),
+		clientv3.OpGet(hold, clientv3.WithKeysOnly()),
+	}
 	resp, err := l.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
-		Then(clientv3.OpPut(key, string(value), clientv3.WithLease(clientv3.LeaseID(session)))).
-		Else(clientv3.OpGet(key, clientv3.WithKeysOnly())).Commit()
+		Then(append([]clientv3.Op{clientv3.OpPut(key, string(value), clientv3.WithLease(clientv3.LeaseID(session)))}, look...)...).
+		Else(append([]clientv3.Op{clientv3.OpGet(key, clientv3.WithKeysOnly())}, look...)...).Commit()
 	if err != nil {
 		if errors.Is(err, rpctypes.ErrLeaseNotFound) || errors.Is(err, rpctypes.ErrGRPCLeaseNotFound) {
 			return false, 0, fmt.Errorf("%w: %s", ErrSessionNotFound, store.FormatSessionID(session))
@@ -142,6 +149,10 @@ func (l *Locks) Acquire(ctx context.Context, ns, name string, session int64, val
 	mine := resp.Header.Revision
 	if !resp.Succeeded {
 		mine = resp.Responses[0].GetResponseRange().Kvs[0].CreateRevision
+	}
+	first := resp.Responses[1].GetResponseRange().Kvs
+	if len(first) > 0 && first[0].CreateRevision == mine && len(resp.Responses[2].GetResponseRange().Kvs) == 0 {
+		return true, mine, nil
 	}
 	wctx, cancel := ctx, context.CancelFunc(func() {})
 	if wait > 0 {
@@ -156,7 +167,7 @@ func (l *Locks) Acquire(ctx context.Context, ns, name string, session int64, val
 	// cleanly, so the next in line does not wait a lock delay for it.
 	lctx, lcancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer lcancel()
-	if _, lerr := l.leave(lctx, ns, name, key, mine); lerr != nil && err == nil {
+	if _, _, lerr := l.leave(lctx, ns, name, key); lerr != nil && err == nil {
 		err = lerr
 	}
 	if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
@@ -165,15 +176,26 @@ func (l *Locks) Acquire(ctx context.Context, ns, name string, session int64, val
 	return false, 0, err
 }
 
-// leave deletes a queue key with create revision rev, recording it as
-// released; held says whether it was the oldest (the holder).
-func (l *Locks) leave(ctx context.Context, ns, name, key string, rev int64) (revision int64, err error) {
-	resp, err := l.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(key), "=", rev)).
-		Then(clientv3.OpDelete(key), clientv3.OpPut(l.releasedKey(ns, name), strconv.FormatInt(rev, 10))).Commit()
+// leave deletes a queue key in one transaction with the lock's release
+// marker: a deletion with a marker put at its revision left cleanly (a
+// release, or a waiter giving up); one without was lost with its session.
+// held says whether the key was the oldest (the holder).
+func (l *Locks) leave(ctx context.Context, ns, name, key string) (held bool, revision int64, err error) {
+	resp, err := l.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(key), ">", 0)).Then(
+		clientv3.OpGet(l.layout.LockQueue(ns, name), append([]clientv3.OpOption{clientv3.WithKeysOnly()}, clientv3.WithFirstCreate()...)...),
+		clientv3.OpDelete(key, clientv3.WithPrevKV()),
+		clientv3.OpPut(l.releasedKey(ns, name), ""),
+	).Commit()
 	if err != nil {
-		return 0, err
+		return false, 0, err
 	}
-	return resp.Header.Revision, nil
+	if !resp.Succeeded {
+		return false, resp.Header.Revision, nil // not in the queue
+	}
+	first := resp.Responses[0].GetResponseRange().Kvs
+	prev := resp.Responses[1].GetResponseDeleteRange().PrevKvs
+	held = len(first) > 0 && len(prev) > 0 && first[0].CreateRevision == prev[0].CreateRevision
+	return held, resp.Header.Revision, nil
 }
 
 // waitFirst waits until the key (create revision mine) is the oldest of
@@ -207,68 +229,59 @@ func (l *Locks) waitFirst(ctx context.Context, ns, name, key string, mine int64,
 		if len(before) == 0 {
 			// First in line, but a holder before us was lost with its
 			// session: its writes in flight land before we start.
-			if err := l.waitDeleted(ctx, holdKey, resp.Header.Revision); err != nil {
+			if _, err := l.waitDeleted(ctx, holdKey, resp.Header.Revision); err != nil {
 				return false, err
 			}
 			continue
 		}
 		pred := before[0]
-		if err := l.waitDeleted(ctx, string(pred.Key), resp.Header.Revision); err != nil {
-			return false, err
-		}
-		// Left cleanly (released, or a waiter that gave up), or lost? The
-		// view's NoticeLost puts the hold too, but we may look first.
-		rel, err := l.cli.Get(ctx, l.releasedKey(ns, name))
+		deleted, err := l.waitDeleted(ctx, string(pred.Key), resp.Header.Revision)
 		if err != nil {
 			return false, err
 		}
-		if l.delay > 0 && (len(rel.Kvs) == 0 || string(rel.Kvs[0].Value) != strconv.FormatInt(pred.CreateRevision, 10)) {
-			if err := l.hold(ctx, ns, name); err != nil {
+		// Left cleanly (a release marker put at the deletion's revision),
+		// or lost? The view's NoticeLost puts the hold too, but we may
+		// look first.
+		if l.delay > 0 && deleted > 0 {
+			rel, err := l.cli.Get(ctx, l.releasedKey(ns, name), clientv3.WithKeysOnly())
+			if err != nil {
 				return false, err
+			}
+			if len(rel.Kvs) == 0 || rel.Kvs[0].ModRevision != deleted {
+				if err := l.hold(ctx, ns, name); err != nil {
+					return false, err
+				}
 			}
 		}
 	}
 }
 
-// waitDeleted waits until key is deleted after revision rev.
-func (l *Locks) waitDeleted(ctx context.Context, key string, rev int64) error {
+// waitDeleted waits until key is deleted after revision rev, and returns
+// the deletion's revision (0: the watch broke — compacted, no leader —
+// and the caller looks again).
+func (l *Locks) waitDeleted(ctx context.Context, key string, rev int64) (int64, error) {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
 	for resp := range l.cli.Watch(wctx, key, clientv3.WithRev(rev+1), clientv3.WithFilterPut()) {
-		if err := resp.Err(); err != nil {
-			return err // compacted or no leader: the caller looks again
+		if resp.Err() != nil {
+			return 0, nil
 		}
 		for _, ev := range resp.Events {
 			if ev.Type == mvccpb.DELETE {
-				return nil
+				return ev.Kv.ModRevision, nil
 			}
 		}
 	}
 	if ctx.Err() != nil {
-		return ctx.Err()
+		return 0, ctx.Err()
 	}
-	return errors.New("lock: watch ended")
+	return 0, errors.New("lock: watch ended")
 }
 
 // Release takes the session out of the lock's queue. released says it
 // held the lock.
 func (l *Locks) Release(ctx context.Context, ns, name string, session int64) (released bool, revision int64, err error) {
-	key := l.layout.LockKey(ns, name, session)
-	resp, err := l.cli.Txn(ctx).Then(
-		clientv3.OpGet(key, clientv3.WithKeysOnly()),
-		clientv3.OpGet(l.layout.LockQueue(ns, name), append([]clientv3.OpOption{clientv3.WithKeysOnly()}, clientv3.WithFirstCreate()...)...),
-	).Commit()
-	if err != nil {
-		return false, 0, err
-	}
-	kvs := resp.Responses[0].GetResponseRange().Kvs
-	if len(kvs) == 0 {
-		return false, resp.Header.Revision, nil
-	}
-	first := resp.Responses[1].GetResponseRange().Kvs
-	held := len(first) > 0 && first[0].CreateRevision == kvs[0].CreateRevision
-	rev, err := l.leave(ctx, ns, name, key, kvs[0].CreateRevision)
-	return held, rev, err
+	return l.leave(ctx, ns, name, l.layout.LockKey(ns, name, session))
 }
 
 // Describe returns a lock's holder and waiters (the holder is the oldest
