@@ -10,6 +10,11 @@ out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 	echo "# $(uname -srm), $(nproc) cores, $(go version)"
 	go test -run '^$' -bench 'Propagation' -benchtime "${PROPAGATION_CHANGES:-100}x" -count "${COUNT:-5}" -timeout 60m ./bench
 	go test -run '^$' -bench 'RegisterThroughput' -benchtime 8000x -count "${COUNT:-5}" -timeout 30m ./bench
+	# The config center: KV puts and KV watch propagation beside raw etcd,
+	# and locks beside etcd's concurrency.Mutex.
+	go test -run '^$' -bench 'KVPut' -benchtime 4000x -count "${COUNT:-5}" -timeout 30m ./bench
+	go test -run '^$' -bench 'KVWatchPropagation' -benchtime 100x -count "${COUNT:-5}" -timeout 60m ./bench
+	go test -run '^$' -bench 'BenchmarkLock' -benchtime 400x -count "${COUNT:-5}" -timeout 30m ./bench
 	go test -run '^$' -bench 'Sessions|MemoryPerInstance' -benchtime 1x -timeout 30m ./bench
 	# Client data plane: picks, rebuilds, and the call chain beside
 	# gobreaker v2 and failsafe-go (a module of its own, so beacon does not
