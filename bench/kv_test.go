@@ -4,13 +4,13 @@ import (
 	"context"
 	"fmt"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/config"
 )
 
 // BenchmarkKVPut: 16 concurrent clients writing KV keys through beacon
@@ -52,9 +52,10 @@ func BenchmarkKVPut(b *testing.B) {
 	b.ReportMetric(0, "ns/op")
 }
 
-// BenchmarkKVWatchPropagation: a KV change → applied by the last of N SDK
-// KV watchers (each on its own connection), beside N clientv3 watches of
-// the same etcd, in the same run. Run with -benchtime=Nx changes.
+// BenchmarkKVWatchPropagation: a config change → applied by the last of
+// N config.Bind clients (each on its own connection: watch, decode,
+// validate, atomic swap), beside N clientv3 watches of the same etcd, in
+// the same run. Run with -benchtime=Nx changes.
 func BenchmarkKVWatchPropagation(b *testing.B) {
 	for _, n := range []int{1, 100, 1000} {
 		b.Run(fmt.Sprintf("N=%d", n), func(b *testing.B) {
@@ -75,36 +76,34 @@ func BenchmarkKVWatchPropagation(b *testing.B) {
 }
 
 func propagationKV(ctx context.Context, b *testing.B, addr string, n, changes int) *latencies {
+	type flag struct {
+		Port int `json:"port"`
+	}
 	seen := make([]chan applied, n)
-	var wg sync.WaitGroup
-	wctx, wcancel := context.WithCancel(ctx)
-	defer func() { wcancel(); wg.Wait() }()
 	for i := range n {
 		c, err := client.New([]string{addr})
 		if err != nil {
 			b.Fatal(err)
 		}
 		defer c.Close()
-		w, err := c.KV().Watch(ctx, "bench/flag", false)
+		seen[i] = make(chan applied, changes+warmUp+16)
+		ch := seen[i]
+		bound, err := config.Bind(ctx, c, "bench/flag", config.Default(flag{}),
+			config.Validate(func(f flag) error {
+				if f.Port < 0 {
+					return fmt.Errorf("port %d", f.Port)
+				}
+				return nil
+			}),
+			config.OnEvent(func(e config.Event[flag]) {
+				if e.New != nil {
+					ch <- applied{e.Revision, time.Now()}
+				}
+			}))
 		if err != nil {
 			b.Fatal(err)
 		}
-		defer w.Close()
-		if _, err := w.Next(ctx); err != nil { // the whole state: watching
-			b.Fatal(err)
-		}
-		seen[i] = make(chan applied, changes+16)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				st, err := w.Next(wctx)
-				if err != nil {
-					return
-				}
-				seen[i] <- applied{st.Revision, time.Now()}
-			}
-		}()
+		defer bound.Close()
 	}
 	writer, err := client.New([]string{addr})
 	if err != nil {
