@@ -150,6 +150,7 @@ type Client struct {
 	creds    map[int64]string              // guarded by mu; session-bound credentials by session id
 	watchers map[*Watcher]struct{}         // guarded by mu; running ones, closed by Close
 	streams  map[streamCloser]struct{}     // guarded by mu; KV and leader watchers running, closed by Close
+	turns    sync.Map                      // "session/ns/lock" → chan struct{}: Mutex's process-local turns
 }
 
 // New returns a client for the given server addresses ("host:port" or

@@ -50,12 +50,39 @@ func (c *Client) Mutex(s *Session, name string, opts ...CallOption) *Mutex {
 // calls again (keeping its place in the queue) until its context ends.
 const LockWaitPerCall = 30 * time.Second
 
+// turn is the process-local side of a lock: the server queues sessions,
+// so goroutines sharing a session take turns here first (two of them
+// would otherwise both find the session's place at the head of the queue
+// and both believe they hold the lock).
+func (m *Mutex) turn() chan struct{} {
+	id, _ := m.s.Lease()
+	t, _ := m.c.turns.LoadOrStore(fmt.Sprintf("%d/%s/%s", id, m.ns, m.name), make(chan struct{}, 1))
+	return t.(chan struct{})
+}
+
 // Lock waits until the session holds the lock, or ctx ends (then the
-// session leaves the queue).
+// session leaves the queue). Goroutines locking the same name on the
+// same session take turns.
 func (m *Mutex) Lock(ctx context.Context) (*Held, error) {
 	if err := registry.ValidateKey("lock name", m.name); err != nil {
 		return nil, err
 	}
+	turn := m.turn()
+	select {
+	case turn <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	h, err := m.lock(ctx)
+	if err != nil {
+		<-turn
+		return nil, err
+	}
+	h.turn = turn
+	return h, nil
+}
+
+func (m *Mutex) lock(ctx context.Context) (*Held, error) {
 	for {
 		wait := LockWaitPerCall
 		if dl, ok := ctx.Deadline(); ok {
@@ -76,10 +103,55 @@ func (m *Mutex) TryLock(ctx context.Context) (*Held, error) {
 	if err := registry.ValidateKey("lock name", m.name); err != nil {
 		return nil, err
 	}
-	return m.acquire(ctx, 0)
+	turn := m.turn()
+	select {
+	case turn <- struct{}{}:
+	default:
+		return nil, fmt.Errorf("%w: %q, by this session in this process", ErrLockHeld, m.name)
+	}
+	h, err := m.acquire(ctx, 0)
+	if err != nil {
+		<-turn
+		return nil, err
+	}
+	h.turn = turn
+	return h, nil
 }
 
 func (m *Mutex) acquire(ctx context.Context, wait time.Duration) (*Held, error) {
+	for {
+		h, session, err := m.tryAcquire(ctx, wait)
+		if !errors.Is(err, ErrNotFound) {
+			return h, err
+		}
+		// The session's lease is gone (it expired while this process was
+		// paused, say): the session replaces it by itself; lock on the new
+		// one, never the old.
+		if err := m.newLease(ctx, session); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// newLease waits until the session has a lease other than old.
+func (m *Mutex) newLease(ctx context.Context, old int64) error {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if id, _ := m.s.Lease(); id != old {
+			return nil
+		}
+		select {
+		case <-t.C:
+		case <-m.s.Done():
+			return fmt.Errorf("beacon: the lock's session ended: %w", m.s.Err())
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+func (m *Mutex) tryAcquire(ctx context.Context, wait time.Duration) (*Held, int64, error) {
 	session, _ := m.s.Lease()
 	req := &beaconv1.AcquireLockRequest{Namespace: m.ns, Name: m.name, SessionId: session, Wait: durationpb.New(wait), Value: m.value}
 	// An Acquire may be repeated: the server finds the session's place in
@@ -95,12 +167,12 @@ func (m *Mutex) acquire(ctx context.Context, wait time.Duration) (*Held, error) 
 		if ctx.Err() != nil {
 			m.leave(session)
 		}
-		return nil, kvError(err)
+		return nil, session, kvError(err)
 	}
 	if !resp.GetAcquired() {
-		return nil, fmt.Errorf("%w: %q, by session %x with fencing token %d", ErrLockHeld, m.name, resp.GetLock().GetHolder().GetSessionId(), resp.GetFencingToken())
+		return nil, session, fmt.Errorf("%w: %q, by session %x with fencing token %d", ErrLockHeld, m.name, resp.GetLock().GetHolder().GetSessionId(), resp.GetFencingToken())
 	}
-	return m.hold(session, resp.GetFencingToken()), nil
+	return m.hold(session, resp.GetFencingToken()), session, nil
 }
 
 // leave takes the session out of the queue after a Lock given up while
@@ -136,6 +208,7 @@ type Held struct {
 	cancel  context.CancelCauseFunc
 	stop    chan struct{} // closed by Unlock
 	done    chan struct{} // closed when the watchdog has returned
+	turn    chan struct{} // the process-local turn, given back by Unlock
 }
 
 // Token is the acquisition's fencing token: larger than every earlier
@@ -199,6 +272,9 @@ func (h *Held) Unlock(ctx context.Context) error {
 	<-h.done
 	h.cancel(errors.New("beacon: unlocked"))
 	_, err := h.m.release(ctx, h.session)
+	if h.turn != nil {
+		<-h.turn
+	}
 	return err
 }
 

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -160,4 +161,57 @@ func TestHeldContextEndsBeforeTheSessionCanExpire(t *testing.T) {
 		t.Fatalf("try by another session = %v, want ErrLockHeld naming session %x", err, s.ID())
 	}
 	proxy.Freeze(false)
+}
+
+// Goroutines locking one name on one session take turns: the server
+// queues sessions, so without the process-local turn both would find the
+// session at the head of the queue.
+func TestMutexGoroutinesOfOneSessionTakeTurns(t *testing.T) {
+	srv := testutil.StartBeacon(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c, err := client.New([]string{srv.Addr()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := c.NewSession(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var inside, most atomic.Int32
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 5 {
+				h, err := c.Mutex(s, "shared").Lock(ctx)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				n := inside.Add(1)
+				for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
+				}
+				time.Sleep(time.Millisecond)
+				inside.Add(-1)
+				if err := h.Unlock(ctx); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if most.Load() != 1 {
+		t.Fatalf("%d goroutines held the lock at once", most.Load())
+	}
+	h, err := c.Mutex(s, "shared").TryLock(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Mutex(s, "shared").TryLock(ctx); !errors.Is(err, client.ErrLockHeld) {
+		t.Fatalf("second TryLock in the process = %v, want ErrLockHeld", err)
+	}
+	h.Unlock(ctx)
 }

@@ -92,11 +92,78 @@ func (d *db) Close() error { return d.cli.Close() }
 // ErrOutOfStock: the item has fewer than asked.
 var ErrOutOfStock = errors.New("out of stock")
 
-// seedStock sets an item's stock unless it is set already.
+// seedStock sets an item's stock (and its fence, below) unless set already.
 func (d *db) seedStock(ctx context.Context, item string, n int64) error {
-	k := "/shop/stock/" + item
-	_, err := d.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).Then(clientv3.OpPut(k, strconv.FormatInt(n, 10))).Commit()
+	k, f := "/shop/stock/"+item, fenceKey(item)
+	if _, err := d.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).Then(clientv3.OpPut(k, strconv.FormatInt(n, 10))).Commit(); err != nil {
+		return err
+	}
+	_, err := d.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(f), "=", 0)).Then(clientv3.OpPut(f, fenceToken(0))).Commit()
 	return err
+}
+
+// ErrFenced: a stock write carried a fencing token older than one the
+// stock has already seen — its writer lost the item's lock (paused past
+// its session, say) and a newer holder has written since.
+var ErrFenced = errors.New("fenced: a newer holder of the item's lock has written the stock")
+
+// fenceKey holds the highest fencing token the item's stock was written
+// with: the store itself refuses an older one (docs/locks.md).
+func fenceKey(item string) string { return "/shop/stockfence/" + item }
+
+// fenceToken is a token as the fence stores it: fixed width, so that
+// etcd's byte order of values is the tokens' order.
+func fenceToken(t int64) string { return fmt.Sprintf("%020d", t) }
+
+// reserveFenced is reserve for an instance holding the item's beacon
+// lock with fencing token token: the stock's write happens only if no
+// newer token has written it (checked by the database in the write's own
+// transaction), so a holder that lost the lock cannot take stock twice or
+// overwrite its successor's. beforeWrite runs once, after the read.
+func (d *db) reserveFenced(ctx context.Context, order, item string, quantity, token int64, beforeWrite func()) (remaining int64, err error) {
+	stockKey, resKey, fk := "/shop/stock/"+item, "/shop/reservations/"+order, fenceKey(item)
+	mine, next := fenceToken(token), fenceToken(token+1)
+	for {
+		resp, err := d.cli.Txn(ctx).Then(clientv3.OpGet(stockKey), clientv3.OpGet(resKey), clientv3.OpGet(fk)).Commit()
+		if err != nil {
+			return 0, err
+		}
+		if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) == 1 {
+			return strconv.ParseInt(string(kvs[0].Value), 10, 64) // reserved already
+		}
+		kvs, fence := resp.Responses[0].GetResponseRange().Kvs, resp.Responses[2].GetResponseRange().Kvs
+		if len(kvs) == 0 || len(fence) == 0 {
+			return 0, fmt.Errorf("no such item %q", item)
+		}
+		if string(fence[0].Value) > mine {
+			return 0, ErrFenced
+		}
+		stock, err := strconv.ParseInt(string(kvs[0].Value), 10, 64)
+		if err != nil {
+			return 0, err
+		}
+		if stock < quantity {
+			return stock, ErrOutOfStock
+		}
+		if beforeWrite != nil {
+			beforeWrite()
+			beforeWrite = nil
+		}
+		left := strconv.FormatInt(stock-quantity, 10)
+		put, err := d.cli.Txn(ctx).If(
+			clientv3.Compare(clientv3.ModRevision(stockKey), "=", kvs[0].ModRevision),
+			clientv3.Compare(clientv3.CreateRevision(resKey), "=", 0),
+			clientv3.Compare(clientv3.Value(fk), "<", next), // the fence: no newer token wrote
+		).Then(clientv3.OpPut(stockKey, left), clientv3.OpPut(resKey, left), clientv3.OpPut(fk, mine)).Commit()
+		if err != nil {
+			return 0, err
+		}
+		if put.Succeeded {
+			return stock - quantity, nil
+		}
+		// The stock, the order or the fence changed: read again (and be
+		// refused if the fence moved past our token).
+	}
 }
 
 // reserve takes quantity of item for an order, once: an optimistic

@@ -120,8 +120,12 @@ func startShop(ctx context.Context, cl *shopkit.Cluster, gatewayAddr string) err
 		service string
 		n       int
 	}{{"inventory", 2}, {"payments", 2}, {"orders", 3}} {
+		var args []string
+		if s.service == "inventory" {
+			args = []string{"--fenced-stock"} // the item's lock and fenced stock writes (docs/locks.md)
+		}
 		for range s.n {
-			if _, err := cl.Start(ctx, s.service); err != nil {
+			if _, err := cl.Start(ctx, s.service, args...); err != nil {
 				return err
 			}
 		}
