@@ -311,6 +311,9 @@ func view(ctx context.Context, w io.Writer, c *client.Client, l *load, f *faults
 	if st, ok := gatewayOutliers(qctx, gateway)["orders"]; ok {
 		fmt.Fprintf(&b, "gateway → orders: %d endpoints, %d ejected now (ejections %d, readmitted %d)\n", st.Ready, st.Ejected, st.Ejections, st.Readmitted)
 	}
+	if st, err := c.KV().RolloutStatus(qctx, pricingKey); err == nil {
+		fmt.Fprintf(&b, "%s\n", pricingLine(st, len(f.orders())))
+	}
 	if total, allFailed := l.totals(); allFailed > 0 {
 		fmt.Fprintf(&b, "since start: %d orders, %d failed; last error: %s\n", total, allFailed, lastErr)
 	}
@@ -340,4 +343,26 @@ func gatewayOutliers(ctx context.Context, gateway string) map[string]beacongrpc.
 	var out map[string]beacongrpc.OutlierStats
 	_ = json.NewDecoder(io.LimitReader(resp.Body, 1<<16)).Decode(&out)
 	return out
+}
+
+// pricingLine says which pricing the orders instances run: the config's
+// revision and how many of them reported applying (or refusing) it.
+func pricingLine(st client.RolloutStatus, instances int) string {
+	if st.Current == nil {
+		return fmt.Sprintf("pricing (%s): not set, the default (no discount); `discount N` sets it", pricingKey)
+	}
+	applied, refused := 0, 0
+	for _, r := range st.Reports {
+		switch {
+		case r.Revision == st.Current.ModRevision && r.Error == "":
+			applied++
+		case r.Revision == st.Current.ModRevision:
+			refused++
+		}
+	}
+	line := fmt.Sprintf("pricing (%s) %s at revision %d: applied by %d of %d orders instances", pricingKey, st.Current.Value, st.Current.ModRevision, applied, instances)
+	if refused > 0 {
+		line += fmt.Sprintf(", refused by %d", refused)
+	}
+	return line
 }

@@ -90,9 +90,15 @@ func TestDemoRunsAndStopsCleanly(t *testing.T) {
 		{"add", "added; orders-"},
 		{"restart 2", "restarted: orders-"},
 		{"bogus", `"bogus": unknown; commands: kill N`},
+		// The pricing config, hot reloaded by every orders instance (4
+		// after the add), which report it applied.
+		{"discount 10", `{"discount_percent":10}` + " at revision"},
+		{"", "applied by 4 of 4 orders instances"},
 	} {
-		if _, err := io.WriteString(stdin, step.command+"\n"); err != nil {
-			t.Fatal(err)
+		if step.command != "" {
+			if _, err := io.WriteString(stdin, step.command+"\n"); err != nil {
+				t.Fatal(err)
+			}
 		}
 		testutil.Eventually(t, 2*time.Minute, fmt.Sprintf("%q answered in the view with %q", step.command, step.answer), func() bool {
 			return strings.Contains(output(), step.answer)

@@ -13,11 +13,12 @@ import (
 	"syscall"
 	"time"
 
+	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/examples/shop/shopkit"
 )
 
 // faultHelp lists the demo's commands, one per line on its standard input.
-const faultHelp = "kill N | hang N | resume N | slow N | fast N | restart N | add | registry down | registry up"
+const faultHelp = "kill N | hang N | resume N | slow N | fast N | restart N | add | registry down | registry up | discount PERCENT"
 
 // faults injects, into the running shop, the faults the chaos scorecard
 // knows: the demo reads them as commands (a line each) and the view shows
@@ -107,6 +108,8 @@ func (f *faults) do(ctx context.Context, line string) {
 		}
 	}
 	switch {
+	case cmd == "discount":
+		f.actions.Go(func() { f.discount(ctx, arg) })
 	case cmd == "kill":
 		f.actions.Go(func() {
 			p.Kill()
@@ -183,4 +186,28 @@ func (f *faults) start(ctx context.Context, what string) {
 		return
 	}
 	f.note("%s; %s serves (slow start ramps its share up)", what, p.ID)
+}
+
+// discount publishes the shop's pricing config: every orders instance
+// applies it (or refuses it, if invalid) and the view counts them.
+func (f *faults) discount(ctx context.Context, arg string) {
+	n, err := strconv.Atoi(arg)
+	if err != nil {
+		f.note("discount %q: want a percentage", arg)
+		return
+	}
+	c, err := client.New([]string{f.cl.Registry})
+	if err != nil {
+		f.note("discount: %v", err)
+		return
+	}
+	defer c.Close()
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	rev, err := c.KV().Put(wctx, pricingKey, fmt.Appendf(nil, `{"discount_percent":%d}`, n))
+	if err != nil {
+		f.note("discount: %v", err)
+		return
+	}
+	f.note("discount %d%% published as %s revision %d: watch the orders instances apply it", n, pricingKey, rev)
 }

@@ -18,6 +18,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/config"
 	"beacon.dev/beacon/examples/shop/shoppb"
 )
 
@@ -29,7 +31,25 @@ type orders struct {
 	inventory shoppb.InventoryClient
 	http      *http.Client
 	slow      atomic.Int64 // injected latency per request, ns
+	// pricing comes from the config center (key shop/pricing), hot
+	// reloaded: `discount N` in the demo changes it on every instance.
+	pricing *config.Binding[pricing]
 }
+
+// pricing is the shop's pricing config.
+type pricing struct {
+	DiscountPercent int64 `json:"discount_percent"`
+}
+
+func validPricing(p pricing) error {
+	if p.DiscountPercent < 0 || p.DiscountPercent > 90 {
+		return fmt.Errorf("discount_percent %d is outside [0, 90]", p.DiscountPercent)
+	}
+	return nil
+}
+
+// pricingKey is the config key orders read their pricing from.
+const pricingKey = "shop/pricing"
 
 func (s *orders) PlaceOrder(ctx context.Context, req *shoppb.PlaceOrderRequest) (*shoppb.PlaceOrderResponse, error) {
 	if d := time.Duration(s.slow.Load()); d > 0 {
@@ -48,7 +68,11 @@ func (s *orders) PlaceOrder(ctx context.Context, req *shoppb.PlaceOrderRequest) 
 	if err != nil {
 		return nil, err // its status says why (out of stock, unavailable)
 	}
-	body, _ := json.Marshal(chargeRequest{AmountCents: req.GetAmountCents()})
+	amount := req.GetAmountCents()
+	if s.pricing != nil {
+		amount -= amount * s.pricing.Load().DiscountPercent / 100
+	}
+	body, _ := json.Marshal(chargeRequest{AmountCents: amount})
 	hreq, err := http.NewRequestWithContext(ctx, http.MethodPut, "http://payments/charges/"+req.GetOrderId(), bytes.NewReader(body))
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
@@ -109,6 +133,24 @@ func runOrders(args []string) error {
 	srv := &orders{inventory: shoppb.NewInventoryClient(cc), http: peers.HTTP()}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	// The pricing config, reported to the config center as applied (or
+	// refused) by this instance's reporting session.
+	reports, err := peers.Client.NewSession(ctx, client.WithTTL(c.ttl), client.WithSessionName("orders config reports"))
+	if err != nil {
+		return err
+	}
+	defer reports.Close(context.Background())
+	bctx, bcancel := context.WithTimeout(ctx, 5*time.Second)
+	srv.pricing, err = config.Bind(bctx, peers.Client, pricingKey, config.Default(pricing{}), config.Validate(validPricing), config.ReportTo[pricing](reports, ""))
+	bcancel()
+	if err != nil {
+		// Started while the registry is down: serve without a discount
+		// rather than not at all.
+		log.Warn("pricing config unavailable: no discount", "err", err)
+		srv.pricing = nil
+	} else {
+		defer srv.pricing.Close()
+	}
 	go srv.injectLatency(ctx, *slow) // owned: ends with ctx
 	gs := grpc.NewServer()
 	shoppb.RegisterOrdersServer(gs, srv)
