@@ -107,6 +107,13 @@ func TestLockFIFOAndFencedWrites(t *testing.T) {
 	if err := fencedPut(ctx, kc, "9", s2, first.resp.GetFencingToken()); err != nil {
 		t.Fatalf("the new holder's fenced write: %v", err)
 	}
+	// A release by a session that does not hold the lock changes nothing.
+	if rel, err := lc.Release(ctx, connect.NewRequest(&beaconv1.ReleaseLockRequest{Name: "inventory/sku-1", SessionId: s1})); err != nil || rel.Msg.GetReleased() {
+		t.Fatalf("release by a non-holder = %v, %v; want released false", rel, err)
+	}
+	if d, _ := lc.Describe(ctx, connect.NewRequest(&beaconv1.DescribeLockRequest{Name: "inventory/sku-1"})); d.Msg.GetLock().GetHolder().GetSessionId() != s2 {
+		t.Fatalf("after a non-holder's release the holder is %v", d.Msg.GetLock().GetHolder())
+	}
 	// A forged token for the right session is refused too.
 	if err := fencedPut(ctx, kc, "1", s2, first.resp.GetFencingToken()+1); connect.CodeOf(err) != connect.CodeFailedPrecondition {
 		t.Fatalf("forged token = %v", err)
