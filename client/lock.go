@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -93,6 +94,8 @@ func (m *Mutex) lock(ctx context.Context) (*Held, error) {
 			return h, err
 		}
 		if ctx.Err() != nil {
+			id, _ := m.s.Lease()
+			m.leave(id) // its place was kept for the next call
 			return nil, ctx.Err()
 		}
 	}
@@ -121,6 +124,12 @@ func (m *Mutex) TryLock(ctx context.Context) (*Held, error) {
 func (m *Mutex) acquire(ctx context.Context, wait time.Duration) (*Held, error) {
 	for {
 		h, session, err := m.tryAcquire(ctx, wait)
+		if err != nil && !errors.Is(err, ErrLockHeld) && !errors.Is(err, ErrNotFound) {
+			// Given up, or no server answered for sure: the session may be
+			// in the queue (a lost answer); leave it, or it would hold up
+			// the lock until the session ends.
+			m.leave(session)
+		}
 		if !errors.Is(err, ErrNotFound) {
 			return h, err
 		}
@@ -153,7 +162,9 @@ func (m *Mutex) newLease(ctx context.Context, old int64) error {
 
 func (m *Mutex) tryAcquire(ctx context.Context, wait time.Duration) (*Held, int64, error) {
 	session, _ := m.s.Lease()
-	req := &beaconv1.AcquireLockRequest{Namespace: m.ns, Name: m.name, SessionId: session, Wait: durationpb.New(wait), Value: m.value}
+	// Waiting calls keep the session's place in the queue between them
+	// (FIFO across calls); the session leaves when Lock gives up.
+	req := &beaconv1.AcquireLockRequest{Namespace: m.ns, Name: m.name, SessionId: session, Wait: durationpb.New(wait), Value: m.value, KeepPlace: wait > 0}
 	// An Acquire may be repeated: the server finds the session's place in
 	// the queue. The attempt timeout covers the wait.
 	resp, err := failoverWithin(ctx, m.c, m.c.locks, repeatable, m.c.attemptTimeout+wait, func(ctx context.Context, l beaconv1connect.LockServiceClient) (*beaconv1.AcquireLockResponse, error) {
@@ -164,9 +175,6 @@ func (m *Mutex) tryAcquire(ctx context.Context, wait time.Duration) (*Held, int6
 		return resp.Msg, nil
 	})
 	if err != nil {
-		if ctx.Err() != nil {
-			m.leave(session)
-		}
 		return nil, session, kvError(err)
 	}
 	if !resp.GetAcquired() {
@@ -209,6 +217,8 @@ type Held struct {
 	stop    chan struct{} // closed by Unlock
 	done    chan struct{} // closed when the watchdog has returned
 	turn    chan struct{} // the process-local turn, given back by Unlock
+	unlock  sync.Once
+	err     error // Unlock's, set once
 }
 
 // Token is the acquisition's fencing token: larger than every earlier
@@ -263,19 +273,16 @@ func (h *Held) watch() {
 
 // Unlock releases the lock and ends the Held's context.
 func (h *Held) Unlock(ctx context.Context) error {
-	select {
-	case <-h.stop:
-		return nil
-	default:
+	h.unlock.Do(func() {
 		close(h.stop)
-	}
-	<-h.done
-	h.cancel(errors.New("beacon: unlocked"))
-	_, err := h.m.release(ctx, h.session)
-	if h.turn != nil {
-		<-h.turn
-	}
-	return err
+		<-h.done
+		h.cancel(errors.New("beacon: unlocked"))
+		_, h.err = h.m.release(ctx, h.session)
+		if h.turn != nil {
+			<-h.turn
+		}
+	})
+	return h.err
 }
 
 // Fenced makes a KV write (Put, CompareAndSwap, Delete, CompareAndDelete,

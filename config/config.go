@@ -256,8 +256,8 @@ func (b *Binding[T]) run(ctx context.Context, w *client.KVWatcher) {
 			b.apply(ctx, st)
 		case <-cold:
 			cold = nil
-			if b.cur.Load() != nil {
-				continue // the registry answered first
+			if b.cur.Load() != nil || b.seen != 0 {
+				continue // the registry answered first (even if only "no such key")
 			}
 			if err := b.fromDisk(); err != nil && b.o.onEvent != nil {
 				b.o.onEvent(Event[T]{Err: fmt.Errorf("config: cold start from the disk snapshot: %w", err), FromDisk: true})

@@ -123,11 +123,35 @@ func TestLockFIFOAndFencedWrites(t *testing.T) {
 	if second.err != nil || second.who != s3 || !second.resp.GetAcquired() || second.resp.GetFencingToken() <= first.resp.GetFencingToken() {
 		t.Fatalf("then: %+v; want s3", second)
 	}
+	// FIFO across calls: a waiter whose wait ended keeps its place
+	// (keep_place) and is served before a later one when it calls again.
+	s4, s5 := newSession(t, srv), newSession(t, srv)
+	short := func(s int64) *beaconv1.AcquireLockResponse {
+		t.Helper()
+		resp, err := lc.Acquire(ctx, connect.NewRequest(&beaconv1.AcquireLockRequest{Name: "inventory/sku-1", SessionId: s, Wait: durationpb.New(100 * time.Millisecond), KeepPlace: true}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.Msg
+	}
+	if r := short(s4); r.GetAcquired() {
+		t.Fatal("s4 got the lock s3 holds")
+	}
+	if r := short(s5); r.GetAcquired() || len(r.GetLock().GetWaiters()) != 2 || r.GetLock().GetWaiters()[0].GetSessionId() != s4 {
+		t.Fatalf("queue after two kept places = %v", r.GetLock())
+	}
+	lc.Release(ctx, connect.NewRequest(&beaconv1.ReleaseLockRequest{Name: "inventory/sku-1", SessionId: s3}))
+	if r := short(s5); r.GetAcquired() {
+		t.Fatal("the later waiter got the lock first")
+	}
+	if r := short(s4); !r.GetAcquired() {
+		t.Fatalf("the first waiter, calling again, = %v", r)
+	}
 	// Bad input names the field.
 	_, err = lc.Acquire(ctx, connect.NewRequest(&beaconv1.AcquireLockRequest{Name: "a//b", SessionId: s1}))
 	wantCode(t, err, connect.CodeInvalidArgument, "name")
-	_, err = lc.Acquire(ctx, connect.NewRequest(&beaconv1.AcquireLockRequest{Name: "x", SessionId: s1, Wait: durationpb.New(time.Hour)}))
-	wantCode(t, err, connect.CodeInvalidArgument, "--max-lock-wait")
+	_, err = lc.Acquire(ctx, connect.NewRequest(&beaconv1.AcquireLockRequest{Name: "x", SessionId: s1, Wait: durationpb.New(-time.Second)}))
+	wantCode(t, err, connect.CodeInvalidArgument, "wait")
 	_, err = lc.Acquire(ctx, connect.NewRequest(&beaconv1.AcquireLockRequest{Name: "x", SessionId: 12345}))
 	wantCode(t, err, connect.CodeNotFound, "session")
 }

@@ -77,9 +77,10 @@ func (l lockAPI) Acquire(ctx context.Context, req *connect.Request[beaconv1.Acqu
 		if err := d.CheckValid(); err != nil {
 			return nil, toConnectError(&registry.FieldError{Field: "wait", Reason: err.Error()})
 		}
-		if wait = d.AsDuration(); wait < 0 || wait > lim.MaxLockWait {
-			return nil, toConnectError(&registry.FieldError{Field: "wait", Reason: fmt.Sprintf("%v, must be between 0 (try once) and %v (--max-lock-wait)", wait, lim.MaxLockWait)})
+		if wait = d.AsDuration(); wait < 0 {
+			return nil, toConnectError(&registry.FieldError{Field: "wait", Reason: fmt.Sprintf("%v, must be 0 (try once) or more", wait)})
 		}
+		wait = min(wait, lim.MaxLockWait) // as Consul cuts a blocking query's wait
 	}
 	if wait > 0 {
 		if !take(&l.s.lockWaits, lim.MaxLockWaits) {
@@ -91,7 +92,7 @@ func (l lockAPI) Acquire(ctx context.Context, req *connect.Request[beaconv1.Acqu
 	if n := len(m.GetValue()); n > MaxLockValueBytes {
 		return nil, toConnectError(&registry.FieldError{Field: "value", Reason: fmt.Sprintf("is %d bytes, at most %d", n, MaxLockValueBytes)})
 	}
-	acquired, token, err := l.s.locks.Acquire(ctx, ns, m.GetName(), m.GetSessionId(), m.GetValue(), wait)
+	acquired, token, err := l.s.locks.Acquire(ctx, ns, m.GetName(), m.GetSessionId(), m.GetValue(), wait, m.GetKeepPlace())
 	switch {
 	case err != nil:
 		l.s.metrics.lockAcquires.WithLabelValues("error").Inc()

@@ -612,7 +612,7 @@ func (s *Session) replace(ctx context.Context, old int64) bool {
 	retry := backoff.New(backoff.Config{Base: 250 * time.Millisecond, Max: max(s.TTL()/3, time.Second)})
 	for {
 		sent := time.Now()
-		id, _, err := s.lease.Grant(ctx, s.cfg.ttl, s.cfg.name)
+		id, granted, err := s.lease.Grant(ctx, s.cfg.ttl, s.cfg.name)
 		if err != nil {
 			if ctx.Err() != nil || retry.Wait(ctx) != nil {
 				return false
@@ -626,6 +626,7 @@ func (s *Session) replace(ctx context.Context, old int64) bool {
 			s.instances[k] = in
 			insts = append(insts, in)
 		}
+		s.ttl = cmp.Or(granted, s.cfg.ttl) // the new lease's, not the old one's
 		s.id, s.validUntil = id, sent.Add(s.ttl)
 		s.mu.Unlock()
 		n, lost := s.putAll(ctx, id, insts, retry)

@@ -161,13 +161,16 @@ type AcquireLockRequest struct {
 	// session ends. The caller must act for it (its credential, the token
 	// that made it, or session:write).
 	SessionId int64 `protobuf:"varint,3,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
-	// How long to wait in the queue. Unset or 0: try once (TryLock). At most
-	// the server's --max-lock-wait; a client waiting longer calls again
-	// (its place in the queue is kept while it does).
+	// How long to wait in the queue. Unset or 0: try once (TryLock). Longer
+	// than the server's --max-lock-wait is cut to it.
 	Wait *durationpb.Duration `protobuf:"bytes,4,opt,name=wait,proto3" json:"wait,omitempty"`
 	// Kept with the session's place in the queue and shown to everyone
 	// (elections: the candidate's value). At most 4 KiB.
-	Value         []byte `protobuf:"bytes,5,opt,name=value,proto3" json:"value,omitempty"`
+	Value []byte `protobuf:"bytes,5,opt,name=value,proto3" json:"value,omitempty"`
+	// When the wait ends without the lock, keep the session's place in the
+	// queue: the caller calls again (keeping its turn, FIFO) or Releases.
+	// Otherwise the session leaves the queue.
+	KeepPlace     bool `protobuf:"varint,6,opt,name=keep_place,json=keepPlace,proto3" json:"keep_place,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -235,6 +238,13 @@ func (x *AcquireLockRequest) GetValue() []byte {
 		return x.Value
 	}
 	return nil
+}
+
+func (x *AcquireLockRequest) GetKeepPlace() bool {
+	if x != nil {
+		return x.KeepPlace
+	}
+	return false
 }
 
 type AcquireLockResponse struct {
@@ -927,14 +937,16 @@ const file_beacon_v1_lock_proto_rawDesc = "" +
 	"\tLockState\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12-\n" +
 	"\x06holder\x18\x02 \x01(\v2\x15.beacon.v1.LockHolderR\x06holder\x12/\n" +
-	"\awaiters\x18\x03 \x03(\v2\x15.beacon.v1.LockHolderR\awaiters\"\xaa\x01\n" +
+	"\awaiters\x18\x03 \x03(\v2\x15.beacon.v1.LockHolderR\awaiters\"\xc9\x01\n" +
 	"\x12AcquireLockRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x03 \x01(\x03R\tsessionId\x12-\n" +
 	"\x04wait\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x04wait\x12\x14\n" +
-	"\x05value\x18\x05 \x01(\fR\x05value\"\x80\x01\n" +
+	"\x05value\x18\x05 \x01(\fR\x05value\x12\x1d\n" +
+	"\n" +
+	"keep_place\x18\x06 \x01(\bR\tkeepPlace\"\x80\x01\n" +
 	"\x13AcquireLockResponse\x12\x1a\n" +
 	"\bacquired\x18\x01 \x01(\bR\bacquired\x12#\n" +
 	"\rfencing_token\x18\x02 \x01(\x03R\ffencingToken\x12(\n" +

@@ -163,8 +163,9 @@ func (r *Replica) Listed(kvs []*mvccpb.KeyValue, rev int64) {
 	}
 }
 
-// Changed applies a watch response's events (those under the data prefix
-// among them) and advances to rev.
+// Changed applies a watch response's events (those under the data and
+// rollout prefixes among them) and advances past them — to rev, the
+// response's header revision, only for a progress notification.
 func (r *Replica) Changed(events []*clientv3.Event, rev int64) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -196,6 +197,16 @@ func (r *Replica) Changed(events []*clientv3.Event, rev int64) {
 		}
 		r.changes = append(r.changes, c)
 		woken = append(woken, c)
+	}
+	// A response with events is complete up to its last event, not its
+	// header: a watch catching up gets its events in batches that each
+	// carry the store's current revision. Only a progress notification
+	// (no events) vouches for its header.
+	if len(events) > 0 {
+		rev = 0
+		for _, ev := range events {
+			rev = max(rev, ev.Kv.ModRevision)
+		}
 	}
 	advanced := rev > r.rev
 	r.rev = max(r.rev, rev)

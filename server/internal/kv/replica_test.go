@@ -131,3 +131,19 @@ func TestReplicaWholeStateWaitsForItsRevision(t *testing.T) {
 		t.Fatalf("whole state = %s", got)
 	}
 }
+
+// A watch catching up gets its events in batches whose header is the
+// store's current revision: the replica advances past each batch's last
+// event, not its header, and applies the next batch.
+func TestReplicaCatchUpBatches(t *testing.T) {
+	r := NewReplica(prefix, "", 0)
+	r.Listed(nil, 10)
+	s := r.Subscribe("ns", "", true, false, 10, 0, all)
+	defer s.Close()
+	r.Changed([]*clientv3.Event{put("ns", "a", "1", 11)}, 30)
+	r.Changed([]*clientv3.Event{put("ns", "b", "2", 25)}, 30)
+	r.Changed(nil, 30) // then a progress notification
+	if got := describe(next(t, s)); got != "rev 30 full false: a=1@11 b=2@25" {
+		t.Fatalf("after the catch-up: %s", got)
+	}
+}

@@ -138,10 +138,8 @@ type FenceError struct {
 }
 
 func (e *FenceError) Error() string {
-	if e.Holder == 0 {
-		return fmt.Sprintf("fenced: lock %q is not held (the write's fencing token %d is stale): nothing written", e.Lock, e.Token)
-	}
-	return fmt.Sprintf("fenced: lock %q is held with fencing token %d now, the write carries %d: nothing written", e.Lock, e.Holder, e.Token)
+	// The holder's token is not said: the writer may not read the lock.
+	return fmt.Sprintf("fenced: the write's fencing token %d no longer holds lock %q: nothing written", e.Token, e.Lock)
 }
 
 // Is makes errors.Is(err, ErrFenced) true.
@@ -255,13 +253,24 @@ func (s *Store) tryCommit(ctx context.Context, ns string, ops []Op, accessor str
 			continue // nothing to delete; the compare keeps the answer true
 		}
 		seq, trimBefore := s.nextVersion(ns, op.Key, hist)
+		// The history must be as read: a key put and deleted meanwhile
+		// is absent again (its mod revision compares equal), but it left
+		// records that this write must not overwrite or precede.
+		newRecord := s.histKey(ns, op.Key, seq)
+		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(newRecord), "=", 0))
+		if len(hist) == 0 {
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(s.histPrefix(ns, op.Key)), "=", 0).WithPrefix())
+		} else {
+			last := hist[len(hist)-1]
+			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(string(last.Key)), "=", last.ModRevision))
+		}
 		h := versionHeader{Time: at, Accessor: accessor, Deleted: op.Type == Delete, RollbackOf: op.RollbackOf}
 		if op.Type == Put {
 			writes = append(writes, clientv3.OpPut(dataKey, string(op.Value)))
 		} else {
 			writes = append(writes, clientv3.OpDelete(dataKey))
 		}
-		writes = append(writes, clientv3.OpPut(s.histKey(ns, op.Key, seq), string(encodeVersion(h, op.Value))))
+		writes = append(writes, clientv3.OpPut(newRecord, string(encodeVersion(h, op.Value))))
 		if trimBefore != "" {
 			writes = append(writes, clientv3.OpDelete(s.histPrefix(ns, op.Key), clientv3.WithRange(trimBefore)))
 		}

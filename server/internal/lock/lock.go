@@ -56,13 +56,17 @@ func (l *Locks) NoticeLost(events []*clientv3.Event) {
 	if l.delay <= 0 {
 		return
 	}
-	var released map[string]int64 // "ns/name" → revision of its release marker
+	type release struct {
+		lock string // "ns/name"
+		rev  int64
+	}
+	var released map[release]bool // release markers put, by lock and revision
 	for _, ev := range events {
 		if k := string(ev.Kv.Key); ev.Type == mvccpb.PUT && strings.HasPrefix(k, l.layout.LockReleasedPrefix()) {
 			if released == nil {
-				released = map[string]int64{}
+				released = map[release]bool{}
 			}
-			released[strings.TrimPrefix(k, l.layout.LockReleasedPrefix())] = ev.Kv.ModRevision
+			released[release{strings.TrimPrefix(k, l.layout.LockReleasedPrefix()), ev.Kv.ModRevision}] = true
 		}
 	}
 	for _, ev := range events {
@@ -72,7 +76,7 @@ func (l *Locks) NoticeLost(events []*clientv3.Event) {
 		}
 		rest := strings.TrimPrefix(k, l.layout.LockPrefix())
 		at := strings.LastIndexByte(rest, '@')
-		if at < 0 || released[rest[:at]] == ev.Kv.ModRevision {
+		if at < 0 || released[release{rest[:at], ev.Kv.ModRevision}] {
 			continue // released (or a waiter that gave up), in the same transaction
 		}
 		select {
@@ -127,7 +131,7 @@ func (l *Locks) releasedKey(ns, name string) string {
 // waits up to wait until it holds the lock. If it does not get it in
 // time, it leaves the queue. acquired is false then, and state says who
 // holds it.
-func (l *Locks) Acquire(ctx context.Context, ns, name string, session int64, value []byte, wait time.Duration) (acquired bool, token int64, err error) {
+func (l *Locks) Acquire(ctx context.Context, ns, name string, session int64, value []byte, wait time.Duration, keepPlace bool) (acquired bool, token int64, err error) {
 	key := l.layout.LockKey(ns, name, session)
 	queue, hold := l.layout.LockQueue(ns, name), l.holdKey(ns, name)
 	// Join (or find our place), and look at the head of the queue and the
@@ -163,15 +167,19 @@ func (l *Locks) Acquire(ctx context.Context, ns, name string, session int64, val
 	if got {
 		return true, mine, nil
 	}
-	// Not granted (in time): leave the queue, saying the key left
-	// cleanly, so the next in line does not wait a lock delay for it.
+	timedOut := errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil
+	if timedOut {
+		err = nil // waited the time asked: not acquired
+	}
+	if keepPlace && (timedOut || err == nil) {
+		return false, 0, nil // the caller calls again, in its turn
+	}
+	// Not granted: leave the queue, saying the key left cleanly, so the
+	// next in line does not wait a lock delay for it.
 	lctx, lcancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer lcancel()
 	if _, _, lerr := l.leave(lctx, ns, name, key); lerr != nil && err == nil {
 		err = lerr
-	}
-	if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
-		err = nil // waited the time asked: not acquired
 	}
 	return false, 0, err
 }
@@ -180,11 +188,19 @@ func (l *Locks) Acquire(ctx context.Context, ns, name string, session int64, val
 // marker: a deletion with a marker put at its revision left cleanly (a
 // release, or a waiter giving up); one without was lost with its session.
 // held says whether the key was the oldest (the holder).
+//
+// The marker is on the leaving session's lease, so that markers of lock
+// names no longer used go with their sessions; it is read at the
+// deletion's revision, so its later fate does not matter.
 func (l *Locks) leave(ctx context.Context, ns, name, key string) (held bool, revision int64, err error) {
+	var lease clientv3.LeaseID
+	if id, err := store.ParseSessionID(key[strings.LastIndexByte(key, '@')+1:]); err == nil {
+		lease = clientv3.LeaseID(id)
+	}
 	resp, err := l.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(key), ">", 0)).Then(
 		clientv3.OpGet(l.layout.LockQueue(ns, name), append([]clientv3.OpOption{clientv3.WithKeysOnly()}, clientv3.WithFirstCreate()...)...),
 		clientv3.OpDelete(key, clientv3.WithPrevKV()),
-		clientv3.OpPut(l.releasedKey(ns, name), ""),
+		clientv3.OpPut(l.releasedKey(ns, name), "", clientv3.WithLease(lease)),
 	).Commit()
 	if err != nil {
 		return false, 0, err
@@ -243,11 +259,12 @@ func (l *Locks) waitFirst(ctx context.Context, ns, name, key string, mine int64,
 		// or lost? The view's NoticeLost puts the hold too, but we may
 		// look first.
 		if l.delay > 0 && deleted > 0 {
-			rel, err := l.cli.Get(ctx, l.releasedKey(ns, name), clientv3.WithKeysOnly())
-			if err != nil {
+			// The marker as it was at the deletion: later releases move it.
+			rel, err := l.cli.Get(ctx, l.releasedKey(ns, name), clientv3.WithKeysOnly(), clientv3.WithRev(deleted))
+			if err != nil && !errors.Is(err, rpctypes.ErrCompacted) {
 				return false, err
 			}
-			if len(rel.Kvs) == 0 || rel.Kvs[0].ModRevision != deleted {
+			if err != nil || len(rel.Kvs) == 0 || rel.Kvs[0].ModRevision != deleted {
 				if err := l.hold(ctx, ns, name); err != nil {
 					return false, err
 				}
