@@ -16,44 +16,30 @@ import (
 
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
-	path, h := beaconv1connect.NewRegistryServiceHandler(api{s},
+	// Every API service: the same codecs, body limits and interceptors,
+	// behind the same guard.
+	opts := []connect.HandlerOption{
 		connect.WithCodec(strictJSON{"json"}),
 		connect.WithCodec(strictJSON{"json; charset=utf-8"}),
 		connect.WithReadMaxBytes(s.cfg.Limits.MaxRequestBytes),
 		gzipOption(s.cfg.Limits.MaxRequestBytes),
 		connect.WithInterceptors(s.metrics.interceptor(), auditInterceptor{s.audit}, limitsInterceptor{s}),
-	)
-	mux.Handle(path, s.guardAPI(h))
-	aclPath, aclHandler := beaconv1connect.NewAclServiceHandler(aclAPI{s},
-		connect.WithCodec(strictJSON{"json"}),
-		connect.WithCodec(strictJSON{"json; charset=utf-8"}),
-		connect.WithReadMaxBytes(s.cfg.Limits.MaxRequestBytes),
-		gzipOption(s.cfg.Limits.MaxRequestBytes),
-		connect.WithInterceptors(s.metrics.interceptor(), auditInterceptor{s.audit}, limitsInterceptor{s}),
-	)
-	mux.Handle(aclPath, s.guardAPI(aclHandler))
-	kvPath, kvHandler := beaconv1connect.NewKVServiceHandler(kvAPI{s},
-		connect.WithCodec(strictJSON{"json"}),
-		connect.WithCodec(strictJSON{"json; charset=utf-8"}),
-		connect.WithReadMaxBytes(s.cfg.Limits.MaxRequestBytes),
-		gzipOption(s.cfg.Limits.MaxRequestBytes),
-		connect.WithInterceptors(s.metrics.interceptor(), auditInterceptor{s.audit}, limitsInterceptor{s}),
-	)
-	mux.Handle(kvPath, s.guardAPI(kvHandler))
-	lockPath, lockHandler := beaconv1connect.NewLockServiceHandler(lockAPI{s},
-		connect.WithCodec(strictJSON{"json"}),
-		connect.WithCodec(strictJSON{"json; charset=utf-8"}),
-		connect.WithReadMaxBytes(s.cfg.Limits.MaxRequestBytes),
-		gzipOption(s.cfg.Limits.MaxRequestBytes),
-		connect.WithInterceptors(s.metrics.interceptor(), auditInterceptor{s.audit}, limitsInterceptor{s}),
-	)
-	mux.Handle(lockPath, s.guardAPI(lockHandler))
+	}
+	mux.Handle(s.guarded(beaconv1connect.NewRegistryServiceHandler(api{s}, opts...)))
+	mux.Handle(s.guarded(beaconv1connect.NewAclServiceHandler(aclAPI{s}, opts...)))
+	mux.Handle(s.guarded(beaconv1connect.NewKVServiceHandler(kvAPI{s}, opts...)))
+	mux.Handle(s.guarded(beaconv1connect.NewLockServiceHandler(lockAPI{s}, opts...)))
 	mux.HandleFunc("GET /livez", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	mux.HandleFunc("GET /readyz", s.handleReady)
 	mux.HandleFunc("GET /healthz", s.handleHealth)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
 	mux.Handle("GET /v1/watch", s.guardAPI(http.HandlerFunc(s.handleWatchNDJSON)))
 	return mux
+}
+
+// guarded puts an API service's handler behind guardAPI.
+func (s *Server) guarded(path string, h http.Handler) (string, http.Handler) {
+	return path, s.guardAPI(h)
 }
 
 // handleReady is 503 until the view has loaded, and while etcd has an
