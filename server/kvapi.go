@@ -43,13 +43,27 @@ func needKey(ctx context.Context, ns, key string, need acl.Access) error {
 	return deny(id, "key:"+need.String(), ns+"/"+key, "")
 }
 
-// kvKey validates the namespace and key a request names.
-func kvKey(namespace, key string) (string, error) {
+// kvKey validates the namespace and key (or lock name: field) a request
+// names.
+func kvKey(namespace, field, key string) (string, error) {
 	ns, err := namespaceOf(namespace)
 	if err == nil {
-		err = registry.ValidateKey("key", key)
+		err = registry.ValidateKey(field, key)
 	}
 	return ns, toConnectError(err)
+}
+
+// keyCall starts a call on one key: the server is ready, the namespace
+// and key are valid, and the caller has need on the key.
+func (k kvAPI) keyCall(ctx context.Context, namespace, key string, need acl.Access) (string, error) {
+	if err := (api{k.s}).ready(); err != nil {
+		return "", err
+	}
+	ns, err := kvKey(namespace, "key", key)
+	if err != nil {
+		return "", err
+	}
+	return ns, needKey(ctx, ns, key, need)
 }
 
 // kvError maps the KV store's errors onto codes.
@@ -77,14 +91,8 @@ func kvError(err error) error {
 }
 
 func (k kvAPI) Get(ctx context.Context, req *connect.Request[beaconv1.KVGetRequest]) (*connect.Response[beaconv1.KVGetResponse], error) {
-	if err := (api{k.s}).ready(); err != nil {
-		return nil, err
-	}
-	ns, err := kvKey(req.Msg.GetNamespace(), req.Msg.GetKey())
+	ns, err := k.keyCall(ctx, req.Msg.GetNamespace(), req.Msg.GetKey(), acl.Read)
 	if err != nil {
-		return nil, err
-	}
-	if err := needKey(ctx, ns, req.Msg.GetKey(), acl.Read); err != nil {
 		return nil, err
 	}
 	got, rev, err := k.s.kv.Get(ctx, ns, req.Msg.GetKey())
@@ -299,14 +307,8 @@ func (k kvAPI) commit(ctx context.Context, namespace string, ops []*beaconv1.KVO
 }
 
 func (k kvAPI) History(ctx context.Context, req *connect.Request[beaconv1.KVHistoryRequest]) (*connect.Response[beaconv1.KVHistoryResponse], error) {
-	if err := (api{k.s}).ready(); err != nil {
-		return nil, err
-	}
-	ns, err := kvKey(req.Msg.GetNamespace(), req.Msg.GetKey())
+	ns, err := k.keyCall(ctx, req.Msg.GetNamespace(), req.Msg.GetKey(), acl.Read)
 	if err != nil {
-		return nil, err
-	}
-	if err := needKey(ctx, ns, req.Msg.GetKey(), acl.Read); err != nil {
 		return nil, err
 	}
 	versions, rev, skipped, err := k.s.kv.History(ctx, ns, req.Msg.GetKey())
@@ -324,7 +326,7 @@ func (k kvAPI) Rollback(ctx context.Context, req *connect.Request[beaconv1.KVRol
 		return nil, err
 	}
 	m := req.Msg
-	ns, err := kvKey(m.GetNamespace(), m.GetKey())
+	ns, err := kvKey(m.GetNamespace(), "key", m.GetKey())
 	if err != nil {
 		return nil, err
 	}
@@ -459,7 +461,7 @@ func (k kvAPI) ReportApplied(ctx context.Context, req *connect.Request[beaconv1.
 		return nil, err
 	}
 	m := req.Msg
-	ns, err := kvKey(m.GetNamespace(), m.GetKey())
+	ns, err := kvKey(m.GetNamespace(), "key", m.GetKey())
 	if err != nil {
 		return nil, err
 	}
@@ -492,14 +494,8 @@ func (k kvAPI) ReportApplied(ctx context.Context, req *connect.Request[beaconv1.
 }
 
 func (k kvAPI) Applied(ctx context.Context, req *connect.Request[beaconv1.KVAppliedRequest]) (*connect.Response[beaconv1.KVAppliedResponse], error) {
-	if err := (api{k.s}).ready(); err != nil {
-		return nil, err
-	}
-	ns, err := kvKey(req.Msg.GetNamespace(), req.Msg.GetKey())
+	ns, err := k.keyCall(ctx, req.Msg.GetNamespace(), req.Msg.GetKey(), acl.Read)
 	if err != nil {
-		return nil, err
-	}
-	if err := needKey(ctx, ns, req.Msg.GetKey(), acl.Read); err != nil {
 		return nil, err
 	}
 	reports, err := k.s.kvApplied.List(ctx, ns, req.Msg.GetKey())
@@ -524,7 +520,7 @@ func (k kvAPI) StartRollout(ctx context.Context, req *connect.Request[beaconv1.K
 		return nil, err
 	}
 	m := req.Msg
-	ns, err := kvKey(m.GetNamespace(), m.GetKey())
+	ns, err := kvKey(m.GetNamespace(), "key", m.GetKey())
 	if err != nil {
 		return nil, err
 	}
@@ -555,14 +551,8 @@ func (k kvAPI) StartRollout(ctx context.Context, req *connect.Request[beaconv1.K
 }
 
 func (k kvAPI) EndRollout(ctx context.Context, req *connect.Request[beaconv1.KVEndRolloutRequest]) (*connect.Response[beaconv1.KVEndRolloutResponse], error) {
-	if err := (api{k.s}).ready(); err != nil {
-		return nil, err
-	}
-	ns, err := kvKey(req.Msg.GetNamespace(), req.Msg.GetKey())
+	ns, err := k.keyCall(ctx, req.Msg.GetNamespace(), req.Msg.GetKey(), acl.Write)
 	if err != nil {
-		return nil, err
-	}
-	if err := needKey(ctx, ns, req.Msg.GetKey(), acl.Write); err != nil {
 		return nil, err
 	}
 	rev, err := k.s.kvRollouts.End(ctx, ns, req.Msg.GetKey(), req.Msg.GetPromote(), identityOf(ctx).Accessor)
@@ -573,14 +563,8 @@ func (k kvAPI) EndRollout(ctx context.Context, req *connect.Request[beaconv1.KVE
 }
 
 func (k kvAPI) RolloutStatus(ctx context.Context, req *connect.Request[beaconv1.KVRolloutStatusRequest]) (*connect.Response[beaconv1.KVRolloutStatusResponse], error) {
-	if err := (api{k.s}).ready(); err != nil {
-		return nil, err
-	}
-	ns, err := kvKey(req.Msg.GetNamespace(), req.Msg.GetKey())
+	ns, err := k.keyCall(ctx, req.Msg.GetNamespace(), req.Msg.GetKey(), acl.Read)
 	if err != nil {
-		return nil, err
-	}
-	if err := needKey(ctx, ns, req.Msg.GetKey(), acl.Read); err != nil {
 		return nil, err
 	}
 	cur, _, err := k.s.kv.Get(ctx, ns, req.Msg.GetKey())

@@ -188,9 +188,9 @@ func TestLockDelayOnlyAfterALostHolder(t *testing.T) {
 		t.Fatal(err)
 	}
 	s3 := newSession(t, srv)
-	eventually(t, "the lock to be free", func() bool {
+	eventually(t, "the lock to be free, in its lock delay", func() bool {
 		d, err := lc.Describe(ctx, connect.NewRequest(&beaconv1.DescribeLockRequest{Name: "inventory/sku-1"}))
-		return err == nil && d.Msg.GetLock().GetHolder() == nil
+		return err == nil && d.Msg.GetLock().GetHolder() == nil && d.Msg.GetLock().GetLockDelay()
 	})
 	// Within the delay neither a try nor a short wait gets it.
 	for _, wait := range []time.Duration{0, 2 * time.Second} {

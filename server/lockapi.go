@@ -63,6 +63,19 @@ func (l lockAPI) lockTarget(ctx context.Context, namespace, name string, session
 	return ns, (api{l.s}).needKeepAlive(ctx, session)
 }
 
+// readable starts a call that reads a lock's state: the server is
+// ready, the name is valid, and the caller may read it.
+func (l lockAPI) readable(ctx context.Context, namespace, name string) (string, error) {
+	if err := (api{l.s}).ready(); err != nil {
+		return "", err
+	}
+	ns, err := kvKey(namespace, "name", name)
+	if err != nil {
+		return "", err
+	}
+	return ns, needKey(ctx, ns, name, acl.Read)
+}
+
 func (l lockAPI) Acquire(ctx context.Context, req *connect.Request[beaconv1.AcquireLockRequest]) (*connect.Response[beaconv1.AcquireLockResponse], error) {
 	if err := (api{l.s}).ready(); err != nil {
 		return nil, err
@@ -132,17 +145,8 @@ func (l lockAPI) Release(ctx context.Context, req *connect.Request[beaconv1.Rele
 }
 
 func (l lockAPI) Describe(ctx context.Context, req *connect.Request[beaconv1.DescribeLockRequest]) (*connect.Response[beaconv1.DescribeLockResponse], error) {
-	if err := (api{l.s}).ready(); err != nil {
-		return nil, err
-	}
-	ns, err := namespaceOf(req.Msg.GetNamespace())
-	if err == nil {
-		err = registry.ValidateKey("name", req.Msg.GetName())
-	}
+	ns, err := l.readable(ctx, req.Msg.GetNamespace(), req.Msg.GetName())
 	if err != nil {
-		return nil, toConnectError(err)
-	}
-	if err := needKey(ctx, ns, req.Msg.GetName(), acl.Read); err != nil {
 		return nil, err
 	}
 	st, err := l.s.locks.Describe(ctx, ns, req.Msg.GetName())
@@ -202,21 +206,12 @@ func (l lockAPI) Proclaim(ctx context.Context, req *connect.Request[beaconv1.Pro
 }
 
 func (l lockAPI) Observe(ctx context.Context, req *connect.Request[beaconv1.ObserveLockRequest], stream *connect.ServerStream[beaconv1.ObserveLockResponse]) error {
-	if err := (api{l.s}).ready(); err != nil {
-		return err
-	}
-	ns, err := namespaceOf(req.Msg.GetNamespace())
-	if err == nil {
-		err = registry.ValidateKey("name", req.Msg.GetName())
-	}
+	ns, err := l.readable(ctx, req.Msg.GetNamespace(), req.Msg.GetName())
 	if err != nil {
-		return toConnectError(err)
+		return err
 	}
 	heartbeat, err := heartbeatOf(req.Msg.GetHeartbeat())
 	if err != nil {
-		return err
-	}
-	if err := needKey(ctx, ns, req.Msg.GetName(), acl.Read); err != nil {
 		return err
 	}
 	giveBack, err := l.s.openWatchStream(ctx)

@@ -94,10 +94,13 @@ func (x *LockHolder) GetValue() []byte {
 
 // LockState is a lock's holder and its waiters, in the order they get it.
 type LockState struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Holder        *LockHolder            `protobuf:"bytes,2,opt,name=holder,proto3" json:"holder,omitempty"` // unset: free
-	Waiters       []*LockHolder          `protobuf:"bytes,3,rep,name=waiters,proto3" json:"waiters,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Name    string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Holder  *LockHolder            `protobuf:"bytes,2,opt,name=holder,proto3" json:"holder,omitempty"` // unset: free
+	Waiters []*LockHolder          `protobuf:"bytes,3,rep,name=waiters,proto3" json:"waiters,omitempty"`
+	// A holder was lost with its session: nobody gets the lock until the
+	// lock delay has passed (the holder shown, if any, is waiting it out).
+	LockDelay     bool `protobuf:"varint,4,opt,name=lock_delay,json=lockDelay,proto3" json:"lock_delay,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -151,6 +154,13 @@ func (x *LockState) GetWaiters() []*LockHolder {
 		return x.Waiters
 	}
 	return nil
+}
+
+func (x *LockState) GetLockDelay() bool {
+	if x != nil {
+		return x.LockDelay
+	}
+	return false
 }
 
 type AcquireLockRequest struct {
@@ -933,11 +943,13 @@ const file_beacon_v1_lock_proto_rawDesc = "" +
 	"\n" +
 	"session_id\x18\x01 \x01(\x03R\tsessionId\x12#\n" +
 	"\rfencing_token\x18\x02 \x01(\x03R\ffencingToken\x12\x14\n" +
-	"\x05value\x18\x03 \x01(\fR\x05value\"\x7f\n" +
+	"\x05value\x18\x03 \x01(\fR\x05value\"\x9e\x01\n" +
 	"\tLockState\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12-\n" +
 	"\x06holder\x18\x02 \x01(\v2\x15.beacon.v1.LockHolderR\x06holder\x12/\n" +
-	"\awaiters\x18\x03 \x03(\v2\x15.beacon.v1.LockHolderR\awaiters\"\xc9\x01\n" +
+	"\awaiters\x18\x03 \x03(\v2\x15.beacon.v1.LockHolderR\awaiters\x12\x1d\n" +
+	"\n" +
+	"lock_delay\x18\x04 \x01(\bR\tlockDelay\"\xc9\x01\n" +
 	"\x12AcquireLockRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1d\n" +

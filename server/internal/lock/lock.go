@@ -309,12 +309,17 @@ func (l *Locks) Describe(ctx context.Context, ns, name string) (*beaconv1.LockSt
 	return st, err
 }
 
-func (l *Locks) describe(ctx context.Context, ns, name string, opts ...clientv3.OpOption) (*beaconv1.LockState, int64, error) {
-	resp, err := l.cli.Get(ctx, l.layout.LockQueue(ns, name), append([]clientv3.OpOption{clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend)}, opts...)...)
+func (l *Locks) describe(ctx context.Context, ns, name string) (*beaconv1.LockState, int64, error) {
+	resp, err := l.cli.Txn(ctx).Then(
+		clientv3.OpGet(l.layout.LockQueue(ns, name), clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend)),
+		clientv3.OpGet(l.holdKey(ns, name), clientv3.WithKeysOnly()),
+	).Commit()
 	if err != nil {
 		return nil, 0, err
 	}
-	return stateOf(name, resp.Kvs), resp.Header.Revision, nil
+	st := stateOf(name, resp.Responses[0].GetResponseRange().Kvs)
+	st.LockDelay = len(resp.Responses[1].GetResponseRange().Kvs) > 0
+	return st, resp.Header.Revision, nil
 }
 
 func stateOf(name string, kvs []*mvccpb.KeyValue) *beaconv1.LockState {
