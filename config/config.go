@@ -38,6 +38,7 @@ import (
 // Binding holds the last good value of a key, decoded into T.
 type Binding[T any] struct {
 	c   *client.Client
+	ns  string // the key's namespace
 	key string
 	o   options[T]
 
@@ -162,16 +163,16 @@ func Bind[T any](ctx context.Context, c *client.Client, key string, opts ...Opti
 	if err := registry.ValidateKey("key", key); err != nil {
 		return nil, err
 	}
-	callOpts := []client.CallOption{client.WithRollouts()}
-	if o.ns != "" {
-		callOpts = append(callOpts, client.InNamespace(o.ns))
+	ns := o.ns
+	if ns == "" {
+		ns = c.Namespace()
 	}
-	w, err := c.KV().Watch(ctx, key, false, callOpts...)
+	w, err := c.KV().Watch(ctx, key, false, client.WithRollouts(), client.InNamespace(ns))
 	if err != nil {
 		return nil, err
 	}
 	rctx, cancel := context.WithCancel(context.Background())
-	b := &Binding[T]{c: c, key: key, o: o, cancel: cancel, done: make(chan struct{}), ready: make(chan struct{}), id: identityOf(o)}
+	b := &Binding[T]{c: c, ns: ns, key: key, o: o, cancel: cancel, done: make(chan struct{}), ready: make(chan struct{}), id: identityOf(o)}
 	go b.run(rctx, w) // owned by the binding: Close stops it
 	select {
 	case <-b.ready:
@@ -372,11 +373,7 @@ func (b *Binding[T]) report(ctx context.Context, ev Event[T]) {
 	}
 	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	var opts []client.CallOption
-	if b.o.ns != "" {
-		opts = append(opts, client.InNamespace(b.o.ns))
-	}
-	if err := b.c.KV().ReportApplied(rctx, b.key, b.o.reportTo, b.o.reportLabel, ev.Revision, ev.Err, opts...); err != nil && b.o.onEvent != nil && ctx.Err() == nil {
+	if err := b.c.KV().ReportApplied(rctx, b.key, b.o.reportTo, b.o.reportLabel, ev.Revision, ev.Err, client.InNamespace(b.ns)); err != nil && b.o.onEvent != nil && ctx.Err() == nil {
 		b.o.onEvent(Event[T]{Revision: ev.Revision, Err: fmt.Errorf("config: reporting to the server: %w", err)})
 	}
 }
@@ -400,11 +397,7 @@ const (
 )
 
 func (b *Binding[T]) snapshotPath() string {
-	ns := b.o.ns
-	if ns == "" {
-		ns = b.c.Namespace()
-	}
-	return snapshotFile(b.o.dir, ns, b.key)
+	return snapshotFile(b.o.dir, b.ns, b.key)
 }
 
 func snapshotFile(dir, ns, key string) string {
@@ -413,12 +406,8 @@ func snapshotFile(dir, ns, key string) string {
 }
 
 func (b *Binding[T]) toDisk(val []byte, rev int64) error {
-	ns := b.o.ns
-	if ns == "" {
-		ns = b.c.Namespace()
-	}
 	sum := sha256.Sum256(val)
-	data, err := json.Marshal(diskSnapshot{Format: snapshotFormat, Version: 1, WrittenAt: time.Now().UTC(), Namespace: ns, Key: b.key, Revision: rev, SHA256: hex.EncodeToString(sum[:]), Value: val})
+	data, err := json.Marshal(diskSnapshot{Format: snapshotFormat, Version: 1, WrittenAt: time.Now().UTC(), Namespace: b.ns, Key: b.key, Revision: rev, SHA256: hex.EncodeToString(sum[:]), Value: val})
 	if err != nil {
 		return err
 	}
@@ -438,15 +427,11 @@ func (b *Binding[T]) fromDisk() error {
 	if err := dec.Decode(&snap); err != nil {
 		return fmt.Errorf("%s: %w", b.snapshotPath(), err)
 	}
-	ns := b.o.ns
-	if ns == "" {
-		ns = b.c.Namespace()
-	}
 	sum := sha256.Sum256(snap.Value)
 	switch {
 	case snap.Format != snapshotFormat || snap.Version != 1:
 		return fmt.Errorf("%s: not a config snapshot this version reads", b.snapshotPath())
-	case snap.Namespace != ns || snap.Key != b.key:
+	case snap.Namespace != b.ns || snap.Key != b.key:
 		return fmt.Errorf("%s: holds %s/%s", b.snapshotPath(), snap.Namespace, snap.Key)
 	case hex.EncodeToString(sum[:]) != snap.SHA256:
 		return fmt.Errorf("%s: checksum mismatch", b.snapshotPath())
