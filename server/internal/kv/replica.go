@@ -30,15 +30,16 @@ type Replica struct {
 	rollout string // the rollouts' prefix (store.Layout's KVRolloutPrefix)
 	maxLog  int
 
-	mu      sync.Mutex
-	keys    map[string]map[string]*beaconv1.KeyValue // guarded by mu; ns → key → current version (never modified)
-	plans   map[string]map[string]*rollout           // guarded by mu; ns → key → its staged rollout (never modified)
-	rev     int64                                    // guarded by mu; every change up to rev is applied
-	changes []change                                 // guarded by mu; recent changes in revision order
-	floor   int64                                    // guarded by mu; a cursor below floor cannot resume from changes
-	subs    map[*Sub]struct{}                        // guarded by mu
-	loaded  bool                                     // guarded by mu
-	ready   chan struct{}
+	mu       sync.Mutex
+	keys     map[string]map[string]*beaconv1.KeyValue // guarded by mu; ns → key → current version (never modified)
+	plans    map[string]map[string]*rollout           // guarded by mu; ns → key → its staged rollout (never modified)
+	rev      int64                                    // guarded by mu; every change up to rev is applied
+	changes  []change                                 // guarded by mu; recent changes in revision order
+	floor    int64                                    // guarded by mu; a cursor below floor cannot resume from changes
+	subs     map[*Sub]struct{}                        // guarded by mu
+	catching map[*Sub]struct{}                        // guarded by mu; subscribers waiting for rev to reach their atLeast
+	loaded   bool                                     // guarded by mu
+	ready    chan struct{}
 }
 
 type change struct {
@@ -70,7 +71,7 @@ func NewReplica(dataPrefix, rolloutPrefix string, changeLog int) *Replica {
 	}
 	return &Replica{prefix: dataPrefix, rollout: rolloutPrefix, maxLog: changeLog,
 		keys: map[string]map[string]*beaconv1.KeyValue{}, plans: map[string]map[string]*rollout{},
-		subs: map[*Sub]struct{}{}, ready: make(chan struct{})}
+		subs: map[*Sub]struct{}{}, catching: map[*Sub]struct{}{}, ready: make(chan struct{})}
 }
 
 // Rollout returns a key's staged rollout, and its record's revision.
@@ -216,10 +217,19 @@ func (r *Replica) Changed(events []*clientv3.Event, rev int64) {
 		r.floor = r.changes[drop-1].rev
 		r.changes = slices.Delete(r.changes, 0, drop)
 	}
+	if advanced {
+		for s := range r.catching {
+			if r.rev >= s.atLeast {
+				delete(r.catching, s)
+				s.wake() // the replica reached the revision it waited for
+			}
+		}
+	}
+	if len(woken) == 0 {
+		return // the registry's changes: no KV subscriber to look at
+	}
 	for s := range r.subs {
-		if s.atLeast > 0 && s.cursor < s.atLeast && advanced {
-			s.wake() // waiting for the replica to reach a revision
-		} else if slices.ContainsFunc(woken, func(c change) bool { return s.wants(c) }) {
+		if slices.ContainsFunc(woken, func(c change) bool { return s.wants(c) }) {
 			s.wake()
 		}
 	}
@@ -253,6 +263,9 @@ func (r *Replica) Subscribe(ns, key string, prefix, rollouts bool, after, atLeas
 	s := &Sub{r: r, ns: ns, key: key, prefix: prefix, rollouts: rollouts, readable: readable, wakeC: make(chan struct{}, 1), cursor: after, reset: after == 0, atLeast: atLeast}
 	r.mu.Lock()
 	r.subs[s] = struct{}{}
+	if atLeast > r.rev {
+		r.catching[s] = struct{}{}
+	}
 	r.mu.Unlock()
 	return s
 }
@@ -261,6 +274,7 @@ func (r *Replica) Subscribe(ns, key string, prefix, rollouts bool, after, atLeas
 func (s *Sub) Close() {
 	s.r.mu.Lock()
 	delete(s.r.subs, s)
+	delete(s.r.catching, s)
 	s.r.mu.Unlock()
 }
 
