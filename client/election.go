@@ -11,7 +11,6 @@ import (
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
-	"beacon.dev/beacon/internal/backoff"
 	"beacon.dev/beacon/registry"
 )
 
@@ -149,22 +148,7 @@ func (w *LeaderWatcher) Close() {
 
 func (w *LeaderWatcher) run(ctx context.Context) {
 	defer close(w.done)
-	bo := backoff.New(backoff.DefaultConfig)
-	for ctx.Err() == nil {
-		err := w.stream(ctx)
-		if c := connect.CodeOf(err); c == connect.CodePermissionDenied || c == connect.CodeUnauthenticated || c == connect.CodeInvalidArgument {
-			w.finish(kvError(err))
-			return
-		}
-		if ctx.Err() != nil {
-			break
-		}
-		w.c.suspect(w.c.current.Load())
-		if bo.Wait(ctx) != nil {
-			break
-		}
-	}
-	w.finish(ErrClosed)
+	w.finish(followStreams(ctx, w.c, w.stream))
 }
 
 func (w *LeaderWatcher) finish(err error) {

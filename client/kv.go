@@ -348,34 +348,36 @@ func (w *KVWatcher) notify() {
 // closes or the server refuses it for good (a permission, a bad request).
 func (w *KVWatcher) run(ctx context.Context) {
 	defer close(w.done)
+	err := followStreams(ctx, w.k.c, w.stream)
+	w.mu.Lock()
+	if w.err == nil {
+		w.err = err
+	}
+	w.mu.Unlock()
+	w.notify()
+}
+
+// followStreams runs stream again and again — on the next server after a
+// failure, after a jittered backoff — until ctx ends (ErrClosed) or a
+// server refuses it for good: a permission, credentials, a bad request
+// (that error). The KV and leader watchers follow their streams with it.
+func followStreams(ctx context.Context, c *Client, stream func(context.Context) error) error {
 	bo := backoff.New(backoff.DefaultConfig)
 	for ctx.Err() == nil {
-		err := w.stream(ctx)
+		err := stream(ctx)
 		if ctx.Err() != nil {
 			break
 		}
 		switch connect.CodeOf(err) {
 		case connect.CodePermissionDenied, connect.CodeUnauthenticated, connect.CodeInvalidArgument:
-			w.mu.Lock()
-			w.err = kvError(err)
-			w.mu.Unlock()
-			w.notify()
-			return
+			return kvError(err)
 		}
-		w.k.c.suspect(w.k.c.current.Load())
-		t := time.NewTimer(bo.Next())
-		select {
-		case <-t.C:
-		case <-ctx.Done():
+		c.suspect(c.current.Load())
+		if bo.Wait(ctx) != nil {
+			break
 		}
-		t.Stop()
 	}
-	w.mu.Lock()
-	if w.err == nil {
-		w.err = ErrClosed
-	}
-	w.mu.Unlock()
-	w.notify()
+	return ErrClosed
 }
 
 // stream runs one stream from the state's revision. A stream quiet for

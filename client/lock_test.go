@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -196,7 +197,7 @@ func TestMutexGoroutinesOfOneSessionTakeTurns(t *testing.T) {
 				n := inside.Add(1)
 				for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
 				}
-				time.Sleep(time.Millisecond)
+				runtime.Gosched() // let another goroutine try to get in
 				inside.Add(-1)
 				if err := h.Unlock(ctx); err != nil {
 					t.Error(err)
