@@ -186,6 +186,8 @@ type Config struct {
 	ShutdownTimeout time.Duration
 	// Limits bound what clients can make the server hold or do.
 	Limits Limits
+	// Consul configures the Consul-compatible HTTP API (consul.go).
+	Consul ConsulConfig
 	// Logger receives the server's logs; nil discards them.
 	Logger *slog.Logger
 }
@@ -200,6 +202,8 @@ func NewConfig() *Config {
 		EtcdPrefix:      store.DefaultPrefix,
 		ShutdownTimeout: 5 * time.Second,
 		Limits:          DefaultLimits,
+		Consul: ConsulConfig{Datacenter: DefaultConsulDatacenter, MaxWait: DefaultConsulMaxWait,
+			MaxBlocking: DefaultConsulMaxBlocking},
 
 		EtcdQuotaBackendBytes:   DefaultEtcdQuotaBackendBytes,
 		EtcdCompactionRetention: DefaultEtcdCompactionRetention,
@@ -243,6 +247,9 @@ func (c *Config) peerScheme() string {
 
 // Validate checks the configuration and names the first bad field.
 func (c *Config) Validate() error {
+	if err := c.Consul.validate(); err != nil {
+		return err
+	}
 	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
 		return fmt.Errorf("server: invalid --addr %q: %w", c.Addr, err)
 	}
@@ -452,6 +459,7 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&c.Guard.Window, "guard-window", c.Guard.Window, "mass-expiry guard: how close together the expiries are (default 10s)")
 	fs.DurationVar(&c.Guard.Grace, "guard-grace", c.Guard.Grace, "mass-expiry guard: how long held instances stay (default 1m)")
 	c.Limits.bindFlags(fs)
+	c.Consul.bindFlags(fs)
 	fs.Float64Var(&c.ProtectionThreshold, "protection-threshold", c.ProtectionThreshold, "default protection threshold in [0, 1]: below this share of routable instances, discovery returns unhealthy ones too (0: off)")
 }
 

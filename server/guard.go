@@ -317,25 +317,35 @@ func (i limitsInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 				}
 				n = max(1, len(b.GetOps()))
 			}
-			conn := cc.writes.ReserveN(now, n)
-			if !conn.OK() || conn.DelayFrom(now) > 0 {
-				conn.CancelAt(now)
-				return nil, i.s.limitError("write-rate", "this connection writes faster than %v per second (burst %d)", l.WriteRate, l.WriteBurst)
-			}
-			ip := cc.ipWrites.ReserveN(now, n)
-			if !ip.OK() || ip.DelayFrom(now) > 0 {
-				ip.CancelAt(now)
-				conn.CancelAt(now)
-				return nil, i.s.limitError("write-rate-per-ip", "this client address writes faster than %v per second (burst %d)", l.WriteRatePerIP, l.WriteBurstPerIP)
-			}
-			if i.s.acl != nil && !i.s.quotas.allowWrite(identityOf(ctx).Accessor, n) {
-				ip.CancelAt(now)
-				conn.CancelAt(now)
-				return nil, i.s.limitError("write-rate-per-token", "token %s writes faster than %v per second (burst %d)", identityOf(ctx).Accessor, l.WriteRatePerToken, l.WriteBurstPerToken)
+			if err := i.s.spendWrites(ctx, cc, n, now); err != nil {
+				return nil, err
 			}
 		}
 		return next(ctx, req)
 	}
+}
+
+// spendWrites takes n write tokens from the connection's, its address's
+// and (with ACLs) its token's buckets, or from none of them.
+func (s *Server) spendWrites(ctx context.Context, cc *clientConn, n int, now time.Time) error {
+	l := s.cfg.Limits
+	conn := cc.writes.ReserveN(now, n)
+	if !conn.OK() || conn.DelayFrom(now) > 0 {
+		conn.CancelAt(now)
+		return s.limitError("write-rate", "this connection writes faster than %v per second (burst %d)", l.WriteRate, l.WriteBurst)
+	}
+	ip := cc.ipWrites.ReserveN(now, n)
+	if !ip.OK() || ip.DelayFrom(now) > 0 {
+		ip.CancelAt(now)
+		conn.CancelAt(now)
+		return s.limitError("write-rate-per-ip", "this client address writes faster than %v per second (burst %d)", l.WriteRatePerIP, l.WriteBurstPerIP)
+	}
+	if s.acl != nil && !s.quotas.allowWrite(identityOf(ctx).Accessor, n) {
+		ip.CancelAt(now)
+		conn.CancelAt(now)
+		return s.limitError("write-rate-per-token", "token %s writes faster than %v per second (burst %d)", identityOf(ctx).Accessor, l.WriteRatePerToken, l.WriteBurstPerToken)
+	}
+	return nil
 }
 
 func (limitsInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {

@@ -30,12 +30,13 @@ type metrics struct {
 
 	guardTriggered prometheus.Counter
 
-	limitHits     *prometheus.CounterVec
-	lockAcquires  *prometheus.CounterVec
-	lockWait      prometheus.Histogram
-	fenced        prometheus.Counter
-	auditErrors   prometheus.Counter
-	writeTimeouts func()
+	limitHits      *prometheus.CounterVec
+	consulRequests *prometheus.CounterVec
+	lockAcquires   *prometheus.CounterVec
+	lockWait       prometheus.Histogram
+	fenced         prometheus.Counter
+	auditErrors    prometheus.Counter
+	writeTimeouts  func()
 }
 
 func newMetrics(s *Server) *metrics {
@@ -86,6 +87,12 @@ func newMetrics(s *Server) *metrics {
 	m.reg.MustRegister(m.lockAcquires, m.lockWait, m.fenced,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_lock_waits_in_flight", Help: "Acquire calls waiting for a lock (at most --max-lock-waits)."},
 			func() float64 { return float64(s.lockWaits.Load()) }))
+	m.consulRequests = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "beacon_consul_requests_total", Help: "Requests to the Consul-compatible API (--consul-addr), by endpoint.",
+	}, []string{"endpoint"})
+	m.reg.MustRegister(m.consulRequests,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_consul_blocking_queries", Help: "Consul blocking queries waiting (at most --max-consul-blocking)."},
+			func() float64 { return float64(s.consulBlocking.Load()) }))
 	m.limitHits = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "beacon_limit_refusals_total", Help: "Requests and connections refused because they reached a limit, by the limit's flag.",
 	}, []string{"limit"})

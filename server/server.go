@@ -40,6 +40,11 @@ type Server struct {
 	httpSrv *http.Server
 	metrics *metrics
 
+	consulLn       net.Listener // nil without --consul-addr
+	consulSrv      *http.Server
+	consulBlocking atomic.Int32 // Consul blocking queries waiting
+	consulKV       *consulKVState
+
 	etcd          *embed.Etcd // nil with external etcd
 	unlockDataDir func()      // releases the data directory's lock
 	cli           *clientv3.Client
@@ -131,6 +136,12 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	// Serve from the first moment, before etcd is up: /readyz says 503
 	// and API calls get unavailable instead of hanging on an open port.
 	s.httpSrv = s.newHTTPServer()
+	if err := s.startConsul(); err != nil {
+		s.runCancel()
+		s.conns.Close()
+		s.closeAudit()
+		return nil, err
+	}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -143,6 +154,9 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		if !started { // Start failed: stop serving before returning the error
 			s.runCancel()
 			s.httpSrv.Close()
+			if s.consulSrv != nil {
+				s.consulSrv.Close()
+			}
 			s.wg.Wait()
 			s.closeAudit()
 		}
@@ -226,6 +240,9 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	hooks.Changed = func(events []*clientv3.Event, rev int64) {
 		s.kvReplica.Changed(events, rev)
 		s.locks.NoticeLost(events)
+		if s.consulKV != nil {
+			s.consulNotice(events, rev)
+		}
 	}
 	s.view = view.New(cli, s.store.Layout, s.log, hooks)
 	s.store.SetHint(func(k registry.InstanceKey) (*registry.Instance, bool) {
@@ -273,6 +290,13 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	}()
 	s.wg.Add(1)
 	go s.watchSpace(s.runCtx) // etcd quota, compaction, alarms (space.go)
+	if s.consulKV != nil {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.consulReleaser(s.runCtx) // locks of Consul sessions that ended
+		}()
+	}
 	started = true
 	return s, nil
 }
@@ -403,6 +427,11 @@ func (s *Server) Close() error {
 		defer cancel()
 		if err := s.httpSrv.Shutdown(ctx); err != nil {
 			s.httpSrv.Close()
+		}
+		if s.consulSrv != nil {
+			if err := s.consulSrv.Shutdown(ctx); err != nil {
+				s.consulSrv.Close()
+			}
 		}
 		s.wg.Wait()
 		s.closeAudit()

@@ -64,6 +64,14 @@ func (l Layout) KVRolloutPrefix() string { return l.Prefix + "kvrollout/" }
 // KVHistoryPrefix: see KVPrefix.
 func (l Layout) KVHistoryPrefix() string { return l.Prefix + "kvhistory/" }
 
+// ConsulKVPrefix holds what the Consul API keeps beside a KV value (its
+// flags and lock index), ConsulHoldPrefix the key's lock holder (on the
+// holding session's lease), ConsulSessionPrefix a session's Consul
+// settings (on its lease). server/consul_kv.go.
+func (l Layout) ConsulKVPrefix() string      { return l.Prefix + "kvconsul/" }
+func (l Layout) ConsulHoldPrefix() string    { return l.Prefix + "kvhold/" }
+func (l Layout) ConsulSessionPrefix() string { return l.Prefix + "consulsession/" }
+
 // LockPrefix holds the locks' queues: one key per session waiting for or
 // holding a lock, on the session's lease (server/internal/lock).
 func (l Layout) LockPrefix() string { return l.Prefix + "lock/" }

@@ -165,6 +165,14 @@ func (s *Store) Commit(ctx context.Context, ns string, ops []Op, accessor string
 	return s.commit(ctx, ns, ops, accessor, fence, nil)
 }
 
+// CommitWith is Commit with more of the transaction: compares and
+// operations on records kept beside the values (the Consul API's flags
+// and lock holders). A failed extra compare makes the commit read again
+// like any conflict, and ends in ErrConflict if it keeps failing.
+func (s *Store) CommitWith(ctx context.Context, ns string, ops []Op, accessor string, cmps []clientv3.Cmp, more []clientv3.Op) (Result, error) {
+	return s.commit(ctx, ns, ops, accessor, nil, &extra{cmps: cmps, ops: more})
+}
+
 // extra is more of a commit's transaction: compares and operations on
 // records other than values (a rollout's).
 type extra struct {

@@ -166,6 +166,7 @@ func (v *View) notMine(key string) bool {
 	return strings.HasPrefix(key, l.ServersPrefix()) || strings.HasPrefix(key, l.TTLPrefix()) || strings.HasPrefix(key, l.ACLPrefix()) ||
 		strings.HasPrefix(key, l.KVPrefix()) || strings.HasPrefix(key, l.KVHistoryPrefix()) || strings.HasPrefix(key, l.KVAppliedPrefix()) || strings.HasPrefix(key, l.KVRolloutPrefix()) ||
 		strings.HasPrefix(key, l.LockPrefix()) || strings.HasPrefix(key, l.LockReleasedPrefix()) || strings.HasPrefix(key, l.LockHoldPrefix()) ||
+		strings.HasPrefix(key, l.ConsulKVPrefix()) || strings.HasPrefix(key, l.ConsulHoldPrefix()) || strings.HasPrefix(key, l.ConsulSessionPrefix()) ||
 		key == l.ProbeKey()
 }
 
@@ -645,6 +646,21 @@ func (v *View) Services(ns string) []*registry.Snapshot {
 	v.mu.RUnlock()
 	slices.SortFunc(out, func(a, b *registry.Snapshot) int { return cmp.Compare(a.Service, b.Service) })
 	return out
+}
+
+// NamespaceRevision returns the revision of the newest change to a
+// namespace's services (0: none seen). Emptied services count: it never
+// goes back while the view runs.
+func (v *View) NamespaceRevision(ns string) int64 {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	var rev int64
+	for sk, s := range v.services {
+		if sk.Namespace == ns {
+			rev = max(rev, s.Revision)
+		}
+	}
+	return rev
 }
 
 // Stats are counts for metrics.

@@ -1,0 +1,297 @@
+package server_test
+
+import (
+	"io"
+	"net/http"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	consul "github.com/hashicorp/consul/api"
+
+	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/server"
+	"beacon.dev/beacon/server/servertest"
+)
+
+// The Consul-compatible API, driven by the real consul/api client
+// (v1.34.5): nobody here wrote the client, so what it accepts is what
+// Consul's users will send and expect.
+
+func startConsul(t *testing.T) (*server.Server, *consul.Client) {
+	t.Helper()
+	cfg := servertest.Config(t, "")
+	cfg.Consul.Addr = "127.0.0.1:0"
+	srv := servertest.Start(t, cfg)
+	return srv, consulClient(t, srv, "")
+}
+
+func consulClient(t *testing.T, srv *server.Server, token string) *consul.Client {
+	t.Helper()
+	cc := consul.DefaultConfig()
+	cc.Address = srv.ConsulAddr()
+	cc.Token = token
+	cc.Transport.DisableKeepAlives = true // no idle connections left behind for goleak
+	c, err := consul.NewClient(cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func names(entries []*consul.ServiceEntry) []string {
+	var out []string
+	for _, e := range entries {
+		out = append(out, e.Service.ID)
+	}
+	slices.Sort(out)
+	return out
+}
+
+func TestConsulAPIRegisterTTLCheckAndBlockingHealth(t *testing.T) {
+	srv, c := startConsul(t)
+	agent := c.Agent()
+	if dc, err := agent.Self(); err != nil || dc["Config"]["Datacenter"] != "dc1" {
+		t.Fatalf("Agent().Self() = %v, %v; want Config.Datacenter dc1", dc, err)
+	}
+	if leader, err := c.Status().Leader(); err != nil || leader != srv.ConsulAddr() {
+		t.Fatalf("Status().Leader() = %q, %v", leader, err)
+	}
+	reg := &consul.AgentServiceRegistration{ID: "web1", Name: "web", Address: "127.0.0.1", Port: 8080,
+		Tags: []string{"v1", "blue"}, Meta: map[string]string{"team": "shop"},
+		Check: &consul.AgentServiceCheck{TTL: "30s"}}
+	if err := agent.ServiceRegister(reg); err != nil {
+		t.Fatal(err)
+	}
+	// A TTL check starts critical, as in Consul: not passing until passed.
+	entries, meta, err := c.Health().Service("web", "", true, nil)
+	if err != nil || len(entries) != 0 || meta.LastIndex == 0 {
+		t.Fatalf("passing before the first pass = %v, index %d, %v; want none, non-zero index", names(entries), meta.LastIndex, err)
+	}
+	all, _, err := c.Health().Service("web", "", false, nil)
+	if err != nil || len(all) != 1 || all[0].Checks.AggregatedStatus() != consul.HealthCritical {
+		t.Fatalf("all = %+v, %v; want web1 critical", all, err)
+	}
+	if err := agent.PassTTL("service:web1", "ok"); err != nil {
+		t.Fatal(err)
+	}
+	var index uint64
+	testutil.Eventually(t, 30*time.Second, "web1 passing", func() bool {
+		entries, meta, err := c.Health().Service("web", "", true, nil)
+		index = meta.LastIndex
+		return err == nil && slices.Equal(names(entries), []string{"web1"})
+	})
+	e, _, _ := c.Health().Service("web", "blue", true, nil)
+	if len(e) != 1 || e[0].Service.Port != 8080 || e[0].Service.Meta["team"] != "shop" || e[0].Node.Node == "" || e[0].Service.Address != "127.0.0.1" {
+		t.Fatalf("entry = %+v", e)
+	}
+	if e, _, _ := c.Health().ServiceMultipleTags("web", []string{"blue", "green"}, false, nil); len(e) != 0 {
+		t.Fatalf("tags blue AND green = %v, want none", names(e))
+	}
+
+	// Another service's change leaves web's index where it is: a query
+	// blocked on web would not wake for it (Consul's coarse index would).
+	if err := agent.ServiceRegister(&consul.AgentServiceRegistration{ID: "db1", Name: "db", Address: "127.0.0.1", Port: 5432}); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 30*time.Second, "db listed", func() bool {
+		svcs, _, err := c.Catalog().Services(nil)
+		return err == nil && svcs["db"] != nil && slices.Equal(svcs["web"], []string{"blue", "v1"})
+	})
+	if _, meta, _ := c.Health().Service("web", "", true, nil); meta.LastIndex != index {
+		t.Fatalf("web's index moved from %d to %d when db changed", index, meta.LastIndex)
+	}
+
+	// A blocked query wakes when its service changes.
+	type result struct {
+		ids   []string
+		index uint64
+		err   error
+	}
+	woke := make(chan result, 1)
+	go func() {
+		entries, meta, err := c.Health().Service("web", "", true, &consul.QueryOptions{WaitIndex: index, WaitTime: 2 * time.Minute})
+		woke <- result{names(entries), meta.LastIndex, err}
+	}()
+	if err := agent.ServiceRegister(&consul.AgentServiceRegistration{ID: "web2", Name: "web", Address: "127.0.0.2", Port: 8080,
+		Check: &consul.AgentServiceCheck{TTL: "30s", Status: consul.HealthPassing}}); err != nil {
+		t.Fatal(err)
+	}
+	r := <-woke
+	if r.err != nil || r.index <= index || !slices.Contains(r.ids, "web2") {
+		t.Fatalf("blocked query woke with %v, index %d (was %d), %v; want web2 and a larger index", r.ids, r.index, index, r.err)
+	}
+
+	// Maintenance (beacon: OUT_OF_SERVICE) and a failed check take an
+	// instance out of the passing answer.
+	if err := agent.EnableServiceMaintenance("web2", "deploy"); err != nil {
+		t.Fatal(err)
+	}
+	if err := agent.FailTTL("service:web1", "down"); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 30*time.Second, "no passing web", func() bool {
+		entries, _, err := c.Health().Service("web", "", true, nil)
+		return err == nil && len(entries) == 0
+	})
+	cat, _, err := c.Catalog().Service("web", "", nil)
+	if err != nil || len(cat) != 2 || cat[0].ServicePort != 8080 {
+		t.Fatalf("Catalog().Service = %+v, %v", cat, err)
+	}
+	// The filter subset.
+	f, _, err := c.Health().Service("web", "", false, &consul.QueryOptions{Filter: `Service.Address == "127.0.0.2" and "team" not in Service.Meta`})
+	if err != nil || !slices.Equal(names(f), []string{"web2"}) {
+		t.Fatalf("filter = %v, %v; want web2", names(f), err)
+	}
+	if _, _, err := c.Health().Service("web", "", false, &consul.QueryOptions{Filter: `Checks.Status == passing`}); err == nil || !strings.Contains(err.Error(), "400") {
+		t.Fatalf("unserved filter selector: %v, want 400", err)
+	}
+	if err := agent.ServiceDeregister("web2"); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 30*time.Second, "web2 gone", func() bool {
+		all, _, err := c.Health().Service("web", "", false, nil)
+		return err == nil && slices.Equal(names(all), []string{"web1"})
+	})
+}
+
+func TestConsulAPIRefusesWhatItCannotMap(t *testing.T) {
+	srv, c := startConsul(t)
+	for _, reg := range []*consul.AgentServiceRegistration{
+		{Name: "web", Port: 80, Kind: consul.ServiceKindConnectProxy, Proxy: &consul.AgentServiceConnectProxyConfig{DestinationServiceName: "x"}},
+		{Name: "web", Port: 80, Check: &consul.AgentServiceCheck{Args: []string{"/bin/true"}, Interval: "10s"}},
+		{Name: "Web_Upper", Port: 80},
+	} {
+		if err := c.Agent().ServiceRegister(reg); err == nil || !strings.Contains(err.Error(), "400") {
+			t.Errorf("register %+v: %v, want a 400 naming the field", reg, err)
+		}
+	}
+	if _, _, err := c.Health().Service("web", "", false, &consul.QueryOptions{Datacenter: "dc2"}); err == nil || !strings.Contains(err.Error(), "dc2") {
+		t.Errorf("dc2: %v, want refused naming it", err)
+	}
+	resp, err := http.Get("http://" + srv.ConsulAddr() + "/v1/connect/ca/roots")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound || !strings.Contains(string(body), "interop.md") {
+		t.Errorf("unserved endpoint = %d %q", resp.StatusCode, body)
+	}
+}
+
+func TestConsulAPIKV(t *testing.T) {
+	_, c := startConsul(t)
+	kv := c.KV()
+	if p, _, err := kv.Get("app/missing", nil); err != nil || p != nil {
+		t.Fatalf("missing key = %+v, %v; want nil (404)", p, err)
+	}
+	if _, err := kv.Put(&consul.KVPair{Key: "app/db/url", Value: []byte("postgres://a"), Flags: 42}, nil); err != nil {
+		t.Fatal(err)
+	}
+	p, meta, err := kv.Get("app/db/url", nil)
+	if err != nil || p == nil || string(p.Value) != "postgres://a" || p.Flags != 42 || p.ModifyIndex == 0 || meta.LastIndex != p.ModifyIndex {
+		t.Fatalf("Get = %+v, %+v, %v", p, meta, err)
+	}
+	// CAS on a stale index fails and changes nothing; on the current one it lands.
+	if ok, _, err := kv.CAS(&consul.KVPair{Key: "app/db/url", Value: []byte("stale"), ModifyIndex: p.ModifyIndex - 1}, nil); err != nil || ok {
+		t.Fatalf("CAS stale = %v, %v; want false", ok, err)
+	}
+	if ok, _, err := kv.CAS(&consul.KVPair{Key: "app/db/url", Value: []byte("postgres://b"), ModifyIndex: p.ModifyIndex}, nil); err != nil || !ok {
+		t.Fatalf("CAS current = %v, %v; want true", ok, err)
+	}
+	if ok, _, err := kv.CAS(&consul.KVPair{Key: "app/new", Value: []byte("x")}, nil); err != nil || !ok {
+		t.Fatalf("CAS create (index 0) = %v, %v; want true", ok, err)
+	}
+	if ok, _, err := kv.CAS(&consul.KVPair{Key: "app/new", Value: []byte("y")}, nil); err != nil || ok {
+		t.Fatalf("CAS create on an existing key = %v, %v; want false", ok, err)
+	}
+	kv.Put(&consul.KVPair{Key: "app/db/user", Value: []byte("shop")}, nil)
+	list, _, err := kv.List("app/", nil)
+	if err != nil || len(list) != 3 || string(list[0].Value) != "postgres://b" {
+		t.Fatalf("List = %+v, %v", list, err)
+	}
+	keys, _, err := kv.Keys("app/", "/", nil)
+	if err != nil || !slices.Equal(keys, []string{"app/db/", "app/new"}) {
+		t.Fatalf("Keys(app/, /) = %v, %v", keys, err)
+	}
+	// A blocked Get wakes on its key's change.
+	p, meta, _ = kv.Get("app/new", nil)
+	woke := make(chan *consul.KVPair, 1)
+	go func() {
+		p, _, _ := kv.Get("app/new", &consul.QueryOptions{WaitIndex: meta.LastIndex, WaitTime: time.Minute})
+		woke <- p
+	}()
+	kv.Put(&consul.KVPair{Key: "app/new", Value: []byte("z")}, nil)
+	if got := <-woke; got == nil || string(got.Value) != "z" {
+		t.Fatalf("blocked Get woke with %+v, want z", got)
+	}
+	if _, err := kv.Delete("app/new", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.DeleteTree("app/db", nil); err != nil {
+		t.Fatal(err)
+	}
+	if list, _, _ := kv.List("app/", nil); len(list) != 0 {
+		t.Fatalf("after deletes: %+v", list)
+	}
+	if _, err := kv.Put(&consul.KVPair{Key: "bad key"}, nil); err == nil {
+		t.Fatal("a key with a space was accepted")
+	}
+}
+
+// api.Lock, as consul/api implements it (a session, acquire, a blocking
+// read of the key while another holds it, release), excludes a second
+// client until the first unlocks.
+func TestConsulAPILockMutualExclusion(t *testing.T) {
+	srv, c1 := startConsul(t)
+	c2 := consulClient(t, srv, "")
+	l1, err := c1.LockKey("jobs/leader")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l2, err := c2.LockKey("jobs/leader")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lost1, err := l1.Lock(nil)
+	if err != nil || lost1 == nil {
+		t.Fatalf("first Lock = %v", err)
+	}
+	p, _, err := c1.KV().Get("jobs/leader", nil)
+	if err != nil || p == nil || p.Session == "" || p.Flags != consul.LockFlagValue || p.LockIndex != 1 {
+		t.Fatalf("held key = %+v, %v", p, err)
+	}
+	holder := p.Session
+	got2 := make(chan error, 1)
+	stop2 := make(chan struct{})
+	go func() {
+		_, err := l2.Lock(stop2)
+		got2 <- err
+	}()
+	// While the first holds it, the second waits: the key still names the first.
+	select {
+	case err := <-got2:
+		t.Fatalf("second Lock returned while the first held it: %v", err)
+	default:
+	}
+	if p, _, _ := c1.KV().Get("jobs/leader", nil); p.Session != holder {
+		t.Fatalf("holder changed to %q while locked", p.Session)
+	}
+	if err := l1.Unlock(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-got2; err != nil {
+		t.Fatalf("second Lock after Unlock: %v", err)
+	}
+	p, _, _ = c2.KV().Get("jobs/leader", nil)
+	if p.Session == "" || p.Session == holder || p.LockIndex != 2 {
+		t.Fatalf("after handoff: %+v, want a new holder and LockIndex 2", p)
+	}
+	if err := l2.Unlock(); err != nil {
+		t.Fatal(err)
+	}
+	_ = l2.Destroy()
+	_ = l1.Destroy()
+}
