@@ -1,6 +1,7 @@
 package server_test
 
 import (
+	"context"
 	"io"
 	"net/http"
 	"slices"
@@ -8,8 +9,10 @@ import (
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
 	consul "github.com/hashicorp/consul/api"
 
+	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/server"
 	"beacon.dev/beacon/server/servertest"
@@ -294,4 +297,148 @@ func TestConsulAPILockMutualExclusion(t *testing.T) {
 	}
 	_ = l2.Destroy()
 	_ = l1.Destroy()
+}
+
+// TestConsulAPIACL: Consul's token forms (X-Consul-Token, ?token=) are
+// beacon ACL tokens, and each Consul surface asks for the permission its
+// beacon counterpart does: reads are filtered, writes refused with 403.
+func TestConsulAPIACL(t *testing.T) {
+	cfg := servertest.Config(t, "")
+	cfg.ACL = true
+	cfg.Consul.Addr = "127.0.0.1:0"
+	srv := servertest.Start(t, cfg)
+	boot, err := aclClient(srv, "", connect.WithGRPC()).Bootstrap(context.Background(), connect.NewRequest(&beaconv1.BootstrapRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mgmt := boot.Msg.GetToken().GetSecretId()
+	mustPolicy(t, srv, mgmt, "read-web", "read service default/web\nread key default/app/*")
+	mustPolicy(t, srv, mgmt, "app-write", "write key default/app/*")
+	tokens := map[string]string{
+		"no-token":   "",
+		"read-only":  mustToken(t, srv, mgmt, &beaconv1.AclToken{Policies: []string{"read-web"}}),
+		"id-web":     mustToken(t, srv, mgmt, &beaconv1.AclToken{ServiceIdentities: []*beaconv1.AclServiceIdentity{{Service: "web"}}}),
+		"app-write":  mustToken(t, srv, mgmt, &beaconv1.AclToken{Policies: []string{"app-write", "read-web"}}),
+		"management": mgmt,
+	}
+	admin := consulClient(t, srv, mgmt)
+	if err := admin.Agent().ServiceRegister(&consul.AgentServiceRegistration{ID: "web1", Name: "web", Address: "127.0.0.1", Port: 80}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.KV().Put(&consul.KVPair{Key: "app/x", Value: []byte("1")}, nil); err != nil {
+		t.Fatal(err)
+	}
+	type op struct {
+		name    string
+		allowed []string // tokens allowed (reads: that see the data); the rest are refused or filtered
+		call    func(c *consul.Client) (bool, error)
+	}
+	ops := []op{
+		{"health read", []string{"read-only", "id-web", "app-write", "management"}, func(c *consul.Client) (bool, error) {
+			e, _, err := c.Health().Service("web", "", false, nil)
+			return len(e) == 1, err
+		}},
+		{"catalog services", []string{"read-only", "id-web", "app-write", "management"}, func(c *consul.Client) (bool, error) {
+			s, _, err := c.Catalog().Services(nil)
+			return s["web"] != nil, err
+		}},
+		{"register web", []string{"id-web", "management"}, func(c *consul.Client) (bool, error) {
+			err := c.Agent().ServiceRegister(&consul.AgentServiceRegistration{ID: "web9", Name: "web", Address: "127.0.0.9", Port: 80})
+			return err == nil, err
+		}},
+		{"kv get", []string{"read-only", "app-write", "management"}, func(c *consul.Client) (bool, error) {
+			p, _, err := c.KV().Get("app/x", nil)
+			return p != nil, err
+		}},
+		{"kv put", []string{"app-write", "management"}, func(c *consul.Client) (bool, error) {
+			_, err := c.KV().Put(&consul.KVPair{Key: "app/x", Value: []byte("2")}, nil)
+			return err == nil, err
+		}},
+		{"session create", []string{"id-web", "management"}, func(c *consul.Client) (bool, error) {
+			id, _, err := c.Session().Create(&consul.SessionEntry{TTL: "15s"}, nil)
+			if err == nil {
+				c.Session().Destroy(id, nil)
+			}
+			return err == nil, err
+		}},
+	}
+	for _, o := range ops {
+		for name, secret := range tokens {
+			ok, err := o.call(consulClient(t, srv, secret))
+			want := slices.Contains(o.allowed, name)
+			if ok != want {
+				t.Errorf("%s with %s: allowed=%v (err %v), want %v", o.name, name, ok, err, want)
+			}
+			if !ok && err != nil && !strings.Contains(err.Error(), "403") && !strings.Contains(err.Error(), "Permission denied") {
+				t.Errorf("%s with %s: refused with %v, want a 403", o.name, name, err)
+			}
+		}
+	}
+	// ?token= works as the header does.
+	resp, err := http.Get("http://" + srv.ConsulAddr() + "/v1/health/service/web?token=" + tokens["read-only"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), `"web1"`) {
+		t.Errorf("?token= read = %d %s", resp.StatusCode, body)
+	}
+}
+
+// A session that ends releases what it held: the key's ModifyIndex
+// moves (a blocked reader wakes), its Session is cleared, the session's
+// lock delay holds off other acquirers, and a "delete" session's keys go.
+func TestConsulAPISessionEndReleasesLocks(t *testing.T) {
+	_, c := startConsul(t)
+	s1, _, err := c.Session().Create(&consul.SessionEntry{TTL: "15s", LockDelay: time.Hour / 60}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, _, err := c.KV().Acquire(&consul.KVPair{Key: "jobs/a", Value: []byte("me"), Session: s1}, nil); err != nil || !ok {
+		t.Fatalf("Acquire = %v, %v", ok, err)
+	}
+	p, meta, _ := c.KV().Get("jobs/a", nil)
+	if p.Session != s1 {
+		t.Fatalf("holder = %q, want %q", p.Session, s1)
+	}
+	info, _, err := c.Session().Info(s1, nil)
+	if err != nil || info == nil || info.TTL != "15s" || info.Behavior != "release" {
+		t.Fatalf("Info = %+v, %v", info, err)
+	}
+	woke := make(chan *consul.KVPair, 1)
+	go func() {
+		p, _, _ := c.KV().Get("jobs/a", &consul.QueryOptions{WaitIndex: meta.LastIndex, WaitTime: time.Minute})
+		woke <- p
+	}()
+	if _, err := c.Session().Destroy(s1, nil); err != nil {
+		t.Fatal(err)
+	}
+	if p := <-woke; p == nil || p.ModifyIndex <= meta.LastIndex {
+		t.Fatalf("blocked Get woke with %+v", p)
+	}
+	testutil.Eventually(t, 30*time.Second, "released", func() bool {
+		p, _, err := c.KV().Get("jobs/a", nil)
+		return err == nil && p != nil && p.Session == "" && string(p.Value) == "me"
+	})
+	s2, _, err := c.Session().Create(&consul.SessionEntry{TTL: "15s", Behavior: consul.SessionBehaviorDelete}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, _, err := c.KV().Acquire(&consul.KVPair{Key: "jobs/a", Session: s2}, nil); err != nil || ok {
+		t.Fatalf("Acquire within the lost holder's lock delay = %v, %v; want false", ok, err)
+	}
+	if ok, _, err := c.KV().Acquire(&consul.KVPair{Key: "jobs/b", Value: []byte("x"), Session: s2}, nil); err != nil || !ok {
+		t.Fatalf("Acquire jobs/b = %v, %v", ok, err)
+	}
+	if _, err := c.Session().Destroy(s2, nil); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 30*time.Second, "a delete session's key deleted", func() bool {
+		p, _, err := c.KV().Get("jobs/b", nil)
+		return err == nil && p == nil
+	})
+	if ok, _, err := c.KV().Acquire(&consul.KVPair{Key: "jobs/c", Session: s2}, nil); err == nil || ok {
+		t.Fatalf("Acquire with an ended session = %v, %v; want an error", ok, err)
+	}
 }
