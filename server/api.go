@@ -362,6 +362,16 @@ func (a api) Register(ctx context.Context, req *connect.Request[beaconv1.Registe
 	if err := a.admit(in); err != nil {
 		return nil, err
 	}
+	// A TTL check registered passing (or warning) has its TTL start now,
+	// as in Consul: without a heartbeat its first probe would find it
+	// silent and mark it critical before its TTL ran out.
+	for _, c := range in.Checks {
+		if c.Kind == registry.CheckTTL && c.Status != registry.HealthCritical {
+			if err := a.s.store.RenewTTL(ctx, in.Key(), c.Name, c.Interval); err != nil {
+				return nil, toConnectError(err)
+			}
+		}
+	}
 	var rev int64
 	if guard != nil {
 		rev, err = a.s.store.RegisterGuarded(ctx, in, keepObservations, guard)

@@ -3,6 +3,8 @@ package server
 import (
 	"context"
 	"fmt"
+	"hash/fnv"
+	"maps"
 	"net"
 	"net/http"
 	"slices"
@@ -73,10 +75,30 @@ type (
 	}
 )
 
+// consulCheckIDMeta prefixes the metadata key that keeps a Consul CheckID
+// that is not a beacon check name, under the name it was given
+// (consulCheckName); Consul's clients never see these keys in Meta.
+const consulCheckIDMeta = "consul-check-id."
+
+// consulCheckName is the beacon check name of a Consul CheckID: the id
+// itself when it is a valid name, else "consul-" and a hash of it.
+func consulCheckName(checkID string) string {
+	if registry.ValidateName("check", checkID) == nil {
+		return checkID
+	}
+	h := fnv.New32a()
+	h.Write([]byte(checkID))
+	return fmt.Sprintf("consul-%08x", h.Sum32())
+}
+
 // consulCheckID is the Consul check id of an instance's check: beacon's
 // "service" and "service-N" are Consul's default ids "service:ID" and
-// "service:ID:N"; any other name is its own id.
+// "service:ID:N"; a CheckID kept in metadata is itself; any other name is
+// its own id.
 func consulCheckID(in *registry.Instance, name string) string {
+	if id, ok := in.Metadata[consulCheckIDMeta+name]; ok {
+		return id
+	}
 	if name == "service" {
 		return "service:" + in.ID
 	}
@@ -106,9 +128,11 @@ func (s *Server) consulEntryOf(in *registry.Instance) consulEntry {
 	if in.Zone != "" {
 		node.Meta["zone"] = in.Zone
 	}
-	meta := in.Metadata
-	if meta == nil {
-		meta = map[string]string{}
+	meta := make(map[string]string, len(in.Metadata))
+	for k, v := range in.Metadata {
+		if !strings.HasPrefix(k, consulCheckIDMeta) {
+			meta[k] = v
+		}
 	}
 	tags := in.Tags
 	if tags == nil {
@@ -440,7 +464,7 @@ func (c *consulRegistration) instance(ns, addr string) (*registry.Instance, erro
 		id = c.Name
 	}
 	in := &registry.Instance{Namespace: ns, Service: c.Name, ID: id, Address: c.Address, Port: c.Port,
-		Tags: c.Tags, Metadata: c.Meta, Status: registry.StatusUp}
+		Tags: c.Tags, Metadata: maps.Clone(c.Meta), Status: registry.StatusUp}
 	if in.Address == "" {
 		in.Address = addr
 	}
@@ -458,6 +482,12 @@ func (c *consulRegistration) instance(ns, addr string) (*registry.Instance, erro
 		chk, err := d.check(n, len(defs))
 		if err != nil {
 			return nil, err
+		}
+		if d.CheckID != "" && chk.Name != d.CheckID {
+			if in.Metadata == nil {
+				in.Metadata = map[string]string{}
+			}
+			in.Metadata[consulCheckIDMeta+chk.Name] = d.CheckID
 		}
 		in.Checks = append(in.Checks, chk)
 	}
@@ -545,10 +575,10 @@ func (d *consulCheckDef) check(n, total int) (registry.Check, error) {
 			c.Name = "service-" + strconv.Itoa(n+1)
 		}
 	default:
-		if err := registry.ValidateName(f("CheckID"), d.CheckID); err != nil {
-			return c, refused(f("CheckID"), fmt.Sprintf("%q: beacon check names are lowercase letters, digits and '-' (or leave CheckID empty for Consul's service:ID)", d.CheckID))
+		if len(d.CheckID) > registry.MaxMetadataValueLen {
+			return c, refused(f("CheckID"), fmt.Sprintf("%d bytes, at most %d", len(d.CheckID), registry.MaxMetadataValueLen))
 		}
-		c.Name = d.CheckID
+		c.Name = consulCheckName(d.CheckID)
 	}
 	if d.Status != "" {
 		h, err := registry.ParseHealth(d.Status)
@@ -723,18 +753,15 @@ func (s *Server) consulFindCheck(ctx context.Context, ns, checkID string) (*regi
 				return in, "service-" + rest[i+1:], nil
 			}
 		}
-		return nil, "", connect.NewError(connect.CodeNotFound, fmt.Errorf("CheckID %q does not have associated TTL: no such service in namespace %s", checkID, ns))
 	}
-	if err := registry.ValidateName("check id", checkID); err != nil {
-		return nil, "", toConnectError(err)
-	}
+	name := consulCheckName(checkID)
 	var found []*registry.Instance
 	for _, snap := range s.view.Services(ns) {
 		if !consulMayRead(ctx, ns, snap.Service) {
 			continue
 		}
 		for _, in := range snap.Instances {
-			if slices.ContainsFunc(in.Checks, func(c registry.Check) bool { return c.Name == checkID }) {
+			if slices.ContainsFunc(in.Checks, func(c registry.Check) bool { return c.Name == name }) {
 				found = append(found, in)
 			}
 		}
@@ -743,7 +770,7 @@ func (s *Server) consulFindCheck(ctx context.Context, ns, checkID string) (*regi
 	case 0:
 		return nil, "", connect.NewError(connect.CodeNotFound, fmt.Errorf("CheckID %q does not have associated TTL: no instance of namespace %s has it", checkID, ns))
 	case 1:
-		return found[0], checkID, nil
+		return found[0], name, nil
 	}
 	return nil, "", connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("CheckID %q names checks of %d instances in namespace %s: beacon check names are unique within an instance only; use service:ID, or beacon's API", checkID, len(found), ns))
 }

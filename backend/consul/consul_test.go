@@ -640,3 +640,25 @@ func TestAgentOutage(t *testing.T) {
 		return slices.Equal(f.ids("orders"), []string{"o-1", "o-2"})
 	})
 }
+
+// On beacon's own Consul-compatible API (beacon server --consul-addr):
+// the backend, written against Consul's documented behaviour, works
+// unchanged against beacon speaking Consul.
+func TestConformanceBeaconConsulAPI(t *testing.T) {
+	backendtest.Run(t, backendtest.Harness{
+		New: func(t *testing.T) backend.Backend {
+			addr := testutil.FreeAddr(t)
+			testutil.StartBeacon(t, "--consul-addr", addr)
+			proxy := testutil.NewProxy(t, addr)
+			b := newBackend(t, proxy.Addr(), consul.Config{WaitTime: 2 * time.Second})
+			agents.Store(b, conformanceAgent{proxy: proxy})
+			return b
+		},
+		TTL: 2 * time.Second,
+		Freeze: func(t *testing.T, b backend.Backend) func() {
+			a, _ := agents.Load(b)
+			a.(conformanceAgent).proxy.Freeze(true)
+			return func() { a.(conformanceAgent).proxy.Freeze(false) }
+		},
+	})
+}
