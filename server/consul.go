@@ -144,6 +144,7 @@ func (s *Server) consulRoutes() http.Handler {
 	h("GET /v1/kv/{key...}", s.consulKVGet)
 	h("PUT /v1/kv/{key...}", s.consulKVPut)
 	h("DELETE /v1/kv/{key...}", s.consulKVDelete)
+	h("PUT /v1/txn", s.consulTxn)
 	h("PUT /v1/session/create", s.consulSessionCreate)
 	h("PUT /v1/session/renew/{id}", s.consulSessionRenew)
 	h("PUT /v1/session/destroy/{id}", s.consulSessionDestroy)

@@ -788,3 +788,231 @@ func (s *Server) consulSessionInfo(w http.ResponseWriter, r *http.Request, q *co
 	}
 	consulJSON(w, s.consulKV.rev.Load(), entries)
 }
+
+// Transactions (PUT /v1/txn): the KV verbs of Consul's transaction API
+// over one beacon KV commit — set, cas, get, delete, delete-cas,
+// check-index, check-not-exists. All or nothing: a failed compare answers
+// 409 naming the operation, and nothing is written.
+
+type consulTxnKV struct {
+	Verb, Key string
+	Value     []byte
+	Flags     uint64
+	Index     int64
+	Session   string
+}
+
+type consulTxnOp struct {
+	KV                            *consulTxnKV
+	Node, Service, Check, Session any
+}
+
+type consulTxnError struct {
+	OpIndex int
+	What    string
+}
+
+// consulKeyState is what a transaction reads of one key before deciding.
+type consulKeyState struct {
+	dataRev, metaRev, holdRev int64
+	meta                      consulKVMeta
+}
+
+func (st consulKeyState) modifyIndex() int64 {
+	if st.dataRev == 0 {
+		return 0
+	}
+	return max(st.dataRev, st.metaRev, st.holdRev)
+}
+
+func (s *Server) consulKeyStates(ctx context.Context, ns string, keys []string) (map[string]consulKeyState, error) {
+	var reads []clientv3.Op
+	for _, k := range keys {
+		reads = append(reads, clientv3.OpGet(s.store.KVPrefix()+ns+"/"+k, clientv3.WithKeysOnly()),
+			clientv3.OpGet(s.consulMetaKey(ns, k)), clientv3.OpGet(s.consulHoldKey(ns, k), clientv3.WithKeysOnly()))
+	}
+	resp, err := s.cli.Txn(ctx).Then(reads...).Commit()
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]consulKeyState, len(keys))
+	for i, k := range keys {
+		var st consulKeyState
+		if kvs := resp.Responses[3*i].GetResponseRange().Kvs; len(kvs) > 0 {
+			st.dataRev = kvs[0].ModRevision
+		}
+		if kvs := resp.Responses[3*i+1].GetResponseRange().Kvs; len(kvs) > 0 {
+			st.metaRev = kvs[0].ModRevision
+			_ = json.Unmarshal(kvs[0].Value, &st.meta)
+		}
+		if kvs := resp.Responses[3*i+2].GetResponseRange().Kvs; len(kvs) > 0 {
+			st.holdRev = kvs[0].ModRevision
+		}
+		out[k] = st
+	}
+	return out, nil
+}
+
+func (s *Server) consulTxn(w http.ResponseWriter, r *http.Request, q *consulQuery) {
+	ctx := r.Context()
+	var ops []consulTxnOp
+	if err := s.consulBody(w, r, &ops); err != nil {
+		consulError(w, err)
+		return
+	}
+	if max := s.cfg.Limits.MaxKVTxnOps; len(ops) > max {
+		consulError(w, refused("operations", fmt.Sprintf("%d in one transaction, at most %d (--max-kv-txn-ops)", len(ops), max)))
+		return
+	}
+	seenWrite := map[string]int{}
+	seen := map[string]bool{}
+	var keys []string
+	writes := 0
+	for i, op := range ops {
+		f := fmt.Sprintf("[%d]", i)
+		if op.KV == nil || op.Node != nil || op.Service != nil || op.Check != nil || op.Session != nil {
+			consulError(w, refused(f, "only KV operations are served in a transaction (catalog and session ones are not)"))
+			return
+		}
+		need := acl.Read
+		switch op.KV.Verb {
+		case "set", "cas", "delete", "delete-cas":
+			need = acl.Write
+			writes++
+		case "get", "check-index", "check-not-exists":
+		default:
+			consulError(w, refused(f+".KV.Verb", fmt.Sprintf("%q: served verbs are set, cas, get, delete, delete-cas, check-index, check-not-exists", op.KV.Verb)))
+			return
+		}
+		if err := registry.ValidateKey(f+".KV.Key", op.KV.Key); err != nil {
+			consulError(w, toConnectError(err))
+			return
+		}
+		if need == acl.Write {
+			if j, dup := seenWrite[op.KV.Key]; dup {
+				consulError(w, refused(f+".KV.Key", fmt.Sprintf("%q written again (already by [%d]): each key is written at most once per transaction", op.KV.Key, j)))
+				return
+			}
+			seenWrite[op.KV.Key] = i
+		}
+		if !seen[op.KV.Key] {
+			seen[op.KV.Key] = true
+			keys = append(keys, op.KV.Key)
+		}
+		if err := needKey(ctx, q.ns, op.KV.Key, need); err != nil {
+			consulError(w, err)
+			return
+		}
+		if len(op.KV.Value) > s.cfg.Limits.MaxKVValueBytes {
+			consulError(w, s.limitError("max-kv-value-bytes", "value of %s larger than %d bytes", f, s.cfg.Limits.MaxKVValueBytes))
+			return
+		}
+	}
+	msg := &beaconv1.KVTxnRequest{Namespace: q.ns}
+	var err error
+	if writes > 0 {
+		if err = (kvAPI{s}).admitKeys(q.ns, keys); err == nil {
+			err = s.spendWrites(ctx, connOf(ctx), writes, time.Now())
+		}
+		if err != nil {
+			s.audit.record(ctx, beaconv1connect.KVServiceTxnProcedure, msg, nil, err)
+			consulError(w, err)
+			return
+		}
+	}
+	var failed []consulTxnError
+	for range 8 {
+		failed = nil
+		var states map[string]consulKeyState
+		if states, err = s.consulKeyStates(ctx, q.ns, keys); err != nil {
+			break
+		}
+		var kvOps []kv.Op
+		at := map[string]int{} // key -> its op in kvOps (one per key)
+		var cmps []clientv3.Cmp
+		var more []clientv3.Op
+		for i, op := range ops {
+			k, st := op.KV.Key, states[op.KV.Key]
+			metaKey, holdKey := s.consulMetaKey(q.ns, k), s.consulHoldKey(q.ns, k)
+			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(metaKey), "=", st.metaRev),
+				clientv3.Compare(clientv3.ModRevision(holdKey), "=", st.holdRev))
+			base := kv.Op{Key: k, HasExpected: true, Expected: st.dataRev}
+			switch op.KV.Verb {
+			case "cas", "delete-cas", "check-index":
+				if st.modifyIndex() != op.KV.Index {
+					failed = append(failed, consulTxnError{i, fmt.Sprintf("current modify index %d != %d", st.modifyIndex(), op.KV.Index)})
+				}
+			case "check-not-exists":
+				if st.dataRev != 0 {
+					failed = append(failed, consulTxnError{i, fmt.Sprintf("key %q exists", k)})
+				}
+			}
+			switch op.KV.Verb {
+			case "set", "cas":
+				base.Type, base.Value = kv.Put, op.KV.Value
+				meta := st.meta
+				meta.Flags = op.KV.Flags
+				rec, _ := json.Marshal(meta)
+				more = append(more, clientv3.OpPut(metaKey, string(rec)))
+			case "delete", "delete-cas":
+				base.Type = kv.Delete
+				more = append(more, clientv3.OpDelete(metaKey), clientv3.OpDelete(holdKey))
+			default:
+				base.Type = kv.Check
+			}
+			if j, ok := at[k]; ok {
+				if base.Type != kv.Check {
+					kvOps[j] = base // a write over an earlier read of the key: its compare is the same
+				}
+				continue
+			}
+			at[k] = len(kvOps)
+			kvOps = append(kvOps, base)
+		}
+		if len(failed) > 0 {
+			break
+		}
+		_, err = s.kv.CommitWith(ctx, q.ns, kvOps, identityOf(ctx).Accessor, cmps, more)
+		if errors.Is(err, kv.ErrConflict) || errors.Is(err, kv.ErrCompare) {
+			continue
+		}
+		break
+	}
+	if errors.Is(err, kv.ErrCompare) {
+		err = kv.ErrConflict
+	}
+	if writes > 0 {
+		s.audit.record(ctx, beaconv1connect.KVServiceTxnProcedure, msg, &beaconv1.KVTxnResponse{}, err)
+	}
+	if err != nil {
+		consulError(w, kvError(err))
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if len(failed) > 0 {
+		w.WriteHeader(http.StatusConflict)
+		_ = json.NewEncoder(w).Encode(map[string]any{"Results": nil, "Errors": failed})
+		return
+	}
+	// The results: what each operation left, read after the commit (a get
+	// sees the transaction's own writes, as in Consul).
+	results := []map[string]consulKVPair{}
+	for _, op := range ops {
+		if op.KV.Verb == "delete" || op.KV.Verb == "delete-cas" || op.KV.Verb == "check-not-exists" {
+			continue
+		}
+		pairs, err := s.consulKVRead(ctx, q.ns, op.KV.Key, false, true)
+		if err != nil {
+			consulError(w, toConnectError(err))
+			return
+		}
+		if len(pairs) == 1 {
+			p := pairs[0]
+			if op.KV.Verb != "get" {
+				p.Value = nil
+			}
+			results = append(results, map[string]consulKVPair{"KV": p})
+		}
+	}
+	_ = json.NewEncoder(w).Encode(map[string]any{"Results": results, "Errors": nil})
+}

@@ -442,3 +442,39 @@ func TestConsulAPISessionEndReleasesLocks(t *testing.T) {
 		t.Fatalf("Acquire with an ended session = %v, %v; want an error", ok, err)
 	}
 }
+
+func TestConsulAPITxn(t *testing.T) {
+	_, c := startConsul(t)
+	kv := c.KV()
+	ok, resp, _, err := kv.Txn(consul.KVTxnOps{
+		{Verb: consul.KVSet, Key: "cfg/a", Value: []byte("1"), Flags: 7},
+		{Verb: consul.KVCheckNotExists, Key: "cfg/b"},
+		{Verb: consul.KVSet, Key: "cfg/c", Value: []byte("3")},
+	}, nil)
+	if err != nil || !ok || len(resp.Results) != 2 || resp.Results[0].Flags != 7 {
+		t.Fatalf("Txn = %v, %+v, %v", ok, resp, err)
+	}
+	a, _, _ := kv.Get("cfg/a", nil)
+	// All or nothing: a stale check-index fails the whole transaction.
+	ok, resp, _, err = kv.Txn(consul.KVTxnOps{
+		{Verb: consul.KVSet, Key: "cfg/c", Value: []byte("changed")},
+		{Verb: consul.KVCheckIndex, Key: "cfg/a", Index: a.ModifyIndex + 1},
+	}, nil)
+	if err != nil || ok || len(resp.Errors) != 1 || resp.Errors[0].OpIndex != 1 {
+		t.Fatalf("stale Txn = %v, %+v, %v; want a failure at op 1", ok, resp, err)
+	}
+	if p, _, _ := kv.Get("cfg/c", nil); string(p.Value) != "3" {
+		t.Fatalf("a failed transaction wrote cfg/c = %q", p.Value)
+	}
+	ok, resp, _, err = kv.Txn(consul.KVTxnOps{
+		{Verb: consul.KVCAS, Key: "cfg/a", Value: []byte("2"), Index: a.ModifyIndex},
+		{Verb: consul.KVDelete, Key: "cfg/c"},
+		{Verb: consul.KVGet, Key: "cfg/a"},
+	}, nil)
+	if err != nil || !ok || len(resp.Results) != 2 || string(resp.Results[1].Value) != "2" {
+		t.Fatalf("cas+delete+get Txn = %v, %+v, %v", ok, resp, err)
+	}
+	if p, _, _ := kv.Get("cfg/c", nil); p != nil {
+		t.Fatalf("cfg/c still there: %+v", p)
+	}
+}
