@@ -34,6 +34,7 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("GET /healthz", s.handleHealth)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
 	mux.Handle("GET /v1/watch", s.guardAPI(http.HandlerFunc(s.handleWatchNDJSON)))
+	mux.Handle("GET "+promSDPath, s.guardAPI(http.HandlerFunc(s.handlePromSD)))
 	return mux
 }
 

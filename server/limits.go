@@ -65,6 +65,10 @@ type Limits struct {
 	// waits longer calls again, keeping its place in the queue).
 	MaxLockWaits int
 	MaxLockWait  time.Duration
+	// MaxSDTargets bounds the targets of one Prometheus service discovery
+	// answer (GET /v1/sd/prometheus); a query that matches more is
+	// refused, not cut, and is split with service= or tag=.
+	MaxSDTargets int
 	// WriteRate and WriteBurst bound the writes (registrations, sessions,
 	// status, checks, deregistrations) of one connection: a token bucket
 	// of WriteBurst tokens refilled at WriteRate per second.
@@ -111,6 +115,7 @@ var DefaultLimits = Limits{
 	MaxKVTxnOps:            32,
 	MaxLockWaits:           1024,
 	MaxLockWait:            time.Minute,
+	MaxSDTargets:           10000,
 	WriteRate:              1000,
 	WriteBurst:             2000,
 	WriteRatePerIP:         5000,
@@ -168,6 +173,7 @@ func (l *Limits) validate() error {
 		// may take three (value, history record, history trim).
 		{"--max-kv-txn-ops", l.MaxKVTxnOps, 1, 40},
 		{"--max-lock-waits", l.MaxLockWaits, 1, 1 << 20},
+		{"--max-sd-targets", l.MaxSDTargets, 1, 1 << 24},
 		{"--write-burst", l.WriteBurst, 1, 1 << 24},
 		{"--write-burst-per-ip", l.WriteBurstPerIP, 1, 1 << 24},
 		{"--max-sessions-per-token", l.MaxSessionsPerToken, 1, 1 << 24},
@@ -227,6 +233,7 @@ func (l *Limits) bindFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&l.MaxKVTxnOps, "max-kv-txn-ops", l.MaxKVTxnOps, "operations of one KV transaction at most (at most 40)")
 	fs.IntVar(&l.MaxLockWaits, "max-lock-waits", l.MaxLockWaits, "lock Acquire calls waiting at once on the server at most")
 	fs.DurationVar(&l.MaxLockWait, "max-lock-wait", l.MaxLockWait, "how long one lock Acquire call may wait (the SDK calls again, keeping its place)")
+	fs.IntVar(&l.MaxSDTargets, "max-sd-targets", l.MaxSDTargets, "targets of one Prometheus service discovery answer (/v1/sd/prometheus) at most")
 	fs.Float64Var(&l.WriteRate, "write-rate", l.WriteRate, "writes per second of one connection (registrations, sessions, status, checks)")
 	fs.IntVar(&l.WriteBurst, "write-burst", l.WriteBurst, "writes one connection may make at once above --write-rate")
 	fs.Float64Var(&l.WriteRatePerIP, "write-rate-per-ip", l.WriteRatePerIP, "writes per second of all the connections of one client address")
