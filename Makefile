@@ -35,6 +35,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzApplyDelta -fuzztime 30s ./internal/wire
 	go test -run '^$$' -fuzz FuzzKVTxnJSON -fuzztime 30s ./server
 	go test -run '^$$' -fuzz FuzzVersionRecord -fuzztime 30s ./server/internal/kv
+	go test -run '^$$' -fuzz FuzzDNSQuery -fuzztime 30s ./server/internal/dns
 	go test -run '^$$' -fuzz FuzzConsulFilter -fuzztime 30s ./server
 
 generate:

@@ -42,11 +42,13 @@ func FromInstance(in *registry.Instance) *Endpoint {
 	if ep.Weight < 1 {
 		ep.Weight = registry.DefaultWeight
 	}
-	if t, ok := in.Metadata[MetaTier]; ok {
-		ep.Tier = parseTier(t)
-	}
+	ep.Tier = TierOf(in)
 	return ep
 }
+
+// TierOf reads an instance's tier (metadata MetaTier): what the balancers
+// and the server's DNS answers use.
+func TierOf(in *registry.Instance) int { return parseTier(in.Metadata[MetaTier]) }
 
 // parseTier reads a small non-negative integer; anything else is tier 0.
 func parseTier(s string) int {

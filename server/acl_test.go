@@ -9,11 +9,13 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
+	mdns "github.com/miekg/dns"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -29,10 +31,13 @@ import (
 
 // aclServer starts a server with ACLs on and bootstraps it; it returns the
 // server and the management token's secret.
-func aclServer(t *testing.T) (*server.Server, *server.Config, string) {
+func aclServer(t *testing.T, edit ...func(*server.Config)) (*server.Server, *server.Config, string) {
 	t.Helper()
 	cfg := servertest.Config(t, "")
 	cfg.ACL = true
+	for _, e := range edit {
+		e(cfg)
+	}
 	srv := servertest.Start(t, cfg)
 	resp, err := aclClient(srv, "", connect.WithGRPC()).Bootstrap(context.Background(), connect.NewRequest(&beaconv1.BootstrapRequest{}))
 	if err != nil {
@@ -301,7 +306,7 @@ func newFixture(t *testing.T, webID, mgmt beaconv1connect.RegistryServiceClient,
 // caller, over gRPC and the Connect protocol's JSON, and the watch also
 // as NDJSON, and checks each answer against the expected one.
 func TestACLPermissionMatrix(t *testing.T) {
-	srv, _, mgmtSecret := aclServer(t)
+	srv, _, mgmtSecret := aclServer(t, func(c *server.Config) { c.DNS.Addr = "127.0.0.1:0" })
 	mustPolicy(t, srv, mgmtSecret, "read-only", "read service *")
 	secrets := map[string]string{
 		"management": mgmtSecret,
@@ -511,6 +516,83 @@ func TestACLPermissionMatrix(t *testing.T) {
 			t.Errorf("ndjson: Watch as %s = %s, want %s", row, got, want)
 		}
 	}
+
+	// Prometheus service discovery (GET /v1/sd/prometheus), as Prometheus
+	// reads it: the bearer token of its authorization config.
+	testutil.Eventually(t, 30*time.Second, "the fixture's instances in the server's view", func() bool {
+		return slices.Contains(sdIDs(promSDGroups(t, srv.Addr(), "service=web", mgmtSecret)), "web/p1")
+	})
+	for _, row := range rows {
+		secret := secrets[row]
+		switch row {
+		case "cred-same":
+			secret = f.cred1
+		case "cred-other":
+			secret = f.cred2
+		}
+		want := read[row]
+		switch row {
+		case "bad-token":
+			want = unauth
+		}
+		if got := promSDOutcome(t, srv, secret); got != want {
+			t.Errorf("prometheus sd as %s = %s, want %s", row, got, want)
+		}
+	}
+
+	// DNS carries no token: whatever the row, it answers as no-token does
+	// (the anonymous token's policy, nothing by default), so web, which
+	// has instances, answers as absent.
+	if got := dnsOutcome(t, srv); got != read["no-token"] {
+		t.Errorf("DNS (every row: no token) = %s, want %s", got, read["no-token"])
+	}
+	// Once the anonymous token may read web, DNS answers it.
+	mustPolicy(t, srv, mgmtSecret, "anonymous-reads-web", "read service default/web")
+	if _, err := aclClient(srv, mgmtSecret, connect.WithGRPC()).UpdateToken(context.Background(), connect.NewRequest(&beaconv1.UpdateTokenRequest{Token: &beaconv1.AclToken{AccessorId: "anonymous", Policies: []string{"anonymous-reads-web"}}})); err != nil {
+		t.Fatalf("UpdateToken(anonymous) = %v", err)
+	}
+	testutil.Eventually(t, 30*time.Second, "DNS answering web once the anonymous token may read it", func() bool {
+		return dnsOutcome(t, srv) == allowed
+	})
+}
+
+// dnsOutcome classifies the DNS answer for web.service.consul: filtered
+// when NXDOMAIN (the name hidden), allowed when the name is answered
+// (with addresses, or NODATA while none is routable).
+func dnsOutcome(t *testing.T, srv *server.Server) outcome {
+	t.Helper()
+	resp := dnsQuery(t, "udp", srv.DNSAddr(), "web.service.consul.", mdns.TypeSRV, 0)
+	switch resp.Rcode {
+	case mdns.RcodeNameError:
+		return filtered
+	case mdns.RcodeSuccess:
+		return allowed
+	}
+	t.Fatalf("DNS web.service.consul SRV = %s", mdns.RcodeToString[resp.Rcode])
+	return ""
+}
+
+// promSDOutcome classifies GET /v1/sd/prometheus?service=web: filtered
+// when it lists nothing and says it left services out.
+func promSDOutcome(t *testing.T, srv *server.Server, secret string) outcome {
+	t.Helper()
+	code, h, body := promSDGet(t, srv.Addr(), "service=web", secret)
+	switch code {
+	case http.StatusUnauthorized:
+		return unauth
+	case http.StatusForbidden:
+		return denied
+	case http.StatusOK:
+	default:
+		t.Fatalf("GET /v1/sd/prometheus = %d %s", code, body)
+	}
+	if body == "[]\n" {
+		if h.Get("Beacon-Results-Filtered") != "true" {
+			t.Errorf("prometheus sd: nothing listed and Beacon-Results-Filtered unset")
+		}
+		return filtered
+	}
+	return allowed
 }
 
 // listOutcome classifies a read: filtered if it hid the service, allowed

@@ -186,6 +186,8 @@ type Config struct {
 	ShutdownTimeout time.Duration
 	// Limits bound what clients can make the server hold or do.
 	Limits Limits
+	// DNS is the DNS interface (dns.go); off unless DNS.Addr is set.
+	DNS DNSConfig
 	// Consul configures the Consul-compatible HTTP API (consul.go).
 	Consul ConsulConfig
 	// Logger receives the server's logs; nil discards them.
@@ -306,6 +308,9 @@ func (c *Config) validate() error {
 			return fmt.Errorf("server: --addr %s is reachable beyond this machine: turn on --acl (anyone who reaches it could change the registry), or give --insecure (docs/security.md)", c.Addr)
 		}
 	}
+	if c.Consul.Addr != "" && !c.Insecure && !loopback(c.Consul.Addr) && (c.TLSCertFile == "" || !c.ACL) {
+		return fmt.Errorf("server: --consul-addr %s is reachable beyond this machine: serve it with --tls-cert and --tls-key (it uses the API's) and turn on --acl, or give --insecure (docs/security.md)", c.Consul.Addr)
+	}
 	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
 		return errors.New("server: invalid --tls-cert / --tls-key: give both or neither")
 	}
@@ -319,6 +324,9 @@ func (c *Config) validate() error {
 		return fmt.Errorf("server: %w", err)
 	}
 	if err := c.Limits.validate(); err != nil {
+		return err
+	}
+	if err := c.DNS.validate(c.ACL, c.Insecure); err != nil {
 		return err
 	}
 	if err := c.validateSpace(); err != nil {
@@ -459,6 +467,7 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&c.Guard.Window, "guard-window", c.Guard.Window, "mass-expiry guard: how close together the expiries are (default 10s)")
 	fs.DurationVar(&c.Guard.Grace, "guard-grace", c.Guard.Grace, "mass-expiry guard: how long held instances stay (default 1m)")
 	c.Limits.bindFlags(fs)
+	c.DNS.bindFlags(fs)
 	c.Consul.bindFlags(fs)
 	fs.Float64Var(&c.ProtectionThreshold, "protection-threshold", c.ProtectionThreshold, "default protection threshold in [0, 1]: below this share of routable instances, discovery returns unhealthy ones too (0: off)")
 }

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -92,6 +93,10 @@ func (s *Server) startConsul() error {
 		s.metrics.limitHits.WithLabelValues(limit).Inc()
 	})
 	s.consulLn = limited
+	var serve net.Listener = limited
+	if s.tlsConfig != nil {
+		serve = tls.NewListener(limited, s.tlsConfig) // the API's certificate and client CAs
+	}
 	s.consulKV = newConsulKVState()
 	s.consulSrv = &http.Server{
 		Handler:           s.consulRoutes(),
@@ -105,7 +110,7 @@ func (s *Server) startConsul() error {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		if err := s.consulSrv.Serve(limited); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := s.consulSrv.Serve(serve); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			s.fail(fmt.Errorf("server: serving --consul-addr %s: %w", cfg.Addr, err))
 		}
 	}()

@@ -197,8 +197,12 @@ func (s *Server) consulEntries(w http.ResponseWriter, r *http.Request, q *consul
 	}
 	sk := registry.ServiceKey{Namespace: q.ns, Service: name}
 	if !consulMayRead(r.Context(), q.ns, name) {
-		consulFiltered(w)
-		consulJSON(w, 1, []consulEntry{})
+		// As if empty; a blocking query waits out its wait (answering at
+		// once would make its client ask again at once, for ever).
+		if s.consulBlock(w, r, q, func(ctx context.Context) error { <-ctx.Done(); return nil }) {
+			consulFiltered(w)
+			consulJSON(w, 1, []consulEntry{})
+		}
 		return nil, 0, false
 	}
 	s.consulRead(r.Context(), q)

@@ -88,6 +88,14 @@ func newConsulKVState() *consulKVState {
 	return &consulKVState{changed: make(chan struct{}), released: map[string]int64{}, wake: make(chan struct{}, 1)}
 }
 
+// listed starts the KV index at the view's listing: no KV change this
+// server could report is newer, so the index never goes back across a
+// restart of the server.
+func (c *consulKVState) listed(rev int64) {
+	for cur := c.rev.Load(); rev > cur && !c.rev.CompareAndSwap(cur, rev); cur = c.rev.Load() {
+	}
+}
+
 func (c *consulKVState) waitCh() <-chan struct{} {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -122,7 +130,7 @@ func (s *Server) consulNotice(events []*clientv3.Event, rev int64) {
 	if !touched {
 		return
 	}
-	c.rev.Store(rev)
+	c.listed(rev)
 	c.mu.Lock()
 	close(c.changed)
 	c.changed = make(chan struct{})
@@ -384,36 +392,22 @@ func (s *Server) consulKVPut(w http.ResponseWriter, r *http.Request, q *consulQu
 // key's ModifyIndex; acquire and release act for session. false: a
 // compare, the lock or its delay refused the write.
 func (s *Server) consulKVWrite(ctx context.Context, ns, key string, value []byte, flags uint64, cas, session int64, acquire, release bool) (bool, error) {
-	dataKey, metaKey, holdKey := s.store.KVPrefix()+ns+"/"+key, s.consulMetaKey(ns, key), s.consulHoldKey(ns, key)
+	metaKey, holdKey := s.consulMetaKey(ns, key), s.consulHoldKey(ns, key)
 	me := store.FormatSessionID(session)
 	for range 8 {
-		resp, err := s.cli.Txn(ctx).Then(clientv3.OpGet(dataKey, clientv3.WithKeysOnly()), clientv3.OpGet(metaKey), clientv3.OpGet(holdKey)).Commit()
+		states, err := s.consulKeyStates(ctx, ns, []string{key})
 		if err != nil {
 			return false, err
 		}
-		var meta consulKVMeta
-		var dataRev, metaRev, holdRev int64
-		holder := ""
-		if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
-			dataRev = kvs[0].ModRevision
-		}
-		if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
-			_ = json.Unmarshal(kvs[0].Value, &meta)
-			metaRev = kvs[0].ModRevision
-		}
-		if kvs := resp.Responses[2].GetResponseRange().Kvs; len(kvs) > 0 {
-			holder, holdRev = string(kvs[0].Value), kvs[0].ModRevision
-		}
-		var modify int64 // 0: absent
-		if dataRev > 0 {
-			modify = max(dataRev, metaRev, holdRev)
-		}
+		st := states[key]
+		meta, dataRev, holder := st.meta, st.dataRev, st.holder
+		modify := st.modifyIndex()
 		if cas >= 0 && cas != modify {
 			return false, nil
 		}
 		cmps := []clientv3.Cmp{
-			clientv3.Compare(clientv3.ModRevision(metaKey), "=", metaRev),
-			clientv3.Compare(clientv3.ModRevision(holdKey), "=", holdRev),
+			clientv3.Compare(clientv3.ModRevision(metaKey), "=", st.metaRev),
+			clientv3.Compare(clientv3.ModRevision(holdKey), "=", st.holdRev),
 		}
 		var more []clientv3.Op
 		switch {
@@ -555,9 +549,13 @@ func (s *Server) consulRelease(ctx context.Context, holdKey string, rev int64) e
 		return nil
 	}
 	metaKey := s.consulMetaKey(ns, key)
-	cur, err := s.cli.Txn(ctx).Then(clientv3.OpGet(metaKey), clientv3.OpGet(holdKey)).Commit()
+	cur, err := s.cli.Txn(ctx).Then(clientv3.OpGet(metaKey), clientv3.OpGet(holdKey),
+		clientv3.OpGet(s.store.KVPrefix()+ns+"/"+key, clientv3.WithCountOnly())).Commit()
 	if err != nil {
 		return err
+	}
+	if cur.Responses[2].GetResponseRange().Count == 0 {
+		return nil // the key was deleted (with its hold): nothing to release
 	}
 	var meta consulKVMeta
 	var metaRev int64
@@ -816,6 +814,7 @@ type consulTxnError struct {
 type consulKeyState struct {
 	dataRev, metaRev, holdRev int64
 	meta                      consulKVMeta
+	holder                    string // the holding session's id, "" when free
 }
 
 func (st consulKeyState) modifyIndex() int64 {
@@ -829,7 +828,7 @@ func (s *Server) consulKeyStates(ctx context.Context, ns string, keys []string) 
 	var reads []clientv3.Op
 	for _, k := range keys {
 		reads = append(reads, clientv3.OpGet(s.store.KVPrefix()+ns+"/"+k, clientv3.WithKeysOnly()),
-			clientv3.OpGet(s.consulMetaKey(ns, k)), clientv3.OpGet(s.consulHoldKey(ns, k), clientv3.WithKeysOnly()))
+			clientv3.OpGet(s.consulMetaKey(ns, k)), clientv3.OpGet(s.consulHoldKey(ns, k)))
 	}
 	resp, err := s.cli.Txn(ctx).Then(reads...).Commit()
 	if err != nil {
@@ -846,7 +845,7 @@ func (s *Server) consulKeyStates(ctx context.Context, ns string, keys []string) 
 			_ = json.Unmarshal(kvs[0].Value, &st.meta)
 		}
 		if kvs := resp.Responses[3*i+2].GetResponseRange().Kvs; len(kvs) > 0 {
-			st.holdRev = kvs[0].ModRevision
+			st.holdRev, st.holder = kvs[0].ModRevision, string(kvs[0].Value)
 		}
 		out[k] = st
 	}

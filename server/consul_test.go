@@ -406,6 +406,9 @@ func TestConsulAPISessionEndReleasesLocks(t *testing.T) {
 	if err != nil || info == nil || info.TTL != "15s" || info.Behavior != "release" {
 		t.Fatalf("Info = %+v, %v", info, err)
 	}
+	if e, _, err := c.Session().Renew(s1, nil); err != nil || e == nil || e.ID != s1 {
+		t.Fatalf("Renew = %+v, %v", e, err)
+	}
 	woke := make(chan *consul.KVPair, 1)
 	go func() {
 		p, _, _ := c.KV().Get("jobs/a", &consul.QueryOptions{WaitIndex: meta.LastIndex, WaitTime: time.Minute})
@@ -440,6 +443,9 @@ func TestConsulAPISessionEndReleasesLocks(t *testing.T) {
 	})
 	if ok, _, err := c.KV().Acquire(&consul.KVPair{Key: "jobs/c", Session: s2}, nil); err == nil || ok {
 		t.Fatalf("Acquire with an ended session = %v, %v; want an error", ok, err)
+	}
+	if e, _, err := c.Session().Renew(s2, nil); err != nil || e != nil {
+		t.Fatalf("Renew of an ended session = %+v, %v; want nil (404)", e, err)
 	}
 }
 
@@ -476,5 +482,37 @@ func TestConsulAPITxn(t *testing.T) {
 	}
 	if p, _, _ := kv.Get("cfg/c", nil); p != nil {
 		t.Fatalf("cfg/c still there: %+v", p)
+	}
+}
+
+// With --tls-cert the Consul API is served over TLS with the API's
+// certificate (consul/api with CONSUL_HTTP_SSL / a CA file connects), and
+// cleartext is refused; beyond loopback it needs TLS and ACLs.
+func TestConsulAPIOverTLS(t *testing.T) {
+	dir := t.TempDir()
+	ca := testutil.NewCA(t, "consul-ca")
+	cfg := servertest.Config(t, "")
+	cfg.TLSCertFile, cfg.TLSKeyFile = ca.Issue(t, dir, "server", testutil.CertSpec{Names: []string{"127.0.0.1"}})
+	cfg.Consul.Addr = "127.0.0.1:0"
+	srv := servertest.Start(t, cfg)
+	cc := consul.DefaultConfig()
+	cc.Address = srv.ConsulAddr()
+	cc.Scheme = "https"
+	cc.TLSConfig.CAFile = ca.WriteCert(t, dir+"/ca.pem")
+	c, err := consul.NewClient(cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Agent().Self(); err != nil {
+		t.Fatalf("over TLS: %v", err)
+	}
+	if _, err := consulClient(t, srv, "").Agent().Self(); err == nil {
+		t.Fatal("cleartext request to a TLS Consul listener answered")
+	}
+
+	open := servertest.Config(t, "")
+	open.Consul.Addr = "0.0.0.0:0"
+	if err := open.Validate(); err == nil || !strings.Contains(err.Error(), "--consul-addr") {
+		t.Fatalf("Validate with --consul-addr 0.0.0.0 in the clear = %v, want refused naming the flag", err)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
@@ -24,6 +25,7 @@ import (
 	"beacon.dev/beacon/registry"
 	"beacon.dev/beacon/server/audit"
 	"beacon.dev/beacon/server/internal/acl"
+	"beacon.dev/beacon/server/internal/dns"
 	"beacon.dev/beacon/server/internal/health"
 	"beacon.dev/beacon/server/internal/kv"
 	"beacon.dev/beacon/server/internal/lock"
@@ -39,7 +41,9 @@ type Server struct {
 	conns   *connLimiter
 	httpSrv *http.Server
 	metrics *metrics
+	dns     *dns.Server // nil without --dns-addr
 
+	tlsConfig      *tls.Config  // the API's, also the Consul API's; nil without --tls-cert
 	consulLn       net.Listener // nil without --consul-addr
 	consulSrv      *http.Server
 	consulBlocking atomic.Int32 // Consul blocking queries waiting
@@ -131,7 +135,8 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 			s.conns.Close()
 			return nil, err
 		}
-		s.ln = tls.NewListener(s.conns, cf.config())
+		s.tlsConfig = cf.config()
+		s.ln = tls.NewListener(s.conns, s.tlsConfig)
 	}
 	// Serve from the first moment, before etcd is up: /readyz says 503
 	// and API calls get unavailable instead of hanging on an open port.
@@ -161,6 +166,9 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 			s.closeAudit()
 		}
 	}()
+	if err := s.startDNS(); err != nil { // DNS interface (dns.go)
+		return nil, err
+	}
 
 	endpoints := cfg.EtcdEndpoints
 	var etcdTLS *tls.Config
@@ -228,7 +236,12 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	s.kvReplica = kv.NewReplica(s.store.KVPrefix(), s.store.KVRolloutPrefix(), 0)
 	s.kvApplied = kv.NewApplied(cli, s.store.KVAppliedPrefix())
 	s.kvRollouts = kv.NewRollouts(s.kv, s.store.KVRolloutPrefix())
-	hooks.KVListed = s.kvReplica.Listed
+	hooks.KVListed = func(kvs []*mvccpb.KeyValue, rev int64) {
+		s.kvReplica.Listed(kvs, rev)
+		if s.consulKV != nil {
+			s.consulKV.listed(rev)
+		}
+	}
 	delay := cfg.LockDelay
 	switch {
 	case delay == 0:
@@ -310,6 +323,9 @@ func (s *Server) warnInsecure() {
 	}
 	if cfg.Insecure && !cfg.ACL && !loopback(cfg.Addr) {
 		s.log.Warn("serving the API without ACLs beyond this machine (--insecure): anyone who reaches it can change the registry", "addr", cfg.Addr)
+	}
+	if c := cfg.Consul.Addr; c != "" && cfg.Insecure && !loopback(c) && (cfg.TLSCertFile == "" || !cfg.ACL) {
+		s.log.Warn("serving the Consul-compatible API beyond this machine in the clear or without --acl (--insecure)", "consul_addr", c)
 	}
 	if !cfg.Embedded() {
 		for _, ep := range cfg.EtcdEndpoints {
