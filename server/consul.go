@@ -1,15 +1,18 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strconv"
 	"time"
 
@@ -128,7 +131,7 @@ func (s *Server) ConsulAddr() string {
 func (s *Server) consulRoutes() http.Handler {
 	mux := http.NewServeMux()
 	h := func(pattern string, f func(http.ResponseWriter, *http.Request, *consulQuery)) {
-		mux.Handle(pattern, s.consulToken(s.guardAPI(s.consulHandler(f))))
+		mux.Handle(pattern, s.consulToken(s.guardAPI(s.consulReadBody(s.consulHandler(f)))))
 	}
 	h("GET /v1/agent/self", s.consulAgentSelf)
 	h("GET /v1/status/leader", s.consulStatusLeader)
@@ -178,6 +181,43 @@ func (s *Server) consulToken(next http.Handler) http.Handler {
 	})
 }
 
+// consulReadBody reads a PUT's body here, within --read-body-timeout and
+// at most the larger of --max-request-bytes and --max-kv-value-bytes, so
+// that a body trickled byte by byte cannot hold a connection (guardAPI
+// does this for the API's POSTs); handlers apply their own bound.
+func (s *Server) consulReadBody(next http.Handler) http.Handler {
+	lim := s.cfg.Limits
+	max := int64(max(lim.MaxRequestBytes, lim.MaxKVValueBytes))
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPut || r.Body == nil || r.Body == http.NoBody {
+			next.ServeHTTP(w, r)
+			return
+		}
+		if r.ContentLength > max {
+			consulError(w, s.limitError("max-request-bytes", "request body of %d bytes, larger than %d", r.ContentLength, max))
+			return
+		}
+		rc := http.NewResponseController(w)
+		_ = rc.SetReadDeadline(time.Now().Add(lim.ReadBodyTimeout))
+		body, err := io.ReadAll(io.LimitReader(r.Body, max+1))
+		_ = rc.SetReadDeadline(time.Time{})
+		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			s.metrics.limitHits.WithLabelValues("read-body-timeout").Inc()
+			http.Error(w, fmt.Sprintf("request body not received within --read-body-timeout %s", lim.ReadBodyTimeout), http.StatusRequestTimeout)
+			return
+		case err != nil:
+			http.Error(w, "reading the request body: "+err.Error(), http.StatusBadRequest)
+			return
+		case int64(len(body)) > max:
+			consulError(w, s.limitError("max-request-bytes", "request body larger than %d bytes", max))
+			return
+		}
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		next.ServeHTTP(w, r)
+	})
+}
+
 // consulQuery holds what a request's query parameters ask, checked.
 type consulQuery struct {
 	ns         string
@@ -221,6 +261,11 @@ func (s *Server) consulParams(r *http.Request) (*consulQuery, error) {
 	q.ns = ns
 	if dc := v.Get("dc"); dc != "" && dc != s.cfg.Consul.Datacenter {
 		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("dc: this server answers for datacenter %q only, not %q (--consul-datacenter)", s.cfg.Consul.Datacenter, dc))
+	}
+	for _, p := range []string{"node-meta", "near", "hash"} {
+		if v.Has(p) {
+			return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("%s: not served (beacon has no nodes to sort by or filter on, and no hash-based blocking); leave %s unset", p, p))
+		}
 	}
 	for _, p := range []string{"partition", "peer", "sampling"} {
 		if x := v.Get(p); x != "" && x != "default" {
@@ -315,7 +360,10 @@ func (s *Server) consulBlock(w http.ResponseWriter, r *http.Request, q *consulQu
 		return false
 	}
 	if r.Context().Err() != nil {
-		return false // the client left, or the server is closing
+		// The client left, or the server is closing: a client still there
+		// gets a 503 rather than an empty answer it cannot decode.
+		http.Error(w, "server: closing", http.StatusServiceUnavailable)
+		return false
 	}
 	return true
 }

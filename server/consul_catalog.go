@@ -584,6 +584,7 @@ func (d *consulCheckDef) check(n, total int) (registry.Check, error) {
 		}
 		c.Name = consulCheckName(d.CheckID)
 	}
+	c.Status = registry.HealthCritical // Consul starts every check critical
 	if d.Status != "" {
 		h, err := registry.ParseHealth(d.Status)
 		if err != nil {
@@ -684,8 +685,10 @@ func (s *Server) consulMaintenance(w http.ResponseWriter, r *http.Request, q *co
 		if enable {
 			status = beaconv1.Status_STATUS_OUT_OF_SERVICE
 		}
-		_, err = consulCall(s, r.Context(), beaconv1connect.RegistryServiceSetStatusProcedure,
+		var resp *beaconv1.SetStatusResponse
+		resp, err = consulCall(s, r.Context(), beaconv1connect.RegistryServiceSetStatusProcedure,
 			&beaconv1.SetStatusRequest{Namespace: in.Namespace, Service: in.Service, Id: in.ID, Status: status}, api{s}.SetStatus)
+		s.consulSettle(r.Context(), resp.GetRevision())
 	}
 	if err != nil {
 		consulError(w, err)
@@ -744,29 +747,34 @@ func (s *Server) consulCheckSet(w http.ResponseWriter, r *http.Request, q *consu
 }
 
 func (s *Server) consulFindCheck(ctx context.Context, ns, checkID string) (*registry.Instance, string, error) {
+	// Consul's default ids name their instance: look at it first.
 	if rest, ok := strings.CutPrefix(checkID, "service:"); ok {
-		if in, err := s.consulFindInstance(ctx, ns, rest); err == nil {
-			return in, "service", nil
-		}
+		ids := []string{rest}
 		if i := strings.LastIndexByte(rest, ':'); i > 0 {
-			if _, err := strconv.Atoi(rest[i+1:]); err == nil {
-				in, err := s.consulFindInstance(ctx, ns, rest[:i])
-				if err != nil {
-					return nil, "", err
+			ids = append(ids, rest[:i])
+		}
+		for _, id := range ids {
+			if in, err := s.consulFindInstance(ctx, ns, id); err == nil {
+				for _, c := range in.Checks {
+					if consulCheckID(in, c.Name) == checkID {
+						return in, c.Name, nil
+					}
 				}
-				return in, "service-" + rest[i+1:], nil
 			}
 		}
 	}
-	name := consulCheckName(checkID)
+	// Any other id: the checks of every instance the caller may read.
 	var found []*registry.Instance
+	var name string
 	for _, snap := range s.view.Services(ns) {
 		if !consulMayRead(ctx, ns, snap.Service) {
 			continue
 		}
 		for _, in := range snap.Instances {
-			if slices.ContainsFunc(in.Checks, func(c registry.Check) bool { return c.Name == name }) {
-				found = append(found, in)
+			for _, c := range in.Checks {
+				if consulCheckID(in, c.Name) == checkID {
+					found, name = append(found, in), c.Name
+				}
 			}
 		}
 	}

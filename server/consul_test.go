@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"slices"
@@ -514,5 +515,95 @@ func TestConsulAPIOverTLS(t *testing.T) {
 	open.Consul.Addr = "0.0.0.0:0"
 	if err := open.Validate(); err == nil || !strings.Contains(err.Error(), "--consul-addr") {
 		t.Fatalf("Validate with --consul-addr 0.0.0.0 in the clear = %v, want refused naming the flag", err)
+	}
+}
+
+// What the review of the first cut found, each pinned down.
+func TestConsulAPIEdgeCases(t *testing.T) {
+	srv, c := startConsul(t)
+	ctx := context.Background()
+
+	// An explicit CheckID of Consul's default form is found by its id.
+	if err := c.Agent().ServiceRegister(&consul.AgentServiceRegistration{ID: "web1", Name: "web", Address: "127.0.0.1", Port: 80,
+		Check: &consul.AgentServiceCheck{CheckID: "service:web1", TTL: "30s"}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Agent().PassTTL("service:web1", ""); err != nil {
+		t.Fatalf("PassTTL on an explicit service:ID CheckID: %v", err)
+	}
+	testutil.Eventually(t, 30*time.Second, "web1 passing", func() bool {
+		e, _, err := c.Health().Service("web", "", true, nil)
+		return err == nil && len(e) == 1 && e[0].Checks[1].CheckID == "service:web1"
+	})
+	// An HTTP check starts critical, as Consul's do.
+	if err := c.Agent().ServiceRegister(&consul.AgentServiceRegistration{ID: "api1", Name: "api", Address: "127.0.0.1", Port: 1,
+		Check: &consul.AgentServiceCheck{HTTP: "http://127.0.0.1:1/health", Interval: "1h"}}); err != nil {
+		t.Fatal(err)
+	}
+	if e, _, err := c.Health().Service("api", "", false, nil); err != nil || len(e) != 1 || e[0].Checks.AggregatedStatus() != consul.HealthCritical {
+		t.Fatalf("a new HTTP check = %+v, %v; want critical", e, err)
+	}
+
+	// DeleteCAS compares in the delete's own transaction.
+	kv := c.KV()
+	kv.Put(&consul.KVPair{Key: "d/x", Value: []byte("1")}, nil)
+	p, _, _ := kv.Get("d/x", nil)
+	kv.Put(&consul.KVPair{Key: "d/x", Value: []byte("2")}, nil)
+	if ok, _, err := kv.DeleteCAS(&consul.KVPair{Key: "d/x", ModifyIndex: p.ModifyIndex}, nil); err != nil || ok {
+		t.Fatalf("DeleteCAS on a stale index = %v, %v; want false", ok, err)
+	}
+	p, _, _ = kv.Get("d/x", nil)
+	if ok, _, err := kv.DeleteCAS(p, nil); err != nil || !ok {
+		t.Fatalf("DeleteCAS on the current index = %v, %v; want true", ok, err)
+	}
+
+	// A key deleted and made again through beacon's own API carries
+	// nothing of its Consul past: no holder, no flags.
+	sid, _, err := c.Session().Create(&consul.SessionEntry{TTL: "15s"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Session().Destroy(sid, nil)
+	if ok, _, err := kv.Acquire(&consul.KVPair{Key: "d/lock", Session: sid, Flags: 9}, nil); err != nil || !ok {
+		t.Fatalf("Acquire = %v, %v", ok, err)
+	}
+	native := kvClient(srv)
+	if _, err := native.Delete(ctx, connect.NewRequest(&beaconv1.KVDeleteRequest{Key: "d/lock"})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := native.Put(ctx, connect.NewRequest(&beaconv1.KVPutRequest{Key: "d/lock", Value: []byte("new")})); err != nil {
+		t.Fatal(err)
+	}
+	if p, _, err := kv.Get("d/lock", nil); err != nil || p == nil || p.Session != "" || p.Flags != 0 || p.LockIndex != 0 {
+		t.Fatalf("recreated key = %+v, %v; want no session, flags or lock index", p, err)
+	}
+	sid2, _, _ := c.Session().Create(&consul.SessionEntry{TTL: "15s"}, nil)
+	defer c.Session().Destroy(sid2, nil)
+	if ok, _, err := kv.Acquire(&consul.KVPair{Key: "d/lock", Session: sid2}, nil); err != nil || !ok {
+		t.Fatalf("Acquire of the recreated key = %v, %v; want true", ok, err)
+	}
+
+	// A transaction naming more keys than one etcd transaction holds is
+	// refused by name; a get of a missing key fails the transaction.
+	var big consul.KVTxnOps
+	for i := range 26 {
+		big = append(big, &consul.KVTxnOp{Verb: consul.KVSet, Key: fmt.Sprintf("t/k%02d", i), Value: []byte("v")})
+	}
+	if _, _, _, err := kv.Txn(big, nil); err == nil || !strings.Contains(err.Error(), "at most 25") {
+		t.Fatalf("26-key Txn: %v, want refused naming the limit", err)
+	}
+	if ok, _, _, err := kv.Txn(big[:25], nil); err != nil || !ok {
+		t.Fatalf("25-key Txn = %v, %v", ok, err)
+	}
+	ok, resp, _, err := kv.Txn(consul.KVTxnOps{{Verb: consul.KVSet, Key: "t/new", Value: []byte("v")}, {Verb: consul.KVGet, Key: "t/absent"}}, nil)
+	if err != nil || ok || len(resp.Errors) != 1 || resp.Errors[0].OpIndex != 1 {
+		t.Fatalf("Txn with a get of a missing key = %v, %+v, %v", ok, resp, err)
+	}
+	if p, _, _ := kv.Get("t/new", nil); p != nil {
+		t.Fatal("a failed transaction wrote t/new")
+	}
+	// Parameters beacon cannot honour are refused, not ignored.
+	if _, _, err := c.Health().Service("web", "", false, &consul.QueryOptions{NodeMeta: map[string]string{"rack": "a"}}); err == nil || !strings.Contains(err.Error(), "node-meta") {
+		t.Fatalf("node-meta: %v, want refused naming it", err)
 	}
 }

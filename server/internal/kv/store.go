@@ -167,17 +167,19 @@ func (s *Store) Commit(ctx context.Context, ns string, ops []Op, accessor string
 
 // CommitWith is Commit with more of the transaction: compares and
 // operations on records kept beside the values (the Consul API's flags
-// and lock holders). A failed extra compare makes the commit read again
-// like any conflict, and ends in ErrConflict if it keeps failing.
+// and lock holders). A failed extra compare ends the commit in ErrConflict
+// after one more linearizable try: the caller decided on what it read
+// and must read again.
 func (s *Store) CommitWith(ctx context.Context, ns string, ops []Op, accessor string, cmps []clientv3.Cmp, more []clientv3.Op) (Result, error) {
-	return s.commit(ctx, ns, ops, accessor, nil, &extra{cmps: cmps, ops: more})
+	return s.commit(ctx, ns, ops, accessor, nil, &extra{cmps: cmps, ops: more, failFast: true})
 }
 
 // extra is more of a commit's transaction: compares and operations on
 // records other than values (a rollout's).
 type extra struct {
-	cmps []clientv3.Cmp
-	ops  []clientv3.Op
+	cmps     []clientv3.Cmp
+	ops      []clientv3.Op
+	failFast bool // CommitWith: see there
 }
 
 func (s *Store) commit(ctx context.Context, ns string, ops []Op, accessor string, fence *Fence, x *extra) (Result, error) {
@@ -185,7 +187,14 @@ func (s *Store) commit(ctx context.Context, ns string, ops []Op, accessor string
 	// compare is refused, and a conflict retried, only on a read the
 	// cluster agrees on.
 	linearizable := false
-	for range maxAttempts {
+	attempts := maxAttempts
+	if x != nil && x.failFast {
+		// The caller decided on records of its own, which a re-read here
+		// does not refresh: a failed compare goes back to it at once
+		// (after one linearizable try, in case the first read lagged).
+		attempts = 2
+	}
+	for range attempts {
 		res, retry, err := s.tryCommit(ctx, ns, ops, accessor, fence, x, linearizable)
 		if !retry {
 			return res, err
