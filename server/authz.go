@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"crypto/subtle"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net/http"
@@ -96,13 +97,18 @@ func (s *Server) withRecheck(ctx context.Context, r *http.Request) context.Conte
 // have been made on another server a moment ago: the ACL records catch up
 // with etcd once before the token is refused.
 func (s *Server) authenticate(r *http.Request) (acl.Identity, error) {
+	return s.identify(secretOf(r.Header), r.TLS)
+}
+
+// identify resolves a secret, or without one a verified client
+// certificate (cs, nil without TLS), into an identity.
+func (s *Server) identify(secret string, cs *tls.ConnectionState) (acl.Identity, error) {
 	if s.acl == nil {
 		return everyone, nil
 	}
-	secret := secretOf(r.Header)
-	if secret == "" && r.TLS != nil && len(r.TLS.VerifiedChains) > 0 {
+	if secret == "" && cs != nil && len(cs.VerifiedChains) > 0 {
 		// mTLS without a token: the certificate's common name names a role.
-		if id, ok := s.acl.IdentifyRole(r.TLS.VerifiedChains[0][0].Subject.CommonName); ok {
+		if id, ok := s.acl.IdentifyRole(cs.VerifiedChains[0][0].Subject.CommonName); ok {
 			return id, nil
 		}
 	}

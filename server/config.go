@@ -190,6 +190,8 @@ type Config struct {
 	DNS DNSConfig
 	// Consul configures the Consul-compatible HTTP API (consul.go).
 	Consul ConsulConfig
+	// XDS configures the xDS control plane (xds.go).
+	XDS XDSConfig
 	// Logger receives the server's logs; nil discards them.
 	Logger *slog.Logger
 }
@@ -206,6 +208,7 @@ func NewConfig() *Config {
 		Limits:          DefaultLimits,
 		Consul: ConsulConfig{Datacenter: DefaultConsulDatacenter, MaxWait: DefaultConsulMaxWait,
 			MaxBlocking: DefaultConsulMaxBlocking},
+		XDS: XDSConfig{MaxStreams: DefaultXDSMaxStreams},
 
 		EtcdQuotaBackendBytes:   DefaultEtcdQuotaBackendBytes,
 		EtcdCompactionRetention: DefaultEtcdCompactionRetention,
@@ -250,6 +253,9 @@ func (c *Config) peerScheme() string {
 // Validate checks the configuration and names the first bad field.
 func (c *Config) Validate() error {
 	if err := c.Consul.validate(); err != nil {
+		return err
+	}
+	if err := c.validateXDS(); err != nil {
 		return err
 	}
 	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
@@ -469,6 +475,7 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	c.Limits.bindFlags(fs)
 	c.DNS.bindFlags(fs)
 	c.Consul.bindFlags(fs)
+	c.XDS.bindFlags(fs)
 	fs.Float64Var(&c.ProtectionThreshold, "protection-threshold", c.ProtectionThreshold, "default protection threshold in [0, 1]: below this share of routable instances, discovery returns unhealthy ones too (0: off)")
 }
 

@@ -20,6 +20,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"golang.org/x/sync/singleflight"
+	"google.golang.org/grpc"
 
 	"beacon.dev/beacon/internal/store"
 	"beacon.dev/beacon/registry"
@@ -31,6 +32,7 @@ import (
 	"beacon.dev/beacon/server/internal/lock"
 	"beacon.dev/beacon/server/internal/members"
 	"beacon.dev/beacon/server/internal/view"
+	"beacon.dev/beacon/server/internal/xds"
 )
 
 // Server is a running beacon server.
@@ -48,6 +50,9 @@ type Server struct {
 	consulSrv      *http.Server
 	consulBlocking atomic.Int32 // Consul blocking queries waiting
 	consulKV       *consulKVState
+	xdsLn          net.Listener // nil without --xds-addr
+	xdsSrv         *grpc.Server
+	xds            *xds.Server
 
 	etcd          *embed.Etcd // nil with external etcd
 	unlockDataDir func()      // releases the data directory's lock
@@ -147,6 +152,15 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		s.closeAudit()
 		return nil, err
 	}
+	if err := s.startXDS(); err != nil {
+		s.runCancel()
+		s.conns.Close()
+		if s.consulSrv != nil {
+			s.consulSrv.Close()
+		}
+		s.closeAudit()
+		return nil, err
+	}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -162,6 +176,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 			if s.consulSrv != nil {
 				s.consulSrv.Close()
 			}
+			s.stopXDS()
 			s.wg.Wait()
 			s.closeAudit()
 		}
@@ -228,6 +243,12 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		Instance: func(k registry.InstanceKey) *registry.Instance { return s.view.Instance(k) },
 	})
 	hooks.Published = s.checker.Offer
+	if s.xds != nil {
+		hooks.Published = func(snaps []*registry.Snapshot) {
+			s.checker.Offer(snaps)
+			s.xds.Offer(snaps)
+		}
+	}
 	history := cfg.KVHistory
 	if history == 0 {
 		history = kv.DefaultHistory
@@ -303,6 +324,13 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	}()
 	s.wg.Add(1)
 	go s.watchSpace(s.runCtx) // etcd quota, compaction, alarms (space.go)
+	if s.xds != nil {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.runXDS(s.runCtx)
+		}()
+	}
 	if s.consulKV != nil {
 		s.wg.Add(1)
 		go func() {
@@ -449,6 +477,7 @@ func (s *Server) Close() error {
 				s.consulSrv.Close()
 			}
 		}
+		s.stopXDS() // its streams ended with runCtx
 		s.wg.Wait()
 		s.closeAudit()
 		s.members.Close() // the others take over our checks at once

@@ -1,0 +1,157 @@
+// Package xds serves the registry to proxyless gRPC clients (and any
+// other xDS v3 client) over ADS: for each service a Listener (an
+// api_listener whose HttpConnectionManager takes its routes over RDS), a
+// RouteConfiguration sending everything to one Cluster, the Cluster (EDS
+// over ADS, round robin over weighted localities, outlier detection) and
+// its ClusterLoadAssignment, built from the server's view. docs/xds.md
+// says what a client sees; server/xds.go serves it.
+//
+// Every resource of a service has the same name: the service's, with
+// ".NAMESPACE" after it outside the default namespace (service names hold
+// no dot), so that `xds:///orders` and `xds:///orders.prod` name them.
+//
+// Weights: grpc-go's round robin ignores endpoint weights, but its
+// weighted-round-robin over localities (xds_wrr_locality, what a
+// ROUND_ROBIN cluster gets) honours locality weights. So each endpoint is
+// its own locality — zone = the instance's zone, sub-zone = its id — with
+// the instance's weight: the zones stay localities, and beacon's weights
+// steer the traffic.
+package xds
+
+import (
+	"strings"
+	"time"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"beacon.dev/beacon/registry"
+)
+
+// Name is the resource name of a service.
+func Name(sk registry.ServiceKey) string {
+	if sk.Namespace == "" || sk.Namespace == registry.DefaultNamespace {
+		return sk.Service
+	}
+	return sk.Service + "." + sk.Namespace
+}
+
+// ParseName is Name's inverse; ok is false for a name no service has.
+func ParseName(name string) (registry.ServiceKey, bool) {
+	svc, ns, dotted := strings.Cut(name, ".")
+	if !dotted {
+		ns = registry.DefaultNamespace
+	}
+	if registry.ValidateName("service", svc) != nil || registry.ValidateNamespace(ns) != nil {
+		return registry.ServiceKey{}, false
+	}
+	return registry.ServiceKey{Namespace: ns, Service: svc}, true
+}
+
+func ads() *corev3.ConfigSource {
+	return &corev3.ConfigSource{
+		ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}},
+		ResourceApiVersion:    corev3.ApiVersion_V3,
+	}
+}
+
+// Listener is the api_listener a gRPC client resolving xds:///NAME asks
+// for.
+func Listener(name string) *listenerv3.Listener {
+	router, _ := anypb.New(&routerv3.Router{})
+	hcm := &hcmv3.HttpConnectionManager{
+		RouteSpecifier: &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{ConfigSource: ads(), RouteConfigName: name}},
+		HttpFilters: []*hcmv3.HttpFilter{{
+			Name:       "envoy.filters.http.router",
+			ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: router},
+		}},
+	}
+	api, _ := anypb.New(hcm)
+	return &listenerv3.Listener{Name: name, ApiListener: &listenerv3.ApiListener{ApiListener: api}}
+}
+
+// Route sends every call to the service's cluster.
+func Route(name string) *routev3.RouteConfiguration {
+	return &routev3.RouteConfiguration{
+		Name: name,
+		VirtualHosts: []*routev3.VirtualHost{{
+			Name:    name,
+			Domains: []string{"*"},
+			Routes: []*routev3.Route{{
+				Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: ""}},
+				Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: name}}},
+			}},
+		}},
+	}
+}
+
+// Cluster takes its endpoints over EDS, round robin over the weighted
+// localities, with outlier detection as the SDK's defaults have it
+// (docs/sdk.md): 5 consecutive failures eject for 30 s, at most half of
+// the endpoints at once.
+func Cluster(name string) *clusterv3.Cluster {
+	return &clusterv3.Cluster{
+		Name:                 name,
+		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS},
+		EdsClusterConfig:     &clusterv3.Cluster_EdsClusterConfig{EdsConfig: ads(), ServiceName: name},
+		LbPolicy:             clusterv3.Cluster_ROUND_ROBIN,
+		OutlierDetection: &clusterv3.OutlierDetection{
+			Consecutive_5Xx:    wrapperspb.UInt32(5),
+			Interval:           durationpb.New(10 * time.Second),
+			BaseEjectionTime:   durationpb.New(30 * time.Second),
+			MaxEjectionPercent: wrapperspb.UInt32(50),
+		},
+	}
+}
+
+// Endpoints is the service's ClusterLoadAssignment: the instances callers
+// should use (Snapshot.Available: the routable ones, or under the
+// protection threshold every one declared UP) as HEALTHY, and the
+// DRAINING ones as DRAINING, so that clients finish their calls on them
+// and send no new ones. Each endpoint is a locality of its own (see the
+// package comment), ordered by instance id.
+func Endpoints(name string, snap *registry.Snapshot) *endpointv3.ClusterLoadAssignment {
+	cla := &endpointv3.ClusterLoadAssignment{ClusterName: name}
+	if snap == nil {
+		return cla
+	}
+	available, _ := snap.Available()
+	use := make(map[*registry.Instance]bool, len(available))
+	for _, in := range available {
+		use[in] = true
+	}
+	for _, in := range snap.Instances {
+		status := corev3.HealthStatus_HEALTHY
+		switch {
+		case use[in]:
+		case in.Status == registry.StatusDraining:
+			status = corev3.HealthStatus_DRAINING
+		default:
+			continue
+		}
+		weight := uint32(max(in.Weight, 1))
+		cla.Endpoints = append(cla.Endpoints, &endpointv3.LocalityLbEndpoints{
+			Locality:            &corev3.Locality{Zone: in.Zone, SubZone: in.ID},
+			LoadBalancingWeight: wrapperspb.UInt32(weight),
+			LbEndpoints: []*endpointv3.LbEndpoint{{
+				HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
+					Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
+						Address:       in.Address,
+						PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: uint32(in.Port)},
+					}}},
+				}},
+				HealthStatus:        status,
+				LoadBalancingWeight: wrapperspb.UInt32(weight),
+			}},
+		})
+	}
+	return cla
+}

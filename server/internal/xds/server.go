@@ -1,0 +1,193 @@
+package xds
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	resourcev3 "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"beacon.dev/beacon/registry"
+)
+
+// Config configures a Server.
+type Config struct {
+	Log *slog.Logger
+	// Authorize resolves the caller of a stream (from its context: token
+	// metadata or TLS peer) into what it may read. nil: every caller reads
+	// everything.
+	Authorize func(ctx context.Context) (mayRead func(registry.ServiceKey) bool, err error)
+	// NACK is told of every resource a client refused (a NACK), with the
+	// client's node id, the resource type and the client's error.
+	NACK func(node, typeURL, detail string)
+}
+
+// Server keeps one cache per resource type, all services in each, and
+// answers each client with the resources it names (go-control-plane's
+// LinearCache under a MuxCache: unlike its snapshot cache, it answers a
+// name as soon as it is asked, whatever else exists).
+type Server struct {
+	cfg    Config
+	caches map[string]*cachev3.LinearCache
+	xds    serverv3.Server
+
+	mu    sync.Mutex
+	dirty map[registry.ServiceKey]*registry.Snapshot
+	known map[string]bool // services whose listener, route and cluster are set
+	wake  chan struct{}
+
+	streams sync.Map // stream id -> func(registry.ServiceKey) bool (nil func: all)
+}
+
+var typeURLs = []string{resourcev3.ListenerType, resourcev3.RouteType, resourcev3.ClusterType, resourcev3.EndpointType}
+
+// New returns a Server whose streams end with ctx.
+func New(ctx context.Context, cfg Config) *Server {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{cfg: cfg, caches: map[string]*cachev3.LinearCache{}, dirty: map[registry.ServiceKey]*registry.Snapshot{},
+		known: map[string]bool{}, wake: make(chan struct{}, 1)}
+	mux := &cachev3.MuxCache{
+		Classify:      func(r *cachev3.Request) string { return r.GetTypeUrl() },
+		ClassifyDelta: func(r *cachev3.DeltaRequest) string { return r.GetTypeUrl() },
+		Caches:        map[string]cachev3.Cache{},
+	}
+	for _, t := range typeURLs {
+		c := cachev3.NewLinearCache(t, cachev3.WithLogger(quietLogger{cfg.Log}))
+		s.caches[t] = c
+		mux.Caches[t] = c
+	}
+	s.xds = serverv3.NewServer(ctx, mux, serverv3.CallbackFuncs{
+		StreamOpenFunc:    s.open,
+		StreamClosedFunc:  func(id int64, _ *corev3.Node) { s.streams.Delete(id) },
+		StreamRequestFunc: s.request,
+		DeltaStreamOpenFunc: func(context.Context, int64, string) error {
+			return status.Error(codes.Unimplemented, "xds: incremental (delta) xDS is not served; use state-of-the-world ADS")
+		},
+		DeltaStreamClosedFunc: func(int64, *corev3.Node) {},
+	})
+	return s
+}
+
+// Register serves ADS on g.
+func (s *Server) Register(g *grpc.Server) {
+	discoveryv3.RegisterAggregatedDiscoveryServiceServer(g, s.xds)
+}
+
+func (s *Server) open(ctx context.Context, id int64, typeURL string) error {
+	if typeURL != resourcev3.AnyType {
+		return status.Error(codes.Unimplemented, "xds: only ADS (the aggregated discovery service) is served")
+	}
+	var mayRead func(registry.ServiceKey) bool
+	if s.cfg.Authorize != nil {
+		var err error
+		if mayRead, err = s.cfg.Authorize(ctx); err != nil {
+			return err
+		}
+	}
+	s.streams.Store(id, mayRead)
+	return nil
+}
+
+// request checks what a client asks for against what it may read, and
+// reports a NACK.
+func (s *Server) request(id int64, req *discoveryv3.DiscoveryRequest) error {
+	if d := req.GetErrorDetail(); d != nil {
+		s.cfg.Log.Warn("xds: a client refused (NACKed) a response", "node", req.GetNode().GetId(), "type", req.GetTypeUrl(), "version", req.GetVersionInfo(), "error", d.GetMessage())
+		if s.cfg.NACK != nil {
+			s.cfg.NACK(req.GetNode().GetId(), req.GetTypeUrl(), d.GetMessage())
+		}
+	}
+	v, _ := s.streams.Load(id)
+	mayRead, _ := v.(func(registry.ServiceKey) bool)
+	if mayRead == nil {
+		return nil
+	}
+	if len(req.GetResourceNames()) == 0 {
+		return status.Errorf(codes.PermissionDenied, "xds: a request for every %s (a wildcard) is refused with ACLs on: name the services", req.GetTypeUrl())
+	}
+	for _, name := range req.GetResourceNames() {
+		if sk, ok := ParseName(name); ok && !mayRead(sk) {
+			return status.Errorf(codes.PermissionDenied, "xds: permission denied: needs service:read on %q", sk.Namespace+"/"+sk.Service)
+		}
+	}
+	return nil
+}
+
+// Offer hands the server new snapshots; Run applies them. It never blocks.
+func (s *Server) Offer(snaps []*registry.Snapshot) {
+	s.mu.Lock()
+	for _, snap := range snaps {
+		sk := registry.ServiceKey{Namespace: snap.Namespace, Service: snap.Service}
+		if old, ok := s.dirty[sk]; !ok || snap.Revision >= old.Revision {
+			s.dirty[sk] = snap
+		}
+	}
+	s.mu.Unlock()
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Run applies offered snapshots to the caches until ctx ends.
+func (s *Server) Run(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.wake:
+		}
+		s.mu.Lock()
+		dirty := s.dirty
+		s.dirty = map[registry.ServiceKey]*registry.Snapshot{}
+		s.mu.Unlock()
+		s.apply(dirty)
+	}
+}
+
+func (s *Server) apply(dirty map[registry.ServiceKey]*registry.Snapshot) {
+	fixed := map[string]map[string]types.Resource{resourcev3.ListenerType: {}, resourcev3.RouteType: {}, resourcev3.ClusterType: {}}
+	eds := map[string]types.Resource{}
+	for sk, snap := range dirty {
+		name := Name(sk)
+		eds[name] = Endpoints(name, snap)
+		if !s.known[name] {
+			s.known[name] = true
+			fixed[resourcev3.ListenerType][name] = Listener(name)
+			fixed[resourcev3.RouteType][name] = Route(name)
+			fixed[resourcev3.ClusterType][name] = Cluster(name)
+		}
+	}
+	// Listeners, routes and clusters first: a client that learns of a
+	// cluster finds its endpoints already there.
+	for t, res := range fixed {
+		if len(res) > 0 {
+			if err := s.caches[t].UpdateResources(res, nil); err != nil {
+				s.cfg.Log.Error("xds: updating resources", "type", t, "err", err)
+			}
+		}
+	}
+	if err := s.caches[resourcev3.EndpointType].UpdateResources(eds, nil); err != nil {
+		s.cfg.Log.Error("xds: updating endpoints", "err", err)
+	}
+}
+
+// quietLogger passes go-control-plane's logs on at debug level (warnings
+// and errors as such).
+type quietLogger struct{ l *slog.Logger }
+
+func (q quietLogger) Debugf(f string, a ...any) { q.l.Debug("xds: " + fmt.Sprintf(f, a...)) }
+func (q quietLogger) Infof(f string, a ...any)  { q.l.Debug("xds: " + fmt.Sprintf(f, a...)) }
+func (q quietLogger) Warnf(f string, a ...any)  { q.l.Warn("xds: " + fmt.Sprintf(f, a...)) }
+func (q quietLogger) Errorf(f string, a ...any) { q.l.Error("xds: " + fmt.Sprintf(f, a...)) }

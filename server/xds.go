@@ -1,0 +1,170 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spf13/pflag"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/internal/acl"
+	"beacon.dev/beacon/server/internal/xds"
+)
+
+// The xDS control plane (docs/xds.md): ADS v3 on a gRPC listener of its
+// own (--xds-addr), for proxyless gRPC clients in any language and other
+// xDS clients, fed from the view (server/internal/xds builds and caches
+// the resources).
+
+// XDSConfig configures the xDS control plane.
+type XDSConfig struct {
+	// Addr is its gRPC listener; empty: off.
+	Addr string
+	// MaxStreams bounds the ADS streams of one connection.
+	MaxStreams int
+}
+
+// DefaultXDSMaxStreams is XDSConfig.MaxStreams unless set.
+const DefaultXDSMaxStreams = 16
+
+func (c *XDSConfig) bindFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&c.Addr, "xds-addr", c.Addr, "serve xDS (ADS v3) here for proxyless gRPC clients, e.g. 127.0.0.1:18000 (default: off; docs/xds.md)")
+	fs.IntVar(&c.MaxStreams, "xds-max-streams", c.MaxStreams, "ADS streams of one xDS client connection at most")
+}
+
+func (c *Config) validateXDS() error {
+	x := c.XDS
+	if x.Addr == "" {
+		return nil
+	}
+	if _, _, err := net.SplitHostPort(x.Addr); err != nil {
+		return fmt.Errorf("server: invalid --xds-addr %q: %w", x.Addr, err)
+	}
+	if x.MaxStreams < 1 || x.MaxStreams > 10000 {
+		return fmt.Errorf("server: invalid --xds-max-streams %d: must be between 1 and 10000", x.MaxStreams)
+	}
+	if !c.Insecure && !loopback(x.Addr) && (c.TLSCertFile == "" || !c.ACL) {
+		return fmt.Errorf("server: --xds-addr %s is reachable beyond this machine: serve it with --tls-cert and --tls-key (it uses the API's) and turn on --acl, or give --insecure (docs/security.md)", x.Addr)
+	}
+	return nil
+}
+
+// startXDS binds the xDS listener, behind the API's connection limits, and
+// serves it; the resources follow the view once it is ready (runXDS).
+func (s *Server) startXDS() error {
+	cfg := s.cfg.XDS
+	if cfg.Addr == "" {
+		return nil
+	}
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		return fmt.Errorf("server: listening on --xds-addr %s: %w", cfg.Addr, err)
+	}
+	lim := s.cfg.Limits
+	limited := newConnLimiter(ln, lim.effectiveMaxConns(), lim.MaxConnsPerIP, s.conns.newWrites, func(limit string) {
+		s.metrics.limitHits.WithLabelValues(limit).Inc()
+	})
+	s.xdsLn = limited
+	nacks := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "beacon_xds_nacks_total", Help: "xDS responses a client refused (NACKed), by resource type.",
+	}, []string{"type"})
+	s.metrics.reg.MustRegister(nacks)
+	s.xds = xds.New(s.runCtx, xds.Config{
+		Log:       s.log,
+		Authorize: s.xdsAuthorize,
+		NACK: func(node, typeURL, detail string) {
+			nacks.WithLabelValues(typeURL[strings.LastIndexByte(typeURL, '.')+1:]).Inc()
+		},
+	})
+	opts := []grpc.ServerOption{
+		grpc.MaxConcurrentStreams(uint32(cfg.MaxStreams)),
+		grpc.MaxRecvMsgSize(1 << 20), // a discovery request names resources: a MiB is plenty
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+		grpc.ConnectionTimeout(lim.ReadHeaderTimeout),
+	}
+	if s.tlsConfig != nil {
+		opts = append(opts, grpc.Creds(credentials.NewTLS(s.tlsConfig))) // the API's certificate and client CAs
+	}
+	s.xdsSrv = grpc.NewServer(opts...)
+	s.xds.Register(s.xdsSrv)
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if err := s.xdsSrv.Serve(limited); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			s.fail(fmt.Errorf("server: serving --xds-addr %s: %w", cfg.Addr, err))
+		}
+	}()
+	return nil
+}
+
+// runXDS feeds the xDS caches: every service once the view is ready, then
+// every change the view publishes (offered by its Published hook).
+func (s *Server) runXDS(ctx context.Context) {
+	select {
+	case <-s.view.Ready():
+	case <-ctx.Done():
+		return
+	}
+	s.xds.Offer(s.view.All())
+	s.xds.Run(ctx)
+}
+
+// stopXDS ends the streams (they follow runCtx, already done) and the
+// listener.
+func (s *Server) stopXDS() {
+	if s.xdsSrv != nil {
+		s.xdsSrv.Stop()
+	}
+}
+
+// XDSAddr returns the address xDS is served on ("" when off).
+func (s *Server) XDSAddr() string {
+	if s.xdsLn == nil {
+		return ""
+	}
+	return s.xdsLn.Addr().String()
+}
+
+// xdsAuthorize resolves an ADS stream's caller: a token in its metadata
+// ("authorization: Bearer …" or "x-beacon-token"), else a verified client
+// certificate naming a role; it reads what that identity may read.
+func (s *Server) xdsAuthorize(ctx context.Context) (func(registry.ServiceKey) bool, error) {
+	if s.acl == nil {
+		return nil, nil
+	}
+	md, _ := metadata.FromIncomingContext(ctx)
+	secret := ""
+	if v := md.Get("authorization"); len(v) > 0 {
+		secret = strings.TrimSpace(strings.TrimPrefix(v[0], "Bearer "))
+	} else if v := md.Get("x-beacon-token"); len(v) > 0 {
+		secret = strings.TrimSpace(v[0])
+	}
+	var id acl.Identity
+	var err error
+	if p, ok := peer.FromContext(ctx); ok {
+		if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok {
+			id, err = s.identify(secret, &ti.State)
+		} else {
+			id, err = s.identify(secret, nil)
+		}
+	} else {
+		id, err = s.identify(secret, nil)
+	}
+	if err != nil {
+		return nil, status.Error(codes.Unauthenticated, err.Error())
+	}
+	return func(sk registry.ServiceKey) bool { return id.Authz.Service(sk.Namespace, sk.Service) >= acl.Read }, nil
+}
