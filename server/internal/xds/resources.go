@@ -112,21 +112,26 @@ func Cluster(name string) *clusterv3.Cluster {
 	}
 }
 
-// Endpoints is the service's ClusterLoadAssignment: the instances callers
-// should use (Snapshot.Available: the routable ones, or under the
-// protection threshold every one declared UP) as HEALTHY, and the
-// DRAINING ones as DRAINING, so that clients finish their calls on them
-// and send no new ones. Each endpoint is a locality of its own (see the
-// package comment), ordered by instance id.
-func Endpoints(name string, snap *registry.Snapshot) *endpointv3.ClusterLoadAssignment {
+// Endpoints is the service's ClusterLoadAssignment for a client in zone
+// (""; unknown): the instances callers should use (Snapshot.Available:
+// the routable ones, or under the protection threshold every one declared
+// UP) as HEALTHY, and the DRAINING ones as DRAINING, so that clients
+// finish their calls on them and send no new ones. Each endpoint is a
+// locality of its own (see the package comment), ordered by instance id.
+// When some of them are in the client's zone, those are priority 0 and
+// the others priority 1: the client stays in its zone while it has a
+// usable endpoint there, and fails over to the rest when it has none.
+func Endpoints(name string, snap *registry.Snapshot, zone string) *endpointv3.ClusterLoadAssignment {
 	cla := &endpointv3.ClusterLoadAssignment{ClusterName: name}
 	if snap == nil {
 		return cla
 	}
 	available, _ := snap.Available()
 	use := make(map[*registry.Instance]bool, len(available))
+	local := false
 	for _, in := range available {
 		use[in] = true
+		local = local || zone != "" && in.Zone == zone
 	}
 	for _, in := range snap.Instances {
 		status := corev3.HealthStatus_HEALTHY
@@ -137,10 +142,15 @@ func Endpoints(name string, snap *registry.Snapshot) *endpointv3.ClusterLoadAssi
 		default:
 			continue
 		}
+		var priority uint32
+		if local && in.Zone != zone {
+			priority = 1
+		}
 		weight := uint32(max(in.Weight, 1))
 		cla.Endpoints = append(cla.Endpoints, &endpointv3.LocalityLbEndpoints{
 			Locality:            &corev3.Locality{Zone: in.Zone, SubZone: in.ID},
 			LoadBalancingWeight: wrapperspb.UInt32(weight),
+			Priority:            priority,
 			LbEndpoints: []*endpointv3.LbEndpoint{{
 				HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
 					Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{

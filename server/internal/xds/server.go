@@ -45,6 +45,13 @@ type Server struct {
 	known map[string]bool // services whose listener, route and cluster are set
 	wake  chan struct{}
 
+	// Endpoints differ by the client's zone (priorities): one cache per
+	// zone clients said they are in, made on first use, at most maxZones
+	// (clients of other zones get the zone-less one).
+	edsMu sync.Mutex
+	snaps map[string]*registry.Snapshot // by resource name
+	eds   map[string]*cachev3.LinearCache
+
 	streams sync.Map // stream id -> func(registry.ServiceKey) bool (nil func: all)
 }
 
@@ -56,17 +63,20 @@ func New(ctx context.Context, cfg Config) *Server {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{cfg: cfg, caches: map[string]*cachev3.LinearCache{}, dirty: map[registry.ServiceKey]*registry.Snapshot{},
-		known: map[string]bool{}, wake: make(chan struct{}, 1)}
+		known: map[string]bool{}, wake: make(chan struct{}, 1),
+		snaps: map[string]*registry.Snapshot{}, eds: map[string]*cachev3.LinearCache{}}
 	mux := &cachev3.MuxCache{
 		Classify:      func(r *cachev3.Request) string { return r.GetTypeUrl() },
 		ClassifyDelta: func(r *cachev3.DeltaRequest) string { return r.GetTypeUrl() },
 		Caches:        map[string]cachev3.Cache{},
 	}
-	for _, t := range typeURLs {
+	for _, t := range typeURLs[:3] {
 		c := cachev3.NewLinearCache(t, cachev3.WithLogger(quietLogger{cfg.Log}))
 		s.caches[t] = c
 		mux.Caches[t] = c
 	}
+	s.eds[""] = cachev3.NewLinearCache(resourcev3.EndpointType, cachev3.WithLogger(quietLogger{cfg.Log}))
+	mux.Caches[resourcev3.EndpointType] = edsByZone{s}
 	s.xds = serverv3.NewServer(ctx, mux, serverv3.CallbackFuncs{
 		StreamOpenFunc:    s.open,
 		StreamClosedFunc:  func(id int64, _ *corev3.Node) { s.streams.Delete(id) },
@@ -158,10 +168,8 @@ func (s *Server) Run(ctx context.Context) {
 
 func (s *Server) apply(dirty map[registry.ServiceKey]*registry.Snapshot) {
 	fixed := map[string]map[string]types.Resource{resourcev3.ListenerType: {}, resourcev3.RouteType: {}, resourcev3.ClusterType: {}}
-	eds := map[string]types.Resource{}
-	for sk, snap := range dirty {
+	for sk := range dirty {
 		name := Name(sk)
-		eds[name] = Endpoints(name, snap)
 		if !s.known[name] {
 			s.known[name] = true
 			fixed[resourcev3.ListenerType][name] = Listener(name)
@@ -178,9 +186,59 @@ func (s *Server) apply(dirty map[registry.ServiceKey]*registry.Snapshot) {
 			}
 		}
 	}
-	if err := s.caches[resourcev3.EndpointType].UpdateResources(eds, nil); err != nil {
-		s.cfg.Log.Error("xds: updating endpoints", "err", err)
+	s.edsMu.Lock()
+	defer s.edsMu.Unlock()
+	for sk, snap := range dirty {
+		s.snaps[Name(sk)] = snap
 	}
+	for zone, c := range s.eds {
+		eds := make(map[string]types.Resource, len(dirty))
+		for sk, snap := range dirty {
+			eds[Name(sk)] = Endpoints(Name(sk), snap, zone)
+		}
+		if err := c.UpdateResources(eds, nil); err != nil {
+			s.cfg.Log.Error("xds: updating endpoints", "zone", zone, "err", err)
+		}
+	}
+}
+
+// maxZones bounds the per-zone endpoint caches (a client names its zone).
+const maxZones = 64
+
+// edsCache returns the endpoints' cache of a client's zone, made (with
+// every service's endpoints) on first use.
+func (s *Server) edsCache(zone string) *cachev3.LinearCache {
+	s.edsMu.Lock()
+	defer s.edsMu.Unlock()
+	if c, ok := s.eds[zone]; ok {
+		return c
+	}
+	if registry.ValidateName("zone", zone) != nil || len(s.eds) > maxZones {
+		return s.eds[""]
+	}
+	res := make(map[string]types.Resource, len(s.snaps))
+	for name, snap := range s.snaps {
+		res[name] = Endpoints(name, snap, zone)
+	}
+	c := cachev3.NewLinearCache(resourcev3.EndpointType, cachev3.WithLogger(quietLogger{s.cfg.Log}), cachev3.WithInitialResources(res))
+	s.eds[zone] = c
+	return c
+}
+
+// edsByZone is the endpoints' cache as the ADS server sees it: each
+// request goes to the cache of the zone its node says it is in.
+type edsByZone struct{ s *Server }
+
+func (e edsByZone) CreateWatch(r *cachev3.Request, sub cachev3.Subscription, ch chan cachev3.Response) (func(), error) {
+	return e.s.edsCache(r.GetNode().GetLocality().GetZone()).CreateWatch(r, sub, ch)
+}
+
+func (e edsByZone) CreateDeltaWatch(r *cachev3.DeltaRequest, sub cachev3.Subscription, ch chan cachev3.DeltaResponse) (func(), error) {
+	return e.s.edsCache(r.GetNode().GetLocality().GetZone()).CreateDeltaWatch(r, sub, ch)
+}
+
+func (e edsByZone) Fetch(ctx context.Context, r *cachev3.Request) (cachev3.Response, error) {
+	return e.s.edsCache(r.GetNode().GetLocality().GetZone()).Fetch(ctx, r)
 }
 
 // quietLogger passes go-control-plane's logs on at debug level (warnings
