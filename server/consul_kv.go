@@ -89,15 +89,17 @@ const (
 // a change concerns, and the releases to finish.
 type consulKVState struct {
 	rev     atomic.Int64
-	mu      sync.Mutex
+	mu      sync.RWMutex
 	changed chan struct{}
 	log     []kvChange // oldest first
 	// forgotten is the newest revision whose changes may be missing from
 	// log: a waiter that read before it reads again on any wake.
 	forgotten int64
-	pending   map[string]bool // "ns/key" whose hold record went with its lease
-	sweep     bool            // look at every key for an unfinished release
-	wake      chan struct{}
+	// pending: "ns/key" whose hold record went with its lease, with the
+	// revision it went at (0: found by a sweep, not known).
+	pending map[string]int64
+	sweep   bool // look at every key for an unfinished release
+	wake    chan struct{}
 }
 
 type kvChange struct {
@@ -106,7 +108,7 @@ type kvChange struct {
 }
 
 func newConsulKVState() *consulKVState {
-	return &consulKVState{changed: make(chan struct{}), pending: map[string]bool{}, wake: make(chan struct{}, 1)}
+	return &consulKVState{changed: make(chan struct{}), pending: map[string]int64{}, wake: make(chan struct{}, 1)}
 }
 
 func (c *consulKVState) raise(rev int64) {
@@ -135,24 +137,30 @@ func (c *consulKVState) listed(rev int64) {
 }
 
 func (c *consulKVState) waitCh() <-chan struct{} {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.mu.RLock()
+	defer c.mu.RUnlock()
 	return c.changed
 }
 
 // changedSince says whether a key (or a key under the prefix) of ns may
-// have changed after revision rev.
-func (c *consulKVState) changedSince(rev int64, ns, key string, prefix bool) bool {
+// have changed after revision rev. *scanned is the newest change a waiter
+// has already looked at (start it at rev): each call looks only at newer
+// ones, so a waiter's cost follows the changes, not the log's length.
+func (c *consulKVState) changedSince(rev int64, ns, key string, prefix bool, scanned *int64) bool {
 	want := ns + "/" + key
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.mu.RLock()
+	defer c.mu.RUnlock()
 	if c.forgotten > rev {
 		return true
 	}
-	for i := len(c.log) - 1; i >= 0 && c.log[i].rev > rev; i-- {
+	from := max(rev, *scanned)
+	for i := len(c.log) - 1; i >= 0 && c.log[i].rev > from; i-- {
 		if k := c.log[i].nsKey; k == want || prefix && strings.HasPrefix(k, want) {
 			return true
 		}
+	}
+	if n := len(c.log); n > 0 {
+		*scanned = max(*scanned, c.log[n-1].rev)
 	}
 	return false
 }
@@ -161,11 +169,12 @@ func (c *consulKVState) changedSince(rev int64, ns, key string, prefix bool) boo
 // blocked queries; a hold record deleted is a release the releaser
 // finishes (when a write of the Consul API deleted it, it finished it
 // already, and the releaser finds nothing to do).
-func (s *Server) consulNotice(events []*clientv3.Event, rev int64) {
+func (s *Server) consulNotice(events []*clientv3.Event, _ int64) {
 	c := s.consulKV
 	l := s.store.Layout
 	var changes []kvChange
 	released := false
+	newest := int64(0)
 	for _, ev := range events {
 		k := string(ev.Kv.Key)
 		var nsKey string
@@ -175,7 +184,7 @@ func (s *Server) consulNotice(events []*clientv3.Event, rev int64) {
 			if ev.Type == clientv3.EventTypeDelete {
 				released = true
 				c.mu.Lock()
-				c.pending[nsKey] = true
+				c.pending[nsKey] = ev.Kv.ModRevision
 				c.mu.Unlock()
 			}
 		case strings.HasPrefix(k, l.KVPrefix()):
@@ -186,6 +195,7 @@ func (s *Server) consulNotice(events []*clientv3.Event, rev int64) {
 			continue
 		}
 		changes = append(changes, kvChange{rev: ev.Kv.ModRevision, nsKey: nsKey})
+		newest = max(newest, ev.Kv.ModRevision)
 	}
 	if released {
 		c.kick()
@@ -193,7 +203,9 @@ func (s *Server) consulNotice(events []*clientv3.Event, rev int64) {
 	if len(changes) == 0 {
 		return
 	}
-	c.raise(rev)
+	// The newest change, not the response's revision: a response split by
+	// etcd may be ahead of the events it has delivered so far.
+	c.raise(newest)
 	c.mu.Lock()
 	c.log = append(c.log, changes...)
 	if n := len(c.log) - consulKVChangeLog; n > 0 {
@@ -223,6 +235,9 @@ type consulKeyState struct {
 	value                                 []byte
 	meta                                  consulKVMeta // zero unless the record is the value's
 	holder                                string       // the holding session, "" when free
+	// delay is the lock delay in the key's record even when the record
+	// is not the value's (a delay outlives a delete, as in Consul).
+	delay time.Time
 }
 
 func (st consulKeyState) modifyIndex() int64 {
@@ -237,6 +252,16 @@ func (st consulKeyState) releasePending() bool {
 	return st.dataRev != 0 && st.meta.Holder != "" && st.holder == ""
 }
 
+// metaToWrite is the key's record as a write starts from: its own, with
+// a running lock delay carried over.
+func (st consulKeyState) metaToWrite() consulKVMeta {
+	m := st.meta
+	if st.delay.After(m.DelayUntil) {
+		m.DelayUntil = st.delay
+	}
+	return m
+}
+
 func (st consulKeyState) pair(ns, key string) consulKVPair {
 	p := consulKVPair{Key: key, CreateIndex: st.dataCreate, ModifyIndex: st.modifyIndex(), Value: st.value,
 		Flags: st.meta.Flags, LockIndex: st.meta.LockIndex, Session: st.holder}
@@ -246,10 +271,12 @@ func (st consulKeyState) pair(ns, key string) consulKVPair {
 	return p
 }
 
-// consulKVStates reads a key, or every key under a prefix, with what Consul
-// keeps beside each: keys in order, their states, and the read's
-// revision. Serializable unless consistent; at rev when rev > 0.
-func (s *Server) consulKVStates(ctx context.Context, ns, key string, prefix, values, consistent bool, rev int64) ([]string, map[string]consulKeyState, int64, error) {
+// consulKVStates reads keys, or (prefix, one key) every key under a
+// prefix, with what Consul keeps beside each, in one etcd transaction:
+// the keys found in order, the states (every key asked for has one when
+// not a prefix), and the read's revision. Serializable unless consistent;
+// at rev when rev > 0.
+func (s *Server) consulKVStates(ctx context.Context, ns string, keys []string, prefix, values, consistent bool, rev int64) ([]string, map[string]consulKeyState, int64, error) {
 	ctx, cancel := context.WithTimeout(ctx, consulKVTimeout)
 	defer cancel()
 	var opts []clientv3.OpOption
@@ -266,17 +293,23 @@ func (s *Server) consulKVStates(ctx context.Context, ns, key string, prefix, val
 	if !values {
 		dataOpts = append(dataOpts, clientv3.WithKeysOnly())
 	}
-	resp, err := s.cli.Txn(ctx).Then(
-		clientv3.OpGet(s.consulDataKey(ns, key), dataOpts...),
-		clientv3.OpGet(s.consulMetaKey(ns, key), opts...),
-		clientv3.OpGet(s.consulHoldKey(ns, key), opts...),
-	).Commit()
+	var reads []clientv3.Op
+	for _, key := range keys {
+		reads = append(reads, clientv3.OpGet(s.consulDataKey(ns, key), dataOpts...),
+			clientv3.OpGet(s.consulMetaKey(ns, key), opts...), clientv3.OpGet(s.consulHoldKey(ns, key), opts...))
+	}
+	resp, err := s.cli.Txn(ctx).Then(reads...).Commit()
 	if err != nil {
 		return nil, nil, 0, err
 	}
-	data := resp.Responses[0].GetResponseRange().Kvs
+	var data, metaKVs, holdKVs []*mvccpb.KeyValue
+	for i := range keys {
+		data = append(data, resp.Responses[3*i].GetResponseRange().Kvs...)
+		metaKVs = append(metaKVs, resp.Responses[3*i+1].GetResponseRange().Kvs...)
+		holdKVs = append(holdKVs, resp.Responses[3*i+2].GetResponseRange().Kvs...)
+	}
 	if len(data) > consulMaxKVList {
-		return nil, nil, 0, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("more than %d keys under %q: list a longer prefix", consulMaxKVList, key))
+		return nil, nil, 0, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("more than %d keys under %q: list a longer prefix", consulMaxKVList, keys[0]))
 	}
 	byKey := func(kvs []*mvccpb.KeyValue, base string) map[string]*mvccpb.KeyValue {
 		m := make(map[string]*mvccpb.KeyValue, len(kvs))
@@ -285,27 +318,32 @@ func (s *Server) consulKVStates(ctx context.Context, ns, key string, prefix, val
 		}
 		return m
 	}
-	metas := byKey(resp.Responses[1].GetResponseRange().Kvs, s.consulMetaKey(ns, ""))
-	holds := byKey(resp.Responses[2].GetResponseRange().Kvs, s.consulHoldKey(ns, ""))
-	states := make(map[string]consulKeyState, max(len(data), 1))
-	keys := make([]string, 0, len(data))
+	metas := byKey(metaKVs, s.consulMetaKey(ns, ""))
+	holds := byKey(holdKVs, s.consulHoldKey(ns, ""))
+	states := make(map[string]consulKeyState, max(len(data), len(keys)))
+	found := make([]string, 0, len(data))
 	for _, d := range data {
 		k := strings.TrimPrefix(string(d.Key), s.consulDataKey(ns, ""))
-		keys = append(keys, k)
+		found = append(found, k)
 		states[k] = consulKeyState{dataRev: d.ModRevision, dataCreate: d.CreateRevision, value: d.Value}
 	}
 	// The records beside a key that is absent still count in the
-	// compares of a write (a single key's, read even when absent).
+	// compares of a write.
 	if !prefix {
-		if _, ok := states[key]; !ok {
-			states[key] = consulKeyState{}
+		for _, k := range keys {
+			if _, ok := states[k]; !ok {
+				states[k] = consulKeyState{}
+			}
 		}
 	}
 	for k, st := range states {
 		if m := metas[k]; m != nil {
 			st.metaRev = m.ModRevision
+			var meta consulKVMeta
+			_ = json.Unmarshal(m.Value, &meta)
+			st.delay = meta.DelayUntil
 			if st.dataRev != 0 && m.ModRevision >= st.dataCreate {
-				_ = json.Unmarshal(m.Value, &st.meta)
+				st.meta = meta
 			}
 		}
 		if h := holds[k]; h != nil {
@@ -316,21 +354,7 @@ func (s *Server) consulKVStates(ctx context.Context, ns, key string, prefix, val
 		}
 		states[k] = st
 	}
-	return keys, states, resp.Header.Revision, nil
-}
-
-// consulKVIndex is a read's X-Consul-Index: a single key's ModifyIndex,
-// else the revision of the server's last KV change (a key's deletion
-// leaves no revision of its own to report). For the latter the view is
-// first brought up to the read, so the index covers what the read saw.
-func (s *Server) consulKVIndex(ctx context.Context, pairs []consulKVPair, single bool, readRev int64) int64 {
-	if single && len(pairs) == 1 {
-		return pairs[0].ModifyIndex
-	}
-	wctx, cancel := context.WithTimeout(ctx, readTimeout)
-	_ = s.view.WaitRevision(wctx, readRev)
-	cancel()
-	return s.consulKV.rev.Load()
+	return found, states, resp.Header.Revision, nil
 }
 
 func (s *Server) consulKVGet(w http.ResponseWriter, r *http.Request, q *consulQuery) {
@@ -360,8 +384,14 @@ func (s *Server) consulKVGet(w http.ResponseWriter, r *http.Request, q *consulQu
 			return
 		}
 	}
-	read := func() ([]consulKVPair, int64, int64, error) {
-		keys, states, readRev, err := s.consulKVStates(ctx, q.ns, key, prefix, !keysOnly, q.consistent, 0)
+	// read answers the query with its index, and the revision after which
+	// a change may concern it. A single key's index is its ModifyIndex, as
+	// read; otherwise (a prefix, a missing key: a deletion leaves no
+	// revision of its own) the newest KV change this server saw, taken
+	// before the read, so that it is never ahead of what the read shows.
+	read := func(consistent bool) ([]consulKVPair, int64, int64, error) {
+		base := s.consulKV.rev.Load()
+		keys, states, readRev, err := s.consulKVStates(ctx, q.ns, []string{key}, prefix, !keysOnly, consistent, 0)
 		if err != nil {
 			return nil, 0, 0, err
 		}
@@ -373,17 +403,25 @@ func (s *Server) consulKVGet(w http.ResponseWriter, r *http.Request, q *consulQu
 				consulFiltered(w)
 			}
 		}
-		return pairs, s.consulKVIndex(ctx, pairs, !prefix, readRev), readRev, nil
+		if !prefix && len(pairs) == 1 {
+			return pairs, pairs[0].ModifyIndex, readRev, nil
+		}
+		return pairs, base, base, nil
 	}
+	consistent := q.consistent
 	ok := s.consulBlock(w, r, q, func(ctx context.Context) error {
 		for {
 			changed := s.consulKV.waitCh()
-			_, index, readRev, err := read()
-			if err != nil || uint64(index) > q.index {
+			_, index, since, err := read(consistent)
+			if err != nil || uint64(max(index, 1)) > q.index {
 				return err
 			}
-			// Read again only when a change may concern this query.
-			for !s.consulKV.changedSince(readRev, q.ns, key, prefix) {
+			// Read again only when a change may concern this query, and
+			// then from the cluster (a lagging member would look changed
+			// for as long as it lags).
+			consistent = true
+			scanned := since
+			for !s.consulKV.changedSince(since, q.ns, key, prefix, &scanned) {
 				select {
 				case <-changed:
 					changed = s.consulKV.waitCh()
@@ -396,11 +434,12 @@ func (s *Server) consulKVGet(w http.ResponseWriter, r *http.Request, q *consulQu
 	if !ok {
 		return
 	}
-	pairs, index, _, err := read()
+	pairs, index, _, err := read(consistent)
 	if err != nil {
 		consulError(w, toConnectError(err))
 		return
 	}
+	index = max(index, 1)
 	notFound := func() {
 		w.Header().Set("X-Consul-Index", strconv.FormatInt(max(index, 1), 10))
 		w.WriteHeader(http.StatusNotFound)
@@ -524,13 +563,13 @@ func (s *Server) consulKVWrite(ctx context.Context, ns, key string, value []byte
 	metaKey, holdKey := s.consulMetaKey(ns, key), s.consulHoldKey(ns, key)
 	me := store.FormatSessionID(session)
 	for range 8 {
-		_, states, _, err := s.consulKVStates(ctx, ns, key, false, false, true, 0)
+		_, states, _, err := s.consulKVStates(ctx, ns, []string{key}, false, false, true, 0)
 		if err != nil {
 			return false, err
 		}
 		st := states[key]
 		if st.releasePending() {
-			if err := s.consulFinishRelease(ctx, ns, key, st); err != nil {
+			if _, err := s.consulFinishRelease(ctx, ns, key, st); err != nil {
 				return false, err
 			}
 			continue // decide on the finished release
@@ -538,12 +577,12 @@ func (s *Server) consulKVWrite(ctx context.Context, ns, key string, value []byte
 		if cas >= 0 && cas != st.modifyIndex() {
 			return false, nil
 		}
-		meta := st.meta
+		meta := st.metaToWrite()
 		var more []clientv3.Op
 		switch {
 		case acquire && st.holder != "" && st.holder != me:
 			return false, nil // held by another session
-		case acquire && st.holder == "" && time.Now().Before(meta.DelayUntil):
+		case acquire && st.holder == "" && time.Now().Before(st.delay):
 			return false, nil // the lock delay of a holder lost with its session
 		case acquire && st.holder == "":
 			settings, err := s.consulSessionSettings(ctx, session)
@@ -562,12 +601,8 @@ func (s *Server) consulKVWrite(ctx context.Context, ns, key string, value []byte
 		meta.Flags = flags
 		rec, _ := json.Marshal(meta)
 		more = append(more, clientv3.OpPut(metaKey, string(rec)))
-		cmps := []clientv3.Cmp{
-			clientv3.Compare(clientv3.ModRevision(metaKey), "=", st.metaRev),
-			clientv3.Compare(clientv3.ModRevision(holdKey), "=", st.holdRev),
-		}
 		op := kv.Op{Type: kv.Put, Key: key, Value: value, HasExpected: true, Expected: st.dataRev}
-		_, err = s.kv.CommitWith(ctx, ns, []kv.Op{op}, identityOf(ctx).Accessor, cmps, more)
+		_, err = s.kv.CommitWith(ctx, ns, []kv.Op{op}, identityOf(ctx).Accessor, s.consulCompares(ns, key, st), more)
 		switch {
 		case errors.Is(err, kv.ErrConflict), errors.Is(err, kv.ErrCompare):
 			continue // the key or its records changed since the read: decide again
@@ -579,6 +614,15 @@ func (s *Server) consulKVWrite(ctx context.Context, ns, key string, value []byte
 		return true, nil
 	}
 	return false, kv.ErrConflict
+}
+
+// consulCompares hold a write to the key's record and hold as st read
+// them (the value's own compare is the kv.Op's).
+func (s *Server) consulCompares(ns, key string, st consulKeyState) []clientv3.Cmp {
+	return []clientv3.Cmp{
+		clientv3.Compare(clientv3.ModRevision(s.consulMetaKey(ns, key)), "=", st.metaRev),
+		clientv3.Compare(clientv3.ModRevision(s.consulHoldKey(ns, key)), "=", st.holdRev),
+	}
 }
 
 // consulSessionSettings reads a session's Consul settings: its lock delay
@@ -597,37 +641,48 @@ func (s *Server) consulSessionSettings(ctx context.Context, session int64) (cons
 }
 
 // consulFinishRelease finishes the release of a key whose holder's
-// session ended (st.releasePending): under compares on the records as st
-// read them, it deletes the key for a session of behavior "delete", or
-// clears the holder and starts its lock delay (from now: the end was at
-// or before now, so the delay is never shorter than the holder's). A
-// compare that fails means someone else finished it, or the key changed:
-// nothing to do.
-func (s *Server) consulFinishRelease(ctx context.Context, ns, key string, st consulKeyState) error {
-	metaKey, holdKey := s.consulMetaKey(ns, key), s.consulHoldKey(ns, key)
-	cmps := []clientv3.Cmp{
-		clientv3.Compare(clientv3.ModRevision(metaKey), "=", st.metaRev),
-		clientv3.Compare(clientv3.ModRevision(holdKey), "=", st.holdRev),
+// session ended (st.releasePending), under compares on the records as st
+// read them: it clears the holder and starts its lock delay (from now:
+// the end was at or before now, so the delay is never shorter than the
+// holder's), and for a session of behavior "delete" deletes the value —
+// unless the value was written since by other than this API (beacon's own
+// KV API writes no record), which may be after the session's end: that
+// write is kept. done is false when a compare failed (someone else
+// finished it, or the key changed): the caller reads again.
+func (s *Server) consulFinishRelease(ctx context.Context, ns, key string, st consulKeyState) (done bool, err error) {
+	metaKey := s.consulMetaKey(ns, key)
+	meta := st.metaToWrite()
+	if until := time.Now().Add(meta.HolderDelay); until.After(meta.DelayUntil) {
+		meta.DelayUntil = until
 	}
-	if st.meta.HolderBehavior == "delete" {
-		_, err := s.kv.CommitWith(ctx, ns, []kv.Op{{Type: kv.Delete, Key: key, HasExpected: true, Expected: st.dataRev}},
-			"consul-session-end", cmps, []clientv3.Op{clientv3.OpDelete(metaKey), clientv3.OpDelete(holdKey)})
-		if errors.Is(err, kv.ErrConflict) || errors.Is(err, kv.ErrCompare) {
-			return nil
-		}
-		return err
-	}
-	meta := st.meta
-	meta.DelayUntil = time.Now().Add(meta.HolderDelay)
+	behavior := meta.HolderBehavior
 	meta.Holder, meta.HolderDelay, meta.HolderBehavior = "", 0, ""
 	rec, _ := json.Marshal(meta)
+	cmps := s.consulCompares(ns, key, st)
+	if behavior == "delete" && st.dataRev <= st.metaRev {
+		// The record stays, with the delay only: a delay outlives a delete.
+		_, err := s.kv.CommitWith(ctx, ns, []kv.Op{{Type: kv.Delete, Key: key, HasExpected: true, Expected: st.dataRev}},
+			"consul-session-end", cmps, []clientv3.Op{clientv3.OpPut(metaKey, string(mustJSON(consulKVMeta{DelayUntil: meta.DelayUntil})))})
+		if errors.Is(err, kv.ErrConflict) || errors.Is(err, kv.ErrCompare) {
+			return false, nil
+		}
+		return err == nil, err
+	}
 	cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(s.consulDataKey(ns, key)), "=", st.dataRev))
-	_, err := s.cli.Txn(ctx).If(cmps...).Then(clientv3.OpPut(metaKey, string(rec))).Commit()
-	return err
+	resp, err := s.cli.Txn(ctx).If(cmps...).Then(clientv3.OpPut(metaKey, string(rec))).Commit()
+	if err != nil {
+		return false, err
+	}
+	return resp.Succeeded, nil
+}
+
+func mustJSON(v any) []byte {
+	b, _ := json.Marshal(v)
+	return b
 }
 
 // consulKVDelete is DELETE /v1/kv/KEY (cas; recurse deletes every key
-// under the prefix, in transactions of a few keys each).
+// under the prefix, in transactions of 16 keys each: not all at once).
 func (s *Server) consulKVDelete(w http.ResponseWriter, r *http.Request, q *consulQuery) {
 	key := r.PathValue("key")
 	ctx := r.Context()
@@ -655,7 +710,7 @@ func (s *Server) consulKVDelete(w http.ResponseWriter, r *http.Request, q *consu
 			return
 		}
 	}
-	keys, _, _, err := s.consulKVStates(ctx, q.ns, key, recurse, false, true, 0)
+	keys, _, _, err := s.consulKVStates(ctx, q.ns, []string{key}, recurse, false, true, 0)
 	if err != nil {
 		consulError(w, toConnectError(err))
 		return
@@ -694,30 +749,35 @@ func (s *Server) consulKVDelete(w http.ResponseWriter, r *http.Request, q *consu
 
 // consulKVDeleteKeys deletes keys with what is kept beside them, each as
 // read (a key changed meanwhile is read and decided again); cas ≥ 0 (one
-// key) must be its ModifyIndex, else false.
+// key) must be its ModifyIndex, else false — a key already gone is
+// deleted, as in Consul. A running lock delay stays in the key's record.
 func (s *Server) consulKVDeleteKeys(ctx context.Context, ns string, keys []string, cas int64) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, consulKVTimeout)
 	defer cancel()
 	for range 8 {
+		_, states, _, err := s.consulKVStates(ctx, ns, keys, false, false, true, 0)
+		if err != nil {
+			return false, err
+		}
 		var ops []kv.Op
 		var cmps []clientv3.Cmp
 		var more []clientv3.Op
 		for _, k := range keys {
-			_, states, _, err := s.consulKVStates(ctx, ns, k, false, false, true, 0)
-			if err != nil {
-				return false, err
-			}
 			st := states[k]
-			if cas >= 0 && st.modifyIndex() != cas {
+			if cas >= 0 && st.dataRev != 0 && st.modifyIndex() != cas {
 				return false, nil
 			}
 			metaKey, holdKey := s.consulMetaKey(ns, k), s.consulHoldKey(ns, k)
 			ops = append(ops, kv.Op{Type: kv.Delete, Key: k, HasExpected: true, Expected: st.dataRev})
-			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(metaKey), "=", st.metaRev),
-				clientv3.Compare(clientv3.ModRevision(holdKey), "=", st.holdRev))
-			more = append(more, clientv3.OpDelete(metaKey), clientv3.OpDelete(holdKey))
+			cmps = append(cmps, s.consulCompares(ns, k, st)...)
+			more = append(more, clientv3.OpDelete(holdKey))
+			if time.Now().Before(st.delay) {
+				more = append(more, clientv3.OpPut(metaKey, string(mustJSON(consulKVMeta{DelayUntil: st.delay}))))
+			} else {
+				more = append(more, clientv3.OpDelete(metaKey))
+			}
 		}
-		_, err := s.kv.CommitWith(ctx, ns, ops, identityOf(ctx).Accessor, cmps, more)
+		_, err = s.kv.CommitWith(ctx, ns, ops, identityOf(ctx).Accessor, cmps, more)
 		if errors.Is(err, kv.ErrConflict) || errors.Is(err, kv.ErrCompare) {
 			continue
 		}
@@ -728,10 +788,12 @@ func (s *Server) consulKVDeleteKeys(ctx context.Context, ns string, keys []strin
 
 // consulReleaser finishes the releases of sessions that ended: the keys
 // whose hold record the view saw deleted, and after a listing (at start,
-// after a compaction) every key whose record still names a holder. A
-// release that fails (etcd away) is tried again a second later.
+// after a compaction) every key whose record still names a holder. What
+// fails (etcd away) is tried again, from a second apart up to 30 s.
 func (s *Server) consulReleaser(ctx context.Context) {
 	c := s.consulKV
+	warn := &logLimiter{every: time.Minute}
+	backoff := time.Second
 	retry := time.NewTimer(time.Hour)
 	retry.Stop()
 	defer retry.Stop()
@@ -744,62 +806,87 @@ func (s *Server) consulReleaser(ctx context.Context) {
 		}
 		c.mu.Lock()
 		todo, sweep := c.pending, c.sweep
-		c.pending, c.sweep = map[string]bool{}, false
+		c.pending, c.sweep = map[string]int64{}, false
 		c.mu.Unlock()
 		var err error
 		if sweep {
 			err = s.consulSweepHolders(ctx, todo)
 		}
-		failed := map[string]bool{}
-		for nsKey := range todo {
+		failed := map[string]int64{}
+		for nsKey, at := range todo {
 			ns, key, ok := strings.Cut(nsKey, "/")
 			if !ok {
 				continue
 			}
-			if err := s.consulReleaseKey(ctx, ns, key); err != nil && ctx.Err() == nil {
-				failed[nsKey] = true
-				s.log.Warn("consul API: finishing a lock released by a session's end", "key", nsKey, "err", err)
+			if rerr := s.consulReleaseKey(ctx, ns, key); rerr != nil && ctx.Err() == nil {
+				failed[nsKey] = at
+				err = rerr
 			}
 		}
-		if len(failed) > 0 || err != nil {
-			c.mu.Lock()
-			for k := range failed {
-				c.pending[k] = true
-			}
-			c.sweep = c.sweep || err != nil
-			c.mu.Unlock()
-			retry.Reset(time.Second)
+		if err == nil || ctx.Err() != nil {
+			backoff = time.Second
+			continue
 		}
+		if warn.allow() {
+			s.log.Warn("consul API: finishing locks released by sessions' ends (trying again)", "keys", len(failed), "sweep", sweep, "err", err)
+		}
+		c.mu.Lock()
+		for k, at := range failed {
+			c.pending[k] = at
+		}
+		c.sweep = c.sweep || sweep && len(failed) == 0
+		c.mu.Unlock()
+		retry.Reset(backoff)
+		backoff = min(2*backoff, 30*time.Second)
 	}
 }
 
-// consulSweepHolders adds to todo every key whose record names a holder.
-func (s *Server) consulSweepHolders(ctx context.Context, todo map[string]bool) error {
-	ctx, cancel := context.WithTimeout(ctx, consulKVTimeout)
-	defer cancel()
+// consulSweepHolders adds to todo every key whose record names a holder,
+// reading the records a thousand at a time.
+func (s *Server) consulSweepHolders(ctx context.Context, todo map[string]int64) error {
 	prefix := s.store.ConsulKVPrefix()
-	resp, err := s.cli.Get(ctx, prefix, clientv3.WithPrefix())
-	if err != nil {
-		return err
-	}
-	for _, m := range resp.Kvs {
-		var meta consulKVMeta
-		if json.Unmarshal(m.Value, &meta) == nil && meta.Holder != "" {
-			todo[strings.TrimPrefix(string(m.Key), prefix)] = true
+	end := clientv3.GetPrefixRangeEnd(prefix)
+	from := prefix
+	for {
+		rctx, cancel := context.WithTimeout(ctx, consulKVTimeout)
+		resp, err := s.cli.Get(rctx, from, clientv3.WithRange(end), clientv3.WithLimit(1000))
+		cancel()
+		if err != nil {
+			return err
 		}
+		for _, m := range resp.Kvs {
+			var meta consulKVMeta
+			if json.Unmarshal(m.Value, &meta) == nil && meta.Holder != "" {
+				nsKey := strings.TrimPrefix(string(m.Key), prefix)
+				if _, ok := todo[nsKey]; !ok {
+					todo[nsKey] = 0
+				}
+			}
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			return nil
+		}
+		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 	}
-	return nil
 }
 
+// consulReleaseKey finishes a key's release if it is still to be done,
+// reading again when someone else changed the key meanwhile.
 func (s *Server) consulReleaseKey(ctx context.Context, ns, key string) error {
 	ctx, cancel := context.WithTimeout(ctx, consulKVTimeout)
 	defer cancel()
-	_, states, _, err := s.consulKVStates(ctx, ns, key, false, false, true, 0)
-	if err != nil {
-		return err
+	for range 4 {
+		_, states, _, err := s.consulKVStates(ctx, ns, []string{key}, false, false, true, 0)
+		if err != nil {
+			return err
+		}
+		st := states[key]
+		if !st.releasePending() {
+			return nil
+		}
+		if done, err := s.consulFinishRelease(ctx, ns, key, st); done || err != nil {
+			return err
+		}
 	}
-	if st := states[key]; st.releasePending() {
-		return s.consulFinishRelease(ctx, ns, key, st)
-	}
-	return nil
+	return fmt.Errorf("key %s/%s kept changing", ns, key)
 }

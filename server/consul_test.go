@@ -602,6 +602,31 @@ func TestConsulAPIEdgeCases(t *testing.T) {
 	if p, _, _ := kv.Get("t/new", nil); p != nil {
 		t.Fatal("a failed transaction wrote t/new")
 	}
+	ok, resp, _, err = kv.Txn(consul.KVTxnOps{{Verb: consul.KVCheckIndex, Key: "t/absent", Index: 0}}, nil)
+	if err != nil || ok || len(resp.Errors) != 1 {
+		t.Fatalf("check-index on a missing key = %v, %+v, %v; want a failure", ok, resp, err)
+	}
+	if ok, _, err := kv.DeleteCAS(&consul.KVPair{Key: "t/absent", ModifyIndex: 5}, nil); err != nil || !ok {
+		t.Fatalf("DeleteCAS of a missing key = %v, %v; want true, as Consul", ok, err)
+	}
+
+	// A "delete" session's lock delay outlives the key it deleted.
+	sd, _, err := c.Session().Create(&consul.SessionEntry{TTL: "15s", Behavior: consul.SessionBehaviorDelete, LockDelay: time.Minute}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, _, err := kv.Acquire(&consul.KVPair{Key: "d/job", Value: []byte("x"), Session: sd}, nil); err != nil || !ok {
+		t.Fatalf("Acquire d/job = %v, %v", ok, err)
+	}
+	c.Session().Destroy(sd, nil)
+	testutil.Eventually(t, 30*time.Second, "d/job deleted with its session", func() bool {
+		p, _, err := kv.Get("d/job", nil)
+		return err == nil && p == nil
+	})
+	if ok, _, err := kv.Acquire(&consul.KVPair{Key: "d/job", Value: []byte("y"), Session: sid2}, nil); err != nil || ok {
+		t.Fatalf("Acquire within a deleted key's lock delay = %v, %v; want false", ok, err)
+	}
+
 	// Parameters beacon cannot honour are refused, not ignored.
 	if _, _, err := c.Health().Service("web", "", false, &consul.QueryOptions{NodeMeta: map[string]string{"rack": "a"}}); err == nil || !strings.Contains(err.Error(), "node-meta") {
 		t.Fatalf("node-meta: %v, want refused naming it", err)

@@ -109,10 +109,22 @@ func (s *Server) consulTxn(w http.ResponseWriter, r *http.Request, q *consulQuer
 		consulError(w, refused("operations", fmt.Sprintf("name %d keys, at most %d in one transaction (etcd's 128 operations of a transaction)", len(keys), consulMaxTxnKeys)))
 		return
 	}
+	total := 0
+	var written []string
+	for _, op := range ops {
+		total += len(op.KV.Value)
+	}
+	for k := range seenWrite {
+		written = append(written, k)
+	}
+	if max := s.cfg.Limits.MaxKVValueBytes; total > max {
+		consulError(w, s.limitError("max-kv-value-bytes", "the transaction's values hold %d bytes together, at most %d", total, max))
+		return
+	}
 	msg := &beaconv1.KVTxnRequest{Namespace: q.ns}
 	var err error
 	if writes > 0 {
-		if err = (kvAPI{s}).admitKeys(q.ns, keys); err == nil {
+		if err = (kvAPI{s}).admitKeys(q.ns, written); err == nil {
 			err = s.spendWrites(ctx, connOf(ctx), writes, time.Now())
 		}
 		if err != nil {
@@ -121,39 +133,7 @@ func (s *Server) consulTxn(w http.ResponseWriter, r *http.Request, q *consulQuer
 			return
 		}
 	}
-	var failed []consulTxnError
-	var commitRev int64
-	for range 8 {
-		failed = nil
-		var res kv.Result
-		states := map[string]consulKeyState{}
-		for _, k := range keys {
-			_, st, _, rerr := s.consulKVStates(ctx, q.ns, k, false, false, true, 0)
-			if rerr != nil {
-				err = rerr
-				break
-			}
-			states[k] = st[k]
-		}
-		if err != nil {
-			break
-		}
-		failed = consulTxnCheck(ops, states)
-		if len(failed) > 0 {
-			break
-		}
-		kvOps, cmps, more := s.consulTxnPlan(q.ns, ops, keys, states)
-		res, err = s.kv.CommitWith(ctx, q.ns, kvOps, identityOf(ctx).Accessor, cmps, more)
-		if errors.Is(err, kv.ErrConflict) || errors.Is(err, kv.ErrCompare) {
-			err = nil
-			continue
-		}
-		commitRev = res.Revision
-		break
-	}
-	if err == nil && commitRev == 0 && len(failed) == 0 {
-		err = kv.ErrConflict
-	}
+	results, failed, err := s.consulTxnRun(ctx, q.ns, ops, keys, writes > 0)
 	if writes > 0 {
 		s.audit.record(ctx, beaconv1connect.KVServiceTxnProcedure, msg, &beaconv1.KVTxnResponse{}, err)
 	}
@@ -167,12 +147,55 @@ func (s *Server) consulTxn(w http.ResponseWriter, r *http.Request, q *consulQuer
 		_ = json.NewEncoder(w).Encode(map[string]any{"Results": nil, "Errors": failed})
 		return
 	}
-	results, err := s.consulTxnResults(ctx, q.ns, ops, commitRev)
-	if err != nil {
-		consulError(w, toConnectError(err))
-		return
-	}
 	_ = json.NewEncoder(w).Encode(map[string]any{"Results": results, "Errors": nil})
+}
+
+// consulTxnRun decides and commits a transaction: the keys are read in one
+// etcd transaction (releases of ended sessions finished first), the checks
+// decided on that read; a transaction that writes commits under compares
+// on everything read and answers what it left at its commit's revision,
+// one that only reads answers from the read itself.
+func (s *Server) consulTxnRun(ctx context.Context, ns string, ops []consulTxnOp, keys []string, writes bool) ([]map[string]consulKVPair, []consulTxnError, error) {
+	ctx, cancel := context.WithTimeout(ctx, consulKVTimeout)
+	defer cancel()
+	for range 8 {
+		_, states, _, err := s.consulKVStates(ctx, ns, keys, false, !writes, true, 0)
+		if err != nil {
+			return nil, nil, err
+		}
+		pending := false
+		for _, k := range keys {
+			if st := states[k]; st.releasePending() {
+				pending = true
+				if _, err := s.consulFinishRelease(ctx, ns, k, st); err != nil {
+					return nil, nil, err
+				}
+			}
+		}
+		if pending {
+			continue // decide on the finished releases
+		}
+		if failed := consulTxnCheck(ops, states); len(failed) > 0 {
+			return nil, failed, nil
+		}
+		if !writes {
+			return consulTxnResults(ns, ops, states), nil, nil
+		}
+		kvOps, cmps, more := s.consulTxnPlan(ns, ops, keys, states)
+		res, err := s.kv.CommitWith(ctx, ns, kvOps, identityOf(ctx).Accessor, cmps, more)
+		if errors.Is(err, kv.ErrConflict) || errors.Is(err, kv.ErrCompare) {
+			continue
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		_, after, _, err := s.consulKVStates(ctx, ns, keys, false, true, true, res.Revision)
+		if err != nil {
+			return nil, nil, err
+		}
+		return consulTxnResults(ns, ops, after), nil, nil
+	}
+	return nil, nil, kv.ErrConflict
 }
 
 // consulTxnCheck decides the checks on the keys as read, each operation
@@ -187,7 +210,7 @@ func consulTxnCheck(ops []consulTxnOp, states map[string]consulKeyState) []consu
 		k, st := op.KV.Key, states[op.KV.Key]
 		switch op.KV.Verb {
 		case "cas", "delete-cas", "check-index":
-			if st.modifyIndex() != op.KV.Index {
+			if st.modifyIndex() != op.KV.Index || op.KV.Verb == "check-index" && !exists[k] {
 				failed = append(failed, consulTxnError{i, fmt.Sprintf("current modify index %d != %d", st.modifyIndex(), op.KV.Index)})
 			}
 		case "check-not-exists":
@@ -232,13 +255,18 @@ func (s *Server) consulTxnPlan(ns string, ops []consulTxnOp, keys []string, stat
 			switch w.Verb {
 			case "set", "cas":
 				op.Type, op.Value = kv.Put, w.Value
-				meta := st.meta
+				meta := st.metaToWrite()
 				meta.Flags = w.Flags
 				rec, _ := json.Marshal(meta)
 				more = append(more, clientv3.OpPut(metaKey, string(rec)))
 			default:
 				op.Type = kv.Delete
-				more = append(more, clientv3.OpDelete(metaKey), clientv3.OpDelete(holdKey))
+				more = append(more, clientv3.OpDelete(holdKey))
+				if time.Now().Before(st.delay) {
+					more = append(more, clientv3.OpPut(metaKey, string(mustJSON(consulKVMeta{DelayUntil: st.delay}))))
+				} else {
+					more = append(more, clientv3.OpDelete(metaKey))
+				}
 			}
 		}
 		kvOps = append(kvOps, op)
@@ -246,19 +274,16 @@ func (s *Server) consulTxnPlan(ns string, ops []consulTxnOp, keys []string, stat
 	return kvOps, cmps, more
 }
 
-// consulTxnResults reads what each operation left, at the commit's
-// revision: a get's whole pair, a set's or cas's without its value.
-func (s *Server) consulTxnResults(ctx context.Context, ns string, ops []consulTxnOp, rev int64) ([]map[string]consulKVPair, error) {
+// consulTxnResults answers what each operation left, from states read
+// after the commit (or, for a transaction that only reads, the read): a
+// get's whole pair; a set's, cas's or check-index's without its value.
+func consulTxnResults(ns string, ops []consulTxnOp, states map[string]consulKeyState) []map[string]consulKVPair {
 	results := []map[string]consulKVPair{}
 	for _, op := range ops {
 		switch op.KV.Verb {
-		case "get", "set", "cas":
+		case "get", "set", "cas", "check-index":
 		default:
 			continue
-		}
-		_, states, _, err := s.consulKVStates(ctx, ns, op.KV.Key, false, true, true, rev)
-		if err != nil {
-			return nil, err
 		}
 		if st := states[op.KV.Key]; st.dataRev != 0 {
 			p := st.pair(ns, op.KV.Key)
@@ -268,5 +293,5 @@ func (s *Server) consulTxnResults(ctx context.Context, ns string, ops []consulTx
 			results = append(results, map[string]consulKVPair{"KV": p})
 		}
 	}
-	return results, nil
+	return results
 }
