@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/xds"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"beacon.dev/beacon/internal/testutil"
@@ -259,4 +260,71 @@ func TestXDSPrefersTheClientsZone(t *testing.T) {
 		got := spread(t, c, 30)
 		return got["a1"] == 0 && got["b1"] > 0 && got["b2"] > 0
 	})
+}
+
+// An instance whose owner dies (its session is no longer kept alive) leaves
+// the registry when the session's TTL runs out, and the xDS client's calls
+// go to the others without one failing.
+func TestXDSInstanceOfADeadOwnerLeaves(t *testing.T) {
+	srv, _ := startXDS(t)
+	rc := regClient(srv, "")
+	ctx := context.Background()
+	live, doomed := startBackend(t, "live"), startBackend(t, "doomed")
+	registerBackend(t, rc, live, 100, "a")
+	sess, err := rc.CreateSession(ctx, connect.NewRequest(&beaconv1.CreateSessionRequest{Ttl: durationpb.New(2 * time.Second)}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := sess.Msg.GetSessionId()
+	host, port, _ := net.SplitHostPort(doomed.addr)
+	var p int32
+	fmt.Sscan(port, &p)
+	if _, err := rc.Register(ctx, connect.NewRequest(&beaconv1.RegisterRequest{SessionId: id, Instance: &beaconv1.Instance{
+		Service: "orders", Id: "doomed", Address: host, Port: p, Zone: "a"}})); err != nil {
+		t.Fatal(err)
+	}
+	alive := make(chan struct{})
+	kept := make(chan struct{})
+	go func() { // the owner, until it dies
+		defer close(kept)
+		tick := time.NewTicker(300 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-alive:
+				return
+			case <-tick.C:
+				rc.KeepAlive(ctx, connect.NewRequest(&beaconv1.KeepAliveRequest{SessionId: id}))
+			}
+		}
+	}()
+	c := xdsClient(t, srv, "orders")
+	testutil.Eventually(t, 60*time.Second, "both serve", func() bool {
+		got := spread(t, c, 30)
+		return got["live"] > 0 && got["doomed"] > 0
+	})
+	close(alive) // the owner dies: no more keepalives, and its server goes
+	<-kept
+	doomed.srv.Stop()
+	// A call in flight on the dead server fails (gRPC retries only what
+	// never reached the wire, and beacon sets no retry policy for
+	// non-idempotent calls); then the client moves on, and once the
+	// session expired every call goes to live.
+	failed := 0
+	testutil.Eventually(t, 60*time.Second, "every call on live", func() bool {
+		ok := 0
+		for range 20 {
+			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			resp, err := c.UnaryCall(cctx, &testgrpc.SimpleRequest{}, grpc.WaitForReady(true))
+			cancel()
+			switch {
+			case err != nil:
+				failed++
+			case resp.GetHostname() == "live":
+				ok++
+			}
+		}
+		return ok == 20
+	})
+	t.Logf("calls failed while the client learned of the dead instance: %d", failed)
 }
