@@ -25,7 +25,16 @@ import (
 // as a user would run it.
 func benchServer(b *testing.B) (*server.Server, string) {
 	b.Helper()
+	return benchServerWith(b, nil)
+}
+
+// benchServerWith is benchServer with edit applied to its configuration.
+func benchServerWith(b *testing.B, edit func(*server.Config)) (*server.Server, string) {
+	b.Helper()
 	cfg := servertest.Config(b, "")
+	if edit != nil {
+		edit(cfg)
+	}
 	cfg.EtcdClientAddr = testutil.FreeAddr(b) // the benchmarks' own etcd clients, as raw etcd's
 	cfg.EtcdUnsafeNoFsync = os.Getenv("BEACON_BENCH_NO_FSYNC") == "1"
 	// Every benchmark client is on 127.0.0.1: the per-address and

@@ -7,6 +7,7 @@ require (
 	beacon.dev/beacon/examples v0.0.0-00010101000000-000000000000
 	beacon.dev/beacon/server v0.0.0-00010101000000-000000000000
 	connectrpc.com/connect v1.21.1
+	github.com/envoyproxy/go-control-plane/envoy v1.40.0
 	go.etcd.io/etcd/client/v3 v3.7.3
 	go.uber.org/goleak v1.3.0
 	go.uber.org/zap v1.27.1
@@ -24,7 +25,6 @@ require (
 	github.com/coreos/go-systemd/v22 v22.7.0 // indirect
 	github.com/dustin/go-humanize v1.0.1 // indirect
 	github.com/envoyproxy/go-control-plane v0.14.0 // indirect
-	github.com/envoyproxy/go-control-plane/envoy v1.40.0 // indirect
 	github.com/envoyproxy/go-control-plane/ratelimit v0.1.0 // indirect
 	github.com/envoyproxy/protoc-gen-validate v1.3.3 // indirect
 	github.com/go-logr/logr v1.4.4 // indirect

@@ -27,6 +27,8 @@ out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 	go test -run '^$' -bench 'DrainOnSIGTERM' -benchtime 20x -timeout 30m ./bench
 	# Server-side health checks: 1,000 checks at 1 s, detection time.
 	go test -run '^$' -bench 'Checks1000|CheckDetection' -benchtime 1x -timeout 30m ./bench
+	# xDS: a registration reaching 100 ADS clients, beside 100 SDK watchers.
+	go test -run '^$' -bench 'BenchmarkXDSPropagation$' -benchtime 100x -count "${COUNT:-5}" -timeout 30m ./bench
 	# The DNS interface: dnsperf's SRV queries against 1,000 services beside
 	# the same server's ListInstances over HTTP (needs Debian's dnsperf).
 	go test -run '^$' -bench 'BenchmarkDNS$' -benchtime 1x -count "${COUNT:-5}" -timeout 30m ./bench
