@@ -37,6 +37,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzVersionRecord -fuzztime 30s ./server/internal/kv
 	go test -run '^$$' -fuzz FuzzDNSQuery -fuzztime 30s ./server/internal/dns
 	go test -run '^$$' -fuzz FuzzConsulFilter -fuzztime 30s ./server
+	go test -run '^$$' -fuzz FuzzProxyConfig -fuzztime 30s ./proxy
 
 generate:
 	./api/generate.sh

@@ -203,6 +203,8 @@ func newRoot(stdout, stderr io.Writer) (*cobra.Command, *globals) {
 		newLockCmd(g),
 		newElectCmd(g),
 		newLeaderCmd(g),
+		newXDSCmd(g),
+		newProxyCmd(g),
 		&cobra.Command{
 			Use:   "version",
 			Short: "Print the version: the module version and the VCS revision it was built from",

@@ -1,0 +1,560 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"beacon.dev/beacon/balancer"
+	"beacon.dev/beacon/balancer/p2c"
+	"beacon.dev/beacon/beaconhttp"
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/discovery"
+	"beacon.dev/beacon/outlier"
+	"beacon.dev/beacon/policy"
+)
+
+// Option configures a Proxy.
+type Option func(*Proxy)
+
+// WithLogger sets the logger (default: discard).
+func WithLogger(l *slog.Logger) Option { return func(p *Proxy) { p.log = l } }
+
+// WithRegisterer registers the proxy's metrics there too (the metrics
+// listener always serves them).
+func WithRegisterer(r prometheus.Registerer) Option { return func(p *Proxy) { p.extraReg = r } }
+
+// Proxy serves a Config. Make it with New, run it with Run, change its
+// routes with Reload. Safe for concurrent use.
+type Proxy struct {
+	log      *slog.Logger
+	extraReg prometheus.Registerer
+	reg      *prometheus.Registry
+	m        *metrics
+	access   *accessLog
+	client   *client.Client
+	cache    *discovery.Cache
+	base     *http.Transport
+
+	mu    sync.Mutex             // serialises Reload
+	cfg   atomic.Pointer[Config] // the running config
+	table atomic.Pointer[table]  // the routes requests use
+
+	retire sync.WaitGroup // goroutines closing old tables
+	closed atomic.Bool
+
+	ready     chan struct{}
+	readyOnce sync.Once
+}
+
+// table is one generation of routes. Requests hold a reference while they
+// run (acquire/release); the proxy holds one while the table is current.
+// The last release closes the routes' transports.
+type table struct {
+	routes []*route
+	refs   atomic.Int64
+	done   chan struct{}
+}
+
+func (t *table) release() {
+	if t.refs.Add(-1) == 0 {
+		close(t.done)
+	}
+}
+
+func (t *table) close() {
+	for _, r := range t.routes {
+		r.tr.Close()
+	}
+}
+
+// acquire returns the current table with a reference taken.
+func (p *Proxy) acquire() *table {
+	for {
+		t := p.table.Load()
+		n := t.refs.Load()
+		if n > 0 && t.refs.CompareAndSwap(n, n+1) {
+			return t
+		}
+		// n == 0: retired between Load and here; the next Load sees the
+		// new table.
+	}
+}
+
+// New connects to the registry named by cfg and builds the routes. It
+// listens on nothing until Run.
+func New(cfg *Config, opts ...Option) (*Proxy, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	p := &Proxy{log: slog.New(slog.DiscardHandler), reg: prometheus.NewRegistry(), ready: make(chan struct{})}
+	for _, o := range opts {
+		o(p)
+	}
+	p.m = newMetrics(p.reg)
+	if p.extraReg != nil {
+		if err := p.extraReg.Register(p.m); err != nil {
+			return nil, fmt.Errorf("proxy: metrics: %w", err)
+		}
+	}
+	var err error
+	if p.access, err = openAccessLog(cfg.AccessLog.Path); err != nil {
+		return nil, err
+	}
+	copts := []client.Option{client.WithLogger(p.log)}
+	if cfg.Registry.Namespace != "" {
+		copts = append(copts, client.WithNamespace(cfg.Registry.Namespace))
+	}
+	if r := cfg.Registry; r.TLS.CA != "" || r.TLS.Cert != "" {
+		tc, err := client.TLSFromFiles(r.TLS.CA, r.TLS.Cert, r.TLS.Key)
+		if err != nil {
+			p.access.close()
+			return nil, fmt.Errorf("proxy: registry.tls: %w", err)
+		}
+		copts = append(copts, client.WithTLS(tc))
+	}
+	token := cfg.Registry.Token
+	if f := cfg.Registry.TokenFile; f != "" {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			p.access.close()
+			return nil, fmt.Errorf("proxy: registry.tokenFile: %w", err)
+		}
+		token = strings.TrimSpace(string(b))
+	}
+	if token != "" {
+		copts = append(copts, client.WithToken(token))
+	}
+	if p.client, err = client.New(cfg.Registry.Servers, copts...); err != nil {
+		p.access.close()
+		return nil, fmt.Errorf("proxy: registry: %w", err)
+	}
+	if p.cache, err = discovery.New(discovery.FromClient(p.client, cfg.Registry.Namespace), discovery.Config{SnapshotDir: cfg.Registry.SnapshotDir}); err != nil {
+		p.client.Close()
+		p.access.close()
+		return nil, fmt.Errorf("proxy: discovery: %w", err)
+	}
+	p.base = beaconhttp.DefaultBase()
+	p.base.DisableCompression = true // pass Accept-Encoding and bodies through untouched
+	t, err := p.build(cfg)
+	if err != nil {
+		p.closeDeps()
+		return nil, err
+	}
+	p.cfg.Store(cfg)
+	p.table.Store(t)
+	return p, nil
+}
+
+func (p *Proxy) closeDeps() {
+	p.cache.Close()
+	p.client.Close()
+	p.base.CloseIdleConnections()
+	p.access.close()
+}
+
+// Close stops following services and closes the registry connection once
+// the requests in flight are done. Call it after Run returned.
+func (p *Proxy) Close() {
+	if p.closed.Swap(true) {
+		return
+	}
+	p.mu.Lock()
+	t := p.table.Load()
+	p.mu.Unlock()
+	t.release()
+	<-t.done
+	t.close()
+	p.retire.Wait()
+	p.closeDeps()
+}
+
+// Config returns the running configuration (do not modify it).
+func (p *Proxy) Config() *Config { return p.cfg.Load() }
+
+// Client is the proxy's registry client.
+func (p *Proxy) Client() *client.Client { return p.client }
+
+// Gatherer serves the proxy's metrics.
+func (p *Proxy) Gatherer() prometheus.Gatherer { return p.reg }
+
+// ReloadFile reads path and applies it with Reload.
+func (p *Proxy) ReloadFile(path string) error {
+	cfg, err := LoadConfig(path)
+	if err != nil {
+		return err
+	}
+	return p.Reload(cfg)
+}
+
+// Reload applies cfg's routes. Requests in flight finish on the routes they
+// started on; connections stay open. A cfg that is invalid, or that
+// changes anything but the routes (listeners, registry, sidecar, tcp,
+// metrics, access log: those need a restart), is refused and the running
+// configuration kept.
+func (p *Proxy) Reload(cfg *Config) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed.Load() {
+		return errors.New("proxy: closed")
+	}
+	if field, ok := p.cfg.Load().sameExceptRoutes(cfg); !ok {
+		return fe(field, "changed: only routes are reloaded; restart the proxy to change %s", field)
+	}
+	t, err := p.build(cfg)
+	if err != nil {
+		return err
+	}
+	old := p.table.Swap(t)
+	p.cfg.Store(cfg)
+	old.release()
+	p.retire.Add(1)
+	go func() { // owned by p: Close waits for it
+		defer p.retire.Done()
+		<-old.done // the last request on the old routes is done
+		old.close()
+	}()
+	p.m.reloads.Inc()
+	return nil
+}
+
+// build makes a table of routes.
+func (p *Proxy) build(cfg *Config) (*table, error) {
+	t := &table{done: make(chan struct{})}
+	t.refs.Store(1)
+	for i := range cfg.Routes {
+		r, err := p.newRoute(cfg, &cfg.Routes[i])
+		if err != nil {
+			t.close()
+			return nil, fmt.Errorf("proxy: routes[%d] (%s): %w", i, cfg.Routes[i].Name, err)
+		}
+		t.routes = append(t.routes, r)
+	}
+	return t, nil
+}
+
+// route is one configured route, ready to serve.
+type route struct {
+	cfg   Route
+	host  string // lower case; "*.x" matches subdomains of x
+	tr    *beaconhttp.Transport
+	hedge *policy.Hedger
+	rp    *httputil.ReverseProxy
+	rm    routeMetrics
+}
+
+func (p *Proxy) newRoute(cfg *Config, rc *Route) (*route, error) {
+	r := &route{cfg: *rc, host: strings.ToLower(rc.Match.Host), rm: p.m.forRoute(rc.Name, rc.Service)}
+	var subsets []balancer.Subset
+	for _, s := range rc.Split {
+		subsets = append(subsets, balancer.Subset{Name: s.Name, Weight: s.Weight,
+			Match: balancer.Selector{Version: s.Version, Tags: s.Tags, Metadata: s.Metadata}})
+	}
+	budget, err := policy.NewBudget(policy.DefaultBudget)
+	if err != nil {
+		return nil, err
+	}
+	oc := outlier.Config{ConsecutiveFailures: rc.Outlier.ConsecutiveFailures, BaseEjection: time.Duration(rc.Outlier.BaseEjection)}
+	opts := []beaconhttp.Option{
+		beaconhttp.WithServices(rc.Service),
+		beaconhttp.WithBase(&attemptRT{base: p.base, perTry: time.Duration(rc.PerTryTimeout)}),
+		beaconhttp.WithBalancer(p2c.Builder{}, balancer.Config{Subsets: subsets, Zone: cfg.Zone, PanicThreshold: rc.PanicThreshold}),
+		beaconhttp.WithOutlierDetection(oc),
+		beaconhttp.WithRetry(policy.RetryConfig{MaxAttempts: rc.Retry.MaxAttempts, Budget: budget}),
+	}
+	if b := rc.Breaker; b != nil {
+		opts = append(opts, beaconhttp.WithBreaker(policy.BreakerConfig{FailureRate: b.FailureRate, MinCalls: b.MinCalls, OpenFor: time.Duration(b.OpenFor)}))
+	}
+	if r.tr, err = beaconhttp.NewTransport(p.cache, opts...); err != nil {
+		return nil, err
+	}
+	var rt http.RoundTripper = r.tr
+	if h := rc.Hedge; h != nil {
+		if r.hedge, err = policy.NewHedger(policy.HedgeConfig{Delay: time.Duration(h.Delay), MaxExtra: h.MaxExtra, Budget: budget}); err != nil {
+			r.tr.Close()
+			return nil, err
+		}
+		rt = &hedgeRT{next: r.tr, h: r.hedge}
+	}
+	prefix := rc.Match.PathPrefix
+	r.rp = &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.SetXForwarded()
+			pr.Out.URL.Scheme = "http"
+			pr.Out.URL.Host = rc.Service // beaconhttp resolves it
+			if rc.StripPrefix {
+				pr.Out.URL.Path = "/" + strings.TrimPrefix(strings.TrimPrefix(pr.In.URL.Path, prefix), "/")
+				pr.Out.URL.RawPath = ""
+			}
+		},
+		Transport:    rt,
+		ErrorHandler: p.upstreamError,
+		ErrorLog:     slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
+	}
+	return r, nil
+}
+
+// matches reports whether req is the route's.
+func (r *route) matches(req *http.Request, host string) bool {
+	m := &r.cfg.Match
+	switch {
+	case r.host == "":
+	case strings.HasPrefix(r.host, "*."):
+		if !strings.HasSuffix(host, r.host[1:]) {
+			return false
+		}
+	case host != r.host:
+		return false
+	}
+	if m.PathPrefix != "" && !strings.HasPrefix(req.URL.Path, m.PathPrefix) {
+		return false
+	}
+	for k, v := range m.Headers {
+		if req.Header.Get(k) != v {
+			return false
+		}
+	}
+	return true
+}
+
+// ServeHTTP routes one request.
+func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
+	start := time.Now()
+	t := p.acquire()
+	defer t.release()
+	host := req.Host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.ToLower(host)
+	var r *route
+	for _, c := range t.routes {
+		if c.matches(req, host) {
+			r = c
+			break
+		}
+	}
+	rec := &recorder{ResponseWriter: w}
+	if r == nil {
+		http.Error(rec, "beacon proxy: no route matches this request", http.StatusNotFound)
+		p.m.unrouted.Inc()
+		p.access.write(req, rec, "", "", start, nil)
+		return
+	}
+	lim := limitsOf(req.Context())
+	if lim != nil && lim.MaxBodyBytes > 0 && req.Body != nil && req.Body != http.NoBody {
+		if req.ContentLength > lim.MaxBodyBytes {
+			http.Error(rec, fmt.Sprintf("beacon proxy: request body of %d bytes is over the listener's limit (limits.maxBodyBytes %d)", req.ContentLength, lim.MaxBodyBytes), http.StatusRequestEntityTooLarge)
+			r.rm.done(rec.status(), time.Since(start), 0)
+			p.access.write(req, rec, r.cfg.Name, r.cfg.Service, start, nil)
+			return
+		}
+		req.Body = http.MaxBytesReader(rec, req.Body, lim.MaxBodyBytes)
+	}
+	ctx := req.Context()
+	upgrade := req.Header.Get("Upgrade") != ""
+	if !upgrade { // an upgraded connection lives as long as its peers want
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, time.Duration(r.cfg.Timeout))
+		defer cancel()
+	}
+	var attempts atomic.Int32
+	st := &reqState{attempts: &attempts}
+	ctx = context.WithValue(ctx, stateKey{}, st)
+	r.rp.ServeHTTP(rec, req.WithContext(ctx))
+	n := int(attempts.Load())
+	r.rm.done(rec.status(), time.Since(start), n)
+	p.access.write(req, rec, r.cfg.Name, r.cfg.Service, start, st)
+}
+
+// upstreamError answers a request that got no upstream response.
+func (p *Proxy) upstreamError(w http.ResponseWriter, req *http.Request, err error) {
+	code := http.StatusBadGateway
+	var mbe *http.MaxBytesError
+	switch {
+	case errors.As(err, &mbe):
+		code = http.StatusRequestEntityTooLarge
+		err = fmt.Errorf("request body over the listener's limit (limits.maxBodyBytes %d)", mbe.Limit)
+	case errors.Is(err, balancer.ErrNoEndpoint):
+		code = http.StatusServiceUnavailable
+	case errors.Is(err, policy.ErrOpen), errors.Is(err, policy.ErrBulkheadFull):
+		code = http.StatusServiceUnavailable
+	case errors.Is(err, context.DeadlineExceeded):
+		code = http.StatusGatewayTimeout
+	case errors.Is(err, context.Canceled):
+		code = 499 // the client went away (nginx's code); nobody reads it
+	}
+	if st, ok := req.Context().Value(stateKey{}).(*reqState); ok {
+		st.err = err
+	}
+	p.log.Debug("beacon proxy: upstream error", "url", req.URL.String(), "err", err)
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(code)
+	fmt.Fprintf(w, "beacon proxy: %v\n", err)
+}
+
+// stateKey carries a request's *reqState in its context.
+type stateKey struct{}
+
+type reqState struct {
+	attempts *atomic.Int32
+	err      error
+}
+
+// attemptRT counts attempts for the metrics and bounds each one's wait
+// for the response headers (the route's perTryTimeout). The per-try bound
+// lives here rather than in policy.WithPerTryTimeout because the
+// executor cancels an attempt's context when the attempt returns, which
+// would cut the response body the proxy streams afterwards.
+type attemptRT struct {
+	base   http.RoundTripper
+	perTry time.Duration
+}
+
+// errPerTry is a timeout as net.Error, which beaconhttp retries.
+type errPerTry struct{ d time.Duration }
+
+func (e errPerTry) Error() string {
+	return fmt.Sprintf("proxy: no response headers within perTryTimeout %v", e.d)
+}
+func (e errPerTry) Timeout() bool   { return true }
+func (e errPerTry) Temporary() bool { return true }
+
+var _ net.Error = errPerTry{}
+
+func (a *attemptRT) RoundTrip(req *http.Request) (*http.Response, error) {
+	if st, ok := req.Context().Value(stateKey{}).(*reqState); ok {
+		st.attempts.Add(1)
+	}
+	if a.perTry <= 0 {
+		return a.base.RoundTrip(req)
+	}
+	ctx, cancel := context.WithCancelCause(req.Context())
+	timer := time.AfterFunc(a.perTry, func() { cancel(errPerTry{a.perTry}) })
+	resp, err := a.base.RoundTrip(req.WithContext(ctx))
+	if !timer.Stop() && err != nil {
+		cancel(nil)
+		return nil, errPerTry{a.perTry}
+	}
+	if err != nil {
+		cancel(nil)
+		return nil, err
+	}
+	resp.Body = &cancelBody{ReadCloser: resp.Body, cancel: func() { cancel(nil) }}
+	return resp, nil
+}
+
+// hedgeRT hedges GET and HEAD requests without a body with policy.Hedger:
+// the first response wins, the others are cancelled.
+type hedgeRT struct {
+	next http.RoundTripper
+	h    *policy.Hedger
+}
+
+func (h *hedgeRT) RoundTrip(req *http.Request) (*http.Response, error) {
+	if (req.Method != http.MethodGet && req.Method != http.MethodHead) || (req.Body != nil && req.Body != http.NoBody) || req.Header.Get("Upgrade") != "" {
+		return h.next.RoundTrip(req)
+	}
+	var (
+		mu     sync.Mutex
+		winner *http.Response
+	)
+	err := h.h.Do(req.Context(), func(hctx context.Context, _ int) error {
+		// Each attempt's context is its own so that the winner's outlives
+		// Do (which cancels hctx): losers are cancelled through hctx.
+		ctx, cancel := context.WithCancel(req.Context())
+		stop := context.AfterFunc(hctx, cancel)
+		resp, err := h.next.RoundTrip(req.Clone(ctx))
+		if err != nil {
+			stop()
+			cancel()
+			return err
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if winner != nil || hctx.Err() != nil { // lost
+			stop()
+			cancel()
+			resp.Body.Close()
+			return nil
+		}
+		if !stop() { // hctx ended between the check and here
+			cancel()
+			resp.Body.Close()
+			return hctx.Err()
+		}
+		winner = resp
+		resp.Body = &cancelBody{ReadCloser: resp.Body, cancel: cancel}
+		return nil
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	if winner != nil {
+		return winner, nil
+	}
+	if err == nil {
+		err = errors.New("proxy: hedged request ended without a response")
+	}
+	return nil, err
+}
+
+// cancelBody cancels its request's context when closed.
+type cancelBody struct {
+	io.ReadCloser
+	cancel func()
+}
+
+func (b *cancelBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.cancel()
+	return err
+}
+
+// recorder keeps the status and size of a response. Unwrap lets
+// http.ResponseController (flush, hijack for upgrades) reach the
+// connection.
+type recorder struct {
+	http.ResponseWriter
+	code  int
+	bytes int64
+}
+
+func (r *recorder) WriteHeader(code int) {
+	if r.code == 0 && code >= 200 || code == http.StatusSwitchingProtocols {
+		r.code = code
+	}
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *recorder) Write(b []byte) (int, error) {
+	if r.code == 0 {
+		r.code = http.StatusOK
+	}
+	n, err := r.ResponseWriter.Write(b)
+	r.bytes += int64(n)
+	return n, err
+}
+
+func (r *recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
+func (r *recorder) status() int {
+	if r.code == 0 {
+		return http.StatusOK
+	}
+	return r.code
+}
