@@ -54,7 +54,10 @@ func WithBreaker(cfg policy.BreakerConfig) Option {
 }
 
 // WithPolicies adds executor options (timeouts, bulkhead, rate limit,
-// fallback) for every service.
+// fallback) for every service. The timeouts (policy.WithTimeout,
+// policy.WithPerTryTimeout) cover reading the response body too, as
+// http.Client.Timeout does: the attempt's context ends when the body is
+// read to the end or closed, or when a timeout expires.
 func WithPolicies(opts ...policy.Option) Option {
 	return func(t *Transport) { t.extra = append(t.extra, opts...) }
 }
@@ -321,7 +324,9 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	var last *http.Response
 	var tried string // the previous attempt's endpoint: retries go elsewhere
-	err = svc.exec.Do(req.Context(), kind, func(ctx context.Context) error {
+	// DoHold, not Do: the response is read after the call returns, and the
+	// timeouts must keep running, not cancel, while its body is read.
+	release, err := svc.exec.DoHold(req.Context(), kind, func(ctx context.Context) error {
 		if last != nil { // a retried 5xx: its body is not returned
 			drain(last)
 			last = nil
@@ -368,15 +373,54 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	})
 	var es *errStatus
 	if err != nil && errors.As(err, &es) && last != nil {
-		return last, nil // retries exhausted on a 5xx: hand back the response
+		return hold(last, release), nil // retries exhausted on a 5xx: hand back the response
 	}
 	if err != nil {
 		if last != nil {
 			drain(last)
 		}
+		release()
 		return nil, fmt.Errorf("beaconhttp: %s %s: %w", req.Method, req.URL, err)
 	}
-	return last, nil
+	return hold(last, release), nil
+}
+
+// hold leaves the attempt's context, with its timeouts, alive while the
+// caller reads resp's body, as http.Client does for its Timeout: reading
+// to the end (or to an error) or closing the body releases it. A response
+// without a body releases it at once, and so does a 101 Switching
+// Protocols: its body is the upgraded connection, which the base
+// transport hands over (an io.ReadWriteCloser) and the timeouts do not
+// govern.
+func hold(resp *http.Response, release context.CancelFunc) *http.Response {
+	if resp.Body == nil || resp.Body == http.NoBody || resp.StatusCode == http.StatusSwitchingProtocols {
+		release()
+		return resp
+	}
+	resp.Body = &heldBody{rc: resp.Body, release: release}
+	return resp
+}
+
+// heldBody releases the attempt's context when the body is done with.
+// release is a context.CancelFunc or a pair of them: safe to call more
+// than once and concurrently.
+type heldBody struct {
+	rc      io.ReadCloser
+	release context.CancelFunc
+}
+
+func (b *heldBody) Read(p []byte) (int, error) {
+	n, err := b.rc.Read(p)
+	if err != nil { // io.EOF, or the body failed: the context has served
+		b.release()
+	}
+	return n, err
+}
+
+func (b *heldBody) Close() error {
+	err := b.rc.Close()
+	b.release()
+	return err
 }
 
 // replayable makes the body replayable within the bound. It reports false

@@ -181,13 +181,32 @@ func New(opts ...Option) (*Executor, error) {
 	return e, nil
 }
 
-// Do runs fn under the policies. fn must honour ctx.
+// Do runs fn under the policies. fn must honour ctx. When Do returns, the
+// attempts' contexts are cancelled: fn must be done with what it got
+// through ctx (for what outlives the call, use DoHold).
 func (e *Executor) Do(ctx context.Context, kind Idempotency, fn func(ctx context.Context) error) error {
-	err := e.run(ctx, kind, fn)
+	release, err := e.run(ctx, kind, fn)
+	release()
 	if err != nil && e.fallback != nil {
 		return e.fallback(ctx, err)
 	}
 	return err
+}
+
+// DoHold is Do for calls whose result is used after fn returns — an HTTP
+// response whose body is read after the call. The context of the attempt
+// whose outcome DoHold returns is not cancelled on return: its timeouts
+// (WithTimeout, WithPerTryTimeout) keep running while the result is read,
+// as http.Client.Timeout does for a body, and release cancels it. release
+// is never nil; call it once done with the result, whatever the error
+// (for a response, when its body is read to the end or closed). Attempts
+// that were retried are cancelled before the next one starts, as in Do.
+func (e *Executor) DoHold(ctx context.Context, kind Idempotency, fn func(ctx context.Context) error) (release context.CancelFunc, err error) {
+	release, err = e.run(ctx, kind, fn)
+	if err != nil && e.fallback != nil {
+		err = e.fallback(ctx, err)
+	}
+	return release, err
 }
 
 // Open runs fn, which opens something that outlives it — a stream —
@@ -199,51 +218,76 @@ func (e *Executor) Do(ctx context.Context, kind Idempotency, fn func(ctx context
 func (e *Executor) Open(ctx context.Context, fn func(ctx context.Context) error) error {
 	c := *e
 	c.timeout, c.perTry = 0, 0
-	return c.run(ctx, Idempotent, fn)
+	release, err := c.run(ctx, Idempotent, fn)
+	release() // no timeouts: nothing held
+	return err
 }
 
-func (e *Executor) run(ctx context.Context, kind Idempotency, fn func(ctx context.Context) error) error {
+// run returns the outcome of the last attempt and release, which cancels
+// that attempt's contexts (the per-try one and the call's): the caller
+// decides when, since the attempt's result may still be in use. Attempts
+// that are retried are cancelled here, before the next one starts.
+func (e *Executor) run(ctx context.Context, kind Idempotency, fn func(ctx context.Context) error) (release context.CancelFunc, err error) {
+	var callCancel context.CancelFunc
 	if e.timeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, e.timeout)
-		defer cancel()
+		ctx, callCancel = context.WithTimeout(ctx, e.timeout)
 	}
 	if e.retry == nil {
-		return e.attempt(ctx, fn)
+		tryCancel, err := e.attempt(ctx, fn)
+		return join(tryCancel, callCancel), err
 	}
 	var budget *Budget = e.retry.Budget
 	if budget != nil {
 		budget.record(e.now)
 	}
 	for n := 1; ; n++ {
-		err := e.attempt(ctx, fn)
+		tryCancel, err := e.attempt(ctx, fn)
 		if err == nil {
-			return nil
+			return join(tryCancel, callCancel), nil
 		}
 		if ctx.Err() != nil { // the caller's deadline or cancellation: stop
-			return err
+			return join(tryCancel, callCancel), err
 		}
 		if !e.retry.RetryOn(err) || (kind == NotIdempotent && !IsUnsent(err)) {
 			if n == 1 {
-				return err
+				return join(tryCancel, callCancel), err
 			}
-			return &RetryError{Attempts: n, Reason: "not retryable", Last: err}
+			return join(tryCancel, callCancel), &RetryError{Attempts: n, Reason: "not retryable", Last: err}
 		}
 		if n >= e.retry.MaxAttempts {
-			return &RetryError{Attempts: n, Reason: "max attempts", Last: err}
+			return join(tryCancel, callCancel), &RetryError{Attempts: n, Reason: "max attempts", Last: err}
 		}
 		wait := e.backoff(n)
 		if dl, ok := ctx.Deadline(); ok && !e.clock.Now().Add(wait).Before(dl) {
-			return &RetryError{Attempts: n, Reason: "deadline", Last: err}
+			return join(tryCancel, callCancel), &RetryError{Attempts: n, Reason: "deadline", Last: err}
 		}
 		if budget != nil && !budget.TryRetry(e.now()) {
-			return &RetryError{Attempts: n, Reason: "retry budget", Last: err}
+			return join(tryCancel, callCancel), &RetryError{Attempts: n, Reason: "retry budget", Last: err}
 		}
 		if serr := e.sleep(ctx, wait); serr != nil {
-			return err
+			return join(tryCancel, callCancel), err
+		}
+		if tryCancel != nil {
+			tryCancel() // this attempt lost: the next one replaces it
 		}
 	}
 }
+
+// join returns a func that runs the non-nil ones of a and b. It allocates
+// only when both are set, which already cost a context each.
+func join(a, b context.CancelFunc) context.CancelFunc {
+	switch {
+	case a == nil && b == nil:
+		return noop
+	case a == nil:
+		return b
+	case b == nil:
+		return a
+	}
+	return func() { a(); b() }
+}
+
+func noop() {}
 
 // backoff returns the wait before attempt n+1.
 func (e *Executor) backoff(n int) time.Duration {
@@ -267,23 +311,26 @@ func (e *Executor) sleep(ctx context.Context, d time.Duration) error {
 }
 
 // attempt runs one try: breaker → bulkhead → rate limit → per-try timeout.
-func (e *Executor) attempt(ctx context.Context, fn func(ctx context.Context) error) error {
+// It returns what cancels the try's own context (nil without a per-try
+// timeout) uncalled: the try's result may outlive it.
+func (e *Executor) attempt(ctx context.Context, fn func(ctx context.Context) error) (context.CancelFunc, error) {
 	var permit Permit
 	if e.breaker != nil {
 		var err error
 		if permit, err = e.breaker.Allow(); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	if err := e.admit(ctx); err != nil {
 		if e.breaker != nil {
 			e.breaker.Abandon(permit)
 		}
-		return err
+		return nil, err
 	}
+	var cancel context.CancelFunc
 	var err error
 	if e.perTry > 0 {
-		err = e.callWithTimeout(ctx, fn)
+		cancel, err = e.callWithTimeout(ctx, fn)
 	} else {
 		err = fn(ctx)
 	}
@@ -293,17 +340,18 @@ func (e *Executor) attempt(ctx context.Context, fn func(ctx context.Context) err
 	if e.breaker != nil {
 		e.breaker.Done(permit, err)
 	}
-	return err
+	return cancel, err
 }
 
-func (e *Executor) callWithTimeout(ctx context.Context, fn func(ctx context.Context) error) error {
+// callWithTimeout runs fn under the per-try timeout and returns, uncalled,
+// what cancels it.
+func (e *Executor) callWithTimeout(ctx context.Context, fn func(ctx context.Context) error) (context.CancelFunc, error) {
 	tctx, cancel := context.WithTimeout(ctx, e.perTry)
-	defer cancel()
 	err := fn(tctx)
 	if err != nil && ctx.Err() == nil && tctx.Err() != nil {
-		return Retryable(err) // this try ran out of time, the call has not
+		return cancel, Retryable(err) // this try ran out of time, the call has not
 	}
-	return err
+	return cancel, err
 }
 
 // admit takes a bulkhead slot and a rate token, or says why not.

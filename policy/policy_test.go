@@ -457,3 +457,94 @@ func TestOpenRetriesWithoutTimeouts(t *testing.T) {
 		t.Fatalf("Do after Open = %v, want the timeouts still in force", err)
 	}
 }
+
+// DoHold leaves the context of the attempt it returns alive, timeouts
+// running, until release; attempts that were retried are cancelled
+// before the next one starts. Do cancels on return, as before.
+func TestDoHoldKeepsTheLastAttemptAlive(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		opts   []policy.Option
+		perTry bool // attempts get contexts of their own
+	}{
+		{"none", nil, false},
+		{"per-try", []policy.Option{policy.WithPerTryTimeout(30 * time.Second)}, true},
+		{"overall", []policy.Option{policy.WithTimeout(30 * time.Second)}, false},
+		{"both", []policy.Option{policy.WithTimeout(30 * time.Second), policy.WithPerTryTimeout(30 * time.Second)}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := mustNew(t, append(tc.opts, policy.WithRetry(fastRetry))...)
+			var ctxs []context.Context
+			release, err := e.DoHold(testCtx(t), policy.Idempotent, func(ctx context.Context) error {
+				ctxs = append(ctxs, ctx)
+				if len(ctxs) == 1 {
+					return errReset
+				}
+				return nil
+			})
+			if err != nil || len(ctxs) != 2 {
+				t.Fatalf("DoHold = %v after %d attempts, want success on the 2nd", err, len(ctxs))
+			}
+			if tc.perTry && ctxs[0].Err() == nil {
+				t.Error("the retried attempt's context is alive, want it cancelled")
+			}
+			if err := ctxs[1].Err(); err != nil {
+				t.Fatalf("the returned attempt's context after DoHold: %v, want alive until release", err)
+			}
+			release()
+			release() // idempotent
+			if len(tc.opts) > 0 && ctxs[1].Err() == nil {
+				t.Error("the returned attempt's context is alive after release, want cancelled")
+			}
+
+			var done context.Context
+			if err := e.Do(testCtx(t), policy.Idempotent, func(ctx context.Context) error { done = ctx; return nil }); err != nil {
+				t.Fatal(err)
+			}
+			if len(tc.opts) > 0 && done.Err() == nil {
+				t.Error("Do left the attempt's context alive, want it cancelled on return")
+			}
+		})
+	}
+}
+
+// The timeouts keep running for what DoHold returns, as http.Client's
+// Timeout does for a body: a held context that is never released still
+// ends at its deadline.
+func TestDoHoldTimeoutsKeepRunning(t *testing.T) {
+	for _, opt := range []policy.Option{policy.WithTimeout(time.Millisecond), policy.WithPerTryTimeout(time.Millisecond)} {
+		e := mustNew(t, opt)
+		var held context.Context
+		release, err := e.DoHold(testCtx(t), policy.Idempotent, func(ctx context.Context) error { held = ctx; return nil })
+		if err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-held.Done():
+		case <-testCtx(t).Done():
+			t.Fatal("the held context outlived its timeout")
+		}
+		if !errors.Is(held.Err(), context.DeadlineExceeded) {
+			t.Errorf("held context ended with %v, want DeadlineExceeded", held.Err())
+		}
+		release()
+	}
+}
+
+// A failed DoHold holds too: the caller may still read the last
+// attempt's result (an HTTP 503 handed back after the last retry).
+func TestDoHoldHoldsTheLastFailure(t *testing.T) {
+	e := mustNew(t, policy.WithTimeout(30*time.Second), policy.WithPerTryTimeout(30*time.Second), policy.WithRetry(fastRetry))
+	var last context.Context
+	release, err := e.DoHold(testCtx(t), policy.Idempotent, func(ctx context.Context) error { last = ctx; return errReset })
+	if !errors.Is(err, policy.ErrRetriesExhausted) {
+		t.Fatalf("DoHold(always failing) = %v, want ErrRetriesExhausted", err)
+	}
+	if last.Err() != nil {
+		t.Errorf("the last attempt's context after DoHold: %v, want alive until release", last.Err())
+	}
+	release()
+	if last.Err() == nil {
+		t.Error("the last attempt's context is alive after release")
+	}
+}
