@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -94,6 +95,7 @@ func (s *Server) startXDS() error {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
 		grpc.ConnectionTimeout(lim.ReadHeaderTimeout),
+		grpc.WaitForHandlers(true), // Stop returns once every ADS handler has
 	}
 	if s.tlsConfig != nil {
 		opts = append(opts, grpc.Creds(credentials.NewTLS(s.tlsConfig))) // the API's certificate and client CAs
@@ -138,10 +140,11 @@ func (s *Server) XDSAddr() string {
 	return s.xdsLn.Addr().String()
 }
 
-// xdsAuthorize resolves an ADS stream's caller: a token in its metadata
+// xdsAuthorize takes an ADS stream's caller: a token in its metadata
 // ("authorization: Bearer …" or "x-beacon-token"), else a verified client
-// certificate naming a role; it reads what that identity may read.
-func (s *Server) xdsAuthorize(ctx context.Context) (func(registry.ServiceKey) bool, error) {
+// certificate naming a role. The stream resolves it again on every
+// request (a deleted token or role, or a narrowed policy, applies to it).
+func (s *Server) xdsAuthorize(ctx context.Context) (func() (func(registry.ServiceKey) bool, error), error) {
 	if s.acl == nil {
 		return nil, nil
 	}
@@ -152,19 +155,17 @@ func (s *Server) xdsAuthorize(ctx context.Context) (func(registry.ServiceKey) bo
 	} else if v := md.Get("x-beacon-token"); len(v) > 0 {
 		secret = strings.TrimSpace(v[0])
 	}
-	var id acl.Identity
-	var err error
+	var cs *tls.ConnectionState
 	if p, ok := peer.FromContext(ctx); ok {
 		if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok {
-			id, err = s.identify(secret, &ti.State)
-		} else {
-			id, err = s.identify(secret, nil)
+			cs = &ti.State
 		}
-	} else {
-		id, err = s.identify(secret, nil)
 	}
-	if err != nil {
-		return nil, status.Error(codes.Unauthenticated, err.Error())
-	}
-	return func(sk registry.ServiceKey) bool { return id.Authz.Service(sk.Namespace, sk.Service) >= acl.Read }, nil
+	return func() (func(registry.ServiceKey) bool, error) {
+		id, err := s.identify(secret, cs)
+		if err != nil {
+			return nil, status.Error(codes.Unauthenticated, err.Error())
+		}
+		return func(sk registry.ServiceKey) bool { return id.Authz.Service(sk.Namespace, sk.Service) >= acl.Read }, nil
+	}, nil
 }

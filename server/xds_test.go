@@ -215,6 +215,9 @@ func TestXDSACLAndNACK(t *testing.T) {
 	if err := ask(token, "payments", ""); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("asking for an unreadable service: %v, want PermissionDenied", err)
 	}
+	if err := ask(token, "*", ""); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("asking for every listener (\"*\"): %v, want PermissionDenied", err)
+	}
 	if err := ask("bct_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "orders", ""); status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("a bad token: %v, want Unauthenticated", err)
 	}
@@ -327,4 +330,50 @@ func TestXDSInstanceOfADeadOwnerLeaves(t *testing.T) {
 		return ok == 20
 	})
 	t.Logf("calls failed while the client learned of the dead instance: %d", failed)
+}
+
+// A token deleted while its ADS stream is open: the stream's next request
+// ends it.
+func TestXDSDeletedTokenEndsItsStream(t *testing.T) {
+	srv, _, mgmt := aclServer(t, func(c *server.Config) { c.XDS.Addr = "127.0.0.1:0" })
+	mustPolicy(t, srv, mgmt, "read-orders", "read service default/orders")
+	made, err := aclClient(srv, mgmt, connect.WithGRPC()).CreateToken(context.Background(), connect.NewRequest(&beaconv1.CreateTokenRequest{Token: &beaconv1.AclToken{Policies: []string{"read-orders"}}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc, err := grpc.NewClient(srv.XDSAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	st, err := discoveryv3.NewAggregatedDiscoveryServiceClient(cc).StreamAggregatedResources(
+		metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+made.Msg.GetToken().GetSecretId()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	listeners := "type.googleapis.com/envoy.config.listener.v3.Listener"
+	if err := st.Send(&discoveryv3.DiscoveryRequest{Node: nodeOf("del"), TypeUrl: listeners, ResourceNames: []string{"orders"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := aclClient(srv, mgmt, connect.WithGRPC()).DeleteToken(context.Background(), connect.NewRequest(&beaconv1.DeleteTokenRequest{AccessorId: made.Msg.GetToken().GetAccessorId()})); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 30*time.Second, "the server forgot the token", func() bool {
+		_, err := regClient(srv, made.Msg.GetToken().GetSecretId()).ListServices(context.Background(), connect.NewRequest(&beaconv1.ListServicesRequest{}))
+		return connect.CodeOf(err) == connect.CodeUnauthenticated
+	})
+	if err := st.Send(&discoveryv3.DiscoveryRequest{Node: nodeOf("del"), TypeUrl: listeners, ResourceNames: []string{"orders", "payments.x"}}); err != nil && !errors.Is(err, io.EOF) {
+		t.Fatal(err)
+	}
+	for {
+		_, err := st.Recv()
+		if err != nil {
+			if status.Code(err) != codes.Unauthenticated {
+				t.Fatalf("the stream ended with %v, want Unauthenticated", err)
+			}
+			return
+		}
+	}
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	resourcev3 "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/server/config"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -22,10 +23,12 @@ import (
 // Config configures a Server.
 type Config struct {
 	Log *slog.Logger
-	// Authorize resolves the caller of a stream (from its context: token
-	// metadata or TLS peer) into what it may read. nil: every caller reads
-	// everything.
-	Authorize func(ctx context.Context) (mayRead func(registry.ServiceKey) bool, err error)
+	// Authorize takes the caller of a stream (from its context: token
+	// metadata or TLS peer) and returns how to resolve it into what it may
+	// read; the stream resolves it again on every request, so that a
+	// deleted token or a narrowed policy applies to open streams too. nil:
+	// every caller reads everything.
+	Authorize func(ctx context.Context) (resolve func() (mayRead func(registry.ServiceKey) bool, err error), err error)
 	// NACK is told of every resource a client refused (a NACK), with the
 	// client's node id, the resource type and the client's error.
 	NACK func(node, typeURL, detail string)
@@ -52,7 +55,7 @@ type Server struct {
 	snaps map[string]*registry.Snapshot // by resource name
 	eds   map[string]*cachev3.LinearCache
 
-	streams sync.Map // stream id -> func(registry.ServiceKey) bool (nil func: all)
+	streams sync.Map // stream id -> resolver (nil: every caller reads everything)
 }
 
 var typeURLs = []string{resourcev3.ListenerType, resourcev3.RouteType, resourcev3.ClusterType, resourcev3.EndpointType}
@@ -77,6 +80,8 @@ func New(ctx context.Context, cfg Config) *Server {
 	}
 	s.eds[""] = cachev3.NewLinearCache(resourcev3.EndpointType, cachev3.WithLogger(quietLogger{cfg.Log}))
 	mux.Caches[resourcev3.EndpointType] = edsByZone{s}
+	// Without legacy wildcards an empty list of names is "none", not "all"
+	// (gRPC clients never ask for all); "*" is refused under ACLs below.
 	s.xds = serverv3.NewServer(ctx, mux, serverv3.CallbackFuncs{
 		StreamOpenFunc:    s.open,
 		StreamClosedFunc:  func(id int64, _ *corev3.Node) { s.streams.Delete(id) },
@@ -85,7 +90,7 @@ func New(ctx context.Context, cfg Config) *Server {
 			return status.Error(codes.Unimplemented, "xds: incremental (delta) xDS is not served; use state-of-the-world ADS")
 		},
 		DeltaStreamClosedFunc: func(int64, *corev3.Node) {},
-	})
+	}, config.DeactivateLegacyWildcard())
 	return s
 }
 
@@ -98,14 +103,17 @@ func (s *Server) open(ctx context.Context, id int64, typeURL string) error {
 	if typeURL != resourcev3.AnyType {
 		return status.Error(codes.Unimplemented, "xds: only ADS (the aggregated discovery service) is served")
 	}
-	var mayRead func(registry.ServiceKey) bool
-	if s.cfg.Authorize != nil {
-		var err error
-		if mayRead, err = s.cfg.Authorize(ctx); err != nil {
-			return err
-		}
+	if s.cfg.Authorize == nil {
+		return nil
 	}
-	s.streams.Store(id, mayRead)
+	resolve, err := s.cfg.Authorize(ctx)
+	if err != nil || resolve == nil { // nil: every caller reads everything
+		return err
+	}
+	if _, err := resolve(); err != nil {
+		return err
+	}
+	s.streams.Store(id, resolve)
 	return nil
 }
 
@@ -118,16 +126,22 @@ func (s *Server) request(id int64, req *discoveryv3.DiscoveryRequest) error {
 			s.cfg.NACK(req.GetNode().GetId(), req.GetTypeUrl(), d.GetMessage())
 		}
 	}
-	v, _ := s.streams.Load(id)
-	mayRead, _ := v.(func(registry.ServiceKey) bool)
-	if mayRead == nil {
-		return nil
+	v, ok := s.streams.Load(id)
+	if !ok {
+		return nil // no ACLs
 	}
-	if len(req.GetResourceNames()) == 0 {
-		return status.Errorf(codes.PermissionDenied, "xds: a request for every %s (a wildcard) is refused with ACLs on: name the services", req.GetTypeUrl())
+	mayRead, err := v.(func() (func(registry.ServiceKey) bool, error))()
+	if err != nil {
+		return err // the credential is gone: the stream ends
 	}
 	for _, name := range req.GetResourceNames() {
-		if sk, ok := ParseName(name); ok && !mayRead(sk) {
+		sk, ok := ParseName(name)
+		if !ok {
+			// "*" (every resource) included: with ACLs a stream names
+			// the services it may read.
+			return status.Errorf(codes.PermissionDenied, "xds: %q names no service (wildcards are refused with ACLs on: name the services)", name)
+		}
+		if !mayRead(sk) {
 			return status.Errorf(codes.PermissionDenied, "xds: permission denied: needs service:read on %q", sk.Namespace+"/"+sk.Service)
 		}
 	}
@@ -213,7 +227,7 @@ func (s *Server) edsCache(zone string) *cachev3.LinearCache {
 	if c, ok := s.eds[zone]; ok {
 		return c
 	}
-	if registry.ValidateName("zone", zone) != nil || len(s.eds) > maxZones {
+	if registry.ValidateName("zone", zone) != nil || len(s.eds) >= maxZones+1 { // +1: the zone-less one
 		return s.eds[""]
 	}
 	res := make(map[string]types.Resource, len(s.snaps))
