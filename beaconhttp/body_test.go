@@ -1,6 +1,7 @@
 package beaconhttp_test
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -88,5 +89,25 @@ func TestTimeoutsLeaveTheBodyWhole(t *testing.T) {
 				t.Errorf("body = %q, want %q", got, want)
 			}
 		})
+	}
+}
+
+// A fallback that answers an error without a response gives RoundTrip an
+// error, not a nil response (nor a panic).
+func TestFallbackWithoutAResponseIsAnError(t *testing.T) {
+	e := newEnv(t)
+	tr, err := beaconhttp.NewTransport(e.cache, beaconhttp.WithServices("nobody"),
+		beaconhttp.WithPolicies(policy.WithFallback(func(context.Context, error) error { return nil })))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	req, err := http.NewRequestWithContext(e.ctx, http.MethodGet, "http://nobody/x", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := tr.RoundTrip(req)
+	if err == nil || resp != nil || !strings.Contains(err.Error(), "fallback gave no response") {
+		t.Fatalf("RoundTrip = %v, %v; want the fallback's missing response named", resp, err)
 	}
 }

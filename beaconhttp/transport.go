@@ -382,6 +382,10 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		release()
 		return nil, fmt.Errorf("beaconhttp: %s %s: %w", req.Method, req.URL, err)
 	}
+	if last == nil { // a fallback answered the error without a response
+		release()
+		return nil, fmt.Errorf("beaconhttp: %s %s: the fallback gave no response", req.Method, req.URL)
+	}
 	return hold(last, release), nil
 }
 

@@ -57,6 +57,11 @@ type Proxy struct {
 
 	ready     chan struct{}
 	readyOnce sync.Once
+
+	// stopping ends upgraded connections (websockets) when Close starts:
+	// http.Server.Shutdown does not track hijacked connections.
+	stopping context.Context
+	stop     context.CancelFunc
 }
 
 // table is one generation of routes. Requests hold a reference while they
@@ -83,6 +88,9 @@ func (t *table) close() {
 // acquire returns the current table with a reference taken.
 func (p *Proxy) acquire() *table {
 	for {
+		if p.closed.Load() {
+			return nil // Close released the last table
+		}
 		t := p.table.Load()
 		n := t.refs.Load()
 		if n > 0 && t.refs.CompareAndSwap(n, n+1) {
@@ -100,6 +108,7 @@ func New(cfg *Config, opts ...Option) (*Proxy, error) {
 		return nil, err
 	}
 	p := &Proxy{log: slog.New(slog.DiscardHandler), reg: prometheus.NewRegistry(), ready: make(chan struct{})}
+	p.stopping, p.stop = context.WithCancel(context.Background())
 	for _, o := range opts {
 		o(p)
 	}
@@ -171,6 +180,7 @@ func (p *Proxy) Close() {
 	if p.closed.Swap(true) {
 		return
 	}
+	p.stop()
 	p.mu.Lock()
 	t := p.table.Load()
 	p.mu.Unlock()
@@ -336,6 +346,10 @@ func (r *route) matches(req *http.Request, host string) bool {
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	start := time.Now()
 	t := p.acquire()
+	if t == nil {
+		http.Error(w, "beacon proxy: closing", http.StatusServiceUnavailable)
+		return
+	}
 	defer t.release()
 	host := req.Host
 	if h, _, err := net.SplitHostPort(host); err == nil {
@@ -372,6 +386,11 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, time.Duration(r.cfg.Timeout))
 		defer cancel()
+	} else { // … or until the proxy closes
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithCancel(ctx)
+		defer cancel()
+		defer context.AfterFunc(p.stopping, cancel)()
 	}
 	var attempts atomic.Int32
 	st := &reqState{attempts: &attempts}
@@ -417,10 +436,9 @@ type reqState struct {
 }
 
 // attemptRT counts attempts for the metrics and bounds each one's wait
-// for the response headers (the route's perTryTimeout). The per-try bound
-// lives here rather than in policy.WithPerTryTimeout because the
-// executor cancels an attempt's context when the attempt returns, which
-// would cut the response body the proxy streams afterwards.
+// for the response headers (the route's perTryTimeout): the bound is on
+// the headers only, so that a long response streams as long as the
+// route's timeout allows.
 type attemptRT struct {
 	base   http.RoundTripper
 	perTry time.Duration
@@ -473,8 +491,27 @@ func (h *hedgeRT) RoundTrip(req *http.Request) (*http.Response, error) {
 	var (
 		mu     sync.Mutex
 		winner *http.Response
+		over   bool           // Do returned: no attempt starts any more
+		active sync.WaitGroup // attempts still running, losers included
 	)
+	// The losers are cancelled when Do returns, but may still be in the
+	// transport: RoundTrip waits for them, so that none outlives the
+	// route table (a reload closes its transports after its last request).
+	defer func() {
+		mu.Lock()
+		over = true
+		mu.Unlock()
+		active.Wait()
+	}()
 	err := h.h.Do(req.Context(), func(hctx context.Context, _ int) error {
+		mu.Lock()
+		if over {
+			mu.Unlock()
+			return context.Canceled
+		}
+		active.Add(1)
+		mu.Unlock()
+		defer active.Done()
 		// Each attempt's context is its own so that the winner's outlives
 		// Do (which cancels hctx): losers are cancelled through hctx.
 		ctx, cancel := context.WithCancel(req.Context())

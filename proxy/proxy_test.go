@@ -1,11 +1,15 @@
 package proxy_test
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -329,4 +333,78 @@ func FuzzProxyConfig(f *testing.F) {
 			t.Fatalf("Validate() of a parsed config = %v", err)
 		}
 	})
+}
+
+// An upgraded connection (a websocket) does not hold the proxy open: Close
+// ends it, and requests after Close get 503, not a spin.
+func TestCloseEndsUpgradedConnections(t *testing.T) {
+	e := newEnv(t)
+	e.backend("ws", "ws-1", "", func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "echo" {
+			http.Error(w, "want Upgrade: echo", http.StatusBadRequest)
+			return
+		}
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+		brw.Flush()
+		io.Copy(conn, brw) // echo until the other side closes
+	})
+	addr := testutil.FreeAddr(t)
+	path := filepath.Join(t.TempDir(), "proxy.yaml")
+	e.writeConfig(path, fmt.Sprintf("listeners: [{name: edge, addr: %q}]\nroutes: [{name: ws, service: ws}]\n", addr))
+	cfg, err := proxy.LoadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := proxy.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan error, 1)
+	go func() { ran <- p.Run(ctx) }()
+	<-p.Ready()
+	waitServing(t, &http.Client{Timeout: 10 * time.Second}, "http://"+addr+"/", nil, "want Upgrade: echo")
+
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	io.WriteString(conn, "GET / HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade = %v, %v", resp, err)
+	}
+	io.WriteString(conn, "ping\n")
+	if line, err := br.ReadString('\n'); err != nil || line != "ping\n" {
+		t.Fatalf("echo = %q, %v", line, err)
+	}
+	cancel()
+	if err := <-ran; err != nil {
+		t.Fatalf("Run() = %v", err)
+	}
+	closed := make(chan struct{})
+	go func() { p.Close(); close(closed) }()
+	testutil.Eventually(t, 30*time.Second, "Close returned with an upgraded connection open", func() bool {
+		select {
+		case <-closed:
+			return true
+		default:
+			return false
+		}
+	})
+	if _, err := io.ReadAll(br); err != nil && !errors.Is(err, net.ErrClosed) && !strings.Contains(err.Error(), "reset") {
+		t.Fatalf("the upgraded connection after Close: %v", err)
+	}
+	rec := httptest.NewRecorder()
+	p.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "http://ws/", nil))
+	if rec.Code != http.StatusServiceUnavailable {
+		t.Fatalf("a request after Close = %d, want 503", rec.Code)
+	}
 }

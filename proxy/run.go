@@ -183,7 +183,7 @@ func (p *Proxy) sidecarConfig(sc *Sidecar, ln net.Listener, zone string) (lifecy
 			http.Error(w, "beacon proxy: local service "+sc.Local+": "+err.Error(), http.StatusBadGateway)
 		},
 	}
-	in := p.server(sc.Limits, rp)
+	in := p.server(sc.Limits, bodyLimited(rp))
 	host, port, err := net.SplitHostPort(ln.Addr().String())
 	if err != nil {
 		return lifecycle.Config{}, err
@@ -248,3 +248,21 @@ func (p *Proxy) markReady() { p.readyOnce.Do(func() { close(p.ready) }) }
 
 // Ready is closed once Run listens on every address.
 func (p *Proxy) Ready() <-chan struct{} { return p.ready }
+
+// bodyLimited enforces the listener's limits.maxBodyBytes on a handler
+// that is not the proxy's router (the sidecar's pass to the local
+// service): 413 at once for a declared length over it, and a body cut
+// there otherwise.
+func bodyLimited(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		lim := limitsOf(req.Context())
+		if lim != nil && lim.MaxBodyBytes > 0 && req.Body != nil && req.Body != http.NoBody {
+			if req.ContentLength > lim.MaxBodyBytes {
+				http.Error(w, fmt.Sprintf("beacon proxy: request body of %d bytes is over the listener's limit (limits.maxBodyBytes %d)", req.ContentLength, lim.MaxBodyBytes), http.StatusRequestEntityTooLarge)
+				return
+			}
+			req.Body = http.MaxBytesReader(w, req.Body, lim.MaxBodyBytes)
+		}
+		h.ServeHTTP(w, req)
+	})
+}
