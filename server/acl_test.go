@@ -499,20 +499,26 @@ func TestACLPermissionMatrix(t *testing.T) {
 	// The NDJSON watch, as curl reads it.
 	f := newFixture(t, webID, mgmt, srv)
 	defer f.close(t, mgmt)
-	for _, row := range rows {
-		secret := secrets[row]
+	// The HTTP reads below answer each row as a read does: the row's
+	// secret (a session credential for the cred rows), unauthenticated
+	// for a bad token.
+	rowSecret := func(row string) string {
 		switch row {
 		case "cred-same":
-			secret = f.cred1
+			return f.cred1
 		case "cred-other":
-			secret = f.cred2
+			return f.cred2
 		}
-		want := read[row]
-		switch row {
-		case "bad-token":
-			want = unauth
+		return secrets[row]
+	}
+	wantRead := func(row string) outcome {
+		if row == "bad-token" {
+			return unauth
 		}
-		if got := ndjsonOutcome(t, srv, secret); got != want {
+		return read[row]
+	}
+	for _, row := range rows {
+		if got, want := ndjsonOutcome(t, srv, rowSecret(row)), wantRead(row); got != want {
 			t.Errorf("ndjson: Watch as %s = %s, want %s", row, got, want)
 		}
 	}
@@ -523,19 +529,7 @@ func TestACLPermissionMatrix(t *testing.T) {
 		return slices.Contains(sdIDs(promSDGroups(t, srv.Addr(), "service=web", mgmtSecret)), "web/p1")
 	})
 	for _, row := range rows {
-		secret := secrets[row]
-		switch row {
-		case "cred-same":
-			secret = f.cred1
-		case "cred-other":
-			secret = f.cred2
-		}
-		want := read[row]
-		switch row {
-		case "bad-token":
-			want = unauth
-		}
-		if got := promSDOutcome(t, srv, secret); got != want {
+		if got, want := promSDOutcome(t, srv, rowSecret(row)), wantRead(row); got != want {
 			t.Errorf("prometheus sd as %s = %s, want %s", row, got, want)
 		}
 	}
