@@ -29,10 +29,14 @@ type echoProcess struct {
 	exited chan struct{}
 }
 
-func startEchoProcess(b *testing.B, bin, registryAddr string) *echoProcess {
+// startEchoProcess starts one and waits until it registered; args are
+// added after the defaults (service echo, gRPC only, TTL 5 s) and override
+// them.
+func startEchoProcess(b testing.TB, bin, registryAddr string, args ...string) *echoProcess {
 	b.Helper()
-	p := &echoProcess{cmd: exec.Command(bin, "--registry", registryAddr, "--service", "echo", "--ttl", "5s"),
+	p := &echoProcess{cmd: exec.Command(bin, append([]string{"--registry", registryAddr, "--service", "echo", "--ttl", "5s"}, args...)...),
 		lines: make(chan string, 64), exited: make(chan struct{})}
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // dies with the benchmark
 	out, _ := p.cmd.StdoutPipe()
 	p.cmd.Stderr = p.cmd.Stdout
 	if err := p.cmd.Start(); err != nil {
@@ -54,7 +58,7 @@ func startEchoProcess(b *testing.B, bin, registryAddr string) *echoProcess {
 	return p
 }
 
-func (p *echoProcess) await(b *testing.B, s string) string {
+func (p *echoProcess) await(b testing.TB, s string) string {
 	b.Helper()
 	timeout := time.After(30 * time.Second)
 	for {

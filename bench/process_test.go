@@ -38,6 +38,12 @@ func startServerProcess(b testing.TB, extraArgs ...string) *serverProcess {
 	if out, err := exec.Command("go", "build", "-o", bin, "beacon.dev/beacon/cmd/beacon").CombinedOutput(); err != nil {
 		b.Fatalf("go build: %v\n%s", err, out)
 	}
+	return startServerProcessFrom(b, bin, extraArgs...)
+}
+
+// startServerProcessFrom is startServerProcess with a binary built before.
+func startServerProcessFrom(b testing.TB, bin string, extraArgs ...string) *serverProcess {
+	b.Helper()
 	cfg := servertest.Config(b, "")
 	cfg.EtcdClientAddr = testutil.FreeAddr(b) // the benchmarks' own etcd clients
 	p := &serverProcess{addr: cfg.Addr, etcdAddr: cfg.EtcdClientAddr}

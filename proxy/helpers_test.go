@@ -22,13 +22,13 @@ import (
 
 // env is a beacon server and a session registering test backends.
 type env struct {
-	t    *testing.T
+	t    testing.TB
 	addr string
 	c    *client.Client
 	sess *client.Session
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	nd := testutil.StartBeacon(t)
 	c, err := client.New([]string{nd.Addr()})
@@ -104,7 +104,7 @@ func (e *env) startProxy(body string) (*proxy.Proxy, string, string) {
 }
 
 // get sends a GET and returns status and body.
-func get(t *testing.T, hc *http.Client, url string, hdr map[string]string) (int, string) {
+func get(t testing.TB, hc *http.Client, url string, hdr map[string]string) (int, string) {
 	t.Helper()
 	req, err := http.NewRequest(http.MethodGet, url, nil)
 	if err != nil {
@@ -127,7 +127,7 @@ func get(t *testing.T, hc *http.Client, url string, hdr map[string]string) (int,
 }
 
 // waitServing waits until url answers want.
-func waitServing(t *testing.T, hc *http.Client, url string, hdr map[string]string, want string) {
+func waitServing(t testing.TB, hc *http.Client, url string, hdr map[string]string, want string) {
 	t.Helper()
 	testutil.Eventually(t, 20*time.Second, url+" answering "+want, func() bool {
 		_, body := get(t, hc, url, hdr)

@@ -32,6 +32,12 @@ out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 	# The DNS interface: dnsperf's SRV queries against 1,000 services beside
 	# the same server's ListInstances over HTTP (needs Debian's dnsperf).
 	go test -run '^$' -bench 'BenchmarkDNS$' -benchtime 1x -count "${COUNT:-5}" -timeout 30m ./bench
+	# The edge proxy: wrk through beacon proxy, nginx 1.22 and HAProxy 2.6
+	# to the same three backends, and a backend SIGKILLed under load
+	# (Debian's nginx, haproxy and wrk).
+	go test -run '^$' -bench 'BenchmarkProxy$' -benchtime 1x -count "${COUNT:-5}" -timeout 30m ./bench
+	go test -run '^$' -bench 'BenchmarkProxyChaos$' -benchtime 1x -count 3 -timeout 30m ./bench
+	go test -run '^$' -bench 'ProxyRequest' -benchmem -count "${COUNT:-5}" ./proxy
 	# Cluster mode: failover (20 kills of the leader's node), the 3-node
 	# cluster beside a single node, and 300 clients through a node's death
 	# and restart (reconnect spread, return home).

@@ -18,8 +18,13 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
 	# Debian's Prometheus (2.42) discovers targets through the server's
 	# http_sd endpoint (/v1/sd/prometheus) in server/promsd_prometheus_test.go.
 	command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+	# The edge-proxy benchmark's anchors and load generator; its rig test
+	# (bench/proxy_test.go) checks their configurations.
+	command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+	command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+	command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 	if [ ${#missing[@]} -gt 0 ]; then
-		echo "installing ${missing[*]} for the external-etcd, DNS and Prometheus tests"
+		echo "installing ${missing[*]} for the external-etcd, DNS, Prometheus and proxy-anchor tests"
 		apt-get update -qq
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 	fi
@@ -28,6 +33,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
 	export BEACON_REQUIRE_ETCD=1
 	export BEACON_REQUIRE_DNS_TOOLS=1
 	export BEACON_REQUIRE_PROMETHEUS=1
+	export BEACON_REQUIRE_PROXY_ANCHORS=1
 fi
 
 # One workspace (go.work) of several modules: the SDK at the root, the
