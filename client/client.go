@@ -888,6 +888,83 @@ func (c *Client) ResetProtectionThreshold(ctx context.Context, service string, o
 	return c.setServiceConfig(ctx, &beaconv1.SetServiceConfigRequest{Namespace: c.options(opts).namespace, Service: service, UseDefault: true})
 }
 
+// ServiceConfig is a service's settings.
+type ServiceConfig struct {
+	// ProtectionThreshold is the threshold in effect: the service's own,
+	// or the server's default when ProtectionThresholdDefault.
+	ProtectionThreshold        float64
+	ProtectionThresholdDefault bool
+	// Policy is what the service's xDS clients follow (docs/xds.md).
+	Policy registry.ServicePolicy
+	// Revision is the etcd revision the settings were read or written at.
+	Revision int64
+}
+
+// PolicyChange names the parts of a service's policy to set; the nil ones
+// are left as they are. A zero value set is that part's default.
+type PolicyChange struct {
+	LoadBalancing    *registry.LoadBalancing
+	Retry            *registry.RetryPolicy
+	OutlierDetection *registry.OutlierDetection
+}
+
+// SetServicePolicy changes the balancing, retry and outlier-detection
+// policies a service's xDS clients follow (docs/xds.md), leaving its
+// protection threshold and the parts change does not name as they are. It
+// returns the service's settings after the change. A server that predates
+// policies answers with an error (Unimplemented).
+func (c *Client) SetServicePolicy(ctx context.Context, service string, change PolicyChange, opts ...CallOption) (ServiceConfig, error) {
+	req := &beaconv1.SetServicePolicyRequest{Namespace: c.options(opts).namespace, Service: service}
+	if lb := change.LoadBalancing; lb != nil {
+		if err := lb.Validate(); err != nil {
+			return ServiceConfig{}, err
+		}
+		req.LoadBalancing = wire.LoadBalancingToProto(*lb)
+	}
+	if r := change.Retry; r != nil {
+		if err := r.Validate(); err != nil {
+			return ServiceConfig{}, err
+		}
+		req.RetryPolicy = wire.RetryPolicyToProto(*r)
+		if req.RetryPolicy == nil {
+			req.RetryPolicy = &beaconv1.RetryPolicy{} // given, and empty: no retries
+		}
+	}
+	if od := change.OutlierDetection; od != nil {
+		if err := od.Validate(); err != nil {
+			return ServiceConfig{}, err
+		}
+		req.OutlierDetection = wire.OutlierDetectionToProto(*od)
+	}
+	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (ServiceConfig, error) {
+		resp, err := r.SetServicePolicy(ctx, connect.NewRequest(req))
+		if err != nil {
+			return ServiceConfig{}, err
+		}
+		return serviceConfigFromProto(resp.Msg.GetConfig(), resp.Msg.GetRevision())
+	})
+}
+
+// GetServiceConfig returns a service's settings.
+func (c *Client) GetServiceConfig(ctx context.Context, service string, opts ...CallOption) (ServiceConfig, error) {
+	req := &beaconv1.GetServiceConfigRequest{Namespace: c.options(opts).namespace, Service: service}
+	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (ServiceConfig, error) {
+		resp, err := r.GetServiceConfig(ctx, connect.NewRequest(req))
+		if err != nil {
+			return ServiceConfig{}, err
+		}
+		return serviceConfigFromProto(resp.Msg.GetConfig(), resp.Msg.GetRevision())
+	})
+}
+
+func serviceConfigFromProto(m *beaconv1.ServiceConfig, rev int64) (ServiceConfig, error) {
+	p, err := wire.ServicePolicyFromProto(m)
+	if err != nil {
+		return ServiceConfig{}, fmt.Errorf("beacon: the server's service settings: %w", err)
+	}
+	return ServiceConfig{ProtectionThreshold: m.GetProtectionThreshold(), ProtectionThresholdDefault: m.GetProtectionThresholdDefault(), Policy: p, Revision: rev}, nil
+}
+
 func (c *Client) setServiceConfig(ctx context.Context, req *beaconv1.SetServiceConfigRequest) (int64, error) {
 	return call(ctx, c, func(ctx context.Context, r beaconv1connect.RegistryServiceClient) (int64, error) {
 		resp, err := r.SetServiceConfig(ctx, connect.NewRequest(req))

@@ -418,6 +418,16 @@ func TestACLPermissionMatrix(t *testing.T) {
 			_, err := rc.SetServiceConfig(ctx, connect.NewRequest(&beaconv1.SetServiceConfigRequest{Service: "web", ProtectionThreshold: 0.5}))
 			return plain(err)
 		}},
+		{"SetServicePolicy", write("management"), func(ctx context.Context, rc beaconv1connect.RegistryServiceClient, f *fixture) (outcome, error) {
+			_, err := rc.SetServicePolicy(ctx, connect.NewRequest(&beaconv1.SetServicePolicyRequest{Service: "web", RetryPolicy: &beaconv1.RetryPolicy{RetryOn: []string{"unavailable"}}}))
+			return plain(err)
+		}},
+		// One service's settings: service:read on it; the anonymous
+		// token, which may read nothing, is refused (not filtered).
+		{"GetServiceConfig", write("read-only", "id-same", "id-other", "cred-same", "cred-other", "management"), func(ctx context.Context, rc beaconv1connect.RegistryServiceClient, f *fixture) (outcome, error) {
+			_, err := rc.GetServiceConfig(ctx, connect.NewRequest(&beaconv1.GetServiceConfigRequest{Service: "web"}))
+			return plain(err)
+		}},
 		{"ListInstances", read, func(ctx context.Context, rc beaconv1connect.RegistryServiceClient, f *fixture) (outcome, error) {
 			resp, err := rc.ListInstances(ctx, connect.NewRequest(&beaconv1.ListInstancesRequest{Service: "web", All: true}))
 			if err != nil {

@@ -49,7 +49,7 @@ func toConnectError(err error) error {
 		return connect.NewError(connect.CodeInvalidArgument, err)
 	case errors.Is(err, store.ErrSessionNotFound):
 		return connect.NewError(connect.CodeNotFound, err)
-	case errors.Is(err, store.ErrConflict):
+	case errors.Is(err, store.ErrConflict), errors.Is(err, store.ErrSettingsConflict):
 		// The record kept changing under the write; the caller may retry.
 		return connect.NewError(connect.CodeAborted, err)
 	case errors.Is(err, rpctypes.ErrNoSpace), errors.Is(err, rpctypes.ErrGRPCNoSpace):

@@ -272,6 +272,7 @@ var writeProcedures = map[string]bool{
 	beaconv1connect.RegistryServiceDeregisterProcedure:       true,
 	beaconv1connect.RegistryServiceSetStatusProcedure:        true,
 	beaconv1connect.RegistryServiceSetServiceConfigProcedure: true,
+	beaconv1connect.RegistryServiceSetServicePolicyProcedure: true,
 	beaconv1connect.RegistryServiceUpdateCheckProcedure:      true,
 	beaconv1connect.AclServiceBootstrapProcedure:             true, // also what a key guesser spends
 	beaconv1connect.AclServiceCreateTokenProcedure:           true,

@@ -88,6 +88,8 @@ func (s *Server) startXDS() error {
 		NACK: func(node, typeURL, detail string) {
 			nacks.WithLabelValues(typeURL[strings.LastIndexByte(typeURL, '.')+1:]).Inc()
 		},
+		// The view publishes a service again when its policy changes.
+		Policy: func(sk registry.ServiceKey) registry.ServicePolicy { return s.view.Policy(sk) },
 	})
 	opts := []grpc.ServerOption{
 		grpc.MaxConcurrentStreams(uint32(cfg.MaxStreams)),

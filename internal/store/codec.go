@@ -146,6 +146,98 @@ func (l Layout) DecodeServiceConfig(key string, value []byte) (registry.ServiceK
 	return registry.ServiceKey{Namespace: ns, Service: svc}, cfg, nil
 }
 
+// ServicePolicyPrefix is where the services' xDS policies live
+// (registry.ServicePolicy), one record per service beside its settings
+// record: a record of its own, so that readers of the settings that
+// predate policies (older servers during an upgrade, SDKs reading etcd
+// directly) keep reading the protection threshold.
+func (l Layout) ServicePolicyPrefix() string { return l.Prefix + "svcpolicy/" }
+
+// ServicePolicyKey is a service's policy record.
+func (l Layout) ServicePolicyKey(sk registry.ServiceKey) string {
+	return l.ServicePolicyPrefix() + sk.Namespace + "/" + sk.Service
+}
+
+// policyRecord is the stored form of a registry.ServicePolicy: flat, so
+// that decodeStrict checks every key; zero fields (defaults) are left out.
+type policyRecord struct {
+	LBPolicy         string `json:"lb_policy,omitempty"`
+	LBChoiceCount    uint32 `json:"lb_choice_count,omitempty"`
+	LBMinRingSize    uint64 `json:"lb_min_ring_size,omitempty"`
+	LBMaxRingSize    uint64 `json:"lb_max_ring_size,omitempty"`
+	LBHashHeader     string `json:"lb_hash_header,omitempty"`
+	RetryOn          string `json:"retry_on,omitempty"` // Envoy's form: "unavailable,internal"
+	RetryNum         uint32 `json:"retry_num_retries,omitempty"`
+	RetryBaseNS      int64  `json:"retry_base_backoff_ns,omitempty"`
+	RetryMaxNS       int64  `json:"retry_max_backoff_ns,omitempty"`
+	ODConsecutive    uint32 `json:"outlier_consecutive_failures,omitempty"`
+	ODIntervalNS     int64  `json:"outlier_interval_ns,omitempty"`
+	ODBaseEjectionNS int64  `json:"outlier_base_ejection_time_ns,omitempty"`
+	ODMaxPercent     uint32 `json:"outlier_max_ejection_percent,omitempty"`
+	ODFPThreshold    uint32 `json:"outlier_failure_percentage_threshold,omitempty"`
+	ODFPMinHosts     uint32 `json:"outlier_failure_percentage_minimum_hosts,omitempty"`
+	ODFPVolume       uint32 `json:"outlier_failure_percentage_request_volume,omitempty"`
+}
+
+// EncodeServicePolicy returns the stored form of a validated policy.
+func EncodeServicePolicy(p registry.ServicePolicy) []byte {
+	lb, r, od := p.LoadBalancing, p.Retry, p.OutlierDetection
+	rec := policyRecord{
+		LBChoiceCount: lb.ChoiceCount, LBMinRingSize: lb.MinRingSize, LBMaxRingSize: lb.MaxRingSize, LBHashHeader: lb.HashHeader,
+		RetryOn: r.On.String(), RetryNum: r.NumRetries, RetryBaseNS: int64(r.BaseBackoff), RetryMaxNS: int64(r.MaxBackoff),
+		ODConsecutive: od.ConsecutiveFailures, ODIntervalNS: int64(od.Interval), ODBaseEjectionNS: int64(od.BaseEjectionTime),
+		ODMaxPercent: od.MaxEjectionPercent, ODFPThreshold: od.FailurePercentageThreshold,
+		ODFPMinHosts: od.FailurePercentageMinimumHosts, ODFPVolume: od.FailurePercentageRequestVolume,
+	}
+	if lb.Policy != registry.LBRoundRobin {
+		rec.LBPolicy = lb.Policy.String()
+	}
+	b, err := json.Marshal(rec)
+	if err != nil {
+		panic("store: encoding a policy record cannot fail: " + err.Error())
+	}
+	return b
+}
+
+// DecodeServicePolicy parses a policy record and its key. A record that
+// does not validate is refused, as a hand-edited one could be.
+func (l Layout) DecodeServicePolicy(key string, value []byte) (registry.ServiceKey, registry.ServicePolicy, error) {
+	var p registry.ServicePolicy
+	rest := strings.TrimPrefix(key, l.ServicePolicyPrefix())
+	ns, svc, ok := strings.Cut(rest, "/")
+	if !ok || rest == key || registry.ValidateNamespace(ns) != nil || registry.ValidateName("service", svc) != nil {
+		return registry.ServiceKey{}, p, fmt.Errorf("store: key %q is not a service policy key", key)
+	}
+	var rec policyRecord
+	err := decodeStrict(value, &rec, func(depth int) []string {
+		if depth == 1 {
+			return policyKeys
+		}
+		return nil
+	})
+	if err == nil && rec.LBPolicy != "" {
+		p.LoadBalancing.Policy, err = registry.ParseLBPolicy(rec.LBPolicy)
+	}
+	if err == nil && rec.RetryOn != "" {
+		p.Retry.On, err = registry.ParseRetryOn(strings.Split(rec.RetryOn, ","))
+	}
+	if err == nil {
+		p.LoadBalancing.ChoiceCount, p.LoadBalancing.MinRingSize, p.LoadBalancing.MaxRingSize = rec.LBChoiceCount, rec.LBMinRingSize, rec.LBMaxRingSize
+		p.LoadBalancing.HashHeader = rec.LBHashHeader
+		p.Retry.NumRetries, p.Retry.BaseBackoff, p.Retry.MaxBackoff = rec.RetryNum, time.Duration(rec.RetryBaseNS), time.Duration(rec.RetryMaxNS)
+		p.OutlierDetection = registry.OutlierDetection{
+			ConsecutiveFailures: rec.ODConsecutive, Interval: time.Duration(rec.ODIntervalNS), BaseEjectionTime: time.Duration(rec.ODBaseEjectionNS),
+			MaxEjectionPercent: rec.ODMaxPercent, FailurePercentageThreshold: rec.ODFPThreshold,
+			FailurePercentageMinimumHosts: rec.ODFPMinHosts, FailurePercentageRequestVolume: rec.ODFPVolume,
+		}
+		err = p.Validate()
+	}
+	if err != nil {
+		return registry.ServiceKey{}, registry.ServicePolicy{}, fmt.Errorf("store: decoding %q: %w", key, err)
+	}
+	return registry.ServiceKey{Namespace: ns, Service: svc}, p, nil
+}
+
 // FormatSessionID renders a session (lease) id as etcdctl does: 16 hex digits.
 func FormatSessionID(id int64) string { return fmt.Sprintf("%016x", uint64(id)) }
 
@@ -237,6 +329,7 @@ var (
 	recordKeys        = jsonNames(instanceRecord{})
 	checkKeys         = jsonNames(checkRecord{})
 	serviceConfigKeys = jsonNames(ServiceConfig{})
+	policyKeys        = jsonNames(policyRecord{})
 )
 
 func jsonNames(v any) []string {

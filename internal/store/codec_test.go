@@ -215,3 +215,51 @@ func FuzzDecodeInstance(f *testing.F) {
 		}
 	})
 }
+
+func TestServicePolicyRoundTrip(t *testing.T) {
+	l := Layout{Prefix: DefaultPrefix}
+	sk := registry.ServiceKey{Namespace: "prod", Service: "orders"}
+	for _, p := range []registry.ServicePolicy{
+		{},
+		{LoadBalancing: registry.LoadBalancing{Policy: registry.LBLeastRequest, ChoiceCount: 3}},
+		{LoadBalancing: registry.LoadBalancing{Policy: registry.LBRingHash, MinRingSize: 64, MaxRingSize: 4096, HashHeader: "x-user"}},
+		{Retry: registry.RetryPolicy{On: registry.RetryOnUnavailable | registry.RetryOnCancelled, NumRetries: 3, BaseBackoff: 10 * time.Millisecond, MaxBackoff: time.Second}},
+		{OutlierDetection: registry.OutlierDetection{ConsecutiveFailures: 7, Interval: time.Second, BaseEjectionTime: time.Minute, MaxEjectionPercent: 30,
+			FailurePercentageThreshold: 40, FailurePercentageMinimumHosts: 2, FailurePercentageRequestVolume: 20}},
+	} {
+		b := EncodeServicePolicy(p)
+		gotSK, got, err := l.DecodeServicePolicy(l.ServicePolicyKey(sk), b)
+		if err != nil || got != p || gotSK != sk {
+			t.Errorf("DecodeServicePolicy(EncodeServicePolicy(%+v) = %s) = %v, %+v, %v", p, b, gotSK, got, err)
+		}
+	}
+	if b := EncodeServicePolicy(registry.ServicePolicy{}); string(b) != "{}" {
+		t.Errorf("EncodeServicePolicy(defaults) = %s, want {}", b)
+	}
+	if got, want := jsonKeys(policyRecord{}), len(policyKeys); len(got) != want || want > 32 {
+		t.Errorf("policy record keys %v: decodeStrict tracks at most 32", got)
+	}
+}
+
+func TestDecodeServicePolicyIsStrict(t *testing.T) {
+	l := Layout{Prefix: DefaultPrefix}
+	key := l.ServicePolicyKey(registry.ServiceKey{Namespace: "default", Service: "orders"})
+	if _, p, err := l.DecodeServicePolicy(key, []byte(`{"lb_policy":"ring_hash","lb_hash_header":"x-user","retry_on":"unavailable,internal"}`)); err != nil ||
+		p.LoadBalancing.Policy != registry.LBRingHash || p.Retry.On != registry.RetryOnUnavailable|registry.RetryOnInternal {
+		t.Errorf("DecodeServicePolicy(ring hash, retries) = %+v, %v", p, err)
+	}
+	for _, v := range []string{
+		`{"LB_Policy":"ring_hash","lb_hash_header":"x-user"}`, `{"retry_on":"unavailable","retry_on":"internal"}`, `{"retry_on":"unavailable"}{}`, `null`,
+		`{"lb_policy":"random"}`, `{"lb_policy":"least_request","lb_choice_count":11}`, `{"lb_policy":"ring_hash"}`, `{"retry_on":"unavailable,not-found"}`,
+		`{"retry_num_retries":2}`, `{"outlier_max_ejection_percent":101}`, `{"outlier_interval_ns":-1}`, `{"x":1}`,
+	} {
+		if _, _, err := l.DecodeServicePolicy(key, []byte(v)); err == nil {
+			t.Errorf("DecodeServicePolicy(%s) succeeded, want an error", v)
+		}
+	}
+	for _, k := range []string{l.ServiceConfigKey(registry.ServiceKey{Namespace: "default", Service: "orders"}), l.ServicePolicyPrefix() + "default", l.ServicePolicyPrefix() + "default/Orders"} {
+		if _, _, err := l.DecodeServicePolicy(k, []byte(`{}`)); err == nil {
+			t.Errorf("DecodeServicePolicy(key %q) succeeded, want an error", k)
+		}
+	}
+}

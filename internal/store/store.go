@@ -315,6 +315,103 @@ func (s *Store) DeleteServiceConfig(ctx context.Context, sk registry.ServiceKey)
 	return resp.Header.Revision, nil
 }
 
+// ServiceSettings is what a service's settings records hold.
+type ServiceSettings struct {
+	// Threshold is the service's own protection threshold; nil: it has
+	// none (the server's default applies).
+	Threshold *float64
+	Policy    registry.ServicePolicy
+}
+
+// GetServiceSettings reads a service's settings records, both at one
+// revision, which it returns. A record that does not decode is an error.
+func (s *Store) GetServiceSettings(ctx context.Context, sk registry.ServiceKey) (ServiceSettings, int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	set, _, rev, bad, err := s.readSettings(ctx, sk)
+	if err == nil {
+		err = bad
+	}
+	return set, rev, err
+}
+
+// readSettings reads both records in one transaction, returning their
+// ModRevisions (0: absent) and the revision read at. A record that does
+// not decode is left out of set (the view ignores it too) and reported
+// in bad.
+func (s *Store) readSettings(ctx context.Context, sk registry.ServiceKey) (set ServiceSettings, mods [2]int64, rev int64, bad, err error) {
+	keys := [2]string{s.ServiceConfigKey(sk), s.ServicePolicyKey(sk)}
+	txn, err := s.cli.Txn(ctx).Then(clientv3.OpGet(keys[0]), clientv3.OpGet(keys[1])).Commit()
+	if err != nil {
+		return set, mods, 0, nil, fmt.Errorf("store: reading service settings: %w", err)
+	}
+	for i, r := range txn.Responses {
+		kvs := r.GetResponseRange().GetKvs()
+		if len(kvs) == 0 {
+			continue
+		}
+		mods[i] = kvs[0].ModRevision
+		if i == 0 {
+			_, cfg, err := s.DecodeServiceConfig(keys[0], kvs[0].Value)
+			if err != nil {
+				bad = err
+				continue
+			}
+			set.Threshold = &cfg.ProtectionThreshold
+		} else if _, p, err := s.DecodeServicePolicy(keys[1], kvs[0].Value); err != nil {
+			bad = err
+		} else {
+			set.Policy = p
+		}
+	}
+	return set, mods, txn.Header.Revision, bad, nil
+}
+
+// UpdateServicePolicy reads a service's settings, applies change to its
+// policy and writes the result only if the policy record did not change in
+// between (compare-and-swap on its ModRevision, retried a few times); a
+// zero policy deletes the record. A record that does not decode counts as
+// absent (the defaults, as the view has it), and is replaced. The policy
+// written must be valid. It returns the settings after the change and the
+// write's revision (the read's when the policy stayed the same).
+func (s *Store) UpdateServicePolicy(ctx context.Context, sk registry.ServiceKey, change func(*registry.ServicePolicy)) (ServiceSettings, int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	key := s.ServicePolicyKey(sk)
+	for range maxConflicts {
+		set, mods, rev, _, err := s.readSettings(ctx, sk)
+		if err != nil {
+			return ServiceSettings{}, 0, err
+		}
+		old := set.Policy
+		change(&set.Policy)
+		if err := set.Policy.Validate(); err != nil {
+			return ServiceSettings{}, 0, err
+		}
+		var op clientv3.Op
+		switch {
+		case set.Policy == old:
+			return set, rev, nil
+		case set.Policy == registry.ServicePolicy{}:
+			op = clientv3.OpDelete(key)
+		default:
+			op = clientv3.OpPut(key, string(EncodeServicePolicy(set.Policy)))
+		}
+		txn, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", mods[1])).Then(op).Commit()
+		if err != nil {
+			return ServiceSettings{}, 0, fmt.Errorf("store: writing service policy: %w", err)
+		}
+		if txn.Succeeded {
+			return set, txn.Header.Revision, nil
+		}
+	}
+	return ServiceSettings{}, 0, ErrSettingsConflict
+}
+
+// ErrSettingsConflict: a service's policy changed between read and write
+// too often.
+var ErrSettingsConflict = errors.New("store: service settings changed concurrently")
+
 // RenewTTL renews a TTL check's heartbeat: its lease is kept alive, or,
 // when it has expired (or never existed), a new one of ttl is granted.
 func (s *Store) RenewTTL(ctx context.Context, k registry.InstanceKey, check string, ttl time.Duration) error {

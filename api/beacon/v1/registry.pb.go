@@ -193,6 +193,63 @@ func (CheckKind) EnumDescriptor() ([]byte, []int) {
 	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{2}
 }
 
+type LoadBalancingPolicy int32
+
+const (
+	LoadBalancingPolicy_LOAD_BALANCING_POLICY_UNSPECIFIED LoadBalancingPolicy = 0 // round robin
+	// Weighted round robin: beacon's weights steer the share of calls.
+	LoadBalancingPolicy_LOAD_BALANCING_POLICY_ROUND_ROBIN LoadBalancingPolicy = 1
+	// The endpoint with the fewest calls in flight among choice_count
+	// picked at random (instance weights are not used).
+	LoadBalancingPolicy_LOAD_BALANCING_POLICY_LEAST_REQUEST LoadBalancingPolicy = 2
+	// Consistent hashing on the value of hash_header: calls with the same
+	// value reach the same instance (weights size its share of the ring).
+	LoadBalancingPolicy_LOAD_BALANCING_POLICY_RING_HASH LoadBalancingPolicy = 3
+)
+
+// Enum value maps for LoadBalancingPolicy.
+var (
+	LoadBalancingPolicy_name = map[int32]string{
+		0: "LOAD_BALANCING_POLICY_UNSPECIFIED",
+		1: "LOAD_BALANCING_POLICY_ROUND_ROBIN",
+		2: "LOAD_BALANCING_POLICY_LEAST_REQUEST",
+		3: "LOAD_BALANCING_POLICY_RING_HASH",
+	}
+	LoadBalancingPolicy_value = map[string]int32{
+		"LOAD_BALANCING_POLICY_UNSPECIFIED":   0,
+		"LOAD_BALANCING_POLICY_ROUND_ROBIN":   1,
+		"LOAD_BALANCING_POLICY_LEAST_REQUEST": 2,
+		"LOAD_BALANCING_POLICY_RING_HASH":     3,
+	}
+)
+
+func (x LoadBalancingPolicy) Enum() *LoadBalancingPolicy {
+	p := new(LoadBalancingPolicy)
+	*p = x
+	return p
+}
+
+func (x LoadBalancingPolicy) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (LoadBalancingPolicy) Descriptor() protoreflect.EnumDescriptor {
+	return file_beacon_v1_registry_proto_enumTypes[3].Descriptor()
+}
+
+func (LoadBalancingPolicy) Type() protoreflect.EnumType {
+	return &file_beacon_v1_registry_proto_enumTypes[3]
+}
+
+func (x LoadBalancingPolicy) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use LoadBalancingPolicy.Descriptor instead.
+func (LoadBalancingPolicy) EnumDescriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{3}
+}
+
 type Instance struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"` // default "default"
@@ -2260,6 +2317,605 @@ func (x *SetServiceConfigResponse) GetRevision() int64 {
 	return 0
 }
 
+type SetServicePolicyRequest struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Service   string                 `protobuf:"bytes,2,opt,name=service,proto3" json:"service,omitempty"`
+	// The policies the service's xDS clients follow (docs/xds.md). Each
+	// one given replaces the service's (an empty message: beacon's
+	// defaults); one not given is left as it is.
+	LoadBalancing    *LoadBalancing    `protobuf:"bytes,3,opt,name=load_balancing,json=loadBalancing,proto3" json:"load_balancing,omitempty"`
+	RetryPolicy      *RetryPolicy      `protobuf:"bytes,4,opt,name=retry_policy,json=retryPolicy,proto3" json:"retry_policy,omitempty"`
+	OutlierDetection *OutlierDetection `protobuf:"bytes,5,opt,name=outlier_detection,json=outlierDetection,proto3" json:"outlier_detection,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *SetServicePolicyRequest) Reset() {
+	*x = SetServicePolicyRequest{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetServicePolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetServicePolicyRequest) ProtoMessage() {}
+
+func (x *SetServicePolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetServicePolicyRequest.ProtoReflect.Descriptor instead.
+func (*SetServicePolicyRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *SetServicePolicyRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *SetServicePolicyRequest) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *SetServicePolicyRequest) GetLoadBalancing() *LoadBalancing {
+	if x != nil {
+		return x.LoadBalancing
+	}
+	return nil
+}
+
+func (x *SetServicePolicyRequest) GetRetryPolicy() *RetryPolicy {
+	if x != nil {
+		return x.RetryPolicy
+	}
+	return nil
+}
+
+func (x *SetServicePolicyRequest) GetOutlierDetection() *OutlierDetection {
+	if x != nil {
+		return x.OutlierDetection
+	}
+	return nil
+}
+
+type SetServicePolicyResponse struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Revision int64                  `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	// The service's settings after the change.
+	Config        *ServiceConfig `protobuf:"bytes,2,opt,name=config,proto3" json:"config,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetServicePolicyResponse) Reset() {
+	*x = SetServicePolicyResponse{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetServicePolicyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetServicePolicyResponse) ProtoMessage() {}
+
+func (x *SetServicePolicyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetServicePolicyResponse.ProtoReflect.Descriptor instead.
+func (*SetServicePolicyResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *SetServicePolicyResponse) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *SetServicePolicyResponse) GetConfig() *ServiceConfig {
+	if x != nil {
+		return x.Config
+	}
+	return nil
+}
+
+type GetServiceConfigRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Service       string                 `protobuf:"bytes,2,opt,name=service,proto3" json:"service,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetServiceConfigRequest) Reset() {
+	*x = GetServiceConfigRequest{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetServiceConfigRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetServiceConfigRequest) ProtoMessage() {}
+
+func (x *GetServiceConfigRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetServiceConfigRequest.ProtoReflect.Descriptor instead.
+func (*GetServiceConfigRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *GetServiceConfigRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *GetServiceConfigRequest) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+type GetServiceConfigResponse struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Config *ServiceConfig         `protobuf:"bytes,1,opt,name=config,proto3" json:"config,omitempty"`
+	// The etcd revision the settings were read at.
+	Revision      int64 `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetServiceConfigResponse) Reset() {
+	*x = GetServiceConfigResponse{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetServiceConfigResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetServiceConfigResponse) ProtoMessage() {}
+
+func (x *GetServiceConfigResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetServiceConfigResponse.ProtoReflect.Descriptor instead.
+func (*GetServiceConfigResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *GetServiceConfigResponse) GetConfig() *ServiceConfig {
+	if x != nil {
+		return x.Config
+	}
+	return nil
+}
+
+func (x *GetServiceConfigResponse) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+// ServiceConfig is a service's settings. In the policies, 0 (or an unset
+// duration) stands for the default each field names.
+type ServiceConfig struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Service   string                 `protobuf:"bytes,2,opt,name=service,proto3" json:"service,omitempty"`
+	// The threshold in effect: the service's own, or the server's default
+	// when protection_threshold_default.
+	ProtectionThreshold        float64        `protobuf:"fixed64,3,opt,name=protection_threshold,json=protectionThreshold,proto3" json:"protection_threshold,omitempty"`
+	ProtectionThresholdDefault bool           `protobuf:"varint,4,opt,name=protection_threshold_default,json=protectionThresholdDefault,proto3" json:"protection_threshold_default,omitempty"`
+	LoadBalancing              *LoadBalancing `protobuf:"bytes,5,opt,name=load_balancing,json=loadBalancing,proto3" json:"load_balancing,omitempty"`
+	// Unset: no retries.
+	RetryPolicy      *RetryPolicy      `protobuf:"bytes,6,opt,name=retry_policy,json=retryPolicy,proto3" json:"retry_policy,omitempty"`
+	OutlierDetection *OutlierDetection `protobuf:"bytes,7,opt,name=outlier_detection,json=outlierDetection,proto3" json:"outlier_detection,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *ServiceConfig) Reset() {
+	*x = ServiceConfig{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServiceConfig) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServiceConfig) ProtoMessage() {}
+
+func (x *ServiceConfig) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServiceConfig.ProtoReflect.Descriptor instead.
+func (*ServiceConfig) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *ServiceConfig) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *ServiceConfig) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *ServiceConfig) GetProtectionThreshold() float64 {
+	if x != nil {
+		return x.ProtectionThreshold
+	}
+	return 0
+}
+
+func (x *ServiceConfig) GetProtectionThresholdDefault() bool {
+	if x != nil {
+		return x.ProtectionThresholdDefault
+	}
+	return false
+}
+
+func (x *ServiceConfig) GetLoadBalancing() *LoadBalancing {
+	if x != nil {
+		return x.LoadBalancing
+	}
+	return nil
+}
+
+func (x *ServiceConfig) GetRetryPolicy() *RetryPolicy {
+	if x != nil {
+		return x.RetryPolicy
+	}
+	return nil
+}
+
+func (x *ServiceConfig) GetOutlierDetection() *OutlierDetection {
+	if x != nil {
+		return x.OutlierDetection
+	}
+	return nil
+}
+
+// LoadBalancing is how an xDS client picks an instance for each call.
+type LoadBalancing struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Policy LoadBalancingPolicy    `protobuf:"varint,1,opt,name=policy,proto3,enum=beacon.v1.LoadBalancingPolicy" json:"policy,omitempty"`
+	// LEAST_REQUEST: endpoints sampled per pick, 2 to 10; 0: 2.
+	ChoiceCount uint32 `protobuf:"varint,2,opt,name=choice_count,json=choiceCount,proto3" json:"choice_count,omitempty"`
+	// RING_HASH: the ring's size bounds, 1 to 8388608, min <= max; 0: 1024
+	// and 8388608 (grpc-go caps both at 4096).
+	MinRingSize uint64 `protobuf:"varint,3,opt,name=min_ring_size,json=minRingSize,proto3" json:"min_ring_size,omitempty"`
+	MaxRingSize uint64 `protobuf:"varint,4,opt,name=max_ring_size,json=maxRingSize,proto3" json:"max_ring_size,omitempty"`
+	// RING_HASH (required): the request header, a gRPC metadata key
+	// (lowercase, not -bin, not grpc-), whose value is hashed.
+	HashHeader    string `protobuf:"bytes,5,opt,name=hash_header,json=hashHeader,proto3" json:"hash_header,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LoadBalancing) Reset() {
+	*x = LoadBalancing{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LoadBalancing) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LoadBalancing) ProtoMessage() {}
+
+func (x *LoadBalancing) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LoadBalancing.ProtoReflect.Descriptor instead.
+func (*LoadBalancing) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *LoadBalancing) GetPolicy() LoadBalancingPolicy {
+	if x != nil {
+		return x.Policy
+	}
+	return LoadBalancingPolicy_LOAD_BALANCING_POLICY_UNSPECIFIED
+}
+
+func (x *LoadBalancing) GetChoiceCount() uint32 {
+	if x != nil {
+		return x.ChoiceCount
+	}
+	return 0
+}
+
+func (x *LoadBalancing) GetMinRingSize() uint64 {
+	if x != nil {
+		return x.MinRingSize
+	}
+	return 0
+}
+
+func (x *LoadBalancing) GetMaxRingSize() uint64 {
+	if x != nil {
+		return x.MaxRingSize
+	}
+	return 0
+}
+
+func (x *LoadBalancing) GetHashHeader() string {
+	if x != nil {
+		return x.HashHeader
+	}
+	return ""
+}
+
+// RetryPolicy says which failed calls an xDS client retries. Every method
+// of the service is retried: name only codes that are safe to retry.
+type RetryPolicy struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The gRPC status codes retried, by Envoy's retry_on names: cancelled,
+	// deadline-exceeded, internal, resource-exhausted, unavailable.
+	// Required (at least one).
+	RetryOn []string `protobuf:"bytes,1,rep,name=retry_on,json=retryOn,proto3" json:"retry_on,omitempty"`
+	// Retries at most, 1 to 4; 0: 1.
+	NumRetries uint32 `protobuf:"varint,2,opt,name=num_retries,json=numRetries,proto3" json:"num_retries,omitempty"`
+	// The first backoff bound, 1ms to 30s; unset: 25ms.
+	BaseBackoff *durationpb.Duration `protobuf:"bytes,3,opt,name=base_backoff,json=baseBackoff,proto3" json:"base_backoff,omitempty"`
+	// The backoff cap, base_backoff to 5m; unset: 10 times base_backoff.
+	MaxBackoff    *durationpb.Duration `protobuf:"bytes,4,opt,name=max_backoff,json=maxBackoff,proto3" json:"max_backoff,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RetryPolicy) Reset() {
+	*x = RetryPolicy{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RetryPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RetryPolicy) ProtoMessage() {}
+
+func (x *RetryPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RetryPolicy.ProtoReflect.Descriptor instead.
+func (*RetryPolicy) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *RetryPolicy) GetRetryOn() []string {
+	if x != nil {
+		return x.RetryOn
+	}
+	return nil
+}
+
+func (x *RetryPolicy) GetNumRetries() uint32 {
+	if x != nil {
+		return x.NumRetries
+	}
+	return 0
+}
+
+func (x *RetryPolicy) GetBaseBackoff() *durationpb.Duration {
+	if x != nil {
+		return x.BaseBackoff
+	}
+	return nil
+}
+
+func (x *RetryPolicy) GetMaxBackoff() *durationpb.Duration {
+	if x != nil {
+		return x.MaxBackoff
+	}
+	return nil
+}
+
+// OutlierDetection says when an xDS client stops sending calls to an
+// instance that fails them, and for how long.
+type OutlierDetection struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Failures in a row that eject, 1 to 1000; 0: 5. Envoy honours it,
+	// gRPC clients do not.
+	ConsecutiveFailures uint32 `protobuf:"varint,1,opt,name=consecutive_failures,json=consecutiveFailures,proto3" json:"consecutive_failures,omitempty"`
+	// How often ejections are decided, 100ms to 1h; unset: 10s.
+	Interval *durationpb.Duration `protobuf:"bytes,2,opt,name=interval,proto3" json:"interval,omitempty"`
+	// The first ejection's length (then times the number of ejections),
+	// 100ms to 1h; unset: 30s.
+	BaseEjectionTime *durationpb.Duration `protobuf:"bytes,3,opt,name=base_ejection_time,json=baseEjectionTime,proto3" json:"base_ejection_time,omitempty"`
+	// The share of endpoints ejected at once at most, 1 to 100; 0: 50.
+	MaxEjectionPercent uint32 `protobuf:"varint,4,opt,name=max_ejection_percent,json=maxEjectionPercent,proto3" json:"max_ejection_percent,omitempty"`
+	// Eject an instance whose percentage of failed calls in an interval
+	// exceeds this, 1 to 100; 0: off. gRPC clients honour it.
+	FailurePercentageThreshold uint32 `protobuf:"varint,5,opt,name=failure_percentage_threshold,json=failurePercentageThreshold,proto3" json:"failure_percentage_threshold,omitempty"`
+	// With failure_percentage_threshold: instances that must have had
+	// failure_percentage_request_volume calls in the interval, 1 to 1000;
+	// 0: 5.
+	FailurePercentageMinimumHosts uint32 `protobuf:"varint,6,opt,name=failure_percentage_minimum_hosts,json=failurePercentageMinimumHosts,proto3" json:"failure_percentage_minimum_hosts,omitempty"`
+	// With failure_percentage_threshold: calls an instance needs in the
+	// interval to be judged, 1 to 1000000; 0: 50.
+	FailurePercentageRequestVolume uint32 `protobuf:"varint,7,opt,name=failure_percentage_request_volume,json=failurePercentageRequestVolume,proto3" json:"failure_percentage_request_volume,omitempty"`
+	unknownFields                  protoimpl.UnknownFields
+	sizeCache                      protoimpl.SizeCache
+}
+
+func (x *OutlierDetection) Reset() {
+	*x = OutlierDetection{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OutlierDetection) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OutlierDetection) ProtoMessage() {}
+
+func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OutlierDetection.ProtoReflect.Descriptor instead.
+func (*OutlierDetection) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *OutlierDetection) GetConsecutiveFailures() uint32 {
+	if x != nil {
+		return x.ConsecutiveFailures
+	}
+	return 0
+}
+
+func (x *OutlierDetection) GetInterval() *durationpb.Duration {
+	if x != nil {
+		return x.Interval
+	}
+	return nil
+}
+
+func (x *OutlierDetection) GetBaseEjectionTime() *durationpb.Duration {
+	if x != nil {
+		return x.BaseEjectionTime
+	}
+	return nil
+}
+
+func (x *OutlierDetection) GetMaxEjectionPercent() uint32 {
+	if x != nil {
+		return x.MaxEjectionPercent
+	}
+	return 0
+}
+
+func (x *OutlierDetection) GetFailurePercentageThreshold() uint32 {
+	if x != nil {
+		return x.FailurePercentageThreshold
+	}
+	return 0
+}
+
+func (x *OutlierDetection) GetFailurePercentageMinimumHosts() uint32 {
+	if x != nil {
+		return x.FailurePercentageMinimumHosts
+	}
+	return 0
+}
+
+func (x *OutlierDetection) GetFailurePercentageRequestVolume() uint32 {
+	if x != nil {
+		return x.FailurePercentageRequestVolume
+	}
+	return 0
+}
+
 type WatchResponse struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Snapshots []*ServiceSnapshot     `protobuf:"bytes,1,rep,name=snapshots,proto3" json:"snapshots,omitempty"`
@@ -2285,7 +2941,7 @@ type WatchResponse struct {
 
 func (x *WatchResponse) Reset() {
 	*x = WatchResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[31]
+	mi := &file_beacon_v1_registry_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2297,7 +2953,7 @@ func (x *WatchResponse) String() string {
 func (*WatchResponse) ProtoMessage() {}
 
 func (x *WatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[31]
+	mi := &file_beacon_v1_registry_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2310,7 +2966,7 @@ func (x *WatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
 func (*WatchResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{31}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *WatchResponse) GetSnapshots() []*ServiceSnapshot {
@@ -2366,7 +3022,7 @@ type AckWatchRequest struct {
 
 func (x *AckWatchRequest) Reset() {
 	*x = AckWatchRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[32]
+	mi := &file_beacon_v1_registry_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2378,7 +3034,7 @@ func (x *AckWatchRequest) String() string {
 func (*AckWatchRequest) ProtoMessage() {}
 
 func (x *AckWatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[32]
+	mi := &file_beacon_v1_registry_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2391,7 +3047,7 @@ func (x *AckWatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AckWatchRequest.ProtoReflect.Descriptor instead.
 func (*AckWatchRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{32}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *AckWatchRequest) GetWatchId() uint64 {
@@ -2416,7 +3072,7 @@ type AckWatchResponse struct {
 
 func (x *AckWatchResponse) Reset() {
 	*x = AckWatchResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[33]
+	mi := &file_beacon_v1_registry_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2428,7 +3084,7 @@ func (x *AckWatchResponse) String() string {
 func (*AckWatchResponse) ProtoMessage() {}
 
 func (x *AckWatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[33]
+	mi := &file_beacon_v1_registry_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2441,7 +3097,7 @@ func (x *AckWatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AckWatchResponse.ProtoReflect.Descriptor instead.
 func (*AckWatchResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{33}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{41}
 }
 
 type AwaitWatchersRequest struct {
@@ -2459,7 +3115,7 @@ type AwaitWatchersRequest struct {
 
 func (x *AwaitWatchersRequest) Reset() {
 	*x = AwaitWatchersRequest{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[34]
+	mi := &file_beacon_v1_registry_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2471,7 +3127,7 @@ func (x *AwaitWatchersRequest) String() string {
 func (*AwaitWatchersRequest) ProtoMessage() {}
 
 func (x *AwaitWatchersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[34]
+	mi := &file_beacon_v1_registry_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2484,7 +3140,7 @@ func (x *AwaitWatchersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AwaitWatchersRequest.ProtoReflect.Descriptor instead.
 func (*AwaitWatchersRequest) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{34}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *AwaitWatchersRequest) GetNamespace() string {
@@ -2531,7 +3187,7 @@ type AwaitWatchersResponse struct {
 
 func (x *AwaitWatchersResponse) Reset() {
 	*x = AwaitWatchersResponse{}
-	mi := &file_beacon_v1_registry_proto_msgTypes[35]
+	mi := &file_beacon_v1_registry_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2543,7 +3199,7 @@ func (x *AwaitWatchersResponse) String() string {
 func (*AwaitWatchersResponse) ProtoMessage() {}
 
 func (x *AwaitWatchersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_beacon_v1_registry_proto_msgTypes[35]
+	mi := &file_beacon_v1_registry_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2556,7 +3212,7 @@ func (x *AwaitWatchersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AwaitWatchersResponse.ProtoReflect.Descriptor instead.
 func (*AwaitWatchersResponse) Descriptor() ([]byte, []int) {
-	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{35}
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *AwaitWatchersResponse) GetWatchers() int32 {
@@ -2753,7 +3409,52 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\vuse_default\x18\x04 \x01(\bR\n" +
 	"useDefault\"6\n" +
 	"\x18SetServiceConfigResponse\x12\x1a\n" +
-	"\brevision\x18\x01 \x01(\x03R\brevision\"\xe3\x02\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\"\x97\x02\n" +
+	"\x17SetServicePolicyRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
+	"\aservice\x18\x02 \x01(\tR\aservice\x12?\n" +
+	"\x0eload_balancing\x18\x03 \x01(\v2\x18.beacon.v1.LoadBalancingR\rloadBalancing\x129\n" +
+	"\fretry_policy\x18\x04 \x01(\v2\x16.beacon.v1.RetryPolicyR\vretryPolicy\x12H\n" +
+	"\x11outlier_detection\x18\x05 \x01(\v2\x1b.beacon.v1.OutlierDetectionR\x10outlierDetection\"h\n" +
+	"\x18SetServicePolicyResponse\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\x120\n" +
+	"\x06config\x18\x02 \x01(\v2\x18.beacon.v1.ServiceConfigR\x06config\"Q\n" +
+	"\x17GetServiceConfigRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
+	"\aservice\x18\x02 \x01(\tR\aservice\"h\n" +
+	"\x18GetServiceConfigResponse\x120\n" +
+	"\x06config\x18\x01 \x01(\v2\x18.beacon.v1.ServiceConfigR\x06config\x12\x1a\n" +
+	"\brevision\x18\x02 \x01(\x03R\brevision\"\x82\x03\n" +
+	"\rServiceConfig\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
+	"\aservice\x18\x02 \x01(\tR\aservice\x121\n" +
+	"\x14protection_threshold\x18\x03 \x01(\x01R\x13protectionThreshold\x12@\n" +
+	"\x1cprotection_threshold_default\x18\x04 \x01(\bR\x1aprotectionThresholdDefault\x12?\n" +
+	"\x0eload_balancing\x18\x05 \x01(\v2\x18.beacon.v1.LoadBalancingR\rloadBalancing\x129\n" +
+	"\fretry_policy\x18\x06 \x01(\v2\x16.beacon.v1.RetryPolicyR\vretryPolicy\x12H\n" +
+	"\x11outlier_detection\x18\a \x01(\v2\x1b.beacon.v1.OutlierDetectionR\x10outlierDetection\"\xd3\x01\n" +
+	"\rLoadBalancing\x126\n" +
+	"\x06policy\x18\x01 \x01(\x0e2\x1e.beacon.v1.LoadBalancingPolicyR\x06policy\x12!\n" +
+	"\fchoice_count\x18\x02 \x01(\rR\vchoiceCount\x12\"\n" +
+	"\rmin_ring_size\x18\x03 \x01(\x04R\vminRingSize\x12\"\n" +
+	"\rmax_ring_size\x18\x04 \x01(\x04R\vmaxRingSize\x12\x1f\n" +
+	"\vhash_header\x18\x05 \x01(\tR\n" +
+	"hashHeader\"\xc3\x01\n" +
+	"\vRetryPolicy\x12\x19\n" +
+	"\bretry_on\x18\x01 \x03(\tR\aretryOn\x12\x1f\n" +
+	"\vnum_retries\x18\x02 \x01(\rR\n" +
+	"numRetries\x12<\n" +
+	"\fbase_backoff\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\vbaseBackoff\x12:\n" +
+	"\vmax_backoff\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\n" +
+	"maxBackoff\"\xcd\x03\n" +
+	"\x10OutlierDetection\x121\n" +
+	"\x14consecutive_failures\x18\x01 \x01(\rR\x13consecutiveFailures\x125\n" +
+	"\binterval\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\binterval\x12G\n" +
+	"\x12base_ejection_time\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x10baseEjectionTime\x120\n" +
+	"\x14max_ejection_percent\x18\x04 \x01(\rR\x12maxEjectionPercent\x12@\n" +
+	"\x1cfailure_percentage_threshold\x18\x05 \x01(\rR\x1afailurePercentageThreshold\x12G\n" +
+	" failure_percentage_minimum_hosts\x18\x06 \x01(\rR\x1dfailurePercentageMinimumHosts\x12I\n" +
+	"!failure_percentage_request_volume\x18\a \x01(\rR\x1efailurePercentageRequestVolume\"\xe3\x02\n" +
 	"\rWatchResponse\x128\n" +
 	"\tsnapshots\x18\x01 \x03(\v2\x1a.beacon.v1.ServiceSnapshotR\tsnapshots\x12\x16\n" +
 	"\x06synced\x18\x02 \x01(\bR\x06synced\x12\x19\n" +
@@ -2798,7 +3499,13 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x0fCHECK_KIND_HTTP\x10\x01\x12\x12\n" +
 	"\x0eCHECK_KIND_TCP\x10\x02\x12\x13\n" +
 	"\x0fCHECK_KIND_GRPC\x10\x03\x12\x12\n" +
-	"\x0eCHECK_KIND_TTL\x10\x042\xb3\t\n" +
+	"\x0eCHECK_KIND_TTL\x10\x04*\xb1\x01\n" +
+	"\x13LoadBalancingPolicy\x12%\n" +
+	"!LOAD_BALANCING_POLICY_UNSPECIFIED\x10\x00\x12%\n" +
+	"!LOAD_BALANCING_POLICY_ROUND_ROBIN\x10\x01\x12'\n" +
+	"#LOAD_BALANCING_POLICY_LEAST_REQUEST\x10\x02\x12#\n" +
+	"\x1fLOAD_BALANCING_POLICY_RING_HASH\x10\x032\xf2\n" +
+	"\n" +
 	"\x0fRegistryService\x12R\n" +
 	"\rCreateSession\x12\x1f.beacon.v1.CreateSessionRequest\x1a .beacon.v1.CreateSessionResponse\x12F\n" +
 	"\tKeepAlive\x12\x1b.beacon.v1.KeepAliveRequest\x1a\x1c.beacon.v1.KeepAliveResponse\x12Q\n" +
@@ -2809,7 +3516,9 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\n" +
 	"Deregister\x12\x1c.beacon.v1.DeregisterRequest\x1a\x1d.beacon.v1.DeregisterResponse\x12F\n" +
 	"\tSetStatus\x12\x1b.beacon.v1.SetStatusRequest\x1a\x1c.beacon.v1.SetStatusResponse\x12[\n" +
-	"\x10SetServiceConfig\x12\".beacon.v1.SetServiceConfigRequest\x1a#.beacon.v1.SetServiceConfigResponse\x12L\n" +
+	"\x10SetServiceConfig\x12\".beacon.v1.SetServiceConfigRequest\x1a#.beacon.v1.SetServiceConfigResponse\x12[\n" +
+	"\x10SetServicePolicy\x12\".beacon.v1.SetServicePolicyRequest\x1a#.beacon.v1.SetServicePolicyResponse\x12`\n" +
+	"\x10GetServiceConfig\x12\".beacon.v1.GetServiceConfigRequest\x1a#.beacon.v1.GetServiceConfigResponse\"\x03\x90\x02\x01\x12L\n" +
 	"\vUpdateCheck\x12\x1d.beacon.v1.UpdateCheckRequest\x1a\x1e.beacon.v1.UpdateCheckResponse\x12W\n" +
 	"\rListInstances\x12\x1f.beacon.v1.ListInstancesRequest\x1a .beacon.v1.ListInstancesResponse\"\x03\x90\x02\x01\x12T\n" +
 	"\fListServices\x12\x1e.beacon.v1.ListServicesRequest\x1a\x1f.beacon.v1.ListServicesResponse\"\x03\x90\x02\x01\x12<\n" +
@@ -2829,123 +3538,149 @@ func file_beacon_v1_registry_proto_rawDescGZIP() []byte {
 	return file_beacon_v1_registry_proto_rawDescData
 }
 
-var file_beacon_v1_registry_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
+var file_beacon_v1_registry_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
 var file_beacon_v1_registry_proto_goTypes = []any{
 	(Status)(0),                      // 0: beacon.v1.Status
 	(Health)(0),                      // 1: beacon.v1.Health
 	(CheckKind)(0),                   // 2: beacon.v1.CheckKind
-	(*Instance)(nil),                 // 3: beacon.v1.Instance
-	(*UpdateCheckRequest)(nil),       // 4: beacon.v1.UpdateCheckRequest
-	(*UpdateCheckResponse)(nil),      // 5: beacon.v1.UpdateCheckResponse
-	(*Check)(nil),                    // 6: beacon.v1.Check
-	(*CreateSessionRequest)(nil),     // 7: beacon.v1.CreateSessionRequest
-	(*CreateSessionResponse)(nil),    // 8: beacon.v1.CreateSessionResponse
-	(*KeepAliveRequest)(nil),         // 9: beacon.v1.KeepAliveRequest
-	(*KeepAliveResponse)(nil),        // 10: beacon.v1.KeepAliveResponse
-	(*KeepAliveBatch)(nil),           // 11: beacon.v1.KeepAliveBatch
-	(*KeepAliveResult)(nil),          // 12: beacon.v1.KeepAliveResult
-	(*KeepAliveBatchResult)(nil),     // 13: beacon.v1.KeepAliveBatchResult
-	(*CloseSessionRequest)(nil),      // 14: beacon.v1.CloseSessionRequest
-	(*CloseSessionResponse)(nil),     // 15: beacon.v1.CloseSessionResponse
-	(*RegisterRequest)(nil),          // 16: beacon.v1.RegisterRequest
-	(*RegisterResponse)(nil),         // 17: beacon.v1.RegisterResponse
-	(*RegisterBatchRequest)(nil),     // 18: beacon.v1.RegisterBatchRequest
-	(*RegisterBatchResponse)(nil),    // 19: beacon.v1.RegisterBatchResponse
-	(*RegisterResult)(nil),           // 20: beacon.v1.RegisterResult
-	(*DeregisterRequest)(nil),        // 21: beacon.v1.DeregisterRequest
-	(*DeregisterResponse)(nil),       // 22: beacon.v1.DeregisterResponse
-	(*SetStatusRequest)(nil),         // 23: beacon.v1.SetStatusRequest
-	(*SetStatusResponse)(nil),        // 24: beacon.v1.SetStatusResponse
-	(*ListInstancesRequest)(nil),     // 25: beacon.v1.ListInstancesRequest
-	(*ListInstancesResponse)(nil),    // 26: beacon.v1.ListInstancesResponse
-	(*ListServicesRequest)(nil),      // 27: beacon.v1.ListServicesRequest
-	(*ServiceSummary)(nil),           // 28: beacon.v1.ServiceSummary
-	(*ListServicesResponse)(nil),     // 29: beacon.v1.ListServicesResponse
-	(*WatchRequest)(nil),             // 30: beacon.v1.WatchRequest
-	(*ServiceSnapshot)(nil),          // 31: beacon.v1.ServiceSnapshot
-	(*SetServiceConfigRequest)(nil),  // 32: beacon.v1.SetServiceConfigRequest
-	(*SetServiceConfigResponse)(nil), // 33: beacon.v1.SetServiceConfigResponse
-	(*WatchResponse)(nil),            // 34: beacon.v1.WatchResponse
-	(*AckWatchRequest)(nil),          // 35: beacon.v1.AckWatchRequest
-	(*AckWatchResponse)(nil),         // 36: beacon.v1.AckWatchResponse
-	(*AwaitWatchersRequest)(nil),     // 37: beacon.v1.AwaitWatchersRequest
-	(*AwaitWatchersResponse)(nil),    // 38: beacon.v1.AwaitWatchersResponse
-	nil,                              // 39: beacon.v1.Instance.MetadataEntry
-	nil,                              // 40: beacon.v1.Check.HeadersEntry
-	nil,                              // 41: beacon.v1.WatchRequest.KnownRevisionsEntry
-	nil,                              // 42: beacon.v1.WatchResponse.AckWantedEntry
-	nil,                              // 43: beacon.v1.AckWatchRequest.RevisionsEntry
-	(*durationpb.Duration)(nil),      // 44: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),    // 45: google.protobuf.Timestamp
+	(LoadBalancingPolicy)(0),         // 3: beacon.v1.LoadBalancingPolicy
+	(*Instance)(nil),                 // 4: beacon.v1.Instance
+	(*UpdateCheckRequest)(nil),       // 5: beacon.v1.UpdateCheckRequest
+	(*UpdateCheckResponse)(nil),      // 6: beacon.v1.UpdateCheckResponse
+	(*Check)(nil),                    // 7: beacon.v1.Check
+	(*CreateSessionRequest)(nil),     // 8: beacon.v1.CreateSessionRequest
+	(*CreateSessionResponse)(nil),    // 9: beacon.v1.CreateSessionResponse
+	(*KeepAliveRequest)(nil),         // 10: beacon.v1.KeepAliveRequest
+	(*KeepAliveResponse)(nil),        // 11: beacon.v1.KeepAliveResponse
+	(*KeepAliveBatch)(nil),           // 12: beacon.v1.KeepAliveBatch
+	(*KeepAliveResult)(nil),          // 13: beacon.v1.KeepAliveResult
+	(*KeepAliveBatchResult)(nil),     // 14: beacon.v1.KeepAliveBatchResult
+	(*CloseSessionRequest)(nil),      // 15: beacon.v1.CloseSessionRequest
+	(*CloseSessionResponse)(nil),     // 16: beacon.v1.CloseSessionResponse
+	(*RegisterRequest)(nil),          // 17: beacon.v1.RegisterRequest
+	(*RegisterResponse)(nil),         // 18: beacon.v1.RegisterResponse
+	(*RegisterBatchRequest)(nil),     // 19: beacon.v1.RegisterBatchRequest
+	(*RegisterBatchResponse)(nil),    // 20: beacon.v1.RegisterBatchResponse
+	(*RegisterResult)(nil),           // 21: beacon.v1.RegisterResult
+	(*DeregisterRequest)(nil),        // 22: beacon.v1.DeregisterRequest
+	(*DeregisterResponse)(nil),       // 23: beacon.v1.DeregisterResponse
+	(*SetStatusRequest)(nil),         // 24: beacon.v1.SetStatusRequest
+	(*SetStatusResponse)(nil),        // 25: beacon.v1.SetStatusResponse
+	(*ListInstancesRequest)(nil),     // 26: beacon.v1.ListInstancesRequest
+	(*ListInstancesResponse)(nil),    // 27: beacon.v1.ListInstancesResponse
+	(*ListServicesRequest)(nil),      // 28: beacon.v1.ListServicesRequest
+	(*ServiceSummary)(nil),           // 29: beacon.v1.ServiceSummary
+	(*ListServicesResponse)(nil),     // 30: beacon.v1.ListServicesResponse
+	(*WatchRequest)(nil),             // 31: beacon.v1.WatchRequest
+	(*ServiceSnapshot)(nil),          // 32: beacon.v1.ServiceSnapshot
+	(*SetServiceConfigRequest)(nil),  // 33: beacon.v1.SetServiceConfigRequest
+	(*SetServiceConfigResponse)(nil), // 34: beacon.v1.SetServiceConfigResponse
+	(*SetServicePolicyRequest)(nil),  // 35: beacon.v1.SetServicePolicyRequest
+	(*SetServicePolicyResponse)(nil), // 36: beacon.v1.SetServicePolicyResponse
+	(*GetServiceConfigRequest)(nil),  // 37: beacon.v1.GetServiceConfigRequest
+	(*GetServiceConfigResponse)(nil), // 38: beacon.v1.GetServiceConfigResponse
+	(*ServiceConfig)(nil),            // 39: beacon.v1.ServiceConfig
+	(*LoadBalancing)(nil),            // 40: beacon.v1.LoadBalancing
+	(*RetryPolicy)(nil),              // 41: beacon.v1.RetryPolicy
+	(*OutlierDetection)(nil),         // 42: beacon.v1.OutlierDetection
+	(*WatchResponse)(nil),            // 43: beacon.v1.WatchResponse
+	(*AckWatchRequest)(nil),          // 44: beacon.v1.AckWatchRequest
+	(*AckWatchResponse)(nil),         // 45: beacon.v1.AckWatchResponse
+	(*AwaitWatchersRequest)(nil),     // 46: beacon.v1.AwaitWatchersRequest
+	(*AwaitWatchersResponse)(nil),    // 47: beacon.v1.AwaitWatchersResponse
+	nil,                              // 48: beacon.v1.Instance.MetadataEntry
+	nil,                              // 49: beacon.v1.Check.HeadersEntry
+	nil,                              // 50: beacon.v1.WatchRequest.KnownRevisionsEntry
+	nil,                              // 51: beacon.v1.WatchResponse.AckWantedEntry
+	nil,                              // 52: beacon.v1.AckWatchRequest.RevisionsEntry
+	(*durationpb.Duration)(nil),      // 53: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),    // 54: google.protobuf.Timestamp
 }
 var file_beacon_v1_registry_proto_depIdxs = []int32{
-	39, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
+	48, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
 	0,  // 1: beacon.v1.Instance.status:type_name -> beacon.v1.Status
 	1,  // 2: beacon.v1.Instance.health:type_name -> beacon.v1.Health
-	6,  // 3: beacon.v1.Instance.checks:type_name -> beacon.v1.Check
+	7,  // 3: beacon.v1.Instance.checks:type_name -> beacon.v1.Check
 	1,  // 4: beacon.v1.UpdateCheckRequest.status:type_name -> beacon.v1.Health
 	2,  // 5: beacon.v1.Check.kind:type_name -> beacon.v1.CheckKind
-	40, // 6: beacon.v1.Check.headers:type_name -> beacon.v1.Check.HeadersEntry
-	44, // 7: beacon.v1.Check.interval:type_name -> google.protobuf.Duration
-	44, // 8: beacon.v1.Check.timeout:type_name -> google.protobuf.Duration
-	44, // 9: beacon.v1.Check.deregister_critical_after:type_name -> google.protobuf.Duration
+	49, // 6: beacon.v1.Check.headers:type_name -> beacon.v1.Check.HeadersEntry
+	53, // 7: beacon.v1.Check.interval:type_name -> google.protobuf.Duration
+	53, // 8: beacon.v1.Check.timeout:type_name -> google.protobuf.Duration
+	53, // 9: beacon.v1.Check.deregister_critical_after:type_name -> google.protobuf.Duration
 	1,  // 10: beacon.v1.Check.status:type_name -> beacon.v1.Health
-	45, // 11: beacon.v1.Check.since:type_name -> google.protobuf.Timestamp
-	44, // 12: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
-	44, // 13: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
-	44, // 14: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
-	44, // 15: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
-	12, // 16: beacon.v1.KeepAliveBatchResult.results:type_name -> beacon.v1.KeepAliveResult
-	3,  // 17: beacon.v1.RegisterRequest.instance:type_name -> beacon.v1.Instance
-	3,  // 18: beacon.v1.RegisterBatchRequest.instances:type_name -> beacon.v1.Instance
-	20, // 19: beacon.v1.RegisterBatchResponse.results:type_name -> beacon.v1.RegisterResult
+	54, // 11: beacon.v1.Check.since:type_name -> google.protobuf.Timestamp
+	53, // 12: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
+	53, // 13: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
+	53, // 14: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
+	53, // 15: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
+	13, // 16: beacon.v1.KeepAliveBatchResult.results:type_name -> beacon.v1.KeepAliveResult
+	4,  // 17: beacon.v1.RegisterRequest.instance:type_name -> beacon.v1.Instance
+	4,  // 18: beacon.v1.RegisterBatchRequest.instances:type_name -> beacon.v1.Instance
+	21, // 19: beacon.v1.RegisterBatchResponse.results:type_name -> beacon.v1.RegisterResult
 	0,  // 20: beacon.v1.SetStatusRequest.status:type_name -> beacon.v1.Status
-	3,  // 21: beacon.v1.SetStatusResponse.instance:type_name -> beacon.v1.Instance
-	3,  // 22: beacon.v1.ListInstancesResponse.instances:type_name -> beacon.v1.Instance
-	28, // 23: beacon.v1.ListServicesResponse.services:type_name -> beacon.v1.ServiceSummary
-	41, // 24: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
-	44, // 25: beacon.v1.WatchRequest.heartbeat:type_name -> google.protobuf.Duration
-	3,  // 26: beacon.v1.ServiceSnapshot.instances:type_name -> beacon.v1.Instance
-	31, // 27: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
-	42, // 28: beacon.v1.WatchResponse.ack_wanted:type_name -> beacon.v1.WatchResponse.AckWantedEntry
-	43, // 29: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
-	44, // 30: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
-	7,  // 31: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
-	9,  // 32: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
-	11, // 33: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
-	14, // 34: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
-	16, // 35: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
-	18, // 36: beacon.v1.RegistryService.RegisterBatch:input_type -> beacon.v1.RegisterBatchRequest
-	21, // 37: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
-	23, // 38: beacon.v1.RegistryService.SetStatus:input_type -> beacon.v1.SetStatusRequest
-	32, // 39: beacon.v1.RegistryService.SetServiceConfig:input_type -> beacon.v1.SetServiceConfigRequest
-	4,  // 40: beacon.v1.RegistryService.UpdateCheck:input_type -> beacon.v1.UpdateCheckRequest
-	25, // 41: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
-	27, // 42: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
-	30, // 43: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
-	35, // 44: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
-	37, // 45: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
-	8,  // 46: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
-	10, // 47: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
-	13, // 48: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
-	15, // 49: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
-	17, // 50: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
-	19, // 51: beacon.v1.RegistryService.RegisterBatch:output_type -> beacon.v1.RegisterBatchResponse
-	22, // 52: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
-	24, // 53: beacon.v1.RegistryService.SetStatus:output_type -> beacon.v1.SetStatusResponse
-	33, // 54: beacon.v1.RegistryService.SetServiceConfig:output_type -> beacon.v1.SetServiceConfigResponse
-	5,  // 55: beacon.v1.RegistryService.UpdateCheck:output_type -> beacon.v1.UpdateCheckResponse
-	26, // 56: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
-	29, // 57: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
-	34, // 58: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
-	36, // 59: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
-	38, // 60: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
-	46, // [46:61] is the sub-list for method output_type
-	31, // [31:46] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	4,  // 21: beacon.v1.SetStatusResponse.instance:type_name -> beacon.v1.Instance
+	4,  // 22: beacon.v1.ListInstancesResponse.instances:type_name -> beacon.v1.Instance
+	29, // 23: beacon.v1.ListServicesResponse.services:type_name -> beacon.v1.ServiceSummary
+	50, // 24: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
+	53, // 25: beacon.v1.WatchRequest.heartbeat:type_name -> google.protobuf.Duration
+	4,  // 26: beacon.v1.ServiceSnapshot.instances:type_name -> beacon.v1.Instance
+	40, // 27: beacon.v1.SetServicePolicyRequest.load_balancing:type_name -> beacon.v1.LoadBalancing
+	41, // 28: beacon.v1.SetServicePolicyRequest.retry_policy:type_name -> beacon.v1.RetryPolicy
+	42, // 29: beacon.v1.SetServicePolicyRequest.outlier_detection:type_name -> beacon.v1.OutlierDetection
+	39, // 30: beacon.v1.SetServicePolicyResponse.config:type_name -> beacon.v1.ServiceConfig
+	39, // 31: beacon.v1.GetServiceConfigResponse.config:type_name -> beacon.v1.ServiceConfig
+	40, // 32: beacon.v1.ServiceConfig.load_balancing:type_name -> beacon.v1.LoadBalancing
+	41, // 33: beacon.v1.ServiceConfig.retry_policy:type_name -> beacon.v1.RetryPolicy
+	42, // 34: beacon.v1.ServiceConfig.outlier_detection:type_name -> beacon.v1.OutlierDetection
+	3,  // 35: beacon.v1.LoadBalancing.policy:type_name -> beacon.v1.LoadBalancingPolicy
+	53, // 36: beacon.v1.RetryPolicy.base_backoff:type_name -> google.protobuf.Duration
+	53, // 37: beacon.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
+	53, // 38: beacon.v1.OutlierDetection.interval:type_name -> google.protobuf.Duration
+	53, // 39: beacon.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
+	32, // 40: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
+	51, // 41: beacon.v1.WatchResponse.ack_wanted:type_name -> beacon.v1.WatchResponse.AckWantedEntry
+	52, // 42: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
+	53, // 43: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
+	8,  // 44: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
+	10, // 45: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
+	12, // 46: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
+	15, // 47: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
+	17, // 48: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
+	19, // 49: beacon.v1.RegistryService.RegisterBatch:input_type -> beacon.v1.RegisterBatchRequest
+	22, // 50: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
+	24, // 51: beacon.v1.RegistryService.SetStatus:input_type -> beacon.v1.SetStatusRequest
+	33, // 52: beacon.v1.RegistryService.SetServiceConfig:input_type -> beacon.v1.SetServiceConfigRequest
+	35, // 53: beacon.v1.RegistryService.SetServicePolicy:input_type -> beacon.v1.SetServicePolicyRequest
+	37, // 54: beacon.v1.RegistryService.GetServiceConfig:input_type -> beacon.v1.GetServiceConfigRequest
+	5,  // 55: beacon.v1.RegistryService.UpdateCheck:input_type -> beacon.v1.UpdateCheckRequest
+	26, // 56: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
+	28, // 57: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
+	31, // 58: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
+	44, // 59: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
+	46, // 60: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
+	9,  // 61: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
+	11, // 62: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
+	14, // 63: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
+	16, // 64: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
+	18, // 65: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
+	20, // 66: beacon.v1.RegistryService.RegisterBatch:output_type -> beacon.v1.RegisterBatchResponse
+	23, // 67: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
+	25, // 68: beacon.v1.RegistryService.SetStatus:output_type -> beacon.v1.SetStatusResponse
+	34, // 69: beacon.v1.RegistryService.SetServiceConfig:output_type -> beacon.v1.SetServiceConfigResponse
+	36, // 70: beacon.v1.RegistryService.SetServicePolicy:output_type -> beacon.v1.SetServicePolicyResponse
+	38, // 71: beacon.v1.RegistryService.GetServiceConfig:output_type -> beacon.v1.GetServiceConfigResponse
+	6,  // 72: beacon.v1.RegistryService.UpdateCheck:output_type -> beacon.v1.UpdateCheckResponse
+	27, // 73: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
+	30, // 74: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
+	43, // 75: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
+	45, // 76: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
+	47, // 77: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
+	61, // [61:78] is the sub-list for method output_type
+	44, // [44:61] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_beacon_v1_registry_proto_init() }
@@ -2958,8 +3693,8 @@ func file_beacon_v1_registry_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_beacon_v1_registry_proto_rawDesc), len(file_beacon_v1_registry_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   41,
+			NumEnums:      4,
+			NumMessages:   49,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -52,10 +52,11 @@ type View struct {
 	subs     map[*Subscription]struct{}                 // guarded by mu
 	ready    chan struct{}
 
-	protection        map[registry.ServiceKey]float64 // guarded by mu; services' own thresholds
-	defaultProtection float64                         // set before Run
-	guard             *guard                          // set before Run; its maps guarded by mu
-	probeWrites       bool                            // set before Run
+	protection        map[registry.ServiceKey]float64                // guarded by mu; services' own thresholds
+	policies          map[registry.ServiceKey]registry.ServicePolicy // guarded by mu; services' xDS policies (none: defaults)
+	defaultProtection float64                                        // set before Run
+	guard             *guard                                         // set before Run; its maps guarded by mu
+	probeWrites       bool                                           // set before Run
 }
 
 // SetDefaultProtection sets the protection threshold of services without
@@ -84,7 +85,16 @@ func New(cli *clientv3.Client, layout store.Layout, log *slog.Logger, hooks Hook
 		ready:    make(chan struct{}),
 
 		protection: make(map[registry.ServiceKey]float64),
+		policies:   make(map[registry.ServiceKey]registry.ServicePolicy),
 	}
+}
+
+// Policy returns a service's xDS policy (the zero value: beacon's
+// defaults). A change to it publishes the service again.
+func (v *View) Policy(sk registry.ServiceKey) registry.ServicePolicy {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return v.policies[sk]
 }
 
 // Ready is closed once the first listing is applied.
@@ -237,6 +247,23 @@ func (v *View) apply(events []*clientv3.Event) {
 				v.protection[sk] = cfg.ProtectionThreshold
 			}
 			// Republish the service at this revision (an empty change).
+			addChange(sk, change{rev: ev.Kv.ModRevision})
+			continue
+		}
+		if strings.HasPrefix(key, v.layout.ServicePolicyPrefix()) {
+			sk, p, err := v.layout.DecodeServicePolicy(key, ev.Kv.Value)
+			if ev.Type == mvccpb.DELETE {
+				sk, p, err = v.layout.DecodeServicePolicy(key, []byte(`{}`))
+			}
+			if err != nil {
+				v.badRecord(key, err)
+				continue
+			}
+			if p == (registry.ServicePolicy{}) {
+				delete(v.policies, sk)
+			} else {
+				v.policies[sk] = p
+			}
 			addChange(sk, change{rev: ev.Kv.ModRevision})
 			continue
 		}
@@ -440,6 +467,7 @@ func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
 	fresh := make(map[registry.ServiceKey][]*registry.Instance)
 	sessions := make(map[string]struct{})
 	protection := make(map[registry.ServiceKey]float64)
+	policies := make(map[registry.ServiceKey]registry.ServicePolicy)
 	for _, kv := range resp.Kvs {
 		key := string(kv.Key)
 		if strings.HasPrefix(key, v.layout.KVPrefix()) || strings.HasPrefix(key, v.layout.KVRolloutPrefix()) {
@@ -458,6 +486,17 @@ func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
 			protection[sk] = cfg.ProtectionThreshold
 			continue
 		}
+		if strings.HasPrefix(key, v.layout.ServicePolicyPrefix()) {
+			sk, p, err := v.layout.DecodeServicePolicy(key, kv.Value)
+			if err != nil {
+				v.badRecord(key, err)
+				continue
+			}
+			if p != (registry.ServicePolicy{}) {
+				policies[sk] = p
+			}
+			continue
+		}
 		if strings.HasPrefix(key, v.layout.SessionsPrefix()) {
 			sessions[key] = struct{}{}
 			continue
@@ -473,6 +512,8 @@ func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
 
 	v.mu.Lock()
 	v.protection = protection
+	oldPolicies := v.policies
+	v.policies = policies
 	// Instances the guard holds are not in etcd any more: keep them.
 	if v.guard != nil {
 		for k := range v.guard.held {
@@ -488,12 +529,12 @@ func (v *View) relist(ctx context.Context, compacted bool) (int64, error) {
 		}
 	}
 	var published []Published
-	// A service is republished only if its content (or its threshold)
-	// differs; its revision is then the listing's, which is at least that
-	// of any change it missed.
+	// A service is republished only if its content (or its threshold, or
+	// its policy) differs; its revision is then the listing's, which is at
+	// least that of any change it missed.
 	for sk, insts := range fresh {
 		slices.SortFunc(insts, func(a, b *registry.Instance) int { return cmp.Compare(a.ID, b.ID) })
-		if old := v.services[sk]; old != nil && sameInstances(old.Instances, insts) && old.ProtectionThreshold == v.protectionLocked(sk) {
+		if old := v.services[sk]; old != nil && sameInstances(old.Instances, insts) && old.ProtectionThreshold == v.protectionLocked(sk) && oldPolicies[sk] == policies[sk] {
 			continue
 		}
 		snap := &registry.Snapshot{Namespace: sk.Namespace, Service: sk.Service, Revision: rev, Instances: insts}

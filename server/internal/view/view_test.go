@@ -238,3 +238,83 @@ func TestChanges(t *testing.T) {
 		t.Fatalf("Changes to nothing = %v, %v; want every instance removed", up, removed)
 	}
 }
+
+// A service's policy follows etcd: a change republishes the service, and
+// a change missed while the watch was cut off (and its history compacted)
+// arrives with the relist.
+func TestPolicyChangesRepublishTheService(t *testing.T) {
+	addr, st := etcdFor(t)
+	proxy := testutil.NewProxy(t, addr)
+	relists := make(chan bool, 10)
+	published := make(chan *registry.Snapshot, 100)
+	v := startView(t, etcdClient(t, proxy.Addr()), view.Hooks{
+		Relisted: func(compacted bool) { relists <- compacted },
+		Published: func(snaps []*registry.Snapshot) {
+			for _, s := range snaps {
+				published <- s
+			}
+		},
+	})
+	<-relists // the first listing
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	sk := registry.ServiceKey{Namespace: "default", Service: "orders"}
+	// republished waits for a publication of orders at rev or later.
+	republished := func(rev int64) {
+		t.Helper()
+		for {
+			select {
+			case s := <-published:
+				if s.Service == "orders" && s.Revision >= rev {
+					return
+				}
+			case <-ctx.Done():
+				t.Fatalf("orders not published again at revision %d", rev)
+			}
+		}
+	}
+	republished(register(ctx, t, st, "orders", "a", 1))
+
+	ring := registry.LoadBalancing{Policy: registry.LBRingHash, HashHeader: "x-user"}
+	_, rev, err := st.UpdateServicePolicy(ctx, sk, func(p *registry.ServicePolicy) { p.LoadBalancing = ring })
+	if err != nil {
+		t.Fatal(err)
+	}
+	republished(rev)
+	if got := v.Policy(sk); got.LoadBalancing != ring {
+		t.Fatalf("Policy(orders) = %+v, want ring hash", got)
+	}
+
+	proxy.SetDown(true)
+	retry := registry.RetryPolicy{On: registry.RetryOnUnavailable}
+	_, rev, err = st.UpdateServicePolicy(ctx, sk, func(p *registry.ServicePolicy) { p.Retry = retry })
+	if err != nil {
+		t.Fatal(err)
+	}
+	last := register(ctx, t, st, "inventory", "i", 2) // compacted past the policy's change
+	if _, err := st.Client().Compact(ctx, last); err != nil {
+		t.Fatalf("Compact: %v", err)
+	}
+	proxy.SetDown(false)
+	select {
+	case compacted := <-relists:
+		if !compacted {
+			t.Errorf("the view listed again for another reason than compaction")
+		}
+	case <-ctx.Done():
+		t.Fatal("the view did not list again after compaction")
+	}
+	republished(rev)
+	if got := v.Policy(sk); got.LoadBalancing != ring || got.Retry != retry {
+		t.Fatalf("Policy(orders) after the relist = %+v, want ring hash and the retries", got)
+	}
+	// Back to the defaults: the record goes, and so does the policy.
+	_, rev, err = st.UpdateServicePolicy(ctx, sk, func(p *registry.ServicePolicy) { *p = registry.ServicePolicy{} })
+	if err != nil {
+		t.Fatal(err)
+	}
+	republished(rev)
+	if got := v.Policy(sk); got != (registry.ServicePolicy{}) {
+		t.Fatalf("Policy(orders) after the defaults = %+v, want the zero value", got)
+	}
+}

@@ -3,8 +3,11 @@
 // api_listener whose HttpConnectionManager takes its routes over RDS), a
 // RouteConfiguration sending everything to one Cluster, the Cluster (EDS
 // over ADS, round robin over weighted localities, outlier detection) and
-// its ClusterLoadAssignment, built from the server's view. docs/xds.md
-// says what a client sees; server/xds.go serves it.
+// its ClusterLoadAssignment, built from the server's view. The service's
+// policy (registry.ServicePolicy, set with SetServiceConfig) is compiled
+// into the route (retries, the hash of ring hash) and the cluster
+// (balancing, outlier detection). docs/xds.md says what a client sees;
+// server/xds.go serves it.
 //
 // Every resource of a service has the same name: the service's, with
 // ".NAMESPACE" after it outside the default namespace (service names hold
@@ -20,7 +23,6 @@ package xds
 
 import (
 	"strings"
-	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -29,6 +31,11 @@ import (
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	leastrequestv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/load_balancing_policies/least_request/v3"
+	ringhashv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/load_balancing_policies/ring_hash/v3"
+	roundrobinv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/load_balancing_policies/round_robin/v3"
+	wrrlocalityv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/load_balancing_policies/wrr_locality/v3"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -78,8 +85,27 @@ func Listener(name string) *listenerv3.Listener {
 	return &listenerv3.Listener{Name: name, ApiListener: &listenerv3.ApiListener{ApiListener: api}}
 }
 
-// Route sends every call to the service's cluster.
-func Route(name string) *routev3.RouteConfiguration {
+// Route sends every call to the service's cluster, with the policy's
+// retries (every method of the service: gRPC's xDS clients retry the
+// status codes of retry_on) and, under ring hash, the hash of the
+// policy's header. No hash policy means a random hash to gRPC clients.
+func Route(name string, p registry.ServicePolicy) *routev3.RouteConfiguration {
+	action := &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: name}}
+	if lb := p.LoadBalancing; lb.Policy == registry.LBRingHash {
+		action.HashPolicy = []*routev3.RouteAction_HashPolicy{{
+			PolicySpecifier: &routev3.RouteAction_HashPolicy_Header_{Header: &routev3.RouteAction_HashPolicy_Header{HeaderName: lb.HashHeader}},
+		}}
+	}
+	if r := p.Retry.Effective(); r.On != 0 {
+		action.RetryPolicy = &routev3.RetryPolicy{
+			RetryOn:    r.On.String(), // Envoy's names, the ones gRPC reads
+			NumRetries: wrapperspb.UInt32(r.NumRetries),
+			RetryBackOff: &routev3.RetryPolicy_RetryBackOff{
+				BaseInterval: durationpb.New(r.BaseBackoff),
+				MaxInterval:  durationpb.New(r.MaxBackoff),
+			},
+		}
+	}
 	return &routev3.RouteConfiguration{
 		Name: name,
 		VirtualHosts: []*routev3.VirtualHost{{
@@ -87,29 +113,94 @@ func Route(name string) *routev3.RouteConfiguration {
 			Domains: []string{"*"},
 			Routes: []*routev3.Route{{
 				Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: ""}},
-				Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: name}}},
+				Action: &routev3.Route_Route{Route: action},
 			}},
 		}},
 	}
 }
 
-// Cluster takes its endpoints over EDS, round robin over the weighted
-// localities, with outlier detection as the SDK's defaults have it
+// Cluster takes its endpoints over EDS, balanced and with outlier
+// detection as the policy says. By default: round robin over the weighted
+// localities, and outlier detection as the SDK's defaults have it
 // (docs/sdk.md): 5 consecutive failures eject for 30 s, at most half of
-// the endpoints at once.
-func Cluster(name string) *clusterv3.Cluster {
-	return &clusterv3.Cluster{
+// the endpoints at once (gRPC clients ignore consecutive failures: they
+// read the fields as success-rate ejection at Envoy's defaults, which
+// needs 5 endpoints of 100 calls per interval).
+//
+// Least request and ring hash are set twice: in lb_policy with its
+// config, which every gRPC version with xDS reads, and in
+// load_balancing_policy (gRFC A52), which newer clients (and Envoy) read
+// instead. Least request's list falls back to round robin for a client
+// that knows no least request; ring hash has no fallback (a client
+// without it would lose the affinity silently; it NACKs instead). grpc-go
+// NACKs a ring hash whose hash function is not xxHash: it is set
+// explicitly (the extension's default is not xxHash, lb_policy's is).
+func Cluster(name string, p registry.ServicePolicy) *clusterv3.Cluster {
+	od := p.OutlierDetection.Effective()
+	c := &clusterv3.Cluster{
 		Name:                 name,
 		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS},
 		EdsClusterConfig:     &clusterv3.Cluster_EdsClusterConfig{EdsConfig: ads(), ServiceName: name},
 		LbPolicy:             clusterv3.Cluster_ROUND_ROBIN,
 		OutlierDetection: &clusterv3.OutlierDetection{
-			Consecutive_5Xx:    wrapperspb.UInt32(5),
-			Interval:           durationpb.New(10 * time.Second),
-			BaseEjectionTime:   durationpb.New(30 * time.Second),
-			MaxEjectionPercent: wrapperspb.UInt32(50),
+			Consecutive_5Xx:    wrapperspb.UInt32(od.ConsecutiveFailures),
+			Interval:           durationpb.New(od.Interval),
+			BaseEjectionTime:   durationpb.New(od.BaseEjectionTime),
+			MaxEjectionPercent: wrapperspb.UInt32(od.MaxEjectionPercent),
 		},
 	}
+	if od.FailurePercentageThreshold != 0 {
+		c.OutlierDetection.FailurePercentageThreshold = wrapperspb.UInt32(od.FailurePercentageThreshold)
+		c.OutlierDetection.EnforcingFailurePercentage = wrapperspb.UInt32(100) // its default, 0, turns it off
+		c.OutlierDetection.FailurePercentageMinimumHosts = wrapperspb.UInt32(od.FailurePercentageMinimumHosts)
+		c.OutlierDetection.FailurePercentageRequestVolume = wrapperspb.UInt32(od.FailurePercentageRequestVolume)
+	}
+	switch lb := p.LoadBalancing.Effective(); lb.Policy {
+	case registry.LBLeastRequest:
+		c.LbPolicy = clusterv3.Cluster_LEAST_REQUEST
+		c.LbConfig = &clusterv3.Cluster_LeastRequestLbConfig_{LeastRequestLbConfig: &clusterv3.Cluster_LeastRequestLbConfig{
+			ChoiceCount: wrapperspb.UInt32(lb.ChoiceCount),
+		}}
+		c.LoadBalancingPolicy = lbPolicies(
+			&leastrequestv3.LeastRequest{ChoiceCount: wrapperspb.UInt32(lb.ChoiceCount)},
+			&wrrlocalityv3.WrrLocality{EndpointPickingPolicy: lbPolicies(&roundrobinv3.RoundRobin{})},
+		)
+	case registry.LBRingHash:
+		c.LbPolicy = clusterv3.Cluster_RING_HASH
+		c.LbConfig = &clusterv3.Cluster_RingHashLbConfig_{RingHashLbConfig: &clusterv3.Cluster_RingHashLbConfig{
+			MinimumRingSize: wrapperspb.UInt64(lb.MinRingSize),
+			MaximumRingSize: wrapperspb.UInt64(lb.MaxRingSize),
+			HashFunction:    clusterv3.Cluster_RingHashLbConfig_XX_HASH,
+		}}
+		c.LoadBalancingPolicy = lbPolicies(&ringhashv3.RingHash{
+			HashFunction:    ringhashv3.RingHash_XX_HASH,
+			MinimumRingSize: wrapperspb.UInt64(lb.MinRingSize),
+			MaximumRingSize: wrapperspb.UInt64(lb.MaxRingSize),
+		})
+	}
+	return c
+}
+
+// lbPolicies is a load_balancing_policy: the first of policies a client
+// supports applies.
+func lbPolicies(policies ...proto.Message) *clusterv3.LoadBalancingPolicy {
+	lp := &clusterv3.LoadBalancingPolicy{}
+	for _, m := range policies {
+		a, err := anypb.New(m)
+		if err != nil {
+			panic("xds: marshalling a load balancing policy cannot fail: " + err.Error())
+		}
+		// Envoy's name of the extension: envoy.load_balancing_policies.ring_hash
+		// for envoy.extensions.load_balancing_policies.ring_hash.v3 (clients
+		// go by the type, the name is for people).
+		pkg := string(m.ProtoReflect().Descriptor().ParentFile().Package())
+		name := strings.TrimSuffix(strings.Replace(pkg, "envoy.extensions.", "envoy.", 1), ".v3")
+		lp.Policies = append(lp.Policies, &clusterv3.LoadBalancingPolicy_Policy{TypedExtensionConfig: &corev3.TypedExtensionConfig{
+			Name:        name,
+			TypedConfig: a,
+		}})
+	}
+	return lp
 }
 
 // Endpoints is the service's ClusterLoadAssignment for a client in zone

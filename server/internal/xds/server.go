@@ -32,6 +32,10 @@ type Config struct {
 	// NACK is told of every resource a client refused (a NACK), with the
 	// client's node id, the resource type and the client's error.
 	NACK func(node, typeURL, detail string)
+	// Policy returns a service's policy as it is now (nil: every service
+	// has the defaults). A change to it must be followed by an Offer of
+	// the service: Run reads the policy of each service it was offered.
+	Policy func(registry.ServiceKey) registry.ServicePolicy
 }
 
 // Server keeps one cache per resource type, all services in each, and
@@ -45,8 +49,11 @@ type Server struct {
 
 	mu    sync.Mutex
 	dirty map[registry.ServiceKey]*registry.Snapshot
-	known map[string]bool // services whose listener, route and cluster are set
 	wake  chan struct{}
+
+	// Run's own: the services whose listener is set, each with the
+	// policy its route and cluster were built from.
+	applied map[string]registry.ServicePolicy
 
 	// Endpoints differ by the client's zone (priorities): one cache per
 	// zone clients said they are in, made on first use, at most maxZones
@@ -66,7 +73,7 @@ func New(ctx context.Context, cfg Config) *Server {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{cfg: cfg, caches: map[string]*cachev3.LinearCache{}, dirty: map[registry.ServiceKey]*registry.Snapshot{},
-		known: map[string]bool{}, wake: make(chan struct{}, 1),
+		applied: map[string]registry.ServicePolicy{}, wake: make(chan struct{}, 1),
 		snaps: map[string]*registry.Snapshot{}, eds: map[string]*cachev3.LinearCache{}}
 	mux := &cachev3.MuxCache{
 		Classify:      func(r *cachev3.Request) string { return r.GetTypeUrl() },
@@ -184,11 +191,20 @@ func (s *Server) apply(dirty map[registry.ServiceKey]*registry.Snapshot) {
 	fixed := map[string]map[string]types.Resource{resourcev3.ListenerType: {}, resourcev3.RouteType: {}, resourcev3.ClusterType: {}}
 	for sk := range dirty {
 		name := Name(sk)
-		if !s.known[name] {
-			s.known[name] = true
+		var p registry.ServicePolicy
+		if s.cfg.Policy != nil {
+			p = s.cfg.Policy(sk)
+		}
+		old, known := s.applied[name]
+		if !known {
 			fixed[resourcev3.ListenerType][name] = Listener(name)
-			fixed[resourcev3.RouteType][name] = Route(name)
-			fixed[resourcev3.ClusterType][name] = Cluster(name)
+		}
+		// A route and a cluster change only with the policy: an
+		// instance's coming and going sends the endpoints alone.
+		if !known || p != old {
+			s.applied[name] = p
+			fixed[resourcev3.RouteType][name] = Route(name, p)
+			fixed[resourcev3.ClusterType][name] = Cluster(name, p)
 		}
 	}
 	// Listeners, routes and clusters first: a client that learns of a

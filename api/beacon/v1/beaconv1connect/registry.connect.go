@@ -63,6 +63,12 @@ const (
 	// RegistryServiceSetServiceConfigProcedure is the fully-qualified name of the RegistryService's
 	// SetServiceConfig RPC.
 	RegistryServiceSetServiceConfigProcedure = "/beacon.v1.RegistryService/SetServiceConfig"
+	// RegistryServiceSetServicePolicyProcedure is the fully-qualified name of the RegistryService's
+	// SetServicePolicy RPC.
+	RegistryServiceSetServicePolicyProcedure = "/beacon.v1.RegistryService/SetServicePolicy"
+	// RegistryServiceGetServiceConfigProcedure is the fully-qualified name of the RegistryService's
+	// GetServiceConfig RPC.
+	RegistryServiceGetServiceConfigProcedure = "/beacon.v1.RegistryService/GetServiceConfig"
 	// RegistryServiceUpdateCheckProcedure is the fully-qualified name of the RegistryService's
 	// UpdateCheck RPC.
 	RegistryServiceUpdateCheckProcedure = "/beacon.v1.RegistryService/UpdateCheck"
@@ -99,6 +105,12 @@ type RegistryServiceClient interface {
 	SetStatus(context.Context, *connect.Request[v1.SetStatusRequest]) (*connect.Response[v1.SetStatusResponse], error)
 	// SetServiceConfig sets a service's protection threshold.
 	SetServiceConfig(context.Context, *connect.Request[v1.SetServiceConfigRequest]) (*connect.Response[v1.SetServiceConfigResponse], error)
+	// SetServicePolicy sets the balancing, retry and outlier-detection
+	// policies a service's xDS clients follow.
+	SetServicePolicy(context.Context, *connect.Request[v1.SetServicePolicyRequest]) (*connect.Response[v1.SetServicePolicyResponse], error)
+	// GetServiceConfig returns a service's settings: its protection
+	// threshold and policies.
+	GetServiceConfig(context.Context, *connect.Request[v1.GetServiceConfigRequest]) (*connect.Response[v1.GetServiceConfigResponse], error)
 	// UpdateCheck pushes the status of a TTL check and renews its TTL.
 	UpdateCheck(context.Context, *connect.Request[v1.UpdateCheckRequest]) (*connect.Response[v1.UpdateCheckResponse], error)
 	ListInstances(context.Context, *connect.Request[v1.ListInstancesRequest]) (*connect.Response[v1.ListInstancesResponse], error)
@@ -178,6 +190,19 @@ func NewRegistryServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 			connect.WithSchema(registryServiceMethods.ByName("SetServiceConfig")),
 			connect.WithClientOptions(opts...),
 		),
+		setServicePolicy: connect.NewClient[v1.SetServicePolicyRequest, v1.SetServicePolicyResponse](
+			httpClient,
+			baseURL+RegistryServiceSetServicePolicyProcedure,
+			connect.WithSchema(registryServiceMethods.ByName("SetServicePolicy")),
+			connect.WithClientOptions(opts...),
+		),
+		getServiceConfig: connect.NewClient[v1.GetServiceConfigRequest, v1.GetServiceConfigResponse](
+			httpClient,
+			baseURL+RegistryServiceGetServiceConfigProcedure,
+			connect.WithSchema(registryServiceMethods.ByName("GetServiceConfig")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
 		updateCheck: connect.NewClient[v1.UpdateCheckRequest, v1.UpdateCheckResponse](
 			httpClient,
 			baseURL+RegistryServiceUpdateCheckProcedure,
@@ -231,6 +256,8 @@ type registryServiceClient struct {
 	deregister       *connect.Client[v1.DeregisterRequest, v1.DeregisterResponse]
 	setStatus        *connect.Client[v1.SetStatusRequest, v1.SetStatusResponse]
 	setServiceConfig *connect.Client[v1.SetServiceConfigRequest, v1.SetServiceConfigResponse]
+	setServicePolicy *connect.Client[v1.SetServicePolicyRequest, v1.SetServicePolicyResponse]
+	getServiceConfig *connect.Client[v1.GetServiceConfigRequest, v1.GetServiceConfigResponse]
 	updateCheck      *connect.Client[v1.UpdateCheckRequest, v1.UpdateCheckResponse]
 	listInstances    *connect.Client[v1.ListInstancesRequest, v1.ListInstancesResponse]
 	listServices     *connect.Client[v1.ListServicesRequest, v1.ListServicesResponse]
@@ -284,6 +311,16 @@ func (c *registryServiceClient) SetServiceConfig(ctx context.Context, req *conne
 	return c.setServiceConfig.CallUnary(ctx, req)
 }
 
+// SetServicePolicy calls beacon.v1.RegistryService.SetServicePolicy.
+func (c *registryServiceClient) SetServicePolicy(ctx context.Context, req *connect.Request[v1.SetServicePolicyRequest]) (*connect.Response[v1.SetServicePolicyResponse], error) {
+	return c.setServicePolicy.CallUnary(ctx, req)
+}
+
+// GetServiceConfig calls beacon.v1.RegistryService.GetServiceConfig.
+func (c *registryServiceClient) GetServiceConfig(ctx context.Context, req *connect.Request[v1.GetServiceConfigRequest]) (*connect.Response[v1.GetServiceConfigResponse], error) {
+	return c.getServiceConfig.CallUnary(ctx, req)
+}
+
 // UpdateCheck calls beacon.v1.RegistryService.UpdateCheck.
 func (c *registryServiceClient) UpdateCheck(ctx context.Context, req *connect.Request[v1.UpdateCheckRequest]) (*connect.Response[v1.UpdateCheckResponse], error) {
 	return c.updateCheck.CallUnary(ctx, req)
@@ -331,6 +368,12 @@ type RegistryServiceHandler interface {
 	SetStatus(context.Context, *connect.Request[v1.SetStatusRequest]) (*connect.Response[v1.SetStatusResponse], error)
 	// SetServiceConfig sets a service's protection threshold.
 	SetServiceConfig(context.Context, *connect.Request[v1.SetServiceConfigRequest]) (*connect.Response[v1.SetServiceConfigResponse], error)
+	// SetServicePolicy sets the balancing, retry and outlier-detection
+	// policies a service's xDS clients follow.
+	SetServicePolicy(context.Context, *connect.Request[v1.SetServicePolicyRequest]) (*connect.Response[v1.SetServicePolicyResponse], error)
+	// GetServiceConfig returns a service's settings: its protection
+	// threshold and policies.
+	GetServiceConfig(context.Context, *connect.Request[v1.GetServiceConfigRequest]) (*connect.Response[v1.GetServiceConfigResponse], error)
 	// UpdateCheck pushes the status of a TTL check and renews its TTL.
 	UpdateCheck(context.Context, *connect.Request[v1.UpdateCheckRequest]) (*connect.Response[v1.UpdateCheckResponse], error)
 	ListInstances(context.Context, *connect.Request[v1.ListInstancesRequest]) (*connect.Response[v1.ListInstancesResponse], error)
@@ -406,6 +449,19 @@ func NewRegistryServiceHandler(svc RegistryServiceHandler, opts ...connect.Handl
 		connect.WithSchema(registryServiceMethods.ByName("SetServiceConfig")),
 		connect.WithHandlerOptions(opts...),
 	)
+	registryServiceSetServicePolicyHandler := connect.NewUnaryHandler(
+		RegistryServiceSetServicePolicyProcedure,
+		svc.SetServicePolicy,
+		connect.WithSchema(registryServiceMethods.ByName("SetServicePolicy")),
+		connect.WithHandlerOptions(opts...),
+	)
+	registryServiceGetServiceConfigHandler := connect.NewUnaryHandler(
+		RegistryServiceGetServiceConfigProcedure,
+		svc.GetServiceConfig,
+		connect.WithSchema(registryServiceMethods.ByName("GetServiceConfig")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
 	registryServiceUpdateCheckHandler := connect.NewUnaryHandler(
 		RegistryServiceUpdateCheckProcedure,
 		svc.UpdateCheck,
@@ -465,6 +521,10 @@ func NewRegistryServiceHandler(svc RegistryServiceHandler, opts ...connect.Handl
 			registryServiceSetStatusHandler.ServeHTTP(w, r)
 		case RegistryServiceSetServiceConfigProcedure:
 			registryServiceSetServiceConfigHandler.ServeHTTP(w, r)
+		case RegistryServiceSetServicePolicyProcedure:
+			registryServiceSetServicePolicyHandler.ServeHTTP(w, r)
+		case RegistryServiceGetServiceConfigProcedure:
+			registryServiceGetServiceConfigHandler.ServeHTTP(w, r)
 		case RegistryServiceUpdateCheckProcedure:
 			registryServiceUpdateCheckHandler.ServeHTTP(w, r)
 		case RegistryServiceListInstancesProcedure:
@@ -520,6 +580,14 @@ func (UnimplementedRegistryServiceHandler) SetStatus(context.Context, *connect.R
 
 func (UnimplementedRegistryServiceHandler) SetServiceConfig(context.Context, *connect.Request[v1.SetServiceConfigRequest]) (*connect.Response[v1.SetServiceConfigResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.SetServiceConfig is not implemented"))
+}
+
+func (UnimplementedRegistryServiceHandler) SetServicePolicy(context.Context, *connect.Request[v1.SetServicePolicyRequest]) (*connect.Response[v1.SetServicePolicyResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.SetServicePolicy is not implemented"))
+}
+
+func (UnimplementedRegistryServiceHandler) GetServiceConfig(context.Context, *connect.Request[v1.GetServiceConfigRequest]) (*connect.Response[v1.GetServiceConfigResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.GetServiceConfig is not implemented"))
 }
 
 func (UnimplementedRegistryServiceHandler) UpdateCheck(context.Context, *connect.Request[v1.UpdateCheckRequest]) (*connect.Response[v1.UpdateCheckResponse], error) {

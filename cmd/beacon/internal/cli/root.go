@@ -191,6 +191,7 @@ func newRoot(stdout, stderr io.Writer) (*cobra.Command, *globals) {
 		newDeregisterCmd(g),
 		newStatusCmd(g),
 		newProtectCmd(g),
+		newServiceConfigCmd(g),
 		newCheckUpdateCmd(g),
 		newServicesCmd(g),
 		newInstancesCmd(g),
