@@ -62,6 +62,7 @@ type Config struct {
 	Zone      string     `json:"zone,omitempty"` // the proxy's zone, for zone-aware routing
 	Listeners []Listener `json:"listeners,omitempty"`
 	Routes    []Route    `json:"routes,omitempty"`
+	TCP       []TCPRoute `json:"tcp,omitempty"`
 	Metrics   Metrics    `json:"metrics,omitempty"`
 	AccessLog AccessLog  `json:"accessLog,omitempty"`
 	Sidecar   *Sidecar   `json:"sidecar,omitempty"`
@@ -197,6 +198,15 @@ type Outlier struct {
 	BaseEjection        Duration `json:"baseEjection,omitempty"`        // default 30s
 }
 
+// TCPRoute proxies connections (L4) to a service's instances.
+type TCPRoute struct {
+	Name           string   `json:"name"`
+	Addr           string   `json:"addr"`
+	Service        string   `json:"service"`
+	ConnectTimeout Duration `json:"connectTimeout,omitempty"` // default 5s
+	MaxConnections int      `json:"maxConnections,omitempty"` // default 10000
+}
+
 // Metrics serves Prometheus metrics on Addr at /metrics ("" disables).
 type Metrics struct {
 	Addr string `json:"addr,omitempty"`
@@ -294,8 +304,8 @@ func (c *Config) Validate() error {
 			return fe("registry.namespace", "%v", err)
 		}
 	}
-	if len(c.Listeners) == 0 && c.Sidecar == nil {
-		return fe("listeners", "nothing to serve: give listeners or sidecar")
+	if len(c.Listeners) == 0 && len(c.TCP) == 0 && c.Sidecar == nil {
+		return fe("listeners", "nothing to serve: give listeners, tcp or sidecar")
 	}
 	if len(c.Listeners) > MaxListeners {
 		return fe("listeners", "%d listeners, at most %d", len(c.Listeners), MaxListeners)
@@ -346,6 +356,27 @@ func (c *Config) Validate() error {
 	for i := range c.Routes {
 		if err := c.Routes[i].validate(fmt.Sprintf("routes[%d]", i), unique); err != nil {
 			return err
+		}
+	}
+	for i := range c.TCP {
+		t, p := &c.TCP[i], fmt.Sprintf("tcp[%d]", i)
+		if err := unique(p+".name", t.Name); err != nil {
+			return err
+		}
+		if err := addr(p+".addr", t.Addr); err != nil {
+			return err
+		}
+		if err := registry.ValidateName("service", t.Service); err != nil {
+			return fe(p+".service", "must be a service name, got %q", t.Service)
+		}
+		if t.ConnectTimeout < 0 || t.MaxConnections < 0 {
+			return fe(p, "connectTimeout and maxConnections must not be negative")
+		}
+		if t.ConnectTimeout == 0 {
+			t.ConnectTimeout = Duration(5 * time.Second)
+		}
+		if t.MaxConnections == 0 {
+			t.MaxConnections = 10000
 		}
 	}
 	if c.Metrics.Addr != "" {
@@ -509,7 +540,7 @@ func (c *Config) sameExceptRoutes(b *Config) (string, bool) {
 		a, b any
 	}{
 		{"registry", x.Registry, y.Registry}, {"zone", x.Zone, y.Zone}, {"listeners", x.Listeners, y.Listeners},
-		{"metrics", x.Metrics, y.Metrics}, {"accessLog", x.AccessLog, y.AccessLog},
+		{"tcp", x.TCP, y.TCP}, {"metrics", x.Metrics, y.Metrics}, {"accessLog", x.AccessLog, y.AccessLog},
 		{"sidecar", x.Sidecar, y.Sidecar},
 	} {
 		ja, _ := json.Marshal(f.a)

@@ -100,7 +100,11 @@ func (e *env) startProxy(body string) (*proxy.Proxy, string, string) {
 	case err := <-done:
 		e.t.Fatalf("Run() = %v before ready", err)
 	}
-	return p, "http://" + cfg.Listeners[0].Addr, path
+	url := ""
+	if len(cfg.Listeners) > 0 {
+		url = "http://" + cfg.Listeners[0].Addr
+	}
+	return p, url, path
 }
 
 // get sends a GET and returns status and body.

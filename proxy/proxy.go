@@ -211,7 +211,7 @@ func (p *Proxy) ReloadFile(path string) error {
 
 // Reload applies cfg's routes. Requests in flight finish on the routes they
 // started on; connections stay open. A cfg that is invalid, or that
-// changes anything but the routes (listeners, registry, sidecar,
+// changes anything but the routes (listeners, registry, sidecar, tcp,
 // metrics, access log: those need a restart), is refused and the running
 // configuration kept.
 func (p *Proxy) Reload(cfg *Config) error {
