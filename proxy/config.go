@@ -150,6 +150,25 @@ type Route struct {
 	// PanicThreshold: below this healthy share, balance over every
 	// instance (0 disables).
 	PanicThreshold float64 `json:"panicThreshold,omitempty"`
+	// UpstreamTLS makes the route speak TLS to its instances (HTTP/2 by
+	// ALPN where they offer it), with a client certificate for mTLS.
+	UpstreamTLS *UpstreamTLS `json:"upstreamTLS,omitempty"`
+}
+
+// UpstreamTLS is TLS from the proxy to a route's instances. The files are
+// read when the route is built: a reload picks up rotated certificates.
+type UpstreamTLS struct {
+	// CA verifies the instances' certificates (PEM; default: the system's
+	// roots).
+	CA string `json:"ca,omitempty"`
+	// Cert and Key are the proxy's client certificate, for instances that
+	// require one (mTLS).
+	Cert string `json:"cert,omitempty"`
+	Key  string `json:"key,omitempty"`
+	// ServerName is the name the instances' certificates must carry
+	// (default: the route's service name; one certificate serves every
+	// instance of a service, whatever its address).
+	ServerName string `json:"serverName,omitempty"`
 }
 
 // Match selects requests. Every given condition must hold; the routes are
@@ -474,6 +493,14 @@ func (r *Route) validate(p string, unique func(field, name string) error) error 
 		return fe(p+".outlier.consecutiveFailures", "must be -1 (off) or positive")
 	case r.Outlier.BaseEjection < 0:
 		return fe(p+".outlier.baseEjection", "must not be negative")
+	}
+	if u := r.UpstreamTLS; u != nil {
+		if (u.Cert == "") != (u.Key == "") {
+			return fe(p+".upstreamTLS", "cert and key go together (mTLS), got only one")
+		}
+		if strings.ContainsAny(u.ServerName, " /:") {
+			return fe(p+".upstreamTLS.serverName", "a DNS name, got %q", u.ServerName)
+		}
 	}
 	if r.Timeout == 0 {
 		r.Timeout = Duration(30 * time.Second)

@@ -82,6 +82,9 @@ func (t *table) release() {
 func (t *table) close() {
 	for _, r := range t.routes {
 		r.tr.Close()
+		if r.tlsBase != nil {
+			r.tlsBase.CloseIdleConnections()
+		}
 	}
 }
 
@@ -260,9 +263,10 @@ func (p *Proxy) build(cfg *Config) (*table, error) {
 
 // route is one configured route, ready to serve.
 type route struct {
-	cfg   Route
-	host  string // lower case; "*.x" matches subdomains of x
-	tr    *beaconhttp.Transport
+	cfg     Route
+	host    string // lower case; "*.x" matches subdomains of x
+	tr      *beaconhttp.Transport
+	tlsBase *http.Transport // the route's own, with upstreamTLS; else nil
 	hedge *policy.Hedger
 	rp    *httputil.ReverseProxy
 	rm    routeMetrics
@@ -279,10 +283,25 @@ func (p *Proxy) newRoute(cfg *Config, rc *Route) (*route, error) {
 	if err != nil {
 		return nil, err
 	}
+	var base http.RoundTripper = p.base
+	if u := rc.UpstreamTLS; u != nil {
+		tc, err := client.TLSFromFiles(u.CA, u.Cert, u.Key)
+		if err != nil {
+			return nil, fmt.Errorf("upstreamTLS: %w", err)
+		}
+		tc.ServerName = u.ServerName
+		if tc.ServerName == "" {
+			tc.ServerName = rc.Service
+		}
+		r.tlsBase = p.base.Clone()
+		r.tlsBase.TLSClientConfig = tc
+		r.tlsBase.ForceAttemptHTTP2 = true
+		base = r.tlsBase
+	}
 	oc := outlier.Config{ConsecutiveFailures: rc.Outlier.ConsecutiveFailures, BaseEjection: time.Duration(rc.Outlier.BaseEjection)}
 	opts := []beaconhttp.Option{
 		beaconhttp.WithServices(rc.Service),
-		beaconhttp.WithBase(&attemptRT{base: p.base, perTry: time.Duration(rc.PerTryTimeout)}),
+		beaconhttp.WithBase(&attemptRT{base: base, perTry: time.Duration(rc.PerTryTimeout), tls: r.tlsBase != nil}),
 		beaconhttp.WithBalancer(p2c.Builder{}, balancer.Config{Subsets: subsets, Zone: cfg.Zone, PanicThreshold: rc.PanicThreshold}),
 		beaconhttp.WithOutlierDetection(oc),
 		beaconhttp.WithRetry(policy.RetryConfig{MaxAttempts: rc.Retry.MaxAttempts, Budget: budget}),
@@ -443,6 +462,7 @@ type reqState struct {
 type attemptRT struct {
 	base   http.RoundTripper
 	perTry time.Duration
+	tls    bool // https to the instance (upstreamTLS)
 }
 
 // errPerTry is a timeout as net.Error, which beaconhttp retries.
@@ -459,6 +479,12 @@ var _ net.Error = errPerTry{}
 func (a *attemptRT) RoundTrip(req *http.Request) (*http.Response, error) {
 	if st, ok := req.Context().Value(stateKey{}).(*reqState); ok {
 		st.attempts.Add(1)
+	}
+	if a.tls { // beaconhttp resolved the instance over http://SERVICE
+		u := *req.URL
+		u.Scheme = "https"
+		req = req.WithContext(req.Context()) // a shallow copy to change
+		req.URL = &u
 	}
 	if a.perTry <= 0 {
 		return a.base.RoundTrip(req)
