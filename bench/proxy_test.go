@@ -96,7 +96,7 @@ func newProxyRig(tb testing.TB, beaconBin string, withAnchors bool) *proxyRig {
 	}
 	r.targets = []*proxyTarget{r.startBeaconProxy(beaconBin)}
 	if withAnchors {
-		r.targets = append(r.targets, r.startNginx(), r.startHAProxy())
+		r.targets = append(r.targets, r.startNginx(), r.startHAProxy(), r.startGoProxy())
 	}
 	for _, t := range r.targets {
 		r.waitAllBackends(t)
@@ -266,6 +266,21 @@ backend web
 	return r.startDaemon("haproxy", "http://"+addr, "haproxy", "-f", cfg, "-db")
 }
 
+// startGoProxy: the Go floor (bench/internal/cmd/goproxy), a bare
+// httputil.ReverseProxy round-robining over the same backends.
+func (r *proxyRig) startGoProxy() *proxyTarget {
+	bin := filepath.Join(r.dir, "goproxy")
+	if out, err := exec.Command("go", "build", "-o", bin, "beacon.dev/beacon/bench/internal/cmd/goproxy").CombinedOutput(); err != nil {
+		r.tb.Fatalf("go build goproxy: %v\n%s", err, out)
+	}
+	addr := testutil.FreeAddr(r.tb)
+	var hosts []string
+	for _, be := range r.backends {
+		hosts = append(hosts, be.addr)
+	}
+	return r.startDaemon("go-reverseproxy", "http://"+addr, bin, "-addr", addr, "-backends", strings.Join(hosts, ","))
+}
+
 // wrkResult is one wrk run.
 type wrkResult struct {
 	requests  float64 // completed
@@ -394,7 +409,8 @@ func procField(pid, i int) (float64, bool) {
 }
 
 // BenchmarkProxy: throughput and latency through beacon proxy beside
-// nginx and HAProxy in the same run, wrk with 16 and 100 connections for
+// nginx, HAProxy and the Go floor (a bare httputil.ReverseProxy) in the
+// same run, wrk with 16 and 100 connections for
 // 10 s each (after 2 s of warm-up), the proxies taking turns. Reported:
 // requests/s, p50/p99, the proxy's CPU per request, and the ratios to
 // nginx (goal: throughput ≥ 0.8×, p99 ≤ 1.2×) and HAProxy.
@@ -417,11 +433,13 @@ func BenchmarkProxy(b *testing.B) {
 					b.Errorf("%s: %v failed requests without a fault", t.name, r.errors)
 				}
 			}
-			bp, ng, ha := res["beacon-proxy"], res["nginx"], res["haproxy"]
+			bp, ng, ha, gp := res["beacon-proxy"], res["nginx"], res["haproxy"], res["go-reverseproxy"]
 			b.ReportMetric(bp.perSecond/ng.perSecond, "req/s_vs_nginx")
 			b.ReportMetric(bp.p99/ng.p99, "p99_vs_nginx")
 			b.ReportMetric(bp.perSecond/ha.perSecond, "req/s_vs_haproxy")
 			b.ReportMetric(bp.p99/ha.p99, "p99_vs_haproxy")
+			b.ReportMetric(bp.perSecond/gp.perSecond, "req/s_vs_go")
+			b.ReportMetric(bp.p99/gp.p99, "p99_vs_go")
 		})
 	}
 }
