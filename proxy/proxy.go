@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"os"
+	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -79,12 +81,11 @@ func (t *table) release() {
 	}
 }
 
+// close releases the table's routes; a route carried into a newer table
+// (its configuration unchanged) stays open there.
 func (t *table) close() {
 	for _, r := range t.routes {
-		r.tr.Close()
-		if r.tlsBase != nil {
-			r.tlsBase.CloseIdleConnections()
-		}
+		r.release()
 	}
 }
 
@@ -160,7 +161,7 @@ func New(cfg *Config, opts ...Option) (*Proxy, error) {
 	}
 	p.base = beaconhttp.DefaultBase()
 	p.base.DisableCompression = true // pass Accept-Encoding and bodies through untouched
-	t, err := p.build(cfg)
+	t, err := p.build(cfg, nil)
 	if err != nil {
 		p.closeDeps()
 		return nil, err
@@ -229,7 +230,7 @@ func (p *Proxy) Reload(cfg *Config) error {
 	if field, ok := p.cfg.Load().sameExceptRoutes(cfg); !ok {
 		return fe(field, "changed: only routes are reloaded; restart the proxy to change %s", field)
 	}
-	t, err := p.build(cfg)
+	t, err := p.build(cfg, p.table.Load())
 	if err != nil {
 		return err
 	}
@@ -246,11 +247,24 @@ func (p *Proxy) Reload(cfg *Config) error {
 	return nil
 }
 
-// build makes a table of routes.
-func (p *Proxy) build(cfg *Config) (*table, error) {
+// build makes a table of routes. A route of prev whose configuration is
+// unchanged is carried over as it is: its balancer keeps its ejections,
+// latency averages and connections across the reload.
+func (p *Proxy) build(cfg *Config, prev *table) (*table, error) {
 	t := &table{done: make(chan struct{})}
 	t.refs.Store(1)
+	kept := map[string]*route{}
+	if prev != nil {
+		for _, r := range prev.routes {
+			kept[r.cfg.Name] = r
+		}
+	}
 	for i := range cfg.Routes {
+		if r := kept[cfg.Routes[i].Name]; r != nil && reflect.DeepEqual(r.cfg, cfg.Routes[i]) && r.zone == cfg.Zone && bytes.Equal(r.tlsFiles, tlsFiles(r.cfg.UpstreamTLS)) {
+			r.tables.Add(1)
+			t.routes = append(t.routes, r)
+			continue
+		}
 		r, err := p.newRoute(cfg, &cfg.Routes[i])
 		if err != nil {
 			t.close()
@@ -263,17 +277,48 @@ func (p *Proxy) build(cfg *Config) (*table, error) {
 
 // route is one configured route, ready to serve.
 type route struct {
+	tables  atomic.Int32 // the tables holding the route; the last to let go closes it
+	zone    string       // cfg.Zone when built
 	cfg     Route
 	host    string // lower case; "*.x" matches subdomains of x
 	tr      *beaconhttp.Transport
-	tlsBase *http.Transport // the route's own, with upstreamTLS; else nil
+	tlsBase  *http.Transport // the route's own, with upstreamTLS; else nil
+	tlsFiles []byte          // their content when built: rotated files make a new route
 	hedge *policy.Hedger
 	rp    *httputil.ReverseProxy
 	rm    routeMetrics
 }
 
+// tlsFiles is the content of u's files (nil without u), to tell a
+// rotated certificate from an unchanged one.
+func tlsFiles(u *UpstreamTLS) []byte {
+	if u == nil {
+		return nil
+	}
+	var all []byte
+	for _, f := range []string{u.CA, u.Cert, u.Key} {
+		if f != "" {
+			b, _ := os.ReadFile(f)
+			all = append(append(all, b...), 0)
+		}
+	}
+	return all
+}
+
+// release lets go of the route for one table.
+func (r *route) release() {
+	if r.tables.Add(-1) != 0 {
+		return
+	}
+	r.tr.Close()
+	if r.tlsBase != nil {
+		r.tlsBase.CloseIdleConnections()
+	}
+}
+
 func (p *Proxy) newRoute(cfg *Config, rc *Route) (*route, error) {
-	r := &route{cfg: *rc, host: strings.ToLower(rc.Match.Host), rm: p.m.forRoute(rc.Name, rc.Service)}
+	r := &route{cfg: *rc, zone: cfg.Zone, host: strings.ToLower(rc.Match.Host), rm: p.m.forRoute(rc.Name, rc.Service)}
+	r.tables.Store(1)
 	var subsets []balancer.Subset
 	for _, s := range rc.Split {
 		subsets = append(subsets, balancer.Subset{Name: s.Name, Weight: s.Weight,
@@ -293,6 +338,7 @@ func (p *Proxy) newRoute(cfg *Config, rc *Route) (*route, error) {
 		if tc.ServerName == "" {
 			tc.ServerName = rc.Service
 		}
+		r.tlsFiles = tlsFiles(u)
 		r.tlsBase = p.base.Clone()
 		r.tlsBase.TLSClientConfig = tc
 		r.tlsBase.ForceAttemptHTTP2 = true
