@@ -277,16 +277,16 @@ func (p *Proxy) build(cfg *Config, prev *table) (*table, error) {
 
 // route is one configured route, ready to serve.
 type route struct {
-	tables  atomic.Int32 // the tables holding the route; the last to let go closes it
-	zone    string       // cfg.Zone when built
-	cfg     Route
-	host    string // lower case; "*.x" matches subdomains of x
-	tr      *beaconhttp.Transport
+	tables   atomic.Int32 // the tables holding the route; the last to let go closes it
+	zone     string       // cfg.Zone when built
+	cfg      Route
+	host     string // lower case; "*.x" matches subdomains of x
+	tr       *beaconhttp.Transport
 	tlsBase  *http.Transport // the route's own, with upstreamTLS; else nil
 	tlsFiles []byte          // their content when built: rotated files make a new route
-	hedge *policy.Hedger
-	rp    *httputil.ReverseProxy
-	rm    routeMetrics
+	hedge    *policy.Hedger
+	rp       *httputil.ReverseProxy
+	rm       routeMetrics
 }
 
 // tlsFiles is the content of u's files (nil without u), to tell a
