@@ -564,11 +564,11 @@ func (h *hedgeRT) RoundTrip(req *http.Request) (*http.Response, error) {
 	var (
 		mu     sync.Mutex
 		winner *http.Response
-		over   bool           // Do returned: no attempt starts any more
+		over   bool           // DoHold returned: no attempt starts any more
 		active sync.WaitGroup // attempts still running, losers included
 	)
-	// The losers are cancelled when Do returns, but may still be in the
-	// transport: RoundTrip waits for them, so that none outlives the
+	// The losers are cancelled when DoHold returns, but may still be in
+	// the transport: RoundTrip waits for them, so that none outlives the
 	// route table (a reload closes its transports after its last request).
 	defer func() {
 		mu.Lock()
@@ -576,7 +576,7 @@ func (h *hedgeRT) RoundTrip(req *http.Request) (*http.Response, error) {
 		mu.Unlock()
 		active.Wait()
 	}()
-	err := h.h.Do(req.Context(), func(hctx context.Context, _ int) error {
+	release, err := h.h.DoHold(req.Context(), func(ctx context.Context, _ int) error {
 		mu.Lock()
 		if over {
 			mu.Unlock()
@@ -585,41 +585,31 @@ func (h *hedgeRT) RoundTrip(req *http.Request) (*http.Response, error) {
 		active.Add(1)
 		mu.Unlock()
 		defer active.Done()
-		// Each attempt's context is its own so that the winner's outlives
-		// Do (which cancels hctx): losers are cancelled through hctx.
-		ctx, cancel := context.WithCancel(req.Context())
-		stop := context.AfterFunc(hctx, cancel)
 		resp, err := h.next.RoundTrip(req.Clone(ctx))
 		if err != nil {
-			stop()
-			cancel()
 			return err
 		}
 		mu.Lock()
 		defer mu.Unlock()
-		if winner != nil || hctx.Err() != nil { // lost
-			stop()
-			cancel()
+		if winner != nil || ctx.Err() != nil { // lost
 			resp.Body.Close()
-			return nil
+			return policy.ErrHedgeLost
 		}
-		if !stop() { // hctx ended between the check and here
-			cancel()
-			resp.Body.Close()
-			return hctx.Err()
-		}
-		winner = resp
-		resp.Body = &cancelBody{ReadCloser: resp.Body, cancel: cancel}
+		winner = resp // the only attempt to return nil: DoHold's winner
 		return nil
 	})
 	mu.Lock()
 	defer mu.Unlock()
-	if winner != nil {
+	switch {
+	case err == nil && winner != nil:
+		winner.Body = &cancelBody{ReadCloser: winner.Body, cancel: release}
 		return winner, nil
-	}
-	if err == nil {
+	case winner != nil: // answered just as the caller gave up
+		winner.Body.Close()
+	case err == nil:
 		err = errors.New("proxy: hedged request ended without a response")
 	}
+	release()
 	return nil, err
 }
 

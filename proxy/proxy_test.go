@@ -462,3 +462,38 @@ func TestProxyReloadKeepsUnchangedRoutesEjections(t *testing.T) {
 	}
 	testutil.Eventually(t, 30*time.Second, "the changed route trying bad again", func() bool { return !quiet(20) })
 }
+
+// A hedged GET: when the first attempt hangs, the hedge answers, and the
+// winner's body — streamed after its headers, so read after the hedger
+// returned — arrives whole; the hung attempt is cancelled.
+func TestProxyHedgeWinnerStreamsWholeBody(t *testing.T) {
+	e := newEnv(t)
+	var hung, cancelled atomic.Int64
+	e.backend("web", "hang", "", func(w http.ResponseWriter, r *http.Request) {
+		hung.Add(1)
+		<-r.Context().Done() // the proxy gave up on this attempt
+		cancelled.Add(1)
+	})
+	e.backend("web", "stream", "", func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusOK)
+		w.(http.Flusher).Flush()
+		for i := range 5 {
+			time.Sleep(5 * time.Millisecond) // the rest of the body comes later
+			fmt.Fprintf(w, "part%d;", i)
+			w.(http.Flusher).Flush()
+		}
+	})
+	addr := testutil.FreeAddr(t)
+	_, base, _ := e.startProxy(fmt.Sprintf("listeners: [{name: edge, addr: %q}]\nroutes: [{name: web, service: web, hedge: {delay: 20ms}, outlier: {consecutiveFailures: -1}}]\n", addr))
+	hc := &http.Client{Timeout: 30 * time.Second}
+	defer hc.CloseIdleConnections()
+	waitServing(t, hc, base+"/", nil, "part0;part1;part2;part3;part4;")
+	testutil.Eventually(t, 60*time.Second, "a request hedged past the hung instance", func() bool {
+		code, body := get(t, hc, base+"/", nil)
+		if code != 200 || body != "part0;part1;part2;part3;part4;" {
+			t.Fatalf("GET / = %d %q, want the whole streamed body", code, body)
+		}
+		return hung.Load() > 0
+	})
+	testutil.Eventually(t, 30*time.Second, "every hung attempt cancelled", func() bool { return cancelled.Load() == hung.Load() })
+}
