@@ -224,6 +224,9 @@ type TCPRoute struct {
 	Service        string   `json:"service"`
 	ConnectTimeout Duration `json:"connectTimeout,omitempty"` // default 5s
 	MaxConnections int      `json:"maxConnections,omitempty"` // default 10000
+	// IdleTimeout closes a connection on which nothing was read, either
+	// way, for this long (nginx's proxy_timeout; default 10m).
+	IdleTimeout Duration `json:"idleTimeout,omitempty"`
 }
 
 // Metrics serves Prometheus metrics on Addr at /metrics ("" disables).
@@ -388,8 +391,11 @@ func (c *Config) Validate() error {
 		if err := registry.ValidateName("service", t.Service); err != nil {
 			return fe(p+".service", "must be a service name, got %q", t.Service)
 		}
-		if t.ConnectTimeout < 0 || t.MaxConnections < 0 {
-			return fe(p, "connectTimeout and maxConnections must not be negative")
+		if t.ConnectTimeout < 0 || t.MaxConnections < 0 || t.IdleTimeout < 0 {
+			return fe(p, "connectTimeout, maxConnections and idleTimeout must not be negative")
+		}
+		if t.IdleTimeout == 0 {
+			t.IdleTimeout = Duration(10 * time.Minute)
 		}
 		if t.ConnectTimeout == 0 {
 			t.ConnectTimeout = Duration(5 * time.Second)

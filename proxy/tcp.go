@@ -112,7 +112,7 @@ func (t *tcpProxy) handle(c net.Conn) {
 			return
 		}
 		t.p.m.tcp.WithLabelValues(t.cfg.Name, t.cfg.Service, "proxied").Inc()
-		pipe(c, up)
+		pipe(c, up, time.Duration(t.cfg.IdleTimeout))
 		t.track(up, false)
 		pk.Done(nil)
 		return
@@ -121,18 +121,41 @@ func (t *tcpProxy) handle(c net.Conn) {
 }
 
 // pipe copies both ways, half-closing each side when the other is done,
-// and returns once both directions ended.
-func pipe(a, b net.Conn) {
+// and returns once both directions ended. A read in either direction
+// pushes both read deadlines idle further: a connection quiet both ways
+// for idle is closed.
+func pipe(a, b net.Conn, idle time.Duration) {
+	alive := func() {
+		at := time.Now().Add(idle)
+		_ = a.SetReadDeadline(at)
+		_ = b.SetReadDeadline(at)
+	}
+	alive()
 	done := make(chan struct{})
 	go func() { // owned by pipe: it waits for it
 		defer close(done)
-		_, _ = io.Copy(b, a)
+		_, _ = io.Copy(b, &activeReader{a, alive})
 		closeWrite(b)
 	}()
-	_, _ = io.Copy(a, b)
+	_, _ = io.Copy(a, &activeReader{b, alive})
 	closeWrite(a)
 	<-done
+	a.Close()
 	b.Close()
+}
+
+// activeReader reports every read that returned data.
+type activeReader struct {
+	c     net.Conn
+	alive func()
+}
+
+func (r *activeReader) Read(p []byte) (int, error) {
+	n, err := r.c.Read(p)
+	if n > 0 {
+		r.alive()
+	}
+	return n, err
 }
 
 func closeWrite(c net.Conn) {

@@ -339,3 +339,27 @@ func TestTCPMaxConnections(t *testing.T) {
 		t.Errorf("held connection under the limit: %v", err)
 	}
 }
+
+// A connection quiet both ways for tcp[i].idleTimeout is closed by the
+// proxy (nginx's proxy_timeout); the listener keeps serving.
+func TestTCPIdleTimeoutClosesQuietConnections(t *testing.T) {
+	e := newEnv(t)
+	e.echoBackend("echo", "e1")
+	addr := testutil.FreeAddr(t)
+	e.startProxy(tcpConfig(addr, "echo", ", idleTimeout: 200ms"))
+	waitTCPServing(t, addr)
+	c, err := dialTCP(t, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := roundTrip(c, "hello"); err != nil {
+		t.Fatal(err)
+	}
+	// Nothing more is sent: the proxy closes it (EOF), long before this
+	// read's own deadline.
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	if n, err := c.Read(make([]byte, 8)); err != io.EOF {
+		t.Fatalf("reading a quiet connection = %d, %v; want EOF from the proxy's idle timeout", n, err)
+	}
+	waitTCPServing(t, addr)
+}
