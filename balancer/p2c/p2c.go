@@ -49,17 +49,8 @@ func (p *picker) Pick(info balancer.PickInfo) (*endpoint.Endpoint, error) {
 	case 1:
 		return p.eps[0], nil
 	}
-	r := p.rand()
-	a := balancer.Bound(r, n)
-	b := balancer.Bound(r<<32|r>>32, n-1) // a second draw from the same value
-	if b >= a {
-		b++
-	}
-	switch info.Avoid { // a retry never goes back where it just failed
-	case "":
-	case p.eps[a].ID:
-		return p.eps[b], nil
-	case p.eps[b].ID:
+	a, b, decided := balancer.TwoChoices(p.eps, p.rand(), info)
+	if decided {
 		return p.eps[a], nil
 	}
 	now := p.clock.Now()
