@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"beacon.dev/beacon/balancer"
+	"beacon.dev/beacon/balancer/leastconn"
 	"beacon.dev/beacon/balancer/maglev"
 	"beacon.dev/beacon/balancer/p2c"
 	"beacon.dev/beacon/balancer/random"
@@ -167,6 +168,63 @@ func TestP2CAvoidsLoadAndLatency(t *testing.T) {
 	}
 }
 
+// A retry's Avoid is certain for the two-choice pickers, whatever the
+// costs: a fast-failing endpoint (cheapest by latency, or idle) is never
+// the retry's pick while another is there.
+func TestTwoChoicePickersHonourAvoid(t *testing.T) {
+	for _, b := range []balancer.Builder{p2c.Builder{}, leastconn.Builder{}} {
+		t.Run(b.Name(), func(t *testing.T) {
+			eps := endpoints(100, 100)
+			// ep-000 failed in 10 µs; ep-001 answers in 5 ms and is busy.
+			eps[0].Stats.Begin()
+			eps[0].Stats.End(1e9, 10*time.Microsecond, true)
+			eps[1].Stats.Begin()
+			eps[1].Stats.End(1e9, 5*time.Millisecond, false)
+			eps[1].Stats.Begin()
+			p := b.Build(eps, balancer.BuildOptions{Rand: seeded(9)})
+			for i := range 1000 {
+				e, err := p.Pick(balancer.PickInfo{Avoid: "ep-000"})
+				if err != nil || e.ID != "ep-001" {
+					t.Fatalf("pick %d avoiding ep-000 = %v, %v; want ep-001", i, e, err)
+				}
+			}
+			if got := counts(t, p, eps, 1000, nil); got[0] != 1000 {
+				t.Errorf("without Avoid the cheaper ep-000 got %d of 1000, want all", got[0])
+			}
+		})
+	}
+}
+
+// Least request weighs connections in flight by weight and ignores
+// latency: the busier endpoint loses every draw, the slower one does not.
+func TestLeastConnFollowsInflight(t *testing.T) {
+	eps := endpoints(100, 100, 100)
+	eps[0].Stats.Begin()
+	eps[0].Stats.End(1e9, 500*time.Millisecond, false) // slow, idle
+	for range 3 {
+		eps[1].Stats.Begin() // three connections open
+	}
+	p := leastconn.Builder{}.Build(eps, balancer.BuildOptions{Rand: seeded(3)})
+	got := counts(t, p, eps, 3000, nil)
+	if got[1] != 0 {
+		t.Errorf("busy endpoint picked %d of 3000 times, want 0", got[1])
+	}
+	if err := chisq.Fit([]int{got[0], got[2]}, uniform(2)); err != nil {
+		t.Errorf("the two idle endpoints' shares %v: %v (latency must not matter)", got, err)
+	}
+	// Weight divides the load: weight 200 with 2 open (3/200) is less
+	// loaded than weight 100 with 1 open (2/100).
+	heavy := endpoints(100, 200)
+	heavy[0].Stats.Begin() // 1 open at weight 100: load 2/100
+	for range 2 {
+		heavy[1].Stats.Begin() // 2 open at weight 200: load 3/200
+	}
+	p = leastconn.Builder{}.Build(heavy, balancer.BuildOptions{Rand: seeded(4)})
+	if got := counts(t, p, heavy, 1000, nil); got[1] != 1000 {
+		t.Errorf("weight 200 with 2 open vs weight 100 with 1 open: %v, want all on the heavier", got)
+	}
+}
+
 // TestConsistentHashRemapsMinimalShare adds and removes one endpoint of
 // ten and checks which keys move.
 func TestConsistentHashRemapsMinimalShare(t *testing.T) {
@@ -268,7 +326,7 @@ func TestBoundedLoad(t *testing.T) {
 }
 
 func TestEmptyPickers(t *testing.T) {
-	for _, b := range []balancer.Builder{roundrobin.Builder{}, wrr.Builder{}, random.Builder{}, p2c.Builder{}, ringhash.Builder{}, maglev.Builder{}} {
+	for _, b := range []balancer.Builder{roundrobin.Builder{}, wrr.Builder{}, random.Builder{}, p2c.Builder{}, leastconn.Builder{}, ringhash.Builder{}, maglev.Builder{}} {
 		if _, err := b.Build(nil, balancer.BuildOptions{}).Pick(balancer.PickInfo{}); err != balancer.ErrNoEndpoint {
 			t.Errorf("%s: Pick() on no endpoints = %v, want ErrNoEndpoint", b.Name(), err)
 		}

@@ -89,6 +89,27 @@ func Bound(r uint64, n int) int {
 	return int(hi)
 }
 
+// TwoChoices draws two distinct indices in [0, n), n ≥ 2, from one random
+// value, for the power-of-two-choices pickers. When info.Avoid names the
+// endpoint at one of them (a retry's failed endpoint), decided is true and
+// first is the other: a retry never goes back while another is drawn.
+func TwoChoices(eps []*endpoint.Endpoint, r uint64, info PickInfo) (first, second int, decided bool) {
+	n := len(eps)
+	a := Bound(r, n)
+	b := Bound(r<<32|r>>32, n-1) // a second draw from the same value
+	if b >= a {
+		b++
+	}
+	switch info.Avoid {
+	case "":
+	case eps[a].ID:
+		return b, a, true
+	case eps[b].ID:
+		return a, b, true
+	}
+	return a, b, false
+}
+
 // LoadLimit is the bounded-load cap: no endpoint may carry more than
 // ceil(factor × (inflight+1) / n) requests, counting the one being placed.
 func LoadLimit(factor float64, inflight int64, n int) int64 {

@@ -11,10 +11,13 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
 )
 
@@ -68,9 +71,11 @@ func missingAnchors() []string {
 	return miss
 }
 
-func newProxyRig(tb testing.TB, beaconBin string) *proxyRig {
+// newProxyRig starts the server, three backends and beacon proxy, and
+// nginx and HAProxy when withAnchors.
+func newProxyRig(tb testing.TB, beaconBin string, withAnchors bool) *proxyRig {
 	tb.Helper()
-	if miss := missingAnchors(); len(miss) > 0 {
+	if miss := missingAnchors(); withAnchors && len(miss) > 0 {
 		if os.Getenv("BEACON_REQUIRE_PROXY_ANCHORS") != "" {
 			tb.Fatalf("%v not installed (apt-get install nginx haproxy wrk)", miss)
 		}
@@ -89,7 +94,10 @@ func newProxyRig(tb testing.TB, beaconBin string) *proxyRig {
 		r.backends = append(r.backends, be)
 		r.startBackend(i)
 	}
-	r.targets = []*proxyTarget{r.startBeaconProxy(beaconBin), r.startNginx(), r.startHAProxy()}
+	r.targets = []*proxyTarget{r.startBeaconProxy(beaconBin)}
+	if withAnchors {
+		r.targets = append(r.targets, r.startNginx(), r.startHAProxy(), r.startGoProxy())
+	}
 	for _, t := range r.targets {
 		r.waitAllBackends(t)
 	}
@@ -258,6 +266,21 @@ backend web
 	return r.startDaemon("haproxy", "http://"+addr, "haproxy", "-f", cfg, "-db")
 }
 
+// startGoProxy: the Go floor (bench/internal/cmd/goproxy), a bare
+// httputil.ReverseProxy round-robining over the same backends.
+func (r *proxyRig) startGoProxy() *proxyTarget {
+	bin := filepath.Join(r.dir, "goproxy")
+	if out, err := exec.Command("go", "build", "-o", bin, "beacon.dev/beacon/bench/internal/cmd/goproxy").CombinedOutput(); err != nil {
+		r.tb.Fatalf("go build goproxy: %v\n%s", err, out)
+	}
+	addr := testutil.FreeAddr(r.tb)
+	var hosts []string
+	for _, be := range r.backends {
+		hosts = append(hosts, be.addr)
+	}
+	return r.startDaemon("go-reverseproxy", "http://"+addr, bin, "-addr", addr, "-backends", strings.Join(hosts, ","))
+}
+
 // wrkResult is one wrk run.
 type wrkResult struct {
 	requests  float64 // completed
@@ -386,12 +409,13 @@ func procField(pid, i int) (float64, bool) {
 }
 
 // BenchmarkProxy: throughput and latency through beacon proxy beside
-// nginx and HAProxy in the same run, wrk with 16 and 100 connections for
+// nginx, HAProxy and the Go floor (a bare httputil.ReverseProxy) in the
+// same run, wrk with 16 and 100 connections for
 // 10 s each (after 2 s of warm-up), the proxies taking turns. Reported:
 // requests/s, p50/p99, the proxy's CPU per request, and the ratios to
 // nginx (goal: throughput ≥ 0.8×, p99 ≤ 1.2×) and HAProxy.
 func BenchmarkProxy(b *testing.B) {
-	rig := newProxyRig(b, buildBeacon(b))
+	rig := newProxyRig(b, buildBeacon(b), true)
 	for _, conns := range []int{16, 100} {
 		b.Run(fmt.Sprintf("conns=%d", conns), func(b *testing.B) {
 			res := map[string]wrkResult{}
@@ -409,11 +433,13 @@ func BenchmarkProxy(b *testing.B) {
 					b.Errorf("%s: %v failed requests without a fault", t.name, r.errors)
 				}
 			}
-			bp, ng, ha := res["beacon-proxy"], res["nginx"], res["haproxy"]
+			bp, ng, ha, gp := res["beacon-proxy"], res["nginx"], res["haproxy"], res["go-reverseproxy"]
 			b.ReportMetric(bp.perSecond/ng.perSecond, "req/s_vs_nginx")
 			b.ReportMetric(bp.p99/ng.p99, "p99_vs_nginx")
 			b.ReportMetric(bp.perSecond/ha.perSecond, "req/s_vs_haproxy")
 			b.ReportMetric(bp.p99/ha.p99, "p99_vs_haproxy")
+			b.ReportMetric(bp.perSecond/gp.perSecond, "req/s_vs_go")
+			b.ReportMetric(bp.p99/gp.p99, "p99_vs_go")
 		})
 	}
 }
@@ -424,7 +450,7 @@ func BenchmarkProxy(b *testing.B) {
 // and 5xx seen by wrk). The backend is restarted before the next proxy's
 // turn, and every proxy must be answering from all three again first.
 func BenchmarkProxyChaos(b *testing.B) {
-	rig := newProxyRig(b, buildBeacon(b))
+	rig := newProxyRig(b, buildBeacon(b), true)
 	for _, t := range rig.targets {
 		res := rig.runWrk(t, 16, 10*time.Second, func() {
 			time.Sleep(3 * time.Second) // the load runs meanwhile
@@ -443,11 +469,7 @@ func BenchmarkProxyChaos(b *testing.B) {
 // backends, wrk's report parses, and a SIGKILLed backend comes back into
 // every proxy once restarted (a short run of the benchmarks above).
 func TestProxyRigServes(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "beacon")
-	if out, err := exec.Command("go", "build", "-o", bin, "beacon.dev/beacon/cmd/beacon").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	rig := newProxyRig(t, bin)
+	rig := newProxyRig(t, testutil.BeaconBinary(t), true)
 	for _, tg := range rig.targets {
 		res := rig.runWrk(tg, 4, time.Second, nil)
 		if res.requests == 0 || res.errors != 0 {
@@ -459,4 +481,131 @@ func TestProxyRigServes(t *testing.T) {
 	for _, tg := range rig.targets {
 		rig.waitAllBackends(tg)
 	}
+}
+
+// load sends GETs through t from workers goroutines until stop, counting
+// answers by backend id and failures.
+type load struct {
+	ok, failed atomic.Int64
+	mu         sync.Mutex
+	by         map[string]int64 // guarded by mu
+	firstErr   atomic.Value
+	stop       context.CancelFunc
+	wg         sync.WaitGroup
+}
+
+func (r *proxyRig) startLoad(t *proxyTarget, workers int) *load {
+	l := &load{by: map[string]int64{}}
+	ctx, cancel := context.WithCancel(context.Background())
+	l.stop = cancel
+	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: workers}}
+	for range workers {
+		l.wg.Go(func() { // ends with stop
+			for ctx.Err() == nil {
+				resp, err := hc.Get(t.url + "/echo")
+				if err != nil {
+					if ctx.Err() == nil {
+						l.failed.Add(1)
+						l.firstErr.CompareAndSwap(nil, err.Error())
+					}
+					continue
+				}
+				body, err := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK || err != nil {
+					l.failed.Add(1)
+					l.firstErr.CompareAndSwap(nil, fmt.Sprintf("%d %s %v", resp.StatusCode, body, err))
+					continue
+				}
+				l.ok.Add(1)
+				l.mu.Lock()
+				l.by[string(body)]++
+				l.mu.Unlock()
+			}
+		})
+	}
+	r.tb.Cleanup(func() { l.end(); hc.CloseIdleConnections() })
+	return l
+}
+
+// served is how many answers id gave.
+func (l *load) served(id string) int64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.by[id]
+}
+
+// end stops the load and waits for its workers.
+func (l *load) end() {
+	l.stop()
+	l.wg.Wait()
+}
+
+// A backend process SIGKILLed under load (connections reset mid-request,
+// its port refusing, its instance registered until its session's TTL
+// runs out) costs beacon proxy no request: GETs are retried elsewhere and
+// the dead instance is ejected, then leaves with its session.
+func TestProxyBackendSIGKILLedUnderLoad(t *testing.T) {
+	rig := newProxyRig(t, testutil.BeaconBinary(t), false)
+	bp := rig.targets[0]
+	l := rig.startLoad(bp, 8)
+	victim := rig.backends[0].id
+	testutil.Eventually(t, 30*time.Second, "load reaching "+victim, func() bool { return l.served(victim) > 100 })
+	rig.kill(0)
+	c := registryClient(t, rig.registry)
+	testutil.Eventually(t, 60*time.Second, victim+" leaving the registry with its session", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		snap, err := c.Instances(ctx, "web")
+		if err != nil {
+			return false
+		}
+		for _, in := range snap.Instances {
+			if in.ID == victim {
+				return false
+			}
+		}
+		return true
+	})
+	after := l.ok.Load()
+	testutil.Eventually(t, 30*time.Second, "1000 more answers", func() bool { return l.ok.Load() > after+1000 })
+	l.end()
+	if n := l.failed.Load(); n != 0 {
+		t.Errorf("%d of %d requests failed through beacon proxy after a backend was SIGKILLed, want 0; first: %v", n, n+l.ok.Load(), l.firstErr.Load())
+	}
+}
+
+// Every backend restarted in turn under load — SIGTERM (the echo service
+// drains through lifecycle.Run: DRAINING, the proxy's acknowledgement,
+// in-flight requests finished), then a new process — costs no request.
+func TestProxyRollingRestart(t *testing.T) {
+	rig := newProxyRig(t, testutil.BeaconBinary(t), false)
+	bp := rig.targets[0]
+	l := rig.startLoad(bp, 8)
+	for i := range rig.backends {
+		old := rig.backends[i]
+		testutil.Eventually(t, 30*time.Second, "load reaching "+old.id, func() bool { return l.served(old.id) > 50 })
+		old.p.cmd.Process.Signal(syscall.SIGTERM)
+		old.p.await(t, "echo: stopped")
+		<-old.p.exited
+		rig.startBackend(i)
+		fresh := rig.backends[i].id
+		testutil.Eventually(t, 60*time.Second, "load reaching the new "+fresh, func() bool { return l.served(fresh) > 50 })
+	}
+	l.end()
+	if n := l.failed.Load(); n != 0 {
+		t.Errorf("%d of %d requests failed through a rolling restart, want 0; first: %v", n, n+l.ok.Load(), l.firstErr.Load())
+	}
+	t.Logf("%d requests through a rolling restart of 3 backends, none failed", l.ok.Load())
+}
+
+// registryClient is a beacon client closed when the test ends.
+func registryClient(tb testing.TB, addr string) *client.Client {
+	tb.Helper()
+	c, err := client.New([]string{addr})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { c.Close() })
+	return c
 }

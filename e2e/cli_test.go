@@ -18,6 +18,7 @@ import (
 func run(t *testing.T, env []string, args ...string) (string, error) {
 	t.Helper()
 	cmd := exec.Command(beaconBin, args...)
+	dieWithTest(cmd)
 	cmd.Env = append(cmd.Environ(), env...)
 	out, err := cmd.CombinedOutput()
 	return string(out), err

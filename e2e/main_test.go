@@ -84,6 +84,7 @@ func start(t *testing.T, args ...string) *proc {
 func startBin(t *testing.T, bin string, args ...string) *proc {
 	t.Helper()
 	p := &proc{t: t, cmd: exec.Command(bin, args...), line: make(chan struct{}, 1), done: make(chan struct{})}
+	dieWithTest(p.cmd)
 	pr, pw := io.Pipe()
 	p.cmd.Stdout, p.cmd.Stderr = pw, pw
 	if err := p.cmd.Start(); err != nil {

@@ -65,14 +65,46 @@ type hedgeResult struct {
 // Do runs fn(ctx, 0) and, while no attempt has succeeded, fn(ctx, 1), … up
 // to MaxExtra more after each Delay (or at once after a retryable
 // failure). Attempt numbers let fn choose another endpoint. When Do returns,
-// the remaining attempts' contexts are cancelled; fn must honour its context
-// so they end promptly.
+// every attempt's context is cancelled; fn must honour its context so the
+// losers end promptly. Use DoHold when the winner's result is read after
+// fn returns.
 func (h *Hedger) Do(ctx context.Context, fn func(ctx context.Context, attempt int) error) error {
+	release, err := h.DoHold(ctx, fn)
+	release()
+	return err
+}
+
+// DoHold is Do for results used after fn returns — an HTTP response whose
+// body is read later. When DoHold returns, the attempts still running are
+// cancelled (cause ErrHedgeLost), but the context of the attempt that
+// succeeded lives on until release, which is never nil: call it once done
+// with the result (for a response, when its body is closed).
+func (h *Hedger) DoHold(ctx context.Context, fn func(ctx context.Context, attempt int) error) (release context.CancelFunc, err error) {
+	parent := ctx
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(ErrHedgeLost)
+	// Each attempt's context is the caller's own child, so the winner's
+	// can outlive DoHold; the losers are cancelled when it returns.
+	winner := -1
+	cancels := make([]context.CancelCauseFunc, 0, 1+h.cfg.MaxExtra)
+	defer func() {
+		for i, c := range cancels {
+			if i != winner {
+				c(ErrHedgeLost)
+			}
+		}
+		if winner >= 0 {
+			c := cancels[winner]
+			release = func() { c(context.Canceled) }
+		} else {
+			release = func() {}
+		}
+	}()
 	results := make(chan hedgeResult, 1+h.cfg.MaxExtra) // never blocks a loser
 	launch := func(n int) {
-		go func() { results <- hedgeResult{n, fn(ctx, n)} }()
+		actx, acancel := context.WithCancelCause(parent)
+		cancels = append(cancels, acancel)
+		go func() { results <- hedgeResult{n, fn(actx, n)} }()
 	}
 	launch(0)
 	launched, pending := 1, 1
@@ -87,18 +119,19 @@ func (h *Hedger) Do(ctx context.Context, fn func(ctx context.Context, attempt in
 		case r := <-results:
 			pending--
 			if r.err == nil {
-				return nil
+				winner = r.attempt
+				return nil, nil
 			}
 			lastErr = r.err
 			if !h.cfg.RetryOn(r.err) || ctx.Err() != nil {
-				return r.err
+				return nil, r.err
 			}
 			if mayLaunch() {
 				launch(launched)
 				launched++
 				pending++
 			} else if pending == 0 {
-				return lastErr
+				return nil, lastErr
 			}
 		case <-timer.Chan():
 			if mayLaunch() {
@@ -108,7 +141,7 @@ func (h *Hedger) Do(ctx context.Context, fn func(ctx context.Context, attempt in
 				timer.Reset(h.cfg.Delay)
 			}
 		case <-ctx.Done():
-			return ctx.Err()
+			return nil, ctx.Err()
 		}
 	}
 }

@@ -330,6 +330,52 @@ func TestHedging(t *testing.T) {
 	}
 }
 
+// DoHold cancels the loser (cause ErrHedgeLost) when it returns but keeps
+// the winner's context alive until release: its result (a response body)
+// is still being read.
+func TestHedgingDoHoldKeepsTheWinnersContext(t *testing.T) {
+	h, err := policy.NewHedger(policy.HedgeConfig{Delay: time.Millisecond, MaxExtra: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctxs := make([]context.Context, 2)
+	var mu sync.Mutex
+	loserDone := make(chan struct{})
+	release, err := h.DoHold(testCtx(t), func(ctx context.Context, attempt int) error {
+		mu.Lock()
+		ctxs[attempt] = ctx
+		mu.Unlock()
+		if attempt == 0 { // hangs until cancelled
+			<-ctx.Done()
+			close(loserDone)
+			return ctx.Err()
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("DoHold() = %v, want the hedge's success", err)
+	}
+	<-loserDone
+	mu.Lock()
+	loser, winner := ctxs[0], ctxs[1]
+	mu.Unlock()
+	if cause := context.Cause(loser); !errors.Is(cause, policy.ErrHedgeLost) {
+		t.Errorf("the loser's cause = %v, want ErrHedgeLost", cause)
+	}
+	if winner.Err() != nil {
+		t.Fatalf("the winner's context ended with DoHold: %v", winner.Err())
+	}
+	release()
+	if winner.Err() == nil {
+		t.Error("release left the winner's context running")
+	}
+	// Do is DoHold released at once.
+	var held context.Context
+	if err := h.Do(testCtx(t), func(ctx context.Context, _ int) error { held = ctx; return nil }); err != nil || held.Err() == nil {
+		t.Errorf("Do() = %v with the winner's context %v after it, want nil and ended", err, held.Err())
+	}
+}
+
 func TestHedgingDrawsOnTheBudget(t *testing.T) {
 	budget, _ := policy.NewBudget(policy.BudgetConfig{Ratio: 0.0001, MinPerSecond: -1})
 	h, _ := policy.NewHedger(policy.HedgeConfig{Delay: time.Millisecond, Budget: budget})

@@ -62,6 +62,7 @@ type Config struct {
 	Zone      string     `json:"zone,omitempty"` // the proxy's zone, for zone-aware routing
 	Listeners []Listener `json:"listeners,omitempty"`
 	Routes    []Route    `json:"routes,omitempty"`
+	TCP       []TCPRoute `json:"tcp,omitempty"`
 	Metrics   Metrics    `json:"metrics,omitempty"`
 	AccessLog AccessLog  `json:"accessLog,omitempty"`
 	Sidecar   *Sidecar   `json:"sidecar,omitempty"`
@@ -149,6 +150,25 @@ type Route struct {
 	// PanicThreshold: below this healthy share, balance over every
 	// instance (0 disables).
 	PanicThreshold float64 `json:"panicThreshold,omitempty"`
+	// UpstreamTLS makes the route speak TLS to its instances (HTTP/2 by
+	// ALPN where they offer it), with a client certificate for mTLS.
+	UpstreamTLS *UpstreamTLS `json:"upstreamTLS,omitempty"`
+}
+
+// UpstreamTLS is TLS from the proxy to a route's instances. The files are
+// read when the route is built: a reload picks up rotated certificates.
+type UpstreamTLS struct {
+	// CA verifies the instances' certificates (PEM; default: the system's
+	// roots).
+	CA string `json:"ca,omitempty"`
+	// Cert and Key are the proxy's client certificate, for instances that
+	// require one (mTLS).
+	Cert string `json:"cert,omitempty"`
+	Key  string `json:"key,omitempty"`
+	// ServerName is the name the instances' certificates must carry
+	// (default: the route's service name; one certificate serves every
+	// instance of a service, whatever its address).
+	ServerName string `json:"serverName,omitempty"`
 }
 
 // Match selects requests. Every given condition must hold; the routes are
@@ -195,6 +215,18 @@ type Breaker struct {
 type Outlier struct {
 	ConsecutiveFailures int      `json:"consecutiveFailures,omitempty"` // default 5
 	BaseEjection        Duration `json:"baseEjection,omitempty"`        // default 30s
+}
+
+// TCPRoute proxies connections (L4) to a service's instances.
+type TCPRoute struct {
+	Name           string   `json:"name"`
+	Addr           string   `json:"addr"`
+	Service        string   `json:"service"`
+	ConnectTimeout Duration `json:"connectTimeout,omitempty"` // default 5s
+	MaxConnections int      `json:"maxConnections,omitempty"` // default 10000
+	// IdleTimeout closes a connection on which nothing was read, either
+	// way, for this long (nginx's proxy_timeout; default 10m).
+	IdleTimeout Duration `json:"idleTimeout,omitempty"`
 }
 
 // Metrics serves Prometheus metrics on Addr at /metrics ("" disables).
@@ -294,8 +326,8 @@ func (c *Config) Validate() error {
 			return fe("registry.namespace", "%v", err)
 		}
 	}
-	if len(c.Listeners) == 0 && c.Sidecar == nil {
-		return fe("listeners", "nothing to serve: give listeners or sidecar")
+	if len(c.Listeners) == 0 && len(c.TCP) == 0 && c.Sidecar == nil {
+		return fe("listeners", "nothing to serve: give listeners, tcp or sidecar")
 	}
 	if len(c.Listeners) > MaxListeners {
 		return fe("listeners", "%d listeners, at most %d", len(c.Listeners), MaxListeners)
@@ -346,6 +378,30 @@ func (c *Config) Validate() error {
 	for i := range c.Routes {
 		if err := c.Routes[i].validate(fmt.Sprintf("routes[%d]", i), unique); err != nil {
 			return err
+		}
+	}
+	for i := range c.TCP {
+		t, p := &c.TCP[i], fmt.Sprintf("tcp[%d]", i)
+		if err := unique(p+".name", t.Name); err != nil {
+			return err
+		}
+		if err := addr(p+".addr", t.Addr); err != nil {
+			return err
+		}
+		if err := registry.ValidateName("service", t.Service); err != nil {
+			return fe(p+".service", "must be a service name, got %q", t.Service)
+		}
+		if t.ConnectTimeout < 0 || t.MaxConnections < 0 || t.IdleTimeout < 0 {
+			return fe(p, "connectTimeout, maxConnections and idleTimeout must not be negative")
+		}
+		if t.IdleTimeout == 0 {
+			t.IdleTimeout = Duration(10 * time.Minute)
+		}
+		if t.ConnectTimeout == 0 {
+			t.ConnectTimeout = Duration(5 * time.Second)
+		}
+		if t.MaxConnections == 0 {
+			t.MaxConnections = 10000
 		}
 	}
 	if c.Metrics.Addr != "" {
@@ -444,6 +500,14 @@ func (r *Route) validate(p string, unique func(field, name string) error) error 
 	case r.Outlier.BaseEjection < 0:
 		return fe(p+".outlier.baseEjection", "must not be negative")
 	}
+	if u := r.UpstreamTLS; u != nil {
+		if (u.Cert == "") != (u.Key == "") {
+			return fe(p+".upstreamTLS", "cert and key go together (mTLS), got only one")
+		}
+		if strings.ContainsAny(u.ServerName, " /:") {
+			return fe(p+".upstreamTLS.serverName", "a DNS name, got %q", u.ServerName)
+		}
+	}
 	if r.Timeout == 0 {
 		r.Timeout = Duration(30 * time.Second)
 	}
@@ -509,7 +573,7 @@ func (c *Config) sameExceptRoutes(b *Config) (string, bool) {
 		a, b any
 	}{
 		{"registry", x.Registry, y.Registry}, {"zone", x.Zone, y.Zone}, {"listeners", x.Listeners, y.Listeners},
-		{"metrics", x.Metrics, y.Metrics}, {"accessLog", x.AccessLog, y.AccessLog},
+		{"tcp", x.TCP, y.TCP}, {"metrics", x.Metrics, y.Metrics}, {"accessLog", x.AccessLog, y.AccessLog},
 		{"sidecar", x.Sidecar, y.Sidecar},
 	} {
 		ja, _ := json.Marshal(f.a)

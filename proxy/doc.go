@@ -1,5 +1,5 @@
 // Package proxy is `beacon proxy`: an HTTP (HTTP/1.1, HTTP/2 over TLS,
-// h2c) proxy whose upstreams are beacon services, for programs
+// h2c) and TCP proxy whose upstreams are beacon services, for programs
 // that cannot embed the Go SDK. Every request goes through the SDK's data
 // plane (beaconhttp.Transport: P2C, outlier ejection, zone-aware routing,
 // budgeted retries of idempotent requests, per-try timeouts, circuit

@@ -48,6 +48,12 @@ func newEnv(t testing.TB) *env {
 // backend starts an HTTP server answering its name and registers it.
 func (e *env) backend(service, id, version string, h http.HandlerFunc) *httptest.Server {
 	e.t.Helper()
+	return e.backendMeta(service, id, version, nil, h)
+}
+
+// backendMeta is backend with the instance's metadata.
+func (e *env) backendMeta(service, id, version string, meta map[string]string, h http.HandlerFunc) *httptest.Server {
+	e.t.Helper()
 	if h == nil {
 		h = func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, id) }
 	}
@@ -57,7 +63,7 @@ func (e *env) backend(service, id, version string, h http.HandlerFunc) *httptest
 	pn, _ := strconv.Atoi(port)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	if _, err := e.sess.Register(ctx, registry.Instance{Service: service, ID: id, Address: host, Port: pn, Version: version}); err != nil {
+	if _, err := e.sess.Register(ctx, registry.Instance{Service: service, ID: id, Address: host, Port: pn, Version: version, Metadata: meta}); err != nil {
 		e.t.Fatal(err)
 	}
 	return srv
@@ -100,7 +106,11 @@ func (e *env) startProxy(body string) (*proxy.Proxy, string, string) {
 	case err := <-done:
 		e.t.Fatalf("Run() = %v before ready", err)
 	}
-	return p, "http://" + cfg.Listeners[0].Addr, path
+	url := ""
+	if len(cfg.Listeners) > 0 {
+		url = "http://" + cfg.Listeners[0].Addr
+	}
+	return p, url, path
 }
 
 // get sends a GET and returns status and body.

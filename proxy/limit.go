@@ -56,8 +56,7 @@ func (c *limitConn) Close() error {
 	return err
 }
 
-// CloseWrite half-closes the connection (what a copy of an upgraded
-// connection uses to pass an end of stream on).
+// CloseWrite half-closes TCP connections (the TCP proxy's copy).
 func (c *limitConn) CloseWrite() error {
 	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()

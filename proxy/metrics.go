@@ -19,6 +19,7 @@ type metrics struct {
 	rejected    *prometheus.CounterVec
 	reloads     prometheus.Counter
 	reloadFails prometheus.Counter
+	tcp         *prometheus.CounterVec
 	all         []prometheus.Collector
 }
 
@@ -43,8 +44,10 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Help: "Configurations applied by a reload."}),
 		reloadFails: prometheus.NewCounter(prometheus.CounterOpts{Name: "beacon_proxy_config_reload_failures_total",
 			Help: "Reloads refused (invalid file, or a change that needs a restart); the old configuration stayed."}),
+		tcp: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "beacon_proxy_tcp_connections_total",
+			Help: "TCP connections by route, service and result (proxied, failed)."}, []string{"route", "service", "result"}),
 	}
-	m.all = []prometheus.Collector{m.requests, m.duration, m.attempts, m.retries, m.unrouted, m.conns, m.rejected, m.reloads, m.reloadFails}
+	m.all = []prometheus.Collector{m.requests, m.duration, m.attempts, m.retries, m.unrouted, m.conns, m.rejected, m.reloads, m.reloadFails, m.tcp}
 	reg.MustRegister(m)
 	return m
 }

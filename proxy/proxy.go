@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"os"
+	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -79,9 +81,11 @@ func (t *table) release() {
 	}
 }
 
+// close releases the table's routes; a route carried into a newer table
+// (its configuration unchanged) stays open there.
 func (t *table) close() {
 	for _, r := range t.routes {
-		r.tr.Close()
+		r.release()
 	}
 }
 
@@ -157,7 +161,7 @@ func New(cfg *Config, opts ...Option) (*Proxy, error) {
 	}
 	p.base = beaconhttp.DefaultBase()
 	p.base.DisableCompression = true // pass Accept-Encoding and bodies through untouched
-	t, err := p.build(cfg)
+	t, err := p.build(cfg, nil)
 	if err != nil {
 		p.closeDeps()
 		return nil, err
@@ -211,7 +215,7 @@ func (p *Proxy) ReloadFile(path string) error {
 
 // Reload applies cfg's routes. Requests in flight finish on the routes they
 // started on; connections stay open. A cfg that is invalid, or that
-// changes anything but the routes (listeners, registry, sidecar,
+// changes anything but the routes (listeners, registry, sidecar, tcp,
 // metrics, access log: those need a restart), is refused and the running
 // configuration kept.
 func (p *Proxy) Reload(cfg *Config) error {
@@ -226,7 +230,7 @@ func (p *Proxy) Reload(cfg *Config) error {
 	if field, ok := p.cfg.Load().sameExceptRoutes(cfg); !ok {
 		return fe(field, "changed: only routes are reloaded; restart the proxy to change %s", field)
 	}
-	t, err := p.build(cfg)
+	t, err := p.build(cfg, p.table.Load())
 	if err != nil {
 		return err
 	}
@@ -243,11 +247,24 @@ func (p *Proxy) Reload(cfg *Config) error {
 	return nil
 }
 
-// build makes a table of routes.
-func (p *Proxy) build(cfg *Config) (*table, error) {
+// build makes a table of routes. A route of prev whose configuration is
+// unchanged is carried over as it is: its balancer keeps its ejections,
+// latency averages and connections across the reload.
+func (p *Proxy) build(cfg *Config, prev *table) (*table, error) {
 	t := &table{done: make(chan struct{})}
 	t.refs.Store(1)
+	kept := map[string]*route{}
+	if prev != nil {
+		for _, r := range prev.routes {
+			kept[r.cfg.Name] = r
+		}
+	}
 	for i := range cfg.Routes {
+		if r := kept[cfg.Routes[i].Name]; r != nil && reflect.DeepEqual(r.cfg, cfg.Routes[i]) && r.zone == cfg.Zone && bytes.Equal(r.tlsFiles, tlsFiles(r.cfg.UpstreamTLS)) {
+			r.tables.Add(1)
+			t.routes = append(t.routes, r)
+			continue
+		}
 		r, err := p.newRoute(cfg, &cfg.Routes[i])
 		if err != nil {
 			t.close()
@@ -260,16 +277,48 @@ func (p *Proxy) build(cfg *Config) (*table, error) {
 
 // route is one configured route, ready to serve.
 type route struct {
-	cfg   Route
-	host  string // lower case; "*.x" matches subdomains of x
-	tr    *beaconhttp.Transport
-	hedge *policy.Hedger
-	rp    *httputil.ReverseProxy
-	rm    routeMetrics
+	tables   atomic.Int32 // the tables holding the route; the last to let go closes it
+	zone     string       // cfg.Zone when built
+	cfg      Route
+	host     string // lower case; "*.x" matches subdomains of x
+	tr       *beaconhttp.Transport
+	tlsBase  *http.Transport // the route's own, with upstreamTLS; else nil
+	tlsFiles []byte          // their content when built: rotated files make a new route
+	hedge    *policy.Hedger
+	rp       *httputil.ReverseProxy
+	rm       routeMetrics
+}
+
+// tlsFiles is the content of u's files (nil without u), to tell a
+// rotated certificate from an unchanged one.
+func tlsFiles(u *UpstreamTLS) []byte {
+	if u == nil {
+		return nil
+	}
+	var all []byte
+	for _, f := range []string{u.CA, u.Cert, u.Key} {
+		if f != "" {
+			b, _ := os.ReadFile(f)
+			all = append(append(all, b...), 0)
+		}
+	}
+	return all
+}
+
+// release lets go of the route for one table.
+func (r *route) release() {
+	if r.tables.Add(-1) != 0 {
+		return
+	}
+	r.tr.Close()
+	if r.tlsBase != nil {
+		r.tlsBase.CloseIdleConnections()
+	}
 }
 
 func (p *Proxy) newRoute(cfg *Config, rc *Route) (*route, error) {
-	r := &route{cfg: *rc, host: strings.ToLower(rc.Match.Host), rm: p.m.forRoute(rc.Name, rc.Service)}
+	r := &route{cfg: *rc, zone: cfg.Zone, host: strings.ToLower(rc.Match.Host), rm: p.m.forRoute(rc.Name, rc.Service)}
+	r.tables.Store(1)
 	var subsets []balancer.Subset
 	for _, s := range rc.Split {
 		subsets = append(subsets, balancer.Subset{Name: s.Name, Weight: s.Weight,
@@ -279,10 +328,26 @@ func (p *Proxy) newRoute(cfg *Config, rc *Route) (*route, error) {
 	if err != nil {
 		return nil, err
 	}
+	var base http.RoundTripper = p.base
+	if u := rc.UpstreamTLS; u != nil {
+		tc, err := client.TLSFromFiles(u.CA, u.Cert, u.Key)
+		if err != nil {
+			return nil, fmt.Errorf("upstreamTLS: %w", err)
+		}
+		tc.ServerName = u.ServerName
+		if tc.ServerName == "" {
+			tc.ServerName = rc.Service
+		}
+		r.tlsFiles = tlsFiles(u)
+		r.tlsBase = p.base.Clone()
+		r.tlsBase.TLSClientConfig = tc
+		r.tlsBase.ForceAttemptHTTP2 = true
+		base = r.tlsBase
+	}
 	oc := outlier.Config{ConsecutiveFailures: rc.Outlier.ConsecutiveFailures, BaseEjection: time.Duration(rc.Outlier.BaseEjection)}
 	opts := []beaconhttp.Option{
 		beaconhttp.WithServices(rc.Service),
-		beaconhttp.WithBase(&attemptRT{base: p.base, perTry: time.Duration(rc.PerTryTimeout)}),
+		beaconhttp.WithBase(&attemptRT{base: base, perTry: time.Duration(rc.PerTryTimeout), tls: r.tlsBase != nil}),
 		beaconhttp.WithBalancer(p2c.Builder{}, balancer.Config{Subsets: subsets, Zone: cfg.Zone, PanicThreshold: rc.PanicThreshold}),
 		beaconhttp.WithOutlierDetection(oc),
 		beaconhttp.WithRetry(policy.RetryConfig{MaxAttempts: rc.Retry.MaxAttempts, Budget: budget}),
@@ -443,6 +508,7 @@ type reqState struct {
 type attemptRT struct {
 	base   http.RoundTripper
 	perTry time.Duration
+	tls    bool // https to the instance (upstreamTLS)
 }
 
 // errPerTry is a timeout as net.Error, which beaconhttp retries.
@@ -459,6 +525,12 @@ var _ net.Error = errPerTry{}
 func (a *attemptRT) RoundTrip(req *http.Request) (*http.Response, error) {
 	if st, ok := req.Context().Value(stateKey{}).(*reqState); ok {
 		st.attempts.Add(1)
+	}
+	if a.tls { // beaconhttp resolved the instance over http://SERVICE
+		u := *req.URL
+		u.Scheme = "https"
+		req = req.WithContext(req.Context()) // a shallow copy to change
+		req.URL = &u
 	}
 	if a.perTry <= 0 {
 		return a.base.RoundTrip(req)
@@ -492,11 +564,11 @@ func (h *hedgeRT) RoundTrip(req *http.Request) (*http.Response, error) {
 	var (
 		mu     sync.Mutex
 		winner *http.Response
-		over   bool           // Do returned: no attempt starts any more
+		over   bool           // DoHold returned: no attempt starts any more
 		active sync.WaitGroup // attempts still running, losers included
 	)
-	// The losers are cancelled when Do returns, but may still be in the
-	// transport: RoundTrip waits for them, so that none outlives the
+	// The losers are cancelled when DoHold returns, but may still be in
+	// the transport: RoundTrip waits for them, so that none outlives the
 	// route table (a reload closes its transports after its last request).
 	defer func() {
 		mu.Lock()
@@ -504,7 +576,7 @@ func (h *hedgeRT) RoundTrip(req *http.Request) (*http.Response, error) {
 		mu.Unlock()
 		active.Wait()
 	}()
-	err := h.h.Do(req.Context(), func(hctx context.Context, _ int) error {
+	release, err := h.h.DoHold(req.Context(), func(ctx context.Context, _ int) error {
 		mu.Lock()
 		if over {
 			mu.Unlock()
@@ -513,41 +585,31 @@ func (h *hedgeRT) RoundTrip(req *http.Request) (*http.Response, error) {
 		active.Add(1)
 		mu.Unlock()
 		defer active.Done()
-		// Each attempt's context is its own so that the winner's outlives
-		// Do (which cancels hctx): losers are cancelled through hctx.
-		ctx, cancel := context.WithCancel(req.Context())
-		stop := context.AfterFunc(hctx, cancel)
 		resp, err := h.next.RoundTrip(req.Clone(ctx))
 		if err != nil {
-			stop()
-			cancel()
 			return err
 		}
 		mu.Lock()
 		defer mu.Unlock()
-		if winner != nil || hctx.Err() != nil { // lost
-			stop()
-			cancel()
+		if winner != nil || ctx.Err() != nil { // lost
 			resp.Body.Close()
-			return nil
+			return policy.ErrHedgeLost
 		}
-		if !stop() { // hctx ended between the check and here
-			cancel()
-			resp.Body.Close()
-			return hctx.Err()
-		}
-		winner = resp
-		resp.Body = &cancelBody{ReadCloser: resp.Body, cancel: cancel}
+		winner = resp // the only attempt to return nil: DoHold's winner
 		return nil
 	})
 	mu.Lock()
 	defer mu.Unlock()
-	if winner != nil {
+	switch {
+	case err == nil && winner != nil:
+		winner.Body = &cancelBody{ReadCloser: winner.Body, cancel: release}
 		return winner, nil
-	}
-	if err == nil {
+	case winner != nil: // answered just as the caller gave up
+		winner.Body.Close()
+	case err == nil:
 		err = errors.New("proxy: hedged request ended without a response")
 	}
+	release()
 	return nil, err
 }
 

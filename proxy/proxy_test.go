@@ -408,3 +408,92 @@ func TestCloseEndsUpgradedConnections(t *testing.T) {
 		t.Fatalf("a request after Close = %d, want 503", rec.Code)
 	}
 }
+
+// A reload that leaves a route unchanged keeps its balancer: an instance
+// it ejected stays ejected, where a rebuilt route would send it requests
+// again at once. A route that changed starts afresh.
+func TestProxyReloadKeepsUnchangedRoutesEjections(t *testing.T) {
+	e := newEnv(t)
+	var badHits atomic.Int64
+	// good is the slower: P2C prefers bad's fast 503s until it is
+	// ejected, so 50 requests in a row missing bad mean it is ejected.
+	e.backend("web", "good", "", func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(2 * time.Millisecond) // the instance's work
+		io.WriteString(w, "good")
+	})
+	e.backend("web", "bad", "", func(w http.ResponseWriter, r *http.Request) {
+		badHits.Add(1)
+		http.Error(w, "bad", http.StatusServiceUnavailable)
+	})
+	e.backend("other", "other-1", "", nil)
+	addr := testutil.FreeAddr(t)
+	route := "  - {name: web, service: web, outlier: {consecutiveFailures: 2, baseEjection: 10m}}\n"
+	head := fmt.Sprintf("listeners: [{name: edge, addr: %q}]\nroutes:\n", addr)
+	p, base, path := e.startProxy(head + route)
+	hc := &http.Client{Timeout: 10 * time.Second}
+	defer hc.CloseIdleConnections()
+	waitServing(t, hc, base+"/", nil, "good")
+	// Requests (503s retried on good) until bad is ejected.
+	quiet := func(n int) bool {
+		before := badHits.Load()
+		for range n {
+			if code, body := get(t, hc, base+"/", nil); code != 200 || body != "good" {
+				t.Fatalf("GET / = %d %q, want 200 good (retried)", code, body)
+			}
+		}
+		return badHits.Load() == before
+	}
+	testutil.Eventually(t, 30*time.Second, "bad ejected", func() bool { return quiet(50) })
+
+	// Reload with a new route beside the unchanged one.
+	e.writeConfig(path, head+"  - {name: other, match: {pathPrefix: /other}, service: other}\n"+route)
+	if err := p.ReloadFile(path); err != nil {
+		t.Fatal(err)
+	}
+	waitServing(t, hc, base+"/other", nil, "other-1")
+	if !quiet(100) {
+		t.Errorf("after a reload that left the route unchanged, the ejected instance got requests again")
+	}
+
+	// Changing the route builds it afresh: bad is tried again.
+	e.writeConfig(path, head+"  - {name: web, service: web, timeout: 20s, outlier: {consecutiveFailures: 2, baseEjection: 10m}}\n")
+	if err := p.ReloadFile(path); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 30*time.Second, "the changed route trying bad again", func() bool { return !quiet(20) })
+}
+
+// A hedged GET: when the first attempt hangs, the hedge answers, and the
+// winner's body — streamed after its headers, so read after the hedger
+// returned — arrives whole; the hung attempt is cancelled.
+func TestProxyHedgeWinnerStreamsWholeBody(t *testing.T) {
+	e := newEnv(t)
+	var hung, cancelled atomic.Int64
+	e.backend("web", "hang", "", func(w http.ResponseWriter, r *http.Request) {
+		hung.Add(1)
+		<-r.Context().Done() // the proxy gave up on this attempt
+		cancelled.Add(1)
+	})
+	e.backend("web", "stream", "", func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusOK)
+		w.(http.Flusher).Flush()
+		for i := range 5 {
+			time.Sleep(5 * time.Millisecond) // the rest of the body comes later
+			fmt.Fprintf(w, "part%d;", i)
+			w.(http.Flusher).Flush()
+		}
+	})
+	addr := testutil.FreeAddr(t)
+	_, base, _ := e.startProxy(fmt.Sprintf("listeners: [{name: edge, addr: %q}]\nroutes: [{name: web, service: web, hedge: {delay: 20ms}, outlier: {consecutiveFailures: -1}}]\n", addr))
+	hc := &http.Client{Timeout: 30 * time.Second}
+	defer hc.CloseIdleConnections()
+	waitServing(t, hc, base+"/", nil, "part0;part1;part2;part3;part4;")
+	testutil.Eventually(t, 60*time.Second, "a request hedged past the hung instance", func() bool {
+		code, body := get(t, hc, base+"/", nil)
+		if code != 200 || body != "part0;part1;part2;part3;part4;" {
+			t.Fatalf("GET / = %d %q, want the whole streamed body", code, body)
+		}
+		return hung.Load() > 0
+	})
+	testutil.Eventually(t, 30*time.Second, "every hung attempt cancelled", func() bool { return cancelled.Load() == hung.Load() })
+}

@@ -85,10 +85,25 @@ func (p *Proxy) Run(ctx context.Context) error {
 		lns = append(lns, ln)
 		servers = append(servers, &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second})
 	}
+	var tcps []*tcpProxy
+	for i := range cfg.TCP {
+		tp, err := p.newTCP(&cfg.TCP[i], fmt.Sprintf("tcp[%d]", i))
+		if err != nil {
+			for _, t := range tcps {
+				t.close()
+			}
+			closeAll()
+			return err
+		}
+		tcps = append(tcps, tp)
+	}
 	var sidecarLn net.Listener
 	if sc := cfg.Sidecar; sc != nil {
 		ln, err := p.listen("sidecar", sc.Addr, sc.Limits.MaxConnections, false, "sidecar.limits.maxConnections")
 		if err != nil {
+			for _, t := range tcps {
+				t.close()
+			}
 			closeAll()
 			return err
 		}
@@ -105,6 +120,10 @@ func (p *Proxy) Run(ctx context.Context) error {
 				errc <- fmt.Errorf("proxy: serving %s: %w", lns[i].Addr(), err)
 			}
 		}()
+	}
+	for _, t := range tcps {
+		wg.Add(1)
+		go func() { defer wg.Done(); t.serve() }() // ends with t.close
 	}
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
@@ -148,6 +167,9 @@ func (p *Proxy) Run(ctx context.Context) error {
 		if serr := srv.Shutdown(sctx); serr != nil && err == nil {
 			err = fmt.Errorf("proxy: requests still in flight after %v: %w", shutdown, serr)
 		}
+	}
+	for _, t := range tcps {
+		t.close()
 	}
 	wg.Wait()
 	return err

@@ -67,6 +67,31 @@ func toConnectError(err error) error {
 	}
 }
 
+// ownDeadlineInterceptor answers Unavailable, not DeadlineExceeded, when
+// a call ran out of the server's own time for etcd while the caller's
+// deadline still holds: etcd could not commit (no quorum, no leader), and
+// the caller should hear that the registry is unavailable — a reason to
+// try another server or later — not that its own deadline passed.
+type ownDeadlineInterceptor struct{}
+
+func (ownDeadlineInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		resp, err := next(ctx, req)
+		if err != nil && ctx.Err() == nil && connect.CodeOf(err) == connect.CodeDeadlineExceeded {
+			return nil, connect.NewError(connect.CodeUnavailable, fmt.Errorf("etcd did not answer within the server's deadline (no quorum or no leader?): %w", err))
+		}
+		return resp, err
+	}
+}
+
+func (ownDeadlineInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return next
+}
+
+func (ownDeadlineInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return next
+}
+
 func (a api) ready() error {
 	select {
 	case <-a.s.ready:

@@ -23,7 +23,7 @@ func (s *Server) routes() http.Handler {
 		connect.WithCodec(strictJSON{"json; charset=utf-8"}),
 		connect.WithReadMaxBytes(s.cfg.Limits.MaxRequestBytes),
 		gzipOption(s.cfg.Limits.MaxRequestBytes),
-		connect.WithInterceptors(s.metrics.interceptor(), auditInterceptor{s.audit}, limitsInterceptor{s}),
+		connect.WithInterceptors(s.metrics.interceptor(), auditInterceptor{s.audit}, limitsInterceptor{s}, ownDeadlineInterceptor{}),
 	}
 	mux.Handle(s.guarded(beaconv1connect.NewRegistryServiceHandler(api{s}, opts...)))
 	mux.Handle(s.guarded(beaconv1connect.NewAclServiceHandler(aclAPI{s}, opts...)))

@@ -37,7 +37,11 @@ type picker struct {
 	clock     *endpoint.Clock
 }
 
-func (p *picker) Pick(balancer.PickInfo) (*endpoint.Endpoint, error) {
+// Pick draws two distinct endpoints and takes the cheaper; the one named
+// by info.Avoid (a retry's failed endpoint) is never chosen when the
+// other is there: a backend that fails fast (a refused connection) looks
+// cheap to the latency average and would otherwise win the retry too.
+func (p *picker) Pick(info balancer.PickInfo) (*endpoint.Endpoint, error) {
 	n := len(p.eps)
 	switch n {
 	case 0:
@@ -45,11 +49,9 @@ func (p *picker) Pick(balancer.PickInfo) (*endpoint.Endpoint, error) {
 	case 1:
 		return p.eps[0], nil
 	}
-	r := p.rand()
-	a := balancer.Bound(r, n)
-	b := balancer.Bound(r<<32|r>>32, n-1) // a second draw from the same value
-	if b >= a {
-		b++
+	a, b, decided := balancer.TwoChoices(p.eps, p.rand(), info)
+	if decided {
+		return p.eps[a], nil
 	}
 	now := p.clock.Now()
 	if cost(p.eps[b], p.invWeight[b], now) < cost(p.eps[a], p.invWeight[a], now) {

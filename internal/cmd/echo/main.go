@@ -64,6 +64,8 @@ func main() {
 		registryAddr = flag.String("registry", "127.0.0.1:7070", "beacon server address(es), comma-separated")
 		service      = flag.String("service", "echo", "service to register")
 		id           = flag.String("id", "", "instance id (default: address-port)")
+		zone         = flag.String("zone", "", "the instance's zone")
+		weight       = flag.Int("weight", 0, "the instance's load-balancing weight (0: the registry's default)")
 		grpcAddr     = flag.String("grpc", "127.0.0.1:0", "gRPC listen address; empty for none")
 		httpAddr     = flag.String("http", "", "HTTP listen address; empty for none")
 		ttl          = flag.Duration("ttl", 3*time.Second, "session TTL")
@@ -75,20 +77,21 @@ func main() {
 	)
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	if err := run(log, *registryAddr, *service, *id, *grpcAddr, *httpAddr, *ttl, *ackTimeout, *stopTimeout, *work, *readyAfter, *readyFile); err != nil {
+	in := registry.Instance{Service: *service, ID: *id, Zone: *zone, Weight: *weight}
+	if err := run(log, *registryAddr, in, *grpcAddr, *httpAddr, *ttl, *ackTimeout, *stopTimeout, *work, *readyAfter, *readyFile); err != nil {
 		log.Error("echo: " + err.Error())
 		os.Exit(1)
 	}
 }
 
-func run(log *slog.Logger, registryAddr, service, id, grpcAddr, httpAddr string, ttl, ackTimeout, stopTimeout, work, readyAfter time.Duration, readyFile string) error {
+func run(log *slog.Logger, registryAddr string, in registry.Instance, grpcAddr, httpAddr string, ttl, ackTimeout, stopTimeout, work, readyAfter time.Duration, readyFile string) error {
 	c, err := client.New([]string{registryAddr}, client.WithLogger(log))
 	if err != nil {
 		return err
 	}
 	defer c.Close()
 	cfg := lifecycle.Config{
-		Client: c, Instance: registry.Instance{Service: service, ID: id},
+		Client: c, Instance: in,
 		SessionTTL: ttl, AckTimeout: ackTimeout, StopTimeout: stopTimeout, Logger: log,
 		HTTPHealth: new(beaconhttp.Health),
 	}
@@ -106,6 +109,7 @@ func run(log *slog.Logger, registryAddr, service, id, grpcAddr, httpAddr string,
 			return nil
 		}
 	}
+	id := in.ID
 	if grpcAddr != "" {
 		ln, err := net.Listen("tcp", grpcAddr)
 		if err != nil {

@@ -25,7 +25,7 @@ func newProxyCmd(g *globals) *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "proxy --config FILE",
-		Short: "Run the sidecar / edge proxy: HTTP/1.1, HTTP/2 and h2c to beacon services (docs/proxy.md)",
+		Short: "Run the sidecar / edge proxy: HTTP, h2c and TCP to beacon services (docs/proxy.md)",
 		Long: `Serves the listeners, routes and sidecar of a YAML or JSON file, every request
 through the SDK's data plane (P2C, outlier ejection, zones, budgeted retries,
 hedging, circuit breaking). The routes are reloaded when the file changes
@@ -43,7 +43,7 @@ On SIGTERM or SIGINT a sidecar drains its instance, then the proxy stops.`,
 				return err
 			}
 			if check {
-				fmt.Fprintf(g.stdout, "%s: valid (%d listeners, %d routes, sidecar %v)\n", file, len(cfg.Listeners), len(cfg.Routes), cfg.Sidecar != nil)
+				fmt.Fprintf(g.stdout, "%s: valid (%d listeners, %d routes, %d tcp, sidecar %v)\n", file, len(cfg.Listeners), len(cfg.Routes), len(cfg.TCP), cfg.Sidecar != nil)
 				return nil
 			}
 			return runProxy(cmd.Context(), g, file, cfg, interval)
