@@ -223,11 +223,12 @@ type xdsClientProc struct {
 }
 
 // startXDSClient runs an xdsclient on the bootstrap file: four calls in
-// flight, at most 500 a second. It is stopped when the test ends.
-func startXDSClient(t *testing.T, name, bootstrap string) *xdsClientProc {
+// flight, at most 500 a second, each given 10 s; flags, after these,
+// override them. It is stopped when the test ends.
+func startXDSClient(t *testing.T, name, bootstrap string, flags ...string) *xdsClientProc {
 	t.Helper()
-	c := &xdsClientProc{name: name, done: make(chan struct{}),
-		cmd: exec.Command(xdsClientBin(t), "-target", "orders", "-workers", "4", "-every", "2ms", "-timeout", "10s")}
+	args := append([]string{"-target", "orders", "-workers", "4", "-every", "2ms", "-timeout", "10s"}, flags...)
+	c := &xdsClientProc{name: name, done: make(chan struct{}), cmd: exec.Command(xdsClientBin(t), args...)}
 	c.cmd.Env = append(os.Environ(), "GRPC_XDS_BOOTSTRAP="+bootstrap)
 	dieWithTest(c.cmd)
 	stdin, err := c.cmd.StdinPipe()

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
 	"google.golang.org/grpc"
@@ -20,6 +21,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/server/audit"
 	"beacon.dev/beacon/server/internal/acl"
 	"beacon.dev/beacon/server/internal/xds"
 )
@@ -81,10 +83,17 @@ func (s *Server) startXDS() error {
 	nacks := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "beacon_xds_nacks_total", Help: "xDS responses a client refused (NACKed), by resource type.",
 	}, []string{"type"})
-	s.metrics.reg.MustRegister(nacks)
+	refusals := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "beacon_xds_refused_streams_total", Help: "ADS streams ended for their credential, by gRPC code (Unauthenticated, PermissionDenied).",
+	}, []string{"code"})
+	s.metrics.reg.MustRegister(nacks, refusals)
 	s.xds = xds.New(s.runCtx, xds.Config{
 		Log:       s.log,
 		Authorize: s.xdsAuthorize,
+		Refused: func(ctx context.Context, resource string, err error) {
+			refusals.WithLabelValues(status.Code(err).String()).Inc()
+			s.auditXDSRefusal(ctx, resource, err)
+		},
 		NACK: func(node, typeURL, detail string) {
 			nacks.WithLabelValues(typeURL[strings.LastIndexByte(typeURL, '.')+1:]).Inc()
 		},
@@ -146,23 +155,46 @@ func (s *Server) XDSAddr() string {
 // ("authorization: Bearer …" or "x-beacon-token"), else a verified client
 // certificate naming a role. The stream resolves it again on every
 // request (a deleted token or role, or a narrowed policy, applies to it).
-func (s *Server) xdsAuthorize(ctx context.Context) (func() (func(registry.ServiceKey) bool, error), error) {
-	if s.acl == nil {
-		return nil, nil
-	}
+// xdsCredential is what an ADS stream presents: a token in its metadata,
+// or its verified TLS client certificate.
+func xdsCredential(ctx context.Context) (secret string, cs *tls.ConnectionState) {
 	md, _ := metadata.FromIncomingContext(ctx)
-	secret := ""
 	if v := md.Get("authorization"); len(v) > 0 {
 		secret = strings.TrimSpace(strings.TrimPrefix(v[0], "Bearer "))
 	} else if v := md.Get("x-beacon-token"); len(v) > 0 {
 		secret = strings.TrimSpace(v[0])
 	}
-	var cs *tls.ConnectionState
 	if p, ok := peer.FromContext(ctx); ok {
 		if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok {
 			cs = &ti.State
 		}
 	}
+	return secret, cs
+}
+
+// auditXDSRefusal writes an ADS stream refused for its credential to the
+// audit log, as a refused API call is.
+func (s *Server) auditXDSRefusal(ctx context.Context, resource string, err error) {
+	if s.audit == nil {
+		return
+	}
+	accessor := ""
+	if id, ierr := s.identify(xdsCredential(ctx)); ierr == nil {
+		accessor = id.Accessor
+	}
+	source := ""
+	if p, ok := peer.FromContext(ctx); ok {
+		source = p.Addr.String()
+	}
+	s.audit.write(audit.Event{Accessor: accessor, Source: source, Operation: discoveryv3.AggregatedDiscoveryService_StreamAggregatedResources_FullMethodName[1:],
+		Resource: resource, Outcome: audit.OutcomeDenied, Reason: status.Convert(err).Message()})
+}
+
+func (s *Server) xdsAuthorize(ctx context.Context) (func() (func(registry.ServiceKey) bool, error), error) {
+	if s.acl == nil {
+		return nil, nil
+	}
+	secret, cs := xdsCredential(ctx)
 	return func() (func(registry.ServiceKey) bool, error) {
 		id, err := s.identify(secret, cs)
 		if err != nil {

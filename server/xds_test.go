@@ -8,6 +8,8 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -202,7 +204,8 @@ func TestXDSWeightsSteerTraffic(t *testing.T) {
 // service it may not read ends the stream with PermissionDenied, a bad
 // token is refused, and a NACK is counted on the server.
 func TestXDSACLAndNACK(t *testing.T) {
-	srv, _, mgmt := aclServer(t, func(c *server.Config) { c.XDS.Addr = "127.0.0.1:0" })
+	auditPath := filepath.Join(t.TempDir(), "audit.log")
+	srv, _, mgmt := aclServer(t, func(c *server.Config) { c.XDS.Addr = "127.0.0.1:0"; c.AuditLog = auditPath })
 	mustPolicy(t, srv, mgmt, "read-orders", "read service default/orders")
 	token := mustToken(t, srv, mgmt, &beaconv1.AclToken{Policies: []string{"read-orders"}})
 	cc, err := grpc.NewClient(srv.XDSAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -239,6 +242,19 @@ func TestXDSACLAndNACK(t *testing.T) {
 	}
 	if err := ask("bct_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "orders", ""); status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("a bad token: %v, want Unauthenticated", err)
+	}
+	// Each refusal is in the audit log, as a refused API call is, and
+	// counted.
+	testutil.Eventually(t, 30*time.Second, "the refusals audited", func() bool {
+		b, _ := os.ReadFile(auditPath)
+		log := string(b)
+		return strings.Contains(log, `"resource":"service:default/payments"`) && strings.Contains(log, `needs service:read on \"default/payments\"`) &&
+			strings.Count(log, "AggregatedDiscoveryService/StreamAggregatedResources") >= 3
+	})
+	for code, want := range map[string]float64{"PermissionDenied": 2, "Unauthenticated": 1} {
+		if v, _ := testutil.Metric(t, srv.Addr(), `beacon_xds_refused_streams_total{code="`+code+`"}`); v != want {
+			t.Errorf("beacon_xds_refused_streams_total{code=%q} = %v, want %v", code, v, want)
+		}
 	}
 	// A readable name that no service has yet: the stream stays open
 	// (nothing to send), so ask with a deadline and expect it.

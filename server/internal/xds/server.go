@@ -32,6 +32,11 @@ type Config struct {
 	// NACK is told of every resource a client refused (a NACK), with the
 	// client's node id, the resource type and the client's error.
 	NACK func(node, typeURL, detail string)
+	// Refused is told of every stream ended for its credential
+	// (Unauthenticated, PermissionDenied), with the stream's context and
+	// the resource asked for ("" when refused as it opened), for the
+	// audit log. nil: nobody is told.
+	Refused func(ctx context.Context, resource string, err error)
 	// Policy returns a service's policy as it is now (nil: every service
 	// has the defaults). A change to it must be followed by an Offer of
 	// the service: Run reads the policy of each service it was offered.
@@ -118,10 +123,23 @@ func (s *Server) open(ctx context.Context, id int64, typeURL string) error {
 		return err
 	}
 	if _, err := resolve(); err != nil {
+		s.refused(ctx, "", err)
 		return err
 	}
-	s.streams.Store(id, resolve)
+	s.streams.Store(id, stream{ctx, resolve})
 	return nil
+}
+
+// stream is an open ADS stream's context and credential.
+type stream struct {
+	ctx     context.Context
+	resolve func() (func(registry.ServiceKey) bool, error)
+}
+
+func (s *Server) refused(ctx context.Context, resource string, err error) {
+	if s.cfg.Refused != nil {
+		s.cfg.Refused(ctx, resource, err)
+	}
 }
 
 // request checks what a client asks for against what it may read, and
@@ -137,8 +155,10 @@ func (s *Server) request(id int64, req *discoveryv3.DiscoveryRequest) error {
 	if !ok {
 		return nil // no ACLs
 	}
-	mayRead, err := v.(func() (func(registry.ServiceKey) bool, error))()
+	st := v.(stream)
+	mayRead, err := st.resolve()
 	if err != nil {
+		s.refused(st.ctx, "", err)
 		return err // the credential is gone: the stream ends
 	}
 	for _, name := range req.GetResourceNames() {
@@ -146,10 +166,14 @@ func (s *Server) request(id int64, req *discoveryv3.DiscoveryRequest) error {
 		if !ok {
 			// "*" (every resource) included: with ACLs a stream names
 			// the services it may read.
-			return status.Errorf(codes.PermissionDenied, "xds: %q names no service (wildcards are refused with ACLs on: name the services)", name)
+			err := status.Errorf(codes.PermissionDenied, "xds: %q names no service (wildcards are refused with ACLs on: name the services)", name)
+			s.refused(st.ctx, name, err)
+			return err
 		}
 		if !mayRead(sk) {
-			return status.Errorf(codes.PermissionDenied, "xds: permission denied: needs service:read on %q", sk.Namespace+"/"+sk.Service)
+			err := status.Errorf(codes.PermissionDenied, "xds: permission denied: needs service:read on %q", sk.Namespace+"/"+sk.Service)
+			s.refused(st.ctx, "service:"+sk.Namespace+"/"+sk.Service, err)
+			return err
 		}
 	}
 	return nil

@@ -40,8 +40,8 @@ xds:///SERVICE.NAMESPACE outside the default namespace). --service names
 the client's own service (the node's cluster, and its id with a random
 suffix); --zone its zone.
 
-With --ca-cert the client talks TLS to the control plane, and with
---client-cert and --client-key it presents a certificate: beacon's ACLs
+With --xds-ca-cert the client talks TLS to the control plane, and with
+--xds-client-cert and --xds-client-key it presents a certificate: beacon's ACLs
 read its common name as a role (docs/security.md). gRPC's bootstrap has no
 place for a bearer token, so with ACLs on, clients authenticate with a
 certificate. See docs/xds.md.`,
