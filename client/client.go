@@ -755,11 +755,13 @@ func (c *Client) Instances(ctx context.Context, service string, opts ...CallOpti
 		}
 		// Without All, the instances are Available: the routable ones, or
 		// under the protection threshold every UP one (Health tells).
-		return wire.SnapshotFromProto(&beaconv1.ServiceSnapshot{
+		snap := wire.SnapshotFromProto(&beaconv1.ServiceSnapshot{
 			Namespace: req.Namespace, Service: service,
 			Revision: resp.Msg.GetRevision(), Instances: resp.Msg.GetInstances(),
 			ProtectionThreshold: resp.Msg.GetProtectionThreshold(),
-		}), nil
+		})
+		snap.Filtered = resp.Msg.GetResultsFiltered()
+		return snap, nil
 	})
 }
 

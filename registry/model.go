@@ -175,6 +175,10 @@ type Snapshot struct {
 	// ProtectionThreshold, in [0, 1], is the service's protection
 	// threshold (its own or the server's default; 0: off). See Available.
 	ProtectionThreshold float64
+	// Filtered, with ACLs on: the caller's token may not read the service
+	// (Instances is empty for that reason, not because it has none), or
+	// the instances' session ids were blanked. Set by listings.
+	Filtered bool
 }
 
 // Available returns the instances callers should use. Normally that is

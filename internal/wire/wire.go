@@ -117,7 +117,7 @@ func SnapshotFromProto(p *beaconv1.ServiceSnapshot) *registry.Snapshot {
 // should use (protection included). The server answers with it and the CLI
 // prints it, so `beacon instances -o json` is the API's JSON.
 func ListInstancesResponse(snap *registry.Snapshot, all bool) *beaconv1.ListInstancesResponse {
-	resp := &beaconv1.ListInstancesResponse{Revision: snap.Revision, ProtectionThreshold: snap.ProtectionThreshold}
+	resp := &beaconv1.ListInstancesResponse{Revision: snap.Revision, ProtectionThreshold: snap.ProtectionThreshold, ResultsFiltered: snap.Filtered}
 	list := snap.Instances
 	if !all {
 		list, resp.Protected = snap.Available()

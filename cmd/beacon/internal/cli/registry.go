@@ -289,9 +289,12 @@ func newInstancesCmd(g *globals) *cobra.Command {
 					return err
 				}
 				if len(snap.Instances) == 0 {
-					if all {
+					switch {
+					case snap.Filtered:
+						fmt.Fprintf(g.stdout, "%s/%s: hidden — the token may not read this service (ACLs filtered the answer)\n", g.namespace, args[0])
+					case all:
 						fmt.Fprintf(g.stdout, "%s/%s has no instances\n", g.namespace, args[0])
-					} else {
+					default:
 						fmt.Fprintf(g.stdout, "%s/%s has no routable instances (--all lists every one)\n", g.namespace, args[0])
 					}
 					return nil
