@@ -122,6 +122,12 @@ func (h *Hedger) DoHold(ctx context.Context, fn func(ctx context.Context, attemp
 				winner = r.attempt
 				return nil, nil
 			}
+			if errors.Is(r.err, ErrHedgeLost) && pending > 0 {
+				// fn says another attempt answered: its nil is on its
+				// way (two attempts finishing at once may arrive in
+				// either order).
+				continue
+			}
 			lastErr = r.err
 			if !h.cfg.RetryOn(r.err) || ctx.Err() != nil {
 				return nil, r.err

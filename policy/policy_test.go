@@ -376,6 +376,30 @@ func TestHedgingDoHoldKeepsTheWinnersContext(t *testing.T) {
 	}
 }
 
+// An attempt that returns ErrHedgeLost because another answered (the
+// proxy's losers do) is not a failure, even when its result arrives
+// before the winner's.
+func TestHedgingLoserReportedFirstIsNoFailure(t *testing.T) {
+	h, err := policy.NewHedger(policy.HedgeConfig{Delay: time.Millisecond, MaxExtra: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 200 {
+		lost := make(chan struct{})
+		err := h.Do(testCtx(t), func(ctx context.Context, attempt int) error {
+			if attempt == 1 {
+				defer close(lost) // just before its result is sent
+				return policy.ErrHedgeLost
+			}
+			<-lost // the winner's nil comes after the loser's error
+			return nil
+		})
+		if err != nil {
+			t.Fatalf("run %d: Do() = %v, want the winner's success", i, err)
+		}
+	}
+}
+
 func TestHedgingDrawsOnTheBudget(t *testing.T) {
 	budget, _ := policy.NewBudget(policy.BudgetConfig{Ratio: 0.0001, MinPerSecond: -1})
 	h, _ := policy.NewHedger(policy.HedgeConfig{Delay: time.Millisecond, Budget: budget})
