@@ -272,6 +272,7 @@ const (
 	MaxRoutes    = 1000
 	MaxSplits    = 64
 	MaxListeners = 64
+	MaxTCPRoutes = 64 // each a listener
 	MaxFileBytes = 4 << 20
 )
 
@@ -380,6 +381,9 @@ func (c *Config) Validate() error {
 			return err
 		}
 	}
+	if len(c.TCP) > MaxTCPRoutes {
+		return fe("tcp", "%d routes, at most %d", len(c.TCP), MaxTCPRoutes)
+	}
 	for i := range c.TCP {
 		t, p := &c.TCP[i], fmt.Sprintf("tcp[%d]", i)
 		if err := unique(p+".name", t.Name); err != nil {
@@ -391,8 +395,13 @@ func (c *Config) Validate() error {
 		if err := registry.ValidateName("service", t.Service); err != nil {
 			return fe(p+".service", "must be a service name, got %q", t.Service)
 		}
-		if t.ConnectTimeout < 0 || t.MaxConnections < 0 || t.IdleTimeout < 0 {
-			return fe(p, "connectTimeout, maxConnections and idleTimeout must not be negative")
+		for _, f := range []struct {
+			name string
+			v    int64
+		}{{"connectTimeout", int64(t.ConnectTimeout)}, {"maxConnections", int64(t.MaxConnections)}, {"idleTimeout", int64(t.IdleTimeout)}} {
+			if f.v < 0 {
+				return fe(p+"."+f.name, "must not be negative")
+			}
 		}
 		if t.IdleTimeout == 0 {
 			t.IdleTimeout = Duration(10 * time.Minute)

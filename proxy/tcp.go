@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -58,14 +59,36 @@ func (p *Proxy) newTCP(rc *TCPRoute, field string) (*tcpProxy, error) {
 	return t, nil
 }
 
-// serve accepts until close.
+// serve accepts until close. An accept that fails for another reason (out
+// of file descriptors) is tried again after a pause, as net/http does.
 func (t *tcpProxy) serve() {
+	var pause time.Duration
 	for {
 		c, err := t.ln.Accept()
 		if err != nil {
+			if errors.Is(err, net.ErrClosed) || t.ctx.Err() != nil {
+				return
+			}
+			pause = min(max(2*pause, 5*time.Millisecond), time.Second)
+			t.p.log.Warn("beacon proxy: accept failed; trying again", "route", t.cfg.Name, "err", err, "in", pause)
+			select {
+			case <-t.ctx.Done():
+				return
+			case <-time.After(pause):
+			}
+			continue
+		}
+		pause = 0
+		// Counted under mu, so that close (which cancels under mu before
+		// it waits) never waits while a handler is being added.
+		t.mu.Lock()
+		if t.ctx.Err() != nil {
+			t.mu.Unlock()
+			c.Close()
 			return
 		}
 		t.wg.Add(1)
+		t.mu.Unlock()
 		go func() { defer t.wg.Done(); t.handle(c) }() // ends with its connection; close ends those
 	}
 }
@@ -122,27 +145,40 @@ func (t *tcpProxy) handle(c net.Conn) {
 
 // pipe copies both ways, half-closing each side when the other is done,
 // and returns once both directions ended. A read in either direction
-// pushes both read deadlines idle further: a connection quiet both ways
-// for idle is closed.
+// pushes both connections' deadlines (reads and writes) idle further: a
+// connection quiet both ways for idle — or whose reader stopped reading —
+// is closed. A direction that ends in an error (not EOF) closes both.
 func pipe(a, b net.Conn, idle time.Duration) {
 	alive := func() {
 		at := time.Now().Add(idle)
-		_ = a.SetReadDeadline(at)
-		_ = b.SetReadDeadline(at)
+		_ = a.SetDeadline(at)
+		_ = b.SetDeadline(at)
 	}
 	alive()
+	copyTo := func(dst, src net.Conn) {
+		buf := copyBuffers.Get()
+		defer copyBuffers.Put(buf)
+		// writerOnly hides dst's ReadFrom, which would copy through a
+		// buffer of its own (no splice from a wrapped reader anyway).
+		if _, err := io.CopyBuffer(writerOnly{dst}, &activeReader{src, alive}, buf); err != nil {
+			a.Close() // the other direction's Read or Write ends too
+			b.Close()
+			return
+		}
+		closeWrite(dst)
+	}
 	done := make(chan struct{})
 	go func() { // owned by pipe: it waits for it
 		defer close(done)
-		_, _ = io.Copy(b, &activeReader{a, alive})
-		closeWrite(b)
+		copyTo(b, a)
 	}()
-	_, _ = io.Copy(a, &activeReader{b, alive})
-	closeWrite(a)
+	copyTo(a, b)
 	<-done
 	a.Close()
 	b.Close()
 }
+
+type writerOnly struct{ io.Writer }
 
 // activeReader reports every read that returned data.
 type activeReader struct {

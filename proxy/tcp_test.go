@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/proxy"
 	"beacon.dev/beacon/registry"
 )
 
@@ -302,8 +303,10 @@ func TestTCPMaxConnections(t *testing.T) {
 	e := newEnv(t)
 	e.echoBackend("echo", "e1")
 	addr := testutil.FreeAddr(t)
-	e.startProxy(tcpConfig(addr, "echo", ", maxConnections: 2"))
+	p, _, _ := e.startProxy(tcpConfig(addr, "echo", ", maxConnections: 2"))
 	waitTCPServing(t, addr)
+	// The probes' connections must be counted out before two are held.
+	waitOpen(t, p, "t", 0)
 
 	var held []*net.TCPConn
 	for i := range 2 {
@@ -346,7 +349,7 @@ func TestTCPIdleTimeoutClosesQuietConnections(t *testing.T) {
 	e := newEnv(t)
 	e.echoBackend("echo", "e1")
 	addr := testutil.FreeAddr(t)
-	e.startProxy(tcpConfig(addr, "echo", ", idleTimeout: 200ms"))
+	e.startProxy(tcpConfig(addr, "echo", ", idleTimeout: 2s"))
 	waitTCPServing(t, addr)
 	c, err := dialTCP(t, addr)
 	if err != nil {
@@ -362,4 +365,60 @@ func TestTCPIdleTimeoutClosesQuietConnections(t *testing.T) {
 		t.Fatalf("reading a quiet connection = %d, %v; want EOF from the proxy's idle timeout", n, err)
 	}
 	waitTCPServing(t, addr)
+}
+
+// waitOpen waits until the proxy counts n open connections on listener.
+func waitOpen(t *testing.T, p *proxy.Proxy, listener string, n float64) {
+	t.Helper()
+	testutil.Eventually(t, 30*time.Second, fmt.Sprintf("%v connections open on %s", n, listener), func() bool {
+		mfs, err := p.Gatherer().Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() != "beacon_proxy_connections" {
+				continue
+			}
+			for _, m := range mf.GetMetric() {
+				for _, l := range m.GetLabel() {
+					if l.GetName() == "listener" && l.GetValue() == listener {
+						return m.GetGauge().GetValue() == n
+					}
+				}
+			}
+		}
+		return n == 0
+	})
+}
+
+// A client that sends and stops reading blocks the proxy's writes to it:
+// the idle timeout (write deadlines too) closes it and frees its slot.
+func TestTCPIdleTimeoutFreesAClientThatStopsReading(t *testing.T) {
+	e := newEnv(t)
+	e.echoBackend("echo", "e1")
+	addr := testutil.FreeAddr(t)
+	p, _, _ := e.startProxy(tcpConfig(addr, "echo", ", maxConnections: 1, idleTimeout: 2s"))
+	waitTCPServing(t, addr)
+	waitOpen(t, p, "t", 0)
+	c, err := dialTCP(t, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 64 MiB echoed back and never read: every buffer on the way fills,
+	// then the proxy's write to this client blocks.
+	werr := make(chan error, 1)
+	go func() { // ends when the proxy closes the connection
+		_, err := c.Write(make([]byte, 64<<20))
+		werr <- err
+	}()
+	select {
+	case err := <-werr:
+		if err == nil {
+			t.Fatal("64 MiB written to a connection nobody reads, want the proxy to close it")
+		}
+	case <-time.After(60 * time.Second): // liveness, not latency
+		t.Fatal("the stuck connection was never closed")
+	}
+	waitOpen(t, p, "t", 0)
+	waitTCPServing(t, addr) // its one slot is free again
 }
