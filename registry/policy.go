@@ -8,7 +8,7 @@ import (
 
 // ServicePolicy is how clients that take their configuration from beacon
 // (xDS clients: docs/xds.md) balance, retry and eject a service's
-// instances, as an operator set it (SetServiceConfig). The zero value is
+// instances, as an operator set it (SetServicePolicy). The zero value is
 // beacon's defaults: round robin, no retries, outlier detection as
 // DefaultOutlierDetection. In every field, 0 means the default its comment
 // names. ServicePolicy is comparable (==), plain data, and safe for

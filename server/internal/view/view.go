@@ -257,6 +257,14 @@ func (v *View) apply(events []*clientv3.Event) {
 			}
 			if err != nil {
 				v.badRecord(key, err)
+				// A record that does not decode counts as absent (the
+				// defaults), as a relist has it.
+				if sk, _, kerr := v.layout.DecodeServicePolicy(key, []byte(`{}`)); kerr == nil {
+					if _, had := v.policies[sk]; had {
+						delete(v.policies, sk)
+						addChange(sk, change{rev: ev.Kv.ModRevision})
+					}
+				}
 				continue
 			}
 			if p == (registry.ServicePolicy{}) {

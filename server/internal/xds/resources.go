@@ -4,7 +4,7 @@
 // RouteConfiguration sending everything to one Cluster, the Cluster (EDS
 // over ADS, round robin over weighted localities, outlier detection) and
 // its ClusterLoadAssignment, built from the server's view. The service's
-// policy (registry.ServicePolicy, set with SetServiceConfig) is compiled
+// policy (registry.ServicePolicy, set with SetServicePolicy) is compiled
 // into the route (retries, the hash of ring hash) and the cluster
 // (balancing, outlier detection). docs/xds.md says what a client sees;
 // server/xds.go serves it.
