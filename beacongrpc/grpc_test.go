@@ -33,7 +33,7 @@ type backend struct {
 	port   int
 }
 
-func startBackend(t *testing.T) *backend {
+func startBackend(t testing.TB) *backend {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -53,7 +53,7 @@ type env struct {
 	cache *discovery.Cache
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	// The whole test's liveness bound: generous enough for every per-call
 	// deadline below to be the one that speaks.
@@ -73,7 +73,7 @@ func newEnv(t *testing.T) *env {
 	return &env{ctx: ctx, c: c, cache: cache}
 }
 
-func (e *env) register(t *testing.T, service string, bs ...*backend) {
+func (e *env) register(t testing.TB, service string, bs ...*backend) {
 	t.Helper()
 	for i, b := range bs {
 		if _, err := e.c.Register(e.ctx, registry.Instance{Service: service, ID: fmt.Sprintf("%s-%d", service, i), Address: "127.0.0.1", Port: b.port}); err != nil {
@@ -82,7 +82,7 @@ func (e *env) register(t *testing.T, service string, bs ...*backend) {
 	}
 }
 
-func (e *env) dial(t *testing.T, target string, opts ...grpc.DialOption) *grpc.ClientConn {
+func (e *env) dial(t testing.TB, target string, opts ...grpc.DialOption) *grpc.ClientConn {
 	t.Helper()
 	opts = append([]grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),

@@ -3,6 +3,7 @@ package beacongrpc
 import (
 	"context"
 	"errors"
+	"go.opentelemetry.io/otel/trace"
 	"sync"
 	"sync/atomic"
 
@@ -48,6 +49,7 @@ type interceptor struct {
 	exec       *policy.Executor
 	idempotent func(string) bool
 	hedger     *policy.Hedger
+	tracer     trace.Tracer // nil: no tracing
 }
 
 // WithHedging hedges idempotent calls with h: while no attempt has
@@ -110,17 +112,26 @@ func attempt(err error) error {
 	return err
 }
 
-func (ic *interceptor) call(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+func (ic *interceptor) call(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) (err error) {
 	kind := policy.NotIdempotent
 	if ic.idempotent != nil && ic.idempotent(method) {
 		kind = policy.Idempotent
+	}
+	var n *atomic.Int32 // attempts, numbered for their spans
+	if ic.tracer != nil {
+		var span trace.Span
+		ctx, span = ic.startCall(ctx, method, kind)
+		defer func() { endCall(span, err) }()
+		n = new(atomic.Int32)
 	}
 	// Retries and hedges tell the picker which endpoint to avoid.
 	ctx = context.WithValue(ctx, attemptsKey{}, new(attempts))
 	msg, isProto := reply.(proto.Message)
 	if ic.hedger == nil || kind != policy.Idempotent || !isProto {
 		return ic.exec.Do(ctx, kind, func(ctx context.Context) error {
-			return attempt(invoker(ctx, method, req, reply, cc, opts...))
+			return ic.traced(ctx, n, 0, func(ctx context.Context) error {
+				return attempt(invoker(ctx, method, req, reply, cc, opts...))
+			})
 		})
 	}
 	// Every attempt decodes into its own message; the first to succeed
@@ -133,11 +144,13 @@ func (ic *interceptor) call(ctx context.Context, method string, req, reply any, 
 		// msg while the winner resets and fills it.
 		replyType = msg.ProtoReflect().Type()
 	)
-	return ic.hedger.Do(ctx, func(ctx context.Context, _ int) error {
+	return ic.hedger.Do(ctx, func(ctx context.Context, hedge int) error {
 		own := replyType.New().Interface()
 		ownOpts, publish := attemptOptions(opts)
 		err := ic.exec.Do(ctx, kind, func(ctx context.Context) error {
-			return attempt(invoker(ctx, method, req, own, cc, ownOpts...))
+			return ic.traced(ctx, n, hedge, func(ctx context.Context) error {
+				return attempt(invoker(ctx, method, req, own, cc, ownOpts...))
+			})
 		})
 		if err != nil {
 			return err

@@ -273,12 +273,22 @@ func (p *picker) Pick(info grpcbalancer.PickInfo) (grpcbalancer.PickResult, erro
 	if tried != nil {
 		tried.picked(ep.ID)
 	}
+	p.tracePick(info.Ctx, ep.ID, ep.Addr, ep.Zone, ep.Tier)
 	return grpcbalancer.PickResult{SubConn: sc, Done: func(di grpcbalancer.DoneInfo) {
 		var failure error // nil: the outcome says nothing against the endpoint
 		if IsFailure(di.Err) || lostHedge(info.Ctx, di.Err) {
 			failure = di.Err
 		}
+		d := p.bal.Outlier()
+		if span := attemptSpan(info.Ctx); failure == nil || d == nil || span == nil || !span.IsRecording() {
+			ep.Done(failure)
+			return
+		}
+		was := d.Ejected(ep.ID)
 		ep.Done(failure)
+		if !was && d.Ejected(ep.ID) { // this failure ejected it
+			traceEjection(info.Ctx, ep.ID)
+		}
 	}}, nil
 }
 
