@@ -3,10 +3,10 @@ package beacongrpc
 import (
 	"context"
 	"errors"
-	"go.opentelemetry.io/otel/trace"
 	"sync"
 	"sync/atomic"
 
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"

@@ -279,8 +279,12 @@ func (p *picker) Pick(info grpcbalancer.PickInfo) (grpcbalancer.PickResult, erro
 		if IsFailure(di.Err) || lostHedge(info.Ctx, di.Err) {
 			failure = di.Err
 		}
+		if failure == nil {
+			ep.Done(nil)
+			return
+		}
 		d := p.bal.Outlier()
-		if span := attemptSpan(info.Ctx); failure == nil || d == nil || span == nil || !span.IsRecording() {
+		if span := attemptSpan(info.Ctx); d == nil || span == nil || !span.IsRecording() {
 			ep.Done(failure)
 			return
 		}

@@ -48,7 +48,11 @@ const (
 // under it and propagates its trace context (W3C) to the server. Without
 // this option nothing is recorded and nothing is allocated for tracing.
 func WithTracing(tp trace.TracerProvider) InterceptorOption {
-	return func(i *interceptor) { i.tracer = tp.Tracer(instrumentationName) }
+	return func(i *interceptor) {
+		if tp != nil { // nil: off
+			i.tracer = tp.Tracer(instrumentationName)
+		}
+	}
 }
 
 // startCall opens the call's span.

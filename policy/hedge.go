@@ -88,9 +88,15 @@ func (h *Hedger) DoHold(ctx context.Context, fn func(ctx context.Context, attemp
 	winner := -1
 	cancels := make([]context.CancelCauseFunc, 0, 1+h.cfg.MaxExtra)
 	defer func() {
+		// Losers lost to a winner; without one, the attempts end for the
+		// caller's reason (an outlier detector counts only lost hedges).
+		cause := ErrHedgeLost
+		if winner < 0 && parent.Err() != nil {
+			cause = context.Cause(parent)
+		}
 		for i, c := range cancels {
 			if i != winner {
-				c(ErrHedgeLost)
+				c(cause)
 			}
 		}
 		if winner >= 0 {

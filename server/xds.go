@@ -179,8 +179,10 @@ func (s *Server) auditXDSRefusal(ctx context.Context, resource string, err error
 		return
 	}
 	accessor := ""
-	if id, ierr := s.identify(xdsCredential(ctx)); ierr == nil {
-		accessor = id.Accessor
+	if status.Code(err) != codes.Unauthenticated { // identified before: cheap; a bad credential is not looked up twice
+		if id, ierr := s.identify(xdsCredential(ctx)); ierr == nil {
+			accessor = id.Accessor
+		}
 	}
 	source := ""
 	if p, ok := peer.FromContext(ctx); ok {

@@ -239,6 +239,13 @@ func (v *View) apply(events []*clientv3.Event) {
 			}
 			if err != nil {
 				v.badRecord(key, err)
+				// Absent (the server's default), as a relist has it.
+				if sk, _, kerr := v.layout.DecodeServiceConfig(key, []byte(`{}`)); kerr == nil {
+					if _, had := v.protection[sk]; had {
+						delete(v.protection, sk)
+						addChange(sk, change{rev: ev.Kv.ModRevision})
+					}
+				}
 				continue
 			}
 			if ev.Type == mvccpb.DELETE {

@@ -290,7 +290,7 @@ func newInstancesCmd(g *globals) *cobra.Command {
 				}
 				if len(snap.Instances) == 0 {
 					switch {
-					case snap.Filtered:
+					case snap.Filtered && snap.Revision == 0: // the answer to a token that may not read it: empty
 						fmt.Fprintf(g.stdout, "%s/%s: hidden — the token may not read this service (ACLs filtered the answer)\n", g.namespace, args[0])
 					case all:
 						fmt.Fprintf(g.stdout, "%s/%s has no instances\n", g.namespace, args[0])
