@@ -122,28 +122,44 @@ func (b *Balancer) Close() {
 type Pick struct {
 	*endpoint.Endpoint // the chosen one: p.Addr, p.ID, …
 	b                  *Balancer
-	start              int64 // Now() when the latency of this call is measured, else 0
+	r                  *route // the route it was picked on
+	split              int32  // the subset it was picked in
+	start              int64  // Now() when the latency of this call is measured, else 0
+}
+
+// Route describes the route the pick was made on (for tracing): its
+// revision, and the subset the endpoint was picked in — its name, tier,
+// zone routing and panic mode (the zero SubsetState when the route had
+// none).
+func (p Pick) Route() (revision int64, subset SubsetState) {
+	if p.r == nil {
+		return 0, SubsetState{}
+	}
+	if int(p.split) < len(p.r.stateOf) {
+		subset = p.r.state.Subsets[p.r.stateOf[p.split]]
+	}
+	return p.r.state.Revision, subset
 }
 
 // Pick chooses an endpoint and counts the call as in flight on it. Every
 // successful Pick must be followed by exactly one Done.
 func (b *Balancer) Pick(info PickInfo) (Pick, error) {
 	r := b.route.Load()
-	ep, err := r.pick(info)
+	ep, split, err := r.pick(info)
 	if err != nil {
 		return Pick{}, err
 	}
 	for i := 0; i < 3 && info.Avoid != "" && ep.ID == info.Avoid; i++ {
 		info.HasKey = false // a keyed pick would land on the same endpoint
-		if ep, err = r.pick(info); err != nil {
+		if ep, split, err = r.pick(info); err != nil {
 			return Pick{}, err
 		}
 	}
 	ep.Stats.Begin()
 	if !b.latency {
-		return Pick{Endpoint: ep, b: b}, nil
+		return Pick{Endpoint: ep, b: b, r: r, split: int32(split)}, nil
 	}
-	return Pick{Endpoint: ep, b: b, start: b.start()}, nil
+	return Pick{Endpoint: ep, b: b, r: r, split: int32(split), start: b.start()}, nil
 }
 
 // Now returns the clock latency is measured with: cheap monotonic

@@ -9,10 +9,11 @@ import (
 // route is one immutable generation of routing: per subset, the pickers
 // for the tier and zone chosen at build time.
 type route struct {
-	splits []split
-	cum    []int // cumulative subset weights
-	rand   func() uint64
-	state  State
+	splits  []split
+	stateOf []int // split i is state.Subsets[stateOf[i]]
+	cum     []int // cumulative subset weights
+	rand    func() uint64
+	state   State
 }
 
 type split struct {
@@ -21,40 +22,40 @@ type split struct {
 	spill         float64
 }
 
-func (r *route) pick(info PickInfo) (*endpoint.Endpoint, error) {
-	var s *split
+// pick returns an endpoint and the index of the split it came from.
+func (r *route) pick(info PickInfo) (*endpoint.Endpoint, int, error) {
+	i := 0
 	switch len(r.splits) {
 	case 0:
-		return nil, ErrNoEndpoint
+		return nil, 0, ErrNoEndpoint
 	case 1:
-		s = &r.splits[0]
 	default:
 		x := r.rand()
 		if info.HasKey { // sticky: a key stays in its subset
 			x = mix(info.Key)
 		}
 		t := Bound(x, r.cum[len(r.cum)-1])
-		i := 0
 		for r.cum[i] <= t {
 			i++
 		}
-		s = &r.splits[i]
 	}
+	s := &r.splits[i]
 	if s.all != nil {
-		return s.all.Pick(info)
+		ep, err := s.all.Pick(info)
+		return ep, i, err
 	}
 	ep, err := s.local.Pick(info)
 	if err != nil || s.remote == nil || s.spill == 0 {
-		return ep, err
+		return ep, i, err
 	}
 	other, err := s.remote.Pick(info)
 	if err != nil {
-		return ep, nil
+		return ep, i, nil
 	}
 	if float64(ep.Stats.Inflight()) > s.spill*float64(other.Stats.Inflight()+1) {
-		return other, nil
+		return other, i, nil
 	}
-	return ep, nil
+	return ep, i, nil
 }
 
 // mix decorrelates the subset choice from the key's position on a hash
@@ -84,6 +85,7 @@ func buildRoute(cfg Config, builder Builder, eps []*endpoint.Endpoint, ejected m
 		st := SubsetState{Name: sub.Name, Endpoints: len(members), Tier: -1}
 		if len(members) > 0 {
 			r.splits = append(r.splits, buildSplit(cfg, builder, members, ejected, opts, &st))
+			r.stateOf = append(r.stateOf, len(r.state.Subsets))
 			total += sub.Weight
 			r.cum = append(r.cum, total)
 		}

@@ -4,6 +4,9 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
@@ -101,4 +104,22 @@ func hedging(exec *policy.Executor, idempotent func(string) bool, budget *policy
 		grpc.WithStreamInterceptor(beacongrpc.StreamClientInterceptor(exec)),
 	}
 	return opts, nil
+}
+
+// ExampleWithTracing is docs/sdk.md's tracing snippet, compiled (not
+// run): beacon's call and attempt spans, with otelgrpc's RPC spans under
+// them and W3C trace context to the server.
+func ExampleWithTracing() {
+	exporter := tracetest.NewInMemoryExporter() // any SpanExporter: OTLP, stdout, …
+	exec, err := policy.New(policy.WithRetry(policy.RetryConfig{MaxAttempts: 3, RetryOn: beacongrpc.RetryableCode}))
+	if err != nil {
+		panic(err)
+	}
+	idempotent := func(method string) bool { return strings.HasSuffix(method, "/Get") }
+	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exporter)) // the application's
+	opts := []grpc.DialOption{
+		grpc.WithStatsHandler(otelgrpc.NewClientHandler(otelgrpc.WithTracerProvider(tp))),
+		grpc.WithUnaryInterceptor(beacongrpc.UnaryClientInterceptor(exec, idempotent, beacongrpc.WithTracing(tp))),
+	}
+	_ = opts // with grpc.NewClient("beacon:///orders", opts...) as in ExampleNewClient
 }

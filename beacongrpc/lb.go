@@ -18,6 +18,7 @@ import (
 	"beacon.dev/beacon/endpoint"
 	"beacon.dev/beacon/outlier"
 	"beacon.dev/beacon/policy"
+	"beacon.dev/beacon/tracing"
 )
 
 // LB policy names registered by this package, for service configs such
@@ -273,7 +274,7 @@ func (p *picker) Pick(info grpcbalancer.PickInfo) (grpcbalancer.PickResult, erro
 	if tried != nil {
 		tried.picked(ep.ID)
 	}
-	p.tracePick(info.Ctx, ep.ID, ep.Addr, ep.Zone, ep.Tier)
+	tracing.RecordPick(info.Ctx, p.bal.Name(), ep)
 	return grpcbalancer.PickResult{SubConn: sc, Done: func(di grpcbalancer.DoneInfo) {
 		var failure error // nil: the outcome says nothing against the endpoint
 		if IsFailure(di.Err) || lostHedge(info.Ctx, di.Err) {
@@ -284,14 +285,14 @@ func (p *picker) Pick(info grpcbalancer.PickInfo) (grpcbalancer.PickResult, erro
 			return
 		}
 		d := p.bal.Outlier()
-		if span := attemptSpan(info.Ctx); d == nil || span == nil || !span.IsRecording() {
+		if d == nil || tracing.Attempt(info.Ctx) == nil {
 			ep.Done(failure)
 			return
 		}
 		was := d.Ejected(ep.ID)
 		ep.Done(failure)
-		if !was && d.Ejected(ep.ID) { // this failure ejected it
-			traceEjection(info.Ctx, ep.ID)
+		if !was && d.Ejected(ep.ID) { // this failure (or one beside it) ejected it
+			tracing.RecordEjection(info.Ctx, ep.ID)
 		}
 	}}, nil
 }

@@ -21,6 +21,7 @@ import (
 	"beacon.dev/beacon/beacongrpc"
 	"beacon.dev/beacon/internal/testutil"
 	"beacon.dev/beacon/policy"
+	"beacon.dev/beacon/tracing"
 )
 
 // tracedBackend serves grpc.health.v1 with otelgrpc's server handler; it
@@ -123,24 +124,24 @@ func TestTracingRecordsRetriesWithTheirEndpoints(t *testing.T) {
 		if s.Parent().SpanID() != call[0].SpanContext().SpanID() {
 			t.Errorf("attempt span's parent is not the call's")
 		}
-		byAttempt[attr(s, beacongrpc.AttrAttempt).AsInt64()] = s
+		byAttempt[attr(s, tracing.AttrAttempt).AsInt64()] = s
 	}
 	first, second := byAttempt[1], byAttempt[2]
 	if first == nil || second == nil {
 		t.Fatalf("attempts numbered %v, want 1 and 2", byAttempt)
 	}
-	if got := attr(first, beacongrpc.AttrEndpointID).AsString(); got != "hello-0" || attr(first, beacongrpc.AttrOutcome).AsString() != "error" || attr(first, "rpc.grpc.status_code").AsString() != "Unavailable" {
-		t.Errorf("first attempt: endpoint %q outcome %q code %q; want hello-0, error, Unavailable", got, attr(first, beacongrpc.AttrOutcome).AsString(), attr(first, "rpc.grpc.status_code").AsString())
+	if got := attr(first, tracing.AttrEndpointID).AsString(); got != "hello-0" || attr(first, tracing.AttrOutcome).AsString() != "error" || attr(first, "rpc.grpc.status_code").AsString() != "Unavailable" {
+		t.Errorf("first attempt: endpoint %q outcome %q code %q; want hello-0, error, Unavailable", got, attr(first, tracing.AttrOutcome).AsString(), attr(first, "rpc.grpc.status_code").AsString())
 	}
-	if got := attr(second, beacongrpc.AttrEndpointID).AsString(); got != "hello-1" || attr(second, beacongrpc.AttrOutcome).AsString() != "ok" {
-		t.Errorf("second attempt: endpoint %q outcome %q; want hello-1, ok", got, attr(second, beacongrpc.AttrOutcome).AsString())
+	if got := attr(second, tracing.AttrEndpointID).AsString(); got != "hello-1" || attr(second, tracing.AttrOutcome).AsString() != "ok" {
+		t.Errorf("second attempt: endpoint %q outcome %q; want hello-1, ok", got, attr(second, tracing.AttrOutcome).AsString())
 	}
 	for _, s := range []sdktrace.ReadOnlySpan{first, second} {
-		if got := attr(s, beacongrpc.AttrBalancer).AsString(); got != "round_robin" {
-			t.Errorf("attempt %d: balancer %q recorded, want round_robin", attr(s, beacongrpc.AttrAttempt).AsInt64(), got)
+		if got := attr(s, tracing.AttrBalancer).AsString(); got != "round_robin" {
+			t.Errorf("attempt %d: balancer %q recorded, want round_robin", attr(s, tracing.AttrAttempt).AsInt64(), got)
 		}
-		if attr(s, beacongrpc.AttrRevision).AsInt64() == 0 {
-			t.Errorf("attempt %d: no registry revision recorded", attr(s, beacongrpc.AttrAttempt).AsInt64())
+		if attr(s, tracing.AttrRevision).AsInt64() == 0 {
+			t.Errorf("attempt %d: no registry revision recorded", attr(s, tracing.AttrAttempt).AsInt64())
 		}
 	}
 	// otelgrpc's client spans hang under the attempts; the server spans
@@ -181,7 +182,7 @@ func TestTracingRecordsRetriesWithTheirEndpoints(t *testing.T) {
 // started as one): its spans may still be ending.
 func hedged(exp *tracetest.InMemoryExporter, root trace.Span) bool {
 	for _, s := range traceOf(exp.GetSpans(), root.SpanContext().TraceID())["beacon.attempt"] {
-		if attr(s, beacongrpc.AttrHedge).AsInt64() > 0 {
+		if attr(s, tracing.AttrHedge).AsInt64() > 0 {
 			return true
 		}
 	}
@@ -227,10 +228,10 @@ func TestTracingRecordsHedges(t *testing.T) {
 		})
 		for _, s := range traceOf(exp.GetSpans(), root.SpanContext().TraceID())["beacon.attempt"] {
 			switch {
-			case attr(s, beacongrpc.AttrHedge).AsInt64() == 0 && attr(s, beacongrpc.AttrEndpointID).AsString() == "hello-0":
-				lost = attr(s, beacongrpc.AttrOutcome).AsString() == "lost_hedge"
-			case attr(s, beacongrpc.AttrHedge).AsInt64() == 1:
-				won = attr(s, beacongrpc.AttrOutcome).AsString() == "ok" && attr(s, beacongrpc.AttrEndpointID).AsString() == "hello-1"
+			case attr(s, tracing.AttrHedge).AsInt64() == 0 && attr(s, tracing.AttrEndpointID).AsString() == "hello-0":
+				lost = attr(s, tracing.AttrOutcome).AsString() == "lost_hedge"
+			case attr(s, tracing.AttrHedge).AsInt64() == 1:
+				won = attr(s, tracing.AttrOutcome).AsString() == "ok" && attr(s, tracing.AttrEndpointID).AsString() == "hello-1"
 			}
 		}
 		return lost && won

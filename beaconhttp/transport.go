@@ -15,12 +15,16 @@ import (
 	"sync"
 	"syscall"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
+
 	"beacon.dev/beacon/balancer"
 	"beacon.dev/beacon/balancer/p2c"
 	"beacon.dev/beacon/discovery"
 	"beacon.dev/beacon/outlier"
 	"beacon.dev/beacon/policy"
 	"beacon.dev/beacon/registry"
+	"beacon.dev/beacon/tracing"
 )
 
 // DefaultMaxReplay bounds the request body kept to replay on a retry.
@@ -77,6 +81,18 @@ func WithServices(names ...string) Option {
 // is. The suffix starts with a dot.
 func WithServiceSuffix(suffix string) Option { return func(t *Transport) { t.suffix = suffix } }
 
+// WithTracing records each request to a service as a span of tp's tracer
+// (tracing.SpanCall, ended when the response headers arrive), each attempt
+// — retries — as a child span (tracing.SpanAttempt) with the endpoint the
+// balancer picked and why, and the policies' refusals as events (package
+// tracing lists them). Attempts run in their span's context: with an
+// otelhttp transport as the base (WithBase(otelhttp.NewTransport(…))),
+// its client span nests under the attempt and its W3C trace context goes
+// to the instance. nil tp, or no option: nothing is recorded.
+func WithTracing(tp trace.TracerProvider) Option {
+	return func(t *Transport) { t.tracer = tracing.Tracer(tp, "beacon.dev/beacon/beaconhttp") }
+}
+
 // WithMaxReplay bounds the request body buffered for retries (default
 // 1 MiB). A larger body is streamed once and never retried.
 func WithMaxReplay(n int64) Option { return func(t *Transport) { t.maxReplay = n } }
@@ -100,6 +116,7 @@ type Transport struct {
 	breakerCfg *policy.BreakerConfig
 	extra      []policy.Option
 	maxReplay  int64
+	tracer     trace.Tracer // nil: no tracing
 	ctx        context.Context
 	stop       context.CancelFunc
 	wg         sync.WaitGroup
@@ -324,18 +341,32 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	var last *http.Response
 	var tried string // the previous attempt's endpoint: retries go elsewhere
+	callCtx := req.Context()
+	var span trace.Span
+	attempts := 0
+	if t.tracer != nil {
+		callCtx, span = tracing.StartCall(callCtx, t.tracer, kind == policy.Idempotent,
+			attribute.String("http.request.method", req.Method), attribute.String("server.address", name))
+	}
 	// DoHold, not Do: the response is read after the call returns, and the
 	// timeouts must keep running, not cancel, while its body is read.
-	release, err := svc.exec.DoHold(req.Context(), kind, func(ctx context.Context) error {
+	release, err := svc.exec.DoHold(callCtx, kind, func(ctx context.Context) (err error) {
 		if last != nil { // a retried 5xx: its body is not returned
 			drain(last)
 			last = nil
+		}
+		if t.tracer != nil {
+			attempts++
+			var aspan trace.Span
+			ctx, aspan = tracing.StartAttempt(ctx, t.tracer, attempts, 0)
+			defer func() { endAttempt(aspan, last, err) }()
 		}
 		ep, err := svc.bal.Pick(balancer.PickInfo{Avoid: tried})
 		if err != nil {
 			return policy.Unsent(err)
 		}
 		tried = ep.ID
+		tracing.RecordPick(ctx, svc.bal.Name(), ep)
 		// A shallow copy with its own URL: the base transport reads the
 		// headers and does not change them, so they need no deep copy.
 		out := req.WithContext(ctx)
@@ -371,6 +402,16 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		return nil
 	})
+	if span != nil {
+		code := ""
+		if err != nil {
+			code = "error"
+			if last != nil {
+				code = strconv.Itoa(last.StatusCode)
+			}
+		}
+		tracing.EndCall(span, err, code)
+	}
 	var es *errStatus
 	if err != nil && errors.As(err, &es) && last != nil {
 		return hold(last, release), nil // retries exhausted on a 5xx: hand back the response
@@ -387,6 +428,21 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, fmt.Errorf("beaconhttp: %s %s: the fallback gave no response", req.Method, req.URL)
 	}
 	return hold(last, release), nil
+}
+
+// endAttempt records an attempt's outcome on its span.
+func endAttempt(span trace.Span, resp *http.Response, err error) {
+	switch {
+	case resp != nil && resp.StatusCode >= 500:
+		code := strconv.Itoa(resp.StatusCode)
+		tracing.EndAttempt(span, "error", code, attribute.Int("http.response.status_code", resp.StatusCode))
+	case resp != nil:
+		tracing.EndAttempt(span, "ok", "", attribute.Int("http.response.status_code", resp.StatusCode))
+	case err != nil:
+		tracing.EndAttempt(span, "error", "no response")
+	default:
+		tracing.EndAttempt(span, "error", "no response")
+	}
 }
 
 // hold leaves the attempt's context, with its timeouts, alive while the
