@@ -127,6 +127,38 @@ func TestCanarySplit(t *testing.T) {
 	}
 }
 
+// A pick reports the route and subset it was made on, with empty
+// subsets (no endpoint matches) before and between the others.
+func TestPickReportsItsRouteAndSubset(t *testing.T) {
+	bal := newBalancer(t, roundrobin.Builder{}, balancer.Config{Subsets: []balancer.Subset{
+		{Name: "ghost", Weight: 10, Match: balancer.Selector{Version: "v9"}},
+		{Name: "stable", Weight: 50, Match: balancer.Selector{Version: "v1"}},
+		{Name: "empty", Weight: 10, Match: balancer.Selector{Version: "v8"}},
+		{Name: "canary", Weight: 50, Match: balancer.Selector{Version: "v2"}},
+	}})
+	bal.Update(set(7, spec{id: "s1", version: "v1"}, spec{id: "c1", version: "v2"}))
+	seen := map[string]bool{}
+	for range 200 {
+		p, err := bal.Pick(balancer.PickInfo{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rev, sub := p.Route()
+		want := map[string]string{"s1": "stable", "c1": "canary"}[p.ID]
+		if rev != 7 || sub.Name != want || sub.Endpoints != 1 {
+			t.Fatalf("pick %s: Route() = %d, %+v; want revision 7 and subset %s with 1 endpoint", p.ID, rev, sub, want)
+		}
+		seen[sub.Name] = true
+		p.Done(nil)
+	}
+	if !seen["stable"] || !seen["canary"] {
+		t.Errorf("subsets seen %v, want both", seen)
+	}
+	if rev, sub := (balancer.Pick{}).Route(); rev != 0 || sub.Name != "" {
+		t.Errorf("the zero Pick's Route() = %d, %+v; want zeros", rev, sub)
+	}
+}
+
 // ejectAll fails calls to the given endpoints until the detector ejects them.
 func ejectAll(t *testing.T, bal *balancer.Balancer, ids ...string) {
 	t.Helper()

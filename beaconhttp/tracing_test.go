@@ -115,6 +115,9 @@ func TestTracingRecordsRetriedRequests(t *testing.T) {
 			t.Errorf("an attempt's parent is not the call")
 		}
 	}
+	if byN[1] == nil || byN[2] == nil {
+		t.Fatalf("attempts numbered %v, want 1 and 2", byN)
+	}
 	if s := byN[1]; s == nil || spanAttr(s, tracing.AttrEndpointID).AsString() != "down" || spanAttr(s, "http.response.status_code").AsInt64() != 503 || spanAttr(s, tracing.AttrOutcome).AsString() != "error" {
 		t.Errorf("first attempt: %v", s)
 	}

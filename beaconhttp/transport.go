@@ -366,7 +366,9 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			return policy.Unsent(err)
 		}
 		tried = ep.ID
-		tracing.RecordPick(ctx, svc.bal.Name(), ep)
+		if t.tracer != nil {
+			tracing.RecordPick(ctx, svc.bal.Name(), ep)
+		}
 		// A shallow copy with its own URL: the base transport reads the
 		// headers and does not change them, so they need no deep copy.
 		out := req.WithContext(ctx)

@@ -57,6 +57,10 @@ func NewHedger(cfg HedgeConfig) (*Hedger, error) {
 // later was slow there.
 var ErrHedgeLost = errors.New("policy: another hedged attempt answered first")
 
+// errHedgeOver cancels the attempts still running when a hedged call
+// failed without an answer.
+var errHedgeOver = errors.New("policy: the hedged call failed; its other attempts are no longer needed")
+
 type hedgeResult struct {
 	attempt int
 	err     error
@@ -76,8 +80,9 @@ func (h *Hedger) Do(ctx context.Context, fn func(ctx context.Context, attempt in
 
 // DoHold is Do for results used after fn returns — an HTTP response whose
 // body is read later. When DoHold returns, the attempts still running are
-// cancelled (cause ErrHedgeLost), but the context of the attempt that
-// succeeded lives on until release, which is never nil: call it once done
+// cancelled — with cause ErrHedgeLost when another answered, the caller's
+// cause when the caller gave up, errHedgeOver when the call failed —
+// but the context of the attempt that succeeded lives on until release, which is never nil: call it once done
 // with the result (for a response, when its body is closed).
 func (h *Hedger) DoHold(ctx context.Context, fn func(ctx context.Context, attempt int) error) (release context.CancelFunc, err error) {
 	parent := ctx
@@ -88,11 +93,16 @@ func (h *Hedger) DoHold(ctx context.Context, fn func(ctx context.Context, attemp
 	winner := -1
 	cancels := make([]context.CancelCauseFunc, 0, 1+h.cfg.MaxExtra)
 	defer func() {
-		// Losers lost to a winner; without one, the attempts end for the
-		// caller's reason (an outlier detector counts only lost hedges).
+		// Losers lost to a winner; without one nothing was lost to
+		// anyone (an outlier detector counts only lost hedges against an
+		// endpoint): the caller's reason, or the call's failure.
 		cause := ErrHedgeLost
-		if winner < 0 && parent.Err() != nil {
+		switch {
+		case winner >= 0:
+		case parent.Err() != nil:
 			cause = context.Cause(parent)
+		default:
+			cause = errHedgeOver
 		}
 		for i, c := range cancels {
 			if i != winner {
