@@ -34,6 +34,7 @@ func runDemo(args []string) error {
 	duration := fs.Duration("duration", 0, "stop after this long (0: at Ctrl-C)")
 	dir := fs.String("dir", "", "working directory (default: a new temporary one, removed at the end)")
 	plain := fs.Bool("plain", false, "print the view as plain text, without clearing the screen")
+	otlp := fs.String("otlp", "", "every service exports its traces over OTLP/gRPC to this collector (host:port, plaintext)")
 	_ = fs.Parse(args)
 	if *rate < 1 || *rate > 5000 {
 		return fmt.Errorf("--rate must be between 1 and 5000, is %d", *rate)
@@ -66,6 +67,7 @@ func runDemo(args []string) error {
 	if err != nil {
 		return err
 	}
+	cl.OTLP = *otlp
 	defer func() {
 		fmt.Println("demo: stopping every process (SIGTERM, graceful) …")
 		cl.Close()

@@ -69,6 +69,11 @@ func runGateway(args []string) error {
 	c.bind(fs, "127.0.0.1:8080")
 	_ = fs.Parse(args)
 	log := logger("gateway")
+	stopTracing, err := c.startTracing("gateway")
+	if err != nil {
+		return err
+	}
+	defer stopTracing()
 	peers, err := c.peers(log, "orders")
 	if err != nil {
 		return err

@@ -11,7 +11,6 @@ import (
 	"syscall"
 	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -101,12 +100,17 @@ func runInventory(args []string) error {
 			return err
 		}
 	}
+	stopTracing, err := c.startTracing("inventory")
+	if err != nil {
+		return err
+	}
+	defer stopTracing()
 	peers, err := c.peers(log)
 	if err != nil {
 		return err
 	}
 	defer peers.Close()
-	gs := grpc.NewServer()
+	gs := c.grpcServer()
 	srv := &inventory{db: d, id: c.id}
 	if *fenced {
 		sess, err := peers.Client.NewSession(context.Background(), client.WithTTL(c.ttl), client.WithSessionName("inventory locks"))

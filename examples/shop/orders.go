@@ -14,7 +14,6 @@ import (
 	"syscall"
 	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -121,6 +120,11 @@ func runOrders(args []string) error {
 	slow := fs.Duration("slow", 200*time.Millisecond, "latency SIGUSR1 adds to every request")
 	_ = fs.Parse(args)
 	log := logger("orders")
+	stopTracing, err := c.startTracing("orders")
+	if err != nil {
+		return err
+	}
+	defer stopTracing()
 	peers, err := c.peers(log, "inventory", "payments")
 	if err != nil {
 		return err
@@ -152,7 +156,7 @@ func runOrders(args []string) error {
 		defer srv.pricing.Close()
 	}
 	go srv.injectLatency(ctx, *slow) // owned: ends with ctx
-	gs := grpc.NewServer()
+	gs := c.grpcServer()
 	shoppb.RegisterOrdersServer(gs, srv)
 	return serve(&c, "orders", peers, log, gs, nil, func(id string) { srv.id = id })
 }

@@ -55,6 +55,11 @@ func runPayments(args []string) error {
 		return err
 	}
 	defer d.Close()
+	stopTracing, err := c.startTracing("payments")
+	if err != nil {
+		return err
+	}
+	defer stopTracing()
 	peers, err := c.peers(log)
 	if err != nil {
 		return err

@@ -12,6 +12,9 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
+	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 
 	"beacon.dev/beacon/beaconhttp"
@@ -24,6 +27,8 @@ import (
 type common struct {
 	registry, listen, id, snapshotDir string
 	ttl                               time.Duration
+	otlp                              string               // OTLP/gRPC endpoint; "": no tracing
+	tp                                trace.TracerProvider // set by startTracing
 }
 
 func (c *common) bind(fs *flag.FlagSet, listen string) {
@@ -32,12 +37,36 @@ func (c *common) bind(fs *flag.FlagSet, listen string) {
 	fs.StringVar(&c.id, "id", "", "instance ID (default: derived from the address)")
 	fs.StringVar(&c.snapshotDir, "snapshot-dir", "", "keep the discovery cache on disk here (survives a registry outage across restarts)")
 	fs.DurationVar(&c.ttl, "ttl", 3*time.Second, "session TTL")
+	fs.StringVar(&c.otlp, "otlp", "", "export traces over OTLP/gRPC to this collector (host:port, plaintext)")
+}
+
+// startTracing sets up the process's tracing (nothing without --otlp);
+// the returned function flushes the spans at exit.
+func (c *common) startTracing(service string) (func(), error) {
+	tp, stop, err := shopkit.StartTracing(context.Background(), c.otlp, service)
+	if err != nil {
+		return nil, err
+	}
+	c.tp = tp
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = stop(ctx)
+	}, nil
+}
+
+// grpcServer is a gRPC server, traced with --otlp.
+func (c *common) grpcServer() *grpc.Server {
+	if c.tp == nil {
+		return grpc.NewServer()
+	}
+	return grpc.NewServer(grpc.StatsHandler(otelgrpc.NewServerHandler(otelgrpc.WithTracerProvider(c.tp), otelgrpc.WithPropagators(shopkit.Propagator))))
 }
 
 func (c *common) registryAddrs() []string { return strings.Split(c.registry, ",") }
 
 func (c *common) peers(log *slog.Logger, services ...string) (*shopkit.Peers, error) {
-	return shopkit.NewPeers(shopkit.PeersConfig{Registry: c.registryAddrs(), Services: services, SnapshotDir: c.snapshotDir, Logger: log})
+	return shopkit.NewPeers(shopkit.PeersConfig{Registry: c.registryAddrs(), Services: services, SnapshotDir: c.snapshotDir, Logger: log, TracerProvider: c.tp})
 }
 
 func logger(role string) *slog.Logger {
@@ -68,6 +97,9 @@ func serve(c *common, service string, peers *shopkit.Peers, log *slog.Logger, gs
 		mux := http.NewServeMux()
 		mux.Handle("/livez", cfg.HTTPHealth.Handler())
 		mux.Handle("/readyz", cfg.HTTPHealth.Handler())
+		if c.tp != nil {
+			handler = otelhttp.NewHandler(handler, service, otelhttp.WithTracerProvider(c.tp), otelhttp.WithPropagators(shopkit.Propagator))
+		}
 		mux.Handle("/", cfg.HTTPHealth.Middleware(handler))
 		cfg.HTTP, cfg.HTTPListener = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln
 		cfg.HTTPService = service

@@ -53,6 +53,9 @@ type Cluster struct {
 	// Output, if set, receives every process's output, line by line,
 	// prefixed with its name.
 	Output io.Writer
+	// OTLP, if set, is the collector (host:port) every service exports
+	// its traces to (--otlp).
+	OTLP string
 
 	registryPeer, dbPeer string
 
@@ -193,6 +196,9 @@ func (c *Cluster) StartDB(ctx context.Context) error {
 // registered and serving.
 func (c *Cluster) Start(ctx context.Context, service string, args ...string) (*Proc, error) {
 	all := append([]string{service, "--registry", c.Registry}, args...)
+	if c.OTLP != "" {
+		all = append(all, "--otlp", c.OTLP)
+	}
 	if service == "inventory" || service == "payments" {
 		all = append(all, "--db", c.DB)
 	}

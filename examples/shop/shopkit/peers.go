@@ -10,6 +10,9 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
+	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 
 	"beacon.dev/beacon/beacongrpc"
@@ -37,6 +40,10 @@ type PeersConfig struct {
 	// 2 s), retries and hedges paid from one budget.
 	PerTry, Hedge, Timeout time.Duration
 	Logger                 *slog.Logger
+	// TracerProvider, when set, traces every call (beacon's call and
+	// attempt spans, otelgrpc's and otelhttp's RPC spans under them, W3C
+	// trace context to the callee).
+	TracerProvider trace.TracerProvider
 }
 
 // Peers is a process's way to the other services: one registry client,
@@ -46,6 +53,7 @@ type Peers struct {
 	Cache  *discovery.Cache
 	exec   *policy.Executor
 	hedger *policy.Hedger
+	tp     trace.TracerProvider // nil: no tracing
 	http   *http.Client
 	tr     *beaconhttp.Transport
 
@@ -73,7 +81,7 @@ func NewPeers(cfg PeersConfig) (*Peers, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Peers{Client: c, conns: map[string]*grpc.ClientConn{}}
+	p := &Peers{Client: c, conns: map[string]*grpc.ClientConn{}, tp: cfg.TracerProvider}
 	p.Cache, err = discovery.New(discovery.FromClient(c, ""), discovery.Config{SnapshotDir: cfg.SnapshotDir, Logger: log}, cfg.Services...)
 	if err != nil {
 		c.Close()
@@ -97,8 +105,13 @@ func NewPeers(cfg PeersConfig) (*Peers, error) {
 		}
 	}
 	retry.RetryOn = nil // HTTP: the transport's own classification
-	if p.tr, err = beaconhttp.NewTransport(p.Cache, beaconhttp.WithRetry(retry), beaconhttp.WithServices(HTTPServices...),
-		beaconhttp.WithPolicies(policy.WithPerTryTimeout(cfg.PerTry))); err != nil {
+	hopts := []beaconhttp.Option{beaconhttp.WithRetry(retry), beaconhttp.WithServices(HTTPServices...),
+		beaconhttp.WithPolicies(policy.WithPerTryTimeout(cfg.PerTry))}
+	if p.tp != nil {
+		hopts = append(hopts, beaconhttp.WithTracing(p.tp),
+			beaconhttp.WithBase(otelhttp.NewTransport(beaconhttp.DefaultBase(), otelhttp.WithTracerProvider(p.tp), otelhttp.WithPropagators(Propagator))))
+	}
+	if p.tr, err = beaconhttp.NewTransport(p.Cache, hopts...); err != nil {
 		p.Close()
 		return nil, err
 	}
@@ -120,9 +133,17 @@ func (p *Peers) Conn(service string, opts ...grpc.DialOption) (*grpc.ClientConn,
 	if p.hedger != nil {
 		icOpts = append(icOpts, beacongrpc.WithHedging(p.hedger))
 	}
-	all := append([]grpc.DialOption{
+	all := []grpc.DialOption{
 		grpc.WithChainUnaryInterceptor(beacongrpc.UnaryClientInterceptor(p.exec, func(string) bool { return true }, icOpts...)),
-	}, opts...)
+	}
+	if p.tp != nil {
+		icOpts = append(icOpts, beacongrpc.WithTracing(p.tp))
+		all = []grpc.DialOption{
+			grpc.WithChainUnaryInterceptor(beacongrpc.UnaryClientInterceptor(p.exec, func(string) bool { return true }, icOpts...)),
+			grpc.WithStatsHandler(otelgrpc.NewClientHandler(otelgrpc.WithTracerProvider(p.tp), otelgrpc.WithPropagators(Propagator))),
+		}
+	}
+	all = append(all, opts...)
 	cc, err := beacongrpc.NewClient(p.Cache, service, beacongrpc.WithDialOptions(all...))
 	if err != nil {
 		return nil, err
