@@ -3,6 +3,7 @@ package server
 import (
 	"errors"
 	"fmt"
+	"go.opentelemetry.io/otel/trace"
 	"log/slog"
 	"math"
 	"net"
@@ -168,6 +169,10 @@ type Config struct {
 	// AuditLog, when set, is the file the audit log is written to (JSON
 	// lines, hash-chained; server/audit), rotated at AuditLogMaxBytes
 	// keeping AuditLogMaxFiles old files.
+	// TracerProvider, when set, traces every API request (a server span
+	// per call, named by its procedure, joined to the caller's trace by
+	// W3C trace context). cmd/beacon sets it from --otlp-endpoint.
+	TracerProvider   trace.TracerProvider
 	AuditLog         string
 	AuditLogMaxBytes int64
 	AuditLogMaxFiles int

@@ -4,10 +4,13 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"strings"
 	"time"
 
 	"connectrpc.com/connect"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
+	"go.opentelemetry.io/otel/propagation"
 	"google.golang.org/protobuf/encoding/protojson"
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
@@ -35,7 +38,26 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
 	mux.Handle("GET /v1/watch", s.guardAPI(http.HandlerFunc(s.handleWatchNDJSON)))
 	mux.Handle("GET "+promSDPath, s.guardAPI(http.HandlerFunc(s.handlePromSD)))
+	if tp := s.cfg.TracerProvider; tp != nil {
+		return otelhttp.NewHandler(mux, "beacon", otelhttp.WithTracerProvider(tp),
+			otelhttp.WithPropagators(propagation.TraceContext{}), otelhttp.WithSpanNameFormatter(spanName))
+	}
 	return mux
+}
+
+// spanName names an API request's span by what it calls, from a bounded
+// set: the procedure (beacon.v1.RegistryService/Register), one of the
+// fixed paths, or the method alone — never a raw path a client chose.
+func spanName(_ string, r *http.Request) string {
+	p := r.URL.Path
+	switch {
+	case strings.HasPrefix(p, "/beacon.v1.") && strings.Count(p, "/") == 2 && len(p) <= 128:
+		return p[1:]
+	case p == "/v1/watch", p == promSDPath, p == "/livez", p == "/readyz", p == "/healthz", p == "/metrics":
+		return r.Method + " " + p
+	default:
+		return "HTTP " + r.Method
+	}
 }
 
 // guarded puts an API service's handler behind guardAPI.

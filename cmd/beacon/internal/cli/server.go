@@ -1,18 +1,23 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"time"
 
 	"github.com/spf13/cobra"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
+	"go.opentelemetry.io/otel/sdk/resource"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 
 	"beacon.dev/beacon/server"
 )
 
 func newServerCmd(g *globals) *cobra.Command {
 	cfg := server.NewConfig()
-	var logLevel string
+	var logLevel, otlpEndpoint string
 	cmd := &cobra.Command{
 		Use:   "server",
 		Short: "Run a beacon server (embedded single-node etcd unless --etcd-endpoints is set)",
@@ -24,6 +29,13 @@ func newServerCmd(g *globals) *cobra.Command {
 			}
 			cfg.Logger = slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: level}))
 			ctx := cmd.Context()
+			if otlpEndpoint != "" {
+				stop, err := serverTracing(ctx, cfg, otlpEndpoint)
+				if err != nil {
+					return err
+				}
+				defer stop()
+			}
 			start := time.Now()
 			srv, err := server.Start(ctx, cfg)
 			if err != nil {
@@ -64,5 +76,24 @@ func newServerCmd(g *globals) *cobra.Command {
 	hideClientFlags(cmd)
 	cfg.BindFlags(cmd.Flags())
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	cmd.Flags().StringVar(&otlpEndpoint, "otlp-endpoint", "", "export a span per API request over OTLP/gRPC to this collector (host:port, plaintext)")
 	return cmd
+}
+
+// serverTracing sets cfg's tracer provider up: spans exported over
+// OTLP/gRPC, marked service.name beacon-server and the server's name.
+// stop flushes them at exit.
+func serverTracing(ctx context.Context, cfg *server.Config, endpoint string) (stop func(), err error) {
+	exp, err := otlptracegrpc.New(ctx, otlptracegrpc.WithEndpoint(endpoint), otlptracegrpc.WithInsecure())
+	if err != nil {
+		return nil, fmt.Errorf("--otlp-endpoint %s: %w", endpoint, err)
+	}
+	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp), sdktrace.WithResource(resource.NewSchemaless(
+		attribute.String("service.name", "beacon-server"), attribute.String("service.instance.id", cfg.Name))))
+	cfg.TracerProvider = tp
+	return func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = tp.Shutdown(sctx)
+	}, nil
 }
