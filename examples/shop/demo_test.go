@@ -19,46 +19,53 @@ import (
 	"beacon.dev/beacon/internal/testutil"
 )
 
-// The demo as a user runs it: started, serving orders, then Ctrl-C
-// (SIGINT) stops everything it started, and no order failed.
-func TestDemoRunsAndStopsCleanly(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
-	defer cancel()
+// demoRun is `shop demo` as a child process, its output collected.
+type demoRun struct {
+	cmd    *exec.Cmd
+	stdin  io.Writer
+	dir    string
+	placed chan struct{} // a load report of ≥ 10 orders/s, none failed
+	copied chan struct{} // the output is closed and read
+
+	mu  sync.Mutex
+	out strings.Builder // guarded by mu
+}
+
+// startDemo builds the shop and runs `shop demo --plain` at 20 orders/s
+// in a directory of its own, with extra flags.
+func startDemo(ctx context.Context, t *testing.T, extra ...string) *demoRun {
+	t.Helper()
 	bin := filepath.Join(t.TempDir(), "shop")
 	if out, err := exec.CommandContext(ctx, "go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
-	dir := t.TempDir()
-	cmd := exec.CommandContext(ctx, bin, "demo", "--dir", dir, "--http", testutil.FreeAddr(t), "--rate", "20", "--plain")
-	stdout, err := cmd.StdoutPipe()
+	d := &demoRun{dir: t.TempDir(), placed: make(chan struct{}, 1), copied: make(chan struct{})}
+	args := append([]string{"demo", "--dir", d.dir, "--http", testutil.FreeAddr(t), "--rate", "20", "--plain"}, extra...)
+	d.cmd = exec.CommandContext(ctx, bin, args...)
+	stdout, err := d.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
+	if d.stdin, err = d.cmd.StdinPipe(); err != nil {
 		t.Fatal(err)
 	}
-	cmd.Stderr = cmd.Stdout
-	if err := cmd.Start(); err != nil {
+	d.cmd.Stderr = d.cmd.Stdout
+	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	var mu sync.Mutex
-	var out strings.Builder
-	placed := make(chan struct{}, 1)
 	rate := regexp.MustCompile(`load, last 5 s: ([0-9.]+) orders/s, 0 failed`)
-	copied := make(chan struct{})
 	go func() { // owned: ends when the demo closes its output
-		defer close(copied)
+		defer close(d.copied)
 		sc := bufio.NewScanner(stdout)
 		for sc.Scan() {
 			line := sc.Text()
-			mu.Lock()
-			out.WriteString(line + "\n")
-			mu.Unlock()
+			d.mu.Lock()
+			d.out.WriteString(line + "\n")
+			d.mu.Unlock()
 			if m := rate.FindStringSubmatch(line); m != nil {
 				if r, _ := strconv.ParseFloat(m[1], 64); r >= 10 {
 					select {
-					case placed <- struct{}{}:
+					case d.placed <- struct{}{}:
 					default:
 					}
 				}
@@ -66,20 +73,52 @@ func TestDemoRunsAndStopsCleanly(t *testing.T) {
 		}
 		_, _ = io.Copy(io.Discard, stdout)
 	}()
-	output := func() string {
-		mu.Lock()
-		defer mu.Unlock()
-		return out.String()
+	return d
+}
+
+func (d *demoRun) output() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.out.String()
+}
+
+// send types a command into the live view.
+func (d *demoRun) send(t *testing.T, command string) {
+	t.Helper()
+	if _, err := io.WriteString(d.stdin, command+"\n"); err != nil {
+		t.Fatal(err)
 	}
+}
+
+// interrupt is Ctrl-C: it returns how the demo exited, its output read.
+func (d *demoRun) interrupt() error {
+	if err := d.cmd.Process.Signal(syscall.SIGINT); err != nil {
+		return err
+	}
+	<-d.copied
+	return d.cmd.Wait()
+}
+
+// kill ends the demo at once.
+func (d *demoRun) kill() {
+	_ = d.cmd.Process.Kill()
+	<-d.copied
+	_ = d.cmd.Wait()
+}
+
+// The demo as a user runs it: started, serving orders, then Ctrl-C
+// (SIGINT) stops everything it started, and no order failed.
+func TestDemoRunsAndStopsCleanly(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	d := startDemo(ctx, t)
 	select {
-	case <-placed:
+	case <-d.placed:
 	case <-time.After(3 * time.Minute):
-		_ = cmd.Process.Kill()
-		<-copied
-		_ = cmd.Wait()
-		t.Fatalf("the demo placed no orders in 3 minutes:\n%s", output())
+		d.kill()
+		t.Fatalf("the demo placed no orders in 3 minutes:\n%s", d.output())
 	}
-	if running := processesUnder(dir); len(running) < 9 { // registry, db, 2+2+3 services, gateway
+	if running := processesUnder(d.dir); len(running) < 9 { // registry, db, 2+2+3 services, gateway
 		t.Errorf("while the demo runs, %d processes are seen under its directory, want ≥ 9: %v", len(running), running)
 	}
 	// Faults typed into the live view, each answered in it; none of these
@@ -96,28 +135,22 @@ func TestDemoRunsAndStopsCleanly(t *testing.T) {
 		{"", "applied by 4 of 4 orders instances"},
 	} {
 		if step.command != "" {
-			if _, err := io.WriteString(stdin, step.command+"\n"); err != nil {
-				t.Fatal(err)
-			}
+			d.send(t, step.command)
 		}
 		testutil.Eventually(t, 2*time.Minute, fmt.Sprintf("%q answered in the view with %q", step.command, step.answer), func() bool {
-			return strings.Contains(output(), step.answer)
+			return strings.Contains(d.output(), step.answer)
 		})
 	}
-	if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
-		t.Fatal(err)
+	if err := d.interrupt(); err != nil {
+		t.Fatalf("demo exited with %v:\n%s", err, d.output())
 	}
-	<-copied
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("demo exited with %v:\n%s", err, output())
-	}
-	got := output()
+	got := d.output()
 	for _, want := range []string{`orders +[34] instance\(s\)`, `gateway → orders: \d endpoints`, `inventory +2 instance\(s\)`, `demo: [1-9]\d* orders placed, 0 failed`, `demo: stopped`} {
 		if !regexp.MustCompile(want).MatchString(got) {
 			t.Errorf("demo output lacks %s:\n%s", want, got)
 		}
 	}
-	if left := processesUnder(dir); len(left) > 0 {
+	if left := processesUnder(d.dir); len(left) > 0 {
 		t.Errorf("processes left running after the demo stopped: %v", left)
 	}
 }

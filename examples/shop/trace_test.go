@@ -1,14 +1,8 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	"io"
-	"os/exec"
-	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -25,47 +19,13 @@ func TestDemoTracesAnOrderAcrossServices(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	rcv := testutil.NewOTLPReceiver(t)
-	bin := filepath.Join(t.TempDir(), "shop")
-	if out, err := exec.CommandContext(ctx, "go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	cmd := exec.CommandContext(ctx, bin, "demo", "--dir", t.TempDir(), "--http", testutil.FreeAddr(t), "--rate", "20", "--plain", "--otlp", rcv.Addr)
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = cmd.Stdout
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var out strings.Builder
-	copied := make(chan struct{})
-	go func() { // owned: ends when the demo closes its output
-		defer close(copied)
-		sc := bufio.NewScanner(stdout)
-		for sc.Scan() {
-			mu.Lock()
-			out.WriteString(sc.Text() + "\n")
-			mu.Unlock()
-		}
-		_, _ = io.Copy(io.Discard, stdout)
-	}()
+	d := startDemo(ctx, t, "--otlp", rcv.Addr)
 	stopped := false
-	stop := func() {
-		if stopped {
-			return
+	defer func() {
+		if !stopped {
+			d.kill()
 		}
-		stopped = true
-		_ = cmd.Process.Signal(syscall.SIGINT)
-		<-copied
-		_ = cmd.Wait()
-	}
-	defer stop()
+	}()
 
 	// One trace with every service's spans, beacon's among them.
 	testutil.Eventually(t, 3*time.Minute, "an order traced through every service", func() bool {
@@ -89,9 +49,7 @@ func TestDemoTracesAnOrderAcrossServices(t *testing.T) {
 		return false
 	})
 	// A slowed orders instance: the gateway's hedges answer for it.
-	if _, err := io.WriteString(stdin, "slow 1\n"); err != nil {
-		t.Fatal(err)
-	}
+	d.send(t, "slow 1")
 	testutil.Eventually(t, 2*time.Minute, "a hedged attempt from the gateway", func() bool {
 		for _, s := range rcv.Spans() {
 			if h := testutil.Attr(s.Span, string(tracing.AttrHedge)); s.Service == "gateway" && s.GetName() == tracing.SpanAttempt &&
@@ -101,10 +59,8 @@ func TestDemoTracesAnOrderAcrossServices(t *testing.T) {
 		}
 		return false
 	})
-	stop()
-	mu.Lock()
-	defer mu.Unlock()
-	if !strings.Contains(out.String(), "demo: stopped") {
-		t.Errorf("the demo did not stop cleanly:\n%s", out.String())
+	stopped = true
+	if err := d.interrupt(); err != nil || !strings.Contains(d.output(), "demo: stopped") {
+		t.Errorf("the demo did not stop cleanly (%v):\n%s", err, d.output())
 	}
 }
