@@ -484,7 +484,7 @@ func TestProxyHedgeWinnerStreamsWholeBody(t *testing.T) {
 		}
 	})
 	addr := testutil.FreeAddr(t)
-	_, base, _ := e.startProxy(fmt.Sprintf("listeners: [{name: edge, addr: %q}]\nroutes: [{name: web, service: web, hedge: {delay: 20ms}, outlier: {consecutiveFailures: -1}}]\n", addr))
+	_, base, _ := e.startProxy(fmt.Sprintf("listeners: [{name: edge, addr: %q}]\nroutes: [{name: web, service: web, hedge: {delay: 200ms}, outlier: {consecutiveFailures: -1}}]\n", addr))
 	hc := &http.Client{Timeout: 30 * time.Second}
 	defer hc.CloseIdleConnections()
 	waitServing(t, hc, base+"/", nil, "part0;part1;part2;part3;part4;")

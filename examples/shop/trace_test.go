@@ -16,7 +16,7 @@ import (
 // beacon's call and attempt spans at each hop; a slowed orders instance
 // makes the gateway hedge, and the hedge is in the trace.
 func TestDemoTracesAnOrderAcrossServices(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	rcv := testutil.NewOTLPReceiver(t)
 	d := startDemo(ctx, t, "--otlp", rcv.Addr)
@@ -27,6 +27,13 @@ func TestDemoTracesAnOrderAcrossServices(t *testing.T) {
 		}
 	}()
 
+	// The demo builds and starts a dozen processes first: slow on a busy
+	// machine.
+	select {
+	case <-d.placed:
+	case <-time.After(4 * time.Minute): // liveness, not latency
+		t.Fatalf("the demo placed no orders in 4 minutes:\n%s", d.output())
+	}
 	// One trace with every service's spans, beacon's among them.
 	testutil.Eventually(t, 3*time.Minute, "an order traced through every service", func() bool {
 		byTrace := map[string]map[string]bool{}
