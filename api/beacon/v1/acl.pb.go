@@ -1602,6 +1602,176 @@ func (x *WhoAmIResponse) GetAclEnabled() bool {
 	return false
 }
 
+// One question of Authorize: may the caller's token read or write this?
+type AuthorizeCheck struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// service, key, session, operator or acl.
+	Resource string `protobuf:"bytes,1,opt,name=resource,proto3" json:"resource,omitempty"`
+	// For service and key: the namespace (default "default") and the
+	// service name or key.
+	Namespace string `protobuf:"bytes,2,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Name      string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	// read or write.
+	Access        string `protobuf:"bytes,4,opt,name=access,proto3" json:"access,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthorizeCheck) Reset() {
+	*x = AuthorizeCheck{}
+	mi := &file_beacon_v1_acl_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthorizeCheck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthorizeCheck) ProtoMessage() {}
+
+func (x *AuthorizeCheck) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_acl_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthorizeCheck.ProtoReflect.Descriptor instead.
+func (*AuthorizeCheck) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_acl_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *AuthorizeCheck) GetResource() string {
+	if x != nil {
+		return x.Resource
+	}
+	return ""
+}
+
+func (x *AuthorizeCheck) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *AuthorizeCheck) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AuthorizeCheck) GetAccess() string {
+	if x != nil {
+		return x.Access
+	}
+	return ""
+}
+
+type AuthorizeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Checks        []*AuthorizeCheck      `protobuf:"bytes,1,rep,name=checks,proto3" json:"checks,omitempty"` // at most 64
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthorizeRequest) Reset() {
+	*x = AuthorizeRequest{}
+	mi := &file_beacon_v1_acl_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthorizeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthorizeRequest) ProtoMessage() {}
+
+func (x *AuthorizeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_acl_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthorizeRequest.ProtoReflect.Descriptor instead.
+func (*AuthorizeRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_acl_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *AuthorizeRequest) GetChecks() []*AuthorizeCheck {
+	if x != nil {
+		return x.Checks
+	}
+	return nil
+}
+
+type AuthorizeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One answer per check, in order.
+	Allowed       []bool `protobuf:"varint,1,rep,packed,name=allowed,proto3" json:"allowed,omitempty"`
+	AclEnabled    bool   `protobuf:"varint,2,opt,name=acl_enabled,json=aclEnabled,proto3" json:"acl_enabled,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthorizeResponse) Reset() {
+	*x = AuthorizeResponse{}
+	mi := &file_beacon_v1_acl_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthorizeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthorizeResponse) ProtoMessage() {}
+
+func (x *AuthorizeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_acl_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthorizeResponse.ProtoReflect.Descriptor instead.
+func (*AuthorizeResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_acl_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *AuthorizeResponse) GetAllowed() []bool {
+	if x != nil {
+		return x.Allowed
+	}
+	return nil
+}
+
+func (x *AuthorizeResponse) GetAclEnabled() bool {
+	if x != nil {
+		return x.AclEnabled
+	}
+	return false
+}
+
 var File_beacon_v1_acl_proto protoreflect.FileDescriptor
 
 const file_beacon_v1_acl_proto_rawDesc = "" +
@@ -1689,7 +1859,18 @@ const file_beacon_v1_acl_proto_rawDesc = "" +
 	"\n" +
 	"session_id\x18\x03 \x01(\x03R\tsessionId\x12\x1f\n" +
 	"\vacl_enabled\x18\x04 \x01(\bR\n" +
-	"aclEnabled2\x82\t\n" +
+	"aclEnabled\"v\n" +
+	"\x0eAuthorizeCheck\x12\x1a\n" +
+	"\bresource\x18\x01 \x01(\tR\bresource\x12\x1c\n" +
+	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12\x16\n" +
+	"\x06access\x18\x04 \x01(\tR\x06access\"E\n" +
+	"\x10AuthorizeRequest\x121\n" +
+	"\x06checks\x18\x01 \x03(\v2\x19.beacon.v1.AuthorizeCheckR\x06checks\"N\n" +
+	"\x11AuthorizeResponse\x12\x18\n" +
+	"\aallowed\x18\x01 \x03(\bR\aallowed\x12\x1f\n" +
+	"\vacl_enabled\x18\x02 \x01(\bR\n" +
+	"aclEnabled2\xcf\t\n" +
 	"\n" +
 	"AclService\x12F\n" +
 	"\tBootstrap\x12\x1b.beacon.v1.BootstrapRequest\x1a\x1c.beacon.v1.BootstrapResponse\x12L\n" +
@@ -1708,7 +1889,8 @@ const file_beacon_v1_acl_proto_rawDesc = "" +
 	"\bReadRole\x12\x1a.beacon.v1.ReadRoleRequest\x1a\x1b.beacon.v1.ReadRoleResponse\"\x03\x90\x02\x01\x12K\n" +
 	"\tListRoles\x12\x1b.beacon.v1.ListRolesRequest\x1a\x1c.beacon.v1.ListRolesResponse\"\x03\x90\x02\x01\x12I\n" +
 	"\n" +
-	"DeleteRole\x12\x1c.beacon.v1.DeleteRoleRequest\x1a\x1d.beacon.v1.DeleteRoleResponse\x12B\n" +
+	"DeleteRole\x12\x1c.beacon.v1.DeleteRoleRequest\x1a\x1d.beacon.v1.DeleteRoleResponse\x12K\n" +
+	"\tAuthorize\x12\x1b.beacon.v1.AuthorizeRequest\x1a\x1c.beacon.v1.AuthorizeResponse\"\x03\x90\x02\x01\x12B\n" +
 	"\x06WhoAmI\x12\x18.beacon.v1.WhoAmIRequest\x1a\x19.beacon.v1.WhoAmIResponse\"\x03\x90\x02\x01B*Z(beacon.dev/beacon/api/beacon/v1;beaconv1b\x06proto3"
 
 var (
@@ -1723,7 +1905,7 @@ func file_beacon_v1_acl_proto_rawDescGZIP() []byte {
 	return file_beacon_v1_acl_proto_rawDescData
 }
 
-var file_beacon_v1_acl_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_beacon_v1_acl_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_beacon_v1_acl_proto_goTypes = []any{
 	(*AclServiceIdentity)(nil),    // 0: beacon.v1.AclServiceIdentity
 	(*AclToken)(nil),              // 1: beacon.v1.AclToken
@@ -1759,17 +1941,20 @@ var file_beacon_v1_acl_proto_goTypes = []any{
 	(*DeleteRoleResponse)(nil),    // 31: beacon.v1.DeleteRoleResponse
 	(*WhoAmIRequest)(nil),         // 32: beacon.v1.WhoAmIRequest
 	(*WhoAmIResponse)(nil),        // 33: beacon.v1.WhoAmIResponse
-	(*timestamppb.Timestamp)(nil), // 34: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 35: google.protobuf.Duration
+	(*AuthorizeCheck)(nil),        // 34: beacon.v1.AuthorizeCheck
+	(*AuthorizeRequest)(nil),      // 35: beacon.v1.AuthorizeRequest
+	(*AuthorizeResponse)(nil),     // 36: beacon.v1.AuthorizeResponse
+	(*timestamppb.Timestamp)(nil), // 37: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 38: google.protobuf.Duration
 }
 var file_beacon_v1_acl_proto_depIdxs = []int32{
 	0,  // 0: beacon.v1.AclToken.service_identities:type_name -> beacon.v1.AclServiceIdentity
-	34, // 1: beacon.v1.AclToken.created_at:type_name -> google.protobuf.Timestamp
-	34, // 2: beacon.v1.AclToken.expires_at:type_name -> google.protobuf.Timestamp
+	37, // 1: beacon.v1.AclToken.created_at:type_name -> google.protobuf.Timestamp
+	37, // 2: beacon.v1.AclToken.expires_at:type_name -> google.protobuf.Timestamp
 	0,  // 3: beacon.v1.AclRole.service_identities:type_name -> beacon.v1.AclServiceIdentity
 	1,  // 4: beacon.v1.BootstrapResponse.token:type_name -> beacon.v1.AclToken
 	1,  // 5: beacon.v1.CreateTokenRequest.token:type_name -> beacon.v1.AclToken
-	35, // 6: beacon.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	38, // 6: beacon.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
 	1,  // 7: beacon.v1.CreateTokenResponse.token:type_name -> beacon.v1.AclToken
 	1,  // 8: beacon.v1.UpdateTokenRequest.token:type_name -> beacon.v1.AclToken
 	1,  // 9: beacon.v1.UpdateTokenResponse.token:type_name -> beacon.v1.AclToken
@@ -1782,41 +1967,44 @@ var file_beacon_v1_acl_proto_depIdxs = []int32{
 	3,  // 16: beacon.v1.ReadRoleResponse.role:type_name -> beacon.v1.AclRole
 	3,  // 17: beacon.v1.ListRolesResponse.roles:type_name -> beacon.v1.AclRole
 	1,  // 18: beacon.v1.WhoAmIResponse.token:type_name -> beacon.v1.AclToken
-	4,  // 19: beacon.v1.AclService.Bootstrap:input_type -> beacon.v1.BootstrapRequest
-	6,  // 20: beacon.v1.AclService.CreateToken:input_type -> beacon.v1.CreateTokenRequest
-	8,  // 21: beacon.v1.AclService.UpdateToken:input_type -> beacon.v1.UpdateTokenRequest
-	10, // 22: beacon.v1.AclService.ReadToken:input_type -> beacon.v1.ReadTokenRequest
-	12, // 23: beacon.v1.AclService.ListTokens:input_type -> beacon.v1.ListTokensRequest
-	14, // 24: beacon.v1.AclService.DeleteToken:input_type -> beacon.v1.DeleteTokenRequest
-	16, // 25: beacon.v1.AclService.PutPolicy:input_type -> beacon.v1.PutPolicyRequest
-	18, // 26: beacon.v1.AclService.ReadPolicy:input_type -> beacon.v1.ReadPolicyRequest
-	20, // 27: beacon.v1.AclService.ListPolicies:input_type -> beacon.v1.ListPoliciesRequest
-	22, // 28: beacon.v1.AclService.DeletePolicy:input_type -> beacon.v1.DeletePolicyRequest
-	24, // 29: beacon.v1.AclService.PutRole:input_type -> beacon.v1.PutRoleRequest
-	26, // 30: beacon.v1.AclService.ReadRole:input_type -> beacon.v1.ReadRoleRequest
-	28, // 31: beacon.v1.AclService.ListRoles:input_type -> beacon.v1.ListRolesRequest
-	30, // 32: beacon.v1.AclService.DeleteRole:input_type -> beacon.v1.DeleteRoleRequest
-	32, // 33: beacon.v1.AclService.WhoAmI:input_type -> beacon.v1.WhoAmIRequest
-	5,  // 34: beacon.v1.AclService.Bootstrap:output_type -> beacon.v1.BootstrapResponse
-	7,  // 35: beacon.v1.AclService.CreateToken:output_type -> beacon.v1.CreateTokenResponse
-	9,  // 36: beacon.v1.AclService.UpdateToken:output_type -> beacon.v1.UpdateTokenResponse
-	11, // 37: beacon.v1.AclService.ReadToken:output_type -> beacon.v1.ReadTokenResponse
-	13, // 38: beacon.v1.AclService.ListTokens:output_type -> beacon.v1.ListTokensResponse
-	15, // 39: beacon.v1.AclService.DeleteToken:output_type -> beacon.v1.DeleteTokenResponse
-	17, // 40: beacon.v1.AclService.PutPolicy:output_type -> beacon.v1.PutPolicyResponse
-	19, // 41: beacon.v1.AclService.ReadPolicy:output_type -> beacon.v1.ReadPolicyResponse
-	21, // 42: beacon.v1.AclService.ListPolicies:output_type -> beacon.v1.ListPoliciesResponse
-	23, // 43: beacon.v1.AclService.DeletePolicy:output_type -> beacon.v1.DeletePolicyResponse
-	25, // 44: beacon.v1.AclService.PutRole:output_type -> beacon.v1.PutRoleResponse
-	27, // 45: beacon.v1.AclService.ReadRole:output_type -> beacon.v1.ReadRoleResponse
-	29, // 46: beacon.v1.AclService.ListRoles:output_type -> beacon.v1.ListRolesResponse
-	31, // 47: beacon.v1.AclService.DeleteRole:output_type -> beacon.v1.DeleteRoleResponse
-	33, // 48: beacon.v1.AclService.WhoAmI:output_type -> beacon.v1.WhoAmIResponse
-	34, // [34:49] is the sub-list for method output_type
-	19, // [19:34] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	34, // 19: beacon.v1.AuthorizeRequest.checks:type_name -> beacon.v1.AuthorizeCheck
+	4,  // 20: beacon.v1.AclService.Bootstrap:input_type -> beacon.v1.BootstrapRequest
+	6,  // 21: beacon.v1.AclService.CreateToken:input_type -> beacon.v1.CreateTokenRequest
+	8,  // 22: beacon.v1.AclService.UpdateToken:input_type -> beacon.v1.UpdateTokenRequest
+	10, // 23: beacon.v1.AclService.ReadToken:input_type -> beacon.v1.ReadTokenRequest
+	12, // 24: beacon.v1.AclService.ListTokens:input_type -> beacon.v1.ListTokensRequest
+	14, // 25: beacon.v1.AclService.DeleteToken:input_type -> beacon.v1.DeleteTokenRequest
+	16, // 26: beacon.v1.AclService.PutPolicy:input_type -> beacon.v1.PutPolicyRequest
+	18, // 27: beacon.v1.AclService.ReadPolicy:input_type -> beacon.v1.ReadPolicyRequest
+	20, // 28: beacon.v1.AclService.ListPolicies:input_type -> beacon.v1.ListPoliciesRequest
+	22, // 29: beacon.v1.AclService.DeletePolicy:input_type -> beacon.v1.DeletePolicyRequest
+	24, // 30: beacon.v1.AclService.PutRole:input_type -> beacon.v1.PutRoleRequest
+	26, // 31: beacon.v1.AclService.ReadRole:input_type -> beacon.v1.ReadRoleRequest
+	28, // 32: beacon.v1.AclService.ListRoles:input_type -> beacon.v1.ListRolesRequest
+	30, // 33: beacon.v1.AclService.DeleteRole:input_type -> beacon.v1.DeleteRoleRequest
+	35, // 34: beacon.v1.AclService.Authorize:input_type -> beacon.v1.AuthorizeRequest
+	32, // 35: beacon.v1.AclService.WhoAmI:input_type -> beacon.v1.WhoAmIRequest
+	5,  // 36: beacon.v1.AclService.Bootstrap:output_type -> beacon.v1.BootstrapResponse
+	7,  // 37: beacon.v1.AclService.CreateToken:output_type -> beacon.v1.CreateTokenResponse
+	9,  // 38: beacon.v1.AclService.UpdateToken:output_type -> beacon.v1.UpdateTokenResponse
+	11, // 39: beacon.v1.AclService.ReadToken:output_type -> beacon.v1.ReadTokenResponse
+	13, // 40: beacon.v1.AclService.ListTokens:output_type -> beacon.v1.ListTokensResponse
+	15, // 41: beacon.v1.AclService.DeleteToken:output_type -> beacon.v1.DeleteTokenResponse
+	17, // 42: beacon.v1.AclService.PutPolicy:output_type -> beacon.v1.PutPolicyResponse
+	19, // 43: beacon.v1.AclService.ReadPolicy:output_type -> beacon.v1.ReadPolicyResponse
+	21, // 44: beacon.v1.AclService.ListPolicies:output_type -> beacon.v1.ListPoliciesResponse
+	23, // 45: beacon.v1.AclService.DeletePolicy:output_type -> beacon.v1.DeletePolicyResponse
+	25, // 46: beacon.v1.AclService.PutRole:output_type -> beacon.v1.PutRoleResponse
+	27, // 47: beacon.v1.AclService.ReadRole:output_type -> beacon.v1.ReadRoleResponse
+	29, // 48: beacon.v1.AclService.ListRoles:output_type -> beacon.v1.ListRolesResponse
+	31, // 49: beacon.v1.AclService.DeleteRole:output_type -> beacon.v1.DeleteRoleResponse
+	36, // 50: beacon.v1.AclService.Authorize:output_type -> beacon.v1.AuthorizeResponse
+	33, // 51: beacon.v1.AclService.WhoAmI:output_type -> beacon.v1.WhoAmIResponse
+	36, // [36:52] is the sub-list for method output_type
+	20, // [20:36] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_beacon_v1_acl_proto_init() }
@@ -1830,7 +2018,7 @@ func file_beacon_v1_acl_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_beacon_v1_acl_proto_rawDesc), len(file_beacon_v1_acl_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   34,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -1862,11 +1862,15 @@ func (x *ListServicesRequest) GetNamespace() string {
 }
 
 type ServiceSummary struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Instances     int32                  `protobuf:"varint,2,opt,name=instances,proto3" json:"instances,omitempty"`
-	Routable      int32                  `protobuf:"varint,3,opt,name=routable,proto3" json:"routable,omitempty"`
-	Revision      int64                  `protobuf:"varint,4,opt,name=revision,proto3" json:"revision,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Name      string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Instances int32                  `protobuf:"varint,2,opt,name=instances,proto3" json:"instances,omitempty"`
+	Routable  int32                  `protobuf:"varint,3,opt,name=routable,proto3" json:"routable,omitempty"`
+	Revision  int64                  `protobuf:"varint,4,opt,name=revision,proto3" json:"revision,omitempty"`
+	// Protection engaged (see ListInstancesResponse.protected).
+	Protected bool `protobuf:"varint,5,opt,name=protected,proto3" json:"protected,omitempty"`
+	// Instances kept by the mass-expiry guard (Instance.suspect).
+	Suspect       int32 `protobuf:"varint,6,opt,name=suspect,proto3" json:"suspect,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1925,6 +1929,20 @@ func (x *ServiceSummary) GetRoutable() int32 {
 func (x *ServiceSummary) GetRevision() int64 {
 	if x != nil {
 		return x.Revision
+	}
+	return 0
+}
+
+func (x *ServiceSummary) GetProtected() bool {
+	if x != nil {
+		return x.Protected
+	}
+	return false
+}
+
+func (x *ServiceSummary) GetSuspect() int32 {
+	if x != nil {
+		return x.Suspect
 	}
 	return 0
 }
@@ -3243,6 +3261,953 @@ func (x *AwaitWatchersResponse) GetComplete() bool {
 	return false
 }
 
+type ListNamespacesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListNamespacesRequest) Reset() {
+	*x = ListNamespacesRequest{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListNamespacesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListNamespacesRequest) ProtoMessage() {}
+
+func (x *ListNamespacesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListNamespacesRequest.ProtoReflect.Descriptor instead.
+func (*ListNamespacesRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{44}
+}
+
+type NamespaceSummary struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Of the services the token may read.
+	Services      int32 `protobuf:"varint,2,opt,name=services,proto3" json:"services,omitempty"`
+	Instances     int32 `protobuf:"varint,3,opt,name=instances,proto3" json:"instances,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NamespaceSummary) Reset() {
+	*x = NamespaceSummary{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NamespaceSummary) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NamespaceSummary) ProtoMessage() {}
+
+func (x *NamespaceSummary) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NamespaceSummary.ProtoReflect.Descriptor instead.
+func (*NamespaceSummary) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *NamespaceSummary) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *NamespaceSummary) GetServices() int32 {
+	if x != nil {
+		return x.Services
+	}
+	return 0
+}
+
+func (x *NamespaceSummary) GetInstances() int32 {
+	if x != nil {
+		return x.Instances
+	}
+	return 0
+}
+
+type ListNamespacesResponse struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Namespaces []*NamespaceSummary    `protobuf:"bytes,1,rep,name=namespaces,proto3" json:"namespaces,omitempty"`
+	// With ACLs on: namespaces with no service the token may read were
+	// left out.
+	ResultsFiltered bool `protobuf:"varint,2,opt,name=results_filtered,json=resultsFiltered,proto3" json:"results_filtered,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ListNamespacesResponse) Reset() {
+	*x = ListNamespacesResponse{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListNamespacesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListNamespacesResponse) ProtoMessage() {}
+
+func (x *ListNamespacesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListNamespacesResponse.ProtoReflect.Descriptor instead.
+func (*ListNamespacesResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *ListNamespacesResponse) GetNamespaces() []*NamespaceSummary {
+	if x != nil {
+		return x.Namespaces
+	}
+	return nil
+}
+
+func (x *ListNamespacesResponse) GetResultsFiltered() bool {
+	if x != nil {
+		return x.ResultsFiltered
+	}
+	return false
+}
+
+type ListSessionsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// At most this many sessions (default and at most 1000), in id order
+	// after `after`.
+	Limit         int32 `protobuf:"varint,1,opt,name=limit,proto3" json:"limit,omitempty"`
+	After         int64 `protobuf:"varint,2,opt,name=after,proto3" json:"after,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSessionsRequest) Reset() {
+	*x = ListSessionsRequest{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSessionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSessionsRequest) ProtoMessage() {}
+
+func (x *ListSessionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSessionsRequest.ProtoReflect.Descriptor instead.
+func (*ListSessionsRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{47}
+}
+
+func (x *ListSessionsRequest) GetLimit() int32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+func (x *ListSessionsRequest) GetAfter() int64 {
+	if x != nil {
+		return x.After
+	}
+	return 0
+}
+
+type SessionInfo struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Id      int64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Name    string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Ttl     *durationpb.Duration   `protobuf:"bytes,3,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	Created *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=created,proto3" json:"created,omitempty"`
+	// Instances the session owns, in every namespace.
+	Instances     int32 `protobuf:"varint,5,opt,name=instances,proto3" json:"instances,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SessionInfo) Reset() {
+	*x = SessionInfo{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[48]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SessionInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SessionInfo) ProtoMessage() {}
+
+func (x *SessionInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[48]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SessionInfo.ProtoReflect.Descriptor instead.
+func (*SessionInfo) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{48}
+}
+
+func (x *SessionInfo) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *SessionInfo) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *SessionInfo) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+func (x *SessionInfo) GetCreated() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Created
+	}
+	return nil
+}
+
+func (x *SessionInfo) GetInstances() int32 {
+	if x != nil {
+		return x.Instances
+	}
+	return 0
+}
+
+type ListSessionsResponse struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Sessions []*SessionInfo         `protobuf:"bytes,1,rep,name=sessions,proto3" json:"sessions,omitempty"`
+	// More sessions follow the last one listed.
+	More          bool `protobuf:"varint,2,opt,name=more,proto3" json:"more,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSessionsResponse) Reset() {
+	*x = ListSessionsResponse{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[49]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSessionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSessionsResponse) ProtoMessage() {}
+
+func (x *ListSessionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[49]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSessionsResponse.ProtoReflect.Descriptor instead.
+func (*ListSessionsResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{49}
+}
+
+func (x *ListSessionsResponse) GetSessions() []*SessionInfo {
+	if x != nil {
+		return x.Sessions
+	}
+	return nil
+}
+
+func (x *ListSessionsResponse) GetMore() bool {
+	if x != nil {
+		return x.More
+	}
+	return false
+}
+
+type ExplainInstanceRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Service       string                 `protobuf:"bytes,2,opt,name=service,proto3" json:"service,omitempty"`
+	Id            string                 `protobuf:"bytes,3,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExplainInstanceRequest) Reset() {
+	*x = ExplainInstanceRequest{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainInstanceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainInstanceRequest) ProtoMessage() {}
+
+func (x *ExplainInstanceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainInstanceRequest.ProtoReflect.Descriptor instead.
+func (*ExplainInstanceRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{50}
+}
+
+func (x *ExplainInstanceRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *ExplainInstanceRequest) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *ExplainInstanceRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// One rule of the routability decision and what it says of the instance.
+type ExplainReason struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// status, health, check, protection, mass_expiry, tier, session,
+	// acknowledged, registered
+	Rule string `protobuf:"bytes,1,opt,name=rule,proto3" json:"rule,omitempty"`
+	// Whether the rule keeps traffic away from the instance.
+	Excludes      bool   `protobuf:"varint,2,opt,name=excludes,proto3" json:"excludes,omitempty"`
+	Detail        string `protobuf:"bytes,3,opt,name=detail,proto3" json:"detail,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExplainReason) Reset() {
+	*x = ExplainReason{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainReason) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainReason) ProtoMessage() {}
+
+func (x *ExplainReason) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainReason.ProtoReflect.Descriptor instead.
+func (*ExplainReason) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *ExplainReason) GetRule() string {
+	if x != nil {
+		return x.Rule
+	}
+	return ""
+}
+
+func (x *ExplainReason) GetExcludes() bool {
+	if x != nil {
+		return x.Excludes
+	}
+	return false
+}
+
+func (x *ExplainReason) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
+type ExplainInstanceResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The instance as the registry holds it; unset when it is not registered.
+	Instance *Instance `protobuf:"bytes,1,opt,name=instance,proto3" json:"instance,omitempty"`
+	// Callers that follow the registry send it traffic (the verdict).
+	GetsTraffic bool `protobuf:"varint,2,opt,name=gets_traffic,json=getsTraffic,proto3" json:"gets_traffic,omitempty"`
+	// Every rule that bears on the verdict, the excluding ones first.
+	Reasons []*ExplainReason `protobuf:"bytes,3,rep,name=reasons,proto3" json:"reasons,omitempty"`
+	// The service's revision the answer was computed on.
+	Revision      int64 `protobuf:"varint,4,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExplainInstanceResponse) Reset() {
+	*x = ExplainInstanceResponse{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[52]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainInstanceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainInstanceResponse) ProtoMessage() {}
+
+func (x *ExplainInstanceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[52]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainInstanceResponse.ProtoReflect.Descriptor instead.
+func (*ExplainInstanceResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{52}
+}
+
+func (x *ExplainInstanceResponse) GetInstance() *Instance {
+	if x != nil {
+		return x.Instance
+	}
+	return nil
+}
+
+func (x *ExplainInstanceResponse) GetGetsTraffic() bool {
+	if x != nil {
+		return x.GetsTraffic
+	}
+	return false
+}
+
+func (x *ExplainInstanceResponse) GetReasons() []*ExplainReason {
+	if x != nil {
+		return x.Reasons
+	}
+	return nil
+}
+
+func (x *ExplainInstanceResponse) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+type ServicePropagationRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Service       string                 `protobuf:"bytes,2,opt,name=service,proto3" json:"service,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ServicePropagationRequest) Reset() {
+	*x = ServicePropagationRequest{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[53]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServicePropagationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServicePropagationRequest) ProtoMessage() {}
+
+func (x *ServicePropagationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[53]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServicePropagationRequest.ProtoReflect.Descriptor instead.
+func (*ServicePropagationRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{53}
+}
+
+func (x *ServicePropagationRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *ServicePropagationRequest) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+// How one revision of a service reached the acknowledging watchers on
+// this server.
+type RevisionPropagation struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Revision int64                  `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	// When this server published it to its watch streams.
+	Published *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=published,proto3" json:"published,omitempty"`
+	// Acknowledging watchers of the service when it was published.
+	Watchers int32 `protobuf:"varint,3,opt,name=watchers,proto3" json:"watchers,omitempty"`
+	// Of those, how many applied it, and when the last of them said so.
+	Acknowledged int32                  `protobuf:"varint,4,opt,name=acknowledged,proto3" json:"acknowledged,omitempty"`
+	LastAck      *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=last_ack,json=lastAck,proto3" json:"last_ack,omitempty"`
+	// Of those, how many disconnected before acknowledging.
+	Gone          int32 `protobuf:"varint,6,opt,name=gone,proto3" json:"gone,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevisionPropagation) Reset() {
+	*x = RevisionPropagation{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[54]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevisionPropagation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevisionPropagation) ProtoMessage() {}
+
+func (x *RevisionPropagation) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[54]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevisionPropagation.ProtoReflect.Descriptor instead.
+func (*RevisionPropagation) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{54}
+}
+
+func (x *RevisionPropagation) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *RevisionPropagation) GetPublished() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Published
+	}
+	return nil
+}
+
+func (x *RevisionPropagation) GetWatchers() int32 {
+	if x != nil {
+		return x.Watchers
+	}
+	return 0
+}
+
+func (x *RevisionPropagation) GetAcknowledged() int32 {
+	if x != nil {
+		return x.Acknowledged
+	}
+	return 0
+}
+
+func (x *RevisionPropagation) GetLastAck() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastAck
+	}
+	return nil
+}
+
+func (x *RevisionPropagation) GetGone() int32 {
+	if x != nil {
+		return x.Gone
+	}
+	return 0
+}
+
+type ServicePropagationResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The service's last changes since tracking began, newest first (at
+	// most 16).
+	Changes []*RevisionPropagation `protobuf:"bytes,1,rep,name=changes,proto3" json:"changes,omitempty"`
+	// Tracking costs watchers one acknowledgement per change: it runs for
+	// a service from a call of ServicePropagation until this time (each
+	// call extends it by 10 minutes).
+	TrackedUntil  *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=tracked_until,json=trackedUntil,proto3" json:"tracked_until,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ServicePropagationResponse) Reset() {
+	*x = ServicePropagationResponse{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServicePropagationResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServicePropagationResponse) ProtoMessage() {}
+
+func (x *ServicePropagationResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServicePropagationResponse.ProtoReflect.Descriptor instead.
+func (*ServicePropagationResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *ServicePropagationResponse) GetChanges() []*RevisionPropagation {
+	if x != nil {
+		return x.Changes
+	}
+	return nil
+}
+
+func (x *ServicePropagationResponse) GetTrackedUntil() *timestamppb.Timestamp {
+	if x != nil {
+		return x.TrackedUntil
+	}
+	return nil
+}
+
+type ClusterStatusRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClusterStatusRequest) Reset() {
+	*x = ClusterStatusRequest{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[56]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClusterStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClusterStatusRequest) ProtoMessage() {}
+
+func (x *ClusterStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[56]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClusterStatusRequest.ProtoReflect.Descriptor instead.
+func (*ClusterStatusRequest) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{56}
+}
+
+type ClusterMember struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// A beacon server: its API address. An etcd member: its client URLs.
+	Addresses []string `protobuf:"bytes,2,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	// For beacon servers: the one answering. For etcd: the leader.
+	Self   bool `protobuf:"varint,3,opt,name=self,proto3" json:"self,omitempty"`
+	Leader bool `protobuf:"varint,4,opt,name=leader,proto3" json:"leader,omitempty"`
+	// etcd members: reachable, with its status and errors when not.
+	Healthy       bool   `protobuf:"varint,5,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	Error         string `protobuf:"bytes,6,opt,name=error,proto3" json:"error,omitempty"`
+	DbSizeBytes   int64  `protobuf:"varint,7,opt,name=db_size_bytes,json=dbSizeBytes,proto3" json:"db_size_bytes,omitempty"`
+	RaftIndex     int64  `protobuf:"varint,8,opt,name=raft_index,json=raftIndex,proto3" json:"raft_index,omitempty"`
+	Version       string `protobuf:"bytes,9,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClusterMember) Reset() {
+	*x = ClusterMember{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[57]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClusterMember) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClusterMember) ProtoMessage() {}
+
+func (x *ClusterMember) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[57]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClusterMember.ProtoReflect.Descriptor instead.
+func (*ClusterMember) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{57}
+}
+
+func (x *ClusterMember) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ClusterMember) GetAddresses() []string {
+	if x != nil {
+		return x.Addresses
+	}
+	return nil
+}
+
+func (x *ClusterMember) GetSelf() bool {
+	if x != nil {
+		return x.Self
+	}
+	return false
+}
+
+func (x *ClusterMember) GetLeader() bool {
+	if x != nil {
+		return x.Leader
+	}
+	return false
+}
+
+func (x *ClusterMember) GetHealthy() bool {
+	if x != nil {
+		return x.Healthy
+	}
+	return false
+}
+
+func (x *ClusterMember) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *ClusterMember) GetDbSizeBytes() int64 {
+	if x != nil {
+		return x.DbSizeBytes
+	}
+	return 0
+}
+
+func (x *ClusterMember) GetRaftIndex() int64 {
+	if x != nil {
+		return x.RaftIndex
+	}
+	return 0
+}
+
+func (x *ClusterMember) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+type ClusterStatusResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Live beacon servers on this etcd.
+	Servers  []*ClusterMember `protobuf:"bytes,1,rep,name=servers,proto3" json:"servers,omitempty"`
+	Etcd     []*ClusterMember `protobuf:"bytes,2,rep,name=etcd,proto3" json:"etcd,omitempty"`
+	Revision int64            `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
+	// Raised etcd alarms (NOSPACE, CORRUPT), empty when none.
+	Alarms        []string `protobuf:"bytes,4,rep,name=alarms,proto3" json:"alarms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClusterStatusResponse) Reset() {
+	*x = ClusterStatusResponse{}
+	mi := &file_beacon_v1_registry_proto_msgTypes[58]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClusterStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClusterStatusResponse) ProtoMessage() {}
+
+func (x *ClusterStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_beacon_v1_registry_proto_msgTypes[58]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClusterStatusResponse.ProtoReflect.Descriptor instead.
+func (*ClusterStatusResponse) Descriptor() ([]byte, []int) {
+	return file_beacon_v1_registry_proto_rawDescGZIP(), []int{58}
+}
+
+func (x *ClusterStatusResponse) GetServers() []*ClusterMember {
+	if x != nil {
+		return x.Servers
+	}
+	return nil
+}
+
+func (x *ClusterStatusResponse) GetEtcd() []*ClusterMember {
+	if x != nil {
+		return x.Etcd
+	}
+	return nil
+}
+
+func (x *ClusterStatusResponse) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *ClusterStatusResponse) GetAlarms() []string {
+	if x != nil {
+		return x.Alarms
+	}
+	return nil
+}
+
 var File_beacon_v1_registry_proto protoreflect.FileDescriptor
 
 const file_beacon_v1_registry_proto_rawDesc = "" +
@@ -3373,12 +4338,14 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\x14protection_threshold\x18\x04 \x01(\x01R\x13protectionThreshold\x12)\n" +
 	"\x10results_filtered\x18\x05 \x01(\bR\x0fresultsFiltered\"3\n" +
 	"\x13ListServicesRequest\x12\x1c\n" +
-	"\tnamespace\x18\x01 \x01(\tR\tnamespace\"z\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\"\xb2\x01\n" +
 	"\x0eServiceSummary\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tinstances\x18\x02 \x01(\x05R\tinstances\x12\x1a\n" +
 	"\broutable\x18\x03 \x01(\x05R\broutable\x12\x1a\n" +
-	"\brevision\x18\x04 \x01(\x03R\brevision\"\x94\x01\n" +
+	"\brevision\x18\x04 \x01(\x03R\brevision\x12\x1c\n" +
+	"\tprotected\x18\x05 \x01(\bR\tprotected\x12\x18\n" +
+	"\asuspect\x18\x06 \x01(\x05R\asuspect\"\x94\x01\n" +
 	"\x14ListServicesResponse\x125\n" +
 	"\bservices\x18\x01 \x03(\v2\x19.beacon.v1.ServiceSummaryR\bservices\x12\x1a\n" +
 	"\brevision\x18\x02 \x01(\x03R\brevision\x12)\n" +
@@ -3482,7 +4449,72 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\bwatchers\x18\x01 \x01(\x05R\bwatchers\x12\"\n" +
 	"\facknowledged\x18\x02 \x01(\x05R\facknowledged\x12\x12\n" +
 	"\x04gone\x18\x03 \x01(\x05R\x04gone\x12\x1a\n" +
-	"\bcomplete\x18\x04 \x01(\bR\bcomplete*t\n" +
+	"\bcomplete\x18\x04 \x01(\bR\bcomplete\"\x17\n" +
+	"\x15ListNamespacesRequest\"`\n" +
+	"\x10NamespaceSummary\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
+	"\bservices\x18\x02 \x01(\x05R\bservices\x12\x1c\n" +
+	"\tinstances\x18\x03 \x01(\x05R\tinstances\"\x80\x01\n" +
+	"\x16ListNamespacesResponse\x12;\n" +
+	"\n" +
+	"namespaces\x18\x01 \x03(\v2\x1b.beacon.v1.NamespaceSummaryR\n" +
+	"namespaces\x12)\n" +
+	"\x10results_filtered\x18\x02 \x01(\bR\x0fresultsFiltered\"A\n" +
+	"\x13ListSessionsRequest\x12\x14\n" +
+	"\x05limit\x18\x01 \x01(\x05R\x05limit\x12\x14\n" +
+	"\x05after\x18\x02 \x01(\x03R\x05after\"\xb2\x01\n" +
+	"\vSessionInfo\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12+\n" +
+	"\x03ttl\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x124\n" +
+	"\acreated\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\acreated\x12\x1c\n" +
+	"\tinstances\x18\x05 \x01(\x05R\tinstances\"^\n" +
+	"\x14ListSessionsResponse\x122\n" +
+	"\bsessions\x18\x01 \x03(\v2\x16.beacon.v1.SessionInfoR\bsessions\x12\x12\n" +
+	"\x04more\x18\x02 \x01(\bR\x04more\"`\n" +
+	"\x16ExplainInstanceRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
+	"\aservice\x18\x02 \x01(\tR\aservice\x12\x0e\n" +
+	"\x02id\x18\x03 \x01(\tR\x02id\"W\n" +
+	"\rExplainReason\x12\x12\n" +
+	"\x04rule\x18\x01 \x01(\tR\x04rule\x12\x1a\n" +
+	"\bexcludes\x18\x02 \x01(\bR\bexcludes\x12\x16\n" +
+	"\x06detail\x18\x03 \x01(\tR\x06detail\"\xbd\x01\n" +
+	"\x17ExplainInstanceResponse\x12/\n" +
+	"\binstance\x18\x01 \x01(\v2\x13.beacon.v1.InstanceR\binstance\x12!\n" +
+	"\fgets_traffic\x18\x02 \x01(\bR\vgetsTraffic\x122\n" +
+	"\areasons\x18\x03 \x03(\v2\x18.beacon.v1.ExplainReasonR\areasons\x12\x1a\n" +
+	"\brevision\x18\x04 \x01(\x03R\brevision\"S\n" +
+	"\x19ServicePropagationRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
+	"\aservice\x18\x02 \x01(\tR\aservice\"\xf6\x01\n" +
+	"\x13RevisionPropagation\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\x128\n" +
+	"\tpublished\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\tpublished\x12\x1a\n" +
+	"\bwatchers\x18\x03 \x01(\x05R\bwatchers\x12\"\n" +
+	"\facknowledged\x18\x04 \x01(\x05R\facknowledged\x125\n" +
+	"\blast_ack\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\alastAck\x12\x12\n" +
+	"\x04gone\x18\x06 \x01(\x05R\x04gone\"\x97\x01\n" +
+	"\x1aServicePropagationResponse\x128\n" +
+	"\achanges\x18\x01 \x03(\v2\x1e.beacon.v1.RevisionPropagationR\achanges\x12?\n" +
+	"\rtracked_until\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\ftrackedUntil\"\x16\n" +
+	"\x14ClusterStatusRequest\"\xfa\x01\n" +
+	"\rClusterMember\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
+	"\taddresses\x18\x02 \x03(\tR\taddresses\x12\x12\n" +
+	"\x04self\x18\x03 \x01(\bR\x04self\x12\x16\n" +
+	"\x06leader\x18\x04 \x01(\bR\x06leader\x12\x18\n" +
+	"\ahealthy\x18\x05 \x01(\bR\ahealthy\x12\x14\n" +
+	"\x05error\x18\x06 \x01(\tR\x05error\x12\"\n" +
+	"\rdb_size_bytes\x18\a \x01(\x03R\vdbSizeBytes\x12\x1d\n" +
+	"\n" +
+	"raft_index\x18\b \x01(\x03R\traftIndex\x12\x18\n" +
+	"\aversion\x18\t \x01(\tR\aversion\"\xad\x01\n" +
+	"\x15ClusterStatusResponse\x122\n" +
+	"\aservers\x18\x01 \x03(\v2\x18.beacon.v1.ClusterMemberR\aservers\x12,\n" +
+	"\x04etcd\x18\x02 \x03(\v2\x18.beacon.v1.ClusterMemberR\x04etcd\x12\x1a\n" +
+	"\brevision\x18\x03 \x01(\x03R\brevision\x12\x16\n" +
+	"\x06alarms\x18\x04 \x03(\tR\x06alarms*t\n" +
 	"\x06Status\x12\x16\n" +
 	"\x12STATUS_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fSTATUS_STARTING\x10\x01\x12\r\n" +
@@ -3504,8 +4536,7 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"!LOAD_BALANCING_POLICY_UNSPECIFIED\x10\x00\x12%\n" +
 	"!LOAD_BALANCING_POLICY_ROUND_ROBIN\x10\x01\x12'\n" +
 	"#LOAD_BALANCING_POLICY_LEAST_REQUEST\x10\x02\x12#\n" +
-	"\x1fLOAD_BALANCING_POLICY_RING_HASH\x10\x032\xf2\n" +
-	"\n" +
+	"\x1fLOAD_BALANCING_POLICY_RING_HASH\x10\x032\xbf\x0e\n" +
 	"\x0fRegistryService\x12R\n" +
 	"\rCreateSession\x12\x1f.beacon.v1.CreateSessionRequest\x1a .beacon.v1.CreateSessionResponse\x12F\n" +
 	"\tKeepAlive\x12\x1b.beacon.v1.KeepAliveRequest\x1a\x1c.beacon.v1.KeepAliveResponse\x12Q\n" +
@@ -3524,7 +4555,12 @@ const file_beacon_v1_registry_proto_rawDesc = "" +
 	"\fListServices\x12\x1e.beacon.v1.ListServicesRequest\x1a\x1f.beacon.v1.ListServicesResponse\"\x03\x90\x02\x01\x12<\n" +
 	"\x05Watch\x12\x17.beacon.v1.WatchRequest\x1a\x18.beacon.v1.WatchResponse0\x01\x12C\n" +
 	"\bAckWatch\x12\x1a.beacon.v1.AckWatchRequest\x1a\x1b.beacon.v1.AckWatchResponse\x12W\n" +
-	"\rAwaitWatchers\x12\x1f.beacon.v1.AwaitWatchersRequest\x1a .beacon.v1.AwaitWatchersResponse\"\x03\x90\x02\x01B*Z(beacon.dev/beacon/api/beacon/v1;beaconv1b\x06proto3"
+	"\rAwaitWatchers\x12\x1f.beacon.v1.AwaitWatchersRequest\x1a .beacon.v1.AwaitWatchersResponse\"\x03\x90\x02\x01\x12Z\n" +
+	"\x0eListNamespaces\x12 .beacon.v1.ListNamespacesRequest\x1a!.beacon.v1.ListNamespacesResponse\"\x03\x90\x02\x01\x12T\n" +
+	"\fListSessions\x12\x1e.beacon.v1.ListSessionsRequest\x1a\x1f.beacon.v1.ListSessionsResponse\"\x03\x90\x02\x01\x12]\n" +
+	"\x0fExplainInstance\x12!.beacon.v1.ExplainInstanceRequest\x1a\".beacon.v1.ExplainInstanceResponse\"\x03\x90\x02\x01\x12a\n" +
+	"\x12ServicePropagation\x12$.beacon.v1.ServicePropagationRequest\x1a%.beacon.v1.ServicePropagationResponse\x12W\n" +
+	"\rClusterStatus\x12\x1f.beacon.v1.ClusterStatusRequest\x1a .beacon.v1.ClusterStatusResponse\"\x03\x90\x02\x01B*Z(beacon.dev/beacon/api/beacon/v1;beaconv1b\x06proto3"
 
 var (
 	file_beacon_v1_registry_proto_rawDescOnce sync.Once
@@ -3539,81 +4575,96 @@ func file_beacon_v1_registry_proto_rawDescGZIP() []byte {
 }
 
 var file_beacon_v1_registry_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
+var file_beacon_v1_registry_proto_msgTypes = make([]protoimpl.MessageInfo, 64)
 var file_beacon_v1_registry_proto_goTypes = []any{
-	(Status)(0),                      // 0: beacon.v1.Status
-	(Health)(0),                      // 1: beacon.v1.Health
-	(CheckKind)(0),                   // 2: beacon.v1.CheckKind
-	(LoadBalancingPolicy)(0),         // 3: beacon.v1.LoadBalancingPolicy
-	(*Instance)(nil),                 // 4: beacon.v1.Instance
-	(*UpdateCheckRequest)(nil),       // 5: beacon.v1.UpdateCheckRequest
-	(*UpdateCheckResponse)(nil),      // 6: beacon.v1.UpdateCheckResponse
-	(*Check)(nil),                    // 7: beacon.v1.Check
-	(*CreateSessionRequest)(nil),     // 8: beacon.v1.CreateSessionRequest
-	(*CreateSessionResponse)(nil),    // 9: beacon.v1.CreateSessionResponse
-	(*KeepAliveRequest)(nil),         // 10: beacon.v1.KeepAliveRequest
-	(*KeepAliveResponse)(nil),        // 11: beacon.v1.KeepAliveResponse
-	(*KeepAliveBatch)(nil),           // 12: beacon.v1.KeepAliveBatch
-	(*KeepAliveResult)(nil),          // 13: beacon.v1.KeepAliveResult
-	(*KeepAliveBatchResult)(nil),     // 14: beacon.v1.KeepAliveBatchResult
-	(*CloseSessionRequest)(nil),      // 15: beacon.v1.CloseSessionRequest
-	(*CloseSessionResponse)(nil),     // 16: beacon.v1.CloseSessionResponse
-	(*RegisterRequest)(nil),          // 17: beacon.v1.RegisterRequest
-	(*RegisterResponse)(nil),         // 18: beacon.v1.RegisterResponse
-	(*RegisterBatchRequest)(nil),     // 19: beacon.v1.RegisterBatchRequest
-	(*RegisterBatchResponse)(nil),    // 20: beacon.v1.RegisterBatchResponse
-	(*RegisterResult)(nil),           // 21: beacon.v1.RegisterResult
-	(*DeregisterRequest)(nil),        // 22: beacon.v1.DeregisterRequest
-	(*DeregisterResponse)(nil),       // 23: beacon.v1.DeregisterResponse
-	(*SetStatusRequest)(nil),         // 24: beacon.v1.SetStatusRequest
-	(*SetStatusResponse)(nil),        // 25: beacon.v1.SetStatusResponse
-	(*ListInstancesRequest)(nil),     // 26: beacon.v1.ListInstancesRequest
-	(*ListInstancesResponse)(nil),    // 27: beacon.v1.ListInstancesResponse
-	(*ListServicesRequest)(nil),      // 28: beacon.v1.ListServicesRequest
-	(*ServiceSummary)(nil),           // 29: beacon.v1.ServiceSummary
-	(*ListServicesResponse)(nil),     // 30: beacon.v1.ListServicesResponse
-	(*WatchRequest)(nil),             // 31: beacon.v1.WatchRequest
-	(*ServiceSnapshot)(nil),          // 32: beacon.v1.ServiceSnapshot
-	(*SetServiceConfigRequest)(nil),  // 33: beacon.v1.SetServiceConfigRequest
-	(*SetServiceConfigResponse)(nil), // 34: beacon.v1.SetServiceConfigResponse
-	(*SetServicePolicyRequest)(nil),  // 35: beacon.v1.SetServicePolicyRequest
-	(*SetServicePolicyResponse)(nil), // 36: beacon.v1.SetServicePolicyResponse
-	(*GetServiceConfigRequest)(nil),  // 37: beacon.v1.GetServiceConfigRequest
-	(*GetServiceConfigResponse)(nil), // 38: beacon.v1.GetServiceConfigResponse
-	(*ServiceConfig)(nil),            // 39: beacon.v1.ServiceConfig
-	(*LoadBalancing)(nil),            // 40: beacon.v1.LoadBalancing
-	(*RetryPolicy)(nil),              // 41: beacon.v1.RetryPolicy
-	(*OutlierDetection)(nil),         // 42: beacon.v1.OutlierDetection
-	(*WatchResponse)(nil),            // 43: beacon.v1.WatchResponse
-	(*AckWatchRequest)(nil),          // 44: beacon.v1.AckWatchRequest
-	(*AckWatchResponse)(nil),         // 45: beacon.v1.AckWatchResponse
-	(*AwaitWatchersRequest)(nil),     // 46: beacon.v1.AwaitWatchersRequest
-	(*AwaitWatchersResponse)(nil),    // 47: beacon.v1.AwaitWatchersResponse
-	nil,                              // 48: beacon.v1.Instance.MetadataEntry
-	nil,                              // 49: beacon.v1.Check.HeadersEntry
-	nil,                              // 50: beacon.v1.WatchRequest.KnownRevisionsEntry
-	nil,                              // 51: beacon.v1.WatchResponse.AckWantedEntry
-	nil,                              // 52: beacon.v1.AckWatchRequest.RevisionsEntry
-	(*durationpb.Duration)(nil),      // 53: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),    // 54: google.protobuf.Timestamp
+	(Status)(0),                        // 0: beacon.v1.Status
+	(Health)(0),                        // 1: beacon.v1.Health
+	(CheckKind)(0),                     // 2: beacon.v1.CheckKind
+	(LoadBalancingPolicy)(0),           // 3: beacon.v1.LoadBalancingPolicy
+	(*Instance)(nil),                   // 4: beacon.v1.Instance
+	(*UpdateCheckRequest)(nil),         // 5: beacon.v1.UpdateCheckRequest
+	(*UpdateCheckResponse)(nil),        // 6: beacon.v1.UpdateCheckResponse
+	(*Check)(nil),                      // 7: beacon.v1.Check
+	(*CreateSessionRequest)(nil),       // 8: beacon.v1.CreateSessionRequest
+	(*CreateSessionResponse)(nil),      // 9: beacon.v1.CreateSessionResponse
+	(*KeepAliveRequest)(nil),           // 10: beacon.v1.KeepAliveRequest
+	(*KeepAliveResponse)(nil),          // 11: beacon.v1.KeepAliveResponse
+	(*KeepAliveBatch)(nil),             // 12: beacon.v1.KeepAliveBatch
+	(*KeepAliveResult)(nil),            // 13: beacon.v1.KeepAliveResult
+	(*KeepAliveBatchResult)(nil),       // 14: beacon.v1.KeepAliveBatchResult
+	(*CloseSessionRequest)(nil),        // 15: beacon.v1.CloseSessionRequest
+	(*CloseSessionResponse)(nil),       // 16: beacon.v1.CloseSessionResponse
+	(*RegisterRequest)(nil),            // 17: beacon.v1.RegisterRequest
+	(*RegisterResponse)(nil),           // 18: beacon.v1.RegisterResponse
+	(*RegisterBatchRequest)(nil),       // 19: beacon.v1.RegisterBatchRequest
+	(*RegisterBatchResponse)(nil),      // 20: beacon.v1.RegisterBatchResponse
+	(*RegisterResult)(nil),             // 21: beacon.v1.RegisterResult
+	(*DeregisterRequest)(nil),          // 22: beacon.v1.DeregisterRequest
+	(*DeregisterResponse)(nil),         // 23: beacon.v1.DeregisterResponse
+	(*SetStatusRequest)(nil),           // 24: beacon.v1.SetStatusRequest
+	(*SetStatusResponse)(nil),          // 25: beacon.v1.SetStatusResponse
+	(*ListInstancesRequest)(nil),       // 26: beacon.v1.ListInstancesRequest
+	(*ListInstancesResponse)(nil),      // 27: beacon.v1.ListInstancesResponse
+	(*ListServicesRequest)(nil),        // 28: beacon.v1.ListServicesRequest
+	(*ServiceSummary)(nil),             // 29: beacon.v1.ServiceSummary
+	(*ListServicesResponse)(nil),       // 30: beacon.v1.ListServicesResponse
+	(*WatchRequest)(nil),               // 31: beacon.v1.WatchRequest
+	(*ServiceSnapshot)(nil),            // 32: beacon.v1.ServiceSnapshot
+	(*SetServiceConfigRequest)(nil),    // 33: beacon.v1.SetServiceConfigRequest
+	(*SetServiceConfigResponse)(nil),   // 34: beacon.v1.SetServiceConfigResponse
+	(*SetServicePolicyRequest)(nil),    // 35: beacon.v1.SetServicePolicyRequest
+	(*SetServicePolicyResponse)(nil),   // 36: beacon.v1.SetServicePolicyResponse
+	(*GetServiceConfigRequest)(nil),    // 37: beacon.v1.GetServiceConfigRequest
+	(*GetServiceConfigResponse)(nil),   // 38: beacon.v1.GetServiceConfigResponse
+	(*ServiceConfig)(nil),              // 39: beacon.v1.ServiceConfig
+	(*LoadBalancing)(nil),              // 40: beacon.v1.LoadBalancing
+	(*RetryPolicy)(nil),                // 41: beacon.v1.RetryPolicy
+	(*OutlierDetection)(nil),           // 42: beacon.v1.OutlierDetection
+	(*WatchResponse)(nil),              // 43: beacon.v1.WatchResponse
+	(*AckWatchRequest)(nil),            // 44: beacon.v1.AckWatchRequest
+	(*AckWatchResponse)(nil),           // 45: beacon.v1.AckWatchResponse
+	(*AwaitWatchersRequest)(nil),       // 46: beacon.v1.AwaitWatchersRequest
+	(*AwaitWatchersResponse)(nil),      // 47: beacon.v1.AwaitWatchersResponse
+	(*ListNamespacesRequest)(nil),      // 48: beacon.v1.ListNamespacesRequest
+	(*NamespaceSummary)(nil),           // 49: beacon.v1.NamespaceSummary
+	(*ListNamespacesResponse)(nil),     // 50: beacon.v1.ListNamespacesResponse
+	(*ListSessionsRequest)(nil),        // 51: beacon.v1.ListSessionsRequest
+	(*SessionInfo)(nil),                // 52: beacon.v1.SessionInfo
+	(*ListSessionsResponse)(nil),       // 53: beacon.v1.ListSessionsResponse
+	(*ExplainInstanceRequest)(nil),     // 54: beacon.v1.ExplainInstanceRequest
+	(*ExplainReason)(nil),              // 55: beacon.v1.ExplainReason
+	(*ExplainInstanceResponse)(nil),    // 56: beacon.v1.ExplainInstanceResponse
+	(*ServicePropagationRequest)(nil),  // 57: beacon.v1.ServicePropagationRequest
+	(*RevisionPropagation)(nil),        // 58: beacon.v1.RevisionPropagation
+	(*ServicePropagationResponse)(nil), // 59: beacon.v1.ServicePropagationResponse
+	(*ClusterStatusRequest)(nil),       // 60: beacon.v1.ClusterStatusRequest
+	(*ClusterMember)(nil),              // 61: beacon.v1.ClusterMember
+	(*ClusterStatusResponse)(nil),      // 62: beacon.v1.ClusterStatusResponse
+	nil,                                // 63: beacon.v1.Instance.MetadataEntry
+	nil,                                // 64: beacon.v1.Check.HeadersEntry
+	nil,                                // 65: beacon.v1.WatchRequest.KnownRevisionsEntry
+	nil,                                // 66: beacon.v1.WatchResponse.AckWantedEntry
+	nil,                                // 67: beacon.v1.AckWatchRequest.RevisionsEntry
+	(*durationpb.Duration)(nil),        // 68: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),      // 69: google.protobuf.Timestamp
 }
 var file_beacon_v1_registry_proto_depIdxs = []int32{
-	48, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
+	63, // 0: beacon.v1.Instance.metadata:type_name -> beacon.v1.Instance.MetadataEntry
 	0,  // 1: beacon.v1.Instance.status:type_name -> beacon.v1.Status
 	1,  // 2: beacon.v1.Instance.health:type_name -> beacon.v1.Health
 	7,  // 3: beacon.v1.Instance.checks:type_name -> beacon.v1.Check
 	1,  // 4: beacon.v1.UpdateCheckRequest.status:type_name -> beacon.v1.Health
 	2,  // 5: beacon.v1.Check.kind:type_name -> beacon.v1.CheckKind
-	49, // 6: beacon.v1.Check.headers:type_name -> beacon.v1.Check.HeadersEntry
-	53, // 7: beacon.v1.Check.interval:type_name -> google.protobuf.Duration
-	53, // 8: beacon.v1.Check.timeout:type_name -> google.protobuf.Duration
-	53, // 9: beacon.v1.Check.deregister_critical_after:type_name -> google.protobuf.Duration
+	64, // 6: beacon.v1.Check.headers:type_name -> beacon.v1.Check.HeadersEntry
+	68, // 7: beacon.v1.Check.interval:type_name -> google.protobuf.Duration
+	68, // 8: beacon.v1.Check.timeout:type_name -> google.protobuf.Duration
+	68, // 9: beacon.v1.Check.deregister_critical_after:type_name -> google.protobuf.Duration
 	1,  // 10: beacon.v1.Check.status:type_name -> beacon.v1.Health
-	54, // 11: beacon.v1.Check.since:type_name -> google.protobuf.Timestamp
-	53, // 12: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
-	53, // 13: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
-	53, // 14: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
-	53, // 15: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
+	69, // 11: beacon.v1.Check.since:type_name -> google.protobuf.Timestamp
+	68, // 12: beacon.v1.CreateSessionRequest.ttl:type_name -> google.protobuf.Duration
+	68, // 13: beacon.v1.CreateSessionResponse.ttl:type_name -> google.protobuf.Duration
+	68, // 14: beacon.v1.KeepAliveResponse.ttl:type_name -> google.protobuf.Duration
+	68, // 15: beacon.v1.KeepAliveResult.ttl:type_name -> google.protobuf.Duration
 	13, // 16: beacon.v1.KeepAliveBatchResult.results:type_name -> beacon.v1.KeepAliveResult
 	4,  // 17: beacon.v1.RegisterRequest.instance:type_name -> beacon.v1.Instance
 	4,  // 18: beacon.v1.RegisterBatchRequest.instances:type_name -> beacon.v1.Instance
@@ -3622,8 +4673,8 @@ var file_beacon_v1_registry_proto_depIdxs = []int32{
 	4,  // 21: beacon.v1.SetStatusResponse.instance:type_name -> beacon.v1.Instance
 	4,  // 22: beacon.v1.ListInstancesResponse.instances:type_name -> beacon.v1.Instance
 	29, // 23: beacon.v1.ListServicesResponse.services:type_name -> beacon.v1.ServiceSummary
-	50, // 24: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
-	53, // 25: beacon.v1.WatchRequest.heartbeat:type_name -> google.protobuf.Duration
+	65, // 24: beacon.v1.WatchRequest.known_revisions:type_name -> beacon.v1.WatchRequest.KnownRevisionsEntry
+	68, // 25: beacon.v1.WatchRequest.heartbeat:type_name -> google.protobuf.Duration
 	4,  // 26: beacon.v1.ServiceSnapshot.instances:type_name -> beacon.v1.Instance
 	40, // 27: beacon.v1.SetServicePolicyRequest.load_balancing:type_name -> beacon.v1.LoadBalancing
 	41, // 28: beacon.v1.SetServicePolicyRequest.retry_policy:type_name -> beacon.v1.RetryPolicy
@@ -3634,53 +4685,75 @@ var file_beacon_v1_registry_proto_depIdxs = []int32{
 	41, // 33: beacon.v1.ServiceConfig.retry_policy:type_name -> beacon.v1.RetryPolicy
 	42, // 34: beacon.v1.ServiceConfig.outlier_detection:type_name -> beacon.v1.OutlierDetection
 	3,  // 35: beacon.v1.LoadBalancing.policy:type_name -> beacon.v1.LoadBalancingPolicy
-	53, // 36: beacon.v1.RetryPolicy.base_backoff:type_name -> google.protobuf.Duration
-	53, // 37: beacon.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
-	53, // 38: beacon.v1.OutlierDetection.interval:type_name -> google.protobuf.Duration
-	53, // 39: beacon.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
+	68, // 36: beacon.v1.RetryPolicy.base_backoff:type_name -> google.protobuf.Duration
+	68, // 37: beacon.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
+	68, // 38: beacon.v1.OutlierDetection.interval:type_name -> google.protobuf.Duration
+	68, // 39: beacon.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
 	32, // 40: beacon.v1.WatchResponse.snapshots:type_name -> beacon.v1.ServiceSnapshot
-	51, // 41: beacon.v1.WatchResponse.ack_wanted:type_name -> beacon.v1.WatchResponse.AckWantedEntry
-	52, // 42: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
-	53, // 43: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
-	8,  // 44: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
-	10, // 45: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
-	12, // 46: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
-	15, // 47: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
-	17, // 48: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
-	19, // 49: beacon.v1.RegistryService.RegisterBatch:input_type -> beacon.v1.RegisterBatchRequest
-	22, // 50: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
-	24, // 51: beacon.v1.RegistryService.SetStatus:input_type -> beacon.v1.SetStatusRequest
-	33, // 52: beacon.v1.RegistryService.SetServiceConfig:input_type -> beacon.v1.SetServiceConfigRequest
-	35, // 53: beacon.v1.RegistryService.SetServicePolicy:input_type -> beacon.v1.SetServicePolicyRequest
-	37, // 54: beacon.v1.RegistryService.GetServiceConfig:input_type -> beacon.v1.GetServiceConfigRequest
-	5,  // 55: beacon.v1.RegistryService.UpdateCheck:input_type -> beacon.v1.UpdateCheckRequest
-	26, // 56: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
-	28, // 57: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
-	31, // 58: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
-	44, // 59: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
-	46, // 60: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
-	9,  // 61: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
-	11, // 62: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
-	14, // 63: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
-	16, // 64: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
-	18, // 65: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
-	20, // 66: beacon.v1.RegistryService.RegisterBatch:output_type -> beacon.v1.RegisterBatchResponse
-	23, // 67: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
-	25, // 68: beacon.v1.RegistryService.SetStatus:output_type -> beacon.v1.SetStatusResponse
-	34, // 69: beacon.v1.RegistryService.SetServiceConfig:output_type -> beacon.v1.SetServiceConfigResponse
-	36, // 70: beacon.v1.RegistryService.SetServicePolicy:output_type -> beacon.v1.SetServicePolicyResponse
-	38, // 71: beacon.v1.RegistryService.GetServiceConfig:output_type -> beacon.v1.GetServiceConfigResponse
-	6,  // 72: beacon.v1.RegistryService.UpdateCheck:output_type -> beacon.v1.UpdateCheckResponse
-	27, // 73: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
-	30, // 74: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
-	43, // 75: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
-	45, // 76: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
-	47, // 77: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
-	61, // [61:78] is the sub-list for method output_type
-	44, // [44:61] is the sub-list for method input_type
-	44, // [44:44] is the sub-list for extension type_name
-	44, // [44:44] is the sub-list for extension extendee
-	0,  // [0:44] is the sub-list for field type_name
+	66, // 41: beacon.v1.WatchResponse.ack_wanted:type_name -> beacon.v1.WatchResponse.AckWantedEntry
+	67, // 42: beacon.v1.AckWatchRequest.revisions:type_name -> beacon.v1.AckWatchRequest.RevisionsEntry
+	68, // 43: beacon.v1.AwaitWatchersRequest.timeout:type_name -> google.protobuf.Duration
+	49, // 44: beacon.v1.ListNamespacesResponse.namespaces:type_name -> beacon.v1.NamespaceSummary
+	68, // 45: beacon.v1.SessionInfo.ttl:type_name -> google.protobuf.Duration
+	69, // 46: beacon.v1.SessionInfo.created:type_name -> google.protobuf.Timestamp
+	52, // 47: beacon.v1.ListSessionsResponse.sessions:type_name -> beacon.v1.SessionInfo
+	4,  // 48: beacon.v1.ExplainInstanceResponse.instance:type_name -> beacon.v1.Instance
+	55, // 49: beacon.v1.ExplainInstanceResponse.reasons:type_name -> beacon.v1.ExplainReason
+	69, // 50: beacon.v1.RevisionPropagation.published:type_name -> google.protobuf.Timestamp
+	69, // 51: beacon.v1.RevisionPropagation.last_ack:type_name -> google.protobuf.Timestamp
+	58, // 52: beacon.v1.ServicePropagationResponse.changes:type_name -> beacon.v1.RevisionPropagation
+	69, // 53: beacon.v1.ServicePropagationResponse.tracked_until:type_name -> google.protobuf.Timestamp
+	61, // 54: beacon.v1.ClusterStatusResponse.servers:type_name -> beacon.v1.ClusterMember
+	61, // 55: beacon.v1.ClusterStatusResponse.etcd:type_name -> beacon.v1.ClusterMember
+	8,  // 56: beacon.v1.RegistryService.CreateSession:input_type -> beacon.v1.CreateSessionRequest
+	10, // 57: beacon.v1.RegistryService.KeepAlive:input_type -> beacon.v1.KeepAliveRequest
+	12, // 58: beacon.v1.RegistryService.KeepAliveStream:input_type -> beacon.v1.KeepAliveBatch
+	15, // 59: beacon.v1.RegistryService.CloseSession:input_type -> beacon.v1.CloseSessionRequest
+	17, // 60: beacon.v1.RegistryService.Register:input_type -> beacon.v1.RegisterRequest
+	19, // 61: beacon.v1.RegistryService.RegisterBatch:input_type -> beacon.v1.RegisterBatchRequest
+	22, // 62: beacon.v1.RegistryService.Deregister:input_type -> beacon.v1.DeregisterRequest
+	24, // 63: beacon.v1.RegistryService.SetStatus:input_type -> beacon.v1.SetStatusRequest
+	33, // 64: beacon.v1.RegistryService.SetServiceConfig:input_type -> beacon.v1.SetServiceConfigRequest
+	35, // 65: beacon.v1.RegistryService.SetServicePolicy:input_type -> beacon.v1.SetServicePolicyRequest
+	37, // 66: beacon.v1.RegistryService.GetServiceConfig:input_type -> beacon.v1.GetServiceConfigRequest
+	5,  // 67: beacon.v1.RegistryService.UpdateCheck:input_type -> beacon.v1.UpdateCheckRequest
+	26, // 68: beacon.v1.RegistryService.ListInstances:input_type -> beacon.v1.ListInstancesRequest
+	28, // 69: beacon.v1.RegistryService.ListServices:input_type -> beacon.v1.ListServicesRequest
+	31, // 70: beacon.v1.RegistryService.Watch:input_type -> beacon.v1.WatchRequest
+	44, // 71: beacon.v1.RegistryService.AckWatch:input_type -> beacon.v1.AckWatchRequest
+	46, // 72: beacon.v1.RegistryService.AwaitWatchers:input_type -> beacon.v1.AwaitWatchersRequest
+	48, // 73: beacon.v1.RegistryService.ListNamespaces:input_type -> beacon.v1.ListNamespacesRequest
+	51, // 74: beacon.v1.RegistryService.ListSessions:input_type -> beacon.v1.ListSessionsRequest
+	54, // 75: beacon.v1.RegistryService.ExplainInstance:input_type -> beacon.v1.ExplainInstanceRequest
+	57, // 76: beacon.v1.RegistryService.ServicePropagation:input_type -> beacon.v1.ServicePropagationRequest
+	60, // 77: beacon.v1.RegistryService.ClusterStatus:input_type -> beacon.v1.ClusterStatusRequest
+	9,  // 78: beacon.v1.RegistryService.CreateSession:output_type -> beacon.v1.CreateSessionResponse
+	11, // 79: beacon.v1.RegistryService.KeepAlive:output_type -> beacon.v1.KeepAliveResponse
+	14, // 80: beacon.v1.RegistryService.KeepAliveStream:output_type -> beacon.v1.KeepAliveBatchResult
+	16, // 81: beacon.v1.RegistryService.CloseSession:output_type -> beacon.v1.CloseSessionResponse
+	18, // 82: beacon.v1.RegistryService.Register:output_type -> beacon.v1.RegisterResponse
+	20, // 83: beacon.v1.RegistryService.RegisterBatch:output_type -> beacon.v1.RegisterBatchResponse
+	23, // 84: beacon.v1.RegistryService.Deregister:output_type -> beacon.v1.DeregisterResponse
+	25, // 85: beacon.v1.RegistryService.SetStatus:output_type -> beacon.v1.SetStatusResponse
+	34, // 86: beacon.v1.RegistryService.SetServiceConfig:output_type -> beacon.v1.SetServiceConfigResponse
+	36, // 87: beacon.v1.RegistryService.SetServicePolicy:output_type -> beacon.v1.SetServicePolicyResponse
+	38, // 88: beacon.v1.RegistryService.GetServiceConfig:output_type -> beacon.v1.GetServiceConfigResponse
+	6,  // 89: beacon.v1.RegistryService.UpdateCheck:output_type -> beacon.v1.UpdateCheckResponse
+	27, // 90: beacon.v1.RegistryService.ListInstances:output_type -> beacon.v1.ListInstancesResponse
+	30, // 91: beacon.v1.RegistryService.ListServices:output_type -> beacon.v1.ListServicesResponse
+	43, // 92: beacon.v1.RegistryService.Watch:output_type -> beacon.v1.WatchResponse
+	45, // 93: beacon.v1.RegistryService.AckWatch:output_type -> beacon.v1.AckWatchResponse
+	47, // 94: beacon.v1.RegistryService.AwaitWatchers:output_type -> beacon.v1.AwaitWatchersResponse
+	50, // 95: beacon.v1.RegistryService.ListNamespaces:output_type -> beacon.v1.ListNamespacesResponse
+	53, // 96: beacon.v1.RegistryService.ListSessions:output_type -> beacon.v1.ListSessionsResponse
+	56, // 97: beacon.v1.RegistryService.ExplainInstance:output_type -> beacon.v1.ExplainInstanceResponse
+	59, // 98: beacon.v1.RegistryService.ServicePropagation:output_type -> beacon.v1.ServicePropagationResponse
+	62, // 99: beacon.v1.RegistryService.ClusterStatus:output_type -> beacon.v1.ClusterStatusResponse
+	78, // [78:100] is the sub-list for method output_type
+	56, // [56:78] is the sub-list for method input_type
+	56, // [56:56] is the sub-list for extension type_name
+	56, // [56:56] is the sub-list for extension extendee
+	0,  // [0:56] is the sub-list for field type_name
 }
 
 func init() { file_beacon_v1_registry_proto_init() }
@@ -3694,7 +4767,7 @@ func file_beacon_v1_registry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_beacon_v1_registry_proto_rawDesc), len(file_beacon_v1_registry_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   49,
+			NumMessages:   64,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

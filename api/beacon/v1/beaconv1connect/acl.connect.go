@@ -64,6 +64,8 @@ const (
 	AclServiceListRolesProcedure = "/beacon.v1.AclService/ListRoles"
 	// AclServiceDeleteRoleProcedure is the fully-qualified name of the AclService's DeleteRole RPC.
 	AclServiceDeleteRoleProcedure = "/beacon.v1.AclService/DeleteRole"
+	// AclServiceAuthorizeProcedure is the fully-qualified name of the AclService's Authorize RPC.
+	AclServiceAuthorizeProcedure = "/beacon.v1.AclService/Authorize"
 	// AclServiceWhoAmIProcedure is the fully-qualified name of the AclService's WhoAmI RPC.
 	AclServiceWhoAmIProcedure = "/beacon.v1.AclService/WhoAmI"
 )
@@ -84,6 +86,10 @@ type AclServiceClient interface {
 	ReadRole(context.Context, *connect.Request[v1.ReadRoleRequest]) (*connect.Response[v1.ReadRoleResponse], error)
 	ListRoles(context.Context, *connect.Request[v1.ListRolesRequest]) (*connect.Response[v1.ListRolesResponse], error)
 	DeleteRole(context.Context, *connect.Request[v1.DeleteRoleRequest]) (*connect.Response[v1.DeleteRoleResponse], error)
+	// Authorize answers what the caller's own token may do, so that a user
+	// interface shows only the actions it would be allowed (Consul's
+	// /v1/internal/acl/authorize).
+	Authorize(context.Context, *connect.Request[v1.AuthorizeRequest]) (*connect.Response[v1.AuthorizeResponse], error)
 	WhoAmI(context.Context, *connect.Request[v1.WhoAmIRequest]) (*connect.Response[v1.WhoAmIResponse], error)
 }
 
@@ -188,6 +194,13 @@ func NewAclServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...
 			connect.WithSchema(aclServiceMethods.ByName("DeleteRole")),
 			connect.WithClientOptions(opts...),
 		),
+		authorize: connect.NewClient[v1.AuthorizeRequest, v1.AuthorizeResponse](
+			httpClient,
+			baseURL+AclServiceAuthorizeProcedure,
+			connect.WithSchema(aclServiceMethods.ByName("Authorize")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
 		whoAmI: connect.NewClient[v1.WhoAmIRequest, v1.WhoAmIResponse](
 			httpClient,
 			baseURL+AclServiceWhoAmIProcedure,
@@ -214,6 +227,7 @@ type aclServiceClient struct {
 	readRole     *connect.Client[v1.ReadRoleRequest, v1.ReadRoleResponse]
 	listRoles    *connect.Client[v1.ListRolesRequest, v1.ListRolesResponse]
 	deleteRole   *connect.Client[v1.DeleteRoleRequest, v1.DeleteRoleResponse]
+	authorize    *connect.Client[v1.AuthorizeRequest, v1.AuthorizeResponse]
 	whoAmI       *connect.Client[v1.WhoAmIRequest, v1.WhoAmIResponse]
 }
 
@@ -287,6 +301,11 @@ func (c *aclServiceClient) DeleteRole(ctx context.Context, req *connect.Request[
 	return c.deleteRole.CallUnary(ctx, req)
 }
 
+// Authorize calls beacon.v1.AclService.Authorize.
+func (c *aclServiceClient) Authorize(ctx context.Context, req *connect.Request[v1.AuthorizeRequest]) (*connect.Response[v1.AuthorizeResponse], error) {
+	return c.authorize.CallUnary(ctx, req)
+}
+
 // WhoAmI calls beacon.v1.AclService.WhoAmI.
 func (c *aclServiceClient) WhoAmI(ctx context.Context, req *connect.Request[v1.WhoAmIRequest]) (*connect.Response[v1.WhoAmIResponse], error) {
 	return c.whoAmI.CallUnary(ctx, req)
@@ -308,6 +327,10 @@ type AclServiceHandler interface {
 	ReadRole(context.Context, *connect.Request[v1.ReadRoleRequest]) (*connect.Response[v1.ReadRoleResponse], error)
 	ListRoles(context.Context, *connect.Request[v1.ListRolesRequest]) (*connect.Response[v1.ListRolesResponse], error)
 	DeleteRole(context.Context, *connect.Request[v1.DeleteRoleRequest]) (*connect.Response[v1.DeleteRoleResponse], error)
+	// Authorize answers what the caller's own token may do, so that a user
+	// interface shows only the actions it would be allowed (Consul's
+	// /v1/internal/acl/authorize).
+	Authorize(context.Context, *connect.Request[v1.AuthorizeRequest]) (*connect.Response[v1.AuthorizeResponse], error)
 	WhoAmI(context.Context, *connect.Request[v1.WhoAmIRequest]) (*connect.Response[v1.WhoAmIResponse], error)
 }
 
@@ -408,6 +431,13 @@ func NewAclServiceHandler(svc AclServiceHandler, opts ...connect.HandlerOption) 
 		connect.WithSchema(aclServiceMethods.ByName("DeleteRole")),
 		connect.WithHandlerOptions(opts...),
 	)
+	aclServiceAuthorizeHandler := connect.NewUnaryHandler(
+		AclServiceAuthorizeProcedure,
+		svc.Authorize,
+		connect.WithSchema(aclServiceMethods.ByName("Authorize")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
 	aclServiceWhoAmIHandler := connect.NewUnaryHandler(
 		AclServiceWhoAmIProcedure,
 		svc.WhoAmI,
@@ -445,6 +475,8 @@ func NewAclServiceHandler(svc AclServiceHandler, opts ...connect.HandlerOption) 
 			aclServiceListRolesHandler.ServeHTTP(w, r)
 		case AclServiceDeleteRoleProcedure:
 			aclServiceDeleteRoleHandler.ServeHTTP(w, r)
+		case AclServiceAuthorizeProcedure:
+			aclServiceAuthorizeHandler.ServeHTTP(w, r)
 		case AclServiceWhoAmIProcedure:
 			aclServiceWhoAmIHandler.ServeHTTP(w, r)
 		default:
@@ -510,6 +542,10 @@ func (UnimplementedAclServiceHandler) ListRoles(context.Context, *connect.Reques
 
 func (UnimplementedAclServiceHandler) DeleteRole(context.Context, *connect.Request[v1.DeleteRoleRequest]) (*connect.Response[v1.DeleteRoleResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.AclService.DeleteRole is not implemented"))
+}
+
+func (UnimplementedAclServiceHandler) Authorize(context.Context, *connect.Request[v1.AuthorizeRequest]) (*connect.Response[v1.AuthorizeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.AclService.Authorize is not implemented"))
 }
 
 func (UnimplementedAclServiceHandler) WhoAmI(context.Context, *connect.Request[v1.WhoAmIRequest]) (*connect.Response[v1.WhoAmIResponse], error) {

@@ -86,6 +86,21 @@ const (
 	// RegistryServiceAwaitWatchersProcedure is the fully-qualified name of the RegistryService's
 	// AwaitWatchers RPC.
 	RegistryServiceAwaitWatchersProcedure = "/beacon.v1.RegistryService/AwaitWatchers"
+	// RegistryServiceListNamespacesProcedure is the fully-qualified name of the RegistryService's
+	// ListNamespaces RPC.
+	RegistryServiceListNamespacesProcedure = "/beacon.v1.RegistryService/ListNamespaces"
+	// RegistryServiceListSessionsProcedure is the fully-qualified name of the RegistryService's
+	// ListSessions RPC.
+	RegistryServiceListSessionsProcedure = "/beacon.v1.RegistryService/ListSessions"
+	// RegistryServiceExplainInstanceProcedure is the fully-qualified name of the RegistryService's
+	// ExplainInstance RPC.
+	RegistryServiceExplainInstanceProcedure = "/beacon.v1.RegistryService/ExplainInstance"
+	// RegistryServiceServicePropagationProcedure is the fully-qualified name of the RegistryService's
+	// ServicePropagation RPC.
+	RegistryServiceServicePropagationProcedure = "/beacon.v1.RegistryService/ServicePropagation"
+	// RegistryServiceClusterStatusProcedure is the fully-qualified name of the RegistryService's
+	// ClusterStatus RPC.
+	RegistryServiceClusterStatusProcedure = "/beacon.v1.RegistryService/ClusterStatus"
 )
 
 // RegistryServiceClient is a client for the beacon.v1.RegistryService service.
@@ -123,6 +138,18 @@ type RegistryServiceClient interface {
 	// instance calls it before it stops accepting, so that no client still
 	// routes to it.
 	AwaitWatchers(context.Context, *connect.Request[v1.AwaitWatchersRequest]) (*connect.Response[v1.AwaitWatchersResponse], error)
+	ListNamespaces(context.Context, *connect.Request[v1.ListNamespacesRequest]) (*connect.Response[v1.ListNamespacesResponse], error)
+	// ListSessions lists sessions (needs session:read).
+	ListSessions(context.Context, *connect.Request[v1.ListSessionsRequest]) (*connect.Response[v1.ListSessionsResponse], error)
+	// ExplainInstance says whether callers send an instance traffic and
+	// which rule decides: the console's "why no traffic?" panel.
+	ExplainInstance(context.Context, *connect.Request[v1.ExplainInstanceRequest]) (*connect.Response[v1.ExplainInstanceResponse], error)
+	// ServicePropagation reports how the service's last changes reached its
+	// watchers on this server, and keeps tracking it for 10 minutes.
+	ServicePropagation(context.Context, *connect.Request[v1.ServicePropagationRequest]) (*connect.Response[v1.ServicePropagationResponse], error)
+	// ClusterStatus lists the beacon servers and etcd members (needs
+	// operator:read).
+	ClusterStatus(context.Context, *connect.Request[v1.ClusterStatusRequest]) (*connect.Response[v1.ClusterStatusResponse], error)
 }
 
 // NewRegistryServiceClient constructs a client for the beacon.v1.RegistryService service. By
@@ -242,28 +269,67 @@ func NewRegistryServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
+		listNamespaces: connect.NewClient[v1.ListNamespacesRequest, v1.ListNamespacesResponse](
+			httpClient,
+			baseURL+RegistryServiceListNamespacesProcedure,
+			connect.WithSchema(registryServiceMethods.ByName("ListNamespaces")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
+		listSessions: connect.NewClient[v1.ListSessionsRequest, v1.ListSessionsResponse](
+			httpClient,
+			baseURL+RegistryServiceListSessionsProcedure,
+			connect.WithSchema(registryServiceMethods.ByName("ListSessions")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
+		explainInstance: connect.NewClient[v1.ExplainInstanceRequest, v1.ExplainInstanceResponse](
+			httpClient,
+			baseURL+RegistryServiceExplainInstanceProcedure,
+			connect.WithSchema(registryServiceMethods.ByName("ExplainInstance")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
+		servicePropagation: connect.NewClient[v1.ServicePropagationRequest, v1.ServicePropagationResponse](
+			httpClient,
+			baseURL+RegistryServiceServicePropagationProcedure,
+			connect.WithSchema(registryServiceMethods.ByName("ServicePropagation")),
+			connect.WithClientOptions(opts...),
+		),
+		clusterStatus: connect.NewClient[v1.ClusterStatusRequest, v1.ClusterStatusResponse](
+			httpClient,
+			baseURL+RegistryServiceClusterStatusProcedure,
+			connect.WithSchema(registryServiceMethods.ByName("ClusterStatus")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // registryServiceClient implements RegistryServiceClient.
 type registryServiceClient struct {
-	createSession    *connect.Client[v1.CreateSessionRequest, v1.CreateSessionResponse]
-	keepAlive        *connect.Client[v1.KeepAliveRequest, v1.KeepAliveResponse]
-	keepAliveStream  *connect.Client[v1.KeepAliveBatch, v1.KeepAliveBatchResult]
-	closeSession     *connect.Client[v1.CloseSessionRequest, v1.CloseSessionResponse]
-	register         *connect.Client[v1.RegisterRequest, v1.RegisterResponse]
-	registerBatch    *connect.Client[v1.RegisterBatchRequest, v1.RegisterBatchResponse]
-	deregister       *connect.Client[v1.DeregisterRequest, v1.DeregisterResponse]
-	setStatus        *connect.Client[v1.SetStatusRequest, v1.SetStatusResponse]
-	setServiceConfig *connect.Client[v1.SetServiceConfigRequest, v1.SetServiceConfigResponse]
-	setServicePolicy *connect.Client[v1.SetServicePolicyRequest, v1.SetServicePolicyResponse]
-	getServiceConfig *connect.Client[v1.GetServiceConfigRequest, v1.GetServiceConfigResponse]
-	updateCheck      *connect.Client[v1.UpdateCheckRequest, v1.UpdateCheckResponse]
-	listInstances    *connect.Client[v1.ListInstancesRequest, v1.ListInstancesResponse]
-	listServices     *connect.Client[v1.ListServicesRequest, v1.ListServicesResponse]
-	watch            *connect.Client[v1.WatchRequest, v1.WatchResponse]
-	ackWatch         *connect.Client[v1.AckWatchRequest, v1.AckWatchResponse]
-	awaitWatchers    *connect.Client[v1.AwaitWatchersRequest, v1.AwaitWatchersResponse]
+	createSession      *connect.Client[v1.CreateSessionRequest, v1.CreateSessionResponse]
+	keepAlive          *connect.Client[v1.KeepAliveRequest, v1.KeepAliveResponse]
+	keepAliveStream    *connect.Client[v1.KeepAliveBatch, v1.KeepAliveBatchResult]
+	closeSession       *connect.Client[v1.CloseSessionRequest, v1.CloseSessionResponse]
+	register           *connect.Client[v1.RegisterRequest, v1.RegisterResponse]
+	registerBatch      *connect.Client[v1.RegisterBatchRequest, v1.RegisterBatchResponse]
+	deregister         *connect.Client[v1.DeregisterRequest, v1.DeregisterResponse]
+	setStatus          *connect.Client[v1.SetStatusRequest, v1.SetStatusResponse]
+	setServiceConfig   *connect.Client[v1.SetServiceConfigRequest, v1.SetServiceConfigResponse]
+	setServicePolicy   *connect.Client[v1.SetServicePolicyRequest, v1.SetServicePolicyResponse]
+	getServiceConfig   *connect.Client[v1.GetServiceConfigRequest, v1.GetServiceConfigResponse]
+	updateCheck        *connect.Client[v1.UpdateCheckRequest, v1.UpdateCheckResponse]
+	listInstances      *connect.Client[v1.ListInstancesRequest, v1.ListInstancesResponse]
+	listServices       *connect.Client[v1.ListServicesRequest, v1.ListServicesResponse]
+	watch              *connect.Client[v1.WatchRequest, v1.WatchResponse]
+	ackWatch           *connect.Client[v1.AckWatchRequest, v1.AckWatchResponse]
+	awaitWatchers      *connect.Client[v1.AwaitWatchersRequest, v1.AwaitWatchersResponse]
+	listNamespaces     *connect.Client[v1.ListNamespacesRequest, v1.ListNamespacesResponse]
+	listSessions       *connect.Client[v1.ListSessionsRequest, v1.ListSessionsResponse]
+	explainInstance    *connect.Client[v1.ExplainInstanceRequest, v1.ExplainInstanceResponse]
+	servicePropagation *connect.Client[v1.ServicePropagationRequest, v1.ServicePropagationResponse]
+	clusterStatus      *connect.Client[v1.ClusterStatusRequest, v1.ClusterStatusResponse]
 }
 
 // CreateSession calls beacon.v1.RegistryService.CreateSession.
@@ -351,6 +417,31 @@ func (c *registryServiceClient) AwaitWatchers(ctx context.Context, req *connect.
 	return c.awaitWatchers.CallUnary(ctx, req)
 }
 
+// ListNamespaces calls beacon.v1.RegistryService.ListNamespaces.
+func (c *registryServiceClient) ListNamespaces(ctx context.Context, req *connect.Request[v1.ListNamespacesRequest]) (*connect.Response[v1.ListNamespacesResponse], error) {
+	return c.listNamespaces.CallUnary(ctx, req)
+}
+
+// ListSessions calls beacon.v1.RegistryService.ListSessions.
+func (c *registryServiceClient) ListSessions(ctx context.Context, req *connect.Request[v1.ListSessionsRequest]) (*connect.Response[v1.ListSessionsResponse], error) {
+	return c.listSessions.CallUnary(ctx, req)
+}
+
+// ExplainInstance calls beacon.v1.RegistryService.ExplainInstance.
+func (c *registryServiceClient) ExplainInstance(ctx context.Context, req *connect.Request[v1.ExplainInstanceRequest]) (*connect.Response[v1.ExplainInstanceResponse], error) {
+	return c.explainInstance.CallUnary(ctx, req)
+}
+
+// ServicePropagation calls beacon.v1.RegistryService.ServicePropagation.
+func (c *registryServiceClient) ServicePropagation(ctx context.Context, req *connect.Request[v1.ServicePropagationRequest]) (*connect.Response[v1.ServicePropagationResponse], error) {
+	return c.servicePropagation.CallUnary(ctx, req)
+}
+
+// ClusterStatus calls beacon.v1.RegistryService.ClusterStatus.
+func (c *registryServiceClient) ClusterStatus(ctx context.Context, req *connect.Request[v1.ClusterStatusRequest]) (*connect.Response[v1.ClusterStatusResponse], error) {
+	return c.clusterStatus.CallUnary(ctx, req)
+}
+
 // RegistryServiceHandler is an implementation of the beacon.v1.RegistryService service.
 type RegistryServiceHandler interface {
 	CreateSession(context.Context, *connect.Request[v1.CreateSessionRequest]) (*connect.Response[v1.CreateSessionResponse], error)
@@ -386,6 +477,18 @@ type RegistryServiceHandler interface {
 	// instance calls it before it stops accepting, so that no client still
 	// routes to it.
 	AwaitWatchers(context.Context, *connect.Request[v1.AwaitWatchersRequest]) (*connect.Response[v1.AwaitWatchersResponse], error)
+	ListNamespaces(context.Context, *connect.Request[v1.ListNamespacesRequest]) (*connect.Response[v1.ListNamespacesResponse], error)
+	// ListSessions lists sessions (needs session:read).
+	ListSessions(context.Context, *connect.Request[v1.ListSessionsRequest]) (*connect.Response[v1.ListSessionsResponse], error)
+	// ExplainInstance says whether callers send an instance traffic and
+	// which rule decides: the console's "why no traffic?" panel.
+	ExplainInstance(context.Context, *connect.Request[v1.ExplainInstanceRequest]) (*connect.Response[v1.ExplainInstanceResponse], error)
+	// ServicePropagation reports how the service's last changes reached its
+	// watchers on this server, and keeps tracking it for 10 minutes.
+	ServicePropagation(context.Context, *connect.Request[v1.ServicePropagationRequest]) (*connect.Response[v1.ServicePropagationResponse], error)
+	// ClusterStatus lists the beacon servers and etcd members (needs
+	// operator:read).
+	ClusterStatus(context.Context, *connect.Request[v1.ClusterStatusRequest]) (*connect.Response[v1.ClusterStatusResponse], error)
 }
 
 // NewRegistryServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -501,6 +604,40 @@ func NewRegistryServiceHandler(svc RegistryServiceHandler, opts ...connect.Handl
 		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
+	registryServiceListNamespacesHandler := connect.NewUnaryHandler(
+		RegistryServiceListNamespacesProcedure,
+		svc.ListNamespaces,
+		connect.WithSchema(registryServiceMethods.ByName("ListNamespaces")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
+	registryServiceListSessionsHandler := connect.NewUnaryHandler(
+		RegistryServiceListSessionsProcedure,
+		svc.ListSessions,
+		connect.WithSchema(registryServiceMethods.ByName("ListSessions")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
+	registryServiceExplainInstanceHandler := connect.NewUnaryHandler(
+		RegistryServiceExplainInstanceProcedure,
+		svc.ExplainInstance,
+		connect.WithSchema(registryServiceMethods.ByName("ExplainInstance")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
+	registryServiceServicePropagationHandler := connect.NewUnaryHandler(
+		RegistryServiceServicePropagationProcedure,
+		svc.ServicePropagation,
+		connect.WithSchema(registryServiceMethods.ByName("ServicePropagation")),
+		connect.WithHandlerOptions(opts...),
+	)
+	registryServiceClusterStatusHandler := connect.NewUnaryHandler(
+		RegistryServiceClusterStatusProcedure,
+		svc.ClusterStatus,
+		connect.WithSchema(registryServiceMethods.ByName("ClusterStatus")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/beacon.v1.RegistryService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case RegistryServiceCreateSessionProcedure:
@@ -537,6 +674,16 @@ func NewRegistryServiceHandler(svc RegistryServiceHandler, opts ...connect.Handl
 			registryServiceAckWatchHandler.ServeHTTP(w, r)
 		case RegistryServiceAwaitWatchersProcedure:
 			registryServiceAwaitWatchersHandler.ServeHTTP(w, r)
+		case RegistryServiceListNamespacesProcedure:
+			registryServiceListNamespacesHandler.ServeHTTP(w, r)
+		case RegistryServiceListSessionsProcedure:
+			registryServiceListSessionsHandler.ServeHTTP(w, r)
+		case RegistryServiceExplainInstanceProcedure:
+			registryServiceExplainInstanceHandler.ServeHTTP(w, r)
+		case RegistryServiceServicePropagationProcedure:
+			registryServiceServicePropagationHandler.ServeHTTP(w, r)
+		case RegistryServiceClusterStatusProcedure:
+			registryServiceClusterStatusHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -612,4 +759,24 @@ func (UnimplementedRegistryServiceHandler) AckWatch(context.Context, *connect.Re
 
 func (UnimplementedRegistryServiceHandler) AwaitWatchers(context.Context, *connect.Request[v1.AwaitWatchersRequest]) (*connect.Response[v1.AwaitWatchersResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.AwaitWatchers is not implemented"))
+}
+
+func (UnimplementedRegistryServiceHandler) ListNamespaces(context.Context, *connect.Request[v1.ListNamespacesRequest]) (*connect.Response[v1.ListNamespacesResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.ListNamespaces is not implemented"))
+}
+
+func (UnimplementedRegistryServiceHandler) ListSessions(context.Context, *connect.Request[v1.ListSessionsRequest]) (*connect.Response[v1.ListSessionsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.ListSessions is not implemented"))
+}
+
+func (UnimplementedRegistryServiceHandler) ExplainInstance(context.Context, *connect.Request[v1.ExplainInstanceRequest]) (*connect.Response[v1.ExplainInstanceResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.ExplainInstance is not implemented"))
+}
+
+func (UnimplementedRegistryServiceHandler) ServicePropagation(context.Context, *connect.Request[v1.ServicePropagationRequest]) (*connect.Response[v1.ServicePropagationResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.ServicePropagation is not implemented"))
+}
+
+func (UnimplementedRegistryServiceHandler) ClusterStatus(context.Context, *connect.Request[v1.ClusterStatusRequest]) (*connect.Response[v1.ClusterStatusResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("beacon.v1.RegistryService.ClusterStatus is not implemented"))
 }
