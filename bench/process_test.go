@@ -48,7 +48,7 @@ func startServerProcessFrom(b testing.TB, bin string, extraArgs ...string) *serv
 	cfg.EtcdClientAddr = testutil.FreeAddr(b) // the benchmarks' own etcd clients
 	p := &serverProcess{addr: cfg.Addr, etcdAddr: cfg.EtcdClientAddr}
 	args := []string{"server", "--addr", cfg.Addr, "--data-dir", cfg.DataDir,
-		"--etcd-client-addr", cfg.EtcdClientAddr, "--etcd-peer-addr", cfg.EtcdPeerAddr, "--log-level", "error"}
+		"--etcd-client-addr", cfg.EtcdClientAddr, "--etcd-peer-addr", cfg.EtcdPeerAddr, "--log-level", "error", "--console-addr", "off"}
 	p.cmd = exec.Command(bin, append(args, extraArgs...)...)
 	// Dies with the benchmark, even one killed by its -timeout (whose
 	// cleanups do not run): it holds go test's output pipe.

@@ -171,3 +171,7 @@ func (a aclService) DeleteRole(ctx context.Context, req *connect.Request[beaconv
 func (a aclService) WhoAmI(ctx context.Context, req *connect.Request[beaconv1.WhoAmIRequest]) (*connect.Response[beaconv1.WhoAmIResponse], error) {
 	return aclCall(ctx, a.c, repeatable, req, beaconv1connect.AclServiceClient.WhoAmI)
 }
+
+func (a aclService) Authorize(ctx context.Context, req *connect.Request[beaconv1.AuthorizeRequest]) (*connect.Response[beaconv1.AuthorizeResponse], error) {
+	return aclCall(ctx, a.c, repeatable, req, beaconv1connect.AclServiceClient.Authorize)
+}

@@ -234,7 +234,7 @@ func TestChecksAreSharedAndTakenOver(t *testing.T) {
 	a := servertest.Start(t, cfgA)
 	bAddr := testutil.FreeAddr(t)
 	b := start(t, "server", "--addr", bAddr, "--name", "b", "--etcd-endpoints", "http://"+cfgA.EtcdClientAddr,
-		"--member-ttl", memberTTL.String(), "--log-level", "warn")
+		"--member-ttl", memberTTL.String(), "--log-level", "warn", "--console-addr", "off")
 	b.waitLine(60*time.Second, "beacon server ready")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()

@@ -18,7 +18,7 @@ import (
 func TestExternalEtcd34(t *testing.T) {
 	endpoint := testutil.StartDebianEtcd(t)
 	addr := testutil.FreeAddr(t)
-	args := []string{"server", "--addr", addr, "--etcd-endpoints", endpoint, "--log-level", "warn"}
+	args := []string{"server", "--addr", addr, "--etcd-endpoints", endpoint, "--log-level", "warn", "--console-addr", "off"}
 	srv := &serverProc{t: t, addr: addr, args: args}
 	srv.start()
 	if line := srv.current.waitLine(30*time.Second, "ready"); !strings.Contains(line, "etcd at") {

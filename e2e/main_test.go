@@ -184,7 +184,7 @@ func newServerProc(t *testing.T, extra ...string) *serverProc {
 	cfg := servertest.Config(t, "")
 	s := &serverProc{t: t, addr: cfg.Addr}
 	s.args = append([]string{"server", "--addr", cfg.Addr, "--data-dir", cfg.DataDir,
-		"--etcd-peer-addr", cfg.EtcdPeerAddr, "--log-level", "warn"}, extra...)
+		"--etcd-peer-addr", cfg.EtcdPeerAddr, "--log-level", "warn", "--console-addr", "off"}, extra...)
 	s.start()
 	return s
 }

@@ -4,6 +4,9 @@ import (
 	"context"
 	"math/rand/v2"
 	"sync"
+	"time"
+
+	"beacon.dev/beacon/registry"
 )
 
 // acks tracks, for the watch streams whose clients acknowledge, which
@@ -14,6 +17,33 @@ type acks struct {
 	mu       sync.Mutex
 	watchers map[uint64]*ackingWatcher // guarded by mu
 	changed  chan struct{}             // guarded by mu; closed and replaced on every ack or leave
+	// Services whose propagation is tracked (ServicePropagation): each
+	// change asks their watchers for an acknowledgement.
+	tracked map[registry.ServiceKey]*trackedService // guarded by mu
+}
+
+// Propagation tracking (the console's propagation view): how many
+// acknowledging watchers of a service applied each of its last changes,
+// and when. It is on for a service only while someone looks, since it
+// costs each watcher an acknowledgement per change.
+const (
+	trackFor       = 10 * time.Minute
+	trackedChanges = 16 // revisions kept per tracked service
+	maxTracked     = 256
+)
+
+type trackedService struct {
+	until   time.Time
+	changes []*revisionTrack // oldest first
+}
+
+type revisionTrack struct {
+	rev             int64
+	published       time.Time
+	watchers, acked int
+	gone            int
+	lastAck         time.Time
+	pending         map[uint64]bool // watchers yet to apply rev
 }
 
 type ackingWatcher struct {
@@ -30,7 +60,7 @@ type ackingWatcher struct {
 }
 
 func newAcks() *acks {
-	return &acks{watchers: make(map[uint64]*ackingWatcher), changed: make(chan struct{})}
+	return &acks{watchers: make(map[uint64]*ackingWatcher), changed: make(chan struct{}), tracked: make(map[registry.ServiceKey]*trackedService)}
 }
 
 // join records a new acknowledging stream and returns its id.
@@ -63,6 +93,9 @@ func (a *acks) join(owner, ns string, services []string, readable func(string) b
 func (a *acks) leave(id uint64) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if w, ok := a.watchers[id]; ok {
+		a.settleLocked(id, w, nil, time.Time{})
+	}
 	delete(a.watchers, id)
 	a.broadcastLocked()
 }
@@ -84,8 +117,108 @@ func (a *acks) ack(owner string, id uint64, revisions map[string]int64) bool {
 			w.applied[svc] = rev
 		}
 	}
+	a.settleLocked(id, w, revisions, time.Now())
 	a.broadcastLocked()
 	return true
+}
+
+// settleLocked counts a watcher's acknowledgements (revisions; nil: it
+// left) in the tracked changes it was pending on.
+func (a *acks) settleLocked(id uint64, w *ackingWatcher, revisions map[string]int64, now time.Time) {
+	if len(a.tracked) == 0 {
+		return
+	}
+	for sk, p := range a.tracked {
+		if sk.Namespace != w.ns {
+			continue
+		}
+		applied, acked := revisions[sk.Service]
+		for _, c := range p.changes {
+			if !c.pending[id] {
+				continue
+			}
+			switch {
+			case revisions == nil:
+				delete(c.pending, id)
+				c.gone++
+			case acked && applied >= c.rev:
+				delete(c.pending, id)
+				c.acked++
+				c.lastAck = now
+			}
+		}
+	}
+}
+
+// track turns propagation tracking of a service on (or keeps it on) for
+// trackFor, and returns what it has recorded, newest first.
+func (a *acks) track(sk registry.ServiceKey, now time.Time) (until time.Time, changes []revisionTrack) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	p := a.tracked[sk]
+	if p == nil {
+		if len(a.tracked) >= maxTracked {
+			a.expireLocked(now)
+		}
+		if len(a.tracked) >= maxTracked {
+			return time.Time{}, nil // a bound on memory: the oldest trackings end first
+		}
+		p = &trackedService{}
+		a.tracked[sk] = p
+	}
+	p.until = now.Add(trackFor)
+	for i := len(p.changes) - 1; i >= 0; i-- {
+		c := *p.changes[i]
+		c.pending = nil
+		changes = append(changes, c)
+	}
+	return p.until, changes
+}
+
+func (a *acks) expireLocked(now time.Time) {
+	for sk, p := range a.tracked {
+		if now.After(p.until) {
+			delete(a.tracked, sk)
+		}
+	}
+}
+
+// published records new revisions of tracked services and asks their
+// watchers to acknowledge them. It is the view's Published hook, which
+// runs before the view offers the snapshots to the streams: no stream
+// needs waking, the snapshot's message carries the request.
+func (a *acks) published(snaps []*registry.Snapshot, now time.Time) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if len(a.tracked) == 0 {
+		return
+	}
+	a.expireLocked(now)
+	for _, snap := range snaps {
+		sk := registry.ServiceKey{Namespace: snap.Namespace, Service: snap.Service}
+		p := a.tracked[sk]
+		if p == nil || len(p.changes) > 0 && p.changes[len(p.changes)-1].rev >= snap.Revision {
+			continue
+		}
+		c := &revisionTrack{rev: snap.Revision, published: now, pending: make(map[uint64]bool)}
+		for id, w := range a.watchers {
+			if w.ns != sk.Namespace || w.services != nil && !w.services[sk.Service] || w.readable != nil && !w.readable(sk.Service) {
+				continue
+			}
+			c.watchers++
+			if w.applied[sk.Service] >= c.rev {
+				c.acked++
+				c.lastAck = now
+				continue
+			}
+			c.pending[id] = true
+			w.wanted[sk.Service] = max(w.wanted[sk.Service], c.rev)
+		}
+		if len(p.changes) == trackedChanges {
+			p.changes = append(p.changes[:0], p.changes[1:]...)
+		}
+		p.changes = append(p.changes, c)
+	}
 }
 
 func (a *acks) broadcastLocked() {

@@ -467,6 +467,38 @@ func TestACLPermissionMatrix(t *testing.T) {
 			_, err := rc.AwaitWatchers(ctx, connect.NewRequest(&beaconv1.AwaitWatchersRequest{Service: "web", Revision: 1, Timeout: durationpb.New(time.Millisecond)}))
 			return plain(err)
 		}},
+		// The console's calls (consoleapi.go).
+		{"ListNamespaces", read, func(ctx context.Context, rc beaconv1connect.RegistryServiceClient, f *fixture) (outcome, error) {
+			resp, err := rc.ListNamespaces(ctx, connect.NewRequest(&beaconv1.ListNamespacesRequest{}))
+			if err != nil {
+				return plain(err)
+			}
+			for _, ns := range resp.Msg.GetNamespaces() {
+				if ns.GetServices() > 0 {
+					return allowed, nil
+				}
+			}
+			if !resp.Msg.GetResultsFiltered() {
+				return "", errors.New("no namespace with services and results_filtered unset")
+			}
+			return filtered, nil
+		}},
+		{"ListSessions", write("management"), func(ctx context.Context, rc beaconv1connect.RegistryServiceClient, f *fixture) (outcome, error) {
+			_, err := rc.ListSessions(ctx, connect.NewRequest(&beaconv1.ListSessionsRequest{}))
+			return plain(err)
+		}},
+		{"ExplainInstance", write("read-only", "id-same", "id-other", "cred-same", "cred-other", "management"), func(ctx context.Context, rc beaconv1connect.RegistryServiceClient, f *fixture) (outcome, error) {
+			_, err := rc.ExplainInstance(ctx, connect.NewRequest(&beaconv1.ExplainInstanceRequest{Service: "web", Id: "p1"}))
+			return plain(err)
+		}},
+		{"ServicePropagation", write("read-only", "id-same", "id-other", "cred-same", "cred-other", "management"), func(ctx context.Context, rc beaconv1connect.RegistryServiceClient, f *fixture) (outcome, error) {
+			_, err := rc.ServicePropagation(ctx, connect.NewRequest(&beaconv1.ServicePropagationRequest{Service: "web"}))
+			return plain(err)
+		}},
+		{"ClusterStatus", write("management"), func(ctx context.Context, rc beaconv1connect.RegistryServiceClient, f *fixture) (outcome, error) {
+			_, err := rc.ClusterStatus(ctx, connect.NewRequest(&beaconv1.ClusterStatusRequest{}))
+			return plain(err)
+		}},
 	}
 
 	mgmt := regClient(srv, mgmtSecret, connect.WithGRPC())

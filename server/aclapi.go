@@ -303,3 +303,49 @@ func (a aclAPI) WhoAmI(ctx context.Context, _ *connect.Request[beaconv1.WhoAmIRe
 	}
 	return connect.NewResponse(resp), nil
 }
+
+// maxAuthorizeChecks bounds one Authorize call.
+const maxAuthorizeChecks = 64
+
+func (a aclAPI) Authorize(ctx context.Context, req *connect.Request[beaconv1.AuthorizeRequest]) (*connect.Response[beaconv1.AuthorizeResponse], error) {
+	checks := req.Msg.GetChecks()
+	if len(checks) > maxAuthorizeChecks {
+		return nil, toConnectError(&registry.FieldError{Field: "checks", Value: fmt.Sprint(len(checks)), Reason: fmt.Sprintf("at most %d", maxAuthorizeChecks)})
+	}
+	id := identityOf(ctx)
+	authz := id.Authz
+	resp := &beaconv1.AuthorizeResponse{AclEnabled: a.s.acl != nil, Allowed: make([]bool, len(checks))}
+	for i, c := range checks {
+		field := fmt.Sprintf("checks[%d]", i)
+		var need acl.Access
+		switch c.GetAccess() {
+		case "read":
+			need = acl.Read
+		case "write":
+			need = acl.Write
+		default:
+			return nil, toConnectError(&registry.FieldError{Field: field + ".access", Value: c.GetAccess(), Reason: "must be read or write"})
+		}
+		var has acl.Access
+		switch c.GetResource() {
+		case "service", "key":
+			ns, err := namespaceOf(c.GetNamespace())
+			if err != nil {
+				return nil, toConnectError(err)
+			}
+			if c.GetResource() == "service" {
+				has = authz.Service(ns, c.GetName())
+			} else {
+				has = authz.Key(ns, c.GetName())
+			}
+		case "session", "operator", "acl":
+			if id.Session == 0 { // a session credential has no global rights (needGlobal)
+				has = authz.Global(map[string]acl.Resource{"session": acl.Session, "operator": acl.Operator, "acl": acl.ACL}[c.GetResource()])
+			}
+		default:
+			return nil, toConnectError(&registry.FieldError{Field: field + ".resource", Value: c.GetResource(), Reason: "must be service, key, session, operator or acl"})
+		}
+		resp.Allowed[i] = has >= need
+	}
+	return connect.NewResponse(resp), nil
+}

@@ -195,6 +195,10 @@ type Config struct {
 	DNS DNSConfig
 	// Consul configures the Consul-compatible HTTP API (consul.go).
 	Consul ConsulConfig
+	// ConsoleAddr is where the web console listens (docs/console.md): an
+	// address, ConsoleAuto (--addr's port + 3, skipped when taken), or ""
+	// for none. `beacon server` defaults to ConsoleAuto.
+	ConsoleAddr string
 	// XDS configures the xDS control plane (xds.go).
 	XDS XDSConfig
 	// Logger receives the server's logs; nil discards them.
@@ -261,6 +265,9 @@ func (c *Config) Validate() error {
 		return err
 	}
 	if err := c.validateXDS(); err != nil {
+		return err
+	}
+	if err := c.validateConsole(); err != nil {
 		return err
 	}
 	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
@@ -480,6 +487,7 @@ func (c *Config) BindFlags(fs *pflag.FlagSet) {
 	c.Limits.bindFlags(fs)
 	c.DNS.bindFlags(fs)
 	c.Consul.bindFlags(fs)
+	fs.StringVar(&c.ConsoleAddr, "console-addr", c.ConsoleAddr, "web console address (same TLS as --addr); \"auto\": --addr's host, its port + 3 ("+DefaultConsoleAddr+" by default), left off when that port is taken; \"off\": none")
 	c.XDS.bindFlags(fs)
 	fs.Float64Var(&c.ProtectionThreshold, "protection-threshold", c.ProtectionThreshold, "default protection threshold in [0, 1]: below this share of routable instances, discovery returns unhealthy ones too (0: off)")
 }

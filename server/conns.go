@@ -208,3 +208,21 @@ func (l *logLimiter) allow() bool {
 	last := l.last.Load()
 	return now-last >= int64(l.every) && l.last.CompareAndSwap(last, now)
 }
+
+// limitListener puts another listener of the server (Consul API, console)
+// behind the API's connection limits, counted on their own.
+func (s *Server) limitListener(ln net.Listener) *connLimiter {
+	lim := s.cfg.Limits
+	return newConnLimiter(ln, lim.effectiveMaxConns(), lim.MaxConnsPerIP, s.conns.newWrites, func(limit string) {
+		s.metrics.limitHits.WithLabelValues(limit).Inc()
+	})
+}
+
+// tlsListener serves ln with the API's certificate and client CAs when
+// the API has TLS.
+func (s *Server) tlsListener(ln net.Listener) net.Listener {
+	if s.tlsConfig != nil {
+		return tls.NewListener(ln, s.tlsConfig)
+	}
+	return ln
+}

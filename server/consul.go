@@ -3,7 +3,6 @@ package server
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -92,14 +91,9 @@ func (s *Server) startConsul() error {
 		return fmt.Errorf("server: listening on --consul-addr %s: %w", cfg.Addr, err)
 	}
 	lim := s.cfg.Limits
-	limited := newConnLimiter(ln, lim.effectiveMaxConns(), lim.MaxConnsPerIP, s.conns.newWrites, func(limit string) {
-		s.metrics.limitHits.WithLabelValues(limit).Inc()
-	})
+	limited := s.limitListener(ln)
 	s.consulLn = limited
-	var serve net.Listener = limited
-	if s.tlsConfig != nil {
-		serve = tls.NewListener(limited, s.tlsConfig) // the API's certificate and client CAs
-	}
+	serve := s.tlsListener(limited) // the API's certificate and client CAs
 	s.consulKV = newConsulKVState()
 	s.consulSrv = &http.Server{
 		Handler:           s.consulRoutes(),

@@ -50,6 +50,8 @@ type Server struct {
 	consulSrv      *http.Server
 	consulBlocking atomic.Int32 // Consul blocking queries waiting
 	consulKV       *consulKVState
+	consoleLn      net.Listener // nil without a console (--console-addr)
+	consoleSrv     *http.Server
 	xdsLn          net.Listener // nil without --xds-addr
 	xdsSrv         *grpc.Server
 	xds            *xds.Server
@@ -60,6 +62,7 @@ type Server struct {
 	store         *store.Store
 	view          *view.View
 	acks          *acks
+	removals      removals // recent instance removals, for ExplainInstance
 	kv            *kv.Store
 	kvReplica     *kv.Replica // the KV values, fed by the view
 	kvApplied     *kv.Applied
@@ -152,12 +155,22 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		s.closeAudit()
 		return nil, err
 	}
+	if err := s.startConsole(); err != nil {
+		s.runCancel()
+		s.conns.Close()
+		if s.consulSrv != nil {
+			s.consulSrv.Close()
+		}
+		s.closeAudit()
+		return nil, err
+	}
 	if err := s.startXDS(); err != nil {
 		s.runCancel()
 		s.conns.Close()
 		if s.consulSrv != nil {
 			s.consulSrv.Close()
 		}
+		s.stopConsole(nil)
 		s.closeAudit()
 		return nil, err
 	}
@@ -176,6 +189,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 			if s.consulSrv != nil {
 				s.consulSrv.Close()
 			}
+			s.stopConsole(nil)
 			s.stopXDS()
 			s.wg.Wait()
 			s.closeAudit()
@@ -242,12 +256,12 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		Store: s.store, Members: s.members, MaxConcurrent: cfg.CheckConcurrency, MaxConns: cfg.CheckMaxConns, Log: s.log,
 		Instance: func(k registry.InstanceKey) *registry.Instance { return s.view.Instance(k) },
 	})
-	hooks.Published = s.checker.Offer
-	if s.xds != nil {
-		hooks.Published = func(snaps []*registry.Snapshot) {
-			s.checker.Offer(snaps)
+	hooks.Published = func(snaps []*registry.Snapshot) {
+		s.checker.Offer(snaps)
+		if s.xds != nil {
 			s.xds.Offer(snaps)
 		}
+		s.acks.published(snaps, time.Now())
 	}
 	history := cfg.KVHistory
 	if history == 0 {
@@ -272,6 +286,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	}
 	s.locks = lock.New(cli, s.store.Layout, delay, s.log)
 	hooks.Changed = func(events []*clientv3.Event, rev int64) {
+		s.removals.notice(events, s.store.Layout)
 		s.kvReplica.Changed(events, rev)
 		s.locks.NoticeLost(events)
 		if s.consulKV != nil {
@@ -477,6 +492,7 @@ func (s *Server) Close() error {
 				s.consulSrv.Close()
 			}
 		}
+		s.stopConsole(ctx)
 		s.stopXDS() // its streams ended with runCtx
 		s.wg.Wait()
 		s.closeAudit()

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
@@ -477,4 +478,39 @@ func (s *Store) grantUnguessable(ctx context.Context, ttl int64) (*clientv3.Leas
 		return &clientv3.LeaseGrantResponse{ResponseHeader: resp.Header, ID: clientv3.LeaseID(resp.ID), TTL: resp.TTL}, nil
 	}
 	return nil, errors.New("store: no free lease ID in 8 random draws")
+}
+
+// SessionInfo is a session's record, as ListSessions reads it.
+type SessionInfo struct {
+	ID      int64
+	Name    string
+	TTL     time.Duration
+	Created time.Time
+}
+
+// ListSessions returns up to limit sessions with ids after after (as
+// unsigned numbers, the keys' order), and whether more follow.
+func (s *Store) ListSessions(ctx context.Context, after int64, limit int) ([]SessionInfo, bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	from := s.SessionsPrefix()
+	if after != 0 {
+		from = s.SessionKey(after) + "\x00"
+	}
+	resp, err := s.cli.Get(ctx, from, clientv3.WithRange(clientv3.GetPrefixRangeEnd(s.SessionsPrefix())),
+		clientv3.WithLimit(int64(limit)), clientv3.WithSerializable())
+	if err != nil {
+		return nil, false, fmt.Errorf("store: listing sessions: %w", err)
+	}
+	out := make([]SessionInfo, 0, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		id, err := ParseSessionID(strings.TrimPrefix(string(kv.Key), s.SessionsPrefix()))
+		if err != nil {
+			continue // not a session record: nothing to list
+		}
+		var rec sessionRecord
+		_ = json.Unmarshal(kv.Value, &rec) // a record that does not decode still names a live session
+		out = append(out, SessionInfo{ID: id, Name: rec.Name, TTL: time.Duration(rec.TTL) * time.Second, Created: rec.Created})
+	}
+	return out, resp.More, nil
 }

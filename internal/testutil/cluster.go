@@ -48,7 +48,8 @@ func NewCluster(t testing.TB, bin string, n int, extra ...string) []*Node {
 		peer := FreeAddr(t)
 		initial = append(initial, nd.Name+"=https://"+peer)
 		nd.args = []string{"server", "--name", nd.Name, "--addr", nd.API, "--data-dir", DataDir(t),
-			"--etcd-client-addr", nd.EtcdClient, "--etcd-peer-addr", peer}
+			"--etcd-client-addr", nd.EtcdClient, "--etcd-peer-addr", peer,
+			"--console-addr", "off"} // a test asks for a console on a port of its choosing
 		if ca != nil {
 			cert, key := ca.Issue(t, certDir, nd.Name, CertSpec{Names: []string{"127.0.0.1"}, Peer: true})
 			nd.args = append(nd.args, "--etcd-peer-cert", cert, "--etcd-peer-key", key, "--etcd-peer-ca", caFile)

@@ -4032,8 +4032,9 @@ type ClusterMember struct {
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// A beacon server: its API address. An etcd member: its client URLs.
 	Addresses []string `protobuf:"bytes,2,rep,name=addresses,proto3" json:"addresses,omitempty"`
-	// For beacon servers: the one answering. For etcd: the leader.
-	Self   bool `protobuf:"varint,3,opt,name=self,proto3" json:"self,omitempty"`
+	// The server answering; for etcd, its embedded member.
+	Self bool `protobuf:"varint,3,opt,name=self,proto3" json:"self,omitempty"`
+	// etcd members: the Raft leader.
 	Leader bool `protobuf:"varint,4,opt,name=leader,proto3" json:"leader,omitempty"`
 	// etcd members: reachable, with its status and errors when not.
 	Healthy       bool   `protobuf:"varint,5,opt,name=healthy,proto3" json:"healthy,omitempty"`

@@ -17,6 +17,7 @@ import (
 
 func newServerCmd(g *globals) *cobra.Command {
 	cfg := server.NewConfig()
+	cfg.ConsoleAddr = server.ConsoleAuto
 	var logLevel, otlpEndpoint string
 	cmd := &cobra.Command{
 		Use:   "server",
@@ -57,6 +58,9 @@ func newServerCmd(g *globals) *cobra.Command {
 					mode = fmt.Sprintf("etcd at %v", cfg.EtcdEndpoints)
 				}
 				fmt.Fprintf(g.stdout, "beacon server ready on %s (%s) in %s\n", srv.Addr(), mode, time.Since(start).Round(time.Millisecond))
+				if url := srv.ConsoleURL(); url != "" {
+					fmt.Fprintf(g.stdout, "web console: %s\n", url)
+				}
 			case err := <-srv.Err():
 				return err
 			case <-ctx.Done():
