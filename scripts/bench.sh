@@ -38,6 +38,9 @@ out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 	go test -run '^$' -bench 'BenchmarkProxy$' -benchtime 1x -count "${COUNT:-5}" -timeout 30m ./bench
 	go test -run '^$' -bench 'BenchmarkProxyChaos$' -benchtime 1x -count 3 -timeout 30m ./bench
 	go test -run '^$' -bench 'ProxyRequest' -benchmem -count "${COUNT:-5}" ./proxy
+	# The web console in headless Chromium: first paint, the services
+	# table drawn from the API, the assets' size (Debian's chromium).
+	go test -run '^$' -bench 'ConsoleFirstPaint' -benchtime 20x -count "${COUNT:-5}" -timeout 30m ./e2e
 	# Cluster mode: failover (20 kills of the leader's node), the 3-node
 	# cluster beside a single node, and 300 clients through a node's death
 	# and restart (reconnect spread, return home).

@@ -23,8 +23,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
 	command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 	command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 	command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+	# The web console's browser tests (e2e/console_test.go) drive headless
+	# Chromium through chromedp.
+	command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 	if [ ${#missing[@]} -gt 0 ]; then
-		echo "installing ${missing[*]} for the external-etcd, DNS, Prometheus and proxy-anchor tests"
+		echo "installing ${missing[*]} for the external-etcd, DNS, Prometheus, proxy-anchor and console tests"
 		apt-get update -qq
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 	fi
@@ -34,6 +37,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
 	export BEACON_REQUIRE_DNS_TOOLS=1
 	export BEACON_REQUIRE_PROMETHEUS=1
 	export BEACON_REQUIRE_PROXY_ANCHORS=1
+	export BEACON_REQUIRE_CHROMIUM=1
 fi
 
 # One workspace (go.work) of several modules: the SDK at the root, the
