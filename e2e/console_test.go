@@ -135,6 +135,7 @@ func (b bearerToken) WrapStreamingHandler(next connect.StreamingHandlerFunc) con
 // token, and API clients acting with it.
 type consoleFixture struct {
 	srv          *server.Server
+	auditLog     string
 	mgmt, ro     string // secrets
 	mgmtAccessor string
 	reg          beaconv1connect.RegistryServiceClient
@@ -145,6 +146,7 @@ func newConsoleFixture(t *testing.T) *consoleFixture {
 	cfg := servertest.Config(t, "")
 	cfg.ACL = true
 	cfg.ConsoleAddr = "127.0.0.1:0"
+	cfg.AuditLog = filepath.Join(t.TempDir(), "audit.log")
 	srv := servertest.Start(t, cfg)
 	ctx := context.Background()
 	base := "http://" + srv.Addr()
@@ -152,7 +154,7 @@ func newConsoleFixture(t *testing.T) *consoleFixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &consoleFixture{srv: srv, mgmt: boot.Msg.GetToken().GetSecretId(), mgmtAccessor: boot.Msg.GetToken().GetAccessorId()}
+	f := &consoleFixture{srv: srv, auditLog: cfg.AuditLog, mgmt: boot.Msg.GetToken().GetSecretId(), mgmtAccessor: boot.Msg.GetToken().GetAccessorId()}
 	auth := connect.WithInterceptors(bearerToken(f.mgmt))
 	acls := beaconv1connect.NewAclServiceClient(http.DefaultClient, base, auth)
 	if _, err := acls.PutPolicy(ctx, connect.NewRequest(&beaconv1.PutPolicyRequest{Policy: &beaconv1.AclPolicy{Name: "read-only", Rules: "read service *\nread key *"}})); err != nil {
@@ -255,6 +257,17 @@ func TestConsoleInABrowser(t *testing.T) {
 		chromedp.Click(chromedp.CSS(`#instances tr[data-id="orders-1"] button[data-action="drain"]`)),
 		chromedp.WaitVisible(chromedp.CSS(`#instances tr[data-id="orders-1"][data-status="DRAINING"]`)),
 	)
+	// The console's write is audited as any API call, under its token.
+	testutil.Eventually(t, 30*time.Second, "the drain in the audit log", func() bool {
+		b, _ := os.ReadFile(f.auditLog)
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.Contains(line, `"operation":"beacon.v1.RegistryService/SetStatus"`) && strings.Contains(line, `"accessor":"`+f.mgmtAccessor+`"`) &&
+				strings.Contains(line, "orders-1") {
+				return true
+			}
+		}
+		return false
+	})
 	// Why no traffic: the drain, then a failing check.
 	step(t, tab, "explaining the drained instance",
 		chromedp.Click(chromedp.CSS(`#instances tr[data-id="orders-1"] button[data-action="explain"]`)),
