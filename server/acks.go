@@ -30,9 +30,12 @@ const (
 	trackFor       = 10 * time.Minute
 	trackedChanges = 16 // revisions kept per tracked service
 	maxTracked     = 256
+	// maxTrackedPerToken keeps one token from taking every place.
+	maxTrackedPerToken = 32
 )
 
 type trackedService struct {
+	by      string // the accessor whose look started the tracking
 	until   time.Time
 	changes []*revisionTrack // oldest first
 }
@@ -94,7 +97,7 @@ func (a *acks) leave(id uint64) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if w, ok := a.watchers[id]; ok {
-		a.settleLocked(id, w, nil, time.Time{})
+		a.leftLocked(id, w)
 	}
 	delete(a.watchers, id)
 	a.broadcastLocked()
@@ -117,32 +120,25 @@ func (a *acks) ack(owner string, id uint64, revisions map[string]int64) bool {
 			w.applied[svc] = rev
 		}
 	}
-	a.settleLocked(id, w, revisions, time.Now())
+	a.ackedLocked(id, w, revisions, time.Now())
 	a.broadcastLocked()
 	return true
 }
 
-// settleLocked counts a watcher's acknowledgements (revisions; nil: it
-// left) in the tracked changes it was pending on.
-func (a *acks) settleLocked(id uint64, w *ackingWatcher, revisions map[string]int64, now time.Time) {
+// ackedLocked counts a watcher's acknowledgements in the tracked changes
+// it was pending on.
+func (a *acks) ackedLocked(id uint64, w *ackingWatcher, revisions map[string]int64, now time.Time) {
 	if len(a.tracked) == 0 {
 		return
 	}
-	for sk, p := range a.tracked {
-		if sk.Namespace != w.ns {
+	for svc, applied := range revisions {
+		p := a.tracked[registry.ServiceKey{Namespace: w.ns, Service: svc}]
+		if p == nil {
 			continue
 		}
-		applied, acked := revisions[sk.Service]
 		for _, c := range p.changes {
-			if !c.pending[id] {
-				continue
-			}
-			switch {
-			case revisions == nil:
-				delete(c.pending, id)
-				c.gone++
-			case acked && applied >= c.rev:
-				delete(c.pending, id)
+			if c.pending[id] && applied >= c.rev {
+				c.settle(id)
 				c.acked++
 				c.lastAck = now
 			}
@@ -150,20 +146,51 @@ func (a *acks) settleLocked(id uint64, w *ackingWatcher, revisions map[string]in
 	}
 }
 
+// leftLocked counts a watcher that left as gone from the tracked changes
+// it had not acknowledged.
+func (a *acks) leftLocked(id uint64, w *ackingWatcher) {
+	for sk, p := range a.tracked {
+		if sk.Namespace != w.ns {
+			continue
+		}
+		for _, c := range p.changes {
+			if c.pending[id] {
+				c.settle(id)
+				c.gone++
+			}
+		}
+	}
+}
+
+// settle drops a watcher from the change's pending set, and the set once
+// empty: maps do not shrink, and most changes are soon acknowledged by all.
+func (c *revisionTrack) settle(id uint64) {
+	delete(c.pending, id)
+	if len(c.pending) == 0 {
+		c.pending = nil
+	}
+}
+
 // track turns propagation tracking of a service on (or keeps it on) for
-// trackFor, and returns what it has recorded, newest first.
-func (a *acks) track(sk registry.ServiceKey, now time.Time) (until time.Time, changes []revisionTrack) {
+// trackFor, and returns what it has recorded, newest first. It refuses
+// (ok false) a new service beyond maxTracked on the server or
+// maxTrackedPerToken for the token starting it.
+func (a *acks) track(sk registry.ServiceKey, accessor string, now time.Time) (until time.Time, changes []revisionTrack, ok bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	p := a.tracked[sk]
 	if p == nil {
-		if len(a.tracked) >= maxTracked {
-			a.expireLocked(now)
+		a.expireLocked(now)
+		mine := 0
+		for _, t := range a.tracked {
+			if t.by == accessor {
+				mine++
+			}
 		}
-		if len(a.tracked) >= maxTracked {
-			return time.Time{}, nil // a bound on memory: the oldest trackings end first
+		if len(a.tracked) >= maxTracked || mine >= maxTrackedPerToken {
+			return time.Time{}, nil, false
 		}
-		p = &trackedService{}
+		p = &trackedService{by: accessor}
 		a.tracked[sk] = p
 	}
 	p.until = now.Add(trackFor)
@@ -172,7 +199,7 @@ func (a *acks) track(sk registry.ServiceKey, now time.Time) (until time.Time, ch
 		c.pending = nil
 		changes = append(changes, c)
 	}
-	return p.until, changes
+	return p.until, changes, true
 }
 
 func (a *acks) expireLocked(now time.Time) {
@@ -200,7 +227,7 @@ func (a *acks) published(snaps []*registry.Snapshot, now time.Time) {
 		if p == nil || len(p.changes) > 0 && p.changes[len(p.changes)-1].rev >= snap.Revision {
 			continue
 		}
-		c := &revisionTrack{rev: snap.Revision, published: now, pending: make(map[uint64]bool)}
+		c := &revisionTrack{rev: snap.Revision, published: now}
 		for id, w := range a.watchers {
 			if w.ns != sk.Namespace || w.services != nil && !w.services[sk.Service] || w.readable != nil && !w.readable(sk.Service) {
 				continue
@@ -210,6 +237,9 @@ func (a *acks) published(snaps []*registry.Snapshot, now time.Time) {
 				c.acked++
 				c.lastAck = now
 				continue
+			}
+			if c.pending == nil {
+				c.pending = make(map[uint64]bool)
 			}
 			c.pending[id] = true
 			w.wanted[sk.Service] = max(w.wanted[sk.Service], c.rev)

@@ -304,8 +304,11 @@ func (a aclAPI) WhoAmI(ctx context.Context, _ *connect.Request[beaconv1.WhoAmIRe
 	return connect.NewResponse(resp), nil
 }
 
-// maxAuthorizeChecks bounds one Authorize call.
-const maxAuthorizeChecks = 64
+// maxAuthorizeChecks and maxAuthorizeName bound one Authorize call.
+const (
+	maxAuthorizeChecks = 64
+	maxAuthorizeName   = 1024
+)
 
 func (a aclAPI) Authorize(ctx context.Context, req *connect.Request[beaconv1.AuthorizeRequest]) (*connect.Response[beaconv1.AuthorizeResponse], error) {
 	checks := req.Msg.GetChecks()
@@ -331,7 +334,10 @@ func (a aclAPI) Authorize(ctx context.Context, req *connect.Request[beaconv1.Aut
 		case "service", "key":
 			ns, err := namespaceOf(c.GetNamespace())
 			if err != nil {
-				return nil, toConnectError(err)
+				return nil, toConnectError(&registry.FieldError{Field: field + ".namespace", Value: c.GetNamespace(), Reason: err.Error()})
+			}
+			if len(c.GetName()) > maxAuthorizeName {
+				return nil, toConnectError(&registry.FieldError{Field: field + ".name", Reason: fmt.Sprintf("%d bytes, at most %d", len(c.GetName()), maxAuthorizeName)})
 			}
 			if c.GetResource() == "service" {
 				has = authz.Service(ns, c.GetName())

@@ -267,11 +267,11 @@ func (c *Config) Validate() error {
 	if err := c.validateXDS(); err != nil {
 		return err
 	}
-	if err := c.validateConsole(); err != nil {
-		return err
-	}
 	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
 		return fmt.Errorf("server: invalid --addr %q: %w", c.Addr, err)
+	}
+	if err := c.validateConsole(); err != nil {
+		return err
 	}
 	if c.Embedded() {
 		peer, err := c.etcdPeerAddr()

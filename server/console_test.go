@@ -3,6 +3,7 @@ package server_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -220,9 +221,14 @@ func TestListNamespacesAndSessions(t *testing.T) {
 // ones marked "!".
 func explain(t *testing.T, srv *server.Server, id string) (bool, string, []*beaconv1.ExplainReason) {
 	t.Helper()
-	resp, err := regClient(srv, "", connect.WithGRPC()).ExplainInstance(context.Background(), connect.NewRequest(&beaconv1.ExplainInstanceRequest{Service: "web", Id: id}))
+	return explainIn(t, srv, "web", id)
+}
+
+func explainIn(t *testing.T, srv *server.Server, service, id string) (bool, string, []*beaconv1.ExplainReason) {
+	t.Helper()
+	resp, err := regClient(srv, "", connect.WithGRPC()).ExplainInstance(context.Background(), connect.NewRequest(&beaconv1.ExplainInstanceRequest{Service: service, Id: id}))
 	if err != nil {
-		t.Fatalf("ExplainInstance(%s) = %v", id, err)
+		t.Fatalf("ExplainInstance(%s/%s) = %v", service, id, err)
 	}
 	var rules []string
 	for _, r := range resp.Msg.GetReasons() {
@@ -271,6 +277,7 @@ func TestExplainInstanceNamesTheRule(t *testing.T) {
 		t.Fatal(err)
 	}
 	register(&beaconv1.Instance{Id: "leased", Address: "10.0.0.5", SessionId: sess.Msg.GetSessionId()})
+	register(&beaconv1.Instance{Id: "left", Address: "10.0.0.7", SessionId: sess.Msg.GetSessionId()})
 	register(&beaconv1.Instance{Id: "gone", Address: "10.0.0.6"})
 
 	testutil.Eventually(t, 30*time.Second, "the check's CRITICAL with its output in the view", func() bool {
@@ -304,14 +311,17 @@ func TestExplainInstanceNamesTheRule(t *testing.T) {
 		return gets && strings.Contains(rules, "protection")
 	})
 
-	// Gone: deregistered, and taken by its session's end.
-	if _, err := rc.Deregister(ctx, connect.NewRequest(&beaconv1.DeregisterRequest{Service: "web", Id: "gone"})); err != nil {
-		t.Fatal(err)
+	// Gone: deregistered (one persistent, one of the session's before the
+	// session ended), and taken by its session's end.
+	for _, id := range []string{"gone", "left"} {
+		if _, err := rc.Deregister(ctx, connect.NewRequest(&beaconv1.DeregisterRequest{Service: "web", Id: id})); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if _, err := rc.CloseSession(ctx, connect.NewRequest(&beaconv1.CloseSessionRequest{SessionId: sess.Msg.GetSessionId()})); err != nil {
 		t.Fatal(err)
 	}
-	for id, want := range map[string]string{"gone": "deregistered", "leased": "session ended", "never": "never existed"} {
+	for id, want := range map[string]string{"gone": "deregistered", "left": "deregistered", "leased": "session ended", "never": "never existed"} {
 		testutil.Eventually(t, 30*time.Second, id+" explained as "+want, func() bool {
 			gets, rules, reasons := explain(t, srv, id)
 			return !gets && rules == "!registered" && strings.Contains(reasonDetail(reasons, "registered"), want)
@@ -320,6 +330,34 @@ func TestExplainInstanceNamesTheRule(t *testing.T) {
 	if _, err := rc.ExplainInstance(ctx, connect.NewRequest(&beaconv1.ExplainInstanceRequest{Service: "web"})); connect.CodeOf(err) != connect.CodeInvalidArgument {
 		t.Errorf("ExplainInstance without an id = %v, want invalid_argument", err)
 	}
+}
+
+// Tiers as the SDK reads them (endpoint.TierOf): callers use the lowest
+// tier with an available instance; a tier that is not a small number is 0.
+func TestExplainInstanceFollowsTiers(t *testing.T) {
+	srv := startServer(t)
+	rc := regClient(srv, "", connect.WithGRPC())
+	register := func(id, tier string) {
+		t.Helper()
+		in := &beaconv1.Instance{Service: "tiers", Id: id, Address: "10.0.0.1", Port: 80, Metadata: map[string]string{"tier": tier}}
+		if _, err := rc.Register(context.Background(), connect.NewRequest(&beaconv1.RegisterRequest{Instance: in})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	check := func(id, rules string, gets bool) {
+		t.Helper()
+		testutil.Eventually(t, 30*time.Second, fmt.Sprintf("%s: %v [%s]", id, gets, rules), func() bool {
+			g, r, _ := explainIn(t, srv, "tiers", id)
+			return g == gets && r == rules
+		})
+	}
+	register("t1", "1")
+	register("t2", "2")
+	check("t1", "status health tier session", true) // tier 1 is the lowest available
+	check("t2", "!tier status health session", false)
+	register("odd", "abc") // not a number: tier 0, a primary
+	check("odd", "status health session", true)
+	check("t1", "!tier status health session", false)
 }
 
 // A tracked service's changes are counted as its watchers acknowledge
@@ -355,7 +393,22 @@ func TestServicePropagationCountsAcknowledgements(t *testing.T) {
 		}
 		return resp.Msg
 	}
-	first := track()
+	// Only a service the server has seen is tracked, from the first look.
+	if _, err := rc.ServicePropagation(ctx, connect.NewRequest(&beaconv1.ServicePropagationRequest{Service: "web"})); connect.CodeOf(err) != connect.CodeNotFound {
+		t.Errorf("ServicePropagation of a service never seen = %v, want not_found", err)
+	}
+	if _, err := rc.Register(ctx, connect.NewRequest(&beaconv1.RegisterRequest{Instance: &beaconv1.Instance{Service: "web", Id: "w0", Address: "10.0.0.1", Port: 80}})); err != nil {
+		t.Fatal(err)
+	}
+	var first *beaconv1.ServicePropagationResponse
+	testutil.Eventually(t, 30*time.Second, "web in the server's view", func() bool {
+		resp, err := rc.ServicePropagation(ctx, connect.NewRequest(&beaconv1.ServicePropagationRequest{Service: "web"}))
+		if err != nil {
+			return false
+		}
+		first = resp.Msg
+		return true
+	})
 	if len(first.GetChanges()) != 0 || first.GetTrackedUntil().AsTime().Before(time.Now()) {
 		t.Fatalf("before any change: %v", first)
 	}
@@ -374,20 +427,32 @@ func TestServicePropagationCountsAcknowledgements(t *testing.T) {
 	if len(ch) != 2 || ch[1].GetRevision() >= ch[0].GetRevision() || ch[0].GetLastAck().AsTime().Before(ch[0].GetPublished().AsTime()) {
 		t.Errorf("changes = %v, want two, newest first, acknowledged after publication", ch)
 	}
-	// A watcher that leaves before acknowledging counts as gone.
+	// A watcher that leaves before acknowledging counts as gone: a raw
+	// stream that says it acknowledges and never does.
 	w.Close()
 	<-applied
+	sctx, stop := context.WithCancel(ctx)
+	st, err := rc.Watch(sctx, connect.NewRequest(&beaconv1.WatchRequest{Services: []string{"web"}, Acknowledge: true}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !st.Receive() {
+		t.Fatalf("the silent watcher's first message: %v", st.Err())
+	}
 	resp, err := rc.Register(ctx, connect.NewRequest(&beaconv1.RegisterRequest{Instance: &beaconv1.Instance{Service: "web", Id: "w3", Address: "10.0.0.1", Port: 80}}))
 	if err != nil {
 		t.Fatal(err)
 	}
-	testutil.Eventually(t, 60*time.Second, "the change after the watcher left", func() bool {
+	testutil.Eventually(t, 60*time.Second, "the change pending on the silent watcher", func() bool {
 		ch := track().GetChanges()
-		return len(ch) == 3 && ch[0].GetRevision() == resp.Msg.GetRevision()
+		return len(ch) == 3 && ch[0].GetRevision() == resp.Msg.GetRevision() && ch[0].GetWatchers() == 1 && ch[0].GetAcknowledged() == 0
 	})
-	if c := track().GetChanges()[0]; c.GetAcknowledged() != 0 || c.GetWatchers()-c.GetGone() != 0 && c.GetWatchers() != 0 {
-		t.Errorf("after the watcher left: %v", c)
-	}
+	stop()
+	st.Close()
+	testutil.Eventually(t, 60*time.Second, "the silent watcher counted as gone", func() bool {
+		c := track().GetChanges()[0]
+		return c.GetGone() == 1 && c.GetAcknowledged() == 0
+	})
 }
 
 func TestClusterStatus(t *testing.T) {

@@ -86,7 +86,11 @@ func (a api) ListSessions(ctx context.Context, req *connect.Request[beaconv1.Lis
 		return nil, toConnectError(err)
 	}
 	owned := map[int64]int32{}
+	who := identityOf(ctx)
 	for _, snap := range a.s.view.All() {
+		if who.Authz.Service(snap.Namespace, snap.Service) < acl.Read {
+			continue // a count of what the caller may not read tells of it
+		}
 		for _, in := range snap.Instances {
 			if in.SessionID != 0 {
 				owned[in.SessionID]++
@@ -132,14 +136,14 @@ func (a api) ExplainInstance(ctx context.Context, req *connect.Request[beaconv1.
 		resp.Reasons = append(resp.Reasons, &beaconv1.ExplainReason{Rule: "registered", Excludes: true, Detail: detail})
 		ackRev = rev
 	} else {
-		shown := in
-		if !mayReadSessions(identityOf(ctx)) {
+		shown, sessions := in, mayReadSessions(identityOf(ctx))
+		if !sessions {
 			c := in.Clone()
 			c.SessionID = 0
 			shown = &c
 		}
 		resp.Instance = wire.InstanceToProto(shown)
-		resp.GetsTraffic, resp.Reasons = explainPresent(snap, in)
+		resp.GetsTraffic, resp.Reasons = explainPresent(snap, in, sessions)
 		ackRev = in.Revision
 	}
 	if ackRev > 0 {
@@ -162,7 +166,7 @@ func (a api) ExplainInstance(ctx context.Context, req *connect.Request[beaconv1.
 
 // explainPresent applies the routability rules (registry.Instance.Routable,
 // Snapshot.Available, the SDK's tiers) to a registered instance.
-func explainPresent(snap *registry.Snapshot, in *registry.Instance) (gets bool, reasons []*beaconv1.ExplainReason) {
+func explainPresent(snap *registry.Snapshot, in *registry.Instance, sessionsShown bool) (gets bool, reasons []*beaconv1.ExplainReason) {
 	add := func(rule string, excludes bool, format string, args ...any) {
 		reasons = append(reasons, &beaconv1.ExplainReason{Rule: rule, Excludes: excludes, Detail: fmt.Sprintf(format, args...)})
 	}
@@ -230,24 +234,34 @@ func explainPresent(snap *registry.Snapshot, in *registry.Instance) (gets bool, 
 	if in.Suspect {
 		add("mass_expiry", false, "its session expired together with many others at once, which looks like the registry's own trouble: the server keeps it listed, routable, for the mass-expiry guard's grace period (docs/health.md)")
 	}
+	// The SDK routes to the lowest tier with an available instance
+	// (endpoint.TierOf: metadata tier, a number; anything else is 0).
 	gets = inAvailable
-	if inAvailable && in.Metadata[endpoint.MetaTier] != "" && in.Metadata[endpoint.MetaTier] != "0" {
-		primaries := 0
+	if inAvailable {
+		lowest, inLowest := endpoint.TierOf(available[0]), 0
 		for _, x := range available {
-			if t := x.Metadata[endpoint.MetaTier]; t == "" || t == "0" {
-				primaries++
+			lowest = min(lowest, endpoint.TierOf(x))
+		}
+		for _, x := range available {
+			if endpoint.TierOf(x) == lowest {
+				inLowest++
 			}
 		}
-		if primaries > 0 {
+		switch tier := endpoint.TierOf(in); {
+		case tier > lowest:
 			gets = false
-			add("tier", true, "a backup (metadata tier=%s): callers use it only while no primary (tier 0) instance is available, and %d is", in.Metadata[endpoint.MetaTier], primaries)
-		} else {
-			add("tier", false, "a backup (metadata tier=%s), in use: no primary (tier 0) instance is available", in.Metadata[endpoint.MetaTier])
+			add("tier", true, "tier %d (metadata tier=%q): callers use the lowest tier with an available instance, tier %d, which has %d", tier, in.Metadata[endpoint.MetaTier], lowest, inLowest)
+		case tier > 0:
+			add("tier", false, "tier %d (metadata tier=%q), in use: no instance of a lower tier is available", tier, in.Metadata[endpoint.MetaTier])
 		}
 	}
-	if in.SessionID != 0 {
+	switch {
+	case !sessionsShown:
+		// Whether a session owns it is the caller's to know only with
+		// session:read (the instance's session id is blanked too).
+	case in.SessionID != 0:
 		add("session", false, "its session is alive (the instance goes when the session ends)")
-	} else {
+	default:
 		add("session", false, "persistent: no session, it stays until deregistered")
 	}
 	return gets, reasons
@@ -256,11 +270,15 @@ func explainPresent(snap *registry.Snapshot, in *registry.Instance) (gets bool, 
 // explainAcks asks this server's acknowledging watchers of the service
 // whether they applied rev, waiting at most explainAckWait.
 func (a api) explainAcks(ctx context.Context, sk registry.ServiceKey, rev int64) (*beaconv1.ExplainReason, bool) {
-	lim := a.s.cfg.Limits
+	lim, cc := a.s.cfg.Limits, connOf(ctx)
 	if !take(&a.s.awaits, lim.MaxAwaits) {
 		return &beaconv1.ExplainReason{Rule: "acknowledged", Detail: "not asked: too many waits for acknowledgements on this server (--max-awaits)"}, true
 	}
 	defer a.s.awaits.Add(-1)
+	if !take(&cc.awaits, lim.MaxAwaitsPerConn) {
+		return &beaconv1.ExplainReason{Rule: "acknowledged", Detail: "not asked: too many waits for acknowledgements on this connection (--max-awaits-per-conn)"}, true
+	}
+	defer cc.awaits.Add(-1)
 	wctx, cancel := context.WithTimeout(ctx, explainAckWait)
 	defer cancel()
 	r := a.s.acks.await(wctx, sk.Namespace, sk.Service, rev)
@@ -282,6 +300,8 @@ func (a api) explainAbsent(ctx context.Context, k registry.InstanceKey) (string,
 		return "not registered: no instance with this id has been removed since this server started, or it never existed", 0
 	}
 	detail := fmt.Sprintf("not registered: removed at revision %d (%s)", rm.rev, rm.at.UTC().Format(time.RFC3339))
+	ctx, cancel := context.WithTimeout(ctx, readTimeout)
+	defer cancel()
 	// The record as it was just before its removal says whether a session
 	// owned it; etcd keeps it until compaction.
 	resp, err := a.s.cli.Get(ctx, a.s.store.InstanceKey(k), clientv3.WithRev(rm.rev-1))
@@ -292,15 +312,20 @@ func (a api) explainAbsent(ctx context.Context, k registry.InstanceKey) (string,
 	if err != nil || in.SessionID == 0 {
 		return detail + ": deregistered", rm.rev
 	}
-	sess, err := a.s.cli.Get(ctx, a.s.store.SessionKey(in.SessionID), clientv3.WithCountOnly())
-	switch {
-	case err != nil:
+	// A session's end deletes its record and its instances (one lease) in
+	// one revision: the record gone at that very revision says so.
+	before, err := a.s.cli.Get(ctx, a.s.store.SessionKey(in.SessionID), clientv3.WithRev(rm.rev-1), clientv3.WithCountOnly())
+	if err != nil {
 		return detail, rm.rev
-	case sess.Count == 0:
-		return detail + ": its session ended (expired, or closed by its owner) and took the instance with it", rm.rev
-	default:
-		return detail + ": deregistered while its session lives on", rm.rev
 	}
+	after, err := a.s.cli.Get(ctx, a.s.store.SessionKey(in.SessionID), clientv3.WithRev(rm.rev), clientv3.WithCountOnly())
+	if err != nil {
+		return detail, rm.rev
+	}
+	if before.Count == 1 && after.Count == 0 {
+		return detail + ": its session ended (expired, or closed by its owner) and took the instance with it", rm.rev
+	}
+	return detail + ": deregistered", rm.rev
 }
 
 func (a api) ServicePropagation(ctx context.Context, req *connect.Request[beaconv1.ServicePropagationRequest]) (*connect.Response[beaconv1.ServicePropagationResponse], error) {
@@ -314,9 +339,12 @@ func (a api) ServicePropagation(ctx context.Context, req *connect.Request[beacon
 	if err := needService(ctx, sk.Namespace, sk.Service, acl.Read); err != nil {
 		return nil, err
 	}
-	until, changes := a.s.acks.track(sk, time.Now())
-	if until.IsZero() {
-		return nil, a.s.limitError("propagation-tracking", "%d services tracked on this server", maxTracked)
+	if a.s.view.Snapshot(sk).Revision == 0 {
+		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("service %s/%s has had no instance since this server started: nothing to track", sk.Namespace, sk.Service))
+	}
+	until, changes, ok := a.s.acks.track(sk, identityOf(ctx).Accessor, time.Now())
+	if !ok {
+		return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("propagation tracking: at most %d services tracked on a server, %d started by one token, for %v after their last look", maxTracked, maxTrackedPerToken, trackFor))
 	}
 	resp := &beaconv1.ServicePropagationResponse{TrackedUntil: timestamppb.New(until)}
 	for _, c := range changes {
@@ -342,7 +370,7 @@ func (a api) ClusterStatus(ctx context.Context, _ *connect.Request[beaconv1.Clus
 	resp := &beaconv1.ClusterStatusResponse{Revision: a.s.view.Revision()}
 	for _, id := range a.s.members.Live() {
 		name, addr, _ := strings.Cut(id, "@")
-		resp.Servers = append(resp.Servers, &beaconv1.ClusterMember{Name: name, Addresses: []string{addr}, Self: id == a.s.members.Self(), Healthy: true})
+		resp.Servers = append(resp.Servers, &beaconv1.ClusterMember{Name: name, Addresses: []string{addr}, Self: id == a.s.members.Self()})
 	}
 	list, err := a.s.cli.MemberList(ctx)
 	if err != nil {

@@ -19,9 +19,18 @@ import (
 // may do.
 
 // ConsoleAuto asks for the console on --addr's host, its port + 3
-// (DefaultConsoleAddr for the default --addr); when that port is taken
-// the server starts without a console and says so.
+// (DefaultConsoleAddr for the default --addr), when --addr is a loopback
+// address: a console reachable from other machines is opened only when
+// asked for by address. When that port is taken the server starts
+// without a console and says so.
 const ConsoleAuto = "auto"
+
+// A console serves a few operators' browsers: its own small connection
+// limits, so that it cannot take the API's share of file descriptors.
+const (
+	maxConsoleConns      = 256
+	maxConsoleConnsPerIP = 64
+)
 
 // DefaultConsoleAddr is where `beacon server` serves the console by default.
 const DefaultConsoleAddr = "127.0.0.1:8973"
@@ -37,8 +46,10 @@ func (c *Config) consoleAddr() (addr string, auto bool, err error) {
 			return "", false, fmt.Errorf("server: invalid --addr %q: %w", c.Addr, err)
 		}
 		port, err := strconv.Atoi(portText)
-		if err != nil || port == 0 || port+3 > 65535 {
-			return "", true, nil // a random or top port: no place to derive one from
+		if err != nil || port == 0 || port+3 > 65535 || !loopback(c.Addr) {
+			// A random or top port: no place to derive one from. Beyond
+			// loopback: only where asked.
+			return "", true, nil
 		}
 		return net.JoinHostPort(host, strconv.Itoa(port+3)), true, nil
 	}
@@ -75,9 +86,11 @@ func (s *Server) startConsole() error {
 		}
 		return fmt.Errorf("server: listening on --console-addr %s: %w", addr, err)
 	}
-	s.consoleLn = s.limitListener(ln)
-	s.consoleSrv = s.newHTTPServer()
-	s.consoleSrv.Handler = consoleRoutes(console.Handler(), s.httpSrv.Handler, loopback(addr))
+	lim := s.cfg.Limits
+	s.consoleLn = newConnLimiter(ln, min(lim.effectiveMaxConns(), maxConsoleConns), min(lim.MaxConnsPerIP, maxConsoleConnsPerIP), s.conns.newWrites, func(limit string) {
+		s.metrics.limitHits.WithLabelValues(limit).Inc()
+	})
+	s.consoleSrv = s.newHTTPServer(consoleRoutes(console.Handler(), s.httpSrv.Handler, loopback(addr)))
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()

@@ -148,7 +148,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	}
 	// Serve from the first moment, before etcd is up: /readyz says 503
 	// and API calls get unavailable instead of hanging on an open port.
-	s.httpSrv = s.newHTTPServer()
+	s.httpSrv = s.newHTTPServer(s.routes())
 	if err := s.startConsul(); err != nil {
 		s.runCancel()
 		s.conns.Close()
@@ -161,6 +161,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		if s.consulSrv != nil {
 			s.consulSrv.Close()
 		}
+		s.wg.Wait()
 		s.closeAudit()
 		return nil, err
 	}
@@ -171,6 +172,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 			s.consulSrv.Close()
 		}
 		s.stopConsole(nil)
+		s.wg.Wait() // their Serve goroutines
 		s.closeAudit()
 		return nil, err
 	}
@@ -390,10 +392,10 @@ func (s *Server) warnInsecure() {
 	}
 }
 
-func (s *Server) newHTTPServer() *http.Server {
+func (s *Server) newHTTPServer(handler http.Handler) *http.Server {
 	lim := s.cfg.Limits
 	srv := &http.Server{
-		Handler:           s.routes(),
+		Handler:           handler,
 		ReadHeaderTimeout: lim.ReadHeaderTimeout,
 		IdleTimeout:       lim.IdleTimeout,
 		MaxHeaderBytes:    64 << 10,

@@ -145,7 +145,8 @@ type RegistryServiceClient interface {
 	// which rule decides: the console's "why no traffic?" panel.
 	ExplainInstance(context.Context, *connect.Request[v1.ExplainInstanceRequest]) (*connect.Response[v1.ExplainInstanceResponse], error)
 	// ServicePropagation reports how the service's last changes reached its
-	// watchers on this server, and keeps tracking it for 10 minutes.
+	// watchers on this server, and keeps tracking it for 10 minutes
+	// (not_found for a service this server has never seen an instance of).
 	ServicePropagation(context.Context, *connect.Request[v1.ServicePropagationRequest]) (*connect.Response[v1.ServicePropagationResponse], error)
 	// ClusterStatus lists the beacon servers and etcd members (needs
 	// operator:read).
@@ -484,7 +485,8 @@ type RegistryServiceHandler interface {
 	// which rule decides: the console's "why no traffic?" panel.
 	ExplainInstance(context.Context, *connect.Request[v1.ExplainInstanceRequest]) (*connect.Response[v1.ExplainInstanceResponse], error)
 	// ServicePropagation reports how the service's last changes reached its
-	// watchers on this server, and keeps tracking it for 10 minutes.
+	// watchers on this server, and keeps tracking it for 10 minutes
+	// (not_found for a service this server has never seen an instance of).
 	ServicePropagation(context.Context, *connect.Request[v1.ServicePropagationRequest]) (*connect.Response[v1.ServicePropagationResponse], error)
 	// ClusterStatus lists the beacon servers and etcd members (needs
 	// operator:read).
