@@ -6,6 +6,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -15,6 +16,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"beacon.dev/beacon/policy"
+	"beacon.dev/beacon/tracing"
 )
 
 // RetryableCode is the default retry rule for gRPC: UNAVAILABLE, which
@@ -172,15 +174,31 @@ func (ic *interceptor) call(ctx context.Context, method string, req, reply any, 
 // yet, so any method may be), passes the breaker, bulkhead and rate limit,
 // and a retry avoids the endpoint that just failed. Once open, a stream is
 // the caller's: messages are not replayed and exec's timeouts do not apply
-// (bound the stream with its context).
-func StreamClientInterceptor(exec *policy.Executor) grpc.StreamClientInterceptor {
-	return func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+// (bound the stream with its context). Of the options, WithTracing
+// applies: the opening is a call span with its attempts.
+func StreamClientInterceptor(exec *policy.Executor, opts ...InterceptorOption) grpc.StreamClientInterceptor {
+	ic := &interceptor{exec: exec}
+	for _, o := range opts {
+		o(ic)
+	}
+	return func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (cs grpc.ClientStream, err error) {
+		var n *atomic.Int32 // attempts, numbered for their spans
+		if ic.tracer != nil {
+			// The call's span covers the opening: what the policies and the
+			// balancer decided. The stream then runs in its last attempt's
+			// context, so otelgrpc's span of the stream nests under it.
+			var span trace.Span
+			ctx, span = tracing.StartCall(ctx, ic.tracer, true, attribute.String("rpc.method", method), attribute.Bool("rpc.stream", true))
+			defer func() { endCall(span, err) }()
+			n = new(atomic.Int32)
+		}
 		ctx = context.WithValue(ctx, attemptsKey{}, new(attempts))
-		var cs grpc.ClientStream
-		err := exec.Open(ctx, func(ctx context.Context) error {
-			s, err := streamer(ctx, desc, cc, method, opts...)
-			cs = s
-			return attempt(err)
+		err = exec.Open(ctx, func(ctx context.Context) error {
+			return ic.traced(ctx, n, 0, func(ctx context.Context) error {
+				s, err := streamer(ctx, desc, cc, method, opts...)
+				cs = s
+				return attempt(err)
+			})
 		})
 		if err != nil {
 			return nil, asStatus(err)

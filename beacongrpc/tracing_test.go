@@ -237,3 +237,56 @@ func TestTracingRecordsHedges(t *testing.T) {
 		return lost && won
 	})
 }
+
+// A stream's opening is a call span too, with its attempt naming the
+// instance picked, and otelgrpc's span of the stream nests under that
+// attempt. (A server's refusal of a stream reaches the client on its
+// first Recv, after the opening: only a failure to open, such as no
+// instance ready, makes a second attempt.)
+func TestTracingRecordsAStreamsOpening(t *testing.T) {
+	exp := tracetest.NewInMemoryExporter()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSyncer(exp))
+	t.Cleanup(func() { tp.Shutdown(context.Background()) })
+	e := newEnv(t)
+	b := startTracedBackend(t, tp)
+	e.register(t, "hello", b.backend)
+	exec, err := policy.New(policy.WithRetry(policy.RetryConfig{MaxAttempts: 3, BaseBackoff: time.Millisecond, RetryOn: beacongrpc.RetryableCode}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc := e.dial(t, "beacon:///hello", policyConfig(beacongrpc.PolicyRoundRobin),
+		grpc.WithStatsHandler(otelgrpc.NewClientHandler(otelgrpc.WithTracerProvider(tp), otelgrpc.WithPropagators(propagation.TraceContext{}))),
+		grpc.WithStreamInterceptor(beacongrpc.StreamClientInterceptor(exec, beacongrpc.WithTracing(tp))))
+	hc := healthpb.NewHealthClient(cc)
+	ctx, root := tp.Tracer("test").Start(e.ctx, "test.watch")
+	sctx, cancel := context.WithCancel(ctx)
+	w, err := hc.Watch(sctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
+	if err != nil {
+		t.Fatalf("Watch: %v", err)
+	}
+	if _, err := w.Recv(); err != nil {
+		t.Fatalf("Recv: %v", err)
+	}
+	cancel()
+	root.End()
+	var spans map[string][]sdktrace.ReadOnlySpan
+	testutil.Eventually(t, 30*time.Second, "the call, its attempt and otelgrpc's stream span", func() bool {
+		spans = traceOf(exp.GetSpans(), root.SpanContext().TraceID())
+		if len(spans["beacon.call"]) != 1 || len(spans["beacon.attempt"]) != 1 {
+			return false
+		}
+		for _, s := range exp.GetSpans().Snapshots() {
+			if s.SpanKind() == trace.SpanKindClient && s.Parent().SpanID() == spans["beacon.attempt"][0].SpanContext().SpanID() {
+				return true
+			}
+		}
+		return false
+	})
+	call, at := spans["beacon.call"][0], spans["beacon.attempt"][0]
+	if attr(call, "rpc.method").AsString() != "/grpc.health.v1.Health/Watch" || !attr(call, "rpc.stream").AsBool() || at.Parent().SpanID() != call.SpanContext().SpanID() {
+		t.Errorf("call span %v", call.Attributes())
+	}
+	if attr(at, tracing.AttrEndpointID).AsString() != "hello-0" || attr(at, tracing.AttrOutcome).AsString() != "ok" || attr(at, tracing.AttrBalancer).AsString() != "round_robin" {
+		t.Errorf("attempt span %v", at.Attributes())
+	}
+}

@@ -17,6 +17,7 @@ import (
 
 	"beacon.dev/beacon/beaconhttp"
 	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/outlier"
 	"beacon.dev/beacon/registry"
 	"beacon.dev/beacon/tracing"
 )
@@ -148,5 +149,61 @@ func TestTracingRecordsRetriedRequests(t *testing.T) {
 		if !clients[s.Parent().SpanID()] {
 			t.Errorf("a server span's parent is not the call's client span: trace context did not propagate")
 		}
+	}
+}
+
+// An attempt whose failure ejected its instance carries the ejection as
+// an event, as in beacongrpc.
+func TestTracingRecordsTheEjection(t *testing.T) {
+	exp := tracetest.NewInMemoryExporter()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSyncer(exp))
+	t.Cleanup(func() { tp.Shutdown(context.Background()) })
+	e := newEnv(t)
+	start := func(code int) int {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(code) })}
+		go srv.Serve(ln)
+		t.Cleanup(func() { srv.Close() })
+		return ln.Addr().(*net.TCPAddr).Port
+	}
+	for id, code := range map[string]int{"down": http.StatusServiceUnavailable, "up": http.StatusOK} {
+		if _, err := e.c.Register(e.ctx, registry.Instance{Service: "echo", ID: id, Address: "127.0.0.1", Port: start(code)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sub, err := e.cache.Subscribe("echo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(sub.Close)
+	testutil.Eventually(t, 30*time.Second, "the cache following both instances", func() bool {
+		set, _ := e.cache.Endpoints("echo")
+		return len(set.Endpoints) == 2
+	})
+	hc := newTransport(t, e, beaconhttp.WithTracing(tp),
+		beaconhttp.WithOutlierDetection(outlier.Config{ConsecutiveFailures: 1, FailureRate: -1, Interval: time.Hour, BaseEjection: time.Hour, MaxEjection: time.Hour}))
+	var ejected []string
+	testutil.Eventually(t, 60*time.Second, "an attempt on down carrying its ejection", func() bool {
+		req, _ := http.NewRequestWithContext(e.ctx, http.MethodGet, "http://echo/", nil)
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatalf("GET: %v", err)
+		}
+		resp.Body.Close()
+		ejected = ejected[:0]
+		for _, s := range exp.GetSpans().Snapshots() {
+			for _, ev := range s.Events() {
+				if ev.Name == tracing.EventEjected {
+					ejected = append(ejected, spanAttr(s, tracing.AttrEndpointID).AsString())
+				}
+			}
+		}
+		return len(ejected) > 0
+	})
+	if len(ejected) != 1 || ejected[0] != "down" {
+		t.Errorf("ejection events on attempts to %v, want one, on down", ejected)
 	}
 }

@@ -387,14 +387,14 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		resp, err := rt.RoundTrip(out)
 		if err != nil {
-			ep.Done(err)
+			t.done(ctx, svc.bal, ep, err)
 			if !replay && !errors.Is(err, syscall.ECONNREFUSED) {
 				return policy.Permanent(err) // the body is spent
 			}
 			return classify(err)
 		}
 		if resp.StatusCode >= 500 {
-			ep.Done(&errStatus{resp.StatusCode})
+			t.done(ctx, svc.bal, ep, &errStatus{resp.StatusCode})
 		} else {
 			ep.Done(nil)
 		}
@@ -543,4 +543,20 @@ func classify(err error) error {
 func drain(resp *http.Response) {
 	_, _ = io.CopyN(io.Discard, resp.Body, 64<<10)
 	resp.Body.Close()
+}
+
+// done reports an attempt's failure to its endpoint; traced, an ejection
+// it caused (or one beside it: the detector does not say which failure
+// tipped it) becomes an event on the attempt's span, as in beacongrpc.
+func (t *Transport) done(ctx context.Context, bal *balancer.Balancer, ep balancer.Pick, failure error) {
+	d := bal.Outlier()
+	if t.tracer == nil || d == nil {
+		ep.Done(failure)
+		return
+	}
+	was := d.Ejected(ep.ID)
+	ep.Done(failure)
+	if !was && d.Ejected(ep.ID) {
+		tracing.RecordEjection(ctx, ep.ID)
+	}
 }

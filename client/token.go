@@ -3,16 +3,22 @@ package client
 import (
 	"context"
 
+	"connectrpc.com/connect"
+	"go.opentelemetry.io/otel/propagation"
+
 	"beacon.dev/beacon/registry"
 	"beacon.dev/beacon/session"
-
-	"connectrpc.com/connect"
 )
 
 // tokenInterceptor puts the call's credential in its headers: the
 // session-bound one for a session's own calls (withSessionCredential),
-// else the client's token.
+// else the client's token. It also passes on the caller's trace, as W3C
+// trace context, when the call's context carries a span (an application
+// traced with OpenTelemetry): a server with --otlp-endpoint joins its
+// span to the caller's trace. Without a span it adds nothing.
 type tokenInterceptor struct{ c *Client }
+
+var traceContext propagation.TraceContext
 
 type sessionCredentialKey struct{}
 
@@ -40,6 +46,7 @@ func (t tokenInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 		if s := t.secret(ctx); s != "" {
 			req.Header().Set("Authorization", "Bearer "+s)
 		}
+		traceContext.Inject(ctx, propagation.HeaderCarrier(req.Header()))
 		return next(ctx, req)
 	}
 }
@@ -50,6 +57,7 @@ func (t tokenInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) 
 		if s := t.secret(ctx); s != "" {
 			conn.RequestHeader().Set("Authorization", "Bearer "+s)
 		}
+		traceContext.Inject(ctx, propagation.HeaderCarrier(conn.RequestHeader()))
 		return conn
 	}
 }

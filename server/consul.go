@@ -17,6 +17,8 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/spf13/pflag"
+	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
+	"go.opentelemetry.io/otel/propagation"
 
 	"beacon.dev/beacon/registry"
 	"beacon.dev/beacon/server/internal/acl"
@@ -95,8 +97,22 @@ func (s *Server) startConsul() error {
 	s.consulLn = limited
 	serve := s.tlsListener(limited) // the API's certificate and client CAs
 	s.consulKV = newConsulKVState()
+	var handler http.Handler = s.consulRoutes()
+	if tp := s.cfg.TracerProvider; tp != nil {
+		// Named by the route the mux matched (otelhttp names the span again
+		// once the request is served), "consul HTTP GET" before: never by
+		// a raw path.
+		handler = otelhttp.NewHandler(handler, "consul", otelhttp.WithTracerProvider(tp),
+			otelhttp.WithPropagators(propagation.TraceContext{}),
+			otelhttp.WithSpanNameFormatter(func(_ string, r *http.Request) string {
+				if r.Pattern != "" {
+					return "consul " + r.Pattern
+				}
+				return "consul HTTP " + r.Method
+			}))
+	}
 	s.consulSrv = &http.Server{
-		Handler:           s.consulRoutes(),
+		Handler:           handler,
 		ReadHeaderTimeout: lim.ReadHeaderTimeout,
 		IdleTimeout:       lim.IdleTimeout,
 		MaxHeaderBytes:    64 << 10,

@@ -3,6 +3,7 @@ package server_test
 import (
 	"context"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -15,7 +16,9 @@ import (
 
 	beaconv1 "beacon.dev/beacon/api/beacon/v1"
 	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
+	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
+	"beacon.dev/beacon/registry"
 	"beacon.dev/beacon/server/servertest"
 )
 
@@ -76,5 +79,70 @@ func TestAPIRequestsAreTraced(t *testing.T) {
 			}
 		}
 		return false
+	})
+}
+
+// The SDK's registry client passes its caller's trace on: the server's
+// span of a call made under a span joins that span's trace.
+func TestSDKCallsJoinTheCallersTrace(t *testing.T) {
+	exp := tracetest.NewInMemoryExporter()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSyncer(exp))
+	t.Cleanup(func() { tp.Shutdown(context.Background()) })
+	cfg := servertest.Config(t, "")
+	cfg.TracerProvider = tp
+	srv := servertest.Start(t, cfg)
+	c, err := client.New([]string{srv.Addr()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ctx, root := tp.Tracer("test").Start(ctx, "app.startup")
+	if _, err := c.Register(ctx, registry.Instance{Service: "orders", ID: "o-1", Address: "127.0.0.1", Port: 9000}); err != nil {
+		t.Fatal(err)
+	}
+	root.End()
+	testutil.Eventually(t, 30*time.Second, "the server's Register span in the application's trace", func() bool {
+		for _, s := range exp.GetSpans().Snapshots() {
+			if s.SpanKind() == trace.SpanKindServer && s.Name() == "beacon.v1.RegistryService/Register" {
+				return s.SpanContext().TraceID() == root.SpanContext().TraceID() && s.Parent().SpanID() == root.SpanContext().SpanID()
+			}
+		}
+		return false
+	})
+}
+
+// The Consul-compatible API's requests are spans too, named by route.
+func TestConsulRequestsAreTraced(t *testing.T) {
+	exp := tracetest.NewInMemoryExporter()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSyncer(exp))
+	t.Cleanup(func() { tp.Shutdown(context.Background()) })
+	cfg := servertest.Config(t, "")
+	cfg.TracerProvider = tp
+	cfg.Consul.Addr = "127.0.0.1:0"
+	srv := servertest.Start(t, cfg)
+	for _, path := range []string{"/v1/catalog/service/orders", "/v1/no/such/path-12345"} {
+		resp, err := http.Get("http://" + srv.ConsulAddr() + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+	}
+	testutil.Eventually(t, 30*time.Second, "the Consul requests' spans", func() bool {
+		var route, unknown bool
+		for _, s := range exp.GetSpans().Snapshots() {
+			switch s.Name() {
+			case "consul GET /v1/catalog/service/{name}":
+				route = s.SpanKind() == trace.SpanKindServer
+			case "consul /": // the catch-all route's answer to a path with none
+				unknown = true
+			default:
+				if strings.Contains(s.Name(), "12345") || strings.Contains(s.Name(), "orders") {
+					t.Fatalf("a raw path named a span: %q", s.Name())
+				}
+			}
+		}
+		return route && unknown
 	})
 }
