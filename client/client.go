@@ -508,11 +508,15 @@ func failoverWithin[S, T any](ctx context.Context, c *Client, stubs []S, repeata
 	for i := range n {
 		idx := (start + i) % n
 		actx, cancel := ctx, context.CancelFunc(func() {})
-		if i < n-1 && repeatable {
+		bounded := i < n-1 && repeatable
+		if bounded {
 			actx, cancel = context.WithTimeout(ctx, attemptTimeout)
 		}
 		v, err := f(actx, stubs[idx])
-		timedOut := actx.Err() != nil && ctx.Err() == nil
+		// The server learns the attempt's deadline from the request and
+		// may answer DeadlineExceeded a moment before actx's own timer
+		// fires: that too is this attempt timing out, not the caller's.
+		timedOut := ctx.Err() == nil && (actx.Err() != nil || (bounded && connect.CodeOf(err) == connect.CodeDeadlineExceeded))
 		cancel()
 		if err == nil {
 			c.current.Store(idx)

@@ -6,14 +6,20 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os/exec"
 	"regexp"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
 	"github.com/google/go-cmp/cmp"
+
+	beaconv1 "beacon.dev/beacon/api/beacon/v1"
+	"beacon.dev/beacon/api/beacon/v1/beaconv1connect"
 
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
@@ -346,5 +352,44 @@ func TestRegisterManySplitsLongListsAndRefusesDuplicates(t *testing.T) {
 	}
 	if calls, _ := testutil.Metric(t, srv.Addr(), `beacon_requests_total{code="ok",procedure="/beacon.v1.RegistryService/RegisterBatch"}`); calls != 3 {
 		t.Errorf("%v RegisterBatch calls for 1,100 instances, want 3 (500, 500, 100)", calls)
+	}
+}
+
+// outOfTime answers every ListServices call at once with DeadlineExceeded,
+// as a server whose own deadline for etcd passed, or one that noticed the
+// attempt's deadline (sent with the request) a moment before the client
+// did.
+type outOfTime struct {
+	beaconv1connect.UnimplementedRegistryServiceHandler
+	calls atomic.Int64
+}
+
+func (o *outOfTime) ListServices(context.Context, *connect.Request[beaconv1.ListServicesRequest]) (*connect.Response[beaconv1.ListServicesResponse], error) {
+	o.calls.Add(1)
+	return nil, connect.NewError(connect.CodeDeadlineExceeded, errors.New("out of time"))
+}
+
+// A server that answers DeadlineExceeded while the caller's own deadline
+// holds has timed out the attempt: the call moves on to the next server
+// rather than hand the caller a deadline error it did not cause.
+func TestServerDeadlineMovesTheCallOn(t *testing.T) {
+	good := testutil.StartBeacon(t)
+	slow := &outOfTime{}
+	mux := http.NewServeMux()
+	mux.Handle(beaconv1connect.NewRegistryServiceHandler(slow))
+	var protocols http.Protocols
+	protocols.SetUnencryptedHTTP2(true)
+	hs := httptest.NewUnstartedServer(mux)
+	hs.Config.Protocols = &protocols
+	hs.Start()
+	defer hs.Close()
+	c := newClient(t, strings.TrimPrefix(hs.URL, "http://"), good.Addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := c.Services(ctx); err != nil {
+		t.Fatalf("Services = %v, want the second server's answer", err)
+	}
+	if slow.calls.Load() == 0 {
+		t.Fatal("the first server was never asked")
 	}
 }

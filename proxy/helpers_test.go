@@ -136,11 +136,16 @@ func get(t testing.TB, hc *http.Client, url string, hdr map[string]string) (int,
 	return resp.StatusCode, strings.TrimSpace(string(b))
 }
 
-// waitServing waits until url answers want.
+// waitServing waits until url answers want. Each try has a deadline of
+// its own: while the proxy's view of the service is still filling in, a
+// request may land on an instance the test made slow or hung, and the
+// wait must go on with the next try rather than hang on that one.
 func waitServing(t testing.TB, hc *http.Client, url string, hdr map[string]string, want string) {
 	t.Helper()
-	testutil.Eventually(t, 20*time.Second, url+" answering "+want, func() bool {
-		_, body := get(t, hc, url, hdr)
+	try := *hc
+	try.Timeout = 5 * time.Second
+	testutil.Eventually(t, 60*time.Second, url+" answering "+want, func() bool {
+		_, body := get(t, &try, url, hdr)
 		return body == want
 	})
 }
