@@ -35,6 +35,8 @@ type Balancer struct {
 	latency     bool   // the builder uses latency: Done reads the clock
 	sampleMask  uint32 // latency sampled when rand & mask == 0
 	route       atomic.Pointer[route]
+	// The newest registry revision a pick has claimed (FirstOfRevision).
+	claimedRevision atomic.Int64
 
 	outlierCfg  *outlier.Config
 	outlierOpts []outlier.Option
@@ -139,6 +141,26 @@ func (p Pick) Route() (revision int64, subset SubsetState) {
 		subset = p.r.state.Subsets[p.r.stateOf[p.split]]
 	}
 	return p.r.state.Revision, subset
+}
+
+// FirstOfRevision reports true to the first caller that asks about a pick
+// made on a route of a newer registry revision than any asked about
+// before, and false to every other. Tracing asks on every traced pick,
+// which marks the first call that used a registry change.
+func (p Pick) FirstOfRevision() bool {
+	if p.r == nil || p.b == nil {
+		return false
+	}
+	rev := p.r.state.Revision
+	for {
+		old := p.b.claimedRevision.Load()
+		if rev <= old {
+			return false
+		}
+		if p.b.claimedRevision.CompareAndSwap(old, rev) {
+			return true
+		}
+	}
 }
 
 // Pick chooses an endpoint and counts the call as in flight on it. Every

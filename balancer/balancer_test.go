@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -429,4 +432,44 @@ func failIf(failed bool) error {
 		return errors.New("failed")
 	}
 	return nil
+}
+
+// FirstOfRevision answers true once per newer registry revision, whatever
+// the number of callers asking at once.
+func TestFirstOfRevisionOncePerRevision(t *testing.T) {
+	// Picks from many goroutines: math/rand/v2's global source, which is
+	// safe for concurrent use, not the test's seeded one.
+	bal := newBalancer(t, roundrobin.Builder{}, balancer.Config{}, balancer.WithRand(rand.Uint64))
+	claims := func(n int) int {
+		var wg sync.WaitGroup
+		var got atomic.Int32
+		for range n {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				p, err := bal.Pick(balancer.PickInfo{})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if p.FirstOfRevision() {
+					got.Add(1)
+				}
+				p.Done(nil)
+			}()
+		}
+		wg.Wait()
+		return int(got.Load())
+	}
+	bal.Update(set(10, spec{id: "a"}, spec{id: "b"}))
+	if n := claims(16); n != 1 {
+		t.Errorf("revision 10: %d first uses, want 1", n)
+	}
+	if n := claims(16); n != 0 {
+		t.Errorf("revision 10 again: %d first uses, want 0", n)
+	}
+	bal.Update(set(11, spec{id: "a"}))
+	if n := claims(16); n != 1 {
+		t.Errorf("revision 11: %d first uses, want 1", n)
+	}
 }

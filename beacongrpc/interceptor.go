@@ -52,6 +52,7 @@ type interceptor struct {
 	idempotent func(string) bool
 	hedger     *policy.Hedger
 	tracer     trace.Tracer // nil: no tracing
+	config     *tracing.ConfigChanges
 }
 
 // WithHedging hedges idempotent calls with h: while no attempt has
@@ -124,6 +125,7 @@ func (ic *interceptor) call(ctx context.Context, method string, req, reply any, 
 		var span trace.Span
 		ctx, span = ic.startCall(ctx, method, kind)
 		defer func() { endCall(span, err) }()
+		ic.config.Record(span)
 		n = new(atomic.Int32)
 	}
 	// Retries and hedges tell the picker which endpoint to avoid.
@@ -190,6 +192,7 @@ func StreamClientInterceptor(exec *policy.Executor, opts ...InterceptorOption) g
 			var span trace.Span
 			ctx, span = tracing.StartCall(ctx, ic.tracer, true, attribute.String("rpc.method", method), attribute.Bool("rpc.stream", true))
 			defer func() { endCall(span, err) }()
+			ic.config.Record(span)
 			n = new(atomic.Int32)
 		}
 		ctx = context.WithValue(ctx, attemptsKey{}, new(attempts))

@@ -25,6 +25,13 @@ func WithTracing(tp trace.TracerProvider) InterceptorOption {
 	return func(i *interceptor) { i.tracer = tracing.Tracer(tp, "beacon.dev/beacon/beacongrpc") }
 }
 
+// WithConfigChanges marks, with WithTracing, the first call after each
+// change of the watched configuration values (config.Binding) with the
+// value's key and revision (tracing.EventConfigChange on the call span).
+func WithConfigChanges(c *tracing.ConfigChanges) InterceptorOption {
+	return func(i *interceptor) { i.config = c }
+}
+
 // startCall opens the call's span.
 func (ic *interceptor) startCall(ctx context.Context, method string, kind policy.Idempotency) (context.Context, trace.Span) {
 	return tracing.StartCall(ctx, ic.tracer, kind == policy.Idempotent, attribute.String("rpc.method", method))

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -183,7 +184,9 @@ func TestTracingRecordsTheEjection(t *testing.T) {
 		set, _ := e.cache.Endpoints("echo")
 		return len(set.Endpoints) == 2
 	})
-	hc := newTransport(t, e, beaconhttp.WithTracing(tp),
+	cfg := &fakeConfig{key: "default/echo.json"}
+	cfg.rev.Store(42)
+	hc := newTransport(t, e, beaconhttp.WithTracing(tp), beaconhttp.WithConfigChanges(tracing.WatchConfig(cfg)),
 		beaconhttp.WithOutlierDetection(outlier.Config{ConsecutiveFailures: 1, FailureRate: -1, Interval: time.Hour, BaseEjection: time.Hour, MaxEjection: time.Hour}))
 	var ejected []string
 	testutil.Eventually(t, 60*time.Second, "an attempt on down carrying its ejection", func() bool {
@@ -206,4 +209,28 @@ func TestTracingRecordsTheEjection(t *testing.T) {
 	if len(ejected) != 1 || ejected[0] != "down" {
 		t.Errorf("ejection events on attempts to %v, want one, on down", ejected)
 	}
+	// The first request used the registry's revision and the configuration
+	// value's, each marked once on that request's spans.
+	var configMarks, registryMarks []string
+	for _, s := range exp.GetSpans().Snapshots() {
+		for _, ev := range s.Events() {
+			switch ev.Name {
+			case tracing.EventConfigChange:
+				configMarks = append(configMarks, s.Name())
+			case tracing.EventRegistryChange:
+				registryMarks = append(registryMarks, s.Name())
+			}
+		}
+	}
+	if len(configMarks) != 1 || configMarks[0] != tracing.SpanCall || len(registryMarks) != 1 || registryMarks[0] != tracing.SpanAttempt {
+		t.Errorf("config change marked on %v, registry change on %v; want one call span and one attempt span", configMarks, registryMarks)
+	}
 }
+
+type fakeConfig struct {
+	key string
+	rev atomic.Int64
+}
+
+func (f *fakeConfig) Key() string     { return f.key }
+func (f *fakeConfig) Revision() int64 { return f.rev.Load() }

@@ -93,6 +93,13 @@ func WithTracing(tp trace.TracerProvider) Option {
 	return func(t *Transport) { t.tracer = tracing.Tracer(tp, "beacon.dev/beacon/beaconhttp") }
 }
 
+// WithConfigChanges marks, with WithTracing, the first request after each
+// change of the watched configuration values (config.Binding) with the
+// value's key and revision (tracing.EventConfigChange on the call span).
+func WithConfigChanges(c *tracing.ConfigChanges) Option {
+	return func(t *Transport) { t.config = c }
+}
+
 // WithMaxReplay bounds the request body buffered for retries (default
 // 1 MiB). A larger body is streamed once and never retried.
 func WithMaxReplay(n int64) Option { return func(t *Transport) { t.maxReplay = n } }
@@ -117,6 +124,7 @@ type Transport struct {
 	extra      []policy.Option
 	maxReplay  int64
 	tracer     trace.Tracer // nil: no tracing
+	config     *tracing.ConfigChanges
 	ctx        context.Context
 	stop       context.CancelFunc
 	wg         sync.WaitGroup
@@ -347,6 +355,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if t.tracer != nil {
 		callCtx, span = tracing.StartCall(callCtx, t.tracer, kind == policy.Idempotent,
 			attribute.String("http.request.method", req.Method), attribute.String("server.address", name))
+		t.config.Record(span)
 	}
 	// DoHold, not Do: the response is read after the call returns, and the
 	// timeouts must keep running, not cancel, while its body is read.

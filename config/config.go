@@ -216,6 +216,9 @@ func (b *Binding[T]) Revision() int64 {
 	return 0
 }
 
+// Key returns the bound key, as namespace/key (for tracing.ConfigChanges).
+func (b *Binding[T]) Key() string { return b.ns + "/" + b.key }
+
 // Close stops following the key; Load keeps returning the last value.
 func (b *Binding[T]) Close() {
 	b.cancel()

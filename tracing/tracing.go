@@ -10,6 +10,7 @@ package tracing
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 
 	"go.opentelemetry.io/otel/attribute"
 	otelcodes "go.opentelemetry.io/otel/codes"
@@ -51,6 +52,18 @@ const (
 	EventBulkheadFull  = "beacon.bulkhead_full"
 	EventRateLimited   = "beacon.rate_limited"
 	EventEjected       = "beacon.outlier_ejected"
+	// On the first call that used a registry change: the attempt picked
+	// on the route of a revision no call had used (AttrRevision).
+	EventRegistryChange = "beacon.registry_change_used"
+	// On the first call after a watched configuration value changed
+	// (ConfigChanges): AttrConfigKey, AttrConfigRevision.
+	EventConfigChange = "beacon.config_change_used"
+)
+
+// Attributes of EventConfigChange.
+const (
+	AttrConfigKey      = attribute.Key("beacon.config.key")
+	AttrConfigRevision = attribute.Key("beacon.config.revision")
 )
 
 // Tracer returns beacon's tracer from tp, nil for a nil tp (tracing off).
@@ -143,6 +156,9 @@ func RecordPick(ctx context.Context, algorithm string, p balancer.Pick) {
 		attrs = append(attrs, AttrSubset.String(sub.Name))
 	}
 	span.SetAttributes(attrs...)
+	if p.FirstOfRevision() {
+		span.AddEvent(EventRegistryChange, trace.WithAttributes(AttrRevision.Int64(rev)))
+	}
 }
 
 // RecordEjection adds an event to the attempt's span when its failure
@@ -150,5 +166,50 @@ func RecordPick(ctx context.Context, algorithm string, p balancer.Pick) {
 func RecordEjection(ctx context.Context, id string) {
 	if span := Attempt(ctx); span != nil {
 		span.AddEvent(EventEjected, trace.WithAttributes(AttrEndpointID.String(id)))
+	}
+}
+
+// Versioned is a configuration value calls depend on, such as a
+// config.Binding: its key and the revision in force.
+type Versioned interface {
+	Key() string
+	Revision() int64
+}
+
+// ConfigChanges marks, on the call span of the first traced call after a
+// watched configuration value changed, the value's key and new revision
+// (EventConfigChange): which call first ran with a new configuration.
+// Give it to the integrations (beacongrpc.WithConfigChanges,
+// beaconhttp.WithConfigChanges); one ConfigChanges may serve several.
+type ConfigChanges struct {
+	items []watchedConfig
+}
+
+type watchedConfig struct {
+	src  Versioned
+	seen atomic.Int64 // the revision last marked
+}
+
+// WatchConfig returns a ConfigChanges over the values.
+func WatchConfig(values ...Versioned) *ConfigChanges {
+	c := &ConfigChanges{items: make([]watchedConfig, len(values))}
+	for i, v := range values {
+		c.items[i].src = v
+	}
+	return c
+}
+
+// Record adds an EventConfigChange to span for every value whose revision
+// changed since the last call recorded; exactly one call gets each change.
+func (c *ConfigChanges) Record(span trace.Span) {
+	if c == nil || span == nil {
+		return
+	}
+	for i := range c.items {
+		it := &c.items[i]
+		rev, seen := it.src.Revision(), it.seen.Load()
+		if rev != seen && it.seen.CompareAndSwap(seen, rev) {
+			span.AddEvent(EventConfigChange, trace.WithAttributes(AttrConfigKey.String(it.src.Key()), AttrConfigRevision.Int64(rev)))
+		}
 	}
 }
