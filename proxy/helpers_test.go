@@ -79,7 +79,7 @@ func (e *env) writeConfig(path, body string) {
 }
 
 // startProxy runs a proxy on the config file until the test ends.
-func (e *env) startProxy(body string) (*proxy.Proxy, string, string) {
+func (e *env) startProxy(body string, opts ...proxy.Option) (*proxy.Proxy, string, string) {
 	e.t.Helper()
 	path := filepath.Join(e.t.TempDir(), "proxy.yaml")
 	e.writeConfig(path, body)
@@ -87,7 +87,7 @@ func (e *env) startProxy(body string) (*proxy.Proxy, string, string) {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	p, err := proxy.New(cfg)
+	p, err := proxy.New(cfg, opts...)
 	if err != nil {
 		e.t.Fatal(err)
 	}

@@ -18,6 +18,10 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 
 	"beacon.dev/beacon/balancer"
 	"beacon.dev/beacon/balancer/p2c"
@@ -26,6 +30,7 @@ import (
 	"beacon.dev/beacon/discovery"
 	"beacon.dev/beacon/outlier"
 	"beacon.dev/beacon/policy"
+	"beacon.dev/beacon/tracing"
 )
 
 // Option configures a Proxy.
@@ -33,6 +38,16 @@ type Option func(*Proxy)
 
 // WithLogger sets the logger (default: discard).
 func WithLogger(l *slog.Logger) Option { return func(p *Proxy) { p.log = l } }
+
+// WithTracerProvider traces every routed request: a server span named by
+// its route ("proxy ROUTE"), joined to the caller's trace by W3C trace
+// context, with beacon's call and attempt spans under it (package
+// tracing: the instance picked and why, retries, hedges) and the trace
+// context passed on to the instance. Without it nothing is traced, and
+// a caller's traceparent header passes through untouched.
+func WithTracerProvider(tp trace.TracerProvider) Option {
+	return func(p *Proxy) { p.tp, p.tracer = tp, tracing.Tracer(tp, "beacon.dev/beacon/proxy") }
+}
 
 // WithRegisterer registers the proxy's metrics there too (the metrics
 // listener always serves them).
@@ -42,6 +57,8 @@ func WithRegisterer(r prometheus.Registerer) Option { return func(p *Proxy) { p.
 // routes with Reload. Safe for concurrent use.
 type Proxy struct {
 	log      *slog.Logger
+	tp       trace.TracerProvider // nil: no tracing
+	tracer   trace.Tracer
 	extraReg prometheus.Registerer
 	reg      *prometheus.Registry
 	m        *metrics
@@ -347,10 +364,13 @@ func (p *Proxy) newRoute(cfg *Config, rc *Route) (*route, error) {
 	oc := outlier.Config{ConsecutiveFailures: rc.Outlier.ConsecutiveFailures, BaseEjection: time.Duration(rc.Outlier.BaseEjection)}
 	opts := []beaconhttp.Option{
 		beaconhttp.WithServices(rc.Service),
-		beaconhttp.WithBase(&attemptRT{base: base, perTry: time.Duration(rc.PerTryTimeout), tls: r.tlsBase != nil}),
+		beaconhttp.WithBase(&attemptRT{base: base, perTry: time.Duration(rc.PerTryTimeout), tls: r.tlsBase != nil, traced: p.tracer != nil}),
 		beaconhttp.WithBalancer(p2c.Builder{}, balancer.Config{Subsets: subsets, Zone: cfg.Zone, PanicThreshold: rc.PanicThreshold}),
 		beaconhttp.WithOutlierDetection(oc),
 		beaconhttp.WithRetry(policy.RetryConfig{MaxAttempts: rc.Retry.MaxAttempts, Budget: budget}),
+	}
+	if p.tp != nil {
+		opts = append(opts, beaconhttp.WithTracing(p.tp))
 	}
 	if b := rc.Breaker; b != nil {
 		opts = append(opts, beaconhttp.WithBreaker(policy.BreakerConfig{FailureRate: b.FailureRate, MinCalls: b.MinCalls, OpenFor: time.Duration(b.OpenFor)}))
@@ -458,6 +478,11 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		defer cancel()
 		defer context.AfterFunc(p.stopping, cancel)()
 	}
+	if p.tracer != nil {
+		var span trace.Span
+		ctx, span = p.startSpan(ctx, req, r)
+		defer func() { endSpan(span, rec.status()) }()
+	}
 	var attempts atomic.Int32
 	st := &reqState{attempts: &attempts}
 	ctx = context.WithValue(ctx, stateKey{}, st)
@@ -509,6 +534,7 @@ type attemptRT struct {
 	base   http.RoundTripper
 	perTry time.Duration
 	tls    bool // https to the instance (upstreamTLS)
+	traced bool // pass the attempt's span on as W3C trace context
 }
 
 // errPerTry is a timeout as net.Error, which beaconhttp retries.
@@ -531,6 +557,12 @@ func (a *attemptRT) RoundTrip(req *http.Request) (*http.Response, error) {
 		u.Scheme = "https"
 		req = req.WithContext(req.Context()) // a shallow copy to change
 		req.URL = &u
+	}
+	if a.traced {
+		// Attempts (hedges) share the request's headers: each gets its own
+		// copy to carry its own span.
+		req = req.Clone(req.Context())
+		traceContext.Inject(req.Context(), propagation.HeaderCarrier(req.Header))
 	}
 	if a.perTry <= 0 {
 		return a.base.RoundTrip(req)
@@ -673,4 +705,24 @@ func (r *recorder) status() int {
 		return http.StatusOK
 	}
 	return r.code
+}
+
+var traceContext propagation.TraceContext
+
+// startSpan opens a routed request's server span, in the caller's trace
+// when its request carries W3C trace context. Its name is the route's (a
+// bounded set, from the configuration), never the request's path.
+func (p *Proxy) startSpan(ctx context.Context, req *http.Request, r *route) (context.Context, trace.Span) {
+	ctx = traceContext.Extract(ctx, propagation.HeaderCarrier(req.Header))
+	return p.tracer.Start(ctx, "proxy "+r.cfg.Name, trace.WithSpanKind(trace.SpanKindServer),
+		trace.WithAttributes(attribute.String("http.request.method", req.Method),
+			attribute.String("beacon.route", r.cfg.Name), attribute.String("beacon.service", r.cfg.Service)))
+}
+
+func endSpan(span trace.Span, status int) {
+	span.SetAttributes(attribute.Int("http.response.status_code", status))
+	if status >= 500 {
+		span.SetStatus(codes.Error, http.StatusText(status))
+	}
+	span.End()
 }

@@ -22,6 +22,7 @@ func newProxyCmd(g *globals) *cobra.Command {
 		file     string
 		interval time.Duration
 		check    bool
+		otlp     string
 	)
 	cmd := &cobra.Command{
 		Use:   "proxy --config FILE",
@@ -46,20 +47,31 @@ On SIGTERM or SIGINT a sidecar drains its instance, then the proxy stops.`,
 				fmt.Fprintf(g.stdout, "%s: valid (%d listeners, %d routes, %d tcp, sidecar %v)\n", file, len(cfg.Listeners), len(cfg.Routes), len(cfg.TCP), cfg.Sidecar != nil)
 				return nil
 			}
-			return runProxy(cmd.Context(), g, file, cfg, interval)
+			return runProxy(cmd.Context(), g, file, cfg, interval, otlp)
 		},
 	}
 	f := cmd.Flags()
 	f.StringVar(&file, "config", "", "the proxy's configuration file (YAML or JSON)")
 	f.DurationVar(&interval, "reload-interval", 2*time.Second, "how often to check the file for changes (0: only on SIGHUP)")
 	f.BoolVar(&check, "check", false, "validate the file and exit")
+	f.StringVar(&otlp, "otlp-endpoint", "", "export a span per routed request, with beacon's call and attempt spans, over OTLP/gRPC to this collector (host:port, plaintext)")
 	hideClientFlags(cmd)
 	return cmd
 }
 
-func runProxy(ctx context.Context, g *globals, file string, cfg *proxy.Config, interval time.Duration) error {
+func runProxy(ctx context.Context, g *globals, file string, cfg *proxy.Config, interval time.Duration, otlp string) error {
 	log := slog.New(slog.NewTextHandler(g.stderr, nil))
-	p, err := proxy.New(cfg, proxy.WithLogger(log))
+	opts := []proxy.Option{proxy.WithLogger(log)}
+	if otlp != "" {
+		host, _ := os.Hostname()
+		tp, stop, err := otlpTracing(ctx, otlp, "beacon-proxy", fmt.Sprintf("%s/%d", host, os.Getpid()))
+		if err != nil {
+			return err
+		}
+		defer stop()
+		opts = append(opts, proxy.WithTracerProvider(tp))
+	}
+	p, err := proxy.New(cfg, opts...)
 	if err != nil {
 		return err
 	}

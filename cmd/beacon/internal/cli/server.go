@@ -88,14 +88,25 @@ func newServerCmd(g *globals) *cobra.Command {
 // OTLP/gRPC, marked service.name beacon-server and the server's name.
 // stop flushes them at exit.
 func serverTracing(ctx context.Context, cfg *server.Config, endpoint string) (stop func(), err error) {
+	tp, stop, err := otlpTracing(ctx, endpoint, "beacon-server", cfg.Name)
+	if err != nil {
+		return nil, err
+	}
+	cfg.TracerProvider = tp
+	return stop, nil
+}
+
+// otlpTracing is a tracer provider exporting over OTLP/gRPC (plaintext)
+// to endpoint, with the process's service.name and instance; stop
+// flushes the spans at exit.
+func otlpTracing(ctx context.Context, endpoint, service, instance string) (tp *sdktrace.TracerProvider, stop func(), err error) {
 	exp, err := otlptracegrpc.New(ctx, otlptracegrpc.WithEndpoint(endpoint), otlptracegrpc.WithInsecure())
 	if err != nil {
-		return nil, fmt.Errorf("--otlp-endpoint %s: %w", endpoint, err)
+		return nil, nil, fmt.Errorf("--otlp-endpoint %s: %w", endpoint, err)
 	}
-	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp), sdktrace.WithResource(resource.NewSchemaless(
-		attribute.String("service.name", "beacon-server"), attribute.String("service.instance.id", cfg.Name))))
-	cfg.TracerProvider = tp
-	return func() {
+	tp = sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp), sdktrace.WithResource(resource.NewSchemaless(
+		attribute.String("service.name", service), attribute.String("service.instance.id", instance))))
+	return tp, func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		_ = tp.Shutdown(sctx)
