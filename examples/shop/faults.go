@@ -18,7 +18,7 @@ import (
 )
 
 // faultHelp lists the demo's commands, one per line on its standard input.
-const faultHelp = "kill N | hang N | resume N | slow N | fast N | restart N | add | registry down | registry up | discount PERCENT"
+const faultHelp = "kill N | hang N | resume N | slow N | fast N | restart N | add | kill payments | registry down | registry up | discount PERCENT"
 
 // faults injects, into the running shop, the faults the chaos scorecard
 // knows: the demo reads them as commands (a line each) and the view shows
@@ -99,8 +99,12 @@ func (f *faults) do(ctx context.Context, line string) {
 		arg = fields[1]
 	}
 	var p *shopkit.Proc
+	killPayments := line == "kill payments" // not `kill N`: N numbers orders
 	switch cmd {
 	case "kill", "hang", "resume", "slow", "fast", "restart":
+		if killPayments {
+			break
+		}
 		var err error
 		if p, err = f.instance(arg); err != nil {
 			f.note("%s: %v", line, err)
@@ -110,6 +114,18 @@ func (f *faults) do(ctx context.Context, line string) {
 	switch {
 	case cmd == "discount":
 		f.actions.Go(func() { f.discount(ctx, arg) })
+	case killPayments:
+		procs := f.cl.Running("payments")
+		if len(procs) < 2 {
+			f.note("kill payments: only %d payments instance left; keeping it", len(procs))
+			return
+		}
+		p := procs[len(procs)-1]
+		f.actions.Go(func() {
+			p.Kill()
+			f.mark(p.ID, "")
+			f.note("killed %s (SIGKILL): orders' calls to it are refused and retried on the other payments instance until beacon drops it", p.ID)
+		})
 	case cmd == "kill":
 		f.actions.Go(func() {
 			p.Kill()

@@ -14,7 +14,8 @@ import (
 // (here a receiver in the test speaking OTLP/gRPC), and an order is one
 // trace from the gateway through orders to inventory and payments, with
 // beacon's call and attempt spans at each hop; a slowed orders instance
-// makes the gateway hedge, and the hedge is in the trace.
+// makes the gateway hedge, and the hedge is in the trace; a killed
+// payments instance makes orders retry, and the retry is in the trace.
 func TestDemoTracesAnOrderAcrossServices(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
@@ -61,6 +62,55 @@ func TestDemoTracesAnOrderAcrossServices(t *testing.T) {
 		for _, s := range rcv.Spans() {
 			if h := testutil.Attr(s.Span, string(tracing.AttrHedge)); s.Service == "gateway" && s.GetName() == tracing.SpanAttempt &&
 				h != "" && h != "0" && testutil.Attr(s.Span, string(tracing.AttrOutcome)) == "ok" {
+				return true
+			}
+		}
+		return false
+	})
+	// A killed payments instance: orders' calls to it are refused and
+	// retried on the other one — a retried attempt inside an order's trace.
+	d.send(t, "kill payments")
+	defer func() {
+		if !t.Failed() {
+			return
+		}
+		// What orders' attempts looked like, to tell "no retry" from
+		// "no call reached the killed instance".
+		seen := map[string]int{}
+		for _, s := range rcv.Spans() {
+			if s.Service == "orders" && s.GetName() == tracing.SpanAttempt {
+				seen["attempt "+testutil.Attr(s.Span, string(tracing.AttrAttempt))+" "+testutil.Attr(s.Span, string(tracing.AttrOutcome))]++
+			}
+		}
+		t.Logf("orders' attempt spans by number and outcome: %v\ndemo output:\n%s", seen, d.output())
+	}()
+	testutil.Eventually(t, 2*time.Minute, "an order's trace with orders retrying payments", func() bool {
+		type hop struct {
+			services    map[string]bool
+			failedFirst bool // an attempt 1 by orders that failed
+			retried     bool // an attempt 2 by orders that succeeded
+		}
+		byTrace := map[string]*hop{}
+		for _, s := range rcv.Spans() {
+			id := string(s.GetTraceId())
+			h := byTrace[id]
+			if h == nil {
+				h = &hop{services: map[string]bool{}}
+				byTrace[id] = h
+			}
+			h.services[s.Service] = true
+			if s.Service != "orders" || s.GetName() != tracing.SpanAttempt {
+				continue
+			}
+			switch n, outcome := testutil.Attr(s.Span, string(tracing.AttrAttempt)), testutil.Attr(s.Span, string(tracing.AttrOutcome)); {
+			case n == "1" && outcome == "error":
+				h.failedFirst = true
+			case n == "2" && outcome == "ok":
+				h.retried = true
+			}
+		}
+		for _, h := range byTrace {
+			if h.failedFirst && h.retried && h.services["gateway"] && h.services["inventory"] && h.services["payments"] {
 				return true
 			}
 		}
