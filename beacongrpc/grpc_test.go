@@ -288,10 +288,12 @@ func TestHedgingCutsTheSlowInstancesTail(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Round robin: the slow instance gets every third first attempt, so
-	// only hedging keeps those calls fast.
+	// only hedging keeps those calls fast. Outlier detection off: the
+	// warm-up's timed-out calls and the hedges the slow instance loses
+	// would eject it, and then no call would reach it (seen in CI).
 	cc := e.dial(t, "beacon:///hello",
 		grpc.WithUnaryInterceptor(beacongrpc.UnaryClientInterceptor(exec, func(string) bool { return true }, beacongrpc.WithHedging(hedger))),
-		policyConfig(beacongrpc.PolicyRoundRobin))
+		grpc.WithDefaultServiceConfig(`{"loadBalancingConfig": [{"`+beacongrpc.PolicyRoundRobin+`":{"outlier":{"consecutiveFailures":-1,"failureRate":-1}}}]}`))
 	hc := healthpb.NewHealthClient(cc)
 	// Connected to both fast instances. Not with reachesAll: while only
 	// the slow instance's connection is ready, round robin sends a call
