@@ -32,7 +32,11 @@ func Example() {
 
 	sess.Close(ctx) // ends the lease: the instance leaves at once
 	for {
-		snaps, _ := w.Next(ctx)
+		snaps, err := w.Next(ctx)
+		if err != nil { // ctx ended: the watch has nothing more to say
+			fmt.Println("watch:", err)
+			return
+		}
 		if len(snaps) > 0 && len(snaps[0].Instances) == 0 {
 			fmt.Println("watch: orders has no instances left")
 			return
