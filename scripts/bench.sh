@@ -24,6 +24,8 @@ out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 	# http.Transport, and the drain of a real process on SIGTERM.
 	go test -run '^$' -bench 'GRPCUnary|HTTPCalls' -benchtime 40000x -count "${COUNT:-5}" -timeout 30m ./bench
 	go test -run '^$' -bench 'RoundTripOverhead' -benchmem -count "${COUNT:-5}" ./beaconhttp
+	# Tracing's cost per call: off, beacon's spans, otelgrpc's, both.
+	go test -run '^$' -bench 'TracingCost' -benchmem -count "${COUNT:-5}" ./beacongrpc
 	go test -run '^$' -bench 'DrainOnSIGTERM' -benchtime 20x -timeout 30m ./bench
 	# Server-side health checks: 1,000 checks at 1 s, detection time.
 	go test -run '^$' -bench 'Checks1000|CheckDetection' -benchtime 1x -timeout 30m ./bench
