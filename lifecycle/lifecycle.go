@@ -70,6 +70,15 @@ type Config struct {
 	// /healthz, and in-flight counting); set, it is yours to wire.
 	HTTPHealth *beaconhttp.Health
 
+	// Workers run beside the servers, from the start, until the drain:
+	// each one's context ends once the instance is DRAINING and its
+	// watchers acknowledged it, together with the servers' stop, and Run
+	// waits for them — within StopTimeout — before it deregisters. An
+	// event consumer is one (events.Consumer.Run: it then finishes what
+	// is in flight, commits and leaves its group). A worker that fails
+	// stops the service as a failing server does.
+	Workers []func(context.Context) error
+
 	// Ready is polled every ReadyInterval (default 100ms), for at most
 	// ReadyTimeout, until it returns nil; nil means ready at once.
 	Ready         func(context.Context) error
@@ -263,7 +272,7 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 
 	// Listen and serve at once; nothing is registered yet, so only probes
 	// (and callers that were told the address by other means) arrive.
-	serveErr := make(chan error, 2)
+	serveErr := make(chan error, 2+len(cfg.Workers))
 	var serving sync.WaitGroup
 	if cfg.GRPC != nil {
 		serving.Go(func() {
@@ -276,6 +285,17 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 		serving.Go(func() {
 			if err := cfg.HTTP.Serve(cfg.HTTPListener); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				serveErr <- fmt.Errorf("lifecycle: HTTP server: %w", err)
+			}
+		})
+	}
+
+	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopWork()
+	var working sync.WaitGroup
+	for i, w := range cfg.Workers {
+		working.Go(func() {
+			if err := w(workCtx); err != nil && workCtx.Err() == nil {
+				serveErr <- fmt.Errorf("lifecycle: worker %d: %w", i, err)
 			}
 		})
 	}
@@ -299,8 +319,12 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	if sess != nil {
 		r.drain(drainCtx, sess, rep.Registered, &rep)
 	}
+	stopWork()
 	rep.StopClean = r.stopServers(drainCtx)
 	serving.Wait()
+	if !r.awaitWorkers(&working) {
+		rep.StopClean = false
+	}
 	r.setState(beaconhttp.Stopped)
 	if sess != nil {
 		cctx, cancel := context.WithTimeout(drainCtx, 5*time.Second)
@@ -465,6 +489,25 @@ func (r *runner) drain(ctx context.Context, sess *backend.Session, registered []
 		case <-t.C:
 		}
 		t.Stop()
+	}
+}
+
+// awaitWorkers waits for the workers, whose context has ended, within
+// StopTimeout; it reports whether they all returned.
+func (r *runner) awaitWorkers(working *sync.WaitGroup) bool {
+	if len(r.cfg.Workers) == 0 {
+		return true
+	}
+	done := make(chan struct{})
+	go func() { working.Wait(); close(done) }()
+	t := time.NewTimer(r.cfg.StopTimeout)
+	defer t.Stop()
+	select {
+	case <-done:
+		return true
+	case <-t.C:
+		r.log.Warn("lifecycle: workers still running after the stop timeout", "timeout", r.cfg.StopTimeout)
+		return false
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -236,5 +237,61 @@ func TestRunOnAnotherBackend(t *testing.T) {
 		GRPC: grpc.NewServer(), GRPCListener: listen(t)})
 	if err == nil || !strings.Contains(err.Error(), "Client/Backend") {
 		t.Errorf("both Client and Backend: %v", err)
+	}
+}
+
+// A worker runs beside the server until the drain: its context ends only
+// once the instance is DRAINING, and Run returns after it finished. A
+// worker that fails stops the service with its error.
+func TestWorkersStopWithTheDrain(t *testing.T) {
+	reg := memory.New("")
+	defer reg.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	runCtx, stop := context.WithCancel(ctx)
+	var state atomic.Value
+	state.Store(beaconhttp.Starting)
+	var stateAtStop atomic.Value
+	finished := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		_, err := lifecycle.Run(runCtx, lifecycle.Config{
+			Backend: reg, Instance: registry.Instance{Service: "tracking"},
+			GRPC: grpc.NewServer(), GRPCListener: listen(t),
+			OnState: func(s beaconhttp.State) { state.Store(s) },
+			Workers: []func(context.Context) error{func(ctx context.Context) error {
+				<-ctx.Done()
+				stateAtStop.Store(state.Load())
+				close(finished) // the worker's own drain
+				return nil
+			}},
+		})
+		done <- err
+	}()
+	testutil.Eventually(t, 30*time.Second, "registered", func() bool {
+		snap, err := reg.Instances(ctx, "tracking")
+		return err == nil && len(snap.Instances) == 1
+	})
+	stop()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-finished:
+	default:
+		t.Fatal("Run returned before its worker finished")
+	}
+	if got := stateAtStop.Load(); got != beaconhttp.Draining {
+		t.Errorf("the worker was stopped in state %v, want DRAINING", got)
+	}
+
+	boom := errors.New("broker gone")
+	_, err := lifecycle.Run(ctx, lifecycle.Config{
+		Backend: reg, Instance: registry.Instance{Service: "tracking"},
+		GRPC: grpc.NewServer(), GRPCListener: listen(t),
+		Workers: []func(context.Context) error{func(context.Context) error { return boom }},
+	})
+	if !errors.Is(err, boom) || !strings.Contains(err.Error(), "worker 0") {
+		t.Errorf("Run with a failing worker = %v, want its error", err)
 	}
 }
