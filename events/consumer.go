@@ -1,0 +1,420 @@
+package events
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+
+	"beacon.dev/beacon/internal/backoff"
+	"beacon.dev/beacon/policy"
+)
+
+// Handler handles one event. It must honour ctx: the consumer cancels it
+// at HandlerTimeout, and when a drain runs out of time. An error retries
+// the event (Permanent: straight to the dead-letter topic); a panic counts
+// as an error.
+type Handler func(ctx context.Context, ev *Event) error
+
+// ConsumerConfig configures a Consumer.
+type ConsumerConfig struct {
+	Config
+	// Group is the consumer group; Topics the topics it consumes.
+	Group   string
+	Topics  []string
+	Handler Handler
+	// Workers handle a partition's events at once (default 4): events
+	// with the same key always go to the same worker, in offset order.
+	Workers int
+	// MaxPollRecords bounds the events taken from the client per round
+	// (default 500); the next round starts when every one of them is
+	// handled, dead-lettered or left to a drain, so a slow handler slows
+	// fetching. FetchMaxBytes bounds what the client buffers (default
+	// 16 MiB).
+	MaxPollRecords int
+	FetchMaxBytes  int32
+	// HandlerTimeout bounds one attempt (default 30 s).
+	HandlerTimeout time.Duration
+	// Retry: attempts per event including the first (default 5), the
+	// backoff between them (default 100 ms doubling to 5 s, ±20 %) and a
+	// budget capping retries to a share of events (default
+	// policy.DefaultBudget). A retry the budget refuses waits, it is not
+	// dropped: a failing dependency slows consumption instead of sending
+	// everything to the dead-letter topic. RetryOn classifies errors
+	// (default: all but Permanent).
+	Retry policy.RetryConfig
+	// DeadLetterSuffix names each topic's dead-letter topic (default
+	// ".dlq": orders → orders.dlq). It must exist on the brokers.
+	DeadLetterSuffix string
+	// DrainTimeout is how long in-flight handlers may finish after Run's
+	// context ends (default 10 s); then their contexts are cancelled.
+	DrainTimeout time.Duration
+}
+
+// Defaults of ConsumerConfig.
+const (
+	DefaultWorkers          = 4
+	DefaultMaxPollRecords   = 500
+	DefaultFetchMaxBytes    = 16 << 20
+	DefaultHandlerTimeout   = 30 * time.Second
+	DefaultMaxAttempts      = 5
+	DefaultDeadLetterSuffix = ".dlq"
+	DefaultDrainTimeout     = 10 * time.Second
+	maxWorkers              = 256
+)
+
+func (c *ConsumerConfig) setDefaults() error {
+	if err := c.Config.setDefaults(); err != nil {
+		return err
+	}
+	switch {
+	case c.Group == "":
+		return errors.New("events: group: empty")
+	case len(c.Topics) == 0:
+		return errors.New("events: topics: none given")
+	case c.Handler == nil:
+		return errors.New("events: handler: nil")
+	case c.Workers < 0 || c.Workers > maxWorkers:
+		return fmt.Errorf("events: workers: %d, must be 1 to %d", c.Workers, maxWorkers)
+	case c.MaxPollRecords < 0 || c.FetchMaxBytes < 0 || c.HandlerTimeout < 0 || c.DrainTimeout < 0 || c.Retry.MaxAttempts < 0:
+		return errors.New("events: max poll records, fetch max bytes, handler timeout, drain timeout and retry attempts must not be negative")
+	}
+	if c.Workers == 0 {
+		c.Workers = DefaultWorkers
+	}
+	if c.MaxPollRecords == 0 {
+		c.MaxPollRecords = DefaultMaxPollRecords
+	}
+	if c.FetchMaxBytes == 0 {
+		c.FetchMaxBytes = DefaultFetchMaxBytes
+	}
+	if c.HandlerTimeout == 0 {
+		c.HandlerTimeout = DefaultHandlerTimeout
+	}
+	if c.DrainTimeout == 0 {
+		c.DrainTimeout = DefaultDrainTimeout
+	}
+	if c.DeadLetterSuffix == "" {
+		c.DeadLetterSuffix = DefaultDeadLetterSuffix
+	}
+	if c.Retry.MaxAttempts == 0 {
+		c.Retry.MaxAttempts = DefaultMaxAttempts
+	}
+	if c.Retry.BaseBackoff == 0 {
+		c.Retry.BaseBackoff = 100 * time.Millisecond
+	}
+	if c.Retry.MaxBackoff == 0 {
+		c.Retry.MaxBackoff = max(5*time.Second, c.Retry.BaseBackoff)
+	}
+	if c.Retry.RetryOn == nil {
+		c.Retry.RetryOn = func(error) bool { return true }
+	}
+	if c.Retry.Budget == nil {
+		b, err := policy.NewBudget(policy.DefaultBudget)
+		if err != nil {
+			return err
+		}
+		c.Retry.Budget = b
+	}
+	for _, t := range c.Topics {
+		if t == "" {
+			return errors.New("events: topics: an empty name")
+		}
+	}
+	return nil
+}
+
+// permanent marks an error not worth retrying.
+type permanent struct{ err error }
+
+func (p permanent) Error() string { return p.err.Error() }
+func (p permanent) Unwrap() error { return p.err }
+
+// Permanent wraps err so that the consumer sends the event to the
+// dead-letter topic without retrying it.
+func Permanent(err error) error { return permanent{err} }
+
+// IsPermanent reports whether err was wrapped by Permanent.
+func IsPermanent(err error) bool {
+	var p permanent
+	return errors.As(err, &p)
+}
+
+// Stats counts what a consumer did.
+type Stats struct {
+	Handled      int64 // events whose handler succeeded
+	Retries      int64 // attempts after a failure
+	DeadLettered int64 // events sent to a dead-letter topic
+	Committed    int64 // offset commits made
+}
+
+// Consumer handles a consumer group's events at least once: an event's
+// offset is committed only after its handler succeeded or it reached the
+// dead-letter topic, so a consumer that dies leaves its unfinished events
+// to the member that takes its partitions over. Rebalances wait for the
+// round being handled (franz-go's BlockRebalanceOnPoll), so a commit is
+// never made for a partition this member no longer owns.
+type Consumer struct {
+	cfg    ConsumerConfig
+	cl     *kgo.Client
+	dlq    *kgo.Client // produces dead letters
+	tracer trace.Tracer
+
+	handled, retries, deadLettered, committed atomic.Int64
+}
+
+// NewConsumer joins cfg.Group when Run starts polling.
+func NewConsumer(cfg ConsumerConfig) (*Consumer, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	opts := append(cfg.kafkaOpts(),
+		kgo.ConsumerGroup(cfg.Group),
+		kgo.ConsumeTopics(cfg.Topics...),
+		kgo.DisableAutoCommit(),
+		kgo.BlockRebalanceOnPoll(),
+		kgo.FetchMaxBytes(cfg.FetchMaxBytes),
+		kgo.FetchMaxPartitionBytes(min(cfg.FetchMaxBytes, int32(max(cfg.MaxEventBytes+64<<10, 1<<20)))),
+	)
+	cl, err := kgo.NewClient(append(opts, cfg.Opts...)...)
+	if err != nil {
+		return nil, fmt.Errorf("events: %w", err)
+	}
+	dlq, err := kgo.NewClient(append(append(cfg.kafkaOpts(), kgo.RequiredAcks(kgo.AllISRAcks())), cfg.Opts...)...)
+	if err != nil {
+		cl.Close()
+		return nil, fmt.Errorf("events: %w", err)
+	}
+	return &Consumer{cfg: cfg, cl: cl, dlq: dlq, tracer: cfg.tracer()}, nil
+}
+
+// Stats returns the counts so far.
+func (c *Consumer) Stats() Stats {
+	return Stats{Handled: c.handled.Load(), Retries: c.retries.Load(), DeadLettered: c.deadLettered.Load(), Committed: c.committed.Load()}
+}
+
+// Run consumes until ctx ends, then drains: it stops fetching, lets the
+// handlers in flight finish (DrainTimeout), commits what is done and
+// leaves the group, so its partitions move at once. It returns nil after
+// a drain; the Consumer cannot run again.
+func (c *Consumer) Run(ctx context.Context) error {
+	// Handlers run in a context that outlives ctx by DrainTimeout.
+	hctx, hcancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer hcancel()
+	stop := context.AfterFunc(ctx, func() {
+		t := time.AfterFunc(c.cfg.DrainTimeout, hcancel)
+		context.AfterFunc(hctx, func() { t.Stop() })
+	})
+	defer stop()
+	defer func() {
+		c.cl.AllowRebalance()
+		c.cl.Close() // leaves the group
+		c.dlq.Close()
+	}()
+	for ctx.Err() == nil {
+		fetches := c.cl.PollRecords(ctx, c.cfg.MaxPollRecords)
+		if fetches.IsClientClosed() {
+			return errors.New("events: consumer closed")
+		}
+		fetches.EachError(func(topic string, p int32, err error) {
+			if !errors.Is(err, context.Canceled) {
+				c.cfg.Logger.Warn("events: fetch", "topic", topic, "partition", p, "err", err)
+			}
+		})
+		var parts [][]*kgo.Record
+		fetches.EachPartition(func(p kgo.FetchTopicPartition) {
+			if len(p.Records) > 0 {
+				parts = append(parts, p.Records)
+			}
+		})
+		if len(parts) > 0 {
+			done := c.handleRound(ctx, hctx, parts)
+			c.commit(ctx, done)
+		}
+		c.cl.AllowRebalance()
+	}
+	return nil
+}
+
+// handleRound handles a round's records, partition by partition in
+// parallel, and within a partition by key on Workers workers. It returns,
+// per partition, the last record of the prefix that is finished (nil when
+// the first is not): only that much may be committed.
+func (c *Consumer) handleRound(ctx, hctx context.Context, parts [][]*kgo.Record) []*kgo.Record {
+	done := make([][]bool, len(parts))
+	var wg sync.WaitGroup
+	for pi, recs := range parts {
+		done[pi] = make([]bool, len(recs))
+		lanes := make([][]int, c.cfg.Workers)
+		for i, r := range recs {
+			l := laneOf(r.Key, r.Offset, c.cfg.Workers)
+			lanes[l] = append(lanes[l], i)
+		}
+		for _, lane := range lanes {
+			if len(lane) == 0 {
+				continue
+			}
+			wg.Go(func() {
+				for _, i := range lane {
+					if !c.handle(ctx, hctx, recs[i]) {
+						return // draining: the rest of the lane stays for the next owner
+					}
+					done[pi][i] = true
+				}
+			})
+		}
+	}
+	wg.Wait()
+	last := make([]*kgo.Record, len(parts))
+	for pi, recs := range parts {
+		for i, r := range recs {
+			if !done[pi][i] {
+				break
+			}
+			last[pi] = r
+		}
+	}
+	return last
+}
+
+// laneOf picks a partition's worker for a record: by key, so that a key's
+// events stay in order; keyless records spread by offset.
+func laneOf(key []byte, offset int64, n int) int {
+	if key == nil {
+		return int(offset % int64(n))
+	}
+	h := fnv.New32a()
+	h.Write(key)
+	return int(h.Sum32() % uint32(n))
+}
+
+// commit commits the finished prefix of each partition of the round.
+func (c *Consumer) commit(ctx context.Context, last []*kgo.Record) {
+	var recs []*kgo.Record
+	for _, r := range last {
+		if r != nil {
+			recs = append(recs, r)
+		}
+	}
+	if len(recs) == 0 {
+		return
+	}
+	// A commit during a drain still goes out: it is what keeps the next
+	// owner from handling these events again.
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if err := c.cl.CommitRecords(cctx, recs...); err != nil {
+		c.cfg.Logger.Warn("events: commit failed; the events will be handled again by the partition's next owner", "err", err)
+		return
+	}
+	c.committed.Add(1)
+}
+
+// handle runs the handler on r with retries, and dead-letters it when
+// they are spent. It reports whether r is finished; false only when
+// ctx ended (a drain) first.
+func (c *Consumer) handle(ctx, hctx context.Context, r *kgo.Record) bool {
+	if ctx.Err() != nil {
+		return false // draining: start nothing new
+	}
+	ev, idErr := fromRecord(r)
+	if idErr != nil {
+		return c.deadLetter(ctx, r, 0, idErr)
+	}
+	sctx := hctx
+	var span trace.Span
+	if c.tracer != nil {
+		parent := traceContext.Extract(hctx, headerCarrier{&r.Headers})
+		sctx, span = c.tracer.Start(parent, SpanHandle, trace.WithSpanKind(trace.SpanKindConsumer),
+			trace.WithAttributes(attrSystem, attrTopic.String(r.Topic), attrPartition.String(strconv.Itoa(int(r.Partition))),
+				attrOffset.Int64(r.Offset), attrID.String(ev.ID)))
+		defer span.End()
+	}
+	retry := c.cfg.Retry
+	retry.Budget.Request(time.Now().UnixNano())
+	bo := backoff.New(backoff.Config{Base: retry.BaseBackoff, Max: retry.MaxBackoff, Jitter: retry.Jitter})
+	var err error
+	for attempt := 1; ; attempt++ {
+		ev.Attempt = attempt
+		if err = c.call(sctx, ev); err == nil {
+			c.handled.Add(1)
+			if span != nil {
+				span.SetAttributes(attrAttempt.Int(attempt))
+			}
+			return true
+		}
+		if span != nil {
+			span.AddEvent("beacon.events.attempt_failed", trace.WithAttributes(attrAttempt.Int(attempt)))
+		}
+		if IsPermanent(err) || !retry.RetryOn(err) || attempt >= retry.MaxAttempts {
+			break
+		}
+		// Paid from the budget; refused, it waits rather than drops.
+		for !retry.Budget.TryRetry(time.Now().UnixNano()) {
+			if backoff.Sleep(ctx, retry.MaxBackoff) != nil {
+				return false
+			}
+		}
+		if bo.Wait(ctx) != nil {
+			return false
+		}
+		c.retries.Add(1)
+	}
+	if span != nil {
+		span.SetStatus(codes.Error, err.Error())
+	}
+	return c.deadLetter(ctx, r, ev.Attempt, err)
+}
+
+// call runs the handler once, with its timeout, turning a panic into an
+// error.
+func (c *Consumer) call(ctx context.Context, ev *Event) (err error) {
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.HandlerTimeout)
+	defer cancel()
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("events: handler panicked: %v", p)
+		}
+	}()
+	return c.cfg.Handler(ctx, ev)
+}
+
+// deadLetter publishes r, as it came, to its topic's dead-letter topic
+// with where it came from and why, retrying until it is acknowledged or
+// ctx ends (then r stays uncommitted).
+func (c *Consumer) deadLetter(ctx context.Context, r *kgo.Record, attempts int, cause error) bool {
+	msg := cause.Error()
+	if len(msg) > 1024 {
+		msg = msg[:1024]
+	}
+	hs := append(append([]kgo.RecordHeader(nil), r.Headers...),
+		kgo.RecordHeader{Key: HeaderDLQTopic, Value: []byte(r.Topic)},
+		kgo.RecordHeader{Key: HeaderDLQPartition, Value: []byte(strconv.Itoa(int(r.Partition)))},
+		kgo.RecordHeader{Key: HeaderDLQOffset, Value: []byte(strconv.FormatInt(r.Offset, 10))},
+		kgo.RecordHeader{Key: HeaderDLQAttempts, Value: []byte(strconv.Itoa(attempts))},
+		kgo.RecordHeader{Key: HeaderDLQError, Value: []byte(msg)})
+	dead := &kgo.Record{Topic: r.Topic + c.cfg.DeadLetterSuffix, Key: r.Key, Value: r.Value, Headers: hs}
+	bo := backoff.New(backoff.Config{Base: 100 * time.Millisecond, Max: 5 * time.Second})
+	for {
+		pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err := c.dlq.ProduceSync(pctx, dead).FirstErr()
+		cancel()
+		if err == nil {
+			c.deadLettered.Add(1)
+			c.cfg.Logger.Warn("events: dead-lettered", "topic", r.Topic, "partition", r.Partition, "offset", r.Offset, "attempts", attempts, "err", msg)
+			return true
+		}
+		c.cfg.Logger.Warn("events: dead-letter publish failed; retrying", "topic", dead.Topic, "err", err)
+		if bo.Wait(ctx) != nil {
+			return false
+		}
+	}
+}
