@@ -184,7 +184,7 @@ func TestDrainCommitsWhatItFinished(t *testing.T) {
 		}})
 	published := publishSeq(t, p, "orders", 400, 20)
 	testutil.Eventually(t, time.Minute, "handlers in flight", func() bool { return started.Load() > 0 })
-	a.stop() // the drain begins: nothing new starts …
+	a.stop()       // the drain begins: nothing new starts …
 	close(release) // … and the handlers in flight finish
 	a.Stop(t)
 	startConsumer(t, events.ConsumerConfig{Config: events.Config{Brokers: brokers}, Group: "g", Topics: []string{"orders"},
