@@ -263,8 +263,10 @@ func (c *Consumer) handleRound(ctx, hctx context.Context, parts [][]*kgo.Record)
 				continue
 			}
 			wg.Go(func() {
+				w := newWorker(hctx, c.cfg.HandlerTimeout)
+				defer w.close()
 				for _, i := range lane {
-					if !c.handle(ctx, hctx, recs[i]) {
+					if !c.handle(ctx, w, recs[i]) {
 						return // draining: the rest of the lane stays for the next owner
 					}
 					done[pi][i] = true
@@ -318,10 +320,10 @@ func (c *Consumer) commit(ctx context.Context, last []*kgo.Record) {
 	c.committed.Add(1)
 }
 
-// handle runs the handler on r with retries, and dead-letters it when
-// they are spent. It reports whether r is finished; false only when
-// ctx ended (a drain) first.
-func (c *Consumer) handle(ctx, hctx context.Context, r *kgo.Record) bool {
+// handle runs the handler on r with retries, on worker w, and
+// dead-letters it when they are spent. It reports whether r is finished;
+// false only when ctx ended (a drain) first.
+func (c *Consumer) handle(ctx context.Context, w *worker, r *kgo.Record) bool {
 	if ctx.Err() != nil {
 		return false // draining: start nothing new
 	}
@@ -329,22 +331,21 @@ func (c *Consumer) handle(ctx, hctx context.Context, r *kgo.Record) bool {
 	if idErr != nil {
 		return c.deadLetter(ctx, r, 0, idErr)
 	}
-	sctx := hctx
 	var span trace.Span
 	if c.tracer != nil {
-		parent := traceContext.Extract(hctx, headerCarrier{&r.Headers})
-		sctx, span = c.tracer.Start(parent, SpanHandle, trace.WithSpanKind(trace.SpanKindConsumer),
+		parent := traceContext.Extract(w.parent, headerCarrier{&r.Headers})
+		_, span = c.tracer.Start(parent, SpanHandle, trace.WithSpanKind(trace.SpanKindConsumer),
 			trace.WithAttributes(attrSystem, attrTopic.String(r.Topic), attrPartition.String(strconv.Itoa(int(r.Partition))),
 				attrOffset.Int64(r.Offset), attrID.String(ev.ID)))
 		defer span.End()
 	}
 	retry := c.cfg.Retry
 	retry.Budget.Request(time.Now().UnixNano())
-	bo := backoff.New(backoff.Config{Base: retry.BaseBackoff, Max: retry.MaxBackoff, Jitter: retry.Jitter})
+	var bo *backoff.Backoff // made at the first failure
 	var err error
 	for attempt := 1; ; attempt++ {
 		ev.Attempt = attempt
-		if err = c.call(sctx, ev); err == nil {
+		if err = w.attempt(span, c, ev); err == nil {
 			c.handled.Add(1)
 			if span != nil {
 				span.SetAttributes(attrAttempt.Int(attempt))
@@ -363,6 +364,9 @@ func (c *Consumer) handle(ctx, hctx context.Context, r *kgo.Record) bool {
 				return false
 			}
 		}
+		if bo == nil {
+			bo = backoff.New(backoff.Config{Base: retry.BaseBackoff, Max: retry.MaxBackoff, Jitter: retry.Jitter})
+		}
 		if bo.Wait(ctx) != nil {
 			return false
 		}
@@ -374,17 +378,73 @@ func (c *Consumer) handle(ctx, hctx context.Context, r *kgo.Record) bool {
 	return c.deadLetter(ctx, r, ev.Attempt, err)
 }
 
-// call runs the handler once, with its timeout, turning a panic into an
-// error.
+// call runs the handler once, turning a panic into an error.
 func (c *Consumer) call(ctx context.Context, ev *Event) (err error) {
-	ctx, cancel := context.WithTimeout(ctx, c.cfg.HandlerTimeout)
-	defer cancel()
 	defer func() {
 		if p := recover(); p != nil {
 			err = fmt.Errorf("events: handler panicked: %v", p)
 		}
 	}()
 	return c.cfg.Handler(ctx, ev)
+}
+
+// errHandlerTimeout is the cause of an attempt's context ending at
+// HandlerTimeout.
+var errHandlerTimeout = errors.New("events: handler timeout")
+
+// worker bounds a lane's handler attempts by HandlerTimeout without a
+// timer and a context per event (at a million events a second they were
+// most of the consumer's cost): one context and one timer per lane, the
+// timer re-armed for each attempt; an attempt that runs out cancels the
+// lane's context, and the next attempt gets a fresh one.
+type worker struct {
+	parent  context.Context
+	timeout time.Duration
+	ctx     context.Context
+	cancel  atomic.Pointer[context.CancelCauseFunc] // read by the timer
+	timer   *time.Timer
+	fired   chan struct{} // the timer's function ran
+}
+
+func newWorker(parent context.Context, timeout time.Duration) *worker {
+	w := &worker{parent: parent, timeout: timeout, fired: make(chan struct{}, 1)}
+	w.renew()
+	w.timer = time.AfterFunc(time.Hour, func() {
+		(*w.cancel.Load())(errHandlerTimeout)
+		w.fired <- struct{}{}
+	})
+	w.timer.Stop()
+	return w
+}
+
+func (w *worker) renew() {
+	ctx, cancel := context.WithCancelCause(w.parent)
+	w.ctx = ctx
+	w.cancel.Store(&cancel)
+}
+
+// attempt runs c's handler on ev in the lane's context (with span, when
+// tracing) for at most the timeout.
+func (w *worker) attempt(span trace.Span, c *Consumer, ev *Event) error {
+	ctx := w.ctx
+	if span != nil {
+		ctx = trace.ContextWithSpan(ctx, span)
+	}
+	w.timer.Reset(w.timeout)
+	err := c.call(ctx, ev)
+	if !w.timer.Stop() {
+		<-w.fired // it ran out: wait until the cancel is done
+	}
+	if w.ctx.Err() != nil {
+		(*w.cancel.Load())(nil)
+		w.renew()
+	}
+	return err
+}
+
+func (w *worker) close() {
+	w.timer.Stop()
+	(*w.cancel.Load())(nil)
 }
 
 // deadLetter publishes r, as it came, to its topic's dead-letter topic

@@ -43,6 +43,12 @@ out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 	# The web console in headless Chromium: first paint, the services
 	# table drawn from the API, the assets' size (Debian's chromium).
 	go test -run '^$' -bench 'ConsoleFirstPaint' -benchtime 20x -count "${COUNT:-5}" -timeout 30m ./e2e
+	# Events: consumer throughput (a no-op handler, and one waiting 1 ms an
+	# event) and publish-to-handled latency, beside franz-go used directly,
+	# on franz-go's in-process Kafka (kfake).
+	go test -run '^$' -bench 'Consume/handler=none' -benchtime 200000x -count "${COUNT:-5}" ./events
+	go test -run '^$' -bench 'Consume/handler=1ms' -benchtime 2000x -count "${COUNT:-5}" ./events
+	go test -run '^$' -bench 'PublishToHandled' -benchtime 1000x -count "${COUNT:-5}" ./events
 	# Cluster mode: failover (20 kills of the leader's node), the 3-node
 	# cluster beside a single node, and 300 clients through a node's death
 	# and restart (reconnect spread, return home).
