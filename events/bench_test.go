@@ -172,7 +172,9 @@ func BenchmarkPublishToHandled(b *testing.B) {
 		return rawProducer.ProduceSync(ctx, &kgo.Record{Topic: "lat-raw", Key: []byte("k"), Value: []byte("v")}).FirstErr()
 	}, rawArrived)
 	b.StopTimer()
-	q := func(d []time.Duration, f float64) float64 { return float64(d[int(f*float64(len(d)-1))].Microseconds()) / 1000 }
+	q := func(d []time.Duration, f float64) float64 {
+		return float64(d[int(f*float64(len(d)-1))].Microseconds()) / 1000
+	}
 	b.ReportMetric(q(bl, 0.5), "beacon-p50-ms")
 	b.ReportMetric(q(bl, 0.99), "beacon-p99-ms")
 	b.ReportMetric(q(rl, 0.5), "franz-go-p50-ms")
