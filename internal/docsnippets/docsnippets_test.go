@@ -1,5 +1,5 @@
 // Package docsnippets_test keeps the SDK's documentation honest: every Go
-// snippet of docs/sdk.md must appear, line for line, in an example (or
+// snippet of docs/sdk.md and docs/events.md must appear, line for line, in an example (or
 // other test file) that the test command compiles, so a snippet that
 // stops compiling fails the build instead of misleading a reader.
 package docsnippets_test
@@ -51,15 +51,15 @@ func snippets(page string) []string {
 	return out
 }
 
-func TestEverySnippetOfTheSDKPageIsCompiled(t *testing.T) {
+// pages are the documentation pages whose Go snippets must be compiled,
+// with how many snippets each has at least (a parser check).
+var pages = map[string]int{"sdk.md": 10, "events.md": 4}
+
+func TestEveryDocSnippetIsCompiled(t *testing.T) {
 	_, file, _, _ := runtime.Caller(0)
 	root := filepath.Join(filepath.Dir(file), "..", "..")
-	page, err := os.ReadFile(filepath.Join(root, "docs", "sdk.md"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	var tests strings.Builder
-	err = filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+	err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
@@ -79,13 +79,19 @@ func TestEverySnippetOfTheSDKPageIsCompiled(t *testing.T) {
 		t.Fatal(err)
 	}
 	compiled := tests.String()
-	blocks := snippets(string(page))
-	if len(blocks) < 10 {
-		t.Fatalf("docs/sdk.md has %d Go snippets; the parser must have missed some", len(blocks))
-	}
-	for i, b := range blocks {
-		if !strings.Contains(compiled, normalize(b)) {
-			t.Errorf("snippet %d of docs/sdk.md is in no compiled example:\n%s", i+1, b)
+	for name, least := range pages {
+		page, err := os.ReadFile(filepath.Join(root, "docs", name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		blocks := snippets(string(page))
+		if len(blocks) < least {
+			t.Fatalf("docs/%s has %d Go snippets; the parser must have missed some", name, len(blocks))
+		}
+		for i, b := range blocks {
+			if !strings.Contains(compiled, normalize(b)) {
+				t.Errorf("snippet %d of docs/%s is in no compiled example:\n%s", i+1, name, b)
+			}
 		}
 	}
 }
