@@ -38,6 +38,8 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzDNSQuery -fuzztime 30s ./server/internal/dns
 	go test -run '^$$' -fuzz FuzzConsulFilter -fuzztime 30s ./server
 	go test -run '^$$' -fuzz FuzzProxyConfig -fuzztime 30s ./proxy
+	go test -run '^$$' -fuzz FuzzDecodeRing -fuzztime 30s ./events
+	go test -run '^$$' -fuzz FuzzDecodeShard -fuzztime 30s ./events
 
 generate:
 	./api/generate.sh

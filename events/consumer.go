@@ -10,7 +10,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 
@@ -169,6 +171,15 @@ type Consumer struct {
 	tracer trace.Tracer
 
 	handled, retries, deadLettered, committed atomic.Int64
+
+	// A rebalance waiting for the round in hand hurries it: no new event
+	// starts, waits end, what finished is committed.
+	hurryMu sync.Mutex
+	hurry   context.CancelFunc // the round's; nil between rounds
+	hurried bool               // a rebalance waits (until AllowRebalance)
+
+	fatal atomic.Pointer[error] // why the consumer must stop (a dead letter that cannot be written)
+	ran   atomic.Bool
 }
 
 // NewConsumer joins cfg.Group when Run starts polling.
@@ -176,7 +187,9 @@ func NewConsumer(cfg ConsumerConfig) (*Consumer, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
+	c := &Consumer{cfg: cfg, tracer: cfg.tracer()}
 	opts := append(cfg.kafkaOpts(),
+		kgo.OnPartitionsCallbackBlocked(func(context.Context, *kgo.Client) { c.hurryUp() }),
 		kgo.ConsumerGroup(cfg.Group),
 		kgo.ConsumeTopics(cfg.Topics...),
 		kgo.DisableAutoCommit(),
@@ -193,7 +206,57 @@ func NewConsumer(cfg ConsumerConfig) (*Consumer, error) {
 		cl.Close()
 		return nil, fmt.Errorf("events: %w", err)
 	}
-	return &Consumer{cfg: cfg, cl: cl, dlq: dlq, tracer: cfg.tracer()}, nil
+	c.cl, c.dlq = cl, dlq
+	return c, nil
+}
+
+// Close releases a Consumer that was never Run (Run closes its own).
+func (c *Consumer) Close() {
+	if !c.ran.Swap(true) {
+		c.cl.Close()
+		c.dlq.Close()
+	}
+}
+
+// hurryUp ends the round in hand early: a rebalance is waiting for it.
+func (c *Consumer) hurryUp() {
+	c.hurryMu.Lock()
+	defer c.hurryMu.Unlock()
+	c.hurried = true
+	if c.hurry != nil {
+		c.hurry()
+	}
+}
+
+// roundContext is the context of a round: it ends with ctx, or when a
+// rebalance waits for the round.
+func (c *Consumer) roundContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	rctx, cancel := context.WithCancel(ctx)
+	c.hurryMu.Lock()
+	defer c.hurryMu.Unlock()
+	c.hurry = cancel
+	if c.hurried {
+		cancel()
+	}
+	return rctx, cancel
+}
+
+// allowRebalance lets a waiting rebalance go, between rounds.
+func (c *Consumer) allowRebalance() {
+	c.hurryMu.Lock()
+	c.hurry, c.hurried = nil, false
+	c.hurryMu.Unlock()
+	c.cl.AllowRebalance()
+}
+
+// fail records why the consumer must stop; the first reason wins.
+func (c *Consumer) fail(err error) { c.fatal.CompareAndSwap(nil, &err) }
+
+func (c *Consumer) failed() error {
+	if e := c.fatal.Load(); e != nil {
+		return *e
+	}
+	return nil
 }
 
 // Stats returns the counts so far.
@@ -204,8 +267,21 @@ func (c *Consumer) Stats() Stats {
 // Run consumes until ctx ends, then drains: it stops fetching, lets the
 // handlers in flight finish (DrainTimeout), commits what is done and
 // leaves the group, so its partitions move at once. It returns nil after
-// a drain; the Consumer cannot run again.
+// a drain, and an error when it cannot go on (its dead-letter topic is
+// missing or refuses writes, or commits keep failing); the Consumer cannot
+// run again.
 func (c *Consumer) Run(ctx context.Context) error {
+	if c.ran.Swap(true) {
+		return errors.New("events: the consumer already ran")
+	}
+	defer func() {
+		c.allowRebalance()
+		c.cl.Close() // leaves the group
+		c.dlq.Close()
+	}()
+	if err := c.checkDeadLetterTopics(ctx); err != nil {
+		return err
+	}
 	// Handlers run in a context that outlives ctx by DrainTimeout.
 	hctx, hcancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer hcancel()
@@ -214,11 +290,6 @@ func (c *Consumer) Run(ctx context.Context) error {
 		context.AfterFunc(hctx, func() { t.Stop() })
 	})
 	defer stop()
-	defer func() {
-		c.cl.AllowRebalance()
-		c.cl.Close() // leaves the group
-		c.dlq.Close()
-	}()
 	for ctx.Err() == nil {
 		fetches := c.cl.PollRecords(ctx, c.cfg.MaxPollRecords)
 		if fetches.IsClientClosed() {
@@ -236,19 +307,79 @@ func (c *Consumer) Run(ctx context.Context) error {
 			}
 		})
 		if len(parts) > 0 {
-			done := c.handleRound(ctx, hctx, parts)
-			c.commit(ctx, done)
+			rctx, cancel := c.roundContext(ctx)
+			done, undone := c.handleRound(rctx, hctx, parts)
+			cancel()
+			if err := c.commit(ctx, done); err != nil {
+				c.fail(err)
+			}
+			c.rewind(undone)
 		}
-		c.cl.AllowRebalance()
+		c.allowRebalance()
+		if err := c.failed(); err != nil {
+			return err
+		}
 	}
 	return nil
+}
+
+// checkDeadLetterTopics asks the brokers for every dead-letter topic: a
+// missing one would stop the consumer at the first poison event, so it
+// stops it now, saying which.
+func (c *Consumer) checkDeadLetterTopics(ctx context.Context) error {
+	req := kmsg.NewPtrMetadataRequest()
+	for _, t := range c.cfg.Topics {
+		rt := kmsg.NewMetadataRequestTopic()
+		rt.Topic = kmsg.StringPtr(t + c.cfg.DeadLetterSuffix)
+		req.Topics = append(req.Topics, rt)
+	}
+	mctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	resp, err := req.RequestWith(mctx, c.dlq)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil // stopped before it started
+		}
+		return fmt.Errorf("events: reading the dead-letter topics' metadata: %w", err)
+	}
+	for _, t := range resp.Topics {
+		if err := kerr.ErrorForCode(t.ErrorCode); err != nil {
+			name := ""
+			if t.Topic != nil {
+				name = *t.Topic
+			}
+			return fmt.Errorf("events: dead-letter topic %q: %w (create it: every consumed topic needs one)", name, err)
+		}
+	}
+	return nil
+}
+
+// rewind makes the client fetch again from each partition's first
+// unfinished record (a hurried round's): the client's position has moved
+// past the whole round, and a partition this member keeps through the
+// rebalance would otherwise skip them — and a later commit pass them.
+// Called before AllowRebalance, as franz-go asks; a partition that moves
+// is fetched by its new owner from the committed offset anyway.
+func (c *Consumer) rewind(undone []*kgo.Record) {
+	to := map[string]map[int32]kgo.EpochOffset{}
+	for _, r := range undone {
+		if r == nil {
+			continue
+		}
+		if to[r.Topic] == nil {
+			to[r.Topic] = map[int32]kgo.EpochOffset{}
+		}
+		to[r.Topic][r.Partition] = kgo.EpochOffset{Epoch: r.LeaderEpoch, Offset: r.Offset}
+	}
+	c.cl.SetOffsets(to)
 }
 
 // handleRound handles a round's records, partition by partition in
 // parallel, and within a partition by key on Workers workers. It returns,
 // per partition, the last record of the prefix that is finished (nil when
-// the first is not): only that much may be committed.
-func (c *Consumer) handleRound(ctx, hctx context.Context, parts [][]*kgo.Record) []*kgo.Record {
+// the first is not) — only that much may be committed — and the first
+// record that is not (nil when all are).
+func (c *Consumer) handleRound(ctx, hctx context.Context, parts [][]*kgo.Record) (last, undone []*kgo.Record) {
 	done := make([][]bool, len(parts))
 	var wg sync.WaitGroup
 	for pi, recs := range parts {
@@ -275,16 +406,17 @@ func (c *Consumer) handleRound(ctx, hctx context.Context, parts [][]*kgo.Record)
 		}
 	}
 	wg.Wait()
-	last := make([]*kgo.Record, len(parts))
+	last, undone = make([]*kgo.Record, len(parts)), make([]*kgo.Record, len(parts))
 	for pi, recs := range parts {
 		for i, r := range recs {
 			if !done[pi][i] {
+				undone[pi] = r
 				break
 			}
 			last[pi] = r
 		}
 	}
-	return last
+	return last, undone
 }
 
 // laneOf picks a partition's worker for a record: by key, so that a key's
@@ -298,8 +430,13 @@ func laneOf(key []byte, offset int64, n int) int {
 	return int(h.Sum32() % uint32(n))
 }
 
-// commit commits the finished prefix of each partition of the round.
-func (c *Consumer) commit(ctx context.Context, last []*kgo.Record) {
+// commit commits the finished prefix of each partition of the round,
+// retrying until it is accepted: the next round starts only then, so a
+// member that dies later replays at most one round (KVDedup's window
+// counts on it). A refusal because the group moved on (this member's
+// generation is over) ends the attempts — the partitions are another's,
+// who replays the round; a minute of failures is an error.
+func (c *Consumer) commit(ctx context.Context, last []*kgo.Record) error {
 	var recs []*kgo.Record
 	for _, r := range last {
 		if r != nil {
@@ -307,25 +444,41 @@ func (c *Consumer) commit(ctx context.Context, last []*kgo.Record) {
 		}
 	}
 	if len(recs) == 0 {
-		return
+		return nil
 	}
 	// A commit during a drain still goes out: it is what keeps the next
-	// owner from handling these events again.
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-	defer cancel()
-	if err := c.cl.CommitRecords(cctx, recs...); err != nil {
-		c.cfg.Logger.Warn("events: commit failed; the events will be handled again by the partition's next owner", "err", err)
-		return
+	// owner from handling these events again (for at most 10 s then, the
+	// drain's own bound).
+	limit := time.Minute
+	if ctx.Err() != nil {
+		limit = 10 * time.Second
 	}
-	c.committed.Add(1)
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), limit)
+	defer cancel()
+	bo := backoff.New(backoff.Config{Base: 100 * time.Millisecond, Max: 5 * time.Second})
+	for {
+		err := c.cl.CommitRecords(cctx, recs...)
+		switch {
+		case err == nil:
+			c.committed.Add(1)
+			return nil
+		case errors.Is(err, kerr.IllegalGeneration), errors.Is(err, kerr.UnknownMemberID), errors.Is(err, kerr.RebalanceInProgress), errors.Is(err, kerr.FencedInstanceID):
+			c.cfg.Logger.Warn("events: commit refused, the group moved on; the partitions' next owner handles the round again", "err", err)
+			return nil
+		}
+		c.cfg.Logger.Warn("events: commit failed; retrying", "err", err)
+		if bo.Wait(cctx) != nil {
+			return fmt.Errorf("events: commits failed for %v: %w", limit, err)
+		}
+	}
 }
 
 // handle runs the handler on r with retries, on worker w, and
 // dead-letters it when they are spent. It reports whether r is finished;
 // false only when ctx ended (a drain) first.
 func (c *Consumer) handle(ctx context.Context, w *worker, r *kgo.Record) bool {
-	if ctx.Err() != nil {
-		return false // draining: start nothing new
+	if ctx.Err() != nil || c.fatal.Load() != nil {
+		return false // draining, hurried or failed: start nothing new
 	}
 	ev, idErr := fromRecord(r)
 	if idErr != nil {
@@ -358,11 +511,11 @@ func (c *Consumer) handle(ctx context.Context, w *worker, r *kgo.Record) bool {
 		if IsPermanent(err) || !retry.RetryOn(err) || attempt >= retry.MaxAttempts {
 			break
 		}
-		// Paid from the budget; refused, it waits rather than drops.
-		for !retry.Budget.TryRetry(time.Now().UnixNano()) {
-			if backoff.Sleep(ctx, retry.MaxBackoff) != nil {
-				return false
-			}
+		// Paid from the budget; refused, it waits MaxBackoff and goes
+		// anyway: the budget slows retries down, it never drops an event
+		// (nor waits for new events that a stuck round will not fetch).
+		if !retry.Budget.TryRetry(time.Now().UnixNano()) && backoff.Sleep(ctx, retry.MaxBackoff) != nil {
+			return false
 		}
 		if bo == nil {
 			bo = backoff.New(backoff.Config{Base: retry.BaseBackoff, Max: retry.MaxBackoff, Jitter: retry.Jitter})
@@ -448,8 +601,10 @@ func (w *worker) close() {
 }
 
 // deadLetter publishes r, as it came, to its topic's dead-letter topic
-// with where it came from and why, retrying until it is acknowledged or
-// ctx ends (then r stays uncommitted).
+// with where it came from and why. A record the brokers find too large
+// goes again without its value (header HeaderDLQValueDropped); one that
+// cannot be written in three tries stops the consumer (fail), as does
+// ctx's end — either way r stays uncommitted.
 func (c *Consumer) deadLetter(ctx context.Context, r *kgo.Record, attempts int, cause error) bool {
 	msg := cause.Error()
 	if len(msg) > 1024 {
@@ -463,18 +618,28 @@ func (c *Consumer) deadLetter(ctx context.Context, r *kgo.Record, attempts int, 
 		kgo.RecordHeader{Key: HeaderDLQError, Value: []byte(msg)})
 	dead := &kgo.Record{Topic: r.Topic + c.cfg.DeadLetterSuffix, Key: r.Key, Value: r.Value, Headers: hs}
 	bo := backoff.New(backoff.Config{Base: 100 * time.Millisecond, Max: 5 * time.Second})
-	for {
-		pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		err := c.dlq.ProduceSync(pctx, dead).FirstErr()
+	var err error
+	for try := 0; try < 3; try++ {
+		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err = c.dlq.ProduceSync(pctx, dead).FirstErr()
 		cancel()
 		if err == nil {
 			c.deadLettered.Add(1)
 			c.cfg.Logger.Warn("events: dead-lettered", "topic", r.Topic, "partition", r.Partition, "offset", r.Offset, "attempts", attempts, "err", msg)
 			return true
 		}
-		c.cfg.Logger.Warn("events: dead-letter publish failed; retrying", "topic", dead.Topic, "err", err)
+		if ctx.Err() != nil {
+			return false
+		}
+		if errors.Is(err, kerr.MessageTooLarge) && dead.Value != nil {
+			dead = &kgo.Record{Topic: dead.Topic, Key: dead.Key, Headers: append(dead.Headers, kgo.RecordHeader{Key: HeaderDLQValueDropped, Value: []byte(strconv.Itoa(len(r.Value)))})}
+			continue
+		}
+		c.cfg.Logger.Warn("events: dead-letter publish failed", "topic", dead.Topic, "err", err)
 		if bo.Wait(ctx) != nil {
 			return false
 		}
 	}
+	c.fail(fmt.Errorf("events: dead-letter topic %q refuses %s/%d@%d: %w", dead.Topic, r.Topic, r.Partition, r.Offset, err))
+	return false
 }

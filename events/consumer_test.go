@@ -3,13 +3,16 @@ package events_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"beacon.dev/beacon/events"
@@ -43,8 +46,10 @@ func TestGroupHandlesEveryEventInKeyOrder(t *testing.T) {
 	brokers := newCluster(t, "orders")
 	p := newProducer(t, brokers)
 	tl := newTally()
+	var where sync.Map // id → "partition/offset" as consumed
 	handler := func(_ context.Context, ev *events.Event) error {
 		tl.add(ev)
+		where.Store(ev.ID, fmt.Sprintf("%d/%d", ev.Partition, ev.Offset))
 		return nil
 	}
 	cfg := events.ConsumerConfig{Config: events.Config{Brokers: brokers}, Group: "g", Topics: []string{"orders"}, Handler: handler, MaxPollRecords: 50}
@@ -61,9 +66,10 @@ func TestGroupHandlesEveryEventInKeyOrder(t *testing.T) {
 	if k, ok := inOrder(tl); !ok {
 		t.Errorf("key %s handled out of order", k)
 	}
+	// Publish said where each event went, and it is where it was read.
 	for _, ev := range published {
-		if ev.ID == "" || ev.Offset < 0 {
-			t.Fatalf("published event without id or offset: %+v", ev)
+		if got, _ := where.Load(ev.ID); got != fmt.Sprintf("%d/%d", ev.Partition, ev.Offset) {
+			t.Fatalf("event %s: published at %d/%d, consumed at %v", ev.ID, ev.Partition, ev.Offset, got)
 		}
 	}
 	t.Logf("handled %d events %d times", tl.distinct(), tl.total())
@@ -261,4 +267,75 @@ func TestConsumerConfigErrorsNameTheField(t *testing.T) {
 			t.Errorf("NewConsumer = %v, want an error naming %q", err, c.want)
 		}
 	}
+}
+
+// A consumer without its dead-letter topic does not start: Run says which
+// topic is missing, instead of stopping at the first poison event.
+func TestMissingDeadLetterTopicStopsRun(t *testing.T) {
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "orders"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	cons, err := events.NewConsumer(events.ConsumerConfig{Config: events.Config{Brokers: c.ListenAddrs()}, Group: "g", Topics: []string{"orders"},
+		Handler: func(context.Context, *events.Event) error { return nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := cons.Run(ctx); err == nil || !strings.Contains(err.Error(), `"orders.dlq"`) {
+		t.Errorf("Run without orders.dlq = %v, want an error naming it", err)
+	}
+}
+
+// A member joining while another handles a long round does not wait for
+// that round: the rebalance hurries it (no new event starts, what finished
+// is committed), so the newcomer gets its partition while the round is
+// far from done.
+func TestRebalanceHurriesTheRound(t *testing.T) {
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(2, "orders", "orders.dlq"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close) // after the consumers' (cleanups run last first)
+	brokers := c.ListenAddrs()
+	p := newProducer(t, brokers)
+	published := publishSeq(t, p, "orders", 2000, 50)
+	var a, b atomic.Int64
+	var slow atomic.Bool // the first member's events are slow until the newcomer began
+	slow.Store(true)
+	tl := newTally()
+	cfg := func(n *atomic.Int64) events.ConsumerConfig {
+		return events.ConsumerConfig{Config: events.Config{Brokers: brokers}, Group: "g", Topics: []string{"orders"}, Workers: 1, MaxPollRecords: 400,
+			Handler: func(ctx context.Context, ev *events.Event) error {
+				n.Add(1)
+				if n == &a && slow.Load() {
+					select { // a slow handler: a whole round takes seconds
+					case <-time.After(50 * time.Millisecond):
+					case <-ctx.Done():
+					}
+				}
+				tl.add(ev)
+				return nil
+			}}
+	}
+	startConsumer(t, cfg(&a))
+	testutil.Eventually(t, time.Minute, "the first member handling", func() bool { return a.Load() > 0 })
+	startConsumer(t, cfg(&b))
+	var atJoin int64
+	testutil.Eventually(t, 2*time.Minute, "the newcomer handling", func() bool {
+		atJoin = a.Load()
+		return b.Load() > 0
+	})
+	slow.Store(false)
+	// A round is up to 400 events: without the hurry the first member would
+	// have handled all of it before the newcomer got anything.
+	if atJoin >= 300 {
+		t.Errorf("the first member handled %d events before the newcomer got its partition: its round was not hurried", atJoin)
+	}
+	// What the hurried round left undone is handled — by its member, which
+	// fetches those events again, or by the newcomer.
+	testutil.Eventually(t, 2*time.Minute, "every event handled", func() bool { return tl.distinct() == len(published) })
+	t.Logf("the first member had handled %d events when the newcomer began", atJoin)
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -48,7 +49,7 @@ func runTracking() int {
 		return 1
 	}
 	cons, err := events.NewConsumer(events.ConsumerConfig{
-		Config: events.Config{Brokers: strings.Split(os.Getenv(childBrokersEnv), ",")},
+		Config: events.Config{Brokers: strings.Split(os.Getenv(childBrokersEnv), ","), Logger: slog.New(slog.NewTextHandler(os.Stderr, nil))},
 		Group:  "tracking", Topics: []string{"behaviour"}, MaxPollRecords: 100,
 		Handler: func(ctx context.Context, ev *events.Event) error {
 			_, err := countOnce(ctx, c.KV(), d, "agg/"+string(ev.Key), ev)
@@ -188,6 +189,12 @@ func TestKilledConsumerLosesNothingAndCountsNothingTwice(t *testing.T) {
 		t.Fatalf("every event was counted before the kill (%d): the test proves nothing", atKill)
 	}
 	c3 := startChild(t, brokers, srv.Addr())
+	defer func() {
+		if t.Failed() {
+			_, sum, err := aggregates(ctx, c.KV())
+			t.Logf("counted %d (%v); the consumers said:\n--- b:\n%s\n--- c3:\n%s", sum, err, b.output(), c3.output())
+		}
+	}()
 	testutil.Eventually(t, 4*time.Minute, "every event counted", func() bool {
 		_, sum, err := aggregates(ctx, c.KV())
 		return err == nil && sum >= total

@@ -8,8 +8,10 @@ import (
 	"hash/fnv"
 	"strconv"
 	"sync"
+	"time"
 
 	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/internal/backoff"
 )
 
 // KVDedup makes a handler's effect in beacon KV happen once per event:
@@ -35,11 +37,17 @@ type KVDedup struct {
 	opts   []client.CallOption
 
 	mu    sync.Mutex
-	rings map[string]*ring // by state key: the last state seen, guarded by mu
+	rings map[string]*ring         // by state key: the last state seen, guarded by mu
+	turns map[string]chan struct{} // by state key: whose turn it is in this process, guarded by mu
 }
 
-// DefaultDedupWindow is twice DefaultMaxPollRecords.
-const DefaultDedupWindow = 2 * DefaultMaxPollRecords
+// DefaultDedupWindow is twice DefaultMaxPollRecords; MaxDedupWindow keeps
+// the ring (8 bytes an event) at 256 KiB, half the server's default limit
+// on a transaction's values, leaving the rest to the handler's own.
+const (
+	DefaultDedupWindow = 2 * DefaultMaxPollRecords
+	MaxDedupWindow     = 1 << 15
+)
 
 // NewKVDedup keeps its state under prefix (for example
 // "events/dedup/GROUP/") in the client's KV; window 0 means
@@ -48,18 +56,19 @@ func NewKVDedup(kv *client.KV, prefix string, window int, opts ...client.CallOpt
 	if window == 0 {
 		window = DefaultDedupWindow
 	}
-	if window < 1 || window > 1<<16 {
-		return nil, fmt.Errorf("events: dedup window: %d, must be 1 to %d", window, 1<<16)
+	if window < 1 || window > MaxDedupWindow {
+		return nil, fmt.Errorf("events: dedup window: %d, must be 1 to %d", window, MaxDedupWindow)
 	}
 	if prefix == "" {
 		return nil, errors.New("events: dedup prefix: empty")
 	}
-	return &KVDedup{kv: kv, prefix: prefix, window: window, opts: opts, rings: map[string]*ring{}}, nil
+	return &KVDedup{kv: kv, prefix: prefix, window: window, opts: opts, rings: map[string]*ring{}, turns: map[string]chan struct{}{}}, nil
 }
 
 // ErrDedupContention is returned when the partition's state kept changing
-// under Apply (another member applying the same partition's events).
-var ErrDedupContention = errors.New("events: dedup state kept changing; try again")
+// under Apply until its context ended (its other workers, or another
+// member, applying the same partition's events).
+var ErrDedupContention = errors.New("events: dedup state kept changing")
 
 // Apply applies ops (puts, deletes, checks: client.OpPut …) and marks ev
 // applied, all in one transaction; duplicate is true, and nothing is
@@ -68,7 +77,21 @@ var ErrDedupContention = errors.New("events: dedup state kept changing; try agai
 func (d *KVDedup) Apply(ctx context.Context, ev *Event, ops ...client.KVOp) (duplicate bool, err error) {
 	key := d.prefix + ev.Topic + "/" + strconv.Itoa(int(ev.Partition))
 	mark := markOf(ev)
-	for range 64 {
+	// A partition's workers in this process take turns on its ring (each
+	// would otherwise make the others' compares fail and read again: a
+	// round trip wasted per conflict). The turn is taken with ctx, so a
+	// wait for it ends with the handler's.
+	turn := d.turn(key)
+	select {
+	case turn <- struct{}{}:
+		defer func() { <-turn }()
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
+	// Another process on the same partition (one that lost it and goes
+	// on) can still race: jittered waits between its tries.
+	bo := backoff.New(backoff.Config{Base: time.Millisecond, Max: 20 * time.Millisecond, Jitter: 0.5})
+	for {
 		r, err := d.state(ctx, key)
 		if err != nil {
 			return false, err
@@ -87,18 +110,34 @@ func (d *KVDedup) Apply(ctx context.Context, ev *Event, ops ...client.KVOp) (dup
 		if !errors.Is(err, client.ErrCompareFailed) {
 			return false, err
 		}
-		// Ours or the caller's compare failed: read the state again; if it
-		// did not move, the caller's did.
+		// Ours or the caller's compare failed: read the ring itself (not
+		// the cache, which a concurrent read may have refilled with the
+		// old one); if it did not move, the caller's compare failed.
 		d.forget(key)
-		fresh, ferr := d.state(ctx, key)
+		fresh, ferr := d.read(ctx, key)
 		if ferr != nil {
 			return false, ferr
 		}
 		if fresh.revision == r.revision {
 			return false, err
 		}
+		d.remember(key, fresh)
+		if bo.Wait(ctx) != nil {
+			return false, fmt.Errorf("%w: %w", ErrDedupContention, ctx.Err())
+		}
 	}
-	return false, ErrDedupContention
+}
+
+// turn returns the partition's turn in this process.
+func (d *KVDedup) turn(key string) chan struct{} {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	t := d.turns[key]
+	if t == nil {
+		t = make(chan struct{}, 1)
+		d.turns[key] = t
+	}
+	return t
 }
 
 func (d *KVDedup) remember(key string, r *ring) {
@@ -123,6 +162,16 @@ func (d *KVDedup) state(ctx context.Context, key string) (*ring, error) {
 	if r != nil {
 		return r, nil
 	}
+	r, err := d.read(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	d.remember(key, r)
+	return r, nil
+}
+
+// read reads the partition's ring from the KV.
+func (d *KVDedup) read(ctx context.Context, key string) (*ring, error) {
 	kv, err := d.kv.Get(ctx, key, d.opts...)
 	switch {
 	case errors.Is(err, client.ErrNotFound):
@@ -130,12 +179,11 @@ func (d *KVDedup) state(ctx context.Context, key string) (*ring, error) {
 	case err != nil:
 		return nil, err
 	}
-	r, err = decodeRing(kv.Value)
+	r, err := decodeRing(kv.Value)
 	if err != nil {
 		return nil, fmt.Errorf("events: dedup state %q: %w", key, err)
 	}
 	r.revision = kv.ModRevision
-	d.remember(key, r)
 	return r, nil
 }
 

@@ -1,8 +1,8 @@
 // Package events is beacon's event processing on Kafka: a Producer that
 // publishes with keys, headers, an event id and the caller's trace
 // context; a Consumer that handles a consumer group's events at least
-// once — committing only what its handler finished, in order per key, with
-// a bounded worker pool, retries paid from a budget, a dead-letter topic
+// once — committing only what its handler finished, in order per key, on
+// a few workers per partition, retries paid from a budget, a dead-letter topic
 // for events that keep failing and a drain on shutdown; and KVDedup, which
 // makes a handler's effect in beacon KV happen exactly once per event.
 //

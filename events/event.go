@@ -3,6 +3,7 @@ package events
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"time"
 )
@@ -54,16 +55,24 @@ const (
 	HeaderDLQOffset    = "beacon-dlq-offset"
 	HeaderDLQAttempts  = "beacon-dlq-attempts"
 	HeaderDLQError     = "beacon-dlq-error"
+	// The dead letter's value was too large for its topic and was left
+	// out; the header holds its length.
+	HeaderDLQValueDropped = "beacon-dlq-value-dropped"
 )
 
 // Limits on what Publish accepts (and what a consumer accepts as an event
-// id). Kafka's own default message limit is 1 MiB.
+// id). The default event size fits in franz-go's default batch, itself
+// under Kafka's default message.max.bytes (1,048,588).
 const (
-	DefaultMaxEventBytes = 1 << 20
+	DefaultMaxEventBytes = 960 << 10
 	MaxIDBytes           = 128
 	MaxHeaders           = 64
 	MaxHeaderKeyBytes    = 256
 )
+
+// ErrInvalidEvent wraps every refusal of an event's contents: its field
+// and limit follow in the message. Trying again does not help.
+var ErrInvalidEvent = errors.New("events: invalid event")
 
 // newID returns a random 128-bit event id in hex.
 func newID() string {
@@ -75,11 +84,11 @@ func newID() string {
 // checkID validates an event id: 1 to MaxIDBytes printable ASCII bytes.
 func checkID(id string) error {
 	if id == "" || len(id) > MaxIDBytes {
-		return fmt.Errorf("events: %s: %d bytes, must be 1 to %d", HeaderID, len(id), MaxIDBytes)
+		return fmt.Errorf("%w: %s: %d bytes, must be 1 to %d", ErrInvalidEvent, HeaderID, len(id), MaxIDBytes)
 	}
 	for i := 0; i < len(id); i++ {
 		if id[i] < 0x21 || id[i] > 0x7e {
-			return fmt.Errorf("events: %s: byte %d is not printable ASCII", HeaderID, i)
+			return fmt.Errorf("%w: %s: byte %d is not printable ASCII", ErrInvalidEvent, HeaderID, i)
 		}
 	}
 	return nil
@@ -98,18 +107,18 @@ func (e *Event) size() int {
 func (e *Event) check(maxBytes int) error {
 	switch {
 	case e.Topic == "":
-		return fmt.Errorf("events: topic: empty")
+		return fmt.Errorf("%w: topic: empty", ErrInvalidEvent)
 	case len(e.Headers) > MaxHeaders:
-		return fmt.Errorf("events: headers: %d, at most %d (MaxHeaders)", len(e.Headers), MaxHeaders)
+		return fmt.Errorf("%w: headers: %d, at most %d (MaxHeaders)", ErrInvalidEvent, len(e.Headers), MaxHeaders)
 	case e.size() > maxBytes:
-		return fmt.Errorf("events: event on %q: %d bytes, at most %d (max event bytes)", e.Topic, e.size(), maxBytes)
+		return fmt.Errorf("%w: event on %q: %d bytes, at most %d (max event bytes)", ErrInvalidEvent, e.Topic, e.size(), maxBytes)
 	}
 	for i, h := range e.Headers {
 		if h.Key == "" || len(h.Key) > MaxHeaderKeyBytes {
-			return fmt.Errorf("events: headers[%d].key: %d bytes, must be 1 to %d", i, len(h.Key), MaxHeaderKeyBytes)
+			return fmt.Errorf("%w: headers[%d].key: %d bytes, must be 1 to %d", ErrInvalidEvent, i, len(h.Key), MaxHeaderKeyBytes)
 		}
 		if h.Key == HeaderID {
-			return fmt.Errorf("events: headers[%d]: %s is set from Event.ID", i, HeaderID)
+			return fmt.Errorf("%w: headers[%d]: %s is set from Event.ID", ErrInvalidEvent, i, HeaderID)
 		}
 	}
 	return checkID(e.ID)

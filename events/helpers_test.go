@@ -142,15 +142,22 @@ func publishSeq(t testing.TB, p *events.Producer, topic string, n, keys int) []*
 // came (or a minute passed).
 func readAll(t testing.TB, brokers []string, topic string, want int) []*kgo.Record {
 	t.Helper()
+	return readUntil(t, brokers, topic, time.Minute, func(recs []*kgo.Record) bool { return len(recs) >= want })
+}
+
+// readUntil reads topic from the start until done says so (or the
+// liveness bound passed), and returns what it read.
+func readUntil(t testing.TB, brokers []string, topic string, bound time.Duration, done func([]*kgo.Record) bool) []*kgo.Record {
+	t.Helper()
 	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.ConsumeTopics(topic))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer cl.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), bound)
 	defer cancel()
 	var out []*kgo.Record
-	for len(out) < want && ctx.Err() == nil {
+	for !done(out) && ctx.Err() == nil {
 		cl.PollFetches(ctx).EachRecord(func(r *kgo.Record) { out = append(out, r) })
 	}
 	return out

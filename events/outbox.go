@@ -11,6 +11,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/twmb/franz-go/pkg/kerr"
+
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/backoff"
 )
@@ -115,8 +117,12 @@ func (o *Outbox) Put(ctx context.Context, ops []client.KVOp, evs ...*Event) (rev
 		if err := ev.check(min(o.maxBytes, DefaultMaxEventBytes)); err != nil {
 			return 0, err
 		}
+		pe := pending{ID: ev.ID, Topic: ev.Topic, Key: ev.Key, Value: ev.Value, Headers: ev.Headers}
+		if b, _ := json.Marshal(shardList{Events: []pending{pe}}); len(b) > o.maxBytes {
+			return 0, fmt.Errorf("%w: event on %q: %d bytes in the outbox (base64), at most %d (max outbox shard bytes)", ErrInvalidEvent, ev.Topic, len(b), o.maxBytes)
+		}
 		k := o.shardKey(ev)
-		byShard[k] = append(byShard[k], pending{ID: ev.ID, Topic: ev.Topic, Key: ev.Key, Value: ev.Value, Headers: ev.Headers})
+		byShard[k] = append(byShard[k], pe)
 	}
 	keys := make([]string, 0, len(byShard))
 	for k := range byShard {
@@ -126,6 +132,7 @@ func (o *Outbox) Put(ctx context.Context, ops []client.KVOp, evs ...*Event) (rev
 	for range 64 {
 		all := append([]client.KVOp(nil), ops...)
 		revs := make([]int64, len(keys))
+		written := 0 // the server bounds a transaction's values together
 		for i, k := range keys {
 			cur, rev, err := o.read(ctx, k)
 			if err != nil {
@@ -133,8 +140,8 @@ func (o *Outbox) Put(ctx context.Context, ops []client.KVOp, evs ...*Event) (rev
 			}
 			cur.Events = append(cur.Events, byShard[k]...)
 			b, _ := json.Marshal(cur)
-			if len(b) > o.maxBytes {
-				return 0, fmt.Errorf("%w: %s would hold %d bytes, at most %d", ErrOutboxFull, k, len(b), o.maxBytes)
+			if written += len(b); written > o.maxBytes {
+				return 0, fmt.Errorf("%w: the shards this Put rewrites would hold %d bytes, at most %d", ErrOutboxFull, written, o.maxBytes)
 			}
 			revs[i] = rev
 			all = append(all, client.OpPut(k, b).IfRevision(rev))
@@ -188,6 +195,11 @@ func (o *Outbox) Relay(ctx context.Context, c *client.Client, sess *client.Sessi
 	for ctx.Err() == nil {
 		held, err := el.Campaign(ctx, nil)
 		if err != nil {
+			select {
+			case <-sess.Done():
+				return fmt.Errorf("events: outbox relay: its session ended: %w", sess.Err())
+			default:
+			}
 			if ctx.Err() == nil {
 				p.cfg.Logger.Warn("events: outbox relay campaign", "err", err)
 				_ = bo.Wait(ctx)
@@ -217,34 +229,35 @@ func (o *Outbox) lead(ctx context.Context, held *client.Held, p *Producer) error
 	}
 	defer w.Close()
 	bo := backoff.New(backoff.Config{Base: 100 * time.Millisecond, Max: 5 * time.Second})
-	for {
-		st, err := w.Next(lctx)
-		if err != nil {
-			return err
+	var st client.KVState
+	for again := false; ; {
+		if !again {
+			if st, err = w.Next(lctx); err != nil {
+				return err
+			}
 		}
 		keys := make([]string, 0, len(st.Values))
 		for k := range st.Values {
-			keys = append(keys, k)
+			if isShard(k, o.prefix) {
+				keys = append(keys, k)
+			}
 		}
 		slices.Sort(keys)
+		// A shard that fails waits for the next pass; the others go on.
+		again = false
 		for _, k := range keys {
-			if !isShard(k, o.prefix) {
-				continue
-			}
-			for {
-				err := o.drainShard(lctx, k, held, p)
-				if err == nil {
-					bo.Reset()
-					break
-				}
+			if err := o.drainShard(lctx, k, held, p); err != nil {
 				if lctx.Err() != nil {
 					return lctx.Err()
 				}
 				p.cfg.Logger.Warn("events: outbox relay", "shard", k, "err", err)
-				if bo.Wait(lctx) != nil {
-					return lctx.Err()
-				}
+				again = true
 			}
+		}
+		if !again {
+			bo.Reset()
+		} else if bo.Wait(lctx) != nil {
+			return lctx.Err()
 		}
 	}
 }
@@ -258,36 +271,141 @@ func isShard(key, prefix string) bool {
 	return err == nil
 }
 
-// drainShard publishes a shard's events and removes them from it.
+// relayChunk bounds the events published before they are removed: what a
+// relay that dies in between leaves to be published again, well inside
+// KVDedup's default window.
+const relayChunk = 200
+
+// drainShard publishes a shard's events, a chunk at a time, and removes
+// each chunk once the brokers acknowledged it. An event the brokers or
+// the producer refuse for good (too large, unknown or forbidden topic) is
+// moved to the parked list (prefix + "parked", ParkedEvents) so that the
+// events after it go on.
 func (o *Outbox) drainShard(ctx context.Context, key string, held *client.Held, p *Producer) error {
-	l, _, err := o.read(ctx, key)
-	if err != nil || len(l.Events) == 0 {
-		return err
+	for {
+		l, _, err := o.read(ctx, key)
+		if err != nil || len(l.Events) == 0 {
+			return err
+		}
+		chunk := l.Events[:min(len(l.Events), relayChunk)]
+		err = p.Publish(ctx, toEvents(chunk)...)
+		if err == nil {
+			if err := o.remove(ctx, key, held, chunk, nil); err != nil {
+				return err
+			}
+			continue
+		}
+		if !refusedForGood(err) {
+			return err
+		}
+		// One at a time, to find the event refused: those before it are
+		// published, it is parked.
+		for i := range chunk {
+			perr := p.Publish(ctx, toEvents(chunk[i:i+1])...)
+			if perr == nil {
+				continue
+			}
+			if !refusedForGood(perr) {
+				return perr
+			}
+			p.cfg.Logger.Error("events: outbox event refused for good; parked", "id", chunk[i].ID, "topic", chunk[i].Topic, "err", perr)
+			if err := o.remove(ctx, key, held, chunk[:i+1], &parkedEvent{Event: chunk[i], Error: perr.Error()}); err != nil {
+				return err
+			}
+			break
+		}
 	}
-	evs := make([]*Event, len(l.Events))
-	for i, e := range l.Events {
+}
+
+func toEvents(ps []pending) []*Event {
+	evs := make([]*Event, len(ps))
+	for i, e := range ps {
 		evs[i] = &Event{ID: e.ID, Topic: e.Topic, Key: e.Key, Value: e.Value, Headers: e.Headers}
 	}
-	if err := p.Publish(ctx, evs...); err != nil {
-		return err
-	}
-	// Remove what was published: still the list's head (only the leader
-	// removes; Puts append), fenced by the lead.
+	return evs
+}
+
+// refusedForGood tells a refusal that trying again cannot change (the
+// event's contents, the topic, the brokers' limits) from a failure.
+func refusedForGood(err error) bool {
+	var ke *kerr.Error
+	return errors.Is(err, ErrInvalidEvent) || (errors.As(err, &ke) && !ke.Retriable) || errors.Is(err, kerr.UnknownTopicOrPartition)
+}
+
+// parkedEvent is an event the relay could never publish, and why.
+type parkedEvent struct {
+	Event pending `json:"event"`
+	Error string  `json:"error"`
+}
+
+// remove takes done, the head of the shard's list, off it — and, with
+// parked, adds that event to the parked list in the same transaction —
+// fenced by the lead: a deposed relay removes nothing.
+func (o *Outbox) remove(ctx context.Context, key string, held *client.Held, done []pending, parked *parkedEvent) error {
 	for {
 		cur, rev, err := o.read(ctx, key)
 		if err != nil {
 			return err
 		}
-		n := len(evs)
-		if len(cur.Events) < n || cur.Events[n-1].ID != evs[n-1].ID || cur.Events[0].ID != evs[0].ID {
+		n := len(done)
+		if len(cur.Events) < n || cur.Events[0].ID != done[0].ID || cur.Events[n-1].ID != done[n-1].ID {
 			return fmt.Errorf("events: outbox shard %q changed under its relay (another leader?)", key)
 		}
 		cur.Events = cur.Events[n:]
 		b, _ := json.Marshal(cur)
-		_, err = o.kv.Txn(ctx, []client.KVOp{client.OpPut(key, b).IfRevision(rev)}, append(slices.Clone(o.opts), client.Fenced(held))...)
+		ops := []client.KVOp{client.OpPut(key, b).IfRevision(rev)}
+		if parked != nil {
+			list, prev, err := o.parked(ctx)
+			if err != nil {
+				return err
+			}
+			list = append(list, *parked)
+			if len(list) > maxParked {
+				list = list[len(list)-maxParked:] // the oldest go; each was logged
+			}
+			pb, _ := json.Marshal(list)
+			ops = append(ops, client.OpPut(o.prefix+"parked", pb).IfRevision(prev))
+		}
+		_, err = o.kv.Txn(ctx, ops, append(slices.Clone(o.opts), client.Fenced(held))...)
 		if errors.Is(err, client.ErrCompareFailed) {
 			continue // a Put appended meanwhile
 		}
 		return err
 	}
+}
+
+// maxParked bounds the parked list.
+const maxParked = 100
+
+func (o *Outbox) parked(ctx context.Context) ([]parkedEvent, int64, error) {
+	kv, err := o.kv.Get(ctx, o.prefix+"parked", o.opts...)
+	if errors.Is(err, client.ErrNotFound) {
+		return nil, 0, nil
+	}
+	if err != nil {
+		return nil, 0, err
+	}
+	var list []parkedEvent
+	if err := json.Unmarshal(kv.Value, &list); err != nil {
+		return nil, 0, fmt.Errorf("events: outbox parked list: %w", err)
+	}
+	return list, kv.ModRevision, nil
+}
+
+// Parked is an event the relay could never publish.
+type Parked struct {
+	Event *Event
+	Error string
+}
+
+// ParkedEvents lists the events the relay set aside because the brokers
+// or the producer refused them for good (the last 100), for an operator
+// to fix and Put again.
+func (o *Outbox) ParkedEvents(ctx context.Context) ([]Parked, error) {
+	list, _, err := o.parked(ctx)
+	out := make([]Parked, len(list))
+	for i, p := range list {
+		out[i] = Parked{Event: toEvents([]pending{p.Event})[0], Error: p.Error}
+	}
+	return out, err
 }

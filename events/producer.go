@@ -53,14 +53,21 @@ func (c *Config) setDefaults() error {
 
 // kafkaOpts are the options every beacon client sets.
 func (c *Config) kafkaOpts() []kgo.Opt {
-	return []kgo.Opt{
-		kgo.SeedBrokers(c.Brokers...),
-		kgo.ClientID(c.ClientID),
-		// An event at the limit fits in a batch, with room for the
-		// record framing.
-		kgo.ProducerBatchMaxBytes(int32(max(c.MaxEventBytes+64<<10, 1<<20))),
+	opts := []kgo.Opt{kgo.SeedBrokers(c.Brokers...), kgo.ClientID(c.ClientID)}
+	if need := c.MaxEventBytes + batchOverhead; need > kafkaDefaultBatchBytes {
+		// Events above the default: batches must grow (and the brokers'
+		// message.max.bytes with them).
+		opts = append(opts, kgo.ProducerBatchMaxBytes(int32(need)))
 	}
+	return opts
 }
+
+// franz-go's default batch limit, under Kafka's default message.max.bytes
+// (1,048,588), and room for a record's framing and dead-letter headers.
+const (
+	kafkaDefaultBatchBytes = 1_000_012
+	batchOverhead          = 8 << 10
+)
 
 // tracer returns the package's tracer, nil without a provider.
 func (c *Config) tracer() trace.Tracer {
@@ -178,8 +185,10 @@ func (p *Producer) Publish(ctx context.Context, evs ...*Event) error {
 		}
 		return fmt.Errorf("events: publish: %w", err)
 	}
-	for i, r := range res {
-		evs[i].Partition, evs[i].Offset = r.Record.Partition, r.Record.Offset
+	// The results come in the order the produces completed, not the
+	// events'; each record carries its own partition and offset.
+	for i, r := range recs {
+		evs[i].Partition, evs[i].Offset = r.Partition, r.Offset
 	}
 	return nil
 }

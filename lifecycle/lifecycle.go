@@ -36,6 +36,9 @@ import (
 const (
 	DefaultAckTimeout   = 5 * time.Second
 	DefaultStopTimeout  = 10 * time.Second
+	// DefaultWorkerStopTimeout is above an event consumer's default drain
+	// (10 s) and the commit and group leave that follow.
+	DefaultWorkerStopTimeout = 30 * time.Second
 	DefaultReadyTimeout = time.Minute
 )
 
@@ -73,11 +76,15 @@ type Config struct {
 	// Workers run beside the servers, from the start, until the drain:
 	// each one's context ends once the instance is DRAINING and its
 	// watchers acknowledged it, together with the servers' stop, and Run
-	// waits for them — within StopTimeout — before it deregisters. An
-	// event consumer is one (events.Consumer.Run: it then finishes what
-	// is in flight, commits and leaves its group). A worker that fails
-	// stops the service as a failing server does.
-	Workers []func(context.Context) error
+	// waits for them — within WorkerStopTimeout (default 30 s; keep it
+	// above a consumer's DrainTimeout and the time to commit and leave)
+	// — before it deregisters. An event consumer is one
+	// (events.Consumer.Run: it then finishes what is in flight, commits
+	// and leaves its group). A worker that fails stops the service as a
+	// failing server does; one that fails during the drain is in
+	// Report.WorkerErr.
+	Workers           []func(context.Context) error
+	WorkerStopTimeout time.Duration
 
 	// Ready is polled every ReadyInterval (default 100ms), for at most
 	// ReadyTimeout, until it returns nil; nil means ready at once.
@@ -125,6 +132,8 @@ type Report struct {
 	StopClean bool
 	// Stopping is the time from the stop signal to the end of Run.
 	Stopping time.Duration
+	// WorkerErr is the first error a worker returned during the drain.
+	WorkerErr error
 }
 
 func (c *Config) setDefaults() error {
@@ -167,6 +176,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.StopTimeout <= 0 {
 		c.StopTimeout = DefaultStopTimeout
+	}
+	if c.WorkerStopTimeout <= 0 {
+		c.WorkerStopTimeout = DefaultWorkerStopTimeout
 	}
 	if len(c.Signals) == 0 {
 		c.Signals = []os.Signal{syscall.SIGTERM, os.Interrupt}
@@ -292,10 +304,21 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopWork()
 	var working sync.WaitGroup
+	var werrMu sync.Mutex
+	var werr error // guarded by werrMu: a worker's error during the drain
 	for i, w := range cfg.Workers {
 		working.Go(func() {
-			if err := w(workCtx); err != nil && workCtx.Err() == nil {
+			err := w(workCtx)
+			switch {
+			case err == nil:
+			case workCtx.Err() == nil:
 				serveErr <- fmt.Errorf("lifecycle: worker %d: %w", i, err)
+			default:
+				werrMu.Lock()
+				if werr == nil {
+					werr = fmt.Errorf("lifecycle: worker %d: %w", i, err)
+				}
+				werrMu.Unlock()
 			}
 		})
 	}
@@ -325,6 +348,9 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	if !r.awaitWorkers(&working) {
 		rep.StopClean = false
 	}
+	werrMu.Lock()
+	rep.WorkerErr = werr
+	werrMu.Unlock()
 	r.setState(beaconhttp.Stopped)
 	if sess != nil {
 		cctx, cancel := context.WithTimeout(drainCtx, 5*time.Second)
@@ -493,20 +519,20 @@ func (r *runner) drain(ctx context.Context, sess *backend.Session, registered []
 }
 
 // awaitWorkers waits for the workers, whose context has ended, within
-// StopTimeout; it reports whether they all returned.
+// WorkerStopTimeout; it reports whether they all returned.
 func (r *runner) awaitWorkers(working *sync.WaitGroup) bool {
 	if len(r.cfg.Workers) == 0 {
 		return true
 	}
 	done := make(chan struct{})
 	go func() { working.Wait(); close(done) }()
-	t := time.NewTimer(r.cfg.StopTimeout)
+	t := time.NewTimer(r.cfg.WorkerStopTimeout)
 	defer t.Stop()
 	select {
 	case <-done:
 		return true
 	case <-t.C:
-		r.log.Warn("lifecycle: workers still running after the stop timeout", "timeout", r.cfg.StopTimeout)
+		r.log.Warn("lifecycle: workers still running after the worker stop timeout", "timeout", r.cfg.WorkerStopTimeout)
 		return false
 	}
 }

@@ -241,8 +241,9 @@ func TestRunOnAnotherBackend(t *testing.T) {
 }
 
 // A worker runs beside the server until the drain: its context ends only
-// once the instance is DRAINING, and Run returns after it finished. A
-// worker that fails stops the service with its error.
+// once the instance is DRAINING, and Run returns after it finished, with
+// an error it returned then in the report. A worker that fails before
+// stops the service with its error.
 func TestWorkersStopWithTheDrain(t *testing.T) {
 	reg := memory.New("")
 	defer reg.Close()
@@ -254,8 +255,11 @@ func TestWorkersStopWithTheDrain(t *testing.T) {
 	var stateAtStop atomic.Value
 	finished := make(chan struct{})
 	done := make(chan error, 1)
+	var rep lifecycle.Report
+	lastCommit := errors.New("the last commit failed")
 	go func() {
-		_, err := lifecycle.Run(runCtx, lifecycle.Config{
+		var err error
+		rep, err = lifecycle.Run(runCtx, lifecycle.Config{
 			Backend: reg, Instance: registry.Instance{Service: "tracking"},
 			GRPC: grpc.NewServer(), GRPCListener: listen(t),
 			OnState: func(s beaconhttp.State) { state.Store(s) },
@@ -263,7 +267,7 @@ func TestWorkersStopWithTheDrain(t *testing.T) {
 				<-ctx.Done()
 				stateAtStop.Store(state.Load())
 				close(finished) // the worker's own drain
-				return nil
+				return lastCommit
 			}},
 		})
 		done <- err
@@ -283,6 +287,9 @@ func TestWorkersStopWithTheDrain(t *testing.T) {
 	}
 	if got := stateAtStop.Load(); got != beaconhttp.Draining {
 		t.Errorf("the worker was stopped in state %v, want DRAINING", got)
+	}
+	if !errors.Is(rep.WorkerErr, lastCommit) {
+		t.Errorf("Report.WorkerErr = %v, want the worker's error during the drain", rep.WorkerErr)
 	}
 
 	boom := errors.New("broker gone")
