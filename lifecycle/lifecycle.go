@@ -34,12 +34,12 @@ import (
 
 // Defaults of Config's bounds.
 const (
-	DefaultAckTimeout   = 5 * time.Second
-	DefaultStopTimeout  = 10 * time.Second
+	DefaultAckTimeout  = 5 * time.Second
+	DefaultStopTimeout = 10 * time.Second
 	// DefaultWorkerStopTimeout is above an event consumer's default drain
 	// (10 s) and the commit and group leave that follow.
 	DefaultWorkerStopTimeout = 30 * time.Second
-	DefaultReadyTimeout = time.Minute
+	DefaultReadyTimeout      = time.Minute
 )
 
 // Config describes the service to run. Client (or Backend), Instance.Service
