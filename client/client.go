@@ -510,12 +510,18 @@ func failoverWithin[S, T any](ctx context.Context, c *Client, stubs []S, repeata
 		actx, cancel := ctx, context.CancelFunc(func() {})
 		bounded := i < n-1 && repeatable
 		if bounded {
+			// The attempt timeout, not the caller's deadline, is what ends
+			// the attempt first?
+			dl, ok := ctx.Deadline()
+			bounded = !ok || dl.After(time.Now().Add(attemptTimeout))
 			actx, cancel = context.WithTimeout(ctx, attemptTimeout)
 		}
 		v, err := f(actx, stubs[idx])
 		// The server learns the attempt's deadline from the request and
 		// may answer DeadlineExceeded a moment before actx's own timer
-		// fires: that too is this attempt timing out, not the caller's.
+		// fires: that too is this attempt timing out, not the caller's
+		// (when the caller's own deadline is the nearer one, it is the
+		// caller's, and the call ends).
 		timedOut := ctx.Err() == nil && (actx.Err() != nil || (bounded && connect.CodeOf(err) == connect.CodeDeadlineExceeded))
 		cancel()
 		if err == nil {

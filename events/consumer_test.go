@@ -311,8 +311,8 @@ func TestRebalanceHurriesTheRound(t *testing.T) {
 			Handler: func(ctx context.Context, ev *events.Event) error {
 				n.Add(1)
 				if n == &a && slow.Load() {
-					select { // a slow handler: a whole round takes seconds
-					case <-time.After(50 * time.Millisecond):
+					select { // a slow handler: a whole round takes a minute
+					case <-time.After(200 * time.Millisecond):
 					case <-ctx.Done():
 					}
 				}
@@ -329,8 +329,9 @@ func TestRebalanceHurriesTheRound(t *testing.T) {
 		return b.Load() > 0
 	})
 	slow.Store(false)
-	// A round is up to 400 events: without the hurry the first member would
-	// have handled all of it before the newcomer got anything.
+	// A round is up to 400 events (two workers, 200 ms each: 40 s): without
+	// the hurry the first member would have handled all of it before the
+	// newcomer got anything.
 	if atJoin >= 300 {
 		t.Errorf("the first member handled %d events before the newcomer got its partition: its round was not hurried", atJoin)
 	}

@@ -25,7 +25,7 @@ func Example_publish() {
 	defer p.Close()
 	ev := &events.Event{Topic: "behaviour", Key: []byte("user-42"), Value: []byte(`{"kind":"view","item":"sku-7"}`)}
 	if err := p.Publish(ctx, ev); err != nil {
-		log.Fatal(err) // nothing was acknowledged
+		log.Fatal(err) // not all were acknowledged: publish them again (same ids)
 	}
 	log.Printf("event %s at partition %d offset %d", ev.ID, ev.Partition, ev.Offset)
 }

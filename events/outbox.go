@@ -40,11 +40,18 @@ type Outbox struct {
 // Outbox defaults.
 const (
 	DefaultOutboxShards = 8
-	// DefaultOutboxShardBytes keeps a shard under the server's default
-	// --max-kv-value-bytes (512 KiB): a Put that would pass it is refused
-	// (ErrOutboxFull) until the relay catches up.
+	// DefaultOutboxShardBytes bounds the shards one Put rewrites,
+	// together: half the server's default limit on a transaction's values
+	// (512 KiB), the rest left to the caller's own. A Put past it is
+	// refused (ErrOutboxFull) until the relay catches up.
 	DefaultOutboxShardBytes = 256 << 10
 )
+
+// MaxOutboxShards leaves room, in the server's 32 operations per KV
+// transaction, for the caller's own. Changing a service's shard count
+// moves keys between shards: let the relay empty the outbox first, or a
+// key's waiting events may be published out of order.
+const MaxOutboxShards = 16
 
 // ErrOutboxFull refuses a Put whose events do not fit in their shard.
 var ErrOutboxFull = errors.New("events: outbox shard full (max outbox shard bytes); the relay is behind")
@@ -62,8 +69,8 @@ func NewOutbox(kv *client.KV, prefix string, shards, shardBytes int, opts ...cli
 	switch {
 	case prefix == "":
 		return nil, errors.New("events: outbox prefix: empty")
-	case shards < 1 || shards > 256:
-		return nil, fmt.Errorf("events: outbox shards: %d, must be 1 to 256", shards)
+	case shards < 1 || shards > MaxOutboxShards:
+		return nil, fmt.Errorf("events: outbox shards: %d, must be 1 to %d", shards, MaxOutboxShards)
 	case shardBytes < 1024:
 		return nil, fmt.Errorf("events: outbox shard bytes: %d, must be at least 1024", shardBytes)
 	}
@@ -129,6 +136,7 @@ func (o *Outbox) Put(ctx context.Context, ops []client.KVOp, evs ...*Event) (rev
 		keys = append(keys, k)
 	}
 	slices.Sort(keys)
+	bo := backoff.New(backoff.Config{Base: 2 * time.Millisecond, Max: 100 * time.Millisecond, Jitter: 0.5})
 	for range 64 {
 		all := append([]client.KVOp(nil), ops...)
 		revs := make([]int64, len(keys))
@@ -162,6 +170,9 @@ func (o *Outbox) Put(ctx context.Context, ops []client.KVOp, evs ...*Event) (rev
 		}
 		if !moved {
 			return 0, err
+		}
+		if bo.Wait(ctx) != nil {
+			return 0, ctx.Err()
 		}
 	}
 	return 0, errors.New("events: outbox shards kept changing; try again")
@@ -206,13 +217,20 @@ func (o *Outbox) Relay(ctx context.Context, c *client.Client, sess *client.Sessi
 			}
 			continue
 		}
-		bo.Reset()
-		if err := o.lead(ctx, held, p); err != nil && ctx.Err() == nil {
-			p.cfg.Logger.Warn("events: outbox relay lost its lead", "err", err)
-		}
+		led := time.Now()
+		err = o.lead(ctx, held, p)
 		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		_ = held.Unlock(uctx)
 		cancel()
+		if err != nil && ctx.Err() == nil {
+			p.cfg.Logger.Warn("events: outbox relay lost its lead", "err", err)
+			// A lead that failed at once (its watch refused, say) must not
+			// turn into a tight campaign-and-fail loop.
+			if time.Since(led) > time.Minute {
+				bo.Reset()
+			}
+			_ = bo.Wait(ctx)
+		}
 	}
 	return nil
 }
@@ -300,6 +318,7 @@ func (o *Outbox) drainShard(ctx context.Context, key string, held *client.Held, 
 		}
 		// One at a time, to find the event refused: those before it are
 		// published, it is parked.
+		refused := false
 		for i := range chunk {
 			perr := p.Publish(ctx, toEvents(chunk[i:i+1])...)
 			if perr == nil {
@@ -312,7 +331,13 @@ func (o *Outbox) drainShard(ctx context.Context, key string, held *client.Held, 
 			if err := o.remove(ctx, key, held, chunk[:i+1], &parkedEvent{Event: chunk[i], Error: perr.Error()}); err != nil {
 				return err
 			}
+			refused = true
 			break
+		}
+		if !refused { // the batch was refused, each event alone was not
+			if err := o.remove(ctx, key, held, chunk, nil); err != nil {
+				return err
+			}
 		}
 	}
 }
@@ -325,11 +350,25 @@ func toEvents(ps []pending) []*Event {
 	return evs
 }
 
-// refusedForGood tells a refusal that trying again cannot change (the
-// event's contents, the topic, the brokers' limits) from a failure.
+// refusedForGood tells a refusal of the event itself, which trying again
+// cannot change (its contents against the producer's or the brokers'
+// limits), from a failure — brokers down, a topic not created yet or not
+// authorized yet — after which the shard waits and tries again: an
+// operator's fix then lets everything through, and nothing is set aside.
 func refusedForGood(err error) bool {
 	var ke *kerr.Error
-	return errors.Is(err, ErrInvalidEvent) || (errors.As(err, &ke) && !ke.Retriable) || errors.Is(err, kerr.UnknownTopicOrPartition)
+	if errors.Is(err, ErrInvalidEvent) {
+		return true
+	}
+	if !errors.As(err, &ke) || ke.Retriable {
+		return false
+	}
+	switch ke {
+	case kerr.TopicAuthorizationFailed, kerr.ClusterAuthorizationFailed, kerr.GroupAuthorizationFailed,
+		kerr.TransactionalIDAuthorizationFailed, kerr.SaslAuthenticationFailed:
+		return false
+	}
+	return true
 }
 
 // parkedEvent is an event the relay could never publish, and why.
@@ -339,9 +378,19 @@ type parkedEvent struct {
 }
 
 // remove takes done, the head of the shard's list, off it — and, with
-// parked, adds that event to the parked list in the same transaction —
-// fenced by the lead: a deposed relay removes nothing.
+// parked, sets that event aside under prefix + "parked/" + its id in the
+// same transaction — fenced by the lead: a deposed relay removes nothing.
 func (o *Outbox) remove(ctx context.Context, key string, held *client.Held, done []pending, parked *parkedEvent) error {
+	if parked != nil {
+		n, err := o.parkedCount(ctx)
+		if err != nil {
+			return err
+		}
+		if n >= MaxParked {
+			return fmt.Errorf("events: outbox: %d events parked already (MaxParked); the shard waits until an operator clears them", n)
+		}
+	}
+	bo := backoff.New(backoff.Config{Base: 5 * time.Millisecond, Max: 200 * time.Millisecond, Jitter: 0.5})
 	for {
 		cur, rev, err := o.read(ctx, key)
 		if err != nil {
@@ -355,41 +404,28 @@ func (o *Outbox) remove(ctx context.Context, key string, held *client.Held, done
 		b, _ := json.Marshal(cur)
 		ops := []client.KVOp{client.OpPut(key, b).IfRevision(rev)}
 		if parked != nil {
-			list, prev, err := o.parked(ctx)
-			if err != nil {
-				return err
-			}
-			list = append(list, *parked)
-			if len(list) > maxParked {
-				list = list[len(list)-maxParked:] // the oldest go; each was logged
-			}
-			pb, _ := json.Marshal(list)
-			ops = append(ops, client.OpPut(o.prefix+"parked", pb).IfRevision(prev))
+			pb, _ := json.Marshal(parked)
+			ops = append(ops, client.OpPut(o.prefix+"parked/"+parked.Event.ID, pb))
 		}
 		_, err = o.kv.Txn(ctx, ops, append(slices.Clone(o.opts), client.Fenced(held))...)
-		if errors.Is(err, client.ErrCompareFailed) {
-			continue // a Put appended meanwhile
+		if !errors.Is(err, client.ErrCompareFailed) {
+			return err
 		}
-		return err
+		// A Put appended meanwhile: again, after a short wait so that a
+		// stream of Puts cannot starve the removal.
+		if bo.Wait(ctx) != nil {
+			return ctx.Err()
+		}
 	}
 }
 
-// maxParked bounds the parked list.
-const maxParked = 100
+// MaxParked bounds the events set aside; at the bound, a shard whose head
+// is refused waits (logged) instead of dropping anything.
+const MaxParked = 100
 
-func (o *Outbox) parked(ctx context.Context) ([]parkedEvent, int64, error) {
-	kv, err := o.kv.Get(ctx, o.prefix+"parked", o.opts...)
-	if errors.Is(err, client.ErrNotFound) {
-		return nil, 0, nil
-	}
-	if err != nil {
-		return nil, 0, err
-	}
-	var list []parkedEvent
-	if err := json.Unmarshal(kv.Value, &list); err != nil {
-		return nil, 0, fmt.Errorf("events: outbox parked list: %w", err)
-	}
-	return list, kv.ModRevision, nil
+func (o *Outbox) parkedCount(ctx context.Context) (int, error) {
+	kvs, _, err := o.kv.List(ctx, o.prefix+"parked/", o.opts...)
+	return len(kvs), err
 }
 
 // Parked is an event the relay could never publish.
@@ -399,13 +435,21 @@ type Parked struct {
 }
 
 // ParkedEvents lists the events the relay set aside because the brokers
-// or the producer refused them for good (the last 100), for an operator
-// to fix and Put again.
+// or the producer refused them for good (at most MaxParked), for an
+// operator to fix and Put again; deleting their keys
+// (prefix + "parked/" + id) clears them.
 func (o *Outbox) ParkedEvents(ctx context.Context) ([]Parked, error) {
-	list, _, err := o.parked(ctx)
-	out := make([]Parked, len(list))
-	for i, p := range list {
-		out[i] = Parked{Event: toEvents([]pending{p.Event})[0], Error: p.Error}
+	kvs, _, err := o.kv.List(ctx, o.prefix+"parked/", o.opts...)
+	if err != nil {
+		return nil, err
 	}
-	return out, err
+	out := make([]Parked, 0, len(kvs))
+	for _, kv := range kvs {
+		var pe parkedEvent
+		if err := json.Unmarshal(kv.Value, &pe); err != nil {
+			return out, fmt.Errorf("events: outbox parked event %q: %w", kv.Key, err)
+		}
+		out = append(out, Parked{Event: toEvents([]pending{pe.Event})[0], Error: pe.Error})
+	}
+	return out, nil
 }

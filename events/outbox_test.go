@@ -197,7 +197,7 @@ func TestOutboxPutIsAllOrNothing(t *testing.T) {
 	}
 }
 
-// An event the brokers refuse for good (its topic does not exist) is
+// An event refused for good (larger than the relay's producer takes) is
 // parked, with the reason, and the events behind it in its shard go on.
 func TestOutboxParksAnEventItCanNeverPublish(t *testing.T) {
 	brokers := newCluster(t, "orders")
@@ -209,14 +209,18 @@ func TestOutboxParksAnEventItCanNeverPublish(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := newProducer(t, brokers)
+	p, err := events.NewProducer(events.Config{Brokers: brokers, MaxEventBytes: 1024})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
 	sess, err := c.NewSession(ctx, client.WithTTL(2*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, ev := range []*events.Event{
 		{Topic: "orders", Key: []byte("k"), Value: []byte("first")},
-		{Topic: "no-such-topic", Key: []byte("k"), Value: []byte("lost?")},
+		{Topic: "orders", Key: []byte("k"), Value: make([]byte, 2000)},
 		{Topic: "orders", Key: []byte("k"), Value: []byte("second")},
 	} {
 		if _, err := o.Put(ctx, nil, ev); err != nil {
@@ -231,12 +235,11 @@ func TestOutboxParksAnEventItCanNeverPublish(t *testing.T) {
 		parked, err = o.ParkedEvents(ctx)
 		return err == nil && len(parked) > 0
 	})
-	if len(parked) != 1 || string(parked[0].Event.Value) != "lost?" || !strings.Contains(parked[0].Error, "UNKNOWN_TOPIC") {
-		t.Fatalf("parked %+v, want the event for no-such-topic with its reason", parked)
+	if len(parked) != 1 || len(parked[0].Event.Value) != 2000 || !strings.Contains(parked[0].Error, "max event bytes") {
+		t.Fatalf("parked %+v, want the 2000-byte event with its reason", parked)
 	}
 	// The events around it reach the topic in order (the one before it
-	// may come twice: it went out with the refused one's batch, and again
-	// when the relay published one by one to find the culprit).
+	// may come twice: the relay publishes one by one to find the culprit).
 	var order []string
 	readUntil(t, brokers, "orders", 2*time.Minute, func(recs []*kgo.Record) bool {
 		seen := map[string]bool{}

@@ -18,6 +18,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -304,14 +305,17 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopWork()
 	var working sync.WaitGroup
+	var stopping atomic.Bool // the drain began: errors go to the report
 	var werrMu sync.Mutex
 	var werr error // guarded by werrMu: a worker's error during the drain
 	for i, w := range cfg.Workers {
 		working.Go(func() {
 			err := w(workCtx)
 			switch {
+			case err == nil && !stopping.Load():
+				r.log.Warn("lifecycle: a worker returned before the drain; the service goes on without it", "worker", i)
 			case err == nil:
-			case workCtx.Err() == nil:
+			case !stopping.Load():
 				serveErr <- fmt.Errorf("lifecycle: worker %d: %w", i, err)
 			default:
 				werrMu.Lock()
@@ -331,7 +335,8 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 		case runErr = <-serveErr:
 		}
 	}
-	stopping := time.Now()
+	stopping.Store(true)
+	stopAt := time.Now()
 	// A second SIGTERM or Ctrl-C during the drain kills the process, as
 	// the default handling does.
 	stopSignals()
@@ -343,9 +348,10 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 		r.drain(drainCtx, sess, rep.Registered, &rep)
 	}
 	stopWork()
+	workersDue := time.Now().Add(cfg.WorkerStopTimeout)
 	rep.StopClean = r.stopServers(drainCtx)
 	serving.Wait()
-	if !r.awaitWorkers(&working) {
+	if !r.awaitWorkers(&working, workersDue) {
 		rep.StopClean = false
 	}
 	werrMu.Lock()
@@ -367,7 +373,7 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	if runErr == nil && len(rep.Registered) == 0 && rep.RegisterErr != nil {
 		runErr = fmt.Errorf("lifecycle: stopped before any registration was confirmed (%d attempts; the last to fail: %w)", rep.RegisterAttempts, rep.RegisterErr)
 	}
-	rep.Stopping = time.Since(stopping)
+	rep.Stopping = time.Since(stopAt)
 	r.log.Info("lifecycle: stopped", "in", rep.Stopping, "watchers", rep.Acks.Watchers, "acknowledged", rep.Acks.Acknowledged, "ack_wait", rep.AckWait, "clean", rep.StopClean)
 	return rep, runErr
 }
@@ -518,15 +524,16 @@ func (r *runner) drain(ctx context.Context, sess *backend.Session, registered []
 	}
 }
 
-// awaitWorkers waits for the workers, whose context has ended, within
-// WorkerStopTimeout; it reports whether they all returned.
-func (r *runner) awaitWorkers(working *sync.WaitGroup) bool {
+// awaitWorkers waits for the workers, whose context has ended, until due
+// (WorkerStopTimeout after their stop); it reports whether they all
+// returned.
+func (r *runner) awaitWorkers(working *sync.WaitGroup, due time.Time) bool {
 	if len(r.cfg.Workers) == 0 {
 		return true
 	}
 	done := make(chan struct{})
 	go func() { working.Wait(); close(done) }()
-	t := time.NewTimer(r.cfg.WorkerStopTimeout)
+	t := time.NewTimer(time.Until(due))
 	defer t.Stop()
 	select {
 	case <-done:

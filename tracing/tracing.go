@@ -202,7 +202,9 @@ func WatchConfig(values ...Versioned) *ConfigChanges {
 // Record adds an EventConfigChange to span for every value whose revision
 // changed since the last call recorded; exactly one call gets each change.
 func (c *ConfigChanges) Record(span trace.Span) {
-	if c == nil || span == nil {
+	// Only a span that is exported may claim a change: an unsampled one
+	// would take the mark with it.
+	if c == nil || span == nil || !span.IsRecording() {
 		return
 	}
 	for i := range c.items {

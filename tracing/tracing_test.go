@@ -83,3 +83,26 @@ func TestConfigChangesMarkOneCallPerChange(t *testing.T) {
 	nilChanges.Record(span) // no option given: nothing, no panic
 	span.End()
 }
+
+// An unsampled call cannot take a change's mark with it: the next sampled
+// one gets it.
+func TestConfigChangesSkipUnsampledCalls(t *testing.T) {
+	exp := tracetest.NewInMemoryExporter()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSyncer(exp))
+	t.Cleanup(func() { tp.Shutdown(context.Background()) })
+	never := sdktrace.NewTracerProvider(sdktrace.WithSampler(sdktrace.NeverSample()))
+	t.Cleanup(func() { never.Shutdown(context.Background()) })
+	a := &fakeConfig{key: "default/a"}
+	a.rev.Store(3)
+	changes := tracing.WatchConfig(a)
+	_, dropped := never.Tracer("test").Start(context.Background(), "unsampled call")
+	changes.Record(dropped)
+	dropped.End()
+	_, span := tp.Tracer("test").Start(context.Background(), "sampled call")
+	changes.Record(span)
+	span.End()
+	spans := exp.GetSpans().Snapshots()
+	if len(spans) != 1 || len(spans[0].Events()) != 1 || spans[0].Events()[0].Name != tracing.EventConfigChange {
+		t.Fatalf("the sampled call's events: %v, want the change's mark", spans)
+	}
+}
