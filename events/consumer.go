@@ -156,6 +156,10 @@ type Stats struct {
 	Retries      int64 // attempts after a failure
 	DeadLettered int64 // events sent to a dead-letter topic
 	Committed    int64 // offset commits made
+	// Lag is how many events of this member's partitions wait on the
+	// brokers past what it finished, as of its last round (each
+	// partition's high watermark then, less its finished offset).
+	Lag int64
 }
 
 // Consumer handles a consumer group's events at least once: an event's
@@ -180,6 +184,14 @@ type Consumer struct {
 
 	fatal atomic.Pointer[error] // why the consumer must stop (a dead letter that cannot be written)
 	ran   atomic.Bool
+
+	lagMu sync.Mutex
+	lag   map[topicPartition]int64 // guarded by lagMu: per partition owned, as of its last round
+}
+
+type topicPartition struct {
+	topic     string
+	partition int32
 }
 
 // NewConsumer joins cfg.Group when Run starts polling.
@@ -187,9 +199,13 @@ func NewConsumer(cfg ConsumerConfig) (*Consumer, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	c := &Consumer{cfg: cfg, tracer: cfg.tracer()}
+	c := &Consumer{cfg: cfg, tracer: cfg.tracer(), lag: map[topicPartition]int64{}}
 	opts := append(cfg.kafkaOpts(),
 		kgo.OnPartitionsCallbackBlocked(func(context.Context, *kgo.Client) { c.hurryUp() }),
+		// Revoked or lost partitions are another member's lag. (No
+		// commit here: every round commits before a rebalance may go.)
+		kgo.OnPartitionsRevoked(func(_ context.Context, _ *kgo.Client, gone map[string][]int32) { c.forgetLag(gone) }),
+		kgo.OnPartitionsLost(func(_ context.Context, _ *kgo.Client, gone map[string][]int32) { c.forgetLag(gone) }),
 		kgo.ConsumerGroup(cfg.Group),
 		kgo.ConsumeTopics(cfg.Topics...),
 		kgo.DisableAutoCommit(),
@@ -261,7 +277,37 @@ func (c *Consumer) failed() error {
 
 // Stats returns the counts so far.
 func (c *Consumer) Stats() Stats {
-	return Stats{Handled: c.handled.Load(), Retries: c.retries.Load(), DeadLettered: c.deadLettered.Load(), Committed: c.committed.Load()}
+	st := Stats{Handled: c.handled.Load(), Retries: c.retries.Load(), DeadLettered: c.deadLettered.Load(), Committed: c.committed.Load()}
+	c.lagMu.Lock()
+	defer c.lagMu.Unlock()
+	for _, l := range c.lag {
+		st.Lag += l
+	}
+	return st
+}
+
+func (c *Consumer) forgetLag(gone map[string][]int32) {
+	c.lagMu.Lock()
+	defer c.lagMu.Unlock()
+	for t, ps := range gone {
+		for _, p := range ps {
+			delete(c.lag, topicPartition{t, p})
+		}
+	}
+}
+
+// noteLag records, after a round, each partition's lag: its high
+// watermark at the fetch less the offset after its finished prefix.
+func (c *Consumer) noteLag(parts [][]*kgo.Record, hw []int64, done []*kgo.Record) {
+	c.lagMu.Lock()
+	defer c.lagMu.Unlock()
+	for i, recs := range parts {
+		next := recs[0].Offset
+		if done[i] != nil {
+			next = done[i].Offset + 1
+		}
+		c.lag[topicPartition{recs[0].Topic, recs[0].Partition}] = max(0, hw[i]-next)
+	}
 }
 
 // Run consumes until ctx ends, then drains: it stops fetching, lets the
@@ -301,9 +347,11 @@ func (c *Consumer) Run(ctx context.Context) error {
 			}
 		})
 		var parts [][]*kgo.Record
+		var hw []int64
 		fetches.EachPartition(func(p kgo.FetchTopicPartition) {
 			if len(p.Records) > 0 {
 				parts = append(parts, p.Records)
+				hw = append(hw, p.HighWatermark)
 			}
 		})
 		if len(parts) > 0 {
@@ -314,6 +362,7 @@ func (c *Consumer) Run(ctx context.Context) error {
 				c.fail(err)
 			}
 			c.rewind(undone)
+			c.noteLag(parts, hw, done)
 		}
 		c.allowRebalance()
 		if err := c.failed(); err != nil {

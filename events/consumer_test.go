@@ -340,3 +340,57 @@ func TestRebalanceHurriesTheRound(t *testing.T) {
 	testutil.Eventually(t, 2*time.Minute, "every event handled", func() bool { return tl.distinct() == len(published) })
 	t.Logf("the first member had handled %d events when the newcomer began", atJoin)
 }
+
+// An attempt that hangs ends at HandlerTimeout: its context is cancelled,
+// the event is retried and then dead-lettered — the partition goes on.
+func TestHandlerTimeoutEndsAHungAttempt(t *testing.T) {
+	brokers := newCluster(t, "orders")
+	p := newProducer(t, brokers)
+	var attempts atomic.Int64
+	r := startConsumer(t, events.ConsumerConfig{Config: events.Config{Brokers: brokers}, Group: "g", Topics: []string{"orders"},
+		HandlerTimeout: 50 * time.Millisecond, Retry: fastRetry(2),
+		Handler: func(ctx context.Context, ev *events.Event) error {
+			attempts.Add(1)
+			<-ctx.Done() // hung until the consumer gives up on the attempt
+			return ctx.Err()
+		}})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := p.Publish(ctx, &events.Event{Topic: "orders", Value: []byte("hangs")}); err != nil {
+		t.Fatal(err)
+	}
+	dead := readAll(t, brokers, "orders.dlq", 1)
+	if len(dead) != 1 || !strings.Contains(headers(dead[0])[events.HeaderDLQError], "context canceled") {
+		t.Fatalf("dead letters %v, want the hung event's", dead)
+	}
+	r.Stop(t)
+	if n := attempts.Load(); n != 2 {
+		t.Errorf("%d attempts, want 2", n)
+	}
+}
+
+// Stats.Lag says how many events wait past what the member finished, and
+// reaches 0 once it caught up.
+func TestStatsReportLag(t *testing.T) {
+	brokers := newCluster(t, "orders")
+	p := newProducer(t, brokers)
+	release := make(chan struct{})
+	var seen atomic.Int64
+	r := startConsumer(t, events.ConsumerConfig{Config: events.Config{Brokers: brokers}, Group: "g", Topics: []string{"orders"}, MaxPollRecords: 10,
+		Handler: func(ctx context.Context, ev *events.Event) error {
+			if seen.Add(1) > 20 { // the first rounds finish; then it waits
+				select {
+				case <-release:
+				case <-ctx.Done():
+				}
+			}
+			return nil
+		}})
+	publishSeq(t, p, "orders", 400, 4)
+	testutil.Eventually(t, time.Minute, "a lag reported", func() bool { return r.c.Stats().Lag > 0 })
+	close(release)
+	testutil.Eventually(t, time.Minute, "the member caught up", func() bool {
+		st := r.c.Stats()
+		return st.Handled == 400 && st.Lag == 0
+	})
+}
