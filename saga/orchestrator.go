@@ -1,0 +1,790 @@
+package saga
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/internal/backoff"
+)
+
+// Run is what an action or a compensation is told.
+type Run struct {
+	Saga, ID string
+	Step     string
+	// Key is the idempotency key of this action or compensation: the same
+	// on every attempt and after a failover (SAGA/ID/STEP, and
+	// SAGA/ID/STEP/compensate). Participants deduplicate by it.
+	Key     string
+	Attempt int // 1 for the first attempt by this orchestrator
+	Input   []byte
+	// Outputs of the steps that succeeded before this one (read only).
+	Outputs map[string][]byte
+}
+
+// Step is one step of a saga.
+type Step struct {
+	Name string
+	// Action does the step; its output is kept with the saga and handed
+	// to later steps. It may run more than once (a retry, an
+	// orchestrator that died before recording it): it must be idempotent
+	// by Run.Key.
+	Action func(ctx context.Context, r Run) (output []byte, err error)
+	// Compensate undoes the step (nil: nothing to undo). It runs for
+	// every step that may have acted — the failed one included, whose
+	// action may have landed even though it reported an error — so it
+	// must be idempotent, must accept that the action never happened, and
+	// must make a late action refuse (a tombstone): an old orchestrator
+	// paused in the action can deliver it after the compensation.
+	Compensate func(ctx context.Context, r Run) error
+	// Timeout bounds one attempt (default 10 s).
+	Timeout time.Duration
+	// MaxAttempts bounds the action's attempts (default 3); then the
+	// saga compensates. Compensations get Config.CompensationAttempts.
+	MaxAttempts int
+}
+
+// Definition is a saga: its steps, in order.
+type Definition struct {
+	Name  string
+	Steps []Step
+	// Timeout bounds the saga's forward path from its start (default
+	// 1 m): an action that would run past it is cut short, and the saga
+	// compensates.
+	Timeout time.Duration
+}
+
+// Config is an orchestrator's.
+type Config struct {
+	Client  *client.Client
+	Session *client.Session // the shards' leadership lives on it
+	// Prefix is where sagas are kept (default DefaultPrefix). Every
+	// orchestrator under one prefix must know every saga kept there.
+	Prefix      string
+	CallOptions []client.CallOption // with every registry call: client.InNamespace, say
+	// Shards (default 8, at most 256): each saga belongs to one; each
+	// shard is led by one orchestrator at a time.
+	Shards int
+	// MaxRunning bounds the sagas this orchestrator moves at once
+	// (default 256); the others wait their turn.
+	MaxRunning int
+	// CompensationAttempts bounds a compensation's attempts (default
+	// 10); then the saga is Stuck.
+	CompensationAttempts int
+	// KeepFinished: how long a finished saga stays readable before its
+	// shard's leader deletes it (default 1 h; negative: forever — mind
+	// the namespace's key limit).
+	KeepFinished time.Duration
+	// DrainTimeout: once Run's context ends, how long the steps in flight
+	// have to finish and be recorded (default 10 s).
+	DrainTimeout time.Duration
+	// MaxInputBytes and MaxOutputBytes bound a saga's input and each
+	// step's output (defaults 64 KiB and 16 KiB).
+	MaxInputBytes, MaxOutputBytes int
+	// OnTransition is called after every recorded change of a saga, in
+	// order per saga, from the goroutine moving it: keep it short.
+	OnTransition func(State)
+	Logger       *slog.Logger
+}
+
+// MaxShards bounds Config.Shards.
+const MaxShards = 256
+
+// Permanent wraps an action's error so that it is not retried: the
+// saga compensates at once.
+func Permanent(err error) error { return &permanent{err} }
+
+type permanent struct{ err error }
+
+func (p *permanent) Error() string { return p.err.Error() }
+func (p *permanent) Unwrap() error { return p.err }
+
+// ErrExists is matched when a saga with the name and id exists already
+// with another input.
+var ErrExists = errors.New("saga: exists")
+
+// Orchestrator starts sagas and moves them. Run it on every instance of
+// the service that owns the sagas.
+type Orchestrator struct {
+	cfg   Config
+	store *Store
+	defs  map[string]*Definition
+	log   *slog.Logger
+	once  atomic.Bool
+	wake  chan struct{} // capacity 1
+
+	mu       sync.Mutex
+	held     []*client.Held   // by shard; nil: not led here
+	idle     []sync.WaitGroup // by shard: the sagas moving in it
+	running  map[string]bool  // by key
+	ended    map[string]int64 // key → revision a goroutine left it at, unfinished
+	states   map[string]State // the latest watched state; replaced, never modified
+	watching bool             // states is kept up to date
+	changed  chan struct{}    // closed when states changes
+	stats    Stats
+
+	wg sync.WaitGroup // the goroutines Run started
+}
+
+// Stats counts what an orchestrator did.
+type Stats struct {
+	Started, Steps, Compensations    int64
+	Done, Compensated, Stuck, Fenced int64
+	Leading                          int // shards led now
+}
+
+// New returns an orchestrator of the sagas defs.
+func New(cfg Config, defs ...Definition) (*Orchestrator, error) {
+	if cfg.Client == nil || cfg.Session == nil {
+		return nil, fmt.Errorf("%w: Config.Client and Config.Session are required", ErrInvalid)
+	}
+	store, err := NewStore(cfg.Client.KV(), cfg.Prefix, cfg.CallOptions...)
+	if err != nil {
+		return nil, err
+	}
+	cfg.Prefix = store.prefix
+	if cfg.Shards == 0 {
+		cfg.Shards = 8
+	}
+	if cfg.Shards < 1 || cfg.Shards > MaxShards {
+		return nil, fmt.Errorf("%w: Shards %d is outside [1, %d]", ErrInvalid, cfg.Shards, MaxShards)
+	}
+	if cfg.MaxRunning <= 0 {
+		cfg.MaxRunning = 256
+	}
+	if cfg.CompensationAttempts <= 0 {
+		cfg.CompensationAttempts = 10
+	}
+	if cfg.KeepFinished == 0 {
+		cfg.KeepFinished = time.Hour
+	}
+	if cfg.DrainTimeout <= 0 {
+		cfg.DrainTimeout = 10 * time.Second
+	}
+	if cfg.MaxInputBytes <= 0 {
+		cfg.MaxInputBytes = 64 << 10
+	}
+	if cfg.MaxOutputBytes <= 0 {
+		cfg.MaxOutputBytes = 16 << 10
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	o := &Orchestrator{
+		cfg: cfg, store: store, defs: map[string]*Definition{}, log: cfg.Logger, wake: make(chan struct{}, 1),
+		held: make([]*client.Held, cfg.Shards), idle: make([]sync.WaitGroup, cfg.Shards),
+		running: map[string]bool{}, ended: map[string]int64{}, changed: make(chan struct{}),
+	}
+	if len(defs) == 0 {
+		return nil, fmt.Errorf("%w: no saga definitions", ErrInvalid)
+	}
+	for i := range defs {
+		d := defs[i]
+		if err := validName("Definition.Name", d.Name); err != nil {
+			return nil, err
+		}
+		if o.defs[d.Name] != nil {
+			return nil, fmt.Errorf("%w: two definitions named %q", ErrInvalid, d.Name)
+		}
+		if len(d.Steps) == 0 {
+			return nil, fmt.Errorf("%w: saga %s has no steps", ErrInvalid, d.Name)
+		}
+		d.Steps = slices.Clone(d.Steps)
+		seen := map[string]bool{}
+		for j := range d.Steps {
+			s := &d.Steps[j]
+			if err := validName(fmt.Sprintf("saga %s: Steps[%d].Name", d.Name, j), s.Name); err != nil {
+				return nil, err
+			}
+			if seen[s.Name] {
+				return nil, fmt.Errorf("%w: saga %s has two steps named %q", ErrInvalid, d.Name, s.Name)
+			}
+			seen[s.Name] = true
+			if s.Action == nil {
+				return nil, fmt.Errorf("%w: saga %s: step %s has no Action", ErrInvalid, d.Name, s.Name)
+			}
+			if s.Timeout <= 0 {
+				s.Timeout = 10 * time.Second
+			}
+			if s.MaxAttempts <= 0 {
+				s.MaxAttempts = 3
+			}
+		}
+		if d.Timeout <= 0 {
+			d.Timeout = time.Minute
+		}
+		o.defs[d.Name] = &d
+	}
+	return o, nil
+}
+
+// Store reads and retries the orchestrator's sagas.
+func (o *Orchestrator) Store() *Store { return o.store }
+
+// Stats returns what the orchestrator did so far.
+func (o *Orchestrator) Stats() Stats {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	s := o.stats
+	for _, h := range o.held {
+		if h != nil {
+			s.Leading++
+		}
+	}
+	return s
+}
+
+func (d *Definition) names() []string {
+	n := make([]string, len(d.Steps))
+	for i, s := range d.Steps {
+		n[i] = s.Name
+	}
+	return n
+}
+
+func (o *Orchestrator) shardOf(name, id string) int {
+	h := fnv.New32a()
+	_, _ = h.Write([]byte(name + "/" + id))
+	return int(h.Sum32() % uint32(o.cfg.Shards))
+}
+
+func (o *Orchestrator) poke() {
+	select {
+	case o.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Start creates saga name's instance id with input; an orchestrator
+// leading its shard (this one, if it does) moves it. Starting it again
+// with the same input returns its state as it is (a retried request is
+// safe); with another input, ErrExists.
+func (o *Orchestrator) Start(ctx context.Context, name, id string, input []byte) (State, error) {
+	def := o.defs[name]
+	if def == nil {
+		return State{}, fmt.Errorf("%w: no saga named %q is defined here", ErrInvalid, name)
+	}
+	if err := validName("id", id); err != nil {
+		return State{}, err
+	}
+	if len(input) > o.cfg.MaxInputBytes {
+		return State{}, fmt.Errorf("%w: input has %d bytes, at most %d (Config.MaxInputBytes)", ErrInvalid, len(input), o.cfg.MaxInputBytes)
+	}
+	now := time.Now().UTC()
+	st := State{Saga: name, ID: id, Status: Running, Steps: def.names(), Input: input, Created: now, Deadline: now.Add(def.Timeout), Key: o.store.key(name, id)}
+	st.record(Entry{What: "started"})
+	b, err := json.Marshal(&st)
+	if err != nil {
+		return State{}, err
+	}
+	rev, err := o.cfg.Client.KV().CompareAndSwap(ctx, st.Key, b, 0, o.cfg.CallOptions...)
+	if errors.Is(err, client.ErrCompareFailed) {
+		cur, gerr := o.store.Get(ctx, name, id)
+		if gerr != nil {
+			return State{}, gerr
+		}
+		if !bytes.Equal(cur.Input, input) {
+			return State{}, fmt.Errorf("%w: saga %s/%s was started with another input", ErrExists, name, id)
+		}
+		return cur, nil
+	}
+	if err != nil {
+		return State{}, err
+	}
+	st.Revision = rev
+	o.mu.Lock()
+	o.stats.Started++
+	if o.watching && o.held[o.shardOf(name, id)] != nil {
+		// Led here: start moving it now rather than after the watch
+		// brings it back (states is replaced, never modified).
+		next := make(map[string]State, len(o.states)+1)
+		for k, v := range o.states {
+			next[k] = v
+		}
+		next[st.Key] = st
+		o.states = next
+	}
+	o.mu.Unlock()
+	o.poke()
+	return st, nil
+}
+
+// Wait returns the saga's state once it is finished (done, compensated
+// or stuck), or ctx's error.
+func (o *Orchestrator) Wait(ctx context.Context, name, id string) (State, error) {
+	if err := validName("id", id); err != nil {
+		return State{}, err
+	}
+	k := o.store.key(name, id)
+	for {
+		o.mu.Lock()
+		watching, ch := o.watching, o.changed
+		st, ok := o.states[k]
+		o.mu.Unlock()
+		if !watching {
+			return o.waitByWatch(ctx, k)
+		}
+		if ok && st.Status.Finished() {
+			return st.clone(), nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return State{}, ctx.Err()
+		}
+	}
+}
+
+// waitByWatch is Wait without Run: a watch of the saga's key.
+func (o *Orchestrator) waitByWatch(ctx context.Context, key string) (State, error) {
+	w, err := o.cfg.Client.KV().Watch(ctx, key, false, o.cfg.CallOptions...)
+	if err != nil {
+		return State{}, err
+	}
+	defer w.Close()
+	for {
+		kst, err := w.Next(ctx)
+		if err != nil {
+			return State{}, err
+		}
+		if kv, ok := kst.Values[key]; ok {
+			if st, err := decodeState(kv); err == nil && st.Status.Finished() {
+				return st, nil
+			}
+		}
+	}
+}
+
+// Run leads what shards it can and moves their sagas until ctx ends;
+// then the steps in flight get DrainTimeout to finish and be recorded,
+// and the shards are handed over. It returns an error if the session
+// ends or the sagas cannot be watched. Call it once.
+func (o *Orchestrator) Run(ctx context.Context) error {
+	if !o.once.CompareAndSwap(false, true) {
+		return errors.New("saga: Run called twice")
+	}
+	drain, stopDrain := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopDrain()
+	stopTimer := context.AfterFunc(ctx, func() {
+		t := time.AfterFunc(o.cfg.DrainTimeout, stopDrain)
+		context.AfterFunc(drain, func() { t.Stop() })
+	})
+	defer stopTimer()
+	lctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	for n := range o.cfg.Shards {
+		o.wg.Go(func() {
+			if err := o.leadShard(lctx, drain, n); err != nil {
+				cancel(err)
+			}
+		})
+	}
+	err := o.dispatch(lctx, drain)
+	cancel(err)
+	o.wg.Wait()
+	o.mu.Lock()
+	o.watching = false
+	close(o.changed)
+	o.changed = make(chan struct{})
+	o.mu.Unlock()
+	if cause := context.Cause(lctx); ctx.Err() == nil && cause != nil && !errors.Is(cause, context.Canceled) {
+		return cause
+	}
+	return nil
+}
+
+func (o *Orchestrator) shardName(n int) string { return o.cfg.Prefix + "shards/" + strconv.Itoa(n) }
+
+// leadShard campaigns for shard n, and while it leads lets dispatch move
+// the shard's sagas; it hands the shard over (after its sagas stopped)
+// when the lead is lost or ctx ends.
+func (o *Orchestrator) leadShard(ctx, drain context.Context, n int) error {
+	el := o.cfg.Client.Election(o.cfg.Session, o.shardName(n), o.cfg.CallOptions...)
+	bo := backoff.New(backoff.Config{})
+	for ctx.Err() == nil {
+		held, err := el.Campaign(ctx, nil)
+		if err != nil {
+			select {
+			case <-o.cfg.Session.Done():
+				return fmt.Errorf("saga: the orchestrator's session ended: %w", o.cfg.Session.Err())
+			default:
+			}
+			if ctx.Err() == nil {
+				o.log.Warn("saga: shard campaign", "shard", n, "err", err)
+				_ = bo.Wait(ctx)
+			}
+			continue
+		}
+		bo.Reset()
+		o.mu.Lock()
+		o.held[n] = held
+		o.mu.Unlock()
+		o.poke()
+		select {
+		case <-held.Context().Done():
+			o.log.Warn("saga: lost the lead of a shard", "shard", n, "err", context.Cause(held.Context()))
+		case <-ctx.Done():
+		}
+		o.mu.Lock()
+		o.held[n] = nil
+		o.mu.Unlock()
+		o.idle[n].Wait() // its sagas stop within DrainTimeout (or at once if the lead is lost)
+		uctx, ucancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		_ = held.Unlock(uctx)
+		ucancel()
+	}
+	return nil
+}
+
+// dispatch watches the sagas and starts moving those in led shards.
+func (o *Orchestrator) dispatch(ctx, drain context.Context) error {
+	w, err := o.cfg.Client.KV().Watch(ctx, o.store.runs(), true, o.cfg.CallOptions...)
+	if err != nil {
+		return err
+	}
+	defer w.Close()
+	watchErr := make(chan error, 1)
+	o.wg.Go(func() {
+		for {
+			kst, err := w.Next(ctx)
+			if err != nil {
+				watchErr <- err
+				return
+			}
+			o.absorb(kst)
+			o.poke()
+		}
+	})
+	var sweep <-chan time.Time
+	if o.cfg.KeepFinished > 0 {
+		t := time.NewTicker(min(max(o.cfg.KeepFinished/4, time.Second), time.Minute))
+		defer t.Stop()
+		sweep = t.C
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-watchErr:
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("saga: watching %s: %w", o.store.runs(), err)
+		case <-sweep:
+			o.removeFinished(ctx)
+		case <-o.wake:
+		}
+		o.startReady(ctx, drain)
+	}
+}
+
+// absorb takes a watched state in: each key decoded once per revision.
+func (o *Orchestrator) absorb(kst client.KVState) {
+	o.mu.Lock()
+	old := o.states
+	o.mu.Unlock()
+	next := make(map[string]State, len(kst.Values))
+	for k, kv := range kst.Values {
+		if st, ok := old[k]; ok && st.Revision == kv.ModRevision {
+			next[k] = st
+			continue
+		}
+		st, err := decodeState(kv)
+		if err != nil {
+			continue // not a saga's state: List skips it too
+		}
+		next[k] = st
+	}
+	o.mu.Lock()
+	for k, st := range o.states {
+		// A saga Start put in before the watch brought it back.
+		if _, ok := next[k]; !ok && st.Revision > kst.Revision {
+			next[k] = st
+		}
+	}
+	for k, rev := range o.ended {
+		if st, ok := next[k]; ok && st.Revision >= rev || !ok && kst.Revision >= rev {
+			delete(o.ended, k) // the watch has caught up with where it was left
+		}
+	}
+	o.states = next
+	o.watching = true
+	close(o.changed)
+	o.changed = make(chan struct{})
+	o.mu.Unlock()
+}
+
+// startReady starts a goroutine for every unfinished saga of a led shard
+// that none moves yet, up to MaxRunning.
+func (o *Orchestrator) startReady(ctx, drain context.Context) {
+	if ctx.Err() != nil {
+		return
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for k, st := range o.states {
+		if len(o.running) >= o.cfg.MaxRunning {
+			return
+		}
+		if st.Status.Finished() || o.running[k] {
+			continue
+		}
+		if rev, ok := o.ended[k]; ok && st.Revision < rev {
+			continue // older than where it was left: wait for the watch
+		}
+		def := o.defs[st.Saga]
+		n := o.shardOf(st.Saga, st.ID)
+		held := o.held[n]
+		if def == nil || held == nil {
+			continue
+		}
+		o.running[k] = true
+		o.idle[n].Add(1)
+		st := st.clone()
+		o.wg.Go(func() { o.move(ctx, drain, held, n, def, st) })
+	}
+}
+
+// removeFinished deletes the led shards' sagas finished longer than
+// KeepFinished ago.
+func (o *Orchestrator) removeFinished(ctx context.Context) {
+	type victim struct {
+		st   State
+		held *client.Held
+	}
+	var vs []victim
+	cutoff := time.Now().Add(-o.cfg.KeepFinished)
+	o.mu.Lock()
+	for _, st := range o.states {
+		if st.Status.Finished() && st.Updated.Before(cutoff) {
+			if h := o.held[o.shardOf(st.Saga, st.ID)]; h != nil {
+				vs = append(vs, victim{st, h})
+			}
+		}
+	}
+	o.mu.Unlock()
+	for _, v := range vs {
+		if _, err := o.cfg.Client.KV().CompareAndDelete(ctx, v.st.Key, v.st.Revision, append(slices.Clone(o.cfg.CallOptions), client.Fenced(v.held))...); err != nil && ctx.Err() == nil && !errors.Is(err, client.ErrCompareFailed) {
+			o.log.Warn("saga: removing a finished saga", "saga", v.st.Saga, "id", v.st.ID, "err", err)
+		}
+	}
+}
+
+// move takes one saga forward (or back) until it is finished, its shard
+// is no longer led here, or Run is stopping.
+func (o *Orchestrator) move(runCtx, drain context.Context, held *client.Held, n int, def *Definition, st State) {
+	ctx, cancel := context.WithCancel(held.Context())
+	stop := context.AfterFunc(drain, cancel)
+	changed := false // left because someone else wrote it
+	defer func() {
+		stop()
+		cancel()
+		o.mu.Lock()
+		delete(o.running, st.Key)
+		// Until the watch catches up, what it shows of this saga is
+		// older than what was done here: not to be moved again.
+		o.ended[st.Key] = st.Revision
+		if changed {
+			o.ended[st.Key]++
+		}
+		o.mu.Unlock()
+		o.idle[n].Done()
+		o.poke()
+	}()
+	if !slices.Equal(st.Steps, def.names()) {
+		st.Status = Stuck
+		st.Error = fmt.Sprintf("its steps %v are not the definition's %v", st.Steps, def.names())
+		st.record(Entry{What: "stuck", Error: st.Error})
+		_, changed = o.persist(ctx, &st, held)
+		return
+	}
+	if st.Outputs == nil {
+		st.Outputs = map[string][]byte{}
+	}
+	for !st.Status.Finished() {
+		if runCtx.Err() != nil || ctx.Err() != nil {
+			return // the next leader takes it from the last recorded step
+		}
+		switch st.Status {
+		case Running:
+			if st.Step >= len(def.Steps) {
+				st.Status = Done
+				break
+			}
+			step := &def.Steps[st.Step]
+			if time.Now().After(st.Deadline) {
+				st.Status = Compensating
+				st.Error = fmt.Sprintf("timed out before step %s (saga timeout %v)", step.Name, def.Timeout)
+				st.record(Entry{Step: step.Name, What: "timed out"})
+				break
+			}
+			out, attempts, err := o.attempt(ctx, &st, step, false)
+			if ctx.Err() != nil {
+				return
+			}
+			if err == nil && len(out) > o.cfg.MaxOutputBytes {
+				err = fmt.Errorf("output has %d bytes, at most %d (Config.MaxOutputBytes)", len(out), o.cfg.MaxOutputBytes)
+			}
+			if err != nil {
+				st.Status = Compensating
+				st.Error = fmt.Sprintf("step %s: %v", step.Name, err)
+				st.record(Entry{Step: step.Name, What: "failed", Attempts: attempts, Error: err.Error()})
+				break
+			}
+			st.Outputs[step.Name] = out
+			st.record(Entry{Step: step.Name, What: "done", Attempts: attempts})
+			if st.Step++; st.Step == len(def.Steps) {
+				st.Status = Done
+			}
+		case Compensating:
+			st.Step = min(st.Step, len(def.Steps)-1)
+			for st.Step >= 0 && def.Steps[st.Step].Compensate == nil {
+				st.Step--
+			}
+			if st.Step < 0 {
+				st.Status = Compensated
+				break
+			}
+			step := &def.Steps[st.Step]
+			_, attempts, err := o.attempt(ctx, &st, step, true)
+			if ctx.Err() != nil {
+				return
+			}
+			if err != nil {
+				st.Status = Stuck
+				st.Error = fmt.Sprintf("compensation of step %s: %v", step.Name, err)
+				st.record(Entry{Step: step.Name, What: "stuck", Attempts: attempts, Error: err.Error()})
+				break
+			}
+			st.record(Entry{Step: step.Name, What: "compensated", Attempts: attempts})
+			for st.Step--; st.Step >= 0 && def.Steps[st.Step].Compensate == nil; st.Step-- {
+			}
+			if st.Step < 0 {
+				st.Status = Compensated
+			}
+		}
+		var ok bool
+		if ok, changed = o.persist(ctx, &st, held); !ok {
+			return
+		}
+	}
+}
+
+// attempt runs a step's action (or compensation) until it succeeds, fails
+// for good, or runs out of attempts.
+func (o *Orchestrator) attempt(ctx context.Context, st *State, step *Step, compensate bool) (out []byte, attempts int, err error) {
+	r := Run{Saga: st.Saga, ID: st.ID, Step: step.Name, Key: st.Saga + "/" + st.ID + "/" + step.Name, Input: st.Input, Outputs: st.Outputs}
+	maxAttempts := step.MaxAttempts
+	bound := ctx
+	if compensate {
+		r.Key += "/compensate"
+		maxAttempts = o.cfg.CompensationAttempts
+	} else {
+		var cancel context.CancelFunc
+		bound, cancel = context.WithDeadline(ctx, st.Deadline)
+		defer cancel()
+	}
+	bo := backoff.New(backoff.Config{})
+	for r.Attempt = 1; ; r.Attempt++ {
+		out, err = o.call(bound, step, r, compensate)
+		if err == nil || ctx.Err() != nil {
+			return out, r.Attempt, err
+		}
+		var p *permanent
+		if errors.As(err, &p) || r.Attempt >= maxAttempts {
+			return nil, r.Attempt, err
+		}
+		if bound.Err() != nil {
+			return nil, r.Attempt, fmt.Errorf("%w (saga deadline passed)", err)
+		}
+		if bo.Wait(bound) != nil {
+			return nil, r.Attempt, fmt.Errorf("%w (saga deadline passed)", err)
+		}
+	}
+}
+
+// call runs one attempt under the step's timeout; a panic is a failure.
+func (o *Orchestrator) call(ctx context.Context, step *Step, r Run, compensate bool) (out []byte, err error) {
+	actx, cancel := context.WithTimeout(ctx, step.Timeout)
+	defer cancel()
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("panic: %v", p)
+		}
+	}()
+	if compensate {
+		return nil, step.Compensate(actx, r)
+	}
+	return step.Action(actx, r)
+}
+
+// persist records st with the shard's fencing token; !ok when it could
+// not be (the lead is lost, or the saga changed — then changed: stop
+// moving it).
+func (o *Orchestrator) persist(ctx context.Context, st *State, held *client.Held) (ok, changed bool) {
+	b, err := json.Marshal(st)
+	if err != nil {
+		o.log.Error("saga: encoding a state", "saga", st.Saga, "id", st.ID, "err", err)
+		return false, false
+	}
+	opts := append(slices.Clone(o.cfg.CallOptions), client.Fenced(held))
+	bo := backoff.New(backoff.Config{})
+	for {
+		rev, err := o.cfg.Client.KV().CompareAndSwap(ctx, st.Key, b, st.Revision, opts...)
+		if err == nil {
+			st.Revision = rev
+			o.count(st)
+			if o.cfg.OnTransition != nil {
+				o.cfg.OnTransition(st.clone())
+			}
+			return true, false
+		}
+		switch {
+		case errors.Is(err, client.ErrFenced):
+			o.mu.Lock()
+			o.stats.Fenced++
+			o.mu.Unlock()
+			o.log.Warn("saga: a newer leader of the shard owns the saga: leaving it", "saga", st.Saga, "id", st.ID)
+			return false, false
+		case errors.Is(err, client.ErrCompareFailed):
+			return false, true
+		case ctx.Err() != nil:
+			return false, false
+		}
+		o.log.Warn("saga: recording a step", "saga", st.Saga, "id", st.ID, "err", err)
+		if bo.Wait(ctx) != nil {
+			return false, false
+		}
+	}
+}
+
+func (o *Orchestrator) count(st *State) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if len(st.History) > 0 {
+		switch st.History[len(st.History)-1].What {
+		case "done":
+			o.stats.Steps++
+		case "compensated":
+			o.stats.Compensations++
+		}
+	}
+	switch st.Status {
+	case Done:
+		o.stats.Done++
+	case Compensated:
+		o.stats.Compensated++
+	case Stuck:
+		o.stats.Stuck++
+	}
+}
