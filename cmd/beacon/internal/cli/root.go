@@ -204,6 +204,7 @@ func newRoot(stdout, stderr io.Writer) (*cobra.Command, *globals) {
 		newLockCmd(g),
 		newElectCmd(g),
 		newLeaderCmd(g),
+		newSagaCmd(g),
 		newXDSCmd(g),
 		newProxyCmd(g),
 		&cobra.Command{
