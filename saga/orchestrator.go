@@ -14,6 +14,11 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/backoff"
 )
@@ -95,6 +100,10 @@ type Config struct {
 	// order per saga, from the goroutine moving it: keep it short.
 	OnTransition func(State)
 	Logger       *slog.Logger
+	// TracerProvider, if set, traces every attempt of an action or a
+	// compensation (span "beacon.saga.step"), under the trace of the call
+	// that started the saga.
+	TracerProvider trace.TracerProvider
 }
 
 // MaxShards bounds Config.Shards.
@@ -116,12 +125,13 @@ var ErrExists = errors.New("saga: exists")
 // Orchestrator starts sagas and moves them. Run it on every instance of
 // the service that owns the sagas.
 type Orchestrator struct {
-	cfg   Config
-	store *Store
-	defs  map[string]*Definition
-	log   *slog.Logger
-	once  atomic.Bool
-	wake  chan struct{} // capacity 1
+	cfg    Config
+	store  *Store
+	defs   map[string]*Definition
+	log    *slog.Logger
+	tracer trace.Tracer // nil: no spans
+	once   atomic.Bool
+	wake   chan struct{} // capacity 1
 
 	mu       sync.Mutex
 	held     []*client.Held   // by shard; nil: not led here
@@ -187,6 +197,9 @@ func New(cfg Config, defs ...Definition) (*Orchestrator, error) {
 	}
 	if len(defs) == 0 {
 		return nil, fmt.Errorf("%w: no saga definitions", ErrInvalid)
+	}
+	if cfg.TracerProvider != nil {
+		o.tracer = cfg.TracerProvider.Tracer("beacon.dev/beacon/saga")
 	}
 	for i := range defs {
 		d := defs[i]
@@ -282,6 +295,10 @@ func (o *Orchestrator) Start(ctx context.Context, name, id string, input []byte)
 	}
 	now := time.Now().UTC()
 	st := State{Saga: name, ID: id, Status: Running, Steps: def.names(), Input: input, Created: now, Deadline: now.Add(def.Timeout), Key: o.store.key(name, id)}
+	if trace.SpanContextFromContext(ctx).IsValid() {
+		st.Trace = map[string]string{}
+		traceContext.Inject(ctx, propagation.MapCarrier(st.Trace))
+	}
 	st.record(Entry{What: "started"})
 	b, err := json.Marshal(&st)
 	if err != nil {
@@ -585,6 +602,9 @@ func (o *Orchestrator) removeFinished(ctx context.Context) {
 func (o *Orchestrator) move(runCtx, drain context.Context, held *client.Held, n int, def *Definition, st State) {
 	ctx, cancel := context.WithCancel(held.Context())
 	stop := context.AfterFunc(drain, cancel)
+	if st.Trace != nil {
+		ctx = traceContext.Extract(ctx, propagation.MapCarrier(st.Trace))
+	}
 	changed := false // left because someone else wrote it
 	defer func() {
 		stop()
@@ -717,6 +737,19 @@ func (o *Orchestrator) attempt(ctx context.Context, st *State, step *Step, compe
 func (o *Orchestrator) call(ctx context.Context, step *Step, r Run, compensate bool) (out []byte, err error) {
 	actx, cancel := context.WithTimeout(ctx, step.Timeout)
 	defer cancel()
+	if o.tracer != nil {
+		var span trace.Span
+		actx, span = o.tracer.Start(actx, SpanStep, trace.WithAttributes(
+			attribute.String("beacon.saga", r.Saga), attribute.String("beacon.saga.id", r.ID),
+			attribute.String("beacon.saga.step", r.Step), attribute.Int("beacon.saga.attempt", r.Attempt),
+			attribute.Bool("beacon.saga.compensation", compensate)))
+		defer func() {
+			if err != nil {
+				span.SetStatus(codes.Error, err.Error())
+			}
+			span.End()
+		}()
+	}
 	defer func() {
 		if p := recover(); p != nil {
 			err = fmt.Errorf("panic: %v", p)
@@ -727,6 +760,12 @@ func (o *Orchestrator) call(ctx context.Context, step *Step, r Run, compensate b
 	}
 	return step.Action(actx, r)
 }
+
+// SpanStep is the span of one attempt of a step's action or compensation.
+const SpanStep = "beacon.saga.step"
+
+// traceContext carries a saga's trace from Start to its steps: W3C's.
+var traceContext = propagation.TraceContext{}
 
 // persist records st with the shard's fencing token; !ok when it could
 // not be (the lead is lost, or the saga changed — then changed: stop

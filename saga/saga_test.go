@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/goleak"
 
 	"beacon.dev/beacon/client"
@@ -454,4 +455,25 @@ func (e *env) run2(t *testing.T, cfg saga.Config, defs ...saga.Definition) (*sag
 	}
 	t.Cleanup(stop)
 	return o, sess, stop
+}
+
+// A saga's steps continue the trace of the call that started it, even
+// when another process moves it.
+func TestStepsContinueTheStartersTrace(t *testing.T) {
+	e := newEnv(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	seen := make(chan trace.TraceID, 1)
+	def := saga.Definition{Name: "traced", Steps: []saga.Step{{Name: "a", Action: func(ctx context.Context, r saga.Run) ([]byte, error) {
+		seen <- trace.SpanContextFromContext(ctx).TraceID()
+		return nil, nil
+	}}}}
+	o, _, _ := e.run(t, saga.Config{}, def)
+	sc := trace.NewSpanContext(trace.SpanContextConfig{TraceID: trace.TraceID{1, 2, 3}, SpanID: trace.SpanID{4, 5}, TraceFlags: trace.FlagsSampled})
+	if _, err := o.Start(trace.ContextWithSpanContext(ctx, sc), "traced", "t-1", nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := <-seen; got != sc.TraceID() {
+		t.Fatalf("the step ran in trace %s, want the starter's %s", got, sc.TraceID())
+	}
 }

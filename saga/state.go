@@ -51,6 +51,9 @@ type State struct {
 	Created  time.Time `json:"created"`
 	Updated  time.Time `json:"updated"`
 	Deadline time.Time `json:"deadline"`
+	// Trace is the W3C trace context of the call that started the saga:
+	// its steps' calls continue that trace.
+	Trace map[string]string `json:"trace,omitempty"`
 	// Retries counts operator retries.
 	Retries int `json:"retries,omitempty"`
 	// History is what happened, oldest first (the last MaxHistory entries).

@@ -129,7 +129,7 @@ func (d *db) reserveFenced(ctx context.Context, order, item string, quantity, to
 			return 0, err
 		}
 		if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) == 1 {
-			return strconv.ParseInt(string(kvs[0].Value), 10, 64) // reserved already
+			return reservedAlready(kvs[0].Value)
 		}
 		kvs, fence := resp.Responses[0].GetResponseRange().Kvs, resp.Responses[2].GetResponseRange().Kvs
 		if len(kvs) == 0 || len(fence) == 0 {
@@ -188,7 +188,7 @@ func (d *db) reserve(ctx context.Context, order, item string, quantity int64) (r
 			return 0, err
 		}
 		if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) == 1 {
-			return strconv.ParseInt(string(kvs[0].Value), 10, 64) // reserved already
+			return reservedAlready(kvs[0].Value)
 		}
 		kvs := resp.Responses[0].GetResponseRange().Kvs
 		if len(kvs) == 0 {
@@ -229,6 +229,159 @@ func (d *db) lockItem(ctx context.Context, item string) (release func(), err err
 	}
 }
 
+// ErrReleased: the order's reservation was released (its saga
+// compensated) — a reservation arriving after that, from an orchestrator
+// that was paused in the call, is refused rather than taking stock for an
+// order that no longer exists.
+var ErrReleased = errors.New("the order's reservation was released")
+
+// releasedMark is a released reservation's value: a tombstone.
+const releasedMark = "released"
+
+func reservedAlready(v []byte) (int64, error) {
+	if string(v) == releasedMark {
+		return 0, ErrReleased
+	}
+	return strconv.ParseInt(string(v), 10, 64)
+}
+
+// release gives an order's reservation of quantity back to the item's
+// stock, once, and leaves a tombstone so that a late reservation is
+// refused; released says stock went back. With a fencing token (> 0) the
+// write is fenced like reserveFenced's.
+func (d *db) release(ctx context.Context, order, item string, quantity, token int64) (released bool, err error) {
+	unlock, err := d.lockItem(ctx, item)
+	if err != nil {
+		return false, err
+	}
+	defer unlock()
+	stockKey, resKey, fk := "/shop/stock/"+item, "/shop/reservations/"+order, fenceKey(item)
+	for {
+		resp, err := d.cli.Txn(ctx).Then(clientv3.OpGet(stockKey), clientv3.OpGet(resKey)).Commit()
+		if err != nil {
+			return false, err
+		}
+		res := resp.Responses[1].GetResponseRange().Kvs
+		if len(res) == 0 { // never reserved: the tombstone alone
+			put, err := d.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(resKey), "=", 0)).Then(clientv3.OpPut(resKey, releasedMark)).Commit()
+			if err != nil {
+				return false, err
+			}
+			if put.Succeeded {
+				return false, nil
+			}
+			continue
+		}
+		if string(res[0].Value) == releasedMark {
+			return false, nil
+		}
+		kvs := resp.Responses[0].GetResponseRange().Kvs
+		if len(kvs) == 0 {
+			return false, fmt.Errorf("no such item %q", item)
+		}
+		stock, err := strconv.ParseInt(string(kvs[0].Value), 10, 64)
+		if err != nil {
+			return false, err
+		}
+		cmps := []clientv3.Cmp{
+			clientv3.Compare(clientv3.ModRevision(stockKey), "=", kvs[0].ModRevision),
+			clientv3.Compare(clientv3.ModRevision(resKey), "=", res[0].ModRevision),
+		}
+		ops := []clientv3.Op{clientv3.OpPut(stockKey, strconv.FormatInt(stock+quantity, 10)), clientv3.OpPut(resKey, releasedMark)}
+		if token > 0 {
+			cmps = append(cmps, clientv3.Compare(clientv3.Value(fk), "<", fenceToken(token+1)))
+			ops = append(ops, clientv3.OpPut(fk, fenceToken(token)))
+		}
+		put, err := d.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
+		if err != nil {
+			return false, err
+		}
+		if put.Succeeded {
+			return true, nil
+		}
+		if token > 0 {
+			f, err := d.cli.Get(ctx, fk)
+			if err != nil {
+				return false, err
+			}
+			if len(f.Kvs) == 1 && string(f.Kvs[0].Value) > fenceToken(token) {
+				return false, ErrFenced
+			}
+		}
+	}
+}
+
+// ErrRefunded: the order's charge was refunded (its saga compensated);
+// a charge arriving after that is refused.
+var ErrRefunded = errors.New("the order's charge was refunded")
+
+const refundedMark = "refunded"
+
+// refund refunds an order's charge once (recording the amount under
+// /shop/refunds/) and leaves a tombstone so that a late charge is
+// refused; refunded says money went back.
+func (d *db) refund(ctx context.Context, order string) (refunded bool, err error) {
+	k, rk := "/shop/charges/"+order, "/shop/refunds/"+order
+	for {
+		resp, err := d.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
+			Then(clientv3.OpPut(k, refundedMark)).Else(clientv3.OpGet(k)).Commit()
+		if err != nil {
+			return false, err
+		}
+		if resp.Succeeded {
+			return false, nil // never charged: the tombstone alone
+		}
+		kv := resp.Responses[0].GetResponseRange().Kvs[0]
+		if string(kv.Value) == refundedMark {
+			return false, nil
+		}
+		put, err := d.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(k), "=", kv.ModRevision)).
+			Then(clientv3.OpPut(k, refundedMark), clientv3.OpPut(rk, string(kv.Value))).Commit()
+		if err != nil {
+			return false, err
+		}
+		if put.Succeeded {
+			return true, nil
+		}
+	}
+}
+
+// ErrCancelled: the order was cancelled (its saga compensated); a
+// confirmation arriving after that is refused.
+var ErrCancelled = errors.New("the order was cancelled")
+
+// confirm marks an order confirmed, once, unless it was cancelled.
+func (d *db) confirm(ctx context.Context, order string) error {
+	k := "/shop/orders/" + order
+	resp, err := d.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
+		Then(clientv3.OpPut(k, "confirmed")).Else(clientv3.OpGet(k)).Commit()
+	if err != nil {
+		return err
+	}
+	if !resp.Succeeded && string(resp.Responses[0].GetResponseRange().Kvs[0].Value) == "cancelled" {
+		return ErrCancelled
+	}
+	return nil
+}
+
+// cancel marks an order cancelled (a confirmation after it is refused).
+func (d *db) cancel(ctx context.Context, order string) error {
+	_, err := d.cli.Put(ctx, "/shop/orders/"+order, "cancelled")
+	return err
+}
+
+// pauseOnce says whether this is the first time anyone reached the
+// boundary of an order (the demo's pauses happen once per order, not
+// again in the orchestrator that takes the saga over).
+func (d *db) pauseOnce(ctx context.Context, order, boundary string) (bool, error) {
+	k := "/shop/pauses/" + order + "/" + boundary
+	resp, err := d.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).Then(clientv3.OpPut(k, "")).Commit()
+	if err != nil {
+		return false, err
+	}
+	return resp.Succeeded, nil
+}
+
 // charge records a charge for an order once and returns its ID.
 func (d *db) charge(ctx context.Context, order string, cents int64) (string, error) {
 	k := "/shop/charges/" + order
@@ -240,6 +393,9 @@ func (d *db) charge(ctx context.Context, order string, cents int64) (string, err
 	}
 	if !resp.Succeeded {
 		kv := resp.Responses[0].GetResponseRange().Kvs[0]
+		if string(kv.Value) == refundedMark {
+			return "", ErrRefunded
+		}
 		if string(kv.Value) != strconv.FormatInt(cents, 10) {
 			return "", fmt.Errorf("order %s was charged %s cents, not %d", order, kv.Value, cents)
 		}

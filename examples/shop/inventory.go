@@ -42,12 +42,38 @@ func (s *inventory) Reserve(ctx context.Context, req *shoppb.ReserveRequest) (*s
 	switch {
 	case errors.Is(err, ErrOutOfStock):
 		return nil, status.Errorf(codes.FailedPrecondition, "%s: %d left", err, left)
+	case errors.Is(err, ErrReleased):
+		return nil, status.Error(codes.FailedPrecondition, err.Error())
 	case errors.Is(err, ErrFenced):
 		return nil, status.Error(codes.Aborted, err.Error())
 	case err != nil:
 		return nil, status.Error(codes.Unavailable, err.Error())
 	}
 	return &shoppb.ReserveResponse{Remaining: left, ServedBy: s.id}, nil
+}
+
+// Release gives an order's reservation back (its saga's compensation).
+func (s *inventory) Release(ctx context.Context, req *shoppb.ReleaseRequest) (*shoppb.ReleaseResponse, error) {
+	if req.GetOrderId() == "" || req.GetItem() == "" || req.GetQuantity() <= 0 {
+		return nil, status.Error(codes.InvalidArgument, "order_id, item and a positive quantity are required")
+	}
+	var token int64
+	if s.sess != nil {
+		h, err := s.locks.Mutex(s.sess, "shop/stock/"+req.GetItem()).Lock(ctx)
+		if err != nil {
+			return nil, status.Error(codes.Unavailable, err.Error())
+		}
+		defer h.Unlock(context.WithoutCancel(ctx))
+		token = h.Token()
+	}
+	released, err := s.db.release(ctx, req.GetOrderId(), req.GetItem(), int64(req.GetQuantity()), token)
+	switch {
+	case errors.Is(err, ErrFenced):
+		return nil, status.Error(codes.Aborted, err.Error())
+	case err != nil:
+		return nil, status.Error(codes.Unavailable, err.Error())
+	}
+	return &shoppb.ReleaseResponse{Released: released, ServedBy: s.id}, nil
 }
 
 // reserveLocked takes the item's lock across all inventory instances and

@@ -1,15 +1,15 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -20,16 +20,21 @@ import (
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/config"
 	"beacon.dev/beacon/examples/shop/shoppb"
+	"beacon.dev/beacon/saga"
 )
 
-// orders places an order: stock from inventory (gRPC), then payment from
-// payments (HTTP), both through the SDK.
+// orders places an order as a saga (ordersaga.go): stock from inventory
+// (gRPC), then payment from payments (HTTP), both through the SDK, then
+// the order confirmed — or what was done undone.
 type orders struct {
 	shoppb.UnimplementedOrdersServer
-	id        string
-	inventory shoppb.InventoryClient
-	http      *http.Client
-	slow      atomic.Int64 // injected latency per request, ns
+	id         string
+	inventory  shoppb.InventoryClient
+	http       *http.Client
+	slow       atomic.Int64 // injected latency per request, ns
+	db         *db          // orders are confirmed (or cancelled) here
+	sagas      *saga.Orchestrator
+	sagaPauses bool
 	// pricing comes from the config center (key shop/pricing), hot
 	// reloaded: `discount N` in the demo changes it on every instance.
 	pricing *config.Binding[pricing]
@@ -63,33 +68,34 @@ func (s *orders) PlaceOrder(ctx context.Context, req *shoppb.PlaceOrderRequest) 
 	if req.GetOrderId() == "" || req.GetItem() == "" || req.GetQuantity() <= 0 || req.GetAmountCents() <= 0 {
 		return nil, status.Error(codes.InvalidArgument, "order_id, item, and a positive quantity and amount_cents are required")
 	}
-	res, err := s.inventory.Reserve(ctx, &shoppb.ReserveRequest{OrderId: req.GetOrderId(), Item: req.GetItem(), Quantity: req.GetQuantity()})
-	if err != nil {
-		return nil, err // its status says why (out of stock, unavailable)
-	}
 	amount := req.GetAmountCents()
 	if s.pricing != nil {
 		amount -= amount * s.pricing.Load().DiscountPercent / 100
 	}
-	body, _ := json.Marshal(chargeRequest{AmountCents: amount})
-	hreq, err := http.NewRequestWithContext(ctx, http.MethodPut, "http://payments/charges/"+req.GetOrderId(), bytes.NewReader(body))
+	input, _ := json.Marshal(orderInput{Item: req.GetItem(), Quantity: req.GetQuantity(), AmountCents: amount})
+	// The order's saga: started once per order ID (a retried or hedged
+	// request finds it; if the discount changed in between, the first
+	// request's terms hold), moved by whichever orders instance leads its
+	// shard, and waited for here.
+	if _, err := s.sagas.Start(ctx, orderSagaName, req.GetOrderId(), input); err != nil && !errors.Is(err, saga.ErrExists) {
+		if errors.Is(err, saga.ErrInvalid) {
+			return nil, status.Error(codes.InvalidArgument, err.Error())
+		}
+		return nil, status.Errorf(codes.Unavailable, "starting the order's saga: %v", err)
+	}
+	st, err := s.sagas.Wait(ctx, orderSagaName, req.GetOrderId())
 	if err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
+		return nil, status.FromContextError(err).Err()
 	}
-	resp, err := s.http.Do(hreq)
-	if err != nil {
-		return nil, status.Errorf(codes.Unavailable, "payments: %v", err)
+	switch st.Status {
+	case saga.Done:
+		left, _ := strconv.ParseInt(string(st.Outputs["reserve"]), 10, 64)
+		return &shoppb.PlaceOrderResponse{OrderId: req.GetOrderId(), Remaining: left, ChargeId: string(st.Outputs["charge"]), ServedBy: s.id}, nil
+	case saga.Compensated:
+		return nil, status.Errorf(codes.FailedPrecondition, "order %s was not placed (undone): %s", req.GetOrderId(), st.Error)
+	default:
+		return nil, status.Errorf(codes.Internal, "order %s is stuck: %s (beacon saga retry %s %s)", req.GetOrderId(), st.Error, orderSagaName, req.GetOrderId())
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return nil, status.Errorf(codes.Unavailable, "payments: %s: %s", resp.Status, bytes.TrimSpace(msg))
-	}
-	var ch chargeResponse
-	if err := json.NewDecoder(resp.Body).Decode(&ch); err != nil {
-		return nil, status.Errorf(codes.Unavailable, "payments: %v", err)
-	}
-	return &shoppb.PlaceOrderResponse{OrderId: req.GetOrderId(), Remaining: res.GetRemaining(), ChargeId: ch.ChargeID, ServedBy: s.id}, nil
 }
 
 // injectLatency follows SIGUSR1 (slow) and SIGUSR2 (normal) until ctx ends.
@@ -118,8 +124,15 @@ func runOrders(args []string) error {
 	var c common
 	c.bind(fs, "127.0.0.1:0")
 	slow := fs.Duration("slow", 200*time.Millisecond, "latency SIGUSR1 adds to every request")
+	dbAddr := fs.String("db", "127.0.0.1:7379", "the shop database's address (orders are confirmed there)")
+	pauses := fs.Bool("saga-pauses", false, "stop order sagas whose ID asks for it at a step boundary until SIGCONT (for the crash tests)")
 	_ = fs.Parse(args)
 	log := logger("orders")
+	d, err := openDB(*dbAddr)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
 	stopTracing, err := c.startTracing("orders")
 	if err != nil {
 		return err
@@ -134,7 +147,7 @@ func runOrders(args []string) error {
 	if err != nil {
 		return err
 	}
-	srv := &orders{inventory: shoppb.NewInventoryClient(cc), http: peers.HTTP()}
+	srv := &orders{inventory: shoppb.NewInventoryClient(cc), http: peers.HTTP(), db: d, sagaPauses: *pauses}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	// The pricing config, reported to the config center as applied (or
@@ -155,8 +168,19 @@ func runOrders(args []string) error {
 	} else {
 		defer srv.pricing.Close()
 	}
+	// The order sagas' orchestrator: every orders instance runs one; the
+	// shards' leadership lives on this session.
+	sagaSess, err := peers.Client.NewSession(ctx, client.WithTTL(c.ttl), client.WithSessionName("orders sagas"))
+	if err != nil {
+		return err
+	}
+	defer sagaSess.Close(context.Background())
+	srv.sagas, err = saga.New(saga.Config{Client: peers.Client, Session: sagaSess, Prefix: sagaPrefix, Logger: log, OnTransition: srv.onTransition, TracerProvider: c.tp}, srv.orderSaga())
+	if err != nil {
+		return err
+	}
 	go srv.injectLatency(ctx, *slow) // owned: ends with ctx
 	gs := c.grpcServer()
 	shoppb.RegisterOrdersServer(gs, srv)
-	return serve(&c, "orders", peers, log, gs, nil, func(id string) { srv.id = id })
+	return serve(&c, "orders", peers, log, gs, nil, func(id string) { srv.id = id }, srv.sagas.Run)
 }

@@ -76,8 +76,9 @@ func logger(role string) *slog.Logger {
 // serve runs one service under lifecycle.Run until SIGTERM/SIGINT, with
 // either a gRPC server (register it in setup) or an HTTP handler. It
 // prints "shop: serving {...}" once registered — the supervisor waits for
-// that line. setID learns the instance ID before anything is served.
-func serve(c *common, service string, peers *shopkit.Peers, log *slog.Logger, gs *grpc.Server, handler http.Handler, setID func(string)) error {
+// that line. setID learns the instance ID before anything is served;
+// workers run beside it (lifecycle.Config.Workers).
+func serve(c *common, service string, peers *shopkit.Peers, log *slog.Logger, gs *grpc.Server, handler http.Handler, setID func(string), workers ...func(context.Context) error) error {
 	ln, err := net.Listen("tcp", c.listen)
 	if err != nil {
 		return err
@@ -89,7 +90,7 @@ func serve(c *common, service string, peers *shopkit.Peers, log *slog.Logger, gs
 	}
 	setID(id)
 	cfg := lifecycle.Config{Client: peers.Client, Instance: registry.Instance{Service: service, ID: id},
-		SessionTTL: c.ttl, Logger: log}
+		SessionTTL: c.ttl, Logger: log, Workers: workers}
 	if gs != nil {
 		cfg.GRPC, cfg.GRPCListener = gs, ln
 	} else {

@@ -56,6 +56,11 @@ type Cluster struct {
 	// OTLP, if set, is the collector (host:port) every service exports
 	// its traces to (--otlp).
 	OTLP string
+	// RegistryArgs are added to the beacon server's flags.
+	RegistryArgs []string
+	// OnLine, if set, is called with every line a process prints, from
+	// the goroutine reading its output: keep it short.
+	OnLine func(p *Proc, line string)
 
 	registryPeer, dbPeer string
 
@@ -120,6 +125,9 @@ func (c *Cluster) start(ctx context.Context, name, marker, bin string, args ...s
 				p.tail = p.tail[1:]
 			}
 			p.mu.Unlock()
+			if c.OnLine != nil {
+				c.OnLine(p, line)
+			}
 			if c.Output != nil {
 				c.outMu.Lock()
 				fmt.Fprintf(c.Output, "%s| %s\n", name, line)
@@ -154,9 +162,9 @@ func (c *Cluster) start(ctx context.Context, name, marker, bin string, args ...s
 // StartRegistry starts (or restarts, on the same ports and data) the
 // beacon server.
 func (c *Cluster) StartRegistry(ctx context.Context) error {
-	p, _, err := c.start(ctx, "beacon", "beacon server ready", c.BeaconBin, "server", "--addr", c.Registry,
-		"--data-dir", filepath.Join(c.Dir, "registry"), "--etcd-peer-addr", c.registryPeer,
-		"--log-level", "error")
+	args := append([]string{"server", "--addr", c.Registry, "--data-dir", filepath.Join(c.Dir, "registry"),
+		"--etcd-peer-addr", c.registryPeer, "--log-level", "error"}, c.RegistryArgs...)
+	p, _, err := c.start(ctx, "beacon", "beacon server ready", c.BeaconBin, args...)
 	if err != nil {
 		return err
 	}
@@ -199,7 +207,7 @@ func (c *Cluster) Start(ctx context.Context, service string, args ...string) (*P
 	if c.OTLP != "" {
 		all = append(all, "--otlp", c.OTLP)
 	}
-	if service == "inventory" || service == "payments" {
+	if service == "inventory" || service == "payments" || service == "orders" {
 		all = append(all, "--db", c.DB)
 	}
 	p, rest, err := c.start(ctx, service, "shop: serving ", c.ShopBin, all...)

@@ -273,6 +273,118 @@ func (x *ReserveResponse) GetServedBy() string {
 	return ""
 }
 
+type ReleaseRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	OrderId       string                 `protobuf:"bytes,1,opt,name=order_id,json=orderId,proto3" json:"order_id,omitempty"`
+	Item          string                 `protobuf:"bytes,2,opt,name=item,proto3" json:"item,omitempty"`
+	Quantity      int32                  `protobuf:"varint,3,opt,name=quantity,proto3" json:"quantity,omitempty"` // what the order reserved (its saga's input)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReleaseRequest) Reset() {
+	*x = ReleaseRequest{}
+	mi := &file_shop_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReleaseRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReleaseRequest) ProtoMessage() {}
+
+func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shop_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReleaseRequest.ProtoReflect.Descriptor instead.
+func (*ReleaseRequest) Descriptor() ([]byte, []int) {
+	return file_shop_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ReleaseRequest) GetOrderId() string {
+	if x != nil {
+		return x.OrderId
+	}
+	return ""
+}
+
+func (x *ReleaseRequest) GetItem() string {
+	if x != nil {
+		return x.Item
+	}
+	return ""
+}
+
+func (x *ReleaseRequest) GetQuantity() int32 {
+	if x != nil {
+		return x.Quantity
+	}
+	return 0
+}
+
+type ReleaseResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Released      bool                   `protobuf:"varint,1,opt,name=released,proto3" json:"released,omitempty"` // stock went back (false: there was no reservation, or it was released before)
+	ServedBy      string                 `protobuf:"bytes,2,opt,name=served_by,json=servedBy,proto3" json:"served_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReleaseResponse) Reset() {
+	*x = ReleaseResponse{}
+	mi := &file_shop_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReleaseResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReleaseResponse) ProtoMessage() {}
+
+func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shop_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReleaseResponse.ProtoReflect.Descriptor instead.
+func (*ReleaseResponse) Descriptor() ([]byte, []int) {
+	return file_shop_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ReleaseResponse) GetReleased() bool {
+	if x != nil {
+		return x.Released
+	}
+	return false
+}
+
+func (x *ReleaseResponse) GetServedBy() string {
+	if x != nil {
+		return x.ServedBy
+	}
+	return ""
+}
+
 var File_shop_proto protoreflect.FileDescriptor
 
 const file_shop_proto_rawDesc = "" +
@@ -295,12 +407,20 @@ const file_shop_proto_rawDesc = "" +
 	"\bquantity\x18\x03 \x01(\x05R\bquantity\"L\n" +
 	"\x0fReserveResponse\x12\x1c\n" +
 	"\tremaining\x18\x01 \x01(\x03R\tremaining\x12\x1b\n" +
+	"\tserved_by\x18\x02 \x01(\tR\bservedBy\"[\n" +
+	"\x0eReleaseRequest\x12\x19\n" +
+	"\border_id\x18\x01 \x01(\tR\aorderId\x12\x12\n" +
+	"\x04item\x18\x02 \x01(\tR\x04item\x12\x1a\n" +
+	"\bquantity\x18\x03 \x01(\x05R\bquantity\"J\n" +
+	"\x0fReleaseResponse\x12\x1a\n" +
+	"\breleased\x18\x01 \x01(\bR\breleased\x12\x1b\n" +
 	"\tserved_by\x18\x02 \x01(\tR\bservedBy2O\n" +
 	"\x06Orders\x12E\n" +
 	"\n" +
-	"PlaceOrder\x12\x1a.shop.v1.PlaceOrderRequest\x1a\x1b.shop.v1.PlaceOrderResponse2I\n" +
+	"PlaceOrder\x12\x1a.shop.v1.PlaceOrderRequest\x1a\x1b.shop.v1.PlaceOrderResponse2\x87\x01\n" +
 	"\tInventory\x12<\n" +
-	"\aReserve\x12\x17.shop.v1.ReserveRequest\x1a\x18.shop.v1.ReserveResponseB(Z&beacon.dev/beacon/examples/shop/shoppbb\x06proto3"
+	"\aReserve\x12\x17.shop.v1.ReserveRequest\x1a\x18.shop.v1.ReserveResponse\x12<\n" +
+	"\aRelease\x12\x17.shop.v1.ReleaseRequest\x1a\x18.shop.v1.ReleaseResponseB(Z&beacon.dev/beacon/examples/shop/shoppbb\x06proto3"
 
 var (
 	file_shop_proto_rawDescOnce sync.Once
@@ -314,20 +434,24 @@ func file_shop_proto_rawDescGZIP() []byte {
 	return file_shop_proto_rawDescData
 }
 
-var file_shop_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_shop_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_shop_proto_goTypes = []any{
 	(*PlaceOrderRequest)(nil),  // 0: shop.v1.PlaceOrderRequest
 	(*PlaceOrderResponse)(nil), // 1: shop.v1.PlaceOrderResponse
 	(*ReserveRequest)(nil),     // 2: shop.v1.ReserveRequest
 	(*ReserveResponse)(nil),    // 3: shop.v1.ReserveResponse
+	(*ReleaseRequest)(nil),     // 4: shop.v1.ReleaseRequest
+	(*ReleaseResponse)(nil),    // 5: shop.v1.ReleaseResponse
 }
 var file_shop_proto_depIdxs = []int32{
 	0, // 0: shop.v1.Orders.PlaceOrder:input_type -> shop.v1.PlaceOrderRequest
 	2, // 1: shop.v1.Inventory.Reserve:input_type -> shop.v1.ReserveRequest
-	1, // 2: shop.v1.Orders.PlaceOrder:output_type -> shop.v1.PlaceOrderResponse
-	3, // 3: shop.v1.Inventory.Reserve:output_type -> shop.v1.ReserveResponse
-	2, // [2:4] is the sub-list for method output_type
-	0, // [0:2] is the sub-list for method input_type
+	4, // 2: shop.v1.Inventory.Release:input_type -> shop.v1.ReleaseRequest
+	1, // 3: shop.v1.Orders.PlaceOrder:output_type -> shop.v1.PlaceOrderResponse
+	3, // 4: shop.v1.Inventory.Reserve:output_type -> shop.v1.ReserveResponse
+	5, // 5: shop.v1.Inventory.Release:output_type -> shop.v1.ReleaseResponse
+	3, // [3:6] is the sub-list for method output_type
+	0, // [0:3] is the sub-list for method input_type
 	0, // [0:0] is the sub-list for extension type_name
 	0, // [0:0] is the sub-list for extension extendee
 	0, // [0:0] is the sub-list for field type_name
@@ -344,7 +468,7 @@ func file_shop_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shop_proto_rawDesc), len(file_shop_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   4,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -29,7 +29,8 @@ const (
 //
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 //
-// Orders places an order: stock reserved in inventory, then payment taken.
+// Orders places an order: a saga reserves stock in inventory, charges
+// payments and confirms the order, or undoes what it did.
 type OrdersClient interface {
 	PlaceOrder(ctx context.Context, in *PlaceOrderRequest, opts ...grpc.CallOption) (*PlaceOrderResponse, error)
 }
@@ -56,7 +57,8 @@ func (c *ordersClient) PlaceOrder(ctx context.Context, in *PlaceOrderRequest, op
 // All implementations must embed UnimplementedOrdersServer
 // for forward compatibility.
 //
-// Orders places an order: stock reserved in inventory, then payment taken.
+// Orders places an order: a saga reserves stock in inventory, charges
+// payments and confirms the order, or undoes what it did.
 type OrdersServer interface {
 	PlaceOrder(context.Context, *PlaceOrderRequest) (*PlaceOrderResponse, error)
 	mustEmbedUnimplementedOrdersServer()
@@ -129,6 +131,7 @@ var Orders_ServiceDesc = grpc.ServiceDesc{
 
 const (
 	Inventory_Reserve_FullMethodName = "/shop.v1.Inventory/Reserve"
+	Inventory_Release_FullMethodName = "/shop.v1.Inventory/Release"
 )
 
 // InventoryClient is the client API for Inventory service.
@@ -138,6 +141,9 @@ const (
 // Inventory keeps stock; reservations are idempotent by order.
 type InventoryClient interface {
 	Reserve(ctx context.Context, in *ReserveRequest, opts ...grpc.CallOption) (*ReserveResponse, error)
+	// Release gives an order's reservation back (a saga's compensation):
+	// idempotent, and a reservation that arrives after it is refused.
+	Release(ctx context.Context, in *ReleaseRequest, opts ...grpc.CallOption) (*ReleaseResponse, error)
 }
 
 type inventoryClient struct {
@@ -158,6 +164,16 @@ func (c *inventoryClient) Reserve(ctx context.Context, in *ReserveRequest, opts 
 	return out, nil
 }
 
+func (c *inventoryClient) Release(ctx context.Context, in *ReleaseRequest, opts ...grpc.CallOption) (*ReleaseResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReleaseResponse)
+	err := c.cc.Invoke(ctx, Inventory_Release_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // InventoryServer is the server API for Inventory service.
 // All implementations must embed UnimplementedInventoryServer
 // for forward compatibility.
@@ -165,6 +181,9 @@ func (c *inventoryClient) Reserve(ctx context.Context, in *ReserveRequest, opts 
 // Inventory keeps stock; reservations are idempotent by order.
 type InventoryServer interface {
 	Reserve(context.Context, *ReserveRequest) (*ReserveResponse, error)
+	// Release gives an order's reservation back (a saga's compensation):
+	// idempotent, and a reservation that arrives after it is refused.
+	Release(context.Context, *ReleaseRequest) (*ReleaseResponse, error)
 	mustEmbedUnimplementedInventoryServer()
 }
 
@@ -177,6 +196,9 @@ type UnimplementedInventoryServer struct{}
 
 func (UnimplementedInventoryServer) Reserve(context.Context, *ReserveRequest) (*ReserveResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Reserve not implemented")
+}
+func (UnimplementedInventoryServer) Release(context.Context, *ReleaseRequest) (*ReleaseResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Release not implemented")
 }
 func (UnimplementedInventoryServer) mustEmbedUnimplementedInventoryServer() {}
 func (UnimplementedInventoryServer) testEmbeddedByValue()                   {}
@@ -217,6 +239,24 @@ func _Inventory_Reserve_Handler(srv interface{}, ctx context.Context, dec func(i
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Inventory_Release_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReleaseRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(InventoryServer).Release(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Inventory_Release_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(InventoryServer).Release(ctx, req.(*ReleaseRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Inventory_ServiceDesc is the grpc.ServiceDesc for Inventory service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -227,6 +267,10 @@ var Inventory_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Reserve",
 			Handler:    _Inventory_Reserve_Handler,
+		},
+		{
+			MethodName: "Release",
+			Handler:    _Inventory_Release_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
