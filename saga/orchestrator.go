@@ -133,15 +133,20 @@ type Orchestrator struct {
 	once   atomic.Bool
 	wake   chan struct{} // capacity 1
 
-	mu       sync.Mutex
-	held     []*client.Held   // by shard; nil: not led here
-	idle     []sync.WaitGroup // by shard: the sagas moving in it
-	running  map[string]bool  // by key
-	ended    map[string]int64 // key → revision a goroutine left it at, unfinished
-	states   map[string]State // the latest watched state; replaced, never modified
-	watching bool             // states is kept up to date
-	changed  chan struct{}    // closed when states changes
-	stats    Stats
+	mu      sync.Mutex
+	held    []*client.Held   // by shard; nil: not led here
+	idle    []sync.WaitGroup // by shard: the sagas moving in it
+	running map[string]bool  // by key
+	ended   map[string]int64 // key → revision a goroutine left it at, unfinished
+	states  map[string]State // the latest watched state; replaced, never modified
+	// unfinished are the keys of states (and started) not finished: what
+	// startReady looks at. started are sagas Start made that the watch
+	// has not brought back yet.
+	unfinished map[string]struct{}
+	started    map[string]State
+	watching   bool                       // states is kept up to date
+	waiters    map[string][]chan struct{} // by key: closed when its state changes (or the watch stops)
+	stats      Stats
 
 	wg sync.WaitGroup // the goroutines Run started
 }
@@ -193,7 +198,8 @@ func New(cfg Config, defs ...Definition) (*Orchestrator, error) {
 	o := &Orchestrator{
 		cfg: cfg, store: store, defs: map[string]*Definition{}, log: cfg.Logger, wake: make(chan struct{}, 1),
 		held: make([]*client.Held, cfg.Shards), idle: make([]sync.WaitGroup, cfg.Shards),
-		running: map[string]bool{}, ended: map[string]int64{}, changed: make(chan struct{}),
+		running: map[string]bool{}, ended: map[string]int64{}, waiters: map[string][]chan struct{}{},
+		unfinished: map[string]struct{}{}, started: map[string]State{},
 	}
 	if len(defs) == 0 {
 		return nil, fmt.Errorf("%w: no saga definitions", ErrInvalid)
@@ -323,13 +329,9 @@ func (o *Orchestrator) Start(ctx context.Context, name, id string, input []byte)
 	o.stats.Started++
 	if o.watching && o.held[o.shardOf(name, id)] != nil {
 		// Led here: start moving it now rather than after the watch
-		// brings it back (states is replaced, never modified).
-		next := make(map[string]State, len(o.states)+1)
-		for k, v := range o.states {
-			next[k] = v
-		}
-		next[st.Key] = st
-		o.states = next
+		// brings it back.
+		o.started[st.Key] = st
+		o.unfinished[st.Key] = struct{}{}
 	}
 	o.mu.Unlock()
 	o.poke()
@@ -345,18 +347,28 @@ func (o *Orchestrator) Wait(ctx context.Context, name, id string) (State, error)
 	k := o.store.key(name, id)
 	for {
 		o.mu.Lock()
-		watching, ch := o.watching, o.changed
-		st, ok := o.states[k]
-		o.mu.Unlock()
-		if !watching {
+		if !o.watching {
+			o.mu.Unlock()
 			return o.waitByWatch(ctx, k)
 		}
-		if ok && st.Status.Finished() {
+		if st, ok := o.states[k]; ok && st.Status.Finished() {
+			o.mu.Unlock()
 			return st.clone(), nil
 		}
+		ch := make(chan struct{})
+		o.waiters[k] = append(o.waiters[k], ch)
+		o.mu.Unlock()
 		select {
 		case <-ch:
 		case <-ctx.Done():
+			o.mu.Lock()
+			if i := slices.Index(o.waiters[k], ch); i >= 0 {
+				o.waiters[k] = slices.Delete(o.waiters[k], i, i+1)
+				if len(o.waiters[k]) == 0 {
+					delete(o.waiters, k)
+				}
+			}
+			o.mu.Unlock()
 			return State{}, ctx.Err()
 		}
 	}
@@ -411,8 +423,12 @@ func (o *Orchestrator) Run(ctx context.Context) error {
 	o.wg.Wait()
 	o.mu.Lock()
 	o.watching = false
-	close(o.changed)
-	o.changed = make(chan struct{})
+	for k, chs := range o.waiters { // they wait by their own watch now
+		for _, ch := range chs {
+			close(ch)
+		}
+		delete(o.waiters, k)
+	}
 	o.mu.Unlock()
 	if cause := context.Cause(lctx); ctx.Err() == nil && cause != nil && !errors.Is(cause, context.Canceled) {
 		return cause
@@ -523,12 +539,21 @@ func (o *Orchestrator) absorb(kst client.KVState) {
 		next[k] = st
 	}
 	o.mu.Lock()
-	for k, st := range o.states {
-		// A saga Start put in before the watch brought it back.
-		if _, ok := next[k]; !ok && st.Revision > kst.Revision {
-			next[k] = st
+	for k, st := range o.started {
+		if cur, ok := next[k]; ok && cur.Revision >= st.Revision || kst.Revision >= st.Revision {
+			delete(o.started, k) // the watch has it (or its deletion)
 		}
 	}
+	unfinished := make(map[string]struct{}, len(o.started))
+	for k, st := range next {
+		if !st.Status.Finished() {
+			unfinished[k] = struct{}{}
+		}
+	}
+	for k := range o.started {
+		unfinished[k] = struct{}{}
+	}
+	o.unfinished = unfinished
 	for k, rev := range o.ended {
 		if st, ok := next[k]; ok && st.Revision >= rev || !ok && kst.Revision >= rev {
 			delete(o.ended, k) // the watch has caught up with where it was left
@@ -536,8 +561,14 @@ func (o *Orchestrator) absorb(kst client.KVState) {
 	}
 	o.states = next
 	o.watching = true
-	close(o.changed)
-	o.changed = make(chan struct{})
+	for k, chs := range o.waiters {
+		if st, ok := next[k]; ok && st.Status.Finished() {
+			for _, ch := range chs {
+				close(ch)
+			}
+			delete(o.waiters, k)
+		}
+	}
 	o.mu.Unlock()
 }
 
@@ -549,9 +580,13 @@ func (o *Orchestrator) startReady(ctx, drain context.Context) {
 	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	for k, st := range o.states {
+	for k := range o.unfinished {
 		if len(o.running) >= o.cfg.MaxRunning {
 			return
+		}
+		st, ok := o.started[k]
+		if w, wok := o.states[k]; !ok || wok && w.Revision > st.Revision {
+			st = w
 		}
 		if st.Status.Finished() || o.running[k] {
 			continue
@@ -567,7 +602,7 @@ func (o *Orchestrator) startReady(ctx, drain context.Context) {
 		}
 		o.running[k] = true
 		o.idle[n].Add(1)
-		st := st.clone()
+		st = st.clone()
 		o.wg.Go(func() { o.move(ctx, drain, held, n, def, st) })
 	}
 }
