@@ -3,6 +3,7 @@ package saga_test
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"sync"
 	"testing"
 	"time"
@@ -144,7 +145,7 @@ func BenchmarkSagaRecovery(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			o, err := saga.New(saga.Config{Client: c, Session: s, Prefix: prefix}, def)
+			o, err := saga.New(saga.Config{Client: c, Session: s, Prefix: prefix, Logger: slog.New(slog.DiscardHandler)}, def)
 			if err != nil {
 				b.Fatal(err)
 			}

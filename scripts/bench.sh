@@ -49,6 +49,10 @@ out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 	go test -run '^$' -bench 'Consume/handler=none' -benchtime 200000x -count "${COUNT:-5}" ./events
 	go test -run '^$' -bench 'Consume/handler=1ms' -benchtime 2000x -count "${COUNT:-5}" ./events
 	go test -run '^$' -bench 'PublishToHandled' -benchtime 1000x -count "${COUNT:-5}" ./events
+	# Sagas: steps/s beside the same fenced KV writes by hand, and the
+	# recovery after an orchestrator's session is lost.
+	go test -run '^$' -bench 'SagaSteps' -benchtime 2000x -count "${COUNT:-5}" ./saga
+	go test -run '^$' -bench 'SagaRecovery' -benchtime 1x -count "${COUNT:-5}" ./saga
 	# Cluster mode: failover (20 kills of the leader's node), the 3-node
 	# cluster beside a single node, and 300 clients through a node's death
 	# and restart (reconnect spread, return home).

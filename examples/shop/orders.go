@@ -72,6 +72,9 @@ func (s *orders) PlaceOrder(ctx context.Context, req *shoppb.PlaceOrderRequest) 
 	if s.pricing != nil {
 		amount -= amount * s.pricing.Load().DiscountPercent / 100
 	}
+	if s.sagas == nil {
+		return s.placeDirect(ctx, req, amount)
+	}
 	input, _ := json.Marshal(orderInput{Item: req.GetItem(), Quantity: req.GetQuantity(), AmountCents: amount})
 	// The order's saga: started once per order ID (a retried or hedged
 	// request finds it; if the discount changed in between, the first
@@ -96,6 +99,27 @@ func (s *orders) PlaceOrder(ctx context.Context, req *shoppb.PlaceOrderRequest) 
 	default:
 		return nil, status.Errorf(codes.Internal, "order %s is stuck: %s (beacon saga retry %s %s)", req.GetOrderId(), st.Error, orderSagaName, req.GetOrderId())
 	}
+}
+
+// placeDirect places an order without a saga (orders --sagas=false, what
+// the chaos scorecard runs: it measures the data plane, and keeps
+// placing orders while the registry is down): stock, then payment, each
+// call once through the SDK, nothing undone if the payment fails.
+func (s *orders) placeDirect(ctx context.Context, req *shoppb.PlaceOrderRequest, amount int64) (*shoppb.PlaceOrderResponse, error) {
+	res, err := s.inventory.Reserve(ctx, &shoppb.ReserveRequest{OrderId: req.GetOrderId(), Item: req.GetItem(), Quantity: req.GetQuantity()})
+	if err != nil {
+		return nil, err // its status says why (out of stock, unavailable)
+	}
+	body, _ := json.Marshal(chargeRequest{AmountCents: amount})
+	b, err := s.payments(ctx, http.MethodPut, req.GetOrderId(), body)
+	if err != nil {
+		return nil, status.Error(codes.Unavailable, err.Error())
+	}
+	var ch chargeResponse
+	if err := json.Unmarshal(b, &ch); err != nil {
+		return nil, status.Errorf(codes.Unavailable, "payments: %v", err)
+	}
+	return &shoppb.PlaceOrderResponse{OrderId: req.GetOrderId(), Remaining: res.GetRemaining(), ChargeId: ch.ChargeID, ServedBy: s.id}, nil
 }
 
 // injectLatency follows SIGUSR1 (slow) and SIGUSR2 (normal) until ctx ends.
@@ -125,6 +149,7 @@ func runOrders(args []string) error {
 	c.bind(fs, "127.0.0.1:0")
 	slow := fs.Duration("slow", 200*time.Millisecond, "latency SIGUSR1 adds to every request")
 	dbAddr := fs.String("db", "127.0.0.1:7379", "the shop database's address (orders are confirmed there)")
+	sagas := fs.Bool("sagas", true, "place orders as sagas (false: reserve and charge directly, nothing undone — what the chaos scorecard measures)")
 	pauses := fs.Bool("saga-pauses", false, "stop order sagas whose ID asks for it at a step boundary until SIGCONT (for the crash tests)")
 	_ = fs.Parse(args)
 	log := logger("orders")
@@ -170,17 +195,21 @@ func runOrders(args []string) error {
 	}
 	// The order sagas' orchestrator: every orders instance runs one; the
 	// shards' leadership lives on this session.
-	sagaSess, err := peers.Client.NewSession(ctx, client.WithTTL(c.ttl), client.WithSessionName("orders sagas"))
-	if err != nil {
-		return err
-	}
-	defer sagaSess.Close(context.Background())
-	srv.sagas, err = saga.New(saga.Config{Client: peers.Client, Session: sagaSess, Prefix: sagaPrefix, Logger: log, OnTransition: srv.onTransition, TracerProvider: c.tp}, srv.orderSaga())
-	if err != nil {
-		return err
+	var workers []func(context.Context) error
+	if *sagas {
+		sagaSess, err := peers.Client.NewSession(ctx, client.WithTTL(c.ttl), client.WithSessionName("orders sagas"))
+		if err != nil {
+			return err
+		}
+		defer sagaSess.Close(context.Background())
+		srv.sagas, err = saga.New(saga.Config{Client: peers.Client, Session: sagaSess, Prefix: sagaPrefix, Logger: log, OnTransition: srv.onTransition, TracerProvider: c.tp}, srv.orderSaga())
+		if err != nil {
+			return err
+		}
+		workers = append(workers, srv.sagas.Run)
 	}
 	go srv.injectLatency(ctx, *slow) // owned: ends with ctx
 	gs := c.grpcServer()
 	shoppb.RegisterOrdersServer(gs, srv)
-	return serve(&c, "orders", peers, log, gs, nil, func(id string) { srv.id = id }, srv.sagas.Run)
+	return serve(&c, "orders", peers, log, gs, nil, func(id string) { srv.id = id }, workers...)
 }

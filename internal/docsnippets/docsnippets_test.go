@@ -1,5 +1,5 @@
 // Package docsnippets_test keeps the SDK's documentation honest: every Go
-// snippet of docs/sdk.md and docs/events.md must appear, line for line, in an example (or
+// snippet of docs/sdk.md, docs/events.md and docs/sagas.md must appear, line for line, in an example (or
 // other test file) that the test command compiles, so a snippet that
 // stops compiling fails the build instead of misleading a reader.
 package docsnippets_test
@@ -53,7 +53,7 @@ func snippets(page string) []string {
 
 // pages are the documentation pages whose Go snippets must be compiled,
 // with how many snippets each has at least (a parser check).
-var pages = map[string]int{"sdk.md": 10, "events.md": 4}
+var pages = map[string]int{"sdk.md": 10, "events.md": 4, "sagas.md": 1}
 
 func TestEveryDocSnippetIsCompiled(t *testing.T) {
 	_, file, _, _ := runtime.Caller(0)

@@ -56,6 +56,9 @@ type Cluster struct {
 	// OTLP, if set, is the collector (host:port) every service exports
 	// its traces to (--otlp).
 	OTLP string
+	// ServiceArgs are added to a service's flags, by service, on every
+	// Start.
+	ServiceArgs map[string][]string
 	// RegistryArgs are added to the beacon server's flags.
 	RegistryArgs []string
 	// OnLine, if set, is called with every line a process prints, from
@@ -203,7 +206,7 @@ func (c *Cluster) StartDB(ctx context.Context) error {
 // Start runs an instance of a shop service and waits until it is
 // registered and serving.
 func (c *Cluster) Start(ctx context.Context, service string, args ...string) (*Proc, error) {
-	all := append([]string{service, "--registry", c.Registry}, args...)
+	all := append(append([]string{service, "--registry", c.Registry}, c.ServiceArgs[service]...), args...)
 	if c.OTLP != "" {
 		all = append(all, "--otlp", c.OTLP)
 	}
