@@ -92,6 +92,7 @@ func runDemo(args []string) error {
 	// read from a terminal cannot be cancelled.
 	f := newFaults(cl)
 	go f.read(ctx, os.Stdin)
+	tracked := &rates{last: map[string]sample{}}
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for done := false; !done; {
@@ -99,7 +100,7 @@ func runDemo(args []string) error {
 		case <-ctx.Done():
 			done = true
 		case <-tick.C:
-			view(ctx, os.Stdout, c, ld, f, "http://"+*httpAddr, *plain)
+			view(ctx, os.Stdout, c, ld, f, tracked, "http://"+*httpAddr, *plain)
 		}
 	}
 	stopLoad()
@@ -118,10 +119,13 @@ func startShop(ctx context.Context, cl *shopkit.Cluster, gatewayAddr string) err
 	if err := cl.StartDB(ctx); err != nil {
 		return err
 	}
+	if err := cl.StartBroker(ctx); err != nil {
+		return err
+	}
 	for _, s := range []struct {
 		service string
 		n       int
-	}{{"inventory", 2}, {"payments", 2}, {"orders", 3}} {
+	}{{"inventory", 2}, {"payments", 2}, {"orders", 3}, {"tracking", 2}} {
 		var args []string
 		if s.service == "inventory" {
 			args = []string{"--fenced-stock"} // the item's lock and fenced stock writes (docs/locks.md)
@@ -188,8 +192,19 @@ func (l *load) run(ctx context.Context, rate int) {
 	}
 }
 
+// demoUsers is how many users the load plays: each order is one user's
+// view of the item, then the order.
+const demoUsers = 50
+
 func (l *load) order(ctx context.Context) (string, error) {
-	body, _ := json.Marshal(orderRequest{Item: items[time.Now().Nanosecond()%len(items)], Quantity: 1})
+	n := time.Now().Nanosecond()
+	item, user := items[n%len(items)], fmt.Sprintf("u-%d", n/7%demoUsers)
+	if view, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimSuffix(l.url, "/orders")+"/items/"+item+"?user="+user, nil); err == nil {
+		if resp, err := l.http.Do(view); err == nil {
+			resp.Body.Close()
+		}
+	}
+	body, _ := json.Marshal(orderRequest{Item: item, Quantity: 1, User: user})
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, l.url, bytes.NewReader(body))
 	if err != nil {
 		return "", err
@@ -265,7 +280,7 @@ func (l *load) window(n int) (ok, failed int, p50, p99 time.Duration, servedBy m
 
 // view prints the registry's instances, the load's last seconds, the
 // gateway's outlier detection and the faults injected.
-func view(ctx context.Context, w io.Writer, c *client.Client, l *load, f *faults, gateway string, plain bool) {
+func view(ctx context.Context, w io.Writer, c *client.Client, l *load, f *faults, r *rates, gateway string, plain bool) {
 	var b strings.Builder
 	if !plain {
 		b.WriteString("\033[H\033[2J")
@@ -316,6 +331,9 @@ func view(ctx context.Context, w io.Writer, c *client.Client, l *load, f *faults
 	if st, err := c.KV().RolloutStatus(qctx, pricingKey); err == nil {
 		fmt.Fprintf(&b, "%s\n", pricingLine(st, len(f.orders())))
 	}
+	for _, line := range trackingLines(qctx, c, r) {
+		fmt.Fprintf(&b, "%s\n", line)
+	}
 	if total, allFailed := l.totals(); allFailed > 0 {
 		fmt.Fprintf(&b, "since start: %d orders, %d failed; last error: %s\n", total, allFailed, lastErr)
 	}
@@ -326,6 +344,58 @@ func view(ctx context.Context, w io.Writer, c *client.Client, l *load, f *faults
 		fmt.Fprintf(&b, "  %s\n", line)
 	}
 	fmt.Fprint(w, b.String())
+}
+
+// trackingLines shows each tracking instance's consumer: events handled
+// per second since the last view, and its lag (events waiting on the
+// broker past what it finished).
+func trackingLines(ctx context.Context, c *client.Client, r *rates) []string {
+	snap, err := c.Instances(ctx, "tracking")
+	if err != nil || len(snap.Instances) == 0 {
+		return nil
+	}
+	lines := []string{fmt.Sprintf("tracking (consumer group %q on topic %q, %d members):", trackingGroup, behaviourTopic, len(snap.Instances))}
+	for _, in := range snap.Instances {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+in.HostPort()+"/stats", nil)
+		if err != nil {
+			continue
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			lines = append(lines, fmt.Sprintf("    %-36s unreachable", in.ID))
+			continue
+		}
+		var st struct{ Handled, Lag, Duplicates int64 }
+		_ = json.NewDecoder(io.LimitReader(resp.Body, 4096)).Decode(&st)
+		resp.Body.Close()
+		rate := r.rate(in.ID, st.Handled)
+		lines = append(lines, fmt.Sprintf("    %-36s %7.1f events/s  lag %d  handled %d (%d redeliveries absorbed)", in.ID, rate, st.Lag, st.Handled, st.Duplicates))
+	}
+	return lines
+}
+
+// rates turns the tracking instances' handled counts into events/s
+// between two views.
+type rates struct {
+	mu   sync.Mutex
+	last map[string]sample // guarded by mu; by instance
+}
+
+type sample struct {
+	n  int64
+	at time.Time
+}
+
+func (r *rates) rate(id string, n int64) float64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := time.Now()
+	prev, ok := r.last[id]
+	r.last[id] = sample{n, now}
+	if !ok || n < prev.n || !now.After(prev.at) {
+		return 0
+	}
+	return float64(n-prev.n) / now.Sub(prev.at).Seconds()
 }
 
 func share(n, of int) float64 { return 100 * float64(n) / float64(max(of, 1)) }

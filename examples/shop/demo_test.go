@@ -118,9 +118,15 @@ func TestDemoRunsAndStopsCleanly(t *testing.T) {
 		d.kill()
 		t.Fatalf("the demo placed no orders in 3 minutes:\n%s", d.output())
 	}
-	if running := processesUnder(d.dir); len(running) < 9 { // registry, db, 2+2+3 services, gateway
-		t.Errorf("while the demo runs, %d processes are seen under its directory, want ≥ 9: %v", len(running), running)
+	if running := processesUnder(d.dir); len(running) < 12 { // registry, db, broker, 2+2+3+2 services, gateway
+		t.Errorf("while the demo runs, %d processes are seen under its directory, want ≥ 12: %v", len(running), running)
 	}
+	// The behaviour tracking: both members consume, and the view shows
+	// their throughput and lag.
+	consuming := regexp.MustCompile(`tracking-\S+ +[1-9][0-9]*\.[0-9] events/s  lag [0-9]+`)
+	testutil.Eventually(t, 2*time.Minute, "the view to show a tracking member consuming", func() bool {
+		return consuming.MatchString(d.output())
+	})
 	// Faults typed into the live view, each answered in it; none of these
 	// may fail an order (kill and hang have their own end-to-end tests).
 	for _, step := range []struct{ command, answer string }{
@@ -145,7 +151,7 @@ func TestDemoRunsAndStopsCleanly(t *testing.T) {
 		t.Fatalf("demo exited with %v:\n%s", err, d.output())
 	}
 	got := d.output()
-	for _, want := range []string{`orders +[34] instance\(s\)`, `gateway → orders: \d endpoints`, `inventory +2 instance\(s\)`, `demo: [1-9]\d* orders placed, 0 failed`, `demo: stopped`} {
+	for _, want := range []string{`orders +[34] instance\(s\)`, `gateway → orders: \d endpoints`, `inventory +2 instance\(s\)`, `tracking \(consumer group "tracking" on topic "behaviour", 2 members\)`, `demo: [1-9]\d* orders placed, 0 failed`, `demo: stopped`} {
 		if !regexp.MustCompile(want).MatchString(got) {
 			t.Errorf("demo output lacks %s:\n%s", want, got)
 		}

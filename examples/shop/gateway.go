@@ -5,6 +5,8 @@ import (
 	"flag"
 	"fmt"
 	"net/http"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -12,14 +14,19 @@ import (
 	"google.golang.org/grpc/status"
 
 	"beacon.dev/beacon/beacongrpc"
+	"beacon.dev/beacon/events"
 	"beacon.dev/beacon/examples/shop/shoppb"
 )
 
-// gateway is the shop's HTTP front: POST /orders {"item", "quantity"}
-// places an order through the orders service; GET /debug/outliers shows
-// its outlier detection.
+// gateway is the shop's HTTP front: POST /orders {"item", "quantity",
+// "user"} places an order through the orders service; GET
+// /items/ITEM?user=U (a view) and POST /cart {"user", "item",
+// "quantity"} only tell tracking; with --brokers, each publishes a
+// user-behaviour event (header Beacon-Tracked says whether it was);
+// GET /debug/outliers shows its outlier detection.
 type gateway struct {
-	orders shoppb.OrdersClient
+	orders  shoppb.OrdersClient
+	tracker *tracker // nil: no behaviour events
 	seq    atomic.Int64
 	boot   string
 }
@@ -28,6 +35,7 @@ type orderRequest struct {
 	OrderID  string `json:"order_id"` // optional: set it to make a retried POST safe
 	Item     string `json:"item"`
 	Quantity int32  `json:"quantity"`
+	User     string `json:"user,omitempty"` // optional: whose behaviour it is (tracking)
 }
 
 func (g *gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -37,8 +45,16 @@ func (g *gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		_ = json.NewEncoder(w).Encode(beacongrpc.Outliers())
 		return
 	}
+	if item, ok := strings.CutPrefix(r.URL.Path, "/items/"); ok && r.Method == http.MethodGet {
+		g.view(w, r, item)
+		return
+	}
+	if r.URL.Path == "/cart" && r.Method == http.MethodPost {
+		g.addToCart(w, r)
+		return
+	}
 	if r.URL.Path != "/orders" || r.Method != http.MethodPost {
-		http.Error(w, "POST /orders", http.StatusNotFound)
+		http.Error(w, "POST /orders, POST /cart, GET /items/ITEM?user=U", http.StatusNotFound)
 		return
 	}
 	var req orderRequest
@@ -59,14 +75,52 @@ func (g *gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, st.Message(), code)
 		return
 	}
+	if req.User != "" {
+		g.setTracked(w, g.tracker.track(r.Context(), behaviour{User: req.User, Kind: "order", Item: req.Item, Quantity: req.Quantity}))
+	}
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(resp)
+}
+
+// setTracked says whether the request's behaviour event was published.
+func (g *gateway) setTracked(w http.ResponseWriter, ok bool) {
+	w.Header().Set("Beacon-Tracked", strconv.FormatBool(ok))
+}
+
+// view is GET /items/ITEM?user=U: the item, and a "view" event.
+func (g *gateway) view(w http.ResponseWriter, r *http.Request, item string) {
+	b := behaviour{User: r.URL.Query().Get("user"), Kind: "view", Item: item}
+	if err := b.validate(); err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	g.setTracked(w, g.tracker.track(r.Context(), b))
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(map[string]string{"item": item})
+}
+
+// addToCart is POST /cart {"user","item","quantity"}: an "add to cart"
+// event (the cart itself is the client's).
+func (g *gateway) addToCart(w http.ResponseWriter, r *http.Request) {
+	var b behaviour
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<10)).Decode(&b); err != nil {
+		http.Error(w, "body: {\"user\": ..., \"item\": ..., \"quantity\": N}: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	b.Kind = "cart"
+	if err := b.validate(); err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	g.setTracked(w, g.tracker.track(r.Context(), b))
+	w.WriteHeader(http.StatusAccepted)
 }
 
 func runGateway(args []string) error {
 	fs := flag.NewFlagSet("gateway", flag.ExitOnError)
 	var c common
 	c.bind(fs, "127.0.0.1:8080")
+	brokers := fs.String("brokers", "", "publish user-behaviour events to these Kafka brokers, comma-separated (\"\": none)")
 	_ = fs.Parse(args)
 	log := logger("gateway")
 	stopTracing, err := c.startTracing("gateway")
@@ -84,6 +138,14 @@ func runGateway(args []string) error {
 		return err
 	}
 	g := &gateway{orders: shoppb.NewOrdersClient(cc), boot: fmt.Sprint(time.Now().UnixNano())}
+	if *brokers != "" {
+		p, err := events.NewProducer(events.Config{Brokers: strings.Split(*brokers, ","), Logger: log, TracerProvider: c.tp})
+		if err != nil {
+			return err
+		}
+		defer p.Close()
+		g.tracker = &tracker{p: p, log: log}
+	}
 	return serve(&c, "gateway", peers, log, nil, g, func(string) {})
 }
 

@@ -50,6 +50,7 @@ type Cluster struct {
 	ShopBin, BeaconBin, Dir string
 	Registry                string // the beacon server's address
 	DB                      string // the shop database's client address
+	Broker                  string // the Kafka broker's address, once StartBroker ran
 	// Output, if set, receives every process's output, line by line,
 	// prefixed with its name.
 	Output io.Writer
@@ -66,6 +67,7 @@ type Cluster struct {
 	OnLine func(p *Proc, line string)
 
 	registryPeer, dbPeer string
+	broker               *Proc // guarded by mu
 
 	mu       sync.Mutex
 	registry *Proc   // guarded by mu
@@ -189,6 +191,24 @@ func (c *Cluster) StopRegistry() {
 	}
 }
 
+// StartBroker starts the demo's Kafka broker (`shop broker`, kfake) on a
+// free port; from then on gateway and tracking instances get --brokers.
+func (c *Cluster) StartBroker(ctx context.Context) error {
+	addr, err := freeAddr()
+	if err != nil {
+		return err
+	}
+	p, _, err := c.start(ctx, "broker", "shop: serving ", c.ShopBin, "broker", "--addr", addr)
+	if err != nil {
+		return err
+	}
+	p.Service = "broker"
+	c.mu.Lock()
+	c.broker, c.Broker = p, addr
+	c.mu.Unlock()
+	return nil
+}
+
 // StartDB starts the shop's database.
 func (c *Cluster) StartDB(ctx context.Context) error {
 	p, _, err := c.start(ctx, "db", "shop: serving ", c.ShopBin, "db", "--dir", filepath.Join(c.Dir, "shop.db"),
@@ -212,6 +232,12 @@ func (c *Cluster) Start(ctx context.Context, service string, args ...string) (*P
 	}
 	if service == "inventory" || service == "payments" || service == "orders" {
 		all = append(all, "--db", c.DB)
+	}
+	c.mu.Lock()
+	broker := c.Broker
+	c.mu.Unlock()
+	if broker != "" && (service == "gateway" || service == "tracking") {
+		all = append(all, "--brokers", broker)
 	}
 	p, rest, err := c.start(ctx, service, "shop: serving ", c.ShopBin, all...)
 	if err != nil {
@@ -243,7 +269,7 @@ func (c *Cluster) Running(service string) []*Proc {
 }
 
 // Close stops every process: services first (SIGTERM, bounded), then the
-// database and the registry.
+// database, the broker and the registry.
 func (c *Cluster) Close() {
 	c.mu.Lock()
 	procs := slices.Clone(c.procs)
@@ -254,10 +280,13 @@ func (c *Cluster) Close() {
 	}
 	wg.Wait()
 	c.mu.Lock()
-	db := c.db
+	db, broker := c.db, c.broker
 	c.mu.Unlock()
 	if db != nil {
 		db.Terminate(15 * time.Second)
+	}
+	if broker != nil {
+		broker.Terminate(15 * time.Second)
 	}
 	c.StopRegistry()
 }
