@@ -27,8 +27,8 @@ import (
 type gateway struct {
 	orders  shoppb.OrdersClient
 	tracker *tracker // nil: no behaviour events
-	seq    atomic.Int64
-	boot   string
+	seq     atomic.Int64
+	boot    string
 }
 
 type orderRequest struct {
