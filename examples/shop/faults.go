@@ -168,7 +168,7 @@ func (f *faults) do(ctx context.Context, line string) {
 		}
 		f.actions.Go(func() {
 			f.cl.StopRegistry()
-			f.note("registry stopped: calls go on from the SDK's cache; sessions resume when it is back")
+			f.note("registry stopped: calls go on from the SDK's cache; new orders (sagas, kept in the registry) and tracking's counts wait for it; sessions resume when it is back")
 		})
 	case line == "registry up":
 		f.mu.Lock()
