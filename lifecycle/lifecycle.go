@@ -18,7 +18,6 @@ import (
 	"slices"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -305,24 +304,22 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopWork()
 	var working sync.WaitGroup
-	var stopping atomic.Bool // the drain began: errors go to the report
 	var werrMu sync.Mutex
-	var werr error // guarded by werrMu: a worker's error during the drain
+	stopping := false // guarded by werrMu: the drain began, errors go to the report
+	var werr error    // guarded by werrMu: a worker's error during the drain
 	for i, w := range cfg.Workers {
 		working.Go(func() {
 			err := w(workCtx)
+			werrMu.Lock()
+			defer werrMu.Unlock()
 			switch {
-			case err == nil && !stopping.Load():
+			case err == nil && !stopping:
 				r.log.Warn("lifecycle: a worker returned before the drain; the service goes on without it", "worker", i)
 			case err == nil:
-			case !stopping.Load():
-				serveErr <- fmt.Errorf("lifecycle: worker %d: %w", i, err)
-			default:
-				werrMu.Lock()
-				if werr == nil {
-					werr = fmt.Errorf("lifecycle: worker %d: %w", i, err)
-				}
-				werrMu.Unlock()
+			case !stopping:
+				serveErr <- &workerError{fmt.Errorf("lifecycle: worker %d: %w", i, err)} // buffered for every worker: never blocks
+			case werr == nil:
+				werr = fmt.Errorf("lifecycle: worker %d: %w", i, err)
 			}
 		})
 	}
@@ -335,7 +332,9 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 		case runErr = <-serveErr:
 		}
 	}
-	stopping.Store(true)
+	werrMu.Lock()
+	stopping = true
+	werrMu.Unlock()
 	stopAt := time.Now()
 	// A second SIGTERM or Ctrl-C during the drain kills the process, as
 	// the default handling does.
@@ -357,6 +356,20 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	werrMu.Lock()
 	rep.WorkerErr = werr
 	werrMu.Unlock()
+	// A worker that failed just before the drain began (while something
+	// else began it) left its error unread: it is the report's too.
+unread:
+	for rep.WorkerErr == nil {
+		select {
+		case err := <-serveErr:
+			var we *workerError
+			if errors.As(err, &we) {
+				rep.WorkerErr = we.err
+			}
+		default:
+			break unread
+		}
+	}
 	r.setState(beaconhttp.Stopped)
 	if sess != nil {
 		cctx, cancel := context.WithTimeout(drainCtx, 5*time.Second)
@@ -574,3 +587,10 @@ func (r *runner) stopServers(ctx context.Context) bool {
 	wg.Wait()
 	return clean
 }
+
+// workerError marks a worker's error among the servers' on their shared
+// channel.
+type workerError struct{ err error }
+
+func (e *workerError) Error() string { return e.err.Error() }
+func (e *workerError) Unwrap() error { return e.err }

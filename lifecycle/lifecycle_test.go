@@ -301,4 +301,22 @@ func TestWorkersStopWithTheDrain(t *testing.T) {
 	if !errors.Is(err, boom) || !strings.Contains(err.Error(), "worker 0") {
 		t.Errorf("Run with a failing worker = %v, want its error", err)
 	}
+
+	// Two workers failing at once: one error stops the service, the other
+	// (sent before the drain began, read after) is the report's — neither
+	// is lost, whichever comes first.
+	other := errors.New("dead-letter topic gone")
+	for range 20 {
+		rep, err := lifecycle.Run(ctx, lifecycle.Config{
+			Backend: reg, Instance: registry.Instance{Service: "tracking"},
+			GRPC: grpc.NewServer(), GRPCListener: listen(t),
+			Workers: []func(context.Context) error{
+				func(context.Context) error { return boom },
+				func(context.Context) error { return other },
+			},
+		})
+		if !(errors.Is(err, boom) && errors.Is(rep.WorkerErr, other) || errors.Is(err, other) && errors.Is(rep.WorkerErr, boom)) {
+			t.Fatalf("two failing workers: Run = %v, Report.WorkerErr = %v; want one each", err, rep.WorkerErr)
+		}
+	}
 }
