@@ -75,9 +75,18 @@ func newEnv(t *testing.T) *env {
 	return &env{srv: srv, c: c}
 }
 
-// run starts an orchestrator on its own session and stops it when the
-// test ends; stop stops it earlier.
+// run starts an orchestrator on its own session, waits until it leads a
+// shard, and stops it when the test ends; stop stops it earlier.
 func (e *env) run(t *testing.T, cfg saga.Config, defs ...saga.Definition) (o *saga.Orchestrator, sess *client.Session, stop func()) {
+	t.Helper()
+	o, sess, stop = e.start(t, cfg, defs...)
+	testutil.Eventually(t, time.Minute, "the orchestrator to lead its shards", func() bool { return o.Stats().Leading > 0 })
+	return o, sess, stop
+}
+
+// start is run without waiting for a lead (a second orchestrator waits in
+// line).
+func (e *env) start(t *testing.T, cfg saga.Config, defs ...saga.Definition) (o *saga.Orchestrator, sess *client.Session, stop func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	sess, err := e.c.NewSession(ctx, client.WithTTL(3*time.Second))
@@ -107,7 +116,6 @@ func (e *env) run(t *testing.T, cfg saga.Config, defs ...saga.Definition) (o *sa
 		})
 	}
 	t.Cleanup(stop)
-	testutil.Eventually(t, time.Minute, "the orchestrator to lead its shards", func() bool { return o.Stats().Leading > 0 })
 	return o, sess, stop
 }
 
@@ -412,7 +420,7 @@ func TestAnotherOrchestratorTakesOverALostOnesSagas(t *testing.T) {
 		t.Fatal(err)
 	}
 	<-entered
-	b, _, _ := e.run2(t, saga.Config{Shards: 2}, def)
+	b, _, _ := e.start(t, saga.Config{Shards: 2}, def)
 	if err := aSess.Close(ctx); err != nil { // lost, not released: as if the process died
 		t.Fatal(err)
 	}
@@ -431,30 +439,6 @@ func TestAnotherOrchestratorTakesOverALostOnesSagas(t *testing.T) {
 	if s := b.Stats(); s.Leading != 2 {
 		t.Errorf("new leader's stats = %+v, want 2 shards led", s)
 	}
-}
-
-// run2 is run for a second orchestrator, which may lead nothing yet.
-func (e *env) run2(t *testing.T, cfg saga.Config, defs ...saga.Definition) (*saga.Orchestrator, *client.Session, func()) {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	sess, err := e.c.NewSession(ctx, client.WithTTL(3*time.Second))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.Client, cfg.Session = e.c, sess
-	o, err := saga.New(cfg, defs...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- o.Run(ctx) }()
-	stop := func() {
-		cancel()
-		<-done
-		sess.Close(context.Background())
-	}
-	t.Cleanup(stop)
-	return o, sess, stop
 }
 
 // A saga's steps continue the trace of the call that started it, even

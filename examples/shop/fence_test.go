@@ -30,23 +30,7 @@ import (
 func TestFrozenLockHolderIsFenced(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	moduleDir, err := shopkit.ModuleDir()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	shopBin, beaconBin, err := shopkit.Build(ctx, moduleDir, dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cl, err := shopkit.NewCluster(shopBin, beaconBin, dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	if err := cl.StartRegistry(ctx); err != nil {
-		t.Fatal(err)
-	}
+	cl := newCluster(ctx, t)
 	if err := cl.StartDB(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -54,43 +54,12 @@ type sagaShop struct {
 }
 
 func startSagaShop(t *testing.T, ctx context.Context) *sagaShop {
-	moduleDir, err := shopkit.ModuleDir()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	shopBin, beaconBin, err := shopkit.Build(ctx, moduleDir, dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cl, err := shopkit.NewCluster(shopBin, beaconBin, dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cl.Close)
-	s := &sagaShop{t: t, cl: cl, paused: map[string]*shopkit.Proc{}, goneOn: map[string]bool{}}
-	cl.RegistryArgs = []string{"--lock-delay=1s"}
-	cl.OnLine = func(p *shopkit.Proc, line string) {
-		if strings.Contains(line, "a newer leader of the shard owns the saga") {
-			s.mu.Lock()
-			s.fenced++
-			s.mu.Unlock()
-		}
-		rest, ok := strings.CutPrefix(line, "shop: saga ")
-		if !ok {
-			return
-		}
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		if id, at, ok := strings.Cut(rest, " paused at "); ok {
-			s.paused[id+" at "+at] = p
-		} else if id, at, ok := strings.Cut(rest, " goes on from "); ok {
-			s.goneOn[id+" at "+at] = true
-		}
-	}
-	if err := cl.StartRegistry(ctx); err != nil {
-		t.Fatal(err)
-	}
+	s := &sagaShop{t: t, paused: map[string]*shopkit.Proc{}, goneOn: map[string]bool{}}
+	s.cl = newCluster(ctx, t, func(cl *shopkit.Cluster) {
+		cl.RegistryArgs = []string{"--lock-delay=1s"}
+		cl.OnLine = s.onLine
+	})
+	cl := s.cl
 	if err := cl.StartDB(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -122,6 +91,26 @@ func startSagaShop(t *testing.T, ctx context.Context) *sagaShop {
 }
 
 const sagaStock = 1_000_000
+
+// onLine follows what the orders processes say about their sagas.
+func (s *sagaShop) onLine(p *shopkit.Proc, line string) {
+	if strings.Contains(line, "a newer leader of the shard owns the saga") {
+		s.mu.Lock()
+		s.fenced++
+		s.mu.Unlock()
+	}
+	rest, ok := strings.CutPrefix(line, "shop: saga ")
+	if !ok {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if id, at, ok := strings.Cut(rest, " paused at "); ok {
+		s.paused[id+" at "+at] = p
+	} else if id, at, ok := strings.Cut(rest, " goes on from "); ok {
+		s.goneOn[id+" at "+at] = true
+	}
+}
 
 // startOrders starts one more orders instance.
 func (s *sagaShop) startOrders(ctx context.Context) {

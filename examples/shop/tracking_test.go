@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"beacon.dev/beacon/examples/shop/shopkit"
 	"beacon.dev/beacon/internal/testutil"
 )
 
@@ -24,23 +23,7 @@ import (
 func TestTrackingCountsEveryEventOnceThroughAKill(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
-	moduleDir, err := shopkit.ModuleDir()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	shopBin, beaconBin, err := shopkit.Build(ctx, moduleDir, dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cl, err := shopkit.NewCluster(shopBin, beaconBin, dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	if err := cl.StartRegistry(ctx); err != nil {
-		t.Fatal(err)
-	}
+	cl := newCluster(ctx, t)
 	if err := cl.StartBroker(ctx); err != nil {
 		t.Fatal(err)
 	}
