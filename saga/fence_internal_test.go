@@ -55,8 +55,8 @@ func TestAWriteByAFormerLeaderIsFenced(t *testing.T) {
 	// Even at the current revision (the compare would pass), the fence
 	// refuses it.
 	stale.Status, stale.Step, stale.Error, stale.Revision = Compensating, 0, "the former leader's view", st.Revision
-	if ok, changed := a.persist(ctx, &stale, aHeld); ok || changed {
-		t.Fatalf("the former leader's write: ok=%v changed=%v, want refused by the fence", ok, changed)
+	if ok, why := a.persist(ctx, &stale, aHeld); ok || why != nil {
+		t.Fatalf("the former leader's write: ok=%v, %v; want refused by the fence", ok, why)
 	}
 	if a.Stats().Fenced != 1 {
 		t.Errorf("fenced = %d, want 1", a.Stats().Fenced)

@@ -21,6 +21,7 @@ import (
 
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/backoff"
+	"beacon.dev/beacon/registry"
 )
 
 // Run is what an action or a compensation is told.
@@ -109,6 +110,14 @@ type Config struct {
 // MaxShards bounds Config.Shards.
 const MaxShards = 256
 
+// MaxStateBytes bounds a saga's stored state: the server's default
+// --max-kv-value-bytes (512 KiB) less room for the key and the request.
+const MaxStateBytes = 500 << 10
+
+// stateOverhead is room for a state's fields besides input and outputs:
+// MaxHistory entries with their errors, the trace context, names.
+const stateOverhead = 48 << 10
+
 // Permanent wraps an action's error so that it is not retried: the
 // saga compensates at once.
 func Permanent(err error) error { return &permanent{err} }
@@ -125,13 +134,14 @@ var ErrExists = errors.New("saga: exists")
 // Orchestrator starts sagas and moves them. Run it on every instance of
 // the service that owns the sagas.
 type Orchestrator struct {
-	cfg    Config
-	store  *Store
-	defs   map[string]*Definition
-	log    *slog.Logger
-	tracer trace.Tracer // nil: no spans
-	once   atomic.Bool
-	wake   chan struct{} // capacity 1
+	cfg      Config
+	store    *Store
+	defs     map[string]*Definition
+	log      *slog.Logger
+	tracer   trace.Tracer // nil: no spans
+	once     atomic.Bool
+	sweeping atomic.Bool   // removeFinished runs
+	wake     chan struct{} // capacity 1
 
 	mu      sync.Mutex
 	held    []*client.Held   // by shard; nil: not led here
@@ -168,29 +178,31 @@ func New(cfg Config, defs ...Definition) (*Orchestrator, error) {
 		return nil, err
 	}
 	cfg.Prefix = store.prefix
-	if cfg.Shards == 0 {
-		cfg.Shards = 8
+	// Zero takes the default; a negative value is refused, naming the field.
+	for _, f := range []struct {
+		name string
+		v    *int
+		def  int
+	}{{"Shards", &cfg.Shards, 8}, {"MaxRunning", &cfg.MaxRunning, 256}, {"CompensationAttempts", &cfg.CompensationAttempts, 10},
+		{"MaxInputBytes", &cfg.MaxInputBytes, 64 << 10}, {"MaxOutputBytes", &cfg.MaxOutputBytes, 16 << 10}} {
+		if *f.v < 0 {
+			return nil, fmt.Errorf("%w: Config.%s %d is negative", ErrInvalid, f.name, *f.v)
+		}
+		if *f.v == 0 {
+			*f.v = f.def
+		}
 	}
-	if cfg.Shards < 1 || cfg.Shards > MaxShards {
-		return nil, fmt.Errorf("%w: Shards %d is outside [1, %d]", ErrInvalid, cfg.Shards, MaxShards)
+	if cfg.Shards > MaxShards {
+		return nil, fmt.Errorf("%w: Config.Shards %d is more than %d", ErrInvalid, cfg.Shards, MaxShards)
 	}
-	if cfg.MaxRunning <= 0 {
-		cfg.MaxRunning = 256
-	}
-	if cfg.CompensationAttempts <= 0 {
-		cfg.CompensationAttempts = 10
+	if cfg.DrainTimeout < 0 {
+		return nil, fmt.Errorf("%w: Config.DrainTimeout %v is negative", ErrInvalid, cfg.DrainTimeout)
 	}
 	if cfg.KeepFinished == 0 {
 		cfg.KeepFinished = time.Hour
 	}
-	if cfg.DrainTimeout <= 0 {
+	if cfg.DrainTimeout == 0 {
 		cfg.DrainTimeout = 10 * time.Second
-	}
-	if cfg.MaxInputBytes <= 0 {
-		cfg.MaxInputBytes = 64 << 10
-	}
-	if cfg.MaxOutputBytes <= 0 {
-		cfg.MaxOutputBytes = 16 << 10
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -232,15 +244,27 @@ func New(cfg Config, defs ...Definition) (*Orchestrator, error) {
 			if s.Action == nil {
 				return nil, fmt.Errorf("%w: saga %s: step %s has no Action", ErrInvalid, d.Name, s.Name)
 			}
-			if s.Timeout <= 0 {
+			if s.Timeout < 0 || s.MaxAttempts < 0 {
+				return nil, fmt.Errorf("%w: saga %s: step %s: Timeout %v and MaxAttempts %d may not be negative", ErrInvalid, d.Name, s.Name, s.Timeout, s.MaxAttempts)
+			}
+			if s.Timeout == 0 {
 				s.Timeout = 10 * time.Second
 			}
-			if s.MaxAttempts <= 0 {
+			if s.MaxAttempts == 0 {
 				s.MaxAttempts = 3
 			}
 		}
-		if d.Timeout <= 0 {
+		if d.Timeout < 0 {
+			return nil, fmt.Errorf("%w: saga %s: Timeout %v is negative", ErrInvalid, d.Name, d.Timeout)
+		}
+		if d.Timeout == 0 {
 			d.Timeout = time.Minute
+		}
+		// A state must fit in one KV value: its input and every output
+		// (base64 in the JSON) and its history.
+		if worst := (cfg.MaxInputBytes+len(d.Steps)*cfg.MaxOutputBytes)*4/3 + stateOverhead; worst > MaxStateBytes {
+			return nil, fmt.Errorf("%w: saga %s: a state could reach %d bytes (Config.MaxInputBytes %d + %d steps × Config.MaxOutputBytes %d, base64, and its history), more than %d",
+				ErrInvalid, d.Name, worst, cfg.MaxInputBytes, len(d.Steps), cfg.MaxOutputBytes, MaxStateBytes)
 		}
 		o.defs[d.Name] = &d
 	}
@@ -335,12 +359,17 @@ func (o *Orchestrator) Start(ctx context.Context, name, id string, input []byte)
 	}
 	o.mu.Unlock()
 	o.poke()
-	return st, nil
+	return st.clone(), nil
 }
 
 // Wait returns the saga's state once it is finished (done, compensated
 // or stuck), or ctx's error.
+// A saga that does not exist (or no longer does) is waited for until ctx
+// ends.
 func (o *Orchestrator) Wait(ctx context.Context, name, id string) (State, error) {
+	if err := validName("saga", name); err != nil {
+		return State{}, err
+	}
 	if err := validName("id", id); err != nil {
 		return State{}, err
 	}
@@ -402,15 +431,20 @@ func (o *Orchestrator) Run(ctx context.Context) error {
 	if !o.once.CompareAndSwap(false, true) {
 		return errors.New("saga: Run called twice")
 	}
+	if err := o.checkShards(ctx); err != nil {
+		return err
+	}
+	lctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	// Once Run stops, for whatever reason, the steps in flight get
+	// DrainTimeout to finish and be recorded.
 	drain, stopDrain := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopDrain()
-	stopTimer := context.AfterFunc(ctx, func() {
+	stopTimer := context.AfterFunc(lctx, func() {
 		t := time.AfterFunc(o.cfg.DrainTimeout, stopDrain)
 		context.AfterFunc(drain, func() { t.Stop() })
 	})
 	defer stopTimer()
-	lctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
 	for n := range o.cfg.Shards {
 		o.wg.Go(func() {
 			if err := o.leadShard(lctx, drain, n); err != nil {
@@ -438,6 +472,39 @@ func (o *Orchestrator) Run(ctx context.Context) error {
 
 func (o *Orchestrator) shardName(n int) string { return o.cfg.Prefix + "shards/" + strconv.Itoa(n) }
 
+// checkShards makes sure every orchestrator of the prefix splits its
+// sagas into the same shards (PREFIX config records how many): with
+// another count, two leaders of different shards could move one saga,
+// each with a valid fencing token.
+func (o *Orchestrator) checkShards(ctx context.Context) error {
+	key := o.cfg.Prefix + "config"
+	want, _ := json.Marshal(map[string]int{"shards": o.cfg.Shards})
+	for {
+		cur, err := o.cfg.Client.KV().Get(ctx, key, o.cfg.CallOptions...)
+		if errors.Is(err, client.ErrNotFound) {
+			_, err = o.cfg.Client.KV().CompareAndSwap(ctx, key, want, 0, o.cfg.CallOptions...)
+			if errors.Is(err, client.ErrCompareFailed) {
+				continue // another orchestrator wrote it first: check it
+			}
+			if err != nil {
+				return fmt.Errorf("saga: recording the shard count in %s: %w", key, err)
+			}
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("saga: reading the shard count in %s: %w", key, err)
+		}
+		var got struct{ Shards int }
+		if err := json.Unmarshal(cur.Value, &got); err != nil || got.Shards < 1 {
+			return fmt.Errorf("%w: %s holds %q, not a shard count", ErrInvalid, key, cur.Value)
+		}
+		if got.Shards != o.cfg.Shards {
+			return fmt.Errorf("%w: the sagas under %s are kept in %d shards (%s); this orchestrator has Config.Shards %d — every orchestrator of a prefix must have the same", ErrInvalid, o.cfg.Prefix, got.Shards, key, o.cfg.Shards)
+		}
+		return nil
+	}
+}
+
 // leadShard campaigns for shard n, and while it leads lets dispatch move
 // the shard's sagas; it hands the shard over (after its sagas stopped)
 // when the lead is lost or ctx ends.
@@ -452,6 +519,9 @@ func (o *Orchestrator) leadShard(ctx, drain context.Context, n int) error {
 				return fmt.Errorf("saga: the orchestrator's session ended: %w", o.cfg.Session.Err())
 			default:
 			}
+			if errors.Is(err, client.ErrPermissionDenied) || errors.Is(err, client.ErrUnauthenticated) {
+				return fmt.Errorf("saga: leading shard %d: %w", n, err)
+			}
 			if ctx.Err() == nil {
 				o.log.Warn("saga: shard campaign", "shard", n, "err", err)
 				_ = bo.Wait(ctx)
@@ -463,15 +533,23 @@ func (o *Orchestrator) leadShard(ctx, drain context.Context, n int) error {
 		o.held[n] = held
 		o.mu.Unlock()
 		o.poke()
+		lost := false
 		select {
 		case <-held.Context().Done():
+			lost = true
 			o.log.Warn("saga: lost the lead of a shard", "shard", n, "err", context.Cause(held.Context()))
 		case <-ctx.Done():
 		}
 		o.mu.Lock()
 		o.held[n] = nil
 		o.mu.Unlock()
-		o.idle[n].Wait() // its sagas stop within DrainTimeout (or at once if the lead is lost)
+		if !lost {
+			// Stopping: the shard's sagas finish their steps in flight
+			// (DrainTimeout bounds them) before the next leader may start.
+			// A lost lead is handed over at once: its movers' contexts
+			// have ended, and the fence refuses what they still write.
+			o.idle[n].Wait()
+		}
 		uctx, ucancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		_ = held.Unlock(uctx)
 		ucancel()
@@ -514,7 +592,12 @@ func (o *Orchestrator) dispatch(ctx, drain context.Context) error {
 			}
 			return fmt.Errorf("saga: watching %s: %w", o.store.runs(), err)
 		case <-sweep:
-			o.removeFinished(ctx)
+			if o.sweeping.CompareAndSwap(false, true) {
+				o.wg.Go(func() {
+					defer o.sweeping.Store(false)
+					o.removeFinished(ctx)
+				})
+			}
 		case <-o.wake:
 		}
 		o.startReady(ctx, drain)
@@ -607,8 +690,8 @@ func (o *Orchestrator) startReady(ctx, drain context.Context) {
 	}
 }
 
-// removeFinished deletes the led shards' sagas finished longer than
-// KeepFinished ago.
+// removeFinished deletes the led shards' sagas done or compensated
+// longer than KeepFinished ago.
 func (o *Orchestrator) removeFinished(ctx context.Context) {
 	type victim struct {
 		st   State
@@ -618,7 +701,9 @@ func (o *Orchestrator) removeFinished(ctx context.Context) {
 	cutoff := time.Now().Add(-o.cfg.KeepFinished)
 	o.mu.Lock()
 	for _, st := range o.states {
-		if st.Status.Finished() && st.Updated.Before(cutoff) {
+		// A stuck saga stays until an operator retries it: it is their
+		// only handle on what it left undone.
+		if (st.Status == Done || st.Status == Compensated) && st.Updated.Before(cutoff) {
 			if h := o.held[o.shardOf(st.Saga, st.ID)]; h != nil {
 				vs = append(vs, victim{st, h})
 			}
@@ -657,10 +742,25 @@ func (o *Orchestrator) move(runCtx, drain context.Context, held *client.Held, n 
 		o.poke()
 	}()
 	if !slices.Equal(st.Steps, def.names()) {
-		st.Status = Stuck
-		st.Error = fmt.Sprintf("its steps %v are not the definition's %v", st.Steps, def.names())
-		st.record(Entry{What: "stuck", Error: st.Error})
-		_, changed = o.persist(ctx, &st, held)
+		// Started by another version of the definition: an orchestrator
+		// that has it moves it (change steps under a new saga name and
+		// keep the old definition until its sagas are finished).
+		o.log.Warn("saga: its steps are not this orchestrator's definition's: leaving it", "saga", st.Saga, "id", st.ID, "steps", st.Steps, "definition", def.names())
+		return
+	}
+	// The watch may lag (a lead just taken over, a stream that was
+	// down): the saga's current state decides, read once before acting.
+	// Once this leader holds the shard's lock, every older leader's write
+	// is refused, so what is read here is what stays.
+	cur, err := o.cfg.Client.KV().Get(ctx, st.Key, o.cfg.CallOptions...)
+	switch {
+	case errors.Is(err, client.ErrNotFound):
+		st.Revision++ // removed: nothing to move
+		return
+	case err != nil:
+		return // the next pass tries again
+	case cur.ModRevision != st.Revision:
+		st.Revision = cur.ModRevision // moved on: start again from there once the watch shows it
 		return
 	}
 	if st.Outputs == nil {
@@ -670,6 +770,7 @@ func (o *Orchestrator) move(runCtx, drain context.Context, held *client.Held, n 
 		if runCtx.Err() != nil || ctx.Err() != nil {
 			return // the next leader takes it from the last recorded step
 		}
+		prev := st.clone() // as recorded
 		switch st.Status {
 		case Running:
 			if st.Step >= len(def.Steps) {
@@ -683,8 +784,8 @@ func (o *Orchestrator) move(runCtx, drain context.Context, held *client.Held, n 
 				st.record(Entry{Step: step.Name, What: "timed out"})
 				break
 			}
-			out, attempts, err := o.attempt(ctx, &st, step, false)
-			if ctx.Err() != nil {
+			out, attempts, err := o.attempt(ctx, runCtx, &st, step, false)
+			if ctx.Err() != nil || errors.Is(err, errStopping) {
 				return
 			}
 			if err == nil && len(out) > o.cfg.MaxOutputBytes {
@@ -711,8 +812,8 @@ func (o *Orchestrator) move(runCtx, drain context.Context, held *client.Held, n 
 				break
 			}
 			step := &def.Steps[st.Step]
-			_, attempts, err := o.attempt(ctx, &st, step, true)
-			if ctx.Err() != nil {
+			_, attempts, err := o.attempt(ctx, runCtx, &st, step, true)
+			if ctx.Err() != nil || errors.Is(err, errStopping) {
 				return
 			}
 			if err != nil {
@@ -728,16 +829,29 @@ func (o *Orchestrator) move(runCtx, drain context.Context, held *client.Held, n 
 				st.Status = Compensated
 			}
 		}
-		var ok bool
-		if ok, changed = o.persist(ctx, &st, held); !ok {
-			return
+		ok, why := o.persist(ctx, &st, held)
+		changed = why == errChanged
+		if ok {
+			continue
 		}
+		if why != nil && why != errChanged {
+			// The store refuses this state for good (too large, invalid,
+			// forbidden): record the saga stuck, with why, from its last
+			// recorded state — an operator looks.
+			st = prev
+			st.Status = Stuck
+			st.Error = fmt.Sprintf("recording step %s: %v", prev.StepName(), why)
+			st.record(Entry{Step: prev.StepName(), What: "stuck", Error: why.Error()})
+			_, why = o.persist(ctx, &st, held)
+			changed = why == errChanged
+		}
+		return
 	}
 }
 
 // attempt runs a step's action (or compensation) until it succeeds, fails
 // for good, or runs out of attempts.
-func (o *Orchestrator) attempt(ctx context.Context, st *State, step *Step, compensate bool) (out []byte, attempts int, err error) {
+func (o *Orchestrator) attempt(ctx, runCtx context.Context, st *State, step *Step, compensate bool) (out []byte, attempts int, err error) {
 	r := Run{Saga: st.Saga, ID: st.ID, Step: step.Name, Key: st.Saga + "/" + st.ID + "/" + step.Name, Input: st.Input, Outputs: st.Outputs}
 	maxAttempts := step.MaxAttempts
 	bound := ctx
@@ -759,6 +873,9 @@ func (o *Orchestrator) attempt(ctx context.Context, st *State, step *Step, compe
 		if errors.As(err, &p) || r.Attempt >= maxAttempts {
 			return nil, r.Attempt, err
 		}
+		if runCtx.Err() != nil {
+			return nil, r.Attempt, errStopping // no new attempt once Run stops: the next leader makes it
+		}
 		if bound.Err() != nil {
 			return nil, r.Attempt, fmt.Errorf("%w (saga deadline passed)", err)
 		}
@@ -767,6 +884,12 @@ func (o *Orchestrator) attempt(ctx context.Context, st *State, step *Step, compe
 		}
 	}
 }
+
+// errStopping: Run stopped between two attempts.
+var errStopping = errors.New("saga: stopping")
+
+// errChanged: the saga's state changed under its mover (persist).
+var errChanged = errors.New("saga: changed under its mover")
 
 // call runs one attempt under the step's timeout; a panic is a failure.
 func (o *Orchestrator) call(ctx context.Context, step *Step, r Run, compensate bool) (out []byte, err error) {
@@ -802,26 +925,32 @@ const SpanStep = "beacon.saga.step"
 // traceContext carries a saga's trace from Start to its steps: W3C's.
 var traceContext = propagation.TraceContext{}
 
-// persist records st with the shard's fencing token; !ok when it could
-// not be (the lead is lost, or the saga changed — then changed: stop
-// moving it).
-func (o *Orchestrator) persist(ctx context.Context, st *State, held *client.Held) (ok, changed bool) {
+// persist records st with the shard's fencing token. When it cannot, why
+// says what to do: nil — the lead is lost (or Run stops), leave the saga;
+// errChanged — someone else wrote it, leave it; any other error — the
+// store refuses this state for good (too large, invalid, forbidden).
+func (o *Orchestrator) persist(ctx context.Context, st *State, held *client.Held) (ok bool, why error) {
 	b, err := json.Marshal(st)
 	if err != nil {
-		o.log.Error("saga: encoding a state", "saga", st.Saga, "id", st.ID, "err", err)
-		return false, false
+		return false, err
 	}
 	opts := append(slices.Clone(o.cfg.CallOptions), client.Fenced(held))
 	bo := backoff.New(backoff.Config{})
+	unsure := false // an earlier try may have landed with its answer lost
 	for {
 		rev, err := o.cfg.Client.KV().CompareAndSwap(ctx, st.Key, b, st.Revision, opts...)
+		if errors.Is(err, client.ErrCompareFailed) && unsure {
+			if cur, gerr := o.cfg.Client.KV().Get(ctx, st.Key, o.cfg.CallOptions...); gerr == nil && bytes.Equal(cur.Value, b) {
+				rev, err = cur.ModRevision, nil // it did land
+			}
+		}
 		if err == nil {
 			st.Revision = rev
 			o.count(st)
 			if o.cfg.OnTransition != nil {
 				o.cfg.OnTransition(st.clone())
 			}
-			return true, false
+			return true, nil
 		}
 		switch {
 		case errors.Is(err, client.ErrFenced):
@@ -829,15 +958,19 @@ func (o *Orchestrator) persist(ctx context.Context, st *State, held *client.Held
 			o.stats.Fenced++
 			o.mu.Unlock()
 			o.log.Warn("saga: a newer leader of the shard owns the saga: leaving it", "saga", st.Saga, "id", st.ID)
-			return false, false
+			return false, nil
 		case errors.Is(err, client.ErrCompareFailed):
-			return false, true
+			return false, errChanged
 		case ctx.Err() != nil:
-			return false, false
+			return false, nil
+		case errors.Is(err, registry.ErrInvalid), errors.Is(err, client.ErrPermissionDenied), errors.Is(err, client.ErrUnauthenticated):
+			o.log.Error("saga: the store refuses the saga's state", "saga", st.Saga, "id", st.ID, "bytes", len(b), "err", err)
+			return false, err
 		}
 		o.log.Warn("saga: recording a step", "saga", st.Saga, "id", st.ID, "err", err)
+		unsure = true
 		if bo.Wait(ctx) != nil {
-			return false, false
+			return false, nil
 		}
 	}
 }

@@ -461,3 +461,82 @@ func TestStepsContinueTheStartersTrace(t *testing.T) {
 		t.Fatalf("the step ran in trace %s, want the starter's %s", got, sc.TraceID())
 	}
 }
+
+// Orchestrators of one prefix must split it into the same shards: one
+// with another count refuses to run, saying why.
+func TestOrchestratorsMustAgreeOnTheShards(t *testing.T) {
+	e := newEnv(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var log calls
+	def := saga.Definition{Name: "order", Steps: []saga.Step{step("a", &log, nil)}}
+	e.run(t, saga.Config{Shards: 8}, def)
+	sess, err := e.c.NewSession(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Close(ctx)
+	o, err := saga.New(saga.Config{Client: e.c, Session: sess, Shards: 4}, def)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := o.Run(ctx); !errors.Is(err, saga.ErrInvalid) || !strings.Contains(err.Error(), "8 shards") || !strings.Contains(err.Error(), "Config.Shards 4") {
+		t.Fatalf("Run with another shard count = %v, want ErrInvalid naming both counts", err)
+	}
+}
+
+// Finished sagas are removed after KeepFinished — but a stuck one stays
+// for its operator.
+func TestStuckSagasOutliveKeepFinished(t *testing.T) {
+	e := newEnv(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	ok := saga.Definition{Name: "ok", Steps: []saga.Step{noop("a")}}
+	stuck := saga.Definition{Name: "stuck", Steps: []saga.Step{
+		{Name: "a", Action: func(context.Context, saga.Run) ([]byte, error) { return nil, nil },
+			Compensate: func(context.Context, saga.Run) error { return errors.New("cannot undo") }},
+		{Name: "b", Action: func(context.Context, saga.Run) ([]byte, error) { return nil, saga.Permanent(errors.New("no")) }},
+	}}
+	o, _, _ := e.run(t, saga.Config{KeepFinished: time.Millisecond, CompensationAttempts: 1}, ok, stuck)
+	for _, name := range []string{"ok", "stuck"} {
+		if _, err := o.Start(ctx, name, "x", nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testutil.Eventually(t, time.Minute, "the done saga to be removed", func() bool {
+		_, err := o.Store().Get(ctx, "ok", "x")
+		return errors.Is(err, saga.ErrNotFound)
+	})
+	if st, err := o.Store().Get(ctx, "stuck", "x"); err != nil || st.Status != saga.Stuck {
+		t.Fatalf("the stuck saga = %s, %v; want it kept, stuck", st.Status, err)
+	}
+}
+
+// A state the store refuses for good (here: larger than the server's
+// --max-kv-value-bytes) makes the saga stuck, saying why, from its last
+// recorded state — not a mover retrying for ever.
+func TestAStateTheStoreRefusesMakesTheSagaStuck(t *testing.T) {
+	srv := testutil.StartBeacon(t, "--lock-delay=-1s", "--max-kv-value-bytes=4096")
+	c, err := client.New([]string{srv.Addr()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	e := &env{srv: srv, c: c}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	def := saga.Definition{Name: "big", Steps: []saga.Step{
+		{Name: "a", Action: func(context.Context, saga.Run) ([]byte, error) { return make([]byte, 6000), nil }},
+	}}
+	o, _, _ := e.run(t, saga.Config{}, def)
+	if _, err := o.Start(ctx, "big", "x", nil); err != nil {
+		t.Fatal(err)
+	}
+	st, err := o.Wait(ctx, "big", "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Status != saga.Stuck || !strings.Contains(st.Error, "recording step a") || len(st.Outputs["a"]) != 0 {
+		t.Fatalf("state = %s (%q), want stuck, saying the step could not be recorded, without its output", st.Status, st.Error)
+	}
+}

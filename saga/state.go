@@ -5,11 +5,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
 
 	"beacon.dev/beacon/client"
+	"beacon.dev/beacon/registry"
 )
 
 // Status is where a saga is.
@@ -76,7 +78,20 @@ type Entry struct {
 // MaxHistory bounds a saga's kept history entries.
 const MaxHistory = 32
 
+// maxErrorBytes bounds an error kept in a state (and in each history
+// entry), so that a state's size stays bounded.
+const maxErrorBytes = 1024
+
+func clip(s string) string {
+	if len(s) <= maxErrorBytes {
+		return s
+	}
+	return s[:maxErrorBytes] + "…"
+}
+
 func (st *State) record(e Entry) {
+	e.Error = clip(e.Error)
+	st.Error = clip(st.Error)
 	e.Time = time.Now().UTC()
 	st.History = append(st.History, e)
 	if n := len(st.History) - MaxHistory; n > 0 {
@@ -97,6 +112,8 @@ func (st *State) clone() State {
 	c := *st
 	c.Steps = slices.Clone(st.Steps)
 	c.History = slices.Clone(st.History)
+	c.Input = slices.Clone(st.Input)
+	c.Trace = maps.Clone(st.Trace)
 	if st.Outputs != nil {
 		c.Outputs = make(map[string][]byte, len(st.Outputs))
 		for k, v := range st.Outputs {
@@ -161,6 +178,13 @@ func NewStore(kv *client.KV, prefix string, opts ...client.CallOption) (*Store, 
 	}
 	if !strings.HasSuffix(prefix, "/") || strings.HasPrefix(prefix, "/") {
 		return nil, fmt.Errorf("%w: prefix %q must end, and not start, with '/'", ErrInvalid, prefix)
+	}
+	if err := registry.ValidateKeyPrefix("prefix", prefix); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	// Room for the longest key under it: runs/NAME/ID.
+	if n := len(prefix) + len("runs/") + 2*MaxIDLen + 1; n > registry.MaxKeyLen {
+		return nil, fmt.Errorf("%w: prefix %q is %d bytes: with a saga's name and id a key could reach %d, more than %d", ErrInvalid, prefix, len(prefix), n, registry.MaxKeyLen)
 	}
 	return &Store{kv: kv, prefix: prefix, opts: opts}, nil
 }

@@ -153,7 +153,7 @@ func runGateway(args []string) error {
 // else is a 502.
 var httpStatus = map[codes.Code]int{
 	codes.InvalidArgument: http.StatusBadRequest, codes.FailedPrecondition: http.StatusConflict,
-	codes.NotFound: http.StatusNotFound, codes.DeadlineExceeded: http.StatusGatewayTimeout,
+	codes.NotFound: http.StatusNotFound, codes.AlreadyExists: http.StatusConflict, codes.DeadlineExceeded: http.StatusGatewayTimeout,
 	codes.Unavailable: http.StatusServiceUnavailable, codes.Unknown: http.StatusBadGateway,
 	codes.Internal: http.StatusBadGateway, codes.Canceled: http.StatusBadGateway,
 }

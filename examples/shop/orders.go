@@ -80,10 +80,23 @@ func (s *orders) PlaceOrder(ctx context.Context, req *shoppb.PlaceOrderRequest) 
 	// request finds it; if the discount changed in between, the first
 	// request's terms hold), moved by whichever orders instance leads its
 	// shard, and waited for here.
-	if _, err := s.sagas.Start(ctx, orderSagaName, req.GetOrderId(), input); err != nil && !errors.Is(err, saga.ErrExists) {
-		if errors.Is(err, saga.ErrInvalid) {
-			return nil, status.Error(codes.InvalidArgument, err.Error())
+	_, err := s.sagas.Start(ctx, orderSagaName, req.GetOrderId(), input)
+	switch {
+	case errors.Is(err, saga.ErrExists):
+		// Placed before: the same order again (a retry or a hedge, maybe
+		// priced with another discount) waits for it; another order under
+		// the same ID is refused.
+		cur, gerr := s.sagas.Store().Get(ctx, orderSagaName, req.GetOrderId())
+		if gerr != nil {
+			return nil, status.Errorf(codes.Unavailable, "reading the order's saga: %v", gerr)
 		}
+		var was orderInput
+		if json.Unmarshal(cur.Input, &was) != nil || was.Item != req.GetItem() || was.Quantity != req.GetQuantity() {
+			return nil, status.Errorf(codes.AlreadyExists, "order %s exists for %d × %s", req.GetOrderId(), was.Quantity, was.Item)
+		}
+	case errors.Is(err, saga.ErrInvalid):
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	case err != nil:
 		return nil, status.Errorf(codes.Unavailable, "starting the order's saga: %v", err)
 	}
 	st, err := s.sagas.Wait(ctx, orderSagaName, req.GetOrderId())
