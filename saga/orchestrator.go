@@ -153,7 +153,7 @@ type Orchestrator struct {
 	// startReady looks at. started are sagas Start made that the watch
 	// has not brought back yet.
 	unfinished map[string]struct{}
-	started    map[string]State
+	started    map[string]startedSaga
 	watching   bool                       // states is kept up to date
 	waiters    map[string][]chan struct{} // by key: closed when its state changes (or the watch stops)
 	stats      Stats
@@ -211,7 +211,7 @@ func New(cfg Config, defs ...Definition) (*Orchestrator, error) {
 		cfg: cfg, store: store, defs: map[string]*Definition{}, log: cfg.Logger, wake: make(chan struct{}, 1),
 		held: make([]*client.Held, cfg.Shards), idle: make([]sync.WaitGroup, cfg.Shards),
 		running: map[string]bool{}, ended: map[string]int64{}, waiters: map[string][]chan struct{}{},
-		unfinished: map[string]struct{}{}, started: map[string]State{},
+		unfinished: map[string]struct{}{}, started: map[string]startedSaga{},
 	}
 	if len(defs) == 0 {
 		return nil, fmt.Errorf("%w: no saga definitions", ErrInvalid)
@@ -354,7 +354,7 @@ func (o *Orchestrator) Start(ctx context.Context, name, id string, input []byte)
 	if o.watching && o.held[o.shardOf(name, id)] != nil {
 		// Led here: start moving it now rather than after the watch
 		// brings it back.
-		o.started[st.Key] = st
+		o.started[st.Key] = startedSaga{st, o.held[o.shardOf(name, id)]}
 		o.unfinished[st.Key] = struct{}{}
 	}
 	o.mu.Unlock()
@@ -622,7 +622,8 @@ func (o *Orchestrator) absorb(kst client.KVState) {
 		next[k] = st
 	}
 	o.mu.Lock()
-	for k, st := range o.started {
+	for k, ss := range o.started {
+		st := ss.st
 		if cur, ok := next[k]; ok && cur.Revision >= st.Revision || kst.Revision >= st.Revision {
 			delete(o.started, k) // the watch has it (or its deletion)
 		}
@@ -667,9 +668,10 @@ func (o *Orchestrator) startReady(ctx, drain context.Context) {
 		if len(o.running) >= o.cfg.MaxRunning {
 			return
 		}
-		st, ok := o.started[k]
+		ss, ok := o.started[k]
+		st := ss.st
 		if w, wok := o.states[k]; !ok || wok && w.Revision > st.Revision {
-			st = w
+			st, ss.held = w, nil
 		}
 		if st.Status.Finished() || o.running[k] {
 			continue
@@ -686,7 +688,10 @@ func (o *Orchestrator) startReady(ctx, drain context.Context) {
 		o.running[k] = true
 		o.idle[n].Add(1)
 		st = st.clone()
-		o.wg.Go(func() { o.move(ctx, drain, held, n, def, st) })
+		// Created here under this very lead: nobody can have written it
+		// since, so the mover need not read it first.
+		fresh := ss.held == held
+		o.wg.Go(func() { o.move(ctx, drain, held, n, def, st, fresh) })
 	}
 }
 
@@ -719,7 +724,7 @@ func (o *Orchestrator) removeFinished(ctx context.Context) {
 
 // move takes one saga forward (or back) until it is finished, its shard
 // is no longer led here, or Run is stopping.
-func (o *Orchestrator) move(runCtx, drain context.Context, held *client.Held, n int, def *Definition, st State) {
+func (o *Orchestrator) move(runCtx, drain context.Context, held *client.Held, n int, def *Definition, st State, fresh bool) {
 	ctx, cancel := context.WithCancel(held.Context())
 	stop := context.AfterFunc(drain, cancel)
 	if st.Trace != nil {
@@ -752,16 +757,18 @@ func (o *Orchestrator) move(runCtx, drain context.Context, held *client.Held, n 
 	// down): the saga's current state decides, read once before acting.
 	// Once this leader holds the shard's lock, every older leader's write
 	// is refused, so what is read here is what stays.
-	cur, err := o.cfg.Client.KV().Get(ctx, st.Key, o.cfg.CallOptions...)
-	switch {
-	case errors.Is(err, client.ErrNotFound):
-		st.Revision++ // removed: nothing to move
-		return
-	case err != nil:
-		return // the next pass tries again
-	case cur.ModRevision != st.Revision:
-		st.Revision = cur.ModRevision // moved on: start again from there once the watch shows it
-		return
+	if !fresh {
+		cur, err := o.cfg.Client.KV().Get(ctx, st.Key, o.cfg.CallOptions...)
+		switch {
+		case errors.Is(err, client.ErrNotFound):
+			st.Revision++ // removed: nothing to move
+			return
+		case err != nil:
+			return // the next pass tries again
+		case cur.ModRevision != st.Revision:
+			st.Revision = cur.ModRevision // moved on: start again from there once the watch shows it
+			return
+		}
 	}
 	if st.Outputs == nil {
 		st.Outputs = map[string][]byte{}
@@ -994,4 +1001,11 @@ func (o *Orchestrator) count(st *State) {
 	case Stuck:
 		o.stats.Stuck++
 	}
+}
+
+// startedSaga is a saga Start created, and the lead of its shard then (nil
+// if not led here).
+type startedSaga struct {
+	st   State
+	held *client.Held
 }
