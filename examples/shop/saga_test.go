@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"strconv"
@@ -63,11 +64,13 @@ func startSagaShop(t *testing.T, ctx context.Context) *sagaShop {
 	if err := cl.StartDB(ctx); err != nil {
 		t.Fatal(err)
 	}
-	for _, svc := range []string{"inventory", "payments", "orders", "orders"} {
+	for _, svc := range []string{"inventory", "inventory", "payments", "orders", "orders"} {
 		args := []string{"--ttl", "2s"}
 		switch svc {
 		case "inventory":
-			args = append(args, "--stock", strconv.Itoa(sagaStock))
+			// Two instances deducting under the item's lock with fenced
+			// writes (docs/locks.md): the stock stays exact across them.
+			args = append(args, "--stock", strconv.Itoa(sagaStock), "--fenced-stock")
 		case "orders":
 			args = append(args, "--saga-pauses")
 		}
@@ -123,7 +126,7 @@ func (s *sagaShop) startOrders(ctx context.Context) {
 // without waiting for it, and sends it again, as a client would (it is
 // idempotent by order ID), until it has an answer: the instance may be
 // killed or frozen under the call.
-func (s *sagaShop) place(ctx context.Context, wg *sync.WaitGroup, id string, amount int64) {
+func (s *sagaShop) place(ctx context.Context, wg *sync.WaitGroup, id, item string, amount int64) {
 	wg.Go(func() {
 		for ctx.Err() == nil {
 			live := s.cl.Running("orders")
@@ -134,7 +137,7 @@ func (s *sagaShop) place(ctx context.Context, wg *sync.WaitGroup, id string, amo
 				return
 			}
 			cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-			_, err = shoppb.NewOrdersClient(cc).PlaceOrder(cctx, &shoppb.PlaceOrderRequest{OrderId: id, Item: "widget", Quantity: 1, AmountCents: amount})
+			_, err = shoppb.NewOrdersClient(cc).PlaceOrder(cctx, &shoppb.PlaceOrderRequest{OrderId: id, Item: item, Quantity: 1, AmountCents: amount})
 			cancel()
 			cc.Close()
 			if c := status.Code(err); c == codes.OK || c == codes.FailedPrecondition {
@@ -150,12 +153,12 @@ func (s *sagaShop) pauseAll(ctx context.Context, round string, wg *sync.WaitGrou
 	var want []string
 	for _, b := range forwardBoundaries {
 		id := "pause-" + b + "-" + round
-		s.place(ctx, wg, id, 100)
+		s.place(ctx, wg, id, "widget", 100)
 		want = append(want, id+" at "+b)
 	}
 	for _, b := range compensationBoundaries {
 		id := "pause-" + b + "-" + round
-		s.place(ctx, wg, id, 2*maxChargeCents) // declined: the saga compensates
+		s.place(ctx, wg, id, "widget", 2*maxChargeCents) // declined: the saga compensates
 		want = append(want, id+" at "+b)
 	}
 	testutil.Eventually(s.t, 2*time.Minute, "every saga of round "+round+" to stop at its boundary", func() bool {
@@ -275,18 +278,23 @@ func TestOrderSagasSurviveOrchestratorKillsAndFreezes(t *testing.T) {
 	for len(s.cl.Running("orders")) < 2 {
 		s.startOrders(ctx)
 	}
-	const bulk = 300
+	// In waves of 50 (each item's stock is deducted under its lock, one
+	// order at a time across the inventory instances).
+	const bulk, wave = 300, 50
 	for i := range bulk {
 		amount := int64(100)
 		if i%10 == 0 {
 			amount = 2 * maxChargeCents
 		}
-		s.place(ctx, &calls, fmt.Sprintf("bulk-%d", i), amount)
+		s.place(ctx, &calls, fmt.Sprintf("bulk-%d", i), items[i%len(items)], amount)
 		if i == bulk/2 {
 			victim := s.cl.Running("orders")[0]
 			t.Logf("SIGKILL %s under load", victim.ID)
 			victim.Kill()
 			s.startOrders(ctx)
+		}
+		if i%wave == wave-1 {
+			calls.Wait()
 		}
 	}
 	total += bulk
@@ -332,6 +340,7 @@ func (s *sagaShop) reconcile(ctx context.Context, all []saga.State) {
 	}
 	done, compensated := 0, 0
 	var charged int64
+	taken := map[string]int{}
 	for _, st := range all {
 		res, ch, ord := get("/shop/reservations/"+st.ID), get("/shop/charges/"+st.ID), get("/shop/orders/"+st.ID)
 		switch st.Status {
@@ -342,6 +351,11 @@ func (s *sagaShop) reconcile(ctx context.Context, all []saga.State) {
 				t.Errorf("done order %s: reservation %q, charge %q, order %q; want reserved, charged, confirmed", st.ID, res, ch, ord)
 			}
 			charged += n
+			var in orderInput
+			if err := json.Unmarshal(st.Input, &in); err != nil {
+				t.Fatal(err)
+			}
+			taken[in.Item] += int(in.Quantity)
 		case saga.Compensated:
 			compensated++
 			if res != "" && res != releasedMark || ch != "" && ch != refundedMark || ord != "" && ord != "cancelled" {
@@ -354,9 +368,11 @@ func (s *sagaShop) reconcile(ctx context.Context, all []saga.State) {
 			t.Errorf("order %s is %s: %s", st.ID, st.Status, st.Error)
 		}
 	}
-	stock, _ := strconv.Atoi(get("/shop/stock/widget"))
-	if stock != sagaStock-done {
-		t.Errorf("stock = %d, want %d: %d done orders took one each", stock, sagaStock-done, done)
+	for _, item := range items {
+		stock, _ := strconv.Atoi(get("/shop/stock/" + item))
+		if stock != sagaStock-taken[item] {
+			t.Errorf("%s: stock = %d, want %d: done orders took %d", item, stock, sagaStock-taken[item], taken[item])
+		}
 	}
 	if charged != int64(done)*100 {
 		t.Errorf("charged %d cents, want %d", charged, done*100)
