@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 
@@ -393,4 +395,18 @@ func TestStatsReportLag(t *testing.T) {
 		st := r.c.Stats()
 		return st.Handled == 400 && st.Lag == 0
 	})
+	// The same figures as Prometheus metrics.
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(r.c)
+	want := `
+# HELP beacon_events_handled_total Events whose handler succeeded.
+# TYPE beacon_events_handled_total counter
+beacon_events_handled_total{group="g"} 400
+# HELP beacon_events_lag Events of this member's partitions waiting on the brokers past what it finished, as of its last round.
+# TYPE beacon_events_lag gauge
+beacon_events_lag{group="g"} 0
+`
+	if err := promtest.GatherAndCompare(reg, strings.NewReader(want), "beacon_events_handled_total", "beacon_events_lag"); err != nil {
+		t.Error(err)
+	}
 }

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/goleak"
 
@@ -185,6 +187,20 @@ func TestStepsRunInOrderAndPassTheirOutputs(t *testing.T) {
 	}
 	if s := o.Stats(); s.Started != 1 || s.Steps != 3 || s.Done != 1 || s.Compensations != 0 {
 		t.Errorf("stats = %+v, want 1 started, 3 steps, 1 done", s)
+	}
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(o)
+	if err := promtest.GatherAndCompare(reg, strings.NewReader(`
+# HELP beacon_saga_finished_total Sagas this orchestrator finished, by how.
+# TYPE beacon_saga_finished_total counter
+beacon_saga_finished_total{status="compensated"} 0
+beacon_saga_finished_total{status="done"} 1
+beacon_saga_finished_total{status="stuck"} 0
+# HELP beacon_saga_steps_total Actions this orchestrator recorded done.
+# TYPE beacon_saga_steps_total counter
+beacon_saga_steps_total 3
+`), "beacon_saga_finished_total", "beacon_saga_steps_total"); err != nil {
+		t.Error(err)
 	}
 }
 

@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 
@@ -161,6 +163,7 @@ type trackingService struct {
 	consumer *events.Consumer
 	id       string
 	dupes    atomic.Int64
+	metrics  http.Handler // the consumer's Prometheus metrics
 }
 
 // handle applies one event to its partition's aggregate, once.
@@ -214,10 +217,15 @@ func (s *trackingService) aggregates(ctx context.Context) ([]aggregate, error) {
 }
 
 // ServeHTTP is the read API: GET /users/USER, GET /items/ITEM (counts
-// over every partition) and GET /stats (this member's consumer).
+// over every partition), GET /stats (this member's consumer) and GET
+// /metrics (the same for Prometheus).
 func (s *trackingService) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodGet {
 		http.Error(w, "GET /users/USER, /items/ITEM or /stats", http.StatusMethodNotAllowed)
+		return
+	}
+	if r.URL.Path == "/metrics" {
+		s.metrics.ServeHTTP(w, r)
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
@@ -285,6 +293,9 @@ func runTracking(args []string) error {
 		return err
 	}
 	defer s.consumer.Close()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(s.consumer) // beacon_events_handled_total, beacon_events_lag, …
+	s.metrics = promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 	return serve(&c, "tracking", peers, log, nil, s, func(id string) { s.id = id }, s.consumer.Run)
 }
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"sync"
@@ -160,6 +161,16 @@ func TestTrackingCountsEveryEventOnceThroughAKill(t *testing.T) {
 		}
 		return true
 	})
+	// The consumer's figures for Prometheus too.
+	mresp, err := http.Get("http://" + cl.Running("tracking")[0].Addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mbody, _ := io.ReadAll(mresp.Body)
+	mresp.Body.Close()
+	if !strings.Contains(string(mbody), `beacon_events_lag{group="tracking"} 0`) || !strings.Contains(string(mbody), "beacon_events_handled_total") {
+		t.Errorf("tracking /metrics lacks the consumer's lag and handled events:\n%s", mbody)
+	}
 	// Bad input names the field and publishes nothing.
 	resp, err := http.Get(base + "/items/sprocket?user=u-1")
 	if err != nil {
