@@ -53,7 +53,7 @@ func TestSDKApplicationGetsNoServerDependencies(t *testing.T) {
 			"beacon.dev/beacon/balancer/maglev", "beacon.dev/beacon/balancer/wrr", "beacon.dev/beacon/balancer/random",
 			"beacon.dev/beacon/beacongrpc", "beacon.dev/beacon/beaconhttp", "beacon.dev/beacon/lifecycle",
 			"beacon.dev/beacon/backend", "beacon.dev/beacon/backend/beacon", "beacon.dev/beacon/backend/memory",
-			"beacon.dev/beacon/config",
+			"beacon.dev/beacon/config", "beacon.dev/beacon/saga", "beacon.dev/beacon/tracing",
 		},
 		banned: heavy,
 	})
