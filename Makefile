@@ -40,6 +40,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzProxyConfig -fuzztime 30s ./proxy
 	go test -run '^$$' -fuzz FuzzDecodeRing -fuzztime 30s ./events
 	go test -run '^$$' -fuzz FuzzDecodeShard -fuzztime 30s ./events
+	go test -run '^$$' -fuzz FuzzDecodeState -fuzztime 30s ./saga
 
 generate:
 	./api/generate.sh
