@@ -176,6 +176,9 @@ type Consumer struct {
 
 	handled, retries, deadLettered, committed atomic.Int64
 
+	lanesMu sync.Mutex
+	lanes   map[*worker]struct{} // guarded by lanesMu: the round's lanes, for the watchdog
+
 	// A rebalance waiting for the round in hand hurries it: no new event
 	// starts, waits end, what finished is committed.
 	hurryMu sync.Mutex
@@ -199,7 +202,7 @@ func NewConsumer(cfg ConsumerConfig) (*Consumer, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	c := &Consumer{cfg: cfg, tracer: cfg.tracer(), lag: map[topicPartition]int64{}}
+	c := &Consumer{cfg: cfg, tracer: cfg.tracer(), lag: map[topicPartition]int64{}, lanes: map[*worker]struct{}{}}
 	opts := append(cfg.kafkaOpts(),
 		kgo.OnPartitionsCallbackBlocked(func(context.Context, *kgo.Client) { c.hurryUp() }),
 		// Revoked or lost partitions are another member's lag. (No
@@ -330,7 +333,12 @@ func (c *Consumer) Run(ctx context.Context) error {
 	}
 	// Handlers run in a context that outlives ctx by DrainTimeout.
 	hctx, hcancel := context.WithCancel(context.WithoutCancel(ctx))
-	defer hcancel()
+	var watching sync.WaitGroup
+	watching.Go(func() { c.watch(hctx) }) // the handlers' timeouts
+	defer func() {
+		hcancel()
+		watching.Wait()
+	}()
 	stop := context.AfterFunc(ctx, func() {
 		t := time.AfterFunc(c.cfg.DrainTimeout, hcancel)
 		context.AfterFunc(hctx, func() { t.Stop() })
@@ -443,8 +451,9 @@ func (c *Consumer) handleRound(ctx, hctx context.Context, parts [][]*kgo.Record)
 				continue
 			}
 			wg.Go(func() {
-				w := newWorker(hctx, c.cfg.HandlerTimeout)
-				defer w.close()
+				w := newWorker(hctx)
+				c.addLane(w)
+				defer func() { c.removeLane(w); w.close() }()
 				for _, i := range lane {
 					if !c.handle(ctx, w, recs[i]) {
 						return // draining: the rest of the lane stays for the next owner
@@ -542,7 +551,7 @@ func (c *Consumer) handle(ctx context.Context, w *worker, r *kgo.Record) bool {
 		defer span.End()
 	}
 	retry := c.cfg.Retry
-	retry.Budget.Request(time.Now().UnixNano())
+	retry.Budget.Request(w.clock())
 	var bo *backoff.Backoff // made at the first failure
 	var err error
 	for attempt := 1; ; attempt++ {
@@ -595,58 +604,128 @@ func (c *Consumer) call(ctx context.Context, ev *Event) (err error) {
 var errHandlerTimeout = errors.New("events: handler timeout")
 
 // worker bounds a lane's handler attempts by HandlerTimeout without a
-// timer and a context per event (at a million events a second they were
-// most of the consumer's cost): one context and one timer per lane, the
-// timer re-armed for each attempt; an attempt that runs out cancels the
-// lane's context, and the next attempt gets a fresh one.
+// timer or a context per event (at a million events a second they were
+// most of the consumer's cost): the lane counts its attempts (seq, odd
+// while one runs) and the consumer's watchdog cancels the lane's context
+// when it sees the same attempt running for HandlerTimeout; the next
+// attempt gets a fresh context.
 type worker struct {
-	parent  context.Context
-	timeout time.Duration
-	ctx     context.Context
-	cancel  atomic.Pointer[context.CancelCauseFunc] // read by the timer
-	timer   *time.Timer
-	fired   chan struct{} // the timer's function ran
+	parent context.Context
+	seq    atomic.Uint64 // attempts begun and ended: odd while one runs
+	mu     sync.Mutex    // the context against the watchdog's cancel
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+
+	// The lane's clock for the retry budget's counts, read every
+	// clockEvery events (the budget counts per second).
+	events int
+	now    int64
+
+	// The watchdog's own: the attempt it last saw and since when.
+	seenSeq uint64
+	seenAt  time.Time
 }
 
-func newWorker(parent context.Context, timeout time.Duration) *worker {
-	w := &worker{parent: parent, timeout: timeout, fired: make(chan struct{}, 1)}
+const clockEvery = 32
+
+func newWorker(parent context.Context) *worker {
+	w := &worker{parent: parent}
 	w.renew()
-	w.timer = time.AfterFunc(time.Hour, func() {
-		(*w.cancel.Load())(errHandlerTimeout)
-		w.fired <- struct{}{}
-	})
-	w.timer.Stop()
 	return w
 }
 
 func (w *worker) renew() {
-	ctx, cancel := context.WithCancelCause(w.parent)
-	w.ctx = ctx
-	w.cancel.Store(&cancel)
+	w.ctx, w.cancel = context.WithCancelCause(w.parent)
+}
+
+// clock is the lane's recent time, for the budget.
+func (w *worker) clock() int64 {
+	if w.events%clockEvery == 0 {
+		w.now = time.Now().UnixNano()
+	}
+	w.events++
+	return w.now
 }
 
 // attempt runs c's handler on ev in the lane's context (with span, when
-// tracing) for at most the timeout.
+// tracing); the watchdog ends it at the timeout.
 func (w *worker) attempt(span trace.Span, c *Consumer, ev *Event) error {
-	ctx := w.ctx
+	ctx := w.ctx // only this goroutine changes it
 	if span != nil {
 		ctx = trace.ContextWithSpan(ctx, span)
 	}
-	w.timer.Reset(w.timeout)
+	w.seq.Add(1)
 	err := c.call(ctx, ev)
-	if !w.timer.Stop() {
-		<-w.fired // it ran out: wait until the cancel is done
-	}
+	w.seq.Add(1)
+	// Under the lock: a cancel the watchdog decided on for this attempt
+	// is seen here, not by the next attempt.
+	w.mu.Lock()
 	if w.ctx.Err() != nil {
-		(*w.cancel.Load())(nil)
+		w.cancel(nil)
 		w.renew()
 	}
+	w.mu.Unlock()
 	return err
 }
 
 func (w *worker) close() {
-	w.timer.Stop()
-	(*w.cancel.Load())(nil)
+	w.mu.Lock()
+	w.cancel(nil)
+	w.mu.Unlock()
+}
+
+// check is the watchdog's look at the lane at now.
+func (w *worker) check(now time.Time, timeout time.Duration) {
+	s := w.seq.Load()
+	if s%2 == 0 || s != w.seenSeq {
+		w.seenSeq, w.seenAt = s, now
+		return
+	}
+	if now.Sub(w.seenAt) < timeout {
+		return
+	}
+	w.mu.Lock()
+	if w.seq.Load() == s { // still that attempt
+		w.cancel(errHandlerTimeout)
+	}
+	w.mu.Unlock()
+}
+
+// watch is the consumer's watchdog: every eighth of HandlerTimeout it
+// ends the attempts that have run for HandlerTimeout (so an attempt ends
+// between HandlerTimeout and an eighth more).
+func (c *Consumer) watch(ctx context.Context) {
+	t := time.NewTicker(max(c.cfg.HandlerTimeout/8, time.Millisecond))
+	defer t.Stop()
+	var ws []*worker
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			c.lanesMu.Lock()
+			ws = ws[:0]
+			for w := range c.lanes {
+				ws = append(ws, w)
+			}
+			c.lanesMu.Unlock()
+			for _, w := range ws {
+				w.check(now, c.cfg.HandlerTimeout)
+			}
+		}
+	}
+}
+
+func (c *Consumer) addLane(w *worker) {
+	c.lanesMu.Lock()
+	c.lanes[w] = struct{}{}
+	c.lanesMu.Unlock()
+}
+
+func (c *Consumer) removeLane(w *worker) {
+	c.lanesMu.Lock()
+	delete(c.lanes, w)
+	c.lanesMu.Unlock()
 }
 
 // deadLetter publishes r, as it came, to its topic's dead-letter topic
