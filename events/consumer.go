@@ -178,6 +178,8 @@ type Consumer struct {
 
 	lanesMu sync.Mutex
 	lanes   map[*worker]struct{} // guarded by lanesMu: the round's lanes, for the watchdog
+	clock   atomic.Int64         // Unix ns, kept by the watchdog
+	metrics consumerMetrics
 
 	// A rebalance waiting for the round in hand hurries it: no new event
 	// starts, waits end, what finished is committed.
@@ -202,7 +204,7 @@ func NewConsumer(cfg ConsumerConfig) (*Consumer, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	c := &Consumer{cfg: cfg, tracer: cfg.tracer(), lag: map[topicPartition]int64{}, lanes: map[*worker]struct{}{}}
+	c := &Consumer{cfg: cfg, tracer: cfg.tracer(), lag: map[topicPartition]int64{}, lanes: map[*worker]struct{}{}, metrics: newConsumerMetrics(cfg.Group)}
 	opts := append(cfg.kafkaOpts(),
 		kgo.OnPartitionsCallbackBlocked(func(context.Context, *kgo.Client) { c.hurryUp() }),
 		// Revoked or lost partitions are another member's lag. (No
@@ -334,7 +336,8 @@ func (c *Consumer) Run(ctx context.Context) error {
 	// Handlers run in a context that outlives ctx by DrainTimeout.
 	hctx, hcancel := context.WithCancel(context.WithoutCancel(ctx))
 	var watching sync.WaitGroup
-	watching.Go(func() { c.watch(hctx) }) // the handlers' timeouts
+	c.clock.Store(time.Now().UnixNano())
+	watching.Go(func() { c.watch(hctx) }) // the handlers' timeouts, the lanes' clock
 	defer func() {
 		hcancel()
 		watching.Wait()
@@ -551,8 +554,8 @@ func (c *Consumer) handle(ctx context.Context, w *worker, r *kgo.Record) bool {
 		defer span.End()
 	}
 	retry := c.cfg.Retry
-	retry.Budget.Request(w.clock())
-	var bo *backoff.Backoff // made at the first failure
+	retry.Budget.Request(c.clock.Load()) // the watchdog's time: at most a second old
+	var bo *backoff.Backoff              // made at the first failure
 	var err error
 	for attempt := 1; ; attempt++ {
 		ev.Attempt = attempt
@@ -616,17 +619,10 @@ type worker struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 
-	// The lane's clock for the retry budget's counts, read every
-	// clockEvery events (the budget counts per second).
-	events int
-	now    int64
-
 	// The watchdog's own: the attempt it last saw and since when.
 	seenSeq uint64
 	seenAt  time.Time
 }
-
-const clockEvery = 32
 
 func newWorker(parent context.Context) *worker {
 	w := &worker{parent: parent}
@@ -636,15 +632,6 @@ func newWorker(parent context.Context) *worker {
 
 func (w *worker) renew() {
 	w.ctx, w.cancel = context.WithCancelCause(w.parent)
-}
-
-// clock is the lane's recent time, for the budget.
-func (w *worker) clock() int64 {
-	if w.events%clockEvery == 0 {
-		w.now = time.Now().UnixNano()
-	}
-	w.events++
-	return w.now
 }
 
 // attempt runs c's handler on ev in the lane's context (with span, when
@@ -691,11 +678,12 @@ func (w *worker) check(now time.Time, timeout time.Duration) {
 	w.mu.Unlock()
 }
 
-// watch is the consumer's watchdog: every eighth of HandlerTimeout it
-// ends the attempts that have run for HandlerTimeout (so an attempt ends
-// between HandlerTimeout and an eighth more).
+// watch is the consumer's watchdog: every eighth of HandlerTimeout (at
+// most a second) it ends the attempts that have run for HandlerTimeout,
+// and keeps the clock the lanes count their events by for the retry
+// budget (a clock read per event cost more than a no-op handler).
 func (c *Consumer) watch(ctx context.Context) {
-	t := time.NewTicker(max(c.cfg.HandlerTimeout/8, time.Millisecond))
+	t := time.NewTicker(min(max(c.cfg.HandlerTimeout/8, time.Millisecond), time.Second))
 	defer t.Stop()
 	var ws []*worker
 	for {
@@ -703,6 +691,7 @@ func (c *Consumer) watch(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case now := <-t.C:
+			c.clock.Store(now.UnixNano())
 			c.lanesMu.Lock()
 			ws = ws[:0]
 			for w := range c.lanes {

@@ -398,13 +398,25 @@ func TestStatsReportLag(t *testing.T) {
 	// The same figures as Prometheus metrics.
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(r.c)
+	// Another group's consumer registers beside it.
+	other, err := events.NewConsumer(events.ConsumerConfig{Config: events.Config{Brokers: brokers}, Group: "h", Topics: []string{"orders"},
+		Handler: func(context.Context, *events.Event) error { return nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if err := reg.Register(other); err != nil {
+		t.Fatalf("a second group's consumer: %v", err)
+	}
 	want := `
 # HELP beacon_events_handled_total Events whose handler succeeded.
 # TYPE beacon_events_handled_total counter
 beacon_events_handled_total{group="g"} 400
+beacon_events_handled_total{group="h"} 0
 # HELP beacon_events_lag Events of this member's partitions waiting on the brokers past what it finished, as of its last round.
 # TYPE beacon_events_lag gauge
 beacon_events_lag{group="g"} 0
+beacon_events_lag{group="h"} 0
 `
 	if err := promtest.GatherAndCompare(reg, strings.NewReader(want), "beacon_events_handled_total", "beacon_events_lag"); err != nil {
 		t.Error(err)

@@ -132,7 +132,9 @@ type Report struct {
 	StopClean bool
 	// Stopping is the time from the stop signal to the end of Run.
 	Stopping time.Duration
-	// WorkerErr is the first error a worker returned during the drain.
+	// WorkerErr is the first error a worker returned during the drain, or
+	// one returned just before it that did not stop the service (another
+	// error did).
 	WorkerErr error
 }
 
@@ -331,6 +333,10 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 		case <-stopCtx.Done():
 		case runErr = <-serveErr:
 		}
+	}
+	var we *workerError
+	if errors.As(runErr, &we) {
+		runErr = we.err // as the worker's error always was
 	}
 	werrMu.Lock()
 	stopping = true

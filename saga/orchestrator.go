@@ -158,6 +158,8 @@ type Orchestrator struct {
 	waiters    map[string][]chan struct{} // by key: closed when its state changes (or the watch stops)
 	stats      Stats
 
+	metrics orchestratorMetrics
+
 	wg sync.WaitGroup // the goroutines Run started
 }
 
@@ -212,6 +214,7 @@ func New(cfg Config, defs ...Definition) (*Orchestrator, error) {
 		held: make([]*client.Held, cfg.Shards), idle: make([]sync.WaitGroup, cfg.Shards),
 		running: map[string]bool{}, ended: map[string]int64{}, waiters: map[string][]chan struct{}{},
 		unfinished: map[string]struct{}{}, started: map[string]startedSaga{},
+		metrics: newOrchestratorMetrics(store.prefix),
 	}
 	if len(defs) == 0 {
 		return nil, fmt.Errorf("%w: no saga definitions", ErrInvalid)

@@ -193,12 +193,12 @@ func TestStepsRunInOrderAndPassTheirOutputs(t *testing.T) {
 	if err := promtest.GatherAndCompare(reg, strings.NewReader(`
 # HELP beacon_saga_finished_total Sagas this orchestrator finished, by how.
 # TYPE beacon_saga_finished_total counter
-beacon_saga_finished_total{status="compensated"} 0
-beacon_saga_finished_total{status="done"} 1
-beacon_saga_finished_total{status="stuck"} 0
+beacon_saga_finished_total{prefix="sagas/",status="compensated"} 0
+beacon_saga_finished_total{prefix="sagas/",status="done"} 1
+beacon_saga_finished_total{prefix="sagas/",status="stuck"} 0
 # HELP beacon_saga_steps_total Actions this orchestrator recorded done.
 # TYPE beacon_saga_steps_total counter
-beacon_saga_steps_total 3
+beacon_saga_steps_total{prefix="sagas/"} 3
 `), "beacon_saga_finished_total", "beacon_saga_steps_total"); err != nil {
 		t.Error(err)
 	}

@@ -21,7 +21,7 @@ var errFiltered = errors.New("filtered")
 // (leading also a session); a token for another prefix gets nothing.
 func TestACLSagaPermissionMatrix(t *testing.T) {
 	srv, _, mgmtSecret := aclServer(t)
-	mustPolicy(t, srv, mgmtSecret, "sagas-read", "read key default/sagas/*")
+	mustPolicy(t, srv, mgmtSecret, "sagas-read", "read key default/sagas/*\nwrite session") // refused writes then come from key:write
 	mustPolicy(t, srv, mgmtSecret, "sagas-write", "write key default/sagas/*\nwrite session")
 	mustPolicy(t, srv, mgmtSecret, "app-write", "write key default/app/*\nwrite session")
 	secrets := map[string]string{

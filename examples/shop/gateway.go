@@ -62,6 +62,12 @@ func (g *gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "body: {\"item\": ..., \"quantity\": N}: "+err.Error(), http.StatusBadRequest)
 		return
 	}
+	if req.User != "" {
+		if err := (behaviour{User: req.User, Kind: "order", Item: req.Item, Quantity: req.Quantity}).validate(); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+	}
 	if req.OrderID == "" {
 		req.OrderID = fmt.Sprintf("%s-%d", g.boot, g.seq.Add(1))
 	}
@@ -76,7 +82,8 @@ func (g *gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if req.User != "" {
-		g.setTracked(w, g.tracker.track(r.Context(), behaviour{User: req.User, Kind: "order", Item: req.Item, Quantity: req.Quantity}))
+		// The order's id names the event: a retried order is counted once.
+		g.setTracked(w, g.tracker.track(r.Context(), behaviour{User: req.User, Kind: "order", Item: req.Item, Quantity: req.Quantity}, "order-"+req.OrderID))
 	}
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(resp)
@@ -94,7 +101,7 @@ func (g *gateway) view(w http.ResponseWriter, r *http.Request, item string) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	g.setTracked(w, g.tracker.track(r.Context(), b))
+	g.setTracked(w, g.tracker.track(r.Context(), b, ""))
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(map[string]string{"item": item})
 }
@@ -104,7 +111,7 @@ func (g *gateway) view(w http.ResponseWriter, r *http.Request, item string) {
 func (g *gateway) addToCart(w http.ResponseWriter, r *http.Request) {
 	var b behaviour
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<10)).Decode(&b); err != nil {
-		http.Error(w, "body: {\"user\": ..., \"item\": ..., \"quantity\": N}: "+err.Error(), http.StatusBadRequest)
+		http.Error(w, "body (at most 1 KiB): {\"user\": ..., \"item\": ..., \"quantity\": N}: "+err.Error(), http.StatusBadRequest)
 		return
 	}
 	b.Kind = "cart"
@@ -112,7 +119,7 @@ func (g *gateway) addToCart(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	g.setTracked(w, g.tracker.track(r.Context(), b))
+	g.setTracked(w, g.tracker.track(r.Context(), b, ""))
 	w.WriteHeader(http.StatusAccepted)
 }
 

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -25,6 +26,7 @@ import (
 
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/events"
+	"beacon.dev/beacon/policy"
 )
 
 // The seeds' user-behaviour tracking: the gateway publishes what users do
@@ -58,15 +60,23 @@ var userName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 func (b behaviour) validate() error {
 	switch {
 	case !userName.MatchString(b.User):
-		return fmt.Errorf("user %q: 1-64 letters, digits, '_' or '-'", b.User)
+		return fmt.Errorf("user %q: 1-64 letters, digits, '_' or '-'", clipped(b.User))
 	case b.Kind != "view" && b.Kind != "cart" && b.Kind != "order":
-		return fmt.Errorf("kind %q: view, cart or order", b.Kind)
+		return fmt.Errorf("kind %q: view, cart or order", clipped(b.Kind))
 	case !knownItem(b.Item):
-		return fmt.Errorf("item %q: one of %s", b.Item, strings.Join(items, ", "))
+		return fmt.Errorf("item %q: one of %s", clipped(b.Item), strings.Join(items, ", "))
 	case b.Quantity < 0 || b.Quantity > 1000:
 		return fmt.Errorf("quantity %d: 0 to 1000", b.Quantity)
 	}
 	return nil
+}
+
+// clipped keeps an echoed value short.
+func clipped(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "…"
+	}
+	return s
 }
 
 func knownItem(item string) bool {
@@ -140,14 +150,16 @@ type tracker struct {
 
 // track publishes b, waiting at most 2 s for the brokers; a failure is
 // logged and counted, never the request's.
-func (t *tracker) track(ctx context.Context, b behaviour) bool {
+// id, if not empty, is the event's id: the same fact published twice (a
+// retried order) is then counted once.
+func (t *tracker) track(ctx context.Context, b behaviour, id string) bool {
 	if t == nil {
 		return false
 	}
 	v, _ := json.Marshal(b)
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 	defer cancel()
-	if err := t.p.Publish(ctx, &events.Event{Topic: behaviourTopic, Key: []byte(b.User), Value: v}); err != nil {
+	if err := t.p.Publish(ctx, &events.Event{Topic: behaviourTopic, Key: []byte(b.User), Value: v, ID: id}); err != nil {
 		if n := t.failed.Add(1); n == 1 || n%100 == 0 {
 			t.log.Warn("behaviour event not published", "failed so far", n, "err", err)
 		}
@@ -236,11 +248,17 @@ func (s *trackingService) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	kind, name, ok := strings.Cut(strings.TrimPrefix(r.URL.Path, "/"), "/")
-	if !ok || kind != "users" && kind != "items" || !userName.MatchString(name) {
-		http.Error(w, "GET /users/USER, /items/ITEM or /stats", http.StatusNotFound)
+	if !ok || kind != "users" && kind != "items" {
+		http.Error(w, "GET /users/USER, /items/ITEM, /stats or /metrics", http.StatusNotFound)
 		return
 	}
-	aggs, err := s.aggregates(r.Context())
+	if !userName.MatchString(name) {
+		http.Error(w, fmt.Sprintf("%s %q: 1-64 letters, digits, '_' or '-'", strings.TrimSuffix(kind, "s"), clipped(name)), http.StatusBadRequest)
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	defer cancel()
+	aggs, err := s.aggregates(ctx)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusServiceUnavailable)
 		return
@@ -288,6 +306,10 @@ func runTracking(args []string) error {
 		Topics:  []string{behaviourTopic},
 		Handler: s.handle,
 		Workers: 1, // a partition's aggregate is one key: its events one at a time
+		// Only a malformed event is a dead letter: a registry outage (or a
+		// member that lost its partition racing this one) is waited out,
+		// the lag growing, rather than losing counts.
+		Retry: policy.RetryConfig{MaxAttempts: math.MaxInt32},
 	})
 	if err != nil {
 		return err

@@ -182,5 +182,16 @@ func TestTrackingCountsEveryEventOnceThroughAKill(t *testing.T) {
 	if resp.StatusCode != http.StatusBadRequest {
 		t.Errorf("a view of an unknown item = %s, want 400", body)
 	}
+	// An order for a user tracking would refuse is refused before it is
+	// placed, naming the field.
+	resp, err = http.Post(base+"/orders", "application/json", strings.NewReader(`{"item":"widget","quantity":1,"user":"a b"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(msg), "user") {
+		t.Errorf("an order with a malformed user = %s %q, want 400 naming the user", resp.Status, msg)
+	}
 	t.Logf("%d events counted exactly across a member's SIGKILL; %d redeliveries absorbed by dedup", 2*perHalf, dupes)
 }

@@ -51,7 +51,7 @@ func newSagaCmd(g *globals) *cobra.Command {
 				if err != nil {
 					return err
 				}
-				sts := all[:0]
+				sts := make([]saga.State, 0, len(all))
 				for _, st := range all {
 					if status == "" || st.Status == saga.Status(status) {
 						sts = append(sts, st)
@@ -143,7 +143,7 @@ func printSaga(g *globals, st saga.State) {
 		if h.Attempts > 1 {
 			att = fmt.Sprintf("%d attempts", h.Attempts)
 		}
-		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\n", h.Time.Format(time.RFC3339Nano), dash(h.Step), h.What, att, h.Error)
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\n", h.Time.Format(time.RFC3339Nano), dash(h.Step), h.What, att, strings.ReplaceAll(h.Error, "\n", " "))
 	}
 	tw.Flush()
 }
