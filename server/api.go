@@ -653,9 +653,9 @@ func (a api) UpdateCheck(ctx context.Context, req *connect.Request[beaconv1.Upda
 	if err := a.s.store.RenewTTL(ctx, k, name, spec.Interval); err != nil {
 		return nil, toConnectError(err)
 	}
-	if spec.Status == status {
-		return connect.NewResponse(&beaconv1.UpdateCheckResponse{}), nil // only transitions are written
-	}
+	// Only transitions are written — judged against the stored record, not
+	// the view: the view may not have this client's previous update yet
+	// (PASSING then CRITICAL in quick succession would drop the CRITICAL).
 	var refused error
 	rev, err := a.s.store.Update(ctx, k, func(in *registry.Instance) bool {
 		if refused = mayChange(ctx, in); refused != nil {

@@ -266,12 +266,22 @@ func TestExplainInstanceNamesTheRule(t *testing.T) {
 	register(&beaconv1.Instance{Id: "sick", Address: "10.0.0.3", Checks: []*beaconv1.Check{{Name: "ttl", Kind: beaconv1.CheckKind_CHECK_KIND_TTL}}})
 	register(&beaconv1.Instance{Id: "backup", Address: "10.0.0.4", Metadata: map[string]string{"tier": "1"}})
 	// A TTL check starts CRITICAL ("no update yet"); its output is written
-	// on transitions: pass once, then fail with a reason.
-	for _, h := range []beaconv1.Health{beaconv1.Health_HEALTH_PASSING, beaconv1.Health_HEALTH_CRITICAL} {
+	// on transitions: pass once, then fail with a reason. The pass must be
+	// seen before the failure is sent: two updates the checker takes in
+	// one go are one CRITICAL → CRITICAL, no transition, and no output (on
+	// a busy machine that happened).
+	update := func(h beaconv1.Health) {
+		t.Helper()
 		if _, err := rc.UpdateCheck(ctx, connect.NewRequest(&beaconv1.UpdateCheckRequest{Service: "web", Id: "sick", Status: h, Output: "disk full"})); err != nil {
 			t.Fatal(err)
 		}
 	}
+	update(beaconv1.Health_HEALTH_PASSING)
+	testutil.Eventually(t, time.Minute, "the check's pass in the view", func() bool {
+		gets, _, _ := explain(t, srv, "sick")
+		return gets
+	})
+	update(beaconv1.Health_HEALTH_CRITICAL)
 	sess, err := rc.CreateSession(ctx, connect.NewRequest(&beaconv1.CreateSessionRequest{}))
 	if err != nil {
 		t.Fatal(err)
@@ -280,7 +290,7 @@ func TestExplainInstanceNamesTheRule(t *testing.T) {
 	register(&beaconv1.Instance{Id: "left", Address: "10.0.0.7", SessionId: sess.Msg.GetSessionId()})
 	register(&beaconv1.Instance{Id: "gone", Address: "10.0.0.6"})
 
-	testutil.Eventually(t, 30*time.Second, "the check's CRITICAL with its output in the view", func() bool {
+	testutil.Eventually(t, time.Minute, "the check's CRITICAL with its output in the view", func() bool {
 		_, rules, reasons := explain(t, srv, "sick")
 		return strings.HasPrefix(rules, "!check") && strings.Contains(reasonDetail(reasons, "check"), "disk full")
 	})
