@@ -754,6 +754,7 @@ func (o *Orchestrator) move(runCtx, drain context.Context, held *client.Held, n 
 		// that has it moves it (change steps under a new saga name and
 		// keep the old definition until its sagas are finished).
 		o.log.Warn("saga: its steps are not this orchestrator's definition's: leaving it", "saga", st.Saga, "id", st.ID, "steps", st.Steps, "definition", def.names())
+		st.Revision++ // not again here until it changes
 		return
 	}
 	// The watch may lag (a lead just taken over, a stream that was
@@ -767,7 +768,10 @@ func (o *Orchestrator) move(runCtx, drain context.Context, held *client.Held, n 
 			st.Revision++ // removed: nothing to move
 			return
 		case err != nil:
-			return // the next pass tries again
+			// The next pass tries again, not at once: the dispatcher
+			// restarts a saga as soon as its mover leaves.
+			_ = backoff.Sleep(ctx, backoff.New(backoff.Config{Base: 200 * time.Millisecond}).Next())
+			return
 		case cur.ModRevision != st.Revision:
 			st.Revision = cur.ModRevision // moved on: start again from there once the watch shows it
 			return

@@ -556,3 +556,44 @@ func TestAStateTheStoreRefusesMakesTheSagaStuck(t *testing.T) {
 		t.Fatalf("state = %s (%q), want stuck, saying the step could not be recorded, without its output", st.Status, st.Error)
 	}
 }
+
+// A saga started by another version of its definition (other steps) is
+// left alone — not marked stuck, not spun on — and moved by an
+// orchestrator that has its steps.
+func TestASagaOfAnotherDefinitionVersionIsLeftForIt(t *testing.T) {
+	e := newEnv(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var log calls
+	v1 := saga.Definition{Name: "order", Steps: []saga.Step{step("reserve", &log, nil), step("charge", &log, nil)}}
+	v2 := saga.Definition{Name: "order", Steps: []saga.Step{step("reserve", &log, nil), step("check", &log, nil), step("charge", &log, nil)}}
+	// v1's saga, started by a process that does not run (yet).
+	sess, err := e.c.NewSession(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Close(ctx)
+	starter, err := saga.New(saga.Config{Client: e.c, Session: sess}, v1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := starter.Start(ctx, "order", "old-1", nil); err != nil {
+		t.Fatal(err)
+	}
+	o2, _, stop2 := e.run(t, saga.Config{}, v2)
+	if _, err := o2.Start(ctx, "order", "new-1", nil); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := o2.Wait(ctx, "order", "new-1"); err != nil || st.Status != saga.Done {
+		t.Fatalf("v2's own saga = %s, %v", st.Status, err)
+	}
+	if st, err := o2.Store().Get(ctx, "order", "old-1"); err != nil || st.Status != saga.Running || st.Step != 0 {
+		t.Fatalf("v1's saga under v2 = %s at %d, %v; want left running at its first step", st.Status, st.Step, err)
+	}
+	stop2()
+	// v1's orchestrator takes the shards over and moves it.
+	o1, _, _ := e.run(t, saga.Config{}, v1)
+	if st, err := o1.Wait(ctx, "order", "old-1"); err != nil || st.Status != saga.Done {
+		t.Fatalf("v1's saga under v1 = %s, %v; want done", st.Status, err)
+	}
+}
