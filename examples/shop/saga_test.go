@@ -180,13 +180,22 @@ func (s *sagaShop) pauseAll(ctx context.Context, round string, wg *sync.WaitGrou
 	return by
 }
 
-// waitFinished waits until every saga is finished and returns them.
+// waitFinished waits until every saga is finished and returns them; if
+// they do not, the test's failure shows which are left and what the
+// orders processes said.
 func (s *sagaShop) waitFinished(ctx context.Context, n int) []saga.State {
 	s.t.Helper()
 	var all []saga.State
 	var left []string
-	deadline := time.Now().Add(3 * time.Minute)
-	for {
+	defer func() {
+		if s.t.Failed() {
+			s.t.Logf("%d of %d sagas are there, %d unfinished:\n%s", len(all), n, len(left), strings.Join(left[:min(len(left), 10)], "\n"))
+			for _, p := range s.cl.Running("orders") {
+				s.t.Logf("%s output:\n%s", p.ID, p.Output())
+			}
+		}
+	}()
+	testutil.Eventually(s.t, 3*time.Minute, fmt.Sprintf("all %d sagas to finish", n), func() bool {
 		var err error
 		all, err = s.store.List(ctx, orderSagaName)
 		left = left[:0]
@@ -195,19 +204,9 @@ func (s *sagaShop) waitFinished(ctx context.Context, n int) []saga.State {
 				left = append(left, fmt.Sprintf("%s: %s at %s, history %+v", st.ID, st.Status, st.StepName(), st.History))
 			}
 		}
-		if err == nil && len(all) >= n && len(left) == 0 {
-			return all
-		}
-		if time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	for _, p := range s.cl.Running("orders") {
-		s.t.Logf("%s output:\n%s", p.ID, p.Output())
-	}
-	s.t.Fatalf("%d of %d sagas are there, %d unfinished after 3m:\n%s", len(all), n, len(left), strings.Join(left[:min(len(left), 10)], "\n"))
-	return nil
+		return err == nil && len(all) >= n && len(left) == 0
+	})
+	return all
 }
 
 // An orders instance (the saga orchestrator) is SIGKILLed with a saga
