@@ -96,7 +96,7 @@ func TestFrozenServerCostsNoSession(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	frozen.Signal(syscall.SIGSTOP)
+	frozen.Freeze(t)
 	frozenAt := time.Now()
 	resumed := false
 	defer func() {
@@ -122,6 +122,10 @@ func TestFrozenServerCostsNoSession(t *testing.T) {
 		defer seenMu.Unlock()
 		_, ok := seen["during"]
 		return ok
+	})
+	testutil.Eventually(t, 30*time.Second, "the watcher streams from a healthy node", func() bool {
+		st := w.Status()
+		return st.Connected && st.Server != frozen.API
 	})
 	leaving.signal(syscall.SIGTERM)
 

@@ -136,6 +136,44 @@ func (nd *Node) Signal(sig os.Signal) <-chan struct{} {
 	return exited
 }
 
+// Freeze stops the node's process (SIGSTOP) and returns once the kernel
+// reports every one of its threads stopped. Signal alone returns before
+// that: a thread busy in a system call finishes it first, so a request
+// sent just after Signal may still be answered by the "frozen" node.
+func (nd *Node) Freeze(t testing.TB) {
+	t.Helper()
+	nd.mu.Lock()
+	cmd := nd.cmd
+	nd.mu.Unlock()
+	cmd.Process.Signal(syscall.SIGSTOP)
+	Eventually(t, 30*time.Second, "every thread of "+nd.Name+" stopped", func() bool {
+		return AllThreadsStopped(cmd.Process.Pid)
+	})
+}
+
+// AllThreadsStopped reports whether every thread of process pid is in
+// the stopped state (T) according to /proc.
+func AllThreadsStopped(pid int) bool {
+	dir := fmt.Sprintf("/proc/%d/task", pid)
+	tasks, err := os.ReadDir(dir)
+	if err != nil || len(tasks) == 0 {
+		return false
+	}
+	for _, task := range tasks {
+		stat, err := os.ReadFile(filepath.Join(dir, task.Name(), "stat"))
+		if err != nil {
+			return false
+		}
+		// The state follows the command name, which is in parentheses
+		// and may itself contain spaces or parentheses.
+		i := strings.LastIndexByte(string(stat), ')')
+		if i < 0 || i+2 >= len(stat) || stat[i+2] != 'T' {
+			return false
+		}
+	}
+	return true
+}
+
 // Output returns what the node printed.
 func (nd *Node) Output() string {
 	nd.mu.Lock()
