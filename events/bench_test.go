@@ -6,6 +6,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -14,8 +15,9 @@ import (
 	"beacon.dev/beacon/events"
 )
 
-// BenchmarkConsume: b.N events already on a 4-partition topic of the
-// in-process cluster, consumed by a group from the start, beside franz-go
+// BenchmarkConsume: b.N events already on a 4-partition topic of
+// franz-go's kfake cluster, run in a process of its own (as a broker is),
+// consumed by a group from the start, beside franz-go
 // used directly in the same run (a group consumer polling, handling each
 // poll's records in turn and committing them: what an application without
 // beacon writes). handler=none handles nothing: the machinery's cost.
@@ -27,7 +29,7 @@ func BenchmarkConsume(b *testing.B) {
 }
 
 func benchConsume(b *testing.B, work func()) {
-	brokers := newCluster(b, "load")
+	brokers := newBrokerProcess(b, "load")
 	p := newProducer(b, brokers)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -52,6 +54,7 @@ func benchConsume(b *testing.B, work func()) {
 	}
 	warm.Close()
 	b.ResetTimer()
+	cpu0 := cpuNow()
 	start := time.Now()
 	var handled atomic.Int64
 	done := make(chan struct{})
@@ -75,8 +78,10 @@ func benchConsume(b *testing.B, work func()) {
 		b.Fatal("beacon's consumer did not finish")
 	}
 	beacon := time.Since(start)
+	cpu1 := cpuNow()
 	stop()
 	wg.Wait()
+	cpu2 := cpuNow()
 
 	start = time.Now()
 	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.ConsumerGroup("raw"), kgo.ConsumeTopics("load"), kgo.DisableAutoCommit())
@@ -96,11 +101,15 @@ func benchConsume(b *testing.B, work func()) {
 		}
 	}
 	raw := time.Since(start)
+	cpu3 := cpuNow()
 	cl.Close()
 	b.StopTimer()
 	b.ReportMetric(float64(n)/beacon.Seconds(), "beacon-events/s")
 	b.ReportMetric(float64(n)/raw.Seconds(), "franz-go-events/s")
 	b.ReportMetric(raw.Seconds()/beacon.Seconds(), "throughput-ratio")
+	// The process's CPU per event (the broker runs in another).
+	b.ReportMetric(float64((cpu1-cpu0).Nanoseconds())/float64(n), "beacon-cpu-ns/event")
+	b.ReportMetric(float64((cpu3-cpu2).Nanoseconds())/float64(n), "franz-go-cpu-ns/event")
 	b.ReportMetric(0, "ns/op")
 }
 
@@ -109,7 +118,7 @@ func benchConsume(b *testing.B, work func()) {
 // through franz-go's producer and a group consumer used directly, in the
 // same run: p50 and p99 from Publish's start to the handler.
 func BenchmarkPublishToHandled(b *testing.B) {
-	brokers := newCluster(b, "lat-beacon", "lat-raw")
+	brokers := newBrokerProcess(b, "lat-beacon", "lat-raw")
 	p := newProducer(b, brokers)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -181,4 +190,11 @@ func BenchmarkPublishToHandled(b *testing.B) {
 	b.ReportMetric(q(rl, 0.99), "franz-go-p99-ms")
 	b.ReportMetric(q(bl, 0.99)/q(rl, 0.99), "p99-ratio")
 	b.ReportMetric(0, "ns/op")
+}
+
+// cpuNow is the CPU time this process used so far.
+func cpuNow() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

@@ -4,7 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash/fnv"
+	"runtime"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -36,11 +37,12 @@ type ConsumerConfig struct {
 	// Workers handle a partition's events at once (default 4): events
 	// with the same key always go to the same worker, in offset order.
 	Workers int
-	// MaxPollRecords bounds the events taken from the client per round
-	// (default 500); the next round starts when every one of them is
-	// handled, dead-lettered or left to a drain, so a slow handler slows
-	// fetching. FetchMaxBytes bounds what the client buffers (default
-	// 16 MiB).
+	// MaxPollRecords bounds the events of a round (default 500); the
+	// next round starts when every one of them is handled, dead-lettered
+	// or left to a drain, so a slow handler slows consumption.
+	// FetchMaxBytes bounds a fetch (default 16 MiB): the client buffers
+	// at most one and the consumer's backlog at most one more, plus less
+	// than a round.
 	MaxPollRecords int
 	FetchMaxBytes  int32
 	// HandlerTimeout bounds one attempt (default 30 s).
@@ -177,8 +179,9 @@ type Consumer struct {
 	handled, retries, deadLettered, committed atomic.Int64
 
 	lanesMu sync.Mutex
-	lanes   map[*worker]struct{} // guarded by lanesMu: the round's lanes, for the watchdog
-	clock   atomic.Int64         // Unix ns, kept by the watchdog
+	workers []*worker    // guarded by lanesMu: every worker made, for the watchdog
+	idle    []*worker    // guarded by lanesMu: the workers not running a lane
+	clock   atomic.Int64 // Unix ns, kept by the watchdog
 	metrics consumerMetrics
 
 	// A rebalance waiting for the round in hand hurries it: no new event
@@ -186,6 +189,8 @@ type Consumer struct {
 	hurryMu sync.Mutex
 	hurry   context.CancelFunc // the round's; nil between rounds
 	hurried bool               // a rebalance waits (until AllowRebalance)
+
+	quickHandler bool // the last round's events were quick (handleRound's own)
 
 	fatal atomic.Pointer[error] // why the consumer must stop (a dead letter that cannot be written)
 	ran   atomic.Bool
@@ -204,7 +209,7 @@ func NewConsumer(cfg ConsumerConfig) (*Consumer, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	c := &Consumer{cfg: cfg, tracer: cfg.tracer(), lag: map[topicPartition]int64{}, lanes: map[*worker]struct{}{}, metrics: newConsumerMetrics(cfg.Group)}
+	c := &Consumer{cfg: cfg, tracer: cfg.tracer(), lag: map[topicPartition]int64{}, metrics: newConsumerMetrics(cfg.Group)}
 	opts := append(cfg.kafkaOpts(),
 		kgo.OnPartitionsCallbackBlocked(func(context.Context, *kgo.Client) { c.hurryUp() }),
 		// Revoked or lost partitions are another member's lag. (No
@@ -260,6 +265,13 @@ func (c *Consumer) roundContext(ctx context.Context) (context.Context, context.C
 		cancel()
 	}
 	return rctx, cancel
+}
+
+// rebalanceWaits reports whether a rebalance waits for this member.
+func (c *Consumer) rebalanceWaits() bool {
+	c.hurryMu.Lock()
+	defer c.hurryMu.Unlock()
+	return c.hurried
 }
 
 // allowRebalance lets a waiting rebalance go, between rounds.
@@ -347,40 +359,105 @@ func (c *Consumer) Run(ctx context.Context) error {
 		context.AfterFunc(hctx, func() { t.Stop() })
 	})
 	defer stop()
-	for ctx.Err() == nil {
-		fetches := c.cl.PollRecords(ctx, c.cfg.MaxPollRecords)
-		if fetches.IsClientClosed() {
-			return errors.New("events: consumer closed")
+	// Rounds overlap with what surrounds them: while a round is handled,
+	// the client's buffer is drained into the backlog when it runs low (so
+	// the next fetch from the brokers is under way), and the round
+	// before's commit goes out. The commit in flight is waited for before
+	// the next is sent (commits stay in order) and before a rebalance may
+	// go (none is made for a partition this member no longer owns).
+	var inflight chan error
+	settle := func() {
+		if inflight != nil {
+			if err := <-inflight; err != nil {
+				c.fail(err)
+			}
+			inflight = nil
 		}
-		fetches.EachError(func(topic string, p int32, err error) {
-			if !errors.Is(err, context.Canceled) {
-				c.cfg.Logger.Warn("events: fetch", "topic", topic, "partition", p, "err", err)
+	}
+	defer settle()
+	var queued backlog
+	for ctx.Err() == nil {
+		if c.rebalanceWaits() {
+			settle()
+			c.rewind(queued.drop())
+			c.allowRebalance()
+		}
+		if queued.n == 0 {
+			// This poll may wait for events as long as none come: no
+			// rebalance may wait for it (the earlier polls' hold ends).
+			settle()
+			c.allowRebalance()
+			fetches, err := c.poll(ctx)
+			if err != nil {
+				return err
 			}
-		})
-		var parts [][]*kgo.Record
-		var hw []int64
-		fetches.EachPartition(func(p kgo.FetchTopicPartition) {
-			if len(p.Records) > 0 {
-				parts = append(parts, p.Records)
-				hw = append(hw, p.HighWatermark)
+			queued.add(fetches)
+			if queued.n == 0 {
+				continue
 			}
-		})
-		if len(parts) > 0 {
-			rctx, cancel := c.roundContext(ctx)
-			done, undone := c.handleRound(rctx, hctx, parts)
-			cancel()
+		}
+		cur := queued.take(c.cfg.MaxPollRecords)
+		rctx, cancel := c.roundContext(ctx)
+		var done, undone []*kgo.Record
+		handled := make(chan struct{})
+		pctx, stopPolling := context.WithCancel(rctx)
+		go func() {
+			defer close(handled)
+			defer stopPolling() // a poll waiting for events ends with the round
+			done, undone = c.handleRound(rctx, hctx, cur.parts)
+		}()
+		if queued.n < c.cfg.MaxPollRecords {
+			fetches, err := c.poll(pctx)
+			if err != nil {
+				<-handled
+				cancel()
+				return err
+			}
+			queued.add(fetches)
+		}
+		<-handled
+		cancel()
+		settle()
+		if slices.ContainsFunc(undone, func(r *kgo.Record) bool { return r != nil }) || c.rebalanceWaits() || ctx.Err() != nil {
+			// Cut short, or a rebalance waits: commit what finished,
+			// fetch the rest and the backlog again, let the rebalance go.
 			if err := c.commit(ctx, done); err != nil {
 				c.fail(err)
 			}
-			c.rewind(undone)
-			c.noteLag(parts, hw, done)
+			c.rewind(append(undone, queued.drop()...))
+			c.allowRebalance()
+		} else {
+			inflight = make(chan error, 1)
+			go func(ch chan<- error) { ch <- c.commit(ctx, done) }(inflight)
 		}
-		c.allowRebalance()
+		c.noteLag(cur.parts, cur.hw, done)
 		if err := c.failed(); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// round is what the consumer handles at once: each partition's records
+// (at least one) and its high watermark at their fetch.
+type round struct {
+	parts [][]*kgo.Record
+	hw    []int64
+}
+
+// poll takes everything the client has buffered, waiting for events
+// until ctx ends; an error means the client was closed.
+func (c *Consumer) poll(ctx context.Context) (kgo.Fetches, error) {
+	fetches := c.cl.PollFetches(ctx)
+	if fetches.IsClientClosed() {
+		return nil, errors.New("events: consumer closed")
+	}
+	fetches.EachError(func(topic string, p int32, err error) {
+		if !errors.Is(err, context.Canceled) {
+			c.cfg.Logger.Warn("events: fetch", "topic", topic, "partition", p, "err", err)
+		}
+	})
+	return fetches, nil
 }
 
 // checkDeadLetterTopics asks the brokers for every dead-letter topic: a
@@ -429,44 +506,85 @@ func (c *Consumer) rewind(undone []*kgo.Record) {
 		if to[r.Topic] == nil {
 			to[r.Topic] = map[int32]kgo.EpochOffset{}
 		}
+		if at, ok := to[r.Topic][r.Partition]; ok && at.Offset <= r.Offset {
+			continue // an earlier record of the partition is undone too
+		}
 		to[r.Topic][r.Partition] = kgo.EpochOffset{Epoch: r.LeaderEpoch, Offset: r.Offset}
 	}
 	c.cl.SetOffsets(to)
 }
 
-// handleRound handles a round's records, partition by partition in
-// parallel, and within a partition by key on Workers workers. It returns,
-// per partition, the last record of the prefix that is finished (nil when
-// the first is not) — only that much may be committed — and the first
-// record that is not (nil when all are).
+// handleRound handles a round's records: each partition's are split by
+// key into Workers lanes, and the lanes run at once on the round's
+// goroutines, each lane's events one after the other. It returns, per
+// partition, the last record of the prefix that is finished (nil when the
+// first is not) — only that much may be committed — and the first record
+// that is not (nil when all are).
+//
+// How many goroutines run the lanes adapts to the handler: one per lane
+// while events take long (a handler waiting on a database: the lanes
+// wait side by side), GOMAXPROCS while they are quick, where a goroutine
+// per lane cost more than the handling (a fast handler gains nothing
+// from waiting side by side). The previous round decides.
 func (c *Consumer) handleRound(ctx, hctx context.Context, parts [][]*kgo.Record) (last, undone []*kgo.Record) {
+	type lane struct {
+		part int
+		recs []int // indexes into parts[part], in offset order
+	}
 	done := make([][]bool, len(parts))
-	var wg sync.WaitGroup
+	var lanes []lane
+	events := 0
 	for pi, recs := range parts {
 		done[pi] = make([]bool, len(recs))
-		lanes := make([][]int, c.cfg.Workers)
+		events += len(recs)
+		byKey := make([][]int, c.cfg.Workers)
 		for i, r := range recs {
 			l := laneOf(r.Key, r.Offset, c.cfg.Workers)
-			lanes[l] = append(lanes[l], i)
+			byKey[l] = append(byKey[l], i)
 		}
-		for _, lane := range lanes {
-			if len(lane) == 0 {
-				continue
+		for _, idx := range byKey {
+			if len(idx) > 0 {
+				lanes = append(lanes, lane{pi, idx})
 			}
-			wg.Go(func() {
-				w := newWorker(hctx)
-				c.addLane(w)
-				defer func() { c.removeLane(w); w.close() }()
-				for _, i := range lane {
-					if !c.handle(ctx, w, recs[i]) {
-						return // draining: the rest of the lane stays for the next owner
-					}
-					done[pi][i] = true
-				}
-			})
 		}
 	}
+	goroutines := len(lanes)
+	if c.quickHandler {
+		goroutines = min(goroutines, 1+0*runtime.GOMAXPROCS(0))
+	}
+	var next atomic.Int64
+	run := func() {
+		w := c.takeWorker(hctx)
+		defer c.returnWorker(w)
+		for {
+			k := int(next.Add(1)) - 1
+			if k >= len(lanes) {
+				return
+			}
+			ln := lanes[k]
+			// Counted, and the events allocated, once per lane: shared
+			// counters and an allocation per event were a good part of
+			// the consumer's own cost.
+			c.cfg.Retry.Budget.RequestN(c.clock.Load(), len(ln.recs)) // the watchdog's time: at most a second old
+			evs := make([]Event, len(ln.recs))
+			for j, i := range ln.recs {
+				if !c.handle(ctx, w, parts[ln.part][i], &evs[j]) {
+					return // draining: the rest stays for the next owner
+				}
+				done[ln.part][i] = true
+			}
+		}
+	}
+	start := time.Now()
+	var wg sync.WaitGroup
+	for range goroutines - 1 {
+		wg.Go(run)
+	}
+	run()
 	wg.Wait()
+	// Quick: under quickEventTime per event and goroutine.
+	c.quickHandler = time.Since(start)*time.Duration(goroutines) < quickEventTime*time.Duration(events)
+
 	last, undone = make([]*kgo.Record, len(parts)), make([]*kgo.Record, len(parts))
 	for pi, recs := range parts {
 		for i, r := range recs {
@@ -480,15 +598,21 @@ func (c *Consumer) handleRound(ctx, hctx context.Context, parts [][]*kgo.Record)
 	return last, undone
 }
 
+// quickEventTime is the handling time per event under which the lanes of
+// a round share GOMAXPROCS goroutines instead of one each.
+const quickEventTime = 20 * time.Microsecond
+
 // laneOf picks a partition's worker for a record: by key, so that a key's
 // events stay in order; keyless records spread by offset.
 func laneOf(key []byte, offset int64, n int) int {
 	if key == nil {
 		return int(offset % int64(n))
 	}
-	h := fnv.New32a()
-	h.Write(key)
-	return int(h.Sum32() % uint32(n))
+	h := uint32(2166136261) // 32-bit FNV-1a
+	for _, b := range key {
+		h = (h ^ uint32(b)) * 16777619
+	}
+	return int(h % uint32(n))
 }
 
 // commit commits the finished prefix of each partition of the round,
@@ -537,12 +661,11 @@ func (c *Consumer) commit(ctx context.Context, last []*kgo.Record) error {
 // handle runs the handler on r with retries, on worker w, and
 // dead-letters it when they are spent. It reports whether r is finished;
 // false only when ctx ended (a drain) first.
-func (c *Consumer) handle(ctx context.Context, w *worker, r *kgo.Record) bool {
+func (c *Consumer) handle(ctx context.Context, w *worker, r *kgo.Record, ev *Event) bool {
 	if ctx.Err() != nil || c.fatal.Load() != nil {
 		return false // draining, hurried or failed: start nothing new
 	}
-	ev, idErr := fromRecord(r)
-	if idErr != nil {
+	if idErr := fillEvent(ev, r); idErr != nil {
 		return c.deadLetter(ctx, r, 0, idErr)
 	}
 	var span trace.Span
@@ -554,13 +677,12 @@ func (c *Consumer) handle(ctx context.Context, w *worker, r *kgo.Record) bool {
 		defer span.End()
 	}
 	retry := c.cfg.Retry
-	retry.Budget.Request(c.clock.Load()) // the watchdog's time: at most a second old
-	var bo *backoff.Backoff              // made at the first failure
+	var bo *backoff.Backoff // made at the first failure
 	var err error
 	for attempt := 1; ; attempt++ {
 		ev.Attempt = attempt
 		if err = w.attempt(span, c, ev); err == nil {
-			c.handled.Add(1)
+			w.handled++
 			if span != nil {
 				span.SetAttributes(attrAttempt.Int(attempt))
 			}
@@ -619,6 +741,8 @@ type worker struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 
+	handled int64 // events handled, added to the consumer's count when the lane ends
+
 	// The watchdog's own: the attempt it last saw and since when.
 	seenSeq uint64
 	seenAt  time.Time
@@ -655,12 +779,6 @@ func (w *worker) attempt(span trace.Span, c *Consumer, ev *Event) error {
 	return err
 }
 
-func (w *worker) close() {
-	w.mu.Lock()
-	w.cancel(nil)
-	w.mu.Unlock()
-}
-
 // check is the watchdog's look at the lane at now.
 func (w *worker) check(now time.Time, timeout time.Duration) {
 	s := w.seq.Load()
@@ -693,10 +811,7 @@ func (c *Consumer) watch(ctx context.Context) {
 		case now := <-t.C:
 			c.clock.Store(now.UnixNano())
 			c.lanesMu.Lock()
-			ws = ws[:0]
-			for w := range c.lanes {
-				ws = append(ws, w)
-			}
+			ws = append(ws[:0], c.workers...)
 			c.lanesMu.Unlock()
 			for _, w := range ws {
 				w.check(now, c.cfg.HandlerTimeout)
@@ -705,15 +820,29 @@ func (c *Consumer) watch(ctx context.Context) {
 	}
 }
 
-func (c *Consumer) addLane(w *worker) {
+// takeWorker returns an idle worker for a lane, or a new one. Workers
+// are kept for the consumer's life (as many as lanes ran at once), so a
+// round makes no contexts and registers nothing with the watchdog; their
+// contexts end with hctx, the parent of all.
+func (c *Consumer) takeWorker(hctx context.Context) *worker {
 	c.lanesMu.Lock()
-	c.lanes[w] = struct{}{}
-	c.lanesMu.Unlock()
+	defer c.lanesMu.Unlock()
+	if n := len(c.idle); n > 0 {
+		w := c.idle[n-1]
+		c.idle = c.idle[:n-1]
+		return w
+	}
+	w := newWorker(hctx)
+	c.workers = append(c.workers, w)
+	return w
 }
 
-func (c *Consumer) removeLane(w *worker) {
+// returnWorker makes w idle again after its lane, counting what it handled.
+func (c *Consumer) returnWorker(w *worker) {
+	c.handled.Add(w.handled)
+	w.handled = 0
 	c.lanesMu.Lock()
-	delete(c.lanes, w)
+	c.idle = append(c.idle, w)
 	c.lanesMu.Unlock()
 }
 

@@ -16,6 +16,7 @@ import (
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"beacon.dev/beacon/events"
 	"beacon.dev/beacon/internal/testutil"
@@ -421,4 +422,97 @@ beacon_events_lag{group="h"} 0
 	if err := promtest.GatherAndCompare(reg, strings.NewReader(want), "beacon_events_handled_total", "beacon_events_lag"); err != nil {
 		t.Error(err)
 	}
+}
+
+// Slow handlers wait side by side: every lane of a round (4 partitions ×
+// 4 workers) has an event in its handler at once — also after quick
+// events, when the lanes of a round share fewer goroutines.
+func TestSlowHandlersRunSideBySide(t *testing.T) {
+	brokers := newCluster(t, "work")
+	p := newProducer(t, brokers)
+	var inFlight, most atomic.Int64
+	var handled atomic.Int64
+	slow := atomic.Bool{}
+	cfg := events.ConsumerConfig{Config: events.Config{Brokers: brokers}, Group: "g", Topics: []string{"work"}, Workers: 4,
+		Handler: func(context.Context, *events.Event) error {
+			defer handled.Add(1)
+			if !slow.Load() {
+				return nil
+			}
+			n := inFlight.Add(1)
+			defer inFlight.Add(-1)
+			for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
+			}
+			time.Sleep(time.Millisecond) // the work of a handler that waits on a database
+			return nil
+		}}
+	startConsumer(t, cfg)
+	publishSeq(t, p, "work", 2000, 256) // quick: rounds go to fewer goroutines
+	testutil.Eventually(t, time.Minute, "the quick events handled", func() bool { return handled.Load() == 2000 })
+	slow.Store(true)
+	publishSeq(t, p, "work", 4000, 256)
+	testutil.Eventually(t, 2*time.Minute, "the slow events handled", func() bool { return handled.Load() == 6000 })
+	if got := most.Load(); got < 16 {
+		t.Errorf("at most %d slow events in their handlers at once, want 16 (every lane of a round)", got)
+	}
+	t.Logf("at most %d slow events at once", most.Load())
+}
+
+// An idle member — it handled events, and now waits for more that do not
+// come — does not hold up a rebalance: a newcomer gets its partitions at
+// once. (The rebalance timeout is 10 minutes, so a member that held the
+// rebalance until it was removed would keep the newcomer waiting past
+// the test's bound.)
+func TestIdleMemberLetsARebalanceGo(t *testing.T) {
+	brokers := newCluster(t, "orders")
+	p := newProducer(t, brokers)
+	var a, b atomic.Int64
+	cfg := func(n *atomic.Int64) events.ConsumerConfig {
+		return events.ConsumerConfig{Config: events.Config{Brokers: brokers, Opts: []kgo.Opt{kgo.RebalanceTimeout(10 * time.Minute)}},
+			Group: "g", Topics: []string{"orders"},
+			Handler: func(context.Context, *events.Event) error { n.Add(1); return nil }}
+	}
+	startConsumer(t, cfg(&a))
+	publishSeq(t, p, "orders", 200, 50)
+	testutil.Eventually(t, time.Minute, "the first member handled every event", func() bool { return a.Load() == 200 })
+	startConsumer(t, cfg(&b))
+	admin, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	testutil.Eventually(t, 2*time.Minute, "both members own partitions", func() bool {
+		return membersWithPartitions(t, admin, "g") == 2
+	})
+	publishSeq(t, p, "orders", 400, 50)
+	testutil.Eventually(t, time.Minute, "every event handled, by both", func() bool { return a.Load()+b.Load() >= 600 && b.Load() > 0 })
+	t.Logf("first member %d events, newcomer %d", a.Load(), b.Load())
+}
+
+// membersWithPartitions is how many members of a stable group own a
+// partition, as the group's coordinator describes it (0 while it
+// rebalances).
+func membersWithPartitions(t *testing.T, cl *kgo.Client, group string) int {
+	req := kmsg.NewPtrDescribeGroupsRequest()
+	req.Groups = []string{group}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := req.RequestWith(ctx, cl)
+	if err != nil || len(resp.Groups) != 1 || resp.Groups[0].State != "Stable" {
+		return 0
+	}
+	n := 0
+	for _, m := range resp.Groups[0].Members {
+		var as kmsg.ConsumerMemberAssignment
+		if err := as.ReadFrom(m.MemberAssignment); err != nil {
+			t.Fatalf("member %s: assignment: %v", m.MemberID, err)
+		}
+		for _, tp := range as.Topics {
+			if len(tp.Partitions) > 0 {
+				n++
+				break
+			}
+		}
+	}
+	return n
 }

@@ -28,8 +28,11 @@ const (
 
 // runChild runs the child process the environment asks for.
 func runChild() int {
-	if os.Getenv(childEnv) == "relay" {
+	switch os.Getenv(childEnv) {
+	case "relay":
 		return runRelay()
+	case "broker":
+		return runBroker()
 	}
 	return runTracking()
 }

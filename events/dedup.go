@@ -27,7 +27,7 @@ import (
 // transaction: a member that lost the partition and still applies an
 // event finds the new owner's ring and does nothing twice. Window must
 // cover what can come back: at least twice the consumer's MaxPollRecords
-// (a redelivery replays at most the last unfinished round), and the
+// (a redelivery replays at most the two rounds not yet committed), and the
 // distance, in events of a partition, at which a republished duplicate
 // may follow its original.
 type KVDedup struct {

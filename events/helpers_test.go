@@ -1,8 +1,12 @@
 package events_test
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"os"
+	"os/exec"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -30,6 +34,52 @@ func newCluster(t testing.TB, topics ...string) []string {
 	t.Cleanup(c.Close)
 	return c.ListenAddrs()
 }
+
+// newBrokerProcess runs the in-process cluster of newCluster in a child
+// process of this binary, for benchmarks: a real broker is never in its
+// consumers' heap, and kfake's store (every event published) in the
+// benchmark's own would make each of its garbage collections mark it.
+func newBrokerProcess(t testing.TB, topics ...string) []string {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), childEnv+"=broker", childTopicsEnv+"="+strings.Join(topics, ","))
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		t.Fatalf("broker process: %v", err)
+	}
+	return strings.Split(strings.TrimSpace(line), ",")
+}
+
+// runBroker is the child of newBrokerProcess: it prints the cluster's
+// addresses and serves until killed (or its parent is gone).
+func runBroker() int {
+	var all []string
+	for _, tp := range strings.Split(os.Getenv(childTopicsEnv), ",") {
+		all = append(all, tp, tp+events.DefaultDeadLetterSuffix)
+	}
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(4, all...))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer c.Close()
+	fmt.Println(strings.Join(c.ListenAddrs(), ","))
+	for parent := os.Getppid(); os.Getppid() == parent; { // else orphaned: the benchmark died without its cleanup
+		time.Sleep(time.Second)
+	}
+	return 0
+}
+
+const childTopicsEnv = "BEACON_EVENTS_TOPICS"
 
 func newProducer(t testing.TB, brokers []string) *events.Producer {
 	t.Helper()

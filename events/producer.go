@@ -205,10 +205,11 @@ func toRecord(ev *Event) *kgo.Record {
 	return &kgo.Record{Topic: ev.Topic, Key: ev.Key, Value: ev.Value, Headers: hs}
 }
 
-// fromRecord turns a consumed record into an event; a malformed id is
-// returned as an error (the event still carries everything else).
-func fromRecord(r *kgo.Record) (*Event, error) {
-	ev := &Event{Topic: r.Topic, Key: r.Key, Value: r.Value, Partition: r.Partition, Offset: r.Offset, Time: r.Timestamp}
+// fillEvent makes ev the event of a consumed record (sharing its bytes);
+// a malformed id is returned as an error (the event is then
+// dead-lettered).
+func fillEvent(ev *Event, r *kgo.Record) error {
+	*ev = Event{Topic: r.Topic, Key: r.Key, Value: r.Value, Partition: r.Partition, Offset: r.Offset, Time: r.Timestamp}
 	var idErr error
 	for _, h := range r.Headers {
 		if h.Key == HeaderID && ev.ID == "" && idErr == nil {
@@ -219,5 +220,5 @@ func fromRecord(r *kgo.Record) (*Event, error) {
 		}
 		ev.Headers = append(ev.Headers, Header{Key: h.Key, Value: h.Value})
 	}
-	return ev, idErr
+	return idErr
 }

@@ -137,9 +137,10 @@ func TestBudgetWindow(t *testing.T) {
 		t.Fatal(err)
 	}
 	now := int64(1000 * time.Second)
-	for range 100 {
+	for range 40 {
 		b.Request(now)
 	}
+	b.RequestN(now, 60) // counts as 60 Requests
 	// 10 reserved (1/s × 10 s) + 20% of 100.
 	got := 0
 	for b.TryRetry(now) {

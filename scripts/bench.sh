@@ -46,7 +46,7 @@ out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 	# Events: consumer throughput (a no-op handler, and one waiting 1 ms an
 	# event) and publish-to-handled latency, beside franz-go used directly,
 	# on franz-go's in-process Kafka (kfake).
-	go test -run '^$' -bench 'Consume/handler=none' -benchtime 200000x -count "${COUNT:-5}" ./events
+	go test -run '^$' -bench 'Consume/handler=none' -benchtime 1000000x -count "${COUNT:-5}" ./events
 	go test -run '^$' -bench 'Consume/handler=1ms' -benchtime 2000x -count "${COUNT:-5}" ./events
 	go test -run '^$' -bench 'PublishToHandled' -benchtime 1000x -count "${COUNT:-5}" ./events
 	# Sagas: steps/s beside the same fenced KV writes by hand, and the
