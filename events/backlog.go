@@ -7,8 +7,8 @@ import "github.com/twmb/franz-go/pkg/kgo"
 // into it as soon as it runs low, because franz-go fetches from a broker
 // again only once what it fetched before was taken: the next fetch is
 // then under way while the backlog's rounds are handled, instead of
-// after them. It holds at most one fetch (FetchMaxBytes) plus less than a
-// round.
+// after them. It holds at most one fetch per broker (FetchMaxBytes) plus
+// less than a round.
 type backlog struct {
 	parts []*partBacklog // in the order they were first polled
 	n     int            // records in all parts

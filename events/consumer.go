@@ -24,7 +24,8 @@ import (
 // Handler handles one event. It must honour ctx: the consumer cancels it
 // at HandlerTimeout, and when a drain runs out of time. An error retries
 // the event (Permanent: straight to the dead-letter topic); a panic counts
-// as an error.
+// as an error. The events of a lane are allocated together: an Event kept
+// after its handler keeps its lane's (at most a round) in memory.
 type Handler func(ctx context.Context, ev *Event) error
 
 // ConsumerConfig configures a Consumer.
@@ -41,8 +42,8 @@ type ConsumerConfig struct {
 	// next round starts when every one of them is handled, dead-lettered
 	// or left to a drain, so a slow handler slows consumption.
 	// FetchMaxBytes bounds a fetch (default 16 MiB): the client buffers
-	// at most one and the consumer's backlog at most one more, plus less
-	// than a round.
+	// at most one per broker and the consumer's backlog at most one more,
+	// plus less than a round.
 	MaxPollRecords int
 	FetchMaxBytes  int32
 	// HandlerTimeout bounds one attempt (default 30 s).
@@ -366,26 +367,31 @@ func (c *Consumer) Run(ctx context.Context) error {
 	// the next is sent (commits stay in order) and before a rebalance may
 	// go (none is made for a partition this member no longer owns).
 	var inflight chan error
-	settle := func() {
+	settle := func() error {
 		if inflight != nil {
 			if err := <-inflight; err != nil {
 				c.fail(err)
 			}
 			inflight = nil
 		}
+		return c.failed()
 	}
 	defer settle()
 	var queued backlog
 	for ctx.Err() == nil {
 		if c.rebalanceWaits() {
-			settle()
+			if err := settle(); err != nil {
+				return err
+			}
 			c.rewind(queued.drop())
 			c.allowRebalance()
 		}
 		if queued.n == 0 {
 			// This poll may wait for events as long as none come: no
 			// rebalance may wait for it (the earlier polls' hold ends).
-			settle()
+			if err := settle(); err != nil {
+				return err
+			}
 			c.allowRebalance()
 			fetches, err := c.poll(ctx)
 			if err != nil {
@@ -417,7 +423,12 @@ func (c *Consumer) Run(ctx context.Context) error {
 		}
 		<-handled
 		cancel()
-		settle()
+		if err := settle(); err != nil {
+			return err
+		}
+		// Before a rebalance may go: its revocation forgets the lag of
+		// the partitions this member loses.
+		c.noteLag(cur.parts, cur.hw, done)
 		if slices.ContainsFunc(undone, func(r *kgo.Record) bool { return r != nil }) || c.rebalanceWaits() || ctx.Err() != nil {
 			// Cut short, or a rebalance waits: commit what finished,
 			// fetch the rest and the backlog again, let the rebalance go.
@@ -430,7 +441,6 @@ func (c *Consumer) Run(ctx context.Context) error {
 			inflight = make(chan error, 1)
 			go func(ch chan<- error) { ch <- c.commit(ctx, done) }(inflight)
 		}
-		c.noteLag(cur.parts, cur.hw, done)
 		if err := c.failed(); err != nil {
 			return err
 		}
@@ -550,7 +560,7 @@ func (c *Consumer) handleRound(ctx, hctx context.Context, parts [][]*kgo.Record)
 	}
 	goroutines := len(lanes)
 	if c.quickHandler {
-		goroutines = min(goroutines, 1+0*runtime.GOMAXPROCS(0))
+		goroutines = min(goroutines, runtime.GOMAXPROCS(0))
 	}
 	var next atomic.Int64
 	run := func() {
@@ -582,8 +592,10 @@ func (c *Consumer) handleRound(ctx, hctx context.Context, parts [][]*kgo.Record)
 	}
 	run()
 	wg.Wait()
-	// Quick: under quickEventTime per event and goroutine.
-	c.quickHandler = time.Since(start)*time.Duration(goroutines) < quickEventTime*time.Duration(events)
+	if ctx.Err() == nil { // a round cut short says nothing of its handler
+		// Quick: under quickEventTime per event and goroutine.
+		c.quickHandler = time.Since(start)*time.Duration(goroutines) < quickEventTime*time.Duration(events)
+	}
 
 	last, undone = make([]*kgo.Record, len(parts)), make([]*kgo.Record, len(parts))
 	for pi, recs := range parts {
@@ -633,13 +645,19 @@ func (c *Consumer) commit(ctx context.Context, last []*kgo.Record) error {
 	}
 	// A commit during a drain still goes out: it is what keeps the next
 	// owner from handling these events again (for at most 10 s then, the
-	// drain's own bound).
+	// drain's own bound — also for a commit the drain found in flight).
+	const drainLimit = 10 * time.Second
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	defer cancel()
 	limit := time.Minute
 	if ctx.Err() != nil {
-		limit = 10 * time.Second
+		limit = drainLimit
+		cctx, cancel = context.WithTimeout(cctx, drainLimit)
+		defer cancel()
+	} else {
+		// (A timer left armed after the commit only cancels cctx again.)
+		defer context.AfterFunc(ctx, func() { time.AfterFunc(drainLimit, cancel) })()
 	}
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), limit)
-	defer cancel()
 	bo := backoff.New(backoff.Config{Base: 100 * time.Millisecond, Max: 5 * time.Second})
 	for {
 		err := c.cl.CommitRecords(cctx, recs...)

@@ -41,11 +41,13 @@ type KVDedup struct {
 	turns map[string]chan struct{} // by state key: whose turn it is in this process, guarded by mu
 }
 
-// DefaultDedupWindow is twice DefaultMaxPollRecords; MaxDedupWindow keeps
+// DefaultDedupWindow is three times DefaultMaxPollRecords (a member that
+// dies replays at most two rounds, and one more is the margin for a
+// republished duplicate); MaxDedupWindow keeps
 // the ring (8 bytes an event) at 256 KiB, half the server's default limit
 // on a transaction's values, leaving the rest to the handler's own.
 const (
-	DefaultDedupWindow = 2 * DefaultMaxPollRecords
+	DefaultDedupWindow = 3 * DefaultMaxPollRecords
 	MaxDedupWindow     = 1 << 15
 )
 

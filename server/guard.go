@@ -13,6 +13,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -24,7 +26,7 @@ import (
 // clients: nothing is served before the server is ready (the port is
 // open from the first moment so that /readyz can say so), a request body
 // is refused as soon as it passes --max-request-bytes (compressed or
-// not), and every write to a client has a deadline, so a client that
+// not), and every write to a client is bounded in time, so a client that
 // stops reading loses its call instead of holding the server's memory.
 
 // errNotReady is what every API call gets while etcd starts.
@@ -56,7 +58,9 @@ func (s *Server) guardAPI(next http.Handler) http.Handler {
 			return
 		}
 		r = r.WithContext(s.withRecheck(context.WithValue(r.Context(), identityKey{}, id), r))
-		w = &deadlineWriter{ResponseWriter: w, rc: http.NewResponseController(w), timeout: s.cfg.Limits.WriteTimeout, timedOut: s.metrics.writeTimeouts}
+		dw, served := s.writes.wrap(w)
+		defer served()
+		w = dw
 		ct := strings.ToLower(r.Header.Get("Content-Type")) // as connect compares it
 		switch {
 		case r.Method != http.MethodPost:
@@ -211,42 +215,93 @@ func gzipOption(max int) connect.HandlerOption {
 	)
 }
 
-// deadlineWriter puts a deadline on every write to the client (and every
-// flush, which for HTTP/2 waits for flow control): a client that does not
-// read for WriteTimeout loses the call. Between writes there is no
-// deadline, so a watch may stay quiet for hours.
+// deadlineWriter bounds every write to the client (and every flush,
+// which for HTTP/2 waits for flow control): a client that does not read
+// for WriteTimeout loses the call. Between writes there is no bound, so a
+// watch may stay quiet for hours. A write only notes when it began; the
+// server's stalledWrites watchdog cuts the ones that outlast the timeout.
+// (A write deadline set and cleared around each write cost four messages
+// to net/http's HTTP/2 serve goroutine per watch message — about a third
+// of a watch stream's send path at 1,000 streams.)
 type deadlineWriter struct {
 	http.ResponseWriter
-	rc       *http.ResponseController
-	timeout  time.Duration
-	timedOut func()
+	rc    *http.ResponseController
+	since atomic.Int64 // Unix ns the write in progress began; 0 between writes
+	cut   atomic.Bool  // the watchdog ended the call
 }
 
 func (d *deadlineWriter) Write(p []byte) (int, error) {
-	_ = d.rc.SetWriteDeadline(time.Now().Add(d.timeout))
+	d.since.Store(time.Now().UnixNano())
 	n, err := d.ResponseWriter.Write(p)
-	d.done(err)
+	d.since.Store(0)
 	return n, err
 }
 
 func (d *deadlineWriter) Flush() {
-	_ = d.rc.SetWriteDeadline(time.Now().Add(d.timeout))
-	err := d.rc.Flush()
-	d.done(err)
-}
-
-func (d *deadlineWriter) done(err error) {
-	if err != nil && isTimeout(err) {
-		d.timedOut()
-	}
-	_ = d.rc.SetWriteDeadline(time.Time{})
+	d.since.Store(time.Now().UnixNano())
+	_ = d.rc.Flush()
+	d.since.Store(0)
 }
 
 func (d *deadlineWriter) Unwrap() http.ResponseWriter { return d.ResponseWriter }
 
-func isTimeout(err error) bool {
-	var t interface{ Timeout() bool }
-	return errors.As(err, &t) && t.Timeout()
+// stalledWrites is the watchdog of the API's writes: every eighth of the
+// timeout (at most a second) it cuts each call whose write has waited
+// for the timeout, with a write deadline already passed, which makes
+// net/http reset the stream (HTTP/2) or fail the connection's write. A
+// stalled write is cut between timeout and timeout and an eighth.
+type stalledWrites struct {
+	timeout  time.Duration
+	timedOut func()
+
+	mu      sync.Mutex
+	writers map[*deadlineWriter]struct{} // guarded by mu: the calls being served
+}
+
+func newStalledWrites(timeout time.Duration, timedOut func()) *stalledWrites {
+	return &stalledWrites{timeout: timeout, timedOut: timedOut, writers: map[*deadlineWriter]struct{}{}}
+}
+
+// wrap returns w bounded by the watchdog, and the function to call when
+// the call ends.
+func (sw *stalledWrites) wrap(w http.ResponseWriter) (*deadlineWriter, func()) {
+	d := &deadlineWriter{ResponseWriter: w, rc: http.NewResponseController(w)}
+	sw.mu.Lock()
+	sw.writers[d] = struct{}{}
+	sw.mu.Unlock()
+	return d, func() {
+		sw.mu.Lock()
+		delete(sw.writers, d)
+		sw.mu.Unlock()
+	}
+}
+
+// run cuts stalled writes until ctx ends.
+func (sw *stalledWrites) run(ctx context.Context) {
+	t := time.NewTicker(min(max(sw.timeout/8, 10*time.Millisecond), time.Second))
+	defer t.Stop()
+	var stalled []*deadlineWriter
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			stalled = stalled[:0]
+			sw.mu.Lock()
+			for d := range sw.writers {
+				if s := d.since.Load(); s != 0 && now.UnixNano()-s >= int64(sw.timeout) && !d.cut.Load() {
+					stalled = append(stalled, d)
+				}
+			}
+			sw.mu.Unlock()
+			for _, d := range stalled { // outside the lock: each is a message to the connection's goroutine
+				if d.cut.CompareAndSwap(false, true) {
+					_ = d.rc.SetWriteDeadline(now)
+					sw.timedOut()
+				}
+			}
+		}
+	}
 }
 
 // retryAfter is the Retry-After a refused client is told, in seconds.

@@ -85,6 +85,7 @@ type Server struct {
 
 	ready     chan struct{}
 	errc      chan error
+	writes    *stalledWrites  // cuts calls whose client stops reading (guard.go)
 	runCtx    context.Context // ends when Close starts; watch streams and the view follow it
 	runCancel context.CancelFunc
 	wg        sync.WaitGroup
@@ -148,10 +149,17 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	}
 	// Serve from the first moment, before etcd is up: /readyz says 503
 	// and API calls get unavailable instead of hanging on an open port.
+	s.writes = newStalledWrites(cfg.Limits.WriteTimeout, s.metrics.writeTimeouts)
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.writes.run(s.runCtx)
+	}()
 	s.httpSrv = s.newHTTPServer(s.routes())
 	if err := s.startConsul(); err != nil {
 		s.runCancel()
 		s.conns.Close()
+		s.wg.Wait() // the write watchdog
 		s.closeAudit()
 		return nil, err
 	}
