@@ -417,13 +417,22 @@ func (w *KVWatcher) apply(parts []*beaconv1.KVWatchResponse) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	rev := parts[len(parts)-1].GetRevision()
-	next, plans := map[string]KeyValue{}, map[string]Rollout{}
-	if !parts[0].GetFullState() && w.state.Values != nil {
-		next, plans = maps.Clone(w.state.Values), maps.Clone(w.state.Rollouts)
+	// The state's maps are shared with readers and never modified: what
+	// changes is copied first, what does not is shared with the next state.
+	next, plans := w.state.Values, w.state.Rollouts
+	ownValues, ownPlans := false, false
+	if parts[0].GetFullState() || w.state.Values == nil {
+		next, plans = map[string]KeyValue{}, map[string]Rollout{}
+		ownValues, ownPlans = true, true
 	}
 	for _, p := range parts {
 		for _, ev := range p.GetEvents() {
 			key := ev.GetKv().GetKey()
+			if ev.GetIsRollout() && !ownPlans {
+				plans, ownPlans = cloneMap(plans), true
+			} else if !ev.GetIsRollout() && !ownValues {
+				next, ownValues = cloneMap(next), true
+			}
 			switch {
 			case ev.GetIsRollout() && ev.GetDeleted():
 				delete(plans, key)
@@ -444,6 +453,14 @@ func (w *KVWatcher) apply(parts []*beaconv1.KVWatchResponse) {
 	if changed {
 		w.notify()
 	}
+}
+
+// cloneMap copies m (never nil, unlike maps.Clone of nil).
+func cloneMap[V any](m map[string]V) map[string]V {
+	if m == nil {
+		return map[string]V{}
+	}
+	return maps.Clone(m)
 }
 
 // ReportApplied tells the server that this instance (session s, named

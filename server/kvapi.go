@@ -433,6 +433,9 @@ func (k kvAPI) Watch(ctx context.Context, req *connect.Request[beaconv1.KVWatchR
 // splitKVMessage cuts a watch message into parts of about
 // maxKVWatchMessageBytes, every part but the last marked more.
 func splitKVMessage(resp *beaconv1.KVWatchResponse) []*beaconv1.KVWatchResponse {
+	if len(resp.GetEvents()) <= 1 {
+		return []*beaconv1.KVWatchResponse{resp} // one event goes alone whatever its size
+	}
 	var parts []*beaconv1.KVWatchResponse
 	cur := &beaconv1.KVWatchResponse{Revision: resp.GetRevision(), FullState: resp.GetFullState()}
 	size := 0

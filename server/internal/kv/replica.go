@@ -380,6 +380,34 @@ func (s *Sub) stateLocked() []*beaconv1.KVEvent {
 func (s *Sub) changesLocked() []*beaconv1.KVEvent {
 	r := s.r
 	from, _ := slices.BinarySearchFunc(r.changes, s.cursor+1, func(c change, rev int64) int { return cmp.Compare(c.rev, rev) })
+	if !s.prefix {
+		// One key: its last value change and its last rollout change,
+		// without the map a prefix needs (1,000 watchers of one key each
+		// take this path for every change).
+		var value, plan *change
+		for i := range r.changes[from:] {
+			c := &r.changes[from+i]
+			if s.wants(*c) && s.readable(c.key) {
+				if c.rollout {
+					plan = c
+				} else {
+					value = c
+				}
+			}
+		}
+		out := make([]*beaconv1.KVEvent, 0, 2)
+		for _, c := range []*change{value, plan} {
+			if c != nil {
+				if ev := s.eventLocked(*c); ev != nil {
+					out = append(out, ev)
+				}
+			}
+		}
+		if len(out) == 2 && out[1].Kv.ModRevision < out[0].Kv.ModRevision {
+			out[0], out[1] = out[1], out[0]
+		}
+		return out
+	}
 	type which struct {
 		key     string
 		rollout bool
@@ -391,22 +419,33 @@ func (s *Sub) changesLocked() []*beaconv1.KVEvent {
 		}
 	}
 	out := make([]*beaconv1.KVEvent, 0, len(latest))
-	for w, c := range latest {
-		switch {
-		case c.deleted:
-			out = append(out, &beaconv1.KVEvent{Kv: &beaconv1.KeyValue{Key: w.key, ModRevision: c.rev}, Deleted: true, IsRollout: w.rollout})
-		case w.rollout:
-			if p := r.plans[s.ns][w.key]; p != nil {
-				out = append(out, &beaconv1.KVEvent{Kv: p.kv, Rollout: p.r, IsRollout: true})
-			}
-		default:
-			if kv := r.keys[s.ns][w.key]; kv != nil {
-				out = append(out, &beaconv1.KVEvent{Kv: kv})
-			}
+	for _, c := range latest {
+		if ev := s.eventLocked(c); ev != nil {
+			out = append(out, ev)
 		}
 	}
 	slices.SortFunc(out, func(a, b *beaconv1.KVEvent) int {
 		return cmp.Or(cmp.Compare(a.Kv.ModRevision, b.Kv.ModRevision), strings.Compare(a.Kv.Key, b.Kv.Key))
 	})
 	return out
+}
+
+// eventLocked is the event a subscriber gets for a key's latest change c:
+// its deletion, its current rollout or its current value (nil when that
+// is gone since).
+func (s *Sub) eventLocked(c change) *beaconv1.KVEvent {
+	r := s.r
+	switch {
+	case c.deleted:
+		return &beaconv1.KVEvent{Kv: &beaconv1.KeyValue{Key: c.key, ModRevision: c.rev}, Deleted: true, IsRollout: c.rollout}
+	case c.rollout:
+		if p := r.plans[s.ns][c.key]; p != nil {
+			return &beaconv1.KVEvent{Kv: p.kv, Rollout: p.r, IsRollout: true}
+		}
+	default:
+		if kv := r.keys[s.ns][c.key]; kv != nil {
+			return &beaconv1.KVEvent{Kv: kv}
+		}
+	}
+	return nil
 }
