@@ -226,19 +226,25 @@ func gzipOption(max int) connect.HandlerOption {
 type deadlineWriter struct {
 	http.ResponseWriter
 	rc    *http.ResponseController
-	since atomic.Int64 // Unix ns the write in progress began; 0 between writes
+	base  time.Time    // the watchdog's: since counts from it, on the monotonic clock
+	since atomic.Int64 // when the write in progress began, in ns after base (+1); 0 between writes
 	cut   atomic.Bool  // the watchdog ended the call
+
+	mu   sync.Mutex // the watchdog's cut against the call's end
+	done bool       // guarded by mu: the handler returned; rc may not be used
 }
 
+func (d *deadlineWriter) began() { d.since.Store(int64(time.Since(d.base)) + 1) }
+
 func (d *deadlineWriter) Write(p []byte) (int, error) {
-	d.since.Store(time.Now().UnixNano())
+	d.began()
 	n, err := d.ResponseWriter.Write(p)
 	d.since.Store(0)
 	return n, err
 }
 
 func (d *deadlineWriter) Flush() {
-	d.since.Store(time.Now().UnixNano())
+	d.began()
 	_ = d.rc.Flush()
 	d.since.Store(0)
 }
@@ -249,27 +255,34 @@ func (d *deadlineWriter) Unwrap() http.ResponseWriter { return d.ResponseWriter 
 // timeout (at most a second) it cuts each call whose write has waited
 // for the timeout, with a write deadline already passed, which makes
 // net/http reset the stream (HTTP/2) or fail the connection's write. A
-// stalled write is cut between timeout and timeout and an eighth.
+// stalled write is cut between timeout and timeout and a tick. What
+// net/http writes itself after the handler returned (a small unary
+// answer, the last flush) is not bounded here.
 type stalledWrites struct {
 	timeout  time.Duration
 	timedOut func()
+	base     time.Time
 
 	mu      sync.Mutex
 	writers map[*deadlineWriter]struct{} // guarded by mu: the calls being served
 }
 
 func newStalledWrites(timeout time.Duration, timedOut func()) *stalledWrites {
-	return &stalledWrites{timeout: timeout, timedOut: timedOut, writers: map[*deadlineWriter]struct{}{}}
+	return &stalledWrites{timeout: timeout, timedOut: timedOut, base: time.Now(), writers: map[*deadlineWriter]struct{}{}}
 }
 
 // wrap returns w bounded by the watchdog, and the function to call when
-// the call ends.
+// the handler returns (after it, the watchdog leaves the call alone: a
+// ResponseController may not be used once ServeHTTP returned).
 func (sw *stalledWrites) wrap(w http.ResponseWriter) (*deadlineWriter, func()) {
-	d := &deadlineWriter{ResponseWriter: w, rc: http.NewResponseController(w)}
+	d := &deadlineWriter{ResponseWriter: w, rc: http.NewResponseController(w), base: sw.base}
 	sw.mu.Lock()
 	sw.writers[d] = struct{}{}
 	sw.mu.Unlock()
 	return d, func() {
+		d.mu.Lock()
+		d.done = true
+		d.mu.Unlock()
 		sw.mu.Lock()
 		delete(sw.writers, d)
 		sw.mu.Unlock()
@@ -280,27 +293,41 @@ func (sw *stalledWrites) wrap(w http.ResponseWriter) (*deadlineWriter, func()) {
 func (sw *stalledWrites) run(ctx context.Context) {
 	t := time.NewTicker(min(max(sw.timeout/8, 10*time.Millisecond), time.Second))
 	defer t.Stop()
-	var stalled []*deadlineWriter
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case now := <-t.C:
-			stalled = stalled[:0]
-			sw.mu.Lock()
-			for d := range sw.writers {
-				if s := d.since.Load(); s != 0 && now.UnixNano()-s >= int64(sw.timeout) && !d.cut.Load() {
-					stalled = append(stalled, d)
-				}
-			}
-			sw.mu.Unlock()
-			for _, d := range stalled { // outside the lock: each is a message to the connection's goroutine
-				if d.cut.CompareAndSwap(false, true) {
-					_ = d.rc.SetWriteDeadline(now)
-					sw.timedOut()
-				}
-			}
+		case <-t.C:
+			sw.cutStalled(int64(time.Since(sw.base)) + 1)
 		}
+	}
+}
+
+// cutStalled cuts the calls whose write began a timeout or more before
+// now (ns after base, +1, as since).
+func (sw *stalledWrites) cutStalled(now int64) {
+	type candidate struct {
+		d     *deadlineWriter
+		since int64
+	}
+	var stalled []candidate
+	sw.mu.Lock()
+	for d := range sw.writers {
+		if s := d.since.Load(); s != 0 && now-s >= int64(sw.timeout) && !d.cut.Load() {
+			stalled = append(stalled, candidate{d, s})
+		}
+	}
+	sw.mu.Unlock()
+	// Outside the registry's lock: each cut is a message to the
+	// connection's goroutine. Under the call's own lock, so that the
+	// handler has not returned, and only if that same write still waits.
+	for _, c := range stalled {
+		c.d.mu.Lock()
+		if !c.d.done && c.d.since.Load() == c.since && c.d.cut.CompareAndSwap(false, true) {
+			_ = c.d.rc.SetWriteDeadline(time.Now())
+			sw.timedOut()
+		}
+		c.d.mu.Unlock()
 	}
 }
 

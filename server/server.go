@@ -83,14 +83,15 @@ type Server struct {
 	targets health.Targets // where checks may probe
 	space   spaceMonitor   // etcd quota, compaction, alarms (space.go)
 
-	ready     chan struct{}
-	errc      chan error
-	writes    *stalledWrites  // cuts calls whose client stops reading (guard.go)
-	runCtx    context.Context // ends when Close starts; watch streams and the view follow it
-	runCancel context.CancelFunc
-	wg        sync.WaitGroup
-	closing   atomic.Bool // set when Close starts; silences etcd's shutdown noise
-	closeOnce sync.Once
+	ready      chan struct{}
+	errc       chan error
+	writes     *stalledWrites     // cuts calls whose client stops reading (guard.go)
+	stopWrites context.CancelFunc // ends the writes' watchdog, after the HTTP servers stopped
+	runCtx     context.Context    // ends when Close starts; watch streams and the view follow it
+	runCancel  context.CancelFunc
+	wg         sync.WaitGroup
+	closing    atomic.Bool // set when Close starts; silences etcd's shutdown noise
+	closeOnce  sync.Once
 }
 
 // Start starts a server: it binds the API address, starts (or connects to)
@@ -150,15 +151,20 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	// Serve from the first moment, before etcd is up: /readyz says 503
 	// and API calls get unavailable instead of hanging on an open port.
 	s.writes = newStalledWrites(cfg.Limits.WriteTimeout, s.metrics.writeTimeouts)
+	// Its own context: a shutdown still cuts stalled writes while it
+	// waits for the calls in flight.
+	writesCtx, stopWrites := context.WithCancel(context.Background())
+	s.stopWrites = stopWrites
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		s.writes.run(s.runCtx)
+		s.writes.run(writesCtx)
 	}()
 	s.httpSrv = s.newHTTPServer(s.routes())
 	if err := s.startConsul(); err != nil {
 		s.runCancel()
 		s.conns.Close()
+		s.stopWrites()
 		s.wg.Wait() // the write watchdog
 		s.closeAudit()
 		return nil, err
@@ -169,6 +175,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 		if s.consulSrv != nil {
 			s.consulSrv.Close()
 		}
+		s.stopWrites()
 		s.wg.Wait()
 		s.closeAudit()
 		return nil, err
@@ -180,6 +187,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 			s.consulSrv.Close()
 		}
 		s.stopConsole(nil)
+		s.stopWrites()
 		s.wg.Wait() // their Serve goroutines
 		s.closeAudit()
 		return nil, err
@@ -201,6 +209,7 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 			}
 			s.stopConsole(nil)
 			s.stopXDS()
+			s.stopWrites()
 			s.wg.Wait()
 			s.closeAudit()
 		}
@@ -504,6 +513,7 @@ func (s *Server) Close() error {
 		}
 		s.stopConsole(ctx)
 		s.stopXDS() // its streams ended with runCtx
+		s.stopWrites()
 		s.wg.Wait()
 		s.closeAudit()
 		s.members.Close() // the others take over our checks at once
