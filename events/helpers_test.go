@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"strings"
@@ -48,10 +49,16 @@ func newBrokerProcess(t testing.TB, topics ...string) []string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The child serves until its stdin closes: at the cleanup, or when
+	// this process dies without one.
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	t.Cleanup(func() { _ = in.Close(); _ = cmd.Wait() })
 	line, err := bufio.NewReader(out).ReadString('\n')
 	if err != nil {
 		t.Fatalf("broker process: %v", err)
@@ -60,7 +67,8 @@ func newBrokerProcess(t testing.TB, topics ...string) []string {
 }
 
 // runBroker is the child of newBrokerProcess: it prints the cluster's
-// addresses and serves until killed (or its parent is gone).
+// addresses and serves until its stdin closes (its parent is done, or
+// gone).
 func runBroker() int {
 	var all []string
 	for _, tp := range strings.Split(os.Getenv(childTopicsEnv), ",") {
@@ -73,9 +81,7 @@ func runBroker() int {
 	}
 	defer c.Close()
 	fmt.Println(strings.Join(c.ListenAddrs(), ","))
-	for parent := os.Getppid(); os.Getppid() == parent; { // else orphaned: the benchmark died without its cleanup
-		time.Sleep(time.Second)
-	}
+	_, _ = io.Copy(io.Discard, os.Stdin)
 	return 0
 }
 
