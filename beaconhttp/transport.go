@@ -329,12 +329,12 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if !ok {
 		return t.base.RoundTrip(req)
 	}
-	svc, err := t.service(name)
-	if err != nil {
-		return nil, err
-	}
 	rt := t.base
 	if req.URL.Scheme == "https" {
+		svc, err := t.service(name)
+		if err != nil {
+			return nil, err
+		}
 		if rt, err = svc.tlsTransport(t.base, req.URL.Hostname()); err != nil {
 			return nil, err
 		}
@@ -343,40 +343,11 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if err != nil {
 		return nil, err
 	}
-	kind := policy.NotIdempotent
-	if replay && idempotent(req) {
-		kind = policy.Idempotent
-	}
 	var last *http.Response
-	var tried string // the previous attempt's endpoint: retries go elsewhere
-	callCtx := req.Context()
-	var span trace.Span
-	attempts := 0
-	if t.tracer != nil {
-		callCtx, span = tracing.StartCall(callCtx, t.tracer, kind == policy.Idempotent,
-			attribute.String("http.request.method", req.Method), attribute.String("server.address", name))
-		t.config.Record(span)
-	}
-	// DoHold, not Do: the response is read after the call returns, and the
-	// timeouts must keep running, not cancel, while its body is read.
-	release, err := svc.exec.DoHold(callCtx, kind, func(ctx context.Context) (err error) {
+	release, err := t.Call(req.Context(), name, replay && idempotent(req), func(ctx context.Context, ep balancer.Pick) (int, error) {
 		if last != nil { // a retried 5xx: its body is not returned
 			drain(last)
 			last = nil
-		}
-		if t.tracer != nil {
-			attempts++
-			var aspan trace.Span
-			ctx, aspan = tracing.StartAttempt(ctx, t.tracer, attempts, 0)
-			defer func() { endAttempt(aspan, last, err) }()
-		}
-		ep, err := svc.bal.Pick(balancer.PickInfo{Avoid: tried})
-		if err != nil {
-			return policy.Unsent(err)
-		}
-		tried = ep.ID
-		if t.tracer != nil {
-			tracing.RecordPick(ctx, svc.bal.Name(), ep)
 		}
 		// A shallow copy with its own URL: the base transport reads the
 		// headers and does not change them, so they need no deep copy.
@@ -389,44 +360,18 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			out.Host = name
 		}
 		if replay && req.GetBody != nil {
+			var err error
 			if out.Body, err = req.GetBody(); err != nil {
-				ep.Done(nil)
-				return policy.Permanent(err)
+				return 0, policy.Permanent(err)
 			}
 		}
 		resp, err := rt.RoundTrip(out)
 		if err != nil {
-			t.done(ctx, svc.bal, ep, err)
-			if !replay && !errors.Is(err, syscall.ECONNREFUSED) {
-				return policy.Permanent(err) // the body is spent
-			}
-			return classify(err)
-		}
-		if resp.StatusCode >= 500 {
-			t.done(ctx, svc.bal, ep, &errStatus{resp.StatusCode})
-		} else {
-			ep.Done(nil)
+			return 0, Classify(err, replay)
 		}
 		last = resp
-		if retryableStatus(resp.StatusCode) {
-			return policy.Retryable(&errStatus{resp.StatusCode})
-		}
-		return nil
-	})
-	if span != nil {
-		code := ""
-		if err != nil {
-			code = "error"
-			if last != nil {
-				code = strconv.Itoa(last.StatusCode)
-			}
-		}
-		tracing.EndCall(span, err, code)
-	}
-	var es *errStatus
-	if err != nil && errors.As(err, &es) && last != nil {
-		return hold(last, release), nil // retries exhausted on a 5xx: hand back the response
-	}
+		return resp.StatusCode, nil
+	}, attribute.String("http.request.method", req.Method))
 	if err != nil {
 		if last != nil {
 			drain(last)
@@ -441,16 +386,104 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	return hold(last, release), nil
 }
 
-// endAttempt records an attempt's outcome on its span.
-func endAttempt(span trace.Span, resp *http.Response, err error) {
+// Attempt is one try of a call, sent to the instance ep the balancer
+// picked. It reports the status of the response it got, or an error when
+// none came, marked for the retry policy (Classify). An attempt that is
+// retried must let go of its response itself, when the next one starts.
+type Attempt func(ctx context.Context, ep balancer.Pick) (status int, err error)
+
+// Call runs attempt against the instances of service under the
+// transport's policies, as RoundTrip does for an *http.Request: the
+// balancer picks each attempt's instance (a retry avoids the previous
+// one), outcomes feed outlier ejection (a 5xx is a failure), a 502, 503 or
+// 504 is retried while the policy allows, the breaker and the retry budget
+// apply, and with WithTracing the call and its attempts are spans
+// (attrs go on the call's). For a caller that speaks HTTP to the
+// instances itself — beacon proxy's HTTP/1.1 path — or any protocol whose
+// outcome is a status. idempotent lets a failure after sending be
+// retried; an unsent one (Classify) always may be.
+//
+// Call returns nil when the last attempt got a response, even a 5xx the
+// retries could not get past. release ends the attempt's context and its
+// timeouts (WithPolicies): call it once done with the response, whatever
+// the error.
+func (t *Transport) Call(ctx context.Context, service string, idempotent bool, attempt Attempt, attrs ...attribute.KeyValue) (release context.CancelFunc, err error) {
+	svc, err := t.service(service)
+	if err != nil {
+		return noop, err
+	}
+	kind := policy.NotIdempotent
+	if idempotent {
+		kind = policy.Idempotent
+	}
+	var tried string // the previous attempt's endpoint: retries go elsewhere
+	var span trace.Span
+	attempts, status := 0, 0
+	if t.tracer != nil {
+		ctx, span = tracing.StartCall(ctx, t.tracer, idempotent, append(attrs, attribute.String("server.address", service))...)
+		t.config.Record(span)
+	}
+	// DoHold, not Do: the response is read after the call returns, and the
+	// timeouts must keep running, not cancel, while its body is read.
+	release, err = svc.exec.DoHold(ctx, kind, func(ctx context.Context) (err error) {
+		status = 0
+		if t.tracer != nil {
+			attempts++
+			var aspan trace.Span
+			ctx, aspan = tracing.StartAttempt(ctx, t.tracer, attempts, 0)
+			defer func() { endAttempt(aspan, status, err) }()
+		}
+		ep, err := svc.bal.Pick(balancer.PickInfo{Avoid: tried})
+		if err != nil {
+			return policy.Unsent(err)
+		}
+		tried = ep.ID
+		if t.tracer != nil {
+			tracing.RecordPick(ctx, svc.bal.Name(), ep)
+		}
+		if status, err = attempt(ctx, ep); err != nil {
+			status = 0
+			t.done(ctx, svc.bal, ep, err)
+			return err
+		}
+		if status >= 500 {
+			t.done(ctx, svc.bal, ep, &errStatus{status})
+		} else {
+			ep.Done(nil)
+		}
+		if retryableStatus(status) {
+			return policy.Retryable(&errStatus{status})
+		}
+		return nil
+	})
+	// Retries exhausted on a 5xx: the caller hands on its response.
+	var es *errStatus
+	exhausted := err != nil && errors.As(err, &es) && status != 0
+	if span != nil {
+		code := ""
+		if exhausted {
+			code = strconv.Itoa(status)
+		} else if err != nil {
+			code = "error"
+		}
+		tracing.EndCall(span, err, code)
+	}
+	if exhausted {
+		err = nil
+	}
+	return release, err
+}
+
+func noop() {}
+
+// endAttempt records an attempt's outcome on its span: the status of
+// its response, or 0 when none came.
+func endAttempt(span trace.Span, status int, err error) {
 	switch {
-	case resp != nil && resp.StatusCode >= 500:
-		code := strconv.Itoa(resp.StatusCode)
-		tracing.EndAttempt(span, "error", code, attribute.Int("http.response.status_code", resp.StatusCode))
-	case resp != nil:
-		tracing.EndAttempt(span, "ok", "", attribute.Int("http.response.status_code", resp.StatusCode))
-	case err != nil:
-		tracing.EndAttempt(span, "error", "no response")
+	case status >= 500:
+		tracing.EndAttempt(span, "error", strconv.Itoa(status), attribute.Int("http.response.status_code", status))
+	case status > 0:
+		tracing.EndAttempt(span, "ok", "", attribute.Int("http.response.status_code", status))
 	default:
 		tracing.EndAttempt(span, "error", "no response")
 	}
@@ -534,9 +567,15 @@ func retryableStatus(code int) bool {
 	return code == http.StatusBadGateway || code == http.StatusServiceUnavailable || code == http.StatusGatewayTimeout
 }
 
-// classify marks transport errors for the retry policy: a refused
-// connection never reached the server.
-func classify(err error) error {
+// Classify marks an attempt's transport error for the retry policy: a
+// refused connection never reached the instance (policy.Unsent: any call
+// may go elsewhere); a reset, an early end or a timeout is worth another
+// try of an idempotent call; other errors are not. A request whose body
+// could not be replayed (sent is spent) is retried only when unsent.
+func Classify(err error, replayable bool) error {
+	if !replayable && !errors.Is(err, syscall.ECONNREFUSED) {
+		return policy.Permanent(err) // the body is spent
+	}
 	if errors.Is(err, syscall.ECONNREFUSED) {
 		return policy.Unsent(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -347,5 +348,70 @@ func TestOnlyAllowedHostsAreServices(t *testing.T) {
 		if _, err := beaconhttp.NewTransport(e.cache, opts...); err == nil {
 			t.Errorf("NewTransport(%d options) accepted a transport with no valid service hosts", len(opts))
 		}
+	}
+}
+
+// Call is RoundTrip's policy loop for callers that speak HTTP themselves:
+// a 503 goes to the other instance, a refused dial too (even for a
+// non-idempotent call: nothing was sent), and a 5xx the retries cannot
+// get past comes back as the last attempt's status, not an error.
+func TestCallRetriesElsewhereAndHandsBackTheLastStatus(t *testing.T) {
+	e := newEnv(t)
+	a, b := startBackend(t, "a"), startBackend(t, "b")
+	e.register(t, "echo", a, b)
+	tr, err := beaconhttp.NewTransport(e.cache, beaconhttp.WithServices("echo"),
+		beaconhttp.WithRetry(policy.RetryConfig{MaxAttempts: 2, BaseBackoff: time.Millisecond}),
+		beaconhttp.WithOutlierDetection(outlier.Config{ConsecutiveFailures: -1, FailureRate: -1}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	call := func(idempotent bool, answer func(addr string) (int, error)) (addrs []string, err error) {
+		release, err := tr.Call(e.ctx, "echo", idempotent, func(ctx context.Context, ep balancer.Pick) (int, error) {
+			addrs = append(addrs, ep.Addr)
+			return answer(ep.Addr)
+		})
+		release()
+		return addrs, err
+	}
+	aAddr := fmt.Sprintf("127.0.0.1:%d", a.port)
+	// a answers 503: a call starting there is retried on b.
+	for range 10 {
+		addrs, err := call(true, func(addr string) (int, error) {
+			if addr == aAddr {
+				return 503, nil
+			}
+			return 200, nil
+		})
+		if err != nil || (len(addrs) == 2 && addrs[0] == addrs[1]) || len(addrs) > 2 {
+			t.Fatalf("attempts %v, err %v: want at most 2, a retry on the other instance, no error", addrs, err)
+		}
+	}
+	// A refused dial is unsent: even a non-idempotent call goes on.
+	tries := 0
+	addrs, err := call(false, func(addr string) (int, error) {
+		if tries++; tries == 1 {
+			return 0, beaconhttp.Classify(&net.OpError{Op: "dial", Err: syscall.ECONNREFUSED}, false)
+		}
+		return 200, nil
+	})
+	if err != nil || len(addrs) != 2 {
+		t.Fatalf("refused then answered: attempts %v, err %v; want 2 attempts, no error", addrs, err)
+	}
+	// A reset after sending a non-idempotent call: not retried.
+	addrs, err = call(false, func(string) (int, error) {
+		return 0, beaconhttp.Classify(syscall.ECONNRESET, true)
+	})
+	if err == nil || len(addrs) != 1 {
+		t.Fatalf("reset non-idempotent call: attempts %v, err %v; want 1 attempt and the error", addrs, err)
+	}
+	// Both answer 503: the last status comes back, no error.
+	addrs, err = call(true, func(string) (int, error) { return 503, nil })
+	if err != nil || len(addrs) != 2 {
+		t.Fatalf("503 everywhere: attempts %v, err %v; want 2 attempts and no error (the caller hands on the 503)", addrs, err)
+	}
+	// A spent body is never retried after a reset.
+	if err := beaconhttp.Classify(syscall.ECONNRESET, false); policy.IsRetryable(err) {
+		t.Errorf("Classify(reset, not replayable) = %v, retryable; want permanent", err)
 	}
 }
