@@ -37,24 +37,48 @@ func (a *accessLog) close() {
 	}
 }
 
-func (a *accessLog) write(req *http.Request, rec *recorder, route, service string, start time.Time, st *reqState) {
+// accessEntry is what a log line says of a request.
+type accessEntry struct {
+	remote, method, host, path, proto string
+	status                            int
+	bytes                             int64
+	userAgent                         string
+}
+
+// writeRequest logs a request served through net/http.
+func (a *accessLog) writeRequest(req *http.Request, rec *recorder, route, service string, start time.Time, st *reqState) {
+	if a == nil {
+		return
+	}
+	e := accessEntry{remote: req.RemoteAddr, method: req.Method, host: req.Host, path: req.URL.Path, proto: req.Proto,
+		status: rec.status(), bytes: rec.bytes, userAgent: req.UserAgent()}
+	attempts := -1
+	var err error
+	if st != nil {
+		attempts, err = int(st.attempts.Load()), st.err
+	}
+	a.write(&e, route, service, start, attempts, err)
+}
+
+// write logs one request; attempts < 0: not sent anywhere.
+func (a *accessLog) write(e *accessEntry, route, service string, start time.Time, attempts int, err error) {
 	if a == nil {
 		return
 	}
 	attrs := []slog.Attr{
-		slog.String("remote", req.RemoteAddr), slog.String("method", req.Method), slog.String("host", req.Host),
-		slog.String("path", req.URL.Path), slog.String("proto", req.Proto), slog.Int("status", rec.status()),
-		slog.Int64("bytes", rec.bytes), slog.Float64("duration_ms", float64(time.Since(start).Microseconds())/1000),
+		slog.String("remote", e.remote), slog.String("method", e.method), slog.String("host", e.host),
+		slog.String("path", e.path), slog.String("proto", e.proto), slog.Int("status", e.status),
+		slog.Int64("bytes", e.bytes), slog.Float64("duration_ms", float64(time.Since(start).Microseconds())/1000),
 		slog.String("route", route), slog.String("service", service),
 	}
-	if st != nil {
-		attrs = append(attrs, slog.Int("attempts", int(st.attempts.Load())))
-		if st.err != nil {
-			attrs = append(attrs, slog.String("error", st.err.Error()))
+	if attempts >= 0 {
+		attrs = append(attrs, slog.Int("attempts", attempts))
+		if err != nil {
+			attrs = append(attrs, slog.String("error", err.Error()))
 		}
 	}
-	if ua := req.UserAgent(); ua != "" {
-		attrs = append(attrs, slog.String("user_agent", ua))
+	if e.userAgent != "" {
+		attrs = append(attrs, slog.String("user_agent", e.userAgent))
 	}
 	a.l.LogAttrs(context.Background(), slog.LevelInfo, "request", attrs...)
 }

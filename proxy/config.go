@@ -101,8 +101,13 @@ type Listener struct {
 	Addr string     `json:"addr"`
 	TLS  *ServerTLS `json:"tls,omitempty"`
 	// H2C accepts HTTP/2 without TLS (prior knowledge) beside HTTP/1.1.
-	H2C    bool   `json:"h2c,omitempty"`
-	Limits Limits `json:"limits,omitempty"`
+	H2C bool `json:"h2c,omitempty"`
+	// NetHTTP serves every request of a plain listener with Go's net/http
+	// server and transport, as TLS listeners are, instead of the HTTP/1.1
+	// fast path (docs/proxy.md). For comparison, or a client the fast
+	// path mishandles.
+	NetHTTP bool   `json:"netHTTP,omitempty"`
+	Limits  Limits `json:"limits,omitempty"`
 }
 
 // Limits bound what one listener accepts. Zero fields take

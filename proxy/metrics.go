@@ -20,6 +20,7 @@ type metrics struct {
 	reloads     prometheus.Counter
 	reloadFails prometheus.Counter
 	tcp         *prometheus.CounterVec
+	handoffs    *prometheus.CounterVec
 	all         []prometheus.Collector
 }
 
@@ -46,8 +47,10 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Help: "Reloads refused (invalid file, or a change that needs a restart); the old configuration stayed."}),
 		tcp: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "beacon_proxy_tcp_connections_total",
 			Help: "TCP connections by route, service and result (proxied, failed)."}, []string{"route", "service", "result"}),
+		handoffs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "beacon_proxy_handoffs_total",
+			Help: "Connections the HTTP/1.1 fast path handed to net/http, by the reason of the request that did not suit it (docs/proxy.md)."}, []string{"reason"}),
 	}
-	m.all = []prometheus.Collector{m.requests, m.duration, m.attempts, m.retries, m.unrouted, m.conns, m.rejected, m.reloads, m.reloadFails, m.tcp}
+	m.all = []prometheus.Collector{m.requests, m.duration, m.attempts, m.retries, m.unrouted, m.conns, m.rejected, m.reloads, m.reloadFails, m.tcp, m.handoffs}
 	reg.MustRegister(m)
 	return m
 }

@@ -56,16 +56,18 @@ func WithRegisterer(r prometheus.Registerer) Option { return func(p *Proxy) { p.
 // Proxy serves a Config. Make it with New, run it with Run, change its
 // routes with Reload. Safe for concurrent use.
 type Proxy struct {
-	log      *slog.Logger
-	tp       trace.TracerProvider // nil: no tracing
-	tracer   trace.Tracer
-	extraReg prometheus.Registerer
-	reg      *prometheus.Registry
-	m        *metrics
-	access   *accessLog
-	client   *client.Client
-	cache    *discovery.Cache
-	base     *http.Transport
+	log       *slog.Logger
+	tp        trace.TracerProvider // nil: no tracing
+	tracer    trace.Tracer
+	extraReg  prometheus.Registerer
+	reg       *prometheus.Registry
+	m         *metrics
+	access    *accessLog
+	client    *client.Client
+	cache     *discovery.Cache
+	base      *http.Transport
+	upstreams *upstreams     // the HTTP/1.1 fast path's connections
+	bg        sync.WaitGroup // the upstreams' reaper
 
 	mu    sync.Mutex             // serialises Reload
 	cfg   atomic.Pointer[Config] // the running config
@@ -178,6 +180,9 @@ func New(cfg *Config, opts ...Option) (*Proxy, error) {
 	}
 	p.base = beaconhttp.DefaultBase()
 	p.base.DisableCompression = true // pass Accept-Encoding and bodies through untouched
+	p.upstreams = newUpstreams()
+	p.bg.Add(1)
+	go func() { defer p.bg.Done(); p.upstreams.run(p.stopping) }() // owned by p: ends with Close (or closeDeps)
 	t, err := p.build(cfg, nil)
 	if err != nil {
 		p.closeDeps()
@@ -189,6 +194,8 @@ func New(cfg *Config, opts ...Option) (*Proxy, error) {
 }
 
 func (p *Proxy) closeDeps() {
+	p.stop()
+	p.bg.Wait()
 	p.cache.Close()
 	p.client.Close()
 	p.base.CloseIdleConnections()
@@ -303,6 +310,7 @@ type route struct {
 	tlsFiles []byte          // their content when built: rotated files make a new route
 	hedge    *policy.Hedger
 	rp       *httputil.ReverseProxy
+	fast     bool // the HTTP/1.1 fast path may serve it: no hedging, no upstream TLS, no tracing
 	rm       routeMetrics
 }
 
@@ -386,6 +394,7 @@ func (p *Proxy) newRoute(cfg *Config, rc *Route) (*route, error) {
 		}
 		rt = &hedgeRT{next: r.tr, h: r.hedge}
 	}
+	r.fast = r.hedge == nil && r.tlsBase == nil && p.tracer == nil
 	prefix := rc.Match.PathPrefix
 	r.rp = &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
@@ -407,21 +416,56 @@ func (p *Proxy) newRoute(cfg *Config, rc *Route) (*route, error) {
 
 // matches reports whether req is the route's.
 func (r *route) matches(req *http.Request, host string) bool {
-	m := &r.cfg.Match
-	switch {
-	case r.host == "":
-	case strings.HasPrefix(r.host, "*."):
-		if !strings.HasSuffix(host, r.host[1:]) {
-			return false
-		}
-	case host != r.host:
+	if !r.hostMatches(host) {
 		return false
 	}
+	m := &r.cfg.Match
 	if m.PathPrefix != "" && !strings.HasPrefix(req.URL.Path, m.PathPrefix) {
 		return false
 	}
 	for k, v := range m.Headers {
 		if req.Header.Get(k) != v {
+			return false
+		}
+	}
+	return true
+}
+
+// hostMatches reports whether host (lower case, no port) is the route's.
+func (r *route) hostMatches(host string) bool {
+	switch {
+	case r.host == "":
+		return true
+	case strings.HasPrefix(r.host, "*."):
+		return strings.HasSuffix(host, r.host[1:])
+	}
+	return host == r.host
+}
+
+// matchesRaw is matches for the fast path's parsed head; host is the Host
+// header without its port.
+func (r *route) matchesRaw(host []byte, h *requestHead) bool {
+	if r.host != "" {
+		if len(host) > 1 && host[0] == '[' && host[len(host)-1] == ']' {
+			host = host[1 : len(host)-1]
+		}
+		if !r.hostMatches(strings.ToLower(string(host))) {
+			return false
+		}
+	}
+	m := &r.cfg.Match
+	if m.PathPrefix != "" && !bytes.HasPrefix(h.path, []byte(m.PathPrefix)) {
+		return false
+	}
+	for k, v := range m.Headers {
+		var got []byte // the first value, as Header.Get
+		for _, hd := range h.headers {
+			if bytes.EqualFold(hd.name, []byte(k)) {
+				got = hd.value
+				break
+			}
+		}
+		if string(got) != v {
 			return false
 		}
 	}
@@ -453,7 +497,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	if r == nil {
 		http.Error(rec, "beacon proxy: no route matches this request", http.StatusNotFound)
 		p.m.unrouted.Inc()
-		p.access.write(req, rec, "", "", start, nil)
+		p.access.writeRequest(req, rec, "", "", start, nil)
 		return
 	}
 	lim := limitsOf(req.Context())
@@ -461,7 +505,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		if req.ContentLength > lim.MaxBodyBytes {
 			http.Error(rec, fmt.Sprintf("beacon proxy: request body of %d bytes is over the listener's limit (limits.maxBodyBytes %d)", req.ContentLength, lim.MaxBodyBytes), http.StatusRequestEntityTooLarge)
 			r.rm.done(rec.status(), time.Since(start), 0)
-			p.access.write(req, rec, r.cfg.Name, r.cfg.Service, start, nil)
+			p.access.writeRequest(req, rec, r.cfg.Name, r.cfg.Service, start, nil)
 			return
 		}
 		req.Body = http.MaxBytesReader(rec, req.Body, lim.MaxBodyBytes)
@@ -489,11 +533,24 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	r.rp.ServeHTTP(rec, req.WithContext(ctx))
 	n := int(attempts.Load())
 	r.rm.done(rec.status(), time.Since(start), n)
-	p.access.write(req, rec, r.cfg.Name, r.cfg.Service, start, st)
+	p.access.writeRequest(req, rec, r.cfg.Name, r.cfg.Service, start, st)
 }
 
 // upstreamError answers a request that got no upstream response.
 func (p *Proxy) upstreamError(w http.ResponseWriter, req *http.Request, err error) {
+	code, err := errorStatus(err)
+	if st, ok := req.Context().Value(stateKey{}).(*reqState); ok {
+		st.err = err
+	}
+	p.log.Debug("beacon proxy: upstream error", "url", req.URL.String(), "err", err)
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(code)
+	fmt.Fprintf(w, "beacon proxy: %v\n", err)
+}
+
+// errorStatus is the status answering a request that got no upstream
+// response, and the error to tell the client.
+func errorStatus(err error) (int, error) {
 	code := http.StatusBadGateway
 	var mbe *http.MaxBytesError
 	switch {
@@ -509,13 +566,7 @@ func (p *Proxy) upstreamError(w http.ResponseWriter, req *http.Request, err erro
 	case errors.Is(err, context.Canceled):
 		code = 499 // the client went away (nginx's code); nobody reads it
 	}
-	if st, ok := req.Context().Value(stateKey{}).(*reqState); ok {
-		st.err = err
-	}
-	p.log.Debug("beacon proxy: upstream error", "url", req.URL.String(), "err", err)
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	w.WriteHeader(code)
-	fmt.Fprintf(w, "beacon proxy: %v\n", err)
+	return code, err
 }
 
 // stateKey carries a request's *reqState in its context.

@@ -39,11 +39,13 @@ func limitsOf(ctx context.Context) *Limits {
 func (p *Proxy) Run(ctx context.Context) error {
 	cfg := p.cfg.Load()
 	var (
-		lns     []net.Listener
+		lns     []net.Listener // what each server serves
 		servers []*http.Server
+		fast    []*h1Server // the plain listeners' HTTP/1.1 fast paths
+		fastLns []net.Listener
 	)
 	closeAll := func() {
-		for _, ln := range lns {
+		for _, ln := range append(lns, fastLns...) {
 			ln.Close()
 		}
 	}
@@ -70,6 +72,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 			srv.Protocols.SetHTTP1(true)
 			srv.Protocols.SetUnencryptedHTTP2(true)
 			srv.Protocols.SetHTTP2(true)
+		}
+		if lc.TLS == nil && !lc.NetHTTP { // the fast path accepts; net/http gets what it hands over
+			h := newH1Server(p, lc.Limits, ln.Addr())
+			fast, fastLns = append(fast, h), append(fastLns, ln)
+			ln = h.handoff
 		}
 		lns = append(lns, ln)
 		servers = append(servers, srv)
@@ -121,6 +128,15 @@ func (p *Proxy) Run(ctx context.Context) error {
 			}
 		}()
 	}
+	for i, h := range fast {
+		wg.Add(1)
+		go func() { // owned by Run: ends when its listener is closed below
+			defer wg.Done()
+			if err := h.serve(fastLns[i]); err != nil && !errors.Is(err, net.ErrClosed) {
+				errc <- fmt.Errorf("proxy: serving %s: %w", fastLns[i].Addr(), err)
+			}
+		}()
+	}
 	for _, t := range tcps {
 		wg.Add(1)
 		go func() { defer wg.Done(); t.serve() }() // ends with t.close
@@ -163,9 +179,24 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), shutdown)
 	defer cancel()
+	for _, ln := range fastLns {
+		ln.Close()
+	}
+	var fastWG sync.WaitGroup
+	fastErrs := make([]error, len(fast))
+	for i, h := range fast {
+		fastWG.Add(1)
+		go func() { defer fastWG.Done(); fastErrs[i] = h.shutdown(sctx) }() // ends by sctx at the latest
+	}
 	for _, srv := range servers {
 		if serr := srv.Shutdown(sctx); serr != nil && err == nil {
 			err = fmt.Errorf("proxy: requests still in flight after %v: %w", shutdown, serr)
+		}
+	}
+	fastWG.Wait()
+	for _, ferr := range fastErrs {
+		if ferr != nil && err == nil {
+			err = fmt.Errorf("proxy: requests still in flight after %v: %w", shutdown, ferr)
 		}
 	}
 	for _, t := range tcps {
