@@ -94,9 +94,9 @@ func newProxyRig(tb testing.TB, beaconBin string, withAnchors bool) *proxyRig {
 		r.backends = append(r.backends, be)
 		r.startBackend(i)
 	}
-	r.targets = []*proxyTarget{r.startBeaconProxy(beaconBin)}
+	r.targets = []*proxyTarget{r.startBeaconProxy(beaconBin, false)}
 	if withAnchors {
-		r.targets = append(r.targets, r.startNginx(), r.startHAProxy(), r.startGoProxy())
+		r.targets = append(r.targets, r.startBeaconProxy(beaconBin, true), r.startNginx(), r.startHAProxy(), r.startGoProxy())
 	}
 	for _, t := range r.targets {
 		r.waitAllBackends(t)
@@ -183,15 +183,20 @@ func (r *proxyRig) write(name, body string) string {
 
 // startBeaconProxy: one route to the service; the defaults otherwise
 // (3 attempts for idempotent requests, outlier ejection after 5
-// consecutive failures, P2C).
-func (r *proxyRig) startBeaconProxy(bin string) *proxyTarget {
+// consecutive failures, P2C). netHTTP: the listener serves through Go's
+// net/http instead of the HTTP/1.1 fast path (the path before it).
+func (r *proxyRig) startBeaconProxy(bin string, netHTTP bool) *proxyTarget {
 	addr := testutil.FreeAddr(r.tb)
-	cfg := r.write("proxy.yaml", fmt.Sprintf(`registry:
+	name := "beacon-proxy"
+	if netHTTP {
+		name += "-nethttp"
+	}
+	cfg := r.write(name+".yaml", fmt.Sprintf(`registry:
   servers: [%q]
-listeners: [{name: edge, addr: %q}]
+listeners: [{name: edge, addr: %q, netHTTP: %v}]
 routes: [{name: web, service: web}]
-`, r.registry, addr))
-	return r.startDaemon("beacon-proxy", "http://"+addr, bin, "proxy", "--config", cfg, "--reload-interval", "0")
+`, r.registry, addr, netHTTP))
+	return r.startDaemon(name, "http://"+addr, bin, "proxy", "--config", cfg, "--reload-interval", "0")
 }
 
 // startNginx: the upstream with keepalive connections and passive health
@@ -409,8 +414,9 @@ func procField(pid, i int) (float64, bool) {
 }
 
 // BenchmarkProxy: throughput and latency through beacon proxy beside
-// nginx, HAProxy and the Go floor (a bare httputil.ReverseProxy) in the
-// same run, wrk with 16 and 100 connections for
+// nginx, HAProxy, the Go floor (a bare httputil.ReverseProxy) and beacon
+// proxy on net/http (listeners[i].netHTTP, the path before the HTTP/1.1
+// fast path) in the same run, wrk with 16 and 100 connections for
 // 10 s each (after 2 s of warm-up), the proxies taking turns. Reported:
 // requests/s, p50/p99, the proxy's CPU per request, and the ratios to
 // nginx (goal: throughput ≥ 0.8×, p99 ≤ 1.2×) and HAProxy.
@@ -433,13 +439,15 @@ func BenchmarkProxy(b *testing.B) {
 					b.Errorf("%s: %v failed requests without a fault", t.name, r.errors)
 				}
 			}
-			bp, ng, ha, gp := res["beacon-proxy"], res["nginx"], res["haproxy"], res["go-reverseproxy"]
+			bp, ng, ha, gp, nh := res["beacon-proxy"], res["nginx"], res["haproxy"], res["go-reverseproxy"], res["beacon-proxy-nethttp"]
 			b.ReportMetric(bp.perSecond/ng.perSecond, "req/s_vs_nginx")
 			b.ReportMetric(bp.p99/ng.p99, "p99_vs_nginx")
 			b.ReportMetric(bp.perSecond/ha.perSecond, "req/s_vs_haproxy")
 			b.ReportMetric(bp.p99/ha.p99, "p99_vs_haproxy")
 			b.ReportMetric(bp.perSecond/gp.perSecond, "req/s_vs_go")
 			b.ReportMetric(bp.p99/gp.p99, "p99_vs_go")
+			b.ReportMetric(bp.perSecond/nh.perSecond, "req/s_vs_nethttp")
+			b.ReportMetric(nh.perSecond/ng.perSecond, "nethttp_req/s_vs_nginx")
 		})
 	}
 }
