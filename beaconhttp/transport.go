@@ -344,7 +344,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	var last *http.Response
-	release, err := t.Call(req.Context(), name, replay && idempotent(req), func(ctx context.Context, ep balancer.Pick) (int, error) {
+	status, release, err := t.Call(req.Context(), name, replay && idempotent(req), func(ctx context.Context, ep balancer.Pick) (int, error) {
 		if last != nil { // a retried 5xx: its body is not returned
 			drain(last)
 			last = nil
@@ -362,7 +362,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if replay && req.GetBody != nil {
 			var err error
 			if out.Body, err = req.GetBody(); err != nil {
-				return 0, policy.Permanent(err)
+				return 0, Local(err)
 			}
 		}
 		resp, err := rt.RoundTrip(out)
@@ -379,12 +379,26 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		release()
 		return nil, fmt.Errorf("beaconhttp: %s %s: %w", req.Method, req.URL, err)
 	}
-	if last == nil { // a fallback answered the error without a response
+	if status == 0 { // a fallback answered the error without a response
+		if last != nil { // an earlier attempt's, retried
+			drain(last)
+		}
 		release()
 		return nil, fmt.Errorf("beaconhttp: %s %s: the fallback gave no response", req.Method, req.URL)
 	}
 	return hold(last, release), nil
 }
+
+// Local marks an attempt's failure as the caller's own — a request body
+// that could not be read again, a caller shutting down — not the
+// instance's: outlier ejection and the breaker do not count it against
+// the instance, and the call is not retried.
+func Local(err error) error { return policy.Permanent(&localError{err}) }
+
+type localError struct{ err error }
+
+func (e *localError) Error() string { return e.err.Error() }
+func (e *localError) Unwrap() error { return e.err }
 
 // Attempt is one try of a call, sent to the instance ep the balancer
 // picked. It reports the status of the response it got, or an error when
@@ -404,13 +418,14 @@ type Attempt func(ctx context.Context, ep balancer.Pick) (status int, err error)
 // retried; an unsent one (Classify) always may be.
 //
 // Call returns nil when the last attempt got a response, even a 5xx the
-// retries could not get past. release ends the attempt's context and its
-// timeouts (WithPolicies): call it once done with the response, whatever
-// the error.
-func (t *Transport) Call(ctx context.Context, service string, idempotent bool, attempt Attempt, attrs ...attribute.KeyValue) (release context.CancelFunc, err error) {
+// retries could not get past; status is that response's, or 0 when the
+// last attempt got none (a fallback policy answered the error). release
+// ends the attempt's context and its timeouts (WithPolicies): call it
+// once done with the response, whatever the error.
+func (t *Transport) Call(ctx context.Context, service string, idempotent bool, attempt Attempt, attrs ...attribute.KeyValue) (status int, release context.CancelFunc, err error) {
 	svc, err := t.service(service)
 	if err != nil {
-		return noop, err
+		return 0, noop, err
 	}
 	kind := policy.NotIdempotent
 	if idempotent {
@@ -418,7 +433,7 @@ func (t *Transport) Call(ctx context.Context, service string, idempotent bool, a
 	}
 	var tried string // the previous attempt's endpoint: retries go elsewhere
 	var span trace.Span
-	attempts, status := 0, 0
+	attempts := 0
 	if t.tracer != nil {
 		ctx, span = tracing.StartCall(ctx, t.tracer, idempotent, append(attrs, attribute.String("server.address", service))...)
 		t.config.Record(span)
@@ -443,7 +458,12 @@ func (t *Transport) Call(ctx context.Context, service string, idempotent bool, a
 		}
 		if status, err = attempt(ctx, ep); err != nil {
 			status = 0
-			t.done(ctx, svc.bal, ep, err)
+			var local *localError
+			if errors.As(err, &local) {
+				ep.Done(nil)
+			} else {
+				t.done(ctx, svc.bal, ep, err)
+			}
 			return err
 		}
 		if status >= 500 {
@@ -461,17 +481,20 @@ func (t *Transport) Call(ctx context.Context, service string, idempotent bool, a
 	exhausted := err != nil && errors.As(err, &es) && status != 0
 	if span != nil {
 		code := ""
-		if exhausted {
+		switch {
+		case err != nil && status != 0: // a 5xx, then no more tries
 			code = strconv.Itoa(status)
-		} else if err != nil {
+		case err != nil:
 			code = "error"
 		}
 		tracing.EndCall(span, err, code)
 	}
 	if exhausted {
 		err = nil
+	} else if err != nil {
+		status = 0
 	}
-	return release, err
+	return status, release, err
 }
 
 func noop() {}

@@ -367,7 +367,7 @@ func TestCallRetriesElsewhereAndHandsBackTheLastStatus(t *testing.T) {
 	}
 	defer tr.Close()
 	call := func(idempotent bool, answer func(addr string) (int, error)) (addrs []string, err error) {
-		release, err := tr.Call(e.ctx, "echo", idempotent, func(ctx context.Context, ep balancer.Pick) (int, error) {
+		_, release, err := tr.Call(e.ctx, "echo", idempotent, func(ctx context.Context, ep balancer.Pick) (int, error) {
 			addrs = append(addrs, ep.Addr)
 			return answer(ep.Addr)
 		})

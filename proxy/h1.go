@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"runtime/debug"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -59,7 +60,7 @@ func (s *h1Server) serve(ln net.Listener) error {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			if ne, ok := err.(net.Error); ok && ne.Timeout() { // EMFILE and the like: back off
+			if te, ok := err.(interface{ Temporary() bool }); ok && te.Temporary() { // EMFILE and the like: back off, as net/http does
 				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
 				time.Sleep(delay)
 				continue
@@ -124,6 +125,7 @@ type h1Conn struct {
 
 	// The current request's attempts (attempt, a method value made once).
 	attemptFn  beaconhttp.Attempt
+	ctx        deadlineContext // the proxy's, with the route's deadline
 	r          *route
 	isHead     bool
 	idem       bool
@@ -182,10 +184,15 @@ func (fc *h1Conn) serve() {
 	s := fc.s
 	handedOff := false
 	defer func() {
+		if v := recover(); v != nil { // as net/http: one connection's bug is not the process's end
+			s.p.log.Error("beacon proxy: panic serving a connection", "remote", fc.c.RemoteAddr().String(), "panic", v, "stack", string(debug.Stack()))
+			handedOff = false
+		}
 		if u := fc.takeUp(); u != nil {
 			u.close()
 		}
 		if !handedOff {
+			fc.bw.Flush() // answers to pipelined requests still buffered
 			fc.c.Close()
 		}
 		s.mu.Lock()
@@ -196,6 +203,7 @@ func (fc *h1Conn) serve() {
 	fc.br = bufio.NewReaderSize(fc.c, h1BufSize)
 	fc.bw = bufio.NewWriterSize(fc.c, h1BufSize)
 	fc.attemptFn = fc.attempt
+	fc.ctx.Context = s.p.stopping
 	if host, _, err := net.SplitHostPort(fc.c.RemoteAddr().String()); err == nil {
 		fc.clientAddr = host
 	}
@@ -294,6 +302,7 @@ func (fc *h1Conn) serveRequest() (keep bool, reason string) {
 		return false, handoffBodySize
 	}
 	fc.start = time.Now()
+	fc.isHead = string(h.method) == http.MethodHead
 	t := p.acquire()
 	if t == nil {
 		fc.writeError(http.StatusServiceUnavailable, "beacon proxy: closing", true)
@@ -321,35 +330,45 @@ func (fc *h1Conn) serveRequest() (keep bool, reason string) {
 	keep = !h.close
 	if r == nil {
 		keep = fc.discardBody() && keep
-		fc.writeError(http.StatusNotFound, "beacon proxy: no route matches this request", !keep)
+		n := fc.writeError(http.StatusNotFound, "beacon proxy: no route matches this request", !keep)
 		p.m.unrouted.Inc()
-		fc.log(http.StatusNotFound, 0, "", "", nil)
+		fc.log(http.StatusNotFound, n, "", "", -1, nil)
 		return keep, ""
 	}
 	if lim := fc.s.lim.MaxBodyBytes; lim > 0 && h.contentLength > lim {
-		fc.writeError(http.StatusRequestEntityTooLarge, fmt.Sprintf("beacon proxy: request body of %d bytes is over the listener's limit (limits.maxBodyBytes %d)", h.contentLength, lim), true)
+		n := fc.writeError(http.StatusRequestEntityTooLarge, fmt.Sprintf("beacon proxy: request body of %d bytes is over the listener's limit (limits.maxBodyBytes %d)", h.contentLength, lim), true)
 		r.rm.done(http.StatusRequestEntityTooLarge, time.Since(fc.start), 0)
-		fc.log(http.StatusRequestEntityTooLarge, 0, r.cfg.Name, r.cfg.Service, nil)
+		fc.log(http.StatusRequestEntityTooLarge, n, r.cfg.Name, r.cfg.Service, -1, nil)
 		return false, ""
 	}
 	fc.deadline = fc.start.Add(time.Duration(r.cfg.Timeout))
-	if !fc.readBody() {
+	if err := fc.readBody(); err != nil { // the client went away or stalled: nobody to answer
+		r.rm.done(499, time.Since(fc.start), 0)
+		fc.log(499, 0, r.cfg.Name, r.cfg.Service, -1, fmt.Errorf("reading the request body: %w", err))
 		return false, ""
 	}
 	fc.buildOutHead(r)
-	fc.isHead = string(h.method) == http.MethodHead
 	fc.idem = h.idempotencyKey || idempotentMethod(h.method)
 	fc.attempts = 0
-	release, err := r.tr.Call(p.stopping, r.cfg.Service, fc.idem, fc.attemptFn)
+	if fc.bw.Buffered() > 0 { // answers to earlier pipelined requests: no reason to hold them
+		if fc.bw.Flush() != nil {
+			return false, ""
+		}
+	}
+	fc.ctx.deadline = fc.deadline
+	status, release, err := r.tr.Call(&fc.ctx, r.cfg.Service, fc.idem, fc.attemptFn)
 	defer release()
+	if err == nil && status == 0 {
+		err = errors.New("no response from the instances") // a fallback policy answered (none is configured today)
+	}
 	if err != nil {
 		if u := fc.takeUp(); u != nil { // a retried response that was not handed on
 			u.close()
 		}
 		code, err := errorStatus(err)
-		fc.writeError(code, "beacon proxy: "+err.Error(), !keep)
+		n := fc.writeError(code, "beacon proxy: "+err.Error(), !keep)
 		r.rm.done(code, time.Since(fc.start), fc.attempts)
-		fc.log(code, 0, r.cfg.Name, r.cfg.Service, err)
+		fc.log(code, n, r.cfg.Name, r.cfg.Service, fc.attempts, err)
 		return keep, ""
 	}
 	n, clientOK, upKept := fc.writeResponse(keep)
@@ -360,9 +379,20 @@ func (fc *h1Conn) serveRequest() (keep bool, reason string) {
 		u.close()
 	}
 	r.rm.done(fc.resp.status, time.Since(fc.start), fc.attempts)
-	fc.log(fc.resp.status, n, r.cfg.Name, r.cfg.Service, nil)
+	fc.log(fc.resp.status, n, r.cfg.Name, r.cfg.Service, fc.attempts, nil)
 	return keep && clientOK, ""
 }
+
+// deadlineContext is the proxy's context with a request's deadline, so
+// that the retry policy sees it (no retry starts that could not end in
+// time) without a timer per request: the fast path's I/O is bounded by
+// the connections' deadlines.
+type deadlineContext struct {
+	context.Context
+	deadline time.Time
+}
+
+func (c *deadlineContext) Deadline() (time.Time, bool) { return c.deadline, true }
 
 // hostPortSplit is the index of the port's colon in a Host, or -1.
 func hostPortSplit(host []byte) int {
@@ -386,11 +416,11 @@ func idempotentMethod(m []byte) bool {
 }
 
 // readBody reads the request's body whole, within the route's timeout.
-func (fc *h1Conn) readBody() bool {
+func (fc *h1Conn) readBody() error {
 	n := int(fc.req.contentLength)
 	if n <= 0 {
 		fc.body = fc.body[:0]
-		return true
+		return nil
 	}
 	if cap(fc.body) < n {
 		fc.body = make([]byte, n)
@@ -398,7 +428,7 @@ func (fc *h1Conn) readBody() bool {
 	fc.body = fc.body[:n]
 	fc.c.SetReadDeadline(fc.deadline)
 	_, err := io.ReadFull(fc.br, fc.body)
-	return err == nil
+	return err
 }
 
 // discardBody skips the body of a request that is not sent anywhere.
@@ -420,9 +450,9 @@ func (fc *h1Conn) buildOutHead(r *route) {
 	out := append(fc.out[:0], h.method...)
 	out = append(out, ' ')
 	target := h.target
-	if r.cfg.StripPrefix {
+	if r.cfg.StripPrefix { // as the net/http path: "/" + the rest without one leading "/"
 		rest := target[len(r.cfg.Match.PathPrefix):]
-		for len(rest) > 0 && rest[0] == '/' {
+		if len(rest) > 0 && rest[0] == '/' {
 			rest = rest[1:]
 		}
 		out = append(out, '/')
@@ -431,13 +461,12 @@ func (fc *h1Conn) buildOutHead(r *route) {
 	out = append(out, target...)
 	out = append(out, " HTTP/1.1\r\n"...)
 	for _, hd := range h.headers {
-		if hopByHop(hd.name, h.hop) {
-			if headerIs(hd.name, "te") && headerIs(hd.value, "trailers") {
-				out = append(out, "Te: trailers\r\n"...)
-			}
-			continue
+		if !hopByHop(hd.name, h.hop, true) {
+			out = append(out, hd.line...)
 		}
-		out = append(out, hd.line...)
+	}
+	if h.teTrailers { // the one TE that passes, as ReverseProxy's
+		out = append(out, "Te: trailers\r\n"...)
 	}
 	if fc.clientAddr != "" {
 		out = append(out, "X-Forwarded-For: "...)
@@ -463,43 +492,53 @@ func (fc *h1Conn) attempt(ctx context.Context, ep balancer.Pick) (int, error) {
 			headDL, perTry = t, true
 		}
 	}
+	if !time.Now().Before(fc.deadline) {
+		return 0, beaconhttp.Local(fc.routeTimeout())
+	}
 	for fresh := false; ; fresh = true {
 		u, reused, err := p.upstreams.get(ctx, ep.Addr, headDL, fresh)
 		if err != nil {
-			return 0, fc.attemptError(err, perTry)
+			return 0, fc.attemptError(err, perTry, headDL)
 		}
 		if !fc.setUp(u) {
 			u.close()
-			return 0, policy.Permanent(errors.New("proxy: closing"))
+			return 0, beaconhttp.Local(errors.New("proxy: closing"))
 		}
-		sent, err := u.roundTrip(fc.out, fc.body, &fc.resp, headDL)
+		written, err := u.roundTrip(fc.out, fc.body, &fc.resp, headDL)
 		if err == nil {
 			u.c.SetReadDeadline(fc.deadline) // the body: within the route's timeout
 			return fc.resp.status, nil
 		}
 		fc.takeUp()
 		u.close()
-		// A pooled connection the instance had closed: the request did
-		// not reach it (nothing came back). Like net/http's transport,
-		// send again on a new connection when that is safe.
-		if reused && !fresh && u.nothingRead && (fc.idem || !sent) {
+		// A pooled connection the instance closed as it was taken: the
+		// request did not reach it (nothing came back). Like net/http's
+		// transport, send again on a new connection when that is safe:
+		// an idempotent request, or one not a byte of which was written.
+		if reused && !fresh && u.nothingRead && (fc.idem || written == 0) && time.Now().Before(headDL) {
 			continue
 		}
-		return 0, fc.attemptError(err, perTry)
+		return 0, fc.attemptError(err, perTry, headDL)
 	}
 }
 
-// attemptError classifies an attempt's failure; a timeout is the
-// per-try one (retried elsewhere) or the route's (the end).
-func (fc *h1Conn) attemptError(err error, perTry bool) error {
+// attemptError classifies an attempt's failure. A timeout at the
+// attempt's bound is the per-try timeout (retried elsewhere) or the
+// route's (the end); other timeouts (a dial's, a keepalive probe's) are
+// the instance's, as any other failure.
+func (fc *h1Conn) attemptError(err error, perTry bool, headDL time.Time) error {
 	var ne net.Error
-	if errors.As(err, &ne) && ne.Timeout() {
+	if errors.As(err, &ne) && ne.Timeout() && !time.Now().Before(headDL) {
 		if perTry {
 			return policy.Retryable(errPerTry{time.Duration(fc.r.cfg.PerTryTimeout)})
 		}
-		return policy.Permanent(fmt.Errorf("proxy: route timeout %v: %w", time.Duration(fc.r.cfg.Timeout), context.DeadlineExceeded))
+		return policy.Permanent(fc.routeTimeout())
 	}
 	return beaconhttp.Classify(err, true)
+}
+
+func (fc *h1Conn) routeTimeout() error {
+	return fmt.Errorf("proxy: route timeout %v: %w", time.Duration(fc.r.cfg.Timeout), context.DeadlineExceeded)
 }
 
 // writeResponse sends the instance's response to the client: its head
@@ -515,7 +554,7 @@ func (fc *h1Conn) writeResponse(keep bool) (n int64, clientOK, upKept bool) {
 	for _, hd := range h.headers {
 		// Trailer stays: the trailers it announces follow, in the chunked
 		// body passed on as it came.
-		if !hopByHop(hd.name, h.hop) || headerIs(hd.name, "trailer") {
+		if !hopByHop(hd.name, h.hop, false) || headerIs(hd.name, "trailer") {
 			bw.Write(hd.line)
 		}
 	}
@@ -533,11 +572,11 @@ func (fc *h1Conn) writeResponse(keep bool) (n int64, clientOK, upKept bool) {
 	var err error
 	switch kind {
 	case bodyLength:
-		n, err = copyN(bw, u.br, h.contentLength)
+		n, err = copyN(bw, u.br, h.contentLength, false)
 	case bodyChunked:
 		n, err = copyChunked(bw, u.br)
 	case bodyUntilClose:
-		n, err = bw.ReadFrom(u.br)
+		n, err = copyUntilClose(bw, u.br)
 	}
 	if err != nil {
 		return n, false, false
@@ -552,11 +591,22 @@ func (fc *h1Conn) writeResponse(keep bool) (n int64, clientOK, upKept bool) {
 // errUpstreamBody: the instance's side of a body failed mid-way.
 var errUpstreamBody = errors.New("proxy: instance's response body failed")
 
-// copyN copies n bytes from the instance's reader, without allocating.
-func copyN(dst *bufio.Writer, src *bufio.Reader, n int64) (int64, error) {
+// A body of unknown length — chunked, or up to the close — is a stream
+// (server-sent events, a long poll): what came is flushed to the client
+// before each wait for more, as httputil.ReverseProxy does. A body of a
+// known length is flushed when the buffer fills or the response ends.
+
+// copyN copies n bytes from the instance's reader, without allocating;
+// stream flushes before each wait.
+func copyN(dst *bufio.Writer, src *bufio.Reader, n int64, stream bool) (int64, error) {
 	var done int64
 	for done < n {
 		if src.Buffered() == 0 {
+			if stream {
+				if err := dst.Flush(); err != nil {
+					return done, err
+				}
+			}
 			if _, err := src.Peek(1); err != nil {
 				return done, err
 			}
@@ -576,6 +626,11 @@ func copyN(dst *bufio.Writer, src *bufio.Reader, n int64) (int64, error) {
 func copyChunked(dst *bufio.Writer, src *bufio.Reader) (int64, error) {
 	var total int64
 	for {
+		if src.Buffered() == 0 {
+			if err := dst.Flush(); err != nil {
+				return total, err
+			}
+		}
 		line, err := src.ReadSlice('\n')
 		if err != nil {
 			return total, err
@@ -604,7 +659,7 @@ func copyChunked(dst *bufio.Writer, src *bufio.Reader) (int64, error) {
 				dst.Write(line)
 			}
 		}
-		n, err := copyN(dst, src, size)
+		n, err := copyN(dst, src, size, true)
 		total += n
 		if err != nil {
 			return total, err
@@ -615,6 +670,29 @@ func copyChunked(dst *bufio.Writer, src *bufio.Reader) (int64, error) {
 		}
 		dst.Write(crlf)
 		src.Discard(2)
+	}
+}
+
+// copyUntilClose copies a body that ends when the instance closes.
+func copyUntilClose(dst *bufio.Writer, src *bufio.Reader) (int64, error) {
+	var total int64
+	for {
+		if src.Buffered() == 0 {
+			if err := dst.Flush(); err != nil {
+				return total, err
+			}
+			if _, err := src.Peek(1); err == io.EOF {
+				return total, nil
+			} else if err != nil {
+				return total, err
+			}
+		}
+		b, _ := src.Peek(src.Buffered())
+		if _, err := dst.Write(b); err != nil {
+			return total, err
+		}
+		src.Discard(len(b))
+		total += int64(len(b))
 	}
 }
 
@@ -655,8 +733,9 @@ func chunkSize(line []byte) (int64, bool) {
 	return n, digits > 0
 }
 
-// writeError answers the request with a plain text error, as http.Error.
-func (fc *h1Conn) writeError(code int, msg string, closeConn bool) {
+// writeError answers the request with a plain text error, as
+// http.Error, and returns the body's length (none for a HEAD request).
+func (fc *h1Conn) writeError(code int, msg string, closeConn bool) int64 {
 	bw := fc.bw
 	bw.WriteString("HTTP/1.1 ")
 	bw.WriteString(strconv.Itoa(code))
@@ -669,12 +748,17 @@ func (fc *h1Conn) writeError(code int, msg string, closeConn bool) {
 	bw.WriteString("Content-Length: ")
 	bw.WriteString(strconv.Itoa(len(msg) + 1))
 	bw.WriteString("\r\n\r\n")
+	if fc.isHead {
+		return 0
+	}
 	bw.WriteString(msg)
 	bw.WriteByte('\n')
+	return int64(len(msg) + 1)
 }
 
-// log writes the request's access log line, if there is an access log.
-func (fc *h1Conn) log(status int, n int64, route, service string, err error) {
+// log writes the request's access log line, if there is an access log;
+// attempts < 0: the request was sent nowhere.
+func (fc *h1Conn) log(status int, n int64, route, service string, attempts int, err error) {
 	a := fc.s.p.access
 	if a == nil {
 		return
@@ -682,7 +766,7 @@ func (fc *h1Conn) log(status int, n int64, route, service string, err error) {
 	h := &fc.req
 	a.write(&accessEntry{remote: fc.c.RemoteAddr().String(), method: string(h.method), host: string(h.host),
 		path: string(h.path), proto: "HTTP/1.1", status: status, bytes: n, userAgent: string(h.userAgent)},
-		route, service, fc.start, fc.attempts, err)
+		route, service, fc.start, attempts, err)
 }
 
 // replayConn is a handed-off connection: the bytes the fast path read,

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -445,5 +446,158 @@ func TestFastPathShutdownFinishesTheRequestInFlight(t *testing.T) {
 	}
 	if err := <-done; err != nil {
 		t.Errorf("Run() = %v, want nil", err)
+	}
+}
+
+// A Connection header naming the request's framing cannot smuggle a
+// request in a body: the fast path hands it to net/http, which sends the
+// body as the body. A HEAD that no route takes is answered without a
+// body, and the connection goes on serving.
+func TestFastPathKeepsRequestsApart(t *testing.T) {
+	e := newEnv(t)
+	var paths sync.Map
+	e.backend("web", "web-1", "", func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		paths.Store(r.URL.Path, len(b))
+		fmt.Fprintf(w, "%s %d", r.URL.Path, len(b))
+	})
+	p, base, _ := e.startProxy(fmt.Sprintf(`listeners: [{name: edge, addr: %q}]
+routes: [{name: web, match: {host: shop.example}, service: web}]
+`, itestutil.FreeAddr(t)))
+	waitServing(t, &http.Client{Timeout: 5 * time.Second}, base+"/x", map[string]string{"Host": "shop.example"}, "/x 0")
+
+	smuggled := "GET /admin HTTP/1.1\r\nHost: shop.example\r\n\r\n"
+	rc := dialRaw(t, base)
+	rc.send(fmt.Sprintf("POST /in HTTP/1.1\r\nHost: shop.example\r\nConnection: content-length\r\nContent-Length: %d\r\n\r\n%s", len(smuggled), smuggled))
+	if resp, body := rc.read("POST"); resp.StatusCode != 200 || body != fmt.Sprintf("/in %d", len(smuggled)) {
+		t.Errorf("POST with Connection: content-length = %d %q, want the body passed as a body", resp.StatusCode, body)
+	}
+	if _, ok := paths.Load("/admin"); ok {
+		t.Error("the instance served /admin: a request was smuggled in a body")
+	}
+	if got := handoffs(t, p, "malformed"); got != 1 {
+		t.Errorf("handoffs{reason=malformed} = %v, want 1", got)
+	}
+
+	rc = dialRaw(t, base)
+	rc.send("HEAD /nothing HTTP/1.1\r\nHost: elsewhere.example\r\n\r\nGET /y HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+	if resp, _ := rc.read("HEAD"); resp.StatusCode != 404 {
+		t.Errorf("unrouted HEAD = %d, want 404", resp.StatusCode)
+	}
+	if resp, body := rc.read("GET"); resp.StatusCode != 200 || body != "/y 0" {
+		t.Errorf("the request after an unrouted HEAD = %d %q, want 200 \"/y 0\" (no error body in between)", resp.StatusCode, body)
+	}
+}
+
+// An instance that sends bytes after its answer (an idle timeout's 408,
+// a body longer than it said) never has them read as the answer to the
+// next request: that connection is not used again.
+func TestFastPathNeverPassesAStrayAnswerOn(t *testing.T) {
+	e := newEnv(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() { // ends when the listener closes
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { // ends when the peer closes
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for n := 0; ; n++ {
+					c.SetDeadline(time.Now().Add(20 * time.Second))
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					io.Copy(io.Discard, req.Body)
+					body := fmt.Sprintf("ok %s", req.URL.Path)
+					// One write: the answer, then a stray 408 on the same connection.
+					fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%sHTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n", len(body), body)
+				}
+			}()
+		}
+	}()
+	host, port, _ := net.SplitHostPort(ln.Addr().String())
+	pn, _ := strconv.Atoi(port)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := e.sess.Register(ctx, registry.Instance{Service: "web", ID: "web-1", Address: host, Port: pn}); err != nil {
+		t.Fatal(err)
+	}
+	_, base, _ := e.startProxy(fmt.Sprintf(`listeners: [{name: edge, addr: %q}]
+routes: [{name: web, service: web, retry: {maxAttempts: 1}}]
+`, itestutil.FreeAddr(t)))
+	waitServing(t, &http.Client{Timeout: 5 * time.Second}, base+"/w", nil, "ok /w")
+	rc := dialRaw(t, base)
+	for i := range 20 {
+		rc.send(fmt.Sprintf("POST /p%d HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi", i))
+		if resp, body := rc.read("POST"); resp.StatusCode != 200 || body != fmt.Sprintf("ok /p%d", i) {
+			t.Fatalf("POST %d = %d %q, want 200 %q", i, resp.StatusCode, body, fmt.Sprintf("ok /p%d", i))
+		}
+	}
+}
+
+// A streamed answer (chunked, its end unknown) reaches the client as it
+// comes: the instance sends its second part only once the client has
+// read the first.
+func TestFastPathStreamsAnswersOfUnknownLength(t *testing.T) {
+	e := newEnv(t)
+	gotFirst := make(chan struct{})
+	e.backend("web", "web-1", "", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/stream" {
+			io.WriteString(w, "plain")
+			return
+		}
+		io.WriteString(w, "first;")
+		w.(http.Flusher).Flush()
+		select {
+		case <-gotFirst:
+		case <-r.Context().Done():
+			return
+		}
+		io.WriteString(w, "second")
+	})
+	_, base, _ := e.startProxy(fmt.Sprintf(`listeners: [{name: edge, addr: %q}]
+routes: [{name: web, service: web}]
+`, itestutil.FreeAddr(t)))
+	waitServing(t, &http.Client{Timeout: 5 * time.Second}, base+"/", nil, "plain")
+	rc := dialRaw(t, base)
+	rc.send("GET /stream HTTP/1.1\r\nHost: a\r\n\r\n")
+	resp, err := http.ReadResponse(rc.br, &http.Request{Method: "GET"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := make([]byte, len("first;"))
+	if _, err := io.ReadFull(resp.Body, first); err != nil || string(first) != "first;" {
+		t.Fatalf("first part = %q, %v; want it before the instance sends more", first, err)
+	}
+	close(gotFirst)
+	rest, err := io.ReadAll(resp.Body)
+	if err != nil || string(rest) != "second" {
+		t.Errorf("rest = %q, %v; want second", rest, err)
+	}
+}
+
+// A client that sends a request and the start of another, then stops
+// sending, still gets the first answer whole.
+func TestFastPathAnswersBeforeAHalfClose(t *testing.T) {
+	e := newEnv(t)
+	e.backend("web", "web-1", "", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, strings.Repeat("z", 10000))
+	})
+	_, base, _ := e.startProxy(fmt.Sprintf(`listeners: [{name: edge, addr: %q}]
+routes: [{name: web, service: web}]
+`, itestutil.FreeAddr(t)))
+	waitServing(t, &http.Client{Timeout: 5 * time.Second}, base+"/", nil, strings.Repeat("z", 10000))
+	rc := dialRaw(t, base)
+	rc.send("GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /sec")
+	rc.c.(*net.TCPConn).CloseWrite()
+	if resp, body := rc.read("GET"); resp.StatusCode != 200 || len(body) != 10000 {
+		t.Errorf("the answer before the half-close = %d, %d bytes; want 200 and 10000", resp.StatusCode, len(body))
 	}
 }

@@ -127,7 +127,8 @@ type requestHead struct {
 	host                 []byte
 	contentLength        int64
 	close                bool // Connection: close
-	idempotencyKey       bool
+	idempotencyKey       bool // a non-empty Idempotency-Key
+	teTrailers           bool // TE names trailers
 	userAgent            []byte
 	headers              []header
 	hop                  [][]byte // headers the Connection header names
@@ -188,7 +189,13 @@ func parseRequest(head []byte, h *requestHead) string {
 				}
 			}
 		case headerIs(hd.name, "idempotency-key"):
-			h.idempotencyKey = true
+			h.idempotencyKey = h.idempotencyKey || len(hd.value) > 0
+		case headerIs(hd.name, "te"):
+			for tok := range bytes.SplitSeq(hd.value, []byte(",")) {
+				if tok = bytes.Trim(tok, " \t"); headerIs(tok, "trailers") || bytes.HasPrefix(bytes.ToLower(tok), []byte("trailers;")) {
+					h.teTrailers = true
+				}
+			}
 		case headerIs(hd.name, "user-agent"):
 			h.userAgent = hd.value
 		}
@@ -211,14 +218,26 @@ func parseRequest(head []byte, h *requestHead) string {
 		}
 	}
 	for _, tok := range h.hop {
-		if headerIs(tok, "upgrade") {
+		switch {
+		case headerIs(tok, "upgrade"):
 			return handoffUpgrade
+		case framingHeader(tok):
+			// Connection naming a header that frames or routes the
+			// request: dropping it would change what the instance reads
+			// (a request smuggled in a body).
+			return handoffMalformed
 		}
 	}
-	if h.target == nil {
+	if h.target == nil || string(h.method) == "CONNECT" {
 		return handoffTarget
 	}
 	return ""
+}
+
+// framingHeader: headers a Connection header may not name on the fast
+// path (net/http's transport writes its own Host and length instead).
+func framingHeader(name []byte) bool {
+	return headerIs(name, "content-length") || headerIs(name, "transfer-encoding") || headerIs(name, "host")
 }
 
 // proto is the start line's last word (for the reason of a hand-off).
@@ -262,15 +281,58 @@ func (h *requestHead) requestLine(line []byte) bool {
 			return false
 		}
 	}
-	path := target
+	path, query := target, []byte(nil)
 	if q := bytes.IndexByte(target, '?'); q >= 0 {
-		path = target[:q]
+		path, query = target[:q], target[q+1:]
 	}
-	if bytes.IndexByte(path, '%') >= 0 {
+	for _, c := range path {
+		if !pathChar[c] {
+			return true // percent-encoded, or what net/http would escape: its to send
+		}
+	}
+	if !plainQuery(query) {
 		return true
 	}
 	h.target, h.path = target, path
 	return true
+}
+
+// pathChar: what a path is sent as by net/http unchanged (RFC 3986's
+// unreserved and sub-delims, ':', '@' and '/'); '%' is not: a
+// percent-encoded path is matched on its decoded form, net/http's.
+var pathChar = func() (t [256]bool) {
+	for c := '0'; c <= '9'; c++ {
+		t[c] = true
+	}
+	for c := 'a'; c <= 'z'; c++ {
+		t[c], t[c-'a'+'A'] = true, true
+	}
+	for _, c := range "-._~!$&'()*+,;=:@/" {
+		t[c] = true
+	}
+	return
+}()
+
+// plainQuery reports whether httputil.ReverseProxy would send q as it is:
+// no ';' and every '%' a valid escape (otherwise it re-encodes the query,
+// so that the proxy and the instance cannot read the parameters apart).
+func plainQuery(q []byte) bool {
+	for i := 0; i < len(q); i++ {
+		switch q[i] {
+		case ';':
+			return false
+		case '%':
+			if i+2 >= len(q) || !isHex(q[i+1]) || !isHex(q[i+2]) {
+				return false
+			}
+			i += 2
+		}
+	}
+	return true
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
 }
 
 // parseLength parses a Content-Length: digits only, at most 18 of them.
@@ -307,11 +369,11 @@ func validHost(h []byte) bool {
 
 // hopByHop reports whether a header belongs to one connection and is not
 // forwarded (RFC 9110 §7.6.1, and what httputil.ReverseProxy drops),
-// either by name or because the Connection header names it. The
-// X-Forwarded-* and Forwarded headers are dropped too: the proxy sets its
-// own, as ReverseProxy's Rewrite mode does, so a client cannot forge
-// them.
-func hopByHop(name []byte, named [][]byte) bool {
+// either by name or because the Connection header names it. In a request
+// (request true) the X-Forwarded-* and Forwarded headers are dropped too:
+// the proxy sets its own, as ReverseProxy's Rewrite mode does, so a
+// client cannot forge them.
+func hopByHop(name []byte, named [][]byte, request bool) bool {
 	switch len(name) {
 	case 2:
 		if headerIs(name, "te") {
@@ -322,7 +384,7 @@ func hopByHop(name []byte, named [][]byte) bool {
 			return true
 		}
 	case 9:
-		if headerIs(name, "forwarded") {
+		if request && headerIs(name, "forwarded") {
 			return true
 		}
 	case 10:
@@ -330,15 +392,15 @@ func hopByHop(name []byte, named [][]byte) bool {
 			return true
 		}
 	case 15:
-		if headerIs(name, "x-forwarded-for") {
+		if request && headerIs(name, "x-forwarded-for") {
 			return true
 		}
 	case 16:
-		if headerIs(name, "proxy-connection") || headerIs(name, "x-forwarded-host") {
+		if headerIs(name, "proxy-connection") || request && headerIs(name, "x-forwarded-host") {
 			return true
 		}
 	case 17:
-		if headerIs(name, "transfer-encoding") || headerIs(name, "x-forwarded-proto") {
+		if headerIs(name, "transfer-encoding") || request && headerIs(name, "x-forwarded-proto") {
 			return true
 		}
 	case 18:
@@ -440,6 +502,8 @@ func parseResponse(head []byte, h *responseHead) error {
 					h.close = true
 				case headerIs(tok, "keep-alive"):
 					keepAlive = true
+				case framingHeader(tok):
+					return false // dropping it would unframe the body
 				case len(tok) > 0:
 					h.hop = append(h.hop, tok)
 				}
@@ -452,6 +516,9 @@ func parseResponse(head []byte, h *responseHead) error {
 	}
 	if h.chunked && h.contentLength >= 0 {
 		return errBadResponse // RFC 9112 §6.3: a sender must not; a smuggling vector
+	}
+	if http10 && h.chunked {
+		return errBadResponse // net/http ignores a coding HTTP/1.0 does not have; nobody should send it
 	}
 	if http10 && !keepAlive {
 		h.close = true

@@ -179,6 +179,8 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), shutdown)
 	defer cancel()
+	// The fast paths stop first: until their last request is done, they
+	// may still hand a connection to their net/http server.
 	for _, ln := range fastLns {
 		ln.Close()
 	}
@@ -188,12 +190,12 @@ func (p *Proxy) Run(ctx context.Context) error {
 		fastWG.Add(1)
 		go func() { defer fastWG.Done(); fastErrs[i] = h.shutdown(sctx) }() // ends by sctx at the latest
 	}
+	fastWG.Wait()
 	for _, srv := range servers {
 		if serr := srv.Shutdown(sctx); serr != nil && err == nil {
 			err = fmt.Errorf("proxy: requests still in flight after %v: %w", shutdown, serr)
 		}
 	}
-	fastWG.Wait()
 	for _, ferr := range fastErrs {
 		if ferr != nil && err == nil {
 			err = fmt.Errorf("proxy: requests still in flight after %v: %w", shutdown, ferr)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -39,7 +40,10 @@ type upConn struct {
 	addr        string
 	c           net.Conn
 	br          *bufio.Reader
-	bw          *bufio.Writer
+	out         net.Buffers     // a request's head and body, written at once
+	raw         syscall.RawConn // for the liveness peek; nil if not a socket
+	peek        func(fd uintptr) bool
+	quiet       bool // the last peek found nothing to read
 	idleSince   time.Time
 	head        []byte // the last response head read: the responseHead points into it
 	nothingRead bool   // the last round trip failed before a byte came back
@@ -47,10 +51,46 @@ type upConn struct {
 
 func (u *upConn) close() { u.c.Close() }
 
+func newUpConn(addr string, c net.Conn) *upConn {
+	u := &upConn{addr: addr, c: c, br: bufio.NewReaderSize(c, h1BufSize)}
+	if sc, ok := c.(syscall.Conn); ok {
+		if raw, err := sc.SyscallConn(); err == nil {
+			u.raw = raw
+			var b [1]byte
+			u.peek = func(fd uintptr) bool {
+				_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+				u.quiet = err == syscall.EAGAIN
+				return true
+			}
+		}
+	}
+	return u
+}
+
+// usable reports whether an idle connection can carry a request: still
+// open, and with nothing unread — not a close the instance sent while it
+// sat idle, nor an answer nobody asked for (an idle timeout's 408, bytes
+// past a response's end). net/http's transport learns the same from the
+// read it keeps pending on every idle connection; here one non-blocking
+// peek when the connection is taken does.
+func (u *upConn) usable() bool {
+	if u.br.Buffered() > 0 {
+		return false
+	}
+	if u.raw == nil {
+		return true
+	}
+	u.quiet = false
+	if err := u.raw.Read(u.peek); err != nil {
+		return false
+	}
+	return u.quiet
+}
+
 // get returns an idle connection to addr (reused), or dials one, by
 // deadline at the latest; fresh skips the idle ones.
 func (p *upstreams) get(ctx context.Context, addr string, deadline time.Time, fresh bool) (u *upConn, reused bool, err error) {
-	if !fresh {
+	for !fresh {
 		p.mu.Lock()
 		if conns := p.idle[addr]; len(conns) > 0 {
 			u = conns[len(conns)-1]
@@ -58,21 +98,30 @@ func (p *upstreams) get(ctx context.Context, addr string, deadline time.Time, fr
 			p.idle[addr] = conns[:len(conns)-1]
 		}
 		p.mu.Unlock()
-		if u != nil {
+		if u == nil {
+			break
+		}
+		if u.usable() {
 			return u, true, nil
 		}
+		u.close()
+		u = nil
 	}
 	d := net.Dialer{Timeout: upstreamDialTimeout, Deadline: deadline, KeepAlive: 30 * time.Second}
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, false, err
 	}
-	return &upConn{addr: addr, c: c, br: bufio.NewReaderSize(c, h1BufSize), bw: bufio.NewWriterSize(c, h1BufSize)}, false, nil
+	return newUpConn(addr, c), false, nil
 }
 
 // put keeps u for the next request to its instance.
 func (p *upstreams) put(u *upConn) {
 	u.idleSince = time.Now()
+	if u.br.Buffered() > 0 { // more than the response: not to be trusted with another
+		u.close()
+		return
+	}
 	p.mu.Lock()
 	if p.closed || len(p.idle[u.addr]) >= p.maxIdle {
 		p.mu.Unlock()
@@ -135,38 +184,38 @@ func (p *upstreams) run(ctx context.Context) {
 	}
 }
 
-// roundTrip writes a request (its head and whole body) and reads the
-// response's final head into resp (1xx interim responses are read past).
-// sent reports whether the request was written whole.
-func (u *upConn) roundTrip(head, body []byte, resp *responseHead, deadline time.Time) (sent bool, err error) {
+// roundTrip writes a request (its head and whole body, one system call)
+// and reads the response's final head into resp (1xx interim responses
+// are read past). written is how much of the request was written.
+func (u *upConn) roundTrip(head, body []byte, resp *responseHead, deadline time.Time) (written int64, err error) {
 	u.nothingRead = true
 	u.c.SetDeadline(deadline)
-	u.bw.Write(head)
-	u.bw.Write(body)
-	if err := u.bw.Flush(); err != nil {
-		return false, err
+	u.out = append(u.out[:0], head, body)
+	written, err = u.out.WriteTo(u.c)
+	if err != nil {
+		return written, err
 	}
 	for {
 		if _, err := u.br.Peek(1); err != nil {
-			return true, err
+			return written, err
 		}
 		u.nothingRead = false
 		u.head, err = readHead(u.br, u.head[:0], upstreamHeadMax)
 		if errors.Is(err, errHeadTooLarge) {
-			return true, fmt.Errorf("proxy: response head from %s over %d bytes", u.addr, upstreamHeadMax)
+			return written, fmt.Errorf("proxy: response head from %s over %d bytes", u.addr, upstreamHeadMax)
 		}
 		if err != nil {
-			return true, err
+			return written, err
 		}
 		if err := parseResponse(u.head, resp); err != nil {
-			return true, fmt.Errorf("proxy: %s: %w", u.addr, err)
+			return written, fmt.Errorf("proxy: %s: %w", u.addr, err)
 		}
 		switch {
 		case resp.status == 101:
-			return true, fmt.Errorf("proxy: %s switched protocols unasked", u.addr)
+			return written, fmt.Errorf("proxy: %s switched protocols unasked", u.addr)
 		case resp.status < 200:
 			continue // 100 Continue, 103 Early Hints: the final response follows
 		}
-		return true, nil
+		return written, nil
 	}
 }
