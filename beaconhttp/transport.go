@@ -391,8 +391,9 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 
 // Local marks an attempt's failure as the caller's own — a request body
 // that could not be read again, a caller shutting down — not the
-// instance's: outlier ejection and the breaker do not count it against
-// the instance, and the call is not retried.
+// instance's: outlier ejection does not count it against the instance,
+// and the call is not retried. (A circuit breaker still counts it: it
+// judges calls, not instances.)
 func Local(err error) error { return policy.Permanent(&localError{err}) }
 
 type localError struct{ err error }
@@ -482,8 +483,8 @@ func (t *Transport) Call(ctx context.Context, service string, idempotent bool, a
 	if span != nil {
 		code := ""
 		switch {
-		case err != nil && status != 0: // a 5xx, then no more tries
-			code = strconv.Itoa(status)
+		case err != nil && errors.As(err, &es): // the last try's 5xx
+			code = strconv.Itoa(es.code)
 		case err != nil:
 			code = "error"
 		}

@@ -45,13 +45,19 @@ type h1Server struct {
 	handoff *handoffListener // the listener's net/http server accepts from it
 
 	closing atomic.Bool // shutdown began
-	mu      sync.Mutex
-	conns   map[*h1Conn]struct{} // guarded by mu
-	wg      sync.WaitGroup
+	// ctx is the requests' context: cancelled when a shutdown runs out
+	// of time, so that a dial or a retry's wait ends with it.
+	ctx    context.Context
+	cancel context.CancelFunc
+	mu     sync.Mutex
+	conns  map[*h1Conn]struct{} // guarded by mu
+	wg     sync.WaitGroup
 }
 
 func newH1Server(p *Proxy, lim Limits, addr net.Addr) *h1Server {
-	return &h1Server{p: p, lim: lim, handoff: newHandoffListener(addr), conns: map[*h1Conn]struct{}{}}
+	s := &h1Server{p: p, lim: lim, handoff: newHandoffListener(addr), conns: map[*h1Conn]struct{}{}}
+	s.ctx, s.cancel = context.WithCancel(p.stopping)
+	return s
 }
 
 // serve accepts from ln until it is closed.
@@ -82,10 +88,12 @@ func (s *h1Server) serve(ln net.Listener) error {
 	}
 }
 
-// shutdown stops serving gracefully: idle connections close at once, the
-// others after their request; once ctx ends, every connection is closed.
-// The listener must be closed first.
+// shutdown stops serving gracefully: connections between requests (idle,
+// or still reading a head) close at once, the others after their
+// request; once ctx ends, every connection is closed and every request's
+// context cancelled. The listener must be closed first.
 func (s *h1Server) shutdown(ctx context.Context) error {
+	defer s.cancel()
 	s.mu.Lock()
 	s.closing.Store(true)
 	for fc := range s.conns {
@@ -99,6 +107,7 @@ func (s *h1Server) shutdown(ctx context.Context) error {
 		return nil
 	case <-ctx.Done():
 	}
+	s.cancel()
 	s.mu.Lock()
 	for fc := range s.conns {
 		fc.abort()
@@ -116,7 +125,7 @@ type h1Conn struct {
 	br *bufio.Reader
 	bw *bufio.Writer
 
-	idle atomic.Bool // waiting for the next request
+	idle atomic.Bool // between requests: waiting for one, or reading its head
 
 	raw  []byte // the request head as read
 	req  requestHead
@@ -143,7 +152,8 @@ const (
 	h1BufSize = 4 << 10
 )
 
-// wakeIfIdle ends the wait for a next request (shutdown).
+// wakeIfIdle ends the wait for a next request, or the reading of its
+// head (shutdown): no request has started there.
 func (fc *h1Conn) wakeIfIdle() {
 	if fc.idle.Load() {
 		fc.c.SetReadDeadline(time.Unix(1, 0))
@@ -203,7 +213,7 @@ func (fc *h1Conn) serve() {
 	fc.br = bufio.NewReaderSize(fc.c, h1BufSize)
 	fc.bw = bufio.NewWriterSize(fc.c, h1BufSize)
 	fc.attemptFn = fc.attempt
-	fc.ctx.Context = s.p.stopping
+	fc.ctx.Context = s.ctx
 	if host, _, err := net.SplitHostPort(fc.c.RemoteAddr().String()); err == nil {
 		fc.clientAddr = host
 	}
@@ -224,15 +234,18 @@ func (fc *h1Conn) serve() {
 		if _, err := fc.br.Peek(1); err != nil {
 			return
 		}
-		fc.idle.Store(false)
-		if s.isClosing() {
-			return // as net/http's Shutdown does with an idle connection
+		if fc.skipEmptyLines() {
+			continue // only line ends so far: still waiting for a request
 		}
 		if d := time.Duration(s.lim.ReadHeaderTimeout); d > 0 {
 			fc.c.SetReadDeadline(time.Now().Add(d))
 		}
+		if s.isClosing() {
+			return // as net/http's Shutdown does with an idle connection
+		}
 		var err error
 		fc.raw, err = readHead(fc.br, fc.raw[:0], headMax)
+		fc.idle.Store(false)
 		reason := ""
 		switch {
 		case errors.Is(err, errHeadTooLarge):
@@ -250,7 +263,7 @@ func (fc *h1Conn) serve() {
 					fc.bw.Flush()
 					return
 				}
-				if fc.br.Buffered() == 0 { // no pipelined request waiting: send now
+				if !fc.headBuffered() { // no whole pipelined request waiting: send now
 					if fc.bw.Flush() != nil {
 						return
 					}
@@ -271,6 +284,27 @@ func (fc *h1Conn) serve() {
 }
 
 func (s *h1Server) isClosing() bool { return s.closing.Load() }
+
+// skipEmptyLines drops the empty lines a client may send between
+// requests (RFC 9112 §2.2; net/http skips them too) and reports whether
+// that was all the reader held.
+func (fc *h1Conn) skipEmptyLines() bool {
+	for fc.br.Buffered() > 0 {
+		b, _ := fc.br.Peek(1)
+		if b[0] != '\r' && b[0] != '\n' {
+			return false
+		}
+		fc.br.Discard(1)
+	}
+	return true
+}
+
+// headBuffered reports whether the reader holds a whole request head:
+// answering it will not wait for the client.
+func (fc *h1Conn) headBuffered() bool {
+	b, _ := fc.br.Peek(fc.br.Buffered())
+	return bytes.Contains(b, []byte("\r\n\r\n"))
+}
 
 // shrink lets go of buffers a large request grew.
 func (fc *h1Conn) shrink() {
@@ -322,6 +356,9 @@ func (fc *h1Conn) serveRequest() (keep bool, reason string) {
 	}
 	if r != nil && !r.fast {
 		return false, handoffRoute
+	}
+	if r != nil && r.cfg.StripPrefix && bytes.ContainsAny(h.path, "!'()*") {
+		return false, handoffTarget // net/http re-escapes a path it rewrote: its to send
 	}
 	fc.r = r
 	if d := time.Duration(fc.s.lim.WriteTimeout); d > 0 {
@@ -626,10 +663,8 @@ func copyN(dst *bufio.Writer, src *bufio.Reader, n int64, stream bool) (int64, e
 func copyChunked(dst *bufio.Writer, src *bufio.Reader) (int64, error) {
 	var total int64
 	for {
-		if src.Buffered() == 0 {
-			if err := dst.Flush(); err != nil {
-				return total, err
-			}
+		if err := flushUnlessLine(dst, src); err != nil {
+			return total, err
 		}
 		line, err := src.ReadSlice('\n')
 		if err != nil {
@@ -642,6 +677,9 @@ func copyChunked(dst *bufio.Writer, src *bufio.Reader) (int64, error) {
 		dst.Write(line)
 		if size == 0 {
 			for { // trailers, then the empty line
+				if err := flushUnlessLine(dst, src); err != nil {
+					return total, err
+				}
 				line, err := src.ReadSlice('\n')
 				if err != nil {
 					return total, err
@@ -664,6 +702,11 @@ func copyChunked(dst *bufio.Writer, src *bufio.Reader) (int64, error) {
 		if err != nil {
 			return total, err
 		}
+		if src.Buffered() < 2 {
+			if err := dst.Flush(); err != nil {
+				return total, err
+			}
+		}
 		crlf, err := src.Peek(2)
 		if err != nil || crlf[0] != '\r' || crlf[1] != '\n' {
 			return total, errUpstreamBody
@@ -671,6 +714,16 @@ func copyChunked(dst *bufio.Writer, src *bufio.Reader) (int64, error) {
 		dst.Write(crlf)
 		src.Discard(2)
 	}
+}
+
+// flushUnlessLine flushes dst unless src holds a whole line: reading
+// the next one will not wait.
+func flushUnlessLine(dst *bufio.Writer, src *bufio.Reader) error {
+	b, _ := src.Peek(src.Buffered())
+	if bytes.IndexByte(b, '\n') >= 0 {
+		return nil
+	}
+	return dst.Flush()
 }
 
 // copyUntilClose copies a body that ends when the instance closes.

@@ -395,8 +395,9 @@ routes: [{name: web, service: web, retry: {maxAttempts: 1}}]
 }
 
 // A shutdown lets the request in flight on the fast path finish (its
-// response says the connection closes), closes idle connections at once,
-// and Run returns nil.
+// response says the connection closes), closes idle connections and those
+// still reading a head at once, and Run returns nil (not "requests still
+// in flight", which waiting for the half-sent head would give).
 func TestFastPathShutdownFinishesTheRequestInFlight(t *testing.T) {
 	e := newEnv(t)
 	release := make(chan struct{})
@@ -410,7 +411,7 @@ func TestFastPathShutdownFinishesTheRequestInFlight(t *testing.T) {
 	})
 	addr := itestutil.FreeAddr(t)
 	path := t.TempDir() + "/proxy.yaml"
-	e.writeConfig(path, fmt.Sprintf("listeners: [{name: edge, addr: %q}]\nroutes: [{name: web, service: web}]\n", addr))
+	e.writeConfig(path, fmt.Sprintf("listeners: [{name: edge, addr: %q, limits: {readHeaderTimeout: 10m}}]\nroutes: [{name: web, service: web}]\n", addr))
 	cfg, err := proxy.LoadConfig(path)
 	if err != nil {
 		t.Fatal(err)
@@ -431,13 +432,20 @@ func TestFastPathShutdownFinishesTheRequestInFlight(t *testing.T) {
 	idle := dialRaw(t, base)
 	idle.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
 	idle.read("GET")
+	// A request's head begun: no request has started there, so the
+	// shutdown does not wait for it (its header timeout is 10 minutes).
+	halfHead := dialRaw(t, base)
+	halfHead.send("GET / HTTP/1.1\r\nHo")
 	busy := dialRaw(t, base)
 	busy.send("GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
 	<-arrived
 	cancel()
-	// The idle connection is closed by the shutdown.
+	// The idle connection and the one reading a head are closed by the shutdown.
 	if _, err := idle.br.ReadByte(); err == nil {
 		t.Error("the idle connection got a byte, want it closed")
+	}
+	if _, err := halfHead.br.ReadByte(); err == nil {
+		t.Error("the connection reading a head got a byte, want it closed")
 	}
 	close(release)
 	resp, body := busy.read("GET")
@@ -599,5 +607,38 @@ routes: [{name: web, service: web}]
 	rc.c.(*net.TCPConn).CloseWrite()
 	if resp, body := rc.read("GET"); resp.StatusCode != 200 || len(body) != 10000 {
 		t.Errorf("the answer before the half-close = %d, %d bytes; want 200 and 10000", resp.StatusCode, len(body))
+	}
+}
+
+// Answers are sent before the proxy waits on the client again: after a
+// request followed by a stray line end (RFC 9112 §2.2 lets clients send
+// one, and it is skipped), and after a request followed by the start of
+// another. The header timeout is 10 minutes, so an answer held back would
+// not come before the test's own deadline.
+func TestFastPathAnswersBeforeWaitingOnTheClient(t *testing.T) {
+	e := newEnv(t)
+	e.backend("web", "web-1", "", func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		fmt.Fprintf(w, "%s %s", r.URL.Path, b)
+	})
+	p, base, _ := e.startProxy(fmt.Sprintf(`listeners: [{name: edge, addr: %q, limits: {readHeaderTimeout: 10m}}]
+routes: [{name: web, service: web}]
+`, itestutil.FreeAddr(t)))
+	waitServing(t, &http.Client{Timeout: 5 * time.Second}, base+"/x", nil, "/x")
+	rc := dialRaw(t, base)
+	rc.send("POST /one HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc\r\n")
+	if resp, body := rc.read("POST"); resp.StatusCode != 200 || body != "/one abc" {
+		t.Fatalf("POST then CRLF = %d %q, want 200 \"/one abc\"", resp.StatusCode, body)
+	}
+	rc.send("GET /two HTTP/1.1\r\nHost: a\r\n\r\nGET /thr")
+	if resp, body := rc.read("GET"); resp.StatusCode != 200 || body != "/two " {
+		t.Fatalf("GET after the CRLF = %d %q, want 200 \"/two \"", resp.StatusCode, body)
+	}
+	rc.send("ee HTTP/1.1\r\nHost: a\r\n\r\n")
+	if resp, body := rc.read("GET"); resp.StatusCode != 200 || body != "/three " {
+		t.Errorf("the request sent in two parts = %d %q, want 200 \"/three \"", resp.StatusCode, body)
+	}
+	if n := allHandoffs(t, p); n != 0 {
+		t.Errorf("%v connections handed to net/http, want none", n)
 	}
 }

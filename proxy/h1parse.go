@@ -154,6 +154,7 @@ func parseRequest(head []byte, h *requestHead) string {
 	*h = requestHead{headers: h.headers[:0], hop: h.hop[:0], contentLength: -1}
 	first := true
 	hosts, lengths := 0, 0
+	seenKey := false
 	ok := splitLines(head, func(line []byte) bool {
 		if first {
 			first = false
@@ -189,7 +190,9 @@ func parseRequest(head []byte, h *requestHead) string {
 				}
 			}
 		case headerIs(hd.name, "idempotency-key"):
-			h.idempotencyKey = h.idempotencyKey || len(hd.value) > 0
+			if !seenKey { // the first, as Header.Get
+				seenKey, h.idempotencyKey = true, len(hd.value) > 0
+			}
 		case headerIs(hd.name, "te"):
 			for tok := range bytes.SplitSeq(hd.value, []byte(",")) {
 				if tok = bytes.Trim(tok, " \t"); headerIs(tok, "trailers") || bytes.HasPrefix(bytes.ToLower(tok), []byte("trailers;")) {
@@ -317,6 +320,9 @@ var pathChar = func() (t [256]bool) {
 // no ';' and every '%' a valid escape (otherwise it re-encodes the query,
 // so that the proxy and the instance cannot read the parameters apart).
 func plainQuery(q []byte) bool {
+	if bytes.Count(q, []byte("&")) >= 10000 { // net/http's bound on parameters
+		return false
+	}
 	for i := 0; i < len(q); i++ {
 		switch q[i] {
 		case ';':

@@ -458,9 +458,9 @@ func (r *route) matchesRaw(host []byte, h *requestHead) bool {
 		return false
 	}
 	for k, v := range m.Headers {
-		var got []byte // the first value, as Header.Get
+		var got []byte // the first value, as Header.Get (which never holds Host)
 		for _, hd := range h.headers {
-			if bytes.EqualFold(hd.name, []byte(k)) {
+			if bytes.EqualFold(hd.name, []byte(k)) && !headerIs(hd.name, "host") {
 				got = hd.value
 				break
 			}

@@ -41,7 +41,8 @@ func (p *Proxy) Run(ctx context.Context) error {
 	var (
 		lns     []net.Listener // what each server serves
 		servers []*http.Server
-		fast    []*h1Server // the plain listeners' HTTP/1.1 fast paths
+		fastOf  []*h1Server // servers[i]'s HTTP/1.1 fast path, or nil
+		fast    []*h1Server // the plain listeners' fast paths
 		fastLns []net.Listener
 	)
 	closeAll := func() {
@@ -73,11 +74,13 @@ func (p *Proxy) Run(ctx context.Context) error {
 			srv.Protocols.SetUnencryptedHTTP2(true)
 			srv.Protocols.SetHTTP2(true)
 		}
+		var h *h1Server
 		if lc.TLS == nil && !lc.NetHTTP { // the fast path accepts; net/http gets what it hands over
-			h := newH1Server(p, lc.Limits, ln.Addr())
+			h = newH1Server(p, lc.Limits, ln.Addr())
 			fast, fastLns = append(fast, h), append(fastLns, ln)
 			ln = h.handoff
 		}
+		fastOf = append(fastOf, h)
 		lns = append(lns, ln)
 		servers = append(servers, srv)
 	}
@@ -89,7 +92,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 		}
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(p.reg, promhttp.HandlerOpts{}))
-		lns = append(lns, ln)
+		lns, fastOf = append(lns, ln), append(fastOf, nil)
 		servers = append(servers, &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second})
 	}
 	var tcps []*tcpProxy
@@ -179,26 +182,30 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), shutdown)
 	defer cancel()
-	// The fast paths stop first: until their last request is done, they
-	// may still hand a connection to their net/http server.
+	// Every listener stops at once. A fast path stops before its net/http
+	// server: until its last request is done, it may still hand that
+	// server a connection.
 	for _, ln := range fastLns {
 		ln.Close()
 	}
-	var fastWG sync.WaitGroup
-	fastErrs := make([]error, len(fast))
-	for i, h := range fast {
-		fastWG.Add(1)
-		go func() { defer fastWG.Done(); fastErrs[i] = h.shutdown(sctx) }() // ends by sctx at the latest
+	var stopping sync.WaitGroup
+	stopErrs := make([]error, len(servers))
+	for i, srv := range servers {
+		stopping.Add(1)
+		go func() { // ends by sctx at the latest
+			defer stopping.Done()
+			if h := fastOf[i]; h != nil {
+				stopErrs[i] = h.shutdown(sctx)
+			}
+			if serr := srv.Shutdown(sctx); stopErrs[i] == nil {
+				stopErrs[i] = serr
+			}
+		}()
 	}
-	fastWG.Wait()
-	for _, srv := range servers {
-		if serr := srv.Shutdown(sctx); serr != nil && err == nil {
+	stopping.Wait()
+	for _, serr := range stopErrs {
+		if serr != nil && err == nil {
 			err = fmt.Errorf("proxy: requests still in flight after %v: %w", shutdown, serr)
-		}
-	}
-	for _, ferr := range fastErrs {
-		if ferr != nil && err == nil {
-			err = fmt.Errorf("proxy: requests still in flight after %v: %w", shutdown, ferr)
 		}
 	}
 	for _, t := range tcps {

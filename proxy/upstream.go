@@ -40,8 +40,9 @@ type upConn struct {
 	addr        string
 	c           net.Conn
 	br          *bufio.Reader
-	out         net.Buffers     // a request's head and body, written at once
-	raw         syscall.RawConn // for the liveness peek; nil if not a socket
+	bufs        [2][]byte       // a request's head and body …
+	out         net.Buffers     // … written at once (WriteTo consumes out, not bufs)
+	raw         syscall.RawConn // for the liveness peek; nil where there is none
 	peek        func(fd uintptr) bool
 	quiet       bool // the last peek found nothing to read
 	idleSince   time.Time
@@ -55,12 +56,9 @@ func newUpConn(addr string, c net.Conn) *upConn {
 	u := &upConn{addr: addr, c: c, br: bufio.NewReaderSize(c, h1BufSize)}
 	if sc, ok := c.(syscall.Conn); ok {
 		if raw, err := sc.SyscallConn(); err == nil {
-			u.raw = raw
-			var b [1]byte
-			u.peek = func(fd uintptr) bool {
-				_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-				u.quiet = err == syscall.EAGAIN
-				return true
+			u.peek = peekFunc(&u.quiet)
+			if u.peek != nil {
+				u.raw = raw
 			}
 		}
 	}
@@ -190,7 +188,8 @@ func (p *upstreams) run(ctx context.Context) {
 func (u *upConn) roundTrip(head, body []byte, resp *responseHead, deadline time.Time) (written int64, err error) {
 	u.nothingRead = true
 	u.c.SetDeadline(deadline)
-	u.out = append(u.out[:0], head, body)
+	u.bufs = [2][]byte{head, body}
+	u.out = u.bufs[:]
 	written, err = u.out.WriteTo(u.c)
 	if err != nil {
 		return written, err
