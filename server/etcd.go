@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net/url"
 	"os"
@@ -14,7 +15,11 @@ import (
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
+	"go.etcd.io/etcd/server/v3/etcdserver"
+	"go.etcd.io/etcd/server/v3/lease"
 	"go.uber.org/zap"
+
+	"beacon.dev/beacon/internal/store"
 )
 
 // startEmbeddedEtcd starts the embedded etcd member and waits until it
@@ -186,4 +191,18 @@ func etcdVersion(ctx context.Context, cli *clientv3.Client) (string, error) {
 		last = err
 	}
 	return "", last
+}
+
+// embeddedRenewer renews sessions' leases in the embedded etcd itself,
+// through the call etcd's LeaseKeepAlive handler makes (a follower
+// forwards to the leader, as there): no gRPC exchange with ourselves per
+// heartbeat.
+func embeddedRenewer(es *etcdserver.EtcdServer) store.Renewer {
+	return func(ctx context.Context, id int64) (int64, error) {
+		ttl, err := es.LeaseRenew(ctx, lease.LeaseID(id))
+		if errors.Is(err, lease.ErrLeaseNotFound) {
+			return 0, fmt.Errorf("%w: %w", store.ErrLeaseNotFound, err)
+		}
+		return ttl, err
+	}
 }

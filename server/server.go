@@ -249,6 +249,9 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	}
 	s.cli = cli
 	s.store = store.New(cli, cfg.EtcdPrefix)
+	if s.etcd != nil {
+		s.store.SetRenewer(embeddedRenewer(s.etcd.Server))
+	}
 	if cfg.ACL {
 		path := cfg.ACLBreakGlassFile
 		if path == "" {
