@@ -256,14 +256,11 @@ func TestFastPathPassesEveryResponseFraming(t *testing.T) {
 		}
 	})
 	// An HTTP/1.0 instance: its body ends when it closes the connection.
-	old := oldBackend(t, "legacy body")
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	host, port, _ := net.SplitHostPort(old)
-	pn, _ := strconv.Atoi(port)
-	if _, err := e.sess.Register(ctx, registry.Instance{Service: "legacy", ID: "legacy-1", Address: host, Port: pn}); err != nil {
-		t.Fatal(err)
-	}
+	rawBackend(t, e, "legacy", "legacy-1", func(c net.Conn) {
+		if _, err := http.ReadRequest(bufio.NewReader(c)); err == nil {
+			io.WriteString(c, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nlegacy body")
+		}
+	})
 	p, base, _ := e.startProxy(fmt.Sprintf(`listeners: [{name: edge, addr: %q}]
 routes:
   - {name: legacy, match: {pathPrefix: /legacy}, service: legacy}
@@ -304,34 +301,6 @@ routes:
 	}
 }
 
-// oldBackend answers every request as an HTTP/1.0 server without a
-// length: the body, then it closes the connection.
-func oldBackend(t *testing.T, body string) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() { // ends when the listener closes
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { // ends with its one request
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
-					return
-				}
-				io.WriteString(c, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n"+body)
-			}()
-		}
-	}()
-	return ln.Addr().String()
-}
-
 // An instance that closes each connection after one answer, without
 // saying so, leaves a dead connection in the pool each time: the next
 // request finds it closed and goes again on a new connection, not failing
@@ -339,36 +308,14 @@ func oldBackend(t *testing.T, body string) string {
 func TestFastPathResendsOverAPooledConnectionTheInstanceClosed(t *testing.T) {
 	e := newEnv(t)
 	var served atomic.Int64
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() { // ends when the listener closes
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { // ends with its one request
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				req, err := http.ReadRequest(bufio.NewReader(c))
-				if err != nil {
-					return
-				}
-				served.Add(1)
-				fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(req.Method), req.Method)
-			}()
+	rawBackend(t, e, "web", "web-1", func(c net.Conn) { // one answer per connection
+		req, err := http.ReadRequest(bufio.NewReader(c))
+		if err != nil {
+			return
 		}
-	}()
-	host, port, _ := net.SplitHostPort(ln.Addr().String())
-	pn, _ := strconv.Atoi(port)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	if _, err := e.sess.Register(ctx, registry.Instance{Service: "web", ID: "web-1", Address: host, Port: pn}); err != nil {
-		t.Fatal(err)
-	}
+		served.Add(1)
+		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(req.Method), req.Method)
+	})
 	p, base, _ := e.startProxy(fmt.Sprintf(`listeners: [{name: edge, addr: %q}]
 routes: [{name: web, service: web, retry: {maxAttempts: 1}}]
 `, itestutil.FreeAddr(t)))
@@ -502,41 +449,19 @@ routes: [{name: web, match: {host: shop.example}, service: web}]
 // next request: that connection is not used again.
 func TestFastPathNeverPassesAStrayAnswerOn(t *testing.T) {
 	e := newEnv(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() { // ends when the listener closes
+	rawBackend(t, e, "web", "web-1", func(c net.Conn) {
+		br := bufio.NewReader(c)
 		for {
-			c, err := ln.Accept()
+			req, err := http.ReadRequest(br)
 			if err != nil {
 				return
 			}
-			go func() { // ends when the peer closes
-				defer c.Close()
-				br := bufio.NewReader(c)
-				for n := 0; ; n++ {
-					c.SetDeadline(time.Now().Add(20 * time.Second))
-					req, err := http.ReadRequest(br)
-					if err != nil {
-						return
-					}
-					io.Copy(io.Discard, req.Body)
-					body := fmt.Sprintf("ok %s", req.URL.Path)
-					// One write: the answer, then a stray 408 on the same connection.
-					fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%sHTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n", len(body), body)
-				}
-			}()
+			io.Copy(io.Discard, req.Body)
+			body := fmt.Sprintf("ok %s", req.URL.Path)
+			// One write: the answer, then a stray 408 on the same connection.
+			fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%sHTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n", len(body), body)
 		}
-	}()
-	host, port, _ := net.SplitHostPort(ln.Addr().String())
-	pn, _ := strconv.Atoi(port)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	if _, err := e.sess.Register(ctx, registry.Instance{Service: "web", ID: "web-1", Address: host, Port: pn}); err != nil {
-		t.Fatal(err)
-	}
+	})
 	_, base, _ := e.startProxy(fmt.Sprintf(`listeners: [{name: edge, addr: %q}]
 routes: [{name: web, service: web, retry: {maxAttempts: 1}}]
 `, itestutil.FreeAddr(t)))
@@ -640,5 +565,36 @@ routes: [{name: web, service: web}]
 	}
 	if n := allHandoffs(t, p); n != 0 {
 		t.Errorf("%v connections handed to net/http, want none", n)
+	}
+}
+
+// rawBackend serves each connection accepted on a loopback port with
+// serve, until the test ends, and registers it as instance id of service.
+func rawBackend(t *testing.T, e *env, service, id string, serve func(c net.Conn)) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() { // ends when the listener closes
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { // ends when serve returns
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(20 * time.Second))
+				serve(c)
+			}()
+		}
+	}()
+	host, port, _ := net.SplitHostPort(ln.Addr().String())
+	pn, _ := strconv.Atoi(port)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := e.sess.Register(ctx, registry.Instance{Service: service, ID: id, Address: host, Port: pn}); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -65,18 +65,21 @@ func readHead(br *bufio.Reader, dst []byte, max int) ([]byte, error) {
 }
 
 // tokenChar is RFC 9110's tchar: what a method or header name is made of.
-var tokenChar = func() (t [256]bool) {
+var tokenChar = alnumAnd("!#$&'*+-.^_`|~%")
+
+// alnumAnd is a byte table of the ASCII letters and digits and extra.
+func alnumAnd(extra string) (t [256]bool) {
 	for c := '0'; c <= '9'; c++ {
 		t[c] = true
 	}
 	for c := 'a'; c <= 'z'; c++ {
 		t[c], t[c-'a'+'A'] = true, true
 	}
-	for _, c := range "!#$&'*+-.^_`|~%" {
+	for _, c := range extra {
 		t[c] = true
 	}
-	return
-}()
+	return t
+}
 
 // splitLines calls f with each line of head, CRLF included, and reports
 // false if a line does not end in CRLF or holds another CR or a NUL.
@@ -303,18 +306,7 @@ func (h *requestHead) requestLine(line []byte) bool {
 // pathChar: what a path is sent as by net/http unchanged (RFC 3986's
 // unreserved and sub-delims, ':', '@' and '/'); '%' is not: a
 // percent-encoded path is matched on its decoded form, net/http's.
-var pathChar = func() (t [256]bool) {
-	for c := '0'; c <= '9'; c++ {
-		t[c] = true
-	}
-	for c := 'a'; c <= 'z'; c++ {
-		t[c], t[c-'a'+'A'] = true, true
-	}
-	for _, c := range "-._~!$&'()*+,;=:@/" {
-		t[c] = true
-	}
-	return
-}()
+var pathChar = alnumAnd("-._~!$&'()*+,;=:@/")
 
 // plainQuery reports whether httputil.ReverseProxy would send q as it is:
 // no ';' and every '%' a valid escape (otherwise it re-encodes the query,

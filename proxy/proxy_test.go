@@ -205,25 +205,7 @@ func TestProxyBackendKilledUnderLoadFailsNoIdempotentRequest(t *testing.T) {
 
 // counter sums a metric's series of one route.
 func counter(t *testing.T, p *proxy.Proxy, name, route string) float64 {
-	t.Helper()
-	mfs, err := p.Gatherer().Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sum := 0.0
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "route" && l.GetValue() == route {
-					sum += m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return sum
+	return counterOf(t, p, name, "route", route)
 }
 
 // A reload swaps the routes under a request in flight: it finishes on
