@@ -98,8 +98,11 @@ func TestDNS(t *testing.T) {
 		registry.Instance{Service: "web", ID: "w2", Address: "10.0.0.2", Port: 8081, Tags: []string{"v2"}, Weight: 300, Metadata: map[string]string{"tier": "1"}},
 		registry.Instance{Namespace: "prod", Service: "web", ID: "p1", Address: "10.1.0.1", Port: 9000},
 	)
-	testutil.Eventually(t, 30*time.Second, "web's two addresses over DNS", func() bool {
-		return len(dnsQuery(t, "udp", addr, "web.service.consul.", mdns.TypeA, 0).Answer) == 2
+	// Each registration is its own write: wait until the view holds all
+	// three, prod's included, before asserting on any.
+	testutil.Eventually(t, 30*time.Second, "web's two addresses, and prod's one, over DNS", func() bool {
+		return len(dnsQuery(t, "udp", addr, "web.service.consul.", mdns.TypeA, 0).Answer) == 2 &&
+			len(dnsQuery(t, "tcp", addr, "web.service.prod.consul.", mdns.TypeA, 0).Answer) == 1
 	})
 
 	resp := dnsQuery(t, "udp", addr, "web.service.consul.", mdns.TypeA, 0)
