@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -272,4 +273,64 @@ func freePort(t *testing.T) int {
 	_, p, _ := net.SplitHostPort(testutil.FreeAddr(t))
 	n, _ := strconv.Atoi(p)
 	return n
+}
+
+// The embedded server commits registrations through etcd's in-process KV
+// (v3client), not its socket: a session that is gone must still come back
+// as NotFound — one registration, and only the gone session's entries of
+// a group commit shared with a live one — and the live one is stored.
+func TestRegistrationUnderAGoneSessionIsNotFoundInProcess(t *testing.T) {
+	srv := startServer(t)
+	session := func() string {
+		code, body := post(t, srv, "CreateSession", `{"ttl":"10s"}`)
+		if code != 200 {
+			t.Fatalf("CreateSession = %d %s", code, body)
+		}
+		var resp struct {
+			SessionID string `json:"sessionId"`
+		}
+		if err := json.Unmarshal([]byte(body), &resp); err != nil || resp.SessionID == "" {
+			t.Fatalf("CreateSession answered %s (%v)", body, err)
+		}
+		return resp.SessionID
+	}
+	live, gone := session(), session()
+	if code, body := post(t, srv, "CloseSession", `{"sessionId":"`+gone+`"}`); code != 200 {
+		t.Fatalf("CloseSession = %d %s", code, body)
+	}
+	reg := func(session, id string) string {
+		return `{"sessionId":"` + session + `","instance":{"service":"orders","id":"` + id + `","address":"127.0.0.1","port":9001}}`
+	}
+	if code, body := post(t, srv, "Register", reg(gone, "o-gone")); code != http.StatusNotFound {
+		t.Fatalf("Register under a closed session = %d %s, want 404 (NotFound)", code, body)
+	}
+	var wg sync.WaitGroup
+	codes := make([]int, 40)
+	for i := range codes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s := live
+			if i%2 == 1 {
+				s = gone
+			}
+			codes[i], _ = post(t, srv, "Register", reg(s, fmt.Sprintf("o-%d", i)))
+		}()
+	}
+	wg.Wait()
+	for i, code := range codes {
+		if want := map[bool]int{false: 200, true: http.StatusNotFound}[i%2 == 1]; code != want {
+			t.Errorf("registration %d (gone session: %v) = %d, want %d", i, i%2 == 1, code, want)
+		}
+	}
+	var list string
+	testutil.Eventually(t, 30*time.Second, "every live registration is listed", func() bool {
+		_, list = post(t, srv, "ListInstances", `{"service":"orders","all":true}`)
+		return strings.Count(list, `"id":"o-`) >= len(codes)/2
+	})
+	for i := range codes {
+		if stored := strings.Contains(list, fmt.Sprintf(`"o-%d"`, i)); stored != (i%2 == 0) {
+			t.Errorf("o-%d stored: %v, want %v (%s)", i, stored, i%2 == 0, list)
+		}
+	}
 }

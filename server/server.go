@@ -19,6 +19,7 @@ import (
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
+	"go.etcd.io/etcd/server/v3/etcdserver/api/v3client"
 	"golang.org/x/sync/singleflight"
 	"google.golang.org/grpc"
 
@@ -59,6 +60,7 @@ type Server struct {
 	etcd          *embed.Etcd // nil with external etcd
 	unlockDataDir func()      // releases the data directory's lock
 	cli           *clientv3.Client
+	localEtcd     *clientv3.Client // the embedded etcd, in-process (v3client); nil with --etcd-endpoints
 	store         *store.Store
 	view          *view.View
 	acks          *acks
@@ -251,6 +253,8 @@ func Start(ctx context.Context, cfg *Config) (*Server, error) {
 	s.store = store.New(cli, cfg.EtcdPrefix)
 	if s.etcd != nil {
 		s.store.SetRenewer(embeddedRenewer(s.etcd.Server))
+		s.localEtcd = v3client.New(s.etcd.Server)
+		s.store.SetLocalKV(s.localEtcd.KV)
 	}
 	if cfg.ACL {
 		path := cfg.ACLBreakGlassFile
@@ -536,6 +540,9 @@ func (s *Server) closeAudit() {
 }
 
 func (s *Server) stopEtcd() {
+	if s.localEtcd != nil {
+		s.localEtcd.Close()
+	}
 	if s.etcd != nil {
 		s.etcd.Close()
 		s.unlockDataDir()

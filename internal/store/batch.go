@@ -102,6 +102,7 @@ type batcher struct {
 	cli    *clientv3.Client
 	layout Layout
 	hint   atomic.Pointer[Hint]
+	kv     atomic.Pointer[clientv3.KV] // set: transactions go there, not to cli
 	reqs   chan *putReq
 	// ctx owns every etcd call of the batcher: close cancels it, which
 	// also tells the workers to stop.
@@ -440,7 +441,11 @@ func modRevision(kvs []*mvccpb.KeyValue) int64 {
 func (b *batcher) txn(cmps []clientv3.Cmp, then, els []clientv3.Op) (*clientv3.TxnResponse, error) {
 	ctx, cancel := context.WithTimeout(b.ctx, requestTimeout)
 	defer cancel()
-	return b.cli.Txn(ctx).If(cmps...).Then(then...).Else(els...).Commit()
+	var kv clientv3.KV = b.cli
+	if local := b.kv.Load(); local != nil {
+		kv = *local
+	}
+	return kv.Txn(ctx).If(cmps...).Then(then...).Else(els...).Commit()
 }
 
 func putOp(r *putReq) clientv3.Op {

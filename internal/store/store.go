@@ -53,6 +53,15 @@ var ErrLeaseNotFound = errors.New("lease not found")
 // stays the authority on expiry: r is etcd's own renewal.
 func (s *Store) SetRenewer(r Renewer) { s.renew.Store(&r) }
 
+// SetLocalKV makes registrations' group commits go through kv instead of
+// the client: a server that embeds etcd passes etcd's in-process KV
+// (v3client), which calls etcd's KV server directly, so a batch's
+// transaction skips the loopback gRPC exchange (encode, send, etcd's
+// receive and decode, the answer back) and its wait on two connection
+// goroutines. Watches stay on the client, where etcd's interceptors
+// enforce WithRequireLeader.
+func (s *Store) SetLocalKV(kv clientv3.KV) { s.batch.kv.Store(&kv) }
+
 // New returns a Store on cli. Close releases its keepalive stream; it does
 // not close cli.
 func New(cli *clientv3.Client, prefix string) *Store {

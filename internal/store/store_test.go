@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -39,6 +40,35 @@ func TestConcurrentRegistrationsKeepTheirOwnOutcome(t *testing.T) {
 	nd := testutil.StartBeacon(t)
 	st := store.New(etcdClient(t, nd), "/batch-test/")
 	defer st.Close()
+	concurrentRegistrations(t, st)
+}
+
+// With a local KV set (a server that embeds etcd passes its in-process
+// one), every group commit goes through it, with the same outcomes.
+func TestRegistrationsGoThroughTheLocalKV(t *testing.T) {
+	nd := testutil.StartBeacon(t)
+	cli := etcdClient(t, nd)
+	st := store.New(cli, "/batch-local-test/")
+	defer st.Close()
+	local := &countingKV{KV: clientv3.NewKV(etcdClient(t, nd))}
+	st.SetLocalKV(local)
+	concurrentRegistrations(t, st)
+	if local.txns.Load() == 0 {
+		t.Fatal("no transaction went through the local KV")
+	}
+}
+
+type countingKV struct {
+	clientv3.KV
+	txns atomic.Int64
+}
+
+func (k *countingKV) Txn(ctx context.Context) clientv3.Txn {
+	k.txns.Add(1)
+	return k.KV.Txn(ctx)
+}
+
+func concurrentRegistrations(t *testing.T, st *store.Store) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	live, _, err := st.CreateSession(ctx, 10*time.Second, "live")
