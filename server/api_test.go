@@ -334,3 +334,13 @@ func TestRegistrationUnderAGoneSessionIsNotFoundInProcess(t *testing.T) {
 		}
 	}
 }
+
+// A single node keeps only the Raft entries it compacts to, not the 5,000
+// etcd keeps for followers it does not have (each entry a group commit of
+// many registrations).
+func TestSingleNodeKeepsFewRaftEntriesInMemory(t *testing.T) {
+	srv := startServer(t)
+	if got := server.RaftEntriesKept(srv); got != 100 {
+		t.Fatalf("a single node keeps %d Raft entries in memory, want 100", got)
+	}
+}
