@@ -34,6 +34,53 @@ import (
 // in the clear). lastWarning returns etcd's last warning, to say why it
 // is not ready.
 func startEmbeddedEtcd(ctx context.Context, c *Config, socket string, lg *zap.Logger, lastWarning func() string) (*embed.Etcd, error) {
+	ec := embeddedEtcdConfig(c, socket)
+	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(lg)
+	walProblem := checkEtcdLog(ec.Dir)
+	if walProblem != nil {
+		lg.Error("embedded etcd's data is damaged", zap.Error(walProblem))
+	}
+	e, err := embed.StartEtcd(ec)
+	if err != nil {
+		// A port clash names the flag that chose the port.
+		for flag, addr := range map[string]string{"--etcd-client-addr": c.EtcdClientAddr, "--etcd-peer-addr": c.EtcdPeerAddr} {
+			if addr != "" && strings.Contains(err.Error(), addr) {
+				return nil, fmt.Errorf("server: embedded etcd: %s %s: %w (another etcd, or another beacon server, listens there: pick another %s, or another --addr)", flag, addr, err, flag)
+			}
+		}
+		return nil, fmt.Errorf("server: starting embedded etcd in %s: %w", ec.Dir, err)
+	}
+	// The data directory already keeps others out; the socket's own mode
+	// says so too, for anyone who looks (and for a directory opened later).
+	if err := os.Chmod(socket, 0o600); err != nil {
+		closeUnreadyEtcd(e)
+		return nil, fmt.Errorf("server: embedded etcd: restricting its socket %s to this user: %w", socket, err)
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+		return e, nil
+	case err := <-e.Err():
+		closeUnreadyEtcd(e)
+		return nil, fmt.Errorf("server: embedded etcd failed: %w", err)
+	case <-ctx.Done():
+		closeUnreadyEtcd(e)
+		return nil, ctx.Err()
+	case <-time.After(60 * time.Second):
+		why := "its last warning: " + lastWarning() // before closing adds its own
+		switch {
+		case walProblem != nil:
+			why = walProblem.Error()
+		case why == "its last warning: ":
+			why = "it logged no warning"
+		}
+		closeUnreadyEtcd(e)
+		return nil, fmt.Errorf("server: embedded etcd in %s not ready after 60s; %s", ec.Dir, why)
+	}
+}
+
+// embeddedEtcdConfig is the configuration startEmbeddedEtcd starts etcd
+// with.
+func embeddedEtcdConfig(c *Config, socket string) *embed.Config {
 	ec := embed.NewConfig()
 	ec.Name = c.Name
 	ec.Dir = filepath.Join(c.DataDir, "etcd")
@@ -90,7 +137,6 @@ func startEmbeddedEtcd(ctx context.Context, c *Config, socket string, lg *zap.Lo
 			}
 		}
 	}
-	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(lg)
 	// Bounded history: the server compacts to the last
 	// EtcdCompactionRetention revisions every EtcdSpaceCheckInterval
 	// (space.go). etcd's own revision compactor, with the same retention,
@@ -102,46 +148,7 @@ func startEmbeddedEtcd(ctx context.Context, c *Config, socket string, lg *zap.Lo
 	ec.AutoCompactionRetention = strconv.FormatInt(c.EtcdCompactionRetention, 10)
 	ec.QuotaBackendBytes = c.EtcdQuotaBackendBytes
 	ec.UnsafeNoFsync = c.EtcdUnsafeNoFsync
-	walProblem := checkEtcdLog(ec.Dir)
-	if walProblem != nil {
-		lg.Error("embedded etcd's data is damaged", zap.Error(walProblem))
-	}
-	e, err := embed.StartEtcd(ec)
-	if err != nil {
-		// A port clash names the flag that chose the port.
-		for flag, addr := range map[string]string{"--etcd-client-addr": c.EtcdClientAddr, "--etcd-peer-addr": c.EtcdPeerAddr} {
-			if addr != "" && strings.Contains(err.Error(), addr) {
-				return nil, fmt.Errorf("server: embedded etcd: %s %s: %w (another etcd, or another beacon server, listens there: pick another %s, or another --addr)", flag, addr, err, flag)
-			}
-		}
-		return nil, fmt.Errorf("server: starting embedded etcd in %s: %w", ec.Dir, err)
-	}
-	// The data directory already keeps others out; the socket's own mode
-	// says so too, for anyone who looks (and for a directory opened later).
-	if err := os.Chmod(socket, 0o600); err != nil {
-		closeUnreadyEtcd(e)
-		return nil, fmt.Errorf("server: embedded etcd: restricting its socket %s to this user: %w", socket, err)
-	}
-	select {
-	case <-e.Server.ReadyNotify():
-		return e, nil
-	case err := <-e.Err():
-		closeUnreadyEtcd(e)
-		return nil, fmt.Errorf("server: embedded etcd failed: %w", err)
-	case <-ctx.Done():
-		closeUnreadyEtcd(e)
-		return nil, ctx.Err()
-	case <-time.After(60 * time.Second):
-		why := "its last warning: " + lastWarning() // before closing adds its own
-		switch {
-		case walProblem != nil:
-			why = walProblem.Error()
-		case why == "its last warning: ":
-			why = "it logged no warning"
-		}
-		closeUnreadyEtcd(e)
-		return nil, fmt.Errorf("server: embedded etcd in %s not ready after 60s; %s", ec.Dir, why)
-	}
+	return ec
 }
 
 // singleNodeRaftEntries is how many Raft entries a single node keeps in

@@ -1,6 +1,10 @@
 package server
 
-import "testing"
+import (
+	"testing"
+
+	"go.etcd.io/etcd/server/v3/etcdserver"
+)
 
 func TestProgressNotifyOrderedVersions(t *testing.T) {
 	for v, want := range map[string]bool{
@@ -9,5 +13,20 @@ func TestProgressNotifyOrderedVersions(t *testing.T) {
 		if got := progressNotifyOrdered(v); got != want {
 			t.Errorf("progressNotifyOrdered(%q) = %v, want %v", v, got, want)
 		}
+	}
+}
+
+// A single node keeps only the Raft entries it compacts to; a cluster
+// member keeps etcd's default for followers that fall behind.
+func TestEmbeddedEtcdKeepsCatchUpEntriesOnlyForFollowers(t *testing.T) {
+	dir := t.TempDir()
+	single := &Config{Name: "n0", DataDir: dir, EtcdPeerAddr: "127.0.0.1:2380"}
+	if got := embeddedEtcdConfig(single, dir+"/etcd.sock").SnapshotCatchUpEntries; got != singleNodeRaftEntries {
+		t.Errorf("single node: %d Raft entries kept, want %d", got, singleNodeRaftEntries)
+	}
+	member := &Config{Name: "n0", DataDir: dir, EtcdPeerAddr: "127.0.0.1:2380", Insecure: true,
+		EtcdInitialCluster: "n0=http://127.0.0.1:2380,n1=http://127.0.0.1:2382,n2=http://127.0.0.1:2384"}
+	if got := embeddedEtcdConfig(member, dir+"/etcd.sock").SnapshotCatchUpEntries; got != etcdserver.DefaultSnapshotCatchUpEntries {
+		t.Errorf("cluster member: %d Raft entries kept, want etcd's default %d", got, etcdserver.DefaultSnapshotCatchUpEntries)
 	}
 }
