@@ -169,13 +169,16 @@ func BenchmarkSessions(b *testing.B) {
 		// The raw leases expire, and etcd revokes them at most 1,000 a
 		// second: wait until none is left, so that their revocation is not
 		// charged to beacon's window below.
-		for {
+		for deadline := time.Now().Add(time.Minute); ; {
 			left, err := clis[0].Leases(ctx)
 			if err != nil {
 				b.Fatal(err)
 			}
 			if len(left.Leases) <= baseLeases {
 				break
+			}
+			if time.Now().After(deadline) {
+				b.Fatalf("%d leases left a minute after the anchor's clients closed, %d before they granted theirs", len(left.Leases), baseLeases)
 			}
 			time.Sleep(time.Second)
 		}
