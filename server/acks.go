@@ -36,6 +36,7 @@ const (
 
 type trackedService struct {
 	by      string // the accessor whose look started the tracking
+	from    int64  // the service's revision that look saw: later ones are changes
 	until   time.Time
 	changes []*revisionTrack // oldest first
 }
@@ -172,10 +173,14 @@ func (c *revisionTrack) settle(id uint64) {
 }
 
 // track turns propagation tracking of a service on (or keeps it on) for
-// trackFor, and returns what it has recorded, newest first. It refuses
-// (ok false) a new service beyond maxTracked on the server or
+// trackFor, and returns what it has recorded, newest first. seen is the
+// service's revision in the server's view as the caller looked: when the
+// look starts the tracking, only revisions after it are changes. (The
+// view shows a revision before its Published hook runs, so without it a
+// look in between would report, as a change, the state it already saw.)
+// It refuses (ok false) a new service beyond maxTracked on the server or
 // maxTrackedPerToken for the token starting it.
-func (a *acks) track(sk registry.ServiceKey, accessor string, now time.Time) (until time.Time, changes []revisionTrack, ok bool) {
+func (a *acks) track(sk registry.ServiceKey, accessor string, seen int64, now time.Time) (until time.Time, changes []revisionTrack, ok bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	p := a.tracked[sk]
@@ -190,7 +195,7 @@ func (a *acks) track(sk registry.ServiceKey, accessor string, now time.Time) (un
 		if len(a.tracked) >= maxTracked || mine >= maxTrackedPerToken {
 			return time.Time{}, nil, false
 		}
-		p = &trackedService{by: accessor}
+		p = &trackedService{by: accessor, from: seen}
 		a.tracked[sk] = p
 	}
 	p.until = now.Add(trackFor)
@@ -224,7 +229,7 @@ func (a *acks) published(snaps []*registry.Snapshot, now time.Time) {
 	for _, snap := range snaps {
 		sk := registry.ServiceKey{Namespace: snap.Namespace, Service: snap.Service}
 		p := a.tracked[sk]
-		if p == nil || len(p.changes) > 0 && p.changes[len(p.changes)-1].rev >= snap.Revision {
+		if p == nil || snap.Revision <= p.from || len(p.changes) > 0 && p.changes[len(p.changes)-1].rev >= snap.Revision {
 			continue
 		}
 		c := &revisionTrack{rev: snap.Revision, published: now}

@@ -339,10 +339,11 @@ func (a api) ServicePropagation(ctx context.Context, req *connect.Request[beacon
 	if err := needService(ctx, sk.Namespace, sk.Service, acl.Read); err != nil {
 		return nil, err
 	}
-	if a.s.view.Snapshot(sk).Revision == 0 {
+	seen := a.s.view.Snapshot(sk).Revision
+	if seen == 0 {
 		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("service %s/%s has had no instance since this server started: nothing to track", sk.Namespace, sk.Service))
 	}
-	until, changes, ok := a.s.acks.track(sk, identityOf(ctx).Accessor, time.Now())
+	until, changes, ok := a.s.acks.track(sk, identityOf(ctx).Accessor, seen, time.Now())
 	if !ok {
 		return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("propagation tracking: at most %d services tracked on a server, %d started by one token, for %v after their last look", maxTracked, maxTrackedPerToken, trackFor))
 	}
