@@ -305,9 +305,14 @@ func TestConsoleInABrowser(t *testing.T) {
 		t.Fatal(err)
 	}
 	first := put.Msg.GetRevision()
-	step(t, tab, "editing orders/config",
+	step(t, tab, "opening orders/config",
 		chromedp.Navigate(url+"#/kv/default/orders/config"),
 		chromedp.WaitVisible(chromedp.ID("kv-value")),
+	)
+	// The textarea is drawn empty and filled when the value arrives: an
+	// edit typed before that is overwritten, and Save stores the old value.
+	waitJS(t, tab, "orders/config's value loaded", `document.getElementById('kv-value').value === 'timeout: 2s\nretries: 2\n'`)
+	step(t, tab, "editing orders/config",
 		chromedp.SetValue(chromedp.ID("kv-value"), "timeout: 5s\nretries: 2\n"),
 		chromedp.Click(chromedp.ID("kv-save")),
 		chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(`.kv-rollback[data-version="%d"]`, first))),
