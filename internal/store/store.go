@@ -58,8 +58,8 @@ func (s *Store) SetRenewer(r Renewer) { s.renew.Store(&r) }
 // (v3client), which calls etcd's KV server directly, so a batch's
 // transaction skips the loopback gRPC exchange (encode, send, etcd's
 // receive and decode, the answer back) and its hand-offs to the
-// connection's reader and writer goroutines on both sides. Watches stay on the client, where etcd's interceptors
-// enforce WithRequireLeader.
+// connection's reader and writer goroutines on both sides. Watches stay
+// on the client, where etcd's interceptors enforce WithRequireLeader.
 func (s *Store) SetLocalKV(kv clientv3.KV) { s.batch.kv.Store(&kv) }
 
 // New returns a Store on cli. Close releases its keepalive stream; it does
