@@ -299,6 +299,13 @@ func newFixture(t *testing.T, webID, mgmt beaconv1connect.RegistryServiceClient,
 	if _, err := mgmt.Register(ctx, connect.NewRequest(&beaconv1.RegisterRequest{Instance: ttlInstance("web", "p1", "10.0.0.9", 0)})); err != nil {
 		t.Fatal(err)
 	}
+	// A registration returns once etcd has it; the server's view, which
+	// the watch cells and the ownership checks read, follows a moment
+	// later. ListInstances answers only once the view has caught up with
+	// etcd: after it, the view holds this fixture and not the last one.
+	if _, err := mgmt.ListInstances(ctx, connect.NewRequest(&beaconv1.ListInstancesRequest{Service: "web", All: true})); err != nil {
+		t.Fatal(err)
+	}
 	return f
 }
 
