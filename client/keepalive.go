@@ -12,11 +12,25 @@ import (
 	"beacon.dev/beacon/internal/waitq"
 )
 
-// keepAliveLinger is how long a heartbeat waits for others of the same
-// Client to share its message. Heartbeats go every TTL/3 (≥ 666 ms), so
-// this costs nothing in safety and saves the server a message and a write
-// per session.
-const keepAliveLinger = 100 * time.Millisecond
+// keepAliveMaxLinger is the longest a heartbeat waits for others of the
+// same Client to share its message, as clientv3 sends its leases'
+// keepalives from a 500 ms poll. Each message costs the server far more
+// than each heartbeat in it (HTTP/2 frames, decode, encode, a write), so
+// a process holding many sessions sends a few messages a second, not one
+// per heartbeat. A heartbeat never waits more than a quarter of the time
+// it has for an answer (keepAliveLinger), so sessions with a short TTL
+// wait less: at the shortest (2 s) about 80 ms.
+const keepAliveMaxLinger = 500 * time.Millisecond
+
+// keepAliveLinger is how long a heartbeat with ctx may wait to share a
+// message.
+func keepAliveLinger(ctx context.Context, now time.Time) time.Duration {
+	linger := keepAliveMaxLinger
+	if dl, ok := ctx.Deadline(); ok {
+		linger = min(linger, dl.Sub(now)/4)
+	}
+	return max(linger, 0)
+}
 
 // keepAliveSendTimeout bounds one write to the stream.
 const keepAliveSendTimeout = 5 * time.Second
@@ -47,6 +61,7 @@ type keepAliveStream struct {
 	waiters *waitq.Queue[int64, *beaconv1.KeepAliveResult] // guarded by mu
 	pending []int64                                        // guarded by mu; heartbeats waiting for the next message
 	flush   *time.Timer                                    // guarded by mu; non-nil while pending is scheduled
+	flushAt time.Time                                      // guarded by mu; when flush fires
 	closed  bool                                           // guarded by mu
 	wg      sync.WaitGroup
 }
@@ -66,8 +81,12 @@ func (k *keepAliveStream) keepAlive(ctx context.Context, id int64) (*beaconv1.Ke
 	}
 	ch := k.waiters.Add(id)
 	k.pending = append(k.pending, id)
-	if k.flush == nil {
-		k.flush = time.AfterFunc(keepAliveLinger, k.send)
+	now := time.Now()
+	due := now.Add(keepAliveLinger(ctx, now))
+	// Send when the most hurried pending heartbeat must go. A timer that
+	// cannot be stopped has fired: its send, waiting for mu, takes this one.
+	if k.flush == nil || due.Before(k.flushAt) && k.flush.Stop() {
+		k.flush, k.flushAt = time.AfterFunc(due.Sub(now), k.send), due
 	}
 	k.mu.Unlock()
 	select {
