@@ -819,6 +819,14 @@ func (a api) subscribe(ctx context.Context, msg *beaconv1.WatchRequest) (w *watc
 			return nil, nil, toConnectError(ctx.Err())
 		}
 	}
+	// The first message holds every write etcd acknowledged before the
+	// watch began, as a List does: a client that registers and then
+	// watches sees its own instance at once.
+	a.catchUp(ctx)
+	if err := ctx.Err(); err != nil {
+		giveBack()
+		return nil, nil, toConnectError(err)
+	}
 	// Filtered, not failed: the services the token may not read are left
 	// out, named or not, and the messages say so.
 	w = &watch{redact: !mayReadSessions(identityOf(ctx)), deltas: msg.GetDeltas(), readable: func(svc string) bool { return identityOf(ctx).Authz.Service(ns, svc) >= acl.Read }}

@@ -357,3 +357,41 @@ func TestSingleNodeKeepsFewRaftEntriesInMemory(t *testing.T) {
 		t.Fatalf("a single node keeps %d Raft entries in memory, want 100", got)
 	}
 }
+
+// A watch's first message holds every write etcd acknowledged before the
+// watch began, as a List does: a client that registers and then watches
+// at once sees its own instance in the first message, every time.
+func TestWatchFirstMessageHoldsWritesAcknowledgedBefore(t *testing.T) {
+	srv := startServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c, err := client.New([]string{srv.Addr()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	rc := regClient(srv, "", connect.WithGRPC())
+	for i := range 40 {
+		svc := fmt.Sprintf("svc-%d", i)
+		if _, err := c.Register(ctx, registry.Instance{Service: svc, ID: "i-1", Address: "127.0.0.1", Port: 9000 + i}); err != nil {
+			t.Fatal(err)
+		}
+		st, err := rc.Watch(ctx, connect.NewRequest(&beaconv1.WatchRequest{Services: []string{svc}}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !st.Receive() {
+			t.Fatalf("watch of %s: %v", svc, st.Err())
+		}
+		var ids []string
+		for _, snap := range st.Msg().GetSnapshots() {
+			for _, in := range snap.GetInstances() {
+				ids = append(ids, snap.GetService()+"/"+in.GetId())
+			}
+		}
+		st.Close()
+		if len(ids) != 1 || ids[0] != svc+"/i-1" {
+			t.Fatalf("first message of a watch opened after registering %s/i-1 holds %v", svc, ids)
+		}
+	}
+}
