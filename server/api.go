@@ -714,8 +714,11 @@ func (a api) Deregister(ctx context.Context, req *connect.Request[beaconv1.Dereg
 // catchUp makes reads linearizable: it waits until the view holds every
 // write etcd acknowledged before the read began. If etcd cannot be reached
 // the read is served from the view as it is.
-func (a api) catchUp(ctx context.Context) {
-	ctx, cancel := context.WithTimeout(ctx, readTimeout)
+func (a api) catchUp(ctx context.Context) { a.catchUpWithin(ctx, readTimeout) }
+
+// catchUpWithin is catchUp bounded by d.
+func (a api) catchUpWithin(ctx context.Context, d time.Duration) {
+	ctx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
 	rev, err := a.s.store.CurrentRevision(ctx)
 	if err != nil {
@@ -819,10 +822,18 @@ func (a api) subscribe(ctx context.Context, msg *beaconv1.WatchRequest) (w *watc
 			return nil, nil, toConnectError(ctx.Err())
 		}
 	}
-	// The first message holds every write etcd acknowledged before the
-	// watch began, as a List does: a client that registers and then
-	// watches sees its own instance at once.
-	a.catchUp(ctx)
+	if len(msg.GetKnownRevisions()) == 0 {
+		// A new watch's first message holds every write etcd acknowledged
+		// before it began, as a List does: a client that registers and
+		// then watches sees its own instance at once. (A resumed watch
+		// waited above for the revisions it knows.) Within a heartbeat,
+		// so that a server cut off from etcd still answers in time.
+		wait := readTimeout
+		if hb := msg.GetHeartbeat(); hb != nil && hb.AsDuration() > 0 {
+			wait = min(wait, hb.AsDuration())
+		}
+		a.catchUpWithin(ctx, wait)
+	}
 	if err := ctx.Err(); err != nil {
 		giveBack()
 		return nil, nil, toConnectError(err)
