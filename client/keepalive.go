@@ -121,11 +121,28 @@ func (k *keepAliveStream) send() {
 		go k.receive(k.stream)
 		go k.sender(k.stream, k.out)
 	}
-	select {
-	case k.out <- ids:
-	default:
-		k.resetLocked() // the sender is that far behind: the stream is stuck
+	for _, batch := range splitBatch(ids, kaMaxBatch) {
+		select {
+		case k.out <- batch:
+		default:
+			k.resetLocked() // the sender is that far behind: the stream is stuck
+			return
+		}
 	}
+}
+
+// kaMaxBatch is the most heartbeats a message may carry: the server ends
+// a stream whose message carries more.
+const kaMaxBatch = 10000
+
+// splitBatch cuts ids into messages of at most max heartbeats.
+func splitBatch(ids []int64, max int) [][]int64 {
+	var out [][]int64
+	for len(ids) > max {
+		out = append(out, ids[:max:max])
+		ids = ids[max:]
+	}
+	return append(out, ids)
 }
 
 // sender writes the stream's messages in order. A write that takes longer

@@ -32,3 +32,30 @@ func TestKeepAliveLingerIsBoundedByTheAnswerTime(t *testing.T) {
 		}
 	}
 }
+
+// A message carries at most kaMaxBatch heartbeats (the server's limit):
+// more are cut into several, in order, none lost.
+func TestKeepAliveBatchesStayWithinTheServersLimit(t *testing.T) {
+	for _, n := range []int{1, kaMaxBatch, kaMaxBatch + 1, 2*kaMaxBatch + 7} {
+		ids := make([]int64, n)
+		for i := range ids {
+			ids[i] = int64(i + 1)
+		}
+		var next int64 = 1
+		batches := splitBatch(ids, kaMaxBatch)
+		for _, b := range batches {
+			if len(b) == 0 || len(b) > kaMaxBatch {
+				t.Fatalf("%d heartbeats: a message of %d", n, len(b))
+			}
+			for _, id := range b {
+				if id != next {
+					t.Fatalf("%d heartbeats: got %d, want %d", n, id, next)
+				}
+				next++
+			}
+		}
+		if next != int64(n)+1 || len(batches) != (n+kaMaxBatch-1)/kaMaxBatch {
+			t.Errorf("%d heartbeats: %d sent in %d messages", n, next-1, len(batches))
+		}
+	}
+}
