@@ -358,9 +358,9 @@ func TestSingleNodeKeepsFewRaftEntriesInMemory(t *testing.T) {
 	}
 }
 
-// A watch's first message holds every write etcd acknowledged before the
-// watch began, as a List does: a client that registers and then watches
-// at once sees its own instance in the first message, every time.
+// A new watch's first message holds every write etcd acknowledged before
+// the watch began, as a List does: a client that registers and then
+// watches at once sees its own instance in the first message, every time.
 func TestWatchFirstMessageHoldsWritesAcknowledgedBefore(t *testing.T) {
 	srv := startServer(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
