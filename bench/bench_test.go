@@ -196,7 +196,7 @@ type applied struct {
 // after t0 (the write returning) each did, and the slowest from t0 and from
 // start (the write starting). A watcher that applied the change before the
 // write call returned counts 0 from t0.
-func collect(ctx context.Context, b *testing.B, seen []chan applied, rev int64, start, t0 time.Time, l *latencies) {
+func collect(ctx context.Context, b testing.TB, seen []chan applied, rev int64, start, t0 time.Time, l *latencies) {
 	var worst, worstStart time.Duration
 	for _, ch := range seen {
 		for {

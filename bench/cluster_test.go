@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"maps"
 	"math"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -23,15 +21,6 @@ import (
 	"beacon.dev/beacon/registry"
 	"beacon.dev/beacon/server/servertest"
 )
-
-func buildBeacon(b *testing.B) string {
-	b.Helper()
-	bin := filepath.Join(b.TempDir(), "beacon")
-	if out, err := exec.Command("go", "build", "-o", bin, "beacon.dev/beacon/cmd/beacon").CombinedOutput(); err != nil {
-		b.Fatalf("go build: %v\n%s", err, out)
-	}
-	return bin
-}
 
 func quant(d []time.Duration, q float64) float64 {
 	s := slices.Clone(d)

@@ -34,11 +34,17 @@ type serverProcess struct {
 
 func startServerProcess(b testing.TB, extraArgs ...string) *serverProcess {
 	b.Helper()
+	return startServerProcessFrom(b, buildBeacon(b), extraArgs...)
+}
+
+// buildBeacon builds the beacon binary of this tree.
+func buildBeacon(b testing.TB) string {
+	b.Helper()
 	bin := filepath.Join(b.TempDir(), "beacon")
 	if out, err := exec.Command("go", "build", "-o", bin, "beacon.dev/beacon/cmd/beacon").CombinedOutput(); err != nil {
 		b.Fatalf("go build: %v\n%s", err, out)
 	}
-	return startServerProcessFrom(b, bin, extraArgs...)
+	return bin
 }
 
 // startServerProcessFrom is startServerProcess with a binary built before.
@@ -303,7 +309,7 @@ func memoryInstance(i int) registry.Instance {
 }
 
 // parallel runs op for every i in [from, to) on 64 goroutines.
-func parallel(b *testing.B, from, to int, op func(i int) error) {
+func parallel(b testing.TB, from, to int, op func(i int) error) {
 	var next atomic.Int64
 	next.Store(int64(from))
 	var wg sync.WaitGroup
