@@ -16,6 +16,10 @@ out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 	go test -run '^$' -bench 'KVWatchPropagation' -benchtime 100x -count "${COUNT:-5}" -timeout 60m ./bench
 	go test -run '^$' -bench 'BenchmarkLock' -benchtime 400x -count "${COUNT:-5}" -timeout 30m ./bench
 	go test -run '^$' -bench 'Sessions|MemoryPerInstance' -benchtime 1x -timeout 30m ./bench
+	# Scale: 100k instances in 10k sessions and 5,000 watchers on one
+	# server process, beside the same fleet on raw etcd (about 4.5 minutes
+	# a run: both watch heartbeats, each with its anchor).
+	go test -run '^$' -bench 'BenchmarkScale$' -benchtime 1x -count "${COUNT:-5}" -timeout 90m ./bench
 	# Client data plane: picks, rebuilds, and the call chain beside
 	# gobreaker v2 and failsafe-go (a module of its own, so beacon does not
 	# depend on them).
