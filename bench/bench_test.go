@@ -101,6 +101,7 @@ func BenchmarkPropagation(b *testing.B) {
 				b.ReportMetric(ms(l.quantile(l.all, 0.5)), name+"-p50-ms")
 				b.ReportMetric(ms(l.quantile(l.all, 0.99)), name+"-p99-ms")
 				b.ReportMetric(ms(l.quantile(l.lastOf, 0.99)), name+"-last-of-N-p99-ms")
+				b.ReportMetric(ms(l.quantile(l.lastOfStart, 0.5)), name+"-from-start-last-of-N-p50-ms")
 				b.ReportMetric(ms(l.quantile(l.lastOfStart, 0.99)), name+"-from-start-last-of-N-p99-ms")
 				b.ReportMetric(float64(l.cpu.Microseconds())/float64(b.N*n), name+"-cpu-us-per-change-per-watcher")
 			}
@@ -108,6 +109,9 @@ func BenchmarkPropagation(b *testing.B) {
 			report("etcd", raw)
 			b.ReportMetric(float64(l99(beacon))/float64(max(l99(raw), time.Microsecond)), "last-of-N-p99-ratio")
 			b.ReportMetric(float64(beacon.quantile(beacon.lastOfStart, 0.99))/float64(raw.quantile(raw.lastOfStart, 0.99)), "from-start-last-of-N-p99-ratio")
+			// The median beside the goal's p99: with 100 changes the p99 is
+			// the second-worst, often a stall both sides share.
+			b.ReportMetric(float64(beacon.quantile(beacon.lastOfStart, 0.5))/float64(raw.quantile(raw.lastOfStart, 0.5)), "from-start-last-of-N-p50-ratio")
 			b.ReportMetric(0, "ns/op")
 		})
 	}
