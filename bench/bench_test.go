@@ -110,7 +110,7 @@ func BenchmarkPropagation(b *testing.B) {
 			b.ReportMetric(float64(l99(beacon))/float64(max(l99(raw), time.Microsecond)), "last-of-N-p99-ratio")
 			b.ReportMetric(float64(beacon.quantile(beacon.lastOfStart, 0.99))/float64(raw.quantile(raw.lastOfStart, 0.99)), "from-start-last-of-N-p99-ratio")
 			// The median beside the goal's p99: with 100 changes the p99 is
-			// the second-worst, often a stall both sides share.
+			// the slowest change, often a stall both sides share.
 			b.ReportMetric(float64(beacon.quantile(beacon.lastOfStart, 0.5))/float64(raw.quantile(raw.lastOfStart, 0.5)), "from-start-last-of-N-p50-ratio")
 			b.ReportMetric(0, "ns/op")
 		})

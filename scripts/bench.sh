@@ -9,7 +9,7 @@ out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).txt"
 {
 	echo "# $(uname -srm), $(nproc) cores, $(go version)"
 	# 200 changes a run: with 100, a p99 is the run's slowest change.
-	go test -run '^$' -bench 'Propagation' -benchtime "${PROPAGATION_CHANGES:-200}x" -count "${COUNT:-5}" -timeout 60m ./bench
+	go test -run '^$' -bench 'BenchmarkPropagation$' -benchtime "${PROPAGATION_CHANGES:-200}x" -count "${COUNT:-5}" -timeout 60m ./bench
 	go test -run '^$' -bench 'RegisterThroughput' -benchtime 8000x -count "${COUNT:-5}" -timeout 30m ./bench
 	# The config center: KV puts and KV watch propagation beside raw etcd,
 	# and locks beside etcd's concurrency.Mutex.
