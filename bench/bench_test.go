@@ -47,12 +47,18 @@ func benchServerWith(b *testing.B, edit func(*server.Config)) (*server.Server, s
 
 func etcdClient(b *testing.B, addr string) *clientv3.Client {
 	b.Helper()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{addr}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	cli, err := newEtcdClient(addr)
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { cli.Close() })
 	return cli
+}
+
+// newEtcdClient is a benchmark's clientv3 client of addr, closed by the
+// caller.
+func newEtcdClient(addr string) (*clientv3.Client, error) {
+	return clientv3.New(clientv3.Config{Endpoints: []string{addr}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
 }
 
 // latencies summarises one side of a propagation run.

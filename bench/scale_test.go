@@ -9,7 +9,6 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 
 	"beacon.dev/beacon/client"
 	"beacon.dev/beacon/internal/testutil"
@@ -220,9 +219,6 @@ func rawScalePrefix(service string) string { return "/raw/v1/ns/default/svc/" + 
 // service, then watches it and the probe from the listed revision.
 func rawScale(ctx context.Context, t testing.TB, p *serverProcess, shape scaleShape) *scaleResult {
 	res := &scaleResult{}
-	newClient := func() (*clientv3.Client, error) {
-		return clientv3.New(clientv3.Config{Endpoints: []string{p.etcdAddr}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	}
 	var clis []*clientv3.Client
 	var clisMu sync.Mutex
 	defer func() {
@@ -237,7 +233,7 @@ func rawScale(ctx context.Context, t testing.TB, p *serverProcess, shape scaleSh
 	}
 	holders := make([]*clientv3.Client, shape.holders)
 	for i := range holders {
-		c, err := newClient()
+		c, err := newEtcdClient(p.etcdAddr)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -281,7 +277,7 @@ func rawScale(ctx context.Context, t testing.TB, p *serverProcess, shape scaleSh
 	wctx, wcancel := context.WithCancel(ctx)
 	defer func() { wcancel(); wg.Wait() }()
 	parallel(t, 0, shape.watchers, func(j int) error {
-		c, err := newClient()
+		c, err := newEtcdClient(p.etcdAddr)
 		if err != nil {
 			return err
 		}
